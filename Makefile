@@ -1,0 +1,30 @@
+# Two entry points that work on a fresh machine: `make serve` and `make test`.
+# Both create the virtual environment in .venv on first use (about 2 minutes, 5.5 GB).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# Extra arguments for server.py, e.g. make serve ARGS="~/checkpoints/sam2 large --port 5000"
+ARGS ?=
+
+.PHONY: serve test env clean
+
+serve: $(INSTALLED)
+	$(PY) server.py $(ARGS)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q tests
+
+env: $(INSTALLED)
+
+# torch first (sam2's build imports it), then everything else without build isolation so
+# sam2 builds against that torch instead of downloading another copy. SAM2_BUILD_CUDA=0 skips
+# sam2's optional CUDA extension, which only fills holes in masks (unused: min area is 0).
+$(INSTALLED): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -c requirements.txt torch torchvision setuptools wheel
+	SAM2_BUILD_CUDA=0 $(VENV)/bin/pip install --quiet --no-build-isolation -r requirements.txt
+	touch $(INSTALLED)
+
+clean:
+	rm -rf $(VENV)

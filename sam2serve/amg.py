@@ -1,0 +1,316 @@
+"""Automatic mask generation: a grid of point prompts over the image, the SAM2 mask decoder on
+every point, filtering by predicted IoU and stability, box NMS, masks out as COCO RLE.
+
+Two generators with one interface (`generate(image) -> list of RLE`):
+- `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, unmodified.
+- `MaskGenerator`: the project's pipeline, the same algorithm and the same numbers with less
+  work. Per point batch it filters by predicted IoU before upscaling (the IoU head does not need
+  full-resolution masks), keeps survivors as low-resolution logits, and only after NMS upscales
+  the masks that are kept, encoding them all at once on the device with one copy to the host.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.utils.amg import (
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    uncrop_boxes_xyxy,
+    uncrop_points,
+)
+from torchvision.ops.boxes import batched_nms, box_area
+
+from .preprocess import image_to_input
+from .rle import RLE, rle_run_lengths, run_lengths_to_rles
+
+
+@dataclass(frozen=True)
+class AMGConfig:
+    """Mask-generation settings. Names and defaults are those of sam2's generator."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.8
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    multimask_output: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.crop_n_layers < 0:
+            raise ValueError(f"crop_n_layers must be >= 0, got {self.crop_n_layers}")
+        for name in ("stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [field.name for field in fields(cls)]
+
+
+class Generator(Protocol):
+    def generate(self, image: np.ndarray) -> list[RLE]:
+        """(H, W, 3) uint8 RGB -> masks as COCO RLE, in the order NMS keeps them."""
+        ...
+
+
+class ReferenceMaskGenerator:
+    """The `sam2` package's SAM2AutomaticMaskGenerator, unmodified: the baseline."""
+
+    def __init__(self, model: SAM2Base, config: AMGConfig) -> None:
+        self.config = config
+        self.generator = SAM2AutomaticMaskGenerator(
+            model, **asdict(config), output_mode="uncompressed_rle"
+        )
+
+    def generate(self, image: np.ndarray) -> list[RLE]:
+        return [record["segmentation"] for record in self.generator.generate(image)]
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the image encoder gives the mask decoder, for one image."""
+
+    image_embed: torch.Tensor  # (1, C, H/16, W/16)
+    high_res_feats: list[torch.Tensor]  # [(1, C/8, H/4, W/4), (1, C/4, H/8, W/8)]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Masks that passed the filters, with what NMS and rendering need.
+
+    Masks are kept as the decoder's low-resolution logits (256x256 each, whatever the image
+    size) and upscaled again for the few that survive NMS.
+    """
+
+    low_res_logits: torch.Tensor  # (N, 256, 256)
+    iou_preds: torch.Tensor  # (N,)
+    stability_scores: torch.Tensor  # (N,)
+    boxes: torch.Tensor  # (N, 4) XYXY
+    points: torch.Tensor  # (N, 2) the point prompt, in pixels
+    crop_boxes: torch.Tensor  # (N, 4) XYXY of the crop the mask was predicted in
+
+    def __len__(self) -> int:
+        return len(self.iou_preds)
+
+    def select(self, index: torch.Tensor | slice) -> "Candidates":
+        return Candidates(**{name: value[index] for name, value in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @staticmethod
+    def cat(parts: list["Candidates"]) -> "Candidates":
+        names = [field.name for field in fields(Candidates)]
+        return Candidates(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
+
+
+def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
+    return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class MaskGenerator:
+    """The project's mask generator ("ao"): sam2's algorithm with less work, same answer."""
+
+    def __init__(self, model: SAM2Base, config: AMGConfig) -> None:
+        self.model = model
+        self.config = config
+        self.point_grids = build_all_layer_point_grids(
+            config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def generate(self, image: np.ndarray) -> list[RLE]:
+        orig_hw = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(
+            orig_hw, self.config.crop_n_layers, self.config.crop_overlap_ratio
+        )
+        candidates = self.image_candidates(image, crop_boxes, layer_idxs)
+        return self.render_rles(candidates, crop_boxes, orig_hw)
+
+    def image_candidates(
+        self, image: np.ndarray, crop_boxes: list[list[int]], layer_idxs: list[int]
+    ) -> Candidates:
+        """The masks of every crop, with duplicates between crops removed."""
+        candidates = Candidates.cat(
+            [self.crop_candidates(image, box, layer) for box, layer in zip(crop_boxes, layer_idxs)]
+        )
+        if len(crop_boxes) > 1:
+            # Between crops, prefer the mask from the smaller crop.
+            scores = 1 / box_area(candidates.crop_boxes)
+            keep = batched_nms(
+                candidates.boxes.float(), scores, torch.zeros_like(scores), self.config.crop_nms_thresh
+            )
+            candidates = candidates.select(keep)
+        return candidates
+
+    def crop_candidates(self, image: np.ndarray, crop_box: list[int], layer_idx: int) -> Candidates:
+        """The masks of one crop (the whole image when there are no crop layers), after NMS."""
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_hw = crop.shape[:2]
+        features = self.embed(crop)
+
+        # Point grid in crop pixels, (x, y) order, as float64 then float32 like sam2's.
+        points = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
+        batch = self.config.points_per_batch
+        candidates = Candidates.cat(
+            [
+                self.batch_candidates(features, points[start : start + batch], crop_box, crop_hw, image.shape[:2])
+                for start in range(0, len(points), batch)
+            ]
+        )
+
+        # Remove duplicates within this crop (boxes still in crop coordinates, as sam2).
+        keep = batched_nms(
+            candidates.boxes.float(),
+            candidates.iou_preds,
+            torch.zeros_like(candidates.iou_preds),
+            self.config.box_nms_thresh,
+        )
+        kept = candidates.select(keep)
+        return Candidates(
+            low_res_logits=kept.low_res_logits,
+            iou_preds=kept.iou_preds,
+            stability_scores=kept.stability_scores,
+            boxes=uncrop_boxes_xyxy(kept.boxes, crop_box),
+            points=uncrop_points(kept.points, crop_box),
+            crop_boxes=kept.crop_boxes,
+        )
+
+    def embed(self, image: np.ndarray) -> ImageFeatures:
+        """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
+        model_input = image_to_input(image, self.model.image_size).to(self.device)
+        backbone_out = self.model.forward_image(model_input)
+        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            # Added to the lowest-resolution features during training on videos.
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        # (H*W, 1, C) -> (1, C, H, W)
+        feats = [
+            feat.permute(1, 2, 0).reshape(1, -1, h, w) for feat, (h, w) in zip(vision_feats, feat_sizes)
+        ]
+        return ImageFeatures(image_embed=feats[-1], high_res_feats=feats[:-1])
+
+    def predict_points(
+        self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for single foreground points.
+
+        Arguments:
+          points: (B, 2) float32 pixel coordinates (x, y) in the crop.
+        Returns:
+          low-resolution mask logits (B, M, 256, 256) and predicted IoUs (B, M), M = 3 with
+          multimask output, else 1.
+        """
+        h, w = crop_hw
+        # Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords.
+        coords = points / torch.tensor([w, h], dtype=torch.float32, device=points.device)
+        coords = coords * self.model.image_size
+        labels = torch.ones((len(points), 1), dtype=torch.int, device=points.device)
+        sparse, dense = self.model.sam_prompt_encoder(
+            points=(coords[:, None, :], labels), boxes=None, masks=None
+        )
+        low_res_logits, iou_preds, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=features.image_embed,
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.config.multimask_output,
+            repeat_image=len(points) > 1,
+            high_res_features=features.high_res_feats,
+        )
+        return low_res_logits, iou_preds
+
+    def batch_candidates(
+        self,
+        features: ImageFeatures,
+        points: np.ndarray,
+        crop_box: list[int],
+        crop_hw: tuple[int, int],
+        orig_hw: tuple[int, int],
+    ) -> Candidates:
+        """Masks of one batch of points that pass the IoU, stability and crop-edge filters."""
+        cfg = self.config
+        points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
+        low_res_logits, iou_preds = self.predict_points(features, points, crop_hw)
+        masks_per_point = low_res_logits.shape[1]
+        low_res_logits = low_res_logits.flatten(0, 1)  # (B*M, 256, 256)
+        iou_preds = iou_preds.flatten(0, 1)
+        points = points.repeat_interleave(masks_per_point, dim=0)
+
+        # Filter by predicted IoU before upscaling: only survivors are upscaled.
+        if cfg.pred_iou_thresh > 0.0:
+            keep = iou_preds > cfg.pred_iou_thresh
+            low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
+
+        # Filter by stability, on full-resolution logits (as sam2, so the scores are the same).
+        masks = upscale_logits(low_res_logits, crop_hw)  # (N, h, w)
+        stability = calculate_stability_score(masks, cfg.mask_threshold, cfg.stability_score_offset)
+        if cfg.stability_score_thresh > 0.0:
+            keep = stability >= cfg.stability_score_thresh
+            low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
+            masks, stability = masks[keep], stability[keep]
+
+        boxes = batched_mask_to_box(masks > cfg.mask_threshold)  # (N, 4) in the crop
+        del masks
+
+        # Drop masks that touch a crop's edge where it is not the image's edge.
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_hw[1], orig_hw[0]])
+        iou_preds = iou_preds[keep]
+        return Candidates(
+            low_res_logits=low_res_logits[keep],
+            iou_preds=iou_preds,
+            stability_scores=stability[keep],
+            boxes=boxes[keep],
+            points=points[keep],
+            crop_boxes=torch.tensor([crop_box], device=self.device).expand(len(iou_preds), 4),
+        )
+
+    def render_masks(
+        self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """Upscales candidates' logits into their crops of the image: (N, H, W) bool."""
+        masks = torch.zeros((len(candidates), *orig_hw), dtype=torch.bool, device=self.device)
+        for crop_box in crop_boxes:
+            x0, y0, x1, y1 = crop_box
+            in_crop = (candidates.crop_boxes == torch.tensor(crop_box, device=self.device)).all(dim=1)
+            logits = upscale_logits(candidates.low_res_logits[in_crop], (y1 - y0, x1 - x0))
+            masks[in_crop, y0:y1, x0:x1] = logits > self.config.mask_threshold
+        return masks
+
+    def render_rles(
+        self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
+    ) -> list[RLE]:
+        """Full-resolution masks of the kept candidates, as RLE, in their order.
+
+        Chunks of points_per_batch masks bound the memory; run lengths stay on the device
+        until the single transfer in run_lengths_to_rles.
+        """
+        chunk = self.config.points_per_batch
+        run_lengths = [
+            rle_run_lengths(self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw))
+            for start in range(0, len(candidates), chunk)
+        ]
+        return run_lengths_to_rles(run_lengths, *orig_hw) if run_lengths else []

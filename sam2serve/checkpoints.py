@@ -1,0 +1,175 @@
+"""SAM2.1 checkpoints: model sizes, download, random initialisation and loading.
+
+The only module that talks to `sam2.build_sam` (and so to Hydra). Checkpoints are the official
+files `sam2.1_hiera_{tiny,small,base_plus,large}.pt`, a dict whose "model" entry is the state
+dict. Random-initialised checkpoints use the same format plus a "random_init" entry, so loading
+them goes through the same code and the server can say loudly that the weights are random.
+
+Write a random checkpoint (for tests, or to try the server without the download):
+
+    python -m sam2serve.checkpoints ~/checkpoints/random tiny --seed 0
+"""
+
+import argparse
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    name: str
+    config: str  # a config name inside the sam2 package
+    filename: str
+
+
+MODEL_SIZES = {
+    size.name: size
+    for size in [
+        ModelSize("tiny", "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
+        ModelSize("small", "configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
+        ModelSize("base_plus", "configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
+        ModelSize("large", "configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+    ]
+}
+# The study's command line says "plus"; sam2's file names say "base_plus" and its configs "b+".
+MODEL_TYPE_ALIASES = {"plus": "base_plus", "b+": "base_plus", "t": "tiny", "s": "small", "l": "large"}
+MODEL_TYPE_CHOICES = sorted(MODEL_SIZES) + sorted(MODEL_TYPE_ALIASES)
+
+
+class CheckpointUnavailable(RuntimeError):
+    """A checkpoint is missing and could not be downloaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: SAM2Base
+    size: ModelSize
+    path: Path
+    random_seed: int | None  # None for trained weights
+
+    @property
+    def description(self) -> str:
+        weights = "trained" if self.random_seed is None else f"RANDOM (seed {self.random_seed})"
+        return f"SAM2.1 {self.size.name} from {self.path}, {weights} weights"
+
+
+def model_size(model_type: str) -> ModelSize:
+    """Looks a model type up by name (tiny, small, base_plus or plus, large)."""
+    name = MODEL_TYPE_ALIASES.get(model_type, model_type)
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {MODEL_TYPE_CHOICES}")
+    return MODEL_SIZES[name]
+
+
+def build_random_model(size: ModelSize, seed: int, device: str = "cpu") -> SAM2Base:
+    """The SAM2.1 architecture of that size with seeded random weights (no file involved)."""
+    torch.manual_seed(seed)
+    # apply_postprocessing=False: the study's (and the AMG's) setting; it only affects
+    # single-mask outputs, which the mask generator does not use by default.
+    return build_sam2(size.config, ckpt_path=None, device=device, apply_postprocessing=False)
+
+
+def write_random_checkpoint(directory: str | os.PathLike, model_type: str, seed: int = 0) -> Path:
+    """Writes a deterministic random-initialised checkpoint in the official format."""
+    size = model_size(model_type)
+    path = Path(directory).expanduser() / size.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_random_model(size, seed)
+    checkpoint = {"model": model.state_dict(), "random_init": {"seed": seed, "model_type": size.name}}
+    # Write beside the target, then rename: a reader never sees half a file.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
+        torch.save(checkpoint, tmp)
+    os.replace(tmp.name, path)
+    return path
+
+
+def ensure_checkpoint(
+    directory: str | os.PathLike, model_type: str, base_url: str = DOWNLOAD_BASE_URL
+) -> Path:
+    """Returns the checkpoint's path, downloading the official file if it is missing."""
+    size = model_size(model_type)
+    directory = Path(directory).expanduser()
+    path = directory / size.filename
+    if path.is_file():
+        return path
+    url = f"{base_url}/{size.filename}"
+    log.info("%s not found, downloading %s", path, url)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _download(url, path)
+    except (urllib.error.URLError, OSError) as error:
+        raise CheckpointUnavailable(
+            f"Checkpoint {path} is missing and could not be downloaded from {url} ({error}).\n"
+            f"Fetch it by hand on a machine that is online:\n"
+            f"    mkdir -p {directory} && curl -L -o {path} {url}\n"
+            f"or write random weights to try the server: "
+            f"python -m sam2serve.checkpoints {directory} {size.name}"
+        ) from error
+    return path
+
+
+def _download(url: str, path: Path) -> None:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as progress:
+                while chunk := response.read(1 << 20):
+                    tmp.write(chunk)
+                    progress.update(len(chunk))
+    os.replace(tmp.name, path)
+
+
+def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedModel:
+    """Builds the model of that size and loads the checkpoint's weights, strictly."""
+    size = model_size(model_type)
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:
+        raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
+    model = build_sam2(size.config, ckpt_path=None, device="cpu", apply_postprocessing=False)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit SAM2.1 {size.name}: {len(missing)} missing tensors "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    random_init = checkpoint.get("random_init")
+    loaded = LoadedModel(
+        model=model.to(device).eval(),
+        size=size,
+        path=path,
+        random_seed=None if random_init is None else int(random_init["seed"]),
+    )
+    if loaded.random_seed is not None:
+        log.warning(
+            "\n%s\n  %s\n  Masks from random weights are meaningless (usually one mask per image).\n%s",
+            "!" * 78, loaded.description, "!" * 78,
+        )
+    return loaded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a random-initialised SAM2.1 checkpoint.")
+    parser.add_argument("directory", help="folder to write sam2.1_hiera_<size>.pt into")
+    parser.add_argument("model_type", choices=MODEL_TYPE_CHOICES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_random_checkpoint(args.directory, args.model_type, args.seed))
+
+
+if __name__ == "__main__":
+    main()

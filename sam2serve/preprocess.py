@@ -1,0 +1,61 @@
+"""Image bytes -> RGB array -> model input tensor.
+
+Decoding checks what a server must check before spending memory on pixels: empty input,
+data that is not an image, truncated files, and images with too many pixels (read from the
+header, before the pixels are decoded, so a small file that expands to gigabytes is refused).
+"""
+
+import io
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# SAM2's normalisation (ImageNet statistics), as in sam2.utils.transforms.SAM2Transforms.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+class InvalidImage(ValueError):
+    """The upload is not a decodable image."""
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than the server accepts."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decodes image file bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
+    if not data:
+        raise InvalidImage("the uploaded file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels} pixels"
+                )
+            image = ImageOps.exif_transpose(image)  # decodes the pixels
+            return np.array(image.convert("RGB"))
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from error
+    except UnidentifiedImageError as error:
+        raise InvalidImage("the uploaded file is not an image format Pillow can read") from error
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
+        raise InvalidImage(f"the image could not be decoded: {error}") from error
+
+
+def image_to_input(image: np.ndarray, resolution: int) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, R, R) float32, resized and normalised as SAM2 expects.
+
+    Same operations, in the same order, as the `sam2` package's SAM2Transforms (ToTensor,
+    antialiased bilinear Resize, Normalize), so the image encoder sees identical input.
+    """
+    tensor = TF.to_tensor(image)  # (3, H, W) in [0, 1]
+    tensor = TF.resize(tensor, [resolution, resolution], antialias=True)
+    tensor = TF.normalize(tensor, PIXEL_MEAN, PIXEL_STD)
+    return tensor[None]

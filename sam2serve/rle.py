@@ -1,0 +1,92 @@
+"""COCO uncompressed run-length encoding (RLE) of binary masks.
+
+The format is pycocotools': pixels in column-major (Fortran) order, alternating run lengths that
+start with a run of zeros (which is 0 when the mask's first pixel is set), and the mask's [h, w].
+
+`masks_to_rle_reference` is the `sam2` package's encoder: one Python iteration and one device
+sync per mask. `masks_to_rle_vectorized` encodes all masks with a handful of tensor operations
+and moves the result to the host in one transfer; tests compare the two, and both with
+pycocotools.
+"""
+
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from sam2.utils.amg import mask_to_rle_pytorch
+
+RLE = dict[str, Any]  # {"size": [h, w], "counts": [int, ...]}
+
+
+def masks_to_rle_reference(masks: torch.Tensor) -> list[RLE]:
+    """The `sam2` package's encoder, for comparison. masks: (N, H, W) bool."""
+    return mask_to_rle_pytorch(masks)
+
+
+def masks_to_rle_vectorized(masks: torch.Tensor) -> list[RLE]:
+    """Encodes (N, H, W) bool masks at once, on their device, with one copy to the host."""
+    n, h, w = masks.shape
+    return run_lengths_to_rles([rle_run_lengths(masks)], h, w)
+
+
+RunLengths = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # what rle_run_lengths returns
+
+
+def run_lengths_to_rles(chunks: list[RunLengths], h: int, w: int) -> list[RLE]:
+    """Moves the run lengths of one or more chunks of masks to the host in a single transfer
+    and splits them into one COCO RLE per mask, in order."""
+    run_lengths = torch.cat([chunk[0] for chunk in chunks])
+    runs_per_mask = torch.cat([chunk[1] for chunk in chunks])
+    starts_with_one = torch.cat([chunk[2] for chunk in chunks]).long()
+    n = len(runs_per_mask)
+    if n == 0:
+        return []
+    packed = torch.cat([runs_per_mask, starts_with_one, run_lengths]).cpu().numpy()
+    runs_per_mask, starts_with_one, run_lengths = packed[:n], packed[n : 2 * n], packed[2 * n :]
+    per_mask = np.split(run_lengths, np.cumsum(runs_per_mask)[:-1])
+    return [
+        {"size": [h, w], "counts": ([0] if first else []) + runs.tolist()}
+        for runs, first in zip(per_mask, starts_with_one)
+    ]
+
+
+def rle_run_lengths(masks: torch.Tensor) -> RunLengths:
+    """Run lengths of all masks, concatenated, stay on the masks' device.
+
+    Returns:
+      run_lengths (R,): every mask's runs in column-major order, mask after mask.
+      runs_per_mask (N,): how many of run_lengths belong to each mask.
+      starts_with_one (N,): whether the first pixel is set (COCO then starts with a 0 run).
+    """
+    n, h, w = masks.shape
+    flat = masks.transpose(1, 2).reshape(n, h * w)  # (N, H*W), column-major per mask
+    # A run border sits before every pixel that differs from its predecessor, and at both ends.
+    borders = torch.ones((n, h * w + 1), dtype=torch.bool, device=masks.device)
+    borders[:, 1:-1] = flat[:, 1:] != flat[:, :-1]
+    mask_index, position = borders.nonzero(as_tuple=True)  # sorted by mask, then position
+    # Differences of consecutive borders are run lengths, except across two masks.
+    same_mask = mask_index[1:] == mask_index[:-1]
+    run_lengths = (position[1:] - position[:-1])[same_mask]
+    runs_per_mask = torch.bincount(mask_index, minlength=n) - 1
+    return run_lengths, runs_per_mask, flat[:, 0]
+
+
+def rle_to_mask(rle: RLE) -> np.ndarray:
+    """Decodes one uncompressed RLE to an (H, W) bool array with pycocotools."""
+    h, w = rle["size"]
+    return mask_utils.decode(mask_utils.frPyObjects(rle, h, w)).astype(bool)
+
+
+def rles_to_masks(rles: list[RLE]) -> np.ndarray:
+    """Decodes uncompressed RLEs of one image to an (N, H, W) bool array."""
+    if not rles:
+        return np.zeros((0, 0, 0), dtype=bool)
+    h, w = rles[0]["size"]
+    decoded = mask_utils.decode(mask_utils.frPyObjects(rles, h, w))  # (H, W, N)
+    return np.moveaxis(decoded, -1, 0).astype(bool)
+
+
+def rle_area(rle: RLE) -> int:
+    """Number of set pixels: the sum of the odd-indexed runs."""
+    return int(sum(rle["counts"][1::2]))

@@ -141,11 +141,15 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     if "model" not in checkpoint:
         raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
     model = build_sam2(size.config, ckpt_path=None, device="cpu", apply_postprocessing=False)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    mismatch = f"{path} does not fit SAM2.1 {size.name} (is it a checkpoint of another size?)"
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    except RuntimeError as error:  # tensors of other shapes
+        raise ValueError(f"{mismatch}: {str(error)[:500]}") from error
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit SAM2.1 {size.name}: {len(missing)} missing tensors "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            f"{mismatch}: {len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     random_init = checkpoint.get("random_init")
     loaded = LoadedModel(

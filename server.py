@@ -1,0 +1,120 @@
+"""SAM2 "segment everything" server.
+
+    python server.py                                   # random-initialised tiny model, ao mode
+    python server.py ~/checkpoints/sam2 large          # official checkpoint, downloaded if missing
+    python server.py ~/checkpoints/sam2 large --baseline --port 5000
+
+Flags -> one config -> model and generator for the mode -> Flask app -> serve.
+"""
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sam2serve.amg import AMGConfig
+from sam2serve.checkpoints import (
+    DOWNLOAD_BASE_URL,
+    MODEL_TYPE_CHOICES,
+    CheckpointUnavailable,
+    ensure_checkpoint,
+    load_model,
+    model_size,
+    write_random_checkpoint,
+)
+from sam2serve.modes import DEFAULT_MODE, MODES, build_generator, get_mode
+from sam2serve.serving import Limits, create_app
+
+log = logging.getLogger("server")
+
+# Where `python server.py` with no checkpoint arguments keeps its default model.
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "random"
+DEFAULT_MODEL_TYPE = "tiny"
+
+# The mask-generation options a user may set; each is an AMGConfig field of the same name.
+AMG_OPTIONS = {
+    "points_per_side": (int, "points along each side of the prompt grid"),
+    "points_per_batch": (int, "point prompts per mask-decoder call"),
+    "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
+    "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
+    "stability_score_offset": (float, "logit offset used to compute the stability score"),
+    "box_nms_thresh": (float, "box IoU above which NMS drops the lower-scored mask"),
+    "crop_n_layers": (int, "extra layers of image crops to run the grid on (0: whole image only)"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Serve SAM2 automatic mask generation over HTTP (/upload, /upload_rle).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "checkpoint_dir", nargs="?",
+        help="folder with sam2.1_hiera_<size>.pt (downloaded there if missing); "
+        "omit both positionals to serve a random-initialised tiny model",
+    )
+    parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES, help="model size")
+    parser.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
+                        help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
+    parser.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
+                        help="same as --mode baseline")
+    defaults = AMGConfig()
+    for name, (kind, text) in AMG_OPTIONS.items():
+        # Both spellings, --points-per-side and the study's --points_per_side.
+        parser.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, type=kind,
+                            default=getattr(defaults, name), help=text)
+    parser.add_argument("--checkpoint-url", "--checkpoint_url", dest="checkpoint_url",
+                        default=DOWNLOAD_BASE_URL, help="where missing checkpoints are downloaded from")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-upload-mb", "--max_upload_mb", dest="max_upload_mb", type=float,
+                        default=Limits.max_upload_bytes / 2**20, help="larger uploads get 413")
+    parser.add_argument("--max-pixels", "--max_pixels", dest="max_pixels", type=int,
+                        default=Limits.max_pixels, help="images with more pixels get 413")
+    args = parser.parse_args(argv)
+
+    if (args.checkpoint_dir is None) != (args.model_type is None):
+        parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither for the default model")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        args.amg = AMGConfig(**{name: getattr(args, name) for name in AMG_OPTIONS})
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def checkpoint_path(args: argparse.Namespace) -> tuple[Path, str]:
+    """The checkpoint to serve: the user's (downloaded if missing) or the default one."""
+    if args.checkpoint_dir is not None:
+        return ensure_checkpoint(args.checkpoint_dir, args.model_type, args.checkpoint_url), args.model_type
+    path = DEFAULT_CHECKPOINT_DIR / model_size(DEFAULT_MODEL_TYPE).filename
+    if not path.is_file():
+        log.warning("no checkpoint given: writing a random-initialised %s model to %s", DEFAULT_MODEL_TYPE, path)
+        write_random_checkpoint(DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_TYPE)
+    return path, DEFAULT_MODEL_TYPE
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        path, model_type = checkpoint_path(args)
+    except CheckpointUnavailable as error:
+        sys.exit(f"error: {error}")
+    loaded = load_model(path, model_type, args.device)
+    mode = get_mode(args.mode)
+    generator = build_generator(mode, loaded.model, args.amg)
+    info = {"mode": mode.name, "model": loaded.description, "device": args.device, "amg": asdict(args.amg)}
+    app = create_app(generator, Limits(int(args.max_upload_mb * 2**20), args.max_pixels), info)
+    log.info("serving %s in mode %s on %s at http://%s:%d", loaded.description, mode.name,
+             args.device, args.host, args.port)
+    app.run(host=args.host, port=args.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared fixtures: a deterministic random-initialised tiny SAM2.1 and synthetic scenes.
+
+Random weights are nearly degenerate (every point prompt gives about the same near-full-image
+mask), so tests that need several masks lower the thresholds and say so.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sam2serve.checkpoints import MODEL_SIZES, build_random_model, write_random_checkpoint
+
+
+def make_scene(height: int, width: int, seed: int, shapes: int = 6) -> np.ndarray:
+    """A photo-like RGB image: a colour gradient, filled ellipses and rectangles, sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    gradient = np.stack([xx / width * 200, yy / height * 150, np.full((height, width), 90.0)], -1)
+    image = Image.fromarray(gradient.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(shapes):
+        size = int(rng.integers(min(height, width) // 8, min(height, width) // 3))
+        x0, y0 = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x0, y0, x0 + size, y0 + size], fill=colour)
+    noisy = np.asarray(image) + rng.normal(0, 6, (height, width, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_random_model(MODEL_SIZES["tiny"], seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoints")
+    write_random_checkpoint(directory, "tiny", seed=0)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def scene():
+    # Odd, non-square size: exercises resizing and column-major RLE on uneven shapes.
+    return make_scene(123, 157, seed=0)

@@ -1,0 +1,142 @@
+"""The project's mask generator ("ao") against the sam2 package's (the baseline).
+
+Random weights make final masks nearly degenerate, so besides final masks these tests compare
+what comes before NMS, per point and per candidate mask: image features, decoder logits,
+predicted IoUs, stability scores, boxes and candidate masks. Where a test needs masks to
+survive, it lowers the thresholds (and the stability offset, since random logits stay within
+about +-1) and says so.
+"""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
+from sam2serve.rle import rles_to_masks
+
+
+def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 0.999) -> None:
+    """Same mask count, and each mask's IoU with the reference's at the same rank >= min_iou."""
+    assert len(ours) == len(reference)
+    if not ours:
+        return
+    h, w = reference[0]["size"]
+    ious = mask_utils.iou(
+        mask_utils.frPyObjects(ours, h, w), mask_utils.frPyObjects(reference, h, w), [0] * len(ours)
+    )
+    assert np.diag(ious).min() >= min_iou
+
+
+def test_image_features_match_predictor(tiny_model, scene):
+    predictor = SAM2ImagePredictor(tiny_model)
+    predictor.set_image(scene)
+    features = MaskGenerator(tiny_model, AMGConfig()).embed(scene)
+    torch.testing.assert_close(features.image_embed, predictor._features["image_embed"], rtol=0, atol=1e-6)
+    for ours, theirs in zip(features.high_res_feats, predictor._features["high_res_feats"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_decoder_outputs_match_predictor(tiny_model, scene, multimask_output):
+    h, w = scene.shape[:2]
+    generator = MaskGenerator(tiny_model, AMGConfig(points_per_side=3, multimask_output=multimask_output))
+    points = torch.as_tensor(generator.point_grids[0] * np.array([w, h]), dtype=torch.float32)
+    with torch.inference_mode():
+        low_res, iou_preds = generator.predict_points(generator.embed(scene), points, (h, w))
+
+    predictor = SAM2ImagePredictor(tiny_model)
+    predictor.set_image(scene)
+    in_points = predictor._transforms.transform_coords(points, normalize=True, orig_hw=(h, w))
+    labels = torch.ones(len(points), dtype=torch.int)
+    with torch.no_grad():
+        _, expected_iou, expected_low_res = predictor._predict(
+            in_points[:, None, :], labels[:, None], multimask_output=multimask_output, return_logits=True
+        )
+    assert low_res.shape == (9, 3 if multimask_output else 1, 256, 256)
+    torch.testing.assert_close(iou_preds, expected_iou, rtol=0, atol=1e-6)
+    # sam2 returns its low-resolution logits clamped to +-32.
+    torch.testing.assert_close(low_res.clamp(-32, 32), expected_low_res, rtol=0, atol=1e-5)
+
+
+# Thresholds that split random-weight candidates: predicted IoUs lie around 0.47-0.55 and, with
+# a stability offset of 0.05, stability scores around 0.2-0.85.
+CANDIDATE_CONFIGS = {
+    "keep_all": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
+    "iou_filter": dict(pred_iou_thresh=0.51, stability_score_thresh=0.0),
+    "stability_filter": dict(pred_iou_thresh=0.0, stability_score_thresh=0.5),
+    "both_filters": dict(pred_iou_thresh=0.5, stability_score_thresh=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATE_CONFIGS))
+def test_candidates_before_nms_match_baseline(tiny_model, scene, name):
+    """Per batch of points: the same masks survive the filters, with the same scores and boxes."""
+    config = AMGConfig(points_per_side=4, points_per_batch=10, stability_score_offset=0.05,
+                       **CANDIDATE_CONFIGS[name])
+    h, w = scene.shape[:2]
+    crop_box = [0, 0, w, h]
+    ours = MaskGenerator(tiny_model, config)
+    reference = ReferenceMaskGenerator(tiny_model, config).generator
+    reference.predictor.set_image(scene)
+    points = ours.point_grids[0] * np.array([w, h])
+    total_candidates, total_kept = 0, 0
+    with torch.inference_mode():
+        features = ours.embed(scene)
+        for start in range(0, len(points), config.points_per_batch):
+            batch = points[start : start + config.points_per_batch]
+            candidates = ours.batch_candidates(features, batch, crop_box, (h, w), (h, w))
+            expected = reference._process_batch(batch, (h, w), crop_box, (h, w), normalize=True)
+            torch.testing.assert_close(candidates.iou_preds, expected["iou_preds"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(candidates.stability_scores, expected["stability_score"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(candidates.boxes, expected["boxes"])
+            torch.testing.assert_close(candidates.points, expected["points"])
+            masks = ours.render_masks(candidates, [crop_box], (h, w)).numpy()
+            np.testing.assert_array_equal(masks, rles_to_masks(expected["rles"]).reshape(masks.shape))
+            total_candidates += 3 * len(batch)
+            total_kept += len(candidates)
+    # The configuration must exercise what it names: all kept, or some kept and some dropped.
+    if name == "keep_all":
+        assert total_kept == total_candidates
+    else:
+        assert 0 < total_kept < total_candidates
+
+
+FINAL_CONFIGS = {
+    # The defaults: random weights give no mask at all, on both sides.
+    "defaults": dict(points_per_side=4),
+    # Thresholds at 0: one mask survives NMS, as measured for random weights.
+    "no_filters": dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+    # NMS threshold 1 keeps every candidate: tests order and RLE of 48 masks, with a last
+    # point batch that is smaller than the others.
+    "keep_every_candidate": dict(points_per_side=4, points_per_batch=6, pred_iou_thresh=0.0,
+                                 stability_score_thresh=0.0, box_nms_thresh=1.0),
+    "filters_split": dict(points_per_side=4, stability_score_offset=0.05, pred_iou_thresh=0.5,
+                          stability_score_thresh=0.5, box_nms_thresh=1.0),
+    # One layer of crops (4 crops + the image), crop NMS between them.
+    "crop_layer": dict(points_per_side=2, crop_n_layers=1, pred_iou_thresh=0.0,
+                       stability_score_thresh=0.0, box_nms_thresh=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINAL_CONFIGS))
+def test_final_masks_match_baseline(tiny_model, scene, name):
+    config = AMGConfig(**FINAL_CONFIGS[name])
+    ours = MaskGenerator(tiny_model, config).generate(scene)
+    reference = ReferenceMaskGenerator(tiny_model, config).generate(scene)
+    assert_same_masks(ours, reference)
+    if name == "keep_every_candidate":
+        assert len(ours) == 48
+    if name in ("no_filters", "filters_split", "crop_layer"):
+        assert len(ours) >= 1
+    for rle in ours:
+        assert rle["size"] == list(scene.shape[:2])
+
+
+@pytest.mark.parametrize("bad", [dict(points_per_side=0), dict(points_per_batch=0),
+                                 dict(stability_score_thresh=1.5), dict(box_nms_thresh=-0.1),
+                                 dict(crop_n_layers=-1)])
+def test_config_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        AMGConfig(**bad)

@@ -1,0 +1,84 @@
+"""Checkpoints: the official format, random initialisation, download and clear failures."""
+
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+
+from sam2serve.checkpoints import (
+    CheckpointUnavailable,
+    ensure_checkpoint,
+    load_model,
+    model_size,
+    write_random_checkpoint,
+)
+
+
+def test_random_checkpoint_is_official_format_and_deterministic(tiny_checkpoint_dir, tiny_model, tmp_path):
+    path = tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["model"]) == set(tiny_model.state_dict())
+    assert checkpoint["random_init"] == {"seed": 0, "model_type": "tiny"}
+
+    loaded = load_model(path, "tiny", "cpu")
+    assert loaded.random_seed == 0
+    assert "RANDOM" in loaded.description
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+    other_seed = write_random_checkpoint(tmp_path, "tiny", seed=1)
+    other = torch.load(other_seed, weights_only=True)["model"]
+    assert not torch.equal(other["sam_mask_decoder.iou_token.weight"], checkpoint["model"]["sam_mask_decoder.iou_token.weight"])
+
+
+def test_official_checkpoint_without_marker_loads_as_trained(tiny_checkpoint_dir, tmp_path):
+    # An official file holds only {"model": state_dict}.
+    state = torch.load(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", weights_only=True)["model"]
+    torch.save({"model": state}, tmp_path / "sam2.1_hiera_tiny.pt")
+    loaded = load_model(tmp_path / "sam2.1_hiera_tiny.pt", "tiny", "cpu")
+    assert loaded.random_seed is None
+    assert "trained" in loaded.description
+
+
+def test_checkpoint_of_another_size_is_refused(tiny_checkpoint_dir):
+    with pytest.raises(ValueError, match="does not fit SAM2.1 small"):
+        load_model(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", "small", "cpu")
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    torch.save({"weights": {}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        load_model(tmp_path / "x.pt", "tiny", "cpu")
+
+
+def test_model_type_names():
+    assert model_size("plus").filename == "sam2.1_hiera_base_plus.pt"
+    assert model_size("base_plus").config == "configs/sam2.1/sam2.1_hiera_b+.yaml"
+    assert model_size("large").filename == "sam2.1_hiera_large.pt"
+    with pytest.raises(ValueError, match="unknown model type"):
+        model_size("huge")
+
+
+def test_missing_checkpoint_is_downloaded(tiny_checkpoint_dir, tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_checkpoint_dir))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            path = ensure_checkpoint(tmp_path / "downloads", "tiny", f"http://127.0.0.1:{server.server_port}")
+        finally:
+            server.shutdown()
+    assert path == tmp_path / "downloads" / "sam2.1_hiera_tiny.pt"
+    assert path.read_bytes() == (tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt").read_bytes()
+    assert list(path.parent.iterdir()) == [path]  # no partial file left behind
+
+
+def test_offline_download_fails_with_instructions(tmp_path):
+    # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    with pytest.raises(CheckpointUnavailable) as error:
+        ensure_checkpoint(tmp_path, "large", "http://127.0.0.1:9/sam2")
+    message = str(error.value)
+    assert str(tmp_path / "sam2.1_hiera_large.pt") in message
+    assert "http://127.0.0.1:9/sam2/sam2.1_hiera_large.pt" in message
+    assert "curl -L -o" in message

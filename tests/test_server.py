@@ -1,0 +1,209 @@
+"""The server as users run it: a real process on a loopback port, hit with curl and xargs.
+
+The servers run a random-initialised tiny model on a 4x4 grid with every filter off and an NMS
+threshold of 1, so all 48 candidate masks come back (random weights give no mask under the
+default thresholds).
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam2serve.amg import AMGConfig, MaskGenerator
+from sam2serve.checkpoints import load_model
+from sam2serve.rle import rles_to_masks
+
+from .conftest import make_scene
+from .test_amg import assert_same_masks
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP_EVERY_CANDIDATE = [
+    # Both spellings of the options are accepted; the study's commands use underscores.
+    "--points_per_side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+    "--box_nms_thresh", "1.0",
+]
+CONFIG = AMGConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+MAX_PIXELS = 200 * 200
+MAX_UPLOAD_MB = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint_dir: Path, *options: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, str(REPO / "server.py"), str(checkpoint_dir), "tiny", "--port", str(port),
+               "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB), *options]
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server did not answer /health within 120 s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint_dir, tmp_path_factory):
+    """One server per mode: {"ao": url, "baseline": url}."""
+    logs = tmp_path_factory.mktemp("logs")
+    started = {
+        "ao": start_server(tiny_checkpoint_dir, *KEEP_EVERY_CANDIDATE, log_path=logs / "ao.log"),
+        "baseline": start_server(tiny_checkpoint_dir, *KEEP_EVERY_CANDIDATE, "--baseline",
+                                 log_path=logs / "baseline.log"),
+    }
+    yield {mode: url for mode, (_, url) in started.items()}
+    for process, _ in started.values():
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = {
+        "scene.jpg": make_scene(123, 157, seed=0),
+        "other.png": make_scene(90, 64, seed=1),
+        "third.jpg": make_scene(77, 101, seed=2),
+    }
+    for name, image in paths.items():
+        Image.fromarray(image).save(folder / name)
+    return folder
+
+
+def curl(*arguments: str) -> tuple[int, bytes]:
+    """Runs curl -s; returns the HTTP status and the body."""
+    result = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *arguments],
+                            capture_output=True, timeout=300, check=True)
+    body, _, status = result.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+def test_health_reports_mode_and_random_weights(servers):
+    with urllib.request.urlopen(servers["baseline"] + "/health") as response:
+        info = json.load(response)
+    assert info["mode"] == "baseline"
+    assert "RANDOM" in info["model"]
+    assert info["amg"]["points_per_side"] == 4
+
+
+def test_upload_rle_ao_equals_baseline_and_in_process(servers, image_files, tiny_checkpoint_dir):
+    path = image_files / "scene.jpg"
+    answers = {}
+    for mode, url in servers.items():
+        status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{path}")
+        assert status == 200
+        answers[mode] = json.loads(body)
+    assert list(answers["ao"]) == [f"mask_{i}" for i in range(48)]  # every candidate, in NMS order
+    assert_same_masks(list(answers["ao"].values()), list(answers["baseline"].values()))
+
+    # The server decodes the JPEG as PIL does and runs the same pipeline as in-process code.
+    image = np.array(Image.open(path).convert("RGB"))
+    model = load_model(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", "tiny", "cpu").model
+    assert list(answers["ao"].values()) == MaskGenerator(model, CONFIG).generate(image)
+
+    masks = rles_to_masks(list(answers["ao"].values()))
+    assert masks.shape == (48, *image.shape[:2])
+
+
+def test_xargs_curl_writes_one_json_per_line(servers, image_files, tmp_path):
+    names = ["scene.jpg", "other.png", "third.jpg", "other.png"]
+    (tmp_path / "image_paths").write_text("".join(f"{image_files / name}\n" for name in names))
+    command = (f"xargs -I {{}} curl -s -w \"\\n\" -X POST {servers['ao']}/upload_rle -F 'image=@{{}}' "
+               f"< image_paths > rle_masks")
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=300)
+    lines = (tmp_path / "rle_masks").read_text().splitlines()
+    assert len(lines) == len(names)
+    for name, line in zip(names, lines):
+        masks = rles_to_masks(list(json.loads(line).values()))
+        height, width = np.array(Image.open(image_files / name)).shape[:2]
+        assert masks.shape == (48, height, width)
+    assert lines[1] == lines[3]  # same image, same answer
+
+
+def test_upload_draws_masks_over_the_image(servers, image_files, tmp_path):
+    path = image_files / "other.png"
+    status, _ = curl("-X", "POST", servers["ao"] + "/upload", "-F", f"image=@{path}",
+                     "--output", str(tmp_path / "out.png"))
+    assert status == 200
+    drawn = Image.open(tmp_path / "out.png")
+    original = np.array(Image.open(path))
+    assert drawn.format == "PNG" and drawn.mode == "RGB"
+    assert drawn.size == (original.shape[1], original.shape[0])
+    assert np.abs(np.array(drawn).astype(int) - original).mean() > 5  # masks are visible
+
+
+def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], int, str]]:
+    """name -> (curl arguments after the URL, expected status, a word the error must contain)."""
+    scene = image_files / "scene.jpg"
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    jpeg = scene.read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    # Small file, many pixels: refused from its header, before decoding.
+    Image.new("RGB", (400, 400)).save(folder / "many_pixels.png")
+    (folder / "huge.bin").write_bytes(np.random.default_rng(0).bytes(2 * 1024 * 1024))
+    return {
+        "wrong_field_name": (["-F", f"file=@{scene}"], 400, "'image'"),
+        "no_body": ([], 400, "'image'"),
+        "empty_file": (["-F", f"image=@{folder / 'empty.jpg'}"], 400, "empty"),
+        "not_an_image": (["-F", f"image=@{folder / 'text.jpg'}"], 400, "not an image"),
+        "truncated": (["-F", f"image=@{folder / 'truncated.jpg'}"], 400, "decoded"),
+        "too_many_pixels": (["-F", f"image=@{folder / 'many_pixels.png'}"], 413, "pixels"),
+        "upload_too_large": (["-F", f"image=@{folder / 'huge.bin'}"], 413, "bytes"),
+    }
+
+
+@pytest.mark.parametrize("endpoint", ["/upload_rle", "/upload"])
+def test_bad_input_gets_json_error_and_server_keeps_serving(servers, image_files, tmp_path, endpoint):
+    url = servers["ao"] + endpoint
+    for name, (arguments, expected_status, word) in bad_uploads(tmp_path, image_files).items():
+        status, body = curl("-X", "POST", url, *arguments)
+        assert status == expected_status, (name, body)
+        assert word in json.loads(body)["error"], (name, body)
+    status, body = curl(servers["ao"] + "/no_such_route")
+    assert status == 404 and "error" in json.loads(body)
+    status, _ = curl("-X", "POST", url, "-F", f"image=@{image_files / 'third.jpg'}", "--output", "/dev/null")
+    assert status == 200
+
+
+def run_server_expecting_exit(*arguments: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "server.py"), *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    return result
+
+
+def test_unknown_mode_is_refused():
+    result = run_server_expecting_exit("--mode", "turbo")
+    assert "invalid choice: 'turbo'" in result.stderr
+
+
+def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
+    result = run_server_expecting_exit(str(tmp_path), "large", "--checkpoint-url", "http://127.0.0.1:9")
+    assert "sam2.1_hiera_large.pt" in result.stderr
+    assert "http://127.0.0.1:9/sam2.1_hiera_large.pt" in result.stderr
+    assert "curl -L -o" in result.stderr
+
+
+def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
+    result = run_server_expecting_exit(str(tmp_path))
+    assert "MODEL_TYPE" in result.stderr

@@ -1,0 +1,48 @@
+"""Decoding uploads and preparing the model input."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sam2.utils.transforms import SAM2Transforms
+
+from sam2serve.preprocess import ImageTooLarge, InvalidImage, decode_image, image_to_input
+
+
+def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_every_image_mode_becomes_rgb(mode):
+    array = decode_image(encode(Image.new(mode, (7, 5))), max_pixels=100)
+    assert array.shape == (5, 7, 3) and array.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (8, 4), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    assert decode_image(encode(image, "JPEG", exif=exif), max_pixels=100).shape == (8, 4, 3)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    data = encode(Image.new("L", (101, 100)))
+    assert decode_image(data, max_pixels=101 * 100).shape == (100, 101, 3)
+    with pytest.raises(ImageTooLarge, match="10100 pixels"):
+        decode_image(data, max_pixels=101 * 100 - 1)
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a not really", encode(Image.new("RGB", (64, 64)))[:60]])
+def test_undecodable_input_is_invalid(data):
+    with pytest.raises(InvalidImage):
+        decode_image(data, max_pixels=10**6)
+
+
+def test_model_input_equals_sam2_transforms(scene):
+    expected = SAM2Transforms(resolution=1024, mask_threshold=0.0)(scene)
+    assert torch.equal(image_to_input(scene, 1024)[0], expected)

@@ -1,0 +1,43 @@
+"""Compare two RLE result sets: strict and relaxed mIoU, and mask count mismatches.
+
+    python compare_rle_lists.py results/baseline_rle_masks results/fast_rle_masks
+    python compare_rle_lists.py baseline_dir/ fast_dir/ --json --per-image-csv per_image.csv
+
+Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes)
+or a folder of per-image JSON files (paired by file name). See sam2serve/compare.py for the
+metrics.
+"""
+
+import argparse
+import csv
+import json
+import sys
+
+from sam2serve.compare import compare_results, format_float, summarize
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reference", help="the reference results (usually the baseline's)")
+    parser.add_argument("candidate", help="the results to compare with the reference")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    parser.add_argument("--per-image-csv", "--per_image_csv", dest="per_image_csv",
+                        help="also write one CSV row per image to this path")
+    args = parser.parse_args(argv)
+    try:
+        comparisons = compare_results(args.reference, args.candidate)
+    except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets
+        sys.exit(f"error: {error}")
+    if args.per_image_csv:
+        with open(args.per_image_csv, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["image", "reference_masks", "candidate_masks", "strict_iou", "relaxed_iou"])
+            for c in comparisons:
+                writer.writerow([c.name, c.reference_masks, c.candidate_masks,
+                                 format_float(c.strict_iou), format_float(c.relaxed_iou)])
+    summary = summarize(comparisons)
+    print(json.dumps(summary.as_dict()) if args.json else summary.line())
+
+
+if __name__ == "__main__":
+    main()

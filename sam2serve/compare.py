@@ -1,0 +1,122 @@
+"""Comparing two sets of RLE results (what each image's /upload_rle returned), image by image.
+
+Masks are matched one to one by IoU with an optimal assignment (not by rank), in both modes:
+- strict (the study's): an image whose mask count differs from the reference's is a "mask count
+  mismatch" and left out; an image's IoU is the mean over its matched masks.
+- relaxed: every image counts; masks left without a partner (the counts differ) count as IoU 0,
+  so an extra or missing sub-division costs a little instead of discarding the image.
+mIoU is the mean over images. Two empty masks, or two images without masks, agree fully (1.0).
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy.optimize import linear_sum_assignment
+
+from .rle import RLE
+
+
+@dataclass(frozen=True)
+class ImageComparison:
+    name: str
+    reference_masks: int
+    candidate_masks: int
+    strict_iou: float | None  # None on a mask count mismatch
+    relaxed_iou: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    images: int
+    mask_count_mismatch: int
+    miou: float | None  # strict; None when every image is a mismatch
+    relaxed_miou: float | None  # None when there are no images
+
+    def as_dict(self) -> dict:
+        return {"miou": self.miou, "relaxed_miou": self.relaxed_miou,
+                "mask_count_mismatch": self.mask_count_mismatch, "images": self.images}
+
+    def line(self) -> str:
+        strict = "n/a" if self.miou is None else f"{self.miou:.6f}"
+        relaxed = "n/a" if self.relaxed_miou is None else f"{self.relaxed_miou:.6f}"
+        return (f"images {self.images}, mask count mismatch {self.mask_count_mismatch}, "
+                f"mIoU {strict} (strict, {self.images - self.mask_count_mismatch} images), "
+                f"relaxed mIoU {relaxed}")
+
+
+def iou_matrix(reference: list[RLE], candidate: list[RLE]) -> np.ndarray:
+    """(len(reference), len(candidate)) mask IoUs; two empty masks have IoU 1."""
+    if not reference or not candidate:
+        return np.zeros((len(reference), len(candidate)))
+    h, w = reference[0]["size"]
+    if list(candidate[0]["size"]) != [h, w]:
+        raise ValueError(f"mask sizes differ: {[h, w]} against {candidate[0]['size']}")
+    ref, cand = mask_utils.frPyObjects(reference, h, w), mask_utils.frPyObjects(candidate, h, w)
+    ious = np.asarray(mask_utils.iou(ref, cand, [0] * len(cand)), dtype=np.float64).reshape(len(ref), len(cand))
+    both_empty = (mask_utils.area(ref)[:, None] == 0) & (mask_utils.area(cand)[None, :] == 0)
+    ious[both_empty] = 1.0
+    return ious
+
+
+def compare_image(name: str, reference: list[RLE], candidate: list[RLE]) -> ImageComparison:
+    ious = iou_matrix(reference, candidate)
+    rows, cols = linear_sum_assignment(ious, maximize=True)
+    matched = ious[rows, cols]
+    n_ref, n_cand = len(reference), len(candidate)
+    # Unmatched masks contribute 0 to the sum but count in the denominator.
+    relaxed = 1.0 if n_ref == n_cand == 0 else float(matched.sum()) / max(n_ref, n_cand)
+    strict = None
+    if n_ref == n_cand:
+        strict = 1.0 if n_ref == 0 else float(matched.mean())
+    return ImageComparison(name, n_ref, n_cand, strict, relaxed)
+
+
+def summarize(comparisons: list[ImageComparison]) -> Summary:
+    strict = [c.strict_iou for c in comparisons if c.strict_iou is not None]
+    return Summary(
+        images=len(comparisons),
+        mask_count_mismatch=len(comparisons) - len(strict),
+        miou=float(np.mean(strict)) if strict else None,
+        relaxed_miou=float(np.mean([c.relaxed_iou for c in comparisons])) if comparisons else None,
+    )
+
+
+def masks_of(result: dict, where: str) -> list[RLE]:
+    """The masks of one /upload_rle answer, in order mask_0, mask_1, ..."""
+    if "error" in result or not all(key.startswith("mask_") for key in result):
+        raise ValueError(f"{where} is not a mask result: {json.dumps(result)[:200]}")
+    return [result[key] for key in sorted(result, key=lambda key: int(key.split("_", 1)[1]))]
+
+
+def load_results(path: str | Path) -> list[tuple[str, list[RLE]]]:
+    """(name, masks) per image, from a file of one JSON per line or a folder of JSON files.
+
+    Lines are named by their number; files by their name, in sorted order.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        return [(file.name, masks_of(json.loads(file.read_text()), str(file))) for file in files]
+    lines = path.read_text().splitlines()
+    return [(f"line {i + 1}", masks_of(json.loads(line), f"line {i + 1} of {path}"))
+            for i, line in enumerate(lines) if line.strip()]
+
+
+def compare_results(reference_path: str | Path, candidate_path: str | Path) -> list[ImageComparison]:
+    """Compares two result sets image by image; they must hold the same images."""
+    reference, candidate = load_results(reference_path), load_results(candidate_path)
+    if len(reference) != len(candidate):
+        raise ValueError(f"{reference_path} has {len(reference)} images, {candidate_path} has {len(candidate)}")
+    if Path(reference_path).is_dir() and Path(candidate_path).is_dir():
+        missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
+        if missing:
+            raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")
+    return [compare_image(name, ref, cand) for (name, ref), (_, cand) in zip(reference, candidate)]
+
+
+def format_float(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.6f}"

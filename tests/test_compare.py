@@ -1,0 +1,113 @@
+"""compare_rle_lists.py on crafted result sets whose answers are known by hand."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sam2serve.compare import compare_image
+from sam2serve.rle import masks_to_rle_vectorized
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 8, 8
+
+
+def box(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros((H, W), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def answer(*masks: np.ndarray) -> dict:
+    """What /upload_rle would answer with these masks."""
+    rles = masks_to_rle_vectorized(torch.from_numpy(np.stack(masks))) if masks else []
+    return {f"mask_{i}": rle for i, rle in enumerate(rles)}
+
+
+SQUARE = box(0, 0, 4, 4)  # 16 pixels
+OTHER = box(4, 4, 8, 8)
+SHIFTED_SQUARE = box(1, 0, 5, 4)  # overlaps SQUARE in 12 pixels, union 20: IoU 0.6
+LEFT_HALF, RIGHT_HALF = box(0, 0, 4, 2), box(0, 2, 4, 4)  # SQUARE split in two
+EMPTY = np.zeros((H, W), bool)
+
+
+def iou_of(reference: list[np.ndarray], candidate: list[np.ndarray]):
+    c = compare_image("x", list(answer(*reference).values()), list(answer(*candidate).values()))
+    return c.strict_iou, c.relaxed_iou
+
+
+def test_known_answers():
+    assert iou_of([SQUARE, OTHER], [SQUARE, OTHER]) == (1.0, 1.0)
+    assert iou_of([SQUARE, OTHER], [OTHER, SQUARE]) == (1.0, 1.0)  # matched by overlap, not rank
+    assert iou_of([SQUARE], [SHIFTED_SQUARE]) == pytest.approx((0.6, 0.6))
+    # One extra mask: a mismatch in strict mode; relaxed (1 + 1 + 0) / 3.
+    assert iou_of([SQUARE, OTHER], [SQUARE, OTHER, SHIFTED_SQUARE]) == pytest.approx((None, 2 / 3))
+    # A split mask: the best half has IoU 0.5, the other half is unmatched: 0.5 / 2.
+    assert iou_of([SQUARE], [LEFT_HALF, RIGHT_HALF]) == pytest.approx((None, 0.25))
+    # Empty masks and images without masks agree fully, never NaN.
+    assert iou_of([EMPTY], [EMPTY]) == (1.0, 1.0)
+    assert iou_of([], []) == (1.0, 1.0)
+    assert iou_of([SQUARE], []) == (None, 0.0)
+
+
+def write_lines(path: Path, answers: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    return path
+
+
+def run_tool(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "compare_rle_lists.py"), *map(str, arguments)],
+                          capture_output=True, text=True, timeout=120)
+
+
+REFERENCE = [answer(SQUARE, OTHER), answer(SQUARE), answer(), answer(SQUARE)]
+CANDIDATE = [answer(OTHER, SQUARE), answer(LEFT_HALF, RIGHT_HALF), answer(), answer(SHIFTED_SQUARE)]
+# Strict: images 1, 3, 4 -> (1 + 1 + 0.6) / 3; relaxed: (1 + 0.25 + 1 + 0.6) / 4.
+EXPECTED = {"miou": 2.6 / 3, "relaxed_miou": 2.85 / 4, "mask_count_mismatch": 1, "images": 4}
+
+
+def test_line_files_json_and_per_image_csv(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE)
+    candidate = write_lines(tmp_path / "candidate", CANDIDATE)
+    result = run_tool(reference, candidate, "--json", "--per-image-csv", tmp_path / "per_image.csv")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == pytest.approx(EXPECTED)
+    rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
+    assert [row["candidate_masks"] for row in rows] == ["2", "2", "0", "1"]
+    assert rows[1]["strict_iou"] == "" and float(rows[1]["relaxed_iou"]) == pytest.approx(0.25)
+
+    summary = run_tool(reference, candidate).stdout
+    assert "mask count mismatch 1" in summary and "images 4" in summary
+
+
+def test_folders_are_paired_by_file_name(tmp_path):
+    for folder, answers in (("reference", REFERENCE), ("candidate", CANDIDATE)):
+        (tmp_path / folder).mkdir()
+        # Written in a shuffled order: pairing must not depend on the listing order.
+        for index in (2, 0, 3, 1):
+            (tmp_path / folder / f"image_{index}.json").write_text(json.dumps(answers[index]))
+    result = run_tool(tmp_path / "reference", tmp_path / "candidate", "--json")
+    assert json.loads(result.stdout) == pytest.approx(EXPECTED)
+
+    (tmp_path / "candidate" / "image_3.json").rename(tmp_path / "candidate" / "image_9.json")
+    result = run_tool(tmp_path / "reference", tmp_path / "candidate")
+    assert result.returncode != 0 and "different files" in result.stderr
+
+
+def test_different_image_counts_are_an_error(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE)
+    candidate = write_lines(tmp_path / "candidate", CANDIDATE[:3])
+    result = run_tool(reference, candidate)
+    assert result.returncode != 0 and "4 images" in result.stderr and "3" in result.stderr
+
+
+def test_error_answers_are_reported(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE[:1])
+    candidate = write_lines(tmp_path / "candidate", [{"error": "the uploaded file is empty"}])
+    result = run_tool(reference, candidate)
+    assert result.returncode != 0 and "line 1" in result.stderr and "not a mask result" in result.stderr

@@ -13,9 +13,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import (
     DOWNLOAD_BASE_URL,
     MODEL_TYPE_CHOICES,
@@ -25,6 +22,7 @@ from sam2serve.checkpoints import (
     model_size,
     write_random_checkpoint,
 )
+from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
 from sam2serve.modes import DEFAULT_MODE, MODES, build_generator, get_mode
 from sam2serve.serving import Limits, create_app
 
@@ -33,17 +31,6 @@ log = logging.getLogger("server")
 # Where `python server.py` with no checkpoint arguments keeps its default model.
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "random"
 DEFAULT_MODEL_TYPE = "tiny"
-
-# The mask-generation options a user may set; each is an AMGConfig field of the same name.
-AMG_OPTIONS = {
-    "points_per_side": (int, "points along each side of the prompt grid"),
-    "points_per_batch": (int, "point prompts per mask-decoder call"),
-    "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
-    "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
-    "stability_score_offset": (float, "logit offset used to compute the stability score"),
-    "box_nms_thresh": (float, "box IoU above which NMS drops the lower-scored mask"),
-    "crop_n_layers": (int, "extra layers of image crops to run the grid on (0: whole image only)"),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,30 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
     parser.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
                         help="same as --mode baseline")
-    defaults = AMGConfig()
-    for name, (kind, text) in AMG_OPTIONS.items():
-        # Both spellings, --points-per-side and the study's --points_per_side.
-        parser.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, type=kind,
-                            default=getattr(defaults, name), help=text)
-    parser.add_argument("--checkpoint-url", "--checkpoint_url", dest="checkpoint_url",
-                        default=DOWNLOAD_BASE_URL, help="where missing checkpoints are downloaded from")
+    add_amg_options(parser)
+    add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
+               help="where missing checkpoints are downloaded from")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-upload-mb", "--max_upload_mb", dest="max_upload_mb", type=float,
-                        default=Limits.max_upload_bytes / 2**20, help="larger uploads get 413")
-    parser.add_argument("--max-pixels", "--max_pixels", dest="max_pixels", type=int,
-                        default=Limits.max_pixels, help="images with more pixels get 413")
+    add_device_option(parser)
+    add_option(parser, "max_upload_mb", type=float, default=Limits.max_upload_bytes / 2**20,
+               help="larger uploads get 413")
+    add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
+               help="images with more pixels get 413")
     args = parser.parse_args(argv)
 
     if (args.checkpoint_dir is None) != (args.model_type is None):
         parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither for the default model")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    try:
-        args.amg = AMGConfig(**{name: getattr(args, name) for name in AMG_OPTIONS})
-    except ValueError as error:
-        parser.error(str(error))
+    args.amg = amg_config(parser, args)
     return args
 
 

@@ -72,6 +72,11 @@ def rle_run_lengths(masks: torch.Tensor) -> RunLengths:
     return run_lengths, runs_per_mask, flat[:, 0]
 
 
+def rles_to_json(rles: list[RLE]) -> dict[str, RLE]:
+    """The /upload_rle answer: {"mask_0": rle, "mask_1": rle, ...}, in the given order."""
+    return {f"mask_{i}": rle for i, rle in enumerate(rles)}
+
+
 def rle_to_mask(rle: RLE) -> np.ndarray:
     """Decodes one uncompressed RLE to an (H, W) bool array with pycocotools."""
     h, w = rle["size"]

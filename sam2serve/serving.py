@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from .amg import Generator
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
-from .rle import RLE, rles_to_masks
+from .rle import RLE, rles_to_json, rles_to_masks
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ def json_response(payload: object, status: int = 200) -> Response:
     # `curl -w "\n"` over many images writes exactly one JSON document per line.
     body = json.dumps(payload, separators=(",", ":"))
     return Response(body, status=status, mimetype="application/json")
-
-
-def rles_to_json(rles: list[RLE]) -> dict[str, RLE]:
-    return {f"mask_{i}": rle for i, rle in enumerate(rles)}
 
 
 def draw_masks(image: np.ndarray, rles: list[RLE], alpha: float = 0.35, seed: int = 0) -> bytes:

@@ -1,0 +1,211 @@
+"""Replay an image list through every mode of the study and write its table, result.csv.
+
+    python reproduce_experiments.py image_paths results/ --checkpoint-dir ~/checkpoints/sam2 --model-type large
+
+Each row (a mode at a batch size and a number of points per batch) runs in a process of its own,
+so its peak memory is its own: load the model, warm up on the first image (compilation would
+happen there; reported as startup_s, kept out of latency), then every image, timed from the
+file's bytes to the RLE lists (disk reads and JSON excluded). Its masks go to
+OUTPUT/<row>/rle_masks, one /upload_rle JSON per line, as the server's xargs workflow writes them.
+Every row is compared with the baseline row (strict and relaxed mIoU, see compare_rle_lists.py);
+the table goes to OUTPUT/result.csv and a plot of ms per request against mIoU to
+OUTPUT/result.png. A row already done with the same settings is not run again.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from sam2serve.amg import AMGConfig
+from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointUnavailable, ensure_checkpoint, load_model
+from sam2serve.cli import add_amg_options, add_device_option, amg_config
+from sam2serve.compare import compare_results, format_float, summarize
+from sam2serve.modes import MODES, build_generator, get_mode
+from sam2serve.preprocess import decode_image
+from sam2serve.rle import rles_to_json
+from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
+
+log = logging.getLogger("experiments")
+
+RESULT_COLUMNS = [
+    "mode", "miou", "relaxed_miou", "mask_count_mismatch", "images", "ms_per_request", "p50", "p90",
+    "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch",
+    "model_type", "device", "torch_version",
+]
+MAX_PIXELS = 100_000_000  # the study's images are the user's own: no server-style limit
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the study's table."""
+
+    mode: str
+    batch_size: int = 1
+    points_per_batch: int | None = None  # None: the --points-per-batch option (64 by default)
+
+
+# The study's rows, baseline first: every other row is compared with it.
+STUDY_ROWS = [Row("baseline"), Row("ao")]
+
+
+def row_name(row: Row, config: AMGConfig) -> str:
+    return f"{row.mode}_bs{row.batch_size}_ppb{config.points_per_batch}"
+
+
+def row_config(row: Row, config: AMGConfig) -> AMGConfig:
+    return config if row.points_per_batch is None else replace(config, points_per_batch=row.points_per_batch)
+
+
+def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
+    """Runs one row over every image (in a process of its own) and returns its measurements."""
+    device = settings["device"]
+    config = AMGConfig(**settings["amg"])
+    paths = settings["images"]
+    with Stopwatch(device) as startup:
+        loaded = load_model(settings["checkpoint"], settings["model_type"], device)
+        generator = build_generator(get_mode(row.mode), loaded.model, config)
+        # Warm-up, untimed: compilation and lazy initialisation happen on the first image.
+        generator.generate(decode_image(Path(paths[0]).read_bytes(), MAX_PIXELS))
+    reset_peak_memory(device)
+
+    seconds = []
+    partial = row_dir / "rle_masks.partial"
+    with partial.open("w") as out:
+        for path in tqdm(paths, desc=label, unit="image"):
+            data = Path(path).read_bytes()
+            with Stopwatch(device) as request:
+                rles = generator.generate(decode_image(data, MAX_PIXELS))
+            seconds.append(request.seconds)
+            out.write(json.dumps(rles_to_json(rles), separators=(",", ":")) + "\n")
+    partial.replace(row_dir / "rle_masks")
+    peak_mib, peak_pct = peak_memory_mib(device)
+    return {
+        "settings": settings, **latency_summary_ms(seconds), "startup_s": startup.seconds,
+        "max_memory_mib": peak_mib, "max_memory_pct": peak_pct,
+    }
+
+
+def measured_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
+    """The row's measurements: from an earlier run with the same settings, or run now."""
+    stats_path = row_dir / "stats.json"
+    if stats_path.is_file() and (row_dir / "rle_masks").is_file():
+        stats = json.loads(stats_path.read_text())
+        if stats["settings"] == settings:
+            log.info("%s: already done with the same settings, skipped", label)
+            return stats
+    row_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh process per row: its peak memory, caches and compiled code are its own.
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        stats = pool.submit(run_row, row, settings, row_dir, label).result()
+    stats_path.write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, row_dir: Path) -> dict:
+    summary = summarize(compare_results(baseline_dir / "rle_masks", row_dir / "rle_masks"))
+    settings = stats["settings"]
+    return {
+        "mode": row.mode, **summary.as_dict(),
+        **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
+                                        "max_memory_mib", "max_memory_pct")},
+        "batch_size": row.batch_size, "points_per_batch": config.points_per_batch,
+        "model_type": settings["model_type"], "device": settings["device"],
+        "torch_version": settings["torch_version"],
+    }
+
+
+def write_csv(lines: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        for line in lines:
+            writer.writerow({k: format_float(v) if isinstance(v, float) or v is None else v
+                             for k, v in line.items()})
+
+
+def plot(lines: list[dict], path: Path) -> None:
+    """ms per request against mIoU, one labelled point per row."""
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.subplots()
+    for line in lines:
+        miou = line["miou"] if line["miou"] is not None else float("nan")
+        axes.scatter(line["ms_per_request"], miou)
+        axes.annotate(f"{line['mode']} (bs {line['batch_size']}, ppb {line['points_per_batch']})",
+                      (line["ms_per_request"], miou), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_xlabel("ms per request (mean)")
+    axes.set_ylabel("mIoU against baseline (strict)")
+    axes.set_title(f"SAM2.1 {lines[0]['model_type']} on {lines[0]['device']}, {lines[0]['images']} images")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AMGConfig]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("image_paths_file", help="a file with one image path per line")
+    parser.add_argument("output_folder")
+    parser.add_argument("--checkpoint-dir", "--checkpoint_dir", dest="checkpoint_dir",
+                        default="~/checkpoints/sam2")
+    parser.add_argument("--model-type", "--model_type", dest="model_type", default="large",
+                        choices=MODEL_TYPE_CHOICES)
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
+                        help="the rows to run (baseline always runs: the others are compared with it)")
+    add_amg_options(parser)
+    add_device_option(parser)
+    args = parser.parse_args(argv)
+    return args, amg_config(parser, args)
+
+
+def read_image_paths(path: str) -> list[str]:
+    paths = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not paths:
+        sys.exit(f"error: {path} lists no images")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        sys.exit(f"error: {len(missing)} listed images do not exist, e.g. {missing[:3]}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, config = parse_args(argv)
+    image_paths = read_image_paths(args.image_paths_file)
+    try:
+        checkpoint = ensure_checkpoint(args.checkpoint_dir, args.model_type)
+    except CheckpointUnavailable as error:
+        sys.exit(f"error: {error}")
+    output = Path(args.output_folder)
+    rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
+
+    lines = []
+    for index, row in enumerate(rows):
+        config_for_row = row_config(row, config)
+        name = row_name(row, config_for_row)
+        settings = {
+            "row": asdict(row), "checkpoint": str(checkpoint), "model_type": args.model_type,
+            "device": args.device, "amg": asdict(config_for_row),
+            "images": [str(Path(p).resolve()) for p in image_paths], "torch_version": torch.__version__,
+        }
+        stats = measured_row(row, settings, output / name, f"row {index + 1}/{len(rows)} {name}")
+        baseline_dir = output / row_name(rows[0], row_config(rows[0], config))
+        lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
+
+    write_csv(lines, output / "result.csv")
+    plot(lines, output / "result.png")
+    print((output / "result.csv").read_text(), end="")
+    log.info("wrote %s and %s", output / "result.csv", output / "result.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Latency and peak-memory measurement, the same way for every mode and device."""
+
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+
+def synchronize(device: str) -> None:
+    """Waits for queued GPU work, so that a timer stopped afterwards includes it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Wall time of a block, GPU work included: `with Stopwatch(device) as w: ...; w.seconds`."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
+    milliseconds = np.asarray(seconds) * 1000
+    return {
+        "ms_per_request": float(milliseconds.mean()),
+        "p50": float(np.percentile(milliseconds, 50)),
+        "p90": float(np.percentile(milliseconds, 90)),
+        "p99": float(np.percentile(milliseconds, 99)),
+    }
+
+
+def reset_peak_memory(device: str) -> None:
+    """On CUDA, starts a new peak. On CPU the peak is the process's, since it started."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: str) -> tuple[float, float]:
+    """(peak MiB, percent of the device's memory): CUDA memory allocated since the last reset,
+    or on CPU this process's peak resident memory."""
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return peak / 2**20, 100 * peak / total

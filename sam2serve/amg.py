@@ -9,7 +9,7 @@ Two generators with one interface (`generate(image) -> list of RLE`):
   the masks that are kept, encoding them all at once on the device with one copy to the host.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -59,10 +59,6 @@ class AMGConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [field.name for field in fields(cls)]
-
 
 class Generator(Protocol):
     def generate(self, image: np.ndarray) -> list[RLE]:
@@ -110,15 +106,11 @@ class Candidates:
         return len(self.iou_preds)
 
     def select(self, index: torch.Tensor | slice) -> "Candidates":
-        return Candidates(**{name: value[index] for name, value in self._tensors().items()})
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+        return Candidates(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @staticmethod
     def cat(parts: list["Candidates"]) -> "Candidates":
-        names = [field.name for field in fields(Candidates)]
-        return Candidates(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
+        return Candidates(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Candidates)})
 
 
 def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -190,14 +182,8 @@ class MaskGenerator:
             self.config.box_nms_thresh,
         )
         kept = candidates.select(keep)
-        return Candidates(
-            low_res_logits=kept.low_res_logits,
-            iou_preds=kept.iou_preds,
-            stability_scores=kept.stability_scores,
-            boxes=uncrop_boxes_xyxy(kept.boxes, crop_box),
-            points=uncrop_points(kept.points, crop_box),
-            crop_boxes=kept.crop_boxes,
-        )
+        # Into image coordinates.
+        return replace(kept, boxes=uncrop_boxes_xyxy(kept.boxes, crop_box), points=uncrop_points(kept.points, crop_box))
 
     def embed(self, image: np.ndarray) -> ImageFeatures:
         """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
@@ -313,4 +299,4 @@ class MaskGenerator:
             rle_run_lengths(self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw))
             for start in range(0, len(candidates), chunk)
         ]
-        return run_lengths_to_rles(run_lengths, *orig_hw) if run_lengths else []
+        return run_lengths_to_rles(run_lengths, *orig_hw)

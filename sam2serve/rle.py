@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from sam2.utils.amg import mask_to_rle_pytorch
 
 RLE = dict[str, Any]  # {"size": [h, w], "counts": [int, ...]}
+RunLengths = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # what rle_run_lengths returns
 
 
 def masks_to_rle_reference(masks: torch.Tensor) -> list[RLE]:
@@ -30,12 +31,11 @@ def masks_to_rle_vectorized(masks: torch.Tensor) -> list[RLE]:
     return run_lengths_to_rles([rle_run_lengths(masks)], h, w)
 
 
-RunLengths = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # what rle_run_lengths returns
-
-
 def run_lengths_to_rles(chunks: list[RunLengths], h: int, w: int) -> list[RLE]:
     """Moves the run lengths of one or more chunks of masks to the host in a single transfer
     and splits them into one COCO RLE per mask, in order."""
+    if not chunks:
+        return []
     run_lengths = torch.cat([chunk[0] for chunk in chunks])
     runs_per_mask = torch.cat([chunk[1] for chunk in chunks])
     starts_with_one = torch.cat([chunk[2] for chunk in chunks]).long()

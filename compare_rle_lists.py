@@ -13,6 +13,7 @@ import csv
 import json
 import sys
 
+from sam2serve.cli import add_option
 from sam2serve.compare import compare_results, format_float, summarize
 
 
@@ -21,8 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("reference", help="the reference results (usually the baseline's)")
     parser.add_argument("candidate", help="the results to compare with the reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
-    parser.add_argument("--per-image-csv", "--per_image_csv", dest="per_image_csv",
-                        help="also write one CSV row per image to this path")
+    add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
     try:
         comparisons = compare_results(args.reference, args.candidate)

@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointUnavailable, ensure_checkpoint, load_model
-from sam2serve.cli import add_amg_options, add_device_option, amg_config
+from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
 from sam2serve.compare import compare_results, format_float, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import decode_image
-from sam2serve.rle import rles_to_json
+from sam2serve.rle import answer_text
 from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
 
 log = logging.getLogger("experiments")
@@ -86,7 +86,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
             with Stopwatch(device) as request:
                 rles = generator.generate(decode_image(data, MAX_PIXELS))
             seconds.append(request.seconds)
-            out.write(json.dumps(rles_to_json(rles), separators=(",", ":")) + "\n")
+            out.write(answer_text(rles) + "\n")
     partial.replace(row_dir / "rle_masks")
     peak_mib, peak_pct = peak_memory_mib(device)
     return {
@@ -155,10 +155,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, AMGConfig]:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("image_paths_file", help="a file with one image path per line")
     parser.add_argument("output_folder")
-    parser.add_argument("--checkpoint-dir", "--checkpoint_dir", dest="checkpoint_dir",
-                        default="~/checkpoints/sam2")
-    parser.add_argument("--model-type", "--model_type", dest="model_type", default="large",
-                        choices=MODEL_TYPE_CHOICES)
+    add_option(parser, "checkpoint_dir", default="~/checkpoints/sam2")
+    add_option(parser, "model_type", default="large", choices=MODEL_TYPE_CHOICES)
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="the rows to run (baseline always runs: the others are compared with it)")
     add_amg_options(parser)
@@ -187,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     output = Path(args.output_folder)
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
+    baseline_dir = output / row_name(rows[0], row_config(rows[0], config))
 
     lines = []
     for index, row in enumerate(rows):
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
             "images": [str(Path(p).resolve()) for p in image_paths], "torch_version": torch.__version__,
         }
         stats = measured_row(row, settings, output / name, f"row {index + 1}/{len(rows)} {name}")
-        baseline_dir = output / row_name(rows[0], row_config(rows[0], config))
         lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
 
     write_csv(lines, output / "result.csv")

@@ -9,6 +9,7 @@ and moves the result to the host in one transfer; tests compare the two, and bot
 pycocotools.
 """
 
+import json
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,12 @@ def rle_run_lengths(masks: torch.Tensor) -> RunLengths:
 def rles_to_json(rles: list[RLE]) -> dict[str, RLE]:
     """The /upload_rle answer: {"mask_0": rle, "mask_1": rle, ...}, in the given order."""
     return {f"mask_{i}": rle for i, rle in enumerate(rles)}
+
+
+def answer_text(rles: list[RLE]) -> str:
+    """The /upload_rle body: compact JSON, key order kept, no newline, so that
+    `curl -w "\\n"` over many images writes one document per line."""
+    return json.dumps(rles_to_json(rles), separators=(",", ":"))
 
 
 def rle_to_mask(rle: RLE) -> np.ndarray:

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from .amg import Generator
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
-from .rle import RLE, rles_to_json, rles_to_masks
+from .rle import RLE, answer_text, rles_to_masks
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ class Limits:
 
 
 def json_response(payload: object, status: int = 200) -> Response:
-    # Compact, key order kept (mask_0, mask_1, ...), no trailing newline, so that
-    # `curl -w "\n"` over many images writes exactly one JSON document per line.
+    # Errors and /health on one line too, like answer_text: an error in an xargs run
+    # still takes exactly one line of the output.
     body = json.dumps(payload, separators=(",", ":"))
     return Response(body, status=status, mimetype="application/json")
 
@@ -71,7 +71,7 @@ def create_app(generator: Generator, limits: Limits = Limits(), info: dict | Non
     @app.post("/upload_rle")
     def upload_rle() -> Response:
         """Masks as COCO uncompressed RLE: {"mask_0": {"size": [h, w], "counts": [...]}, ...}."""
-        return json_response(rles_to_json(generate(uploaded_image())))
+        return Response(answer_text(generate(uploaded_image())), mimetype="application/json")
 
     @app.post("/upload")
     def upload() -> Response:

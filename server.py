@@ -3,6 +3,8 @@
     python server.py                                   # random-initialised tiny model, ao mode
     python server.py ~/checkpoints/sam2 large          # official checkpoint, downloaded if missing
     python server.py ~/checkpoints/sam2 large --baseline --port 5000
+    python server.py ~/checkpoints/sam2 large --fast --furious --save-fast exported/large_furious
+    python server.py ~/checkpoints/sam2 large --fast --furious --load-fast exported/large_furious
 
 Flags -> one config -> model and generator for the mode -> Flask app -> serve.
 """
@@ -22,6 +24,7 @@ from sam2serve.checkpoints import (
     model_size,
     write_random_checkpoint,
 )
+from sam2serve.fast import PackageMismatch
 from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
 from sam2serve.modes import DEFAULT_MODE, MODES, build_generator, get_mode
 from sam2serve.serving import Limits, create_app
@@ -48,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
     parser.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
                         help="same as --mode baseline")
+    parser.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
+    parser.add_argument("--furious", action="store_true", help="with --fast: half precision (fast_furious)")
+    add_option(parser, "save_fast", metavar="DIR",
+               help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")
+    add_option(parser, "load_fast", metavar="DIR",
+               help="fast modes: load kernels exported with --save-fast instead of compiling")
     add_amg_options(parser)
     add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
                help="where missing checkpoints are downloaded from")
@@ -62,7 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if (args.checkpoint_dir is None) != (args.model_type is None):
         parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither for the default model")
-    args.amg = amg_config(parser, args)
+    if args.furious:
+        if args.mode not in ("fast", "fast_furious"):
+            parser.error("--furious goes with --fast")
+        args.mode = "fast_furious"
+    mode = get_mode(args.mode)
+    if (args.save_fast or args.load_fast) and not mode.compiled:
+        parser.error("--save-fast and --load-fast go with --fast")
+    if args.save_fast and args.load_fast:
+        parser.error("give --save-fast or --load-fast, not both")
+    args.amg = amg_config(parser, args, mode)
     return args
 
 
@@ -86,10 +104,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     loaded = load_model(path, model_type, args.device)
     mode = get_mode(args.mode)
-    generator = build_generator(mode, loaded.model, args.amg)
+    log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
+    try:
+        generator = build_generator(mode, loaded, args.amg, save_fast=args.save_fast, load_fast=args.load_fast)
+    except PackageMismatch as error:
+        sys.exit(f"error: {error}")
     info = {"mode": mode.name, "model": loaded.description, "device": args.device, "amg": asdict(args.amg)}
     app = create_app(generator, Limits(int(args.max_upload_mb * 2**20), args.max_pixels), info)
-    log.info("serving %s in mode %s on %s at http://%s:%d", loaded.description, mode.name,
+    log.info("ready: serving %s in mode %s on %s at http://%s:%d", loaded.description, mode.name,
              args.device, args.host, args.port)
     app.run(host=args.host, port=args.port, threaded=True)
 

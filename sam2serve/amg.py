@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.amg import (
     batched_mask_to_box,
     build_all_layer_point_grids,
@@ -66,6 +67,22 @@ class Generator(Protocol):
         ...
 
 
+def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
+    """Sets the predictor's feature-map sizes from the model's input size.
+
+    sam2 hard-codes them for the official 1024-pixel input; the micro model takes 512.
+    For the official sizes this changes nothing.
+    """
+    size = predictor.model.image_size
+    predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+    return predictor
+
+
+def image_predictor(model: SAM2Base) -> SAM2ImagePredictor:
+    """sam2's single-image predictor (the reference for point prompts) for any input size."""
+    return fit_predictor_to_model(SAM2ImagePredictor(model))
+
+
 class ReferenceMaskGenerator:
     """The `sam2` package's SAM2AutomaticMaskGenerator, unmodified: the baseline."""
 
@@ -74,6 +91,7 @@ class ReferenceMaskGenerator:
         self.generator = SAM2AutomaticMaskGenerator(
             model, **asdict(config), output_mode="uncompressed_rle"
         )
+        fit_predictor_to_model(self.generator.predictor)
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return [record["segmentation"] for record in self.generator.generate(image)]
@@ -91,11 +109,12 @@ class ImageFeatures:
 class Candidates:
     """Masks that passed the filters, with what NMS and rendering need.
 
-    Masks are kept as the decoder's low-resolution logits (256x256 each, whatever the image
-    size) and upscaled again for the few that survive NMS.
+    Masks are kept as the decoder's low-resolution logits (a quarter of the model's input size,
+    256x256 for the official models, whatever the image size) and upscaled again for the few
+    that survive NMS.
     """
 
-    low_res_logits: torch.Tensor  # (N, 256, 256)
+    low_res_logits: torch.Tensor  # (N, h, w)
     iou_preds: torch.Tensor  # (N,)
     stability_scores: torch.Tensor  # (N,)
     boxes: torch.Tensor  # (N, 4) XYXY
@@ -113,6 +132,65 @@ class Candidates:
         return Candidates(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Candidates)})
 
 
+class ImageEncoder(torch.nn.Module):
+    """Model input (B, 3, R, R) -> what the mask decoder needs: (image_embed, feat_s0, feat_s1).
+
+    As sam2's SAM2ImagePredictor.set_image, as one module with tensors in and out, so that the
+    fast modes can compile or export it.
+    """
+
+    def __init__(self, model: SAM2Base) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        backbone_out = self.model.forward_image(images)
+        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            # Added to the lowest-resolution features during training on videos.
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        # (H*W, B, C) -> (B, C, H, W), in the input's dtype (sam2's neck upcasts some levels
+        # to float32 in half-precision modes; a no-op in float32)
+        feat_s0, feat_s1, image_embed = [
+            feat.permute(1, 2, 0).reshape(len(images), -1, h, w).to(images.dtype)
+            for feat, (h, w) in zip(vision_feats, feat_sizes)
+        ]
+        return image_embed, feat_s0, feat_s1
+
+
+class PointDecoder(torch.nn.Module):
+    """Prompt encoder + mask decoder for single foreground points on one image.
+
+    (image_embed, feat_s0, feat_s1, coords (P, 2) in the model's input frame) ->
+    low-resolution mask logits (P, M, h, w) and predicted IoUs (P, M), as sam2's
+    SAM2ImagePredictor._predict, as one module so that the fast modes can compile or export it.
+    """
+
+    def __init__(self, model: SAM2Base, multimask_output: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.multimask_output = multimask_output
+
+    def forward(
+        self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
+        sparse, dense = self.model.sam_prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+        # The prompt encoder stays in float32 in half-precision modes (its Fourier features
+        # need the precision); its outputs take the decoder's dtype. No-op in float32.
+        dtype = image_embed.dtype
+        low_res_logits, iou_preds, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe().to(dtype),
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=self.multimask_output,
+            repeat_image=coords.shape[0] > 1,
+            high_res_features=[feat_s0, feat_s1],
+        )
+        return low_res_logits, iou_preds
+
+
 def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
     return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
@@ -124,6 +202,8 @@ class MaskGenerator:
     def __init__(self, model: SAM2Base, config: AMGConfig) -> None:
         self.model = model
         self.config = config
+        self.encoder = ImageEncoder(model)
+        self.decoder = PointDecoder(model, config.multimask_output)
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )
@@ -188,16 +268,8 @@ class MaskGenerator:
     def embed(self, image: np.ndarray) -> ImageFeatures:
         """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
         model_input = image_to_input(image, self.model.image_size).to(self.device)
-        backbone_out = self.model.forward_image(model_input)
-        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
-        if self.model.directly_add_no_mem_embed:
-            # Added to the lowest-resolution features during training on videos.
-            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        # (H*W, 1, C) -> (1, C, H, W)
-        feats = [
-            feat.permute(1, 2, 0).reshape(1, -1, h, w) for feat, (h, w) in zip(vision_feats, feat_sizes)
-        ]
-        return ImageFeatures(image_embed=feats[-1], high_res_feats=feats[:-1])
+        image_embed, feat_s0, feat_s1 = self.encoder(model_input)
+        return ImageFeatures(image_embed=image_embed, high_res_feats=[feat_s0, feat_s1])
 
     def predict_points(
         self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
@@ -207,27 +279,16 @@ class MaskGenerator:
         Arguments:
           points: (B, 2) float32 pixel coordinates (x, y) in the crop.
         Returns:
-          low-resolution mask logits (B, M, 256, 256) and predicted IoUs (B, M), M = 3 with
+          low-resolution mask logits (B, M, h, w) and predicted IoUs (B, M), M = 3 with
           multimask output, else 1.
         """
+        return self.decoder(features.image_embed, *features.high_res_feats, self.model_coords(points, crop_hw))
+
+    def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
+        """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
         h, w = crop_hw
-        # Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords.
         coords = points / torch.tensor([w, h], dtype=torch.float32, device=points.device)
-        coords = coords * self.model.image_size
-        labels = torch.ones((len(points), 1), dtype=torch.int, device=points.device)
-        sparse, dense = self.model.sam_prompt_encoder(
-            points=(coords[:, None, :], labels), boxes=None, masks=None
-        )
-        low_res_logits, iou_preds, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=features.image_embed,
-            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.config.multimask_output,
-            repeat_image=len(points) > 1,
-            high_res_features=features.high_res_feats,
-        )
-        return low_res_logits, iou_preds
+        return coords * self.model.image_size
 
     def batch_candidates(
         self,
@@ -242,7 +303,7 @@ class MaskGenerator:
         points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         low_res_logits, iou_preds = self.predict_points(features, points, crop_hw)
         masks_per_point = low_res_logits.shape[1]
-        low_res_logits = low_res_logits.flatten(0, 1)  # (B*M, 256, 256)
+        low_res_logits = low_res_logits.flatten(0, 1)  # (B*M, h, w)
         iou_preds = iou_preds.flatten(0, 1)
         points = points.repeat_interleave(masks_per_point, dim=0)
 

@@ -34,6 +34,36 @@ class ModelSize:
     name: str
     config: str  # a config name inside the sam2 package
     filename: str
+    overrides: tuple[str, ...] = ()  # Hydra overrides applied to that config
+    official: bool = True  # published by Meta (downloadable); else the project's own
+
+
+# The project's own "micro" SAM2.1: the tiny config with smaller widths and depths and a 512
+# input (1.8 M parameters), trained by train_micro_sam2.py on generated scenes. Same
+# architecture and code path as the official sizes; only the numbers differ.
+MICRO_OVERRIDES = (
+    "++model.image_size=512",
+    "++model.image_encoder.trunk.embed_dim=24",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[8,4,8,4]",
+    "++model.image_encoder.neck.d_model=64",
+    "++model.image_encoder.neck.backbone_channel_list=[192,96,48,24]",
+    "++model.memory_attention.d_model=64",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=64",
+    "++model.memory_attention.layer.dim_feedforward=256",
+    "++model.memory_attention.layer.self_attention.embedding_dim=64",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=32",
+    "++model.memory_encoder.out_dim=32",
+    "++model.memory_encoder.in_dim=64",
+    "++model.memory_encoder.position_encoding.num_pos_feats=32",
+    "++model.memory_encoder.mask_downsampler.embed_dim=64",
+    "++model.memory_encoder.fuser.layer.dim=64",
+)
 
 
 MODEL_SIZES = {
@@ -43,6 +73,8 @@ MODEL_SIZES = {
         ModelSize("small", "configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
         ModelSize("base_plus", "configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
         ModelSize("large", "configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+        ModelSize("micro", "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_micro.pt", MICRO_OVERRIDES,
+                  official=False),
     ]
 }
 # The study's command line says "plus"; sam2's file names say "base_plus" and its configs "b+".
@@ -78,9 +110,20 @@ def model_size(model_type: str) -> ModelSize:
 def build_random_model(size: ModelSize, seed: int, device: str = "cpu") -> SAM2Base:
     """The SAM2.1 architecture of that size with seeded random weights (no file involved)."""
     torch.manual_seed(seed)
+    return build_model(size, device)
+
+
+def build_model(size: ModelSize, device: str = "cpu") -> SAM2Base:
+    """The SAM2.1 architecture of that size, weights as initialised."""
     # apply_postprocessing=False: the study's (and the AMG's) setting; it only affects
     # single-mask outputs, which the mask generator does not use by default.
-    return build_sam2(size.config, ckpt_path=None, device=device, apply_postprocessing=False)
+    return build_sam2(
+        size.config,
+        ckpt_path=None,
+        device=device,
+        apply_postprocessing=False,
+        hydra_overrides_extra=list(size.overrides),
+    )
 
 
 def write_random_checkpoint(directory: str | os.PathLike, model_type: str, seed: int = 0) -> Path:
@@ -106,6 +149,12 @@ def ensure_checkpoint(
     path = directory / size.filename
     if path.is_file():
         return path
+    if not size.official:
+        raise CheckpointUnavailable(
+            f"Checkpoint {path} is missing. The {size.name} model is the project's own: it is "
+            f"committed as models/{size.filename}, or train it again with\n"
+            f"    python train_micro_sam2.py --output {path}"
+        )
     url = f"{base_url}/{size.filename}"
     log.info("%s not found, downloading %s", path, url)
     try:
@@ -140,7 +189,7 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "model" not in checkpoint:
         raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
-    model = build_sam2(size.config, ckpt_path=None, device="cpu", apply_postprocessing=False)
+    model = build_model(size)
     mismatch = f"{path} does not fit SAM2.1 {size.name} (is it a checkpoint of another size?)"
     try:
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)

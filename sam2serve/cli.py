@@ -5,11 +5,12 @@ import argparse
 import torch
 
 from .amg import AMGConfig
+from .modes import Mode
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
     "points_per_side": (int, "points along each side of the prompt grid"),
-    "points_per_batch": (int, "point prompts per mask-decoder call"),
+    "points_per_batch": (int, "point prompts per mask-decoder call (default: the mode's, 64; fast modes 1024)"),
     "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
     "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
@@ -27,7 +28,8 @@ def add_option(parser: argparse.ArgumentParser, name: str, **options) -> None:
 def add_amg_options(parser: argparse.ArgumentParser) -> None:
     defaults = AMGConfig()
     for name, (kind, text) in AMG_OPTIONS.items():
-        add_option(parser, name, type=kind, default=getattr(defaults, name), help=text)
+        default = None if name == "points_per_batch" else getattr(defaults, name)  # the mode's
+        add_option(parser, name, type=kind, default=default, help=text)
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +37,14 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="torch device")
 
 
-def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AMGConfig:
-    """The AMGConfig the options describe; invalid values end the program with a usage error."""
+def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> AMGConfig:
+    """The AMGConfig the options describe for a mode; invalid values end with a usage error."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return AMGConfig(**{name: getattr(args, name) for name in AMG_OPTIONS})
+        values = {name: getattr(args, name) for name in AMG_OPTIONS}
+        if values["points_per_batch"] is None:
+            values["points_per_batch"] = mode.points_per_batch
+        return AMGConfig(**values)
     except ValueError as error:
         parser.error(str(error))

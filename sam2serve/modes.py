@@ -1,24 +1,36 @@
 """The server's modes, as data: one table read by the server and the experiment driver."""
 
+import logging
+import os
+import time
 from dataclasses import dataclass
 
-from sam2.modeling.sam2_base import SAM2Base
-
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
+from .checkpoints import LoadedModel
+from .fast import FastMaskGenerator, compile_kernels, kernel_spec, load_kernels, save_kernels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
     description: str
-    reference: bool  # the sam2 package's own generator instead of the project's
+    reference: bool = False  # the sam2 package's own generator instead of the project's
+    compiled: bool = False  # kernels compiled or exported ahead of time (sam2serve.fast)
+    half_precision: bool = False  # float16 on CUDA, bfloat16 on CPU
+    points_per_batch: int = 64  # unless the user sets --points-per-batch
 
 
 MODES = {
     mode.name: mode
     for mode in [
         Mode("baseline", "the sam2 package's SAM2AutomaticMaskGenerator, the reference", reference=True),
-        Mode("ao", "the project's pipeline: same numbers as baseline, less work, fast RLE", reference=False),
+        Mode("ao", "the project's pipeline: same numbers as baseline, less work, fast RLE"),
+        Mode("fast", "ao compiled (or exported ahead of time), the whole grid per call, "
+             "preprocessing on the device", compiled=True, points_per_batch=1024),
+        Mode("fast_furious", "fast in half precision (float16 on CUDA, bfloat16 on CPU)",
+             compiled=True, half_precision=True, points_per_batch=1024),
     ]
 }
 DEFAULT_MODE = "ao"
@@ -30,7 +42,39 @@ def get_mode(name: str) -> Mode:
     return MODES[name]
 
 
-def build_generator(mode: Mode, model: SAM2Base, config: AMGConfig) -> Generator:
-    """The mask generator that runs a mode."""
-    generator_class = ReferenceMaskGenerator if mode.reference else MaskGenerator
-    return generator_class(model, config)
+def build_generator(
+    mode: Mode,
+    loaded: LoadedModel,
+    config: AMGConfig,
+    save_fast: str | os.PathLike | None = None,
+    load_fast: str | os.PathLike | None = None,
+) -> Generator:
+    """The mask generator that runs a mode, compiled (or exported, or loaded) and warmed up.
+
+    save_fast: export the fast kernels into this folder (then serve them);
+    load_fast: load kernels exported earlier instead of compiling.
+    """
+    if (save_fast or load_fast) and not mode.compiled:
+        raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
+    if mode.reference:
+        return ReferenceMaskGenerator(loaded.model, config)
+    if not mode.compiled:
+        return MaskGenerator(loaded.model, config)
+
+    spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision)
+    started = time.perf_counter()
+    if load_fast:
+        kernels = load_kernels(load_fast, spec)
+        how = f"loaded exported kernels from {load_fast}"
+    elif save_fast:
+        save_kernels(loaded.model, spec, save_fast)
+        kernels = load_kernels(save_fast, spec)
+        how = f"exported kernels to {save_fast}"
+    else:
+        kernels = compile_kernels(loaded.model, spec)
+        how = "compiled kernels (torch.compile)"
+    generator = FastMaskGenerator(loaded.model, config, kernels)
+    warm_up = generator.warm_up()
+    log.info("%s: %s, %s, %d points per batch; %.1f s in all, of which the first run %.1f s",
+             mode.name, how, spec.dtype, spec.points_per_batch, time.perf_counter() - started, warm_up)
+    return generator

@@ -41,10 +41,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(checkpoint_dir: Path, *options: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(*arguments: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Starts `python server.py ARGUMENTS` on a free port; returns once /health answers 200."""
     port = free_port()
-    command = [sys.executable, str(REPO / "server.py"), str(checkpoint_dir), "tiny", "--port", str(port),
-               "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB), *options]
+    command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", str(port),
+               "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -66,8 +67,8 @@ def servers(tiny_checkpoint_dir, tmp_path_factory):
     """One server per mode: {"ao": url, "baseline": url}."""
     logs = tmp_path_factory.mktemp("logs")
     started = {
-        "ao": start_server(tiny_checkpoint_dir, *KEEP_EVERY_CANDIDATE, log_path=logs / "ao.log"),
-        "baseline": start_server(tiny_checkpoint_dir, *KEEP_EVERY_CANDIDATE, "--baseline",
+        "ao": start_server(str(tiny_checkpoint_dir), "tiny", *KEEP_EVERY_CANDIDATE, log_path=logs / "ao.log"),
+        "baseline": start_server(str(tiny_checkpoint_dir), "tiny", *KEEP_EVERY_CANDIDATE, "--baseline",
                                  log_path=logs / "baseline.log"),
     }
     yield {mode: url for mode, (_, url) in started.items()}
@@ -207,3 +208,16 @@ def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
 def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
     result = run_server_expecting_exit(str(tmp_path))
     assert "MODEL_TYPE" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--furious"], "--furious goes with --fast"),
+        (["--load-fast", "somewhere"], "go with --fast"),
+        (["--fast", "--save-fast", "a", "--load-fast", "b"], "not both"),
+    ],
+)
+def test_fast_options_are_checked(arguments, message):
+    assert message in run_server_expecting_exit(*arguments).stderr
+

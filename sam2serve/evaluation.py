@@ -1,0 +1,103 @@
+"""Held-out evaluation of a model on generated scenes, against their known instance masks.
+
+Two figures, as SAM reports them:
+- single-point mIoU: one point per object (its most interior pixel), sam2's own image predictor
+  with multimask output, the mask with the highest predicted IoU, its IoU with the object;
+- automatic-mask-generation recall: the share of objects that some generated mask covers at
+  IoU >= 0.5, with the default AMG thresholds.
+
+Held-out scenes use seeds 0, 1, 2, ...; training draws its scenes from other seeds.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+from sam2.modeling.sam2_base import SAM2Base
+
+from .amg import AMGConfig, MaskGenerator, image_predictor
+from .rle import rles_to_masks
+from .scenes import Scene, make_scene
+
+RECALL_IOU = 0.5
+
+
+def held_out_scenes(n_scenes: int, height: int = 512, width: int = 512) -> list[Scene]:
+    return [make_scene(np.random.default_rng(seed), height, width) for seed in range(n_scenes)]
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """The pixel farthest from the mask's border, as (x, y) at the pixel's centre."""
+    distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(distance), distance.shape)
+    return x + 0.5, y + 0.5
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@torch.inference_mode()
+def single_point_ious(model: SAM2Base, scene: Scene) -> list[float]:
+    predictor = image_predictor(model)
+    predictor.set_image(scene.image)
+    points = np.array([interior_point(mask) for mask in scene.masks], dtype=np.float32)
+    if len(points) == 0:
+        return []
+    masks, scores, _ = predictor.predict(
+        point_coords=points[:, None, :], point_labels=np.ones((len(points), 1)), multimask_output=True
+    )
+    masks, scores = masks.reshape(len(points), -1, *scene.masks.shape[1:]), scores.reshape(len(points), -1)
+    best = masks[np.arange(len(points)), scores.argmax(axis=1)] > 0
+    return [mask_iou(pred, truth) for pred, truth in zip(best, scene.masks)]
+
+
+def amg_matches(generator: MaskGenerator, scene: Scene) -> tuple[int, int]:
+    """(objects found at IoU >= 0.5, masks generated)."""
+    masks = rles_to_masks(generator.generate(scene.image))
+    if len(masks) == 0 or len(scene.masks) == 0:
+        return 0, len(masks)
+    truth, generated = scene.masks.reshape(len(scene.masks), -1), masks.reshape(len(masks), -1)
+    intersection = truth.astype(np.float32) @ generated.T.astype(np.float32)
+    union = truth.sum(axis=1)[:, None] + generated.sum(axis=1)[None, :] - intersection
+    ious = intersection / np.maximum(union, 1)  # (objects, generated)
+    return int((ious.max(axis=1) >= RECALL_IOU).sum()), len(masks)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    scenes: int
+    objects: int
+    single_point_miou: float
+    amg_recall: float
+    masks_per_image: float
+
+    def table(self) -> str:
+        return "\n".join(
+            [
+                f"held-out scenes            {self.scenes} ({self.objects} objects)",
+                f"single-point mIoU          {self.single_point_miou:.3f}",
+                f"AMG recall at IoU >= {RECALL_IOU}   {self.amg_recall:.3f}",
+                f"AMG masks per image        {self.masks_per_image:.1f}",
+            ]
+        )
+
+
+def evaluate(model: SAM2Base, n_scenes: int = 50, config: AMGConfig = AMGConfig()) -> Evaluation:
+    scenes = held_out_scenes(n_scenes)
+    generator = MaskGenerator(model, config)
+    ious, found, generated = [], 0, 0
+    for scene in scenes:
+        ious += single_point_ious(model, scene)
+        hits, count = amg_matches(generator, scene)
+        found, generated = found + hits, generated + count
+    objects = sum(len(scene.masks) for scene in scenes)
+    return Evaluation(
+        scenes=len(scenes),
+        objects=objects,
+        single_point_miou=float(np.mean(ious)),
+        amg_recall=found / objects,
+        masks_per_image=generated / len(scenes),
+    )

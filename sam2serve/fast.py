@@ -1,0 +1,201 @@
+"""The fast modes: the ao pipeline with its two kernels compiled or exported ahead of time.
+
+The kernels are the eager modules ao runs (amg.ImageEncoder and amg.PointDecoder, the
+reference beside them), made fast in one of two ways:
+- compiled in the process: torch.compile, full graph, static shapes (every point batch is
+  padded to points_per_batch), max-autotune on CUDA;
+- exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
+  folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
+  instead of compiling. A package that does not fit (another model, dtype, points per batch,
+  device or torch version) is refused with a message that says what differs.
+"furious" runs the model in half precision: float16 on CUDA, bfloat16 on CPU (where float16
+is slow), with TF32 matmuls for what stays in float32. Images are resized and normalised on
+the device in every fast mode.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sam2.modeling.sam2_base import SAM2Base
+
+from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, PointDecoder
+from .preprocess import image_to_input_on_device
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ENCODER_PACKAGE = "image_encoder.pt2"
+DECODER_PACKAGE = "point_decoder.pt2"
+
+
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The half-precision type that is fast on the device."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a pair of kernels is built for. A saved package is loaded only where all match."""
+
+    checkpoint: str  # file name and the start of its SHA-256: exported packages embed the weights
+    image_size: int
+    dtype: str
+    points_per_batch: int
+    batch_size: int
+    multimask_output: bool
+    device: str  # "cuda" or "cpu"
+    torch_version: str
+
+    def differences(self, other: "KernelSpec") -> list[str]:
+        return [
+            f"{f.name}: package {getattr(other, f.name)!r}, server {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def checkpoint_identity(path: Path) -> str:
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return f"{path.name}#{digest[:16]}"
+
+
+def kernel_spec(model: SAM2Base, checkpoint: Path, config: AMGConfig, furious: bool, batch_size: int = 1) -> KernelSpec:
+    dtype = half_dtype(model.device) if furious else torch.float32
+    return KernelSpec(
+        checkpoint=checkpoint_identity(checkpoint),
+        image_size=model.image_size,
+        dtype=str(dtype).removeprefix("torch."),
+        points_per_batch=config.points_per_batch,
+        batch_size=batch_size,
+        multimask_output=config.multimask_output,
+        device=model.device.type,
+        torch_version=torch.__version__,
+    )
+
+
+class PackageMismatch(ValueError):
+    """Saved kernels were built for something else; the message lists what differs."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    spec: KernelSpec
+    encoder: Callable  # (B, 3, R, R) -> (image_embed, feat_s0, feat_s1)
+    decoder: Callable  # (image_embed, feat_s0, feat_s1, coords (P, 2)) -> (logits, iou_preds)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.spec.dtype)
+
+
+def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
+    """Puts the model in the spec's dtype; the prompt encoder stays float32 (see PointDecoder)."""
+    dtype = getattr(torch, spec.dtype)
+    if dtype != torch.float32:
+        model.to(dtype)
+        model.sam_prompt_encoder.float()
+        torch.set_float32_matmul_precision("high")  # TF32 for what stays in float32
+    return model.eval()
+
+
+def example_inputs(model: SAM2Base, spec: KernelSpec) -> tuple[tuple, tuple]:
+    """Inputs of the static shapes the kernels are built for, for export and warm-up."""
+    dtype, device, size = getattr(torch, spec.dtype), model.device, spec.image_size
+    images = torch.zeros((spec.batch_size, 3, size, size), dtype=dtype, device=device)
+    with torch.inference_mode():
+        features = ImageEncoder(model)(images[:1])
+    coords = torch.full((spec.points_per_batch, 2), size / 2, device=device)
+    return (images,), (*features, coords)
+
+
+def compile_kernels(model: SAM2Base, spec: KernelSpec) -> Kernels:
+    """torch.compile of both kernels: full graph, static shapes; max-autotune on CUDA.
+
+    On CPU the default mode: max-autotune's GEMM template search costs minutes there for
+    little gain on these small matmuls.
+    """
+    model = prepare_model(model, spec)
+    mode = "max-autotune" if spec.device == "cuda" else "default"
+    options = dict(mode=mode, fullgraph=True, dynamic=False)
+    return Kernels(
+        spec=spec,
+        encoder=torch.compile(ImageEncoder(model), **options),
+        decoder=torch.compile(PointDecoder(model, spec.multimask_output), **options),
+    )
+
+
+def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike) -> None:
+    """Exports both kernels (torch.export + AOTInductor) into `directory`, with a manifest."""
+    model = prepare_model(model, spec)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    encoder_inputs, decoder_inputs = example_inputs(model, spec)
+    for module, inputs, name in [
+        (ImageEncoder(model), encoder_inputs, ENCODER_PACKAGE),
+        (PointDecoder(model, spec.multimask_output), decoder_inputs, DECODER_PACKAGE),
+    ]:
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            exported = torch.export.export(module, inputs, strict=False)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
+        log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
+    # The manifest last: a folder without one is an unfinished export.
+    (directory / MANIFEST).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> Kernels:
+    """Loads kernels saved by save_kernels, refusing a package built for something else."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise PackageMismatch(f"{directory} has no {MANIFEST}: not a folder written by --save-fast")
+    saved = KernelSpec(**json.loads(manifest.read_text()))
+    if differences := spec.differences(saved):
+        raise PackageMismatch(
+            f"the exported kernels in {directory} were built for something else:\n  "
+            + "\n  ".join(differences)
+            + "\nexport them again for this server with --save-fast"
+        )
+    device = torch.device(spec.device, torch.cuda.current_device()) if spec.device == "cuda" else None
+    load = lambda name: torch._inductor.aoti_load_package(str(directory / name), device_index=-1 if device is None else device.index)  # noqa: E731
+    return Kernels(spec=spec, encoder=load(ENCODER_PACKAGE), decoder=load(DECODER_PACKAGE))
+
+
+class FastMaskGenerator(MaskGenerator):
+    """ao's algorithm with compiled or exported kernels, preprocessing on the device, and point
+    batches padded to one static size. MaskGenerator's eager kernels are its reference."""
+
+    def __init__(self, model: SAM2Base, config: AMGConfig, kernels: Kernels) -> None:
+        super().__init__(model, config)
+        self.kernels = kernels
+        self.encoder, self.decoder = kernels.encoder, kernels.decoder
+
+    def embed(self, image: np.ndarray) -> ImageFeatures:
+        model_input = image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype)
+        image_embed, feat_s0, feat_s1 = self.encoder(model_input)
+        return ImageFeatures(image_embed=image_embed, high_res_feats=[feat_s0, feat_s1])
+
+    def predict_points(
+        self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = self.model_coords(points, crop_hw)
+        n, size = len(coords), self.kernels.spec.points_per_batch
+        if n < size:  # a short last batch: pad with its last point, then drop those outputs
+            coords = torch.cat([coords, coords[-1:].expand(size - n, 2)])
+        low_res_logits, iou_preds = self.decoder(features.image_embed, *features.high_res_feats, coords)
+        return low_res_logits[:n].float(), iou_preds[:n].float()
+
+    def warm_up(self) -> float:
+        """Runs the kernels once on a blank image (compiling them if needed); returns seconds."""
+        started = time.perf_counter()
+        self.generate(np.zeros((self.model.image_size, self.model.image_size, 3), dtype=np.uint8))
+        return time.perf_counter() - started

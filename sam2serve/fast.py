@@ -165,9 +165,12 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> Kernels:
             + "\n  ".join(differences)
             + "\nexport them again for this server with --save-fast"
         )
-    device = torch.device(spec.device, torch.cuda.current_device()) if spec.device == "cuda" else None
-    load = lambda name: torch._inductor.aoti_load_package(str(directory / name), device_index=-1 if device is None else device.index)  # noqa: E731
-    return Kernels(spec=spec, encoder=load(ENCODER_PACKAGE), decoder=load(DECODER_PACKAGE))
+    device_index = torch.cuda.current_device() if spec.device == "cuda" else -1
+    encoder, decoder = [
+        torch._inductor.aoti_load_package(str(directory / name), device_index=device_index)
+        for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
+    ]
+    return Kernels(spec=spec, encoder=encoder, decoder=decoder)
 
 
 class FastMaskGenerator(MaskGenerator):
@@ -181,7 +184,9 @@ class FastMaskGenerator(MaskGenerator):
 
     def embed(self, image: np.ndarray) -> ImageFeatures:
         model_input = image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype)
-        image_embed, feat_s0, feat_s1 = self.encoder(model_input)
+        # Copies: with max-autotune on CUDA the kernels run as CUDA graphs, whose outputs are
+        # overwritten by their next run.
+        image_embed, feat_s0, feat_s1 = [feats.clone() for feats in self.encoder(model_input)]
         return ImageFeatures(image_embed=image_embed, high_res_feats=[feat_s0, feat_s1])
 
     def predict_points(
@@ -192,7 +197,7 @@ class FastMaskGenerator(MaskGenerator):
         if n < size:  # a short last batch: pad with its last point, then drop those outputs
             coords = torch.cat([coords, coords[-1:].expand(size - n, 2)])
         low_res_logits, iou_preds = self.decoder(features.image_embed, *features.high_res_feats, coords)
-        return low_res_logits[:n].float(), iou_preds[:n].float()
+        return low_res_logits[:n].to(torch.float32, copy=True), iou_preds[:n].to(torch.float32, copy=True)
 
     def warm_up(self) -> float:
         """Runs the kernels once on a blank image (compiling them if needed); returns seconds."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from .amg import AMGConfig, MaskGenerator, image_predictor
 from .rle import rles_to_masks
@@ -40,8 +41,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.inference_mode()
-def single_point_ious(model: SAM2Base, scene: Scene) -> list[float]:
-    predictor = image_predictor(model)
+def single_point_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float]:
     predictor.set_image(scene.image)
     points = np.array([interior_point(mask) for mask in scene.masks], dtype=np.float32)
     if len(points) == 0:
@@ -87,10 +87,10 @@ class Evaluation:
 
 def evaluate(model: SAM2Base, n_scenes: int = 50, config: AMGConfig = AMGConfig()) -> Evaluation:
     scenes = held_out_scenes(n_scenes)
-    generator = MaskGenerator(model, config)
+    predictor, generator = image_predictor(model), MaskGenerator(model, config)
     ious, found, generated = [], 0, 0
     for scene in scenes:
-        ious += single_point_ious(model, scene)
+        ious += single_point_ious(predictor, scene)
         hits, count = amg_matches(generator, scene)
         found, generated = found + hits, generated + count
     objects = sum(len(scene.masks) for scene in scenes)

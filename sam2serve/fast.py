@@ -54,6 +54,10 @@ class KernelSpec:
     device: str  # "cuda" or "cpu"
     torch_version: str
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
     def differences(self, other: "KernelSpec") -> list[str]:
         return [
             f"{f.name}: package {getattr(other, f.name)!r}, server {getattr(self, f.name)!r}"
@@ -94,14 +98,13 @@ class Kernels:
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, self.spec.dtype)
+        return self.spec.torch_dtype
 
 
 def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
     """Puts the model in the spec's dtype; the prompt encoder stays float32 (see PointDecoder)."""
-    dtype = getattr(torch, spec.dtype)
-    if dtype != torch.float32:
-        model.to(dtype)
+    if spec.torch_dtype != torch.float32:
+        model.to(spec.torch_dtype)
         model.sam_prompt_encoder.float()
         torch.set_float32_matmul_precision("high")  # TF32 for what stays in float32
     return model.eval()
@@ -109,11 +112,11 @@ def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
 
 def example_inputs(model: SAM2Base, spec: KernelSpec) -> tuple[tuple, tuple]:
     """Inputs of the static shapes the kernels are built for, for export and warm-up."""
-    dtype, device, size = getattr(torch, spec.dtype), model.device, spec.image_size
-    images = torch.zeros((spec.batch_size, 3, size, size), dtype=dtype, device=device)
+    size = spec.image_size
+    images = torch.zeros((spec.batch_size, 3, size, size), dtype=spec.torch_dtype, device=model.device)
     with torch.inference_mode():
         features = ImageEncoder(model)(images[:1])
-    coords = torch.full((spec.points_per_batch, 2), size / 2, device=device)
+    coords = torch.full((spec.points_per_batch, 2), size / 2, device=model.device)
     return (images,), (*features, coords)
 
 

@@ -140,4 +140,3 @@ def test_final_masks_match_baseline(tiny_model, scene, name):
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         AMGConfig(**bad)
-

@@ -5,15 +5,20 @@
     python server.py ~/checkpoints/sam2 large --baseline --port 5000
     python server.py ~/checkpoints/sam2 large --fast --furious --save-fast exported/large_furious
     python server.py ~/checkpoints/sam2 large --fast --furious --load-fast exported/large_furious
+    python server.py ~/checkpoints/sam2 large --batch-size 4 --max-queue 64
 
-Flags -> one config -> model and generator for the mode -> Flask app -> serve.
+Flags -> one config -> HTTP server listening (GET /health answers 503) -> model and
+generator for the mode, warmed up -> inference worker started (/health answers 200).
 """
 
 import argparse
 import logging
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
+
+from werkzeug.serving import make_server
 
 from sam2serve.checkpoints import (
     DOWNLOAD_BASE_URL,
@@ -28,6 +33,7 @@ from sam2serve.fast import PackageMismatch
 from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
 from sam2serve.modes import DEFAULT_MODE, MODES, build_generator, get_mode
 from sam2serve.serving import Limits, create_app
+from sam2serve.worker import InferenceWorker
 
 log = logging.getLogger("server")
 
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="larger uploads get 413")
     add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
                help="images with more pixels get 413")
+    add_option(parser, "batch_size", type=int, default=1,
+               help="images the worker takes from the queue at once (one image-encoder call)")
+    add_option(parser, "max_queue", type=int, default=16,
+               help="images waiting for the worker; more get 503 with Retry-After")
+    add_option(parser, "request_timeout", type=float, default=600.0,
+               help="seconds a request may wait for its answer before 504")
     args = parser.parse_args(argv)
 
     if (args.checkpoint_dir is None) != (args.model_type is None):
@@ -80,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast and --load-fast go with --fast")
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
+    if args.batch_size < 1 or args.max_queue < 1 or args.request_timeout <= 0:
+        parser.error("--batch-size and --max-queue must be at least 1, --request-timeout positive")
     args.amg = amg_config(parser, args, mode)
     return args
 
@@ -98,22 +112,36 @@ def checkpoint_path(args: argparse.Namespace) -> tuple[Path, str]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    mode = get_mode(args.mode)
+    worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
+    info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
+    app = create_app(worker, Limits(int(args.max_upload_mb * 2**20), args.max_pixels), info)
+
+    # Listen first, so that /health tells load balancers and scripts the model is loading.
+    try:
+        http = make_server(args.host, args.port, app, threaded=True)
+    except OSError as error:
+        sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
+    listener = threading.Thread(target=http.serve_forever, name="http", daemon=True)
+    listener.start()
+    log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
+
     try:
         path, model_type = checkpoint_path(args)
-    except CheckpointUnavailable as error:
-        sys.exit(f"error: {error}")
-    loaded = load_model(path, model_type, args.device)
-    mode = get_mode(args.mode)
-    log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
-    try:
+        loaded = load_model(path, model_type, args.device)
+        log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
         generator = build_generator(mode, loaded, args.amg, save_fast=args.save_fast, load_fast=args.load_fast)
-    except PackageMismatch as error:
+    except (CheckpointUnavailable, PackageMismatch) as error:
+        http.shutdown()
         sys.exit(f"error: {error}")
-    info = {"mode": mode.name, "model": loaded.description, "device": args.device, "amg": asdict(args.amg)}
-    app = create_app(generator, Limits(int(args.max_upload_mb * 2**20), args.max_pixels), info)
+    info["model"] = loaded.description
+    worker.start(generator)
     log.info("ready: serving %s in mode %s on %s at http://%s:%d", loaded.description, mode.name,
              args.device, args.host, args.port)
-    app.run(host=args.host, port=args.port, threaded=True)
+    try:
+        listener.join()
+    except KeyboardInterrupt:
+        http.shutdown()
 
 
 if __name__ == "__main__":

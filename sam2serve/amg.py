@@ -66,6 +66,10 @@ class Generator(Protocol):
         """(H, W, 3) uint8 RGB -> masks as COCO RLE, in the order NMS keeps them."""
         ...
 
+    def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
+        """generate() of each image, where the generator can share work between them."""
+        ...
+
 
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
     """Sets the predictor's feature-map sizes from the model's input size.
@@ -95,6 +99,9 @@ class ReferenceMaskGenerator:
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return [record["segmentation"] for record in self.generator.generate(image)]
+
+    def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
+        return [self.generate(image) for image in images]  # sam2's generator takes one image
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,15 @@ class PointDecoder(torch.nn.Module):
         return low_res_logits, iou_preds
 
 
+def split_features(encoder_output: tuple[torch.Tensor, ...]) -> list[ImageFeatures]:
+    """The encoder's (image_embed, feat_s0, feat_s1) for a batch -> one ImageFeatures per image."""
+    image_embed, feat_s0, feat_s1 = encoder_output
+    return [
+        ImageFeatures(image_embed=image_embed[i : i + 1], high_res_feats=[feat_s0[i : i + 1], feat_s1[i : i + 1]])
+        for i in range(len(image_embed))
+    ]
+
+
 def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
     return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
@@ -212,21 +228,34 @@ class MaskGenerator:
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.inference_mode()
     def generate(self, image: np.ndarray) -> list[RLE]:
+        return self.generate_batch([image])[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
+        """Several images with one image-encoder call for all of them (the whole images; crops,
+        when crop_n_layers > 0, are encoded one by one). The rest runs image by image."""
+        return [self.generate_from(image, features) for image, features in zip(images, self.embed_batch(images))]
+
+    def generate_from(self, image: np.ndarray, image_features: ImageFeatures) -> list[RLE]:
+        """The masks of an image whose encoder features are already computed."""
         orig_hw = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_hw, self.config.crop_n_layers, self.config.crop_overlap_ratio
         )
-        candidates = self.image_candidates(image, crop_boxes, layer_idxs)
+        candidates = self.image_candidates(image, image_features, crop_boxes, layer_idxs)
         return self.render_rles(candidates, crop_boxes, orig_hw)
 
     def image_candidates(
-        self, image: np.ndarray, crop_boxes: list[list[int]], layer_idxs: list[int]
+        self, image: np.ndarray, image_features: ImageFeatures, crop_boxes: list[list[int]], layer_idxs: list[int]
     ) -> Candidates:
         """The masks of every crop, with duplicates between crops removed."""
         candidates = Candidates.cat(
-            [self.crop_candidates(image, box, layer) for box, layer in zip(crop_boxes, layer_idxs)]
+            [
+                # Layer 0 is the whole image, already encoded.
+                self.crop_candidates(image, box, layer, image_features if layer == 0 else None)
+                for box, layer in zip(crop_boxes, layer_idxs)
+            ]
         )
         if len(crop_boxes) > 1:
             # Between crops, prefer the mask from the smaller crop.
@@ -237,12 +266,15 @@ class MaskGenerator:
             candidates = candidates.select(keep)
         return candidates
 
-    def crop_candidates(self, image: np.ndarray, crop_box: list[int], layer_idx: int) -> Candidates:
+    def crop_candidates(
+        self, image: np.ndarray, crop_box: list[int], layer_idx: int, features: ImageFeatures | None
+    ) -> Candidates:
         """The masks of one crop (the whole image when there are no crop layers), after NMS."""
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_hw = crop.shape[:2]
-        features = self.embed(crop)
+        if features is None:
+            features = self.embed(crop)
 
         # Point grid in crop pixels, (x, y) order, as float64 then float32 like sam2's.
         points = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
@@ -267,9 +299,12 @@ class MaskGenerator:
 
     def embed(self, image: np.ndarray) -> ImageFeatures:
         """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
-        model_input = image_to_input(image, self.model.image_size).to(self.device)
-        image_embed, feat_s0, feat_s1 = self.encoder(model_input)
-        return ImageFeatures(image_embed=image_embed, high_res_feats=[feat_s0, feat_s1])
+        return self.embed_batch([image])[0]
+
+    def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
+        """One image-encoder call for several images (each resized to the model's input)."""
+        model_input = torch.cat([image_to_input(image, self.model.image_size) for image in images]).to(self.device)
+        return split_features(self.encoder(model_input))
 
     def predict_points(
         self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, PointDecoder
+from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, PointDecoder, split_features
 from .preprocess import image_to_input_on_device
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,15 @@ class FastMaskGenerator(MaskGenerator):
         self.kernels = kernels
         self.encoder, self.decoder = kernels.encoder, kernels.decoder
 
-    def embed(self, image: np.ndarray) -> ImageFeatures:
+    def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
+        """Image by image: the encoder kernel is built for a static batch of one."""
+        return [self.embed_one(image) for image in images]
+
+    def embed_one(self, image: np.ndarray) -> ImageFeatures:
         model_input = image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype)
         # Copies: with max-autotune on CUDA the kernels run as CUDA graphs, whose outputs are
         # overwritten by their next run.
-        image_embed, feat_s0, feat_s1 = [feats.clone() for feats in self.encoder(model_input)]
-        return ImageFeatures(image_embed=image_embed, high_res_feats=[feat_s0, feat_s1])
+        return split_features([feats.clone() for feats in self.encoder(model_input)])[0]
 
     def predict_points(
         self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]

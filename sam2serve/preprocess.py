@@ -38,7 +38,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     f"the limit is {max_pixels} pixels"
                 )
             image = ImageOps.exif_transpose(image)  # decodes the pixels
-            return np.array(image.convert("RGB"))
+            return to_rgb(image)
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as error:
@@ -47,6 +47,25 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise InvalidImage("the uploaded file is not an image format Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
         raise InvalidImage(f"the image could not be decoded: {error}") from error
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow image -> (H, W, 3) uint8 RGB.
+
+    Grayscale, palette, RGBA and CMYK go through Pillow's own conversion (alpha is dropped).
+    16-bit grayscale is rescaled to 8 bits: Pillow's conversion would clip it at 255, which
+    turns most 16-bit images white.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        gray = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
+        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palettes may carry transparency
+    return np.array(image.convert("RGB"))
 
 
 def image_to_input(image: np.ndarray, resolution: int) -> torch.Tensor:

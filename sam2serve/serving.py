@@ -1,23 +1,29 @@
-"""The HTTP layer: decode the request, call the generator, encode the answer.
+"""The HTTP layer: decode the request, hand the image to the inference worker, encode the answer.
 
-`create_app(generator, ...)` takes any object with `generate(image) -> list of RLE`, so tests
-can hand it a stub. Every error is JSON with an "error" message; the server keeps serving.
+`create_app(worker, ...)` serves whatever generator the worker runs (tests hand it a stub).
+Every error is JSON with an "error" message and the server keeps serving: 400 for what is not
+an image, 413 for uploads or images over the limits, 503 while the model loads or when the
+queue is full (with Retry-After), 504 when a request waited too long, 500 when inference
+failed for that image. GET /health says whether the model is ready; GET /metrics gives
+Prometheus text.
 """
 
 import io
 import json
 import logging
-import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
-from flask import Flask, Response, request
+import prometheus_client as prom
+import torch
+from flask import Flask, Response, g, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from .amg import Generator
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, rles_to_masks
+from .worker import Busy, InferenceWorker, NotReady, TimedOut
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,52 @@ class Limits:
     max_pixels: int = 40_000_000  # e.g. 8000x5000; checked before the pixels are decoded
 
 
-def json_response(payload: object, status: int = 200) -> Response:
+ENDPOINTS = ("/upload", "/upload_rle", "/health", "/metrics")
+
+
+def json_response(payload: object, status: int = 200, retry_after_s: int | None = None) -> Response:
     # Errors and /health on one line too, like answer_text: an error in an xargs run
     # still takes exactly one line of the output.
     body = json.dumps(payload, separators=(",", ":"))
-    return Response(body, status=status, mimetype="application/json")
+    response = Response(body, status=status, mimetype="application/json")
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(retry_after_s)
+    return response
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self, worker: InferenceWorker) -> None:
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter(
+            "sam2_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = prom.Histogram(
+            "sam2_request_seconds", "Time from request to answer", ["endpoint"], registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        queue_depth = prom.Gauge("sam2_queue_depth", "Images waiting for the worker", registry=self.registry)
+        queue_depth.set_function(lambda: worker.queue_depth)
+        self.batch_sizes = prom.Histogram(
+            "sam2_batch_size", "Images per worker batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        self.masks = prom.Histogram(
+            "sam2_masks_per_image", "Masks answered per image", registry=self.registry,
+            buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000),
+        )
+
+    def observe_batch(self, batch_size: int, masks_per_image: list[int]) -> None:
+        self.batch_sizes.observe(batch_size)
+        for count in masks_per_image:
+            self.masks.observe(count)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def text(self) -> bytes:
+        return prom.generate_latest(self.registry)
 
 
 def draw_masks(image: np.ndarray, rles: list[RLE], alpha: float = 0.35, seed: int = 0) -> bytes:
@@ -48,14 +95,20 @@ def draw_masks(image: np.ndarray, rles: list[RLE], alpha: float = 0.35, seed: in
     return buffer.getvalue()
 
 
-def create_app(generator: Generator, limits: Limits = Limits(), info: dict | None = None) -> Flask:
-    """The Flask app around one generator. `info` is shown by GET /health."""
+def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None) -> Flask:
+    """The Flask app in front of one inference worker.
+
+    `info` is shown by GET /health; the server fills it in once the model is loaded.
+    """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes
-    # The model runs one image at a time: HTTP threads take turns.
-    model_lock = threading.Lock()
+    info = {} if info is None else info
+    metrics = Metrics(worker)
+    worker.observe_batch = metrics.observe_batch
 
     def uploaded_image() -> np.ndarray:
+        if not worker.ready:  # refuse before reading the upload
+            raise NotReady("the model is loading; try again when GET /health answers 200")
         if "image" not in request.files:
             received = sorted(request.files) or "none"
             raise InvalidImage(
@@ -64,24 +117,36 @@ def create_app(generator: Generator, limits: Limits = Limits(), info: dict | Non
             )
         return decode_image(request.files["image"].read(), limits.max_pixels)
 
-    def generate(image: np.ndarray) -> list[RLE]:
-        with model_lock:
-            return generator.generate(image)
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        endpoint = request.path if request.path in ENDPOINTS else "other"
+        metrics.observe_request(endpoint, response.status_code, time.perf_counter() - g.get("started", 0.0))
+        return response
 
     @app.post("/upload_rle")
     def upload_rle() -> Response:
         """Masks as COCO uncompressed RLE: {"mask_0": {"size": [h, w], "counts": [...]}, ...}."""
-        return Response(answer_text(generate(uploaded_image())), mimetype="application/json")
+        return Response(answer_text(worker.submit(uploaded_image())), mimetype="application/json")
 
     @app.post("/upload")
     def upload() -> Response:
         """A PNG of the masks drawn over the image."""
         image = uploaded_image()
-        return Response(draw_masks(image, generate(image)), mimetype="image/png")
+        return Response(draw_masks(image, worker.submit(image)), mimetype="image/png")
 
     @app.get("/health")
     def health() -> Response:
-        return json_response({"status": "ok", **(info or {})})
+        if not worker.ready:
+            return json_response({"status": "loading", **info}, 503, retry_after_s=5)
+        return json_response({"status": "ok", "queued": worker.queue_depth, **info})
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.text(), mimetype=prom.CONTENT_TYPE_LATEST)
 
     @app.errorhandler(InvalidImage)
     def invalid_image(error: InvalidImage) -> Response:
@@ -91,12 +156,29 @@ def create_app(generator: Generator, limits: Limits = Limits(), info: dict | Non
     def image_too_large(error: ImageTooLarge) -> Response:
         return json_response({"error": str(error)}, 413)
 
+    @app.errorhandler(NotReady)
+    def not_ready(error: NotReady) -> Response:
+        return json_response({"error": str(error)}, 503, retry_after_s=5)
+
+    @app.errorhandler(Busy)
+    def busy(error: Busy) -> Response:
+        return json_response({"error": str(error)}, 503, retry_after_s=error.retry_after_s)
+
+    @app.errorhandler(TimedOut)
+    def timed_out(error: TimedOut) -> Response:
+        return json_response({"error": str(error)}, 504)
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         message = error.description
         if error.code == 413:
             message = f"upload larger than the limit of {limits.max_upload_bytes} bytes"
         return json_response({"error": message}, error.code or 500)
+
+    @app.errorhandler(torch.OutOfMemoryError)
+    def out_of_memory(error: torch.OutOfMemoryError) -> Response:
+        log.error("out of memory: %s", error)
+        return json_response({"error": "inference ran out of memory for this image; try a smaller image"}, 500)
 
     @app.errorhandler(Exception)
     def internal_error(error: Exception) -> Response:

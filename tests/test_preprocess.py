@@ -23,6 +23,23 @@ def test_every_image_mode_becomes_rgb(mode):
     assert array.shape == (5, 7, 3) and array.dtype == np.uint8
 
 
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
+    values = np.array([[0, 257, 32896], [65535, 1000, 40000]], dtype=np.uint16)
+    array = decode_image(encode(Image.fromarray(values)), max_pixels=100)
+    expected = np.rint(values / 257).astype(np.uint8)
+    assert array.dtype == np.uint8 and array.shape == (2, 3, 3)
+    assert (array == expected[..., None]).all()  # Pillow's convert("RGB") would give 255 for most
+
+
+def test_palette_and_alpha_keep_their_colours():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # transparent red
+    assert (decode_image(encode(Image.fromarray(rgba, "RGBA")), max_pixels=100)[..., 0] == 200).all()
+    palette = Image.fromarray(np.full((4, 4, 3), (10, 120, 230), dtype=np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    assert (decode_image(encode(palette), max_pixels=100) == (10, 120, 230)).all()
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (8, 4), (255, 0, 0))
     exif = Image.Exif()

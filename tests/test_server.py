@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from load_test import run_load_test
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
@@ -221,3 +222,28 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
 def test_fast_options_are_checked(arguments, message):
     assert message in run_server_expecting_exit(*arguments).stderr
 
+
+
+def test_concurrent_clients_get_their_own_answers(tiny_checkpoint_dir, image_files, tmp_path):
+    """The load test, small: 4 clients x 3 images through a queue of 2 and batches of up to 3.
+    Every answer equals the answer to that image sent alone; full-queue 503s are retried."""
+    process, url = start_server(str(tiny_checkpoint_dir), "tiny", *KEEP_EVERY_CANDIDATE, "--batch-size", "3",
+                                "--max-queue", "2", log_path=tmp_path / "server.log")
+    try:
+        images = {path.name: path.read_bytes() for path in sorted(image_files.iterdir())}
+        report = run_load_test(url, images, clients=4, per_client=3, time_limit_s=240)
+        assert report.ok, report.table()
+        assert report.requests == 12 and len(report.latencies_s) == 12
+        with urllib.request.urlopen(url + "/metrics") as response:
+            metrics = response.read().decode()
+        # 3 single requests + 12 from the clients, each answered once.
+        assert 'sam2_requests_total{endpoint="/upload_rle",status="200"} 15.0' in metrics
+        assert "sam2_batch_size_count" in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_load_test_refuses_other_hosts():
+    with pytest.raises(ValueError, match="loopback"):
+        run_load_test("http://192.0.2.1:5000", {"a": b""}, clients=1, per_client=1)

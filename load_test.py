@@ -1,0 +1,166 @@
+"""Load test of a running server on this machine: C concurrent clients, M images each.
+
+    python server.py --batch-size 4 &
+    python load_test.py http://127.0.0.1:5000 examples/*.jpg --clients 8 --per-client 4
+
+First every image is sent once, alone: that answer is the reference. Then C clients send M
+images each (every client in its own order) at the same time, and every answer must equal the
+reference for its image, byte for byte: nothing lost, duplicated or swapped between clients.
+A 503 (queue full) is retried after its Retry-After; any other failure counts. Prints
+throughput and latency percentiles; exits 1 if any answer was wrong or missing.
+
+Loopback only (it is a stress tool, not a benchmark of someone else's server), a bounded
+number of requests (C x M), and a time limit.
+"""
+
+import argparse
+import ipaddress
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+MAX_REQUESTS = 10_000
+
+
+@dataclass
+class Report:
+    requests: int = 0
+    correct: int = 0
+    wrong: list[str] = field(default_factory=list)  # what went wrong, one line per request
+    retries_busy: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.wrong and self.correct == self.requests
+
+    def table(self) -> str:
+        latencies = np.array(self.latencies_s or [float("nan")]) * 1000
+        lines = [
+            f"requests        {self.requests} ({self.correct} correct, {len(self.wrong)} wrong or failed)",
+            f"busy retries    {self.retries_busy}",
+            f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} images/s over {self.seconds:.1f} s",
+            f"latency p50     {np.percentile(latencies, 50):.0f} ms",
+            f"latency p99     {np.percentile(latencies, 99):.0f} ms",
+        ]
+        return "\n".join(lines + [f"  {line}" for line in self.wrong[:20]])
+
+
+def require_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as error:
+        raise ValueError(f"cannot resolve {host!r}: {error}") from None
+    if not all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses):
+        raise ValueError(f"{url} is not on this machine: the load test only targets loopback addresses")
+
+
+def post_image(url: str, data: bytes, filename: str, timeout_s: float) -> tuple[int, dict, bytes]:
+    """POSTs one image as the multipart field 'image' (as curl -F image=@file); never raises
+    for an HTTP status."""
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f"--{boundary}\r\n".encode(),
+        f'Content-Disposition: form-data; name="image"; filename="{filename}"\r\n'.encode(),
+        b"Content-Type: application/octet-stream\r\n\r\n",
+        data,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def run_load_test(
+    url: str, images: dict[str, bytes], clients: int, per_client: int, time_limit_s: float = 600.0
+) -> Report:
+    """Sends each image alone, then clients x per_client requests at once; checks every answer."""
+    require_loopback(url)
+    if clients * per_client > MAX_REQUESTS:
+        raise ValueError(f"at most {MAX_REQUESTS} requests, asked for {clients * per_client}")
+    endpoint = url.rstrip("/") + "/upload_rle"
+    deadline = time.monotonic() + time_limit_s
+    names = sorted(images)
+    reference = {}
+    for name in names:
+        status, _, body = post_image(endpoint, images[name], name, time_limit_s)
+        if status != 200:
+            raise RuntimeError(f"{name}: the single request answered {status}: {body[:200]!r}")
+        reference[name] = body
+
+    report, lock = Report(), threading.Lock()
+
+    def client(index: int) -> None:
+        order = np.random.default_rng(index).permutation(np.resize(np.arange(len(names)), per_client))
+        for position in order:
+            name = names[position]
+            started = time.monotonic()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    outcome = f"{name}: not sent or not answered within the time limit"
+                    break
+                status, headers, body = post_image(endpoint, images[name], name, remaining)
+                if status == 503:
+                    with lock:
+                        report.retries_busy += 1
+                    time.sleep(min(float(headers.get("Retry-After", 1)), max(remaining, 0)))
+                    continue
+                outcome = None if status == 200 and body == reference[name] else (
+                    f"{name}: status {status}, " + ("answer differs from the single request's" if status == 200
+                                                    else body[:200].decode(errors="replace"))
+                )
+                break
+            with lock:
+                report.requests += 1
+                if outcome is None:
+                    report.correct += 1
+                    report.latencies_s.append(time.monotonic() - started)
+                else:
+                    report.wrong.append(outcome)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000 (loopback only)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files to send")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole test")
+    args = parser.parse_args()
+    try:
+        images = {str(path): path.read_bytes() for path in args.images}
+        report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit)
+    except (OSError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: {error}")
+    print(report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""One inference worker owns the model; HTTP threads hand it images through a bounded queue.
+
+Why a worker and not a lock: a lock lets every waiting request hold a thread and memory with
+no bound and no order, and gives no place to batch. Here a request is a job in a bounded
+queue:
+- a full queue is refused at once (`Busy`, HTTP 503 with Retry-After);
+- a request that waits past its timeout gives up (`TimedOut`, HTTP 504); if it is still
+  queued the worker skips it;
+- the worker takes up to `batch_size` queued images at once, only those that are waiting
+  (a batch is never padded with duplicated work), and runs them with one image-encoder call;
+- a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
+  one image at a time so that only the image that fails gets the error, and the worker goes on.
+"""
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .amg import Generator
+from .rle import RLE
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The model is still loading or warming up."""
+
+
+class Busy(RuntimeError):
+    """The queue is full; `retry_after_s` estimates when there will be room."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TimedOut(RuntimeError):
+    """The request waited longer than the worker's timeout."""
+
+
+@dataclass
+class Job:
+    image: np.ndarray
+    future: Future = field(default_factory=Future)
+
+
+class InferenceWorker:
+    """Runs a generator on one thread, fed by a bounded queue of jobs.
+
+    `observe_batch(batch_size, masks_per_image)` is called after every batch (for metrics).
+    """
+
+    def __init__(self, batch_size: int = 1, max_queue: int = 16, timeout_s: float = 300.0,
+                 observe_batch=None) -> None:
+        if batch_size < 1 or max_queue < 1 or timeout_s <= 0:
+            raise ValueError("batch_size and max_queue must be >= 1 and timeout_s > 0")
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        self.jobs: queue.Queue[Job] = queue.Queue(max_queue)
+        self.observe_batch = observe_batch or (lambda batch_size, masks: None)
+        self.generator: Generator | None = None
+        self.seconds_per_image = 1.0  # running estimate, for Retry-After
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.jobs.qsize()
+
+    def start(self, generator: Generator) -> None:
+        """Serves with this generator from now on (the model is loaded and warmed up)."""
+        self.generator = generator
+        threading.Thread(target=self._serve_forever, name="inference-worker", daemon=True).start()
+        self._ready.set()
+
+    def submit(self, image: np.ndarray) -> list[RLE]:
+        """The image's masks, once the worker has run it. Raises NotReady, Busy or TimedOut,
+        or the generator's own error for this image."""
+        if not self.ready:
+            raise NotReady("the model is loading; try again when GET /health answers 200")
+        job = Job(image)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            wait = self.queue_depth * self.seconds_per_image / self.batch_size
+            raise Busy(f"the server is busy ({self.queue_depth} images queued)", max(1, round(wait))) from None
+        try:
+            return job.future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            job.future.cancel()  # still queued: the worker skips it; already running: dropped
+            raise TimedOut(f"no answer within {self.timeout_s:g} s; the server is overloaded") from None
+
+    def _next_batch(self) -> list[Job]:
+        """The next job (waiting for one), and up to batch_size - 1 more that are already queued."""
+        batch = [self.jobs.get()]
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        # Jobs whose requests gave up are dropped; the others are marked running.
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _serve_forever(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            answers = self.generator.generate_batch([job.image for job in batch])
+        except Exception as error:  # noqa: BLE001 - any failure goes back to its requests
+            release_cached_memory(error)
+            if len(batch) > 1:
+                log.warning("a batch of %d failed (%s); running its images one by one", len(batch), error)
+                for job in batch:
+                    self._run([job])
+                return
+            log.exception("inference failed")
+            batch[0].future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - started
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(batch)
+        self.observe_batch(len(batch), [len(answer) for answer in answers])
+        for job, answer in zip(batch, answers):
+            job.future.set_result(answer)
+
+
+def release_cached_memory(error: Exception) -> None:
+    """After running out of GPU memory, return the cached blocks so the next batch can fit."""
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,205 @@
+"""Serving under load, with stub generators whose timing the tests control: batching, the
+bounded queue, timeouts, failure isolation, /health and /metrics.
+
+The stubs answer one "mask" whose counts encode the image's first pixel, so every answer
+says which image it was computed from (a swapped answer would show).
+"""
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam2serve.serving import create_app
+from sam2serve.worker import Busy, InferenceWorker, NotReady, TimedOut
+
+POISON = 13  # a stub fails on images whose first pixel is this value
+
+
+def image_of(value: int) -> np.ndarray:
+    return np.full((8, 6, 3), value, dtype=np.uint8)
+
+
+def png_of(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_of(value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class StubGenerator:
+    """Records its batches; blocks while `gate` is closed; fails on POISON images."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.oom_once = False
+        self.running = threading.Event()  # set once a batch has started
+
+    def generate_batch(self, images):
+        self.running.set()
+        self.gate.wait(timeout=30)
+        values = [int(image[0, 0, 0]) for image in images]
+        self.batches.append(values)
+        if self.oom_once:
+            self.oom_once = False
+            raise torch.OutOfMemoryError("stub: out of memory")
+        if POISON in values:
+            raise RuntimeError("stub: a bad tensor")
+        return [[{"size": list(image.shape[:2]), "counts": [value, 1]}] for image, value in zip(images, values)]
+
+    def generate(self, image):
+        return self.generate_batch([image])[0]
+
+
+def submit_in_threads(worker, values):
+    """Submits each value's image from its own thread; returns {value: answer or exception}."""
+    answers, threads = {}, []
+
+    def request(value):
+        try:
+            answers[value] = worker.submit(image_of(value))
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            answers[value] = error
+
+    for value in values:
+        threads.append(threading.Thread(target=request, args=(value,)))
+        threads[-1].start()
+    return answers, threads
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_worker_batches_queued_images_and_answers_each_its_own():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=3, max_queue=10)
+    worker.start(stub)
+    stub.gate.clear()  # the first request holds the worker while the others queue up
+    answers, threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    more, more_threads = submit_in_threads(worker, [2, 3, 4, 5])
+    wait_for(lambda: worker.queue_depth == 4)
+    stub.gate.set()
+    for thread in threads + more_threads:
+        thread.join(timeout=30)
+    answers.update(more)
+    # Batches of up to 3 from what was queued, never padded: [1], then 3 + 1 of the other four.
+    assert stub.batches[0] == [1]
+    assert sorted(len(batch) for batch in stub.batches[1:]) == [1, 3]
+    assert sorted(sum(stub.batches, [])) == [1, 2, 3, 4, 5]
+    for value, answer in answers.items():
+        assert answer == [{"size": [8, 6], "counts": [value, 1]}]
+
+
+def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=4, max_queue=10)
+    worker.start(stub)
+    stub.gate.clear()
+    first, first_threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    answers, threads = submit_in_threads(worker, [2, POISON, 4])
+    wait_for(lambda: worker.queue_depth == 3)
+    stub.gate.set()
+    for thread in first_threads + threads:
+        thread.join(timeout=30)
+    assert isinstance(answers[POISON], RuntimeError)
+    assert answers[2] == [{"size": [8, 6], "counts": [2, 1]}]
+    assert answers[4] == [{"size": [8, 6], "counts": [4, 1]}]
+    # The failed batch of three was retried image by image.
+    assert [2, POISON, 4] in stub.batches and [POISON] in stub.batches
+    # Out of memory once: that request fails, the next one is served.
+    stub.oom_once = True
+    with pytest.raises(torch.OutOfMemoryError):
+        worker.submit(image_of(7))
+    assert worker.submit(image_of(8)) == [{"size": [8, 6], "counts": [8, 1]}]
+
+
+def test_full_queue_is_refused_and_waiting_too_long_times_out():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=0.5)
+    with pytest.raises(NotReady):
+        worker.submit(image_of(1))
+    worker.start(stub)
+    stub.gate.clear()
+    running, running_threads = submit_in_threads(worker, [1])  # taken by the worker, blocked
+    wait_for(stub.running.is_set)
+    queued, queued_threads = submit_in_threads(worker, [2])  # fills the queue of one
+    wait_for(lambda: worker.queue_depth == 1)
+    with pytest.raises(Busy) as busy:
+        worker.submit(image_of(3))
+    assert busy.value.retry_after_s >= 1
+    for thread in running_threads + queued_threads:
+        thread.join(timeout=5)
+    assert isinstance(running[1], TimedOut) and isinstance(queued[2], TimedOut)
+    stub.gate.set()
+    wait_for(lambda: worker.queue_depth == 0)
+    # The timed-out queued job is skipped, not run; the worker serves the next request.
+    assert worker.submit(image_of(4)) == [{"size": [8, 6], "counts": [4, 1]}]
+    assert [2] not in stub.batches
+
+
+def test_http_status_codes_health_and_metrics():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=2, max_queue=1, timeout_s=5)
+    info = {"mode": "stub"}
+    client = create_app(worker, info=info).test_client()
+
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["status"] == "loading"
+    loading = client.post("/upload_rle", data={"image": (io.BytesIO(png_of(1)), "a.png")})
+    assert loading.status_code == 503 and "Retry-After" in loading.headers
+
+    worker.start(stub)
+    assert client.get("/health").status_code == 200
+    ok = client.post("/upload_rle", data={"image": (io.BytesIO(png_of(5)), "a.png")})
+    assert ok.status_code == 200 and ok.get_json() == {"mask_0": {"size": [8, 6], "counts": [5, 1]}}
+    failed = client.post("/upload_rle", data={"image": (io.BytesIO(png_of(POISON)), "a.png")})
+    assert failed.status_code == 500 and "bad tensor" in failed.get_json()["error"]
+    stub.oom_once = True
+    oom = client.post("/upload", data={"image": (io.BytesIO(png_of(6)), "a.png")})
+    assert oom.status_code == 500 and "out of memory" in oom.get_json()["error"]
+    assert client.post("/upload", data={"image": (io.BytesIO(png_of(6)), "a.png")}).status_code == 200
+
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sam2_requests_total{endpoint="/upload_rle",status="200"} 1.0' in metrics
+    assert 'sam2_requests_total{endpoint="/upload_rle",status="500"} 1.0' in metrics
+    assert 'sam2_requests_total{endpoint="/health",status="503"} 1.0' in metrics
+    assert 'sam2_request_seconds_count{endpoint="/upload"} 2.0' in metrics
+    assert "sam2_queue_depth 0.0" in metrics
+    assert 'sam2_batch_size_bucket{le="1.0"} 2.0' in metrics  # the successful batches
+    assert 'sam2_masks_per_image_bucket{le="1.0"} 2.0' in metrics
+
+
+def test_http_busy_and_timeout():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=0.5)
+    app = create_app(worker)
+    worker.start(stub)
+    stub.gate.clear()
+    statuses = []
+
+    def post(value):
+        response = app.test_client().post("/upload_rle", data={"image": (io.BytesIO(png_of(value)), "a.png")})
+        statuses.append((response.status_code, response.headers.get("Retry-After")))
+
+    threads = [threading.Thread(target=post, args=(value,)) for value in (1, 2, 3)]
+    threads[0].start()
+    wait_for(stub.running.is_set)  # 1 runs (blocked)
+    threads[1].start()
+    wait_for(lambda: worker.queue_depth == 1)  # 2 waits
+    threads[2].start()  # 3 finds the queue full
+    for thread in threads:
+        thread.join(timeout=5)
+    stub.gate.set()
+    assert sorted(status for status, _ in statuses) == [503, 504, 504]
+    assert all(retry is not None for status, retry in statuses if status == 503)

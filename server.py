@@ -1,6 +1,6 @@
 """SAM2 "segment everything" server.
 
-    python server.py                                   # random-initialised tiny model, ao mode
+    python server.py                                   # the project's trained micro model, ao mode
     python server.py ~/checkpoints/sam2 large          # official checkpoint, downloaded if missing
     python server.py ~/checkpoints/sam2 large --baseline --port 5000
     python server.py ~/checkpoints/sam2 large --fast --furious --save-fast exported/large_furious
@@ -16,30 +16,17 @@ import logging
 import sys
 import threading
 from dataclasses import asdict
-from pathlib import Path
 
 from werkzeug.serving import make_server
 
-from sam2serve.checkpoints import (
-    DOWNLOAD_BASE_URL,
-    MODEL_TYPE_CHOICES,
-    CheckpointUnavailable,
-    ensure_checkpoint,
-    load_model,
-    model_size,
-    write_random_checkpoint,
-)
-from sam2serve.fast import PackageMismatch
+from sam2serve.checkpoints import DOWNLOAD_BASE_URL, MODEL_TYPE_CHOICES, CheckpointUnavailable
 from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
-from sam2serve.modes import DEFAULT_MODE, MODES, build_generator, get_mode
+from sam2serve.fast import PackageMismatch
+from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
 
 log = logging.getLogger("server")
-
-# Where `python server.py` with no checkpoint arguments keeps its default model.
-DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "random"
-DEFAULT_MODEL_TYPE = "tiny"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "checkpoint_dir", nargs="?",
         help="folder with sam2.1_hiera_<size>.pt (downloaded there if missing); "
-        "omit both positionals to serve a random-initialised tiny model",
+        "omit both positionals to serve the project's trained micro model (models/)",
     )
     parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES, help="model size")
     parser.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
@@ -98,17 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def checkpoint_path(args: argparse.Namespace) -> tuple[Path, str]:
-    """The checkpoint to serve: the user's (downloaded if missing) or the default one."""
-    if args.checkpoint_dir is not None:
-        return ensure_checkpoint(args.checkpoint_dir, args.model_type, args.checkpoint_url), args.model_type
-    path = DEFAULT_CHECKPOINT_DIR / model_size(DEFAULT_MODEL_TYPE).filename
-    if not path.is_file():
-        log.warning("no checkpoint given: writing a random-initialised %s model to %s", DEFAULT_MODEL_TYPE, path)
-        write_random_checkpoint(DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_TYPE)
-    return path, DEFAULT_MODEL_TYPE
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -127,16 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
 
     try:
-        path, model_type = checkpoint_path(args)
-        loaded = load_model(path, model_type, args.device)
-        log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
-        generator = build_generator(mode, loaded, args.amg, save_fast=args.save_fast, load_fast=args.load_fast)
+        pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
+                                 save_fast=args.save_fast, load_fast=args.load_fast,
+                                 checkpoint_url=args.checkpoint_url)
     except (CheckpointUnavailable, PackageMismatch) as error:
         http.shutdown()
         sys.exit(f"error: {error}")
-    info["model"] = loaded.description
-    worker.start(generator)
-    log.info("ready: serving %s in mode %s on %s at http://%s:%d", loaded.description, mode.name,
+    info["model"] = pipeline.loaded.description
+    worker.start(pipeline.generator)
+    log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
              args.device, args.host, args.port)
     try:
         listener.join()

@@ -3,19 +3,25 @@
 No pretrained SAM2 weights can be downloaded on the project's machines, and random weights
 give one mask per image. This script makes the project's own small model that really
 segments: the micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 1.8 M
-parameters, 512-pixel input), trained as SAM is trained: point prompts sampled inside objects,
-three candidate masks per point of which only the best is penalised (focal + dice), plus the
-single-mask output, and an MSE loss that teaches the IoU head the IoU each mask really has.
+parameters, 256-pixel input), trained as SAM is trained: prompts sampled inside objects (half
+points, half boxes), three candidate masks per prompt of which only the best is penalised
+(focal + dice), plus the single-mask output, and an MSE loss that teaches the IoU head the IoU
+each mask really has.
 
-    python train_micro_sam2.py                      # 1500 steps, about 40 min on 2 quiet CPU cores
+    python train_micro_sam2.py                      # 6000 steps, about 40 min on 2 quiet CPU cores
     python train_micro_sam2.py --evaluate-only      # held-out figures of the saved model
 
 Seeded: the same arguments give the same weights on the same machine and torch version.
 
-Status (issue 6, not done): with these settings the model learns one batch (tests/test_scenes.py)
-but on fresh scenes it sits on a plateau where every prompt gets the same mask (500 steps:
-single-point mIoU 0.01). Learning rates 2e-4 to 2e-3, focal weights 0 to 20 and hidden widths
-64 and 128 all stayed there for 100-300 steps, even with a disk around the point as target.
+Two things make it learn from scratch (without them it sits on a plateau where the masks do
+not depend on the prompt):
+- The neck's projections and the decoder's high-resolution projections start at zero. SAM's
+  encoder is pretrained; a random one feeds the decoder features that are pure noise, added
+  right before the mask is read out, and the decoder cannot learn where the prompt is through
+  that noise. From zero, the decoder first learns to place masks from the prompt's positional
+  encoding, and the features grow in as they become useful.
+- Box prompts, as SAM trains with: a box says where the object is much more plainly than a
+  point, so the positional path is learnt sooner; points then use it.
 """
 
 import argparse
@@ -43,6 +49,7 @@ DEFAULT_OUTPUT = Path(__file__).parent / "models" / "sam2.1_hiera_micro.pt"
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes come from seeds far from the held-out ones
 FOCAL_WEIGHT = 20.0  # SAM's 20:1 focal:dice ratio
 BACKGROUND_PROMPT_SHARE = 0.1  # some prompts fall on the background, whose mask is "the rest"
+BOX_JITTER = 0.1  # box corners move by this share of the box's side (SAM's box noise)
 
 
 def sample_prompts(rng: np.random.Generator, masks: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,25 +72,46 @@ def sample_prompts(rng: np.random.Generator, masks: np.ndarray, n_points: int) -
     return np.array(points, dtype=np.float32), np.stack(targets)
 
 
+def jittered_boxes(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) masks -> (N, 4) XYXY boxes around them, each corner moved by a little noise."""
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        side = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=np.float32)
+        boxes.append(np.array([x0, y0, x1, y1], dtype=np.float32) + rng.normal(0, BOX_JITTER, 4) * side)
+    return np.clip(np.array(boxes, dtype=np.float32), 0, masks.shape[-1])
+
+
 def training_batch(step: int, seed: int, n_images: int, n_points: int, image_size: int):
-    """Scenes for one step, from seeds that depend only on (seed, step): reproducible."""
+    """Scenes for one step, from seeds that depend only on (seed, step): reproducible.
+
+    Returns images (B, 3, R, R), and per prompt its point (B, K, 2), the box around its target
+    (B, K, 4) and the target (B, K, R, R); each prompt is used as a point or as a box.
+    """
     rng = np.random.default_rng([seed + TRAIN_SEED_OFFSET, step])
-    images, points, targets = [], [], []
+    images, points, boxes, targets = [], [], [], []
     for _ in range(n_images):
         scene = make_scene(rng, image_size, image_size)
         p, t = sample_prompts(rng, scene.masks, n_points)
         images.append(image_to_input(scene.image, image_size))
         points.append(torch.from_numpy(p))
+        boxes.append(torch.from_numpy(jittered_boxes(rng, t)))
         targets.append(torch.from_numpy(t))
-    return torch.cat(images), torch.stack(points), torch.stack(targets)
+    return torch.cat(images), torch.stack(points), torch.stack(boxes), torch.stack(targets)
 
 
-def decode_prompts(model, image_embed, high_res, points: torch.Tensor):
-    """All four decoder outputs (single mask + three multimask) for (B, K, 2) points."""
-    n_images, n_points = points.shape[:2]
-    coords = points.reshape(-1, 1, 2)  # already in the model's input frame (scenes are square)
-    labels = torch.ones((len(coords), 1), dtype=torch.int)
-    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+def decode_prompts(model, image_embed, high_res, points: torch.Tensor | None, boxes: torch.Tensor | None):
+    """All four decoder outputs (single mask + three multimask) for (B, K, 2) points or
+    (B, K, 4) boxes, already in the model's input frame (scenes are square)."""
+    prompts = points if points is not None else boxes
+    n_points = prompts.shape[1]
+    if points is not None:
+        coords = points.reshape(-1, 1, 2)
+        labels = torch.ones((len(coords), 1), dtype=torch.int)
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    else:
+        sparse, dense = model.sam_prompt_encoder(points=None, boxes=boxes.reshape(-1, 4), masks=None)
     repeat = lambda x: x.repeat_interleave(n_points, dim=0)  # noqa: E731
     masks, iou_preds, _, _ = model.sam_mask_decoder.predict_masks(
         image_embeddings=repeat(image_embed),
@@ -111,16 +139,31 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return FOCAL_WEIGHT * focal + dice, iou
 
 
-def training_step(model, images, points, targets, loss_size: int) -> torch.Tensor:
+def training_step(model, images, points, boxes, targets) -> torch.Tensor:
+    """Loss of one batch: the first half of each image's prompts as points, the rest as boxes."""
     image_embed, feat_s0, feat_s1 = ImageEncoder(model)(images)
-    logits, iou_preds = decode_prompts(model, image_embed, [feat_s0, feat_s1], points)
-    logits = F.interpolate(logits, (loss_size, loss_size), mode="bilinear", align_corners=False)
-    targets = F.adaptive_avg_pool2d(targets.flatten(0, 1)[:, None].float(), loss_size)[:, 0].round()
+    half = points.shape[1] // 2
+    point_logits, point_ious = decode_prompts(model, image_embed, [feat_s0, feat_s1], points[:, :half], None)
+    box_logits, box_ious = decode_prompts(model, image_embed, [feat_s0, feat_s1], None, boxes[:, half:])
+    logits, iou_preds = torch.cat([point_logits, box_logits]), torch.cat([point_ious, box_ious])
+    targets = torch.cat([targets[:, :half].flatten(0, 1), targets[:, half:].flatten(0, 1)])
+    # Masks are compared at the decoder's own resolution (a quarter of the input).
+    targets = F.adaptive_avg_pool2d(targets[:, None].float(), logits.shape[-2:])[:, 0].round()
     losses, true_iou = mask_losses(logits, targets)
     # Multimask outputs: only the best of the three is penalised (SAM's ambiguity-aware loss).
     mask_loss = losses[:, 1:].min(dim=1).values.mean() + losses[:, 0].mean()
     iou_loss = F.mse_loss(iou_preds, true_iou.detach())
     return mask_loss + iou_loss
+
+
+def zero_feature_projections(model) -> None:
+    """Starts the neck's and the decoder's high-resolution projections at zero (see the top)."""
+    projections = [level.conv for level in model.image_encoder.neck.convs]
+    projections += [model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1]
+    with torch.no_grad():
+        for conv in projections:
+            conv.weight.zero_()
+            conv.bias.zero_()
 
 
 def save_checkpoint(model, path: Path, meta: dict) -> None:
@@ -134,6 +177,7 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = build_random_model(model_size("micro"), args.seed)
+    zero_feature_projections(model)
     model.train()
     image_size = model.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -149,8 +193,8 @@ def train(args: argparse.Namespace) -> None:
     started, running = time.perf_counter(), None
     progress = tqdm(range(args.steps), desc="training", unit="step")
     for step in progress:
-        images, points, targets = training_batch(step, args.seed, args.images_per_step, args.points_per_image, image_size)
-        loss = training_step(model, images, points, targets, args.loss_size)
+        loss = training_step(model, *training_batch(step, args.seed, args.images_per_step, args.points_per_image,
+                                                    image_size))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,7 +206,7 @@ def train(args: argparse.Namespace) -> None:
             save_checkpoint(model, args.output, {"steps_done": step + 1})
     minutes = (time.perf_counter() - started) / 60
     meta = {key: value for key, value in vars(args).items() if key != "output"}
-    meta.update(minutes=round(minutes, 1), torch=torch.__version__)
+    meta.update(minutes=round(minutes, 1), torch=str(torch.__version__))
     save_checkpoint(model.eval(), args.output, meta)
     log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
 
@@ -170,11 +214,10 @@ def train(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--images-per-step", type=int, default=4)
     parser.add_argument("--points-per-image", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--loss-size", type=int, default=128, help="masks are compared at this resolution")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=250, help="steps between interim checkpoints")
     parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes for the figures")

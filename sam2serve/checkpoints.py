@@ -27,6 +27,11 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+# The model served when no checkpoint is given (server.py, Ray, the bulk job): the project's
+# own micro SAM2.1, trained by train_micro_sam2.py and committed (7 MB), so a new user can
+# segment an image right after installing, with no download.
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_MODEL_TYPE = "micro"
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,11 @@ class ModelSize:
     official: bool = True  # published by Meta (downloadable); else the project's own
 
 
-# The project's own "micro" SAM2.1: the tiny config with smaller widths and depths and a 512
+# The project's own "micro" SAM2.1: the tiny config with smaller widths and depths and a 256
 # input (1.8 M parameters), trained by train_micro_sam2.py on generated scenes. Same
 # architecture and code path as the official sizes; only the numbers differ.
 MICRO_OVERRIDES = (
-    "++model.image_size=512",
+    "++model.image_size=256",
     "++model.image_encoder.trunk.embed_dim=24",
     "++model.image_encoder.trunk.stages=[1,1,2,1]",
     "++model.image_encoder.trunk.global_att_blocks=[3]",
@@ -54,9 +59,9 @@ MICRO_OVERRIDES = (
     "++model.memory_attention.layer.d_model=64",
     "++model.memory_attention.layer.dim_feedforward=256",
     "++model.memory_attention.layer.self_attention.embedding_dim=64",
-    "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
     "++model.memory_attention.layer.cross_attention.embedding_dim=64",
-    "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
     "++model.memory_attention.layer.cross_attention.kv_in_dim=32",
     "++model.memory_encoder.out_dim=32",
     "++model.memory_encoder.in_dim=64",
@@ -169,6 +174,18 @@ def ensure_checkpoint(
             f"python -m sam2serve.checkpoints {directory} {size.name}"
         ) from error
     return path
+
+
+def resolve_checkpoint(
+    directory: str | os.PathLike | None, model_type: str | None, base_url: str = DOWNLOAD_BASE_URL
+) -> tuple[Path, str]:
+    """(path, model type) of the checkpoint to serve: the given one (downloaded if missing),
+    or with neither argument the project's trained micro model."""
+    if (directory is None) != (model_type is None):
+        raise ValueError("give both a checkpoint folder and a model type, or neither for the default model")
+    if directory is None:
+        directory, model_type = DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_TYPE
+    return ensure_checkpoint(directory, model_type, base_url), model_type
 
 
 def _download(url: str, path: Path) -> None:

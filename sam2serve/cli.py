@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from .amg import AMGConfig
-from .modes import Mode
+from .modes import Mode, mode_config
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
@@ -42,9 +42,6 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        values = {name: getattr(args, name) for name in AMG_OPTIONS}
-        if values["points_per_batch"] is None:
-            values["points_per_batch"] = mode.points_per_batch
-        return AMGConfig(**values)
+        return mode_config(mode, **{name: getattr(args, name) for name in AMG_OPTIONS})
     except ValueError as error:
         parser.error(str(error))

@@ -3,10 +3,10 @@
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
-from .checkpoints import LoadedModel
+from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, load_model, resolve_checkpoint
 from .fast import FastMaskGenerator, compile_kernels, kernel_spec, load_kernels, save_kernels
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,53 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; choose one of {sorted(MODES)}")
     return MODES[name]
+
+
+def mode_config(mode: Mode, **options) -> AMGConfig:
+    """AMG settings for a mode: sam2's defaults, the mode's points per batch, then `options`
+    (those that are None keep their default)."""
+    options = {name: value for name, value in options.items() if value is not None}
+    options.setdefault("points_per_batch", mode.points_per_batch)
+    return AMGConfig(**options)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A model loaded for one mode, its generator built and warmed up: what server.py, the
+    Modal app, the Ray Serve app and the Ray Data job each run."""
+
+    loaded: LoadedModel
+    mode: Mode
+    config: AMGConfig
+    generator: Generator
+
+    @property
+    def info(self) -> dict:
+        """What GET /health shows."""
+        return {"mode": self.mode.name, "model": self.loaded.description, "device": str(self.loaded.model.device),
+                "amg": asdict(self.config)}
+
+
+def load_pipeline(
+    checkpoint_dir: str | os.PathLike | None = None,
+    model_type: str | None = None,
+    mode: str = DEFAULT_MODE,
+    device: str = "cpu",
+    amg: dict | None = None,
+    config: AMGConfig | None = None,
+    save_fast: str | os.PathLike | None = None,
+    load_fast: str | os.PathLike | None = None,
+    checkpoint_url: str = DOWNLOAD_BASE_URL,
+) -> Pipeline:
+    """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
+    device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
+    mode = get_mode(mode)
+    config = config or mode_config(mode, **(amg or {}))
+    path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
+    loaded = load_model(path, model_type, device)
+    log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
+    generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast)
+    return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)
 
 
 def build_generator(

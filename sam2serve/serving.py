@@ -6,6 +6,10 @@ an image, 413 for uploads or images over the limits, 503 while the model loads o
 queue is full (with Retry-After), 504 when a request waited too long, 500 when inference
 failed for that image. GET /health says whether the model is ready; GET /metrics gives
 Prometheus text.
+
+The request and answer formats (decode_upload, render_answer, error_answer, rle_lines) are
+plain functions, shared with the Ray Serve app, the Ray Data job and the Modal app, so every
+way of running the model answers byte for byte alike.
 """
 
 import io
@@ -21,6 +25,7 @@ from flask import Flask, Response, g, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
+from .amg import Generator
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, rles_to_masks
 from .worker import Busy, InferenceWorker, NotReady, TimedOut
@@ -34,17 +39,85 @@ class Limits:
     max_pixels: int = 40_000_000  # e.g. 8000x5000; checked before the pixels are decoded
 
 
-ENDPOINTS = ("/upload", "/upload_rle", "/health", "/metrics")
+UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
+ENDPOINTS = (*UPLOAD_ENDPOINTS, "/health", "/metrics")
+LOADING_RETRY_AFTER_S = 5
+
+
+class UploadTooLarge(ValueError):
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
+
+
+def json_text(payload: object) -> str:
+    # Errors and /health on one line too, like answer_text: an error in an xargs run
+    # still takes exactly one line of the output.
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def decode_upload(data: bytes | None, file_fields: list[str], limits: Limits) -> np.ndarray:
+    """The image of the multipart field 'image' (None when there is none), checked and decoded."""
+    if data is None:
+        raise InvalidImage(
+            f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); "
+            f"received file fields: {file_fields or 'none'}"
+        )
+    return decode_image(data, limits.max_pixels)
+
+
+def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
+    """(body, mimetype) of an upload endpoint's answer."""
+    if endpoint == "/upload_rle":
+        return answer_text(rles), "application/json"
+    return draw_masks(image, rles), "image/png"
+
+
+def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
+    """(status, JSON body, headers) for an error, the same in every front end."""
+    retry_after = None
+    if isinstance(error, InvalidImage):
+        status = 400
+    elif isinstance(error, (ImageTooLarge, UploadTooLarge)):
+        status = 413
+    elif isinstance(error, NotReady):
+        status, retry_after = 503, LOADING_RETRY_AFTER_S
+    elif isinstance(error, Busy):
+        status, retry_after = 503, error.retry_after_s
+    elif isinstance(error, TimedOut):
+        status = 504
+    elif isinstance(error, torch.OutOfMemoryError):
+        log.error("out of memory: %s", error)
+        return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
+    else:
+        log.error("request failed", exc_info=error)
+        return 500, json_text({"error": f"internal error: {type(error).__name__}: {error}"}), {}
+    return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+
+def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = Limits()) -> list[str]:
+    """One /upload_rle answer per image file (None: unreadable), as the xargs/curl workflow
+    writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch."""
+    lines: list[str | None] = [None] * len(files)
+    images = {}
+    for index, data in enumerate(files):
+        try:
+            if data is None:
+                raise InvalidImage("the image file could not be read")
+            images[index] = decode_image(data, limits.max_pixels)
+        except (InvalidImage, ImageTooLarge) as error:
+            lines[index] = error_answer(error)[1]
+    try:
+        answers = generator.generate_batch(list(images.values())) if images else []
+    except Exception as error:  # noqa: BLE001 - the whole batch failed: each image gets the error
+        answers = [error] * len(images)
+    for index, answer in zip(images, answers):
+        lines[index] = error_answer(answer)[1] if isinstance(answer, Exception) else answer_text(answer)
+    return lines
 
 
 def json_response(payload: object, status: int = 200, retry_after_s: int | None = None) -> Response:
-    # Errors and /health on one line too, like answer_text: an error in an xargs run
-    # still takes exactly one line of the output.
-    body = json.dumps(payload, separators=(",", ":"))
-    response = Response(body, status=status, mimetype="application/json")
-    if retry_after_s is not None:
-        response.headers["Retry-After"] = str(retry_after_s)
-    return response
+    headers = {} if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return Response(json_text(payload), status=status, mimetype="application/json", headers=headers)
 
 
 class Metrics:
@@ -109,13 +182,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def uploaded_image() -> np.ndarray:
         if not worker.ready:  # refuse before reading the upload
             raise NotReady("the model is loading; try again when GET /health answers 200")
-        if "image" not in request.files:
-            received = sorted(request.files) or "none"
-            raise InvalidImage(
-                f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); "
-                f"received file fields: {received}"
-            )
-        return decode_image(request.files["image"].read(), limits.max_pixels)
+        upload = request.files.get("image")
+        return decode_upload(None if upload is None else upload.read(), sorted(request.files), limits)
 
     @app.before_request
     def start_clock() -> None:
@@ -130,59 +198,37 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.post("/upload_rle")
     def upload_rle() -> Response:
         """Masks as COCO uncompressed RLE: {"mask_0": {"size": [h, w], "counts": [...]}, ...}."""
-        return Response(answer_text(worker.submit(uploaded_image())), mimetype="application/json")
+        return answer("/upload_rle")
 
     @app.post("/upload")
     def upload() -> Response:
         """A PNG of the masks drawn over the image."""
+        return answer("/upload")
+
+    def answer(endpoint: str) -> Response:
         image = uploaded_image()
-        return Response(draw_masks(image, worker.submit(image)), mimetype="image/png")
+        body, mimetype = render_answer(endpoint, image, worker.submit(image))
+        return Response(body, mimetype=mimetype)
 
     @app.get("/health")
     def health() -> Response:
         if not worker.ready:
-            return json_response({"status": "loading", **info}, 503, retry_after_s=5)
+            return json_response({"status": "loading", **info}, 503, retry_after_s=LOADING_RETRY_AFTER_S)
         return json_response({"status": "ok", "queued": worker.queue_depth, **info})
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
         return Response(metrics.text(), mimetype=prom.CONTENT_TYPE_LATEST)
 
-    @app.errorhandler(InvalidImage)
-    def invalid_image(error: InvalidImage) -> Response:
-        return json_response({"error": str(error)}, 400)
-
-    @app.errorhandler(ImageTooLarge)
-    def image_too_large(error: ImageTooLarge) -> Response:
-        return json_response({"error": str(error)}, 413)
-
-    @app.errorhandler(NotReady)
-    def not_ready(error: NotReady) -> Response:
-        return json_response({"error": str(error)}, 503, retry_after_s=5)
-
-    @app.errorhandler(Busy)
-    def busy(error: Busy) -> Response:
-        return json_response({"error": str(error)}, 503, retry_after_s=error.retry_after_s)
-
-    @app.errorhandler(TimedOut)
-    def timed_out(error: TimedOut) -> Response:
-        return json_response({"error": str(error)}, 504)
-
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        message = error.description
-        if error.code == 413:
-            message = f"upload larger than the limit of {limits.max_upload_bytes} bytes"
-        return json_response({"error": message}, error.code or 500)
-
-    @app.errorhandler(torch.OutOfMemoryError)
-    def out_of_memory(error: torch.OutOfMemoryError) -> Response:
-        log.error("out of memory: %s", error)
-        return json_response({"error": "inference ran out of memory for this image; try a smaller image"}, 500)
+        if error.code == 413:  # Flask's MAX_CONTENT_LENGTH
+            return json_response({"error": str(UploadTooLarge(limits))}, 413)
+        return json_response({"error": error.description}, error.code or 500)
 
     @app.errorhandler(Exception)
-    def internal_error(error: Exception) -> Response:
-        log.exception("request failed")
-        return json_response({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
+    def any_error(error: Exception) -> Response:
+        status, body, headers = error_answer(error)
+        return Response(body, status=status, mimetype="application/json", headers=headers)
 
     return app

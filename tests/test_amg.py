@@ -4,7 +4,9 @@ Random weights make final masks nearly degenerate, so besides final masks these 
 what comes before NMS, per point and per candidate mask: image features, decoder logits,
 predicted IoUs, stability scores, boxes and candidate masks. Where a test needs masks to
 survive, it lowers the thresholds (and the stability offset, since random logits stay within
-about +-1) and says so.
+about +-1) and says so. The project's trained micro model gives tens of real masks (with its
+thresholds, conftest.MICRO_THRESHOLDS): there ao must give the baseline's masks exactly, in
+the same order.
 """
 
 import numpy as np
@@ -14,7 +16,11 @@ from pycocotools import mask as mask_utils
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
+from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
+from sam2serve.scenes import make_scene as make_generated_scene
+
+from .conftest import MICRO_THRESHOLDS
 
 
 def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 0.999) -> None:
@@ -140,3 +146,15 @@ def test_final_masks_match_baseline(tiny_model, scene, name):
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         AMGConfig(**bad)
+
+
+@pytest.mark.parametrize("crop_n_layers", [0, 1])
+def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_checkpoint, crop_n_layers):
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    config = AMGConfig(points_per_side=16, crop_n_layers=crop_n_layers, **MICRO_THRESHOLDS)
+    for seed in (2000, 2001):
+        image = make_generated_scene(np.random.default_rng(seed), 300, 380, min_objects=8, max_objects=14).image
+        ours = MaskGenerator(model, config).generate(image)
+        reference = ReferenceMaskGenerator(model, config).generate(image)
+        assert len(reference) >= 10  # a realistic number of masks, not the random model's 0 or 1
+        assert_same_masks(ours, reference, min_iou=1.0)

@@ -1,12 +1,14 @@
-"""The fast modes against ao (their reference), on CPU, with a random-initialised micro SAM2.1
-(the SAM2.1 architecture with small widths and a 512-pixel input: cheap to compile here).
+"""The fast modes against ao (their reference), on CPU, with the project's trained micro SAM2.1
+(the SAM2.1 architecture with small widths and a 256-pixel input: cheap to compile here).
 
-Random weights give one mask per image after NMS, so the filters are off and the NMS
-threshold is 1: every candidate (3 per point of an 8x8 grid, 192 per image) comes back and is
-compared, matched one to one. Compiled float32 must agree with ao almost exactly; half
-precision (bfloat16 on CPU) is reported and held to a floor. Exported kernels, saved and
-loaded, must give the compiled model's masks, and a package built for something else is
-refused. Compilation costs about a minute per mode here, so each generator is built once.
+Two regimes: every candidate (filters off, NMS threshold 1: 3 per point of an 8x8 grid, 192
+per image, compared one to one, which tests the kernels' numbers), and the default thresholds
+on generated scenes with the model's thresholds (tens of masks per image, which tests what
+users get). Compiled float32
+must agree with ao almost exactly; half precision (bfloat16 on CPU) is reported and held to a
+floor. Exported kernels, saved and loaded, must give the compiled model's masks, and a package
+built for something else is refused. Compilation costs about a minute per mode here, so each
+kernel pair is built once and shared by the configurations that fit it.
 """
 
 import json
@@ -16,15 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
+import numpy as np
+
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
-from sam2serve.fast import MANIFEST, PackageMismatch, kernel_spec, load_kernels
+from sam2serve.fast import MANIFEST, FastMaskGenerator, PackageMismatch, kernel_spec, load_kernels
+from sam2serve.scenes import make_scene as make_generated_scene
 from sam2serve.modes import MODES, build_generator
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
 from sam2serve.rle import rles_to_masks
 
-from .conftest import make_scene
+from .conftest import MICRO_THRESHOLDS, make_scene
 from .test_server import curl, run_server_expecting_exit, start_server
 
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
@@ -36,9 +41,13 @@ SERVER_OPTIONS = ["--points-per-side", "8", "--points-per-batch", "64", "--pred-
                   "--stability-score-thresh", "0", "--box-nms-thresh", "1"]
 
 
+# The trained model's thresholds, on the same kernels (same points per batch and multimask output).
+MICRO_CONFIG = AMGConfig(points_per_side=16, points_per_batch=64, **MICRO_THRESHOLDS)
+
+
 @pytest.fixture(scope="module")
-def micro_checkpoint(tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp("micro"), "micro", seed=0)
+def micro_checkpoint(trained_micro_checkpoint):
+    return trained_micro_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +89,9 @@ def compare(name: str, reference: list, candidate: list):
 
 def test_preprocessing_on_device_matches_reference(images):
     for image in images:
-        expected = image_to_input(image, 512)
-        torch.testing.assert_close(image_to_input_on_device(image, 512, torch.device("cpu")), expected, rtol=0, atol=0)
-        assert image_to_input_on_device(image, 512, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+        expected = image_to_input(image, 256)
+        torch.testing.assert_close(image_to_input_on_device(image, 256, torch.device("cpu")), expected, rtol=0, atol=0)
+        assert image_to_input_on_device(image, 256, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_fast_matches_ao(fast_generator, images, ao_answers):
@@ -92,18 +101,43 @@ def test_fast_matches_ao(fast_generator, images, ao_answers):
     assert summary.miou >= 0.99
 
 
-def test_fast_furious_close_to_ao(images, ao_answers, load_micro):
-    generator = build_generator(MODES["fast_furious"], load_micro(), CONFIG)
+@pytest.fixture(scope="module")
+def furious_generator(load_micro):
+    return build_generator(MODES["fast_furious"], load_micro(), CONFIG)
+
+
+def test_fast_furious_close_to_ao(images, ao_answers, furious_generator):
+    generator = furious_generator
     assert generator.kernels.dtype == torch.bfloat16  # float16 is for CUDA
     answers = [generator.generate(image) for image in images]
     summary = compare("fast_furious (compiled, bfloat16) vs ao", ao_answers, answers)
     assert summary.relaxed_miou >= 0.85
-    for answer in answers:
-        masks = rles_to_masks(answer)
-        assert len(masks) == 192 and masks.reshape(len(masks), -1).any(axis=1).all()  # no empty output
+    for answer, reference in zip(answers, ao_answers):
+        masks, reference_masks = rles_to_masks(answer), rles_to_masks(reference)
+        assert len(masks) == 192
+        # Half precision must not empty masks: the trained model leaves a few candidates empty
+        # in float32 too (points on the background); bfloat16 may add at most 2 more.
+        empty = lambda m: int((~m.reshape(len(m), -1).any(axis=1)).sum())  # noqa: E731
+        assert empty(masks) <= empty(reference_masks) + 2
     features = generator.embed(images[0])
     logits, iou_preds = generator.predict_points(features, torch.tensor([[100.0, 100.0]]), images[0].shape[:2])
     assert torch.isfinite(logits).all() and torch.isfinite(iou_preds).all()
+
+
+def test_on_generated_scenes_with_the_models_thresholds(load_micro, fast_generator, furious_generator):
+    """What users get: tens of masks per image; fast must equal ao, furious stay close."""
+    scenes = [make_generated_scene(np.random.default_rng(seed), 384, 448, min_objects=8, max_objects=14).image
+              for seed in (1000, 1001)]
+    ao = MaskGenerator(load_micro().model, MICRO_CONFIG)
+    reference = [ao.generate(image) for image in scenes]
+    assert min(len(answer) for answer in reference) >= 10
+    for name, built in [("fast", fast_generator), ("fast_furious", furious_generator)]:
+        generator = FastMaskGenerator(built.model, MICRO_CONFIG, built.kernels)
+        summary = compare(f"{name} vs ao, the model's thresholds", reference, [generator.generate(i) for i in scenes])
+        if name == "fast":
+            assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
+        else:  # half precision moves borderline masks across the thresholds
+            assert summary.relaxed_miou >= 0.8
 
 
 def test_short_point_batches_are_padded_to_the_static_size(images, load_micro, fast_generator):

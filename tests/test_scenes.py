@@ -25,17 +25,24 @@ def test_prompts_fall_inside_the_mask_they_ask_for():
     points, targets = train_micro_sam2.sample_prompts(rng, scene.masks, 20)
     for (x, y), target in zip(points, targets):
         assert target[int(y), int(x)]
+    # Boxes hold their target, give or take the jitter.
+    for (x0, y0, x1, y1), target in zip(train_micro_sam2.jittered_boxes(rng, targets), targets):
+        ys, xs = np.nonzero(target)
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        assert abs(x0 - xs.min()) <= 0.5 * side and abs(x1 - xs.max() - 1) <= 0.5 * side
+        assert abs(y0 - ys.min()) <= 0.5 * side and abs(y1 - ys.max() - 1) <= 0.5 * side
 
 
 def test_training_steps_fit_one_batch():
     """The loss, the decoder's four outputs and the optimiser are wired up: one batch is learnt."""
     torch.manual_seed(0)
     model = build_random_model(model_size("micro"), seed=0).train()
+    train_micro_sam2.zero_feature_projections(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images, points, targets = train_micro_sam2.training_batch(0, 0, n_images=1, n_points=4, image_size=512)
+    batch = train_micro_sam2.training_batch(0, 0, n_images=1, n_points=4, image_size=model.image_size)
     losses = []
-    for _ in range(8):
-        loss = train_micro_sam2.training_step(model, images, points, targets, loss_size=64)
+    for _ in range(24):
+        loss = train_micro_sam2.training_step(model, *batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

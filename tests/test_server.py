@@ -247,3 +247,18 @@ def test_concurrent_clients_get_their_own_answers(tiny_checkpoint_dir, image_fil
 def test_load_test_refuses_other_hosts():
     with pytest.raises(ValueError, match="loopback"):
         run_load_test("http://192.0.2.1:5000", {"a": b""}, clients=1, per_client=1)
+
+
+def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_files, tmp_path):
+    process, url = start_server("--points-per-side", "8", "--pred-iou-thresh", "0.5", "--stability-score-thresh",
+                                "0.5", log_path=tmp_path / "default.log")
+    try:
+        with urllib.request.urlopen(url + "/health") as response:
+            model = json.load(response)["model"]
+        status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{image_files / 'scene.jpg'}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "SAM2.1 micro" in model and "models/sam2.1_hiera_micro.pt" in model and "trained weights" in model
+    assert status == 200 and len(json.loads(body)) >= 1
+    assert "ready: serving SAM2.1 micro" in (tmp_path / "default.log").read_text()

@@ -1,0 +1,118 @@
+"""The study on Modal: one H100 per container, the same pipeline code as server.py.
+
+Checkpoints and exported fast-mode packages live on a Modal Volume, uploaded once; every
+container loads them from there (an exported package loads in seconds instead of compiling).
+Images are sent as file bytes and decoded on the container, as the server decodes uploads.
+`modal_experiments.sh` drives it: deploy, replay an image list per mode, stop, compare.
+
+    modal deploy modal_app.py
+    python modal_app.py replay image_paths out/ao_rle_masks --mode ao --model-type large
+    modal app stop -y sam2-segment-everything
+
+The image pins the versions of requirements.txt: torch and torchvision first (one CUDA build
+for both), then the rest with --no-build-isolation so that sam2 builds against that torch.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import modal
+
+APP_NAME = "sam2-segment-everything"
+VOLUME_NAME = "sam2-checkpoints"
+VOLUME_PATH = "/data"  # checkpoints in /data/checkpoints, exported packages in /data/exported
+GPU = "H100"
+REQUIREMENTS = Path(__file__).resolve().with_name("requirements.txt")
+
+
+def pinned(requirements: Path, *names: str) -> list[str]:
+    """The pinned requirement lines of these packages (e.g. 'torch==2.15.0')."""
+    lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
+    found = [line for line in lines if line.split("==")[0] in names]
+    if len(found) != len(names):
+        raise ValueError(f"{requirements} does not pin all of {names}")
+    return found
+
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*pinned(REQUIREMENTS, "torch", "torchvision"))
+    .add_local_file(REQUIREMENTS, "/root/requirements.txt", copy=True)
+    .run_commands("SAM2_BUILD_CUDA=0 pip install --no-build-isolation -r /root/requirements.txt")
+    .add_local_python_source("sam2serve")
+)
+app = modal.App(APP_NAME, image=image)
+volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+
+
+def open_pipeline(data_dir: str, model_type: str, mode: str, amg_json: str, load_fast: str, device: str):
+    """The container's pipeline: checkpoint and exported kernels from the volume at data_dir."""
+    from sam2serve.modes import load_pipeline
+
+    return load_pipeline(
+        checkpoint_dir=f"{data_dir}/checkpoints",
+        model_type=model_type,
+        mode=mode,
+        device=device,
+        amg=json.loads(amg_json),
+        load_fast=f"{data_dir}/exported/{load_fast}" if load_fast else None,
+    )
+
+
+def answer_image(pipeline, image_bytes: bytes) -> str:
+    """What server.py's /upload_rle answers for these file bytes: the RLE JSON or the error JSON."""
+    from sam2serve.serving import rle_lines
+
+    return rle_lines(pipeline.generator, [image_bytes])[0]
+
+
+@app.cls(gpu=GPU, volumes={VOLUME_PATH: volume}, timeout=3600, scaledown_window=120)
+class Segmenter:
+    """One model in one mode per container; `upload_rle` answers as the server's /upload_rle."""
+
+    model_type: str = modal.parameter(default="large")
+    mode: str = modal.parameter(default="ao")
+    amg_json: str = modal.parameter(default="{}")  # AMG options, e.g. {"points_per_batch": 64}
+    load_fast: str = modal.parameter(default="")  # a folder under /data/exported, fast modes
+
+    @modal.enter()
+    def load(self) -> None:
+        self.pipeline = open_pipeline(VOLUME_PATH, self.model_type, self.mode, self.amg_json, self.load_fast, "cuda")
+
+    @modal.method()
+    def upload_rle(self, image_bytes: bytes) -> str:
+        return answer_image(self.pipeline, image_bytes)
+
+
+def replay(paths_file: Path, output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> None:
+    """Sends every image of the list to the deployed app; writes one line per image, in order."""
+    segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
+    segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)
+    paths = [line.strip() for line in paths_file.read_text().splitlines() if line.strip()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w") as out:
+        # .map keeps the input order and spreads the images over the containers.
+        for line in segmenter.upload_rle.map(Path(path).read_bytes() for path in paths):
+            out.write(line + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("replay", help="one RLE line per image into OUTPUT")
+    command.add_argument("paths_file", type=Path)
+    command.add_argument("output", type=Path)
+    command.add_argument("--model-type", default="large")
+    command.add_argument("--mode", default="ao")
+    command.add_argument("--points-per-batch", type=int, help="default: the mode's")
+    command.add_argument("--points-per-side", type=int, help="default: 32")
+    command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
+    args = parser.parse_args()
+    amg = {name: getattr(args, name) for name in ("points_per_batch", "points_per_side") if getattr(args, name)}
+    replay(args.paths_file, args.output, args.model_type, args.mode, amg, args.load_fast)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

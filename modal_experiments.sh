@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The study on Modal H100s: deploy modal_app.py, replay an image list through every chosen
+# mode, collect one RLE line per image and mode, stop the app, compare each mode with the
+# baseline (compare_rle_lists.py).
+#
+#   bash modal_experiments.sh IMAGE_PATHS OUTPUT_DIR [MODEL_TYPE] [MODES]
+#   bash modal_experiments.sh image_paths results large "baseline ao fast fast_furious"
+#
+# Needs the modal CLI logged in (modal token new). Checkpoints are uploaded once to the
+# Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2). Fast modes load exported packages
+# from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine with
+# `server.py ... --fast --save-fast DIR`); otherwise each container compiles.
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+paths_file=$1
+output_dir=$2
+model_type=${3:-large}
+modes=${4:-baseline ao fast fast_furious}
+checkpoint_dir=${CHECKPOINT_DIR:-$HOME/checkpoints/sam2}
+exported_dir=${EXPORTED_DIR:-exported}
+app_name=sam2-segment-everything
+volume=sam2-checkpoints
+here=$(cd "$(dirname "$0")" && pwd)
+python=${PYTHON:-python}
+
+mkdir -p "$output_dir"
+
+case $model_type in
+    plus | b+) checkpoint_name=sam2.1_hiera_base_plus.pt ;;
+    *) checkpoint_name=sam2.1_hiera_${model_type}.pt ;;
+esac
+if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_name"; then
+    echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
+    modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
+fi
+
+modal deploy "$here/modal_app.py"
+# Stop the app however this script ends.
+trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
+
+for mode in $modes; do
+    load_fast=()
+    if [[ -d "$exported_dir/$mode" ]]; then
+        modal volume put --force "$volume" "$exported_dir/$mode" "exported/$mode"
+        load_fast=(--load-fast "$mode")
+    fi
+    echo "replaying $paths_file through $mode"
+    "$python" "$here/modal_app.py" replay "$paths_file" "$output_dir/$mode/rle_masks" \
+        --model-type "$model_type" --mode "$mode" "${load_fast[@]}"
+done
+
+modal app stop -y "$app_name"
+trap - EXIT
+
+for mode in $modes; do
+    [[ $mode == baseline ]] && continue
+    echo "== $mode vs baseline"
+    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks"
+done

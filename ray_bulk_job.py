@@ -1,0 +1,90 @@
+"""Bulk labelling on a Ray cluster: an image path list in, one RLE JSON line per image out.
+
+The lines are those the xargs/curl workflow writes against server.py (the /upload_rle answer,
+or the server's {"error": ...} for a file that is not an image), in the input order. Ray Data
+spreads the images over GPU workers with `map_batches`; each worker is a `Segmenter` that
+loads the model once and runs each batch through the pipeline's batched image encoder.
+
+    python ray_bulk_job.py image_paths rle_masks --checkpoint-dir ~/checkpoints/sam2 --model-type large \
+        --mode fast --workers 8 --batch-size 8
+
+On a cluster, run it on the head node (or through `ray job submit`); without a cluster it
+starts a local Ray instance.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from sam2serve.cli import add_amg_options, amg_config
+from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
+from sam2serve.serving import Limits, rle_lines
+
+
+def read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+class Segmenter:
+    """A Ray Data worker: the model loaded once, then batches of paths -> answer lines."""
+
+    def __init__(self, options: dict) -> None:
+        self.pipeline = load_pipeline(**options)
+        self.limits = Limits()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        files = [read_or_none(Path(path)) for path in batch["path"]]
+        return {"path": list(batch["path"]), "line": rle_lines(self.pipeline.generator, files, self.limits)}
+
+
+def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> None:
+    """Writes one line per path into `output`, in the order of `paths`."""
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    uses_gpu = options["device"].startswith("cuda")
+    dataset = ray.data.from_items([{"path": path} for path in paths]).map_batches(
+        Segmenter,
+        fn_constructor_kwargs={"options": options},
+        batch_size=batch_size,
+        concurrency=workers,
+        num_gpus=1 if uses_gpu else 0,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w") as out:
+        for row in tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image"):
+            out.write(row["line"] + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths_file", type=Path, help="one image path per line")
+    parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
+    parser.add_argument("--checkpoint-dir", help="omit with --model-type for the default model")
+    parser.add_argument("--model-type")
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_amg_options(parser)
+    parser.add_argument("--load-fast", help="exported kernels (fast modes)")
+    parser.add_argument("--workers", type=int, default=1, help="model replicas (one GPU each on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per worker batch")
+    parser.add_argument("--address", help="Ray cluster address (default: a local instance or RAY_ADDRESS)")
+    args = parser.parse_args()
+    if (args.checkpoint_dir is None) != (args.model_type is None):
+        parser.error("give both --checkpoint-dir and --model-type, or neither for the default model")
+    paths = [line.strip() for line in args.paths_file.read_text().splitlines() if line.strip()]
+    config = amg_config(parser, args, get_mode(args.mode))
+    options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
+                   device=args.device, config=config, load_fast=args.load_fast)
+    ray.init(address=args.address)
+    run(paths, args.output, options, args.workers, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

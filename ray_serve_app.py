@@ -1,0 +1,105 @@
+"""The server on a Ray cluster: Ray Serve, one replica per GPU, Ray Serve's own request batching.
+
+Same endpoints, request and answer formats as server.py (POST /upload and /upload_rle with
+the multipart field `image`, GET /health), the same pipeline code. Ray Serve queues, batches
+(`@serve.batch`) and spreads requests over replicas; a full queue answers 503 as the Flask
+server does.
+
+    serve run ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
+    curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
+
+Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
+model), mode (ao), device (cuda if present), batch_size (4: images per replica batch),
+batch_wait_ms (20), load_fast, replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
+and server.py's mask-generation options with underscores (points_per_side=16, ...).
+
+Autoscaling ("replicas=auto"): Ray Serve adds replicas, one GPU each, while replicas hold more
+than `target_ongoing_requests` (2 x batch_size) requests, up to max_replicas, and removes them
+after 5 minutes of less load.
+"""
+
+import asyncio
+import logging
+import os
+
+import torch
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sam2serve.cli import AMG_OPTIONS
+from sam2serve.modes import load_pipeline
+from sam2serve.serving import (
+    UPLOAD_ENDPOINTS, Limits, UploadTooLarge, decode_upload, error_answer, json_text, render_answer,
+)
+
+log = logging.getLogger(__name__)
+
+
+def json_error(error: Exception) -> Response:
+    status, body, headers = error_answer(error)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
+class SegmentEverything:
+    def __init__(self, options: dict, batch_size: int, batch_wait_s: float) -> None:
+        self.pipeline = load_pipeline(**options)
+        self.limits = Limits()
+        self.segment.set_max_batch_size(batch_size)
+        self.segment.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def segment(self, images: list) -> list:
+        # Off the event loop, so requests keep arriving (and batching) while the model runs.
+        return await asyncio.to_thread(self.pipeline.generator.generate_batch, images)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if request.method == "GET" and path == "/health":
+            return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
+        if request.method != "POST" or path not in UPLOAD_ENDPOINTS:
+            return Response('{"error":"not found: POST /upload or /upload_rle, GET /health"}', status_code=404,
+                            media_type="application/json")
+        try:
+            if int(request.headers.get("content-length") or 0) > self.limits.max_upload_bytes:
+                raise UploadTooLarge(self.limits)
+            form = await request.form()
+            upload = form.get("image")
+            data = await upload.read() if hasattr(upload, "read") else None
+            image = decode_upload(data, sorted(key for key, value in form.items() if hasattr(value, "read")),
+                                  self.limits)
+            body, media_type = render_answer(path, image, await self.segment(image))
+        except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
+            return json_error(error)
+        return Response(body, media_type=media_type)
+
+
+def build(args: dict[str, str]) -> serve.Application:
+    """The application for `serve run ray_serve_app:build key=value ...`."""
+    args = dict(args)
+    device = args.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = int(args.pop("batch_size", 4))
+    batch_wait_s = float(args.pop("batch_wait_ms", 20)) / 1000
+    replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
+    amg = {name: kind(args.pop(name)) for name, (kind, _) in AMG_OPTIONS.items() if name in args}
+    options = dict(
+        checkpoint_dir=os.path.expanduser(args.pop("checkpoint_dir")) if "checkpoint_dir" in args else None,
+        model_type=args.pop("model_type", None),
+        mode=args.pop("mode", "ao"),
+        device=device,
+        amg=amg,
+        load_fast=args.pop("load_fast", None),
+    )
+    if args:
+        raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of ray_serve_app.py")
+    scaling = (
+        dict(autoscaling_config=dict(min_replicas=1, max_replicas=max_replicas,
+                                     target_ongoing_requests=2 * batch_size, downscale_delay_s=300))
+        if replicas == "auto" else dict(num_replicas=int(replicas))
+    )
+    deployment = SegmentEverything.options(
+        ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0}, **scaling
+    )
+    return deployment.bind(options, batch_size, batch_wait_s)
+

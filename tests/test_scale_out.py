@@ -1,0 +1,140 @@
+"""Beyond one machine: the Modal app and script, the Ray Serve app and the Ray Data job.
+
+No cloud here: the Modal script is checked with bash -n and shellcheck, the Modal app is
+imported and its handler run locally; Ray runs as a local instance on CPU. Every front end
+must answer byte for byte as the Flask server does (its app, in process) for the same image,
+with the random tiny model and every candidate of a 4x4 grid kept (so answers are not empty).
+"""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam2serve.modes import load_pipeline
+from sam2serve.serving import create_app
+from sam2serve.worker import InferenceWorker
+
+from .conftest import make_scene
+from .test_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP_EVERY_CANDIDATE = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                        "box_nms_thresh": 1.0}
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scale_images")
+    for name, (h, w, seed) in {"a.jpg": (96, 128, 3), "b.png": (80, 60, 4), "c.jpg": (64, 64, 5)}.items():
+        Image.fromarray(make_scene(h, w, seed=seed)).save(folder / name)
+    (folder / "not_an_image.jpg").write_bytes(b"this is text")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flask_client(tiny_checkpoint_dir):
+    """The Flask server's app, in process, with the same pipeline the other front ends load."""
+    pipeline = load_pipeline(tiny_checkpoint_dir, "tiny", "ao", amg=KEEP_EVERY_CANDIDATE)
+    worker = InferenceWorker()
+    worker.start(pipeline.generator)
+    return create_app(worker).test_client()
+
+
+def flask_answer(client, endpoint: str, data: bytes) -> tuple[int, bytes]:
+    response = client.post(endpoint, data={"image": (io.BytesIO(data), "image")})
+    return response.status_code, response.get_data()
+
+
+def test_modal_script_passes_bash_n_and_shellcheck():
+    script = REPO / "modal_experiments.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in usage.stdout
+
+
+def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
+    tiny_checkpoint_dir, image_files, flask_client, tmp_path
+):
+    import modal
+
+    import modal_app
+
+    assert isinstance(modal_app.app, modal.App) and modal_app.app.name == modal_app.APP_NAME
+    script = (REPO / "modal_experiments.sh").read_text()
+    assert f"app_name={modal_app.APP_NAME}" in script and f"volume={modal_app.VOLUME_NAME}" in script
+    assert "modal_app.py\" replay" in script
+    # The image pins what requirements.txt pins.
+    requirements = (REPO / "requirements.txt").read_text()
+    assert all(pin in requirements for pin in modal_app.pinned(modal_app.REQUIREMENTS, "torch", "torchvision"))
+
+    # The container's handler, run here on CPU, with the volume's layout in a folder.
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", tmp_path / "checkpoints")
+    pipeline = modal_app.open_pipeline(str(tmp_path), "tiny", "ao", json.dumps(KEEP_EVERY_CANDIDATE), "", "cpu")
+    for path in sorted(image_files.iterdir()):
+        line = modal_app.answer_image(pipeline, path.read_bytes())
+        status, body = flask_answer(flask_client, "/upload_rle", path.read_bytes())
+        assert line.encode() == body, path.name
+        assert (status == 200) == (path.name != "not_an_image.jpg")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_serve_answers_both_endpoints_as_the_flask_server(
+    local_ray, tiny_checkpoint_dir, image_files, flask_client
+):
+    from ray import serve
+
+    from load_test import post_image
+    from ray_serve_app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    arguments = {"checkpoint_dir": str(tiny_checkpoint_dir), "model_type": "tiny", "mode": "ao", "device": "cpu",
+                 "batch_size": "2", **{name: str(value) for name, value in KEEP_EVERY_CANDIDATE.items()}}
+    try:
+        serve.run(build(arguments), name="sam2", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        for path in sorted(image_files.iterdir()):
+            for endpoint in ("/upload_rle", "/upload"):
+                status, _, body = post_image(url + endpoint, path.read_bytes(), path.name, timeout_s=120)
+                assert (status, body) == flask_answer(flask_client, endpoint, path.read_bytes()), (path.name, endpoint)
+        with pytest.raises(ValueError, match="unknown arguments"):
+            build({**arguments, "pointz_per_side": "4"})
+    finally:
+        serve.shutdown()
+
+
+def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
+                                                               flask_client, tmp_path):
+    from ray_bulk_job import run
+
+    paths = [str(path) for path in sorted(image_files.iterdir())] * 2 + [str(tmp_path / "missing.jpg")]
+    np.random.default_rng(0).shuffle(paths)
+    options = dict(checkpoint_dir=str(tiny_checkpoint_dir), model_type="tiny", mode="ao", device="cpu",
+                   amg=KEEP_EVERY_CANDIDATE)
+    output = tmp_path / "rle_masks"
+    run(paths, output, options, workers=1, batch_size=3)
+    lines = output.read_text().splitlines()
+    assert len(lines) == len(paths)
+    for path, line in zip(paths, lines):
+        if path.endswith("missing.jpg"):
+            assert json.loads(line) == {"error": "the image file could not be read"}
+            continue
+        assert line.encode() == flask_answer(flask_client, "/upload_rle", Path(path).read_bytes())[1], path

@@ -22,7 +22,7 @@ env: $(INSTALLED)
 # sam2's optional CUDA extension, which only fills holes in masks (unused: min area is 0).
 $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -c requirements.txt torch torchvision setuptools wheel
+	$(VENV)/bin/pip install --quiet $$(grep -E '^(torch|torchvision)==' requirements.txt) setuptools wheel
 	SAM2_BUILD_CUDA=0 $(VENV)/bin/pip install --quiet --no-build-isolation -r requirements.txt
 	touch $(INSTALLED)
 

@@ -96,7 +96,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
 
 def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = Limits()) -> list[str]:
     """One /upload_rle answer per image file (None: unreadable), as the xargs/curl workflow
-    writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch."""
+    writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch;
+    if it fails, one by one."""
     lines: list[str | None] = [None] * len(files)
     images = {}
     for index, data in enumerate(files):
@@ -108,11 +109,18 @@ def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = 
             lines[index] = error_answer(error)[1]
     try:
         answers = generator.generate_batch(list(images.values())) if images else []
-    except Exception as error:  # noqa: BLE001 - the whole batch failed: each image gets the error
-        answers = [error] * len(images)
+    except Exception:  # noqa: BLE001 - as the worker: one by one, so only the failing image gets the error
+        answers = [answer_or_error(generator, image) for image in images.values()]
     for index, answer in zip(images, answers):
         lines[index] = error_answer(answer)[1] if isinstance(answer, Exception) else answer_text(answer)
     return lines
+
+
+def answer_or_error(generator: Generator, image: np.ndarray) -> list[RLE] | Exception:
+    try:
+        return generator.generate(image)
+    except Exception as error:  # noqa: BLE001 - returned, to become this image's error line
+        return error
 
 
 def json_response(payload: object, status: int = 200, retry_after_s: int | None = None) -> Response:

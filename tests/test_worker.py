@@ -6,6 +6,7 @@ says which image it was computed from (a swapped answer would show).
 """
 
 import io
+import json
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam2serve.serving import create_app
+from sam2serve.serving import create_app, rle_lines
 from sam2serve.worker import Busy, InferenceWorker, NotReady, TimedOut
 
 POISON = 13  # a stub fails on images whose first pixel is this value
@@ -203,3 +204,14 @@ def test_http_busy_and_timeout():
     stub.gate.set()
     assert sorted(status for status, _ in statuses) == [503, 504, 504]
     assert all(retry is not None for status, retry in statuses if status == 503)
+
+
+def test_bulk_lines_isolate_the_image_that_fails():
+    """rle_lines (the Ray Data job's and the Modal app's answers): one line per file, in order."""
+    lines = rle_lines(StubGenerator(), [png_of(1), png_of(POISON), b"not an image", None, png_of(2)])
+    assert [json.loads(line) for line in (lines[0], lines[4])] == [
+        {"mask_0": {"size": [8, 6], "counts": [value, 1]}} for value in (1, 2)
+    ]
+    assert "bad tensor" in json.loads(lines[1])["error"]
+    assert "not an image" in json.loads(lines[2])["error"]
+    assert json.loads(lines[3]) == {"error": "the image file could not be read"}

@@ -19,7 +19,6 @@ after 5 minutes of less load.
 """
 
 import asyncio
-import logging
 import os
 
 import torch
@@ -33,8 +32,6 @@ from sam2serve.serving import (
     UPLOAD_ENDPOINTS, Limits, UploadTooLarge, decode_upload, error_answer, json_text, render_answer,
 )
 
-log = logging.getLogger(__name__)
-
 
 def json_error(error: Exception) -> Response:
     status, body, headers = error_answer(error)
@@ -43,6 +40,8 @@ def json_error(error: Exception) -> Response:
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class SegmentEverything:
+    """One replica: the pipeline loaded once, requests answered as server.py answers them."""
+
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float) -> None:
         self.pipeline = load_pipeline(**options)
         self.limits = Limits()

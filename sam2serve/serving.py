@@ -188,8 +188,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     worker.observe_batch = metrics.observe_batch
 
     def uploaded_image() -> np.ndarray:
-        if not worker.ready:  # refuse before reading the upload
-            raise NotReady("the model is loading; try again when GET /health answers 200")
+        worker.require_ready()  # refuse before reading the upload
         upload = request.files.get("image")
         return decode_upload(None if upload is None else upload.read(), sorted(request.files), limits)
 

@@ -82,11 +82,14 @@ class InferenceWorker:
         threading.Thread(target=self._serve_forever, name="inference-worker", daemon=True).start()
         self._ready.set()
 
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("the model is loading; try again when GET /health answers 200")
+
     def submit(self, image: np.ndarray) -> list[RLE]:
         """The image's masks, once the worker has run it. Raises NotReady, Busy or TimedOut,
         or the generator's own error for this image."""
-        if not self.ready:
-            raise NotReady("the model is loading; try again when GET /health answers 200")
+        self.require_ready()
         job = Job(image)
         try:
             self.jobs.put_nowait(job)

@@ -4,8 +4,10 @@ every point, filtering by predicted IoU and stability, box NMS, masks out as COC
 Two generators with one interface (`generate(image) -> list of RLE`):
 - `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, unmodified.
 - `MaskGenerator`: the project's pipeline, the same algorithm and the same numbers with less
-  work. Per point batch it filters by predicted IoU before upscaling (the IoU head does not need
-  full-resolution masks), keeps survivors as low-resolution logits, and only after NMS upscales
+  work. Its mask decoder (`decoder.FactoredPointDecoder`) does the image-side work once per
+  image instead of once per prompt, and computes no mask for a prompt whose every predicted IoU
+  fails the filter (the IoU head does not need masks). Per point batch it filters by predicted
+  IoU before upscaling, keeps survivors as low-resolution logits, and only after NMS upscales
   the masks that are kept, encoding them all at once on the device with one copy to the host.
 """
 
@@ -29,6 +31,7 @@ from sam2.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
+from .decoder import FactoredPointDecoder, default_prompts_per_step
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
 
@@ -165,39 +168,6 @@ class ImageEncoder(torch.nn.Module):
         return image_embed, feat_s0, feat_s1
 
 
-class PointDecoder(torch.nn.Module):
-    """Prompt encoder + mask decoder for single foreground points on one image.
-
-    (image_embed, feat_s0, feat_s1, coords (P, 2) in the model's input frame) ->
-    low-resolution mask logits (P, M, h, w) and predicted IoUs (P, M), as sam2's
-    SAM2ImagePredictor._predict, as one module so that the fast modes can compile or export it.
-    """
-
-    def __init__(self, model: SAM2Base, multimask_output: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.multimask_output = multimask_output
-
-    def forward(
-        self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
-        sparse, dense = self.model.sam_prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-        # The prompt encoder stays in float32 in half-precision modes (its Fourier features
-        # need the precision); its outputs take the decoder's dtype. No-op in float32.
-        dtype = image_embed.dtype
-        low_res_logits, iou_preds, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.model.sam_prompt_encoder.get_dense_pe().to(dtype),
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=self.multimask_output,
-            repeat_image=coords.shape[0] > 1,
-            high_res_features=[feat_s0, feat_s1],
-        )
-        return low_res_logits, iou_preds
-
-
 def split_features(encoder_output: tuple[torch.Tensor, ...]) -> list[ImageFeatures]:
     """The encoder's (image_embed, feat_s0, feat_s1) for a batch -> one ImageFeatures per image."""
     image_embed, feat_s0, feat_s1 = encoder_output
@@ -219,7 +189,11 @@ class MaskGenerator:
         self.model = model
         self.config = config
         self.encoder = ImageEncoder(model)
-        self.decoder = PointDecoder(model, config.multimask_output)
+        # Masks of prompts whose every IoU prediction fails the filter are never computed.
+        gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
+        self.decoder = FactoredPointDecoder(
+            model, config.multimask_output, default_prompts_per_step(model.device), iou_gate=gate
+        )
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, PointDecoder, split_features
+from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, split_features
+from .decoder import PointDecoder
 from .preprocess import image_to_input_on_device
 
 log = logging.getLogger(__name__)

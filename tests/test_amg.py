@@ -5,8 +5,9 @@ what comes before NMS, per point and per candidate mask: image features, decoder
 predicted IoUs, stability scores, boxes and candidate masks. Where a test needs masks to
 survive, it lowers the thresholds (and the stability offset, since random logits stay within
 about +-1) and says so. The project's trained micro model gives tens of real masks (with its
-thresholds, conftest.MICRO_THRESHOLDS): there ao must give the baseline's masks exactly, in
-the same order.
+thresholds, conftest.MICRO_THRESHOLDS): there ao must give the baseline's masks, in the same
+order, to float rounding (ao's decoder adds and multiplies in another order, so a pixel whose
+logit lies within about 1e-6 of the threshold may flip).
 """
 
 import numpy as np
@@ -47,7 +48,10 @@ def test_image_features_match_predictor(tiny_model, scene):
 @pytest.mark.parametrize("multimask_output", [True, False])
 def test_decoder_outputs_match_predictor(tiny_model, scene, multimask_output):
     h, w = scene.shape[:2]
-    generator = MaskGenerator(tiny_model, AMGConfig(points_per_side=3, multimask_output=multimask_output))
+    # No IoU filter, so that ao's decoder computes every mask (with one, it skips prompts whose
+    # every mask fails it: tests/test_decoder.py).
+    config = AMGConfig(points_per_side=3, multimask_output=multimask_output, pred_iou_thresh=0.0)
+    generator = MaskGenerator(tiny_model, config)
     points = torch.as_tensor(generator.point_grids[0] * np.array([w, h]), dtype=torch.float32)
     with torch.inference_mode():
         low_res, iou_preds = generator.predict_points(generator.embed(scene), points, (h, w))
@@ -95,11 +99,15 @@ def test_candidates_before_nms_match_baseline(tiny_model, scene, name):
             candidates = ours.batch_candidates(features, batch, crop_box, (h, w), (h, w))
             expected = reference._process_batch(batch, (h, w), crop_box, (h, w), normalize=True)
             torch.testing.assert_close(candidates.iou_preds, expected["iou_preds"], rtol=0, atol=1e-6)
-            torch.testing.assert_close(candidates.stability_scores, expected["stability_score"], rtol=0, atol=1e-6)
-            torch.testing.assert_close(candidates.boxes, expected["boxes"])
+            # ao's decoder rounds differently (tests/test_decoder.py): a pixel whose logit lies
+            # within about 1e-6 of a threshold may flip, moving a stability score by 1/area.
+            torch.testing.assert_close(candidates.stability_scores, expected["stability_score"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(candidates.boxes, expected["boxes"], rtol=0, atol=1)
             torch.testing.assert_close(candidates.points, expected["points"])
             masks = ours.render_masks(candidates, [crop_box], (h, w)).numpy()
-            np.testing.assert_array_equal(masks, rles_to_masks(expected["rles"]).reshape(masks.shape))
+            expected_masks = rles_to_masks(expected["rles"]).reshape(masks.shape)
+            differing = (masks != expected_masks).reshape(len(masks), -1).mean(axis=1)
+            assert differing.max(initial=0) <= 1e-4
             total_candidates += 3 * len(batch)
             total_kept += len(candidates)
     # The configuration must exercise what it names: all kept, or some kept and some dropped.
@@ -157,4 +165,4 @@ def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_check
         ours = MaskGenerator(model, config).generate(image)
         reference = ReferenceMaskGenerator(model, config).generate(image)
         assert len(reference) >= 10  # a realistic number of masks, not the random model's 0 or 1
-        assert_same_masks(ours, reference, min_iou=1.0)
+        assert_same_masks(ours, reference, min_iou=0.999)

@@ -1,0 +1,169 @@
+"""Every mode side by side on the same images and weights, in one process, and a table.
+
+    python benchmark.py ~/checkpoints/sam2 large --images photos/*.jpg
+    python benchmark.py /tmp/ck tiny --generated 2 --modes baseline ao fast_furious
+
+Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
+machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
+compile (or load their export) and run once on a blank image before the clock starts; the eager
+modes have nothing to warm up. Each image is timed from its RGB array to the RLE masks. Peak
+memory is, on CUDA, the most allocated during a mode's requests; on a CPU, the most resident
+memory above what the process held when the request started, sampled every 5 ms. Every mode is
+compared with the baseline on the same image (masks matched one to one, see compare_rle_lists.py).
+Wall-clock figures belong here, never in tests.
+"""
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sam2serve.checkpoints import MODEL_TYPE_CHOICES
+from sam2serve.cli import add_amg_options, add_device_option, amg_config
+from sam2serve.compare import compare_image, summarize
+from sam2serve.modes import MODES, get_mode, load_pipeline
+from sam2serve.preprocess import decode_image
+from sam2serve.rle import RLE
+from sam2serve.scenes import make_scene
+from sam2serve.timing import Stopwatch, synchronize
+
+log = logging.getLogger("benchmark")
+MAX_PIXELS = 100_000_000
+
+
+class PeakMemory:
+    """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
+    resident memory above its level at the start, sampled every 5 ms by a thread."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.mib = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = resident_bytes()
+            self.done = threading.Event()
+            self.sampler = threading.Thread(target=self.sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.startswith("cuda"):
+            synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        else:
+            self.done.set()
+            self.sampler.join()
+            self.mib = (max(self.peak, resident_bytes()) - self.start) / 2**20
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@dataclass
+class ModeRun:
+    """One mode's measurements over the run."""
+
+    mode: str
+    seconds: list[float] = field(default_factory=list)
+    peak_mib: float = 0.0
+    masks: dict[int, list[RLE]] = field(default_factory=dict)  # image index -> masks
+
+
+def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+    if args.images:
+        return [(path, decode_image(Path(path).read_bytes(), MAX_PIXELS)) for path in args.images]
+    height, width = args.size
+    return [
+        (f"generated-{seed}", make_scene(np.random.default_rng(seed), height, width).image)
+        for seed in range(1000, 1000 + args.generated)
+    ]
+
+
+def table(runs: list[ModeRun], n_images: int) -> str:
+    """The results, baseline first, as a Markdown table."""
+    baseline = runs[0]
+    baseline_rate = len(baseline.seconds) / sum(baseline.seconds)
+    header = ("| mode | ms per image (median) | p90 | images/s | x baseline | peak MiB | masks per image "
+              "| mIoU vs baseline | mask count mismatch |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for run in runs:
+        ms = np.asarray(run.seconds) * 1000
+        rate = len(run.seconds) / sum(run.seconds)
+        summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
+        miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"
+        masks = np.mean([len(m) for m in run.masks.values()])
+        lines.append(
+            f"| {run.mode} | {np.median(ms):.0f} | {np.percentile(ms, 90):.0f} | {rate:.3f} "
+            f"| {rate / baseline_rate:.2f} | {run.peak_mib:.0f} | {masks:.1f} | {miou} "
+            f"| {summary.mask_count_mismatch}/{summary.images} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", nargs="?", help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
+    parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="modes to run; the baseline always runs, first (default: all)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", nargs="+", help="image files")
+    source.add_argument("--generated", type=int, default=2, help="generated scenes instead of files (default 2)")
+    parser.add_argument("--size", type=int, nargs=2, default=[768, 1024], metavar=("H", "W"),
+                        help="size of generated scenes (default 768 1024)")
+    parser.add_argument("--rounds", type=int, default=1, help="times every image goes through every mode")
+    add_amg_options(parser)
+    add_device_option(parser)
+    args = parser.parse_args()
+    if (args.checkpoint_dir is None) != (args.model_type is None):
+        parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither (the default micro model)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    modes = ["baseline"] + [mode for mode in args.modes if mode != "baseline"]
+    pipelines = {}
+    for mode in modes:
+        started = time.perf_counter()
+        config = amg_config(parser, args, get_mode(mode))
+        pipelines[mode] = load_pipeline(args.checkpoint_dir, args.model_type, mode, args.device, config=config)
+        log.info("%s ready in %.1f s (points per batch %d)", mode, time.perf_counter() - started,
+                 config.points_per_batch)
+    images = load_images(args)
+    runs = {mode: ModeRun(mode) for mode in modes}
+    with tqdm(total=args.rounds * len(images) * len(modes), unit="request", file=sys.stderr) as progress:
+        for _ in range(args.rounds):
+            for index, (name, image) in enumerate(images):
+                for mode in modes:
+                    progress.set_description(f"{mode} on {name}")
+                    run = runs[mode]
+                    with PeakMemory(args.device) as memory, Stopwatch(args.device) as watch:
+                        run.masks[index] = pipelines[mode].generator.generate(image)
+                    run.seconds.append(watch.seconds)
+                    run.peak_mib = max(run.peak_mib, memory.mib)
+                    progress.update()
+
+    loaded = pipelines["baseline"].loaded
+    print(f"{loaded.description}; device {args.device} ({torch.get_num_threads()} CPU threads); "
+          f"{len(images)} images ({', '.join(name for name, _ in images)}), "
+          f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); torch {torch.__version__}")
+    print(table(list(runs.values()), len(images)))
+
+
+if __name__ == "__main__":
+    main()

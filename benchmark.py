@@ -25,11 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sam2.utils.amg import build_point_grid
+
+from sam2serve.amg import ImageEncoder
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES
 from sam2serve.cli import add_amg_options, add_device_option, amg_config
 from sam2serve.compare import compare_image, summarize
+from sam2serve.decoder import FactoredPointDecoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
-from sam2serve.preprocess import decode_image
+from sam2serve.preprocess import decode_image, image_to_input
 from sam2serve.rle import RLE
 from sam2serve.scenes import make_scene
 from sam2serve.timing import Stopwatch, synchronize
@@ -117,6 +121,36 @@ def table(runs: list[ModeRun], n_images: int) -> str:
     return "\n".join(lines)
 
 
+def decoder_ablation(pipeline, image: np.ndarray, n_points: int, iou_thresh: float, device: str) -> str:
+    """What each change to the mask decoder buys: ms per point prompt of sam2's decoder and of
+    ao's decoder with one change added at a time, on one image's features and 64 points spread
+    over its grid (sam2's decoder is slow on a CPU)."""
+    model = pipeline.loaded.model
+    with torch.inference_mode():
+        features = ImageEncoder(model)(image_to_input(image, model.image_size).to(model.device))
+    grid = build_point_grid(int(np.sqrt(n_points))) * model.image_size
+    spread = np.linspace(0, len(grid) - 1, min(64, len(grid))).round().astype(int)
+    coords = torch.as_tensor(grid[spread], dtype=torch.float32, device=model.device)
+    step = default_prompts_per_step(model.device)
+    variants = [
+        ("sam2's decoder (PointDecoder), 64 prompts per call", PointDecoder(model, True), 64),
+        ("image side once per call, all 64 prompts in one step", FactoredPointDecoder(model, True), 64),
+        (f"... in steps of {step} prompts", FactoredPointDecoder(model, True, step), 64),
+        (f"... no masks for prompts failing the IoU filter ({iou_thresh})",
+         FactoredPointDecoder(model, True, step, iou_gate=iou_thresh), 64),
+    ]
+    lines = ["| mask decoder | ms per prompt | x sam2's |", "|---|---|---|"]
+    reference_ms = None
+    for name, decoder, per_call in variants:
+        with torch.inference_mode(), Stopwatch(device) as watch:
+            for start in range(0, len(coords), per_call):
+                decoder(*features, coords[start : start + per_call])
+        ms = watch.seconds * 1000 / len(coords)
+        reference_ms = reference_ms or ms
+        lines.append(f"| {name} | {ms:.1f} | {reference_ms / ms:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", nargs="?", help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
@@ -129,6 +163,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[768, 1024], metavar=("H", "W"),
                         help="size of generated scenes (default 768 1024)")
     parser.add_argument("--rounds", type=int, default=1, help="times every image goes through every mode")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time the mask decoder's variants on the first image (a second table)")
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args()
@@ -163,6 +199,10 @@ def main() -> None:
           f"{len(images)} images ({', '.join(name for name, _ in images)}), "
           f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); torch {torch.__version__}")
     print(table(list(runs.values()), len(images)))
+    if args.ablation:
+        grid_points = args.points_per_side**2
+        print(f"\nMask decoder alone, 64 of the {grid_points} grid points on {images[0][0]}, multimask output:")
+        print(decoder_ablation(pipelines["baseline"], images[0][1], grid_points, args.pred_iou_thresh, args.device))
 
 
 if __name__ == "__main__":

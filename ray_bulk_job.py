@@ -51,7 +51,7 @@ def run(paths: list[str], output: Path, options: dict, workers: int, batch_size:
     uses_gpu = options["device"].startswith("cuda")
     dataset = ray.data.from_items([{"path": path} for path in paths]).map_batches(
         Segmenter,
-        fn_constructor_kwargs={"options": options},
+        fn_constructor_kwargs={"options": {**options, "batch_size": batch_size}},
         batch_size=batch_size,
         concurrency=workers,
         num_gpus=1 if uses_gpu else 0,

@@ -43,7 +43,7 @@ class SegmentEverything:
     """One replica: the pipeline loaded once, requests answered as server.py answers them."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float) -> None:
-        self.pipeline = load_pipeline(**options)
+        self.pipeline = load_pipeline(**options, batch_size=batch_size)
         self.limits = Limits()
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
                                  save_fast=args.save_fast, load_fast=args.load_fast,
-                                 checkpoint_url=args.checkpoint_url)
+                                 checkpoint_url=args.checkpoint_url, batch_size=args.batch_size)
     except (CheckpointUnavailable, PackageMismatch) as error:
         http.shutdown()
         sys.exit(f"error: {error}")

@@ -162,7 +162,7 @@ class ImageEncoder(torch.nn.Module):
         # (H*W, B, C) -> (B, C, H, W), in the input's dtype (sam2's neck upcasts some levels
         # to float32 in half-precision modes; a no-op in float32)
         feat_s0, feat_s1, image_embed = [
-            feat.permute(1, 2, 0).reshape(len(images), -1, h, w).to(images.dtype)
+            feat.permute(1, 2, 0).reshape(images.shape[0], -1, h, w).to(images.dtype)
             for feat, (h, w) in zip(vision_feats, feat_sizes)
         ]
         return image_embed, feat_s0, feat_s1

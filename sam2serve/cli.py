@@ -10,7 +10,7 @@ from .modes import Mode, mode_config
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
     "points_per_side": (int, "points along each side of the prompt grid"),
-    "points_per_batch": (int, "point prompts per mask-decoder call (default: the mode's, 64; fast modes 1024)"),
+    "points_per_batch": (int, "point prompts per mask-decoder call (default: the mode's, 64; fast modes 1024 on CUDA, 8 on a CPU)"),
     "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
     "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
@@ -42,6 +42,6 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return mode_config(mode, **{name: getattr(args, name) for name in AMG_OPTIONS})
+        return mode_config(mode, args.device, **{name: getattr(args, name) for name in AMG_OPTIONS})
     except ValueError as error:
         parser.error(str(error))

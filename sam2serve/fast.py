@@ -1,9 +1,10 @@
 """The fast modes: the ao pipeline with its two kernels compiled or exported ahead of time.
 
-The kernels are the eager modules ao runs (amg.ImageEncoder and amg.PointDecoder, the
-reference beside them), made fast in one of two ways:
+The kernels are the eager modules ao runs (amg.ImageEncoder and decoder.FactoredPointDecoder,
+whose reference is sam2's own decoder, decoder.PointDecoder), made fast in one of two ways:
 - compiled in the process: torch.compile, full graph, static shapes (every point batch is
-  padded to points_per_batch), max-autotune on CUDA;
+  padded to points_per_batch) except the encoder's batch of images (1 to the server's
+  --batch-size), max-autotune on CUDA;
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
@@ -27,7 +28,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, split_features
-from .decoder import PointDecoder
+from .decoder import FactoredPointDecoder
 from .preprocess import image_to_input_on_device
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class Kernels:
 
 
 def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
-    """Puts the model in the spec's dtype; the prompt encoder stays float32 (see PointDecoder)."""
+    """Puts the model in the spec's dtype; the prompt encoder stays float32 (see PointDecoder:
+    its Fourier features need the precision)."""
     if spec.torch_dtype != torch.float32:
         model.to(spec.torch_dtype)
         model.sam_prompt_encoder.float()
@@ -121,6 +123,12 @@ def example_inputs(model: SAM2Base, spec: KernelSpec) -> tuple[tuple, tuple]:
     return (images,), (*features, coords)
 
 
+def point_decoder(model: SAM2Base, spec: KernelSpec) -> FactoredPointDecoder:
+    """ao's decoder for static shapes: every prompt of a call in one step, every mask computed
+    (skipping prompts would make shapes depend on the data)."""
+    return FactoredPointDecoder(model, spec.multimask_output)
+
+
 def compile_kernels(model: SAM2Base, spec: KernelSpec) -> Kernels:
     """torch.compile of both kernels: full graph, static shapes; max-autotune on CUDA.
 
@@ -129,11 +137,14 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec) -> Kernels:
     """
     model = prepare_model(model, spec)
     mode = "max-autotune" if spec.device == "cuda" else "default"
-    options = dict(mode=mode, fullgraph=True, dynamic=False)
+    options = dict(mode=mode, fullgraph=True)
+    # Batches of images: a batch of another size than the first compiles the encoder once more,
+    # then with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
+    encoder_dynamic = None if spec.batch_size > 1 else False
     return Kernels(
         spec=spec,
-        encoder=torch.compile(ImageEncoder(model), **options),
-        decoder=torch.compile(PointDecoder(model, spec.multimask_output), **options),
+        encoder=torch.compile(ImageEncoder(model), dynamic=encoder_dynamic, **options),
+        decoder=torch.compile(point_decoder(model, spec), dynamic=False, **options),
     )
 
 
@@ -143,13 +154,15 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     encoder_inputs, decoder_inputs = example_inputs(model, spec)
-    for module, inputs, name in [
-        (ImageEncoder(model), encoder_inputs, ENCODER_PACKAGE),
-        (PointDecoder(model, spec.multimask_output), decoder_inputs, DECODER_PACKAGE),
+    # The encoder takes 1 to batch_size images; the decoder's shapes are static.
+    images = torch.export.Dim("images", min=1, max=spec.batch_size) if spec.batch_size > 1 else None
+    for module, inputs, dynamic_shapes, name in [
+        (ImageEncoder(model), encoder_inputs, ({0: images},) if images else None, ENCODER_PACKAGE),
+        (point_decoder(model, spec), decoder_inputs, None, DECODER_PACKAGE),
     ]:
         started = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
-            exported = torch.export.export(module, inputs, strict=False)
+            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
         log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
     # The manifest last: a folder without one is an unfinished export.
@@ -187,14 +200,18 @@ class FastMaskGenerator(MaskGenerator):
         self.encoder, self.decoder = kernels.encoder, kernels.decoder
 
     def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
-        """Image by image: the encoder kernel is built for a static batch of one."""
-        return [self.embed_one(image) for image in images]
+        """One encoder call per batch_size images (the kernel's batch dimension is dynamic, up to
+        the spec's batch size; never padded)."""
+        size = self.kernels.spec.batch_size
+        return [features for start in range(0, len(images), size) for features in self.embed_call(images[start : start + size])]
 
-    def embed_one(self, image: np.ndarray) -> ImageFeatures:
-        model_input = image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype)
+    def embed_call(self, images: list[np.ndarray]) -> list[ImageFeatures]:
+        model_input = torch.cat(
+            [image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype) for image in images]
+        )
         # Copies: with max-autotune on CUDA the kernels run as CUDA graphs, whose outputs are
         # overwritten by their next run.
-        return split_features([feats.clone() for feats in self.encoder(model_input)])[0]
+        return split_features([feats.clone() for feats in self.encoder(model_input)])
 
     def predict_points(
         self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
@@ -207,7 +224,12 @@ class FastMaskGenerator(MaskGenerator):
         return low_res_logits[:n].to(torch.float32, copy=True), iou_preds[:n].to(torch.float32, copy=True)
 
     def warm_up(self) -> float:
-        """Runs the kernels once on a blank image (compiling them if needed); returns seconds."""
+        """Runs the kernels on a blank image, and the encoder on a full batch of them (compiling
+        them if needed); returns seconds."""
         started = time.perf_counter()
-        self.generate(np.zeros((self.model.image_size, self.model.image_size, 3), dtype=np.uint8))
+        blank = np.zeros((self.model.image_size, self.model.image_size, 3), dtype=np.uint8)
+        self.generate(blank)
+        if self.kernels.spec.batch_size > 1:
+            with torch.inference_mode():
+                self.embed_batch([blank] * self.kernels.spec.batch_size)
         return time.perf_counter() - started

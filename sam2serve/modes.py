@@ -5,6 +5,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, load_model, resolve_checkpoint
 from .fast import FastMaskGenerator, compile_kernels, kernel_spec, load_kernels, save_kernels
@@ -20,17 +22,21 @@ class Mode:
     compiled: bool = False  # kernels compiled or exported ahead of time (sam2serve.fast)
     half_precision: bool = False  # float16 on CUDA, bfloat16 on CPU
     points_per_batch: int = 64  # unless the user sets --points-per-batch
+    cpu_points_per_batch: int | None = None  # on a CPU, when it differs
 
+
+CPU_FAST_POINTS = 8
 
 MODES = {
     mode.name: mode
     for mode in [
         Mode("baseline", "the sam2 package's SAM2AutomaticMaskGenerator, the reference", reference=True),
         Mode("ao", "the project's pipeline: same numbers as baseline, less work, fast RLE"),
+        # On a CPU the compiled decoder is fastest on a few prompts per call (README, benchmark).
         Mode("fast", "ao compiled (or exported ahead of time), the whole grid per call, "
-             "preprocessing on the device", compiled=True, points_per_batch=1024),
+             "preprocessing on the device", compiled=True, points_per_batch=1024, cpu_points_per_batch=CPU_FAST_POINTS),
         Mode("fast_furious", "fast in half precision (float16 on CUDA, bfloat16 on CPU)",
-             compiled=True, half_precision=True, points_per_batch=1024),
+             compiled=True, half_precision=True, points_per_batch=1024, cpu_points_per_batch=CPU_FAST_POINTS),
     ]
 }
 DEFAULT_MODE = "ao"
@@ -42,11 +48,12 @@ def get_mode(name: str) -> Mode:
     return MODES[name]
 
 
-def mode_config(mode: Mode, **options) -> AMGConfig:
-    """AMG settings for a mode: sam2's defaults, the mode's points per batch, then `options`
-    (those that are None keep their default)."""
+def mode_config(mode: Mode, device: str = "cuda", **options) -> AMGConfig:
+    """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch, then
+    `options` (those that are None keep their default)."""
     options = {name: value for name, value in options.items() if value is not None}
-    options.setdefault("points_per_batch", mode.points_per_batch)
+    on_cpu = torch.device(device).type == "cpu" and mode.cpu_points_per_batch is not None
+    options.setdefault("points_per_batch", mode.cpu_points_per_batch if on_cpu else mode.points_per_batch)
     return AMGConfig(**options)
 
 
@@ -77,15 +84,16 @@ def load_pipeline(
     save_fast: str | os.PathLike | None = None,
     load_fast: str | os.PathLike | None = None,
     checkpoint_url: str = DOWNLOAD_BASE_URL,
+    batch_size: int = 1,
 ) -> Pipeline:
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
     mode = get_mode(mode)
-    config = config or mode_config(mode, **(amg or {}))
+    config = config or mode_config(mode, device, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
     log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
-    generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast)
+    generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast, batch_size=batch_size)
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)
 
 
@@ -95,11 +103,13 @@ def build_generator(
     config: AMGConfig,
     save_fast: str | os.PathLike | None = None,
     load_fast: str | os.PathLike | None = None,
+    batch_size: int = 1,
 ) -> Generator:
     """The mask generator that runs a mode, compiled (or exported, or loaded) and warmed up.
 
     save_fast: export the fast kernels into this folder (then serve them);
-    load_fast: load kernels exported earlier instead of compiling.
+    load_fast: load kernels exported earlier instead of compiling;
+    batch_size: the most images per encoder call, which a fast mode's kernels are built for.
     """
     if (save_fast or load_fast) and not mode.compiled:
         raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
@@ -108,7 +118,7 @@ def build_generator(
     if not mode.compiled:
         return MaskGenerator(loaded.model, config)
 
-    spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision)
+    spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size)
     started = time.perf_counter()
     if load_fast:
         kernels = load_kernels(load_fast, spec)
@@ -122,6 +132,7 @@ def build_generator(
         how = "compiled kernels (torch.compile)"
     generator = FastMaskGenerator(loaded.model, config, kernels)
     warm_up = generator.warm_up()
-    log.info("%s: %s, %s, %d points per batch; %.1f s in all, of which the first run %.1f s",
-             mode.name, how, spec.dtype, spec.points_per_batch, time.perf_counter() - started, warm_up)
+    log.info("%s: %s, %s, %d points per batch, up to %d images per encoder call; %.1f s in all, of which "
+             "the first runs %.1f s", mode.name, how, spec.dtype, spec.points_per_batch, spec.batch_size,
+             time.perf_counter() - started, warm_up)
     return generator

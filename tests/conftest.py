@@ -6,9 +6,14 @@ mask), so tests that need several masks lower the thresholds and say so.
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from sam2serve.checkpoints import DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, write_random_checkpoint
+
+# The tests compile many generators in one process (a server compiles one): each is another
+# entry in torch.compile's cache of the same code objects, over its default limit of 8.
+torch._dynamo.config.recompile_limit = 64
 
 
 def make_scene(height: int, width: int, seed: int, shapes: int = 6) -> np.ndarray:

@@ -67,16 +67,20 @@ def ao_answers(images, load_micro):
     return [generator.generate(image) for image in images]
 
 
+# Both kernel pairs take up to 2 images per encoder call (the server's --batch-size 2).
+BATCH_SIZE = 2
+
+
 @pytest.fixture(scope="module")
 def fast_generator(load_micro):
-    return build_generator(MODES["fast"], load_micro(), CONFIG)
+    return build_generator(MODES["fast"], load_micro(), CONFIG, batch_size=BATCH_SIZE)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, load_micro):
     """Kernels exported with --save-fast's code, and the generator that serves them."""
     directory = tmp_path_factory.mktemp("exported")
-    generator = build_generator(MODES["fast"], load_micro(), CONFIG, save_fast=directory)
+    generator = build_generator(MODES["fast"], load_micro(), CONFIG, save_fast=directory, batch_size=BATCH_SIZE)
     return directory, generator
 
 
@@ -165,16 +169,34 @@ def test_saved_then_loaded_kernels_give_the_compiled_masks(exported, fast_genera
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "exported"])
+def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exported, images):
+    """One encoder call for several images (a dynamic batch dimension, never padded) gives each
+    image's features alone, and so its masks."""
+    generator = fast_generator if kernels == "compiled" else exported[1]
+    with torch.inference_mode():
+        together = generator.embed_call(images)
+        alone = [generator.embed_call([image])[0] for image in images]
+    assert len(together) == len(images) == BATCH_SIZE
+    for ours, reference in zip(together, alone):
+        for a, b in zip([ours.image_embed, *ours.high_res_feats], [reference.image_embed, *reference.high_res_feats]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    summary = compare(f"{kernels}: images encoded together vs alone", [generator.generate(image) for image in images],
+                      generator.generate_batch(images))
+    assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
+
+
 def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
     directory, _ = exported
     loaded = load_micro()
-    spec = kernel_spec(loaded.model, loaded.path, CONFIG, furious=False)
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, furious=False, batch_size=BATCH_SIZE)
     assert load_kernels(directory, spec).spec == spec
     other_checkpoint = write_random_checkpoint(tmp_path, "micro", seed=3)
     for other, word in [
+        (replace(spec, batch_size=4), "batch_size"),
         (replace(spec, points_per_batch=1024), "points_per_batch"),
-        (kernel_spec(loaded.model, loaded.path, CONFIG, furious=True), "dtype"),
-        (kernel_spec(loaded.model, other_checkpoint, CONFIG, furious=False), "checkpoint"),
+        (replace(kernel_spec(loaded.model, loaded.path, CONFIG, furious=True), batch_size=BATCH_SIZE), "dtype"),
+        (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, furious=False), batch_size=BATCH_SIZE), "checkpoint"),
         (replace(spec, torch_version="1.0"), "torch_version"),
     ]:
         with pytest.raises(PackageMismatch, match=word):
@@ -188,8 +210,8 @@ def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     image = make_scene(150, 180, seed=2)  # within the test servers' pixel limit
     Image.fromarray(image).save(tmp_path / "scene.png")
     model = [str(micro_checkpoint.parent), "micro"]
-    process, url = start_server(*model, "--fast", "--load-fast", str(directory), *SERVER_OPTIONS,
-                                log_path=tmp_path / "server.log")
+    process, url = start_server(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),
+                                *SERVER_OPTIONS, log_path=tmp_path / "server.log")
     try:
         status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{tmp_path / 'scene.png'}")
     finally:
@@ -200,7 +222,8 @@ def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     assert "loaded exported kernels" in (tmp_path / "server.log").read_text()
 
     # Another points-per-batch than the package was built for: a clear refusal, no traceback.
-    result = run_server_expecting_exit(*model, "--fast", "--load-fast", str(directory), *SERVER_OPTIONS[:2])
+    result = run_server_expecting_exit(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),
+                                       *SERVER_OPTIONS[:2])
     assert "built for something else" in result.stderr and "points_per_batch" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -1,0 +1,71 @@
+"""FactoredPointDecoder (ao's decoder) against PointDecoder (sam2's modules, the reference), on
+the same weights and image features: the same logits and IoU predictions to float rounding."""
+
+import numpy as np
+import pytest
+import torch
+from sam2.modeling.sam2_base import NO_OBJ_SCORE
+
+from sam2serve.amg import ImageEncoder
+from sam2serve.checkpoints import load_model
+from sam2serve.decoder import FactoredPointDecoder, PointDecoder
+from sam2serve.preprocess import image_to_input
+from sam2serve.scenes import make_scene
+
+
+def features_and_points(model, n_points: int, seed: int = 0):
+    image = make_scene(np.random.default_rng(seed), 240, 320, min_objects=6, max_objects=10).image
+    with torch.inference_mode():
+        features = ImageEncoder(model)(image_to_input(image, model.image_size))
+    coords = torch.rand((n_points, 2), generator=torch.Generator().manual_seed(seed)) * model.image_size
+    return (*features, coords)
+
+
+@pytest.fixture(scope="module")
+def trained_micro(trained_micro_checkpoint):
+    return load_model(trained_micro_checkpoint, "micro", "cpu").model
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+@pytest.mark.parametrize("prompts_per_step", [None, 1, 4])
+def test_factored_equals_reference_on_trained_model(trained_micro, multimask_output, prompts_per_step):
+    inputs = features_and_points(trained_micro, n_points=10)  # 10: the last step is short
+    with torch.inference_mode():
+        expected_logits, expected_ious = PointDecoder(trained_micro, multimask_output)(*inputs)
+        logits, ious = FactoredPointDecoder(trained_micro, multimask_output, prompts_per_step)(*inputs)
+    assert logits.shape == expected_logits.shape == (10, 3 if multimask_output else 1, 64, 64)
+    assert expected_logits.abs().max() > 5  # trained: confident logits, not a flat random field
+    torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_factored_equals_reference_on_tiny_at_1024_pixels(tiny_model, multimask_output):
+    """The official architecture and input size (random weights)."""
+    inputs = features_and_points(tiny_model, n_points=5)
+    with torch.inference_mode():
+        expected_logits, expected_ious = PointDecoder(tiny_model, multimask_output)(*inputs)
+        logits, ious = FactoredPointDecoder(tiny_model, multimask_output, prompts_per_step=2)(*inputs)
+    assert logits.shape == expected_logits.shape == (5, 3 if multimask_output else 1, 256, 256)
+    torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+
+
+def test_iou_gate_skips_only_prompts_whose_every_mask_fails(trained_micro):
+    inputs = features_and_points(trained_micro, n_points=24, seed=1)
+    with torch.inference_mode():
+        expected_logits, expected_ious = PointDecoder(trained_micro, True)(*inputs)
+        # About half the prompts pass: halfway between two prompts' best IoUs, far from both.
+        best = expected_ious.max(dim=1).values.sort().values
+        gate = float(best[11] + best[12]) / 2
+        logits, ious = FactoredPointDecoder(trained_micro, True, prompts_per_step=4, iou_gate=gate)(*inputs)
+    passing = (expected_ious > gate).any(dim=1)
+    assert 0 < passing.sum() < len(passing)
+    torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[passing], expected_logits[passing], rtol=0, atol=1e-4)
+    assert (logits[~passing] == NO_OBJ_SCORE).all()
+
+
+def test_iou_gate_needs_multimask_output(trained_micro):
+    with pytest.raises(ValueError, match="multimask"):
+        FactoredPointDecoder(trained_micro, multimask_output=False, iou_gate=0.8)

@@ -131,7 +131,7 @@ def decoder_ablation(pipeline, image: np.ndarray, n_points: int, iou_thresh: flo
     grid = build_point_grid(int(np.sqrt(n_points))) * model.image_size
     spread = np.linspace(0, len(grid) - 1, min(64, len(grid))).round().astype(int)
     coords = torch.as_tensor(grid[spread], dtype=torch.float32, device=model.device)
-    step = default_prompts_per_step(model.device)
+    step = default_prompts_per_step(model)
     variants = [
         ("sam2's decoder (PointDecoder), 64 prompts per call", PointDecoder(model, True), 64),
         ("image side once per call, all 64 prompts in one step", FactoredPointDecoder(model, True), 64),

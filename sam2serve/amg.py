@@ -21,7 +21,6 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.amg import (
-    batched_mask_to_box,
     build_all_layer_point_grids,
     calculate_stability_score,
     generate_crop_boxes,
@@ -182,6 +181,41 @@ def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch
     return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """XYXY boxes (N, 4) of the masks logits > threshold, [0, 0, 0, 0] for an empty mask: sam2's
+    batched_mask_to_box, from two max-reductions of the logits instead of a boolean mask."""
+    rows = logits.amax(dim=-1) > threshold  # (N, H): rows holding a pixel of the mask
+    cols = logits.amax(dim=-2) > threshold  # (N, W)
+
+    def first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(present.shape[-1], device=present.device)
+        return torch.where(present, index, present.shape[-1]).amin(dim=-1), (present * index).amax(dim=-1)
+
+    (top, bottom), (left, right) = first_and_last(rows), first_and_last(cols)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    return boxes * rows.any(dim=-1, keepdim=True)
+
+
+# Masks upscaled to full resolution at a time: a few images' worth stays in the CPU's cache
+# between the upscaling and the passes that read it (measured: README, "Performance").
+UPSCALE_CHUNK = 4
+
+
+def full_resolution_scores(
+    low_res_logits: torch.Tensor, size: tuple[int, int], config: AMGConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stability scores and boxes of low-resolution logits (N, h, w) upscaled to `size`, as sam2
+    computes them on its upscaled masks, a few masks at a time and never kept: (N,), (N, 4)."""
+    stability, boxes = [], []
+    for chunk in low_res_logits.split(UPSCALE_CHUNK):
+        masks = upscale_logits(chunk, size)
+        stability.append(calculate_stability_score(masks, config.mask_threshold, config.stability_score_offset))
+        boxes.append(boxes_of_logits(masks, config.mask_threshold))
+    if not stability:
+        return low_res_logits.new_zeros(0), torch.zeros((0, 4), dtype=torch.long, device=low_res_logits.device)
+    return torch.cat(stability), torch.cat(boxes)
+
+
 class MaskGenerator:
     """The project's mask generator ("ao"): sam2's algorithm with less work, same answer."""
 
@@ -192,7 +226,7 @@ class MaskGenerator:
         # Masks of prompts whose every IoU prediction fails the filter are never computed.
         gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
         self.decoder = FactoredPointDecoder(
-            model, config.multimask_output, default_prompts_per_step(model.device), iou_gate=gate
+            model, config.multimask_output, default_prompts_per_step(model), iou_gate=gate
         )
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
@@ -322,15 +356,11 @@ class MaskGenerator:
             low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
 
         # Filter by stability, on full-resolution logits (as sam2, so the scores are the same).
-        masks = upscale_logits(low_res_logits, crop_hw)  # (N, h, w)
-        stability = calculate_stability_score(masks, cfg.mask_threshold, cfg.stability_score_offset)
+        stability, boxes = full_resolution_scores(low_res_logits, crop_hw, cfg)
         if cfg.stability_score_thresh > 0.0:
             keep = stability >= cfg.stability_score_thresh
             low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
-            masks, stability = masks[keep], stability[keep]
-
-        boxes = batched_mask_to_box(masks > cfg.mask_threshold)  # (N, 4) in the crop
-        del masks
+            stability, boxes = stability[keep], boxes[keep]
 
         # Drop masks that touch a crop's edge where it is not the image's edge.
         keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_hw[1], orig_hw[0]])

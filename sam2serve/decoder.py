@@ -159,10 +159,18 @@ class ImageSide(NamedTuple):
     upscale_base2: torch.Tensor  # (4 N, 4 C/8) second one's bias + feat_s0
 
 
-def default_prompts_per_step(device: torch.device) -> int | None:
-    """Prompts per step of FactoredPointDecoder: on a CPU, steps of 4 keep each step's tensors
-    in cache (measured fastest on the 2-core machine, see README); a GPU takes them all at once."""
-    return 4 if device.type == "cpu" else None
+# On a CPU, image tokens per step of FactoredPointDecoder: steps of 4 prompts on a 1024-pixel
+# model's 4096 tokens keep each step's tensors in cache (measured fastest on the 2-core machine).
+CPU_STEP_TOKENS = 16384
+
+
+def default_prompts_per_step(model: SAM2Base) -> int | None:
+    """Prompts per step of FactoredPointDecoder for the model's device and size: on a CPU, few
+    enough that a step's tensors stay in cache; a GPU takes them all at once."""
+    if model.device.type != "cpu":
+        return None
+    h, w = model.sam_prompt_encoder.image_embedding_size
+    return max(1, CPU_STEP_TOKENS // (h * w))
 
 
 class FactoredPointDecoder(PointDecoder):

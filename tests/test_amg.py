@@ -16,7 +16,9 @@ import torch
 from pycocotools import mask as mask_utils
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
+from sam2.utils.amg import batched_mask_to_box
+
+from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
 from sam2serve.scenes import make_scene as make_generated_scene
@@ -146,6 +148,17 @@ def test_final_masks_match_baseline(tiny_model, scene, name):
         assert len(ours) >= 1
     for rle in ours:
         assert rle["size"] == list(scene.shape[:2])
+
+
+def test_boxes_of_logits_equal_sam2s_boxes_of_masks():
+    logits = torch.randn(6, 40, 50) - 2.5  # sparse masks: a few scattered pixels above 0
+    logits[1] = -1.0  # empty
+    logits[2] = 1.0  # full
+    logits[3, 7:9, 11:30] = 3.0  # one block
+    logits[4, 39, 49] = 0.5  # the last pixel only
+    expected = batched_mask_to_box(logits > 0)
+    assert torch.equal(boxes_of_logits(logits, 0.0), expected)
+    assert expected[1].tolist() == [0, 0, 0, 0] and expected[2].tolist() == [0, 0, 49, 39]
 
 
 @pytest.mark.parametrize("bad", [dict(points_per_side=0), dict(points_per_batch=0),

@@ -69,12 +69,14 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(p, n, heads, c // heads).transpose(1, 2)
 
 
-def tokens_to_image(attn: Attention, queries: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor) -> torch.Tensor:
-    """attn(q=queries, k=image + image_pe, v=image) for per-prompt image tokens, without
+def tokens_to_image(
+    attn: Attention, queries: torch.Tensor, image: torch.Tensor, image_with_pe: torch.Tensor
+) -> torch.Tensor:
+    """attn(q=queries, k=image_with_pe, v=image) for per-prompt image tokens, without
     projecting them.
 
-    queries: (P, n, C) tokens with their positional embedding added; image: (P, N, C)
-    image_pe: (P, N, C) image + its positional embedding. Returns (P, n, C).
+    queries: (P, n, C) tokens with their positional embedding added; image: (P, N, C);
+    image_with_pe: (P, N, C) image + its positional embedding. Returns (P, n, C).
     """
     p, n, _ = queries.shape
     heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
@@ -83,13 +85,26 @@ def tokens_to_image(attn: Attention, queries: torch.Tensor, image: torch.Tensor,
     # and drops out of the softmax.
     k_weight = attn.k_proj.weight.reshape(heads, d, -1)  # (h, d, C)
     q_in_image = torch.matmul(q, k_weight).reshape(p, heads * n, -1) / math.sqrt(d)  # (P, h*n, C)
-    weights = torch.bmm(q_in_image, image_pe.transpose(1, 2)).softmax(dim=-1)  # (P, h*n, N)
+    weights = torch.bmm(q_in_image, image_with_pe.transpose(1, 2)).softmax(dim=-1)  # (P, h*n, N)
     # Weights sum to one: the weighted sum of projected values is the projection of the
     # weighted sum.
     mixed = torch.bmm(weights, image).reshape(p, heads, n, -1)  # (P, h, n, C)
     v_weight = attn.v_proj.weight.reshape(heads, d, -1)  # (h, d, C)
     values = torch.matmul(mixed, v_weight.transpose(1, 2)) + attn.v_proj.bias.reshape(heads, 1, d)
     return attn.out_proj(values.transpose(1, 2).reshape(p, n, heads * d))
+
+
+def shared_tokens_to_image(
+    attn: Attention, queries: torch.Tensor, image_keys: torch.Tensor, image_values: torch.Tensor
+) -> torch.Tensor:
+    """attn(q=queries, k, v) against image keys and values (N, C') shared by every prompt: all
+    prompts' tokens as one sequence of queries."""
+    p, n, _ = queries.shape
+    heads = attn.num_heads
+    q = attn.q_proj(queries).reshape(1, p * n, -1)
+    k, v = image_keys[None], image_values[None]
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+    return attn.out_proj(out.transpose(1, 2).reshape(p, n, -1))
 
 
 def image_to_tokens_update(
@@ -314,16 +329,3 @@ class FactoredPointDecoder(PointDecoder):
         m = masks.shape[-1]
         masks = masks.reshape(p, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(p, m, *self.mask_size)
-
-
-def shared_tokens_to_image(
-    attn: Attention, queries: torch.Tensor, image_keys: torch.Tensor, image_values: torch.Tensor
-) -> torch.Tensor:
-    """attn(q=queries, k, v) against image keys and values (N, C') shared by every prompt: all
-    prompts' tokens as one sequence of queries."""
-    p, n, _ = queries.shape
-    heads = attn.num_heads
-    q = attn.q_proj(queries).reshape(1, p * n, -1)
-    k, v = image_keys[None], image_values[None]
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
-    return attn.out_proj(out.transpose(1, 2).reshape(p, n, -1))

@@ -153,7 +153,8 @@ def decoder_ablation(pipeline, image: np.ndarray, n_points: int, iou_thresh: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint_dir", nargs="?", help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
+    parser.add_argument("checkpoint_dir", nargs="?",
+                        help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
     parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="modes to run; the baseline always runs, first (default: all)")

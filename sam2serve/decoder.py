@@ -200,7 +200,11 @@ class FactoredPointDecoder(PointDecoder):
     """
 
     def __init__(
-        self, model: SAM2Base, multimask_output: bool, prompts_per_step: int | None = None, iou_gate: float | None = None
+        self,
+        model: SAM2Base,
+        multimask_output: bool,
+        prompts_per_step: int | None = None,
+        iou_gate: float | None = None,
     ) -> None:
         super().__init__(model, multimask_output)
         if iou_gate is not None and not multimask_output:
@@ -213,7 +217,8 @@ class FactoredPointDecoder(PointDecoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         side = self.image_side(image_embed, feat_s0, feat_s1)
         step = self.prompts_per_step or len(coords)
-        logits, iou_preds = zip(*[self.predict(side, coords[start : start + step]) for start in range(0, len(coords), step)])
+        steps = [self.predict(side, coords[start : start + step]) for start in range(0, len(coords), step)]
+        logits, iou_preds = zip(*steps)
         return torch.cat(logits), torch.cat(iou_preds)
 
     def image_side(self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor) -> ImageSide:

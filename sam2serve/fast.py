@@ -203,12 +203,12 @@ class FastMaskGenerator(MaskGenerator):
         """One encoder call per batch_size images (the kernel's batch dimension is dynamic, up to
         the spec's batch size; never padded)."""
         size = self.kernels.spec.batch_size
-        return [features for start in range(0, len(images), size) for features in self.embed_call(images[start : start + size])]
+        calls = [self.embed_call(images[start : start + size]) for start in range(0, len(images), size)]
+        return [features for call in calls for features in call]
 
     def embed_call(self, images: list[np.ndarray]) -> list[ImageFeatures]:
-        model_input = torch.cat(
-            [image_to_input_on_device(image, self.model.image_size, self.device, self.kernels.dtype) for image in images]
-        )
+        size, dtype = self.model.image_size, self.kernels.dtype
+        model_input = torch.cat([image_to_input_on_device(image, size, self.device, dtype) for image in images])
         # Copies: with max-autotune on CUDA the kernels run as CUDA graphs, whose outputs are
         # overwritten by their next run.
         return split_features([feats.clone() for feats in self.encoder(model_input)])

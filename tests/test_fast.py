@@ -196,7 +196,8 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
         (replace(spec, batch_size=4), "batch_size"),
         (replace(spec, points_per_batch=1024), "points_per_batch"),
         (replace(kernel_spec(loaded.model, loaded.path, CONFIG, furious=True), batch_size=BATCH_SIZE), "dtype"),
-        (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, furious=False), batch_size=BATCH_SIZE), "checkpoint"),
+        (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, furious=False), batch_size=BATCH_SIZE),
+         "checkpoint"),
         (replace(spec, torch_version="1.0"), "torch_version"),
     ]:
         with pytest.raises(PackageMismatch, match=word):

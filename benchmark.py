@@ -16,16 +16,14 @@ Wall-clock figures belong here, never in tests.
 import argparse
 import logging
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from sam2.utils.amg import build_point_grid
+from tqdm import tqdm
 
 from sam2serve.amg import ImageEncoder
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES
@@ -36,48 +34,10 @@ from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import decode_image, image_to_input
 from sam2serve.rle import RLE
 from sam2serve.scenes import make_scene
-from sam2serve.timing import Stopwatch, synchronize
+from sam2serve.timing import PeakMemory, Stopwatch, latency_summary_ms
 
 log = logging.getLogger("benchmark")
 MAX_PIXELS = 100_000_000
-
-
-class PeakMemory:
-    """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
-    resident memory above its level at the start, sampled every 5 ms by a thread."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.mib = 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start = self.peak = resident_bytes()
-            self.done = threading.Event()
-            self.sampler = threading.Thread(target=self.sample, daemon=True)
-            self.sampler.start()
-        return self
-
-    def sample(self) -> None:
-        while not self.done.wait(0.005):
-            self.peak = max(self.peak, resident_bytes())
-
-    def __exit__(self, *exc_info) -> None:
-        if self.device.startswith("cuda"):
-            synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
-        else:
-            self.done.set()
-            self.sampler.join()
-            self.mib = (max(self.peak, resident_bytes()) - self.start) / 2**20
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
 
 
 @dataclass
@@ -108,13 +68,13 @@ def table(runs: list[ModeRun], n_images: int) -> str:
               "| mIoU vs baseline | mask count mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for run in runs:
-        ms = np.asarray(run.seconds) * 1000
+        latency = latency_summary_ms(run.seconds)
         rate = len(run.seconds) / sum(run.seconds)
         summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
         miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"
         masks = np.mean([len(m) for m in run.masks.values()])
         lines.append(
-            f"| {run.mode} | {np.median(ms):.0f} | {np.percentile(ms, 90):.0f} | {rate:.3f} "
+            f"| {run.mode} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
             f"| {rate / baseline_rate:.2f} | {run.peak_mib:.0f} | {masks:.1f} | {miou} "
             f"| {summary.mask_count_mismatch}/{summary.images} |"
         )

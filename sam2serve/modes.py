@@ -48,7 +48,7 @@ def get_mode(name: str) -> Mode:
     return MODES[name]
 
 
-def mode_config(mode: Mode, device: str = "cuda", **options) -> AMGConfig:
+def mode_config(mode: Mode, device: str, **options) -> AMGConfig:
     """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch, then
     `options` (those that are None keep their default)."""
     options = {name: value for name, value in options.items() if value is not None}

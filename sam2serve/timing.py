@@ -2,6 +2,7 @@
 
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -57,3 +58,42 @@ def peak_memory_mib(device: str) -> tuple[float, float]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return peak / 2**20, 100 * peak / total
+
+
+class PeakMemory:
+    """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
+    resident memory above its level at the start, sampled every 5 ms by a thread."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.mib = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = resident_bytes()
+            self.done = threading.Event()
+            self.sampler = threading.Thread(target=self.sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.startswith("cuda"):
+            synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        else:
+            self.done.set()
+            self.sampler.join()
+            self.mib = (max(self.peak, resident_bytes()) - self.start) / 2**20
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

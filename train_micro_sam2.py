@@ -2,24 +2,32 @@
 
 No pretrained SAM2 weights can be downloaded on the project's machines, and random weights
 give one mask per image. This script makes the project's own small model that really
-segments: the micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 1.8 M
+segments: the micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 2.7 M
 parameters, 256-pixel input), trained as SAM is trained: prompts sampled inside objects (half
 points, half boxes), three candidate masks per prompt of which only the best is penalised
 (focal + dice), plus the single-mask output, and an MSE loss that teaches the IoU head the IoU
-each mask really has.
+each mask really has. A worker process draws the next step's scenes while the model trains.
+After training, the mask logits' scale is calibrated (calibrate_logit_scale): the band
+between logits -1 and +1, which sam2's stability score measures, is made half an input pixel
+wide at object edges.
 
-    python train_micro_sam2.py                      # 6000 steps, about 40 min on 2 quiet CPU cores
+    python train_micro_sam2.py                      # 7500 steps, about 60 min on 2 quiet CPU cores
     python train_micro_sam2.py --evaluate-only      # held-out figures of the saved model
 
 Seeded: the same arguments give the same weights on the same machine and torch version.
 
 Two things make it learn from scratch (without them it sits on a plateau where the masks do
 not depend on the prompt):
-- The neck's projections and the decoder's high-resolution projections start at zero. SAM's
-  encoder is pretrained; a random one feeds the decoder features that are pure noise, added
-  right before the mask is read out, and the decoder cannot learn where the prompt is through
-  that noise. From zero, the decoder first learns to place masks from the prompt's positional
-  encoding, and the features grow in as they become useful.
+- The image embedding and the features added to the upscaled masks start at zero: the neck's
+  projections of the two coarsest trunk levels (they make the image embedding) and the
+  decoder's high-resolution projections (conv_s0, conv_s1). SAM's encoder is pretrained; a
+  random one feeds the decoder features that are pure noise, added right before the mask is
+  read out, and the decoder cannot learn where the prompt is through that noise. From zero,
+  the decoder first learns to place masks from the prompt's positional encoding, and the
+  features grow in as they become useful. The neck's projections of the two finest levels
+  keep their random start: they feed only conv_s0/conv_s1, and a product of two zero
+  matrices gets no gradient (an earlier recipe zeroed both; the high-resolution path stayed
+  exactly zero and masks followed the 16x16 embedding grid).
 - Box prompts, as SAM trains with: a box says where the object is much more plainly than a
   point, so the positional path is learnt sooner; points then use it.
 """
@@ -35,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import binary_erosion
 from tqdm import tqdm
 
-from sam2serve.amg import ImageEncoder
+from sam2serve.amg import ImageEncoder, image_predictor
 from sam2serve.checkpoints import build_random_model, load_model, model_size
-from sam2serve.evaluation import evaluate
+from sam2serve.evaluation import evaluate, interior_point
 from sam2serve.preprocess import image_to_input
 from sam2serve.scenes import make_scene
 
@@ -47,6 +56,8 @@ log = logging.getLogger("train_micro_sam2")
 
 DEFAULT_OUTPUT = Path(__file__).parent / "models" / "sam2.1_hiera_micro.pt"
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes come from seeds far from the held-out ones
+CALIBRATION_SEED_OFFSET = 2_000_000  # so do the scenes that set the logit scale
+EDGE_BAND_PIXELS = 0.125  # after calibration, logits cross [-1, 1] within this many input pixels
 FOCAL_WEIGHT = 20.0  # SAM's 20:1 focal:dice ratio
 BACKGROUND_PROMPT_SHARE = 0.1  # some prompts fall on the background, whose mask is "the rest"
 BOX_JITTER = 0.1  # box corners move by this share of the box's side (SAM's box noise)
@@ -99,6 +110,33 @@ def training_batch(step: int, seed: int, n_images: int, n_points: int, image_siz
         boxes.append(torch.from_numpy(jittered_boxes(rng, t)))
         targets.append(torch.from_numpy(t))
     return torch.cat(images), torch.stack(points), torch.stack(boxes), torch.stack(targets)
+
+
+class GeneratedBatches(torch.utils.data.Dataset):
+    """training_batch for each step, made in a worker process while the model trains on the
+    previous one (drawing scenes is about a third of a step on 2 cores)."""
+
+    def __init__(self, seed: int, n_images: int, n_points: int, image_size: int):
+        self.seed, self.n_images, self.n_points, self.image_size = seed, n_images, n_points, image_size
+
+    def __getitem__(self, step: int):
+        return training_batch(step, self.seed, self.n_images, self.n_points, self.image_size)
+
+
+def single_threaded(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the worker draws scenes; the training loop keeps the cores
+
+
+def batches(args: argparse.Namespace, image_size: int) -> torch.utils.data.DataLoader:
+    """The steps' batches in order, one worker ahead of the training loop."""
+    return torch.utils.data.DataLoader(
+        GeneratedBatches(args.seed, args.images_per_step, args.points_per_image, image_size),
+        batch_size=None,
+        sampler=range(args.steps),
+        num_workers=1,
+        prefetch_factor=2,
+        worker_init_fn=single_threaded,
+    )
 
 
 def decode_prompts(model, image_embed, high_res, points: torch.Tensor | None, boxes: torch.Tensor | None):
@@ -157,20 +195,68 @@ def training_step(model, images, points, boxes, targets) -> torch.Tensor:
 
 
 def zero_feature_projections(model) -> None:
-    """Starts the neck's and the decoder's high-resolution projections at zero (see the top)."""
-    projections = [level.conv for level in model.image_encoder.neck.convs]
-    projections += [model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1]
+    """Starts the image embedding and the decoder's high-resolution features at zero (see the top)."""
+    neck = model.image_encoder.neck
+    # neck.convs runs coarsest level first; scalp drops the coarsest, the next makes the embedding.
+    embedding_levels = [level.conv for level in neck.convs[:2]]
+    projections = embedding_levels + [model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1]
     with torch.no_grad():
         for conv in projections:
             conv.weight.zero_()
             conv.bias.zero_()
 
 
+def median_edge_slope(model, seed: int, n_scenes: int = 20) -> float:
+    """Median rise of the chosen mask's logits per input pixel, across true object edges.
+
+    Measured on generated scenes that neither training nor the held-out evaluation uses, with
+    one interior point per object and sam2's image predictor (the mask with the highest
+    predicted IoU, logits upsampled to the input size as the mask generator upsamples them).
+    """
+    predictor, slopes = image_predictor(model), []
+    for index in range(n_scenes):
+        scene = make_scene(np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index]), model.image_size,
+                           model.image_size)
+        if len(scene.masks) == 0:
+            continue
+        predictor.set_image(scene.image)
+        points = np.array([interior_point(mask) for mask in scene.masks], dtype=np.float32)
+        logits, scores, _ = predictor.predict(point_coords=points[:, None], point_labels=np.ones((len(points), 1)),
+                                              multimask_output=True, return_logits=True)
+        logits = logits.reshape(len(points), -1, *scene.masks.shape[1:])
+        chosen = logits[np.arange(len(points)), scores.reshape(len(points), -1).argmax(axis=1)]
+        for mask, logit in zip(scene.masks, chosen):
+            edge = mask ^ binary_erosion(mask)  # the object's own border pixels
+            gy, gx = np.gradient(logit)
+            slopes.append(np.hypot(gx, gy)[edge])
+    return float(np.median(np.concatenate(slopes)))
+
+
+@torch.inference_mode()
+def calibrate_logit_scale(model, seed: int) -> float:
+    """Scales the mask logits so that their [-1, 1] band is EDGE_BAND_PIXELS wide at edges.
+
+    Training leaves the logits soft: masks are right at threshold 0, but rise slowly across
+    edges, and sam2's stability score (the IoU of the masks thresholded at -1 and +1) reads
+    that as unstable. The masks are linear in the output hypernetworks' last layer, so
+    multiplying it by k multiplies every mask logit by k: the same masks at 0, the same IoU
+    predictions, a band k times thinner. Returns k.
+    """
+    scale = 2.0 / (EDGE_BAND_PIXELS * median_edge_slope(model, seed))
+    for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.mul_(scale)
+        mlp.layers[-1].bias.mul_(scale)
+    return scale
+
+
 def save_checkpoint(model, path: Path, meta: dict) -> None:
-    """Official format ("model" holds the state dict), written atomically."""
+    """Official format ("model" holds the state dict), written atomically. Tensors are stored
+    in float16 to keep the committed file under 10 MB; loading copies them into float32."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {name: value.half() if value.is_floating_point() else value for name, value in model.state_dict().items()}
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
-        torch.save({"model": model.state_dict(), "training": meta}, tmp)
+        torch.save({"model": weights, "training": meta}, tmp)
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; the checkpoint is not
     os.replace(tmp.name, path)
 
 
@@ -191,10 +277,9 @@ def train(args: argparse.Namespace) -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
     started, running = time.perf_counter(), None
-    progress = tqdm(range(args.steps), desc="training", unit="step")
-    for step in progress:
-        loss = training_step(model, *training_batch(step, args.seed, args.images_per_step, args.points_per_image,
-                                                    image_size))
+    progress = tqdm(batches(args, image_size), total=args.steps, desc="training", unit="step")
+    for step, batch in enumerate(progress):
+        loss = training_step(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,19 +287,20 @@ def train(args: argparse.Namespace) -> None:
         schedule.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         progress.set_postfix(loss=f"{running:.3f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # resumable progress
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
             save_checkpoint(model, args.output, {"steps_done": step + 1})
     minutes = (time.perf_counter() - started) / 60
     meta = {key: value for key, value in vars(args).items() if key != "output"}
-    meta.update(minutes=round(minutes, 1), torch=str(torch.__version__))
-    save_checkpoint(model.eval(), args.output, meta)
+    scale = calibrate_logit_scale(model.eval(), args.seed)
+    meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
+    save_checkpoint(model, args.output, meta)
     log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=7500)
     parser.add_argument("--images-per-step", type=int, default=4)
     parser.add_argument("--points-per-image", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from sam2serve.amg import ImageEncoder
 from sam2serve.checkpoints import DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, write_random_checkpoint
+from sam2serve.preprocess import image_to_input
+from sam2serve.scenes import make_scene as make_generated_scene
 
 # The tests compile many generators in one process (a server compiles one): each is another
 # entry in torch.compile's cache of the same code objects, over its default limit of 8.
@@ -31,6 +34,16 @@ def make_scene(height: int, width: int, seed: int, shapes: int = 6) -> np.ndarra
         shape([x0, y0, x0 + size, y0 + size], fill=colour)
     noisy = np.asarray(image) + rng.normal(0, 6, (height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def features_and_points(model, n_points: int, seed: int = 0):
+    """A generated scene's image features (image_embed, feat_s0, feat_s1) and random points in
+    the model's input frame: the decoder's inputs."""
+    image = make_generated_scene(np.random.default_rng(seed), 240, 320, min_objects=6, max_objects=10).image
+    with torch.inference_mode():
+        features = ImageEncoder(model)(image_to_input(image, model.image_size))
+    coords = torch.rand((n_points, 2), generator=torch.Generator().manual_seed(seed)) * model.image_size
+    return (*features, coords)
 
 
 @pytest.fixture(scope="session")

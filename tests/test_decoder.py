@@ -1,24 +1,14 @@
 """FactoredPointDecoder (ao's decoder) against PointDecoder (sam2's modules, the reference), on
 the same weights and image features: the same logits and IoU predictions to float rounding."""
 
-import numpy as np
 import pytest
 import torch
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
-from sam2serve.amg import ImageEncoder
 from sam2serve.checkpoints import load_model
 from sam2serve.decoder import FactoredPointDecoder, PointDecoder
-from sam2serve.preprocess import image_to_input
-from sam2serve.scenes import make_scene
 
-
-def features_and_points(model, n_points: int, seed: int = 0):
-    image = make_scene(np.random.default_rng(seed), 240, 320, min_objects=6, max_objects=10).image
-    with torch.inference_mode():
-        features = ImageEncoder(model)(image_to_input(image, model.image_size))
-    coords = torch.rand((n_points, 2), generator=torch.Generator().manual_seed(seed)) * model.image_size
-    return (*features, coords)
+from .conftest import features_and_points
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,14 @@
-"""Generated scenes and the micro model's training step (issue 6's groundwork)."""
+"""Generated scenes and the micro model's training: its step, logit calibration and file format."""
 
 import numpy as np
 import torch
 
 import train_micro_sam2
-from sam2serve.checkpoints import build_random_model, model_size
+from sam2serve.checkpoints import build_random_model, load_model, model_size
+from sam2serve.decoder import PointDecoder
 from sam2serve.scenes import MIN_VISIBLE_FRACTION, make_scene
+
+from .conftest import features_and_points
 
 
 def test_scenes_are_deterministic_with_disjoint_visible_masks():
@@ -48,3 +51,37 @@ def test_training_steps_fit_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
+    # The high-resolution path learns: conv_s0/conv_s1 start at zero and must leave it (they stay
+    # at zero forever if the neck's projections that feed them start at zero too).
+    for conv in (model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1):
+        assert conv.weight.abs().max() > 0
+
+
+def test_logit_calibration_scales_logits_and_keeps_masks_and_iou_predictions(trained_micro_checkpoint):
+    """calibrate_logit_scale multiplies every mask logit by k: the same masks at threshold 0, the
+    same IoU predictions, and afterwards edges rise across [-1, 1] in EDGE_BAND_PIXELS."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    inputs = features_and_points(model, n_points=12)
+    with torch.inference_mode():
+        logits, ious = PointDecoder(model, multimask_output=True)(*inputs)
+        scale = train_micro_sam2.calibrate_logit_scale(model, seed=1)
+        scaled_logits, scaled_ious = PointDecoder(model, multimask_output=True)(*inputs)
+    assert scale > 0
+    torch.testing.assert_close(scaled_logits, scale * logits, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(scaled_ious, ious)
+    assert torch.equal(scaled_logits > 0, logits > 0)
+    slope = train_micro_sam2.median_edge_slope(model, seed=1)
+    assert abs(slope * train_micro_sam2.EDGE_BAND_PIXELS / 2 - 1) < 1e-3
+
+
+def test_checkpoint_is_saved_in_half_precision_and_loads_into_float32(tmp_path):
+    model = build_random_model(model_size("micro"), seed=3)
+    path = tmp_path / "micro.pt"
+    train_micro_sam2.save_checkpoint(model, path, {"steps_done": 0})
+    stored = torch.load(path, weights_only=True)["model"]
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    loaded = load_model(path, "micro", "cpu").model
+    for name, value in model.state_dict().items():
+        reloaded = loaded.state_dict()[name]
+        assert reloaded.dtype == value.dtype
+        torch.testing.assert_close(reloaded, value.half().to(value.dtype), rtol=0, atol=0)

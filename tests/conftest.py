@@ -51,11 +51,6 @@ def tiny_model():
     return build_random_model(MODEL_SIZES["tiny"], seed=0)
 
 
-# The trained micro model's logits are soft: sam2's default thresholds (predicted IoU 0.8,
-# stability 0.95) keep none of its masks yet. With these it finds 76% of held-out objects.
-MICRO_THRESHOLDS = dict(pred_iou_thresh=0.5, stability_score_thresh=0.5)
-
-
 @pytest.fixture(scope="session")
 def trained_micro_checkpoint():
     """The project's trained micro SAM2.1, committed in models/: realistic masks."""

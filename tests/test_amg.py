@@ -4,8 +4,8 @@ Random weights make final masks nearly degenerate, so besides final masks these 
 what comes before NMS, per point and per candidate mask: image features, decoder logits,
 predicted IoUs, stability scores, boxes and candidate masks. Where a test needs masks to
 survive, it lowers the thresholds (and the stability offset, since random logits stay within
-about +-1) and says so. The project's trained micro model gives tens of real masks (with its
-thresholds, conftest.MICRO_THRESHOLDS): there ao must give the baseline's masks, in the same
+about +-1) and says so. The project's trained micro model gives tens of real masks (under sam2's
+default thresholds): there ao must give the baseline's masks, in the same
 order, to float rounding (ao's decoder adds and multiplies in another order, so a pixel whose
 logit lies within about 1e-6 of the threshold may flip).
 """
@@ -23,7 +23,6 @@ from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
 from sam2serve.scenes import make_scene as make_generated_scene
 
-from .conftest import MICRO_THRESHOLDS
 
 
 def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 0.999) -> None:
@@ -172,7 +171,7 @@ def test_config_rejects_nonsense(bad):
 @pytest.mark.parametrize("crop_n_layers", [0, 1])
 def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_checkpoint, crop_n_layers):
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
-    config = AMGConfig(points_per_side=16, crop_n_layers=crop_n_layers, **MICRO_THRESHOLDS)
+    config = AMGConfig(crop_n_layers=crop_n_layers)  # sam2's defaults: 32x32 grid, its thresholds
     for seed in (2000, 2001):
         image = make_generated_scene(np.random.default_rng(seed), 300, 380, min_objects=8, max_objects=14).image
         ours = MaskGenerator(model, config).generate(image)

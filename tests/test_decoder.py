@@ -24,9 +24,11 @@ def test_factored_equals_reference_on_trained_model(trained_micro, multimask_out
         expected_logits, expected_ious = PointDecoder(trained_micro, multimask_output)(*inputs)
         logits, ious = FactoredPointDecoder(trained_micro, multimask_output, prompts_per_step)(*inputs)
     assert logits.shape == expected_logits.shape == (10, 3 if multimask_output else 1, 64, 64)
-    assert expected_logits.abs().max() > 5  # trained: confident logits, not a flat random field
+    largest = float(expected_logits.abs().max())
+    assert largest > 5  # trained: confident logits, not a flat random field
     torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-4)
+    # Float rounding grows with the logits' scale (the micro model's are calibrated to tens).
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5 * largest)
 
 
 @pytest.mark.parametrize("multimask_output", [True, False])
@@ -52,7 +54,8 @@ def test_iou_gate_skips_only_prompts_whose_every_mask_fails(trained_micro):
     passing = (expected_ious > gate).any(dim=1)
     assert 0 < passing.sum() < len(passing)
     torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits[passing], expected_logits[passing], rtol=0, atol=1e-4)
+    largest = float(expected_logits.abs().max())
+    torch.testing.assert_close(logits[passing], expected_logits[passing], rtol=0, atol=1e-5 * largest)
     assert (logits[~passing] == NO_OBJ_SCORE).all()
 
 

@@ -2,10 +2,9 @@
 (the SAM2.1 architecture with small widths and a 256-pixel input: cheap to compile here).
 
 Two regimes: every candidate (filters off, NMS threshold 1: 3 per point of an 8x8 grid, 192
-per image, compared one to one, which tests the kernels' numbers), and the default thresholds
-on generated scenes with the model's thresholds (tens of masks per image, which tests what
-users get). Compiled float32
-must agree with ao almost exactly; half precision (bfloat16 on CPU) is reported and held to a
+per image, compared one to one, which tests the kernels' numbers), and sam2's default
+thresholds on generated scenes (tens of masks per image, which tests what users get). Compiled
+float32 must agree with ao almost exactly; half precision (bfloat16 on CPU) is reported and held to a
 floor. Exported kernels, saved and loaded, must give the compiled model's masks, and a package
 built for something else is refused. Compilation costs about a minute per mode here, so each
 kernel pair is built once and shared by the configurations that fit it.
@@ -29,7 +28,7 @@ from sam2serve.modes import MODES, build_generator
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
 from sam2serve.rle import rles_to_masks
 
-from .conftest import MICRO_THRESHOLDS, make_scene
+from .conftest import make_scene
 from .test_server import curl, run_server_expecting_exit, start_server
 
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
@@ -41,8 +40,8 @@ SERVER_OPTIONS = ["--points-per-side", "8", "--points-per-batch", "64", "--pred-
                   "--stability-score-thresh", "0", "--box-nms-thresh", "1"]
 
 
-# The trained model's thresholds, on the same kernels (same points per batch and multimask output).
-MICRO_CONFIG = AMGConfig(points_per_side=16, points_per_batch=64, **MICRO_THRESHOLDS)
+# sam2's default thresholds, on the same kernels (same points per batch and multimask output).
+MICRO_CONFIG = AMGConfig(points_per_side=16, points_per_batch=64)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +127,7 @@ def test_fast_furious_close_to_ao(images, ao_answers, furious_generator):
     assert torch.isfinite(logits).all() and torch.isfinite(iou_preds).all()
 
 
-def test_on_generated_scenes_with_the_models_thresholds(load_micro, fast_generator, furious_generator):
+def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_generator, furious_generator):
     """What users get: tens of masks per image; fast must equal ao, furious stay close."""
     scenes = [make_generated_scene(np.random.default_rng(seed), 384, 448, min_objects=8, max_objects=14).image
               for seed in (1000, 1001)]
@@ -137,7 +136,7 @@ def test_on_generated_scenes_with_the_models_thresholds(load_micro, fast_generat
     assert min(len(answer) for answer in reference) >= 10
     for name, built in [("fast", fast_generator), ("fast_furious", furious_generator)]:
         generator = FastMaskGenerator(built.model, MICRO_CONFIG, built.kernels)
-        summary = compare(f"{name} vs ao, the model's thresholds", reference, [generator.generate(i) for i in scenes])
+        summary = compare(f"{name} vs ao, sam2's default thresholds", reference, [generator.generate(i) for i in scenes])
         if name == "fast":
             assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
         else:  # half precision moves borderline masks across the thresholds

@@ -4,7 +4,7 @@ Random weights make final masks nearly degenerate, so besides final masks these 
 what comes before NMS, per point and per candidate mask: image features, decoder logits,
 predicted IoUs, stability scores, boxes and candidate masks. Where a test needs masks to
 survive, it lowers the thresholds (and the stability offset, since random logits stay within
-about +-1) and says so. The project's trained micro model gives tens of real masks (under sam2's
+about +-1) and says so. The project's trained micro model gives 10 or more real masks (under sam2's
 default thresholds): there ao must give the baseline's masks, in the same
 order, to float rounding (ao's decoder adds and multiplies in another order, so a pixel whose
 logit lies within about 1e-6 of the threshold may flip).

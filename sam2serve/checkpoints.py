@@ -47,7 +47,7 @@ class ModelSize:
 # input (2.7 M parameters), trained by train_micro_sam2.py on generated scenes. Same
 # architecture and code path as the official sizes; only the numbers differ. The decoder is
 # 128 wide (the neck's d_model): at 64 its mask read-out had 8 channels and its attention heads
-# 4 dimensions, and it learnt half as fast per step. The memory modules are only used for
+# 4 dimensions. The memory modules are only used for
 # video, which this project does not segment; they stay at 64 wide.
 MICRO_OVERRIDES = (
     "++model.image_size=256",

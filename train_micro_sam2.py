@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from sam2serve.amg import ImageEncoder, image_predictor
 from sam2serve.checkpoints import build_random_model, load_model, model_size
-from sam2serve.evaluation import evaluate, interior_point
+from sam2serve.evaluation import best_mask_logits, evaluate
 from sam2serve.preprocess import image_to_input
 from sam2serve.scenes import make_scene
 
@@ -217,15 +217,7 @@ def median_edge_slope(model, seed: int, n_scenes: int = 20) -> float:
     for index in range(n_scenes):
         scene = make_scene(np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index]), model.image_size,
                            model.image_size)
-        if len(scene.masks) == 0:
-            continue
-        predictor.set_image(scene.image)
-        points = np.array([interior_point(mask) for mask in scene.masks], dtype=np.float32)
-        logits, scores, _ = predictor.predict(point_coords=points[:, None], point_labels=np.ones((len(points), 1)),
-                                              multimask_output=True, return_logits=True)
-        logits = logits.reshape(len(points), -1, *scene.masks.shape[1:])
-        chosen = logits[np.arange(len(points)), scores.reshape(len(points), -1).argmax(axis=1)]
-        for mask, logit in zip(scene.masks, chosen):
+        for mask, logit in zip(scene.masks, best_mask_logits(predictor, scene)):
             edge = mask ^ binary_erosion(mask)  # the object's own border pixels
             gy, gx = np.gradient(logit)
             slopes.append(np.hypot(gx, gy)[edge])

@@ -41,16 +41,23 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.inference_mode()
-def single_point_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float]:
+def best_mask_logits(predictor: SAM2ImagePredictor, scene: Scene) -> np.ndarray:
+    """(objects, H, W) logits at the image's size: for one interior point per object, the mask of
+    the three with the highest predicted IoU (what a user of sam2's predictor would take)."""
     predictor.set_image(scene.image)
     points = np.array([interior_point(mask) for mask in scene.masks], dtype=np.float32)
     if len(points) == 0:
-        return []
-    masks, scores, _ = predictor.predict(
-        point_coords=points[:, None, :], point_labels=np.ones((len(points), 1)), multimask_output=True
+        return np.zeros((0, *scene.masks.shape[1:]), dtype=np.float32)
+    logits, scores, _ = predictor.predict(
+        point_coords=points[:, None, :], point_labels=np.ones((len(points), 1)), multimask_output=True,
+        return_logits=True,
     )
-    masks, scores = masks.reshape(len(points), -1, *scene.masks.shape[1:]), scores.reshape(len(points), -1)
-    best = masks[np.arange(len(points)), scores.argmax(axis=1)] > 0
+    logits, scores = logits.reshape(len(points), -1, *scene.masks.shape[1:]), scores.reshape(len(points), -1)
+    return logits[np.arange(len(points)), scores.argmax(axis=1)]
+
+
+def single_point_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float]:
+    best = best_mask_logits(predictor, scene) > 0  # sam2's mask threshold
     return [mask_iou(pred, truth) for pred, truth in zip(best, scene.masks)]
 
 

@@ -24,7 +24,6 @@ from sam2serve.rle import rles_to_masks
 from sam2serve.scenes import make_scene as make_generated_scene
 
 
-
 def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 0.999) -> None:
     """Same mask count, and each mask's IoU with the reference's at the same rank >= min_iou."""
     assert len(ours) == len(reference)

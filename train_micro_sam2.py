@@ -6,7 +6,9 @@ segments: the micro configuration of sam2serve.checkpoints (the SAM2.1 architect
 parameters, 256-pixel input), trained as SAM is trained: prompts sampled inside objects (half
 points, half boxes), three candidate masks per prompt of which only the best is penalised
 (focal + dice), plus the single-mask output, and an MSE loss that teaches the IoU head the IoU
-each mask really has. A worker process draws the next step's scenes while the model trains.
+each mask really has. Masks are compared as sam2 uses them, upscaled bilinearly, against the
+share of each pixel inside the object, so the 64x64 logits learn to place an edge between
+their pixels. A worker process draws the next step's scenes while the model trains.
 After training, the mask logits' scale is calibrated (calibrate_logit_scale): the band
 between logits -1 and +1, which sam2's stability score measures, is made an eighth of an input
 pixel wide at object edges (the README has how that width was chosen).
@@ -61,6 +63,7 @@ EDGE_BAND_PIXELS = 0.125  # after calibration, logits cross [-1, 1] within this 
 FOCAL_WEIGHT = 20.0  # SAM's 20:1 focal:dice ratio
 BACKGROUND_PROMPT_SHARE = 0.1  # some prompts fall on the background, whose mask is "the rest"
 BOX_JITTER = 0.1  # box corners move by this share of the box's side (SAM's box noise)
+LOSS_RESOLUTION = 128  # masks are compared at twice the decoder's 64x64 output (see training_step)
 
 
 def sample_prompts(rng: np.random.Generator, masks: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,16 +166,17 @@ def decode_prompts(model, image_embed, high_res, points: torch.Tensor | None, bo
 
 
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per mask focal+dice loss and true IoU. logits (N, M, h, w), targets (N, h, w) float."""
+    """Per mask focal+dice loss and true IoU. logits (N, M, h, w); targets (N, h, w), the share
+    of each pixel inside the object (soft at edges); the IoU counts pixels at least half inside."""
     targets = targets[:, None].expand_as(logits)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     focal = (ce * (1 - p_t) ** 2 * (0.25 * targets + 0.75 * (1 - targets))).mean(dim=(2, 3))
     dice = 1 - (2 * (prob * targets).sum(dim=(2, 3)) + 1) / (prob.sum(dim=(2, 3)) + targets.sum(dim=(2, 3)) + 1)
-    predicted = (logits > 0).float()
-    intersection = (predicted * targets).sum(dim=(2, 3))
-    union = predicted.sum(dim=(2, 3)) + targets.sum(dim=(2, 3)) - intersection
+    predicted, inside = (logits > 0).float(), (targets >= 0.5).float()
+    intersection = (predicted * inside).sum(dim=(2, 3))
+    union = predicted.sum(dim=(2, 3)) + inside.sum(dim=(2, 3)) - intersection
     iou = intersection / union.clamp(min=1)
     return FOCAL_WEIGHT * focal + dice, iou
 
@@ -185,8 +189,10 @@ def training_step(model, images, points, boxes, targets) -> torch.Tensor:
     box_logits, box_ious = decode_prompts(model, image_embed, [feat_s0, feat_s1], None, boxes[:, half:])
     logits, iou_preds = torch.cat([point_logits, box_logits]), torch.cat([point_ious, box_ious])
     targets = torch.cat([targets[:, :half].flatten(0, 1), targets[:, half:].flatten(0, 1)])
-    # Masks are compared at the decoder's own resolution (a quarter of the input).
-    targets = F.adaptive_avg_pool2d(targets[:, None].float(), logits.shape[-2:])[:, 0].round()
+    # Masks are compared as they are used: logits upscaled bilinearly (here to LOSS_RESOLUTION),
+    # against the share of each pixel inside the object, so edges can fall between pixels.
+    logits = F.interpolate(logits, size=(LOSS_RESOLUTION, LOSS_RESOLUTION), mode="bilinear", align_corners=False)
+    targets = F.adaptive_avg_pool2d(targets[:, None].float(), LOSS_RESOLUTION)[:, 0]
     losses, true_iou = mask_losses(logits, targets)
     # Multimask outputs: only the best of the three is penalised (SAM's ambiguity-aware loss).
     mask_loss = losses[:, 1:].min(dim=1).values.mean() + losses[:, 0].mean()

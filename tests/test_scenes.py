@@ -1,6 +1,7 @@
 """Generated scenes and the micro model's training: its step, logit calibration and file format."""
 
 import numpy as np
+import pytest
 import torch
 
 import train_micro_sam2
@@ -34,6 +35,26 @@ def test_prompts_fall_inside_the_mask_they_ask_for():
         side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
         assert abs(x0 - xs.min()) <= 0.5 * side and abs(x1 - xs.max() - 1) <= 0.5 * side
         assert abs(y0 - ys.min()) <= 0.5 * side and abs(y1 - ys.max() - 1) <= 0.5 * side
+
+
+def test_mask_loss_rewards_an_edge_placed_between_pixels():
+    """Targets are the share of each pixel inside the object: sharp logits whose zero crossing
+    sits where the true edge is (between pixels) lose less than logits whose edge is rounded to
+    a whole pixel, or pulled in by as much; the IoU handed to the IoU head counts the pixels at
+    least half inside."""
+    x = torch.arange(16, dtype=torch.float32) + 0.5  # pixel centres
+    edge = 6.6  # the object covers x < 6.6: pixel 6 is 60 % inside
+    targets = (edge - x + 0.5).clamp(0, 1).expand(16, 16)[None]  # (1, 16, 16)
+
+    def loss_and_iou(logit_edge: float) -> tuple[float, float]:
+        logits = (8 * (logit_edge - x)).expand(1, 1, 16, 16)  # logits cross 0 at logit_edge
+        loss, iou = train_micro_sam2.mask_losses(logits, targets)
+        return loss.item(), iou.item()
+
+    (at_edge, iou_at_edge), (rounded, _), (pulled_in, iou_pulled_in) = map(loss_and_iou, (edge, 7.0, 6.2))
+    assert at_edge < rounded and at_edge < pulled_in
+    assert iou_at_edge == 1.0  # pixel 6 is more than half inside, and predicted
+    assert iou_pulled_in == pytest.approx(6 / 7)  # pixel 6's centre (6.5) falls outside the mask
 
 
 def test_training_steps_fit_one_batch():

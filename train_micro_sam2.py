@@ -13,7 +13,7 @@ After training, the mask logits' scale is calibrated (calibrate_logit_scale): th
 between logits -1 and +1, which sam2's stability score measures, is made an eighth of an input
 pixel wide at object edges (the README has how that width was chosen).
 
-    python train_micro_sam2.py                      # 8000 steps, about 50 min on 2 quiet CPU cores
+    python train_micro_sam2.py                      # 8000 steps, about 67 min on 2 quiet CPU cores
     python train_micro_sam2.py --evaluate-only      # held-out figures of the saved model
 
 Seeded: the same arguments give the same weights on the same machine and torch version.

@@ -37,8 +37,6 @@ not depend on the prompt):
 import argparse
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from scipy.ndimage import binary_erosion
 from tqdm import tqdm
 
 from sam2serve.amg import ImageEncoder, image_predictor
-from sam2serve.checkpoints import build_random_model, load_model, model_size
+from sam2serve.checkpoints import build_random_model, load_model, model_size, save_checkpoint
 from sam2serve.evaluation import best_mask_logits, evaluate
 from sam2serve.preprocess import image_to_input
 from sam2serve.scenes import make_scene
@@ -247,15 +245,11 @@ def calibrate_logit_scale(model, seed: int) -> float:
     return scale
 
 
-def save_checkpoint(model, path: Path, meta: dict) -> None:
+def save_trained(model, path: Path, meta: dict) -> None:
     """Official format ("model" holds the state dict), written atomically. Tensors are stored
     in float16 to keep the committed file under 10 MB; loading copies them into float32."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = {name: value.half() if value.is_floating_point() else value for name, value in model.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
-        torch.save({"model": weights, "training": meta}, tmp)
-    os.chmod(tmp.name, 0o644)  # a temporary file is private; the checkpoint is not
-    os.replace(tmp.name, path)
+    save_checkpoint({"model": weights, "training": meta}, path)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -286,12 +280,12 @@ def train(args: argparse.Namespace) -> None:
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         progress.set_postfix(loss=f"{running:.3f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
-            save_checkpoint(model, args.output, {"steps_done": step + 1})
+            save_trained(model, args.output, {"steps_done": step + 1})
     minutes = (time.perf_counter() - started) / 60
     meta = {key: value for key, value in vars(args).items() if key != "output"}
     scale = calibrate_logit_scale(model.eval(), args.seed)
     meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
-    save_checkpoint(model, args.output, meta)
+    save_trained(model, args.output, meta)
     log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
 
 

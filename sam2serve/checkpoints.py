@@ -47,8 +47,8 @@ class ModelSize:
 # input (2.7 M parameters), trained by train_micro_sam2.py on generated scenes. Same
 # architecture and code path as the official sizes; only the numbers differ. The decoder is
 # 128 wide (the neck's d_model): at 64 its mask read-out had 8 channels and its attention heads
-# 4 dimensions. The memory modules are only used for
-# video, which this project does not segment; they stay at 64 wide.
+# 4 dimensions. The memory modules are only used for video, which this project does not
+# segment; they stay at 64 wide.
 MICRO_OVERRIDES = (
     "++model.image_size=256",
     "++model.image_encoder.trunk.embed_dim=24",
@@ -138,14 +138,18 @@ def write_random_checkpoint(directory: str | os.PathLike, model_type: str, seed:
     """Writes a deterministic random-initialised checkpoint in the official format."""
     size = model_size(model_type)
     path = Path(directory).expanduser() / size.filename
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = build_random_model(size, seed)
-    checkpoint = {"model": model.state_dict(), "random_init": {"seed": seed, "model_type": size.name}}
-    # Write beside the target, then rename: a reader never sees half a file.
+    save_checkpoint({"model": model.state_dict(), "random_init": {"seed": seed, "model_type": size.name}}, path)
+    return path
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """torch.save beside the target, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
         torch.save(checkpoint, tmp)
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; a checkpoint is not
     os.replace(tmp.name, path)
-    return path
 
 
 def ensure_checkpoint(

@@ -3,11 +3,12 @@
 
 Two regimes: every candidate (filters off, NMS threshold 1: 3 per point of an 8x8 grid, 192
 per image, compared one to one, which tests the kernels' numbers), and sam2's default
-thresholds on generated scenes (10 or more masks per image, which tests what users get). Compiled
-float32 must agree with ao almost exactly; half precision (bfloat16 on CPU) is reported and held to a
-floor. Exported kernels, saved and loaded, must give the compiled model's masks, and a package
-built for something else is refused. Compilation costs about a minute per mode here, so each
-kernel pair is built once and shared by the configurations that fit it.
+thresholds on generated scenes (10 or more masks per image, which tests what users get).
+Compiled float32 must agree with ao almost exactly; half precision (bfloat16 on CPU) is
+reported and held to a floor. Exported kernels, saved and loaded, must give the compiled
+model's masks, and a package built for something else is refused. Compilation costs about a
+minute per mode here, so each kernel pair is built once and shared by the configurations that
+fit it.
 """
 
 import json

@@ -102,7 +102,7 @@ def test_logit_calibration_scales_logits_and_keeps_masks_and_iou_predictions(tra
 def test_checkpoint_is_saved_in_half_precision_and_loads_into_float32(tmp_path):
     model = build_random_model(model_size("micro"), seed=3)
     path = tmp_path / "micro.pt"
-    train_micro_sam2.save_checkpoint(model, path, {"steps_done": 0})
+    train_micro_sam2.save_trained(model, path, {"steps_done": 0})
     stored = torch.load(path, weights_only=True)["model"]
     assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
     loaded = load_model(path, "micro", "cpu").model

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +25,37 @@ import torch
 from sam2.utils.amg import build_point_grid
 from tqdm import tqdm
 
-from sam2serve.amg import ImageEncoder
-from sam2serve.checkpoints import MODEL_TYPE_CHOICES
-from sam2serve.cli import add_amg_options, add_device_option, amg_config
+from sam2serve.amg import AMGConfig, ImageEncoder
+from sam2serve.checkpoints import MODEL_TYPE_CHOICES, model_size, resolve_checkpoint
+from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
 from sam2serve.compare import compare_image, summarize
 from sam2serve.decoder import FactoredPointDecoder, PointDecoder, default_prompts_per_step
+from sam2serve.fast import default_compile_mode
 from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import decode_image, image_to_input
-from sam2serve.rle import RLE
+from sam2serve.rle import RLE, answer_text
 from sam2serve.scenes import make_scene
+from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
 from sam2serve.timing import PeakMemory, Stopwatch, latency_summary_ms
 
 log = logging.getLogger("benchmark")
 MAX_PIXELS = 100_000_000
+ROWS = list(MODES) + [STUDY_ROW]
+# --filters: the predicted-IoU and stability thresholds of each table ("off": every candidate
+# is computed and checked, so that no row skips work that a trained model would do).
+DEFAULTS = AMGConfig()
+FILTERS = {
+    "off": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
+    "sam2": dict(pred_iou_thresh=DEFAULTS.pred_iou_thresh, stability_score_thresh=DEFAULTS.stability_score_thresh),
+}
 
 
 @dataclass
 class ModeRun:
-    """One mode's measurements over the run."""
+    """One row's measurements over the run: a mode, or the study's pipeline."""
 
     mode: str
+    ready_seconds: float = 0.0  # loading, compiling or exporting, warming up
     seconds: list[float] = field(default_factory=list)
     peak_mib: float = 0.0
     masks: dict[int, list[RLE]] = field(default_factory=dict)  # image index -> masks
@@ -61,31 +72,56 @@ def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
 
 
 def table(runs: list[ModeRun], n_images: int) -> str:
-    """The results, baseline first, as a Markdown table."""
+    """The results, baseline first, as a Markdown table; "x study" is the ratio of throughputs
+    to the study's pipeline when it ran."""
     baseline = runs[0]
-    baseline_rate = len(baseline.seconds) / sum(baseline.seconds)
-    header = ("| mode | ms per image (median) | p90 | images/s | x baseline | peak MiB | masks per image "
-              "| mIoU vs baseline | mask count mismatch |")
+    rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
+    study_rate = rates.get(STUDY_ROW)
+    header = ("| mode | ready s | ms per image (median) | p90 | images/s | x baseline | x study | peak MiB "
+              "| masks per image | mIoU vs baseline | mask count mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for run in runs:
         latency = latency_summary_ms(run.seconds)
-        rate = len(run.seconds) / sum(run.seconds)
+        rate = rates[run.mode]
         summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
         miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"
         masks = np.mean([len(m) for m in run.masks.values()])
+        versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
         lines.append(
-            f"| {run.mode} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {rate / baseline_rate:.2f} | {run.peak_mib:.0f} | {masks:.1f} | {miou} "
+            f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
+            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {masks:.1f} | {miou} "
             f"| {summary.mask_count_mismatch}/{summary.images} |"
         )
     return "\n".join(lines)
 
 
-def decoder_ablation(pipeline, image: np.ndarray, n_points: int, iou_thresh: float, device: str) -> str:
+def fast_kernels_description(args: argparse.Namespace) -> str:
+    if args.load_fast:
+        return f"kernels loaded from {args.load_fast}/<mode>"
+    if args.save_fast:
+        return f"kernels exported to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
+    return f"torch.compile mode {args.compile_mode or default_compile_mode(args.device)}"
+
+
+def save_masks(directory: Path, filters: str | None, runs: dict[str, ModeRun], n_images: int) -> None:
+    """Each row's masks as one /upload_rle answer per image and line (compare_rle_lists.py reads them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for row, run in runs.items():
+        name = row if filters is None else f"{filters}_{row}"
+        lines = [answer_text(run.masks[index]) + "\n" for index in range(n_images)]
+        (directory / f"{name}.jsonl").write_text("".join(lines))
+
+
+def device_description(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def decoder_ablation(model, image: np.ndarray, n_points: int, iou_thresh: float, device: str) -> str:
     """What each change to the mask decoder buys: ms per point prompt of sam2's decoder and of
     ao's decoder with one change added at a time, on one image's features and 64 points spread
     over its grid (sam2's decoder is slow on a CPU)."""
-    model = pipeline.loaded.model
     with torch.inference_mode():
         features = ImageEncoder(model)(image_to_input(image, model.image_size).to(model.device))
     grid = build_point_grid(int(np.sqrt(n_points))) * model.image_size
@@ -116,14 +152,26 @@ def main() -> None:
     parser.add_argument("checkpoint_dir", nargs="?",
                         help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
     parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                        help="modes to run; the baseline always runs, first (default: all)")
+    parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
+                        help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
+                        "the baseline always runs, first (default: all)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files")
     source.add_argument("--generated", type=int, default=2, help="generated scenes instead of files (default 2)")
     parser.add_argument("--size", type=int, nargs=2, default=[768, 1024], metavar=("H", "W"),
                         help="size of generated scenes (default 768 1024)")
     parser.add_argument("--rounds", type=int, default=1, help="times every image goes through every mode")
+    parser.add_argument("--filters", nargs="+", choices=sorted(FILTERS),
+                        help="one table per setting of the IoU and stability thresholds, from the same loaded "
+                        "models: 'off' (0 and 0), 'sam2' (sam2's defaults); default: one table with the "
+                        "thresholds given")
+    add_option(parser, "compile_mode", help="torch.compile mode of the fast modes "
+               "(default: max-autotune on CUDA, default on a CPU)")
+    add_option(parser, "save_fast", metavar="DIR", help="fast modes: export their kernels to DIR/<mode>, then use them")
+    add_option(parser, "load_fast", metavar="DIR", help="fast modes: load kernels exported to DIR/<mode>")
+    add_option(parser, "save_masks", metavar="DIR",
+               help="write each row's masks to DIR/<row>.jsonl (<filters>_<row>.jsonl with --filters), one "
+               "/upload_rle answer per line, for compare_rle_lists.py")
     parser.add_argument("--ablation", action="store_true",
                         help="also time the mask decoder's variants on the first image (a second table)")
     add_amg_options(parser)
@@ -131,39 +179,73 @@ def main() -> None:
     args = parser.parse_args()
     if (args.checkpoint_dir is None) != (args.model_type is None):
         parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither (the default micro model)")
+    if args.save_fast and args.load_fast:
+        parser.error("give --save-fast or --load-fast, not both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
-    modes = ["baseline"] + [mode for mode in args.modes if mode != "baseline"]
-    pipelines = {}
-    for mode in modes:
+    filters = args.filters or [None]
+    thresholds = [{} if name is None else FILTERS[name] for name in filters]
+    rows = ["baseline"] + [row for row in args.modes if row != "baseline"]
+    study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None
+    if study_absent:
+        rows.remove(STUDY_ROW)
+    generators, ready, description = {}, {}, ""
+    for row in rows:
         started = time.perf_counter()
-        config = amg_config(parser, args, get_mode(mode))
-        pipelines[mode] = load_pipeline(args.checkpoint_dir, args.model_type, mode, args.device, config=config)
-        log.info("%s ready in %.1f s (points per batch %d)", mode, time.perf_counter() - started,
-                 config.points_per_batch)
+        mode = get_mode("ao" if row == STUDY_ROW else row)
+        config = replace(amg_config(parser, args, mode), **thresholds[0])
+        if row == STUDY_ROW:
+            path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
+            generators[row] = StudyMaskGenerator(build_study_model(model_size(model_type), path, args.device), config)
+        else:
+            export = {"save_fast": args.save_fast, "load_fast": args.load_fast} if mode.compiled else {}
+            export = {key: Path(value) / row for key, value in export.items() if value}
+            pipeline = load_pipeline(args.checkpoint_dir, args.model_type, row, args.device, config=config,
+                                     compile_mode=args.compile_mode, **export)
+            generators[row], description = pipeline.generator, description or pipeline.loaded.description
+        ready[row] = time.perf_counter() - started
+        log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], config.points_per_batch)
     images = load_images(args)
-    runs = {mode: ModeRun(mode) for mode in modes}
-    with tqdm(total=args.rounds * len(images) * len(modes), unit="request", file=sys.stderr) as progress:
-        for _ in range(args.rounds):
-            for index, (name, image) in enumerate(images):
-                for mode in modes:
-                    progress.set_description(f"{mode} on {name}")
-                    run = runs[mode]
-                    with PeakMemory(args.device) as memory, Stopwatch(args.device) as watch:
-                        run.masks[index] = pipelines[mode].generator.generate(image)
-                    run.seconds.append(watch.seconds)
-                    run.peak_mib = max(run.peak_mib, memory.mib)
-                    progress.update()
+    if torch.device(args.device).type == "cuda":
+        # Eager rows meet CUDA's lazy set-up (kernel loading, cuBLAS handles) on their first
+        # request: every row runs the first image once, untimed.
+        for row, generator in generators.items():
+            with torch.inference_mode():
+                generator.generate(images[0][1])
 
-    loaded = pipelines["baseline"].loaded
-    print(f"{loaded.description}; device {args.device} ({torch.get_num_threads()} CPU threads); "
-          f"{len(images)} images ({', '.join(name for name, _ in images)}), "
-          f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); torch {torch.__version__}")
-    print(table(list(runs.values()), len(images)))
+    print(f"{description}; device {device_description(args.device)}; "
+          f"torch {torch.__version__}; {len(images)} images ({', '.join(name for name, _ in images)}), "
+          f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); fast modes: "
+          f"{fast_kernels_description(args)}", flush=True)
+    for name, overrides in zip(filters, thresholds):
+        runs = {row: ModeRun(row, ready_seconds=ready[row]) for row in rows}
+        for row in rows:
+            generators[row] = generators[row].with_config(replace(generators[row].config, **overrides))
+        with tqdm(total=args.rounds * len(images) * len(rows), unit="request", file=sys.stderr) as progress:
+            for _ in range(args.rounds):
+                for index, (image_name, image) in enumerate(images):
+                    for row in rows:
+                        progress.set_description(f"{row} on {image_name}")
+                        run = runs[row]
+                        with PeakMemory(args.device) as memory, Stopwatch(args.device) as watch:
+                            run.masks[index] = generators[row].generate(image)
+                        run.seconds.append(watch.seconds)
+                        run.peak_mib = max(run.peak_mib, memory.mib)
+                        progress.update()
+        config = generators["baseline"].config
+        print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
+              f"box NMS {config.box_nms_thresh}:")
+        print(table(list(runs.values()), len(images)))
+        if study_absent:
+            print(f"{STUDY_ROW}: not run: {study_absent}")
+        sys.stdout.flush()
+        if args.save_masks:
+            save_masks(Path(args.save_masks), name, runs, len(images))
     if args.ablation:
         grid_points = args.points_per_side**2
         print(f"\nMask decoder alone, 64 of the {grid_points} grid points on {images[0][0]}, multimask output:")
-        print(decoder_ablation(pipelines["baseline"], images[0][1], grid_points, args.pred_iou_thresh, args.device))
+        print(decoder_ablation(generators["baseline"].generator.predictor.model, images[0][1], grid_points,
+                               args.pred_iou_thresh, args.device))
 
 
 if __name__ == "__main__":

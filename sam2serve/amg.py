@@ -72,6 +72,11 @@ class Generator(Protocol):
         """generate() of each image, where the generator can share work between them."""
         ...
 
+    def with_config(self, config: AMGConfig) -> "Generator":
+        """The same generator, model and kernels under other settings (benchmarks try several
+        thresholds on one compiled model)."""
+        ...
+
 
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
     """Sets the predictor's feature-map sizes from the model's input size.
@@ -104,6 +109,9 @@ class ReferenceMaskGenerator:
 
     def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
         return [self.generate(image) for image in images]  # sam2's generator takes one image
+
+    def with_config(self, config: AMGConfig) -> "ReferenceMaskGenerator":
+        return ReferenceMaskGenerator(self.generator.predictor.model, config)
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,9 @@ class MaskGenerator:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def with_config(self, config: AMGConfig) -> "MaskGenerator":
+        return MaskGenerator(self.model, config)
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return self.generate_batch([image])[0]

@@ -10,7 +10,8 @@ whose reference is sam2's own decoder, decoder.PointDecoder), made fast in one o
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
   device or torch version) is refused with a message that says what differs.
 "furious" runs the model in half precision: float16 on CUDA, bfloat16 on CPU (where float16
-is slow), with TF32 matmuls for what stays in float32. Images are resized and normalised on
+is slow); what stays float32 stays exact (no TF32: that switch is global and would change
+the float32 modes in the same process, the baseline among them). Images are resized and normalised on
 the device in every fast mode.
 """
 
@@ -109,7 +110,6 @@ def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
     if spec.torch_dtype != torch.float32:
         model.to(spec.torch_dtype)
         model.sam_prompt_encoder.float()
-        torch.set_float32_matmul_precision("high")  # TF32 for what stays in float32
     return model.eval()
 
 
@@ -129,15 +129,22 @@ def point_decoder(model: SAM2Base, spec: KernelSpec) -> FactoredPointDecoder:
     return FactoredPointDecoder(model, spec.multimask_output)
 
 
-def compile_kernels(model: SAM2Base, spec: KernelSpec) -> Kernels:
-    """torch.compile of both kernels: full graph, static shapes; max-autotune on CUDA.
+def default_compile_mode(device: str) -> str:
+    """torch.compile's mode for a device: max-autotune on CUDA, as the study. On CPU the default
+    mode: max-autotune's GEMM template search costs minutes there for little gain on these
+    small matmuls."""
+    return "max-autotune" if torch.device(device).type == "cuda" else "default"
 
-    On CPU the default mode: max-autotune's GEMM template search costs minutes there for
-    little gain on these small matmuls.
-    """
+
+def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) -> Kernels:
+    """torch.compile of both kernels: full graph, static shapes, in torch.compile's `mode`
+    (default: default_compile_mode). max-autotune searches GEMM templates for minutes on the
+    large model; "reduce-overhead" keeps its CUDA graphs without the search."""
     model = prepare_model(model, spec)
-    mode = "max-autotune" if spec.device == "cuda" else "default"
-    options = dict(mode=mode, fullgraph=True)
+    # One eager run first: sam2's position encoding fills a cache on its first call, and code
+    # compiled before that guards on the cache being empty, compiling again on the next call.
+    example_inputs(model, spec)
+    options = dict(mode=mode or default_compile_mode(spec.device), fullgraph=True)
     # Batches of images: a batch of another size than the first compiles the encoder once more,
     # then with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
     encoder_dynamic = None if spec.batch_size > 1 else False
@@ -195,9 +202,21 @@ class FastMaskGenerator(MaskGenerator):
     batches padded to one static size. MaskGenerator's eager kernels are its reference."""
 
     def __init__(self, model: SAM2Base, config: AMGConfig, kernels: Kernels) -> None:
+        if (config.points_per_batch, config.multimask_output) != (
+            kernels.spec.points_per_batch, kernels.spec.multimask_output
+        ):
+            raise ValueError(
+                f"kernels built for {kernels.spec.points_per_batch} points per batch and multimask output "
+                f"{kernels.spec.multimask_output}, not {config.points_per_batch} and {config.multimask_output}"
+            )
         super().__init__(model, config)
         self.kernels = kernels
         self.encoder, self.decoder = kernels.encoder, kernels.decoder
+
+    def with_config(self, config: AMGConfig) -> "FastMaskGenerator":
+        """The same kernels under other thresholds (points per batch and multimask output must
+        be those the kernels are built for)."""
+        return FastMaskGenerator(self.model, config, self.kernels)
 
     def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
         """One encoder call per batch_size images (the kernel's batch dimension is dynamic, up to
@@ -209,8 +228,8 @@ class FastMaskGenerator(MaskGenerator):
     def embed_call(self, images: list[np.ndarray]) -> list[ImageFeatures]:
         size, dtype = self.model.image_size, self.kernels.dtype
         model_input = torch.cat([image_to_input_on_device(image, size, self.device, dtype) for image in images])
-        # Copies: with max-autotune on CUDA the kernels run as CUDA graphs, whose outputs are
-        # overwritten by their next run.
+        # Copies: with max-autotune or reduce-overhead on CUDA the kernels run as CUDA graphs,
+        # whose outputs are overwritten by their next run.
         return split_features([feats.clone() for feats in self.encoder(model_input)])
 
     def predict_points(

@@ -9,7 +9,14 @@ import torch
 
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, load_model, resolve_checkpoint
-from .fast import FastMaskGenerator, compile_kernels, kernel_spec, load_kernels, save_kernels
+from .fast import (
+    FastMaskGenerator,
+    compile_kernels,
+    default_compile_mode,
+    kernel_spec,
+    load_kernels,
+    save_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,7 @@ def load_pipeline(
     load_fast: str | os.PathLike | None = None,
     checkpoint_url: str = DOWNLOAD_BASE_URL,
     batch_size: int = 1,
+    compile_mode: str | None = None,
 ) -> Pipeline:
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
@@ -93,7 +101,8 @@ def load_pipeline(
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
     log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
-    generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast, batch_size=batch_size)
+    generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast,
+                                batch_size=batch_size, compile_mode=compile_mode)
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)
 
 
@@ -104,12 +113,14 @@ def build_generator(
     save_fast: str | os.PathLike | None = None,
     load_fast: str | os.PathLike | None = None,
     batch_size: int = 1,
+    compile_mode: str | None = None,
 ) -> Generator:
     """The mask generator that runs a mode, compiled (or exported, or loaded) and warmed up.
 
     save_fast: export the fast kernels into this folder (then serve them);
     load_fast: load kernels exported earlier instead of compiling;
-    batch_size: the most images per encoder call, which a fast mode's kernels are built for.
+    batch_size: the most images per encoder call, which a fast mode's kernels are built for;
+    compile_mode: torch.compile's mode (default: max-autotune on CUDA, default on a CPU).
     """
     if (save_fast or load_fast) and not mode.compiled:
         raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
@@ -128,8 +139,9 @@ def build_generator(
         kernels = load_kernels(save_fast, spec)
         how = f"exported kernels to {save_fast}"
     else:
-        kernels = compile_kernels(loaded.model, spec)
-        how = "compiled kernels (torch.compile)"
+        compile_mode = compile_mode or default_compile_mode(spec.device)
+        kernels = compile_kernels(loaded.model, spec, compile_mode)
+        how = f"compiled kernels (torch.compile, mode {compile_mode})"
     generator = FastMaskGenerator(loaded.model, config, kernels)
     warm_up = generator.warm_up()
     log.info("%s: %s, %s, %d points per batch, up to %d images per encoder call; %.1f s in all, of which "

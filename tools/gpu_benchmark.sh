@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The GPU proof in one command, for a CUDA machine with Python 3.12, torch and no network:
+#
+#   tools/gpu_benchmark.sh --wheels wheels/ --out gpu-results/     (or: make gpu-benchmark)
+#   tools/gpu_benchmark.sh --dry-run --out /tmp/dry                (CPU, micro model, minutes)
+#
+# 0. installs tools/gpu-requirements.txt from the wheel folder (tools/gpu_wheels.sh fills it)
+#    into OUT/site, without touching the machine's own packages; writes a random-initialised
+#    SAM2.1 large checkpoint;
+# 1. smoke: every mode and the study's pipeline on one small image with the micro model
+#    (catches a CUDA-only crash before the long compiles; if the fast modes fail to compile in
+#    COMPILE_MODE, the later stages fall back to torch.compile's default mode);
+# 2. large: benchmark.py on SAM2.1 large, 32x32 grid, 3 generated 768x1024 scenes, every mode
+#    and the study's row, with the IoU and stability filters off, then at sam2's defaults;
+# 3. export: fast_furious exported (--save-fast) then loaded (--load-fast), the masks compared
+#    with each other and with the compiled kernels' masks of stage 2.
+# Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
+# keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
+# every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
+# WORK (default /tmp/sam2-gpu-benchmark). Stages: --stages "smoke large export".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=gpu-results
+WORK=${TMPDIR:-/tmp}/sam2-gpu-benchmark
+WHEELS=""
+DRY_RUN=0
+STAGES="smoke large export"
+COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}
+while (($#)); do
+    case "$1" in
+        --wheels) WHEELS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --work) WORK=$2; shift 2 ;;
+        --stages) STAGES=$2; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        *) echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large export'] [--dry-run]" >&2
+           exit 2 ;;
+    esac
+done
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT/timeline.txt" "$OUT/log.txt"
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FAILED=()
+
+stamp() { echo "[$(date -u '+%Y-%m-%d %H:%M:%S UTC')] $*" | tee -a "$OUT/timeline.txt"; }
+
+# run NAME SECONDS COMMAND...: one stage, its stdout (the tables) in OUT/NAME.md and its log
+# added to OUT/log.txt, stopped after SECONDS (LIMIT_SCALE times that in a dry run); a failure is
+# recorded and the next stage runs.
+run() {
+    local name=$1 seconds=$2 status
+    shift 2
+    seconds=$((seconds * LIMIT_SCALE))
+    stamp "start $name (at most ${seconds} s): $*"
+    echo "===== $name: $*" >>"$OUT/log.txt"
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.md" 2> >(tee -a "$OUT/log.txt" | tail -n 30 >"$WORK/$name.tail")
+    status=$?
+    stamp "end $name: exit status $status"
+    if ((status != 0)); then
+        FAILED+=("$name")
+        sleep 1; cat "$WORK/$name.tail" >&2
+    fi
+    return $status
+}
+
+stamp "gpu_benchmark.sh: dry run $DRY_RUN, stages '$STAGES', compile mode $COMPILE_MODE, python $PYTHON"
+if [[ -n $WHEELS ]]; then
+    stamp "installing tools/gpu-requirements.txt from $WHEELS into $WORK/site"
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" --find-links "$WHEELS" -r tools/gpu-requirements.txt || exit 1
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+"$PYTHON" - <<'EOF' | tee -a "$OUT/timeline.txt"
+import platform, torch
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, {device}")
+EOF
+
+LIMIT_SCALE=1
+if ((DRY_RUN)); then  # the same stages, small: the micro model, a 4x4 grid, one image
+    LIMIT_SCALE=10  # a CPU compiles for minutes
+    MODEL=()
+    SCENES=(--generated 1 --size 192 256 --points-per-side 4)
+else
+    stamp "writing a random-initialised SAM2.1 large checkpoint to $WORK/checkpoints"
+    "$PYTHON" -m sam2serve.checkpoints "$WORK/checkpoints" large --seed 0 >/dev/null || exit 1
+    MODEL=("$WORK/checkpoints" large)
+    SCENES=(--generated 3 --size 768 1024 --points-per-side 32)
+fi
+
+if [[ " $STAGES " == *" smoke "* ]]; then
+    if ! run smoke "${SMOKE_SECONDS:-75}" "$PYTHON" benchmark.py --generated 1 --size 192 256 \
+        --points-per-side 4 --filters off --compile-mode "$COMPILE_MODE"; then
+        COMPILE_MODE=default
+        stamp "smoke failed: the later stages compile in torch.compile's default mode"
+    fi
+fi
+if [[ " $STAGES " == *" large "* ]]; then
+    run large "${LARGE_SECONDS:-270}" "$PYTHON" benchmark.py "${MODEL[@]}" "${SCENES[@]}" --filters off sam2 \
+        --compile-mode "$COMPILE_MODE" --save-masks "$WORK/masks/compiled"
+fi
+if [[ " $STAGES " == *" export "* ]]; then
+    rm -rf "$WORK/exported"
+    EXPORT=("$PYTHON" benchmark.py "${MODEL[@]}" "${SCENES[@]}" --modes fast_furious --filters off)
+    run export-save "${EXPORT_SECONDS:-150}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
+        --save-masks "$WORK/masks/exported" &&
+        run export-load "${LOAD_SECONDS:-50}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
+            --save-masks "$WORK/masks/loaded" &&
+        {
+            echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
+            printf -- "- those exported in the same process (--save-fast): "
+            "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
+                "$WORK/masks/loaded/off_fast_furious.jsonl"
+            if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
+                printf -- "- those of torch.compile (stage large): "
+                "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/off_fast_furious.jsonl" \
+                    "$WORK/masks/loaded/off_fast_furious.jsonl"
+            fi
+            du -sh "$WORK/exported/fast_furious" | sed 's/^/- package size: /'
+        } >"$OUT/export-compare.md" 2>>"$OUT/log.txt"
+fi
+
+stamp "done; failed stages: ${FAILED[*]:-none}"
+((${#FAILED[@]} == 0))

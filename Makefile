@@ -28,3 +28,14 @@ $(INSTALLED): requirements.txt
 
 clean:
 	rm -rf $(VENV)
+
+# The GPU proof (README, "Benchmark on a GPU"). gpu-wheels needs network and the venv;
+# gpu-benchmark runs on a CUDA machine's own Python, offline, from the wheel folder.
+WHEELS ?= wheels
+OUT ?= gpu-results
+.PHONY: gpu-wheels gpu-benchmark
+gpu-wheels: $(INSTALLED)
+	tools/gpu_wheels.sh $(WHEELS)
+
+gpu-benchmark:
+	tools/gpu_benchmark.sh --wheels $(WHEELS) --out $(OUT)

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")
     add_option(parser, "load_fast", metavar="DIR",
                help="fast modes: load kernels exported with --save-fast instead of compiling")
+    add_option(parser, "compile_mode", help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "
+               "whose search takes many minutes on large; reduce-overhead keeps CUDA graphs without it)")
     add_amg_options(parser)
     add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
                help="where missing checkpoints are downloaded from")
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
                                  save_fast=args.save_fast, load_fast=args.load_fast,
-                                 checkpoint_url=args.checkpoint_url, batch_size=args.batch_size)
+                                 checkpoint_url=args.checkpoint_url, batch_size=args.batch_size,
+                                 compile_mode=args.compile_mode)
     except (CheckpointUnavailable, PackageMismatch) as error:
         http.shutdown()
         sys.exit(f"error: {error}")

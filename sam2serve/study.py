@@ -84,7 +84,15 @@ class StudyMaskGenerator:
         fit_predictor_to_model(self.generator.predictor)  # its feature sizes assume a 1024 input
 
     def generate(self, image: np.ndarray) -> list[RLE]:
-        return [record["segmentation"] for record in self.generator.generate(image)]
+        try:
+            records = self.generator.generate(image)
+        except ValueError as error:
+            # The study's code fails when no mask of an image passes the filters (NMS on an
+            # empty nested tensor: "torch.cat(): expected a non-empty list of Tensors").
+            if "non-empty list of Tensors" not in str(error):
+                raise
+            return []
+        return [record["segmentation"] for record in records]
 
     def with_config(self, config: AMGConfig) -> "StudyMaskGenerator":
         return StudyMaskGenerator(self.generator.predictor.model, config)

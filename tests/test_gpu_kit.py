@@ -1,0 +1,123 @@
+"""The GPU kit without a GPU: the study's pipeline, float16 numerics and the benchmark script.
+
+- The study's own pipeline (torchao 0.18's copy of SAM2) is CUDA-only only because it pins host
+  memory; with pinning made a no-op it runs on a CPU, so its row is checked against sam2's
+  generator here, on the trained micro model.
+- fast_furious runs in float16 on CUDA and bfloat16 on a CPU, so CPU tests of the fast modes
+  never see float16: the same modules are run in float16 here (eager, slow, fine on the micro
+  model) and compared with ao.
+- tools/gpu_benchmark.sh runs in its CPU dry run (micro model, 4x4 grid, one image): every stage
+  and table, so the script cannot rot between GPU runs.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from sam2serve.amg import AMGConfig, ImageEncoder, MaskGenerator, ReferenceMaskGenerator
+from sam2serve.checkpoints import MODEL_SIZES, load_model
+from sam2serve.compare import compare_image, summarize
+from sam2serve.fast import FastMaskGenerator, Kernels, kernel_spec, point_decoder, prepare_model
+from sam2serve.scenes import make_scene
+from sam2serve.study import StudyMaskGenerator, build_study_model, retarget, study_unavailable
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    # 11 and 13 objects: 16 and 18 masks at sam2's defaults (tests/test_amg.py)
+    return [make_scene(np.random.default_rng(seed), 300, 380, min_objects=8, max_objects=14).image
+            for seed in (2002, 2004)]
+
+
+@pytest.fixture()
+def pinning_is_a_no_op():
+    """What makes the study's code run on a CPU: Tensor.pin_memory returns the tensor."""
+    with mock.patch.object(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self):
+        yield
+
+
+def test_study_targets_are_rewritten_to_torchao_and_nothing_else():
+    config = {"_target_": "sam2.modeling.sam2_base.SAM2Base", "name": "sam2.keep",
+              "layers": [{"_target_": "sam2.modeling.sam.transformer.Attention"}, {"_target_": "torch.nn.GELU"}]}
+    assert retarget(config) == {
+        "_target_": "torchao._models.sam2.modeling.sam2_base.SAM2Base", "name": "sam2.keep",
+        "layers": [{"_target_": "torchao._models.sam2.modeling.sam.transformer.Attention"},
+                   {"_target_": "torch.nn.GELU"}],
+    }
+
+
+def test_study_row_is_absent_on_a_cpu_and_says_why():
+    assert "CUDA only" in study_unavailable("cpu")
+
+
+def test_study_pipeline_gives_the_baseline_masks(trained_micro_checkpoint, scenes, pinning_is_a_no_op):
+    """Same weights, same settings: the study's 'ao' pipeline and sam2's generator agree."""
+    config = AMGConfig()  # sam2's defaults
+    study = StudyMaskGenerator(build_study_model(MODEL_SIZES["micro"], trained_micro_checkpoint, "cpu"), config)
+    baseline = ReferenceMaskGenerator(load_model(trained_micro_checkpoint, "micro", "cpu").model, config)
+    comparisons = [compare_image(str(i), baseline.generate(image), study.generate(image))
+                   for i, image in enumerate(scenes)]
+    assert all(c.reference_masks >= 10 for c in comparisons)
+    summary = summarize(comparisons)
+    assert summary.mask_count_mismatch == 0 and summary.miou > 0.999
+
+
+def test_study_row_answers_no_masks_where_none_pass(trained_micro_checkpoint, scenes, pinning_is_a_no_op):
+    """The study's code raises when no mask passes the filters; its row answers no masks, as sam2."""
+    config = AMGConfig(points_per_side=4, pred_iou_thresh=1.0)
+    study = StudyMaskGenerator(build_study_model(MODEL_SIZES["micro"], trained_micro_checkpoint, "cpu"), config)
+    assert study.generate(scenes[0]) == []
+    assert study.with_config(replace(config, pred_iou_thresh=0.0)).generate(scenes[0])
+
+
+def test_float16_modules_agree_with_ao(trained_micro_checkpoint, scenes):
+    """fast_furious's dtype on CUDA, on a CPU: ao's modules in float16 (the prompt encoder in
+    float32, as fast_furious), every candidate kept, against ao in float32."""
+    config = AMGConfig(points_per_side=8, points_per_batch=64, **KEEP_EVERY_CANDIDATE)
+    ao = MaskGenerator(load_model(trained_micro_checkpoint, "micro", "cpu").model, config)
+    loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
+    spec = replace(kernel_spec(loaded.model, loaded.path, config, furious=True), dtype="float16")
+    model = prepare_model(loaded.model, spec)
+    assert model.image_encoder.trunk.patch_embed.proj.weight.dtype == torch.float16
+    half = FastMaskGenerator(model, config, Kernels(spec, ImageEncoder(model), point_decoder(model, spec)))
+    summary = summarize([compare_image(str(i), ao.generate(image), half.generate(image))
+                         for i, image in enumerate(scenes)])
+    print(f"float16 against ao: {summary.line()}")
+    assert summary.miou > 0.98 and summary.mask_count_mismatch <= 1
+
+
+def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--out", str(out),
+                             "--work", str(work)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, cwd=REPO, timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    timeline = (out / "timeline.txt").read_text()
+    assert "failed stages: none" in timeline and "torch " in timeline
+    for stage, rows, tables in [("smoke", ["baseline", "ao", "fast", "fast_furious"], 1),
+                                ("large", ["baseline", "ao", "fast", "fast_furious"], 2),
+                                ("export-save", ["baseline", "fast_furious"], 1),
+                                ("export-load", ["baseline", "fast_furious"], 1)]:
+        text = (out / f"{stage}.md").read_text()
+        assert text.count("| mode | ready s |") == tables, text
+        assert all(f"\n| {row} |" in text for row in rows), text
+        assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
+    comparison = (out / "export-compare.md").read_text()
+    assert comparison.count("mIoU 1.000000") == 2, comparison
+
+
+def test_gpu_scripts_pass_shellcheck():
+    shellcheck = str(Path(sys.executable).with_name("shellcheck"))
+    for script in ("gpu_benchmark.sh", "gpu_wheels.sh"):
+        result = subprocess.run([shellcheck, str(REPO / "tools" / script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout

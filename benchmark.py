@@ -5,10 +5,11 @@
 
 Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
 machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
-compile (or load their export) and run once on a blank image before the clock starts; the eager
-modes have nothing to warm up. Each image is timed from its RGB array to the RLE masks. Peak
-memory is, on CUDA, the most allocated during a mode's requests; on a CPU, the most resident
-memory above what the process held when the request started, sampled every 5 ms. Every mode is
+compile (or load their export) and run once on a blank image before the clock starts; on CUDA
+every row also runs the first image once, untimed (CUDA's lazy set-up). Each image is timed from
+its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
+requests; on a CPU, the most resident memory above what the process held when the request
+started, sampled every 5 ms. Every mode is
 compared with the baseline on the same image (masks matched one to one, see compare_rle_lists.py).
 Wall-clock figures belong here, never in tests.
 """
@@ -147,6 +148,35 @@ def decoder_ablation(model, image: np.ndarray, n_points: int, iou_thresh: float,
     return "\n".join(lines)
 
 
+def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict):
+    """The generator of one row (a mode, or the study's pipeline), compiled or loaded, warmed up."""
+    mode = get_mode("ao" if row == STUDY_ROW else row)
+    config = replace(amg_config(parser, args, mode), **thresholds)
+    if row == STUDY_ROW:
+        path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
+        return StudyMaskGenerator(build_study_model(model_size(model_type), path, args.device), config)
+    export = {"save_fast": args.save_fast, "load_fast": args.load_fast} if mode.compiled else {}
+    export = {key: Path(value) / row for key, value in export.items() if value}
+    return load_pipeline(args.checkpoint_dir, args.model_type, row, args.device, config=config,
+                         compile_mode=args.compile_mode, **export).generator
+
+
+def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str) -> dict[str, ModeRun]:
+    """Every row on every image, taking turns image by image: time, peak memory, masks."""
+    runs = {row: ModeRun(row) for row in generators}
+    with tqdm(total=rounds * len(images) * len(runs), unit="request", file=sys.stderr) as progress:
+        for _ in range(rounds):
+            for index, (image_name, image) in enumerate(images):
+                for row, generator in generators.items():
+                    progress.set_description(f"{row} on {image_name}")
+                    with PeakMemory(device) as memory, Stopwatch(device) as watch:
+                        runs[row].masks[index] = generator.generate(image)
+                    runs[row].seconds.append(watch.seconds)
+                    runs[row].peak_mib = max(runs[row].peak_mib, memory.mib)
+                    progress.update()
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", nargs="?",
@@ -189,22 +219,12 @@ def main() -> None:
     study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None
     if study_absent:
         rows.remove(STUDY_ROW)
-    generators, ready, description = {}, {}, ""
+    generators, ready = {}, {}
     for row in rows:
         started = time.perf_counter()
-        mode = get_mode("ao" if row == STUDY_ROW else row)
-        config = replace(amg_config(parser, args, mode), **thresholds[0])
-        if row == STUDY_ROW:
-            path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
-            generators[row] = StudyMaskGenerator(build_study_model(model_size(model_type), path, args.device), config)
-        else:
-            export = {"save_fast": args.save_fast, "load_fast": args.load_fast} if mode.compiled else {}
-            export = {key: Path(value) / row for key, value in export.items() if value}
-            pipeline = load_pipeline(args.checkpoint_dir, args.model_type, row, args.device, config=config,
-                                     compile_mode=args.compile_mode, **export)
-            generators[row], description = pipeline.generator, description or pipeline.loaded.description
+        generators[row] = load_row(row, parser, args, thresholds[0])
         ready[row] = time.perf_counter() - started
-        log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], config.points_per_batch)
+        log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], generators[row].config.points_per_batch)
     images = load_images(args)
     if torch.device(args.device).type == "cuda":
         # Eager rows meet CUDA's lazy set-up (kernel loading, cuBLAS handles) on their first
@@ -213,25 +233,17 @@ def main() -> None:
             with torch.inference_mode():
                 generator.generate(images[0][1])
 
-    print(f"{description}; device {device_description(args.device)}; "
+    path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
+    print(f"SAM2.1 {model_size(model_type).name} from {path}; device {device_description(args.device)}; "
           f"torch {torch.__version__}; {len(images)} images ({', '.join(name for name, _ in images)}), "
           f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); fast modes: "
           f"{fast_kernels_description(args)}", flush=True)
     for name, overrides in zip(filters, thresholds):
-        runs = {row: ModeRun(row, ready_seconds=ready[row]) for row in rows}
         for row in rows:
             generators[row] = generators[row].with_config(replace(generators[row].config, **overrides))
-        with tqdm(total=args.rounds * len(images) * len(rows), unit="request", file=sys.stderr) as progress:
-            for _ in range(args.rounds):
-                for index, (image_name, image) in enumerate(images):
-                    for row in rows:
-                        progress.set_description(f"{row} on {image_name}")
-                        run = runs[row]
-                        with PeakMemory(args.device) as memory, Stopwatch(args.device) as watch:
-                            run.masks[index] = generators[row].generate(image)
-                        run.seconds.append(watch.seconds)
-                        run.peak_mib = max(run.peak_mib, memory.mib)
-                        progress.update()
+        runs = measure(generators, images, args.rounds, args.device)
+        for row, run in runs.items():
+            run.ready_seconds = ready[row]
         config = generators["baseline"].config
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")

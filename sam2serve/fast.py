@@ -11,8 +11,8 @@ whose reference is sam2's own decoder, decoder.PointDecoder), made fast in one o
   device or torch version) is refused with a message that says what differs.
 "furious" runs the model in half precision: float16 on CUDA, bfloat16 on CPU (where float16
 is slow); what stays float32 stays exact (no TF32: that switch is global and would change
-the float32 modes in the same process, the baseline among them). Images are resized and normalised on
-the device in every fast mode.
+the float32 modes in the same process, the baseline among them). Images are resized and
+normalised on the device in every fast mode.
 """
 
 import hashlib

@@ -55,12 +55,35 @@ def get_mode(name: str) -> Mode:
     return MODES[name]
 
 
+# Memory of the mask decoder per point prompt on a 1024-pixel model (64x64 image tokens, the
+# same decoder for every official size), measured eagerly (tests/test_gpu_kit.py checks it):
+# the whole batch of 1024 points takes about 21 GiB in float32 and 10 GiB in half precision.
+DECODER_MIB_PER_PROMPT = {False: 21.2, True: 10.1}  # by half_precision
+DECODER_MEMORY_SHARE = 0.6  # of the GPU's memory, at most, for one point batch
+
+
+def gpu_points_per_batch(mode: Mode, gpu_mib: float) -> int:
+    """The mode's points per batch, halved until one batch's decoder fits in its share of a GPU
+    with gpu_mib of memory (float32 fast mode: 1024 on an 80 GB card, 512 on a 24 GB one)."""
+    points = mode.points_per_batch
+    while points > 64 and points * DECODER_MIB_PER_PROMPT[mode.half_precision] > DECODER_MEMORY_SHARE * gpu_mib:
+        points //= 2
+    return points
+
+
 def mode_config(mode: Mode, device: str, **options) -> AMGConfig:
-    """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch, then
-    `options` (those that are None keep their default)."""
+    """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch (on a
+    CPU its CPU value; on a GPU as many as fit), then `options` (those that are None keep their
+    default)."""
     options = {name: value for name, value in options.items() if value is not None}
-    on_cpu = torch.device(device).type == "cpu" and mode.cpu_points_per_batch is not None
-    options.setdefault("points_per_batch", mode.cpu_points_per_batch if on_cpu else mode.points_per_batch)
+    kind = torch.device(device).type
+    if kind == "cpu" and mode.cpu_points_per_batch is not None:
+        points = mode.cpu_points_per_batch
+    elif kind == "cuda" and mode.compiled:
+        points = gpu_points_per_batch(mode, torch.cuda.get_device_properties(device).total_memory / 2**20)
+    else:
+        points = mode.points_per_batch
+    options.setdefault("points_per_batch", points)
     return AMGConfig(**options)
 
 

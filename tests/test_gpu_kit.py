@@ -26,7 +26,7 @@ from sam2serve.checkpoints import MODEL_SIZES, load_model
 from sam2serve.compare import compare_image, summarize
 from sam2serve.decoder import FactoredPointDecoder
 from sam2serve.fast import FastMaskGenerator, Kernels, kernel_spec, point_decoder, prepare_model
-from sam2serve.modes import DECODER_MIB_PER_PROMPT, MODES, gpu_points_per_batch
+from sam2serve.modes import DECODER_MIB_PER_PROMPT, MODES, build_generator, gpu_points_per_batch
 from sam2serve.scenes import make_scene
 from sam2serve.study import StudyMaskGenerator, build_study_model, retarget, study_unavailable
 from sam2serve.timing import PeakMemory
@@ -97,6 +97,29 @@ def test_float16_modules_agree_with_ao(trained_micro_checkpoint, scenes):
                          for i, image in enumerate(scenes)])
     print(f"float16 against ao: {summary.line()}")
     assert summary.miou > 0.98 and summary.mask_count_mismatch <= 1
+
+
+def test_half_precision_leaves_float32_modes_alone(trained_micro_checkpoint):
+    """fast_furious must not switch the process to TF32: on CUDA that would change the baseline's
+    and every float32 mode's numbers in the same process (and make compiled float32 code compile
+    again)."""
+    before = torch.get_float32_matmul_precision()
+    loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
+    prepare_model(loaded.model, replace(kernel_spec(loaded.model, loaded.path, AMGConfig(), furious=True),
+                                        dtype="float16"))
+    assert torch.get_float32_matmul_precision() == before == "highest"
+
+
+def test_compiled_kernels_do_not_compile_again_after_warm_up(trained_micro_checkpoint, scenes):
+    """Compilation happens before serving: requests after the warm-up compile nothing (sam2's
+    position encoding fills a cache on its first call; code compiled before that would compile
+    again on the first request)."""
+    config = AMGConfig(points_per_side=4, points_per_batch=8)
+    generator = build_generator(MODES["fast"], load_model(trained_micro_checkpoint, "micro", "cpu"), config)
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    for image in scenes:
+        generator.generate(image)
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
 def test_decoder_memory_per_prompt_is_what_the_gpu_batch_size_assumes(tiny_model):

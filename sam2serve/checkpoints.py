@@ -206,17 +206,11 @@ def _download(url: str, path: Path) -> None:
     os.replace(tmp.name, path)
 
 
-def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedModel:
-    """Builds the model of that size and loads the checkpoint's weights, strictly."""
-    size = model_size(model_type)
-    path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" not in checkpoint:
-        raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
-    model = build_model(size)
-    mismatch = f"{path} does not fit SAM2.1 {size.name} (is it a checkpoint of another size?)"
+def load_weights(model: torch.nn.Module, state_dict: dict, mismatch: str) -> torch.nn.Module:
+    """Loads a state dict strictly; a ValueError starting with `mismatch` says what does not fit."""
+    mismatch = f"{mismatch} (is it a checkpoint of another size?)"
     try:
-        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # tensors of other shapes
         raise ValueError(f"{mismatch}: {str(error)[:500]}") from error
     if missing or unexpected:
@@ -224,6 +218,17 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
             f"{mismatch}: {len(missing)} missing tensors (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    return model
+
+
+def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedModel:
+    """Builds the model of that size and loads the checkpoint's weights, strictly."""
+    size = model_size(model_type)
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:
+        raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
+    model = load_weights(build_model(size), checkpoint["model"], f"{path} does not fit SAM2.1 {size.name}")
     random_init = checkpoint.get("random_init")
     loaded = LoadedModel(
         model=model.to(device).eval(),

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from .amg import AMGConfig, fit_predictor_to_model
-from .checkpoints import ModelSize
+from .checkpoints import ModelSize, load_weights
 from .rle import RLE
 
 STUDY_PACKAGE = "torchao._models.sam2"
@@ -62,14 +62,9 @@ def build_study_model(size: ModelSize, checkpoint: str | Path, device: str) -> t
     config = compose(config_name=size.config, overrides=list(size.overrides))
     OmegaConf.resolve(config)
     model_config = OmegaConf.create(retarget(OmegaConf.to_container(config.model)))
-    model = instantiate(model_config, _recursive_=True)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint} does not fit the study's SAM2.1 {size.name}: {len(missing)} missing tensors "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+    model = load_weights(instantiate(model_config, _recursive_=True), state,
+                         f"{checkpoint} does not fit the study's SAM2.1 {size.name}")
     return model.to(device).eval()
 
 

@@ -57,12 +57,12 @@ run() {
     seconds=$((seconds * LIMIT_SCALE))
     stamp "start $name (at most ${seconds} s): $*"
     echo "===== $name: $*" >>"$OUT/log.txt"
-    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.md" 2> >(tee -a "$OUT/log.txt" | tail -n 30 >"$WORK/$name.tail")
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.md" 2>>"$OUT/log.txt"
     status=$?
     stamp "end $name: exit status $status"
     if ((status != 0)); then
         FAILED+=("$name")
-        sleep 1; cat "$WORK/$name.tail" >&2
+        tail -n 30 "$OUT/log.txt" >&2
     fi
     return $status
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study on Modal H100s: deploy modal_app.py, replay an image list through every chosen
+# The study on Modal H100s: deploy deploy/modal_app.py, replay an image list through every chosen
 # mode, collect one RLE line per image and mode, stop the app, compare each mode with the
 # baseline (compare_rle_lists.py).
 #
@@ -38,7 +38,9 @@ if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_na
     modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
 fi
 
-modal deploy "$here/modal_app.py"
+# The app is the module deploy.modal_app of this repository.
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+modal deploy -m deploy.modal_app
 # Stop the app however this script ends.
 trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
 
@@ -49,7 +51,7 @@ for mode in $modes; do
         load_fast=(--load-fast "$mode")
     fi
     echo "replaying $paths_file through $mode"
-    "$python" "$here/modal_app.py" replay "$paths_file" "$output_dir/$mode/rle_masks" \
+    "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
         --model-type "$model_type" --mode "$mode" "${load_fast[@]}"
 done
 

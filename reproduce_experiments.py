@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointUnavailable, ensure_checkpoint, load_model
-from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
+from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config, read_image_paths
 from sam2serve.compare import compare_results, format_float, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
-from sam2serve.preprocess import decode_image
+from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
 from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
 
@@ -42,7 +42,6 @@ RESULT_COLUMNS = [
     "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch",
     "model_type", "device", "torch_version",
 ]
-MAX_PIXELS = 100_000_000  # the study's images are the user's own: no server-style limit
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
         loaded = load_model(settings["checkpoint"], settings["model_type"], device)
         generator = build_generator(get_mode(row.mode), loaded, config)  # compiles a fast mode
         # Warm-up, untimed: lazy initialisation happens on the first image.
-        generator.generate(decode_image(Path(paths[0]).read_bytes(), MAX_PIXELS))
+        generator.generate(read_image_file(paths[0]))
     reset_peak_memory(device)
 
     seconds = []
@@ -85,7 +84,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
         for path in tqdm(paths, desc=label, unit="image"):
             data = Path(path).read_bytes()
             with Stopwatch(device) as request:
-                rles = generator.generate(decode_image(data, MAX_PIXELS))
+                rles = generator.generate(decode_image(data, FILE_MAX_PIXELS))
             seconds.append(request.seconds)
             out.write(answer_text(rles) + "\n")
     partial.replace(row_dir / "rle_masks")
@@ -167,10 +166,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
     return args, {name: amg_config(parser, args, mode) for name, mode in MODES.items()}
 
 
-def read_image_paths(path: str) -> list[str]:
-    paths = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not paths:
-        sys.exit(f"error: {path} lists no images")
+def existing_image_paths(path: str) -> list[str]:
+    try:
+        paths = read_image_paths(path)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {error}")
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         sys.exit(f"error: {len(missing)} listed images do not exist, e.g. {missing[:3]}")
@@ -180,7 +180,7 @@ def read_image_paths(path: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, configs = parse_args(argv)
-    image_paths = read_image_paths(args.image_paths_file)
+    image_paths = existing_image_paths(args.image_paths_file)
     try:
         checkpoint = ensure_checkpoint(args.checkpoint_dir, args.model_type)
     except CheckpointUnavailable as error:

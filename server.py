@@ -19,8 +19,10 @@ from dataclasses import asdict
 
 from werkzeug.serving import make_server
 
-from sam2serve.checkpoints import DOWNLOAD_BASE_URL, MODEL_TYPE_CHOICES, CheckpointUnavailable
-from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
+from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
+from sam2serve.cli import (
+    add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
+)
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, create_app
@@ -34,12 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve SAM2 automatic mask generation over HTTP (/upload, /upload_rle).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "checkpoint_dir", nargs="?",
-        help="folder with sam2.1_hiera_<size>.pt (downloaded there if missing); "
-        "omit both positionals to serve the project's trained micro model (models/)",
-    )
-    parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES, help="model size")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
                         help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
     parser.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
@@ -70,8 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="seconds a request may wait for its answer before 504")
     args = parser.parse_args(argv)
 
-    if (args.checkpoint_dir is None) != (args.model_type is None):
-        parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither for the default model")
+    check_checkpoint_arguments(parser, args)
     if args.furious:
         if args.mode not in ("fast", "fast_furious"):
             parser.error("--furious goes with --fast")

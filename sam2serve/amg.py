@@ -3,16 +3,20 @@ every point, filtering by predicted IoU and stability, box NMS, masks out as COC
 
 Two generators with one interface (`generate(image) -> list of RLE`):
 - `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, unmodified.
-- `MaskGenerator`: the project's pipeline, the same algorithm and the same numbers with less
-  work. Its mask decoder (`decoder.FactoredPointDecoder`) does the image-side work once per
-  image instead of once per prompt, and computes no mask for a prompt whose every predicted IoU
-  fails the filter (the IoU head does not need masks). Per point batch it filters by predicted
-  IoU before upscaling, keeps survivors as low-resolution logits, and only after NMS upscales
-  the masks that are kept, encoding them all at once on the device with one copy to the host.
+- `MaskGenerator`: the project's recipe, the same algorithm and the same numbers with less
+  work. Per point batch it filters by predicted IoU before upscaling, keeps survivors as
+  low-resolution logits, and only after NMS upscales the masks that are kept, encoding them all
+  at once on the device with one copy to the host.
+
+The recipe knows nothing of compilation: it runs three `Kernels` (input preparation, image
+encoder, point decoder), by default the eager modules of model.py, whose factored decoder does
+the image-side work once per image instead of once per prompt and computes no mask for a prompt
+whose every predicted IoU fails the filter. The fast modes hand it compiled or exported kernels
+(fast.py).
 """
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +34,7 @@ from sam2.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
-from .decoder import FactoredPointDecoder, default_prompts_per_step
+from .model import FactoredPointDecoder, ImageEncoder, ImageFeatures, default_prompts_per_step, split_features
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
 
@@ -115,11 +119,34 @@ class ReferenceMaskGenerator:
 
 
 @dataclass(frozen=True)
-class ImageFeatures:
-    """What the image encoder gives the mask decoder, for one image."""
+class Kernels:
+    """What MaskGenerator runs on the device, as three functions of tensors.
 
-    image_embed: torch.Tensor  # (1, C, H/16, W/16)
-    high_res_feats: list[torch.Tensor]  # [(1, C/8, H/4, W/4), (1, C/4, H/8, W/8)]
+    The eager modules by default (eager_kernels); the fast modes pass compiled or exported ones
+    built for static shapes, and say which (a generator refuses settings they do not fit).
+    """
+
+    prepare_input: Callable  # (H, W, 3) uint8 RGB -> (1, 3, R, R) model input on the device
+    encoder: Callable  # (B, 3, R, R) -> (image_embed, feat_s0, feat_s1)
+    decoder: Callable  # (image_embed, feat_s0, feat_s1, coords (P, 2)) -> float32 (logits (P, M, h, w), IoUs (P, M))
+    dtype: torch.dtype = torch.float32  # the model's
+    points_per_batch: int | None = None  # the decoder's static batch size, if it has one
+    multimask_output: bool | None = None  # what the decoder is built for, if fixed
+
+
+def eager_kernels(model: SAM2Base, config: AMGConfig) -> Kernels:
+    """ao's kernels: sam2's preprocessing on the host, the image encoder, and the factored point
+    decoder, which computes no mask for a prompt whose every predicted IoU fails the filter."""
+    gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
+
+    def prepare_input(image: np.ndarray) -> torch.Tensor:
+        return image_to_input(image, model.image_size).to(model.device)
+
+    return Kernels(
+        prepare_input=prepare_input,
+        encoder=ImageEncoder(model),
+        decoder=FactoredPointDecoder(model, config.multimask_output, default_prompts_per_step(model), iou_gate=gate),
+    )
 
 
 @dataclass(frozen=True)
@@ -149,93 +176,23 @@ class Candidates:
         return Candidates(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Candidates)})
 
 
-class ImageEncoder(torch.nn.Module):
-    """Model input (B, 3, R, R) -> what the mask decoder needs: (image_embed, feat_s0, feat_s1).
-
-    As sam2's SAM2ImagePredictor.set_image, as one module with tensors in and out, so that the
-    fast modes can compile or export it.
-    """
-
-    def __init__(self, model: SAM2Base) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        backbone_out = self.model.forward_image(images)
-        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
-        if self.model.directly_add_no_mem_embed:
-            # Added to the lowest-resolution features during training on videos.
-            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        # (H*W, B, C) -> (B, C, H, W), in the input's dtype (sam2's neck upcasts some levels
-        # to float32 in half-precision modes; a no-op in float32)
-        feat_s0, feat_s1, image_embed = [
-            feat.permute(1, 2, 0).reshape(images.shape[0], -1, h, w).to(images.dtype)
-            for feat, (h, w) in zip(vision_feats, feat_sizes)
-        ]
-        return image_embed, feat_s0, feat_s1
-
-
-def split_features(encoder_output: tuple[torch.Tensor, ...]) -> list[ImageFeatures]:
-    """The encoder's (image_embed, feat_s0, feat_s1) for a batch -> one ImageFeatures per image."""
-    image_embed, feat_s0, feat_s1 = encoder_output
-    return [
-        ImageFeatures(image_embed=image_embed[i : i + 1], high_res_feats=[feat_s0[i : i + 1], feat_s1[i : i + 1]])
-        for i in range(len(image_embed))
-    ]
-
-
-def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
-    return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """XYXY boxes (N, 4) of the masks logits > threshold, [0, 0, 0, 0] for an empty mask: sam2's
-    batched_mask_to_box, from two max-reductions of the logits instead of a boolean mask."""
-    rows = logits.amax(dim=-1) > threshold  # (N, H): rows holding a pixel of the mask
-    cols = logits.amax(dim=-2) > threshold  # (N, W)
-
-    def first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.arange(present.shape[-1], device=present.device)
-        return torch.where(present, index, present.shape[-1]).amin(dim=-1), (present * index).amax(dim=-1)
-
-    (top, bottom), (left, right) = first_and_last(rows), first_and_last(cols)
-    boxes = torch.stack([left, top, right, bottom], dim=-1)
-    return boxes * rows.any(dim=-1, keepdim=True)
-
-
-# Masks upscaled to full resolution at a time: a few images' worth stays in the CPU's cache
-# between the upscaling and the passes that read it (measured: README, "Performance").
-UPSCALE_CHUNK = 4
-
-
-def full_resolution_scores(
-    low_res_logits: torch.Tensor, size: tuple[int, int], config: AMGConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stability scores and boxes of low-resolution logits (N, h, w) upscaled to `size`, as sam2
-    computes them on its upscaled masks, a few masks at a time and never kept: (N,), (N, 4)."""
-    stability, boxes = [], []
-    for chunk in low_res_logits.split(UPSCALE_CHUNK):
-        masks = upscale_logits(chunk, size)
-        stability.append(calculate_stability_score(masks, config.mask_threshold, config.stability_score_offset))
-        boxes.append(boxes_of_logits(masks, config.mask_threshold))
-    if not stability:
-        return low_res_logits.new_zeros(0), torch.zeros((0, 4), dtype=torch.long, device=low_res_logits.device)
-    return torch.cat(stability), torch.cat(boxes)
-
-
 class MaskGenerator:
-    """The project's mask generator ("ao"): sam2's algorithm with less work, same answer."""
+    """The project's mask generator ("ao" with the eager kernels): sam2's algorithm with less
+    work, same answer. `kernels` replace the eager ones (fast modes)."""
 
-    def __init__(self, model: SAM2Base, config: AMGConfig) -> None:
+    def __init__(self, model: SAM2Base, config: AMGConfig, kernels: Kernels | None = None) -> None:
+        if kernels is not None and (
+            kernels.points_per_batch not in (None, config.points_per_batch)
+            or kernels.multimask_output not in (None, config.multimask_output)
+        ):
+            raise ValueError(
+                f"kernels built for {kernels.points_per_batch} points per batch and multimask output "
+                f"{kernels.multimask_output}, not {config.points_per_batch} and {config.multimask_output}"
+            )
         self.model = model
         self.config = config
-        self.encoder = ImageEncoder(model)
-        # Masks of prompts whose every IoU prediction fails the filter are never computed.
-        gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
-        self.decoder = FactoredPointDecoder(
-            model, config.multimask_output, default_prompts_per_step(model), iou_gate=gate
-        )
+        self.given_kernels = kernels
+        self.kernels = kernels or eager_kernels(model, config)
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )
@@ -245,7 +202,9 @@ class MaskGenerator:
         return self.model.device
 
     def with_config(self, config: AMGConfig) -> "MaskGenerator":
-        return MaskGenerator(self.model, config)
+        """The same model and kernels under other settings (eager kernels follow the settings;
+        compiled ones must fit them)."""
+        return MaskGenerator(self.model, config, self.given_kernels)
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return self.generate_batch([image])[0]
@@ -316,34 +275,6 @@ class MaskGenerator:
         # Into image coordinates.
         return replace(kept, boxes=uncrop_boxes_xyxy(kept.boxes, crop_box), points=uncrop_points(kept.points, crop_box))
 
-    def embed(self, image: np.ndarray) -> ImageFeatures:
-        """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
-        return self.embed_batch([image])[0]
-
-    def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
-        """One image-encoder call for several images (each resized to the model's input)."""
-        model_input = torch.cat([image_to_input(image, self.model.image_size) for image in images]).to(self.device)
-        return split_features(self.encoder(model_input))
-
-    def predict_points(
-        self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for single foreground points.
-
-        Arguments:
-          points: (B, 2) float32 pixel coordinates (x, y) in the crop.
-        Returns:
-          low-resolution mask logits (B, M, h, w) and predicted IoUs (B, M), M = 3 with
-          multimask output, else 1.
-        """
-        return self.decoder(features.image_embed, *features.high_res_feats, self.model_coords(points, crop_hw))
-
-    def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
-        """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
-        h, w = crop_hw
-        coords = points / torch.tensor([w, h], dtype=torch.float32, device=points.device)
-        return coords * self.model.image_size
-
     def batch_candidates(
         self,
         features: ImageFeatures,
@@ -357,45 +288,28 @@ class MaskGenerator:
         points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         low_res_logits, iou_preds = self.predict_points(features, points, crop_hw)
         masks_per_point = low_res_logits.shape[1]
-        low_res_logits = low_res_logits.flatten(0, 1)  # (B*M, h, w)
-        iou_preds = iou_preds.flatten(0, 1)
-        points = points.repeat_interleave(masks_per_point, dim=0)
+        n = masks_per_point * len(points)
+        candidates = Candidates(
+            low_res_logits=low_res_logits.flatten(0, 1),  # (B*M, h, w)
+            iou_preds=iou_preds.flatten(0, 1),
+            stability_scores=iou_preds.new_zeros(n),  # set below, for the masks that pass the IoU filter
+            boxes=torch.zeros((n, 4), dtype=torch.long, device=self.device),  # likewise
+            points=points.repeat_interleave(masks_per_point, dim=0),
+            crop_boxes=torch.tensor([crop_box], device=self.device).expand(n, 4),
+        )
 
         # Filter by predicted IoU before upscaling: only survivors are upscaled.
         if cfg.pred_iou_thresh > 0.0:
-            keep = iou_preds > cfg.pred_iou_thresh
-            low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
+            candidates = candidates.select(candidates.iou_preds > cfg.pred_iou_thresh)
 
-        # Filter by stability, on full-resolution logits (as sam2, so the scores are the same).
-        stability, boxes = full_resolution_scores(low_res_logits, crop_hw, cfg)
+        # Stability and boxes on full-resolution logits (as sam2, so the scores are the same).
+        stability, boxes = full_resolution_scores(candidates.low_res_logits, crop_hw, cfg)
+        candidates = replace(candidates, stability_scores=stability, boxes=boxes)
         if cfg.stability_score_thresh > 0.0:
-            keep = stability >= cfg.stability_score_thresh
-            low_res_logits, iou_preds, points = low_res_logits[keep], iou_preds[keep], points[keep]
-            stability, boxes = stability[keep], boxes[keep]
+            candidates = candidates.select(stability >= cfg.stability_score_thresh)
 
         # Drop masks that touch a crop's edge where it is not the image's edge.
-        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_hw[1], orig_hw[0]])
-        iou_preds = iou_preds[keep]
-        return Candidates(
-            low_res_logits=low_res_logits[keep],
-            iou_preds=iou_preds,
-            stability_scores=stability[keep],
-            boxes=boxes[keep],
-            points=points[keep],
-            crop_boxes=torch.tensor([crop_box], device=self.device).expand(len(iou_preds), 4),
-        )
-
-    def render_masks(
-        self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
-    ) -> torch.Tensor:
-        """Upscales candidates' logits into their crops of the image: (N, H, W) bool."""
-        masks = torch.zeros((len(candidates), *orig_hw), dtype=torch.bool, device=self.device)
-        for crop_box in crop_boxes:
-            x0, y0, x1, y1 = crop_box
-            in_crop = (candidates.crop_boxes == torch.tensor(crop_box, device=self.device)).all(dim=1)
-            logits = upscale_logits(candidates.low_res_logits[in_crop], (y1 - y0, x1 - x0))
-            masks[in_crop, y0:y1, x0:x1] = logits > self.config.mask_threshold
-        return masks
+        return candidates.select(~is_box_near_crop_edge(candidates.boxes, crop_box, [0, 0, orig_hw[1], orig_hw[0]]))
 
     def render_rles(
         self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
@@ -411,3 +325,85 @@ class MaskGenerator:
             for start in range(0, len(candidates), chunk)
         ]
         return run_lengths_to_rles(run_lengths, *orig_hw)
+
+    def render_masks(
+        self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """Upscales candidates' logits into their crops of the image: (N, H, W) bool."""
+        masks = torch.zeros((len(candidates), *orig_hw), dtype=torch.bool, device=self.device)
+        for crop_box in crop_boxes:
+            x0, y0, x1, y1 = crop_box
+            in_crop = (candidates.crop_boxes == torch.tensor(crop_box, device=self.device)).all(dim=1)
+            logits = upscale_logits(candidates.low_res_logits[in_crop], (y1 - y0, x1 - x0))
+            masks[in_crop, y0:y1, x0:x1] = logits > self.config.mask_threshold
+        return masks
+
+    # Model helpers.
+
+    def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
+        """One image-encoder call for several images (each resized to the model's input)."""
+        model_input = torch.cat([self.kernels.prepare_input(image) for image in images])
+        return split_features(self.kernels.encoder(model_input))
+
+    def embed(self, image: np.ndarray) -> ImageFeatures:
+        """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
+        return self.embed_batch([image])[0]
+
+    def predict_points(
+        self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for single foreground points.
+
+        Arguments:
+          points: (B, 2) float32 pixel coordinates (x, y) in the crop.
+        Returns:
+          low-resolution mask logits (B, M, h, w) and predicted IoUs (B, M), M = 3 with
+          multimask output, else 1.
+        """
+        return self.kernels.decoder(features.image_embed, *features.high_res_feats, self.model_coords(points, crop_hw))
+
+    def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
+        """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
+        h, w = crop_hw
+        coords = points / torch.tensor([w, h], dtype=torch.float32, device=points.device)
+        return coords * self.model.image_size
+
+
+def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
+    return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """XYXY boxes (N, 4) of the masks logits > threshold, [0, 0, 0, 0] for an empty mask: sam2's
+    batched_mask_to_box, from two max-reductions of the logits instead of a boolean mask."""
+    rows = logits.amax(dim=-1) > threshold  # (N, H): rows holding a pixel of the mask
+    cols = logits.amax(dim=-2) > threshold  # (N, W)
+
+    def first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(present.shape[-1], device=present.device)
+        return torch.where(present, index, present.shape[-1]).amin(dim=-1), (present * index).amax(dim=-1)
+
+    (top, bottom), (left, right) = first_and_last(rows), first_and_last(cols)
+    boxes = torch.stack([left, top, right, bottom], dim=-1)
+    return boxes * rows.any(dim=-1, keepdim=True)
+
+
+# Masks upscaled to full resolution at a time: a few images' worth stays in the CPU's cache
+# between the upscaling and the passes that read it (measured: README, "Performance").
+UPSCALE_CHUNK = 4
+
+
+def full_resolution_scores(
+    low_res_logits: torch.Tensor, size: tuple[int, int], config: AMGConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stability scores and boxes of low-resolution logits (N, h, w) upscaled to `size`, as sam2
+    computes them on its upscaled masks, a few masks at a time and never kept: (N,), (N, 4)."""
+    stability, boxes = [], []
+    for chunk in low_res_logits.split(UPSCALE_CHUNK):
+        masks = upscale_logits(chunk, size)
+        stability.append(calculate_stability_score(masks, config.mask_threshold, config.stability_score_offset))
+        boxes.append(boxes_of_logits(masks, config.mask_threshold))
+    if not stability:
+        return low_res_logits.new_zeros(0), torch.zeros((0, 4), dtype=torch.long, device=low_res_logits.device)
+    return torch.cat(stability), torch.cat(boxes)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 # The model served when no checkpoint is given (server.py, Ray, the bulk job): the project's
-# own micro SAM2.1, trained by train_micro_sam2.py and committed (6 MB), so a new user can
+# own micro SAM2.1, trained by training/train_micro_sam2.py and committed (6 MB), so a new user can
 # segment an image right after installing, with no download.
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL_TYPE = "micro"
@@ -44,7 +44,7 @@ class ModelSize:
 
 
 # The project's own "micro" SAM2.1: the tiny config with smaller widths and depths and a 256
-# input (2.7 M parameters), trained by train_micro_sam2.py on generated scenes. Same
+# input (2.7 M parameters), trained by training/train_micro_sam2.py on generated scenes. Same
 # architecture and code path as the official sizes; only the numbers differ. The decoder is
 # 128 wide (the neck's d_model): at 64 its mask read-out had 8 channels and its attention heads
 # 4 dimensions. The memory modules are only used for video, which this project does not
@@ -165,7 +165,7 @@ def ensure_checkpoint(
         raise CheckpointUnavailable(
             f"Checkpoint {path} is missing. The {size.name} model is the project's own: it is "
             f"committed as models/{size.filename}, or train it again with\n"
-            f"    python train_micro_sam2.py --output {path}"
+            f"    python -m training.train_micro_sam2 --output {path}"
         )
     url = f"{base_url}/{size.filename}"
     log.info("%s not found, downloading %s", path, url)
@@ -183,13 +183,18 @@ def ensure_checkpoint(
     return path
 
 
+def require_checkpoint_pair(directory: str | os.PathLike | None, model_type: str | None) -> None:
+    """A checkpoint folder and a model type come together; neither means the default model."""
+    if (directory is None) != (model_type is None):
+        raise ValueError("give both a checkpoint folder and a model type, or neither for the default model")
+
+
 def resolve_checkpoint(
     directory: str | os.PathLike | None, model_type: str | None, base_url: str = DOWNLOAD_BASE_URL
 ) -> tuple[Path, str]:
     """(path, model type) of the checkpoint to serve: the given one (downloaded if missing),
     or with neither argument the project's trained micro model."""
-    if (directory is None) != (model_type is None):
-        raise ValueError("give both a checkpoint folder and a model type, or neither for the default model")
+    require_checkpoint_pair(directory, model_type)
     if directory is None:
         directory, model_type = DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_TYPE
     return ensure_checkpoint(directory, model_type, base_url), model_type

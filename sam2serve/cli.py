@@ -1,10 +1,13 @@
-"""Command-line options shared by server.py and reproduce_experiments.py."""
+"""Command-line pieces shared by the scripts: the checkpoint arguments, the device, the
+mask-generation options, and image-path lists."""
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from .amg import AMGConfig
+from .checkpoints import MODEL_TYPE_CHOICES, require_checkpoint_pair
 from .modes import Mode, mode_config
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
@@ -19,12 +22,40 @@ AMG_OPTIONS = {
     "box_nms_thresh": (float, "box IoU above which NMS drops the lower-scored mask"),
     "crop_n_layers": (int, "extra layers of image crops to run the grid on (0: whole image only)"),
 }
+CHECKPOINT_DIR_HELP = ("folder with sam2.1_hiera_<size>.pt (downloaded there if missing); omit it and the model "
+                       "type to use the project's trained micro model (models/)")
 
 
 def add_option(parser: argparse.ArgumentParser, name: str, **options) -> None:
     """Adds --some-option and the study's spelling --some_option, both to dest some_option."""
     flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
     parser.add_argument(*flags, dest=name, **options)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, as_options: bool = False) -> None:
+    """CHECKPOINT_DIR and MODEL_TYPE, as positionals (or --checkpoint-dir and --model-type);
+    check them with check_checkpoint_arguments."""
+    if as_options:
+        add_option(parser, "checkpoint_dir", help=CHECKPOINT_DIR_HELP)
+        add_option(parser, "model_type", choices=MODEL_TYPE_CHOICES, help="model size")
+    else:
+        parser.add_argument("checkpoint_dir", nargs="?", help=CHECKPOINT_DIR_HELP)
+        parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES, help="model size")
+
+
+def check_checkpoint_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        require_checkpoint_pair(args.checkpoint_dir, args.model_type)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=default_device(), help="torch device")
 
 
 def add_amg_options(parser: argparse.ArgumentParser) -> None:
@@ -34,16 +65,30 @@ def add_amg_options(parser: argparse.ArgumentParser) -> None:
         add_option(parser, name, type=kind, default=default, help=text)
 
 
-def add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device")
+def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The mask-generation options that are set (points_per_batch may be left to the mode),
+    checked: invalid values end with a usage error."""
+    options = {name: getattr(args, name) for name in AMG_OPTIONS if getattr(args, name) is not None}
+    try:
+        AMGConfig(**options)
+    except ValueError as error:
+        parser.error(str(error))
+    return options
 
 
 def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> AMGConfig:
-    """The AMGConfig the options describe for a mode; invalid values end with a usage error."""
+    """The AMGConfig the options describe for a mode on args.device."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return mode_config(mode, args.device, **{name: getattr(args, name) for name in AMG_OPTIONS})
+        return mode_config(mode, args.device, **amg_options(parser, args))
     except ValueError as error:
         parser.error(str(error))
+
+
+def read_image_paths(paths_file: str | Path) -> list[str]:
+    """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
+    paths = [line.strip() for line in Path(paths_file).read_text().splitlines() if line.strip()]
+    if not paths:
+        raise ValueError(f"{paths_file} lists no images")
+    return paths

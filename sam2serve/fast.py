@@ -1,7 +1,8 @@
-"""The fast modes: the ao pipeline with its two kernels compiled or exported ahead of time.
+"""The fast modes' kernels, built from outside the recipe: ao's MaskGenerator, handed compiled
+or exported kernels instead of its eager ones.
 
-The kernels are the eager modules ao runs (amg.ImageEncoder and decoder.FactoredPointDecoder,
-whose reference is sam2's own decoder, decoder.PointDecoder), made fast in one of two ways:
+The kernels are the eager modules ao runs (model.ImageEncoder and model.FactoredPointDecoder,
+whose reference is sam2's own decoder, model.PointDecoder), made fast in one of two ways:
 - compiled in the process: torch.compile, full graph, static shapes (every point batch is
   padded to points_per_batch) except the encoder's batch of images (1 to the server's
   --batch-size), max-autotune on CUDA;
@@ -9,10 +10,11 @@ whose reference is sam2's own decoder, decoder.PointDecoder), made fast in one o
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
   device or torch version) is refused with a message that says what differs.
-"furious" runs the model in half precision: float16 on CUDA, bfloat16 on CPU (where float16
-is slow); what stays float32 stays exact (no TF32: that switch is global and would change
-the float32 modes in the same process, the baseline among them). Images are resized and
-normalised on the device in every fast mode.
+Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
+stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
+the same process, the baseline among them). Images are resized and normalised on the device in
+every fast mode. `fast_kernels` wraps a pair for MaskGenerator: point batches padded to the
+static size, images encoded at most batch_size at a time, outputs copied out of CUDA graphs.
 """
 
 import hashlib
@@ -21,6 +23,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-from .amg import AMGConfig, ImageEncoder, ImageFeatures, MaskGenerator, split_features
-from .decoder import FactoredPointDecoder
+from .amg import AMGConfig, Kernels, MaskGenerator
+from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import image_to_input_on_device
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,10 @@ def checkpoint_identity(path: Path) -> str:
     return f"{path.name}#{digest[:16]}"
 
 
-def kernel_spec(model: SAM2Base, checkpoint: Path, config: AMGConfig, furious: bool, batch_size: int = 1) -> KernelSpec:
-    dtype = half_dtype(model.device) if furious else torch.float32
+def kernel_spec(
+    model: SAM2Base, checkpoint: Path, config: AMGConfig, half_precision: bool, batch_size: int = 1
+) -> KernelSpec:
+    dtype = half_dtype(model.device) if half_precision else torch.float32
     return KernelSpec(
         checkpoint=checkpoint_identity(checkpoint),
         image_size=model.image_size,
@@ -94,14 +99,12 @@ class PackageMismatch(ValueError):
 
 
 @dataclass(frozen=True)
-class Kernels:
-    spec: KernelSpec
-    encoder: Callable  # (B, 3, R, R) -> (image_embed, feat_s0, feat_s1)
-    decoder: Callable  # (image_embed, feat_s0, feat_s1, coords (P, 2)) -> (logits, iou_preds)
+class StaticKernels:
+    """A compiled or exported pair, for the static shapes of its spec."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.spec.torch_dtype
+    spec: KernelSpec
+    encoder: Callable  # (1 to batch_size, 3, R, R) -> (image_embed, feat_s0, feat_s1)
+    decoder: Callable  # (image_embed, feat_s0, feat_s1, coords (points_per_batch, 2)) -> (logits, iou_preds)
 
 
 def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
@@ -136,7 +139,7 @@ def default_compile_mode(device: str) -> str:
     return "max-autotune" if torch.device(device).type == "cuda" else "default"
 
 
-def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) -> Kernels:
+def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) -> StaticKernels:
     """torch.compile of both kernels: full graph, static shapes, in torch.compile's `mode`
     (default: default_compile_mode). max-autotune searches GEMM templates for minutes on the
     large model; "reduce-overhead" keeps its CUDA graphs without the search."""
@@ -148,7 +151,7 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) 
     # Batches of images: a batch of another size than the first compiles the encoder once more,
     # then with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
     encoder_dynamic = None if spec.batch_size > 1 else False
-    return Kernels(
+    return StaticKernels(
         spec=spec,
         encoder=torch.compile(ImageEncoder(model), dynamic=encoder_dynamic, **options),
         decoder=torch.compile(point_decoder(model, spec), dynamic=False, **options),
@@ -176,7 +179,7 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
     (directory / MANIFEST).write_text(json.dumps(asdict(spec), indent=2) + "\n")
 
 
-def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> Kernels:
+def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernels:
     """Loads kernels saved by save_kernels, refusing a package built for something else."""
     directory = Path(directory)
     manifest = directory / MANIFEST
@@ -194,61 +197,68 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> Kernels:
         torch._inductor.aoti_load_package(str(directory / name), device_index=device_index)
         for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
     ]
-    return Kernels(spec=spec, encoder=encoder, decoder=decoder)
+    return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
 
 
-class FastMaskGenerator(MaskGenerator):
-    """ao's algorithm with compiled or exported kernels, preprocessing on the device, and point
-    batches padded to one static size. MaskGenerator's eager kernels are its reference."""
+def fast_kernels(model: SAM2Base, kernels: StaticKernels) -> Kernels:
+    """A static pair as MaskGenerator's kernels: preprocessing on the device in the kernels'
+    dtype, images encoded batch_size at a time, point batches padded to the static size."""
+    spec = kernels.spec
+    return Kernels(
+        prepare_input=partial(image_to_input_on_device, resolution=spec.image_size, device=model.device,
+                              dtype=spec.torch_dtype),
+        encoder=ImagesPerCall(kernels.encoder, spec.batch_size),
+        decoder=PaddedPointDecoder(kernels.decoder, spec.points_per_batch),
+        dtype=spec.torch_dtype,
+        points_per_batch=spec.points_per_batch,
+        multimask_output=spec.multimask_output,
+    )
 
-    def __init__(self, model: SAM2Base, config: AMGConfig, kernels: Kernels) -> None:
-        if (config.points_per_batch, config.multimask_output) != (
-            kernels.spec.points_per_batch, kernels.spec.multimask_output
-        ):
-            raise ValueError(
-                f"kernels built for {kernels.spec.points_per_batch} points per batch and multimask output "
-                f"{kernels.spec.multimask_output}, not {config.points_per_batch} and {config.multimask_output}"
-            )
-        super().__init__(model, config)
-        self.kernels = kernels
-        self.encoder, self.decoder = kernels.encoder, kernels.decoder
 
-    def with_config(self, config: AMGConfig) -> "FastMaskGenerator":
-        """The same kernels under other thresholds (points per batch and multimask output must
-        be those the kernels are built for)."""
-        return FastMaskGenerator(self.model, config, self.kernels)
+class ImagesPerCall:
+    """An image encoder built for 1 to `images` images per call, for a batch of any size: one
+    call per `images` images (never padded). Outputs are copied at once: with max-autotune or
+    reduce-overhead on CUDA the kernels run as CUDA graphs, whose outputs the next run overwrites."""
 
-    def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
-        """One encoder call per batch_size images (the kernel's batch dimension is dynamic, up to
-        the spec's batch size; never padded)."""
-        size = self.kernels.spec.batch_size
-        calls = [self.embed_call(images[start : start + size]) for start in range(0, len(images), size)]
-        return [features for call in calls for features in call]
+    def __init__(self, encoder: Callable, images: int) -> None:
+        self.encoder, self.images = encoder, images
 
-    def embed_call(self, images: list[np.ndarray]) -> list[ImageFeatures]:
-        size, dtype = self.model.image_size, self.kernels.dtype
-        model_input = torch.cat([image_to_input_on_device(image, size, self.device, dtype) for image in images])
-        # Copies: with max-autotune or reduce-overhead on CUDA the kernels run as CUDA graphs,
-        # whose outputs are overwritten by their next run.
-        return split_features([feats.clone() for feats in self.encoder(model_input)])
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls = [
+            tuple(output.clone() for output in self.encoder(images[start : start + self.images]))
+            for start in range(0, len(images), self.images)
+        ]
+        return calls[0] if len(calls) == 1 else tuple(torch.cat(outputs) for outputs in zip(*calls))
 
-    def predict_points(
-        self, features: ImageFeatures, points: torch.Tensor, crop_hw: tuple[int, int]
+
+class PaddedPointDecoder:
+    """A point decoder built for exactly `points` prompts per call, for any number up to that:
+    a short batch is padded with its last point and the padding's outputs dropped. Outputs are
+    float32 copies (half precision in, CUDA graphs' outputs overwritten by their next run)."""
+
+    def __init__(self, decoder: Callable, points: int) -> None:
+        self.decoder, self.points = decoder, points
+
+    def __call__(
+        self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        coords = self.model_coords(points, crop_hw)
-        n, size = len(coords), self.kernels.spec.points_per_batch
-        if n < size:  # a short last batch: pad with its last point, then drop those outputs
-            coords = torch.cat([coords, coords[-1:].expand(size - n, 2)])
-        low_res_logits, iou_preds = self.decoder(features.image_embed, *features.high_res_feats, coords)
+        n = len(coords)
+        if n > self.points:
+            raise ValueError(f"the decoder is built for {self.points} points per call, not {n}")
+        if n < self.points:
+            coords = torch.cat([coords, coords[-1:].expand(self.points - n, 2)])
+        low_res_logits, iou_preds = self.decoder(image_embed, feat_s0, feat_s1, coords)
         return low_res_logits[:n].to(torch.float32, copy=True), iou_preds[:n].to(torch.float32, copy=True)
 
-    def warm_up(self) -> float:
-        """Runs the kernels on a blank image, and the encoder on a full batch of them (compiling
-        them if needed); returns seconds."""
-        started = time.perf_counter()
-        blank = np.zeros((self.model.image_size, self.model.image_size, 3), dtype=np.uint8)
-        self.generate(blank)
-        if self.kernels.spec.batch_size > 1:
-            with torch.inference_mode():
-                self.embed_batch([blank] * self.kernels.spec.batch_size)
-        return time.perf_counter() - started
+
+def warm_up(generator: MaskGenerator, images_per_call: int) -> float:
+    """Runs the kernels on a blank image, and the encoder on a full batch of them (compiling
+    them if needed); returns seconds."""
+    started = time.perf_counter()
+    size = generator.model.image_size
+    blank = np.zeros((size, size, 3), dtype=np.uint8)
+    generator.generate(blank)
+    if images_per_call > 1:
+        with torch.inference_mode():
+            generator.embed_batch([blank] * images_per_call)
+    return time.perf_counter() - started

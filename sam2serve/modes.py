@@ -9,14 +9,7 @@ import torch
 
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, load_model, resolve_checkpoint
-from .fast import (
-    FastMaskGenerator,
-    compile_kernels,
-    default_compile_mode,
-    kernel_spec,
-    load_kernels,
-    save_kernels,
-)
+from .fast import compile_kernels, default_compile_mode, fast_kernels, kernel_spec, load_kernels, save_kernels, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +158,9 @@ def build_generator(
         compile_mode = compile_mode or default_compile_mode(spec.device)
         kernels = compile_kernels(loaded.model, spec, compile_mode)
         how = f"compiled kernels (torch.compile, mode {compile_mode})"
-    generator = FastMaskGenerator(loaded.model, config, kernels)
-    warm_up = generator.warm_up()
+    generator = MaskGenerator(loaded.model, config, fast_kernels(loaded.model, kernels))
+    first_runs = warm_up(generator, batch_size)
     log.info("%s: %s, %s, %d points per batch, up to %d images per encoder call; %.1f s in all, of which "
              "the first runs %.1f s", mode.name, how, spec.dtype, spec.points_per_batch, spec.batch_size,
-             time.perf_counter() - started, warm_up)
+             time.perf_counter() - started, first_runs)
     return generator

@@ -6,6 +6,8 @@ header, before the pixels are decoded, so a small file that expands to gigabytes
 """
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # SAM2's normalisation (ImageNet statistics), as in sam2.utils.transforms.SAM2Transforms.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+# Images read from the user's own files (the study's scripts, the benchmark): no server limit,
+# only one against absurd sizes.
+FILE_MAX_PIXELS = 100_000_000
 
 
 class InvalidImage(ValueError):
@@ -47,6 +54,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise InvalidImage("the uploaded file is not an image format Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
         raise InvalidImage(f"the image could not be decoded: {error}") from error
+
+
+def read_image_file(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB, as an upload would be decoded."""
+    return decode_image(Path(path).read_bytes(), FILE_MAX_PIXELS)
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

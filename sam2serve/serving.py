@@ -12,7 +12,6 @@ plain functions, shared with the Ray Serve app, the Ray Data job and the Modal a
 way of running the model answers byte for byte alike.
 """
 
-import io
 import json
 import logging
 import time
@@ -22,13 +21,13 @@ import numpy as np
 import prometheus_client as prom
 import torch
 from flask import Flask, Response, g, request
-from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from .amg import Generator
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
-from .rle import RLE, answer_text, rles_to_masks
-from .worker import Busy, InferenceWorker, NotReady, TimedOut
+from .overlay import draw_masks
+from .rle import RLE, answer_text
+from .worker import Busy, InferenceWorker, NotReady, TimedOut, generate_each
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
 def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = Limits()) -> list[str]:
     """One /upload_rle answer per image file (None: unreadable), as the xargs/curl workflow
     writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch;
-    if it fails, one by one."""
+    if it fails, one by one (generate_each, as the worker)."""
     lines: list[str | None] = [None] * len(files)
     images = {}
     for index, data in enumerate(files):
@@ -107,20 +106,10 @@ def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = 
             images[index] = decode_image(data, limits.max_pixels)
         except (InvalidImage, ImageTooLarge) as error:
             lines[index] = error_answer(error)[1]
-    try:
-        answers = generator.generate_batch(list(images.values())) if images else []
-    except Exception:  # noqa: BLE001 - as the worker: one by one, so only the failing image gets the error
-        answers = [answer_or_error(generator, image) for image in images.values()]
+    answers = generate_each(generator, list(images.values())) if images else []
     for index, answer in zip(images, answers):
         lines[index] = error_answer(answer)[1] if isinstance(answer, Exception) else answer_text(answer)
     return lines
-
-
-def answer_or_error(generator: Generator, image: np.ndarray) -> list[RLE] | Exception:
-    try:
-        return generator.generate(image)
-    except Exception as error:  # noqa: BLE001 - returned, to become this image's error line
-        return error
 
 
 def json_response(payload: object, status: int = 200, retry_after_s: int | None = None) -> Response:
@@ -161,19 +150,6 @@ class Metrics:
 
     def text(self) -> bytes:
         return prom.generate_latest(self.registry)
-
-
-def draw_masks(image: np.ndarray, rles: list[RLE], alpha: float = 0.35, seed: int = 0) -> bytes:
-    """PNG of the image with each mask blended in a random colour, largest mask first."""
-    canvas = image.astype(np.float32)
-    masks = rles_to_masks(rles)
-    colours = np.random.default_rng(seed).uniform(0, 255, size=(len(masks), 3)).astype(np.float32)
-    for index in np.argsort([-mask.sum() for mask in masks], kind="stable"):
-        mask = masks[index]
-        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colours[index]
-    buffer = io.BytesIO()
-    Image.fromarray(canvas.round().astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None) -> Flask:

@@ -6,7 +6,7 @@ wheel lacks that copy's YAML configs, so the model is built from the `sam2` pack
 with every `_target_: sam2.` pointed at the copy instead; the checkpoint's weights then load
 strictly, as for our own model. The copy pins host memory for its copies to the device, so it
 runs on CUDA only ("Found no NVIDIA driver" on a CPU): `study_unavailable` says why it cannot
-run on a device. It is used by benchmark.py only, never by the server.
+run on a device. It is used by tools/benchmark.py only, never by the server.
 """
 
 from dataclasses import asdict

@@ -9,7 +9,8 @@ queue:
 - the worker takes up to `batch_size` queued images at once, only those that are waiting
   (a batch is never padded with duplicated work), and runs them with one image-encoder call;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
-  one image at a time so that only the image that fails gets the error, and the worker goes on.
+  one image at a time so that only the image that fails gets the error, and the worker goes on
+  (`generate_each`, which the offline front ends use too).
 """
 
 import logging
@@ -121,23 +122,31 @@ class InferenceWorker:
 
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
-        try:
-            answers = self.generator.generate_batch([job.image for job in batch])
-        except Exception as error:  # noqa: BLE001 - any failure goes back to its requests
-            release_cached_memory(error)
-            if len(batch) > 1:
-                log.warning("a batch of %d failed (%s); running its images one by one", len(batch), error)
-                for job in batch:
-                    self._run([job])
-                return
-            log.exception("inference failed")
-            batch[0].future.set_exception(error)
-            return
-        elapsed = time.perf_counter() - started
-        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(batch)
-        self.observe_batch(len(batch), [len(answer) for answer in answers])
+        answers = generate_each(self.generator, [job.image for job in batch])
+        masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
+        if masks:
+            elapsed = time.perf_counter() - started
+            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(batch)
+            self.observe_batch(len(batch), masks)
         for job, answer in zip(batch, answers):
-            job.future.set_result(answer)
+            if isinstance(answer, Exception):
+                job.future.set_exception(answer)
+            else:
+                job.future.set_result(answer)
+
+
+def generate_each(generator: Generator, images: list[np.ndarray]) -> list[list[RLE] | Exception]:
+    """Each image's masks, or the error of that image alone: the images run as one batch, and if
+    the batch fails (out of memory, a bad tensor), one by one."""
+    try:
+        return generator.generate_batch(images)
+    except Exception as error:  # noqa: BLE001 - returned, to become that image's answer
+        release_cached_memory(error)
+        if len(images) == 1:
+            log.error("inference failed", exc_info=error)
+            return [error]
+        log.warning("a batch of %d failed (%s); running its images one by one", len(images), error)
+        return [generate_each(generator, [image])[0] for image in images]
 
 
 def release_cached_memory(error: Exception) -> None:

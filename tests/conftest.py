@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sam2serve.amg import ImageEncoder
 from sam2serve.checkpoints import DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, write_random_checkpoint
+from sam2serve.model import ImageEncoder
 from sam2serve.preprocess import image_to_input
-from sam2serve.scenes import make_scene as make_generated_scene
+from training.scenes import make_scene as make_generated_scene
 
 # The tests compile many generators in one process (a server compiles one): each is another
 # entry in torch.compile's cache of the same code objects, over its default limit of 8.
@@ -55,7 +55,7 @@ def tiny_model():
 def trained_micro_checkpoint():
     """The project's trained micro SAM2.1, committed in models/: realistic masks."""
     path = DEFAULT_CHECKPOINT_DIR / MODEL_SIZES["micro"].filename
-    assert path.is_file(), f"{path} is missing: it is committed; python train_micro_sam2.py writes it again"
+    assert path.is_file(), f"{path} is missing: it is committed; python -m training.train_micro_sam2 writes it again"
     return path
 
 

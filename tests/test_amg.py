@@ -21,7 +21,7 @@ from sam2.utils.amg import batched_mask_to_box
 from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
-from sam2serve.scenes import make_scene as make_generated_scene
+from training.scenes import make_scene as make_generated_scene
 
 
 def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 0.999) -> None:

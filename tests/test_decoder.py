@@ -6,7 +6,7 @@ import torch
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 from sam2serve.checkpoints import load_model
-from sam2serve.decoder import FactoredPointDecoder, PointDecoder
+from sam2serve.model import FactoredPointDecoder, PointDecoder
 
 from .conftest import features_and_points
 

@@ -23,11 +23,11 @@ import numpy as np
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
-from sam2serve.fast import MANIFEST, FastMaskGenerator, PackageMismatch, kernel_spec, load_kernels
-from sam2serve.scenes import make_scene as make_generated_scene
+from sam2serve.fast import MANIFEST, PackageMismatch, kernel_spec, load_kernels
 from sam2serve.modes import MODES, build_generator
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
 from sam2serve.rle import rles_to_masks
+from training.scenes import make_scene as make_generated_scene
 
 from .conftest import make_scene
 from .test_server import curl, run_server_expecting_exit, start_server
@@ -136,7 +136,7 @@ def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_genera
     reference = [ao.generate(image) for image in scenes]
     assert min(len(answer) for answer in reference) >= 10
     for name, built in [("fast", fast_generator), ("fast_furious", furious_generator)]:
-        generator = FastMaskGenerator(built.model, MICRO_CONFIG, built.kernels)
+        generator = built.with_config(MICRO_CONFIG)
         summary = compare(f"{name} vs ao, sam2's default thresholds", reference, [generator.generate(i) for i in scenes])
         if name == "fast":
             assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
@@ -175,8 +175,8 @@ def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exporte
     image's features alone, and so its masks."""
     generator = fast_generator if kernels == "compiled" else exported[1]
     with torch.inference_mode():
-        together = generator.embed_call(images)
-        alone = [generator.embed_call([image])[0] for image in images]
+        together = generator.embed_batch(images)
+        alone = [generator.embed_batch([image])[0] for image in images]
     assert len(together) == len(images) == BATCH_SIZE
     for ours, reference in zip(together, alone):
         for a, b in zip([ours.image_embed, *ours.high_res_feats], [reference.image_embed, *reference.high_res_feats]):
@@ -189,14 +189,14 @@ def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exporte
 def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
     directory, _ = exported
     loaded = load_micro()
-    spec = kernel_spec(loaded.model, loaded.path, CONFIG, furious=False, batch_size=BATCH_SIZE)
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE)
     assert load_kernels(directory, spec).spec == spec
     other_checkpoint = write_random_checkpoint(tmp_path, "micro", seed=3)
     for other, word in [
         (replace(spec, batch_size=4), "batch_size"),
         (replace(spec, points_per_batch=1024), "points_per_batch"),
-        (replace(kernel_spec(loaded.model, loaded.path, CONFIG, furious=True), batch_size=BATCH_SIZE), "dtype"),
-        (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, furious=False), batch_size=BATCH_SIZE),
+        (replace(kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=True), batch_size=BATCH_SIZE), "dtype"),
+        (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, half_precision=False), batch_size=BATCH_SIZE),
          "checkpoint"),
         (replace(spec, torch_version="1.0"), "torch_version"),
     ]:

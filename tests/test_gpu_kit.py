@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from sam2serve.amg import AMGConfig, ImageEncoder, MaskGenerator, ReferenceMaskGenerator
+from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
 from sam2serve.checkpoints import MODEL_SIZES, load_model
 from sam2serve.compare import compare_image, summarize
-from sam2serve.fast import FastMaskGenerator, Kernels, kernel_spec, point_decoder, prepare_model
+from sam2serve.fast import StaticKernels, fast_kernels, kernel_spec, point_decoder, prepare_model
+from sam2serve.model import ImageEncoder
 from sam2serve.modes import DECODER_MIB_PER_PROMPT, MODES, build_generator, gpu_points_per_batch
-from sam2serve.scenes import make_scene
 from sam2serve.study import StudyMaskGenerator, build_study_model, retarget, study_unavailable
+from training.scenes import make_scene
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -87,10 +88,10 @@ def test_float16_modules_agree_with_ao(trained_micro_checkpoint, scenes):
     config = AMGConfig(points_per_side=8, points_per_batch=64, **KEEP_EVERY_CANDIDATE)
     ao = MaskGenerator(load_model(trained_micro_checkpoint, "micro", "cpu").model, config)
     loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
-    spec = replace(kernel_spec(loaded.model, loaded.path, config, furious=True), dtype="float16")
+    spec = replace(kernel_spec(loaded.model, loaded.path, config, half_precision=True), dtype="float16")
     model = prepare_model(loaded.model, spec)
     assert model.image_encoder.trunk.patch_embed.proj.weight.dtype == torch.float16
-    half = FastMaskGenerator(model, config, Kernels(spec, ImageEncoder(model), point_decoder(model, spec)))
+    half = MaskGenerator(model, config, fast_kernels(model, StaticKernels(spec, ImageEncoder(model), point_decoder(model, spec))))
     summary = summarize([compare_image(str(i), ao.generate(image), half.generate(image))
                          for i, image in enumerate(scenes)])
     print(f"float16 against ao: {summary.line()}")
@@ -103,7 +104,7 @@ def test_half_precision_leaves_float32_modes_alone(trained_micro_checkpoint):
     again)."""
     before = torch.get_float32_matmul_precision()
     loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
-    prepare_model(loaded.model, replace(kernel_spec(loaded.model, loaded.path, AMGConfig(), furious=True),
+    prepare_model(loaded.model, replace(kernel_spec(loaded.model, loaded.path, AMGConfig(), half_precision=True),
                                         dtype="float16"))
     assert torch.get_float32_matmul_precision() == before == "highest"
 
@@ -123,7 +124,7 @@ def test_compiled_kernels_do_not_compile_again_after_warm_up(trained_micro_check
 MEASURE_DECODER_MEMORY = """
 import torch
 from sam2serve.checkpoints import MODEL_SIZES, build_random_model
-from sam2serve.decoder import FactoredPointDecoder
+from sam2serve.model import FactoredPointDecoder
 from sam2serve.timing import PeakMemory
 model = build_random_model(MODEL_SIZES["tiny"], seed=0)
 features = (torch.randn(1, 256, 64, 64), torch.randn(1, 32, 256, 256), torch.randn(1, 64, 128, 128))

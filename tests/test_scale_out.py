@@ -67,12 +67,12 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
 ):
     import modal
 
-    import modal_app
+    from deploy import modal_app
 
     assert isinstance(modal_app.app, modal.App) and modal_app.app.name == modal_app.APP_NAME
     script = (REPO / "modal_experiments.sh").read_text()
     assert f"app_name={modal_app.APP_NAME}" in script and f"volume={modal_app.VOLUME_NAME}" in script
-    assert "modal_app.py\" replay" in script
+    assert "-m deploy.modal_app replay" in script
     # The image pins what requirements.txt pins.
     requirements = (REPO / "requirements.txt").read_text()
     assert all(pin in requirements for pin in modal_app.pinned(modal_app.REQUIREMENTS, "torch", "torchvision"))
@@ -101,8 +101,8 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
 ):
     from ray import serve
 
-    from load_test import post_image
-    from ray_serve_app import build
+    from tools.load_test import post_image
+    from deploy.ray_serve_app import build
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -123,7 +123,7 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
 
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
                                                                flask_client, tmp_path):
-    from ray_bulk_job import run
+    from deploy.ray_bulk_job import run
 
     paths = [str(path) for path in sorted(image_files.iterdir())] * 2 + [str(tmp_path / "missing.jpg")]
     np.random.default_rng(0).shuffle(paths)

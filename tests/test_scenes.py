@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import train_micro_sam2
+from training import train_micro_sam2
 from sam2serve.checkpoints import build_random_model, load_model, model_size
-from sam2serve.decoder import PointDecoder
-from sam2serve.scenes import MIN_VISIBLE_FRACTION, make_scene
+from sam2serve.model import PointDecoder
+from training.scenes import MIN_VISIBLE_FRACTION, make_scene
 
 from .conftest import features_and_points
 
@@ -110,3 +110,8 @@ def test_checkpoint_is_saved_in_half_precision_and_loads_into_float32(tmp_path):
         reloaded = loaded.state_dict()[name]
         assert reloaded.dtype == value.dtype
         torch.testing.assert_close(reloaded, value.half().to(value.dtype), rtol=0, atol=0)
+
+
+def test_training_writes_the_model_the_server_serves_by_default(trained_micro_checkpoint):
+    """python -m training.train_micro_sam2 (and --evaluate-only) reads and writes the committed model."""
+    assert train_micro_sam2.DEFAULT_OUTPUT == trained_micro_checkpoint

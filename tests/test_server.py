@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from load_test import run_load_test
+from tools.load_test import run_load_test
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
@@ -208,7 +208,7 @@ def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
 
 def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
     result = run_server_expecting_exit(str(tmp_path))
-    assert "MODEL_TYPE" in result.stderr
+    assert "give both a checkpoint folder and a model type" in result.stderr
 
 
 @pytest.mark.parametrize(

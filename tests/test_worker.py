@@ -21,13 +21,13 @@ from sam2serve.worker import Busy, InferenceWorker, NotReady, TimedOut
 POISON = 13  # a stub fails on images whose first pixel is this value
 
 
-def image_of(value: int) -> np.ndarray:
-    return np.full((8, 6, 3), value, dtype=np.uint8)
+def image_of(value: int, size: tuple[int, int] = (8, 6)) -> np.ndarray:
+    return np.full((*size, 3), value, dtype=np.uint8)
 
 
-def png_of(value: int) -> bytes:
+def png_of(value: int, size: tuple[int, int] = (8, 6)) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image_of(value)).save(buffer, format="PNG")
+    Image.fromarray(image_of(value, size)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

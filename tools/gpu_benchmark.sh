@@ -10,7 +10,7 @@
 # 1. smoke: every mode and the study's pipeline on one small image with the micro model
 #    (catches a CUDA-only crash before the long compiles; if a mode crashes in
 #    COMPILE_MODE, the later stages fall back to torch.compile's default mode);
-# 2. large: benchmark.py on SAM2.1 large, 32x32 grid, 3 generated 768x1024 scenes, every mode
+# 2. large: tools/benchmark.py on SAM2.1 large, 32x32 grid, 3 generated 768x1024 scenes, every mode
 #    and the study's row, at sam2's default thresholds (the serving case), then with the IoU and
 #    stability filters off (every candidate computed; LARGE_FILTERS chooses);
 # 3. export: fast_furious exported (--save-fast) then loaded (--load-fast), the masks compared
@@ -93,7 +93,7 @@ else
 fi
 
 if [[ " $STAGES " == *" smoke "* ]]; then
-    run smoke "${SMOKE_SECONDS:-90}" "$PYTHON" benchmark.py --generated 1 --size 192 256 \
+    run smoke "${SMOKE_SECONDS:-90}" "$PYTHON" -m tools.benchmark --generated 1 --size 192 256 \
         --points-per-side 4 --filters off --compile-mode "$COMPILE_MODE"
     status=$?
     if ((status != 0 && status != 124)); then  # a crash, not the time limit
@@ -103,12 +103,12 @@ if [[ " $STAGES " == *" smoke "* ]]; then
 fi
 if [[ " $STAGES " == *" large "* ]]; then
     read -ra FILTERS <<<"${LARGE_FILTERS:-sam2 off}"
-    run large "${LARGE_SECONDS:-250}" "$PYTHON" benchmark.py "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
+    run large "${LARGE_SECONDS:-250}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
         --compile-mode "$COMPILE_MODE" --save-masks "$WORK/masks/compiled"
 fi
 if [[ " $STAGES " == *" export "* ]]; then
     rm -rf "$WORK/exported"
-    EXPORT=("$PYTHON" benchmark.py "${MODEL[@]}" "${SCENES[@]}" --modes fast_furious --filters off)
+    EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --modes fast_furious --filters off)
     run export-save "${EXPORT_SECONDS:-170}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
         --save-masks "$WORK/masks/exported" &&
         run export-load "${LOAD_SECONDS:-40}" "${EXPORT[@]}" --load-fast "$WORK/exported" \

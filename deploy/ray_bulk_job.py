@@ -5,7 +5,7 @@ or the server's {"error": ...} for a file that is not an image), in the input or
 spreads the images over GPU workers with `map_batches`; each worker is a `Segmenter` that
 loads the model once and runs each batch through the pipeline's batched image encoder.
 
-    python ray_bulk_job.py image_paths rle_masks --checkpoint-dir ~/checkpoints/sam2 --model-type large \
+    python -m deploy.ray_bulk_job image_paths rle_masks --checkpoint-dir ~/checkpoints/sam2 --model-type large \
         --mode fast --workers 8 --batch-size 8
 
 On a cluster, run it on the head node (or through `ray job submit`); without a cluster it
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from tqdm import tqdm
 
-from sam2serve.cli import add_amg_options, amg_config
+from sam2serve.cli import (
+    add_amg_options, add_checkpoint_arguments, add_device_option, amg_config, check_checkpoint_arguments,
+    read_image_paths,
+)
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, rle_lines
 
@@ -66,19 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths_file", type=Path, help="one image path per line")
     parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
-    parser.add_argument("--checkpoint-dir", help="omit with --model-type for the default model")
-    parser.add_argument("--model-type")
+    add_checkpoint_arguments(parser, as_options=True)
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     add_amg_options(parser)
     parser.add_argument("--load-fast", help="exported kernels (fast modes)")
     parser.add_argument("--workers", type=int, default=1, help="model replicas (one GPU each on CUDA)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per worker batch")
     parser.add_argument("--address", help="Ray cluster address (default: a local instance or RAY_ADDRESS)")
     args = parser.parse_args()
-    if (args.checkpoint_dir is None) != (args.model_type is None):
-        parser.error("give both --checkpoint-dir and --model-type, or neither for the default model")
-    paths = [line.strip() for line in args.paths_file.read_text().splitlines() if line.strip()]
+    check_checkpoint_arguments(parser, args)
+    try:
+        paths = read_image_paths(args.paths_file)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     config = amg_config(parser, args, get_mode(args.mode))
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)

@@ -1,7 +1,7 @@
 """Every mode side by side on the same images and weights, in one process, and a table.
 
-    python benchmark.py ~/checkpoints/sam2 large --images photos/*.jpg
-    python benchmark.py /tmp/ck tiny --generated 2 --modes baseline ao fast_furious
+    python -m tools.benchmark ~/checkpoints/sam2 large --images photos/*.jpg
+    python -m tools.benchmark ~/checkpoints/random tiny --generated 2 --modes baseline ao fast_furious
 
 Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
 machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
@@ -26,21 +26,22 @@ import torch
 from sam2.utils.amg import build_point_grid
 from tqdm import tqdm
 
-from sam2serve.amg import AMGConfig, ImageEncoder
-from sam2serve.checkpoints import MODEL_TYPE_CHOICES, model_size, resolve_checkpoint
-from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config
+from sam2serve.amg import AMGConfig
+from sam2serve.checkpoints import model_size, resolve_checkpoint
+from sam2serve.cli import (
+    add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
+)
 from sam2serve.compare import compare_image, summarize
-from sam2serve.decoder import FactoredPointDecoder, PointDecoder, default_prompts_per_step
 from sam2serve.fast import default_compile_mode
+from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
-from sam2serve.preprocess import decode_image, image_to_input
+from sam2serve.preprocess import image_to_input, read_image_file
 from sam2serve.rle import RLE, answer_text
-from sam2serve.scenes import make_scene
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
 from sam2serve.timing import PeakMemory, Stopwatch, latency_summary_ms
+from training.scenes import make_scene
 
 log = logging.getLogger("benchmark")
-MAX_PIXELS = 100_000_000
 ROWS = list(MODES) + [STUDY_ROW]
 # --filters: the predicted-IoU and stability thresholds of each table ("off": every candidate
 # is computed and checked, so that no row skips work that a trained model would do).
@@ -64,7 +65,7 @@ class ModeRun:
 
 def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     if args.images:
-        return [(path, decode_image(Path(path).read_bytes(), MAX_PIXELS)) for path in args.images]
+        return [(path, read_image_file(path)) for path in args.images]
     height, width = args.size
     return [
         (f"generated-{seed}", make_scene(np.random.default_rng(seed), height, width).image)
@@ -179,9 +180,7 @@ def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint_dir", nargs="?",
-                        help="folder with sam2.1_hiera_<size>.pt (default: the micro model)")
-    parser.add_argument("model_type", nargs="?", choices=MODEL_TYPE_CHOICES)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
                         "the baseline always runs, first (default: all)")
@@ -207,8 +206,7 @@ def main() -> None:
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args()
-    if (args.checkpoint_dir is None) != (args.model_type is None):
-        parser.error("give both CHECKPOINT_DIR and MODEL_TYPE, or neither (the default micro model)")
+    check_checkpoint_arguments(parser, args)
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

@@ -17,9 +17,9 @@ from scipy.ndimage import distance_transform_edt
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from .amg import AMGConfig, MaskGenerator, image_predictor
-from .rle import rles_to_masks
-from .scenes import Scene, make_scene
+from sam2serve.amg import AMGConfig, MaskGenerator, image_predictor
+from sam2serve.rle import rles_to_masks
+from training.scenes import Scene, make_scene
 
 RECALL_IOU = 0.5
 

@@ -1,37 +1,14 @@
 """Trains the micro SAM2.1 on generated scenes, then evaluates it on scenes it never saw.
 
-No pretrained SAM2 weights can be downloaded on the project's machines, and random weights
-give one mask per image. This script makes the project's own small model that really
-segments: the micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 2.7 M
-parameters, 256-pixel input), trained as SAM is trained: prompts sampled inside objects (half
-points, half boxes), three candidate masks per prompt of which only the best is penalised
-(focal + dice), plus the single-mask output, and an MSE loss that teaches the IoU head the IoU
-each mask really has. Masks are compared as sam2 uses them, upscaled bilinearly, against the
-share of each pixel inside the object, so the 64x64 logits learn to place an edge between
-their pixels. A worker process draws the next step's scenes while the model trains.
-After training, the mask logits' scale is calibrated (calibrate_logit_scale): the band
-between logits -1 and +1, which sam2's stability score measures, is made an eighth of an input
-pixel wide at object edges (the README has how that width was chosen).
+The micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 2.7 M parameters,
+256-pixel input), trained as SAM is trained (point and box prompts inside objects, best-of-three
+mask loss, IoU head), its mask logits calibrated for sam2's stability score, and saved as
+models/sam2.1_hiera_micro.pt. Seeded. Run from the repository's root:
 
-    python train_micro_sam2.py                      # 8000 steps, about 67 min on 2 quiet CPU cores
-    python train_micro_sam2.py --evaluate-only      # held-out figures of the saved model
+    python -m training.train_micro_sam2                   # 8000 steps, about 67 min on 2 quiet CPU cores
+    python -m training.train_micro_sam2 --evaluate-only   # held-out figures of the saved model
 
-Seeded: the same arguments give the same weights on the same machine and torch version.
-
-Two things make it learn from scratch (without them it sits on a plateau where the masks do
-not depend on the prompt):
-- The image embedding and the features added to the upscaled masks start at zero: the neck's
-  projections of the two coarsest trunk levels (they make the image embedding) and the
-  decoder's high-resolution projections (conv_s0, conv_s1). SAM's encoder is pretrained; a
-  random one feeds the decoder features that are pure noise, added right before the mask is
-  read out, and the decoder cannot learn where the prompt is through that noise. From zero,
-  the decoder first learns to place masks from the prompt's positional encoding, and the
-  features grow in as they become useful. The neck's projections of the two finest levels
-  keep their random start: they feed only conv_s0/conv_s1, and a product of two zero
-  matrices gets no gradient (an earlier recipe zeroed both; the high-resolution path stayed
-  exactly zero and masks followed the 16x16 embedding grid).
-- Box prompts, as SAM trains with: a box says where the object is much more plainly than a
-  point, so the positional path is learnt sooner; points then use it.
+The recipe, what made it learn from scratch, and the held-out figures: docs/micro-model.md.
 """
 
 import argparse
@@ -46,15 +23,18 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_erosion
 from tqdm import tqdm
 
-from sam2serve.amg import ImageEncoder, image_predictor
-from sam2serve.checkpoints import build_random_model, load_model, model_size, save_checkpoint
-from sam2serve.evaluation import best_mask_logits, evaluate
+from sam2serve.amg import image_predictor
+from sam2serve.checkpoints import (
+    DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
+)
+from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
-from sam2serve.scenes import make_scene
+from training.evaluation import best_mask_logits, evaluate
+from training.scenes import make_scene
 
 log = logging.getLogger("train_micro_sam2")
 
-DEFAULT_OUTPUT = Path(__file__).parent / "models" / "sam2.1_hiera_micro.pt"
+DEFAULT_OUTPUT = DEFAULT_CHECKPOINT_DIR / MODEL_SIZES["micro"].filename  # the committed model
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes come from seeds far from the held-out ones
 CALIBRATION_SEED_OFFSET = 2_000_000  # so do the scenes that set the logit scale
 EDGE_BAND_PIXELS = 0.125  # after calibration, logits cross [-1, 1] within this many input pixels
@@ -146,9 +126,7 @@ def decode_prompts(model, image_embed, high_res, points: torch.Tensor | None, bo
     prompts = points if points is not None else boxes
     n_points = prompts.shape[1]
     if points is not None:
-        coords = points.reshape(-1, 1, 2)
-        labels = torch.ones((len(coords), 1), dtype=torch.int)
-        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        sparse, dense = point_prompt_embeddings(model.sam_prompt_encoder, points.reshape(-1, 2))
     else:
         sparse, dense = model.sam_prompt_encoder(points=None, boxes=boxes.reshape(-1, 4), masks=None)
     repeat = lambda x: x.repeat_interleave(n_points, dim=0)  # noqa: E731

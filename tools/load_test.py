@@ -1,7 +1,7 @@
 """Load test of a running server on this machine: C concurrent clients, M images each.
 
     python server.py --batch-size 4 &
-    python load_test.py http://127.0.0.1:5000 examples/*.jpg --clients 8 --per-client 4
+    python -m tools.load_test http://127.0.0.1:5000 examples/*.jpg --clients 8 --per-client 4
 
 First every image is sent once, alone: that answer is the reference. Then C clients send M
 images each (every client in its own order) at the same time, and every answer must equal the

@@ -5,7 +5,7 @@ the multipart field `image`, GET /health), the same pipeline code. Ray Serve que
 (`@serve.batch`) and spreads requests over replicas; a full queue answers 503 as the Flask
 server does.
 
-    serve run ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
+    serve run deploy.ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
 
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
@@ -21,13 +21,12 @@ after 5 minutes of less load.
 import asyncio
 import os
 
-import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sam2serve.cli import AMG_OPTIONS
-from sam2serve.modes import load_pipeline
+from sam2serve.cli import AMG_OPTIONS, default_device
+from sam2serve.modes import DEFAULT_MODE, load_pipeline
 from sam2serve.serving import (
     UPLOAD_ENDPOINTS, Limits, UploadTooLarge, decode_upload, error_answer, json_text, render_answer,
 )
@@ -36,6 +35,11 @@ from sam2serve.serving import (
 def json_error(error: Exception) -> Response:
     status, body, headers = error_answer(error)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+# Ray Serve's request batching: images per replica batch, and how long a batch waits to fill.
+BATCH_SIZE = 4
+BATCH_WAIT_S = 0.02
 
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
@@ -48,7 +52,7 @@ class SegmentEverything:
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def segment(self, images: list) -> list:
         # Off the event loop, so requests keep arriving (and batching) while the model runs.
         return await asyncio.to_thread(self.pipeline.generator.generate_batch, images)
@@ -75,23 +79,23 @@ class SegmentEverything:
 
 
 def build(args: dict[str, str]) -> serve.Application:
-    """The application for `serve run ray_serve_app:build key=value ...`."""
+    """The application for `serve run deploy.ray_serve_app:build key=value ...`."""
     args = dict(args)
-    device = args.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
-    batch_size = int(args.pop("batch_size", 4))
-    batch_wait_s = float(args.pop("batch_wait_ms", 20)) / 1000
+    device = args.pop("device", default_device())
+    batch_size = int(args.pop("batch_size", BATCH_SIZE))
+    batch_wait_s = float(args.pop("batch_wait_ms", BATCH_WAIT_S * 1000)) / 1000
     replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
     amg = {name: kind(args.pop(name)) for name, (kind, _) in AMG_OPTIONS.items() if name in args}
     options = dict(
         checkpoint_dir=os.path.expanduser(args.pop("checkpoint_dir")) if "checkpoint_dir" in args else None,
         model_type=args.pop("model_type", None),
-        mode=args.pop("mode", "ao"),
+        mode=args.pop("mode", DEFAULT_MODE),
         device=device,
         amg=amg,
         load_fast=args.pop("load_fast", None),
     )
     if args:
-        raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of ray_serve_app.py")
+        raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of deploy/ray_serve_app.py")
     scaling = (
         dict(autoscaling_config=dict(min_replicas=1, max_replicas=max_replicas,
                                      target_ongoing_requests=2 * batch_size, downscale_delay_s=300))

@@ -3,10 +3,11 @@
 Checkpoints and exported fast-mode packages live on a Modal Volume, uploaded once; every
 container loads them from there (an exported package loads in seconds instead of compiling).
 Images are sent as file bytes and decoded on the container, as the server decodes uploads.
-`modal_experiments.sh` drives it: deploy, replay an image list per mode, stop, compare.
+`modal_experiments.sh` drives it: deploy, replay an image list per mode, stop, compare. From the
+repository's root:
 
-    modal deploy modal_app.py
-    python modal_app.py replay image_paths out/ao_rle_masks --mode ao --model-type large
+    modal deploy -m deploy.modal_app
+    python -m deploy.modal_app replay image_paths out/ao_rle_masks --mode ao --model-type large
     modal app stop -y sam2-segment-everything
 
 The image pins the versions of requirements.txt: torch and torchvision first (one CUDA build
@@ -24,7 +25,7 @@ APP_NAME = "sam2-segment-everything"
 VOLUME_NAME = "sam2-checkpoints"
 VOLUME_PATH = "/data"  # checkpoints in /data/checkpoints, exported packages in /data/exported
 GPU = "H100"
-REQUIREMENTS = Path(__file__).resolve().with_name("requirements.txt")
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 
 
 def pinned(requirements: Path, *names: str) -> list[str]:
@@ -41,7 +42,7 @@ image = (
     .pip_install(*pinned(REQUIREMENTS, "torch", "torchvision"))
     .add_local_file(REQUIREMENTS, "/root/requirements.txt", copy=True)
     .run_commands("SAM2_BUILD_CUDA=0 pip install --no-build-isolation -r /root/requirements.txt")
-    .add_local_python_source("sam2serve")
+    .add_local_python_source("sam2serve", "deploy")
 )
 app = modal.App(APP_NAME, image=image)
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
@@ -86,11 +87,10 @@ class Segmenter:
         return answer_image(self.pipeline, image_bytes)
 
 
-def replay(paths_file: Path, output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> None:
+def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> None:
     """Sends every image of the list to the deployed app; writes one line per image, in order."""
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
     segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)
-    paths = [line.strip() for line in paths_file.read_text().splitlines() if line.strip()]
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as out:
         # .map keeps the input order and spreads the images over the containers.
@@ -99,19 +99,25 @@ def replay(paths_file: Path, output: Path, model_type: str, mode: str, amg: dict
 
 
 def main() -> None:
+    from sam2serve.checkpoints import MODEL_TYPE_CHOICES
+    from sam2serve.cli import add_amg_options, amg_options, read_image_paths
+    from sam2serve.modes import DEFAULT_MODE, MODES
+
     parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("replay", help="one RLE line per image into OUTPUT")
     command.add_argument("paths_file", type=Path)
     command.add_argument("output", type=Path)
-    command.add_argument("--model-type", default="large")
-    command.add_argument("--mode", default="ao")
-    command.add_argument("--points-per-batch", type=int, help="default: the mode's")
-    command.add_argument("--points-per-side", type=int, help="default: 32")
+    command.add_argument("--model-type", default="large", choices=MODEL_TYPE_CHOICES)
+    command.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
+    add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()
-    amg = {name: getattr(args, name) for name in ("points_per_batch", "points_per_side") if getattr(args, name)}
-    replay(args.paths_file, args.output, args.model_type, args.mode, amg, args.load_fast)
+    try:
+        paths = read_image_paths(args.paths_file)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
 
 
 if __name__ == "__main__":

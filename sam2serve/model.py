@@ -1,10 +1,16 @@
-"""Prompt encoder + mask decoder for many single-point prompts on one image.
+"""The compile-friendly model pieces: SAM2's image encoder and its prompt encoder + mask decoder
+for many single-point prompts, each as one module with tensors in and out, so that they can run
+eagerly, be compiled or be exported. Nothing here knows of mask generation (amg.py) or of
+compilation (fast.py).
 
-Two modules with one interface, `(image_embed, feat_s0, feat_s1, coords (P, 2)) ->
-(low-resolution mask logits (P, M, h, w), predicted IoUs (P, M))`:
-- `PointDecoder`: sam2's own modules called as sam2's SAM2ImagePredictor calls them: the
-  reference.
-- `FactoredPointDecoder`: the same weights and the same function, reorganised for many prompts.
+- `ImageEncoder`: model input (B, 3, R, R) -> (image_embed, feat_s0, feat_s1), as sam2's
+  SAM2ImagePredictor.set_image; `split_features` makes one `ImageFeatures` per image.
+- The point decoders, one interface, `(image_embed, feat_s0, feat_s1, coords (P, 2)) ->
+  (low-resolution mask logits (P, M, h, w), predicted IoUs (P, M))`:
+  - `PointDecoder`: sam2's own modules called as sam2's SAM2ImagePredictor calls them: the
+    reference.
+  - `FactoredPointDecoder`: the same weights and the same function, reorganised for many
+    prompts.
 
 sam2's decoder copies the image embedding once per prompt and runs every image-side projection
 of its two-way transformer on each copy: on a CPU most of its time goes into adding and copying
@@ -25,12 +31,62 @@ The results equal sam2's up to float rounding (tests/test_decoder.py compares th
 """
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from sam2.modeling.sam.transformer import Attention
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the image encoder gives the mask decoder, for one image."""
+
+    image_embed: torch.Tensor  # (1, C, H/16, W/16)
+    high_res_feats: list[torch.Tensor]  # [(1, C/8, H/4, W/4), (1, C/4, H/8, W/8)]
+
+
+class ImageEncoder(torch.nn.Module):
+    """Model input (B, 3, R, R) -> what the mask decoder needs: (image_embed, feat_s0, feat_s1).
+
+    As sam2's SAM2ImagePredictor.set_image, as one module with tensors in and out.
+    """
+
+    def __init__(self, model: SAM2Base) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        backbone_out = self.model.forward_image(images)
+        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            # Added to the lowest-resolution features during training on videos.
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        # (H*W, B, C) -> (B, C, H, W), in the input's dtype (sam2's neck upcasts some levels
+        # to float32 in half-precision modes; a no-op in float32)
+        feat_s0, feat_s1, image_embed = [
+            feat.permute(1, 2, 0).reshape(images.shape[0], -1, h, w).to(images.dtype)
+            for feat, (h, w) in zip(vision_feats, feat_sizes)
+        ]
+        return image_embed, feat_s0, feat_s1
+
+
+def split_features(encoder_output: tuple[torch.Tensor, ...]) -> list[ImageFeatures]:
+    """The encoder's (image_embed, feat_s0, feat_s1) for a batch -> one ImageFeatures per image."""
+    image_embed, feat_s0, feat_s1 = encoder_output
+    return [
+        ImageFeatures(image_embed=image_embed[i : i + 1], high_res_feats=[feat_s0[i : i + 1], feat_s1[i : i + 1]])
+        for i in range(len(image_embed))
+    ]
+
+
+def point_prompt_embeddings(prompt_encoder: torch.nn.Module, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam2's prompt encoder on one foreground point per prompt: coords (P, 2) in the model's
+    input frame -> (sparse (P, 2, C), dense) embeddings."""
+    labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
+    return prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
 
 
 class PointDecoder(torch.nn.Module):
@@ -46,8 +102,7 @@ class PointDecoder(torch.nn.Module):
     def forward(
         self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
-        sparse, dense = self.model.sam_prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+        sparse, dense = point_prompt_embeddings(self.model.sam_prompt_encoder, coords)
         # The prompt encoder stays in float32 in half-precision modes (its Fourier features
         # need the precision); its outputs take the decoder's dtype. No-op in float32.
         dtype = image_embed.dtype
@@ -267,8 +322,7 @@ class FactoredPointDecoder(PointDecoder):
         prompt_encoder, decoder = self.model.sam_prompt_encoder, self.model.sam_mask_decoder
         transformer = decoder.transformer
         p = coords.shape[0]
-        labels = torch.ones((p, 1), dtype=torch.int, device=coords.device)
-        sparse, _ = prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+        sparse, _ = point_prompt_embeddings(prompt_encoder, coords)
         output_tokens = [decoder.iou_token.weight, decoder.mask_tokens.weight]
         if decoder.pred_obj_scores:
             output_tokens.insert(0, decoder.obj_score_token.weight)

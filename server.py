@@ -7,8 +7,9 @@
     python server.py ~/checkpoints/sam2 large --fast --furious --load-fast exported/large_furious
     python server.py ~/checkpoints/sam2 large --batch-size 4 --max-queue 64
 
-Flags -> one config -> HTTP server listening (GET /health answers 503) -> model and
-generator for the mode, warmed up -> inference worker started (/health answers 200).
+Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
+503) -> model and generator for the mode, warmed up -> inference worker started (/health
+answers 200).
 """
 
 import argparse
@@ -17,7 +18,6 @@ import sys
 import threading
 from dataclasses import asdict
 
-from werkzeug.serving import make_server
 
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
 from sam2serve.cli import (
@@ -27,6 +27,7 @@ from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
+from sam2serve.wsgi import ConnectionLimits, create_http_server
 
 log = logging.getLogger("server")
 
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="images waiting for the worker; more get 503 with Retry-After")
     add_option(parser, "request_timeout", type=float, default=600.0,
                help="seconds a request may wait for its answer before 504")
+    add_option(parser, "max_connections", type=int, default=ConnectionLimits.max_connections,
+               help="open connections at most; more wait to be accepted")
+    add_option(parser, "connection_timeout", type=int, default=ConnectionLimits.timeout_s,
+               help="seconds after which an idle or stalled connection is closed")
     args = parser.parse_args(argv)
 
     check_checkpoint_arguments(parser, args)
@@ -77,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast and --load-fast go with --fast")
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
-    if args.batch_size < 1 or args.max_queue < 1 or args.request_timeout <= 0:
-        parser.error("--batch-size and --max-queue must be at least 1, --request-timeout positive")
+    if min(args.batch_size, args.max_queue, args.max_connections, args.connection_timeout) < 1 or args.request_timeout <= 0:
+        parser.error("--batch-size, --max-queue, --max-connections and --connection-timeout must be at least 1, "
+                     "--request-timeout positive")
     args.amg = amg_config(parser, args, mode)
     return args
 
@@ -89,14 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     mode = get_mode(args.mode)
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
-    app = create_app(worker, Limits(int(args.max_upload_mb * 2**20), args.max_pixels), info)
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
+    app = create_app(worker, limits, info)
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
+    # Threads for the app: every request the worker may hold (queued or in its batch), and a
+    # few for /health and /metrics.
     try:
-        http = make_server(args.host, args.port, app, threaded=True)
+        http = create_http_server(app, args.host, args.port, limits.max_upload_bytes,
+                                  threads=args.max_queue + args.batch_size + 4,
+                                  limits=ConnectionLimits(args.max_connections, args.connection_timeout))
     except OSError as error:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
-    listener = threading.Thread(target=http.serve_forever, name="http", daemon=True)
+    listener = threading.Thread(target=http.run, name="http", daemon=True)
     listener.start()
     log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
 
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                                  checkpoint_url=args.checkpoint_url, batch_size=args.batch_size,
                                  compile_mode=args.compile_mode)
     except (CheckpointUnavailable, PackageMismatch) as error:
-        http.shutdown()
+        http.close()
         sys.exit(f"error: {error}")
     info["model"] = pipeline.loaded.description
     worker.start(pipeline.generator)
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         listener.join()
     except KeyboardInterrupt:
-        http.shutdown()
+        http.close()
 
 
 if __name__ == "__main__":

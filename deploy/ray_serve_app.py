@@ -68,9 +68,8 @@ class SegmentEverything:
             if int(request.headers.get("content-length") or 0) > self.limits.max_upload_bytes:
                 raise UploadTooLarge(self.limits)
             form = await request.form()
-            upload = form.get("image")
-            data = await upload.read() if hasattr(upload, "read") else None
-            image = decode_upload(data, sorted(key for key, value in form.items() if hasattr(value, "read")),
+            files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
+            image = decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")),
                                   self.limits)
             body, media_type = render_answer(path, image, await self.segment(image))
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py

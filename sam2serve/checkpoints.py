@@ -104,7 +104,7 @@ class LoadedModel:
     @property
     def description(self) -> str:
         weights = "trained" if self.random_seed is None else f"RANDOM (seed {self.random_seed})"
-        return f"SAM2.1 {self.size.name} from {self.path}, {weights} weights"
+        return f"SAM2.1 {self.size.name} from {self.path.name}, {weights} weights"  # the path only in the log
 
 
 def model_size(model_type: str) -> ModelSize:

@@ -116,7 +116,7 @@ def load_pipeline(
     config = config or mode_config(mode, device, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
-    log.info("loaded %s; preparing mode %s", loaded.description, mode.name)
+    log.info("loaded %s (%s); preparing mode %s", loaded.description, loaded.path.resolve(), mode.name)
     generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast,
                                 batch_size=batch_size, compile_mode=compile_mode)
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)

@@ -101,7 +101,8 @@ class InferenceWorker:
             return job.future.result(timeout=self.timeout_s)
         except TimeoutError:
             job.future.cancel()  # still queued: the worker skips it; already running: dropped
-            raise TimedOut(f"no answer within {self.timeout_s:g} s; the server is overloaded") from None
+            raise TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
+                           f"{self.queue_depth} images are queued") from None
 
     def _next_batch(self) -> list[Job]:
         """The next job (waiting for one), and up to batch_size - 1 more that are already queued."""

@@ -172,9 +172,9 @@ def test_http_status_codes_health_and_metrics():
     assert client.post("/upload", data={"image": (io.BytesIO(png_of(6)), "a.png")}).status_code == 200
 
     metrics = client.get("/metrics").get_data(as_text=True)
-    assert 'sam2_requests_total{endpoint="/upload_rle",status="200"} 1.0' in metrics
-    assert 'sam2_requests_total{endpoint="/upload_rle",status="500"} 1.0' in metrics
-    assert 'sam2_requests_total{endpoint="/health",status="503"} 1.0' in metrics
+    assert 'sam2_requests_total{endpoint="/upload_rle",method="POST",status="200"} 1.0' in metrics
+    assert 'sam2_requests_total{endpoint="/upload_rle",method="POST",status="500"} 1.0' in metrics
+    assert 'sam2_requests_total{endpoint="/health",method="GET",status="503"} 1.0' in metrics
     assert 'sam2_request_seconds_count{endpoint="/upload"} 2.0' in metrics
     assert "sam2_queue_depth 0.0" in metrics
     assert 'sam2_batch_size_bucket{le="1.0"} 2.0' in metrics  # the successful batches

@@ -1,0 +1,94 @@
+"""The HTTP server in front of the Flask app: waitress, started by server.py itself.
+
+Why waitress: it reads every request whole (headers, then the body into memory or a temporary
+file) on its event loop before a thread runs the app, so a slow or stalled client costs a
+descriptor and a buffer, never a thread; it bounds the open connections (`connection_limit`)
+and closes connections that stay idle or stalled (`channel_timeout`); it runs in this process,
+beside the one inference worker that owns the model. (gunicorn would hand the app the socket
+while the body is still arriving: a stalled upload holds a thread.)
+
+What waitress refuses itself, before the app sees the request (a body over the upload limit,
+announced by Content-Length or sent chunked; headers too large; a malformed request), is
+answered as JSON like every other error, and the connection is closed.
+"""
+
+import json
+import resource
+from dataclasses import dataclass
+
+import waitress
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+from waitress.task import ErrorTask
+from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 1000  # more wait in the listen backlog until one closes
+    timeout_s: int = 60  # a connection idle or stalled this long is closed (waitress counts whole seconds)
+    max_header_bytes: int = 64 * 1024  # request line and headers; more gets 431
+
+
+def refusal_message(error: BadRequest, max_body_bytes: int, max_header_bytes: int) -> str:
+    """The JSON error message for what the HTTP server refused before the app saw it."""
+    if isinstance(error, RequestEntityTooLarge):
+        return f"upload larger than the limit of {max_body_bytes} bytes"
+    if isinstance(error, RequestHeaderFieldsTooLarge):
+        return f"request line and headers larger than the limit of {max_header_bytes} bytes"
+    return f"malformed HTTP request: {error.body}"
+
+
+class JSONErrorTask(ErrorTask):
+    """waitress's error answer (status kept, connection closed) with a JSON body."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        adj = self.channel.server.adj
+        # waitress refuses a body of max_request_body_size bytes or more: the limit is one less.
+        message = refusal_message(error, adj.max_request_body_size - 1, adj.max_request_header_size)
+        body = json.dumps({"error": message}, separators=(",", ":")).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JSONErrorChannel(HTTPChannel):
+    error_task_class = JSONErrorTask
+
+
+def allow_descriptors(needed: int) -> None:
+    """Raises this process's soft limit on open files towards `needed` (the hard limit caps it):
+    the default soft limit, often 1024, would stop accepting before max_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
+
+
+def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads: int,
+                       limits: ConnectionLimits = ConnectionLimits()):
+    """A waitress server bound to host:port (OSError if it cannot listen); `.run()` serves,
+    `.close()` stops. `threads` run the app: enough for every request the inference worker
+    may hold (its queue and batch) plus a few for /health and /metrics."""
+    allow_descriptors(limits.max_connections + threads + 64)
+    servers: dict = {}
+    server = waitress.create_server(
+        app,
+        map=servers,
+        host=host,
+        port=port,
+        threads=threads,
+        connection_limit=limits.max_connections,
+        channel_timeout=limits.timeout_s,
+        cleanup_interval=max(1, limits.timeout_s // 4),  # how often stalled connections are looked for
+        max_request_body_size=max_upload_bytes + 1,
+        max_request_header_size=limits.max_header_bytes,
+        ident="",  # no Server header
+        asyncore_use_poll=True,  # select() stops at 1024 descriptors
+    )
+    for listener in servers.values():
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = JSONErrorChannel
+    return server

@@ -1,0 +1,247 @@
+"""The HTTP front as a careless or hostile client meets it.
+
+A real server process (waitress, the micro model, a 4x4 grid) for what the HTTP server does
+before the app sees a request: stalled clients, bodies over the limit, headers too large. The
+Flask app in process, with a stub worker, for each limit's own answer, 405's Allow header, 414,
+several files, a client that disconnects, and /metrics read by Prometheus' own parser.
+"""
+
+import io
+import json
+import os
+import socket
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from sam2serve.serving import Limits, create_app
+from sam2serve.worker import InferenceWorker
+from tools.load_test import post_image
+
+from .conftest import make_scene
+from .test_server import MAX_UPLOAD_MB, start_server
+from .test_worker import StubGenerator, png_of
+
+CONNECTION_TIMEOUT_S = 2
+STALLED_CLIENTS = 200
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("front") / "server.log"
+    process, url = start_server("--points-per-side", "4", "--connection-timeout", str(CONNECTION_TIMEOUT_S),
+                                "--max-connections", str(STALLED_CLIENTS + 50), log_path=log)
+    yield process, url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def jpeg():
+    buffer = io.BytesIO()
+    Image.fromarray(make_scene(96, 128, seed=7)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def threads_and_descriptors(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def connect(url: str) -> socket.socket:
+    parsed = urlparse(url)
+    return socket.create_connection((parsed.hostname, parsed.port), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def status_and_json(response: bytes) -> tuple[int, dict, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(server, jpeg):
+    process, url = server
+    status, _, reference = post_image(url + "/upload_rle", jpeg, "a.jpg", timeout_s=60)
+    assert status == 200
+    threads_before, descriptors_before = threads_and_descriptors(process.pid)
+
+    stalled = []
+    for _ in range(STALLED_CLIENTS):  # headers announce a body that never comes
+        sock = connect(url)
+        sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 100000\r\n\r\n--x\r\n")
+        stalled.append(sock)
+    started = time.monotonic()
+    for _ in range(3):
+        assert post_image(url + "/upload_rle", jpeg, "a.jpg", timeout_s=60)[::2] == (200, reference)
+    threads, descriptors = threads_and_descriptors(process.pid)
+    assert threads <= threads_before + 1, "a thread per connection"
+    assert descriptors <= descriptors_before + STALLED_CLIENTS + 10
+
+    # Closed by the server after its connection timeout (checked every timeout / 4, at least 1 s).
+    deadline = started + CONNECTION_TIMEOUT_S + max(1, CONNECTION_TIMEOUT_S // 4) + 15
+    for sock in stalled:
+        assert read_until_closed(sock, max(0.1, deadline - time.monotonic())) == b""
+        sock.close()
+    assert time.monotonic() < deadline
+    time.sleep(0.5)
+    assert threads_and_descriptors(process.pid)[1] <= descriptors_before + 5
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_closed(server):
+    _, url = server
+    limit = MAX_UPLOAD_MB * 2**20
+    sock = connect(url)
+    sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 + f"Content-Length: {limit + 1}\r\n\r\n".encode())
+    status, headers, answer = status_and_json(read_until_closed(sock, 10))  # no body sent: closed all the same
+    assert status == 413 and headers["content-type"] == "application/json"
+    assert answer == {"error": f"upload larger than the limit of {limit} bytes"}
+
+
+def metric_samples(url: str, name: str) -> list:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name]
+
+
+def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
+    """The HTTP server reads each request whole before the app sees it: a client that leaves
+    mid-upload is dropped there, not counted as a bad request."""
+    _, url = server
+    before = metric_samples(url, "sam2_requests_total")
+    sock = connect(url)
+    sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 b"Content-Length: 5000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc")
+    sock.close()
+    time.sleep(0.5)
+    after = [s for s in metric_samples(url, "sam2_requests_total") if s.labels["endpoint"] != "/metrics"]
+    assert after == [s for s in before if s.labels["endpoint"] != "/metrics"]
+    assert not any(s.labels["status"] == "400" for s in after)
+
+
+def test_headers_too_large_get_json_431_and_no_server_header(server):
+    _, url = server
+    sock = connect(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 70_000 + b"\r\n\r\n")
+    status, headers, answer = status_and_json(read_until_closed(sock, 10))
+    assert status == 431 and "headers larger than the limit of 65536 bytes" in answer["error"]
+    assert "server" not in headers
+    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+        assert response.headers.get("Server") is None
+        model = json.load(response)["model"]
+    assert "sam2.1_hiera_micro.pt" in model and "/" not in model  # the file name, not the path
+
+
+@pytest.fixture()
+def client():
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(StubGenerator())
+    return create_app(worker, Limits(max_upload_bytes=2**20, max_pixels=10_000)).test_client()
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart form: (field name, file name or None, content)."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--b\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return body + b"--b--\r\n", "multipart/form-data; boundary=b"
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("too many parts", 413, "the form has more than 1000 parts"),
+    ("text field too large", 413, "a text field of the form is larger than the limit of 500000 bytes"),
+    ("upload too large", 413, "upload larger than the limit of 1048576 bytes"),
+    ("too many pixels", 413, "pixels; the limit is 10000 pixels"),
+    ("two images", 400, "one file in the field 'image', received 2"),
+])
+def test_each_limit_answers_with_its_own_message(client, case, status, message):
+    image = ("image", "a.png", png_of(1))
+    parts = {
+        "too many parts": [image] + [(f"f{i}", None, b"x") for i in range(1200)],
+        "text field too large": [image, ("note", None, b"x" * 600_000)],
+        "upload too large": [("image", "big.png", b"x" * (2**20 + 1))],
+        "too many pixels": [("image", "big.png", png_of(1, size=(101, 100)))],
+        "two images": [image, image],
+    }[case]
+    body, content_type = multipart(parts)
+    assert len(body) < 2**20 or case == "upload too large"
+    response = client.post("/upload_rle", data=body, content_type=content_type)
+    assert response.status_code == status and response.mimetype == "application/json"
+    assert message in response.get_json()["error"]
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_405_says_allow_and_414_is_json(client):
+    response = client.get("/upload_rle")
+    assert response.status_code == 405 and response.mimetype == "application/json"
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"POST"}
+    long_url = client.get("/health?" + "a" * 10_000)
+    assert long_url.status_code == 414 and long_url.mimetype == "application/json"
+    assert "URL longer than the limit of 8192 bytes" in long_url.get_json()["error"]
+
+
+def test_metrics_parse_count_methods_apart_and_say_charset_once(client):
+    body, content_type = multipart([("image", "a.png", png_of(1))])
+    assert client.post("/upload_rle", data=body, content_type=content_type).status_code == 200
+    assert client.options("/upload_rle").status_code == 200
+    response = client.get("/metrics")
+    assert response.headers["Content-Type"].count("charset") == 1
+    families = {family.name: family for family in text_string_to_metric_families(response.get_data(as_text=True))}
+    requests = {(s.labels["endpoint"], s.labels["method"], s.labels["status"]): s.value
+                for s in families["sam2_requests"].samples if s.name == "sam2_requests_total"}
+    assert requests[("/upload_rle", "POST", "200")] == 1
+    assert requests[("/upload_rle", "OPTIONS", "200")] == 1
+    latency = [s for s in families["sam2_request_seconds"].samples
+               if s.name == "sam2_request_seconds_count" and s.labels["endpoint"] == "/upload_rle"]
+    assert [s.value for s in latency] == [1]  # the upload only
+
+
+def test_timeout_message_names_the_limit():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=0.3)
+    worker.start(stub)
+    stub.gate.clear()
+    try:
+        response = create_app(worker).test_client().post(
+            "/upload_rle", data={"image": (io.BytesIO(png_of(1)), "a.png")})
+    finally:
+        stub.gate.set()
+    assert response.status_code == 504
+    assert "request timeout of 0.3 s" in response.get_json()["error"]
+
+
+def test_tiny_images_get_the_baselines_answer(trained_micro_checkpoint):
+    """sam2's box NMS cannot tell apart masks whose boxes have no area: a 1x1 image gives one
+    identical mask per candidate. ao answers as the baseline does, duplicates included."""
+    from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
+    from sam2serve.checkpoints import load_model
+
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    config = AMGConfig(points_per_side=4)
+    rng = np.random.default_rng(0)
+    for height, width in [(1, 1), (1, 500), (3, 3)]:
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        baseline = ReferenceMaskGenerator(model, config).generate(image)
+        assert MaskGenerator(model, config).generate(image) == baseline
+        if (height, width) == (1, 1):
+            assert len(baseline) > 1 and all(mask == baseline[0] for mask in baseline)

@@ -19,13 +19,14 @@ import threading
 from dataclasses import asdict
 
 
-from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
+from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable, checkpoint_identity
 from sam2serve.cli import (
     add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
-from sam2serve.serving import Limits, create_app
+from sam2serve.interactive import EmbeddingCache, PromptSegmenter
+from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server
 
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="images waiting for the worker; more get 503 with Retry-After")
     add_option(parser, "request_timeout", type=float, default=600.0,
                help="seconds a request may wait for its answer before 504")
+    add_option(parser, "embedding_cache_mb", type=float, default=EMBEDDING_CACHE_BYTES / 2**20,
+               help="memory on the model's device for encoded images (/embed, /segment); 0 keeps none")
     add_option(parser, "max_connections", type=int, default=ConnectionLimits.max_connections,
                help="open connections at most; more wait to be accepted")
     add_option(parser, "connection_timeout", type=int, default=ConnectionLimits.timeout_s,
@@ -85,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.batch_size, args.max_queue, args.max_connections, args.connection_timeout) < 1 or args.request_timeout <= 0:
         parser.error("--batch-size, --max-queue, --max-connections and --connection-timeout must be at least 1, "
                      "--request-timeout positive")
+    if args.embedding_cache_mb < 0:
+        parser.error("--embedding-cache-mb must be 0 (no cache) or more")
     args.amg = amg_config(parser, args, mode)
     return args
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
-    app = create_app(worker, limits, info)
+    app = create_app(worker, limits, info, EmbeddingCache(int(args.embedding_cache_mb * 2**20)))
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
     # Threads for the app: every request the worker may hold (queued or in its batch), and a
@@ -120,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         http.close()
         sys.exit(f"error: {error}")
     info["model"] = pipeline.loaded.description
-    worker.start(pipeline.generator)
+    # Prompts run in float32 (sam2's predictor on the model); half-precision modes answer 501.
+    segmenter = None if mode.half_precision else PromptSegmenter(pipeline.loaded.model,
+                                                                  checkpoint_identity(pipeline.loaded.path))
+    worker.start(pipeline.generator, segmenter)
     log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
              args.device, args.host, args.port)
     try:

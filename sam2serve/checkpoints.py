@@ -11,6 +11,7 @@ Write a random checkpoint (for tests, or to try the server without the download)
 """
 
 import argparse
+import hashlib
 import logging
 import os
 import tempfile
@@ -209,6 +210,13 @@ def _download(url: str, path: Path) -> None:
                     tmp.write(chunk)
                     progress.update(len(chunk))
     os.replace(tmp.name, path)
+
+
+def checkpoint_identity(path: Path) -> str:
+    """File name and the start of its SHA-256: what exported kernels and image ids are bound to."""
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return f"{path.name}#{digest[:16]}"
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, mismatch: str) -> torch.nn.Module:

@@ -17,7 +17,6 @@ every fast mode. `fast_kernels` wraps a pair for MaskGenerator: point batches pa
 static size, images encoded at most batch_size at a time, outputs copied out of CUDA graphs.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import AMGConfig, Kernels, MaskGenerator
+from .checkpoints import checkpoint_identity
 from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import image_to_input_on_device
 
@@ -70,12 +70,6 @@ class KernelSpec:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
-
-
-def checkpoint_identity(path: Path) -> str:
-    with open(path, "rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    return f"{path.name}#{digest[:16]}"
 
 
 def kernel_spec(

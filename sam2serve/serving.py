@@ -20,15 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import prometheus_client as prom
+import prometheus_client.core as prom_core
 import torch
 from flask import Flask, Response, abort, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from .amg import Generator
+from .interactive import EmbeddingCache, InvalidPrompt, UnknownId, mask_id, parse_prompts
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
-from .rle import RLE, answer_text
+from .rle import RLE, answer_text, masks_to_rle_vectorized
 from .worker import Busy, InferenceWorker, NotReady, TimedOut, generate_each
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,19 @@ class Limits:
 
 
 UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
-ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/health": "GET", "/metrics": "GET"}  # path -> method
+ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
+          "/metrics": "GET"}  # path -> method
+EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
 
 
 class UploadTooLarge(ValueError):
     def __init__(self, limits: Limits) -> None:
         super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
+
+
+class InteractiveUnavailable(RuntimeError):
+    """This server does not run prompts (a half-precision mode)."""
 
 
 class FormTooLarge(ValueError):
@@ -107,8 +115,12 @@ def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[by
 def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
     """(status, JSON body, headers) for an error, the same in every front end."""
     retry_after = None
-    if isinstance(error, InvalidImage):
+    if isinstance(error, (InvalidImage, InvalidPrompt)):
         status = 400
+    elif isinstance(error, UnknownId):
+        status = 404
+    elif isinstance(error, InteractiveUnavailable):
+        status = 501
     elif isinstance(error, (ImageTooLarge, UploadTooLarge, FormTooLarge)):
         status = 413
     elif isinstance(error, NotReady):
@@ -149,11 +161,28 @@ def json_response(payload: object, status: int = 200, headers: dict[str, str] | 
     return Response(json_text(payload), status=status, mimetype="application/json", headers=headers or {})
 
 
+class CacheCollector:
+    """The embedding cache's counters, read when /metrics is asked."""
+
+    def __init__(self, cache: EmbeddingCache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats()
+        for name, text, value in [("hits", "Cache lookups answered from the cache", stats.hits),
+                                  ("misses", "Cache lookups that found nothing", stats.misses),
+                                  ("evictions", "Entries dropped to stay within the cache's bytes", stats.evictions)]:
+            yield prom_core.CounterMetricFamily(f"sam2_embedding_cache_{name}", text, value=value)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_bytes", "Bytes held by the cache", value=stats.bytes)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_entries", "Entries in the cache", value=stats.entries)
+
+
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own (one per app)."""
 
-    def __init__(self, worker: InferenceWorker) -> None:
+    def __init__(self, worker: InferenceWorker, cache: EmbeddingCache) -> None:
         self.registry = prom.CollectorRegistry()
+        self.registry.register(CacheCollector(cache))
         self.requests = prom.Counter(
             "sam2_requests", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"],
             registry=self.registry,
@@ -188,17 +217,20 @@ class Metrics:
         return prom.generate_latest(self.registry)
 
 
-def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None) -> Flask:
+def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
+               cache: EmbeddingCache | None = None) -> Flask:
     """The Flask app in front of one inference worker.
 
-    `info` is shown by GET /health; the server fills it in once the model is loaded.
+    `info` is shown by GET /health; the server fills it in once the model is loaded. `cache`
+    keeps encoded images and mask logits for /embed and /segment.
     """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = limits.max_form_parts
     app.config["MAX_FORM_MEMORY_SIZE"] = limits.max_form_field_bytes
     info = {} if info is None else info
-    metrics = Metrics(worker)
+    cache = EmbeddingCache(EMBEDDING_CACHE_BYTES) if cache is None else cache
+    metrics = Metrics(worker, cache)
     worker.observe_batch = metrics.observe_batch
 
     def uploaded_image() -> np.ndarray:
@@ -232,6 +264,70 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         image = uploaded_image()
         body, mimetype = render_answer(endpoint, image, worker.submit(image))
         return Response(body, mimetype=mimetype)
+
+    @app.post("/embed")
+    def embed() -> Response:
+        """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
+        image_id, embedding = embedded(uploaded_image())
+        return json_response({"image_id": image_id, "size": list(embedding.size)})
+
+    @app.post("/segment")
+    def segment() -> Response:
+        """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
+        with image and a JSON prompts field): their masks as RLE, best first."""
+        worker.require_ready()
+        if request.mimetype == "application/json":
+            payload = request.get_json(silent=True)
+            if not isinstance(payload, dict):
+                raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
+            image_id = payload.get("image_id")
+            if not isinstance(image_id, str):
+                raise InvalidPrompt("image_id: expected the id that /embed answered")
+            try:
+                embedding = cache.get(image_id)
+            except UnknownId:
+                raise UnknownId(f"unknown image_id {image_id!r} (never embedded, or evicted from the cache): "
+                                "POST the image to /embed again") from None
+            prompts = payload.get("prompts")
+        else:
+            image_id, embedding = embedded(uploaded_image())
+            try:
+                prompts = json.loads(request.form.get("prompts", ""))
+            except ValueError:
+                raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets") from None
+        prompts = parse_prompts(prompts, embedding.size)
+        mask_inputs = {}
+        for prompt in prompts:
+            if prompt.mask_input is not None:
+                try:
+                    mask_inputs[prompt.mask_input] = cache.get(prompt.mask_input)
+                except UnknownId:
+                    raise UnknownId(f"unknown mask_input {prompt.mask_input!r} (evicted from the cache, or not "
+                                    "an id answered with keep_logits): send the prompt without it") from None
+        segmenter = worker.segmenter
+        answers = worker.call(lambda: segmenter.segment(embedding, prompts, mask_inputs))
+        results = []
+        for prompt, answer in zip(prompts, answers):
+            result = {"masks": masks_to_rle_vectorized(answer.masks), "iou_predictions": answer.iou_predictions.tolist()}
+            if prompt.keep_logits:
+                result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(answer.masks))]
+                for key, logits in zip(result["mask_input_ids"], answer.low_res_logits):
+                    cache.put(key, logits.clone(), logits.numel() * logits.element_size())
+            results.append(result)
+        return json_response({"image_id": image_id, "results": results})
+
+    def embedded(image: np.ndarray):
+        """(image_id, Embedding): from the cache, or encoded once on the worker (concurrent
+        requests for the same image wait for that one encoding)."""
+        segmenter = worker.segmenter
+        if segmenter is None:
+            raise InteractiveUnavailable(
+                f"this server's mode ({info.get('mode', 'unknown')}) does not run prompts: /embed and /segment "
+                "need a float32 mode (baseline, ao or fast)")
+        image_id = segmenter.image_id(image)
+        embedding = cache.get_or_compute(image_id, lambda: worker.call(lambda: segmenter.embed(image)),
+                                         lambda value: value.nbytes)
+        return image_id, embedding
 
     @app.get("/health")
     def health() -> Response:

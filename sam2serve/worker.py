@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,7 +48,10 @@ class TimedOut(RuntimeError):
 
 @dataclass
 class Job:
-    image: np.ndarray
+    """An image to segment everything in, or another call on the model (interactive prompts)."""
+
+    image: np.ndarray | None = None
+    call: Callable[[], Any] | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -66,6 +70,7 @@ class InferenceWorker:
         self.jobs: queue.Queue[Job] = queue.Queue(max_queue)
         self.observe_batch = observe_batch or (lambda batch_size, masks: None)
         self.generator: Generator | None = None
+        self.segmenter = None
         self.seconds_per_image = 1.0  # running estimate, for Retry-After
         self._ready = threading.Event()
 
@@ -77,9 +82,11 @@ class InferenceWorker:
     def queue_depth(self) -> int:
         return self.jobs.qsize()
 
-    def start(self, generator: Generator) -> None:
-        """Serves with this generator from now on (the model is loaded and warmed up)."""
+    def start(self, generator: Generator, segmenter=None) -> None:
+        """Serves with this generator (and this interactive.PromptSegmenter, if any) from now on:
+        the model is loaded and warmed up."""
         self.generator = generator
+        self.segmenter = segmenter
         threading.Thread(target=self._serve_forever, name="inference-worker", daemon=True).start()
         self._ready.set()
 
@@ -90,13 +97,20 @@ class InferenceWorker:
     def submit(self, image: np.ndarray) -> list[RLE]:
         """The image's masks, once the worker has run it. Raises NotReady, Busy or TimedOut,
         or the generator's own error for this image."""
+        return self._wait_for(Job(image=image))
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """function() run on the worker's thread, in the queue's order (calls on the model that
+        are not segment-everything: encoding an image, decoding prompts). Raises as submit."""
+        return self._wait_for(Job(call=function))
+
+    def _wait_for(self, job: Job) -> Any:
         self.require_ready()
-        job = Job(image)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             wait = self.queue_depth * self.seconds_per_image / self.batch_size
-            raise Busy(f"the server is busy ({self.queue_depth} images queued)", max(1, round(wait))) from None
+            raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
         try:
             return job.future.result(timeout=self.timeout_s)
         except TimeoutError:
@@ -121,7 +135,17 @@ class InferenceWorker:
             if batch:
                 self._run(batch)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.call is not None:
+                try:
+                    job.future.set_result(job.call())
+                except Exception as error:  # noqa: BLE001 - goes back to its request
+                    release_cached_memory(error)
+                    job.future.set_exception(error)
+        batch = [job for job in jobs if job.call is None]
+        if not batch:
+            return
         started = time.perf_counter()
         answers = generate_each(self.generator, [job.image for job in batch])
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]

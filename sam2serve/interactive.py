@@ -1,0 +1,298 @@
+"""Interactive segmentation: point and box prompts on an image encoded once.
+
+An image is encoded once (`PromptSegmenter.embed`) and its features kept in an `EmbeddingCache`
+(an LRU bounded by bytes) under an id derived from its pixels and the model; each prompt set
+(points with labels, a box, a previous mask's low-resolution logits) then costs one mask-decoder
+call, and the prompt sets of one request that have the same shape run as one batched call.
+The numbers are sam2's own: encoding and decoding go through the `sam2` package's
+SAM2ImagePredictor, so answers equal its `predict` (tests/test_interactive.py compares them).
+Nothing here knows of HTTP; `parse_prompts` checks a request's prompts and names the field at
+fault.
+"""
+
+import hashlib
+import json
+import math
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sam2.modeling.sam2_base import SAM2Base
+
+from .amg import image_predictor
+
+MAX_PROMPT_SETS = 64  # per request
+MAX_POINTS = 64  # per prompt set
+
+
+class InvalidPrompt(ValueError):
+    """A prompt that cannot be run; the message names the field."""
+
+
+class UnknownId(KeyError):
+    """An image or mask id that the cache does not hold (never seen, or evicted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt set, in image pixels."""
+
+    points: np.ndarray  # (N, 2) float32 (x, y); N may be 0 when there is a box
+    labels: np.ndarray  # (N,) int32: 1 foreground, 0 background
+    box: np.ndarray | None  # (4,) float32 x0, y0, x1, y1
+    mask_input: str | None  # the id of a previous answer's mask, to refine
+    multimask: bool
+    keep_logits: bool  # answer ids of the masks' logits, for a later mask_input
+
+    @property
+    def shape(self) -> tuple:
+        """Prompt sets of one shape run as one batched decoder call."""
+        return len(self.points), self.box is None, self.mask_input is None, self.multimask
+
+    def canonical(self) -> str:
+        return json.dumps([self.points.tolist(), self.labels.tolist(), None if self.box is None else self.box.tolist(),
+                           self.mask_input, self.multimask])
+
+
+def parse_prompts(prompts: Any, size: tuple[int, int], max_sets: int = MAX_PROMPT_SETS) -> list[Prompt]:
+    """A request's "prompts" (a list of prompt sets) checked against the image size (h, w)."""
+    if not isinstance(prompts, list) or not prompts:
+        raise InvalidPrompt("prompts: expected a non-empty list of prompt sets")
+    if len(prompts) > max_sets:
+        raise InvalidPrompt(f"prompts: {len(prompts)} prompt sets, at most {max_sets} per request")
+    return [parse_prompt(prompt, size, f"prompts[{index}]") for index, prompt in enumerate(prompts)]
+
+
+def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
+    height, width = size
+    if not isinstance(prompt, dict):
+        raise InvalidPrompt(f"{where}: expected an object with points, labels, box, mask_input, multimask")
+    unknown = set(prompt) - {"points", "labels", "box", "mask_input", "multimask", "keep_logits"}
+    if unknown:
+        raise InvalidPrompt(f"{where}: unknown fields {sorted(unknown)}")
+    points = prompt.get("points", [])
+    if not isinstance(points, list) or len(points) > MAX_POINTS:
+        raise InvalidPrompt(f"{where}.points: expected a list of at most {MAX_POINTS} [x, y] pairs")
+    for index, point in enumerate(points):
+        numbers(point, 2, f"{where}.points[{index}]")
+        inside(point, width, height, f"{where}.points[{index}]")
+    labels = prompt["labels"] if "labels" in prompt else [1] * len(points)
+    if not isinstance(labels, list) or len(labels) != len(points):
+        raise InvalidPrompt(f"{where}.labels: expected one label per point ({len(points)}), got "
+                            f"{len(labels) if isinstance(labels, list) else type(labels).__name__}")
+    if any(label not in (0, 1) or isinstance(label, bool) for label in labels):
+        raise InvalidPrompt(f"{where}.labels: each label is 1 (foreground) or 0 (background)")
+    box = prompt.get("box")
+    if box is not None:
+        numbers(box, 4, f"{where}.box")
+        x0, y0, x1, y1 = box
+        if x1 < x0 or y1 < y0:
+            raise InvalidPrompt(f"{where}.box: expected [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
+        inside((x0, y0), width, height, f"{where}.box")
+        inside((x1, y1), width, height, f"{where}.box")
+    if not points and box is None:
+        raise InvalidPrompt(f"{where}: give points, a box, or both")
+    mask_input = prompt.get("mask_input")
+    if mask_input is not None and not isinstance(mask_input, str):
+        raise InvalidPrompt(f"{where}.mask_input: expected a mask id from an answer given with keep_logits")
+    # sam2's advice: several masks for an ambiguous prompt (a single point), one otherwise.
+    multimask = prompt.get("multimask", len(points) == 1 and box is None)
+    keep_logits = prompt.get("keep_logits", False)
+    for name, value in (("multimask", multimask), ("keep_logits", keep_logits)):
+        if not isinstance(value, bool):
+            raise InvalidPrompt(f"{where}.{name}: expected true or false")
+    return Prompt(
+        points=np.array(points, dtype=np.float32).reshape(-1, 2),
+        labels=np.array(labels, dtype=np.int32),
+        box=None if box is None else np.array(box, dtype=np.float32),
+        mask_input=mask_input,
+        multimask=multimask,
+        keep_logits=keep_logits,
+    )
+
+
+def numbers(value: Any, count: int, where: str) -> None:
+    if (not isinstance(value, list) or len(value) != count
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise InvalidPrompt(f"{where}: expected {count} finite numbers")
+
+
+def inside(point, width: int, height: int, where: str) -> None:
+    x, y = point
+    if not (0 <= x <= width and 0 <= y <= height):
+        raise InvalidPrompt(f"{where}: ({x}, {y}) is outside the {width}x{height} image")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """An encoded image: sam2's predictor features and the image's size."""
+
+    features: dict  # {"image_embed": (1, C, h, w), "high_res_feats": [(1, C', 4h, 4w), (1, C'', 2h, 2w)]}
+    size: tuple[int, int]  # (h, w) of the image
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.features["image_embed"], *self.features["high_res_feats"]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    """One prompt set's masks, best predicted IoU first."""
+
+    masks: torch.Tensor  # (M, H, W) bool
+    iou_predictions: torch.Tensor  # (M,)
+    low_res_logits: torch.Tensor  # (M, 256, 256) for the official models: a later mask_input
+
+
+class PromptSegmenter:
+    """sam2's SAM2ImagePredictor for one model, its features set from the cache for each call.
+
+    Not thread-safe (the predictor holds state): the server runs it on its inference worker.
+    """
+
+    def __init__(self, model: SAM2Base, model_id: str) -> None:
+        self.predictor = image_predictor(model)
+        self.model_id = model_id
+
+    def image_id(self, image: np.ndarray) -> str:
+        """Content-derived: the same pixels on the same model give the same id."""
+        digest = hashlib.sha256(f"{self.model_id}|{image.shape}".encode())
+        digest.update(np.ascontiguousarray(image).data)
+        return digest.hexdigest()[:32]
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        try:
+            self.predictor.set_image(image)
+            return Embedding(features=self.predictor._features, size=tuple(self.predictor._orig_hw[0]))
+        finally:
+            self.predictor.reset_predictor()
+
+    @torch.inference_mode()
+    def segment(self, embedding: Embedding, prompts: list[Prompt],
+                mask_inputs: dict[str, torch.Tensor] | None = None) -> list[PromptAnswer]:
+        """Each prompt set's answer, in order; `mask_inputs` maps the prompts' mask_input ids to
+        low-resolution logits (h, w)."""
+        predictor = self.predictor
+        predictor._features, predictor._orig_hw = embedding.features, [embedding.size]
+        predictor._is_image_set, predictor._is_batch = True, False
+        answers: list[PromptAnswer | None] = [None] * len(prompts)
+        try:
+            groups: dict[tuple, list[int]] = {}
+            for index, prompt in enumerate(prompts):
+                groups.setdefault(prompt.shape, []).append(index)
+            for indices in groups.values():
+                for index, answer in zip(indices, self.segment_batch([prompts[i] for i in indices], mask_inputs or {})):
+                    answers[index] = answer
+        finally:
+            predictor.reset_predictor()
+        return answers
+
+    def segment_batch(self, prompts: list[Prompt], mask_inputs: dict[str, torch.Tensor]) -> list[PromptAnswer]:
+        """Prompt sets of one shape in one decoder call, as SAM2ImagePredictor.predict runs them."""
+        first = prompts[0]
+        points = np.stack([p.points for p in prompts]) if len(first.points) else None
+        labels = np.stack([p.labels for p in prompts]) if len(first.points) else None
+        boxes = None if first.box is None else np.stack([p.box for p in prompts])
+        masks_in = None
+        if first.mask_input is not None:
+            masks_in = torch.stack([mask_inputs[p.mask_input] for p in prompts])[:, None]  # (B, 1, h, w)
+        mask_input, coords, labels, boxes = self.predictor._prep_prompts(points, labels, boxes, masks_in, True)
+        masks, iou_predictions, low_res = self.predictor._predict(coords, labels, boxes, mask_input, first.multimask)
+        answers = []
+        for b in range(len(prompts)):
+            order = torch.argsort(iou_predictions[b], descending=True, stable=True)
+            answers.append(PromptAnswer(masks=masks[b][order], iou_predictions=iou_predictions[b][order],
+                                        low_res_logits=low_res[b][order]))
+        return answers
+
+
+def mask_id(image_id: str, prompt: Prompt, rank: int) -> str:
+    """The id of a prompt set's mask (best first): derived from the image and the prompt, so the
+    same request gets the same ids."""
+    return hashlib.sha256(f"{image_id}|{prompt.canonical()}|{rank}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    entries: int
+
+
+class EmbeddingCache:
+    """An LRU of values (embeddings, mask logits) bounded by their bytes; max_bytes 0 keeps
+    nothing. Callers of get_or_compute that ask for a key being computed wait for that one
+    computation instead of starting another."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.computing: dict[str, Future] = {}
+        self.lock = threading.Lock()
+        self.hits = self.misses = self.evictions = self.bytes = 0
+
+    def get(self, key: str) -> Any:
+        """The value, or UnknownId."""
+        with self.lock:
+            if key in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return self.entries[key][0]
+            self.misses += 1
+        raise UnknownId(key)
+
+    def put(self, key: str, value: Any, nbytes: int) -> None:
+        with self.lock:
+            if nbytes > self.max_bytes:
+                return
+            if key in self.entries:
+                self.bytes -= self.entries.pop(key)[1]
+            self.entries[key] = (value, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                _, (_, freed) = self.entries.popitem(last=False)
+                self.bytes -= freed
+                self.evictions += 1
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any], nbytes: Callable[[Any], int]) -> Any:
+        """The cached value, or the value of compute() (stored if it fits)."""
+        with self.lock:
+            if key in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return self.entries[key][0]
+            future = self.computing.get(key)
+            owner = future is None
+            if owner:
+                self.misses += 1
+                future = self.computing[key] = Future()
+            else:
+                self.hits += 1  # served by the computation under way
+        if not owner:
+            return future.result()
+        try:
+            value = compute()
+            self.put(key, value, nbytes(value))
+            future.set_result(value)
+            return value
+        except BaseException as error:
+            future.set_exception(error)
+            raise
+        finally:
+            with self.lock:
+                del self.computing[key]
+
+    def stats(self) -> CacheStats:
+        with self.lock:
+            return CacheStats(self.hits, self.misses, self.evictions, self.bytes, len(self.entries))

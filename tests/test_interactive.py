@@ -1,0 +1,209 @@
+"""Interactive segmentation (/embed, /segment) against sam2's own SAM2ImagePredictor.predict.
+
+Exactness on the trained micro model and on a random tiny checkpoint: single point, several
+points with a background one, box, box and point, refinement from a previous mask's logits,
+and many prompt sets batched in one decoder call. Then the HTTP endpoints in process: ids,
+the cache (hits, misses, evictions, one encoding for concurrent requests), one-shot multipart
+requests, and a 400 naming the field for each kind of bad prompt.
+"""
+
+import io
+import json
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from sam2serve.amg import AMGConfig, MaskGenerator, image_predictor
+from sam2serve.checkpoints import load_model
+from sam2serve.interactive import EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
+from sam2serve.rle import rles_to_masks
+from sam2serve.serving import create_app
+from sam2serve.worker import InferenceWorker
+
+from .conftest import make_scene
+
+IMAGE = make_scene(150, 200, seed=11)
+# (name, prompt as the API takes it): points are [x, y] in image pixels.
+PROMPTS = [
+    ("one point", {"points": [[60, 70]], "labels": [1]}),
+    ("points with a background one", {"points": [[60, 70], [150, 40]], "labels": [1, 0]}),
+    ("box", {"box": [20, 30, 120, 110]}),
+    ("box and point", {"box": [20, 30, 120, 110], "points": [[60, 70]], "labels": [1]}),
+]
+
+
+def reference_answer(predictor, prompt: dict, mask_input=None):
+    """sam2's predictor on the same prompt, masks sorted best first as the API answers."""
+    points = np.array(prompt["points"], dtype=np.float32) if "points" in prompt else None
+    labels = np.array(prompt["labels"]) if "points" in prompt else None
+    box = np.array(prompt["box"], dtype=np.float32) if "box" in prompt else None
+    multimask = prompt.get("multimask", "points" in prompt and len(prompt["points"]) == 1 and "box" not in prompt)
+    masks, ious, logits = predictor.predict(points, labels, box, mask_input, multimask_output=multimask)
+    order = np.argsort(-ious, kind="stable")
+    return masks[order] > 0, ious[order], logits[order]
+
+
+def assert_same(ours, reference, name):
+    masks, ious, logits = reference
+    assert ours.masks.shape == masks.shape, name
+    differing = (ours.masks.cpu().numpy() != masks).mean()
+    assert differing <= 1e-4, f"{name}: {differing:.2%} of pixels differ"
+    np.testing.assert_allclose(ours.iou_predictions.cpu().numpy(), ious, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(ours.low_res_logits.cpu().numpy(), logits, atol=1e-4, err_msg=name)
+
+
+@pytest.fixture(scope="module", params=["micro", "tiny"])
+def model(request, trained_micro_checkpoint, tiny_checkpoint_dir):
+    if request.param == "micro":
+        return load_model(trained_micro_checkpoint, "micro", "cpu").model
+    return load_model(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", "tiny", "cpu").model
+
+
+def test_prompts_equal_sam2s_predictor(model):
+    segmenter = PromptSegmenter(model, "test")
+    embedding = segmenter.embed(IMAGE)
+    predictor = image_predictor(model)
+    predictor.set_image(IMAGE)
+    prompts = parse_prompts([prompt for _, prompt in PROMPTS], IMAGE.shape[:2])
+    one_by_one = [segmenter.segment(embedding, [prompt])[0] for prompt in prompts]
+    batched = segmenter.segment(embedding, prompts + prompts[:1] * 2)  # one point three times: one batch
+    for (name, prompt), ours, together in zip(PROMPTS, one_by_one, batched):
+        reference = reference_answer(predictor, prompt)
+        assert_same(ours, reference, name)
+        assert_same(together, reference, f"{name}, batched")
+    for repeat in batched[len(prompts):]:
+        assert_same(repeat, reference_answer(predictor, PROMPTS[0][1]), "one point, batched with itself")
+
+    # Refinement: the best mask's logits as mask_input, with the point again.
+    best_logits = one_by_one[0].low_res_logits[0]
+    refine = parse_prompts([{**PROMPTS[0][1], "mask_input": "best", "multimask": False}], IMAGE.shape[:2])
+    ours = segmenter.segment(embedding, refine, {"best": best_logits})[0]
+    reference = reference_answer(predictor, {**PROMPTS[0][1], "multimask": False}, best_logits.numpy()[None])
+    assert_same(ours, reference, "refined with mask_input")
+
+
+@pytest.mark.parametrize("prompts, field", [
+    ("not a list", "prompts"),
+    ([{"points": [[10, 10]], "labels": [1, 0]}], "prompts[0].labels"),
+    ([{"points": [[10, 500]], "labels": [1]}], "prompts[0].points[0]"),
+    ([{"points": [[float("nan"), 1]], "labels": [1]}], "prompts[0].points[0]"),
+    ([{"points": [["1", 2]], "labels": [1]}], "prompts[0].points[0]"),
+    ([{"box": [50, 10, 20, 40]}], "prompts[0].box"),
+    ([{"points": [[10, 10]], "labels": [2]}], "prompts[0].labels"),
+    ([{"labels": []}], "prompts[0]"),
+    ([{"points": [[1, 1]]}] * 65, "prompts"),
+])
+def test_bad_prompts_name_the_field(prompts, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
+        parse_prompts(prompts, (100, 200))
+
+
+def test_cache_keeps_the_most_recent_within_its_bytes():
+    cache = EmbeddingCache(max_bytes=100)
+    for key in "abc":
+        cache.put(key, key.upper(), 40)
+    assert cache.stats().evictions == 1 and cache.stats().bytes == 80
+    with pytest.raises(UnknownId):
+        cache.get("a")
+    assert cache.get("b") == "B"
+    cache.put("d", "D", 40)  # "c" is now the least recently used
+    with pytest.raises(UnknownId):
+        cache.get("c")
+    disabled = EmbeddingCache(max_bytes=0)
+    assert disabled.get_or_compute("x", lambda: 1, lambda value: 8) == 1
+    with pytest.raises(UnknownId):
+        disabled.get("x")
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def micro(trained_micro_checkpoint):
+    return load_model(trained_micro_checkpoint, "micro", "cpu").model
+
+
+def micro_client(micro, cache_bytes=2**30):
+    worker = InferenceWorker(max_queue=8, timeout_s=120)
+    worker.start(MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"))
+    return create_app(worker, cache=EmbeddingCache(cache_bytes), info={"mode": "ao"}).test_client()
+
+
+def cache_metrics(client) -> dict[str, float]:
+    text = client.get("/metrics").get_data(as_text=True)
+    return {sample.name.removeprefix("sam2_embedding_cache_"): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith("sam2_embedding_cache_")}
+
+
+def test_embed_then_segment_over_http(micro):
+    client = micro_client(micro)
+    data = png(IMAGE)
+    # Concurrent requests for one image: one encoding.
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        client.post("/embed", data={"image": (io.BytesIO(data), "a.png")}).get_json())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({answer["image_id"] for answer in answers}) == 1 and answers[0]["size"] == [150, 200]
+    metrics = cache_metrics(client)
+    assert metrics["misses_total"] == 1 and metrics["hits_total"] == 3 and metrics["entries"] == 1
+    image_id = answers[0]["image_id"]
+
+    prompts = [{**prompt, "keep_logits": True} for _, prompt in PROMPTS]
+    answer = client.post("/segment", json={"image_id": image_id, "prompts": prompts}).get_json()
+    segmenter = PromptSegmenter(micro, "micro")
+    direct = segmenter.segment(segmenter.embed(IMAGE), parse_prompts(prompts, (150, 200)))
+    assert len(answer["results"]) == len(PROMPTS)
+    for result, expected in zip(answer["results"], direct):
+        assert np.array_equal(rles_to_masks(result["masks"]), expected.masks.numpy())
+        assert result["iou_predictions"] == expected.iou_predictions.tolist()
+        assert result["iou_predictions"] == sorted(result["iou_predictions"], reverse=True)
+
+    # One-shot multipart gives the same answer; refinement from a kept mask works.
+    one_shot = client.post("/segment", data={"image": (io.BytesIO(data), "a.png"), "prompts": json.dumps(prompts)})
+    assert one_shot.get_json() == answer
+    refine = {"points": [[60, 70]], "labels": [1], "mask_input": answer["results"][0]["mask_input_ids"][0],
+              "multimask": False}
+    refined = client.post("/segment", json={"image_id": image_id, "prompts": [refine]})
+    assert refined.status_code == 200 and len(refined.get_json()["results"][0]["masks"]) == 1
+
+    for body, status, words in [
+        ({"image_id": "f" * 32, "prompts": prompts}, 404, "/embed again"),
+        ({"image_id": image_id, "prompts": [{**refine, "mask_input": "gone"}]}, 404, "unknown mask_input"),
+        ({"image_id": image_id, "prompts": [{"points": [[500, 1]], "labels": [1]}]}, 400, "prompts[0].points[0]"),
+        ({"prompts": prompts}, 400, "image_id"),
+    ]:
+        response = client.post("/segment", json=body)
+        assert response.status_code == status and words in response.get_json()["error"], body
+    malformed = client.post("/segment", data="{not json", content_type="application/json")
+    assert malformed.status_code == 400 and "JSON" in malformed.get_json()["error"]
+
+
+def test_small_cache_evicts_and_counts(micro):
+    segmenter = PromptSegmenter(micro, "micro")
+    one_image = segmenter.embed(IMAGE).nbytes
+    client = micro_client(micro, cache_bytes=one_image)  # room for one image
+    ids = [client.post("/embed", data={"image": (io.BytesIO(png(make_scene(150, 200, seed=s))), "a.png")})
+           .get_json()["image_id"] for s in (1, 2)]
+    assert cache_metrics(client)["evictions_total"] == 1
+    assert client.post("/segment", json={"image_id": ids[0], "prompts": [PROMPTS[0][1]]}).status_code == 404
+    assert client.post("/segment", json={"image_id": ids[1], "prompts": [PROMPTS[0][1]]}).status_code == 200
+
+
+def test_half_precision_server_says_prompts_are_unavailable():
+    worker = InferenceWorker()
+    worker.start(generator=None, segmenter=None)
+    client = create_app(worker, info={"mode": "fast_furious"}).test_client()
+    response = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert response.status_code == 501 and "fast_furious" in response.get_json()["error"]

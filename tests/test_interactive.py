@@ -14,7 +14,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -207,3 +206,22 @@ def test_half_precision_server_says_prompts_are_unavailable():
     client = create_app(worker, info={"mode": "fast_furious"}).test_client()
     response = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert response.status_code == 501 and "fast_furious" in response.get_json()["error"]
+
+
+def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path):
+    """8 clients mixing /upload_rle, /embed and /segment on a real server: every answer equals
+    the answer to that request sent alone."""
+    from tools.load_test import run_load_test
+
+    from .test_server import start_server
+
+    process, url = start_server("--points-per-side", "4", "--batch-size", "2", "--max-queue", "4",
+                                log_path=tmp_path / "server.log")
+    try:
+        images = {f"{seed}.png": png(make_scene(120, 160, seed=seed)) for seed in (1, 2)}
+        report = run_load_test(url, images, clients=8, per_client=3, time_limit_s=240, interactive=True)
+        assert report.ok, report.table()
+        assert report.requests == 24
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

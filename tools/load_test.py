@@ -1,11 +1,14 @@
-"""Load test of a running server on this machine: C concurrent clients, M images each.
+"""Load test of a running server on this machine: C concurrent clients, M requests each.
 
     python server.py --batch-size 4 &
     python -m tools.load_test http://127.0.0.1:5000 examples/*.jpg --clients 8 --per-client 4
+    python -m tools.load_test http://127.0.0.1:5000 examples/*.jpg --interactive   # /embed, /segment too
 
-First every image is sent once, alone: that answer is the reference. Then C clients send M
-images each (every client in its own order) at the same time, and every answer must equal the
-reference for its image, byte for byte: nothing lost, duplicated or swapped between clients.
+The requests: each image to /upload_rle, and with --interactive also to /embed, and its prompts
+(a point at the centre; a box around the middle) to /segment. First every request is sent once,
+alone: that answer is the reference. Then C clients send M requests each (every client in its
+own order) at the same time, and every answer must equal the reference for its request, byte
+for byte: nothing lost, duplicated or swapped between clients.
 A 503 (queue full) is retried after its Retry-After; any other failure counts. Prints
 throughput and latency percentiles; exits 1 if any answer was wrong or missing.
 
@@ -15,6 +18,7 @@ number of requests (C x M), and a time limit.
 
 import argparse
 import ipaddress
+import json
 import socket
 import sys
 import threading
@@ -69,6 +73,11 @@ def require_loopback(url: str) -> None:
 def post_image(url: str, data: bytes, filename: str, timeout_s: float) -> tuple[int, dict, bytes]:
     """POSTs one image as the multipart field 'image' (as curl -F image=@file); never raises
     for an HTTP status."""
+    return post(url, *image_form(data, filename), timeout_s)
+
+
+def image_form(data: bytes, filename: str) -> tuple[bytes, str]:
+    """(body, content type) of a multipart form with the image in the field 'image'."""
     boundary = uuid.uuid4().hex
     body = b"".join([
         f"--{boundary}\r\n".encode(),
@@ -77,9 +86,12 @@ def post_image(url: str, data: bytes, filename: str, timeout_s: float) -> tuple[
         data,
         f"\r\n--{boundary}--\r\n".encode(),
     ])
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def post(url: str, body: bytes, content_type: str, timeout_s: float) -> tuple[int, dict, bytes]:
+    """POSTs a body; never raises for an HTTP status."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, dict(response.headers), response.read()
@@ -87,36 +99,66 @@ def post_image(url: str, data: bytes, filename: str, timeout_s: float) -> tuple[
         return error.code, dict(error.headers), error.read()
 
 
+@dataclass(frozen=True)
+class Request:
+    name: str  # what the report calls it
+    path: str
+    body: bytes
+    content_type: str
+
+
+def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_s: float) -> list[Request]:
+    """The test's requests; with `interactive`, each image is embedded here once for its id."""
+    requests = []
+    for name in sorted(images):
+        requests.append(Request(name, "/upload_rle", *image_form(images[name], name)))
+        if not interactive:
+            continue
+        requests.append(Request(f"{name} /embed", "/embed", *image_form(images[name], name)))
+        status, _, body = post(url + "/embed", *image_form(images[name], name), timeout_s)
+        if status != 200:
+            raise RuntimeError(f"{name}: /embed answered {status}: {body[:200]!r}")
+        embedded = json.loads(body)
+        height, width = embedded["size"]
+        prompts = [{"points": [[width / 2, height / 2]]},
+                   {"box": [width / 4, height / 4, 3 * width / 4, 3 * height / 4]}]
+        payload = json.dumps({"image_id": embedded["image_id"], "prompts": prompts}).encode()
+        requests.append(Request(f"{name} /segment", "/segment", payload, "application/json"))
+    return requests
+
+
 def run_load_test(
-    url: str, images: dict[str, bytes], clients: int, per_client: int, time_limit_s: float = 600.0
+    url: str, images: dict[str, bytes], clients: int, per_client: int, time_limit_s: float = 600.0,
+    interactive: bool = False,
 ) -> Report:
-    """Sends each image alone, then clients x per_client requests at once; checks every answer."""
+    """Sends each request alone, then clients x per_client requests at once; checks every answer."""
     require_loopback(url)
     if clients * per_client > MAX_REQUESTS:
         raise ValueError(f"at most {MAX_REQUESTS} requests, asked for {clients * per_client}")
-    endpoint = url.rstrip("/") + "/upload_rle"
+    url = url.rstrip("/")
     deadline = time.monotonic() + time_limit_s
-    names = sorted(images)
+    requests = requests_for(url, images, interactive, time_limit_s)
     reference = {}
-    for name in names:
-        status, _, body = post_image(endpoint, images[name], name, time_limit_s)
+    for request in requests:
+        status, _, body = post(url + request.path, request.body, request.content_type, time_limit_s)
         if status != 200:
-            raise RuntimeError(f"{name}: the single request answered {status}: {body[:200]!r}")
-        reference[name] = body
+            raise RuntimeError(f"{request.name}: the single request answered {status}: {body[:200]!r}")
+        reference[request.name] = body
 
     report, lock = Report(), threading.Lock()
 
     def client(index: int) -> None:
-        order = np.random.default_rng(index).permutation(np.resize(np.arange(len(names)), per_client))
+        order = np.random.default_rng(index).permutation(np.resize(np.arange(len(requests)), per_client))
         for position in order:
-            name = names[position]
+            request = requests[position]
+            name = request.name
             started = time.monotonic()
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     outcome = f"{name}: not sent or not answered within the time limit"
                     break
-                status, headers, body = post_image(endpoint, images[name], name, remaining)
+                status, headers, body = post(url + request.path, request.body, request.content_type, remaining)
                 if status == 503:
                     with lock:
                         report.retries_busy += 1
@@ -152,10 +194,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole test")
+    parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
     try:
         images = {str(path): path.read_bytes() for path in args.images}
-        report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit)
+        report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)
     except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: {error}")
     print(report.table())

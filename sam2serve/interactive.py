@@ -5,7 +5,9 @@ An image is encoded once (`PromptSegmenter.embed`) and its features kept in an `
 (points with labels, a box, a previous mask's low-resolution logits) then costs one mask-decoder
 call, and the prompt sets of one request that have the same shape run as one batched call.
 The numbers are sam2's own: encoding and decoding go through the `sam2` package's
-SAM2ImagePredictor, so answers equal its `predict` (tests/test_interactive.py compares them).
+SAM2ImagePredictor, except that clicks (one foreground point per prompt set) are decoded by the
+project's FactoredPointDecoder, the same function without sam2's per-prompt copies of the image;
+answers equal the predictor's `predict` (tests/test_interactive.py compares them).
 Nothing here knows of HTTP; `parse_prompts` checks a request's prompts and names the field at
 fault.
 """
@@ -24,6 +26,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import image_predictor
+from .model import FactoredPointDecoder, default_prompts_per_step
 
 MAX_PROMPT_SETS = 64  # per request
 MAX_POINTS = 64  # per prompt set
@@ -161,6 +164,10 @@ class PromptSegmenter:
     def __init__(self, model: SAM2Base, model_id: str) -> None:
         self.predictor = image_predictor(model)
         self.model_id = model_id
+        # Clicks (one foreground point per prompt set) go through the project's factored
+        # decoder: sam2's decoder function without its per-prompt copies of the image.
+        step = default_prompts_per_step(model)
+        self.click_decoders = {multimask: FactoredPointDecoder(model, multimask, step) for multimask in (True, False)}
 
     def image_id(self, image: np.ndarray) -> str:
         """Content-derived: the same pixels on the same model give the same id."""
@@ -199,6 +206,10 @@ class PromptSegmenter:
     def segment_batch(self, prompts: list[Prompt], mask_inputs: dict[str, torch.Tensor]) -> list[PromptAnswer]:
         """Prompt sets of one shape in one decoder call, as SAM2ImagePredictor.predict runs them."""
         first = prompts[0]
+        if len(first.points) == 1 and first.box is None and first.mask_input is None and all(
+            p.labels[0] == 1 for p in prompts
+        ):
+            return self.segment_clicks(prompts)
         points = np.stack([p.points for p in prompts]) if len(first.points) else None
         labels = np.stack([p.labels for p in prompts]) if len(first.points) else None
         boxes = None if first.box is None else np.stack([p.box for p in prompts])
@@ -207,8 +218,27 @@ class PromptSegmenter:
             masks_in = torch.stack([mask_inputs[p.mask_input] for p in prompts])[:, None]  # (B, 1, h, w)
         mask_input, coords, labels, boxes = self.predictor._prep_prompts(points, labels, boxes, masks_in, True)
         masks, iou_predictions, low_res = self.predictor._predict(coords, labels, boxes, mask_input, first.multimask)
+        return self.best_first(masks, iou_predictions, low_res)
+
+
+    def segment_clicks(self, prompts: list[Prompt]) -> list[PromptAnswer]:
+        """One foreground point per prompt set: FactoredPointDecoder (tests compare it with
+        sam2's decoder) for the logits, then sam2's predictor's own steps after its decoder."""
+        predictor = self.predictor
+        height, width = predictor._orig_hw[0]
+        points = torch.as_tensor(np.stack([p.points[0] for p in prompts]), device=predictor.device)
+        coords = points / torch.tensor([width, height], dtype=torch.float32, device=points.device)
+        features = predictor._features
+        low_res, iou_predictions = self.click_decoders[prompts[0].multimask](
+            features["image_embed"], *features["high_res_feats"], coords * predictor.model.image_size
+        )
+        masks = predictor._transforms.postprocess_masks(low_res, (height, width)) > predictor.mask_threshold
+        return self.best_first(masks, iou_predictions, torch.clamp(low_res, -32.0, 32.0))
+
+    @staticmethod
+    def best_first(masks: torch.Tensor, iou_predictions: torch.Tensor, low_res: torch.Tensor) -> list[PromptAnswer]:
         answers = []
-        for b in range(len(prompts)):
+        for b in range(len(masks)):
             order = torch.argsort(iou_predictions[b], descending=True, stable=True)
             answers.append(PromptAnswer(masks=masks[b][order], iou_predictions=iou_predictions[b][order],
                                         low_res_logits=low_res[b][order]))

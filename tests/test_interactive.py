@@ -30,6 +30,8 @@ IMAGE = make_scene(150, 200, seed=11)
 # (name, prompt as the API takes it): points are [x, y] in image pixels.
 PROMPTS = [
     ("one point", {"points": [[60, 70]], "labels": [1]}),
+    ("one point, one mask", {"points": [[100, 50]], "labels": [1], "multimask": False}),
+    ("one background point", {"points": [[100, 50]], "labels": [0]}),
     ("points with a background one", {"points": [[60, 70], [150, 40]], "labels": [1, 0]}),
     ("box", {"box": [20, 30, 120, 110]}),
     ("box and point", {"box": [20, 30, 120, 110], "points": [[60, 70]], "labels": [1]}),

@@ -1,7 +1,7 @@
 """The server on a Ray cluster: Ray Serve, one replica per GPU, Ray Serve's own request batching.
 
-Same endpoints, request and answer formats as server.py (POST /upload and /upload_rle with
-the multipart field `image`, GET /health), the same pipeline code. Ray Serve queues, batches
+Same endpoints, request and answer formats as server.py (POST /upload, /upload_rle and /embed
+with the multipart field `image`, POST /segment, GET /health), the same pipeline code. Ray Serve queues, batches
 (`@serve.batch`) and spreads requests over replicas; a full queue answers 503 as the Flask
 server does.
 
@@ -11,6 +11,8 @@ server does.
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
 model), mode (ao), device (cuda if present), batch_size (4: images per replica batch),
 batch_wait_ms (20), load_fast, replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
+embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
+with several replicas send /segment as one multipart request with the image),
 and server.py's mask-generation options with underscores (points_per_side=16, ...).
 
 Autoscaling ("replicas=auto"): Ray Serve adds replicas, one GPU each, while replicas hold more
@@ -19,7 +21,9 @@ after 5 minutes of less load.
 """
 
 import asyncio
+import json
 import os
+import threading
 
 from ray import serve
 from starlette.requests import Request
@@ -27,8 +31,11 @@ from starlette.responses import Response
 
 from sam2serve.cli import AMG_OPTIONS, default_device
 from sam2serve.modes import DEFAULT_MODE, load_pipeline
+from sam2serve.checkpoints import checkpoint_identity
+from sam2serve.interactive import EmbeddingCache, PromptSegmenter
 from sam2serve.serving import (
-    UPLOAD_ENDPOINTS, Limits, UploadTooLarge, decode_upload, error_answer, json_text, render_answer,
+    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, cached_embedding, decode_upload, embed_image,
+    error_answer, json_text, prompts_field, render_answer, segment_answer, segment_payload,
 )
 
 
@@ -46,9 +53,16 @@ BATCH_WAIT_S = 0.02
 class SegmentEverything:
     """One replica: the pipeline loaded once, requests answered as server.py answers them."""
 
-    def __init__(self, options: dict, batch_size: int, batch_wait_s: float) -> None:
+    def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
+                 embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
         self.pipeline = load_pipeline(**options, batch_size=batch_size)
         self.limits = Limits()
+        # Prompts (/embed, /segment) as server.py runs them; each replica has its own cache.
+        loaded = self.pipeline.loaded
+        self.segmenter = None if self.pipeline.mode.half_precision else PromptSegmenter(
+            loaded.model, checkpoint_identity(loaded.path))
+        self.cache = EmbeddingCache(embedding_cache_bytes)
+        self.prompt_lock = threading.Lock()  # the segmenter holds state: one call at a time
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -61,20 +75,50 @@ class SegmentEverything:
         path = request.url.path
         if request.method == "GET" and path == "/health":
             return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
-        if request.method != "POST" or path not in UPLOAD_ENDPOINTS:
-            return Response('{"error":"not found: POST /upload or /upload_rle, GET /health"}', status_code=404,
-                            media_type="application/json")
+        if request.method != "POST" or path not in (*UPLOAD_ENDPOINTS, "/embed", "/segment"):
+            return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET /health"}',
+                            status_code=404, media_type="application/json")
         try:
             if int(request.headers.get("content-length") or 0) > self.limits.max_upload_bytes:
                 raise UploadTooLarge(self.limits)
-            form = await request.form()
-            files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
-            image = decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")),
-                                  self.limits)
-            body, media_type = render_answer(path, image, await self.segment(image))
+            if path in UPLOAD_ENDPOINTS:
+                image = await self.uploaded_image(request)
+                body, media_type = render_answer(path, image, await self.segment(image))
+            else:
+                body, media_type = json_text(await self.prompts(request, path)), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
             return json_error(error)
         return Response(body, media_type=media_type)
+
+    async def uploaded_image(self, request: Request, form=None):
+        form = form or await request.form()
+        files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
+        return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits)
+
+    async def prompts(self, request: Request, path: str) -> dict:
+        """/embed and /segment, answered by server.py's functions."""
+        mode = self.pipeline.mode.name
+        if path == "/segment" and request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                payload = json.loads(await request.body())
+            except ValueError:
+                payload = None
+            image_id, prompts = segment_payload(payload)
+            embedding = cached_embedding(self.cache, image_id)
+        else:
+            form = await request.form()
+            image = await self.uploaded_image(request, form)
+            prompts = prompts_field(form.get("prompts")) if path == "/segment" else None
+            image_id, embedding = await asyncio.to_thread(
+                embed_image, image, self.segmenter, self.cache, self.run_prompt, mode)
+            if path == "/embed":
+                return {"image_id": image_id, "size": list(embedding.size)}
+        return await asyncio.to_thread(
+            segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, self.run_prompt)
+
+    def run_prompt(self, function):
+        with self.prompt_lock:
+            return function()
 
 
 def build(args: dict[str, str]) -> serve.Application:
@@ -84,6 +128,7 @@ def build(args: dict[str, str]) -> serve.Application:
     batch_size = int(args.pop("batch_size", BATCH_SIZE))
     batch_wait_s = float(args.pop("batch_wait_ms", BATCH_WAIT_S * 1000)) / 1000
     replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
+    cache_bytes = int(float(args.pop("embedding_cache_mb", EMBEDDING_CACHE_BYTES / 2**20)) * 2**20)
     amg = {name: kind(args.pop(name)) for name, (kind, _) in AMG_OPTIONS.items() if name in args}
     options = dict(
         checkpoint_dir=os.path.expanduser(args.pop("checkpoint_dir")) if "checkpoint_dir" in args else None,
@@ -103,5 +148,5 @@ def build(args: dict[str, str]) -> serve.Application:
     deployment = SegmentEverything.options(
         ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0}, **scaling
     )
-    return deployment.bind(options, batch_size, batch_wait_s)
+    return deployment.bind(options, batch_size, batch_wait_s, cache_bytes)
 

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import prometheus_client as prom
@@ -157,6 +158,69 @@ def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = 
     return lines
 
 
+def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable, mode: str | None = None):
+    """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
+    model's thread (concurrent requests for the same image wait for that one encoding)."""
+    if segmenter is None:
+        raise InteractiveUnavailable(
+            f"this server's mode ({mode or 'unknown'}) does not run prompts: /embed and /segment need a float32 "
+            "mode (baseline, ao or fast)")
+    image_id = segmenter.image_id(image)
+    embedding = cache.get_or_compute(image_id, lambda: run(lambda: segmenter.embed(image)), lambda value: value.nbytes)
+    return image_id, embedding
+
+
+def segment_payload(payload: object) -> tuple[str, object]:
+    """(image_id, prompts) of a /segment JSON body."""
+    if not isinstance(payload, dict):
+        raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
+    image_id = payload.get("image_id")
+    if not isinstance(image_id, str):
+        raise InvalidPrompt("image_id: expected the id that /embed answered")
+    return image_id, payload.get("prompts")
+
+
+def prompts_field(text: str | None) -> object:
+    """The prompts of a one-shot multipart /segment (a JSON form field)."""
+    try:
+        return json.loads(text or "")
+    except ValueError:
+        raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets") from None
+
+
+def cached_embedding(cache: EmbeddingCache, image_id: str):
+    try:
+        return cache.get(image_id)
+    except UnknownId:
+        raise UnknownId(f"unknown image_id {image_id!r} (never embedded, or evicted from the cache): "
+                        "POST the image to /embed again") from None
+
+
+def segment_answer(image_id: str, embedding, prompts: object, segmenter, cache: EmbeddingCache,
+                   run: Callable) -> dict:
+    """The /segment answer: each prompt set's masks as RLE with their predicted IoUs, best first,
+    and with keep_logits the ids of their logits for a later mask_input."""
+    prompts = parse_prompts(prompts, embedding.size)
+    mask_inputs = {}
+    for prompt in prompts:
+        if prompt.mask_input is not None:
+            try:
+                mask_inputs[prompt.mask_input] = cache.get(prompt.mask_input)
+            except UnknownId:
+                raise UnknownId(f"unknown mask_input {prompt.mask_input!r} (evicted from the cache, or not an id "
+                                "answered with keep_logits): send the prompt without it") from None
+    answers = run(lambda: segmenter.segment(embedding, prompts, mask_inputs))
+    results = []
+    for prompt, answer in zip(prompts, answers):
+        result = {"masks": masks_to_rle_vectorized(answer.masks), "iou_predictions": answer.iou_predictions.tolist()}
+        if prompt.keep_logits:
+            result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(answer.masks))]
+            for key, logits in zip(result["mask_input_ids"], answer.low_res_logits):
+                cache.put(key, logits.clone(), logits.numel() * logits.element_size())
+        results.append(result)
+    return {"image_id": image_id, "results": results}
+
+
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json_text(payload), status=status, mimetype="application/json", headers=headers or {})
 
@@ -268,7 +332,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.post("/embed")
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
-        image_id, embedding = embedded(uploaded_image())
+        image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call, info.get("mode"))
         return json_response({"image_id": image_id, "size": list(embedding.size)})
 
     @app.post("/segment")
@@ -277,57 +341,13 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         with image and a JSON prompts field): their masks as RLE, best first."""
         worker.require_ready()
         if request.mimetype == "application/json":
-            payload = request.get_json(silent=True)
-            if not isinstance(payload, dict):
-                raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
-            image_id = payload.get("image_id")
-            if not isinstance(image_id, str):
-                raise InvalidPrompt("image_id: expected the id that /embed answered")
-            try:
-                embedding = cache.get(image_id)
-            except UnknownId:
-                raise UnknownId(f"unknown image_id {image_id!r} (never embedded, or evicted from the cache): "
-                                "POST the image to /embed again") from None
-            prompts = payload.get("prompts")
+            image_id, prompts = segment_payload(request.get_json(silent=True))
+            embedding = cached_embedding(cache, image_id)
         else:
-            image_id, embedding = embedded(uploaded_image())
-            try:
-                prompts = json.loads(request.form.get("prompts", ""))
-            except ValueError:
-                raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets") from None
-        prompts = parse_prompts(prompts, embedding.size)
-        mask_inputs = {}
-        for prompt in prompts:
-            if prompt.mask_input is not None:
-                try:
-                    mask_inputs[prompt.mask_input] = cache.get(prompt.mask_input)
-                except UnknownId:
-                    raise UnknownId(f"unknown mask_input {prompt.mask_input!r} (evicted from the cache, or not "
-                                    "an id answered with keep_logits): send the prompt without it") from None
-        segmenter = worker.segmenter
-        answers = worker.call(lambda: segmenter.segment(embedding, prompts, mask_inputs))
-        results = []
-        for prompt, answer in zip(prompts, answers):
-            result = {"masks": masks_to_rle_vectorized(answer.masks), "iou_predictions": answer.iou_predictions.tolist()}
-            if prompt.keep_logits:
-                result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(answer.masks))]
-                for key, logits in zip(result["mask_input_ids"], answer.low_res_logits):
-                    cache.put(key, logits.clone(), logits.numel() * logits.element_size())
-            results.append(result)
-        return json_response({"image_id": image_id, "results": results})
-
-    def embedded(image: np.ndarray):
-        """(image_id, Embedding): from the cache, or encoded once on the worker (concurrent
-        requests for the same image wait for that one encoding)."""
-        segmenter = worker.segmenter
-        if segmenter is None:
-            raise InteractiveUnavailable(
-                f"this server's mode ({info.get('mode', 'unknown')}) does not run prompts: /embed and /segment "
-                "need a float32 mode (baseline, ao or fast)")
-        image_id = segmenter.image_id(image)
-        embedding = cache.get_or_compute(image_id, lambda: worker.call(lambda: segmenter.embed(image)),
-                                         lambda value: value.nbytes)
-        return image_id, embedding
+            image = uploaded_image()
+            prompts = prompts_field(request.form.get("prompts"))
+            image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call, info.get("mode"))
+        return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, worker.call))
 
     @app.get("/health")
     def health() -> Response:

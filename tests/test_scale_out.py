@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sam2serve.checkpoints import checkpoint_identity
+from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
+from sam2serve.rle import rles_to_masks
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
@@ -43,7 +46,7 @@ def flask_client(tiny_checkpoint_dir):
     """The Flask server's app, in process, with the same pipeline the other front ends load."""
     pipeline = load_pipeline(tiny_checkpoint_dir, "tiny", "ao", amg=KEEP_EVERY_CANDIDATE)
     worker = InferenceWorker()
-    worker.start(pipeline.generator)
+    worker.start(pipeline.generator, PromptSegmenter(pipeline.loaded.model, checkpoint_identity(pipeline.loaded.path)))
     return create_app(worker).test_client()
 
 
@@ -115,6 +118,25 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             for endpoint in ("/upload_rle", "/upload"):
                 status, _, body = post_image(url + endpoint, path.read_bytes(), path.name, timeout_s=120)
                 assert (status, body) == flask_answer(flask_client, endpoint, path.read_bytes()), (path.name, endpoint)
+        # Prompts: /embed, then /segment by id and in one multipart request.
+        from tools.load_test import post
+
+        data = (image_files / "a.jpg").read_bytes()
+        status, _, embedded = post_image(url + "/embed", data, "a.jpg", timeout_s=120)
+        assert (status, embedded) == flask_answer(flask_client, "/embed", data)
+        prompts = [{"points": [[40, 30]]}, {"box": [10, 10, 90, 70]}]
+        body = json.dumps({"image_id": json.loads(embedded)["image_id"], "prompts": prompts}).encode()
+        ray_answer = post(url + "/segment", body, "application/json", 120)
+        flask_segment = flask_client.post("/segment", data=body, content_type="application/json")
+        # The replica runs torch with other thread counts: the same numbers to float rounding.
+        assert ray_answer[0] == 200
+        ours, theirs = json.loads(ray_answer[2]), flask_segment.get_json()
+        assert ours["image_id"] == theirs["image_id"] and len(ours["results"]) == len(theirs["results"]) == 2
+        for a, b in zip(ours["results"], theirs["results"]):
+            np.testing.assert_allclose(a["iou_predictions"], b["iou_predictions"], atol=1e-5)
+            assert (rles_to_masks(a["masks"]) != rles_to_masks(b["masks"])).mean() < 1e-4
+        one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
+        assert one_shot.get_data() == flask_segment.get_data()
         with pytest.raises(ValueError, match="unknown arguments"):
             build({**arguments, "pointz_per_side": "4"})
     finally:

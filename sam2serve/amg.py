@@ -25,6 +25,8 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.amg import (
+    area_from_rle,
+    box_xyxy_to_xywh,
     build_all_layer_point_grids,
     calculate_stability_score,
     generate_crop_boxes,
@@ -81,6 +83,11 @@ class Generator(Protocol):
         thresholds on one compiled model)."""
         ...
 
+    def annotate(self, image: np.ndarray) -> list[dict]:
+        """generate() with each mask's record as sam2's generate() writes it: segmentation (RLE),
+        area, bbox and crop_box (XYWH), predicted_iou, stability_score, point_coords."""
+        ...
+
 
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
     """Sets the predictor's feature-map sizes from the model's input size.
@@ -116,6 +123,9 @@ class ReferenceMaskGenerator:
 
     def with_config(self, config: AMGConfig) -> "ReferenceMaskGenerator":
         return ReferenceMaskGenerator(self.generator.predictor.model, config)
+
+    def annotate(self, image: np.ndarray) -> list[dict]:
+        return self.generator.generate(image)
 
 
 @dataclass(frozen=True)
@@ -217,12 +227,32 @@ class MaskGenerator:
 
     def generate_from(self, image: np.ndarray, image_features: ImageFeatures) -> list[RLE]:
         """The masks of an image whose encoder features are already computed."""
+        return self.masks_and_candidates(image, image_features)[0]
+
+    @torch.inference_mode()
+    def annotate(self, image: np.ndarray) -> list[dict]:
+        rles, candidates = self.masks_and_candidates(image, self.embed(image))
+        return [
+            {
+                "segmentation": rle,
+                "area": area_from_rle(rle),
+                "bbox": box_xyxy_to_xywh(candidates.boxes[index]).tolist(),
+                "predicted_iou": candidates.iou_preds[index].item(),
+                "point_coords": [candidates.points[index].tolist()],
+                "stability_score": candidates.stability_scores[index].item(),
+                "crop_box": box_xyxy_to_xywh(candidates.crop_boxes[index]).tolist(),
+            }
+            for index, rle in enumerate(rles)
+        ]
+
+    def masks_and_candidates(self, image: np.ndarray, image_features: ImageFeatures) -> tuple[list[RLE], Candidates]:
+        """The RLE masks and the candidates they come from, in the order NMS keeps them."""
         orig_hw = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_hw, self.config.crop_n_layers, self.config.crop_overlap_ratio
         )
         candidates = self.image_candidates(image, image_features, crop_boxes, layer_idxs)
-        return self.render_rles(candidates, crop_boxes, orig_hw)
+        return self.render_rles(candidates, crop_boxes, orig_hw), candidates
 
     def image_candidates(
         self, image: np.ndarray, image_features: ImageFeatures, crop_boxes: list[list[int]], layer_idxs: list[int]

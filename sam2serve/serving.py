@@ -24,6 +24,7 @@ import prometheus_client as prom
 import prometheus_client.core as prom_core
 import torch
 from flask import Flask, Response, abort, g, request
+from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
@@ -111,6 +112,12 @@ def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[by
     if endpoint == "/upload_rle":
         return answer_text(rles), "application/json"
     return draw_masks(image, rles), "image/png"
+
+
+def coco_annotations(records: list[dict]) -> list[dict]:
+    """Mask records (Generator.annotate) as COCO annotations: segmentation as compressed RLE,
+    the string pycocotools reads."""
+    return [{**record, "segmentation": coco_encode_rle(record["segmentation"])} for record in records]
 
 
 def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
@@ -325,7 +332,13 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return answer("/upload")
 
     def answer(endpoint: str) -> Response:
+        answer_format = request.args.get("format", "rle")
+        if answer_format not in ("rle", "coco") or (answer_format == "coco" and endpoint != "/upload_rle"):
+            raise InvalidImage(f"format: {answer_format!r} is not a format of {endpoint}; /upload_rle takes "
+                               "format=coco for COCO annotations")
         image = uploaded_image()
+        if answer_format == "coco":
+            return json_response(coco_annotations(worker.call(lambda: worker.generator.annotate(image))))
         body, mimetype = render_answer(endpoint, image, worker.submit(image))
         return Response(body, mimetype=mimetype)
 

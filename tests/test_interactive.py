@@ -227,3 +227,38 @@ def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
+    """/upload_rle?format=coco: sam2 generate()'s fields, compressed RLE that pycocotools reads;
+    the same masks as the default answer, and ao's records as the baseline's."""
+    from pycocotools import mask as mask_utils
+
+    from sam2serve.amg import ReferenceMaskGenerator
+
+    image = make_scene(120, 160, seed=3)
+    config = AMGConfig(points_per_side=8)
+    ours = MaskGenerator(micro, config).annotate(image)
+    reference = ReferenceMaskGenerator(micro, config).annotate(image)
+    assert len(ours) == len(reference) > 3
+    for a, b in zip(ours, reference):
+        assert a.keys() == b.keys()
+        assert (a["segmentation"], a["area"], a["bbox"], a["crop_box"]) == (
+            b["segmentation"], b["area"], b["bbox"], b["crop_box"])
+        np.testing.assert_allclose(a["point_coords"], b["point_coords"])
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-5
+        assert abs(a["stability_score"] - b["stability_score"]) < 1e-3
+
+    worker = InferenceWorker()
+    worker.start(MaskGenerator(micro, config), None)
+    client = create_app(worker).test_client()
+    data = png(image)
+    coco = client.post("/upload_rle?format=coco", data={"image": (io.BytesIO(data), "a.png")}).get_json()
+    default = client.post("/upload_rle", data={"image": (io.BytesIO(data), "a.png")}).get_json()
+    assert len(coco) == len(default)
+    for annotation, rle in zip(coco, default.values()):
+        assert isinstance(annotation["segmentation"]["counts"], str)
+        assert np.array_equal(mask_utils.decode(annotation["segmentation"]), rles_to_masks([rle])[0])
+        assert annotation["area"] == int(rles_to_masks([rle])[0].sum())
+    wrong = client.post("/upload?format=coco", data={"image": (io.BytesIO(data), "a.png")})
+    assert wrong.status_code == 400 and "format" in wrong.get_json()["error"]

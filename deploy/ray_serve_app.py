@@ -29,7 +29,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sam2serve.cli import AMG_OPTIONS, default_device
+from sam2serve.cli import AMG_OPTIONS, default_device, option_value
 from sam2serve.modes import DEFAULT_MODE, load_pipeline
 from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import EmbeddingCache, PromptSegmenter
@@ -129,7 +129,7 @@ def build(args: dict[str, str]) -> serve.Application:
     batch_wait_s = float(args.pop("batch_wait_ms", BATCH_WAIT_S * 1000)) / 1000
     replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
     cache_bytes = int(float(args.pop("embedding_cache_mb", EMBEDDING_CACHE_BYTES / 2**20)) * 2**20)
-    amg = {name: kind(args.pop(name)) for name, (kind, _) in AMG_OPTIONS.items() if name in args}
+    amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
     options = dict(
         checkpoint_dir=os.path.expanduser(args.pop("checkpoint_dir")) if "checkpoint_dir" in args else None,
         model_type=args.pop("model_type", None),

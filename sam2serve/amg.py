@@ -36,7 +36,9 @@ from sam2.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
-from .model import FactoredPointDecoder, ImageEncoder, ImageFeatures, default_prompts_per_step, split_features
+from .model import (
+    FactoredPointDecoder, ImageEncoder, ImageFeatures, default_prompts_per_step, refine_with_mask_input, split_features,
+)
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
 
@@ -57,6 +59,7 @@ class AMGConfig:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     multimask_output: bool = True
+    use_m2m: bool = False  # refine every mask once more, its own low-resolution logits as mask input
 
     def __post_init__(self) -> None:
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
@@ -148,6 +151,8 @@ def eager_kernels(model: SAM2Base, config: AMGConfig) -> Kernels:
     """ao's kernels: sam2's preprocessing on the host, the image encoder, and the factored point
     decoder, which computes no mask for a prompt whose every predicted IoU fails the filter."""
     gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
+    if config.use_m2m:  # the IoU filter applies to the refined masks: every mask is computed
+        gate = None
 
     def prepare_input(image: np.ndarray) -> torch.Tensor:
         return image_to_input(image, model.image_size).to(model.device)
@@ -318,6 +323,10 @@ class MaskGenerator:
         points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         low_res_logits, iou_preds = self.predict_points(features, points, crop_hw)
         masks_per_point = low_res_logits.shape[1]
+        if cfg.use_m2m:  # as sam2: each mask refined with its point and its clamped logits as mask input
+            points = points.repeat_interleave(masks_per_point, dim=0)
+            low_res_logits, iou_preds = self.refine(features, points, low_res_logits.flatten(0, 1), crop_hw)
+            low_res_logits, iou_preds, masks_per_point = low_res_logits[:, None], iou_preds[:, None], 1
         n = masks_per_point * len(points)
         candidates = Candidates(
             low_res_logits=low_res_logits.flatten(0, 1),  # (B*M, h, w)
@@ -391,6 +400,20 @@ class MaskGenerator:
           multimask output, else 1.
         """
         return self.kernels.decoder(features.image_embed, *features.high_res_feats, self.model_coords(points, crop_hw))
+
+    def refine(
+        self, features: ImageFeatures, points: torch.Tensor, low_res_logits: torch.Tensor, crop_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sam2's mask-to-mask refinement (use_m2m), points_per_batch masks per decoder call:
+        (refined logits (N, h, w), their IoUs (N,))."""
+        coords = self.model_coords(points, crop_hw)
+        mask_inputs = torch.clamp(low_res_logits.float(), -32.0, 32.0)  # sam2 keeps them clamped
+        step = self.config.points_per_batch
+        refined = [
+            refine_with_mask_input(self.model, features, coords[start : start + step], mask_inputs[start : start + step])
+            for start in range(0, len(coords), step)
+        ]
+        return torch.cat([logits for logits, _ in refined]), torch.cat([ious for _, ious in refined])
 
     def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
         """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""

@@ -21,6 +21,7 @@ AMG_OPTIONS = {
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
     "box_nms_thresh": (float, "box IoU above which NMS drops the lower-scored mask"),
     "crop_n_layers": (int, "extra layers of image crops to run the grid on (0: whole image only)"),
+    "use_m2m": (bool, "refine each mask once more with its own logits as mask input (sam2's use_m2m)"),
 }
 CHECKPOINT_DIR_HELP = ("folder with sam2.1_hiera_<size>.pt (downloaded there if missing); omit it and the model "
                        "type to use the project's trained micro model (models/)")
@@ -62,7 +63,20 @@ def add_amg_options(parser: argparse.ArgumentParser) -> None:
     defaults = AMGConfig()
     for name, (kind, text) in AMG_OPTIONS.items():
         default = None if name == "points_per_batch" else getattr(defaults, name)  # the mode's
-        add_option(parser, name, type=kind, default=default, help=text)
+        if kind is bool:
+            add_option(parser, name, action="store_true", default=default, help=text)
+        else:
+            add_option(parser, name, type=kind, default=default, help=text)
+
+
+def option_value(name: str, text: str):
+    """A mask-generation option from text (Ray Serve's key=value arguments)."""
+    kind = AMG_OPTIONS[name][0]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return kind(text)
 
 
 def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:

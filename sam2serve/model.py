@@ -118,6 +118,27 @@ class PointDecoder(torch.nn.Module):
         return low_res_logits, iou_preds
 
 
+def refine_with_mask_input(
+    model: SAM2Base, features: ImageFeatures, coords: torch.Tensor, mask_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam2's decoder on one foreground point and one mask input per prompt, a single mask out,
+    as sam2's generator refines masks (use_m2m): coords (P, 2) in the model's input frame, mask
+    logits (P, h, w) -> (logits (P, h, w), IoUs (P,))."""
+    labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
+    sparse, dense = model.sam_prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=mask_logits[:, None])
+    dtype = features.image_embed.dtype
+    low_res_logits, iou_preds, _, _ = model.sam_mask_decoder(
+        image_embeddings=features.image_embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe().to(dtype),
+        sparse_prompt_embeddings=sparse.to(dtype),
+        dense_prompt_embeddings=dense.to(dtype),
+        multimask_output=False,
+        repeat_image=coords.shape[0] > 1,
+        high_res_features=features.high_res_feats,
+    )
+    return low_res_logits[:, 0].float(), iou_preds[:, 0].float()
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(P, n, heads * d) -> (P, heads, n, d)"""
     p, n, c = x.shape

@@ -177,3 +177,16 @@ def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_check
         reference = ReferenceMaskGenerator(model, config).generate(image)
         assert len(reference) >= 10  # a realistic number of masks, not the random model's 0 or 1
         assert_same_masks(ours, reference, min_iou=0.999)
+
+
+@pytest.mark.parametrize("filters", ["sam2", "off"])
+def test_m2m_refinement_equals_baselines(trained_micro_checkpoint, filters):
+    """use_m2m: every mask refined once more with its own logits as mask input, as sam2 does;
+    the refinement changes the answer, and ao's equals the baseline's."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    off = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0) if filters == "off" else {}
+    config = AMGConfig(points_per_side=8, use_m2m=True, **off)
+    image = make_generated_scene(np.random.default_rng(2002), 200, 260, min_objects=8, max_objects=14).image
+    reference = ReferenceMaskGenerator(model, config).generate(image)
+    assert_same_masks(MaskGenerator(model, config).generate(image), reference, min_iou=0.999)
+    assert reference != ReferenceMaskGenerator(model, AMGConfig(points_per_side=8, **off)).generate(image)

@@ -19,13 +19,13 @@ import threading
 from dataclasses import asdict
 
 
-from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable, checkpoint_identity
+from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
 from sam2serve.cli import (
     add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
 )
 from sam2serve.fast import PackageMismatch
-from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
-from sam2serve.interactive import EmbeddingCache, PromptSegmenter
+from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
+from sam2serve.interactive import EmbeddingCache
 from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         http.close()
         sys.exit(f"error: {error}")
     info["model"] = pipeline.loaded.description
-    # Prompts run in float32 (sam2's predictor on the model); half-precision modes answer 501.
-    segmenter = None if mode.half_precision else PromptSegmenter(pipeline.loaded.model,
-                                                                  checkpoint_identity(pipeline.loaded.path))
-    worker.start(pipeline.generator, segmenter)
+    worker.start(pipeline.generator, prompt_segmenter(pipeline))
     log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
              args.device, args.host, args.port)
     try:

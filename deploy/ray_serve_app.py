@@ -30,9 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sam2serve.cli import AMG_OPTIONS, default_device, option_value
-from sam2serve.modes import DEFAULT_MODE, load_pipeline
-from sam2serve.checkpoints import checkpoint_identity
-from sam2serve.interactive import EmbeddingCache, PromptSegmenter
+from sam2serve.modes import DEFAULT_MODE, load_pipeline, prompt_segmenter
+from sam2serve.interactive import EmbeddingCache
 from sam2serve.serving import (
     EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, cached_embedding, decode_upload, embed_image,
     error_answer, json_text, prompts_field, render_answer, segment_answer, segment_payload,
@@ -58,9 +57,7 @@ class SegmentEverything:
         self.pipeline = load_pipeline(**options, batch_size=batch_size)
         self.limits = Limits()
         # Prompts (/embed, /segment) as server.py runs them; each replica has its own cache.
-        loaded = self.pipeline.loaded
-        self.segmenter = None if self.pipeline.mode.half_precision else PromptSegmenter(
-            loaded.model, checkpoint_identity(loaded.path))
+        self.segmenter = prompt_segmenter(self.pipeline)
         self.cache = EmbeddingCache(embedding_cache_bytes)
         self.prompt_lock = threading.Lock()  # the segmenter holds state: one call at a time
         self.segment.set_max_batch_size(batch_size)

@@ -37,7 +37,13 @@ from sam2.utils.amg import (
 from torchvision.ops.boxes import batched_nms, box_area
 
 from .model import (
-    FactoredPointDecoder, ImageEncoder, ImageFeatures, default_prompts_per_step, refine_with_mask_input, split_features,
+    FactoredPointDecoder,
+    ImageEncoder,
+    ImageFeatures,
+    default_prompts_per_step,
+    model_coords,
+    refine_with_mask_input,
+    split_features,
 )
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
@@ -417,9 +423,7 @@ class MaskGenerator:
 
     def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
         """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
-        h, w = crop_hw
-        coords = points / torch.tensor([w, h], dtype=torch.float32, device=points.device)
-        return coords * self.model.image_size
+        return model_coords(points, crop_hw, self.model.image_size)
 
 
 def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import image_predictor
-from .model import FactoredPointDecoder, default_prompts_per_step
+from .model import FactoredPointDecoder, default_prompts_per_step, model_coords
 
 MAX_PROMPT_SETS = 64  # per request
 MAX_POINTS = 64  # per prompt set
@@ -227,10 +227,10 @@ class PromptSegmenter:
         predictor = self.predictor
         height, width = predictor._orig_hw[0]
         points = torch.as_tensor(np.stack([p.points[0] for p in prompts]), device=predictor.device)
-        coords = points / torch.tensor([width, height], dtype=torch.float32, device=points.device)
         features = predictor._features
         low_res, iou_predictions = self.click_decoders[prompts[0].multimask](
-            features["image_embed"], *features["high_res_feats"], coords * predictor.model.image_size
+            features["image_embed"], *features["high_res_feats"],
+            model_coords(points, (height, width), predictor.model.image_size),
         )
         masks = predictor._transforms.postprocess_masks(low_res, (height, width)) > predictor.mask_threshold
         return self.best_first(masks, iou_predictions, torch.clamp(low_res, -32.0, 32.0))
@@ -276,11 +276,15 @@ class EmbeddingCache:
         """The value, or UnknownId."""
         with self.lock:
             if key in self.entries:
-                self.hits += 1
-                self.entries.move_to_end(key)
-                return self.entries[key][0]
+                return self._hit(key)
             self.misses += 1
         raise UnknownId(key)
+
+    def _hit(self, key: str) -> Any:
+        """A cached value, counted and made the most recent (the lock is held)."""
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
 
     def put(self, key: str, value: Any, nbytes: int) -> None:
         with self.lock:
@@ -299,9 +303,7 @@ class EmbeddingCache:
         """The cached value, or the value of compute() (stored if it fits)."""
         with self.lock:
             if key in self.entries:
-                self.hits += 1
-                self.entries.move_to_end(key)
-                return self.entries[key][0]
+                return self._hit(key)
             future = self.computing.get(key)
             owner = future is None
             if owner:

@@ -82,11 +82,47 @@ def split_features(encoder_output: tuple[torch.Tensor, ...]) -> list[ImageFeatur
     ]
 
 
-def point_prompt_embeddings(prompt_encoder: torch.nn.Module, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_coords(points: torch.Tensor, image_hw: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Pixels (P, 2) of an image of image_hw -> [0, 1] -> the model's input frame, as
+    SAM2Transforms.transform_coords."""
+    h, w = image_hw
+    return points / torch.tensor([w, h], dtype=torch.float32, device=points.device) * image_size
+
+
+def point_prompt_embeddings(
+    prompt_encoder: torch.nn.Module, coords: torch.Tensor, mask_logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """sam2's prompt encoder on one foreground point per prompt: coords (P, 2) in the model's
-    input frame -> (sparse (P, 2, C), dense) embeddings."""
+    input frame, and optionally a mask input per prompt (P, h, w) -> (sparse (P, 2, C), dense)."""
     labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
-    return prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+    masks = None if mask_logits is None else mask_logits[:, None]
+    return prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=masks)
+
+
+def decode_points(
+    model: SAM2Base,
+    image_embed: torch.Tensor,
+    high_res_feats: list[torch.Tensor],
+    coords: torch.Tensor,
+    multimask_output: bool,
+    mask_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam2's prompt encoder + mask decoder on one foreground point per prompt (and optionally a
+    mask input each), as SAM2ImagePredictor._predict calls them: (logits (P, M, h, w), IoUs (P, M))."""
+    sparse, dense = point_prompt_embeddings(model.sam_prompt_encoder, coords, mask_logits)
+    # The prompt encoder stays in float32 in half-precision modes (its Fourier features need the
+    # precision); its outputs take the decoder's dtype. No-op in float32.
+    dtype = image_embed.dtype
+    low_res_logits, iou_preds, _, _ = model.sam_mask_decoder(
+        image_embeddings=image_embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe().to(dtype),
+        sparse_prompt_embeddings=sparse.to(dtype),
+        dense_prompt_embeddings=dense.to(dtype),
+        multimask_output=multimask_output,
+        repeat_image=coords.shape[0] > 1,
+        high_res_features=high_res_feats,
+    )
+    return low_res_logits, iou_preds
 
 
 class PointDecoder(torch.nn.Module):
@@ -102,20 +138,7 @@ class PointDecoder(torch.nn.Module):
     def forward(
         self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = point_prompt_embeddings(self.model.sam_prompt_encoder, coords)
-        # The prompt encoder stays in float32 in half-precision modes (its Fourier features
-        # need the precision); its outputs take the decoder's dtype. No-op in float32.
-        dtype = image_embed.dtype
-        low_res_logits, iou_preds, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.model.sam_prompt_encoder.get_dense_pe().to(dtype),
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=self.multimask_output,
-            repeat_image=coords.shape[0] > 1,
-            high_res_features=[feat_s0, feat_s1],
-        )
-        return low_res_logits, iou_preds
+        return decode_points(self.model, image_embed, [feat_s0, feat_s1], coords, self.multimask_output)
 
 
 def refine_with_mask_input(
@@ -124,17 +147,8 @@ def refine_with_mask_input(
     """sam2's decoder on one foreground point and one mask input per prompt, a single mask out,
     as sam2's generator refines masks (use_m2m): coords (P, 2) in the model's input frame, mask
     logits (P, h, w) -> (logits (P, h, w), IoUs (P,))."""
-    labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=coords.device)
-    sparse, dense = model.sam_prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=mask_logits[:, None])
-    dtype = features.image_embed.dtype
-    low_res_logits, iou_preds, _, _ = model.sam_mask_decoder(
-        image_embeddings=features.image_embed,
-        image_pe=model.sam_prompt_encoder.get_dense_pe().to(dtype),
-        sparse_prompt_embeddings=sparse.to(dtype),
-        dense_prompt_embeddings=dense.to(dtype),
-        multimask_output=False,
-        repeat_image=coords.shape[0] > 1,
-        high_res_features=features.high_res_feats,
+    low_res_logits, iou_preds = decode_points(
+        model, features.image_embed, features.high_res_feats, coords, multimask_output=False, mask_logits=mask_logits
     )
     return low_res_logits[:, 0].float(), iou_preds[:, 0].float()
 

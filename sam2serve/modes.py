@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
-from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, load_model, resolve_checkpoint
+from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import compile_kernels, default_compile_mode, fast_kernels, kernel_spec, load_kernels, save_kernels, warm_up
+from .interactive import PromptSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,15 @@ class Pipeline:
         """What GET /health shows."""
         return {"mode": self.mode.name, "model": self.loaded.description, "device": str(self.loaded.model.device),
                 "amg": asdict(self.config)}
+
+
+def prompt_segmenter(pipeline: Pipeline) -> PromptSegmenter | None:
+    """What answers /embed and /segment for a pipeline: sam2's predictor on its model, whose
+    image ids are bound to the checkpoint's content. None in half precision (those modes answer
+    501): prompts run in float32."""
+    if pipeline.mode.half_precision:
+        return None
+    return PromptSegmenter(pipeline.loaded.model, checkpoint_identity(pipeline.loaded.path))
 
 
 def load_pipeline(

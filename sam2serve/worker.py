@@ -116,7 +116,7 @@ class InferenceWorker:
         except TimeoutError:
             job.future.cancel()  # still queued: the worker skips it; already running: dropped
             raise TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
-                           f"{self.queue_depth} images are queued") from None
+                           f"{self.queue_depth} requests are queued") from None
 
     def _next_batch(self) -> list[Job]:
         """The next job (waiting for one), and up to batch_size - 1 more that are already queued."""

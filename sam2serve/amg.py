@@ -15,10 +15,13 @@ whose every predicted IoU fails the filter. The fast modes hand it compiled or e
 (fast.py).
 """
 
+import importlib.util
+import logging
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Protocol
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -48,6 +51,8 @@ from .model import (
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class AMGConfig:
@@ -66,13 +71,15 @@ class AMGConfig:
     crop_n_points_downscale_factor: int = 1
     multimask_output: bool = True
     use_m2m: bool = False  # refine every mask once more, its own low-resolution logits as mask input
+    min_mask_region_area: int = 0  # holes and specks of at most this many low-resolution pixels removed
 
     def __post_init__(self) -> None:
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {self.crop_n_layers}")
+        for name in ("crop_n_layers", "min_mask_region_area"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
@@ -123,6 +130,9 @@ class ReferenceMaskGenerator:
             model, **asdict(config), output_mode="uncompressed_rle"
         )
         fit_predictor_to_model(self.generator.predictor)
+        if config.min_mask_region_area > 0 and importlib.util.find_spec("sam2._C") is None:
+            log.warning("baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: "
+                        "SAM2_BUILD_CUDA=0); ao and the fast modes apply it on every device")
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return [record["segmentation"] for record in self.generator.generate(image)]
@@ -346,6 +356,9 @@ class MaskGenerator:
         # Filter by predicted IoU before upscaling: only survivors are upscaled.
         if cfg.pred_iou_thresh > 0.0:
             candidates = candidates.select(candidates.iou_preds > cfg.pred_iou_thresh)
+        if cfg.min_mask_region_area > 0:
+            filled = remove_small_regions(candidates.low_res_logits, cfg.min_mask_region_area, cfg.mask_threshold)
+            candidates = replace(candidates, low_res_logits=filled)
 
         # Stability and boxes on full-resolution logits (as sam2, so the scores are the same).
         stability, boxes = full_resolution_scores(candidates.low_res_logits, crop_hw, cfg)
@@ -429,6 +442,36 @@ class MaskGenerator:
 def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
     return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def remove_small_regions(low_res_logits: torch.Tensor, max_area: int, threshold: float) -> torch.Tensor:
+    """sam2's min_mask_region_area, as its predictor applies it to every mask before upscaling:
+    in each low-resolution mask (N, h, w), the connected regions (8-connectivity) of at most
+    max_area pixels are flipped, background ones (holes, and a background that small) to
+    threshold + 10, foreground ones (specks) to threshold - 10, both found on the logits as given.
+
+    sam2 labels the regions with its optional CUDA extension and skips the step, with a warning,
+    where the extension is not built (SAM2_BUILD_CUDA=0, as this project installs it); here
+    scipy labels them on the host, on every device, for the masks that pass the IoU filter.
+    """
+    if len(low_res_logits) == 0:
+        return low_res_logits
+    foreground = (low_res_logits > threshold).cpu().numpy()
+    holes = torch.from_numpy(small_regions(~foreground, max_area)).to(low_res_logits.device)
+    specks = torch.from_numpy(small_regions(foreground, max_area)).to(low_res_logits.device)
+    filled = torch.where(holes, threshold + 10.0, low_res_logits)
+    return torch.where(specks, threshold - 10.0, filled)
+
+
+def small_regions(masks: np.ndarray, max_area: int) -> np.ndarray:
+    """(N, h, w) bool -> the pixels of each mask's connected regions (8-connectivity) of at
+    most max_area pixels. One labelling of all masks: the structure connects no two masks."""
+    within_one_mask = np.zeros((3, 3, 3), dtype=bool)
+    within_one_mask[1] = True
+    labels, _ = scipy.ndimage.label(masks, structure=within_one_mask)
+    small = np.bincount(labels.ravel()) <= max_area
+    small[0] = False  # label 0: not in the regions
+    return small[labels]
 
 
 def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:

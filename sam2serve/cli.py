@@ -21,6 +21,9 @@ AMG_OPTIONS = {
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
     "box_nms_thresh": (float, "box IoU above which NMS drops the lower-scored mask"),
     "crop_n_layers": (int, "extra layers of image crops to run the grid on (0: whole image only)"),
+    "min_mask_region_area": (int, "remove holes and specks of at most this many pixels of the low-resolution "
+                             "mask, 256x256 on official models (sam2's min_mask_region_area; the baseline "
+                             "needs sam2's CUDA extension for it)"),
     "use_m2m": (bool, "refine each mask once more with its own logits as mask input (sam2's use_m2m)"),
 }
 CHECKPOINT_DIR_HELP = ("folder with sam2.1_hiera_<size>.pt (downloaded there if missing); omit it and the model "

@@ -144,6 +144,17 @@ def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_genera
             assert summary.relaxed_miou >= 0.8
 
 
+def test_m2m_and_small_region_removal_on_fast_kernels(load_micro, fast_generator):
+    """use_m2m and min_mask_region_area run on the fast kernels' outputs as on ao's."""
+    scene = make_generated_scene(np.random.default_rng(1000), 384, 448, min_objects=8, max_objects=14).image
+    config = replace(MICRO_CONFIG, use_m2m=True, min_mask_region_area=40)
+    reference = MaskGenerator(load_micro().model, config).generate(scene)
+    assert reference != MaskGenerator(load_micro().model, MICRO_CONFIG).generate(scene)
+    summary = compare("fast vs ao, use_m2m and min_mask_region_area", [reference],
+                      [fast_generator.with_config(config).generate(scene)])
+    assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
+
+
 def test_short_point_batches_are_padded_to_the_static_size(images, load_micro, fast_generator):
     """Grids and crops give batches shorter than points_per_batch; padding must not change them."""
     points, hw = torch.tensor([[10.0, 20.0], [200.0, 100.0], [447.0, 383.0]]), images[0].shape[:2]

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointUnavailable, PackageMismatch) as error:
         http.close()
         sys.exit(f"error: {error}")
-    info["model"] = pipeline.loaded.description
+    info.update(pipeline.info)  # the model, its weights, whether it runs prompts
     worker.start(pipeline.generator, prompt_segmenter(pipeline))
     log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
              args.device, args.host, args.port)

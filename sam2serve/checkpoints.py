@@ -103,6 +103,14 @@ class LoadedModel:
     random_seed: int | None  # None for trained weights
 
     @property
+    def weights(self) -> str:
+        """What the weights are, for people (GET /health, the web page): "random", "demo" (the
+        project's micro model, trained on generated scenes) or "trained"."""
+        if self.random_seed is not None:
+            return "random"
+        return "demo" if self.size.name == DEFAULT_MODEL_TYPE else "trained"
+
+    @property
     def description(self) -> str:
         weights = "trained" if self.random_seed is None else f"RANDOM (seed {self.random_seed})"
         return f"SAM2.1 {self.size.name} from {self.path.name}, {weights} weights"  # the path only in the log

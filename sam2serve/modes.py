@@ -94,7 +94,8 @@ class Pipeline:
     @property
     def info(self) -> dict:
         """What GET /health shows."""
-        return {"mode": self.mode.name, "model": self.loaded.description, "device": str(self.loaded.model.device),
+        return {"mode": self.mode.name, "model": self.loaded.description, "weights": self.loaded.weights,
+                "device": str(self.loaded.model.device), "prompts": not self.mode.half_precision,
                 "amg": asdict(self.config)}
 
 

@@ -6,7 +6,7 @@ one image, 413 for each limit with its own message (the upload, the form's parts
 the image's pixels), 414 for a URL too long, 503 while
 the model loads or when the queue is full (with Retry-After), 504 when a request waited too
 long, 500 when inference failed for that image. GET /health says whether the model is ready;
-GET /metrics gives Prometheus text. (wsgi.py answers what the HTTP server refuses itself.)
+GET /metrics gives Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses itself.)
 
 The request and answer formats (decode_upload, render_answer, error_answer, rle_lines) are
 plain functions, shared with the Ray Serve app, the Ray Data job and the Modal app, so every
@@ -48,7 +48,7 @@ class Limits:
 
 
 UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
-ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
+ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           "/metrics": "GET"}  # path -> method
 EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
@@ -295,7 +295,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     `info` is shown by GET /health; the server fills it in once the model is loaded. `cache`
     keeps encoded images and mask logits for /embed and /segment.
     """
-    app = Flask(__name__)
+    # The web page (GET /) and its script and style, shipped in the package: no build step.
+    app = Flask(__name__, static_folder="web", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = limits.max_form_parts
     app.config["MAX_FORM_MEMORY_SIZE"] = limits.max_form_field_bytes
@@ -361,6 +362,11 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             prompts = prompts_field(request.form.get("prompts"))
             image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call, info.get("mode"))
         return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, worker.call))
+
+    @app.get("/")
+    def page() -> Response:
+        """The web page: drop an image, see every mask, click to segment."""
+        return app.send_static_file("index.html")
 
     @app.get("/health")
     def health() -> Response:

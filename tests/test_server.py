@@ -42,11 +42,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*arguments: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS) -> tuple[subprocess.Popen, str]:
     """Starts `python server.py ARGUMENTS` on a free port; returns once /health answers 200."""
     port = free_port()
     command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", str(port),
-               "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB)]
+               "--max-pixels", str(max_pixels), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -103,8 +103,19 @@ def test_health_reports_mode_and_random_weights(servers):
     with urllib.request.urlopen(servers["baseline"] + "/health") as response:
         info = json.load(response)
     assert info["mode"] == "baseline"
-    assert "RANDOM" in info["model"]
+    assert "RANDOM" in info["model"] and info["weights"] == "random"
+    assert info["prompts"] is True
     assert info["amg"]["points_per_side"] == 4
+
+
+def test_web_page_and_its_files_are_served(servers):
+    with urllib.request.urlopen(servers["ao"] + "/") as response:
+        assert response.headers.get_content_type() == "text/html"
+        page = response.read().decode()
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert f'"{asset}"' in page
+        with urllib.request.urlopen(servers["ao"] + asset) as response:
+            assert len(response.read()) > 1000
 
 
 def test_upload_rle_ao_equals_baseline_and_in_process(servers, image_files, tiny_checkpoint_dir):

@@ -1,0 +1,695 @@
+// The web page: one image at a time, its masks from POST /upload_rle?format=coco drawn over it,
+// and a click tool on POST /embed + POST /segment. No framework, no build step.
+//
+// Masks stay run-length encoded (column-major runs, background first, as COCO writes them).
+// They are drawn through one label map, the index of the mask on top at each pixel, filled run
+// by run with TypedArray.fill: the cost is the masks' total area plus one pass over the
+// pixels, so hundreds of masks on a large photo draw without freezing the tab.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MASK_ALPHA = 150; // of 255: the photo shows through
+const EDGE_ALPHA = 255;
+const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
+
+const state = {
+  info: null, // GET /health
+  file: null, // the image, as chosen, dropped or pasted
+  name: "image",
+  width: 0,
+  height: 0,
+  generation: 0, // counts images; answers for an earlier one are dropped
+  annotations: [], // the COCO annotations of every mask, in the server's order
+  counts: [], // each mask's run lengths
+  cocoText: "", // the COCO answer as received (downloaded as is)
+  labels: null, // column-major: 1 + the index of the mask drawn on top, 0 for none
+  colours: [],
+  hovered: -1,
+  selected: -1,
+  renderMs: 0, // decoding and drawing the last answer, for people who measure
+  imageId: null, // from /embed
+  embedding: null, // the /embed request in flight
+  clicks: [], // {x, y, label}
+  box: null, // [x0, y0, x1, y1]
+  clickPrompt: null, // the prompt set of the last /segment answer
+  clickAnswer: null, // that answer
+  segmentSequence: 0,
+};
+
+// --- Talking to the server ------------------------------------------------------------------
+
+class ServerError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function explain(status, message, retryAfter) {
+  if (status === 400) return `The server refused the request: ${message}`;
+  if (status === 413) return `Too large: ${message}`;
+  if (status === 503) return `The server is busy${retryAfter ? ` (try again in ${retryAfter} s)` : ""}: ${message}`;
+  if (status === 504) return `The server took too long: ${message}`;
+  return `The server answered ${status}: ${message}`;
+}
+
+// The answer's text, or a ServerError whose message a person can read.
+async function request(path, options) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (error) {
+    throw new ServerError(0, "Cannot reach the server: is it still running?");
+  }
+  const text = await response.text();
+  if (!response.ok) {
+    let message = text;
+    try {
+      message = JSON.parse(text).error || text;
+    } catch (_) {
+      // not JSON: show the text
+    }
+    throw new ServerError(response.status, explain(response.status, message, response.headers.get("Retry-After")));
+  }
+  return text;
+}
+
+function imageForm() {
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || `${state.name}.png`);
+  return form;
+}
+
+// --- Status, errors, progress ------------------------------------------------------------
+
+let ticker = null;
+
+function setStatus(text) {
+  $("status-text").textContent = text;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// Shows a spinner and the seconds elapsed; returns a function that stops them and answers the
+// milliseconds taken.
+function busy(text) {
+  const started = performance.now();
+  clearError();
+  $("spinner").hidden = false;
+  const tick = () => setStatus(`${text} ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  clearInterval(ticker);
+  tick();
+  ticker = setInterval(tick, 100);
+  return () => {
+    clearInterval(ticker);
+    $("spinner").hidden = true;
+    return performance.now() - started;
+  };
+}
+
+// --- The server's model ------------------------------------------------------------------
+
+const WEIGHTS_NOTES = {
+  random:
+    "These weights are RANDOM: the masks mean nothing (usually one per image). " +
+    "Start the server with an official SAM2.1 checkpoint for real masks.",
+  demo:
+    "This is the project's small demo model, trained on generated shapes: it finds simple objects, " +
+    "not everything in a photo. Start the server with an official SAM2.1 checkpoint for real photos.",
+};
+
+async function loadHealth() {
+  let info;
+  try {
+    info = await (await fetch("/health")).json();
+  } catch (error) {
+    $("server-info").textContent = "Cannot reach the server; trying again…";
+    setTimeout(loadHealth, 5000);
+    return;
+  }
+  if (info.status !== "ok") {
+    $("server-info").textContent = "The server is loading the model…";
+    setTimeout(loadHealth, 2000);
+    return;
+  }
+  state.info = info;
+  $("server-info").textContent = `${info.model} · mode ${info.mode} · ${info.device}`;
+  const note = WEIGHTS_NOTES[info.weights];
+  $("weights-note").hidden = !note;
+  $("weights-note").textContent = note || "";
+  if (info.prompts === false) {
+    const radio = document.querySelector("input[name=tool][value=click]");
+    radio.disabled = true;
+    radio.parentElement.title = `mode ${info.mode} does not run prompts (half precision)`;
+  }
+}
+
+// --- Run-length masks ----------------------------------------------------------------------
+
+// pycocotools' compressed RLE string -> run lengths (its rleFrString, in doubles rather than
+// 32-bit integers so that large images cannot overflow a shift).
+function decodeCounts(text) {
+  const counts = [];
+  let p = 0;
+  while (p < text.length) {
+    let x = 0;
+    let k = 0;
+    let more = true;
+    while (more) {
+      const c = text.charCodeAt(p) - 48;
+      x += (c & 0x1f) * 2 ** (5 * k);
+      more = (c & 0x20) !== 0;
+      p += 1;
+      k += 1;
+      if (!more && c & 0x10) x -= 2 ** (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  return counts;
+}
+
+// The /upload_rle answer (the study's format) of the masks on the page, byte for byte:
+// {"mask_0":{"size":[h,w],"counts":[...]},...}.
+function studyJson() {
+  const answer = {};
+  state.counts.forEach((counts, i) => {
+    answer[`mask_${i}`] = { size: [state.height, state.width], counts };
+  });
+  return JSON.stringify(answer);
+}
+
+// Distinct colours: hues a golden angle apart.
+function colour(i) {
+  const hue = (i * 137.508) % 360;
+  const f = (n) => {
+    const k = (n + hue / 30) % 12;
+    return Math.round(255 * (0.55 - 0.4 * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [f(0), f(8), f(4)];
+}
+
+// Column-major label map: masks painted largest first, so that small ones stay on top.
+function buildLabels() {
+  const n = state.annotations.length;
+  const labels = n < 65535 ? new Uint16Array(state.width * state.height) : new Uint32Array(state.width * state.height);
+  const order = [...Array(n).keys()].sort((a, b) => state.annotations[b].area - state.annotations[a].area);
+  for (const i of order) {
+    const counts = state.counts[i];
+    let p = 0;
+    for (let r = 0; r < counts.length; r++) {
+      if (r & 1) labels.fill(i + 1, p, p + counts[r]);
+      p += counts[r];
+    }
+  }
+  return labels;
+}
+
+function packed([r, g, b], alpha) {
+  return ((alpha << 24) | (b << 16) | (g << 8) | r) >>> 0; // RGBA bytes, little-endian
+}
+
+// Every mask in its colour, and a darker line where two masks (or a mask and nothing) meet.
+function drawMasks() {
+  const { width: w, height: h, labels } = state;
+  const canvas = $("mask-canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(w, h);
+  const pixels = new Uint32Array(image.data.buffer);
+  const fill = state.colours.map((c) => packed(c, MASK_ALPHA));
+  const edge = state.colours.map((c) => packed(c.map((v) => v >> 1), EDGE_ALPHA));
+  for (let x = 0; x < w; x++) {
+    const column = x * h;
+    for (let y = 0; y < h; y++) {
+      const label = labels[column + y];
+      if (!label) continue;
+      const border =
+        (y + 1 < h && labels[column + y + 1] !== label) ||
+        (y > 0 && labels[column + y - 1] !== label) ||
+        (x + 1 < w && labels[column + h + y] !== label) ||
+        (x > 0 && labels[column - h + y] !== label);
+      pixels[y * w + x] = border ? edge[label - 1] : fill[label - 1];
+    }
+  }
+  context.putImageData(image, 0, 0);
+}
+
+// One mask (run lengths) over its bounding box in `rgb`, its outline opaque.
+function paintMask(context, counts, rgb) {
+  const { width: w, height: h } = state;
+  let first = -1;
+  let last = -1;
+  let top = h;
+  let bottom = -1;
+  let p = 0;
+  for (let r = 0; r < counts.length; r++) {
+    if (r & 1 && counts[r] > 0) {
+      const end = p + counts[r] - 1;
+      if (first < 0) first = p;
+      last = end;
+      if (Math.floor(p / h) !== Math.floor(end / h)) {
+        top = 0;
+        bottom = h - 1;
+      } else {
+        top = Math.min(top, p % h);
+        bottom = Math.max(bottom, end % h);
+      }
+    }
+    p += counts[r];
+  }
+  if (first < 0) return;
+  const x0 = Math.floor(first / h);
+  const bw = Math.floor(last / h) - x0 + 1;
+  const bh = bottom - top + 1;
+  const inside = new Uint8Array(bw * bh);
+  p = 0;
+  for (let r = 0; r < counts.length; r++) {
+    if (r & 1) {
+      for (let q = p; q < p + counts[r]; q++) inside[(q % h - top) * bw + Math.floor(q / h) - x0] = 1;
+    }
+    p += counts[r];
+  }
+  const image = context.createImageData(bw, bh);
+  const pixels = new Uint32Array(image.data.buffer);
+  const fill = packed(rgb, 170);
+  const line = packed([255, 255, 255], 255);
+  for (let y = 0; y < bh; y++) {
+    for (let x = 0; x < bw; x++) {
+      const i = y * bw + x;
+      if (!inside[i]) continue;
+      const border = x === 0 || y === 0 || x === bw - 1 || y === bh - 1 ||
+        !inside[i - 1] || !inside[i + 1] || !inside[i - bw] || !inside[i + bw];
+      pixels[i] = border ? line : fill;
+    }
+  }
+  // putImageData replaces pixels: draw through a scratch canvas to blend with what is there.
+  const scratch = document.createElement("canvas");
+  scratch.width = bw;
+  scratch.height = bh;
+  scratch.getContext("2d").putImageData(image, 0, 0);
+  context.drawImage(scratch, x0, top);
+}
+
+// --- One image ---------------------------------------------------------------------------
+
+function resetImage() {
+  Object.assign(state, {
+    annotations: [], counts: [], cocoText: "", labels: null, colours: [], hovered: -1, selected: -1,
+    imageId: null, embedding: null, clicks: [], box: null, clickPrompt: null, clickAnswer: null,
+  });
+  $("mask-list").tBodies[0].replaceChildren();
+  $("hover-info").innerHTML = "&nbsp;";
+  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks"]) $(id).disabled = true;
+}
+
+async function openFile(file) {
+  if (!file) return;
+  const generation = ++state.generation;
+  resetImage();
+  state.file = file;
+  state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
+  const done = busy(`Segmenting ${file.name || "the pasted image"}…`);
+  try {
+    const [text, bitmap] = await Promise.all([
+      request("/upload_rle?format=coco", { method: "POST", body: imageForm() }),
+      createImageBitmap(file).catch(() => null),
+    ]);
+    if (generation !== state.generation) return;
+    const serverMs = done();
+    if (!bitmap) throw new Error("The server read this image, but the browser cannot show it: convert it to PNG or JPEG.");
+    showImage(bitmap);
+    showMasks(text);
+    setStatus(`${state.annotations.length} masks in ${(serverMs / 1000).toFixed(2)} s ` +
+      `(drawn in ${Math.round(state.renderMs)} ms)`);
+    if (tool() === "click") await embed();
+  } catch (error) {
+    if (generation !== state.generation) return;
+    done();
+    setStatus(state.labels ? "" : "No masks.");
+    showError(error.message);
+  }
+}
+
+function showImage(bitmap) {
+  state.width = bitmap.width;
+  state.height = bitmap.height;
+  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+    $(id).width = bitmap.width;
+    $(id).height = bitmap.height;
+  }
+  if (bitmap instanceof ImageBitmap) $("image-canvas").getContext("2d").drawImage(bitmap, 0, 0);
+  $("viewer").classList.add("has-image");
+  fitToWindow();
+}
+
+// Shows the image as large as the window allows beside the list (small images up to 4x).
+function fitToWindow() {
+  if (!state.width) return;
+  const width = document.querySelector("main").clientWidth - document.querySelector("aside").offsetWidth - 24;
+  const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
+  const scale = Math.min(width / state.width, height / state.height, 4);
+  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+    $(id).style.width = `${Math.floor(state.width * scale)}px`;
+    $(id).style.height = `${Math.floor(state.height * scale)}px`;
+  }
+}
+
+function showMasks(cocoText) {
+  const started = performance.now();
+  state.cocoText = cocoText;
+  state.annotations = JSON.parse(cocoText);
+  const [h, w] = state.annotations.length ? state.annotations[0].segmentation.size : [state.height, state.width];
+  if (h !== state.height || w !== state.width) {
+    throw new Error(`The server's masks are ${w}x${h} but the browser shows the image as ` +
+      `${state.width}x${state.height}; masks cannot be drawn over it.`);
+  }
+  state.counts = state.annotations.map((a) => decodeCounts(a.segmentation.counts));
+  state.colours = state.annotations.map((_, i) => colour(i));
+  state.labels = buildLabels();
+  drawMasks();
+  drawHighlight();
+  listMasks();
+  state.renderMs = performance.now() - started;
+  for (const id of ["download-rle", "download-coco", "download-png"]) $(id).disabled = false;
+}
+
+// --- Every mask: hover, select, list -------------------------------------------------------
+
+function listMasks() {
+  const by = $("sort-by").value;
+  const key = by === "score" ? (a) => a.predicted_iou : (a) => a.area;
+  const order = [...state.annotations.keys()].sort((a, b) => key(state.annotations[b]) - key(state.annotations[a]));
+  const rows = order.map((i) => {
+    const row = document.createElement("tr");
+    row.dataset.index = i;
+    row.className = i === state.selected ? "selected" : "";
+    const [r, g, b] = state.colours[i];
+    row.innerHTML = `<td><span class="swatch" style="background:rgb(${r},${g},${b})"></span></td>` +
+      `<td>${i}</td><td>${state.annotations[i].area.toLocaleString()}</td>` +
+      `<td>${state.annotations[i].predicted_iou.toFixed(3)}</td>`;
+    return row;
+  });
+  $("mask-list").tBodies[0].replaceChildren(...rows);
+}
+
+function describe(i) {
+  const a = state.annotations[i];
+  return `mask ${i}: predicted IoU ${a.predicted_iou.toFixed(3)}, area ${a.area.toLocaleString()} px, ` +
+    `stability ${a.stability_score.toFixed(3)}`;
+}
+
+function setHovered(i) {
+  if (i === state.hovered) return;
+  state.hovered = i;
+  const shown = i >= 0 ? i : state.selected;
+  $("hover-info").textContent = shown >= 0 ? describe(shown) : "\u00a0";
+  drawHighlight();
+}
+
+function select(i) {
+  state.selected = i === state.selected ? -1 : i;
+  for (const row of $("mask-list").tBodies[0].rows) {
+    row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
+  }
+  $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
+  drawHighlight();
+}
+
+// The top layer: the selected and hovered masks, or the click tool's mask and prompts.
+function drawHighlight() {
+  const canvas = $("highlight-canvas");
+  const context = canvas.getContext("2d");
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  if (tool() === "click") {
+    drawClickLayer(context);
+    return;
+  }
+  if (state.selected >= 0) paintMask(context, state.counts[state.selected], [40, 90, 255]);
+  if (state.hovered >= 0 && state.hovered !== state.selected) paintMask(context, state.counts[state.hovered], [255, 255, 255]);
+}
+
+// --- Click to segment --------------------------------------------------------------------
+
+function tool() {
+  return document.querySelector("input[name=tool]:checked").value;
+}
+
+// The image id of the current image, encoding it once on the server.
+function embed() {
+  if (state.imageId) return Promise.resolve(state.imageId);
+  if (!state.file) return Promise.resolve(null);
+  if (state.embedding) return state.embedding;
+  const generation = state.generation;
+  const done = busy("Encoding the image for clicks…");
+  state.embedding = request("/embed", { method: "POST", body: imageForm() })
+    .then((text) => {
+      if (generation !== state.generation) return null;
+      state.imageId = JSON.parse(text).image_id;
+      const ms = done();
+      setStatus(`Image encoded in ${Math.round(ms)} ms. Click: a point on the object; right click or ` +
+        "shift-click: a point off it; drag: a box.");
+      return state.imageId;
+    })
+    .catch((error) => {
+      done();
+      showError(error.message);
+      return null;
+    })
+    .finally(() => {
+      if (generation === state.generation) state.embedding = null;
+    });
+  return state.embedding;
+}
+
+function clickPrompt() {
+  const prompt = {};
+  if (state.clicks.length) {
+    prompt.points = state.clicks.map((c) => [c.x, c.y]);
+    prompt.labels = state.clicks.map((c) => c.label);
+  }
+  if (state.box) prompt.box = state.box;
+  return prompt;
+}
+
+async function segment(retried = false) {
+  $("clear-clicks").disabled = !state.clicks.length && !state.box;
+  if (!state.clicks.length && !state.box) {
+    state.clickAnswer = state.clickPrompt = null;
+    drawHighlight();
+    return;
+  }
+  const imageId = await embed();
+  if (!imageId) return;
+  const sequence = ++state.segmentSequence;
+  const prompt = clickPrompt();
+  const started = performance.now();
+  try {
+    const text = await request("/segment", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image_id: imageId, prompts: [prompt] }),
+    });
+    if (sequence !== state.segmentSequence) return; // a later click's answer is coming
+    state.clickPrompt = prompt;
+    state.clickAnswer = JSON.parse(text);
+    const result = state.clickAnswer.results[0];
+    clearError();
+    setStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
+      `${result.iou_predictions[0].toFixed(3)}` +
+      (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
+    drawHighlight();
+  } catch (error) {
+    if (error.status === 404 && !retried) { // the server's cache dropped the image: encode it again
+      state.imageId = null;
+      return segment(true);
+    }
+    showError(error.message);
+  }
+}
+
+function drawClickLayer(context) {
+  const answer = state.clickAnswer;
+  if (answer) paintMask(context, answer.results[0].masks[0].counts, [30, 144, 255]);
+  const radius = Math.max(4, Math.round(Math.max(state.width, state.height) / 150));
+  context.lineWidth = Math.max(2, radius / 3);
+  for (const c of state.clicks) {
+    context.beginPath();
+    context.arc(c.x, c.y, radius, 0, 2 * Math.PI);
+    context.fillStyle = c.label ? "#19c37d" : "#e5484d";
+    context.fill();
+    context.strokeStyle = "#fff";
+    context.stroke();
+  }
+  const box = state.dragBox || state.box;
+  if (box) {
+    context.strokeStyle = "#ffd400";
+    context.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]);
+  }
+}
+
+function setTool() {
+  const click = tool() === "click";
+  $("viewer").classList.toggle("click-tool", click);
+  $("mask-canvas").style.visibility = click ? "hidden" : "visible";
+  $("tool-help").textContent = click
+    ? "Click a point on an object; right click or shift-click a point off it; drag a box."
+    : "Hover a mask to see it; click to select it.";
+  state.hovered = -1;
+  drawHighlight();
+  if (click && state.file) embed();
+}
+
+// --- Pointer -------------------------------------------------------------------------------
+
+function imagePoint(event) {
+  const rect = $("highlight-canvas").getBoundingClientRect();
+  const x = ((event.clientX - rect.left) * state.width) / rect.width;
+  const y = ((event.clientY - rect.top) * state.height) / rect.height;
+  const clamp = (v, top) => Math.round(Math.min(Math.max(v, 0), top) * 10) / 10;
+  return { x: clamp(x, state.width - 1), y: clamp(y, state.height - 1), screenX: event.clientX, screenY: event.clientY };
+}
+
+let press = null;
+
+function onPointerDown(event) {
+  if (!state.labels && !state.file) return;
+  press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey };
+  event.preventDefault();
+}
+
+function onPointerMove(event) {
+  if (!state.width) return;
+  const point = imagePoint(event);
+  if (tool() === "click") {
+    if (press && Math.hypot(point.screenX - press.screenX, point.screenY - press.screenY) > DRAG_PIXELS) {
+      state.dragBox = [Math.min(press.x, point.x), Math.min(press.y, point.y), Math.max(press.x, point.x), Math.max(press.y, point.y)];
+      drawHighlight();
+    }
+    return;
+  }
+  if (!state.labels) return;
+  const label = state.labels[Math.floor(point.x) * state.height + Math.floor(point.y)];
+  setHovered(label - 1);
+}
+
+function onPointerUp(event) {
+  if (!press) return;
+  const start = press;
+  press = null;
+  if (tool() !== "click") {
+    if (event.target === $("highlight-canvas") && state.hovered >= 0) select(state.hovered);
+    return;
+  }
+  state.dragBox = null;
+  const end = imagePoint(event);
+  if (Math.hypot(end.screenX - start.screenX, end.screenY - start.screenY) > DRAG_PIXELS) {
+    state.box = [Math.min(start.x, end.x), Math.min(start.y, end.y), Math.max(start.x, end.x), Math.max(start.y, end.y)];
+  } else {
+    state.clicks.push({ x: start.x, y: start.y, label: start.background ? 0 : 1 });
+  }
+  drawHighlight();
+  segment();
+}
+
+// --- Downloads -----------------------------------------------------------------------------
+
+function download(blob, name) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+function downloadOverlay() {
+  const canvas = document.createElement("canvas");
+  canvas.width = state.width;
+  canvas.height = state.height;
+  const context = canvas.getContext("2d");
+  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+    if ($(id).style.visibility !== "hidden") context.drawImage($(id), 0, 0);
+  }
+  canvas.toBlob((blob) => download(blob, `${state.name}_overlay.png`), "image/png");
+}
+
+// --- Wiring --------------------------------------------------------------------------------
+
+function firstImage(files) {
+  return [...(files || [])].find((file) => file.type.startsWith("image/") || file.type === "") || (files || [])[0];
+}
+
+function init() {
+  $("file").addEventListener("change", (event) => {
+    openFile(event.target.files[0]);
+    event.target.value = ""; // choosing the same file again opens it again
+  });
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    $("viewer").classList.add("dragging");
+  });
+  document.addEventListener("dragleave", () => $("viewer").classList.remove("dragging"));
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    $("viewer").classList.remove("dragging");
+    openFile(firstImage(event.dataTransfer.files));
+  });
+  document.addEventListener("paste", (event) => {
+    const file = firstImage(event.clipboardData && event.clipboardData.files);
+    if (file) openFile(file);
+  });
+  const top = $("highlight-canvas");
+  top.addEventListener("mousedown", onPointerDown);
+  top.addEventListener("mousemove", onPointerMove);
+  top.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
+  top.addEventListener("contextmenu", (event) => event.preventDefault());
+  window.addEventListener("mouseup", onPointerUp);
+  for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
+  $("sort-by").addEventListener("change", listMasks);
+  const rows = $("mask-list").tBodies[0];
+  rows.addEventListener("click", (event) => {
+    const row = event.target.closest("tr");
+    if (row) select(Number(row.dataset.index));
+  });
+  rows.addEventListener("mouseover", (event) => {
+    const row = event.target.closest("tr");
+    if (row && tool() === "everything") setHovered(Number(row.dataset.index));
+  });
+  rows.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
+  $("clear-clicks").addEventListener("click", () => {
+    state.clicks = [];
+    state.box = null;
+    segment();
+  });
+  $("download-rle").addEventListener("click", () =>
+    download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
+  $("download-coco").addEventListener("click", () =>
+    download(new Blob([state.cocoText], { type: "application/json" }), `${state.name}_coco.json`));
+  $("download-png").addEventListener("click", downloadOverlay);
+  window.addEventListener("resize", fitToWindow);
+  setTool();
+  loadHealth();
+}
+
+// Masks of a given size over a blank image, without the server: what the browser tests use to
+// check decoding and drawing at sizes the demo model does not reach.
+function showAnswer(cocoText, width, height) {
+  resetImage();
+  showImage({ width, height });
+  showMasks(cocoText);
+  return state.renderMs;
+}
+
+window.sam2page = { state, studyJson, openFile, showAnswer };
+init();

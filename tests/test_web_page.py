@@ -1,0 +1,256 @@
+"""The web page at GET / in a real browser: headless Chromium (Debian's chromium and
+chromium-driver packages) driven by Selenium, against a server process with the default model.
+
+What the page shows is checked against the server's own answers: the masks it draws against
+/upload_rle, its click mask against /segment, its downloads byte for byte. A screenshot after
+the upload is saved in test-artifacts/ (SAM2_TEST_ARTIFACTS to change it).
+
+Without Chromium these tests are skipped, unless SAM2_REQUIRE_BROWSER=1 (as .ci/run sets it).
+"""
+
+import json
+import os
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from .test_server import REPO, curl, start_server
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    if os.environ.get("SAM2_REQUIRE_BROWSER") == "1":
+        raise RuntimeError("the browser tests need Debian's chromium and chromium-driver: "
+                           "apt-get install -y chromium chromium-driver")
+    pytest.skip("no chromium and chromedriver (apt-get install -y chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402 (needs the browser check first)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "shapes.jpg"
+MAX_PIXELS = 1_000_000
+ARTIFACTS = Path(os.environ.get("SAM2_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The default model (no checkpoint arguments), as `make serve` runs it."""
+    process, url = start_server(log_path=tmp_path_factory.mktemp("logs") / "server.log", max_pixels=MAX_PIXELS)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads, tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # No network here: Chromium's background connections are turned off rather than refused.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    yield driver
+    driver.quit()
+
+
+def page_state(driver, expression: str):
+    return driver.execute_script(f"return window.sam2page.state.{expression}")
+
+
+def wait_for(driver, condition, timeout: float = 120):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def open_image(driver, path: Path) -> None:
+    """Chooses a file as a person would, through the page's file input."""
+    driver.find_element(By.ID, "file").send_keys(str(path))
+
+
+def status(driver) -> str:
+    return driver.find_element(By.ID, "status-text").text
+
+
+@pytest.fixture(scope="module")
+def uploaded(browser, server):
+    """The page with the example image open and its masks drawn."""
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    open_image(browser, EXAMPLE)
+    wait_for(browser, lambda d: " masks in " in status(d))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "web-page-upload.png"))
+    return browser
+
+
+def server_answer(url: str, path: Path, query: str = "") -> bytes:
+    code, body = curl("-X", "POST", f"{url}/upload_rle{query}", "-F", f"image=@{path}")
+    assert code == 200
+    return body
+
+
+def test_page_says_which_model_runs(browser, server):
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    info = browser.find_element(By.ID, "server-info").text
+    assert "mode ao" in info and "cpu" in info
+    note = browser.find_element(By.ID, "weights-note")
+    assert note.is_displayed() and "demo model" in note.text
+
+
+def test_every_mask_of_upload_rle_is_drawn(uploaded, server):
+    answer = json.loads(server_answer(server, EXAMPLE))
+    assert len(answer) >= 5  # the demo model finds the example's shapes
+    assert page_state(uploaded, "annotations.length") == len(answer)
+    assert len(uploaded.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")) == len(answer)
+    # Each mask shows in the label map the canvas is drawn from (none hidden under others).
+    shown = uploaded.execute_script("return [...new Set(window.sam2page.state.labels)].filter(v => v > 0).length")
+    assert shown == len(answer)
+    # The masks drawn are the server's, pixel for pixel.
+    assert uploaded.execute_script("return window.sam2page.studyJson()") == json.dumps(answer, separators=(",", ":"))
+
+
+def screen_offset(driver, x: float, y: float) -> tuple[int, int]:
+    """An image pixel's offset from the canvas's centre on screen (ActionChains' frame)."""
+    canvas = driver.find_element(By.ID, "highlight-canvas")
+    width, height = page_state(driver, "width"), page_state(driver, "height")
+    rect = canvas.rect
+    return round((x + 0.5) * rect["width"] / width - rect["width"] / 2), round((y + 0.5) * rect["height"] / height - rect["height"] / 2)
+
+
+def test_hover_shows_predicted_iou_and_area(uploaded):
+    # The best-scored mask other than the largest (the background), hovered at its pixel on top
+    # nearest to the centroid of those pixels.
+    annotations = page_state(uploaded, "annotations")
+    largest = max(range(len(annotations)), key=lambda i: annotations[i]["area"])
+    index = max((i for i in range(len(annotations)) if i != largest), key=lambda i: annotations[i]["predicted_iou"])
+    x, y = uploaded.execute_script(
+        "const s = window.sam2page.state; let x = 0, y = 0, n = 0;"
+        "s.labels.forEach((label, p) => { if (label === arguments[0] + 1) { x += Math.floor(p / s.height); y += p % s.height; n++; } });"
+        "x /= n; y /= n; let best = null, distance = Infinity;"
+        "s.labels.forEach((label, p) => { const px = Math.floor(p / s.height), py = p % s.height;"
+        "  const d = (px - x) ** 2 + (py - y) ** 2; if (label === arguments[0] + 1 && d < distance) { distance = d; best = [px, py]; } });"
+        "return best;", index)
+    canvas = uploaded.find_element(By.ID, "highlight-canvas")
+    ActionChains(uploaded).move_to_element_with_offset(canvas, *screen_offset(uploaded, x, y)).perform()
+    wait_for(uploaded, lambda d: page_state(d, "hovered") >= 0)
+    assert page_state(uploaded, "hovered") == index
+    text = uploaded.find_element(By.ID, "hover-info").text
+    assert f"mask {index}: predicted IoU {annotations[index]['predicted_iou']:.3f}" in text
+    assert f"area {annotations[index]['area']:,} px" in text
+    uploaded.save_screenshot(str(ARTIFACTS / "web-page-hover.png"))
+    ActionChains(uploaded).click().perform()  # selects it
+    wait_for(uploaded, lambda d: page_state(d, "selected") == index)
+    assert "selected" in uploaded.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{index}']").get_attribute("class")
+    ActionChains(uploaded).click().perform()  # and again: unselected
+    wait_for(uploaded, lambda d: page_state(d, "selected") == -1)
+
+
+def test_click_mask_equals_segment_answer(uploaded, server):
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    wait_for(uploaded, lambda d: page_state(d, "imageId") is not None)
+    canvas = uploaded.find_element(By.ID, "highlight-canvas")
+    ActionChains(uploaded).move_to_element_with_offset(canvas, -40, 10).click().perform()
+    wait_for(uploaded, lambda d: page_state(d, "clickAnswer") is not None)
+    ActionChains(uploaded).move_to_element_with_offset(canvas, 60, -30).context_click().perform()
+    wait_for(uploaded, lambda d: (page_state(d, "clickPrompt") or {}).get("labels") == [1, 0])
+    uploaded.save_screenshot(str(ARTIFACTS / "web-page-click.png"))
+    image_id, prompt, shown = (page_state(uploaded, name) for name in ("imageId", "clickPrompt", "clickAnswer"))
+    request = urllib.request.Request(server + "/segment", json.dumps({"image_id": image_id, "prompts": [prompt]}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        assert json.load(response) == shown
+    assert shown["results"][0]["masks"][0]["size"] == list(Image.open(EXAMPLE).size[::-1])
+    uploaded.find_element(By.ID, "clear-clicks").click()
+    wait_for(uploaded, lambda d: page_state(d, "clickAnswer") is None)
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+
+
+def downloaded(directory: Path, name: str) -> bytes:
+    path = directory / name
+    deadline = time.monotonic() + 30
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert path.is_file(), f"{name} was not downloaded: {sorted(p.name for p in directory.iterdir())}"
+    return path.read_bytes()
+
+
+def test_downloads_equal_the_server_answers(uploaded, server, downloads):
+    for button in ("download-rle", "download-coco", "download-png"):
+        uploaded.find_element(By.ID, button).click()
+    assert downloaded(downloads, "shapes_masks.json") == server_answer(server, EXAMPLE)
+    assert downloaded(downloads, "shapes_coco.json") == server_answer(server, EXAMPLE, "?format=coco")
+    overlay = downloads / "shapes_overlay.png"
+    downloaded(downloads, overlay.name)
+    with Image.open(overlay) as image:
+        assert image.size == Image.open(EXAMPLE).size
+
+
+def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("these are not pixels")
+    open_image(uploaded, not_an_image)
+    wait_for(uploaded, lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "not an image format Pillow can read" in uploaded.find_element(By.ID, "error").text
+
+    too_large = tmp_path / "large.png"
+    Image.new("RGB", (1200, 1000), "white").save(too_large)
+    open_image(uploaded, too_large)
+    wait_for(uploaded, lambda d: "Too large" in d.find_element(By.ID, "error").text)
+    assert f"the limit is {MAX_PIXELS} pixels" in uploaded.find_element(By.ID, "error").text
+
+    open_image(uploaded, EXAMPLE)  # and the next image works
+    wait_for(uploaded, lambda d: " masks in " in status(d))
+    assert not uploaded.find_element(By.ID, "error").is_displayed()
+
+
+def test_many_masks_on_a_large_image_are_decoded_and_drawn(uploaded):
+    """200 masks on 2000x1500, the size users upload: every pixel of the label map the canvas is
+    drawn from (the smallest mask on top) equals the one computed here with pycocotools."""
+    height, width, count = 1500, 2000, 200
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(count):
+        image = Image.new("1", (width, height))
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        rx, ry = rng.integers(10, 500), rng.integers(10, 400)
+        ImageDraw.Draw(image).ellipse([x - rx, y - ry, x + rx, y + ry], fill=1)
+        masks.append(np.asarray(image))
+    annotations = []
+    for mask in masks:
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        annotations.append({"segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                            "area": int(mask.sum()), "predicted_iou": 0.9, "stability_score": 0.95})
+    expected = np.zeros((height, width), dtype=np.int64)
+    for index in sorted(range(count), key=lambda i: -annotations[i]["area"]):  # largest first, as the page
+        expected[masks[index]] = index + 1
+
+    render_ms = uploaded.execute_script("return window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                                        json.dumps(annotations), width, height)
+    print(f"\n200 masks on 2000x1500 decoded and drawn in {render_ms:.0f} ms")
+    histogram = uploaded.execute_script(
+        "const counts = new Array(arguments[0] + 1).fill(0);"
+        "for (const label of window.sam2page.state.labels) counts[label] += 1; return counts;", count)
+    assert histogram == np.bincount(expected.ravel(), minlength=count + 1).tolist()
+    samples = rng.integers(0, height * width, 2000)
+    labels = uploaded.execute_script("const l = window.sam2page.state.labels; return arguments[0].map(i => l[i]);",
+                                     [int(i) for i in samples])  # column-major, as COCO
+    assert labels == expected.T.ravel()[samples].tolist()

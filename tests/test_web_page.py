@@ -217,6 +217,18 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     wait_for(uploaded, lambda d: "Too large" in d.find_element(By.ID, "error").text)
     assert f"the limit is {MAX_PIXELS} pixels" in uploaded.find_element(By.ID, "error").text
 
+    # A busy server and a timeout, as the page's fetch would see them.
+    for code, retry_after, message in [(503, "3", "The server is busy (try again in 3 s)"),
+                                       (504, None, "The server took too long")]:
+        uploaded.execute_script(
+            "window.realFetch = window.realFetch || window.fetch;"
+            "window.fetch = async () => new Response(JSON.stringify({error: 'as the server says'}),"
+            "  {status: arguments[0], headers: arguments[1] ? {'Retry-After': arguments[1]} : {}});", code, retry_after)
+        open_image(uploaded, EXAMPLE)
+        wait_for(uploaded, lambda d: message in d.find_element(By.ID, "error").text)
+        assert "as the server says" in uploaded.find_element(By.ID, "error").text
+    uploaded.execute_script("window.fetch = window.realFetch;")
+
     open_image(uploaded, EXAMPLE)  # and the next image works
     wait_for(uploaded, lambda d: " masks in " in status(d))
     assert not uploaded.find_element(By.ID, "error").is_displayed()

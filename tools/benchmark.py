@@ -61,6 +61,7 @@ class ModeRun:
     seconds: list[float] = field(default_factory=list)
     peak_mib: float = 0.0
     masks: dict[int, list[RLE]] = field(default_factory=dict)  # image index -> masks
+    repeats: dict[int, list[float]] = field(default_factory=dict)  # image index -> seconds of each request
 
 
 def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
@@ -162,20 +163,35 @@ def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace
                          compile_mode=args.compile_mode, **export).generator
 
 
-def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str) -> dict[str, ModeRun]:
-    """Every row on every image, taking turns image by image: time, peak memory, masks."""
+def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str,
+            repeat: int = 1) -> dict[str, ModeRun]:
+    """Every row on every image, taking turns image by image (each request `repeat` times in a
+    row): time, peak memory, masks."""
     runs = {row: ModeRun(row) for row in generators}
-    with tqdm(total=rounds * len(images) * len(runs), unit="request", file=sys.stderr) as progress:
+    with tqdm(total=rounds * len(images) * len(runs) * repeat, unit="request", file=sys.stderr) as progress:
         for _ in range(rounds):
             for index, (image_name, image) in enumerate(images):
                 for row, generator in generators.items():
                     progress.set_description(f"{row} on {image_name}")
-                    with PeakMemory(device) as memory, Stopwatch(device) as watch:
-                        runs[row].masks[index] = generator.generate(image)
-                    runs[row].seconds.append(watch.seconds)
-                    runs[row].peak_mib = max(runs[row].peak_mib, memory.mib)
-                    progress.update()
+                    for _ in range(repeat):
+                        with PeakMemory(device) as memory, Stopwatch(device) as watch:
+                            runs[row].masks[index] = generator.generate(image)
+                        runs[row].seconds.append(watch.seconds)
+                        runs[row].repeats.setdefault(index, []).append(watch.seconds)
+                        runs[row].peak_mib = max(runs[row].peak_mib, memory.mib)
+                        progress.update()
     return runs
+
+
+def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
+    """The same request repeated: min, median and max ms per row and image, and max over min."""
+    lines = ["| mode | image | requests | min ms | median ms | max ms | max / min |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for index, seconds in sorted(run.repeats.items()):
+            ms = sorted(1000 * s for s in seconds)
+            lines.append(f"| {run.mode} | {images[index][0]} | {len(ms)} | {ms[0]:.0f} | {np.median(ms):.0f} "
+                         f"| {ms[-1]:.0f} | {ms[-1] / ms[0]:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -190,6 +206,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[768, 1024], metavar=("H", "W"),
                         help="size of generated scenes (default 768 1024)")
     parser.add_argument("--rounds", type=int, default=1, help="times every image goes through every mode")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="times each request runs in a row (with 2 or more, a table of the spread: min, "
+                        "median and max of the same request)")
     parser.add_argument("--filters", nargs="+", choices=sorted(FILTERS),
                         help="one table per setting of the IoU and stability thresholds, from the same loaded "
                         "models: 'off' (0 and 0), 'sam2' (sam2's defaults); default: one table with the "
@@ -239,13 +258,16 @@ def main() -> None:
     for name, overrides in zip(filters, thresholds):
         for row in rows:
             generators[row] = generators[row].with_config(replace(generators[row].config, **overrides))
-        runs = measure(generators, images, args.rounds, args.device)
+        runs = measure(generators, images, args.rounds, args.device, args.repeat)
         for row, run in runs.items():
             run.ready_seconds = ready[row]
         config = generators["baseline"].config
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images)))
+        if args.repeat > 1:
+            print(f"\nThe same request {args.repeat} times in a row ({args.rounds} round(s)):")
+            print(spread_table(list(runs.values()), images))
         if study_absent:
             print(f"{STUDY_ROW}: not run: {study_absent}")
         sys.stdout.flush()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .allocator import keep_freed_memory
 from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import compile_kernels, default_compile_mode, fast_kernels, kernel_spec, load_kernels, save_kernels, warm_up
@@ -124,6 +125,8 @@ def load_pipeline(
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
     mode = get_mode(mode)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # every mode alike: requests reuse memory instead of page-faulting it in
     config = config or mode_config(mode, device, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)

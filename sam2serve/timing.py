@@ -1,6 +1,8 @@
 """Latency and peak-memory measurement, the same way for every mode and device."""
 
+import ctypes
 import os
+import platform
 import resource
 import threading
 import time
@@ -62,7 +64,11 @@ def peak_memory_mib(device: str) -> tuple[float, float]:
 
 class PeakMemory:
     """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
-    resident memory above its level at the start, sampled every 5 ms by a thread."""
+    memory malloc has handed out above its level at the start, sampled every 5 ms by a thread.
+
+    On a CPU, memory in use rather than resident memory: the server keeps freed memory for the
+    next request (allocator.py), so a process's resident memory stays at the peak of whichever
+    request came first, and would show nothing for the requests after it."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -73,7 +79,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.start = self.peak = resident_bytes()
+            self.start = self.peak = allocated_bytes()
             self.done = threading.Event()
             self.sampler = threading.Thread(target=self.sample, daemon=True)
             self.sampler.start()
@@ -81,7 +87,7 @@ class PeakMemory:
 
     def sample(self) -> None:
         while not self.done.wait(0.005):
-            self.peak = max(self.peak, resident_bytes())
+            self.peak = max(self.peak, allocated_bytes())
 
     def __exit__(self, *exc_info) -> None:
         if self.device.startswith("cuda"):
@@ -90,7 +96,35 @@ class PeakMemory:
         else:
             self.done.set()
             self.sampler.join()
-            self.mib = (max(self.peak, resident_bytes()) - self.start) / 2**20
+            self.mib = (max(self.peak, allocated_bytes()) - self.start) / 2**20
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_mallinfo2():
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = MallInfo2
+    return function
+
+
+MALLINFO2 = _glibc_mallinfo2() if platform.system() == "Linux" else None
+
+
+def allocated_bytes() -> int:
+    """Bytes malloc has handed out and not taken back (heap and mmap'd blocks; glibc), or the
+    resident memory where the C library cannot say."""
+    if MALLINFO2 is None:
+        return resident_bytes()
+    info = MALLINFO2()
+    return info.uordblks + info.hblkhd
 
 
 def resident_bytes() -> int:

@@ -135,9 +135,9 @@ print(memory.mib / 48)
 
 
 def test_decoder_memory_per_prompt_is_what_the_gpu_batch_size_assumes():
-    """The decoder's memory per prompt at 1024 pixels, measured here (resident memory, eager, in
-    a fresh process: one whose allocator already holds freed memory grows less), within 20% of
-    the figure that sizes fast modes' point batches on a GPU."""
+    """The decoder's memory per prompt at 1024 pixels, measured here (memory malloc hands out,
+    eager, in a fresh process), within 20% of the figure that sizes fast modes' point batches on
+    a GPU."""
     result = subprocess.run([sys.executable, "-c", MEASURE_DECODER_MEMORY], capture_output=True, text=True,
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     mib_per_prompt = float(result.stdout.split()[-1])

@@ -7,6 +7,11 @@ the kernel: 1.3 to 1.9 million page faults (5 to 7 GB touched) per ao request of
 on a 512x512 photo, and a large and varying part of its time (docs/performance.md, "The same
 request again"). With both thresholds raised, freed blocks stay in the heap and the next
 request reuses them: the process keeps its peak resident memory between requests instead.
+
+One arena for every thread: glibc gives threads other than the main one arenas of their own,
+whose heaps hold no block over 64 MiB, so the server's inference thread would still get its
+large blocks from the kernel each time. Set before the process starts its threads (server.py
+does it first thing), so that they all share the main heap.
 """
 
 import ctypes
@@ -17,6 +22,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 KEEP_BELOW_BYTES = 1 << 30  # allocations up to 1 GiB come from (and go back to) the heap
 
 
@@ -29,8 +35,9 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    done = bool(mallopt(M_MMAP_THRESHOLD, KEEP_BELOW_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BELOW_BYTES))
+    done = all(mallopt(parameter, value) for parameter, value in [
+        (M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BELOW_BYTES), (M_TRIM_THRESHOLD, KEEP_BELOW_BYTES)])
     if done:
-        log.info("CPU allocator: freed memory up to %d MiB per block kept for reuse (glibc mallopt)",
+        log.info("CPU allocator: one heap for all threads, freed blocks up to %d MiB kept for reuse (glibc mallopt)",
                  KEEP_BELOW_BYTES >> 20)
     return done

@@ -115,3 +115,14 @@ def test_checkpoint_is_saved_in_half_precision_and_loads_into_float32(tmp_path):
 def test_training_writes_the_model_the_server_serves_by_default(trained_micro_checkpoint):
     """python -m training.train_micro_sam2 (and --evaluate-only) reads and writes the committed model."""
     assert train_micro_sam2.DEFAULT_OUTPUT == trained_micro_checkpoint
+
+
+def test_held_out_real_photos_load_with_their_instance_masks():
+    from training.real_photos import HELD_OUT_PHOTOS
+
+    scenes = {name: load() for name, load in HELD_OUT_PHOTOS.items()}
+    assert len(scenes) >= 8
+    for scene in scenes.values():
+        assert scene.image.dtype == np.uint8 and scene.image.ndim == 3 and scene.image.shape[2] == 3
+        assert scene.masks.shape[1:] == scene.image.shape[:2]
+    assert sum(len(scene.masks) for scene in scenes.values()) == 27  # voc 19, arc2017 8

@@ -15,6 +15,7 @@ does it first thing), so that they all share the main heap.
 """
 
 import ctypes
+import functools
 import logging
 import platform
 
@@ -26,16 +27,25 @@ M_ARENA_MAX = -8
 KEEP_BELOW_BYTES = 1 << 30  # allocations up to 1 GiB come from (and go back to) the heap
 
 
-def keep_freed_memory() -> bool:
-    """Raises glibc's mmap and trim thresholds for this process; False where the C library is
-    not glibc (nothing is changed there)."""
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc on Linux, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache  # once per process: server.py sets it first thing, load_pipeline again
+def keep_freed_memory() -> bool:
+    """One arena for every thread, and glibc's mmap and trim thresholds raised, for this
+    process; False where the C library is not glibc (nothing is changed there)."""
+    libc = glibc()
+    if libc is None:
         return False
-    done = all(mallopt(parameter, value) for parameter, value in [
+    done = all(libc.mallopt(parameter, value) for parameter, value in [
         (M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BELOW_BYTES), (M_TRIM_THRESHOLD, KEEP_BELOW_BYTES)])
     if done:
         log.info("CPU allocator: one heap for all threads, freed blocks up to %d MiB kept for reuse (glibc mallopt)",

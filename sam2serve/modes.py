@@ -93,18 +93,22 @@ class Pipeline:
     generator: Generator
 
     @property
+    def runs_prompts(self) -> bool:
+        """Whether it answers /embed and /segment: prompts run in float32, so not in half precision."""
+        return not self.mode.half_precision
+
+    @property
     def info(self) -> dict:
         """What GET /health shows."""
         return {"mode": self.mode.name, "model": self.loaded.description, "weights": self.loaded.weights,
-                "device": str(self.loaded.model.device), "prompts": not self.mode.half_precision,
-                "amg": asdict(self.config)}
+                "device": str(self.loaded.model.device), "prompts": self.runs_prompts, "amg": asdict(self.config)}
 
 
 def prompt_segmenter(pipeline: Pipeline) -> PromptSegmenter | None:
     """What answers /embed and /segment for a pipeline: sam2's predictor on its model, whose
-    image ids are bound to the checkpoint's content. None in half precision (those modes answer
-    501): prompts run in float32."""
-    if pipeline.mode.half_precision:
+    image ids are bound to the checkpoint's content. None where it runs no prompts (those modes
+    answer 501)."""
+    if not pipeline.runs_prompts:
         return None
     return PromptSegmenter(pipeline.loaded.model, checkpoint_identity(pipeline.loaded.path))
 

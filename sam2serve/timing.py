@@ -2,13 +2,14 @@
 
 import ctypes
 import os
-import platform
 import resource
 import threading
 import time
 
 import numpy as np
 import torch
+
+from .allocator import glibc
 
 
 def synchronize(device: str) -> None:
@@ -107,15 +108,13 @@ class MallInfo2(ctypes.Structure):
 
 
 def _glibc_mallinfo2():
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = MallInfo2
+    function = getattr(glibc(), "mallinfo2", None)  # glibc 2.33 and later
+    if function is not None:
+        function.restype = MallInfo2
     return function
 
 
-MALLINFO2 = _glibc_mallinfo2() if platform.system() == "Linux" else None
+MALLINFO2 = _glibc_mallinfo2()
 
 
 def allocated_bytes() -> int:

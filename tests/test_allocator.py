@@ -6,11 +6,10 @@ allocates."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .test_server import REPO
 
 REPEATED_REQUESTS = """
 import resource, sys

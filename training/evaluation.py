@@ -64,13 +64,18 @@ def single_point_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float
 def amg_matches(generator: MaskGenerator, scene: Scene) -> tuple[int, int]:
     """(objects found at IoU >= 0.5, masks generated)."""
     masks = rles_to_masks(generator.generate(scene.image))
-    if len(masks) == 0 or len(scene.masks) == 0:
-        return 0, len(masks)
-    truth, generated = scene.masks.reshape(len(scene.masks), -1), masks.reshape(len(masks), -1)
+    return objects_found(masks, scene.masks), len(masks)
+
+
+def objects_found(masks: np.ndarray, objects: np.ndarray) -> int:
+    """How many of the objects (N, H, W) some mask (M, H, W) covers at IoU >= 0.5."""
+    if len(masks) == 0 or len(objects) == 0:
+        return 0
+    truth, generated = objects.reshape(len(objects), -1), masks.reshape(len(masks), -1)
     intersection = truth.astype(np.float32) @ generated.T.astype(np.float32)
     union = truth.sum(axis=1)[:, None] + generated.sum(axis=1)[None, :] - intersection
     ious = intersection / np.maximum(union, 1)  # (objects, generated)
-    return int((ious.max(axis=1) >= RECALL_IOU).sum()), len(masks)
+    return int((ious.max(axis=1) >= RECALL_IOU).sum())
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, resolve_checkpoint
 from sam2serve.cli import add_checkpoint_arguments, check_checkpoint_arguments
 from sam2serve.overlay import draw_masks
-from training.evaluation import amg_matches
+from sam2serve.rle import rles_to_masks
+from training.evaluation import objects_found
 from training.scenes import Scene
 
 
@@ -65,14 +66,15 @@ def main() -> None:
     counts, found, objects = [], 0, 0
     for name, load in HELD_OUT_PHOTOS.items():
         scene = load()
-        hits, masks = amg_matches(generator, scene)
+        rles = generator.generate(scene.image)
+        hits, masks = objects_found(rles_to_masks(rles), scene.masks), len(rles)
         counts.append(masks)
         recall = f"{hits} of {len(scene.masks)}" if len(scene.masks) else ""
         found, objects = found + hits, objects + len(scene.masks)
         print(f"| {name} | {scene.image.shape[1]}x{scene.image.shape[0]} | {masks} | {recall} |", flush=True)
         if args.save_overlays:
             Path(args.save_overlays).mkdir(parents=True, exist_ok=True)
-            overlay = draw_masks(scene.image, generator.generate(scene.image))
+            overlay = draw_masks(scene.image, rles)
             (Path(args.save_overlays) / f"{name}.png").write_bytes(overlay)
     print(f"\nmasks per photo: min {min(counts)}, median {np.median(counts):g}; "
           f"recall at IoU 0.5: {found / objects:.3f} ({found} of {objects} objects)")

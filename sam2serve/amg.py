@@ -23,7 +23,6 @@ from typing import Callable, Protocol
 import numpy as np
 import scipy.ndimage
 import torch
-import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -50,6 +49,7 @@ from .model import (
 )
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
+from .upscale import upscale_logits
 
 log = logging.getLogger(__name__)
 
@@ -437,11 +437,6 @@ class MaskGenerator:
     def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
         """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
         return model_coords(points, crop_hw, self.model.image_size)
-
-
-def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) logits -> (N, H, W), bilinear as sam2's postprocess_masks."""
-    return F.interpolate(low_res_logits[:, None].float(), size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def remove_small_regions(low_res_logits: torch.Tensor, max_area: int, threshold: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import image_predictor
 from .model import FactoredPointDecoder, default_prompts_per_step, model_coords
+from .upscale import masks_above
 
 MAX_PROMPT_SETS = 64  # per request
 MAX_POINTS = 64  # per prompt set
@@ -223,7 +224,8 @@ class PromptSegmenter:
 
     def segment_clicks(self, prompts: list[Prompt]) -> list[PromptAnswer]:
         """One foreground point per prompt set: FactoredPointDecoder (tests compare it with
-        sam2's decoder) for the logits, then sam2's predictor's own steps after its decoder."""
+        sam2's decoder) for the logits, then sam2's upscale and threshold, computed only at the
+        masks' edges (upscale.masks_above, tested against sam2's postprocess_masks)."""
         predictor = self.predictor
         height, width = predictor._orig_hw[0]
         points = torch.as_tensor(np.stack([p.points[0] for p in prompts]), device=predictor.device)
@@ -232,7 +234,7 @@ class PromptSegmenter:
             features["image_embed"], *features["high_res_feats"],
             model_coords(points, (height, width), predictor.model.image_size),
         )
-        masks = predictor._transforms.postprocess_masks(low_res, (height, width)) > predictor.mask_threshold
+        masks = masks_above(low_res, (height, width), predictor.mask_threshold)  # = sam2's postprocess_masks > threshold
         return self.best_first(masks, iou_predictions, torch.clamp(low_res, -32.0, 32.0))
 
     @staticmethod

@@ -1,0 +1,59 @@
+"""masks_above (pixels computed only where a mask's edge crosses a low-resolution cell) against
+its reference, the bilinear upscale sam2 uses followed by the threshold."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam2serve import upscale
+from sam2serve.upscale import masks_above, upscale_logits
+
+SIZES = [  # (h, w) -> (H, W): the micro and official low-resolution sizes, up, down, odd ratios
+    ((64, 64), (768, 1024)), ((64, 64), (375, 500)), ((64, 64), (300, 451)), ((256, 256), (427, 640)),
+    ((256, 256), (1000, 777)), ((64, 64), (64, 64)), ((64, 64), (100, 30)), ((64, 64), (1, 1)),
+]
+
+
+def smooth_logits(generator: torch.Generator, h: int, w: int, noise: float) -> torch.Tensor:
+    """Three masks' worth of logits: large blobs (long edges) plus pixel noise (many crossings)."""
+    blobs = F.interpolate(torch.randn(3, 1, 8, 8, generator=generator) * 8, (h, w), mode="bicubic")[:, 0]
+    return blobs + noise * torch.randn(3, h, w, generator=generator)
+
+
+@pytest.mark.parametrize("low, size", SIZES)
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -1.0])
+def test_masks_above_equal_the_thresholded_bilinear_upscale(low, size, threshold):
+    generator = torch.Generator().manual_seed(sum(low) + sum(size))
+    for noise in (0.0, 0.5, 5.0):
+        logits = smooth_logits(generator, *low, noise)
+        expected = upscale_logits(logits, size) > threshold
+        assert torch.equal(masks_above(logits, size, threshold), expected)
+
+
+def test_masks_above_handle_edge_cases():
+    size = (90, 120)
+    for logits in (torch.full((2, 64, 64), 5.0), torch.full((2, 64, 64), -5.0), torch.zeros(2, 64, 64)):
+        assert torch.equal(masks_above(logits, size), upscale_logits(logits, size) > 0)
+    assert masks_above(torch.zeros(0, 64, 64), size).shape == (0, *size)
+
+
+def test_edge_pixels_are_computed_not_copied(monkeypatch):
+    """A disc's edge: without the per-pixel arithmetic (cells copied from a corner) the answer
+    differs, so the test above would see a mistake in that arithmetic."""
+    if not upscale._exact_on_this_machine():
+        pytest.skip("this machine's torch kernel rounds differently: masks_above runs the reference")
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    disc = (15 - ((yy - 30.3) ** 2 + (xx - 25.7) ** 2).sqrt())[None] * 3
+    expected = upscale_logits(disc, (768, 1024)) > 0
+    assert torch.equal(masks_above(disc, (768, 1024)), expected)
+    monkeypatch.setattr(upscale, "_blend", lambda p, q, wp, wq: p.expand(torch.broadcast_shapes(p.shape, wp.shape)))
+    assert not torch.equal(masks_above(disc, (768, 1024)), expected)
+
+
+def test_falls_back_to_the_reference_where_the_kernel_differs(monkeypatch):
+    monkeypatch.setattr(upscale, "_exact_on_this_machine", lambda: False)
+    calls = []
+    monkeypatch.setattr(upscale, "upscale_logits", lambda *args: calls.append(1) or upscale_logits(*args))
+    logits = smooth_logits(torch.Generator().manual_seed(0), 64, 64, 0.5)
+    assert torch.equal(masks_above(logits, (300, 451)), upscale_logits(logits, (300, 451)) > 0)
+    assert calls

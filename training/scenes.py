@@ -41,17 +41,20 @@ def make_scene(
         image[shape] = fill[shape]
         shapes.append(shape)
 
-    # Visible part of each shape: what no later shape covers.
+    noise = rng.normal(0.0, rng.uniform(0.0, 6.0), image.shape)
+    return Scene(image=np.clip(image + noise, 0, 255).astype(np.uint8), masks=visible_masks(shapes, height, width))
+
+
+def visible_masks(shapes: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """The visible part of each shape painted in this order (what no later shape covers), for
+    those large enough to label: (N, H, W) bool."""
     visible, covered = [], np.zeros((height, width), dtype=bool)
     for shape in reversed(shapes):
         visible.append(shape & ~covered)
         covered |= shape
     visible.reverse()
     masks = [m for m in visible if m.sum() >= MIN_VISIBLE_FRACTION * height * width]
-    masks = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
-
-    noise = rng.normal(0.0, rng.uniform(0.0, 6.0), image.shape)
-    return Scene(image=np.clip(image + noise, 0, 255).astype(np.uint8), masks=masks)
+    return np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
@@ -113,10 +116,15 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, yy: np.ndarray, xx: np
         image[speck] = _random_colour(rng)
 
 
-def _random_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, scale: int) -> np.ndarray:
+def _random_shape(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, scale: int, size: float | None = None
+) -> np.ndarray:
+    """An ellipse, rotated rectangle, convex polygon or ring of about `size` pixels' radius
+    (by default 6 to 28 % of the scene's shorter side)."""
     height, width = yy.shape
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-    size = rng.uniform(0.06, 0.28) * scale
+    drawn = rng.uniform(0.06, 0.28) * scale  # drawn even when `size` is given: the same random stream
+    size = drawn if size is None else size
     angle = rng.uniform(0, np.pi)
     u = np.cos(angle) * (xx - cx) + np.sin(angle) * (yy - cy)
     v = -np.sin(angle) * (xx - cx) + np.cos(angle) * (yy - cy)

@@ -30,6 +30,7 @@ from sam2serve.checkpoints import (
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
 from training.evaluation import best_mask_logits, evaluate
+from training.photo_scenes import make_photo_scene
 from training.scenes import make_scene
 
 log = logging.getLogger("train_micro_sam2")
@@ -44,7 +45,9 @@ BOX_JITTER = 0.1  # box corners move by this share of the box's side (SAM's box 
 LOSS_RESOLUTION = 128  # masks are compared at twice the decoder's 64x64 output (see training_step)
 
 
-def sample_prompts(rng: np.random.Generator, masks: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_prompts(
+    rng: np.random.Generator, masks: np.ndarray, n_points: int, background_share: float = BACKGROUND_PROMPT_SHARE
+) -> tuple[np.ndarray, np.ndarray]:
     """Points inside objects (and some on the background) with the mask each one asks for.
 
     Returns (n_points, 2) pixel coordinates (x, y) and (n_points, H, W) target masks.
@@ -53,7 +56,7 @@ def sample_prompts(rng: np.random.Generator, masks: np.ndarray, n_points: int) -
     background = ~masks.any(axis=0)
     points, targets = [], []
     for _ in range(n_points):
-        if background.any() and (not regions or rng.random() < BACKGROUND_PROMPT_SHARE):
+        if background.any() and (not regions or rng.random() < background_share):
             region = background
         else:
             region = regions[rng.integers(len(regions))]
@@ -75,8 +78,10 @@ def jittered_boxes(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
     return np.clip(np.array(boxes, dtype=np.float32), 0, masks.shape[-1])
 
 
-def training_batch(step: int, seed: int, n_images: int, n_points: int, image_size: int):
-    """Scenes for one step, from seeds that depend only on (seed, step): reproducible.
+def training_batch(step: int, seed: int, n_images: int, n_points: int, image_size: int, photo_share: float = 0.0):
+    """Scenes for one step, from seeds that depend only on (seed, step): reproducible. A share
+    `photo_share` of them look like photographs (training/photo_scenes.py); their backgrounds are
+    photos with unlabelled content, so no prompt asks for "the rest" there.
 
     Returns images (B, 3, R, R), and per prompt its point (B, K, 2), the box around its target
     (B, K, 4) and the target (B, K, R, R); each prompt is used as a point or as a box.
@@ -84,8 +89,11 @@ def training_batch(step: int, seed: int, n_images: int, n_points: int, image_siz
     rng = np.random.default_rng([seed + TRAIN_SEED_OFFSET, step])
     images, points, boxes, targets = [], [], [], []
     for _ in range(n_images):
-        scene = make_scene(rng, image_size, image_size)
-        p, t = sample_prompts(rng, scene.masks, n_points)
+        if photo_share > 0 and rng.random() < photo_share:
+            scene, background_share = make_photo_scene(rng, image_size, image_size), 0.0
+        else:
+            scene, background_share = make_scene(rng, image_size, image_size), BACKGROUND_PROMPT_SHARE
+        p, t = sample_prompts(rng, scene.masks, n_points, background_share)
         images.append(image_to_input(scene.image, image_size))
         points.append(torch.from_numpy(p))
         boxes.append(torch.from_numpy(jittered_boxes(rng, t)))
@@ -97,11 +105,12 @@ class GeneratedBatches(torch.utils.data.Dataset):
     """training_batch for each step, made in a worker process while the model trains on the
     previous one (drawing scenes is about a third of a step on 2 cores)."""
 
-    def __init__(self, seed: int, n_images: int, n_points: int, image_size: int):
+    def __init__(self, seed: int, n_images: int, n_points: int, image_size: int, photo_share: float):
         self.seed, self.n_images, self.n_points, self.image_size = seed, n_images, n_points, image_size
+        self.photo_share = photo_share
 
     def __getitem__(self, step: int):
-        return training_batch(step, self.seed, self.n_images, self.n_points, self.image_size)
+        return training_batch(step, self.seed, self.n_images, self.n_points, self.image_size, self.photo_share)
 
 
 def single_threaded(_worker_id: int) -> None:
@@ -111,7 +120,7 @@ def single_threaded(_worker_id: int) -> None:
 def batches(args: argparse.Namespace, image_size: int) -> torch.utils.data.DataLoader:
     """The steps' batches in order, one worker ahead of the training loop."""
     return torch.utils.data.DataLoader(
-        GeneratedBatches(args.seed, args.images_per_step, args.points_per_image, image_size),
+        GeneratedBatches(args.seed, args.images_per_step, args.points_per_image, image_size, args.photo_share),
         batch_size=None,
         sampler=range(args.steps),
         num_workers=1,
@@ -188,7 +197,7 @@ def zero_feature_projections(model) -> None:
             conv.bias.zero_()
 
 
-def median_edge_slope(model, seed: int, n_scenes: int = 20) -> float:
+def median_edge_slope(model, seed: int, n_scenes: int = 20, photo_share: float = 0.0) -> float:
     """Median rise of the chosen mask's logits per input pixel, across true object edges.
 
     Measured on generated scenes that neither training nor the held-out evaluation uses, with
@@ -197,8 +206,9 @@ def median_edge_slope(model, seed: int, n_scenes: int = 20) -> float:
     """
     predictor, slopes = image_predictor(model), []
     for index in range(n_scenes):
-        scene = make_scene(np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index]), model.image_size,
-                           model.image_size)
+        rng = np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index])
+        photo_like = photo_share > 0 and rng.random() < photo_share
+        scene = (make_photo_scene if photo_like else make_scene)(rng, model.image_size, model.image_size)
         for mask, logit in zip(scene.masks, best_mask_logits(predictor, scene)):
             edge = mask ^ binary_erosion(mask)  # the object's own border pixels
             gy, gx = np.gradient(logit)
@@ -207,7 +217,7 @@ def median_edge_slope(model, seed: int, n_scenes: int = 20) -> float:
 
 
 @torch.inference_mode()
-def calibrate_logit_scale(model, seed: int) -> float:
+def calibrate_logit_scale(model, seed: int, photo_share: float = 0.0) -> float:
     """Scales the mask logits so that their [-1, 1] band is EDGE_BAND_PIXELS wide at edges.
 
     Training leaves the logits soft: masks are right at threshold 0, but rise slowly across
@@ -216,11 +226,26 @@ def calibrate_logit_scale(model, seed: int) -> float:
     multiplying it by k multiplies every mask logit by k: the same masks at 0, the same IoU
     predictions, a band k times thinner. Returns k.
     """
-    scale = 2.0 / (EDGE_BAND_PIXELS * median_edge_slope(model, seed))
-    for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
-        mlp.layers[-1].weight.mul_(scale)
-        mlp.layers[-1].bias.mul_(scale)
+    scale = 2.0 / (EDGE_BAND_PIXELS * median_edge_slope(model, seed, photo_share=photo_share))
+    scale_mask_logits(model, scale)
     return scale
+
+
+@torch.no_grad()
+def scale_mask_logits(model, factor: float) -> None:
+    """Multiplies every mask logit by `factor` (the output hypernetworks' last layer)."""
+    for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.mul_(factor)
+        mlp.layers[-1].bias.mul_(factor)
+
+
+def trained_start(path: Path):
+    """A trained checkpoint to go on from, its calibration undone: training continues on the
+    logits it learnt, and calibrate_logit_scale runs again at the end."""
+    model = load_model(path, "micro", "cpu").model
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
+    scale_mask_logits(model, 1.0 / meta.get("logit_scale", 1.0))
+    return model
 
 
 def save_trained(model, path: Path, meta: dict) -> None:
@@ -232,8 +257,11 @@ def save_trained(model, path: Path, meta: dict) -> None:
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
-    model = build_random_model(model_size("micro"), args.seed)
-    zero_feature_projections(model)
+    if args.init is None:
+        model = build_random_model(model_size("micro"), args.seed)
+        zero_feature_projections(model)
+    else:
+        model = trained_start(args.init)
     model.train()
     image_size = model.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -260,8 +288,9 @@ def train(args: argparse.Namespace) -> None:
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
             save_trained(model, args.output, {"steps_done": step + 1})
     minutes = (time.perf_counter() - started) / 60
-    meta = {key: value for key, value in vars(args).items() if key != "output"}
-    scale = calibrate_logit_scale(model.eval(), args.seed)
+    meta = {key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items() if key != "output"}
+    scale = calibrate_logit_scale(model.eval(), args.seed, args.photo_share)
     meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
     save_trained(model, args.output, meta)
     log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
@@ -275,6 +304,9 @@ def main() -> None:
     parser.add_argument("--points-per-image", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photo-share", type=float, default=0.0,
+                        help="share of training scenes that look like photographs (training/photo_scenes.py)")
+    parser.add_argument("--init", type=Path, help="go on from this trained micro checkpoint instead of random weights")
     parser.add_argument("--save-every", type=int, default=250, help="steps between interim checkpoints")
     parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes for the figures")
     parser.add_argument("--evaluate-only", action="store_true", help="only evaluate the saved model")

@@ -49,7 +49,7 @@ from .model import (
 )
 from .preprocess import image_to_input
 from .rle import RLE, rle_run_lengths, run_lengths_to_rles
-from .upscale import upscale_logits
+from .upscale import boxes_of_presence, masks_above, stability_and_boxes, upscale_logits, use_cells
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,8 @@ class MaskGenerator:
         for crop_box in crop_boxes:
             x0, y0, x1, y1 = crop_box
             in_crop = (candidates.crop_boxes == torch.tensor(crop_box, device=self.device)).all(dim=1)
-            logits = upscale_logits(candidates.low_res_logits[in_crop], (y1 - y0, x1 - x0))
-            masks[in_crop, y0:y1, x0:x1] = logits > self.config.mask_threshold
+            masks[in_crop, y0:y1, x0:x1] = masks_above(
+                candidates.low_res_logits[in_crop], (y1 - y0, x1 - x0), self.config.mask_threshold)
         return masks
 
     # Model helpers.
@@ -472,30 +472,30 @@ def small_regions(masks: np.ndarray, max_area: int) -> np.ndarray:
 def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """XYXY boxes (N, 4) of the masks logits > threshold, [0, 0, 0, 0] for an empty mask: sam2's
     batched_mask_to_box, from two max-reductions of the logits instead of a boolean mask."""
-    rows = logits.amax(dim=-1) > threshold  # (N, H): rows holding a pixel of the mask
-    cols = logits.amax(dim=-2) > threshold  # (N, W)
-
-    def first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.arange(present.shape[-1], device=present.device)
-        return torch.where(present, index, present.shape[-1]).amin(dim=-1), (present * index).amax(dim=-1)
-
-    (top, bottom), (left, right) = first_and_last(rows), first_and_last(cols)
-    boxes = torch.stack([left, top, right, bottom], dim=-1)
-    return boxes * rows.any(dim=-1, keepdim=True)
+    return boxes_of_presence(logits.amax(dim=-1) > threshold, logits.amax(dim=-2) > threshold)
 
 
 # Masks upscaled to full resolution at a time: a few images' worth stays in the CPU's cache
 # between the upscaling and the passes that read it (measured: README, "Performance").
 UPSCALE_CHUNK = 4
+CELL_CHUNK = 16  # masks at a time cell by cell: memory in proportion to their edges
 
 
 def full_resolution_scores(
     low_res_logits: torch.Tensor, size: tuple[int, int], config: AMGConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stability scores and boxes of low-resolution logits (N, h, w) upscaled to `size`, as sam2
-    computes them on its upscaled masks, a few masks at a time and never kept: (N,), (N, 4)."""
+    computes them on its upscaled masks, never kept: on a CPU cell by cell, pixels only at edges
+    (upscale.stability_and_boxes); elsewhere a few masks at a time: (N,), (N, 4)."""
     stability, boxes = [], []
-    for chunk in low_res_logits.split(UPSCALE_CHUNK):
+    cell_by_cell = use_cells(low_res_logits, size)
+    for chunk in low_res_logits.split(CELL_CHUNK if cell_by_cell else UPSCALE_CHUNK):
+        if cell_by_cell:
+            chunk_stability, chunk_boxes = stability_and_boxes(
+                chunk, size, config.mask_threshold, config.stability_score_offset)
+            stability.append(chunk_stability)
+            boxes.append(chunk_boxes)
+            continue
         masks = upscale_logits(chunk, size)
         stability.append(calculate_stability_score(masks, config.mask_threshold, config.stability_score_offset))
         boxes.append(boxes_of_logits(masks, config.mask_threshold))

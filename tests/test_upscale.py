@@ -4,9 +4,10 @@ its reference, the bilinear upscale sam2 uses followed by the threshold."""
 import pytest
 import torch
 import torch.nn.functional as F
+from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 
 from sam2serve import upscale
-from sam2serve.upscale import masks_above, upscale_logits
+from sam2serve.upscale import masks_above, stability_and_boxes, upscale_logits
 
 SIZES = [  # (h, w) -> (H, W): the micro and official low-resolution sizes, up, down, odd ratios
     ((64, 64), (768, 1024)), ((64, 64), (375, 500)), ((64, 64), (300, 451)), ((256, 256), (427, 640)),
@@ -35,6 +36,8 @@ def test_masks_above_handle_edge_cases():
     for logits in (torch.full((2, 64, 64), 5.0), torch.full((2, 64, 64), -5.0), torch.zeros(2, 64, 64)):
         assert torch.equal(masks_above(logits, size), upscale_logits(logits, size) > 0)
     assert masks_above(torch.zeros(0, 64, 64), size).shape == (0, *size)
+    batched = smooth_logits(torch.Generator().manual_seed(3), 64, 64, 0.5).reshape(1, 3, 64, 64)  # (B, M, h, w)
+    assert torch.equal(masks_above(batched, (768, 1024)), (upscale_logits(batched[0], (768, 1024)) > 0)[None])
 
 
 def test_edge_pixels_are_computed_not_copied(monkeypatch):
@@ -57,3 +60,21 @@ def test_falls_back_to_the_reference_where_the_kernel_differs(monkeypatch):
     logits = smooth_logits(torch.Generator().manual_seed(0), 64, 64, 0.5)
     assert torch.equal(masks_above(logits, (300, 451)), upscale_logits(logits, (300, 451)) > 0)
     assert calls
+
+
+@pytest.mark.parametrize("low, size", [s for s in SIZES if upscale.use_cells(torch.zeros(1, *s[0]), s[1])])
+def test_stability_and_boxes_equal_sam2s_on_the_upscaled_masks(low, size):
+    generator = torch.Generator().manual_seed(sum(low) + sum(size))
+    for noise in (0.0, 0.5, 5.0):
+        logits = torch.cat([smooth_logits(generator, *low, noise), torch.full((1, *low), -3.0)])  # one empty
+        upscaled = upscale_logits(logits, size)
+        stability, boxes = stability_and_boxes(logits, size, 0.0, 1.0)
+        expected = calculate_stability_score(upscaled, 0.0, 1.0)
+        assert torch.equal(stability[:-1], expected[:-1]) and stability[-1].isnan() and expected[-1].isnan()
+        assert torch.equal(boxes, batched_mask_to_box(upscaled > 0))
+
+
+def test_the_cell_path_runs_where_cells_are_large():
+    assert upscale.use_cells(torch.zeros(1, 64, 64), (768, 1024))  # the micro model
+    assert not upscale.use_cells(torch.zeros(1, 256, 256), (512, 512))  # an official model on 512 pixels
+    assert not upscale.use_cells(torch.zeros(1, 64, 64), (2000, 30))  # downscaling along one axis

@@ -7,6 +7,8 @@ models/sam2.1_hiera_micro.pt. Seeded. Run from the repository's root:
 
     python -m training.train_micro_sam2                   # 8000 steps, about 67 min on 2 quiet CPU cores
     python -m training.train_micro_sam2 --evaluate-only   # held-out figures of the saved model
+    python -m training.train_micro_sam2 --init models/sam2.1_hiera_micro.pt --photo-share 0.6 \
+        --steps 2000 --lr 5e-4 --output /tmp/photo/sam2.1_hiera_micro.pt   # on photo-like scenes
 
 The recipe, what made it learn from scratch, and the held-out figures: docs/micro-model.md.
 """

@@ -99,6 +99,8 @@ class Cells(NamedTuple):
 
 
 def cells(logits: torch.Tensor) -> Cells:
+    """(N, h, w) logits -> each cell's smallest and largest corner (the last row and column
+    read themselves as their neighbour, as the upscale does at the border)."""
     padded = F.pad(logits[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
     h, w = logits.shape[-2:]
     corners = torch.stack([padded[:, :h, :w], padded[:, 1:, :w], padded[:, :h, 1:], padded[:, 1:, 1:]])
@@ -125,6 +127,7 @@ class EdgePixels(NamedTuple):
 
 
 def edge_pixels(logits: torch.Tensor, crossed: torch.Tensor, size: tuple[int, int]) -> EdgePixels:
+    """The upscaled values of every pixel in the crossed cells (N, h, w) bool."""
     h, w = logits.shape[-2:]
     rows, cols = axis(size[0], h), axis(size[1], w)
     n, i, j = crossed.nonzero().unbind(1)

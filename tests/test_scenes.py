@@ -131,8 +131,7 @@ def test_held_out_real_photos_load_with_their_instance_masks():
 
 
 def test_photo_scenes_have_photo_texture_and_objects_that_stand_out():
-    """Backgrounds and fills come from photos (fine detail everywhere, unlike flat fills), and
-    each labelled object's mean colour differs from its surroundings'."""
+    """Backgrounds and fills come from photos: fine detail everywhere, unlike flat fills."""
     for seed in range(6):
         scene = make_photo_scene(np.random.default_rng(seed), 256, 256)
         assert len(scene.masks) >= 1

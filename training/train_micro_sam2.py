@@ -33,7 +33,7 @@ from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
 from training.evaluation import best_mask_logits, evaluate
 from training.photo_scenes import make_photo_scene
-from training.scenes import make_scene
+from training.scenes import Scene, make_scene
 
 log = logging.getLogger("train_micro_sam2")
 
@@ -80,6 +80,13 @@ def jittered_boxes(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
     return np.clip(np.array(boxes, dtype=np.float32), 0, masks.shape[-1])
 
 
+def draw_scene(rng: np.random.Generator, image_size: int, photo_share: float) -> tuple[Scene, bool]:
+    """A photo-like scene with probability photo_share (none drawn from rng when 0: generated-only
+    runs keep their random stream), else a generated one; and whether it is photo-like."""
+    photo_like = photo_share > 0 and rng.random() < photo_share
+    return (make_photo_scene if photo_like else make_scene)(rng, image_size, image_size), photo_like
+
+
 def training_batch(step: int, seed: int, n_images: int, n_points: int, image_size: int, photo_share: float = 0.0):
     """Scenes for one step, from seeds that depend only on (seed, step): reproducible. A share
     `photo_share` of them look like photographs (training/photo_scenes.py); their backgrounds are
@@ -91,11 +98,8 @@ def training_batch(step: int, seed: int, n_images: int, n_points: int, image_siz
     rng = np.random.default_rng([seed + TRAIN_SEED_OFFSET, step])
     images, points, boxes, targets = [], [], [], []
     for _ in range(n_images):
-        if photo_share > 0 and rng.random() < photo_share:
-            scene, background_share = make_photo_scene(rng, image_size, image_size), 0.0
-        else:
-            scene, background_share = make_scene(rng, image_size, image_size), BACKGROUND_PROMPT_SHARE
-        p, t = sample_prompts(rng, scene.masks, n_points, background_share)
+        scene, photo_like = draw_scene(rng, image_size, photo_share)
+        p, t = sample_prompts(rng, scene.masks, n_points, 0.0 if photo_like else BACKGROUND_PROMPT_SHARE)
         images.append(image_to_input(scene.image, image_size))
         points.append(torch.from_numpy(p))
         boxes.append(torch.from_numpy(jittered_boxes(rng, t)))
@@ -202,15 +206,15 @@ def zero_feature_projections(model) -> None:
 def median_edge_slope(model, seed: int, n_scenes: int = 20, photo_share: float = 0.0) -> float:
     """Median rise of the chosen mask's logits per input pixel, across true object edges.
 
-    Measured on generated scenes that neither training nor the held-out evaluation uses, with
+    Measured on scenes (generated, and a share photo_share of photo-like ones) that neither
+    training nor the held-out evaluation uses, with
     one interior point per object and sam2's image predictor (the mask with the highest
     predicted IoU, logits upsampled to the input size as the mask generator upsamples them).
     """
     predictor, slopes = image_predictor(model), []
     for index in range(n_scenes):
         rng = np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index])
-        photo_like = photo_share > 0 and rng.random() < photo_share
-        scene = (make_photo_scene if photo_like else make_scene)(rng, model.image_size, model.image_size)
+        scene, _ = draw_scene(rng, model.image_size, photo_share)
         for mask, logit in zip(scene.masks, best_mask_logits(predictor, scene)):
             edge = mask ^ binary_erosion(mask)  # the object's own border pixels
             gy, gx = np.gradient(logit)

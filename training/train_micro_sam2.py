@@ -111,12 +111,14 @@ class GeneratedBatches(torch.utils.data.Dataset):
     """training_batch for each step, made in a worker process while the model trains on the
     previous one (drawing scenes is about a third of a step on 2 cores)."""
 
-    def __init__(self, seed: int, n_images: int, n_points: int, image_size: int, photo_share: float):
+    def __init__(self, seed: int, n_images: int, n_points: int, image_size: int, photo_share: float,
+                 photo_from: int = 0):
         self.seed, self.n_images, self.n_points, self.image_size = seed, n_images, n_points, image_size
-        self.photo_share = photo_share
+        self.photo_share, self.photo_from = photo_share, photo_from
 
     def __getitem__(self, step: int):
-        return training_batch(step, self.seed, self.n_images, self.n_points, self.image_size, self.photo_share)
+        share = self.photo_share if step >= self.photo_from else 0.0  # generated scenes first
+        return training_batch(step, self.seed, self.n_images, self.n_points, self.image_size, share)
 
 
 def single_threaded(_worker_id: int) -> None:
@@ -126,7 +128,8 @@ def single_threaded(_worker_id: int) -> None:
 def batches(args: argparse.Namespace, image_size: int) -> torch.utils.data.DataLoader:
     """The steps' batches in order, one worker ahead of the training loop."""
     return torch.utils.data.DataLoader(
-        GeneratedBatches(args.seed, args.images_per_step, args.points_per_image, image_size, args.photo_share),
+        GeneratedBatches(args.seed, args.images_per_step, args.points_per_image, image_size, args.photo_share,
+                         args.photo_from),
         batch_size=None,
         sampler=range(args.steps),
         num_workers=1,
@@ -312,6 +315,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--photo-share", type=float, default=0.0,
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")
+    parser.add_argument("--photo-from", type=int, default=0,
+                        help="first step with photo-like scenes (generated scenes only before it)")
     parser.add_argument("--init", type=Path, help="go on from this trained micro checkpoint instead of random weights")
     parser.add_argument("--save-every", type=int, default=250, help="steps between interim checkpoints")
     parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes for the figures")

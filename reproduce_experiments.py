@@ -73,7 +73,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
     paths = settings["images"]
     with Stopwatch(device) as startup:
         loaded = load_model(settings["checkpoint"], settings["model_type"], device)
-        generator = build_generator(get_mode(row.mode), loaded, config)  # compiles a fast mode
+        generator = build_generator(get_mode(row.mode), loaded, config)  # compiles a fast mode on CUDA
         # Warm-up, untimed: lazy initialisation happens on the first image.
         generator.generate(read_image_file(paths[0]))
     reset_peak_memory(device)

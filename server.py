@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(parser, "load_fast", metavar="DIR",
                help="fast modes: load kernels exported with --save-fast instead of compiling")
     add_option(parser, "compile_mode", help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "
-               "whose search takes many minutes on large; reduce-overhead keeps CUDA graphs without it)")
+               "whose search takes many minutes on large; reduce-overhead keeps CUDA graphs without it). On a "
+               "CPU the fast modes run ao's eager kernels in their precision unless this is given")
     add_amg_options(parser)
     add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
                help="where missing checkpoints are downloaded from")

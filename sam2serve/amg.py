@@ -147,6 +147,9 @@ class ReferenceMaskGenerator:
         return self.generator.generate(image)
 
 
+EAGER_KERNELS = "eager (ao's modules)"
+
+
 @dataclass(frozen=True)
 class Kernels:
     """What MaskGenerator runs on the device, as three functions of tensors.
@@ -161,22 +164,33 @@ class Kernels:
     dtype: torch.dtype = torch.float32  # the model's
     points_per_batch: int | None = None  # the decoder's static batch size, if it has one
     multimask_output: bool | None = None  # what the decoder is built for, if fixed
+    description: str = EAGER_KERNELS  # how they were built, for /health and the logs
 
 
 def eager_kernels(model: SAM2Base, config: AMGConfig) -> Kernels:
     """ao's kernels: sam2's preprocessing on the host, the image encoder, and the factored point
-    decoder, which computes no mask for a prompt whose every predicted IoU fails the filter."""
+    decoder, which computes no mask for a prompt whose every predicted IoU fails the filter.
+
+    They run in the image encoder's dtype: float32 for ao; bfloat16 where fast_furious runs them
+    on a CPU (the model cast by sam2serve.fast.prepare_model), outputs still float32."""
     gate = config.pred_iou_thresh if config.multimask_output and config.pred_iou_thresh > 0 else None
     if config.use_m2m:  # the IoU filter applies to the refined masks: every mask is computed
         gate = None
+    dtype = next(model.image_encoder.parameters()).dtype
+    decoder = FactoredPointDecoder(model, config.multimask_output, default_prompts_per_step(model), iou_gate=gate)
 
     def prepare_input(image: np.ndarray) -> torch.Tensor:
-        return image_to_input(image, model.image_size).to(model.device)
+        return image_to_input(image, model.image_size).to(model.device, dtype)
+
+    def decoder_in_float32(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, iou_preds = decoder(*inputs)
+        return logits.float(), iou_preds.float()
 
     return Kernels(
         prepare_input=prepare_input,
         encoder=ImageEncoder(model),
-        decoder=FactoredPointDecoder(model, config.multimask_output, default_prompts_per_step(model), iou_gate=gate),
+        decoder=decoder if dtype == torch.float32 else decoder_in_float32,
+        dtype=dtype,
     )
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, require_checkpoint_pair
-from .modes import Mode, mode_config
+from .modes import Mode, compiles, mode_config
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
@@ -94,11 +94,13 @@ def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
 
 
 def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> AMGConfig:
-    """The AMGConfig the options describe for a mode on args.device."""
+    """The AMGConfig the options describe for a mode on args.device (a fast mode's points per
+    batch depend on whether its kernels are compiled: see modes.compiles)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        return mode_config(mode, args.device, **amg_options(parser, args))
+        asked = any(getattr(args, name, None) for name in ("compile_mode", "save_fast", "load_fast"))
+        return mode_config(mode, args.device, compiles(mode, args.device, asked), **amg_options(parser, args))
     except ValueError as error:
         parser.error(str(error))
 

@@ -101,11 +101,11 @@ class StaticKernels:
     decoder: Callable  # (image_embed, feat_s0, feat_s1, coords (points_per_batch, 2)) -> (logits, iou_preds)
 
 
-def prepare_model(model: SAM2Base, spec: KernelSpec) -> SAM2Base:
-    """Puts the model in the spec's dtype; the prompt encoder stays float32 (see PointDecoder:
+def prepare_model(model: SAM2Base, dtype: torch.dtype) -> SAM2Base:
+    """Puts the model in the kernels' dtype; the prompt encoder stays float32 (see PointDecoder:
     its Fourier features need the precision)."""
-    if spec.torch_dtype != torch.float32:
-        model.to(spec.torch_dtype)
+    if dtype != torch.float32:
+        model.to(dtype)
         model.sam_prompt_encoder.float()
     return model.eval()
 
@@ -137,7 +137,7 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) 
     """torch.compile of both kernels: full graph, static shapes, in torch.compile's `mode`
     (default: default_compile_mode). max-autotune searches GEMM templates for minutes on the
     large model; "reduce-overhead" keeps its CUDA graphs without the search."""
-    model = prepare_model(model, spec)
+    model = prepare_model(model, spec.torch_dtype)
     # One eager run first: sam2's position encoding fills a cache on its first call, and code
     # compiled before that guards on the cache being empty, compiling again on the next call.
     example_inputs(model, spec)
@@ -154,7 +154,7 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) 
 
 def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike) -> None:
     """Exports both kernels (torch.export + AOTInductor) into `directory`, with a manifest."""
-    model = prepare_model(model, spec)
+    model = prepare_model(model, spec.torch_dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     encoder_inputs, decoder_inputs = example_inputs(model, spec)
@@ -194,7 +194,7 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernel
     return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
 
 
-def fast_kernels(model: SAM2Base, kernels: StaticKernels) -> Kernels:
+def fast_kernels(model: SAM2Base, kernels: StaticKernels, description: str = "compiled") -> Kernels:
     """A static pair as MaskGenerator's kernels: preprocessing on the device in the kernels'
     dtype, images encoded batch_size at a time, point batches padded to the static size."""
     spec = kernels.spec
@@ -206,6 +206,7 @@ def fast_kernels(model: SAM2Base, kernels: StaticKernels) -> Kernels:
         dtype=spec.torch_dtype,
         points_per_batch=spec.points_per_batch,
         multimask_output=spec.multimask_output,
+        description=description,
     )
 
 

@@ -8,9 +8,19 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .allocator import keep_freed_memory
-from .amg import AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
+from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
-from .fast import compile_kernels, default_compile_mode, fast_kernels, kernel_spec, load_kernels, save_kernels, warm_up
+from .fast import (
+    compile_kernels,
+    default_compile_mode,
+    fast_kernels,
+    half_dtype,
+    kernel_spec,
+    load_kernels,
+    prepare_model,
+    save_kernels,
+    warm_up,
+)
 from .interactive import PromptSegmenter
 
 log = logging.getLogger(__name__)
@@ -21,24 +31,22 @@ class Mode:
     name: str
     description: str
     reference: bool = False  # the sam2 package's own generator instead of the project's
-    compiled: bool = False  # kernels compiled or exported ahead of time (sam2serve.fast)
+    compiled: bool = False  # kernels compiled or exported ahead of time (sam2serve.fast); see compiles()
     half_precision: bool = False  # float16 on CUDA, bfloat16 on CPU
-    points_per_batch: int = 64  # unless the user sets --points-per-batch
-    cpu_points_per_batch: int | None = None  # on a CPU, when it differs
+    points_per_batch: int = 64  # unless the user sets --points-per-batch; compiled on a GPU: halved to fit
 
 
-CPU_FAST_POINTS = 8
+CPU_COMPILED_POINTS = 8  # on a CPU the compiled decoder is fastest on a few prompts per call
 
 MODES = {
     mode.name: mode
     for mode in [
         Mode("baseline", "the sam2 package's SAM2AutomaticMaskGenerator, the reference", reference=True),
         Mode("ao", "the project's pipeline: same numbers as baseline, less work, fast RLE"),
-        # On a CPU the compiled decoder is fastest on a few prompts per call (README, benchmark).
         Mode("fast", "ao compiled (or exported ahead of time), the whole grid per call, "
-             "preprocessing on the device", compiled=True, points_per_batch=1024, cpu_points_per_batch=CPU_FAST_POINTS),
+             "preprocessing on the device", compiled=True, points_per_batch=1024),
         Mode("fast_furious", "fast in half precision (float16 on CUDA, bfloat16 on CPU)",
-             compiled=True, half_precision=True, points_per_batch=1024, cpu_points_per_batch=CPU_FAST_POINTS),
+             compiled=True, half_precision=True, points_per_batch=1024),
     ]
 }
 DEFAULT_MODE = "ao"
@@ -66,18 +74,28 @@ def gpu_points_per_batch(mode: Mode, gpu_mib: float) -> int:
     return points
 
 
-def mode_config(mode: Mode, device: str, **options) -> AMGConfig:
-    """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch (on a
-    CPU its CPU value; on a GPU as many as fit), then `options` (those that are None keep their
-    default)."""
+def compiles(mode: Mode, device: str | torch.device, asked: bool = False) -> bool:
+    """Whether a mode's kernels are compiled or exported: a fast mode's always on CUDA; on a CPU
+    only when `asked` (a compile mode, --save-fast or --load-fast given). On a CPU the compiled
+    kernels lose to ao's eager ones, which skip prompts and size their steps for the cache
+    (docs/performance.md), so there a fast mode runs those, in its precision, and says so in
+    /health."""
+    return mode.compiled and (torch.device(device).type != "cpu" or asked)
+
+
+def mode_config(mode: Mode, device: str, compiled: bool | None = None, **options) -> AMGConfig:
+    """AMG settings for a mode on a device: sam2's defaults, the mode's points per batch (eager
+    kernels: sam2's 64; compiled: a few on a CPU, as many as fit on a GPU), then `options` (those
+    that are None keep their default). `compiled`: whether its kernels will be (default: compiles())."""
     options = {name: value for name, value in options.items() if value is not None}
-    kind = torch.device(device).type
-    if kind == "cpu" and mode.cpu_points_per_batch is not None:
-        points = mode.cpu_points_per_batch
-    elif kind == "cuda" and mode.compiled:
-        points = gpu_points_per_batch(mode, torch.cuda.get_device_properties(device).total_memory / 2**20)
+    if compiled is None:
+        compiled = compiles(mode, device)
+    if not compiled:
+        points = MODES["ao"].points_per_batch
+    elif torch.device(device).type == "cpu":
+        points = CPU_COMPILED_POINTS
     else:
-        points = mode.points_per_batch
+        points = gpu_points_per_batch(mode, torch.cuda.get_device_properties(device).total_memory / 2**20)
     options.setdefault("points_per_batch", points)
     return AMGConfig(**options)
 
@@ -98,10 +116,22 @@ class Pipeline:
         return not self.mode.half_precision
 
     @property
+    def kernels(self) -> str:
+        """How the mode's model code runs (GET /health): sam2's own, eager or compiled, in which dtype."""
+        kernels = getattr(self.generator, "kernels", None)
+        if kernels is None:
+            return "sam2's SAM2AutomaticMaskGenerator"
+        described = f"{kernels.description}, {str(kernels.dtype).removeprefix('torch.')}"
+        if self.mode.compiled and kernels.description == EAGER_KERNELS:
+            described += "; compiled kernels are slower on a CPU (--compile-mode compiles them)"
+        return described
+
+    @property
     def info(self) -> dict:
         """What GET /health shows."""
         return {"mode": self.mode.name, "model": self.loaded.description, "weights": self.loaded.weights,
-                "device": str(self.loaded.model.device), "prompts": self.runs_prompts, "amg": asdict(self.config)}
+                "device": str(self.loaded.model.device), "kernels": self.kernels, "prompts": self.runs_prompts,
+                "amg": asdict(self.config)}
 
 
 def prompt_segmenter(pipeline: Pipeline) -> PromptSegmenter | None:
@@ -131,7 +161,8 @@ def load_pipeline(
     mode = get_mode(mode)
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # every mode alike: requests reuse memory instead of page-faulting it in
-    config = config or mode_config(mode, device, **(amg or {}))
+    config = config or mode_config(mode, device, compiles(mode, device, bool(compile_mode or save_fast or load_fast)),
+                                   **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
     log.info("loaded %s (%s); preparing mode %s", loaded.description, loaded.path.resolve(), mode.name)
@@ -154,13 +185,16 @@ def build_generator(
     save_fast: export the fast kernels into this folder (then serve them);
     load_fast: load kernels exported earlier instead of compiling;
     batch_size: the most images per encoder call, which a fast mode's kernels are built for;
-    compile_mode: torch.compile's mode (default: max-autotune on CUDA, default on a CPU).
+    compile_mode: torch.compile's mode (default: max-autotune on CUDA; on a CPU the fast modes run
+    eager unless it, save_fast or load_fast is given, and then "default").
     """
     if (save_fast or load_fast) and not mode.compiled:
         raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
     if mode.reference:
         return ReferenceMaskGenerator(loaded.model, config)
-    if not mode.compiled:
+    if not compiles(mode, loaded.model.device, asked=bool(compile_mode or save_fast or load_fast)):
+        if mode.half_precision:
+            prepare_model(loaded.model, half_dtype(loaded.model.device))
         return MaskGenerator(loaded.model, config)
 
     spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size)
@@ -176,7 +210,7 @@ def build_generator(
         compile_mode = compile_mode or default_compile_mode(spec.device)
         kernels = compile_kernels(loaded.model, spec, compile_mode)
         how = f"compiled kernels (torch.compile, mode {compile_mode})"
-    generator = MaskGenerator(loaded.model, config, fast_kernels(loaded.model, kernels))
+    generator = MaskGenerator(loaded.model, config, fast_kernels(loaded.model, kernels, how))
     first_runs = warm_up(generator, batch_size)
     log.info("%s: %s, %s, %d points per batch, up to %d images per encoder call; %.1f s in all, of which "
              "the first runs %.1f s", mode.name, how, spec.dtype, spec.points_per_batch, spec.batch_size,

@@ -1,6 +1,9 @@
 """The fast modes against ao (their reference), on CPU, with the project's trained micro SAM2.1
 (the SAM2.1 architecture with small widths and a 256-pixel input: cheap to compile here).
 
+On a CPU a fast mode compiles only when asked to (a compile mode, --save-fast or --load-fast);
+otherwise it runs ao's eager kernels, in its precision: tested first, then the compiled ones.
+
 Two regimes: every candidate (filters off, NMS threshold 1: 3 per point of an 8x8 grid, 192
 per image, compared one to one, which tests the kernels' numbers), and sam2's default
 thresholds on generated scenes (10 or more masks per image, which tests what users get).
@@ -20,11 +23,11 @@ from PIL import Image
 
 import numpy as np
 
-from sam2serve.amg import AMGConfig, MaskGenerator
+from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
 from sam2serve.fast import MANIFEST, PackageMismatch, kernel_spec, load_kernels
-from sam2serve.modes import MODES, build_generator
+from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, load_pipeline, mode_config
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
@@ -73,7 +76,7 @@ BATCH_SIZE = 2
 
 @pytest.fixture(scope="module")
 def fast_generator(load_micro):
-    return build_generator(MODES["fast"], load_micro(), CONFIG, batch_size=BATCH_SIZE)
+    return build_generator(MODES["fast"], load_micro(), CONFIG, batch_size=BATCH_SIZE, compile_mode="default")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,33 @@ def compare(name: str, reference: list, candidate: list):
     summary = summarize([compare_image(str(i), r, c) for i, (r, c) in enumerate(zip(reference, candidate))])
     print(f"\n{name}: {summary.line()}; masks per image {[len(answer) for answer in reference]}")
     return summary
+
+
+@pytest.fixture(scope="module")
+def eager_furious(load_micro):
+    return build_generator(MODES["fast_furious"], load_micro(), CONFIG)
+
+
+def test_fast_modes_run_ao_kernels_on_a_cpu_unless_compiling_is_asked_for(load_micro, images, ao_answers,
+                                                                          eager_furious, micro_checkpoint):
+    """On a CPU the compiled kernels lose to ao's eager ones: without a compile mode, --save-fast
+    or --load-fast, fast gives exactly ao's answers and fast_furious runs them in bfloat16, with
+    ao's points per batch; /health says so."""
+    assert mode_config(MODES["fast"], "cpu").points_per_batch == MODES["ao"].points_per_batch == 64
+    assert mode_config(MODES["fast"], "cpu", compiled=True).points_per_batch == CPU_COMPILED_POINTS
+    fast = build_generator(MODES["fast"], load_micro(), CONFIG)
+    assert fast.kernels.description == EAGER_KERNELS and fast.kernels.dtype == torch.float32
+    assert [fast.generate(image) for image in images] == ao_answers
+
+    assert eager_furious.kernels.description == EAGER_KERNELS and eager_furious.kernels.dtype == torch.bfloat16
+    assert eager_furious.model.image_encoder.trunk.patch_embed.proj.weight.dtype == torch.bfloat16
+    summary = compare("fast_furious (eager, bfloat16) vs ao", ao_answers, [eager_furious.generate(i) for i in images])
+    assert summary.mask_count_mismatch == 0 and summary.relaxed_miou >= 0.85
+
+    pipeline = load_pipeline(micro_checkpoint.parent, "micro", "fast_furious", amg={"points_per_side": 2})
+    assert pipeline.config.points_per_batch == 64
+    assert "eager" in pipeline.info["kernels"] and "bfloat16" in pipeline.info["kernels"]
+    assert "--compile-mode" in pipeline.info["kernels"]
 
 
 def test_preprocessing_on_device_matches_reference(images):
@@ -107,7 +137,7 @@ def test_fast_matches_ao(fast_generator, images, ao_answers):
 
 @pytest.fixture(scope="module")
 def furious_generator(load_micro):
-    return build_generator(MODES["fast_furious"], load_micro(), CONFIG)
+    return build_generator(MODES["fast_furious"], load_micro(), CONFIG, compile_mode="default")
 
 
 def test_fast_furious_close_to_ao(images, ao_answers, furious_generator):
@@ -128,14 +158,16 @@ def test_fast_furious_close_to_ao(images, ao_answers, furious_generator):
     assert torch.isfinite(logits).all() and torch.isfinite(iou_preds).all()
 
 
-def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_generator, furious_generator):
-    """What users get: 10 or more masks per image; fast must equal ao, furious stay close."""
+def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_generator, furious_generator, eager_furious):
+    """What users get: 10 or more masks per image; fast must equal ao, furious (compiled or eager)
+    stay close."""
     scenes = [make_generated_scene(np.random.default_rng(seed), 384, 448, min_objects=8, max_objects=14).image
               for seed in (1000, 1001)]
     ao = MaskGenerator(load_micro().model, MICRO_CONFIG)
     reference = [ao.generate(image) for image in scenes]
     assert min(len(answer) for answer in reference) >= 10
-    for name, built in [("fast", fast_generator), ("fast_furious", furious_generator)]:
+    for name, built in [("fast", fast_generator), ("fast_furious", furious_generator),
+                        ("fast_furious eager", eager_furious)]:
         generator = built.with_config(MICRO_CONFIG)
         summary = compare(f"{name} vs ao, sam2's default thresholds", reference, [generator.generate(i) for i in scenes])
         if name == "fast":
@@ -167,7 +199,7 @@ def test_short_point_batches_are_padded_to_the_static_size(images, load_micro, f
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
     reference = MaskGenerator(load_micro().model, CROP_CONFIG).generate(images[0])
-    generator = build_generator(MODES["fast"], load_micro(), CROP_CONFIG)
+    generator = build_generator(MODES["fast"], load_micro(), CROP_CONFIG, compile_mode="default")
     summary = compare("fast with crop layers, padded batches, vs ao", [reference], [generator.generate(images[0])])
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
 

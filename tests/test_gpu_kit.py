@@ -89,7 +89,7 @@ def test_float16_modules_agree_with_ao(trained_micro_checkpoint, scenes):
     ao = MaskGenerator(load_model(trained_micro_checkpoint, "micro", "cpu").model, config)
     loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
     spec = replace(kernel_spec(loaded.model, loaded.path, config, half_precision=True), dtype="float16")
-    model = prepare_model(loaded.model, spec)
+    model = prepare_model(loaded.model, spec.torch_dtype)
     assert model.image_encoder.trunk.patch_embed.proj.weight.dtype == torch.float16
     half = MaskGenerator(model, config, fast_kernels(model, StaticKernels(spec, ImageEncoder(model), point_decoder(model, spec))))
     summary = summarize([compare_image(str(i), ao.generate(image), half.generate(image))
@@ -104,8 +104,7 @@ def test_half_precision_leaves_float32_modes_alone(trained_micro_checkpoint):
     again)."""
     before = torch.get_float32_matmul_precision()
     loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
-    prepare_model(loaded.model, replace(kernel_spec(loaded.model, loaded.path, AMGConfig(), half_precision=True),
-                                        dtype="float16"))
+    prepare_model(loaded.model, torch.float16)
     assert torch.get_float32_matmul_precision() == before == "highest"
 
 
@@ -114,7 +113,8 @@ def test_compiled_kernels_do_not_compile_again_after_warm_up(trained_micro_check
     position encoding fills a cache on its first call; code compiled before that would compile
     again on the first request)."""
     config = AMGConfig(points_per_side=4, points_per_batch=8)
-    generator = build_generator(MODES["fast"], load_model(trained_micro_checkpoint, "micro", "cpu"), config)
+    generator = build_generator(MODES["fast"], load_model(trained_micro_checkpoint, "micro", "cpu"), config,
+                                compile_mode="default")
     graphs = dict(torch._dynamo.utils.counters["stats"])
     for image in scenes:
         generator.generate(image)

@@ -103,6 +103,8 @@ def fast_kernels_description(args: argparse.Namespace) -> str:
         return f"kernels loaded from {args.load_fast}/<mode>"
     if args.save_fast:
         return f"kernels exported to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
+    if torch.device(args.device).type == "cpu" and not args.compile_mode:
+        return "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
     return f"torch.compile mode {args.compile_mode or default_compile_mode(args.device)}"
 
 
@@ -213,8 +215,8 @@ def main() -> None:
                         help="one table per setting of the IoU and stability thresholds, from the same loaded "
                         "models: 'off' (0 and 0), 'sam2' (sam2's defaults); default: one table with the "
                         "thresholds given")
-    add_option(parser, "compile_mode", help="torch.compile mode of the fast modes "
-               "(default: max-autotune on CUDA, default on a CPU)")
+    add_option(parser, "compile_mode", help="torch.compile mode of the fast modes (default: max-autotune on "
+               "CUDA; on a CPU they run ao's eager kernels unless this is given)")
     add_option(parser, "save_fast", metavar="DIR", help="fast modes: export their kernels to DIR/<mode>, then use them")
     add_option(parser, "load_fast", metavar="DIR", help="fast modes: load kernels exported to DIR/<mode>")
     add_option(parser, "save_masks", metavar="DIR",

@@ -34,13 +34,22 @@ def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch
 class Axis(NamedTuple):
     """One axis of the upscale, as torch's bilinear kernel: each output pixel reads input pixels
     `first` and first + 1 (the last pixel repeats at the border) with weights w0 and w1; input
-    pixel i is `first` for output pixels start[i] .. start[i] + count[i] - 1."""
+    pixel i is `first` for output pixels start[i] .. start[i] + count[i] - 1.
+
+    Those pixels are cut into runs of at most run_length: the border cells hold up to half a
+    cell more than the others, and padding every cell to the longest would compute up to twice
+    the pixels at edges."""
 
     first: torch.Tensor  # (out,) long
     w0: torch.Tensor  # (out,) float32
     w1: torch.Tensor
     start: torch.Tensor  # (in,) long
     count: torch.Tensor
+    run_cell: torch.Tensor  # (runs,) long: the input pixel whose output pixels a run holds
+    run_pixels: torch.Tensor  # (runs, run_length) long: its output pixels, the last repeated as padding
+    run_w0: torch.Tensor  # (runs, run_length) w0 and w1 of those pixels
+    run_w1: torch.Tensor
+    run_w0_nan: torch.Tensor  # run_w0 with NaN on the padding
 
 
 @lru_cache(maxsize=64)
@@ -50,7 +59,19 @@ def axis(out_size: int, in_size: int) -> Axis:
     first = src.long()
     w1 = src - first
     count = torch.bincount(first, minlength=in_size)
-    return Axis(first, 1 - w1, w1, torch.cumsum(count, 0) - count, count)
+    start = torch.cumsum(count, 0) - count
+    run_length = -(-out_size // in_size)  # the interior cells' longest
+    parts = -(-count // run_length)  # runs per cell (0 for a cell no output pixel reads)
+    run_cell = torch.repeat_interleave(torch.arange(in_size), parts)
+    part = torch.arange(len(run_cell)) - torch.repeat_interleave(torch.cumsum(parts, 0) - parts, parts)
+    run_start = start[run_cell] + part * run_length
+    run_count = torch.minimum(count[run_cell] - part * run_length, torch.tensor(run_length))
+    offset = torch.arange(run_length)
+    run_pixels = run_start[:, None] + torch.minimum(offset, run_count[:, None] - 1)
+    w0 = 1 - w1
+    run_w0 = w0[run_pixels]
+    run_w0_nan = run_w0.masked_fill(offset >= run_count[:, None], float("nan"))
+    return Axis(first, w0, w1, start, count, run_cell, run_pixels, run_w0, w1[run_pixels], run_w0_nan)
 
 
 def _blend(p: torch.Tensor, q: torch.Tensor, wp: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -106,36 +127,37 @@ def classify(c: Cells, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class EdgePixels(NamedTuple):
-    """The pixels of some cells, each cell's padded to the longest runs of rows and columns."""
+    """The pixels of some cells, in runs of rows and columns (Axis), each padded to the run length."""
 
     mask: torch.Tensor  # (K,) which mask
-    y: torch.Tensor  # (K, R) output rows, a cell's last row repeated as padding
+    y: torch.Tensor  # (K, R) output rows, a run's last row repeated as padding
     x: torch.Tensor  # (K, C)
-    valid: torch.Tensor  # (K, R, C) False on padding
-    values: torch.Tensor  # (K, R, C) upscaled logits, as the reference computes them
+    values: torch.Tensor  # (K, R, C) upscaled logits, as the reference computes them; padding below
 
 
-def edge_pixels(logits: torch.Tensor, crossed: torch.Tensor, size: tuple[int, int]) -> EdgePixels:
-    """The upscaled values of every pixel in the crossed cells (N, h, w) bool."""
+def edge_pixels(logits: torch.Tensor, crossed: torch.Tensor, size: tuple[int, int],
+                nan_padding: bool = False) -> EdgePixels:
+    """The upscaled values of every pixel in the crossed cells (N, h, w) bool. Padding repeats a
+    run's last row or column, or with nan_padding is NaN: above no threshold, so counts count
+    each pixel once."""
     h, w = logits.shape[-2:]
     rows, cols = axis(size[0], h), axis(size[1], w)
-    n, i, j = crossed.nonzero().unbind(1)
-    keep = (rows.count[i] > 0) & (cols.count[j] > 0)  # cells that some output pixel reads
-    n, i, j = n[keep], i[keep], j[keep]
-    dy, dx = torch.arange(int(rows.count.max())), torch.arange(int(cols.count.max()))
-    y = rows.start[i, None] + torch.minimum(dy, rows.count[i, None] - 1)  # (K, R)
-    x = cols.start[j, None] + torch.minimum(dx, cols.count[j, None] - 1)  # (K, C)
-    valid = (dy < rows.count[i, None])[:, :, None] & (dx < cols.count[j, None])[:, None, :]
-    i1, j1 = (i + 1).clamp(max=h - 1), (j + 1).clamp(max=w - 1)
-    top = _blend(logits[n, i, j][:, None], logits[n, i, j1][:, None], cols.w0[x], cols.w1[x])  # (K, C)
-    bottom = _blend(logits[n, i1, j][:, None], logits[n, i1, j1][:, None], cols.w0[x], cols.w1[x])
-    values = _blend(top[:, None, :], bottom[:, None, :], rows.w0[y][:, :, None], rows.w1[y][:, :, None])
-    return EdgePixels(n, y, x, valid, values)
-
-
-def counted_values(edge: EdgePixels) -> torch.Tensor:
-    """The edge's values with padding at -inf: above no threshold, counted once."""
-    return edge.values.masked_fill(~edge.valid, float("-inf"))
+    crossed_runs = crossed.index_select(1, rows.run_cell).index_select(2, cols.run_cell)
+    n, a, b = crossed_runs.nonzero().unbind(1)
+    i, j = rows.run_cell[a], cols.run_cell[b]
+    y, x = rows.run_pixels[a], cols.run_pixels[b]  # (K, R), (K, C)
+    # A NaN weight makes the pixel NaN.
+    wy0, wx0 = (rows.run_w0_nan[a], cols.run_w0_nan[b]) if nan_padding else (rows.run_w0[a], cols.run_w0[b])
+    wy1, wx1 = rows.run_w1[a], cols.run_w1[b]
+    # The four corners, gathered from the flat logits: the next row and column, or the cell's
+    # own at the border (as the kernel reads them).
+    flat = logits.reshape(-1)
+    top_left = (n * h + i) * w + j
+    right, down = torch.where(j < w - 1, 1, 0), torch.where(i < h - 1, w, 0)
+    corner = [flat[top_left + offset][:, None] for offset in (0, right, down, down + right)]
+    top, bottom = _blend(corner[0], corner[1], wx0, wx1), _blend(corner[2], corner[3], wx0, wx1)  # (K, C)
+    values = _blend(top[:, None, :], bottom[:, None, :], wy0[:, :, None], wy1[:, :, None])
+    return EdgePixels(n, y, x, values)
 
 
 def masks_above(low_res_logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.0) -> torch.Tensor:
@@ -149,7 +171,7 @@ def masks_above(low_res_logits: torch.Tensor, size: tuple[int, int], threshold: 
     rows, cols = axis(size[0], h), axis(size[1], w)
     masks = inside.index_select(2, cols.first).index_select(1, rows.first)  # columns first: the smaller copy
     edge = edge_pixels(logits, crossed, size)
-    # Padding repeats a cell's own last row or column: written twice with the same value.
+    # Padding repeats a run's own last row or column: written twice with the same value.
     flat_index = (edge.mask[:, None, None] * size[0] + edge.y[:, :, None]) * size[1] + edge.x[:, None, :]
     masks.view(-1).scatter_(0, flat_index.view(-1), (edge.values > threshold).view(-1))
     return masks.reshape(*lead, *size)
@@ -169,13 +191,14 @@ def stability_and_boxes(
     levels = (threshold + offset, threshold - offset, threshold)
     classified = [classify(c, level) for level in levels]
     crossed = classified[0][1] | classified[1][1] | classified[2][1]  # computed for every level
-    edge = edge_pixels(logits, crossed, size)
-    values = counted_values(edge)
+    edge = edge_pixels(logits, crossed, size, nan_padding=True)
+    values = edge.values
     cell_pixels = rows.count[:, None] * cols.count[None, :]  # (h, w)
     counts = []
     for level, (inside, _) in zip(levels[:2], classified[:2]):
         whole = torch.where(inside & ~crossed, cell_pixels, 0).sum(dim=(1, 2))
-        counts.append(whole.index_add(0, edge.mask, (values > level).sum(dim=(1, 2))))
+        at_edges = (values > level).view(len(values), -1).sum(1, dtype=torch.int32)
+        counts.append(whole.index_add(0, edge.mask, at_edges.long()))
     stability = counts[0].int() / counts[1].int()
 
     # Boxes: the rows and columns holding a pixel above the threshold.

@@ -31,6 +31,18 @@ def test_masks_above_equal_the_thresholded_bilinear_upscale(low, size, threshold
         assert torch.equal(masks_above(logits, size, threshold), expected)
 
 
+@pytest.mark.parametrize("out_size, in_size", [(1024, 64), (768, 64), (451, 64), (1000, 256), (30, 64), (1, 1)])
+def test_axis_runs_cover_every_output_pixel_once(out_size, in_size):
+    """Runs split the border cells (longer than the others) so that no run is padded much; each
+    output pixel is in exactly one run, of the cell the kernel reads it from."""
+    a = upscale.axis(out_size, in_size)
+    real = ~a.run_w0_nan.isnan()
+    assert torch.equal(torch.sort(a.run_pixels[real]).values, torch.arange(out_size))
+    assert torch.equal(a.first[a.run_pixels], a.run_cell[:, None].expand_as(a.run_pixels))
+    assert torch.equal(a.run_w0[real], a.w0[a.run_pixels[real]]) and torch.equal(a.run_w1, a.w1[a.run_pixels])
+    assert a.run_pixels.shape[1] == -(-out_size // in_size)
+
+
 def test_masks_above_handle_edge_cases():
     size = (90, 120)
     for logits in (torch.full((2, 64, 64), 5.0), torch.full((2, 64, 64), -5.0), torch.zeros(2, 64, 64)):

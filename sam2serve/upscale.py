@@ -197,7 +197,7 @@ def stability_and_boxes(
     counts = []
     for level, (inside, _) in zip(levels[:2], classified[:2]):
         whole = torch.where(inside & ~crossed, cell_pixels, 0).sum(dim=(1, 2))
-        at_edges = (values > level).view(len(values), -1).sum(1, dtype=torch.int32)
+        at_edges = (values > level).flatten(1).sum(1, dtype=torch.int32)
         counts.append(whole.index_add(0, edge.mask, at_edges.long()))
     stability = counts[0].int() / counts[1].int()
 

@@ -84,6 +84,11 @@ def test_stability_and_boxes_equal_sam2s_on_the_upscaled_masks(low, size):
         expected = calculate_stability_score(upscaled, 0.0, 1.0)
         assert torch.equal(stability[:-1], expected[:-1]) and stability[-1].isnan() and expected[-1].isnan()
         assert torch.equal(boxes, batched_mask_to_box(upscaled > 0))
+    for value in (5.0, -3.0):  # no cell crossed: nothing to compute at edges
+        stability, boxes = stability_and_boxes(torch.full((2, *low), value), size, 0.0, 1.0)
+        expected = calculate_stability_score(upscale_logits(torch.full((2, *low), value), size), 0.0, 1.0)
+        assert torch.equal(stability, expected) if value > 0 else (stability.isnan().all() and expected.isnan().all())
+        assert boxes.tolist() == [[0, 0, size[1] - 1, size[0] - 1] if value > 0 else [0, 0, 0, 0]] * 2
 
 
 def test_the_cell_path_runs_where_cells_are_large():

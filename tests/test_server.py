@@ -106,6 +106,7 @@ def test_health_reports_mode_and_random_weights(servers):
     assert "RANDOM" in info["model"] and info["weights"] == "random"
     assert info["prompts"] is True
     assert info["amg"]["points_per_side"] == 4
+    assert info["kernels"] == "sam2's SAM2AutomaticMaskGenerator"
 
 
 def test_web_page_and_its_files_are_served(servers):

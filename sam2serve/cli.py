@@ -99,8 +99,9 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
-        asked = any(getattr(args, name, None) for name in ("compile_mode", "save_fast", "load_fast"))
-        return mode_config(mode, args.device, compiles(mode, args.device, asked), **amg_options(parser, args))
+        asked = [getattr(args, name, None) for name in ("compile_mode", "save_fast", "load_fast")]
+        compiled = compiles(mode, args.device, *asked)
+        return mode_config(mode, args.device, compiled, **amg_options(parser, args))
     except ValueError as error:
         parser.error(str(error))
 

@@ -74,13 +74,14 @@ def gpu_points_per_batch(mode: Mode, gpu_mib: float) -> int:
     return points
 
 
-def compiles(mode: Mode, device: str | torch.device, asked: bool = False) -> bool:
+def compiles(mode: Mode, device: str | torch.device, compile_mode: str | None = None,
+             save_fast: str | os.PathLike | None = None, load_fast: str | os.PathLike | None = None) -> bool:
     """Whether a mode's kernels are compiled or exported: a fast mode's always on CUDA; on a CPU
-    only when `asked` (a compile mode, --save-fast or --load-fast given). On a CPU the compiled
+    only when asked for (a compile mode, save_fast or load_fast given). On a CPU the compiled
     kernels lose to ao's eager ones, which skip prompts and size their steps for the cache
     (docs/performance.md), so there a fast mode runs those, in its precision, and says so in
     /health."""
-    return mode.compiled and (torch.device(device).type != "cpu" or asked)
+    return mode.compiled and (torch.device(device).type != "cpu" or bool(compile_mode or save_fast or load_fast))
 
 
 def mode_config(mode: Mode, device: str, compiled: bool | None = None, **options) -> AMGConfig:
@@ -161,8 +162,8 @@ def load_pipeline(
     mode = get_mode(mode)
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # every mode alike: requests reuse memory instead of page-faulting it in
-    config = config or mode_config(mode, device, compiles(mode, device, bool(compile_mode or save_fast or load_fast)),
-                                   **(amg or {}))
+    compiled = compiles(mode, device, compile_mode, save_fast, load_fast)
+    config = config or mode_config(mode, device, compiled, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
     log.info("loaded %s (%s); preparing mode %s", loaded.description, loaded.path.resolve(), mode.name)
@@ -192,7 +193,7 @@ def build_generator(
         raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
     if mode.reference:
         return ReferenceMaskGenerator(loaded.model, config)
-    if not compiles(mode, loaded.model.device, asked=bool(compile_mode or save_fast or load_fast)):
+    if not compiles(mode, loaded.model.device, compile_mode, save_fast, load_fast):
         if mode.half_precision:
             prepare_model(loaded.model, half_dtype(loaded.model.device))
         return MaskGenerator(loaded.model, config)

@@ -34,7 +34,7 @@ def upscale_logits(low_res_logits: torch.Tensor, size: tuple[int, int]) -> torch
 class Axis(NamedTuple):
     """One axis of the upscale, as torch's bilinear kernel: each output pixel reads input pixels
     `first` and first + 1 (the last pixel repeats at the border) with weights w0 and w1; input
-    pixel i is `first` for output pixels start[i] .. start[i] + count[i] - 1.
+    pixel i is `first` for count[i] consecutive output pixels.
 
     Those pixels are cut into runs of at most run_length: the border cells hold up to half a
     cell more than the others, and padding every cell to the longest would compute up to twice
@@ -43,8 +43,7 @@ class Axis(NamedTuple):
     first: torch.Tensor  # (out,) long
     w0: torch.Tensor  # (out,) float32
     w1: torch.Tensor
-    start: torch.Tensor  # (in,) long
-    count: torch.Tensor
+    count: torch.Tensor  # (in,) long
     run_cell: torch.Tensor  # (runs,) long: the input pixel whose output pixels a run holds
     run_pixels: torch.Tensor  # (runs, run_length) long: its output pixels, the last repeated as padding
     run_w0: torch.Tensor  # (runs, run_length) w0 and w1 of those pixels
@@ -71,7 +70,7 @@ def axis(out_size: int, in_size: int) -> Axis:
     w0 = 1 - w1
     run_w0 = w0[run_pixels]
     run_w0_nan = run_w0.masked_fill(offset >= run_count[:, None], float("nan"))
-    return Axis(first, w0, w1, start, count, run_cell, run_pixels, run_w0, w1[run_pixels], run_w0_nan)
+    return Axis(first, w0, w1, count, run_cell, run_pixels, run_w0, w1[run_pixels], run_w0_nan)
 
 
 def _blend(p: torch.Tensor, q: torch.Tensor, wp: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@
   never see float16: the same modules are run in float16 here (eager, slow, fine on the micro
   model) and compared with ao.
 - tools/gpu_benchmark.sh runs in its CPU dry run (micro model, 4x4 grid, one image): every stage
-  and table, so the script cannot rot between GPU runs.
+  and table, so the script cannot rot between GPU runs; the benchmark's per-image table is
+  checked on given timings.
 """
 
 import os
@@ -171,6 +172,17 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
     comparison = (out / "export-compare.md").read_text()
     assert comparison.count("mask count mismatch 0, mIoU 1.000000") == 2, comparison
+
+
+def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
+    from tools.benchmark import ModeRun, per_image_table
+
+    images = [("photo", None), ("scene", None)]
+    baseline = ModeRun("baseline", repeats={0: [2.0, 2.2, 9.0], 1: [8.0]})
+    ao = ModeRun("ao", repeats={0: [1.1], 1: [1.0]})
+    lines = per_image_table([baseline, ao], images).splitlines()
+    assert lines[0] == "| image | baseline ms (x baseline) | ao ms (x baseline) |"
+    assert lines[2:] == ["| photo | 2200 (1.00) | 1100 (2.00) |", "| scene | 8000 (1.00) | 1000 (8.00) |"]
 
 
 def test_gpu_scripts_pass_shellcheck():

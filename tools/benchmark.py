@@ -196,6 +196,20 @@ def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> s
     return "\n".join(lines)
 
 
+def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
+    """Each image's median ms per row and its ratio to the baseline on that image: a speed-up
+    that holds on one kind of image and not on another shows here, not in the medians above."""
+    baseline = runs[0]
+    lines = ["| image | " + " | ".join(f"{run.mode} ms (x baseline)" for run in runs) + " |",
+             "|---" * (len(runs) + 1) + "|"]
+    for index, (name, _) in enumerate(images):
+        reference = np.median(baseline.repeats[index])
+        cells = [f"{1000 * np.median(run.repeats[index]):.0f} ({reference / np.median(run.repeats[index]):.2f})"
+                 for run in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
@@ -267,6 +281,9 @@ def main() -> None:
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images)))
+        if len(images) > 1:
+            print("\nPer image (median of its requests):")
+            print(per_image_table(list(runs.values()), images))
         if args.repeat > 1:
             print(f"\nThe same request {args.repeat} times in a row ({args.rounds} round(s)):")
             print(spread_table(list(runs.values()), images))

@@ -216,7 +216,7 @@ def image_to_tokens_update(
     heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
     keys = split_heads(attn.k_proj(token_keys), heads) / math.sqrt(d)  # (P, h, n, d), scaled
     # Scores are laid out (P, token, head, N): the softmax over a prompt's few tokens then runs
-    # across rows N long, which a CPU vectorises (along an axis of 7 tokens it is 5x slower).
+    # across rows N long, which a CPU vectorises (along an axis of 8 tokens it was 5x slower).
     if image_queries.dim() == 2:  # projected queries shared by every prompt
         q = image_queries.reshape(-1, heads, d)  # (N, h, d)
         scores = torch.einsum("phjd,Nhd->pjhN", keys, q)

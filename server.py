@@ -19,7 +19,7 @@ import threading
 from dataclasses import asdict
 
 
-from sam2serve.allocator import keep_freed_memory
+from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
 from sam2serve.cli import (
     add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.device == "cpu":
-        keep_freed_memory()  # before any thread starts: the inference thread shares the main heap
+        set_up_cpu_process()  # before any thread starts: the inference thread shares the main heap and flushes denormals
     mode = get_mode(args.mode)
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}

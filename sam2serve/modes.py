@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .allocator import keep_freed_memory
+from .cpu import set_up_cpu_process
 from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import (
@@ -161,7 +161,7 @@ def load_pipeline(
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
     mode = get_mode(mode)
     if torch.device(device).type == "cpu":
-        keep_freed_memory()  # every mode alike: requests reuse memory instead of page-faulting it in
+        set_up_cpu_process()  # every mode alike: memory reused, denormals flushed (sam2serve/cpu.py)
     compiled = compiles(mode, device, compile_mode, save_fast, load_fast)
     config = config or mode_config(mode, device, compiled, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)

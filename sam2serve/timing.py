@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from .allocator import glibc
+from .cpu import glibc
 
 
 def synchronize(device: str) -> None:
@@ -68,7 +68,7 @@ class PeakMemory:
     memory malloc has handed out above its level at the start, sampled every 5 ms by a thread.
 
     On a CPU, memory in use rather than resident memory: the server keeps freed memory for the
-    next request (allocator.py), so a process's resident memory stays at the peak of whichever
+    next request (cpu.py), so a process's resident memory stays at the peak of whichever
     request came first, and would show nothing for the requests after it."""
 
     def __init__(self, device: str) -> None:

@@ -6,7 +6,9 @@
 Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
 machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
 compile (or load their export) and run once on a blank image before the clock starts; on CUDA
-every row also runs the first image once, untimed (CUDA's lazy set-up). Each image is timed from
+every row also runs the first image once, untimed (CUDA's lazy set-up); on a CPU the process
+is set up as the server sets itself up (sam2serve/cpu.py: freed memory reused, denormals
+flushed), for every row. Each image is timed from
 its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
 requests; on a CPU, the most resident memory above what the process held when the request
 started, sampled every 5 ms. Every mode is
@@ -32,6 +34,7 @@ from sam2serve.cli import (
     add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
 )
 from sam2serve.compare import compare_image, summarize
+from sam2serve.cpu import set_up_cpu_process
 from sam2serve.fast import default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
@@ -242,6 +245,8 @@ def main() -> None:
     add_device_option(parser)
     args = parser.parse_args()
     check_checkpoint_arguments(parser, args)
+    if torch.device(args.device).type == "cpu":
+        set_up_cpu_process()  # as the server, before any thread starts: every row alike
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

@@ -18,6 +18,7 @@ import torch
 
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model, resolve_checkpoint
+from sam2serve.cpu import set_up_cpu_process
 from sam2serve.cli import (
     add_checkpoint_arguments,
     add_device_option,
@@ -52,6 +53,8 @@ def main() -> None:
     add_device_option(parser)
     args = parser.parse_args()
     check_checkpoint_arguments(parser, args)
+    if torch.device(args.device).type == "cpu":
+        set_up_cpu_process()  # as the server, before any thread starts
     path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
     loaded = load_model(path, model_type, args.device)
     images = ([read_image_file(p) for p in args.images] if args.images else

@@ -1,0 +1,79 @@
+"""Process settings for serving on a CPU: memory a request frees is kept for the next one, and
+denormal floats are read and written as zero. `set_up_cpu_process` applies both; server.py
+calls it first thing, before the process starts any thread, and load_pipeline again.
+
+Freed memory. On a CPU, tensors live in plain malloc'd memory. glibc serves an allocation above
+its mmap threshold (at most 32 MB by default) with fresh pages from the kernel and hands them
+back when it is freed, so every request page-faults its large temporaries in again, each page
+zeroed by the kernel: 1.3 to 1.9 million page faults (5 to 7 GB touched) per ao request of the
+tiny model on a 512x512 photo, and a large and varying part of its time (docs/performance.md,
+"The same request again"). With both thresholds raised, freed blocks stay in the heap and the
+next request reuses them: the process keeps its peak resident memory between requests instead.
+One arena for every thread: glibc gives threads other than the main one arenas of their own,
+whose heaps hold no block over 64 MiB, so the server's inference thread would still get its
+large blocks from the kernel each time.
+
+Denormals. A trained decoder's attention is sharp: many softmax weights fall below float32's
+smallest normal number (1.2e-38), and x86 cores take a slow path for every product that reads
+or writes such a number. On the micro model, one matrix product of the decoder took 8.5 ms with
+them and 2.2 ms flushed, and ao's whole request a fifth less time (docs/performance.md,
+"Denormal floats"). Flushing changes values below 1.2e-38 only: no mask changes
+(tests/test_cpu.py). The setting is per thread (the x86 MXCSR register) and a thread inherits it
+from the thread that starts it, so it is set before the process starts threads: the inference
+thread and the thread pool of matrix products then have it too.
+"""
+
+import ctypes
+import functools
+import logging
+import platform
+
+import torch
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1  # mallopt's parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+KEEP_BELOW_BYTES = 1 << 30  # allocations up to 1 GiB come from (and go back to) the heap
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc on Linux, else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache  # once per process
+def keep_freed_memory() -> bool:
+    """One arena for every thread, and glibc's mmap and trim thresholds raised, for this
+    process; False where the C library is not glibc (nothing is changed there)."""
+    libc = glibc()
+    if libc is None:
+        return False
+    done = all(libc.mallopt(parameter, value) for parameter, value in [
+        (M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_BELOW_BYTES), (M_TRIM_THRESHOLD, KEEP_BELOW_BYTES)])
+    if done:
+        log.info("CPU allocator: one heap for all threads, freed blocks up to %d MiB kept for reuse (glibc mallopt)",
+                 KEEP_BELOW_BYTES >> 20)
+    return done
+
+
+def flush_denormals() -> bool:
+    """Denormal floats read and written as zero on this thread and the threads it starts from now
+    on; False where the CPU has no such mode (nothing is changed there)."""
+    flushed = torch.set_flush_denormal(True)
+    if flushed:
+        log.info("CPU floats: denormals flushed to zero")
+    return flushed
+
+
+def set_up_cpu_process() -> None:
+    """Both settings, for this process: call before it starts threads."""
+    keep_freed_memory()
+    flush_denormals()

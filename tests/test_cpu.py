@@ -1,0 +1,130 @@
+"""The CPU process settings (sam2serve/cpu.py), each in a fresh process, set first thing as
+server.py does:
+- the allocator: a request's large temporaries, freed, serve the next request, on the main
+  thread and on another one (the server's inference thread); glibc fixes its number of arenas
+  when a second thread first allocates;
+- denormal floats flushed to zero: on a thread started afterwards and on the threads of its
+  parallel operations; the trained micro model's decoder meets them (its sharp attention), and
+  flushing them changes no mask."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .test_server import REPO
+
+REPEATED_REQUESTS = """
+import resource, sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from sam2serve.cpu import keep_freed_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()  # glibc on Linux, as on every machine the project runs on
+
+def page_faults_of(action):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    action()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def request():  # a few large temporaries alive together (256, 256 and 64 MiB), as in a decoder step
+    x = torch.ones(64 * 2**20)
+    y = x * 2
+    z = torch.ones(16 * 2**20)
+    return float(y[0] + z[0])
+
+def requests():
+    return [page_faults_of(request) for _ in range(8)]
+
+if sys.argv[2] == "main":
+    print(requests())
+else:
+    with ThreadPoolExecutor(1) as pool:
+        print(pool.submit(requests).result())
+"""
+
+
+def page_faults(allocator: str, thread: str) -> list[int]:
+    result = subprocess.run([sys.executable, "-c", REPEATED_REQUESTS, allocator, thread], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    return [int(count) for count in result.stdout.strip("[]\n").split(",")]
+
+
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_large_temporaries_are_reused_without_page_faults(thread):
+    # glibc's default: every 4 KiB page of the three blocks (147,000) faults again every time.
+    default = page_faults("default", thread)
+    assert min(default) > 100_000
+    # Kept: the heap grows over the first requests, then serves most of each one (measured: the
+    # last four requests fault 0 to 2 blocks of 256 MiB in all, depending on how glibc splits
+    # its free space).
+    kept = page_faults("kept", thread)
+    assert sum(kept[-4:]) < sum(default[-4:]) / 3, kept
+
+
+FLUSHED_ON_EVERY_THREAD = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from sam2serve.cpu import set_up_cpu_process
+if sys.argv[1] == "set-up":
+    set_up_cpu_process()
+
+def denormal_results():  # 1e-30 * 1e-9 = 1e-39, below float32's smallest normal number
+    products = torch.full((1 << 22,), 1e-30) * 1e-9  # large: split over the thread pool
+    return int(torch.count_nonzero(products))
+
+with ThreadPoolExecutor(1) as pool:  # a thread started after the set-up, as the inference thread
+    print(denormal_results(), pool.submit(denormal_results).result())
+"""
+
+
+def test_denormals_are_flushed_on_threads_started_after_the_set_up():
+    def nonzero_denormals(set_up: str) -> list[int]:
+        result = subprocess.run([sys.executable, "-c", FLUSHED_ON_EVERY_THREAD, set_up], capture_output=True,
+                                text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+        return [int(count) for count in result.stdout.split()]
+
+    assert nonzero_denormals("none") == [1 << 22, 1 << 22]  # the CPU's default: kept
+    assert nonzero_denormals("set-up") == [0, 0]
+
+
+FLUSHING_ON_THE_MICRO_MODEL = """
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from sam2serve.amg import AMGConfig, MaskGenerator
+from sam2serve.checkpoints import load_model, resolve_checkpoint
+from sam2serve.rle import answer_text
+from training.scenes import make_scene
+
+torch.set_num_threads(1)  # the flag is per thread: one thread computes everything here
+
+class DenormalSoftmaxWeights(TorchFunctionMode):
+    count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == "softmax":
+            DenormalSoftmaxWeights.count += int(((out != 0) & (out.abs() < torch.finfo(out.dtype).tiny)).sum())
+        return out
+
+path, model_type = resolve_checkpoint(None, None)
+generator = MaskGenerator(load_model(path, model_type, "cpu").model, AMGConfig(points_per_side=8))
+image = make_scene(np.random.default_rng(3), 300, 380).image
+with torch.inference_mode():
+    with DenormalSoftmaxWeights():
+        kept = generator.generate(image)
+    assert torch.set_flush_denormal(True)
+    flushed = generator.generate(image)
+print(DenormalSoftmaxWeights.count, len(kept), answer_text(kept) == answer_text(flushed))
+"""
+
+
+def test_flushing_denormals_changes_no_mask_of_the_micro_model():
+    result = subprocess.run([sys.executable, "-c", FLUSHING_ON_THE_MICRO_MODEL], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    denormal_weights, masks, same = result.stdout.split()
+    assert int(denormal_weights) > 1000  # the decoder's attention meets them (46,367 here)
+    assert int(masks) >= 5 and same == "True"

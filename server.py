@@ -8,8 +8,8 @@
     python server.py ~/checkpoints/sam2 large --batch-size 4 --max-queue 64
 
 Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
-503) -> model and generator for the mode, warmed up -> inference worker started (/health
-answers 200).
+503) -> model and generator for the mode, warmed up -> the main thread serves the model
+(/health answers 200), the thread that loaded it.
 """
 
 import argparse
@@ -116,7 +116,15 @@ def main(argv: list[str] | None = None) -> None:
                                   limits=ConnectionLimits(args.max_connections, args.connection_timeout))
     except OSError as error:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
-    listener = threading.Thread(target=http.run, name="http", daemon=True)
+    stopped = threading.Event()  # the HTTP server ended: so does the process
+
+    def listen() -> None:
+        try:
+            http.run()
+        finally:
+            stopped.set()
+
+    listener = threading.Thread(target=listen, name="http", daemon=True)
     listener.start()
     log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
 
@@ -129,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         http.close()
         sys.exit(f"error: {error}")
     info.update(pipeline.info)  # the model, its weights, whether it runs prompts
-    worker.start(pipeline.generator, prompt_segmenter(pipeline))
     log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
              args.device, args.host, args.port)
     try:
-        listener.join()
+        # The model runs on this thread, which loaded it (sam2serve/worker.py says why).
+        worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
     except KeyboardInterrupt:
         http.close()
 

@@ -11,6 +11,8 @@ server does.
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
 model), mode (ao), device (cuda if present), batch_size (4: images per replica batch),
 batch_wait_ms (20), load_fast, replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
+cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
+the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
 with several replicas send /segment as one multipart request with the image),
 and server.py's mask-generation options with underscores (points_per_side=16, ...).
@@ -23,7 +25,7 @@ after 5 minutes of less load.
 import asyncio
 import json
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 from starlette.requests import Request
@@ -50,23 +52,30 @@ BATCH_WAIT_S = 0.02
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class SegmentEverything:
-    """One replica: the pipeline loaded once, requests answered as server.py answers them."""
+    """One replica: the pipeline loaded once, requests answered as server.py answers them.
+
+    The model is loaded and run on one thread of its own, as server.py runs it on the thread that
+    loaded it (sam2serve/worker.py says why: on a CPU, torch's thread pool belongs to the thread
+    that starts parallel work); that thread also runs one model call at a time, off the event
+    loop, so requests keep arriving (and batching) while the model runs."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
                  embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
-        self.pipeline = load_pipeline(**options, batch_size=batch_size)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
         self.limits = Limits()
         # Prompts (/embed, /segment) as server.py runs them; each replica has its own cache.
         self.segmenter = prompt_segmenter(self.pipeline)
         self.cache = EmbeddingCache(embedding_cache_bytes)
-        self.prompt_lock = threading.Lock()  # the segmenter holds state: one call at a time
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def segment(self, images: list) -> list:
-        # Off the event loop, so requests keep arriving (and batching) while the model runs.
-        return await asyncio.to_thread(self.pipeline.generator.generate_batch, images)
+        return await self.on_model_thread(self.pipeline.generator.generate_batch, images)
+
+    async def on_model_thread(self, function, *arguments):
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *arguments)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -106,16 +115,17 @@ class SegmentEverything:
             form = await request.form()
             image = await self.uploaded_image(request, form)
             prompts = prompts_field(form.get("prompts")) if path == "/segment" else None
-            image_id, embedding = await asyncio.to_thread(
-                embed_image, image, self.segmenter, self.cache, self.run_prompt, mode)
+            image_id, embedding = await self.on_model_thread(
+                embed_image, image, self.segmenter, self.cache, run_here, mode)
             if path == "/embed":
                 return {"image_id": image_id, "size": list(embedding.size)}
-        return await asyncio.to_thread(
-            segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, self.run_prompt)
+        return await self.on_model_thread(
+            segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
 
-    def run_prompt(self, function):
-        with self.prompt_lock:
-            return function()
+
+def run_here(function):
+    """How server.py's prompt functions run a model call: here, already on the model thread."""
+    return function()
 
 
 def build(args: dict[str, str]) -> serve.Application:
@@ -125,6 +135,7 @@ def build(args: dict[str, str]) -> serve.Application:
     batch_size = int(args.pop("batch_size", BATCH_SIZE))
     batch_wait_s = float(args.pop("batch_wait_ms", BATCH_WAIT_S * 1000)) / 1000
     replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
+    cpus = float(args.pop("cpus", 1))
     cache_bytes = int(float(args.pop("embedding_cache_mb", EMBEDDING_CACHE_BYTES / 2**20)) * 2**20)
     amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
     options = dict(
@@ -143,7 +154,7 @@ def build(args: dict[str, str]) -> serve.Application:
         if replicas == "auto" else dict(num_replicas=int(replicas))
     )
     deployment = SegmentEverything.options(
-        ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0}, **scaling
+        ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": cpus}, **scaling
     )
     return deployment.bind(options, batch_size, batch_wait_s, cache_bytes)
 

@@ -11,6 +11,14 @@ queue:
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too).
+
+Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
+to the thread that starts them, and a second thread doing parallel work gets a second pool. With
+two pools on a 2-core machine, every parallel operation of the second one paid about 60 us to
+wake its pool (3 us on the first), and a request of the micro model took 1.5 s instead of 0.9
+(docs/performance.md, "One thread for the model"). So server.py loads the model and then serves
+on its main thread (`serve`), the thread that did the model's first parallel work, and the HTTP
+threads do none; `start` (a thread of its own) is for tests and embedders.
 """
 
 import logging
@@ -28,6 +36,7 @@ from .amg import Generator
 from .rle import RLE
 
 log = logging.getLogger(__name__)
+STOP_CHECK_S = 0.5  # how often serve() looks whether to stop while the queue is empty
 
 
 class NotReady(RuntimeError):
@@ -83,12 +92,20 @@ class InferenceWorker:
         return self.jobs.qsize()
 
     def start(self, generator: Generator, segmenter=None) -> None:
-        """Serves with this generator (and this interactive.PromptSegmenter, if any) from now on:
-        the model is loaded and warmed up."""
+        """Serves with this generator (and this interactive.PromptSegmenter, if any) from now on,
+        on a thread of its own: the model is loaded and warmed up."""
         self.generator = generator
         self.segmenter = segmenter
         threading.Thread(target=self._serve_forever, name="inference-worker", daemon=True).start()
         self._ready.set()
+
+    def serve(self, generator: Generator, segmenter=None, until: threading.Event | None = None) -> None:
+        """As start, but serves on the calling thread (the one that loaded the model, see the
+        module's docstring), until `until` is set."""
+        self.generator = generator
+        self.segmenter = segmenter
+        self._ready.set()
+        self._serve_forever(until)
 
     def require_ready(self) -> None:
         if not self.ready:
@@ -118,9 +135,13 @@ class InferenceWorker:
             raise TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
                            f"{self.queue_depth} requests are queued") from None
 
-    def _next_batch(self) -> list[Job]:
-        """The next job (waiting for one), and up to batch_size - 1 more that are already queued."""
-        batch = [self.jobs.get()]
+    def _next_batch(self, wait_s: float | None = None) -> list[Job]:
+        """The next job (waiting for one, at most wait_s), and up to batch_size - 1 more that are
+        already queued."""
+        try:
+            batch = [self.jobs.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
         while len(batch) < self.batch_size:
             try:
                 batch.append(self.jobs.get_nowait())
@@ -129,9 +150,9 @@ class InferenceWorker:
         # Jobs whose requests gave up are dropped; the others are marked running.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
-    def _serve_forever(self) -> None:
-        while True:
-            batch = self._next_batch()
+    def _serve_forever(self, until: threading.Event | None = None) -> None:
+        while until is None or not until.is_set():
+            batch = self._next_batch(None if until is None else STOP_CHECK_S)
             if batch:
                 self._run(batch)
 

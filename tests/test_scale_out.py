@@ -110,7 +110,7 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     arguments = {"checkpoint_dir": str(tiny_checkpoint_dir), "model_type": "tiny", "mode": "ao", "device": "cpu",
-                 "batch_size": "2", **{name: str(value) for name, value in KEEP_EVERY_CANDIDATE.items()}}
+                 "batch_size": "2", "cpus": "2", **{name: str(value) for name, value in KEEP_EVERY_CANDIDATE.items()}}
     try:
         serve.run(build(arguments), name="sam2", route_prefix="/")
         url = f"http://127.0.0.1:{port}"

@@ -215,3 +215,24 @@ def test_bulk_lines_isolate_the_image_that_fails():
     assert "bad tensor" in json.loads(lines[1])["error"]
     assert "not an image" in json.loads(lines[2])["error"]
     assert json.loads(lines[3]) == {"error": "the image file could not be read"}
+
+
+def test_serve_runs_jobs_on_the_calling_thread_until_told_to_stop():
+    # server.py serves on the thread that loaded the model (sam2serve/worker.py says why).
+    worker, stop, serving_thread = InferenceWorker(), threading.Event(), {}
+
+    def serve():
+        serving_thread["id"] = threading.get_ident()
+        worker.serve(StubGenerator(), until=stop)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    for _ in range(100):
+        if worker.ready:
+            break
+        time.sleep(0.05)
+    assert worker.call(threading.get_ident) == serving_thread["id"] != threading.get_ident()
+    assert worker.submit(image_of(7)) == [{"size": [8, 6], "counts": [7, 1]}]
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

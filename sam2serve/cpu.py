@@ -10,8 +10,8 @@ tiny model on a 512x512 photo, and a large and varying part of its time (docs/pe
 "The same request again"). With both thresholds raised, freed blocks stay in the heap and the
 next request reuses them: the process keeps its peak resident memory between requests instead.
 One arena for every thread: glibc gives threads other than the main one arenas of their own,
-whose heaps hold no block over 64 MiB, so the server's inference thread would still get its
-large blocks from the kernel each time.
+whose heaps hold no block over 64 MiB, so a model run on another thread (the Ray Serve app's,
+`InferenceWorker.start`'s) would still get its large blocks from the kernel each time.
 
 Denormals. A trained decoder's attention is sharp: many softmax weights fall below float32's
 smallest normal number (1.2e-38), and x86 cores take a slow path for every product that reads
@@ -19,8 +19,8 @@ or writes such a number. On the micro model, one matrix product of the decoder t
 them and 2.2 ms flushed, and ao's whole request a fifth less time (docs/performance.md,
 "Denormal floats"). Flushing changes values below 1.2e-38 only: no mask changes
 (tests/test_cpu.py). The setting is per thread (the x86 MXCSR register) and a thread inherits it
-from the thread that starts it, so it is set before the process starts threads: the inference
-thread and the thread pool of matrix products then have it too.
+from the thread that starts it, so it is set before the process starts threads: the thread pool
+of parallel operations and any model thread then have it too.
 """
 
 import ctypes

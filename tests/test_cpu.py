@@ -1,7 +1,7 @@
 """The CPU process settings (sam2serve/cpu.py), each in a fresh process, set first thing as
 server.py does:
 - the allocator: a request's large temporaries, freed, serve the next request, on the main
-  thread and on another one (the server's inference thread); glibc fixes its number of arenas
+  thread and on another one (a model thread, as in the Ray Serve app); glibc fixes its number of arenas
   when a second thread first allocates;
 - denormal floats flushed to zero: on a thread started afterwards and on the threads of its
   parallel operations; the trained micro model's decoder meets them (its sharp attention), and
@@ -75,7 +75,7 @@ def denormal_results():  # 1e-30 * 1e-9 = 1e-39, below float32's smallest normal
     products = torch.full((1 << 22,), 1e-30) * 1e-9  # large: split over the thread pool
     return int(torch.count_nonzero(products))
 
-with ThreadPoolExecutor(1) as pool:  # a thread started after the set-up, as the inference thread
+with ThreadPoolExecutor(1) as pool:  # a thread started after the set-up, as a model thread
     print(denormal_results(), pool.submit(denormal_results).result())
 """
 

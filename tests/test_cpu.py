@@ -45,10 +45,15 @@ else:
 """
 
 
+def fresh_process_output(code: str, *arguments: str) -> str:
+    """What `code` prints, run by a fresh Python in the repository."""
+    result = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    return result.stdout
+
+
 def page_faults(allocator: str, thread: str) -> list[int]:
-    result = subprocess.run([sys.executable, "-c", REPEATED_REQUESTS, allocator, thread], capture_output=True,
-                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    return [int(count) for count in result.stdout.strip("[]\n").split(",")]
+    return [int(count) for count in fresh_process_output(REPEATED_REQUESTS, allocator, thread).strip("[]\n").split(",")]
 
 
 @pytest.mark.parametrize("thread", ["main", "worker"])
@@ -82,9 +87,7 @@ with ThreadPoolExecutor(1) as pool:  # a thread started after the set-up, as a m
 
 def test_denormals_are_flushed_on_threads_started_after_the_set_up():
     def nonzero_denormals(set_up: str) -> list[int]:
-        result = subprocess.run([sys.executable, "-c", FLUSHED_ON_EVERY_THREAD, set_up], capture_output=True,
-                                text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-        return [int(count) for count in result.stdout.split()]
+        return [int(count) for count in fresh_process_output(FLUSHED_ON_EVERY_THREAD, set_up).split()]
 
     assert nonzero_denormals("none") == [1 << 22, 1 << 22]  # the CPU's default: kept
     assert nonzero_denormals("set-up") == [0, 0]
@@ -123,8 +126,6 @@ print(DenormalSoftmaxWeights.count, len(kept), answer_text(kept) == answer_text(
 
 
 def test_flushing_denormals_changes_no_mask_of_the_micro_model():
-    result = subprocess.run([sys.executable, "-c", FLUSHING_ON_THE_MICRO_MODEL], capture_output=True, text=True,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    denormal_weights, masks, same = result.stdout.split()
+    denormal_weights, masks, same = fresh_process_output(FLUSHING_ON_THE_MICRO_MODEL).split()
     assert int(denormal_weights) > 1000  # the decoder's attention meets them (46,367 here)
     assert int(masks) >= 5 and same == "True"

@@ -6,13 +6,12 @@
 Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
 machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
 compile (or load their export) and run once on a blank image before the clock starts; on CUDA
-every row also runs the first image once, untimed (CUDA's lazy set-up); on a CPU the process
-is set up as the server sets itself up (sam2serve/cpu.py: freed memory reused, denormals
-flushed), for every row. Each image is timed from
-its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
-requests; on a CPU, the most resident memory above what the process held when the request
-started, sampled every 5 ms. Every mode is
-compared with the baseline on the same image (masks matched one to one, see compare_rle_lists.py).
+every row also runs the first image once, untimed (CUDA's lazy set-up); on a CPU the process is
+set up as the server sets itself up (sam2serve/cpu.py: freed memory reused, denormals flushed),
+for every row. Each image is timed from its RGB array to the RLE masks. Peak memory is, on CUDA,
+the most allocated during a mode's requests; on a CPU, the most memory malloc has handed out
+above its level when the request started, sampled every 5 ms (sam2serve/timing.py). Every mode is compared with the
+baseline on the same image (masks matched one to one, see compare_rle_lists.py).
 Wall-clock figures belong here, never in tests.
 """
 
@@ -202,13 +201,11 @@ def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> s
 def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
     """Each image's median ms per row and its ratio to the baseline on that image: a speed-up
     that holds on one kind of image and not on another shows here, not in the medians above."""
-    baseline = runs[0]
     lines = ["| image | " + " | ".join(f"{run.mode} ms (x baseline)" for run in runs) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for index, (name, _) in enumerate(images):
-        reference = np.median(baseline.repeats[index])
-        cells = [f"{1000 * np.median(run.repeats[index]):.0f} ({reference / np.median(run.repeats[index]):.2f})"
-                 for run in runs]
+        seconds = [np.median(run.repeats[index]) for run in runs]
+        cells = [f"{1000 * s:.0f} ({seconds[0] / s:.2f})" for s in seconds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

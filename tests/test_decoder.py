@@ -1,12 +1,14 @@
 """FactoredPointDecoder (ao's decoder) against PointDecoder (sam2's modules, the reference), on
 the same weights and image features: the same logits and IoU predictions to float rounding."""
 
+import copy
+
 import pytest
 import torch
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 from sam2serve.checkpoints import load_model
-from sam2serve.model import FactoredPointDecoder, PointDecoder
+from sam2serve.model import FactoredPointDecoder, PointDecoder, default_prompts_per_step
 
 from .conftest import features_and_points
 
@@ -62,3 +64,10 @@ def test_iou_gate_skips_only_prompts_whose_every_mask_fails(trained_micro):
 def test_iou_gate_needs_multimask_output(trained_micro):
     with pytest.raises(ValueError, match="multimask"):
         FactoredPointDecoder(trained_micro, multimask_output=False, iou_gate=0.8)
+
+
+def test_cpu_steps_hold_the_same_bytes_in_every_dtype(trained_micro):
+    """Steps are sized to stay in cache: a bfloat16 model's steps take twice the prompts."""
+    half = copy.deepcopy(trained_micro).to(torch.bfloat16)
+    steps = default_prompts_per_step(trained_micro), default_prompts_per_step(half)
+    assert steps[1] == 2 * steps[0]

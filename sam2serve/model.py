@@ -208,9 +208,11 @@ def image_to_tokens_update(
     """norm(image + attn(q=image_queries, k=token_keys, v=token_values)), the image side of a
     two-way block, with the output projection folded into the tokens' values.
 
-    image: (N, C) shared or (P, N, C); image_queries: either (N, C') already projected (shared by
-    every prompt) or (P, N, C) image + positional embedding, then projected through the tokens'
-    keys instead; token_keys, token_values: (P, n, C). Returns (P, N, C).
+    image: (N, C) shared by every prompt, or (P, N, C), which is updated in place where no gradient
+    is recorded (the caller does not need it after: one copy of (P, N, C) less per step);
+    image_queries: either (N, C') already projected (shared by every prompt) or (P, N, C) image +
+    positional embedding, then projected through the tokens' keys instead; token_keys,
+    token_values: (P, n, C). Returns (P, N, C).
     """
     p, n, _ = token_keys.shape
     heads, d = attn.num_heads, attn.internal_dim // attn.num_heads
@@ -231,7 +233,11 @@ def image_to_tokens_update(
     out_weight = attn.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
     # The output bias is spread over each head's rows: each head's weights sum to one.
     rows = torch.einsum("phjd,chd->pjhc", values, out_weight) + attn.out_proj.bias / heads
-    updated = torch.baddbmm(image.expand(p, *image.shape[-2:]), weights.transpose(1, 2), rows.reshape(p, n * heads, -1))
+    weights, rows = weights.transpose(1, 2), rows.reshape(p, n * heads, -1)
+    if image.dim() == 3 and not torch.is_grad_enabled():
+        updated = image.baddbmm_(weights, rows)
+    else:
+        updated = torch.baddbmm(image.expand(p, *image.shape[-2:]), weights, rows)
     return F.layer_norm(updated, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 

@@ -99,8 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.device == "cpu":
-        set_up_cpu_process()  # before any thread starts: they share the main heap and flush denormals
+    set_up_cpu_process(args.device)  # before any thread starts: they share the main heap and flush denormals
     mode = get_mode(args.mode)
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}

@@ -73,7 +73,10 @@ def flush_denormals() -> bool:
     return flushed
 
 
-def set_up_cpu_process() -> None:
-    """Both settings, for this process: call before it starts threads."""
+def set_up_cpu_process(device: str | torch.device = "cpu") -> None:
+    """Both settings, for this process, where it runs the model on a CPU (nothing for other
+    devices): call before it starts threads."""
+    if torch.device(device).type != "cpu":
+        return
     keep_freed_memory()
     flush_denormals()

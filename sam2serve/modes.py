@@ -160,8 +160,7 @@ def load_pipeline(
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
     mode = get_mode(mode)
-    if torch.device(device).type == "cpu":
-        set_up_cpu_process()  # every mode alike: memory reused, denormals flushed (sam2serve/cpu.py)
+    set_up_cpu_process(device)  # every mode alike: memory reused, denormals flushed (sam2serve/cpu.py)
     compiled = compiles(mode, device, compile_mode, save_fast, load_fast)
     config = config or mode_config(mode, device, compiled, **(amg or {}))
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)

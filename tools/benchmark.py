@@ -10,8 +10,9 @@ every row also runs the first image once, untimed (CUDA's lazy set-up); on a CPU
 set up as the server sets itself up (sam2serve/cpu.py: freed memory reused, denormals flushed),
 for every row. Each image is timed from its RGB array to the RLE masks. Peak memory is, on CUDA,
 the most allocated during a mode's requests; on a CPU, the most memory malloc has handed out
-above its level when the request started, sampled every 5 ms (sam2serve/timing.py). Every mode is compared with the
-baseline on the same image (masks matched one to one, see compare_rle_lists.py).
+above its level when the request started, sampled every 5 ms (sam2serve/timing.py). Every mode
+is compared with the baseline on the same image (masks matched one to one, see
+compare_rle_lists.py).
 Wall-clock figures belong here, never in tests.
 """
 
@@ -199,8 +200,9 @@ def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> s
 
 
 def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
-    """Each image's median ms per row and its ratio to the baseline on that image: a speed-up
-    that holds on one kind of image and not on another shows here, not in the medians above."""
+    """Each image's median ms per row (baseline first) and its ratio to the baseline on that
+    image: a speed-up that holds on one kind of image and not on another shows here, not in the
+    medians above."""
     lines = ["| image | " + " | ".join(f"{run.mode} ms (x baseline)" for run in runs) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for index, (name, _) in enumerate(images):
@@ -242,8 +244,7 @@ def main() -> None:
     add_device_option(parser)
     args = parser.parse_args()
     check_checkpoint_arguments(parser, args)
-    if torch.device(args.device).type == "cpu":
-        set_up_cpu_process()  # as the server, before any thread starts: every row alike
+    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

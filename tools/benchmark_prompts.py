@@ -53,8 +53,7 @@ def main() -> None:
     add_device_option(parser)
     args = parser.parse_args()
     check_checkpoint_arguments(parser, args)
-    if torch.device(args.device).type == "cpu":
-        set_up_cpu_process()  # as the server, before any thread starts
+    set_up_cpu_process(args.device)  # as the server, before any thread starts
     path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
     loaded = load_model(path, model_type, args.device)
     images = ([read_image_file(p) for p in args.images] if args.images else

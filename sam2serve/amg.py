@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 import numpy as np
 import scipy.ndimage
 import torch
+from torch.profiler import record_function
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -223,7 +224,9 @@ class Candidates:
 
 class MaskGenerator:
     """The project's mask generator ("ao" with the eager kernels): sam2's algorithm with less
-    work, same answer. `kernels` replace the eager ones (fast modes)."""
+    work, same answer. `kernels` replace the eager ones (fast modes). Its stages are labelled
+    for torch.profiler: amg.encode, amg.decode, amg.scores, amg.nms, amg.masks (the benchmark's
+    --profile)."""
 
     def __init__(self, model: SAM2Base, config: AMGConfig, kernels: Kernels | None = None) -> None:
         if kernels is not None and (
@@ -330,12 +333,13 @@ class MaskGenerator:
         )
 
         # Remove duplicates within this crop (boxes still in crop coordinates, as sam2).
-        keep = batched_nms(
-            candidates.boxes.float(),
-            candidates.iou_preds,
-            torch.zeros_like(candidates.iou_preds),
-            self.config.box_nms_thresh,
-        )
+        with record_function("amg.nms"):
+            keep = batched_nms(
+                candidates.boxes.float(),
+                candidates.iou_preds,
+                torch.zeros_like(candidates.iou_preds),
+                self.config.box_nms_thresh,
+            )
         kept = candidates.select(keep)
         # Into image coordinates.
         return replace(kept, boxes=uncrop_boxes_xyxy(kept.boxes, crop_box), points=uncrop_points(kept.points, crop_box))
@@ -375,7 +379,8 @@ class MaskGenerator:
             candidates = replace(candidates, low_res_logits=filled)
 
         # Stability and boxes on full-resolution logits (as sam2, so the scores are the same).
-        stability, boxes = full_resolution_scores(candidates.low_res_logits, crop_hw, cfg)
+        with record_function("amg.scores"):
+            stability, boxes = full_resolution_scores(candidates.low_res_logits, crop_hw, cfg)
         candidates = replace(candidates, stability_scores=stability, boxes=boxes)
         if cfg.stability_score_thresh > 0.0:
             candidates = candidates.select(stability >= cfg.stability_score_thresh)
@@ -388,15 +393,18 @@ class MaskGenerator:
     ) -> list[RLE]:
         """Full-resolution masks of the kept candidates, as RLE, in their order.
 
-        Chunks of points_per_batch masks bound the memory; run lengths stay on the device
-        until the single transfer in run_lengths_to_rles.
+        Chunks of points_per_batch masks (on a GPU, at most masks_per_upscale) bound the memory;
+        run lengths stay on the device until the single transfer in run_lengths_to_rles.
         """
         chunk = self.config.points_per_batch
-        run_lengths = [
-            rle_run_lengths(self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw))
-            for start in range(0, len(candidates), chunk)
-        ]
-        return run_lengths_to_rles(run_lengths, *orig_hw)
+        if self.device.type != "cpu":
+            chunk = min(chunk, masks_per_upscale(self.device, orig_hw))
+        with record_function("amg.masks"):
+            run_lengths = [
+                rle_run_lengths(self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw))
+                for start in range(0, len(candidates), chunk)
+            ]
+            return run_lengths_to_rles(run_lengths, *orig_hw)
 
     def render_masks(
         self, candidates: Candidates, crop_boxes: list[list[int]], orig_hw: tuple[int, int]
@@ -414,8 +422,9 @@ class MaskGenerator:
 
     def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
         """One image-encoder call for several images (each resized to the model's input)."""
-        model_input = torch.cat([self.kernels.prepare_input(image) for image in images])
-        return split_features(self.kernels.encoder(model_input))
+        with record_function("amg.encode"):
+            model_input = torch.cat([self.kernels.prepare_input(image) for image in images])
+            return split_features(self.kernels.encoder(model_input))
 
     def embed(self, image: np.ndarray) -> ImageFeatures:
         """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""
@@ -432,7 +441,9 @@ class MaskGenerator:
           low-resolution mask logits (B, M, h, w) and predicted IoUs (B, M), M = 3 with
           multimask output, else 1.
         """
-        return self.kernels.decoder(features.image_embed, *features.high_res_feats, self.model_coords(points, crop_hw))
+        with record_function("amg.decode"):
+            return self.kernels.decoder(features.image_embed, *features.high_res_feats,
+                                        self.model_coords(points, crop_hw))
 
     def refine(
         self, features: ImageFeatures, points: torch.Tensor, low_res_logits: torch.Tensor, crop_hw: tuple[int, int]
@@ -489,10 +500,20 @@ def boxes_of_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return boxes_of_presence(logits.amax(dim=-1) > threshold, logits.amax(dim=-2) > threshold)
 
 
-# Masks upscaled to full resolution at a time: a few images' worth stays in the CPU's cache
-# between the upscaling and the passes that read it (measured: README, "Performance").
+# Masks upscaled to full resolution at a time. On a CPU a few images' worth stays in the cache
+# between the upscaling and the passes that read it (measured: docs/performance.md). A GPU takes
+# as many as fit in UPSCALE_BYTES of float32 pixels: fewer, larger kernels, and memory bounded on
+# images of any size.
 UPSCALE_CHUNK = 4
+UPSCALE_BYTES = 2**30
 CELL_CHUNK = 16  # masks at a time cell by cell: memory in proportion to their edges
+
+
+def masks_per_upscale(device: torch.device, size: tuple[int, int]) -> int:
+    """How many masks to upscale to `size` at a time on the device."""
+    if device.type == "cpu":
+        return UPSCALE_CHUNK
+    return max(1, UPSCALE_BYTES // (4 * size[0] * size[1]))
 
 
 def full_resolution_scores(
@@ -503,7 +524,8 @@ def full_resolution_scores(
     (upscale.stability_and_boxes); elsewhere a few masks at a time: (N,), (N, 4)."""
     stability, boxes = [], []
     cell_by_cell = use_cells(low_res_logits, size)
-    for chunk in low_res_logits.split(CELL_CHUNK if cell_by_cell else UPSCALE_CHUNK):
+    chunk_size = CELL_CHUNK if cell_by_cell else masks_per_upscale(low_res_logits.device, size)
+    for chunk in low_res_logits.split(chunk_size):
         if cell_by_cell:
             chunk_stability, chunk_boxes = stability_and_boxes(
                 chunk, size, config.mask_threshold, config.stability_score_offset)

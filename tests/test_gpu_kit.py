@@ -16,12 +16,14 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
+from sam2serve import amg
 from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
 from sam2serve.checkpoints import MODEL_SIZES, load_model
 from sam2serve.compare import compare_image, summarize
@@ -154,6 +156,25 @@ def test_gpu_point_batches_fit_the_card():
     assert gpu_points_per_batch(MODES["ao"], 8_192) == 64  # the mode's own, never below
 
 
+def test_gpu_upscales_chunks_bounded_by_memory_with_the_same_scores():
+    # A CPU upscales 4 masks at a time (cache); a GPU as many as fit in UPSCALE_BYTES, also on the
+    # largest image the server takes (40 MP), and the chunks change no score.
+    gpu, scene = torch.device("cuda"), (768, 1024)
+    assert amg.masks_per_upscale(torch.device("cpu"), scene) == amg.UPSCALE_CHUNK
+    per_chunk = amg.masks_per_upscale(gpu, scene)
+    assert per_chunk * 4 * 768 * 1024 <= amg.UPSCALE_BYTES < (per_chunk + 1) * 4 * 768 * 1024
+    assert amg.masks_per_upscale(gpu, (8000, 5000)) == 6 and amg.masks_per_upscale(gpu, (20000, 20000)) == 1
+
+    size = (200, 300)  # under 16 pixels per cell of 64x64 logits: the plain upscale, as on a GPU
+    logits = torch.nn.functional.avg_pool2d(torch.randn(37, 1, 68, 68) * 30, 5, stride=1)[:, 0]
+    config = AMGConfig()
+    cpu_scores = amg.full_resolution_scores(logits, size, config)
+    with mock.patch.object(amg, "masks_per_upscale", lambda device, size: 16):
+        chunked = amg.full_resolution_scores(logits, size, config)
+    assert 0.0 < cpu_scores[0].mean() < 1.0 and cpu_scores[1].any()
+    assert torch.equal(cpu_scores[0], chunked[0]) and torch.equal(cpu_scores[1], chunked[1])
+
+
 def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     result = subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--out", str(out),
@@ -162,7 +183,7 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     timeline = (out / "timeline.txt").read_text()
     assert "failed stages: none" in timeline and "torch " in timeline
-    for stage, rows, tables in [("smoke", ["baseline", "ao", "fast", "fast_furious"], 1),
+    for stage, rows, tables in [("smoke", ["baseline", "ao"], 1),
                                 ("large", ["baseline", "ao", "fast", "fast_furious"], 2),
                                 ("export-save", ["baseline", "fast_furious"], 1),
                                 ("export-load", ["baseline", "fast_furious"], 1)]:
@@ -170,6 +191,10 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert text.count("| mode | ready s |") == tables, text
         assert all(f"\n| {row} |" in text for row in rows), text
         assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
+    large = (out / "large.md").read_text()
+    assert all(f"Profile of {row} on generated-1000, the first table's thresholds: " in large for row in ["baseline", "ao", "fast", "fast_furious"])
+    assert large.count("| stage | calls | CPU ms |\n") == 3, large  # the project's rows label their stages
+    assert large.count("\n| amg.decode | ") >= 3, large
     comparison = (out / "export-compare.md").read_text()
     assert comparison.count("mask count mismatch 0, mIoU 1.000000") == 2, comparison
 
@@ -183,6 +208,43 @@ def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
     lines = per_image_table([baseline, ao], images).splitlines()
     assert lines[0] == "| image | baseline ms (x baseline) | ao ms (x baseline) |"
     assert lines[2:] == ["| photo | 2200 (1.00) | 1100 (2.00) |", "| scene | 8000 (1.00) | 1000 (8.00) |"]
+
+
+def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_default_mode(monkeypatch):
+    from tools import benchmark
+
+    calls = []
+
+    def load_row(row, parser, args, thresholds, compile_mode=None):
+        calls.append((row, compile_mode))
+        if row == "fast" and compile_mode is None:
+            raise RuntimeError("CUDA graphs went wrong\nand a traceback")
+        if row == "ao":
+            raise ValueError("broken")
+
+        def generate(image):  # the untimed first request on CUDA
+            if row == "study_ao":
+                raise RuntimeError("the study's code failed")
+            return []
+
+        return SimpleNamespace(config=SimpleNamespace(points_per_batch=64), generate=generate)
+
+    monkeypatch.setattr(benchmark, "load_row", load_row)
+    args = SimpleNamespace(device="cuda", compile_mode="reduce-overhead")
+    rows = ["baseline", "ao", "fast", "fast_furious", "study_ao"]
+    generators, ready, notes = benchmark.ready_rows(rows, None, args, {}, first_image=None)
+    assert list(generators) == list(ready) == ["baseline", "fast", "fast_furious"]
+    assert calls == [("baseline", None), ("ao", None), ("fast", None), ("fast", "default"), ("fast_furious", None),
+                     ("study_ao", None)]
+    assert notes == {
+        "ao": "failed: ValueError: broken",
+        "fast": "failed in compile mode reduce-overhead: RuntimeError: CUDA graphs went wrong; its row is compiled "
+                "in the default mode",
+        "study_ao": "failed: RuntimeError: the study's code failed",
+    }
+    monkeypatch.setattr(benchmark, "load_row", lambda row, *rest: load_row("ao", *rest))
+    with pytest.raises(ValueError, match="broken"):  # every row is compared with the baseline
+        benchmark.ready_rows(["baseline", "fast"], None, args, {}, first_image=None)
 
 
 def test_gpu_scripts_pass_shellcheck():

@@ -6,9 +6,11 @@
 Modes take turns image by image (baseline, ao, fast, ... on image 1, then on image 2, ...), so a
 machine that slows down or speeds up during the run weighs on every mode alike. The fast modes
 compile (or load their export) and run once on a blank image before the clock starts; on CUDA
-every row also runs the first image once, untimed (CUDA's lazy set-up); on a CPU the process is
-set up as the server sets itself up (sam2serve/cpu.py: freed memory reused, denormals flushed),
-for every row. Each image is timed from its RGB array to the RLE masks. Peak memory is, on CUDA,
+every row also runs the first image once, untimed (CUDA's lazy set-up). A row that fails there is
+left out of the tables with a note and the others are measured (a fast mode is first tried again
+in torch.compile's default mode). On a CPU the process is set up as the server sets itself up
+(sam2serve/cpu.py: freed memory reused, denormals flushed), for every row. Each image is timed
+from its RGB array to the RLE masks. Peak memory is, on CUDA,
 the most allocated during a mode's requests; on a CPU, the most memory malloc has handed out
 above its level when the request started, sampled every 5 ms (sam2serve/timing.py). Every mode
 is compared with the baseline on the same image (masks matched one to one, see
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sam2.utils.amg import build_point_grid
+from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
@@ -155,8 +158,10 @@ def decoder_ablation(model, image: np.ndarray, n_points: int, iou_thresh: float,
     return "\n".join(lines)
 
 
-def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict):
-    """The generator of one row (a mode, or the study's pipeline), compiled or loaded, warmed up."""
+def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict,
+             compile_mode: str | None = None):
+    """The generator of one row (a mode, or the study's pipeline), compiled or loaded, warmed up;
+    compile_mode: instead of --compile-mode."""
     mode = get_mode("ao" if row == STUDY_ROW else row)
     config = replace(amg_config(parser, args, mode), **thresholds)
     if row == STUDY_ROW:
@@ -165,7 +170,44 @@ def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace
     export = {"save_fast": args.save_fast, "load_fast": args.load_fast} if mode.compiled else {}
     export = {key: Path(value) / row for key, value in export.items() if value}
     return load_pipeline(args.checkpoint_dir, args.model_type, row, args.device, config=config,
-                         compile_mode=args.compile_mode, **export).generator
+                         compile_mode=compile_mode or args.compile_mode, **export).generator
+
+
+def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict,
+               first_image: np.ndarray) -> tuple[dict, dict[str, float], dict[str, str]]:
+    """Every row loaded (load_row) and, on CUDA, run once on the first image untimed (CUDA's lazy
+    set-up would otherwise land in the eager rows' first request): (generators, seconds until
+    ready, notes). A row that fails there is left out with a note instead of ending the run; a
+    compiled row that fails in a chosen compile mode (CUDA graphs, GEMM search) is tried once
+    more in torch.compile's default mode. The baseline's failure ends it: every row is compared
+    with the baseline."""
+    generators, ready, notes = {}, {}, {}
+    cuda = torch.device(args.device).type == "cuda"
+    for row in rows:
+        compile_modes = [None]
+        if row in MODES and MODES[row].compiled and args.compile_mode not in (None, "default"):
+            compile_modes.append("default")
+        for compile_mode in compile_modes:
+            started = time.perf_counter()
+            try:
+                generator = load_row(row, parser, args, thresholds, compile_mode)
+                if cuda:
+                    with torch.inference_mode():
+                        generator.generate(first_image)
+            except Exception as error:  # noqa: BLE001 (one row's failure must not lose the others')
+                if row == "baseline":
+                    raise
+                how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
+                log.exception("%s failed%s", row, how)
+                failure = f"failed{how}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                notes[row] = f"{notes[row]}; {failure}" if row in notes else failure
+                continue
+            generators[row], ready[row] = generator, time.perf_counter() - started
+            if compile_mode:
+                notes[row] += "; its row is compiled in the default mode"
+            log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], generator.config.points_per_batch)
+            break
+    return generators, ready, notes
 
 
 def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str,
@@ -212,6 +254,47 @@ def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -
     return "\n".join(lines)
 
 
+STAGES = ("amg.encode", "amg.decode", "amg.scores", "amg.nms", "amg.masks")  # MaskGenerator's labels
+
+
+def markdown_cell(text: str, width: int = 90) -> str:
+    text = text.replace("|", "/")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def profile_table(generator, image: np.ndarray, device: str, top: int = 12) -> str:
+    """One request under torch.profiler: the recipe's stages (MaskGenerator labels them; sam2's
+    generator has none), then the operations with the most time of their own: on CUDA device time
+    (kernels), on a CPU CPU time. The profiler slows a request down: read the shares, and the
+    tables above for the time."""
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler, Stopwatch(device) as watch:
+        generator.generate(image)
+    events = profiler.key_averages()
+    by_name = {event.key: event for event in events}
+    lines = [f"{watch.seconds * 1000:.0f} ms under the profiler.", ""]
+    stages = [by_name[name] for name in STAGES if name in by_name]
+    if stages:
+        device_column = (" device ms (kernels launched in it) |", "---|") if cuda else ("", "")
+        lines += ["| stage | calls | CPU ms |" + device_column[0], "|---|---|---|" + device_column[1]]
+        for event in stages:
+            device_ms = f" {event.device_time_total / 1000:.1f} |" if cuda else ""
+            lines.append(f"| {event.key} | {event.count} | {event.cpu_time_total / 1000:.1f} |{device_ms}")
+        lines.append("")
+
+    def own(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    total = sum(own(event) for event in events) or 1.0
+    clock = "device" if cuda else "CPU"
+    lines += [f"| operation | calls | own {clock} ms | share |", "|---|---|---|---|"]
+    for event in sorted(events, key=own, reverse=True)[:top]:
+        lines.append(f"| {markdown_cell(event.key)} | {event.count} | {own(event) / 1000:.1f} "
+                     f"| {100 * own(event) / total:.1f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
@@ -238,6 +321,10 @@ def main() -> None:
     add_option(parser, "save_masks", metavar="DIR",
                help="write each row's masks to DIR/<row>.jsonl (<filters>_<row>.jsonl with --filters), one "
                "/upload_rle answer per line, for compare_rle_lists.py")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the tables, one more request per row on the first image (the first "
+                        "table's thresholds) under torch.profiler: time by stage and the operations that take "
+                        "the most")
     parser.add_argument("--ablation", action="store_true",
                         help="also time the mask decoder's variants on the first image (a second table)")
     add_amg_options(parser)
@@ -255,19 +342,13 @@ def main() -> None:
     study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None
     if study_absent:
         rows.remove(STUDY_ROW)
-    generators, ready = {}, {}
-    for row in rows:
-        started = time.perf_counter()
-        generators[row] = load_row(row, parser, args, thresholds[0])
-        ready[row] = time.perf_counter() - started
-        log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], generators[row].config.points_per_batch)
     images = load_images(args)
-    if torch.device(args.device).type == "cuda":
-        # Eager rows meet CUDA's lazy set-up (kernel loading, cuBLAS handles) on their first
-        # request: every row runs the first image once, untimed.
-        for row, generator in generators.items():
-            with torch.inference_mode():
-                generator.generate(images[0][1])
+    if args.profile and torch.device(args.device).type == "cuda":
+        # Start the profiler once before any CUDA graph is captured: profiling a graph captured
+        # before the profiler's first use is known to fail (PyTorch's own workaround).
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+            pass
+    generators, ready, notes = ready_rows(rows, parser, args, thresholds[0], images[0][1])
 
     path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
     print(f"SAM2.1 {model_size(model_type).name} from {path}; device {device_description(args.device)}; "
@@ -275,8 +356,8 @@ def main() -> None:
           f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); fast modes: "
           f"{fast_kernels_description(args)}", flush=True)
     for name, overrides in zip(filters, thresholds):
-        for row in rows:
-            generators[row] = generators[row].with_config(replace(generators[row].config, **overrides))
+        for row, generator in generators.items():
+            generators[row] = generator.with_config(replace(generator.config, **overrides))
         runs = measure(generators, images, args.rounds, args.device, args.repeat)
         for row, run in runs.items():
             run.ready_seconds = ready[row]
@@ -292,9 +373,19 @@ def main() -> None:
             print(spread_table(list(runs.values()), images))
         if study_absent:
             print(f"{STUDY_ROW}: not run: {study_absent}")
+        for row, note in notes.items():
+            print(f"{row}: {note}")
         sys.stdout.flush()
         if args.save_masks:
             save_masks(Path(args.save_masks), name, runs, len(images))
+    if args.profile:  # last: the tables above are measured without the profiler, whatever it does
+        for row, generator in generators.items():
+            generator = generator.with_config(replace(generator.config, **thresholds[0]))
+            print(f"\nProfile of {row} on {images[0][0]}, the first table's thresholds: ", end="")
+            try:
+                print(profile_table(generator, images[0][1], args.device), flush=True)
+            except RuntimeError as error:
+                print(f"failed: {error}", flush=True)
     if args.ablation:
         grid_points = args.points_per_side**2
         print(f"\nMask decoder alone, 64 of the {grid_points} grid points on {images[0][0]}, multimask output:")

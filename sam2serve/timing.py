@@ -63,6 +63,14 @@ def peak_memory_mib(device: str) -> tuple[float, float]:
     return peak / 2**20, 100 * peak / total
 
 
+def allocated_mib(device: str) -> float:
+    """Memory in use now, in MiB: CUDA memory allocated on the device (its CUDA graphs' pools
+    included), or on a CPU what malloc has handed out (allocated_bytes)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device) / 2**20
+    return allocated_bytes() / 2**20
+
+
 class PeakMemory:
     """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
     memory malloc has handed out above its level at the start, sampled every 5 ms by a thread.

@@ -192,6 +192,10 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert all(f"\n| {row} |" in text for row in rows), text
         assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
     large = (out / "large.md").read_text()
+    header, *_ = [line for line in large.splitlines() if line.startswith("| mode |")]
+    ao, *_ = [line for line in large.splitlines() if line.startswith("| ao |")]
+    held = dict(zip(header.split("|"), ao.split("|")))[" held MiB "]
+    assert float(held) >= 4, large  # at least ao's own model: 5.2 MiB of float32 weights
     assert all(f"Profile of {row} on generated-1000, the first table's thresholds: " in large for row in ["baseline", "ao", "fast", "fast_furious"])
     assert large.count("| stage | calls | CPU ms |\n") == 3, large  # the project's rows label their stages
     assert large.count("\n| amg.decode | ") >= 3, large

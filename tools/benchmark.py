@@ -10,11 +10,10 @@ every row also runs the first image once, untimed (CUDA's lazy set-up). A row th
 left out of the tables with a note and the others are measured (a fast mode is first tried again
 in torch.compile's default mode). On a CPU the process is set up as the server sets itself up
 (sam2serve/cpu.py: freed memory reused, denormals flushed), for every row. Each image is timed
-from its RGB array to the RLE masks. Peak memory is, on CUDA,
-the most allocated during a mode's requests; on a CPU, the most memory malloc has handed out
-above its level when the request started, sampled every 5 ms (sam2serve/timing.py). Every mode
-is compared with the baseline on the same image (masks matched one to one, see
-compare_rle_lists.py).
+from its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
+requests; on a CPU, the most memory malloc has handed out above its level when the request
+started, sampled every 5 ms (sam2serve/timing.py). Every mode is compared with the baseline on
+the same image (masks matched one to one, see compare_rle_lists.py).
 Wall-clock figures belong here, never in tests.
 """
 
@@ -44,7 +43,7 @@ from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import image_to_input, read_image_file
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
-from sam2serve.timing import PeakMemory, Stopwatch, latency_summary_ms
+from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, latency_summary_ms
 from training.scenes import make_scene
 
 log = logging.getLogger("benchmark")
@@ -64,6 +63,7 @@ class ModeRun:
 
     mode: str
     ready_seconds: float = 0.0  # loading, compiling or exporting, warming up
+    held_mib: float = 0.0  # memory kept once ready: weights, compiled kernels' memory pools, caches
     seconds: list[float] = field(default_factory=list)
     peak_mib: float = 0.0
     masks: dict[int, list[RLE]] = field(default_factory=dict)  # image index -> masks
@@ -87,7 +87,7 @@ def table(runs: list[ModeRun], n_images: int) -> str:
     rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
     study_rate = rates.get(STUDY_ROW)
     header = ("| mode | ready s | ms per image (median) | p90 | images/s | x baseline | x study | peak MiB "
-              "| masks per image | mIoU vs baseline | mask count mismatch |")
+              "| held MiB | masks per image | mIoU vs baseline | mask count mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for run in runs:
         latency = latency_summary_ms(run.seconds)
@@ -98,7 +98,7 @@ def table(runs: list[ModeRun], n_images: int) -> str:
         versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
         lines.append(
             f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {masks:.1f} | {miou} "
+            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} | {masks:.1f} | {miou} "
             f"| {summary.mask_count_mismatch}/{summary.images} |"
         )
     return "\n".join(lines)
@@ -174,10 +174,10 @@ def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict,
-               first_image: np.ndarray) -> tuple[dict, dict[str, float], dict[str, str]]:
+               first_image: np.ndarray) -> tuple[dict, dict[str, ModeRun], dict[str, str]]:
     """Every row loaded (load_row) and, on CUDA, run once on the first image untimed (CUDA's lazy
-    set-up would otherwise land in the eager rows' first request): (generators, seconds until
-    ready, notes). A row that fails there is left out with a note instead of ending the run; a
+    set-up would otherwise land in the eager rows' first request): (generators, each row's
+    seconds until ready and memory held then, notes). A row that fails there is left out with a note instead of ending the run; a
     compiled row that fails in a chosen compile mode (CUDA graphs, GEMM search) is tried once
     more in torch.compile's default mode. The baseline's failure ends it: every row is compared
     with the baseline."""
@@ -188,7 +188,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
         if row in MODES and MODES[row].compiled and args.compile_mode not in (None, "default"):
             compile_modes.append("default")
         for compile_mode in compile_modes:
-            started = time.perf_counter()
+            started, memory_before = time.perf_counter(), allocated_mib(args.device)
             try:
                 generator = load_row(row, parser, args, thresholds, compile_mode)
                 if cuda:
@@ -202,10 +202,13 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                 failure = f"failed{how}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 notes[row] = f"{notes[row]}; {failure}" if row in notes else failure
                 continue
-            generators[row], ready[row] = generator, time.perf_counter() - started
+            generators[row] = generator
+            ready[row] = ModeRun(row, ready_seconds=time.perf_counter() - started,
+                                 held_mib=allocated_mib(args.device) - memory_before)
             if compile_mode:
                 notes[row] += "; its row is compiled in the default mode"
-            log.info("%s ready in %.1f s (points per batch %d)", row, ready[row], generator.config.points_per_batch)
+            log.info("%s ready in %.1f s, holding %.0f MiB (points per batch %d)", row, ready[row].ready_seconds,
+                     ready[row].held_mib, generator.config.points_per_batch)
             break
     return generators, ready, notes
 
@@ -360,7 +363,7 @@ def main() -> None:
             generators[row] = generator.with_config(replace(generator.config, **overrides))
         runs = measure(generators, images, args.rounds, args.device, args.repeat)
         for row, run in runs.items():
-            run.ready_seconds = ready[row]
+            run.ready_seconds, run.held_mib = ready[row].ready_seconds, ready[row].held_mib
         config = generators["baseline"].config
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")

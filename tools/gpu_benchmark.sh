@@ -97,18 +97,18 @@ else
 fi
 
 if [[ " $STAGES " == *" smoke "* ]]; then
-    run smoke "${SMOKE_SECONDS:-45}" "$PYTHON" -m tools.benchmark --generated 1 --size 192 256 \
+    run smoke "${SMOKE_SECONDS:-30}" "$PYTHON" -m tools.benchmark --generated 1 --size 192 256 \
         --points-per-side 4 --filters off --modes ao study_ao
 fi
 if [[ " $STAGES " == *" large "* ]]; then
     read -ra FILTERS <<<"${LARGE_FILTERS:-sam2 off}"
-    run large "${LARGE_SECONDS:-250}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
+    run large "${LARGE_SECONDS:-255}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
         --compile-mode "$COMPILE_MODE" --profile --save-masks "$WORK/masks/compiled"
 fi
 if [[ " $STAGES " == *" export "* ]]; then
     rm -rf "$WORK/exported"
     EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${EXPORT_SCENES[@]}" --modes fast_furious --filters off)
-    run export-save "${EXPORT_SECONDS:-190}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
+    run export-save "${EXPORT_SECONDS:-200}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
         --save-masks "$WORK/masks/exported" &&
         run export-load "${LOAD_SECONDS:-50}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
             --save-masks "$WORK/masks/loaded" &&

@@ -251,6 +251,39 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
         benchmark.ready_rows(["baseline", "fast"], None, args, {}, first_image=None)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(device, monkeypatch):
+    from torch.profiler import record_function
+
+    from tools import benchmark
+
+    class Generator:
+        matrix, vector = torch.randn(400, 400), torch.randn(100)
+
+        def generate(self, image):
+            with record_function("amg.encode"):
+                self.matrix @ self.matrix
+            for _ in range(2):
+                with record_function("amg.decode"):
+                    self.vector.relu()
+            return []
+
+    # On a CPU-only machine the CUDA branch can still be read: nothing to synchronise, no kernels.
+    stopwatch = benchmark.Stopwatch
+    monkeypatch.setattr(benchmark, "Stopwatch", lambda device: stopwatch("cpu"))
+    lines = benchmark.profile_table(Generator(), image=None, device=device, top=3).splitlines()
+    assert lines[0].endswith("ms under the profiler.")
+    stage_header = "| stage | calls | CPU ms |" + (" device ms (kernels launched in it) |" if device == "cuda" else "")
+    stages = lines.index(stage_header)
+    assert [line.split(" | ")[:2] for line in lines[stages + 2 : stages + 4]] == [["| amg.encode", "1"],
+                                                                                  ["| amg.decode", "2"]]
+    clock = "device" if device == "cuda" else "CPU"
+    operations = lines.index(f"| operation | calls | own {clock} ms | share |")
+    assert len(lines) == operations + 2 + 3
+    if device == "cpu":
+        assert lines[operations + 2].startswith("| aten::mm | 1 |")  # the product takes the most
+
+
 def test_gpu_scripts_pass_shellcheck():
     shellcheck = str(Path(sys.executable).with_name("shellcheck"))
     for script in ("gpu_benchmark.sh", "gpu_wheels.sh"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 from .rle import RLE
 
@@ -115,7 +116,9 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
         missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
         if missing:
             raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")
-    return [compare_image(name, ref, cand) for (name, ref), (_, cand) in zip(reference, candidate)]
+    pairs = tqdm(zip(reference, candidate), total=len(reference), unit="image", desc="comparing",
+                 disable=None)  # a progress bar on a terminal only
+    return [compare_image(name, ref, cand) for (name, ref), (_, cand) in pairs]
 
 
 def format_float(value: float | None) -> str:

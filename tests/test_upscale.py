@@ -1,6 +1,9 @@
 """masks_above (pixels computed only where a mask's edge crosses a low-resolution cell) against
 its reference, the bilinear upscale sam2 uses followed by the threshold."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 from sam2serve import upscale
 from sam2serve.upscale import masks_above, stability_and_boxes, upscale_logits
 
+REPO = Path(__file__).resolve().parents[1]
 SIZES = [  # (h, w) -> (H, W): the micro and official low-resolution sizes, up, down, odd ratios
     ((64, 64), (768, 1024)), ((64, 64), (375, 500)), ((64, 64), (300, 451)), ((256, 256), (427, 640)),
     ((256, 256), (1000, 777)), ((64, 64), (64, 64)), ((64, 64), (100, 30)), ((64, 64), (1, 1)),
@@ -91,7 +95,18 @@ def test_stability_and_boxes_equal_sam2s_on_the_upscaled_masks(low, size):
         assert boxes.tolist() == [[0, 0, size[1] - 1, size[0] - 1] if value > 0 else [0, 0, 0, 0]] * 2
 
 
-def test_the_cell_path_runs_where_cells_are_large():
+def test_the_pinned_torchs_kernel_is_reproduced():
+    """The cell path steps aside where it does not reproduce torch's kernel (torch 2.11's CPU
+    kernel rounds differently), and the tests above then compare the reference with itself: on
+    the torch the project pins, it must run."""
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    if torch.__version__.split("+")[0] != pinned:
+        pytest.skip(f"torch {torch.__version__}, not the pinned {pinned}")
+    assert upscale._exact_on_this_machine()
+
+
+def test_the_cell_path_runs_where_cells_are_large(monkeypatch):
+    monkeypatch.setattr(upscale, "_exact_on_this_machine", lambda: True)  # the sizes alone
     assert upscale.use_cells(torch.zeros(1, 64, 64), (768, 1024))  # the micro model
     assert not upscale.use_cells(torch.zeros(1, 256, 256), (512, 512))  # an official model on 512 pixels
     assert not upscale.use_cells(torch.zeros(1, 64, 64), (2000, 30))  # downscaling along one axis

@@ -23,7 +23,6 @@ from typing import Callable, Protocol
 import numpy as np
 import scipy.ndimage
 import torch
-from torch.profiler import record_function
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -37,6 +36,7 @@ from sam2.utils.amg import (
     uncrop_boxes_xyxy,
     uncrop_points,
 )
+from torch.profiler import record_function
 from torchvision.ops.boxes import batched_nms, box_area
 
 from .model import (

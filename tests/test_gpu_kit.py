@@ -196,7 +196,8 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     ao, *_ = [line for line in large.splitlines() if line.startswith("| ao |")]
     held = dict(zip(header.split("|"), ao.split("|")))[" held MiB "]
     assert float(held) >= 4, large  # at least ao's own model: 5.2 MiB of float32 weights
-    assert all(f"Profile of {row} on generated-1000, the first table's thresholds: " in large for row in ["baseline", "ao", "fast", "fast_furious"])
+    assert all(f"Profile of {row} on generated-1000, the first table's thresholds: " in large
+               for row in ["baseline", "ao", "fast", "fast_furious"])
     assert large.count("| stage | calls | CPU ms |\n") == 3, large  # the project's rows label their stages
     assert large.count("\n| amg.decode | ") >= 3, large
     comparison = (out / "export-compare.md").read_text()

@@ -98,8 +98,8 @@ def table(runs: list[ModeRun], n_images: int) -> str:
         versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
         lines.append(
             f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} | {masks:.1f} | {miou} "
-            f"| {summary.mask_count_mismatch}/{summary.images} |"
+            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
+            f"| {masks:.1f} | {miou} | {summary.mask_count_mismatch}/{summary.images} |"
         )
     return "\n".join(lines)
 
@@ -177,10 +177,10 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                first_image: np.ndarray) -> tuple[dict, dict[str, ModeRun], dict[str, str]]:
     """Every row loaded (load_row) and, on CUDA, run once on the first image untimed (CUDA's lazy
     set-up would otherwise land in the eager rows' first request): (generators, each row's
-    seconds until ready and memory held then, notes). A row that fails there is left out with a note instead of ending the run; a
-    compiled row that fails in a chosen compile mode (CUDA graphs, GEMM search) is tried once
-    more in torch.compile's default mode. The baseline's failure ends it: every row is compared
-    with the baseline."""
+    seconds until ready and memory held then, notes). A row that fails there is left out with a
+    note instead of ending the run; a compiled row that fails in a chosen compile mode (CUDA
+    graphs, GEMM search) is tried once more in torch.compile's default mode. The baseline's
+    failure ends it: every row is compared with the baseline."""
     generators, ready, notes = {}, {}, {}
     cuda = torch.device(args.device).type == "cuda"
     for row in rows:

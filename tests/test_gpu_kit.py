@@ -185,11 +185,12 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     assert "failed stages: none" in timeline and "torch " in timeline
     for stage, rows, tables in [("smoke", ["baseline", "ao"], 1),
                                 ("large", ["baseline", "ao", "fast", "fast_furious"], 2),
-                                ("export-save", ["baseline", "fast_furious"], 1),
-                                ("export-load", ["baseline", "fast_furious"], 1)]:
+                                ("export-save", ["fast_furious"], 1),
+                                ("export-load", ["fast_furious"], 1)]:
         text = (out / f"{stage}.md").read_text()
         assert text.count("| mode | ready s |") == tables, text
         assert all(f"\n| {row} |" in text for row in rows), text
+        assert ("\n| baseline |" in text) == ("baseline" in rows), text
         assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
     large = (out / "large.md").read_text()
     header, *_ = [line for line in large.splitlines() if line.startswith("| mode |")]
@@ -213,6 +214,18 @@ def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
     lines = per_image_table([baseline, ao], images).splitlines()
     assert lines[0] == "| image | baseline ms (x baseline) | ao ms (x baseline) |"
     assert lines[2:] == ["| photo | 2200 (1.00) | 1100 (2.00) |", "| scene | 8000 (1.00) | 1000 (8.00) |"]
+
+
+def test_benchmark_tables_without_the_baseline_compare_with_nothing():
+    from tools.benchmark import ModeRun, per_image_table, table
+
+    images = [("photo", None), ("scene", None)]
+    loaded = ModeRun("fast_furious", seconds=[0.5, 0.25], masks={0: [], 1: []}, repeats={0: [0.5], 1: [0.25]})
+    header, _, row = table([loaded], len(images)).splitlines()
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" images/s "] == " 2.667 " and cells[" masks per image "] == " 0.0 "
+    assert cells[" x baseline "] == cells[" mIoU vs baseline "] == cells[" mask count mismatch "] == " n/a "
+    assert per_image_table([loaded], images).splitlines()[2:] == ["| photo | 500 |", "| scene | 250 |"]
 
 
 def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_default_mode(monkeypatch):

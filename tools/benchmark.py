@@ -80,10 +80,15 @@ def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     ]
 
 
+def baseline_of(runs: list[ModeRun]) -> ModeRun | None:
+    """The row the others are compared with: the baseline, first, unless it was left out."""
+    return runs[0] if runs and runs[0].mode == "baseline" else None
+
+
 def table(runs: list[ModeRun], n_images: int) -> str:
     """The results, baseline first, as a Markdown table; "x study" is the ratio of throughputs
-    to the study's pipeline when it ran."""
-    baseline = runs[0]
+    to the study's pipeline when it ran. Without the baseline its columns read n/a."""
+    baseline = baseline_of(runs)
     rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
     study_rate = rates.get(STUDY_ROW)
     header = ("| mode | ready s | ms per image (median) | p90 | images/s | x baseline | x study | peak MiB "
@@ -92,14 +97,18 @@ def table(runs: list[ModeRun], n_images: int) -> str:
     for run in runs:
         latency = latency_summary_ms(run.seconds)
         rate = rates[run.mode]
-        summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
-        miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"
+        versus_baseline, miou, mismatch = "n/a", "n/a", "n/a"
+        if baseline is not None:
+            summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
+            versus_baseline = f"{rate / rates[baseline.mode]:.2f}"
+            miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"
+            mismatch = f"{summary.mask_count_mismatch}/{summary.images}"
         masks = np.mean([len(m) for m in run.masks.values()])
         versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
         lines.append(
             f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {rate / rates[baseline.mode]:.2f} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
-            f"| {masks:.1f} | {miou} | {summary.mask_count_mismatch}/{summary.images} |"
+            f"| {versus_baseline} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
+            f"| {masks:.1f} | {miou} | {mismatch} |"
         )
     return "\n".join(lines)
 
@@ -247,12 +256,14 @@ def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> s
 def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
     """Each image's median ms per row (baseline first) and its ratio to the baseline on that
     image: a speed-up that holds on one kind of image and not on another shows here, not in the
-    medians above."""
-    lines = ["| image | " + " | ".join(f"{run.mode} ms (x baseline)" for run in runs) + " |",
+    medians above. Without the baseline, ms only."""
+    baseline = baseline_of(runs)
+    unit = "ms (x baseline)" if baseline else "ms"
+    lines = ["| image | " + " | ".join(f"{run.mode} {unit}" for run in runs) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for index, (name, _) in enumerate(images):
         seconds = [np.median(run.repeats[index]) for run in runs]
-        cells = [f"{1000 * s:.0f} ({seconds[0] / s:.2f})" for s in seconds]
+        cells = [f"{1000 * s:.0f}" + (f" ({seconds[0] / s:.2f})" if baseline else "") for s in seconds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -303,7 +314,10 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
-                        "the baseline always runs, first (default: all)")
+                        "the baseline runs first unless --without-baseline (default: all)")
+    parser.add_argument("--without-baseline", action="store_true",
+                        help="leave the baseline out (its columns read n/a): for runs that compare a mode's "
+                        "masks with its own elsewhere, as an export with its load (--save-masks)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files")
     source.add_argument("--generated", type=int, default=2, help="generated scenes instead of files (default 2)")
@@ -341,10 +355,14 @@ def main() -> None:
 
     filters = args.filters or [None]
     thresholds = [{} if name is None else FILTERS[name] for name in filters]
-    rows = ["baseline"] + [row for row in args.modes if row != "baseline"]
+    if args.without_baseline and args.ablation:
+        parser.error("--ablation times sam2's decoder from the baseline's model: it needs the baseline")
+    rows = ([] if args.without_baseline else ["baseline"]) + [row for row in args.modes if row != "baseline"]
     study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None
     if study_absent:
         rows.remove(STUDY_ROW)
+    if not rows:
+        parser.error(f"no row to run: {study_absent or 'every mode given was left out'}")
     images = load_images(args)
     if args.profile and torch.device(args.device).type == "cuda":
         # Start the profiler once before any CUDA graph is captured: profiling a graph captured
@@ -352,6 +370,8 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
             pass
     generators, ready, notes = ready_rows(rows, parser, args, thresholds[0], images[0][1])
+    if not generators:
+        sys.exit("no row could be made ready: " + "; ".join(f"{row}: {note}" for row, note in notes.items()))
 
     path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
     print(f"SAM2.1 {model_size(model_type).name} from {path}; device {device_description(args.device)}; "
@@ -364,7 +384,7 @@ def main() -> None:
         runs = measure(generators, images, args.rounds, args.device, args.repeat)
         for row, run in runs.items():
             run.ready_seconds, run.held_mib = ready[row].ready_seconds, ready[row].held_mib
-        config = generators["baseline"].config
+        config = next(iter(generators.values())).config
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images)))

@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine: `make serve` and `make test`.
-# Both create the virtual environment in .venv on first use (about 2 minutes, 5.5 GB).
+# Both create the virtual environment in .venv on first use (about 2 minutes, 6.5 GB).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointUnavailable, ensure_checkpoint, load_model
-from sam2serve.cli import add_amg_options, add_device_option, add_option, amg_config, read_image_paths
+from sam2serve.cli import HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, read_image_paths
 from sam2serve.compare import compare_results, format_float, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
@@ -153,11 +153,12 @@ def plot(lines: list[dict], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AMGConfig]]:
     """The options, and the AMG settings they give each mode."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpWithDefaults)
     parser.add_argument("image_paths_file", help="a file with one image path per line")
-    parser.add_argument("output_folder")
-    add_option(parser, "checkpoint_dir", default="~/checkpoints/sam2")
-    add_option(parser, "model_type", default="large", choices=MODEL_TYPE_CHOICES)
+    parser.add_argument("output_folder", help="where each row's masks, result.csv and result.png go")
+    add_option(parser, "checkpoint_dir", default="~/checkpoints/sam2",
+               help="folder with sam2.1_hiera_<size>.pt (downloaded there if missing)")
+    add_option(parser, "model_type", default="large", choices=MODEL_TYPE_CHOICES, help="model size")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
                         help="the rows to run (baseline always runs: the others are compared with it)")
     add_amg_options(parser)

@@ -22,11 +22,13 @@ from dataclasses import asdict
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
 from sam2serve.cli import (
-    add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
+    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
+    check_checkpoint_arguments,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
+from sam2serve.preprocess import PILLOW_MAX_PIXELS
 from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server
@@ -37,7 +39,7 @@ log = logging.getLogger("server")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Serve SAM2 automatic mask generation over HTTP (/upload, /upload_rle).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
     )
     add_checkpoint_arguments(parser)
     parser.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
@@ -56,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_amg_options(parser)
     add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
                help="where missing checkpoints are downloaded from")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     add_device_option(parser)
     add_option(parser, "max_upload_mb", type=float, default=Limits.max_upload_bytes / 2**20,
                help="larger uploads get 413")
@@ -90,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.batch_size, args.max_queue, args.max_connections, args.connection_timeout) < 1 or args.request_timeout <= 0:
         parser.error("--batch-size, --max-queue, --max-connections and --connection-timeout must be at least 1, "
                      "--request-timeout positive")
+    if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
+        parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
     if args.embedding_cache_mb < 0:
         parser.error("--embedding-cache-mb must be 0 (no cache) or more")
     args.amg = amg_config(parser, args, mode)

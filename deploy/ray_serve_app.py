@@ -35,8 +35,9 @@ from sam2serve.cli import AMG_OPTIONS, default_device, option_value
 from sam2serve.modes import DEFAULT_MODE, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.serving import (
-    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, cached_embedding, decode_upload, embed_image,
-    error_answer, json_text, prompts_field, render_answer, segment_answer, segment_payload,
+    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_embedding, coco_annotations,
+    decode_upload, embed_image, error_answer, json_text, prompts_field, render_answer, require_segment_form,
+    require_segmenter, segment_answer, segment_payload,
 )
 
 
@@ -88,8 +89,13 @@ class SegmentEverything:
             if int(request.headers.get("content-length") or 0) > self.limits.max_upload_bytes:
                 raise UploadTooLarge(self.limits)
             if path in UPLOAD_ENDPOINTS:
+                asked = answer_format(path, request.query_params.get("format"))
                 image = await self.uploaded_image(request)
-                body, media_type = render_answer(path, image, await self.segment(image))
+                if asked == "coco":  # one image per call: sam2's records come image by image
+                    records = await self.on_model_thread(self.pipeline.generator.annotate, image)
+                    body, media_type = json_text(coco_annotations(records)), "application/json"
+                else:
+                    body, media_type = render_answer(path, image, await self.segment(image))
             else:
                 body, media_type = json_text(await self.prompts(request, path)), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
@@ -105,6 +111,7 @@ class SegmentEverything:
         """/embed and /segment, answered by server.py's functions."""
         mode = self.pipeline.mode.name
         if path == "/segment" and request.headers.get("content-type", "").startswith("application/json"):
+            require_segmenter(self.segmenter, mode)
             try:
                 payload = json.loads(await request.body())
             except ValueError:
@@ -112,6 +119,8 @@ class SegmentEverything:
             image_id, prompts = segment_payload(payload)
             embedding = cached_embedding(self.cache, image_id)
         else:
+            if path == "/segment":
+                require_segment_form(request.headers.get("content-type", "").split(";")[0].strip().lower())
             form = await request.form()
             image = await self.uploaded_image(request, form)
             prompts = prompts_field(form.get("prompts")) if path == "/segment" else None

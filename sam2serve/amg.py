@@ -105,6 +105,10 @@ class Generator(Protocol):
         area, bbox and crop_box (XYWH), predicted_iou, stability_score, point_coords."""
         ...
 
+    def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """annotate() of each image, sharing work as generate_batch does."""
+        ...
+
 
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
     """Sets the predictor's feature-map sizes from the model's input size.
@@ -146,6 +150,9 @@ class ReferenceMaskGenerator:
 
     def annotate(self, image: np.ndarray) -> list[dict]:
         return self.generator.generate(image)
+
+    def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
+        return [self.annotate(image) for image in images]
 
 
 EAGER_KERNELS = "eager (ao's modules)"
@@ -267,9 +274,17 @@ class MaskGenerator:
         """The masks of an image whose encoder features are already computed."""
         return self.masks_and_candidates(image, image_features)[0]
 
-    @torch.inference_mode()
     def annotate(self, image: np.ndarray) -> list[dict]:
-        rles, candidates = self.masks_and_candidates(image, self.embed(image))
+        return self.annotate_batch([image])[0]
+
+    @torch.inference_mode()
+    def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """Each image's mask records, with one image-encoder call for all of them."""
+        return [self.records(image, features) for image, features in zip(images, self.embed_batch(images))]
+
+    def records(self, image: np.ndarray, image_features: ImageFeatures) -> list[dict]:
+        """The masks of an image as sam2's generate() records (Generator.annotate)."""
+        rles, candidates = self.masks_and_candidates(image, image_features)
         return [
             {
                 "segmentation": rle,

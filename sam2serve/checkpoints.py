@@ -179,7 +179,6 @@ def ensure_checkpoint(
     url = f"{base_url}/{size.filename}"
     log.info("%s not found, downloading %s", path, url)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         _download(url, path)
     except (urllib.error.URLError, OSError) as error:
         raise CheckpointUnavailable(
@@ -210,13 +209,23 @@ def resolve_checkpoint(
 
 
 def _download(url: str, path: Path) -> None:
+    """url -> path, its folder made once the server answers; a failed download leaves no file.
+    A connection closed early reads as the end of the file: the length the server announced is
+    checked, so that a cut download never becomes a checkpoint."""
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
-            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as progress:
-                while chunk := response.read(1 << 20):
-                    tmp.write(chunk)
-                    progress.update(len(chunk))
+            try:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as progress:
+                    while chunk := response.read(1 << 20):
+                        tmp.write(chunk)
+                        progress.update(len(chunk))
+                if total is not None and progress.n != total:
+                    raise OSError(f"the download stopped after {progress.n} of {total} bytes")
+            except BaseException:
+                os.unlink(tmp.name)
+                raise
     os.replace(tmp.name, path)
 
 

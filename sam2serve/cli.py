@@ -15,7 +15,7 @@ AMG_OPTIONS = {
     "points_per_side": (int, "points along each side of the prompt grid"),
     "points_per_batch": (int, "point prompts per mask-decoder call "
                          "(default: the mode's, 64; fast modes 1024 on CUDA, fewer on a GPU "
-                         "too small for them, 8 on a CPU)"),
+                         "too small for them; on a CPU 64, or 8 when compiled)"),
     "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
     "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
@@ -28,6 +28,15 @@ AMG_OPTIONS = {
 }
 CHECKPOINT_DIR_HELP = ("folder with sam2.1_hiera_<size>.pt (downloaded there if missing); omit it and the model "
                        "type to use the project's trained micro model (models/)")
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one to show (not None, not a flag's off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_option(parser: argparse.ArgumentParser, name: str, **options) -> None:

@@ -19,6 +19,10 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
+# Pillow refuses to open an image of more pixels than this (its decompression-bomb guard, twice
+# Image.MAX_IMAGE_PIXELS), before any limit of ours is checked: no limit can go above it.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
 # Images read from the user's own files (the study's scripts, the benchmark): no server limit,
 # only one against absurd sizes.
 FILE_MAX_PIXELS = 100_000_000
@@ -49,7 +53,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageTooLarge(str(error)) from error
+        raise ImageTooLarge(f"image has more than {PILLOW_MAX_PIXELS} pixels; the limit is {max_pixels} pixels") \
+            from error
     except UnidentifiedImageError as error:
         raise InvalidImage("the uploaded file is not an image format Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files

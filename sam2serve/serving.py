@@ -107,6 +107,16 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits) ->
     return decode_image(files[0], limits.max_pixels)
 
 
+def answer_format(endpoint: str, asked: str | None) -> str:
+    """The format an upload endpoint answers in (its `format` query parameter): "rle", or "coco"
+    (COCO annotations, /upload_rle only)."""
+    asked = asked or "rle"
+    if asked not in ("rle", "coco") or (asked == "coco" and endpoint != "/upload_rle"):
+        raise InvalidImage(f"format: {asked!r} is not a format of {endpoint}; /upload_rle takes "
+                           "format=coco for COCO annotations")
+    return asked
+
+
 def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
     """(body, mimetype) of an upload endpoint's answer."""
     if endpoint == "/upload_rle":
@@ -165,26 +175,46 @@ def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = 
     return lines
 
 
-def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable, mode: str | None = None):
-    """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
-    model's thread (concurrent requests for the same image wait for that one encoding)."""
+def require_segmenter(segmenter, mode: str | None) -> None:
+    """Refuses /embed and /segment on a server that runs no prompts (a half-precision mode)."""
     if segmenter is None:
         raise InteractiveUnavailable(
             f"this server's mode ({mode or 'unknown'}) does not run prompts: /embed and /segment need a float32 "
             "mode (baseline, ao or fast)")
+
+
+def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable, mode: str | None = None):
+    """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
+    model's thread (concurrent requests for the same image wait for that one encoding)."""
+    require_segmenter(segmenter, mode)
     image_id = segmenter.image_id(image)
     embedding = cache.get_or_compute(image_id, lambda: run(lambda: segmenter.embed(image)), lambda value: value.nbytes)
     return image_id, embedding
+
+
+SEGMENT_FIELDS = ("image_id", "prompts")
 
 
 def segment_payload(payload: object) -> tuple[str, object]:
     """(image_id, prompts) of a /segment JSON body."""
     if not isinstance(payload, dict):
         raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
+    if unknown := sorted(set(payload) - set(SEGMENT_FIELDS)):
+        raise InvalidPrompt(f"unknown fields {unknown}; a /segment body has {list(SEGMENT_FIELDS)}")
     image_id = payload.get("image_id")
     if not isinstance(image_id, str):
         raise InvalidPrompt("image_id: expected the id that /embed answered")
     return image_id, payload.get("prompts")
+
+
+def require_segment_form(mimetype: str) -> None:
+    """/segment takes JSON or a multipart form; anything else (curl -d without a JSON
+    Content-Type sends a URL-encoded form) is told which."""
+    if mimetype != "multipart/form-data":
+        raise InvalidPrompt(
+            f"/segment takes a JSON body with image_id and prompts (Content-Type: application/json; curl -H "
+            f"'Content-Type: application/json' -d ...) or a multipart form with image and prompts (curl -F); "
+            f"this request's Content-Type is {mimetype or 'missing'}")
 
 
 def prompts_field(text: str | None) -> object:
@@ -333,13 +363,10 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return answer("/upload")
 
     def answer(endpoint: str) -> Response:
-        answer_format = request.args.get("format", "rle")
-        if answer_format not in ("rle", "coco") or (answer_format == "coco" and endpoint != "/upload_rle"):
-            raise InvalidImage(f"format: {answer_format!r} is not a format of {endpoint}; /upload_rle takes "
-                               "format=coco for COCO annotations")
+        asked = answer_format(endpoint, request.args.get("format"))
         image = uploaded_image()
-        if answer_format == "coco":
-            return json_response(coco_annotations(worker.call(lambda: worker.generator.annotate(image))))
+        if asked == "coco":
+            return json_response(coco_annotations(worker.submit(image, annotate=True)))
         body, mimetype = render_answer(endpoint, image, worker.submit(image))
         return Response(body, mimetype=mimetype)
 
@@ -355,9 +382,11 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         with image and a JSON prompts field): their masks as RLE, best first."""
         worker.require_ready()
         if request.mimetype == "application/json":
+            require_segmenter(worker.segmenter, info.get("mode"))
             image_id, prompts = segment_payload(request.get_json(silent=True))
             embedding = cached_embedding(cache, image_id)
         else:
+            require_segment_form(request.mimetype)
             image = uploaded_image()
             prompts = prompts_field(request.form.get("prompts"))
             image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call, info.get("mode"))

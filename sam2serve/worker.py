@@ -60,6 +60,7 @@ class Job:
     """An image to segment everything in, or another call on the model (interactive prompts)."""
 
     image: np.ndarray | None = None
+    annotate: bool = False  # the image's mask records (Generator.annotate) instead of its RLE masks
     call: Callable[[], Any] | None = None
     future: Future = field(default_factory=Future)
 
@@ -111,10 +112,10 @@ class InferenceWorker:
         if not self.ready:
             raise NotReady("the model is loading; try again when GET /health answers 200")
 
-    def submit(self, image: np.ndarray) -> list[RLE]:
-        """The image's masks, once the worker has run it. Raises NotReady, Busy or TimedOut,
-        or the generator's own error for this image."""
-        return self._wait_for(Job(image=image))
+    def submit(self, image: np.ndarray, annotate: bool = False) -> list[RLE] | list[dict]:
+        """The image's masks (with annotate, their records: Generator.annotate), once the worker
+        has run it. Raises NotReady, Busy or TimedOut, or the generator's own error for this image."""
+        return self._wait_for(Job(image=image, annotate=annotate))
 
     def call(self, function: Callable[[], Any]) -> Any:
         """function() run on the worker's thread, in the queue's order (calls on the model that
@@ -164,11 +165,15 @@ class InferenceWorker:
                 except Exception as error:  # noqa: BLE001 - goes back to its request
                     release_cached_memory(error)
                     job.future.set_exception(error)
-        batch = [job for job in jobs if job.call is None]
-        if not batch:
-            return
+        # Masks and mask records run as batches of their own (one image-encoder call each).
+        for annotate in (False, True):
+            batch = [job for job in jobs if job.call is None and job.annotate == annotate]
+            if batch:
+                self._run_images(batch, annotate)
+
+    def _run_images(self, batch: list[Job], annotate: bool) -> None:
         started = time.perf_counter()
-        answers = generate_each(self.generator, [job.image for job in batch])
+        answers = generate_each(self.generator, [job.image for job in batch], annotate)
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
         if masks:
             elapsed = time.perf_counter() - started
@@ -181,18 +186,19 @@ class InferenceWorker:
                 job.future.set_result(answer)
 
 
-def generate_each(generator: Generator, images: list[np.ndarray]) -> list[list[RLE] | Exception]:
-    """Each image's masks, or the error of that image alone: the images run as one batch, and if
-    the batch fails (out of memory, a bad tensor), one by one."""
+def generate_each(generator: Generator, images: list[np.ndarray],
+                  annotate: bool = False) -> list[list[RLE] | list[dict] | Exception]:
+    """Each image's masks (with annotate, their records), or the error of that image alone: the
+    images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one."""
     try:
-        return generator.generate_batch(images)
+        return generator.annotate_batch(images) if annotate else generator.generate_batch(images)
     except Exception as error:  # noqa: BLE001 - returned, to become that image's answer
         release_cached_memory(error)
         if len(images) == 1:
             log.error("inference failed", exc_info=error)
             return [error]
         log.warning("a batch of %d failed (%s); running its images one by one", len(images), error)
-        return [generate_each(generator, [image])[0] for image in images]
+        return [generate_each(generator, [image], annotate)[0] for image in images]
 
 
 def release_cached_memory(error: Exception) -> None:

@@ -74,6 +74,32 @@ def test_missing_checkpoint_is_downloaded(tiny_checkpoint_dir, tmp_path):
     assert list(path.parent.iterdir()) == [path]  # no partial file left behind
 
 
+class CutShort(http.server.BaseHTTPRequestHandler):
+    """Announces 3 MiB, sends 1, and closes the connection."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(3 << 20))
+        self.end_headers()
+        self.wfile.write(bytes(1 << 20))
+        self.wfile.flush()
+        self.connection.close()
+
+    def log_message(self, *arguments):
+        pass
+
+
+def test_a_download_cut_short_leaves_no_checkpoint(tmp_path):
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(CheckpointUnavailable, match="stopped after 1048576 of 3145728 bytes"):
+                ensure_checkpoint(tmp_path / "downloads", "tiny", f"http://127.0.0.1:{server.server_port}")
+        finally:
+            server.shutdown()
+    assert list((tmp_path / "downloads").iterdir()) == []  # neither a checkpoint nor a partial file
+
+
 def test_offline_download_fails_with_instructions(tmp_path):
     # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
     with pytest.raises(CheckpointUnavailable) as error:

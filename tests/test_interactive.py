@@ -184,11 +184,17 @@ def test_embed_then_segment_over_http(micro):
         ({"image_id": image_id, "prompts": [{**refine, "mask_input": "gone"}]}, 404, "unknown mask_input"),
         ({"image_id": image_id, "prompts": [{"points": [[500, 1]], "labels": [1]}]}, 400, "prompts[0].points[0]"),
         ({"prompts": prompts}, 400, "image_id"),
+        ({"image_id": image_id, "prompts": prompts, "promts": []}, 400, "unknown fields ['promts']"),
     ]:
         response = client.post("/segment", json=body)
         assert response.status_code == status and words in response.get_json()["error"], body
     malformed = client.post("/segment", data="{not json", content_type="application/json")
     assert malformed.status_code == 400 and "JSON" in malformed.get_json()["error"]
+    # JSON sent without its Content-Type (curl -d alone sends a URL-encoded form): told what to send.
+    unlabelled = client.post("/segment", data=json.dumps({"image_id": image_id, "prompts": prompts}),
+                             content_type="application/x-www-form-urlencoded")
+    error = unlabelled.get_json()["error"]
+    assert unlabelled.status_code == 400 and "Content-Type: application/json" in error, error
 
 
 def test_small_cache_evicts_and_counts(micro):
@@ -206,7 +212,11 @@ def test_half_precision_server_says_prompts_are_unavailable():
     worker = InferenceWorker()
     worker.start(generator=None, segmenter=None)
     client = create_app(worker, info={"mode": "fast_furious"}).test_client()
-    response = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    for path in ("/embed", "/segment"):
+        response = client.post(path, data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": "[]"})
+        assert response.status_code == 501 and "fast_furious" in response.get_json()["error"], path
+    # An image_id (from another server, or from before a restart) gets the same answer, not 404.
+    response = client.post("/segment", json={"image_id": "0" * 32, "prompts": [{"points": [[1, 1]]}]})
     assert response.status_code == 501 and "fast_furious" in response.get_json()["error"]
 
 

@@ -1,6 +1,8 @@
 """Decoding uploads and preparing the model input."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 from sam2.utils.transforms import SAM2Transforms
 
-from sam2serve.preprocess import ImageTooLarge, InvalidImage, decode_image, image_to_input
+from sam2serve.preprocess import PILLOW_MAX_PIXELS, ImageTooLarge, InvalidImage, decode_image, image_to_input
 
 
 def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
@@ -52,6 +54,23 @@ def test_pixel_limit_is_checked_before_decoding():
     assert decode_image(data, max_pixels=101 * 100).shape == (100, 101, 3)
     with pytest.raises(ImageTooLarge, match="10100 pixels"):
         decode_image(data, max_pixels=101 * 100 - 1)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height (its checksum mended)."""
+    data = bytearray(encode(Image.new("L", (1, 1))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_images_beyond_pillows_own_guard_get_the_servers_message():
+    with pytest.raises(ImageTooLarge, match="50000000 pixels; the limit is 40000000 pixels"):
+        decode_image(png_claiming(50000, 1000), max_pixels=40_000_000)
+    # Past Pillow's decompression-bomb guard Pillow refuses it first; the message is still ours.
+    with pytest.raises(ImageTooLarge, match=f"more than {PILLOW_MAX_PIXELS} pixels; the limit is 40000000 pixels"):
+        decode_image(png_claiming(20000, 10000), max_pixels=40_000_000)
 
 
 @pytest.mark.parametrize("data", [b"", b"GIF89a not really", encode(Image.new("RGB", (64, 64)))[:60]])

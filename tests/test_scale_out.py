@@ -118,6 +118,10 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             for endpoint in ("/upload_rle", "/upload"):
                 status, _, body = post_image(url + endpoint, path.read_bytes(), path.name, timeout_s=120)
                 assert (status, body) == flask_answer(flask_client, endpoint, path.read_bytes()), (path.name, endpoint)
+        data = (image_files / "a.jpg").read_bytes()
+        for endpoint in ("/upload_rle?format=coco", "/upload?format=coco"):
+            answer = post_image(url + endpoint, data, "a.jpg", timeout_s=120)
+            assert (answer[0], answer[2]) == flask_answer(flask_client, endpoint, data), endpoint
         # Prompts: /embed, then /segment by id and in one multipart request.
         from tools.load_test import post
 

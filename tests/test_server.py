@@ -212,10 +212,17 @@ def test_unknown_mode_is_refused():
 
 
 def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
-    result = run_server_expecting_exit(str(tmp_path), "large", "--checkpoint-url", "http://127.0.0.1:9")
+    folder = tmp_path / "sam2"
+    result = run_server_expecting_exit(str(folder), "large", "--checkpoint-url", "http://127.0.0.1:9")
     assert "sam2.1_hiera_large.pt" in result.stderr
     assert "http://127.0.0.1:9/sam2.1_hiera_large.pt" in result.stderr
     assert "curl -L -o" in result.stderr
+    assert not folder.exists()  # nothing left behind by a download that never started
+
+
+def test_pixel_limit_beyond_what_pillow_opens_is_refused():
+    result = run_server_expecting_exit("--max-pixels", "300000000")
+    assert "--max-pixels must be between 1 and 178956970" in result.stderr
 
 
 def test_checkpoint_dir_without_model_type_is_refused(tmp_path):

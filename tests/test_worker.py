@@ -56,6 +56,12 @@ class StubGenerator:
     def generate(self, image):
         return self.generate_batch([image])[0]
 
+    def annotate_batch(self, images):
+        """Records as Generator.annotate; the batch is recorded with its values negated."""
+        masks = self.generate_batch(images)
+        self.batches[-1] = [-value for value in self.batches[-1]]
+        return [[{"segmentation": rle, "area": 1} for rle in image_masks] for image_masks in masks]
+
 
 def submit_in_threads(worker, values):
     """Submits each value's image from its own thread; returns {value: answer or exception}."""
@@ -99,6 +105,37 @@ def test_worker_batches_queued_images_and_answers_each_its_own():
     assert sorted(sum(stub.batches, [])) == [1, 2, 3, 4, 5]
     for value, answer in answers.items():
         assert answer == [{"size": [8, 6], "counts": [value, 1]}]
+
+
+def test_mask_records_are_batched_apart_from_masks_and_counted():
+    stub = StubGenerator()
+    observed = []
+    worker = InferenceWorker(batch_size=4, max_queue=10,
+                             observe_batch=lambda size, masks: observed.append((size, masks)))
+    worker.start(stub)
+    stub.gate.clear()
+    first, first_threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    records = {}
+
+    def annotate(value):
+        records[value] = worker.submit(image_of(value), annotate=True)
+
+    threads = [threading.Thread(target=annotate, args=(value,)) for value in (2, 3)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: worker.queue_depth == 2)
+    plain, plain_threads = submit_in_threads(worker, [4])
+    wait_for(lambda: worker.queue_depth == 3)
+    stub.gate.set()
+    for thread in first_threads + threads + plain_threads:
+        thread.join(timeout=30)
+    # The three queued jobs in one take: the plain image, then the two annotated ones together.
+    assert stub.batches == [[1], [4], [-2, -3]]
+    assert records == {value: [{"segmentation": {"size": [8, 6], "counts": [value, 1]}, "area": 1}]
+                       for value in (2, 3)}
+    assert plain[4] == [{"size": [8, 6], "counts": [4, 1]}]
+    assert observed == [(1, [1]), (1, [1]), (2, [1, 1])]
 
 
 def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():

@@ -86,11 +86,37 @@ def summarize(comparisons: list[ImageComparison]) -> Summary:
     )
 
 
-def masks_of(result: dict, where: str) -> list[RLE]:
-    """The masks of one /upload_rle answer, in order mask_0, mask_1, ..."""
-    if "error" in result or not all(key.startswith("mask_") for key in result):
+def masks_of(result: object, where: str) -> list[RLE]:
+    """The masks of one /upload_rle answer, in order mask_0, mask_1, ..., each checked to be an
+    uncompressed RLE of its size (pycocotools runs forever on counts that do not add up)."""
+    if (not isinstance(result, dict) or "error" in result
+            or not all(key.startswith("mask_") and key[5:].isdigit() for key in result)):
         raise ValueError(f"{where} is not a mask result: {json.dumps(result)[:200]}")
-    return [result[key] for key in sorted(result, key=lambda key: int(key.split("_", 1)[1]))]
+    masks = [result[key] for key in sorted(result, key=lambda key: int(key[5:]))]
+    for index, rle in enumerate(masks):
+        check_rle(rle, f"{where}, mask_{index}")
+        if rle["size"] != masks[0]["size"]:
+            raise ValueError(f"{where}, mask_{index}: size {rle['size']}, mask_0's is {masks[0]['size']}")
+    return masks
+
+
+def check_rle(rle: object, where: str) -> None:
+    """An uncompressed COCO RLE: {"size": [h, w], "counts": [...]} whose counts add up to h * w."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    counts = rle.get("counts") if isinstance(rle, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(type(n) is int and n >= 0 for n in size)):
+        raise ValueError(f"{where}: expected an RLE with a size [h, w] of whole numbers")
+    if not (isinstance(counts, list) and all(type(n) is int and n >= 0 for n in counts)):
+        raise ValueError(f"{where}: expected counts as a list of whole numbers (uncompressed RLE)")
+    if sum(counts) != size[0] * size[1]:
+        raise ValueError(f"{where}: counts add up to {sum(counts)}, not {size[0]} x {size[1]} = {size[0] * size[1]}")
+
+
+def parse_line(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{where} is not JSON: {error}") from None
 
 
 def load_results(path: str | Path) -> list[tuple[str, list[RLE]]]:
@@ -101,9 +127,9 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE]]]:
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
-        return [(file.name, masks_of(json.loads(file.read_text()), str(file))) for file in files]
+        return [(file.name, masks_of(parse_line(file.read_text(), str(file)), str(file))) for file in files]
     lines = path.read_text().splitlines()
-    return [(f"line {i + 1}", masks_of(json.loads(line), f"line {i + 1} of {path}"))
+    return [(f"line {i + 1}", masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}"))
             for i, line in enumerate(lines) if line.strip()]
 
 

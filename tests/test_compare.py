@@ -111,3 +111,23 @@ def test_error_answers_are_reported(tmp_path):
     candidate = write_lines(tmp_path / "candidate", [{"error": "the uploaded file is empty"}])
     result = run_tool(reference, candidate)
     assert result.returncode != 0 and "line 1" in result.stderr and "not a mask result" in result.stderr
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"mask_0": {"size": [2, 2], "counts": [1, 2]}}', "mask_0: counts add up to 3, not 2 x 2 = 4"),
+    ('{"mask_0": {"size": [2, 2], "counts": "PQ1"}}', "mask_0: expected counts as a list"),
+    ('{"mask_0": {"size": [2, 2], "counts": [4]}, "mask_1": {"size": [1, 4], "counts": [4]}}',
+     "mask_1: size [1, 4], mask_0's is [2, 2]"),
+    ('{"mask_0": {"size": [2, 2], "counts": [1, 3]}', "is not JSON"),
+    ('[1, 2]', "not a mask result"),
+])
+def test_malformed_results_are_refused_before_pycocotools_reads_them(tmp_path, line, words):
+    """pycocotools runs forever on counts that do not add up to the mask's size: such a line is
+    an error naming the line and the mask, never a hang."""
+    from sam2serve.compare import load_results
+
+    path = tmp_path / "results"
+    path.write_text('{"mask_0": {"size": [2, 2], "counts": [1, 3]}}\n' + line + "\n")
+    with pytest.raises(ValueError, match="line 2 of") as error:
+        load_results(path)
+    assert words in str(error.value)

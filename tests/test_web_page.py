@@ -116,6 +116,19 @@ def test_page_says_which_model_runs(browser, server):
     assert note.is_displayed() and "demo model" in note.text
 
 
+def test_a_server_without_prompts_says_why_the_click_tool_is_off(browser, tmp_path):
+    process, url = start_server("--fast", "--furious", log_path=tmp_path / "server.log")
+    try:
+        browser.get(url + "/")
+        wait_for(browser, lambda d: "fast_furious" in d.find_element(By.ID, "server-info").text)
+        radio = browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]")
+        assert not radio.is_enabled()
+        assert "not in mode fast_furious" in browser.find_element(By.ID, "tool").text  # on screen, not in a tooltip
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_every_mask_of_upload_rle_is_drawn(uploaded, server):
     answer = json.loads(server_answer(server, EXAMPLE))
     assert len(answer) >= 5  # the demo model finds the example's shapes
@@ -181,7 +194,10 @@ def test_click_mask_equals_segment_answer(uploaded, server):
     assert shown["results"][0]["masks"][0]["size"] == list(Image.open(EXAMPLE).size[::-1])
     uploaded.find_element(By.ID, "clear-clicks").click()
     wait_for(uploaded, lambda d: page_state(d, "clickAnswer") is None)
+    assert status(uploaded).startswith("Click: a point on the object")  # not the cleared mask's figures
     uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    assert " masks in " in status(uploaded)  # the every-mask tool's own status again
+    assert not uploaded.find_element(By.ID, "clear-clicks").is_enabled()
 
 
 def downloaded(directory: Path, name: str) -> bytes:
@@ -210,6 +226,12 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     open_image(uploaded, not_an_image)
     wait_for(uploaded, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "not an image format Pillow can read" in uploaded.find_element(By.ID, "error").text
+    # The previous image and its masks are gone, and the click tool waits for an image.
+    assert "has-image" not in uploaded.find_element(By.ID, "viewer").get_attribute("class")
+    assert page_state(uploaded, "labels") is None and page_state(uploaded, "width") == 0
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    assert status(uploaded) == "Open an image first." and page_state(uploaded, "embedding") is None
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
     too_large = tmp_path / "large.png"
     Image.new("RGB", (1200, 1000), "white").save(too_large)
@@ -232,6 +254,19 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     open_image(uploaded, EXAMPLE)  # and the next image works
     wait_for(uploaded, lambda d: " masks in " in status(d))
     assert not uploaded.find_element(By.ID, "error").is_displayed()
+
+
+def test_a_narrow_window_puts_the_image_above_the_list(uploaded):
+    open_image(uploaded, EXAMPLE)
+    wait_for(uploaded, lambda d: " masks in " in status(d))
+    uploaded.set_window_size(420, 900)
+    try:
+        wait_for(uploaded, lambda d: d.find_element(By.ID, "image-canvas").size["width"] > 300, timeout=10)
+        canvas, aside = (uploaded.find_element(By.CSS_SELECTOR, selector) for selector in ("#image-canvas", "aside"))
+        assert aside.location["y"] >= canvas.location["y"] + canvas.size["height"]  # the list below the image
+        uploaded.save_screenshot(str(ARTIFACTS / "web-page-narrow.png"))
+    finally:
+        uploaded.set_window_size(1400, 1000)
 
 
 def test_many_masks_on_a_large_image_are_decoded_and_drawn(uploaded):

@@ -9,6 +9,8 @@
 
 const $ = (id) => document.getElementById(id);
 const MASK_ALPHA = 150; // of 255: the photo shows through
+const LARGE_MASK_ALPHA = 60; // masks over half the image (the background, mostly): lighter
+const CLICK_HELP = "Click: a point on the object; right click or shift-click: a point off it; drag: a box.";
 const EDGE_ALPHA = 255;
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
 
@@ -34,6 +36,7 @@ const state = {
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
   segmentSequence: 0,
+  everythingStatus: "No image yet.", // the every-mask tool's status line, shown again on return to it
 };
 
 // --- Talking to the server ------------------------------------------------------------------
@@ -148,7 +151,10 @@ async function loadHealth() {
   if (info.prompts === false) {
     const radio = document.querySelector("input[name=tool][value=click]");
     radio.disabled = true;
-    radio.parentElement.title = `mode ${info.mode} does not run prompts (half precision)`;
+    const why = document.createElement("span");
+    why.className = "hint";
+    why.textContent = ` (not in mode ${info.mode}: half precision runs no prompts)`;
+    radio.parentElement.append(why);
   }
 }
 
@@ -226,7 +232,8 @@ function drawMasks() {
   const context = canvas.getContext("2d");
   const image = context.createImageData(w, h);
   const pixels = new Uint32Array(image.data.buffer);
-  const fill = state.colours.map((c) => packed(c, MASK_ALPHA));
+  const fill = state.colours.map((c, i) =>
+    packed(c, state.annotations[i].area > (w * h) / 2 ? LARGE_MASK_ALPHA : MASK_ALPHA));
   const edge = state.colours.map((c) => packed(c.map((v) => v >> 1), EDGE_ALPHA));
   for (let x = 0; x < w; x++) {
     const column = x * h;
@@ -303,6 +310,7 @@ function paintMask(context, counts, rgb) {
 // --- One image ---------------------------------------------------------------------------
 
 function resetImage() {
+  clearInterval(ticker);
   Object.assign(state, {
     annotations: [], counts: [], cocoText: "", labels: null, colours: [], hovered: -1, selected: -1,
     imageId: null, embedding: null, clicks: [], box: null, clickPrompt: null, clickAnswer: null,
@@ -312,32 +320,56 @@ function resetImage() {
   for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks"]) $(id).disabled = true;
 }
 
+// The previous image and its masks leave the viewer as soon as another is opened: a refused
+// upload must not leave them looking like its answer.
+function clearViewer() {
+  state.width = 0;
+  state.height = 0;
+  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+    $(id).width = 0;
+    $(id).height = 0;
+    $(id).style.width = $(id).style.height = "";
+  }
+  $("viewer").classList.remove("has-image");
+}
+
 async function openFile(file) {
   if (!file) return;
   const generation = ++state.generation;
   resetImage();
+  clearViewer();
   state.file = file;
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
   const done = busy(`Segmenting ${file.name || "the pasted image"}…`);
+  const decoded = createImageBitmap(file).catch(() => null);
+  decoded.then((bitmap) => { // the picture first, its masks when the server answers
+    if (bitmap && generation === state.generation && !state.width) showImage(bitmap);
+  });
   try {
     const [text, bitmap] = await Promise.all([
       request("/upload_rle?format=coco", { method: "POST", body: imageForm() }),
-      createImageBitmap(file).catch(() => null),
+      decoded,
     ]);
     if (generation !== state.generation) return;
     const serverMs = done();
     if (!bitmap) throw new Error("The server read this image, but the browser cannot show it: convert it to PNG or JPEG.");
-    showImage(bitmap);
+    if (!state.width) showImage(bitmap);
     showMasks(text);
-    setStatus(`${state.annotations.length} masks in ${(serverMs / 1000).toFixed(2)} s ` +
+    showEverythingStatus(`${state.annotations.length} masks in ${(serverMs / 1000).toFixed(2)} s ` +
       `(drawn in ${Math.round(state.renderMs)} ms)`);
     if (tool() === "click") await embed();
   } catch (error) {
     if (generation !== state.generation) return;
     done();
-    setStatus(state.labels ? "" : "No masks.");
+    state.labels = null; // no masks: the click tool stays off for this image
+    showEverythingStatus(state.width ? "No masks for this image." : "No image.");
     showError(error.message);
   }
+}
+
+function showEverythingStatus(text) {
+  state.everythingStatus = text;
+  if (tool() === "everything") setStatus(text);
 }
 
 function showImage(bitmap) {
@@ -355,7 +387,9 @@ function showImage(bitmap) {
 // Shows the image as large as the window allows beside the list (small images up to 4x).
 function fitToWindow() {
   if (!state.width) return;
-  const width = document.querySelector("main").clientWidth - document.querySelector("aside").offsetWidth - 24;
+  const main = document.querySelector("main");
+  const stacked = getComputedStyle(main).flexDirection === "column"; // narrow screens: the list below
+  const width = main.clientWidth - (stacked ? 4 : document.querySelector("aside").offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
   const scale = Math.min(width / state.width, height / state.height, 4);
   for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
@@ -399,6 +433,12 @@ function listMasks() {
       `<td>${state.annotations[i].predicted_iou.toFixed(3)}</td>`;
     return row;
   });
+  if (!rows.length) {
+    const row = document.createElement("tr");
+    row.className = "empty";
+    row.innerHTML = '<td colspan="4">No mask passed the server\'s filters (predicted IoU and stability).</td>';
+    rows.push(row);
+  }
   $("mask-list").tBodies[0].replaceChildren(...rows);
 }
 
@@ -447,7 +487,7 @@ function tool() {
 // The image id of the current image, encoding it once on the server.
 function embed() {
   if (state.imageId) return Promise.resolve(state.imageId);
-  if (!state.file) return Promise.resolve(null);
+  if (!state.labels) return Promise.resolve(null); // no image, or one the server refused
   if (state.embedding) return state.embedding;
   const generation = state.generation;
   const done = busy("Encoding the image for clicks…");
@@ -456,12 +496,13 @@ function embed() {
       if (generation !== state.generation) return null;
       state.imageId = JSON.parse(text).image_id;
       const ms = done();
-      setStatus(`Image encoded in ${Math.round(ms)} ms. Click: a point on the object; right click or ` +
-        "shift-click: a point off it; drag: a box.");
+      if (tool() === "click") setStatus(`Image encoded in ${Math.round(ms)} ms. ${CLICK_HELP}`);
       return state.imageId;
     })
     .catch((error) => {
+      if (generation !== state.generation) return null; // its spinner already belongs to a newer image
       done();
+      setStatus("The image could not be encoded for clicks.");
       showError(error.message);
       return null;
     })
@@ -485,6 +526,8 @@ async function segment(retried = false) {
   $("clear-clicks").disabled = !state.clicks.length && !state.box;
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
+    state.segmentSequence += 1; // an answer still on its way is for clicks no longer there
+    if (state.imageId) setStatus(CLICK_HELP);
     drawHighlight();
     return;
   }
@@ -539,14 +582,19 @@ function drawClickLayer(context) {
 
 function setTool() {
   const click = tool() === "click";
+  document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
+  $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
   $("mask-canvas").style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
   drawHighlight();
-  if (click && state.file) embed();
+  if (!click) setStatus(state.everythingStatus);
+  else if (state.imageId) setStatus(CLICK_HELP);
+  else if (state.labels) embed();
+  else setStatus("Open an image first.");
 }
 
 // --- Pointer -------------------------------------------------------------------------------
@@ -562,7 +610,7 @@ function imagePoint(event) {
 let press = null;
 
 function onPointerDown(event) {
-  if (!state.labels && !state.file) return;
+  if (!state.labels) return; // no image yet, or the server refused it
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey };
   event.preventDefault();
 }
@@ -660,7 +708,7 @@ function init() {
   const rows = $("mask-list").tBodies[0];
   rows.addEventListener("click", (event) => {
     const row = event.target.closest("tr");
-    if (row) select(Number(row.dataset.index));
+    if (row && row.dataset.index !== undefined && tool() === "everything") select(Number(row.dataset.index));
   });
   rows.addEventListener("mouseover", (event) => {
     const row = event.target.closest("tr");

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     add_device_option(parser)
+    parser.add_argument("--threads", type=int,
+                        help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
+                        "work also uses, fewer than the cores the server has to itself (docs/performance.md)")
     add_option(parser, "max_upload_mb", type=float, default=Limits.max_upload_bytes / 2**20,
                help="larger uploads get 413")
     add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--request-timeout positive")
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.embedding_cache_mb < 0:
         parser.error("--embedding-cache-mb must be 0 (no cache) or more")
     args.amg = amg_config(parser, args, mode)
@@ -103,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    set_up_cpu_process(args.device)  # before any thread starts: they share the main heap and flush denormals
+    # Before any thread starts: they share the main heap, flush denormals, and use these threads.
+    set_up_cpu_process(args.device, args.threads)
     mode = get_mode(args.mode)
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}

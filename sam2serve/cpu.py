@@ -1,6 +1,7 @@
-"""Process settings for serving on a CPU: memory a request frees is kept for the next one, and
-denormal floats are read and written as zero. `set_up_cpu_process` applies both; server.py
-calls it first thing, before the process starts any thread, and load_pipeline again.
+"""Process settings for serving on a CPU: memory a request frees is kept for the next one,
+denormal floats are read and written as zero, and torch's thread count is set where asked.
+`set_up_cpu_process` applies them; server.py calls it first thing, before the process starts any
+thread, and load_pipeline again.
 
 Freed memory. On a CPU, tensors live in plain malloc'd memory. glibc serves an allocation above
 its mmap threshold (at most 32 MB by default) with fresh pages from the kernel and hands them
@@ -21,6 +22,14 @@ them and 2.2 ms flushed, and ao's whole request a fifth less time (docs/performa
 (tests/test_cpu.py). The setting is per thread (the x86 MXCSR register) and a thread inherits it
 from the thread that starts it, so it is set before the process starts threads: the thread pool
 of parallel operations and any model thread then have it too.
+
+Threads. torch runs a parallel operation on one thread per core by default, and its threads
+wait for each other at the end of every operation (thousands per request). Where other work
+keeps a core busy, the thread that shares that core holds the others up at each of those waits:
+on 2 cores with one busy process beside the server, the default model's request took 6 to 9 s
+instead of 1.1, and 1.7 s with one thread (docs/performance.md, "Other work on the same cores").
+So a server on cores it shares is started with fewer threads than the cores it has to itself
+(server.py --threads).
 """
 
 import ctypes
@@ -73,10 +82,14 @@ def flush_denormals() -> bool:
     return flushed
 
 
-def set_up_cpu_process(device: str | torch.device = "cpu") -> None:
-    """Both settings, for this process, where it runs the model on a CPU (nothing for other
-    devices): call before it starts threads."""
+def set_up_cpu_process(device: str | torch.device = "cpu", threads: int | None = None) -> None:
+    """The settings, for this process, where it runs the model on a CPU (nothing for other
+    devices): call before it starts threads. threads: torch's threads for parallel operations
+    (None: as they are, one per core unless set before)."""
     if torch.device(device).type != "cpu":
         return
     keep_freed_memory()
     flush_denormals()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("CPU threads: %d for the model's parallel operations", threads)

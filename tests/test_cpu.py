@@ -93,6 +93,24 @@ def test_denormals_are_flushed_on_threads_started_after_the_set_up():
     assert nonzero_denormals("set-up") == [0, 0]
 
 
+THREADS_OF_A_MODEL_THREAD = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from sam2serve.cpu import set_up_cpu_process
+set_up_cpu_process("cpu", None if sys.argv[1] == "default" else int(sys.argv[1]))
+set_up_cpu_process("cpu")  # load_pipeline's call, without a thread count, changes nothing
+with ThreadPoolExecutor(1) as pool:  # a model thread started after the set-up
+    print(torch.get_num_threads(), pool.submit(torch.get_num_threads).result())
+"""
+
+
+def test_the_thread_count_asked_for_holds_on_threads_started_after_the_set_up():
+    default = [int(n) for n in fresh_process_output(THREADS_OF_A_MODEL_THREAD, "default").split()]
+    assert default[0] == default[1] >= 1  # torch's own choice: one per core
+    assert fresh_process_output(THREADS_OF_A_MODEL_THREAD, "1").split() == ["1", "1"]
+
+
 FLUSHING_ON_THE_MICRO_MODEL = """
 import numpy as np
 import torch

@@ -110,8 +110,8 @@ class SegmentEverything:
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by server.py's functions."""
         mode = self.pipeline.mode.name
+        require_segmenter(self.segmenter, mode)
         if path == "/segment" and request.headers.get("content-type", "").startswith("application/json"):
-            require_segmenter(self.segmenter, mode)
             try:
                 payload = json.loads(await request.body())
             except ValueError:

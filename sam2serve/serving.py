@@ -381,8 +381,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
         worker.require_ready()
+        require_segmenter(worker.segmenter, info.get("mode"))
         if request.mimetype == "application/json":
-            require_segmenter(worker.segmenter, info.get("mode"))
             image_id, prompts = segment_payload(request.get_json(silent=True))
             embedding = cached_embedding(cache, image_id)
         else:

@@ -502,7 +502,7 @@ function embed() {
     .catch((error) => {
       if (generation !== state.generation) return null; // its spinner already belongs to a newer image
       done();
-      setStatus("The image could not be encoded for clicks.");
+      setStatus(tool() === "click" ? "The image could not be encoded for clicks." : state.everythingStatus);
       showError(error.message);
       return null;
     })

@@ -129,9 +129,11 @@ class Pipeline:
 
     @property
     def info(self) -> dict:
-        """What GET /health shows."""
+        """What GET /health shows (on a CPU with torch's thread count: sam2serve/cpu.py says why it matters)."""
+        device = self.loaded.model.device
+        threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
         return {"mode": self.mode.name, "model": self.loaded.description, "weights": self.loaded.weights,
-                "device": str(self.loaded.model.device), "kernels": self.kernels, "prompts": self.runs_prompts,
+                "device": str(device), **threads, "kernels": self.kernels, "prompts": self.runs_prompts,
                 "amg": asdict(self.config)}
 
 

@@ -70,7 +70,7 @@ def servers(tiny_checkpoint_dir, tmp_path_factory):
     started = {
         "ao": start_server(str(tiny_checkpoint_dir), "tiny", *KEEP_EVERY_CANDIDATE, log_path=logs / "ao.log"),
         "baseline": start_server(str(tiny_checkpoint_dir), "tiny", *KEEP_EVERY_CANDIDATE, "--baseline",
-                                 log_path=logs / "baseline.log"),
+                                 "--threads", "1", log_path=logs / "baseline.log"),
     }
     yield {mode: url for mode, (_, url) in started.items()}
     for process, _ in started.values():
@@ -107,6 +107,9 @@ def test_health_reports_mode_and_random_weights(servers):
     assert info["prompts"] is True
     assert info["amg"]["points_per_side"] == 4
     assert info["kernels"] == "sam2's SAM2AutomaticMaskGenerator"
+    assert info["threads"] == 1  # --threads 1; the ao server keeps torch's own count
+    with urllib.request.urlopen(servers["ao"] + "/health") as response:
+        assert json.load(response)["threads"] >= 1
 
 
 def test_web_page_and_its_files_are_served(servers):

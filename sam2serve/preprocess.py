@@ -39,7 +39,7 @@ class ImageTooLarge(ValueError):
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decodes image file bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
     if not data:
-        raise InvalidImage("the uploaded file is empty")
+        raise InvalidImage("the file is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -56,7 +56,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageTooLarge(f"image has more than {PILLOW_MAX_PIXELS} pixels; the limit is {max_pixels} pixels") \
             from error
     except UnidentifiedImageError as error:
-        raise InvalidImage("the uploaded file is not an image format Pillow can read") from error
+        raise InvalidImage("the file is not an image format Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
         raise InvalidImage(f"the image could not be decoded: {error}") from error
 

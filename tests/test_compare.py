@@ -108,7 +108,7 @@ def test_different_image_counts_are_an_error(tmp_path):
 
 def test_error_answers_are_reported(tmp_path):
     reference = write_lines(tmp_path / "reference", REFERENCE[:1])
-    candidate = write_lines(tmp_path / "candidate", [{"error": "the uploaded file is empty"}])
+    candidate = write_lines(tmp_path / "candidate", [{"error": "the file is empty"}])
     result = run_tool(reference, candidate)
     assert result.returncode != 0 and "line 1" in result.stderr and "not a mask result" in result.stderr
 

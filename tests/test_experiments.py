@@ -87,7 +87,7 @@ def test_bad_image_list_is_refused(micro_checkpoint_dir, tmp_path):
     (tmp_path / "paths").write_text(f"{tmp_path / 'notes.jpg'}\n")
     result = run_driver(tmp_path / "paths", tmp_path / "out", micro_checkpoint_dir)
     assert result.returncode != 0 and "1 of the 1 listed images cannot be read: " in result.stderr
-    assert "notes.jpg (the uploaded file is not an image format Pillow can read)" in result.stderr
+    assert "notes.jpg (the file is not an image format Pillow can read)" in result.stderr
     assert not (tmp_path / "out").exists()  # refused before any row ran
     (tmp_path / "empty").write_text("\n")
     result = run_driver(tmp_path / "empty", tmp_path / "out", micro_checkpoint_dir)

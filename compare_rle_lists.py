@@ -13,17 +13,19 @@ import csv
 import json
 import sys
 
-from sam2serve.cli import add_option
+from sam2serve.cli import HelpWithDefaults, add_option, require_output_file
 from sam2serve.compare import compare_results, format_float, summarize
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("reference", help="the reference results (usually the baseline's)")
     parser.add_argument("candidate", help="the results to compare with the reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
+    if args.per_image_csv:
+        require_output_file(parser, args.per_image_csv, "--per-image-csv")
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets

@@ -27,8 +27,11 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
-from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointUnavailable, ensure_checkpoint, load_model
-from sam2serve.cli import HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, read_image_paths
+from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointError, ensure_checkpoint, load_model
+from sam2serve.cli import (
+    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, read_image_paths,
+    require_output_folder, set_up_logging,
+)
 from sam2serve.compare import compare_results, format_float, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, ImageTooLarge, InvalidImage, decode_image, read_image_file
@@ -103,12 +106,29 @@ def measured_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
         if stats["settings"] == settings:
             log.info("%s: already done with the same settings, skipped", label)
             return stats
+        log.info("%s: %s holds a run with other settings (%s); running again, replacing it", label, row_dir,
+                 ", ".join(settings_changed(stats["settings"], settings)))
     row_dir.mkdir(parents=True, exist_ok=True)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        stats = pool.submit(run_row, row, settings, row_dir, label).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            stats = pool.submit(run_row, row, settings, row_dir, label).result()
+    except BaseException:
+        if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
+            row_dir.rmdir()
+        raise
     stats_path.write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def settings_changed(before: dict, now: dict) -> list[str]:
+    """The settings that differ, named as the options are: "points_per_side 8 -> 4"."""
+    flat_before, flat_now = ({**s, **s.get("amg", {})} for s in (before, now))
+    changed = []
+    for key in sorted(set(flat_before) | set(flat_now)):
+        if key != "amg" and flat_before.get(key) != flat_now.get(key):
+            changed.append("the image list" if key == "images" else f"{key} {flat_before.get(key)} -> {flat_now.get(key)}")
+    return changed
 
 
 def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, row_dir: Path) -> dict:
@@ -164,6 +184,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args(argv)
+    require_output_folder(parser, args.output_folder, "output_folder")
     return args, {name: amg_config(parser, args, mode) for name, mode in MODES.items()}
 
 
@@ -190,12 +211,12 @@ def existing_image_paths(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_up_logging()
     args, configs = parse_args(argv)
     image_paths = existing_image_paths(args.image_paths_file)
     try:
         checkpoint = ensure_checkpoint(args.checkpoint_dir, args.model_type)
-    except CheckpointUnavailable as error:
+    except CheckpointError as error:
         sys.exit(f"error: {error}")
     output = Path(args.output_folder)
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
@@ -210,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
             "device": args.device, "amg": asdict(config_for_row),
             "images": [str(Path(p).resolve()) for p in image_paths], "torch_version": torch.__version__,
         }
-        stats = measured_row(row, settings, output / name, f"row {index + 1}/{len(rows)} {name}")
+        try:
+            stats = measured_row(row, settings, output / name, f"row {index + 1}/{len(rows)} {name}")
+        except CheckpointError as error:  # a file that is not a checkpoint of that size
+            sys.exit(f"error: {error}")
         lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
 
     write_csv(lines, output / "result.csv")

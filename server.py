@@ -20,10 +20,10 @@ from dataclasses import asdict
 
 
 from sam2serve.cpu import set_up_cpu_process
-from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointUnavailable
+from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments,
+    check_checkpoint_arguments, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_up_logging()
     args = parse_args(argv)
     # Before any thread starts: they share the main heap, flush denormals, and use these threads.
     set_up_cpu_process(args.device, args.threads)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                                  save_fast=args.save_fast, load_fast=args.load_fast,
                                  checkpoint_url=args.checkpoint_url, batch_size=args.batch_size,
                                  compile_mode=args.compile_mode)
-    except (CheckpointUnavailable, PackageMismatch) as error:
+    except (CheckpointError, PackageMismatch) as error:
         http.close()
         sys.exit(f"error: {error}")
     info.update(pipeline.info)  # the model, its weights, whether it runs prompts

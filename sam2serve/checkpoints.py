@@ -91,8 +91,17 @@ MODEL_TYPE_ALIASES = {"plus": "base_plus", "b+": "base_plus", "t": "tiny", "s": 
 MODEL_TYPE_CHOICES = sorted(MODEL_SIZES) + sorted(MODEL_TYPE_ALIASES)
 
 
-class CheckpointUnavailable(RuntimeError):
-    """A checkpoint is missing and could not be downloaded; the message says what to do."""
+class CheckpointError(Exception):
+    """A checkpoint that cannot be had or used; the message says what to do."""
+
+
+class CheckpointUnavailable(CheckpointError, RuntimeError):
+    """A checkpoint is missing and could not be downloaded."""
+
+
+class WrongCheckpoint(CheckpointError, ValueError):
+    """A file that is not a SAM2.1 checkpoint of the size asked for: unreadable by torch, without
+    a "model" entry, or with tensors that do not fit."""
 
 
 @dataclass(frozen=True)
@@ -237,14 +246,14 @@ def checkpoint_identity(path: Path) -> str:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, mismatch: str) -> torch.nn.Module:
-    """Loads a state dict strictly; a ValueError starting with `mismatch` says what does not fit."""
+    """Loads a state dict strictly; a WrongCheckpoint starting with `mismatch` says what does not fit."""
     mismatch = f"{mismatch} (is it a checkpoint of another size?)"
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # tensors of other shapes
-        raise ValueError(f"{mismatch}: {str(error)[:500]}") from error
+        raise WrongCheckpoint(f"{mismatch}: {str(error)[:500]}") from error
     if missing or unexpected:
-        raise ValueError(
+        raise WrongCheckpoint(
             f"{mismatch}: {len(missing)} missing tensors (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
@@ -255,9 +264,16 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     """Builds the model of that size and loads the checkpoint's weights, strictly."""
     size = model_size(model_type)
     path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" not in checkpoint:
-        raise ValueError(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 (torch.load's errors for a file it cannot read are of many kinds)
+        raise WrongCheckpoint(f"{path} is not a torch checkpoint, or it is damaged (torch.load: "
+                              f"{type(error).__name__}); if it was downloaded, delete it and download it again") \
+            from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise WrongCheckpoint(f"{path} is not a SAM2 checkpoint: it has no 'model' entry")
     model = load_weights(build_model(size), checkpoint["model"], f"{path} does not fit SAM2.1 {size.name}")
     random_init = checkpoint.get("random_init")
     loaded = LoadedModel(

@@ -1,14 +1,24 @@
 """Command-line pieces shared by the scripts: the checkpoint arguments, the device, the
-mask-generation options, and image-path lists."""
+mask-generation options, image-path lists, counts, output paths and the log.
+
+A mistake the user can fix (a count of 0, a missing image, a file where a folder goes, a
+checkpoint that cannot be had) ends a script with one line saying so, before any long work, not
+with a traceback or after it."""
 
 import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .amg import AMGConfig
-from .checkpoints import MODEL_TYPE_CHOICES, require_checkpoint_pair
+from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
 from .modes import Mode, compiles, mode_config
+from .preprocess import ImageTooLarge, InvalidImage, read_image_file
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
@@ -30,8 +40,9 @@ CHECKPOINT_DIR_HELP = ("folder with sam2.1_hiera_<size>.pt (downloaded there if 
                        "type to use the project's trained micro model (models/)")
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, where it has one to show (not None, not a flag's off)."""
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one to show (not None, not a flag's off),
+    and the description (a script's docstring, with its example commands) as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
@@ -61,6 +72,76 @@ def check_checkpoint_arguments(parser: argparse.ArgumentParser, args: argparse.N
         require_checkpoint_pair(args.checkpoint_dir, args.model_type)
     except ValueError as error:
         parser.error(str(error))
+
+
+def checkpoint_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, str]:
+    """(checkpoint file, model type) the arguments name, downloaded if missing (run_script turns
+    a failure into its reason)."""
+    check_checkpoint_arguments(parser, args)
+    return resolve_checkpoint(args.checkpoint_dir, args.model_type)
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
+    saying why and what to do, not a traceback."""
+    try:
+        main()
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (images, rounds, steps, clients): a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def read_images(parser: argparse.ArgumentParser, paths: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(path, RGB array) of each image file; one that is missing or not an image is a usage error
+    naming it."""
+    images = []
+    for path in paths:
+        try:
+            images.append((path, read_image_file(path)))
+        except OSError as error:
+            parser.error(f"{path}: {error.strerror or error}")
+        except (InvalidImage, ImageTooLarge) as error:
+            parser.error(f"{path}: {error}")
+    return images
+
+
+def require_output_folder(parser: argparse.ArgumentParser, path: str | Path, option: str) -> Path:
+    """An output folder that can be made (or exists): checked before the work whose results it
+    will hold, made only when they are written."""
+    path = Path(path).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                parser.error(f"{option} {path}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                parser.error(f"{option} {path}: {folder} is not writable")
+            break
+    return path
+
+
+def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str) -> Path:
+    """An output file that can be written: not a folder, in a folder that exists."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        parser.error(f"{option} {path}: a folder, not a file")
+    if not path.parent.is_dir():
+        parser.error(f"{option} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
 
 def default_device() -> str:
@@ -105,8 +186,7 @@ def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
 def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> AMGConfig:
     """The AMGConfig the options describe for a mode on args.device (a fast mode's points per
     batch depend on whether its kernels are compiled: see modes.compiles)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    require_device(parser, args.device)
     try:
         asked = [getattr(args, name, None) for name in ("compile_mode", "save_fast", "load_fast")]
         compiled = compiles(mode, args.device, *asked)
@@ -117,7 +197,28 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
 
 def read_image_paths(paths_file: str | Path) -> list[str]:
     """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
-    paths = [line.strip() for line in Path(paths_file).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(paths_file).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{paths_file} is not a text file of image paths, one per line") from None
+    paths = [line.strip() for line in text.splitlines() if line.strip()]
     if not paths:
         raise ValueError(f"{paths_file} lists no images")
     return paths
+
+
+class Sam2ImageChatter(logging.Filter):
+    """Drops the INFO lines the sam2 package logs on the root logger for every image ("Computing
+    image embeddings for the provided image...", three per image): noise in a server's, a
+    benchmark's or a training run's log. Its warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_sam2 = record.name == "root" and f"{os.sep}sam2{os.sep}" in record.pathname
+        return not (from_sam2 and record.levelno <= logging.INFO)
+
+
+def set_up_logging(format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """The scripts' log: INFO and above on stderr, without sam2's per-image lines."""
+    logging.basicConfig(level=logging.INFO, format=format, stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(Sam2ImageChatter())

@@ -127,10 +127,17 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE]]]:
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
-        return [(file.name, masks_of(parse_line(file.read_text(), str(file)), str(file))) for file in files]
-    lines = path.read_text().splitlines()
+        return [(file.name, masks_of(parse_line(read_text(file), str(file)), str(file))) for file in files]
+    lines = read_text(path).splitlines()
     return [(f"line {i + 1}", masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}"))
             for i, line in enumerate(lines) if line.strip()]
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file of results (one JSON per line, as /upload_rle answers)") from None
 
 
 def compare_results(reference_path: str | Path, candidate_path: str | Path) -> list[ImageComparison]:

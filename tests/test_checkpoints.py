@@ -9,6 +9,7 @@ import torch
 
 from sam2serve.checkpoints import (
     CheckpointUnavailable,
+    WrongCheckpoint,
     ensure_checkpoint,
     load_model,
     model_size,
@@ -43,14 +44,19 @@ def test_official_checkpoint_without_marker_loads_as_trained(tiny_checkpoint_dir
 
 
 def test_checkpoint_of_another_size_is_refused(tiny_checkpoint_dir):
-    with pytest.raises(ValueError, match="does not fit SAM2.1 small"):
+    with pytest.raises(WrongCheckpoint, match="does not fit SAM2.1 small"):
         load_model(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", "small", "cpu")
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"weights": {}}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with pytest.raises(WrongCheckpoint, match="no 'model' entry"):
         load_model(tmp_path / "x.pt", "tiny", "cpu")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(WrongCheckpoint, match="notes.pt is not a torch checkpoint, or it is damaged"):
+        load_model(tmp_path / "notes.pt", "tiny", "cpu")
+    with pytest.raises(FileNotFoundError):  # not there is another matter (downloads handle it)
+        load_model(tmp_path / "absent.pt", "tiny", "cpu")
 
 
 def test_model_type_names():

@@ -1,4 +1,5 @@
-"""reproduce_experiments.py end to end on CPU: a few images, every mode, a 2x2 grid.
+"""reproduce_experiments.py end to end on CPU: a few images, every mode, a 2x2 grid; and the
+scripts' answers to a user's mistakes (one line, no traceback).
 
 The random micro model (512-pixel input) keeps the fast modes' compilation short. Filters are
 off and NMS is at 1 so that random weights still give 12 masks per image.
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reproduce_experiments import RESULT_COLUMNS
+from reproduce_experiments import RESULT_COLUMNS, settings_changed
 from sam2serve.checkpoints import write_random_checkpoint
 
 from .conftest import make_scene
@@ -92,3 +93,50 @@ def test_bad_image_list_is_refused(micro_checkpoint_dir, tmp_path):
     (tmp_path / "empty").write_text("\n")
     result = run_driver(tmp_path / "empty", tmp_path / "out", micro_checkpoint_dir)
     assert result.returncode != 0 and "lists no images" in result.stderr
+    result = run_driver(REPO / "examples" / "shapes.jpg", tmp_path / "out", micro_checkpoint_dir)  # not a list
+    assert result.returncode != 0 and "shapes.jpg is not a text file of image paths" in result.stderr
+    result = run_driver(tmp_path / "paths", tmp_path / "notes.jpg", micro_checkpoint_dir)  # a file as output
+    assert result.returncode != 0 and "notes.jpg is a file, not a folder" in result.stderr
+
+
+def test_damaged_checkpoint_ends_the_study_with_what_to_do(tmp_path):
+    Image.fromarray(make_scene(40, 40, seed=0)).save(tmp_path / "image.jpg")
+    (tmp_path / "paths").write_text(f"{tmp_path / 'image.jpg'}\n")
+    (tmp_path / "sam2").mkdir()
+    (tmp_path / "sam2" / "sam2.1_hiera_micro.pt").write_bytes(b"PK\x03\x04 half a download")
+    result = run_driver(tmp_path / "paths", tmp_path / "out", tmp_path / "sam2")
+    assert result.returncode != 0
+    assert "sam2.1_hiera_micro.pt is not a torch checkpoint, or it is damaged" in result.stderr
+    assert not list((tmp_path / "out").glob("*"))  # no empty row folder
+
+
+def test_a_rerun_names_the_settings_that_changed():
+    before = {"model_type": "micro", "amg": {"points_per_side": 8, "box_nms_thresh": 0.7}, "images": ["a"]}
+    now = {"model_type": "micro", "amg": {"points_per_side": 4, "box_nms_thresh": 0.7}, "images": ["a", "b"]}
+    assert settings_changed(before, now) == ["the image list", "points_per_side 8 -> 4"]
+    assert settings_changed(before, before) == []
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
+    ("tools.benchmark", ["--images", "{tmp}/notes.jpg"], "notes.jpg: the file is not an image format"),
+    ("tools.benchmark", ["--save-masks", "{tmp}/notes.jpg/masks"], "notes.jpg is a file, not a folder"),
+    ("tools.benchmark", ["{tmp}", "micro", "--generated", "1"], "is not a torch checkpoint, or it is damaged"),
+    ("tools.benchmark_prompts", ["--images", "{tmp}/absent.jpg"], "absent.jpg: No such file or directory"),
+    ("training.train_micro_sam2", ["--save-every", "0"], "--save-every: must be 1 or more, got 0"),
+    ("training.train_micro_sam2", ["--init", "{tmp}/sam2.1_hiera_micro.pt", "--output", "{tmp}/out.pt"],
+     "is not a torch checkpoint, or it is damaged"),
+    ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
+    ("tools.load_test", ["127.0.0.1:5000", "{tmp}/notes.jpg"], "give the server as http://HOST:PORT"),
+])
+def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_path):
+    """A count of 0, a file that is not an image, a file where a folder goes, a damaged
+    checkpoint: the script says so in one line before any long work, never with a traceback."""
+    (tmp_path / "notes.jpg").write_text("not pixels")
+    (tmp_path / "sam2.1_hiera_micro.pt").write_bytes(b"PK\x03\x04 half a download")
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    result = subprocess.run([sys.executable, "-m", script, *arguments], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.pt").exists()

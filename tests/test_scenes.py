@@ -1,5 +1,7 @@
 """Generated scenes and the micro model's training: its step, logit calibration and file format."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,27 @@ def test_training_goes_on_from_a_calibrated_checkpoint_with_its_calibration_undo
                              model.sam_mask_decoder.output_hypernetworks_mlps):
         expected = original.layers[-1].weight.half().float() / 4.0
         torch.testing.assert_close(mlp.layers[-1].weight, expected)
+
+
+def test_an_interrupted_training_run_leaves_the_output_model_as_it_was(tmp_path, monkeypatch):
+    """Interim weights go beside --output (whose default is the committed model), never over it."""
+    output = tmp_path / "sam2.1_hiera_micro.pt"
+    output.write_bytes(b"the model before")
+    args = argparse.Namespace(seed=0, init=None, lr=1e-3, steps=2, save_every=1, output=output, images_per_step=1,
+                              points_per_image=2, photo_share=0.0, photo_from=0)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_micro_sam2, "calibrate_logit_scale", interrupted)  # right after the last step
+    with pytest.raises(KeyboardInterrupt):
+        train_micro_sam2.train(args)
+    assert output.read_bytes() == b"the model before"
+    interim = tmp_path / "sam2.1_hiera_micro.interim.pt"
+    assert torch.load(interim, weights_only=True)["training"] == {"steps_done": 1}
+    load_model(interim, "micro", "cpu")  # a checkpoint --init can go on from
+
+
+def test_small_scenes_can_be_made():  # benchmark.py --size 64 64 drew specks of negative radius
+    for seed in range(20):
+        assert make_scene(np.random.default_rng(seed), 64, 48).image.shape == (64, 48, 3)

@@ -5,10 +5,12 @@ threshold of 1, so all 48 candidate masks come back (random weights give no mask
 default thresholds).
 """
 
+import http.server
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -223,6 +225,13 @@ def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
     assert not folder.exists()  # nothing left behind by a download that never started
 
 
+def test_damaged_checkpoint_exits_with_what_to_do(tmp_path):
+    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"PK\x03\x04 half a download")
+    result = run_server_expecting_exit(str(tmp_path), "tiny", "--port", str(free_port()))
+    assert "sam2.1_hiera_tiny.pt is not a torch checkpoint, or it is damaged" in result.stderr
+    assert "delete it and download it again" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_pixel_limit_beyond_what_pillow_opens_is_refused():
     result = run_server_expecting_exit("--max-pixels", "300000000")
     assert "--max-pixels must be between 1 and 178956970" in result.stderr
@@ -269,6 +278,41 @@ def test_concurrent_clients_get_their_own_answers(tiny_checkpoint_dir, image_fil
 def test_load_test_refuses_other_hosts():
     with pytest.raises(ValueError, match="loopback"):
         run_load_test("http://192.0.2.1:5000", {"a": b""}, clients=1, per_client=1)
+    with pytest.raises(ValueError, match="give the server as http://HOST:PORT"):
+        run_load_test("127.0.0.1:5000", {"a": b""}, clients=1, per_client=1)
+
+
+def test_load_test_counts_dropped_connections_as_failures():
+    """A server that answers the single request, then closes every connection without an
+    answer: each of the clients' requests is a failure, none is left out of the count."""
+    answered = []
+
+    class AnswersOnce(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if answered:
+                self.close_connection = True  # no status line: the client sees the connection drop
+                return
+            answered.append(True)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=2,
+                               per_client=3, time_limit_s=30)
+    finally:
+        server.shutdown()
+    assert not report.ok
+    assert report.planned == report.requests == 6 and report.correct == 0
+    assert len(report.wrong) == 6 and all("no answer" in line for line in report.wrong), report.wrong
+    assert "6 of 6 (0 correct, 6 wrong or failed)" in report.table()
 
 
 def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_files, tmp_path):

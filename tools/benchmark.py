@@ -33,14 +33,16 @@ from tqdm import tqdm
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, resolve_checkpoint
 from sam2serve.cli import (
-    add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config, check_checkpoint_arguments,
+    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
+    checkpoint_from_arguments, positive_int, read_images, require_device, require_output_folder, run_script,
+    set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.fast import default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
-from sam2serve.preprocess import image_to_input, read_image_file
+from sam2serve.preprocess import image_to_input
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
 from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, latency_summary_ms
@@ -70,9 +72,9 @@ class ModeRun:
     repeats: dict[int, list[float]] = field(default_factory=dict)  # image index -> seconds of each request
 
 
-def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+def load_images(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     if args.images:
-        return [(path, read_image_file(path)) for path in args.images]
+        return read_images(parser, args.images)
     height, width = args.size
     return [
         (f"generated-{seed}", make_scene(np.random.default_rng(seed), height, width).image)
@@ -310,21 +312,21 @@ def profile_table(generator, image: np.ndarray, device: str, top: int = 12) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
-                        "the baseline runs first unless --without-baseline (default: all)")
+                        "the baseline runs first unless --without-baseline")
     parser.add_argument("--without-baseline", action="store_true",
                         help="leave the baseline out (its columns read n/a): for runs that compare a mode's "
                         "masks with its own elsewhere, as an export with its load (--save-masks)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files")
-    source.add_argument("--generated", type=int, default=2, help="generated scenes instead of files (default 2)")
-    parser.add_argument("--size", type=int, nargs=2, default=[768, 1024], metavar=("H", "W"),
-                        help="size of generated scenes (default 768 1024)")
-    parser.add_argument("--rounds", type=int, default=1, help="times every image goes through every mode")
-    parser.add_argument("--repeat", type=int, default=1,
+    source.add_argument("--generated", type=positive_int, default=2, help="generated scenes instead of files")
+    parser.add_argument("--size", type=positive_int, nargs=2, default=[768, 1024], metavar=("H", "W"),
+                        help="size of generated scenes")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="times every image goes through every mode")
+    parser.add_argument("--repeat", type=positive_int, default=1,
                         help="times each request runs in a row (with 2 or more, a table of the spread: min, "
                         "median and max of the same request)")
     parser.add_argument("--filters", nargs="+", choices=sorted(FILTERS),
@@ -347,11 +349,15 @@ def main() -> None:
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args()
-    check_checkpoint_arguments(parser, args)
-    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
+    require_device(parser, args.device)
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.save_masks:
+        require_output_folder(parser, args.save_masks, "--save-masks")
+    images = load_images(parser, args)
+    set_up_logging("%(asctime)s %(name)s: %(message)s")
+    path, model_type = checkpoint_from_arguments(parser, args)
+    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
 
     filters = args.filters or [None]
     thresholds = [{} if name is None else FILTERS[name] for name in filters]
@@ -363,7 +369,6 @@ def main() -> None:
         rows.remove(STUDY_ROW)
     if not rows:
         parser.error(f"no row to run: {study_absent or 'every mode given was left out'}")
-    images = load_images(args)
     if args.profile and torch.device(args.device).type == "cuda":
         # Start the profiler once before any CUDA graph is captured: profiling a graph captured
         # before the profiler's first use is known to fail (PyTorch's own workaround).
@@ -373,7 +378,6 @@ def main() -> None:
     if not generators:
         sys.exit("no row could be made ready: " + "; ".join(f"{row}: {note}" for row, note in notes.items()))
 
-    path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
     print(f"SAM2.1 {model_size(model_type).name} from {path}; device {device_description(args.device)}; "
           f"torch {torch.__version__}; {len(images)} images ({', '.join(name for name, _ in images)}), "
           f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); fast modes: "
@@ -417,4 +421,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,15 +17,13 @@ import numpy as np
 import torch
 
 from sam2serve.amg import image_predictor
-from sam2serve.checkpoints import load_model, resolve_checkpoint
-from sam2serve.cpu import set_up_cpu_process
+from sam2serve.checkpoints import load_model
 from sam2serve.cli import (
-    add_checkpoint_arguments,
-    add_device_option,
-    check_checkpoint_arguments,
+    HelpWithDefaults, add_checkpoint_arguments, add_device_option, checkpoint_from_arguments, positive_int, read_images,
+    require_device, run_script,
 )
+from sam2serve.cpu import set_up_cpu_process
 from sam2serve.interactive import PromptSegmenter, parse_prompts
-from sam2serve.preprocess import read_image_file
 from sam2serve.timing import Stopwatch
 from training.scenes import make_scene
 
@@ -45,19 +43,20 @@ def timed(device: str, function) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--images", nargs="+", help="image files (default: generated scenes)")
-    parser.add_argument("--generated", type=int, default=3, help="generated 768x1024 scenes instead of files")
-    parser.add_argument("--repeats", type=int, default=3, help="times each measurement is taken per image")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", nargs="+", help="image files (default: generated scenes)")
+    source.add_argument("--generated", type=positive_int, default=3, help="generated 768x1024 scenes instead of files")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="times each measurement is taken per image")
     add_device_option(parser)
     args = parser.parse_args()
-    check_checkpoint_arguments(parser, args)
-    set_up_cpu_process(args.device)  # as the server, before any thread starts
-    path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
-    loaded = load_model(path, model_type, args.device)
-    images = ([read_image_file(p) for p in args.images] if args.images else
+    require_device(parser, args.device)
+    images = ([image for _, image in read_images(parser, args.images)] if args.images else
               [make_scene(np.random.default_rng(seed), 768, 1024).image for seed in range(2000, 2000 + args.generated)])
+    path, model_type = checkpoint_from_arguments(parser, args)
+    set_up_cpu_process(args.device)  # as the server, before any thread starts
+    loaded = load_model(path, model_type, args.device)
     segmenter = PromptSegmenter(loaded.model, "benchmark")
     predictor = image_predictor(loaded.model)
     rows: dict[str, list[float]] = {}
@@ -101,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

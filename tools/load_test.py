@@ -9,14 +9,16 @@ The requests: each image to /upload_rle, and with --interactive also to /embed, 
 alone: that answer is the reference. Then C clients send M requests each (every client in its
 own order) at the same time, and every answer must equal the reference for its request, byte
 for byte: nothing lost, duplicated or swapped between clients.
-A 503 (queue full) is retried after its Retry-After; any other failure counts. Prints
-throughput and latency percentiles; exits 1 if any answer was wrong or missing.
+A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
+timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
+the C x M answers was wrong or missing.
 
 Loopback only (it is a stress tool, not a benchmark of someone else's server), a bounded
 number of requests (C x M), and a time limit.
 """
 
 import argparse
+import http.client
 import ipaddress
 import json
 import socket
@@ -32,12 +34,15 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from sam2serve.cli import HelpWithDefaults, positive_int
+
 MAX_REQUESTS = 10_000
 
 
 @dataclass
 class Report:
-    requests: int = 0
+    planned: int = 0  # clients x per_client
+    requests: int = 0  # sent, or given up on at the time limit
     correct: int = 0
     wrong: list[str] = field(default_factory=list)  # what went wrong, one line per request
     retries_busy: int = 0
@@ -46,14 +51,15 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.wrong and self.correct == self.requests
+        return not self.wrong and self.correct == self.requests == self.planned
 
     def table(self) -> str:
         latencies = np.array(self.latencies_s or [float("nan")]) * 1000
         lines = [
-            f"requests        {self.requests} ({self.correct} correct, {len(self.wrong)} wrong or failed)",
+            f"requests        {self.requests} of {self.planned} ({self.correct} correct, {len(self.wrong)} wrong "
+            f"or failed{f', {self.planned - self.requests} never sent' if self.requests < self.planned else ''})",
             f"busy retries    {self.retries_busy}",
-            f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} images/s over {self.seconds:.1f} s",
+            f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
             f"latency p50     {np.percentile(latencies, 50):.0f} ms",
             f"latency p99     {np.percentile(latencies, 99):.0f} ms",
         ]
@@ -61,7 +67,10 @@ class Report:
 
 
 def require_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{url!r} is not a URL: give the server as http://HOST:PORT, e.g. http://127.0.0.1:5000")
+    host = parsed.hostname
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as error:
@@ -137,15 +146,28 @@ def run_load_test(
         raise ValueError(f"at most {MAX_REQUESTS} requests, asked for {clients * per_client}")
     url = url.rstrip("/")
     deadline = time.monotonic() + time_limit_s
-    requests = requests_for(url, images, interactive, time_limit_s)
+
+    def remaining_s() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"the time limit ({time_limit_s:g} s) passed before the single requests were answered")
+        return left
+
+    try:
+        requests = requests_for(url, images, interactive, remaining_s())
+    except (OSError, http.client.HTTPException) as error:
+        raise RuntimeError(f"the server did not answer: {error}") from None
     reference = {}
     for request in requests:
-        status, _, body = post(url + request.path, request.body, request.content_type, time_limit_s)
+        try:
+            status, _, body = post(url + request.path, request.body, request.content_type, remaining_s())
+        except (OSError, http.client.HTTPException) as error:
+            raise RuntimeError(f"{request.name}: the single request failed: {error}") from None
         if status != 200:
             raise RuntimeError(f"{request.name}: the single request answered {status}: {body[:200]!r}")
         reference[request.name] = body
 
-    report, lock = Report(), threading.Lock()
+    report, lock = Report(planned=clients * per_client), threading.Lock()
 
     def client(index: int) -> None:
         order = np.random.default_rng(index).permutation(np.resize(np.arange(len(requests)), per_client))
@@ -158,7 +180,11 @@ def run_load_test(
                 if remaining <= 0:
                     outcome = f"{name}: not sent or not answered within the time limit"
                     break
-                status, headers, body = post(url + request.path, request.body, request.content_type, remaining)
+                try:
+                    status, headers, body = post(url + request.path, request.body, request.content_type, remaining)
+                except (OSError, http.client.HTTPException) as error:  # timeout, connection refused or dropped
+                    outcome = f"{name}: no answer: {error or type(error).__name__}"
+                    break
                 if status == 503:
                     with lock:
                         report.retries_busy += 1
@@ -188,14 +214,16 @@ def run_load_test(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000 (loopback only)")
     parser.add_argument("images", nargs="+", type=Path, help="image files to send")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
+    parser.add_argument("--clients", type=positive_int, default=4, help="concurrent clients")
+    parser.add_argument("--per-client", type=positive_int, default=4, help="requests each client sends")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole test")
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be above 0, got {args.time_limit:g}")
     try:
         images = {str(path): path.read_bytes() for path in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
+from tqdm import tqdm
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -101,7 +102,7 @@ def evaluate(model: SAM2Base, n_scenes: int = 50, config: AMGConfig = AMGConfig(
     scenes = held_out_scenes(n_scenes)
     predictor, generator = image_predictor(model), MaskGenerator(model, config)
     ious, found, generated = [], 0, 0
-    for scene in scenes:
+    for scene in tqdm(scenes, desc="held-out evaluation", unit="scene"):
         ious += single_point_ious(predictor, scene)
         hits, count = amg_matches(generator, scene)
         found, generated = found + hits, generated + count

@@ -17,8 +17,10 @@ from typing import Callable
 import numpy as np
 
 from sam2serve.amg import AMGConfig, MaskGenerator
-from sam2serve.checkpoints import load_model, resolve_checkpoint
-from sam2serve.cli import add_checkpoint_arguments, check_checkpoint_arguments
+from sam2serve.checkpoints import load_model
+from sam2serve.cli import (
+    HelpWithDefaults, add_checkpoint_arguments, checkpoint_from_arguments, require_output_folder, run_script,
+)
 from sam2serve.overlay import draw_masks
 from sam2serve.rle import rles_to_masks
 from training.evaluation import objects_found
@@ -54,12 +56,13 @@ HELD_OUT_PHOTOS: dict[str, Callable[[], Scene]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     add_checkpoint_arguments(parser)
     parser.add_argument("--save-overlays", metavar="DIR", help="write each photo's /upload PNG to DIR")
     args = parser.parse_args()
-    check_checkpoint_arguments(parser, args)
-    path, model_type = resolve_checkpoint(args.checkpoint_dir, args.model_type)
+    if args.save_overlays:
+        require_output_folder(parser, args.save_overlays, "--save-overlays")
+    path, model_type = checkpoint_from_arguments(parser, args)
     generator = MaskGenerator(load_model(path, model_type, "cpu").model, AMGConfig())
     print(f"{path.name}, ao, 32x32 grid, sam2's default thresholds\n")
     print("| photo | size | masks | objects found at IoU 0.5 |\n|---|---|---|---|")
@@ -81,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -105,7 +105,7 @@ def _clutter(rng: np.random.Generator, image: np.ndarray, yy: np.ndarray, xx: np
     for _ in range(rng.integers(0, 25)):
         cy, cx = rng.uniform(0, yy.shape[0]), rng.uniform(0, xx.shape[1])
         if rng.random() < 0.5:
-            r = rng.uniform(1, 0.012 * scale)
+            r = rng.uniform(1, max(1.0, 0.012 * scale))  # a pixel at least, in small scenes too
             speck = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         else:
             angle = rng.uniform(0, np.pi)

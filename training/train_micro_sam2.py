@@ -1,4 +1,4 @@
-"""Trains the micro SAM2.1 on generated scenes, then evaluates it on scenes it never saw.
+r"""Trains the micro SAM2.1 on generated scenes, then evaluates it on scenes it never saw.
 
 The micro configuration of sam2serve.checkpoints (the SAM2.1 architecture, 2.7 M parameters,
 256-pixel input), trained as SAM is trained (point and box prompts inside objects, best-of-three
@@ -7,6 +7,7 @@ models/sam2.1_hiera_micro.pt. Seeded. Run from the repository's root:
 
     python -m training.train_micro_sam2                   # 8000 steps, about 67 min on 2 quiet CPU cores
     python -m training.train_micro_sam2 --evaluate-only   # held-out figures of the saved model
+    python -m training.train_micro_sam2 --steps 20 --output /tmp/trial/sam2.1_hiera_micro.pt   # a trial
     python -m training.train_micro_sam2 --init models/sam2.1_hiera_micro.pt --photo-share 0.6 \
         --steps 2000 --lr 5e-4 --output /tmp/photo/sam2.1_hiera_micro.pt   # on photo-like scenes
 
@@ -29,6 +30,7 @@ from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
+from sam2serve.cli import HelpWithDefaults, positive_int, run_script, set_up_logging
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
 from training.evaluation import best_mask_logits, evaluate
@@ -215,7 +217,7 @@ def median_edge_slope(model, seed: int, n_scenes: int = 20, photo_share: float =
     predicted IoU, logits upsampled to the input size as the mask generator upsamples them).
     """
     predictor, slopes = image_predictor(model), []
-    for index in range(n_scenes):
+    for index in tqdm(range(n_scenes), desc="calibrating the logits", unit="scene"):
         rng = np.random.default_rng([seed + CALIBRATION_SEED_OFFSET, index])
         scene, _ = draw_scene(rng, model.image_size, photo_share)
         for mask, logit in zip(scene.masks, best_mask_logits(predictor, scene)):
@@ -295,34 +297,52 @@ def train(args: argparse.Namespace) -> None:
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         progress.set_postfix(loss=f"{running:.3f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
-            save_trained(model, args.output, {"steps_done": step + 1})
+            save_trained(model, interim_path(args.output), {"steps_done": step + 1})
     minutes = (time.perf_counter() - started) / 60
     meta = {key: str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key != "output"}
     scale = calibrate_logit_scale(model.eval(), args.seed, args.photo_share)
     meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
     save_trained(model, args.output, meta)
+    interim_path(args.output).unlink(missing_ok=True)
     log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
 
 
+def interim_path(output: Path) -> Path:
+    """Where interim weights go during training: beside the output, never over it (an interrupted
+    run leaves the model at --output as it was; --init goes on from the interim file)."""
+    return output.with_name(output.stem + ".interim" + output.suffix)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--images-per-step", type=int, default=4)
-    parser.add_argument("--points-per-image", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="the trained checkpoint, written when training ends (the default is the committed "
+                        "model, the server's default: give another path for a trial); with --evaluate-only, "
+                        "the checkpoint evaluated")
+    parser.add_argument("--steps", type=positive_int, default=8000, help="training steps")
+    parser.add_argument("--images-per-step", type=positive_int, default=4, help="scenes in each step's batch")
+    parser.add_argument("--points-per-image", type=positive_int, default=16, help="prompts drawn in each scene")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the prompts")
     parser.add_argument("--photo-share", type=float, default=0.0,
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")
     parser.add_argument("--photo-from", type=int, default=0,
                         help="first step with photo-like scenes (generated scenes only before it)")
     parser.add_argument("--init", type=Path, help="go on from this trained micro checkpoint instead of random weights")
-    parser.add_argument("--save-every", type=int, default=250, help="steps between interim checkpoints")
-    parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes for the figures")
-    parser.add_argument("--evaluate-only", action="store_true", help="only evaluate the saved model")
+    parser.add_argument("--save-every", type=positive_int, default=250,
+                        help="steps between interim checkpoints, written beside --output as <name>.interim.pt")
+    parser.add_argument("--eval-scenes", type=positive_int, default=50, help="held-out scenes for the figures")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="no training: the held-out figures of the checkpoint at --output")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.init and not args.init.is_file():
+        parser.error(f"--init {args.init}: no such file")
+    if args.evaluate_only and not args.output.is_file():
+        parser.error(f"--output {args.output}: no such file to evaluate")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output}: a folder; give the checkpoint's file name")
+    set_up_logging("%(message)s")
     if not args.evaluate_only:
         train(args)
     loaded = load_model(args.output, "micro", "cpu")
@@ -331,4 +351,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -140,3 +140,31 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_scripts_log_leaves_out_sam2s_per_image_lines():
+    """sam2's predictor logs three INFO lines per image on the root logger; the scripts' log
+    (set_up_logging's filter) drops them and keeps everything else."""
+    import io
+    import logging
+
+    from sam2serve.amg import image_predictor
+    from sam2serve.checkpoints import DEFAULT_CHECKPOINT_DIR, load_model
+    from sam2serve.cli import Sam2ImageChatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(Sam2ImageChatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        model = load_model(DEFAULT_CHECKPOINT_DIR / "sam2.1_hiera_micro.pt", "micro", "cpu").model
+        image_predictor(model).set_image(make_scene(64, 64, seed=0))
+        logging.getLogger("server").info("ours")
+        logging.warning("a warning on the root logger")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert stream.getvalue().splitlines() == ["ours", "a warning on the root logger"]

@@ -1,16 +1,18 @@
 """The server on a Ray cluster: Ray Serve, one replica per GPU, Ray Serve's own request batching.
 
 Same endpoints, request and answer formats as server.py (POST /upload, /upload_rle and /embed
-with the multipart field `image`, POST /segment, GET /health), the same pipeline code. Ray Serve queues, batches
-(`@serve.batch`) and spreads requests over replicas; a full queue answers 503 as the Flask
-server does.
+with the multipart field `image`, POST /segment, GET /health), the same pipeline code and the
+same limits and error answers. Ray Serve queues, batches (`@serve.batch`) and spreads requests
+over replicas; a full queue answers 503, in Ray Serve's own words (plain text, no Retry-After).
+Not here: the web page and /metrics (Ray exports its own metrics).
 
     serve run deploy.ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
 
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
 model), mode (ao), device (cuda if present), batch_size (4: images per replica batch),
-batch_wait_ms (20), load_fast, replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
+batch_wait_ms (20), load_fast, compile_mode (the fast modes' torch.compile mode, as server.py's
+--compile-mode), replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
 cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
 the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
@@ -28,17 +30,24 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response
+from werkzeug.exceptions import MethodNotAllowed
 
+from sam2serve.amg import AMGConfig
+from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, default_device, option_value
-from sam2serve.modes import DEFAULT_MODE, load_pipeline, prompt_segmenter
+from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
+from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
     EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_embedding, coco_annotations,
-    decode_upload, embed_image, error_answer, json_text, prompts_field, render_answer, require_segment_form,
-    require_segmenter, segment_answer, segment_payload,
+    decode_upload, embed_image, error_answer, field_too_large, json_text, prompts_field, render_answer,
+    require_segment_form, require_segmenter, segment_answer, segment_payload, too_many_parts,
 )
+
+ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET"}
 
 
 def json_error(error: Exception) -> Response:
@@ -80,14 +89,16 @@ class SegmentEverything:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
-        if request.method == "GET" and path == "/health":
-            return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
-        if request.method != "POST" or path not in (*UPLOAD_ENDPOINTS, "/embed", "/segment"):
+        if path not in ROUTES:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET /health"}',
                             status_code=404, media_type="application/json")
+        if request.method != ROUTES[path]:
+            return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
+                            media_type="application/json", headers={"Allow": ROUTES[path]})
+        if path == "/health":
+            return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
         try:
-            if int(request.headers.get("content-length") or 0) > self.limits.max_upload_bytes:
-                raise UploadTooLarge(self.limits)
+            request = await with_body_read(request, self.limits)
             if path in UPLOAD_ENDPOINTS:
                 asked = answer_format(path, request.query_params.get("format"))
                 image = await self.uploaded_image(request)
@@ -103,7 +114,7 @@ class SegmentEverything:
         return Response(body, media_type=media_type)
 
     async def uploaded_image(self, request: Request, form=None):
-        form = form or await request.form()
+        form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
         return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits)
 
@@ -121,7 +132,7 @@ class SegmentEverything:
         else:
             if path == "/segment":
                 require_segment_form(request.headers.get("content-type", "").split(";")[0].strip().lower())
-            form = await request.form()
+            form = await read_form(request, self.limits)
             image = await self.uploaded_image(request, form)
             prompts = prompts_field(form.get("prompts")) if path == "/segment" else None
             image_id, embedding = await self.on_model_thread(
@@ -132,31 +143,86 @@ class SegmentEverything:
             segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
 
 
+async def with_body_read(request: Request, limits: Limits) -> Request:
+    """The request with its body read, at most the upload limit: a chunked upload has no
+    Content-Length to check beforehand (server.py's HTTP server counts the same way)."""
+    if int(request.headers.get("content-length") or 0) > limits.max_upload_bytes:
+        raise UploadTooLarge(limits)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_upload_bytes:
+            raise UploadTooLarge(limits)
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    return Request(request.scope, receive=replay)
+
+
+async def read_form(request: Request, limits: Limits):
+    """The multipart form, under server.py's limits and with its answers: too many parts or a
+    text field too large is a 413, a body that is not a form a 400."""
+    try:
+        return await request.form(max_files=limits.max_form_parts, max_fields=limits.max_form_parts,
+                                  max_part_size=limits.max_form_field_bytes)
+    except MultiPartException as error:
+        if error.message.startswith("Too many"):
+            raise too_many_parts(limits) from None
+        if "exceeded maximum size" in error.message:
+            raise field_too_large(limits) from None
+        raise InvalidImage(f"the body is not a multipart form that can be read ({error.message}); "
+                           "send the image as curl -F 'image=@file.jpg'") from None
+
+
 def run_here(function):
     """How server.py's prompt functions run a model call: here, already on the model thread."""
     return function()
 
 
 def build(args: dict[str, str]) -> serve.Application:
-    """The application for `serve run deploy.ray_serve_app:build key=value ...`."""
+    """The application for `serve run deploy.ray_serve_app:build key=value ...`; every argument
+    is checked here, before Ray starts a replica (a replica that fails to start is tried again
+    and again, with a traceback each time)."""
     args = dict(args)
+
+    def number(key: str, kind: type, default, minimum: float = 0):
+        text = args.pop(key, None)
+        try:
+            value = default if text is None else kind(text)
+        except ValueError:
+            raise ValueError(f"{key}={text}: expected a number") from None
+        if value < minimum:
+            raise ValueError(f"{key}={text}: must be at least {minimum}")
+        return value
+
     device = args.pop("device", default_device())
-    batch_size = int(args.pop("batch_size", BATCH_SIZE))
-    batch_wait_s = float(args.pop("batch_wait_ms", BATCH_WAIT_S * 1000)) / 1000
-    replicas, max_replicas = args.pop("replicas", "1"), int(args.pop("max_replicas", 4))
-    cpus = float(args.pop("cpus", 1))
-    cache_bytes = int(float(args.pop("embedding_cache_mb", EMBEDDING_CACHE_BYTES / 2**20)) * 2**20)
+    batch_size = number("batch_size", int, BATCH_SIZE, 1)
+    batch_wait_s = number("batch_wait_ms", float, BATCH_WAIT_S * 1000) / 1000
+    replicas = args.pop("replicas", "1")
+    max_replicas = number("max_replicas", int, 4, 1)
+    cpus = number("cpus", float, 1)
+    cache_bytes = int(number("embedding_cache_mb", float, EMBEDDING_CACHE_BYTES / 2**20) * 2**20)
     amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
+    AMGConfig(**amg)  # its own checks (points_per_side >= 1, ...)
     options = dict(
         checkpoint_dir=os.path.expanduser(args.pop("checkpoint_dir")) if "checkpoint_dir" in args else None,
         model_type=args.pop("model_type", None),
-        mode=args.pop("mode", DEFAULT_MODE),
+        mode=get_mode(args.pop("mode", DEFAULT_MODE)).name,
         device=device,
         amg=amg,
         load_fast=args.pop("load_fast", None),
+        compile_mode=args.pop("compile_mode", None),
     )
+    require_checkpoint_pair(options["checkpoint_dir"], options["model_type"])
+    if options["model_type"] is not None:
+        model_size(options["model_type"])  # a size sam2 has
+    if options["load_fast"] and not get_mode(options["mode"]).compiled:
+        raise ValueError(f"load_fast needs a fast mode, not mode={options['mode']}")
     if args:
         raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of deploy/ray_serve_app.py")
+    if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
+        raise ValueError(f"replicas={replicas}: a number of 1 or more, or auto")
     scaling = (
         dict(autoscaling_config=dict(min_replicas=1, max_replicas=max_replicas,
                                      target_ongoing_requests=2 * batch_size, downscale_delay_s=300))

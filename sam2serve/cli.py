@@ -169,7 +169,10 @@ def option_value(name: str, text: str):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{name}: expected true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    return kind(text)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
 
 
 def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:

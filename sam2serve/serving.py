@@ -67,25 +67,30 @@ class FormTooLarge(ValueError):
     """The multipart form breaks one of its limits; the message says which."""
 
 
+def too_many_parts(limits: Limits) -> FormTooLarge:
+    return FormTooLarge(f"the form has more than {limits.max_form_parts} parts; send one multipart field named 'image'")
+
+
+def field_too_large(limits: Limits) -> FormTooLarge:
+    return FormTooLarge(f"a text field of the form is larger than the limit of {limits.max_form_field_bytes} bytes; "
+                        "send the image as a file (curl -F 'image=@file.jpg')")
+
+
 def form_limit_error(environ: dict, limits: Limits) -> FormTooLarge:
     """Which of the form's limits the form parser hit (werkzeug raises one error for both): the
     body, buffered by the HTTP server and at most the upload limit, is parsed again with the
     part limit alone."""
-    too_many_parts = FormTooLarge(
-        f"the form has more than {limits.max_form_parts} parts; send one multipart field named 'image'")
-    field_too_large = FormTooLarge(
-        f"a text field of the form is larger than the limit of {limits.max_form_field_bytes} bytes; "
-        "send the image as a file (curl -F 'image=@file.jpg')")
+    too_many, too_large = too_many_parts(limits), field_too_large(limits)
     try:
         environ["wsgi.input"].seek(0)
     except (AttributeError, OSError, ValueError):  # not seekable: say both
-        return FormTooLarge(f"{too_many_parts}, or {field_too_large}")
+        return FormTooLarge(f"{too_many}, or {too_large}")
     parser = FormDataParser(max_form_parts=limits.max_form_parts, max_content_length=limits.max_upload_bytes)
     try:
         parser.parse_from_environ(environ)
     except RequestEntityTooLarge:
-        return too_many_parts
-    return field_too_large
+        return too_many
+    return too_large
 
 
 def json_text(payload: object) -> str:

@@ -11,6 +11,8 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +143,70 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             assert (rles_to_masks(a["masks"]) != rles_to_masks(b["masks"])).mean() < 1e-4
         one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
         assert one_shot.get_data() == flask_segment.get_data()
-        with pytest.raises(ValueError, match="unknown arguments"):
-            build({**arguments, "pointz_per_side": "4"})
+        assert_same_error_answers_as_flask(url, flask_client)
     finally:
         serve.shutdown()
+
+
+def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
+    """Malformed forms, forms over the limits, a wrong method and an upload over the limit sent
+    without a Content-Length get the Flask server's status, and its message where it has one."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from tools.load_test import post
+
+    from .test_http_front import multipart
+
+    image = ("image", "a.png", (REPO / "examples" / "shapes.jpg").read_bytes())
+    forms = {
+        "too many parts": multipart([image] + [(f"f{i}", None, b"x") for i in range(1200)]),
+        "text field too large": multipart([image, ("prompts", None, b"x" * 600_000)]),
+        "not a form": (b"garbage", "multipart/form-data; boundary=b"),
+        "no boundary": (b"garbage", "multipart/form-data"),
+    }
+    for case, (body, content_type) in forms.items():
+        status, _, answer = post(url + "/upload_rle", body, content_type, 60)
+        flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
+        assert status == flask.status_code and status in (400, 413), (case, status, answer)
+        if status == 413:
+            assert answer == flask.get_data(), case
+    response = flask_client.get("/upload_rle")
+    with urllib.request.urlopen(url + "/health", timeout=30):
+        pass
+    try:
+        urllib.request.urlopen(url + "/upload_rle", timeout=30)
+    except urllib.error.HTTPError as error:
+        assert (error.code, error.read()) == (405, response.get_data())
+        assert "POST" in error.headers["Allow"]
+
+    limit = 50 * 2**20  # the upload limit, sent in chunks: no Content-Length to refuse it by
+    address = urlparse(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    chunks = (b"x" * 2**20 for _ in range(limit // 2**20 + 1))
+    connection.request("POST", "/upload_rle", body=chunks, encode_chunked=True,
+                       headers={"Content-Type": "multipart/form-data; boundary=b"})
+    answer = connection.getresponse()
+    assert answer.status == 413 and b"upload larger than the limit" in answer.read()
+    connection.close()
+
+
+def test_ray_serve_arguments_are_checked_before_a_replica_starts():
+    pytest.importorskip("ray")
+    from deploy.ray_serve_app import build
+
+    for arguments, message in [
+        ({"pointz_per_side": "4"}, "unknown arguments"),
+        ({"mode": "turbo"}, "unknown mode 'turbo'"),
+        ({"checkpoint_dir": "x", "model_type": "huge"}, "unknown model type 'huge'"),
+        ({"points_per_side": "0"}, "points_per_side must be at least 1"),
+        ({"points_per_side": "abc"}, "points_per_side: expected a whole number, got 'abc'"),
+        ({"batch_size": "x"}, "batch_size=x: expected a number"),
+        ({"replicas": "0"}, "replicas=0"),
+        ({"load_fast": "exported"}, "load_fast needs a fast mode"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build(arguments)
 
 
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,

@@ -13,7 +13,7 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 paths_file=$1
@@ -27,22 +27,30 @@ volume=sam2-checkpoints
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python}
 
-mkdir -p "$output_dir"
-
-case $model_type in
-    plus | b+) checkpoint_name=sam2.1_hiera_base_plus.pt ;;
-    *) checkpoint_name=sam2.1_hiera_${model_type}.pt ;;
-esac
-if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_name"; then
-    echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
-    modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
+if ! command -v modal >/dev/null; then
+    echo "error: the modal command is not installed (pip install -r requirements.txt; then modal token new)" >&2
+    exit 1
 fi
-
 # The app is the module deploy.modal_app of this repository.
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# The checkpoint's file name, from the project's own table of sizes (which knows t, s, b+, l).
+checkpoint_name=$("$python" -c 'import sys; from sam2serve.checkpoints import model_size
+print(model_size(sys.argv[1]).filename)' "$model_type")
+mkdir -p "$output_dir"
+
+# Deploying creates the volume on a new account; the uploads need it.
 modal deploy -m deploy.modal_app
 # Stop the app however this script ends.
 trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
+
+if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_name"; then
+    if [[ ! -f "$checkpoint_dir/$checkpoint_name" ]]; then
+        echo "error: $checkpoint_name is neither on the volume $volume nor in $checkpoint_dir (CHECKPOINT_DIR)" >&2
+        exit 1
+    fi
+    echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
+    modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
+fi
 
 for mode in $modes; do
     load_fast=()
@@ -51,13 +59,18 @@ for mode in $modes; do
         load_fast=(--load-fast "$mode")
     fi
     echo "replaying $paths_file through $mode"
+    # (${a[@]+...}: an empty array under set -u in bash before 4.4, as macOS's)
     "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
-        --model-type "$model_type" --mode "$mode" "${load_fast[@]}"
+        --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"}
 done
 
 modal app stop -y "$app_name"
 trap - EXIT
 
+if [[ " $modes " != *" baseline "* ]]; then
+    echo "no baseline among the modes: the masks are in $output_dir, nothing compared"
+    exit 0
+fi
 for mode in $modes; do
     [[ $mode == baseline ]] && continue
     echo "== $mode vs baseline"

@@ -29,12 +29,12 @@ from tqdm import tqdm
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointError, ensure_checkpoint, load_model
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, read_image_paths,
+    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths,
     require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
-from sam2serve.preprocess import FILE_MAX_PIXELS, ImageTooLarge, InvalidImage, decode_image, read_image_file
+from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
 from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
 
@@ -190,24 +190,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
 
 def existing_image_paths(path: str) -> list[str]:
     try:
-        paths = read_image_paths(path)
+        return checked_image_paths(path)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        sys.exit(f"error: {len(missing)} listed images do not exist, e.g. {missing[:3]}")
-    # Every image decoded once before any row: a file that is not an image ends the run here,
-    # with its name, not in the middle of a row.
-    unreadable = []
-    for path in tqdm(paths, desc="checking the images", unit="image", disable=None):
-        try:
-            read_image_file(path)
-        except (InvalidImage, ImageTooLarge) as error:
-            unreadable.append(f"{path} ({error})")
-    if unreadable:
-        sys.exit(f"error: {len(unreadable)} of the {len(paths)} listed images cannot be read: "
-                 + "; ".join(unreadable[:3]))
-    return paths
 
 
 def main(argv: list[str] | None = None) -> None:

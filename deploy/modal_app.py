@@ -88,19 +88,19 @@ class Segmenter:
 
 
 def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> None:
-    """Sends every image of the list to the deployed app; writes one line per image, in order."""
+    """Sends every image of the list to the deployed app; writes one line per image, in order
+    (into output.partial until the last line: a run that fails leaves an earlier output as it was)."""
+    from sam2serve.cli import write_lines
+
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
     segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as out:
-        # .map keeps the input order and spreads the images over the containers.
-        for line in segmenter.upload_rle.map(Path(path).read_bytes() for path in paths):
-            out.write(line + "\n")
+    # .map keeps the input order and spreads the images over the containers.
+    write_lines(output, segmenter.upload_rle.map(Path(path).read_bytes() for path in paths))
 
 
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
-    from sam2serve.cli import add_amg_options, amg_options, read_image_paths
+    from sam2serve.cli import add_amg_options, amg_options, checked_image_paths, require_output_folder
     from sam2serve.modes import DEFAULT_MODE, MODES
 
     parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
@@ -113,11 +113,17 @@ def main() -> None:
     add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()
+    if args.output.is_dir():
+        command.error(f"output {args.output}: a folder; give the file to write the lines to")
+    require_output_folder(command, args.output.parent, "output")
     try:
-        paths = read_image_paths(args.paths_file)
+        paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:
-        parser.error(str(error))
-    replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
+        command.error(str(error))
+    try:
+        replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
+    except modal.exception.Error as error:  # no token, app not deployed, ...: Modal's own words
+        sys.exit(f"error: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Bulk labelling on a Ray cluster: an image path list in, one RLE JSON line per image out.
+r"""Bulk labelling on a Ray cluster: an image path list in, one RLE JSON line per image out.
 
 The lines are those the xargs/curl workflow writes against server.py (the /upload_rle answer,
 or the server's {"error": ...} for a file that is not an image), in the input order. Ray Data
@@ -9,7 +9,10 @@ loads the model once and runs each batch through the pipeline's batched image en
         --mode fast --workers 8 --batch-size 8
 
 On a cluster, run it on the head node (or through `ray job submit`); without a cluster it
-starts a local Ray instance.
+starts a local Ray instance. Each worker reads its images from its own machine's disk: on a
+cluster, list paths on storage every node mounts (a path missing there answers
+{"error": "the image file could not be read"}). On a CPU, give each core a worker (--workers 2
+on 2 cores): Ray runs a worker's torch on one thread.
 """
 
 import argparse
@@ -20,8 +23,8 @@ import ray
 from tqdm import tqdm
 
 from sam2serve.cli import (
-    add_amg_options, add_checkpoint_arguments, add_device_option, amg_config, check_checkpoint_arguments,
-    read_image_paths,
+    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
+    check_checkpoint_arguments, positive_int, read_image_paths, require_output_folder, write_lines,
 )
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, rle_lines
@@ -47,7 +50,8 @@ class Segmenter:
 
 
 def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> None:
-    """Writes one line per path into `output`, in the order of `paths`."""
+    """Writes one line per path into `output`, in the order of `paths` (into output.partial
+    until the last line: a run that fails leaves an earlier output as it was)."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     uses_gpu = options["device"].startswith("cuda")
@@ -58,14 +62,12 @@ def run(paths: list[str], output: Path, options: dict, workers: int, batch_size:
         concurrency=workers,
         num_gpus=1 if uses_gpu else 0,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as out:
-        for row in tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image"):
-            out.write(row["line"] + "\n")
+    rows = tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image")
+    write_lines(output, (row["line"] for row in rows))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("paths_file", type=Path, help="one image path per line")
     parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
     add_checkpoint_arguments(parser, as_options=True)
@@ -73,8 +75,8 @@ def main() -> None:
     add_device_option(parser)
     add_amg_options(parser)
     parser.add_argument("--load-fast", help="exported kernels (fast modes)")
-    parser.add_argument("--workers", type=int, default=1, help="model replicas (one GPU each on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per worker batch")
+    parser.add_argument("--workers", type=positive_int, default=1, help="model replicas (one GPU each on CUDA)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per worker batch")
     parser.add_argument("--address", help="Ray cluster address (default: a local instance or RAY_ADDRESS)")
     args = parser.parse_args()
     check_checkpoint_arguments(parser, args)
@@ -82,6 +84,9 @@ def main() -> None:
         paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    if args.output.is_dir():
+        parser.error(f"output {args.output}: a folder; give the file to write the lines to")
+    require_output_folder(parser, args.output.parent, "output")
     config = amg_config(parser, args, get_mode(args.mode))
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)

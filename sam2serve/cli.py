@@ -9,11 +9,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
@@ -139,6 +140,22 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
     return path
 
 
+def write_lines(output: Path, lines: Iterable[str]) -> None:
+    """Each line into output.partial, renamed to output after the last: a run that fails leaves
+    an earlier output as it was, and no empty .partial."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    try:
+        with partial.open("w") as out:
+            for line in lines:
+                out.write(line + "\n")
+    except BaseException:
+        if partial.stat().st_size == 0:
+            partial.unlink()
+        raise
+    partial.replace(output)
+
+
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
@@ -207,6 +224,25 @@ def read_image_paths(paths_file: str | Path) -> list[str]:
     paths = [line.strip() for line in text.splitlines() if line.strip()]
     if not paths:
         raise ValueError(f"{paths_file} lists no images")
+    return paths
+
+
+def checked_image_paths(paths_file: str | Path) -> list[str]:
+    """read_image_paths, and every listed image decoded once: a missing file or one that is not
+    an image ends a run before its first row or its first paid GPU second, with its name."""
+    paths = read_image_paths(paths_file)
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} listed images do not exist, e.g. {missing[:3]}")
+    unreadable = []
+    for path in tqdm(paths, desc="checking the images", unit="image", disable=None):
+        try:
+            read_image_file(path)
+        except (InvalidImage, ImageTooLarge) as error:
+            unreadable.append(f"{path} ({error})")
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} of the {len(paths)} listed images cannot be read: "
+                         + "; ".join(unreadable[:3]))
     return paths
 
 

@@ -128,6 +128,8 @@ def test_a_rerun_names_the_settings_that_changed():
      "is not a torch checkpoint, or it is damaged"),
     ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
     ("tools.load_test", ["127.0.0.1:5000", "{tmp}/notes.jpg"], "give the server as http://HOST:PORT"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
+    ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"], "1 listed images do not exist"),
 ])
 def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_path):
     """A count of 0, a file that is not an image, a file where a folder goes, a damaged

@@ -8,6 +8,7 @@ with the random tiny model and every candidate of a 4x4 grid kept (so answers ar
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,57 @@ def test_modal_script_passes_bash_n_and_shellcheck():
     assert usage.returncode == 2 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in usage.stdout
 
 
+def test_modal_script_deploys_then_uploads_replays_each_mode_and_compares(tmp_path):
+    """The script against stand-ins for the modal command and for the replay (no cloud here):
+    deploy first (it creates the volume on a new account), then the checkpoint's upload (its
+    name from the project's table, aliases too), a replay per mode, the app stopped, each mode
+    compared with the baseline; a checkpoint that is nowhere, or no baseline, said so."""
+    stubs, log = tmp_path / "bin", tmp_path / "calls.log"
+    stubs.mkdir()
+    (stubs / "modal").write_text(f"""#!/bin/bash
+echo "modal $*" >> {log}
+[[ $1 == volume && $2 == ls ]] && exit 1  # nothing on the volume yet
+exit 0
+""")
+    (stubs / "python").write_text(f"""#!/bin/bash
+if [[ $1 == -m && $2 == deploy.modal_app ]]; then
+    echo "replay $6 $7 $8 $9" >> {log}
+    mkdir -p "$(dirname "$5")" && echo '{{}}' > "$5"
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "sam2.1_hiera_tiny.pt").write_bytes(b"weights")
+    (tmp_path / "paths").write_text("a.jpg\n")
+    environment = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
+                   "CHECKPOINT_DIR": str(tmp_path / "ck"), "EXPORTED_DIR": str(tmp_path / "none")}
+
+    def script(model_type: str, modes: str) -> subprocess.CompletedProcess:
+        log.unlink(missing_ok=True)
+        return subprocess.run(["bash", str(REPO / "modal_experiments.sh"), str(tmp_path / "paths"),
+                               str(tmp_path / "out"), model_type, modes], env=environment, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    result = script("t", "baseline ao")
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "modal deploy -m deploy.modal_app"
+    assert calls[2] == (f"modal volume put sam2-checkpoints {tmp_path}/ck/sam2.1_hiera_tiny.pt "
+                        "checkpoints/sam2.1_hiera_tiny.pt")
+    assert calls[3:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
+                         "modal app stop -y sam2-segment-everything"]
+    assert "== ao vs baseline" in result.stdout
+
+    result = script("small", "baseline")
+    assert result.returncode == 1 and "sam2.1_hiera_small.pt is neither on the volume" in result.stderr
+    assert log.read_text().splitlines()[-1] == "modal app stop -y sam2-segment-everything"
+    result = script("tiny", "ao")
+    assert result.returncode == 0 and "no baseline among the modes" in result.stdout
+
+
 def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
     tiny_checkpoint_dir, image_files, flask_client, tmp_path
 ):
@@ -91,6 +143,27 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
         status, body = flask_answer(flask_client, "/upload_rle", path.read_bytes())
         assert line.encode() == body, path.name
         assert (status == 200) == (path.name != "not_an_image.jpg")
+
+
+def test_result_lines_are_written_whole_or_not_at_all(tmp_path):
+    """The bulk job's and the Modal replay's output: a run that fails (no token, a lost cluster)
+    leaves the earlier output as it was."""
+    from sam2serve.cli import write_lines
+
+    def failing_after(lines):
+        yield from lines
+        raise RuntimeError("connection lost")
+
+    output = tmp_path / "rle_masks"
+    output.write_text("earlier\n")
+    with pytest.raises(RuntimeError):
+        write_lines(output, failing_after([]))
+    assert output.read_text() == "earlier\n" and [file.name for file in tmp_path.iterdir()] == ["rle_masks"]
+    with pytest.raises(RuntimeError):
+        write_lines(output, failing_after(["a"]))
+    assert output.read_text() == "earlier\n" and (tmp_path / "rle_masks.partial").read_text() == "a\n"
+    write_lines(output, iter(["a", "b"]))
+    assert output.read_text() == "a\nb\n" and [file.name for file in tmp_path.iterdir()] == ["rle_masks"]
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +264,19 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
     connection.close()
 
 
+def test_ray_serve_config_file_names_the_app_and_valid_arguments():
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("ray")
+    from deploy import ray_serve_app
+
+    config = yaml.safe_load((REPO / "deploy" / "ray_serve_config.yaml").read_text())
+    assert config["http_options"]["port"] != 8000
+    (application,) = config["applications"]
+    module, name = application["import_path"].split(":")
+    assert module == "deploy.ray_serve_app" and getattr(ray_serve_app, name) is ray_serve_app.build
+    ray_serve_app.build(application["args"])  # every argument known and valid
+
+
 def test_ray_serve_arguments_are_checked_before_a_replica_starts():
     pytest.importorskip("ray")
     from deploy.ray_serve_app import build
@@ -219,6 +305,7 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
                    amg=KEEP_EVERY_CANDIDATE)
     output = tmp_path / "rle_masks"
     run(paths, output, options, workers=1, batch_size=3)
+    assert [file.name for file in tmp_path.iterdir()] == ["rle_masks"]  # no .partial left
     lines = output.read_text().splitlines()
     assert len(lines) == len(paths)
     for path, line in zip(paths, lines):

@@ -150,7 +150,7 @@ def write_lines(output: Path, lines: Iterable[str]) -> None:
             for line in lines:
                 out.write(line + "\n")
     except BaseException:
-        if partial.stat().st_size == 0:
+        if partial.exists() and partial.stat().st_size == 0:
             partial.unlink()
         raise
     partial.replace(output)

@@ -415,7 +415,8 @@ def main() -> None:
                 print(f"failed: {error}", flush=True)
     if args.ablation:
         grid_points = args.points_per_side**2
-        print(f"\nMask decoder alone, 64 of the {grid_points} grid points on {images[0][0]}, multimask output:")
+        print(f"\nMask decoder alone, {min(64, grid_points)} of the {grid_points} grid points on {images[0][0]}, "
+              "multimask output:")
         print(decoder_ablation(generators["baseline"].generator.predictor.model, images[0][1], grid_points,
                                args.pred_iou_thresh, args.device))
 

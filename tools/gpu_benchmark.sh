@@ -5,8 +5,8 @@
 #   tools/gpu_benchmark.sh --dry-run --out /tmp/dry                (CPU, micro model, minutes)
 #
 # 0. installs tools/gpu-requirements.txt from the wheel folder (tools/gpu_wheels.sh fills it)
-#    into OUT/site, without touching the machine's own packages; writes a random-initialised
-#    SAM2.1 large checkpoint;
+#    into WORK/site (--work, default $TMPDIR/sam2-gpu-benchmark), without touching the machine's
+#    own packages; writes a random-initialised SAM2.1 large checkpoint;
 # 1. smoke: the eager modes and the study's pipeline on one small image with the micro model, in
 #    seconds (the fast modes compile for longer on micro than half of large's compile: a fast mode
 #    that fails in COMPILE_MODE is tried again by the benchmark in torch.compile's default mode);

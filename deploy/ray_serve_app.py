@@ -4,7 +4,7 @@ Same endpoints, request and answer formats as server.py (POST /upload, /upload_r
 with the multipart field `image`, POST /segment, GET /health), the same pipeline code and the
 same limits and error answers. Ray Serve queues, batches (`@serve.batch`) and spreads requests
 over replicas; a full queue answers 503, in Ray Serve's own words (plain text, no Retry-After).
-Not here: the web page and /metrics (Ray exports its own metrics).
+The web page too (GET /); not /metrics (Ray exports its own metrics).
 
     serve run deploy.ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
@@ -28,12 +28,15 @@ import asyncio
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from ray import serve
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response
 from werkzeug.exceptions import MethodNotAllowed
+
+import sam2serve
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
@@ -47,7 +50,12 @@ from sam2serve.serving import (
     require_segment_form, require_segmenter, segment_answer, segment_payload, too_many_parts,
 )
 
-ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET"}
+# The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
+WEB_FOLDER = Path(sam2serve.__file__).parent / "web"
+WEB_FILES = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "text/javascript"),
+             "/static/style.css": ("style.css", "text/css")}
+ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
+          **{path: "GET" for path in WEB_FILES}}
 
 
 def json_error(error: Exception) -> Response:
@@ -90,13 +98,16 @@ class SegmentEverything:
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
         if path not in ROUTES:
-            return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET /health"}',
+            return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
         if request.method != ROUTES[path]:
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
                             media_type="application/json", headers={"Allow": ROUTES[path]})
         if path == "/health":
             return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
+        if path in WEB_FILES:
+            name, media_type = WEB_FILES[path]
+            return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type)
         try:
             request = await with_body_read(request, self.limits)
             if path in UPLOAD_ENDPOINTS:

@@ -217,6 +217,10 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
         one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
         assert one_shot.get_data() == flask_segment.get_data()
         assert_same_error_answers_as_flask(url, flask_client)
+        for path in ("/", "/static/app.js", "/static/style.css"):  # the web page, as server.py serves it
+            with urllib.request.urlopen(url + path, timeout=30) as response:
+                page = flask_client.get(path)
+                assert response.read() == page.get_data() and response.headers.get_content_type() == page.mimetype
     finally:
         serve.shutdown()
 

@@ -23,7 +23,7 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, set_up_logging,
+    check_checkpoint_arguments, compile_modes, require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")
     add_option(parser, "load_fast", metavar="DIR",
                help="fast modes: load kernels exported with --save-fast instead of compiling")
-    add_option(parser, "compile_mode", help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "
+    add_option(parser, "compile_mode", choices=compile_modes(), help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "
                "whose search takes many minutes on large; reduce-overhead keeps CUDA graphs without it). On a "
                "CPU the fast modes run ao's eager kernels in their precision unless this is given")
     add_amg_options(parser)
@@ -88,10 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--furious goes with --fast")
         args.mode = "fast_furious"
     mode = get_mode(args.mode)
-    if (args.save_fast or args.load_fast) and not mode.compiled:
-        parser.error("--save-fast and --load-fast go with --fast")
-    if args.save_fast and args.load_fast:
+    if (args.save_fast is not None or args.load_fast is not None or args.compile_mode) and not mode.compiled:
+        parser.error("--save-fast, --load-fast and --compile-mode go with --fast")
+    if args.save_fast is not None and args.load_fast is not None:
         parser.error("give --save-fast or --load-fast, not both")
+    if args.save_fast == "" or args.load_fast == "":
+        parser.error("--save-fast and --load-fast take a folder")
+    if args.save_fast:
+        require_output_folder(parser, args.save_fast, "--save-fast")
     if min(args.batch_size, args.max_queue, args.max_connections, args.connection_timeout) < 1 or args.request_timeout <= 0:
         parser.error("--batch-size, --max-queue, --max-connections and --connection-timeout must be at least 1, "
                      "--request-timeout positive")

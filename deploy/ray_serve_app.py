@@ -40,7 +40,7 @@ import sam2serve
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
-from sam2serve.cli import AMG_OPTIONS, default_device, option_value
+from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import InvalidImage
@@ -228,8 +228,10 @@ def build(args: dict[str, str]) -> serve.Application:
     require_checkpoint_pair(options["checkpoint_dir"], options["model_type"])
     if options["model_type"] is not None:
         model_size(options["model_type"])  # a size sam2 has
-    if options["load_fast"] and not get_mode(options["mode"]).compiled:
-        raise ValueError(f"load_fast needs a fast mode, not mode={options['mode']}")
+    if (options["load_fast"] or options["compile_mode"]) and not get_mode(options["mode"]).compiled:
+        raise ValueError(f"load_fast and compile_mode need a fast mode, not mode={options['mode']}")
+    if options["compile_mode"] not in (None, *compile_modes()):
+        raise ValueError(f"compile_mode={options['compile_mode']}: one of {compile_modes()}")
     if args:
         raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of deploy/ray_serve_app.py")
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):

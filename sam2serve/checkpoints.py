@@ -238,11 +238,14 @@ def _download(url: str, path: Path) -> None:
     os.replace(tmp.name, path)
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 def checkpoint_identity(path: Path) -> str:
     """File name and the start of its SHA-256: what exported kernels and image ids are bound to."""
-    with open(path, "rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    return f"{path.name}#{digest[:16]}"
+    return f"{path.name}#{file_sha256(path)[:16]}"
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, mismatch: str) -> torch.nn.Module:

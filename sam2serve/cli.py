@@ -156,6 +156,11 @@ def write_lines(output: Path, lines: Iterable[str]) -> None:
     partial.replace(output)
 
 
+def compile_modes() -> list[str]:
+    """torch.compile's modes, as this torch names them (choices of --compile-mode)."""
+    return sorted(torch._inductor.list_mode_options())
+
+
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")

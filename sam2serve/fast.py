@@ -9,7 +9,8 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
-  device or torch version) is refused with a message that says what differs.
+  device or torch version) is refused with a message that says what differs; so is one whose
+  files are not those its manifest lists (an export cut short, or a damaged copy).
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
 stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
 the same process, the baseline among them). Images are resized and normalised on the device in
@@ -31,7 +32,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import AMGConfig, Kernels, MaskGenerator
-from .checkpoints import checkpoint_identity
+from .checkpoints import checkpoint_identity, file_sha256
 from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import image_to_input_on_device
 
@@ -89,7 +90,8 @@ def kernel_spec(
 
 
 class PackageMismatch(ValueError):
-    """Saved kernels were built for something else; the message lists what differs."""
+    """Saved kernels that cannot be used here: built for something else (the message lists what
+    differs), unfinished or damaged."""
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,15 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) 
 
 
 def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike) -> None:
-    """Exports both kernels (torch.export + AOTInductor) into `directory`, with a manifest."""
+    """Exports both kernels (torch.export + AOTInductor) into `directory`, with a manifest of the
+    spec and of each package's SHA-256, written last. A package already there stops being one
+    before its files are replaced (its manifest goes first)."""
     model = prepare_model(model, spec.torch_dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST).exists():
+        log.info("replacing the exported kernels in %s", directory)
+        (directory / MANIFEST).unlink()
     encoder_inputs, decoder_inputs = example_inputs(model, spec)
     # The encoder takes 1 to batch_size images; the decoder's shapes are static.
     images = torch.export.Dim("images", min=1, max=spec.batch_size) if spec.batch_size > 1 else None
@@ -170,27 +177,46 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
             torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
         log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
     # The manifest last: a folder without one is an unfinished export.
-    (directory / MANIFEST).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    files = {name: file_sha256(directory / name) for name in (ENCODER_PACKAGE, DECODER_PACKAGE)}
+    (directory / MANIFEST).write_text(json.dumps({**asdict(spec), "files": files}, indent=2) + "\n")
 
 
 def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernels:
     """Loads kernels saved by save_kernels, refusing a package built for something else."""
     directory = Path(directory)
+    again = "export them again for this server with --save-fast"
+    if not directory.is_dir():
+        raise PackageMismatch(f"{directory} is not a folder of exported kernels (--save-fast writes one)")
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        raise PackageMismatch(f"{directory} has no {MANIFEST}: not a folder written by --save-fast")
-    saved = KernelSpec(**json.loads(manifest.read_text()))
+        raise PackageMismatch(f"{directory} has no {MANIFEST}: not a folder written by --save-fast, or an export "
+                              f"that did not finish; {again}")
+    try:
+        saved = json.loads(manifest.read_text())
+        files = saved.pop("files")
+        saved = KernelSpec(**saved)
+    except (ValueError, KeyError, TypeError) as error:  # broken JSON, fields of another version
+        raise PackageMismatch(f"{manifest} cannot be read ({type(error).__name__}: {error}); {again}") from None
     if differences := spec.differences(saved):
         raise PackageMismatch(
             f"the exported kernels in {directory} were built for something else:\n  "
             + "\n  ".join(differences)
-            + "\nexport them again for this server with --save-fast"
+            + f"\n{again}"
         )
+    for name in (ENCODER_PACKAGE, DECODER_PACKAGE):
+        path = directory / name
+        if not path.is_file() or file_sha256(path) != files.get(name):
+            raise PackageMismatch(f"{path} is {'missing' if not path.is_file() else 'not the file its manifest lists'}"
+                                  f" (a copy cut short, or changed since); {again}")
     device_index = torch.cuda.current_device() if spec.device == "cuda" else -1
-    encoder, decoder = [
-        torch._inductor.aoti_load_package(str(directory / name), device_index=device_index)
-        for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
-    ]
+    try:
+        encoder, decoder = [
+            torch._inductor.aoti_load_package(str(directory / name), device_index=device_index)
+            for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
+        ]
+    except RuntimeError as error:
+        raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {str(error).splitlines()[0]}; "
+                              f"{again}") from error
     return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
 
 

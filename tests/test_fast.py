@@ -15,7 +15,9 @@ fit it.
 """
 
 import json
-from dataclasses import replace
+import shutil
+from pathlib import Path
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -26,7 +28,9 @@ import numpy as np
 from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
-from sam2serve.fast import MANIFEST, PackageMismatch, kernel_spec, load_kernels
+from sam2serve.fast import (
+    DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, kernel_spec, load_kernels, save_kernels,
+)
 from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, load_pipeline, mode_config
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
 from sam2serve.rle import rles_to_masks
@@ -247,6 +251,48 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
             load_kernels(directory, other)
     with pytest.raises(PackageMismatch, match="no manifest.json"):
         load_kernels(tmp_path, spec)
+    with pytest.raises(PackageMismatch, match="is not a folder of exported kernels"):
+        load_kernels(tmp_path / "nowhere", spec)
+
+
+def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path, monkeypatch):
+    """Files that are not those the manifest lists (a copy cut short, a changed byte, a package
+    missing), a manifest of another format, and a package whose export over it failed: each is
+    refused with why, never loaded to answer wrong."""
+    directory, _ = exported
+    loaded = load_micro()
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE)
+
+    def copy() -> Path:
+        target = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(directory, target)
+        return target
+
+    changed = copy()
+    with open(changed / DECODER_PACKAGE, "r+b") as file:
+        file.seek(len(file.read()) // 2)
+        file.write(b"\xff" * 1000)
+    with pytest.raises(PackageMismatch, match="point_decoder.pt2 is not the file its manifest lists"):
+        load_kernels(changed, spec)
+    missing = copy()
+    (missing / ENCODER_PACKAGE).unlink()
+    with pytest.raises(PackageMismatch, match="image_encoder.pt2 is missing"):
+        load_kernels(missing, spec)
+    for text, error in [('{"checkpoint": ', "JSONDecodeError"), (json.dumps(asdict(spec)), "KeyError")]:
+        other_format = copy()
+        (other_format / MANIFEST).write_text(text)
+        with pytest.raises(PackageMismatch, match=f"manifest.json cannot be read \\({error}"):
+            load_kernels(other_format, spec)
+
+    def export_fails(*_, **__):
+        raise RuntimeError("export interrupted")
+
+    over = copy()
+    monkeypatch.setattr(torch.export, "export", export_fails)
+    with pytest.raises(RuntimeError, match="export interrupted"):
+        save_kernels(loaded.model, spec, over)
+    with pytest.raises(PackageMismatch, match="no manifest.json"):  # not the old package's any more
+        load_kernels(over, spec)
 
 
 def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):

@@ -293,7 +293,8 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"points_per_side": "abc"}, "points_per_side: expected a whole number, got 'abc'"),
         ({"batch_size": "x"}, "batch_size=x: expected a number"),
         ({"replicas": "0"}, "replicas=0"),
-        ({"load_fast": "exported"}, "load_fast needs a fast mode"),
+        ({"load_fast": "exported"}, "need a fast mode"),
+        ({"mode": "fast", "compile_mode": "fastest"}, "compile_mode=fastest: one of"),
     ]:
         with pytest.raises(ValueError, match=message):
             build(arguments)

@@ -248,6 +248,10 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
         (["--furious"], "--furious goes with --fast"),
         (["--load-fast", "somewhere"], "go with --fast"),
         (["--fast", "--save-fast", "a", "--load-fast", "b"], "not both"),
+        (["--compile-mode", "default"], "go with --fast"),
+        (["--fast", "--compile-mode", "fastest"], "invalid choice: 'fastest'"),
+        (["--fast", "--save-fast", ""], "take a folder"),
+        (["--fast", "--save-fast", str(REPO / "README.md")], "README.md is a file, not a folder"),
     ],
 )
 def test_fast_options_are_checked(arguments, message):

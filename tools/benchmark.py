@@ -34,8 +34,8 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, resolve_checkpoint
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    checkpoint_from_arguments, positive_int, read_images, require_device, require_output_folder, run_script,
-    set_up_logging,
+    checkpoint_from_arguments, compile_modes, positive_int, read_images, require_device, require_output_folder,
+    run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -210,7 +210,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                     raise
                 how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
                 log.exception("%s failed%s", row, how)
-                failure = f"failed{how}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                failure = f"failed{how}: {type(error).__name__}: {'; '.join(str(error).splitlines())[:400]}"
                 notes[row] = f"{notes[row]}; {failure}" if row in notes else failure
                 continue
             generators[row] = generator
@@ -333,7 +333,7 @@ def main() -> None:
                         help="one table per setting of the IoU and stability thresholds, from the same loaded "
                         "models: 'off' (0 and 0), 'sam2' (sam2's defaults); default: one table with the "
                         "thresholds given")
-    add_option(parser, "compile_mode", help="torch.compile mode of the fast modes (default: max-autotune on "
+    add_option(parser, "compile_mode", choices=compile_modes(), help="torch.compile mode of the fast modes (default: max-autotune on "
                "CUDA; on a CPU they run ao's eager kernels unless this is given)")
     add_option(parser, "save_fast", metavar="DIR", help="fast modes: export their kernels to DIR/<mode>, then use them")
     add_option(parser, "load_fast", metavar="DIR", help="fast modes: load kernels exported to DIR/<mode>")

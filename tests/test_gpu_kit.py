@@ -228,6 +228,17 @@ def test_benchmark_tables_without_the_baseline_compare_with_nothing():
     assert per_image_table([loaded], images).splitlines()[2:] == ["| photo | 500 |", "| scene | 250 |"]
 
 
+def test_a_refused_package_is_noted_with_what_differs():
+    from sam2serve.fast import PackageMismatch
+    from tools.benchmark import failure_reason
+
+    error = PackageMismatch("the exported kernels in x were built for something else:\n  points_per_batch: "
+                            "package 8, server 16\nexport them again for this server with --save-fast")
+    assert failure_reason(error) == ("the exported kernels in x were built for something else: points_per_batch: "
+                                     "package 8, server 16; export them again for this server with --save-fast")
+    assert failure_reason(RuntimeError("CUDA graphs went wrong\nand a traceback")) == "CUDA graphs went wrong"
+
+
 def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_default_mode(monkeypatch):
     from tools import benchmark
 

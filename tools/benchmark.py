@@ -39,7 +39,7 @@ from sam2serve.cli import (
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
-from sam2serve.fast import default_compile_mode
+from sam2serve.fast import PackageMismatch, default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import image_to_input
@@ -210,7 +210,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                     raise
                 how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
                 log.exception("%s failed%s", row, how)
-                failure = f"failed{how}: {type(error).__name__}: {'; '.join(str(error).splitlines())[:400]}"
+                failure = f"failed{how}: {type(error).__name__}: {failure_reason(error)}"
                 notes[row] = f"{notes[row]}; {failure}" if row in notes else failure
                 continue
             generators[row] = generator
@@ -222,6 +222,15 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                      ready[row].held_mib, generator.config.points_per_batch)
             break
     return generators, ready, notes
+
+
+def failure_reason(error: Exception) -> str:
+    """A row's failure in one line: the first of the error (the rest of a CUDA error is its
+    traceback), or all of a refused package's (the lines that follow say what differs)."""
+    lines = [line.strip() for line in str(error).splitlines()] or [""]
+    if isinstance(error, PackageMismatch):
+        return f"{lines[0]} {'; '.join(lines[1:])}".strip()[:400]
+    return lines[0][:200]
 
 
 def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str,

@@ -194,8 +194,10 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernel
     try:
         saved = json.loads(manifest.read_text())
         files = saved.pop("files")
+        if not isinstance(files, dict):
+            raise TypeError(f"files: {files!r} is not a mapping of package to SHA-256")
         saved = KernelSpec(**saved)
-    except (ValueError, KeyError, TypeError) as error:  # broken JSON, fields of another version
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # broken JSON, fields of another version
         raise PackageMismatch(f"{manifest} cannot be read ({type(error).__name__}: {error}); {again}") from None
     if differences := spec.differences(saved):
         raise PackageMismatch(

@@ -278,7 +278,8 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
     (missing / ENCODER_PACKAGE).unlink()
     with pytest.raises(PackageMismatch, match="image_encoder.pt2 is missing"):
         load_kernels(missing, spec)
-    for text, error in [('{"checkpoint": ', "JSONDecodeError"), (json.dumps(asdict(spec)), "KeyError")]:
+    for text, error in [('{"checkpoint": ', "JSONDecodeError"), (json.dumps(asdict(spec)), "KeyError"),
+                        ('"text"', "AttributeError"), (json.dumps({**asdict(spec), "files": 3}), "TypeError")]:
         other_format = copy()
         (other_format / MANIFEST).write_text(text)
         with pytest.raises(PackageMismatch, match=f"manifest.json cannot be read \\({error}"):

@@ -100,7 +100,7 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
 
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
-    from sam2serve.cli import add_amg_options, amg_options, checked_image_paths, require_output_folder
+    from sam2serve.cli import add_amg_options, amg_options, checked_image_paths, require_output_file
     from sam2serve.modes import DEFAULT_MODE, MODES
 
     parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
@@ -113,9 +113,7 @@ def main() -> None:
     add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()
-    if args.output.is_dir():
-        command.error(f"output {args.output}: a folder; give the file to write the lines to")
-    require_output_folder(command, args.output.parent, "output")
+    require_output_file(command, args.output, "output", folder_made=True)  # write_lines makes the folder
     try:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
-    check_checkpoint_arguments, positive_int, read_image_paths, require_output_folder, write_lines,
+    check_checkpoint_arguments, positive_int, read_image_paths, require_output_file, write_lines,
 )
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, rle_lines
@@ -84,9 +84,7 @@ def main() -> None:
         paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    if args.output.is_dir():
-        parser.error(f"output {args.output}: a folder; give the file to write the lines to")
-    require_output_folder(parser, args.output.parent, "output")
+    require_output_file(parser, args.output, "output", folder_made=True)  # write_lines makes the folder
     config = amg_config(parser, args, get_mode(args.mode))
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)

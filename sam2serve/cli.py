@@ -130,12 +130,16 @@ def require_output_folder(parser: argparse.ArgumentParser, path: str | Path, opt
     return path
 
 
-def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str) -> Path:
-    """An output file that can be written: not a folder, in a folder that exists."""
+def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str,
+                        folder_made: bool = False) -> Path:
+    """An output file that can be written: not a folder, in a folder that exists (or, where the
+    script makes it, folder_made, one that can be made)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        parser.error(f"{option} {path}: a folder, not a file")
-    if not path.parent.is_dir():
+        parser.error(f"{option} {path}: a folder; give the file to write the lines to")
+    if folder_made:
+        require_output_folder(parser, path.parent, option)
+    elif not path.parent.is_dir():
         parser.error(f"{option} {path}: the folder {path.parent} does not exist")
     return path
 

@@ -10,10 +10,15 @@
 Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
 503) -> model and generator for the mode, warmed up -> the main thread serves the model
 (/health answers 200), the thread that loaded it.
+
+Stopping (SIGTERM, Ctrl-C): new requests get 503 and /health says "stopping"; the queued ones
+are answered and sent, then the process exits 0 and frees what it holds (exported kernels unpack
+into a temporary folder that only a clean exit removes). A second signal stops at once.
 """
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from dataclasses import asdict
@@ -31,9 +36,10 @@ from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
 from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import ConnectionLimits, create_http_server
+from sam2serve.wsgi import ConnectionLimits, create_http_server, wait_until_answered
 
 log = logging.getLogger("server")
+ANSWERS_SENT_WITHIN_S = 10.0  # after the last queued request ran, how long its answer may take to send
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,24 +145,47 @@ def main(argv: list[str] | None = None) -> None:
 
     listener = threading.Thread(target=listen, name="http", daemon=True)
     listener.start()
+    stop_on_signals(worker)
     log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
 
     try:
-        pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
-                                 save_fast=args.save_fast, load_fast=args.load_fast,
-                                 checkpoint_url=args.checkpoint_url, batch_size=args.batch_size,
-                                 compile_mode=args.compile_mode)
-    except (CheckpointError, PackageMismatch) as error:
-        http.close()
-        sys.exit(f"error: {error}")
-    info.update(pipeline.info)  # the model, its weights, whether it runs prompts
-    log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
-             args.device, args.host, args.port)
-    try:
-        # The model runs on this thread, which loaded it (sam2serve/worker.py says why).
+        try:
+            pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
+                                     save_fast=args.save_fast, load_fast=args.load_fast,
+                                     checkpoint_url=args.checkpoint_url, batch_size=args.batch_size,
+                                     compile_mode=args.compile_mode)
+        except (CheckpointError, PackageMismatch) as error:
+            sys.exit(f"error: {error}")
+        info.update(pipeline.info)  # the model, its weights, whether it runs prompts
+        log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
+                 args.device, args.host, args.port)
+        # The model runs on this thread, which loaded it (sam2serve/worker.py says why), until
+        # the HTTP server ends or a signal stops the worker and the queued requests are answered.
         worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
-    except KeyboardInterrupt:
+        if worker.stopping:
+            unsent = wait_until_answered(http, ANSWERS_SENT_WITHIN_S)
+            log.info("stopped: every queued request answered%s",
+                     f"; {unsent} connections were still busy" if unsent else "")
+    finally:
         http.close()
+
+
+def stop_on_signals(worker: InferenceWorker) -> None:
+    """SIGTERM and SIGINT (Ctrl-C) stop the worker (see the module's docstring); a second one, or
+    one while the model loads, raises SystemExit at once. The handler only sets an event and logs:
+    it runs on the main thread, between the model's operations."""
+    def on_signal(signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if not worker.ready:
+            raise SystemExit(f"stopped by {name} while the model was loading")
+        if worker.stopping:
+            raise SystemExit(f"stopped at once by a second {name}: queued requests were not answered")
+        log.info("%s: stopping; queued requests are answered first (send it again to stop at once)", name)
+        worker.stop()
+
+    if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
   device or torch version) is refused with a message that says what differs; so is one whose
-  files are not those its manifest lists (an export cut short, or a damaged copy).
+  files are not those its manifest lists (an export cut short, or a damaged copy). A loaded
+  package unpacks into a temporary folder that torch removes when it is freed; those still
+  held when the process exits (a server's threads hold them) are freed at exit.
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
 stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
 the same process, the baseline among them). Images are resized and normalised on the device in
@@ -18,10 +20,12 @@ every fast mode. `fast_kernels` wraps a pair for MaskGenerator: point batches pa
 static size, images encoded at most batch_size at a time, outputs copied out of CUDA graphs.
 """
 
+import atexit
 import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -37,6 +41,7 @@ from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import image_to_input_on_device
 
 log = logging.getLogger(__name__)
+LOADED_PACKAGES: weakref.WeakSet = weakref.WeakSet()  # freed at exit, see free_loaded_packages
 
 MANIFEST = "manifest.json"
 ENCODER_PACKAGE = "image_encoder.pt2"
@@ -219,7 +224,18 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernel
     except RuntimeError as error:
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {str(error).splitlines()[0]}; "
                               f"{again}") from error
+    LOADED_PACKAGES.update((encoder, decoder))
     return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
+
+
+@atexit.register
+def free_loaded_packages() -> None:
+    """Frees the loaded packages still held at exit. Each unpacked itself into a folder of its
+    own in the temporary folder (its code and weights), which torch removes when the package
+    is freed; at exit, objects that other threads still hold are not freed, and the folders
+    of a server stopped and started again would pile up."""
+    for package in list(LOADED_PACKAGES):
+        package.loader = None  # the only reference to torch's loader, whose destructor removes the folder
 
 
 def fast_kernels(model: SAM2Base, kernels: StaticKernels, description: str = "compiled") -> Kernels:

@@ -3,10 +3,11 @@
 `create_app(worker, ...)` serves whatever generator the worker runs (tests hand it a stub).
 Every error is JSON with an "error" message and the server keeps serving: 400 for what is not
 one image, 413 for each limit with its own message (the upload, the form's parts, a text field,
-the image's pixels), 414 for a URL too long, 503 while
-the model loads or when the queue is full (with Retry-After), 504 when a request waited too
-long, 500 when inference failed for that image. GET /health says whether the model is ready;
-GET /metrics gives Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses itself.)
+the image's pixels), 414 for a URL too long, 503 while the model loads or when the queue is full
+(with Retry-After) and once the server is stopping, 504 when a request waited too long, 500 when
+inference failed for that image. GET /health says whether the model is ready; GET /metrics gives
+Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses
+itself.)
 
 The request and answer formats (decode_upload, render_answer, error_answer, rle_lines) are
 plain functions, shared with the Ray Serve app, the Ray Data job and the Modal app, so every
@@ -33,7 +34,7 @@ from .interactive import EmbeddingCache, InvalidPrompt, UnknownId, mask_id, pars
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, masks_to_rle_vectorized
-from .worker import Busy, InferenceWorker, NotReady, TimedOut, generate_each
+from .worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut, generate_each
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status, retry_after = 503, LOADING_RETRY_AFTER_S
     elif isinstance(error, Busy):
         status, retry_after = 503, error.retry_after_s
+    elif isinstance(error, Stopping):  # no Retry-After: whether it comes back is not its to say
+        status = 503
     elif isinstance(error, TimedOut):
         status = 504
     elif isinstance(error, torch.OutOfMemoryError):
@@ -404,6 +407,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     @app.get("/health")
     def health() -> Response:
+        if worker.stopping:  # load balancers send no more; the queued requests are still answered
+            return json_response({"status": "stopping", "queued": worker.queue_depth, **info}, 503)
         if not worker.ready:
             return json_response({"status": "loading", **info}, 503, {"Retry-After": str(LOADING_RETRY_AFTER_S)})
         return json_response({"status": "ok", "queued": worker.queue_depth, **info})

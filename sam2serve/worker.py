@@ -10,7 +10,9 @@ queue:
   (a batch is never padded with duplicated work), and runs them with one image-encoder call;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
   one image at a time so that only the image that fails gets the error, and the worker goes on
-  (`generate_each`, which the offline front ends use too).
+  (`generate_each`, which the offline front ends use too);
+- `stop()` refuses new requests (`Stopping`, HTTP 503) and lets the worker answer those already
+  queued before it returns: a server told to stop (SIGTERM, Ctrl-C) drops no accepted request.
 
 Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
 to the thread that starts them, and a second thread doing parallel work gets a second pool. With
@@ -55,6 +57,10 @@ class TimedOut(RuntimeError):
     """The request waited longer than the worker's timeout."""
 
 
+class Stopping(RuntimeError):
+    """The server is stopping: it answers the requests it has queued and takes no more."""
+
+
 @dataclass
 class Job:
     """An image to segment everything in, or another call on the model (interactive prompts)."""
@@ -83,14 +89,27 @@ class InferenceWorker:
         self.segmenter = None
         self.seconds_per_image = 1.0  # running estimate, for Retry-After
         self._ready = threading.Event()
+        self._stopping = threading.Event()
+        # Held while a request joins the queue and while the worker decides the queue is done:
+        # no job can join after the worker's last look (it would wait for nobody).
+        self._admission = threading.Lock()
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def queue_depth(self) -> int:
         return self.jobs.qsize()
+
+    def stop(self) -> None:
+        """No new requests from now on; the worker answers the queued ones, then serve() returns.
+        Safe in a signal handler: it only sets an event."""
+        self._stopping.set()
 
     def start(self, generator: Generator, segmenter=None) -> None:
         """Serves with this generator (and this interactive.PromptSegmenter, if any) from now on,
@@ -109,12 +128,15 @@ class InferenceWorker:
         self._serve_forever(until)
 
     def require_ready(self) -> None:
+        if self.stopping:
+            raise Stopping("the server is stopping; send the request again to another one, or once it is back")
         if not self.ready:
             raise NotReady("the model is loading; try again when GET /health answers 200")
 
     def submit(self, image: np.ndarray, annotate: bool = False) -> list[RLE] | list[dict]:
         """The image's masks (with annotate, their records: Generator.annotate), once the worker
-        has run it. Raises NotReady, Busy or TimedOut, or the generator's own error for this image."""
+        has run it. Raises NotReady, Stopping, Busy or TimedOut, or the generator's own error for
+        this image."""
         return self._wait_for(Job(image=image, annotate=annotate))
 
     def call(self, function: Callable[[], Any]) -> Any:
@@ -123,12 +145,13 @@ class InferenceWorker:
         return self._wait_for(Job(call=function))
 
     def _wait_for(self, job: Job) -> Any:
-        self.require_ready()
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            wait = self.queue_depth * self.seconds_per_image / self.batch_size
-            raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
+        with self._admission:
+            self.require_ready()
+            try:
+                self.jobs.put_nowait(job)
+            except queue.Full:
+                wait = self.queue_depth * self.seconds_per_image / self.batch_size
+                raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
         try:
             return job.future.result(timeout=self.timeout_s)
         except TimeoutError:
@@ -152,10 +175,15 @@ class InferenceWorker:
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
     def _serve_forever(self, until: threading.Event | None = None) -> None:
-        while until is None or not until.is_set():
-            batch = self._next_batch(None if until is None else STOP_CHECK_S)
+        while (until is None or not until.is_set()) and not self._done():
+            batch = self._next_batch(STOP_CHECK_S)
             if batch:
                 self._run(batch)
+
+    def _done(self) -> bool:
+        """Stopping, and every queued request answered."""
+        with self._admission:
+            return self.stopping and self.jobs.empty()
 
     def _run(self, jobs: list[Job]) -> None:
         for job in jobs:

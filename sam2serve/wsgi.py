@@ -10,10 +10,14 @@ while the body is still arriving: a stalled upload holds a thread.)
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
 answered as JSON like every other error, and the connection is closed.
+
+Stopping: `wait_until_answered` waits until no connection has a request being read, run or
+sent, so that closing the server cuts no answer off.
 """
 
 import json
 import resource
+import time
 from dataclasses import dataclass
 
 import waitress
@@ -92,3 +96,17 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel
     return server
+
+
+def wait_until_answered(server, timeout_s: float) -> int:
+    """Waits, at most timeout_s, until no connection of the server (create_http_server's) has a
+    request being received, run by the app or sent back; returns how many still had one. Idle
+    keep-alive connections do not count."""
+    connections = server.map if hasattr(server, "map") else server._map  # several addresses, or one
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [channel for channel in list(connections.values()) if isinstance(channel, HTTPChannel)
+                and (channel.requests or channel.request is not None or channel.total_outbufs_len)]
+        if not busy or time.monotonic() >= deadline:
+            return len(busy)
+        time.sleep(0.05)

@@ -301,16 +301,22 @@ def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     image = make_scene(150, 180, seed=2)  # within the test servers' pixel limit
     Image.fromarray(image).save(tmp_path / "scene.png")
     model = [str(micro_checkpoint.parent), "micro"]
+    # Loaded packages unpack into the temporary folder; only a clean exit removes them.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     process, url = start_server(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),
-                                *SERVER_OPTIONS, log_path=tmp_path / "server.log")
+                                *SERVER_OPTIONS, log_path=tmp_path / "server.log", env={"TMPDIR": str(temporary)})
     try:
+        unpacked = sorted(path.name for path in temporary.glob("aotinductor_*"))
         status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{tmp_path / 'scene.png'}")
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM, as a process manager stops it
         process.wait(timeout=30)
     assert status == 200
     assert list(json.loads(body).values()) == loaded_generator.generate(image)
     assert "loaded exported kernels" in (tmp_path / "server.log").read_text()
+    assert len(unpacked) == 2 and process.returncode == 0  # the two packages, then a clean stop
+    assert not list(temporary.glob("aotinductor_*"))
 
     # Another points-per-batch than the package was built for: a clear refusal, no traceback.
     result = run_server_expecting_exit(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),

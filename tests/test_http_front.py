@@ -3,28 +3,32 @@
 A real server process (waitress, the micro model, a 4x4 grid) for what the HTTP server does
 before the app sees a request: stalled clients, bodies over the limit, headers too large. The
 Flask app in process, with a stub worker, for each limit's own answer, 405's Allow header, 414,
-several files, a client that disconnects, and /metrics read by Prometheus' own parser.
+several files, a client that disconnects, and /metrics read by Prometheus' own parser. A
+waitress server in process for what stopping waits for.
 """
 
 import io
 import json
 import os
 import socket
+import threading
 import time
 import urllib.request
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from flask import Flask
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
+from sam2serve.wsgi import create_http_server, wait_until_answered
 from tools.load_test import post_image
 
 from .conftest import make_scene
-from .test_server import MAX_UPLOAD_MB, start_server
+from .test_server import MAX_UPLOAD_MB, free_port, start_server
 from .test_worker import StubGenerator, png_of
 
 CONNECTION_TIMEOUT_S = 2
@@ -245,3 +249,43 @@ def test_tiny_images_get_the_baselines_answer(trained_micro_checkpoint):
         assert MaskGenerator(model, config).generate(image) == baseline
         if (height, width) == (1, 1):
             assert len(baseline) > 1 and all(mask == baseline[0] for mask in baseline)
+
+
+def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections():
+    """server.py closes the HTTP server only once wait_until_answered says no connection has a
+    request being run or an answer being sent: closing earlier would cut the answer off."""
+    answer_size = 32 * 2**20  # far more than the sockets' buffers hold
+    entered, release = threading.Event(), threading.Event()
+    app = Flask(__name__)
+
+    @app.get("/slow")
+    def slow():
+        entered.set()
+        release.wait(timeout=30)
+        return b"x" * answer_size
+
+    port = free_port()
+    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)  # a keep-alive client with nothing to ask
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # before connecting: a slow reader
+    client.connect(("127.0.0.1", port))
+    try:
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        assert entered.wait(timeout=10)
+        assert wait_until_answered(server, 0.3) == 1  # being run by the app
+        release.set()
+        time.sleep(0.5)
+        assert wait_until_answered(server, 0.3) == 1  # made, not yet sent: the client has not read it
+        received = []
+        reader = threading.Thread(target=lambda: received.append(read_until_closed(client, 30)))
+        reader.start()
+        assert wait_until_answered(server, 30) == 0  # sent; the idle connection does not count
+        reader.join(timeout=30)
+        assert received[0].endswith(b"x" * 1000) and len(received[0].partition(b"\r\n\r\n")[2]) == answer_size
+    finally:
+        release.set()
+        idle.close()
+        client.close()
+        server.close()

@@ -7,6 +7,8 @@ default thresholds).
 
 import http.server
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,12 +46,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS) -> tuple[subprocess.Popen, str]:
-    """Starts `python server.py ARGUMENTS` on a free port; returns once /health answers 200."""
+def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts `python server.py ARGUMENTS` on a free port (with `env` added to the environment);
+    returns once /health answers 200."""
     port = free_port()
     command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", str(port),
                "--max-pixels", str(max_pixels), "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                               env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -332,3 +337,56 @@ def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_fi
     assert "SAM2.1 micro" in model and "sam2.1_hiera_micro.pt" in model and "/" not in model and "trained weights" in model
     assert status == 200 and len(json.loads(body)) >= 1
     assert "ready: serving SAM2.1 micro" in (tmp_path / "default.log").read_text()
+
+
+def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tuple[subprocess.Popen, list, str]:
+    """Starts the default server (about a second per request here), sends three requests at
+    once, and once one is queued sends it SIGTERM `signals` times. Returns the process (ended),
+    each request's (status, body) or error, and the server's log."""
+    log_path = tmp_path / "server.log"
+    process, url = start_server(log_path=log_path)
+    answers = []
+
+    def request():
+        try:
+            answers.append(curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{image}"))
+        except subprocess.CalledProcessError as error:  # the connection closed without an answer
+            answers.append(error)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while json.loads(curl(url + "/health")[1])["queued"] < 1:
+            assert time.monotonic() < deadline, "no request was queued"
+            time.sleep(0.05)
+        for _ in range(signals):
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        if signals == 1:  # still answering what it accepted; taking nothing new
+            health = curl(url + "/health")
+            assert health[0] == 503 and json.loads(health[1])["status"] == "stopping"
+            status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{image}")
+            assert status == 503 and "stopping" in json.loads(body)["error"]
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        for thread in threads:
+            thread.join(timeout=60)
+    return process, answers, log_path.read_text()
+
+
+def test_sigterm_answers_every_queued_request_then_exits_cleanly(image_files, tmp_path):
+    process, answers, log = stop_with_requests_queued(1, image_files / "scene.jpg", tmp_path)
+    assert process.returncode == 0, log
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert len({body for _, body in answers}) == 1 and len(json.loads(answers[0][1])) >= 1  # the same image
+    assert "SIGTERM: stopping" in log and "stopped: every queued request answered" in log
+
+
+def test_a_second_sigterm_stops_at_once(image_files, tmp_path):
+    process, answers, log = stop_with_requests_queued(2, image_files / "scene.jpg", tmp_path)
+    assert process.returncode == 1
+    assert "stopped at once by a second SIGTERM" in log and "Traceback" not in log
+    assert any(isinstance(answer, Exception) for answer in answers)  # not every request was answered

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sam2serve.serving import create_app, rle_lines
-from sam2serve.worker import Busy, InferenceWorker, NotReady, TimedOut
+from sam2serve.worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut
 
 POISON = 13  # a stub fails on images whose first pixel is this value
 
@@ -273,3 +273,37 @@ def test_serve_runs_jobs_on_the_calling_thread_until_told_to_stop():
     stop.set()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_stop_answers_the_queued_requests_refuses_new_ones_and_ends_serving():
+    """What server.py does on SIGTERM: the running and the queued requests are answered, a new
+    one gets 503 ("stopping", no Retry-After), /health says so, and serve() returns."""
+    stub, stop = StubGenerator(), threading.Event()
+    worker = InferenceWorker(batch_size=1, max_queue=4)
+    client = create_app(worker).test_client()
+    serving = threading.Thread(target=worker.serve, args=(stub,), kwargs={"until": stop})
+    serving.start()
+    wait_for(lambda: worker.ready)
+    stub.gate.clear()
+    answers, threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    more, more_threads = submit_in_threads(worker, [2, 3])
+    wait_for(lambda: worker.queue_depth == 2)
+
+    worker.stop()
+    with pytest.raises(Stopping):
+        worker.submit(image_of(4))
+    refused = client.post("/upload_rle", data={"image": (io.BytesIO(png_of(4)), "a.png")})
+    assert refused.status_code == 503 and "stopping" in refused.get_json()["error"]
+    assert "Retry-After" not in refused.headers
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json() == {"status": "stopping", "queued": 2}
+    assert serving.is_alive()  # still answering what it accepted
+    stub.gate.set()
+    for thread in threads + more_threads:
+        thread.join(timeout=10)
+    serving.join(timeout=10)
+    assert not serving.is_alive() and not stop.is_set()  # it ended because the queue was done
+    answers.update(more)
+    assert answers == {value: [{"size": [8, 6], "counts": [value, 1]}] for value in (1, 2, 3)}
+    assert sum(stub.batches, []) == [1, 2, 3]

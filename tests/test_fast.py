@@ -296,18 +296,23 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
         load_kernels(over, spec)
 
 
+def unpacked_package_folders(pid: int) -> set[Path]:
+    """The temporary folders a process's loaded AOTInductor packages unpacked into (torch picks
+    the place: $TMPDIR/aotinductor_* in 2.15, /tmp/* in 2.11), from the libraries it has mapped."""
+    libraries = {Path(line.split()[-1]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                 if line.endswith(".wrapper.so")}
+    return {library.parents[4] for library in libraries}  # <folder>/<name>/data/aotinductor/model/x.so
+
+
 def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     directory, loaded_generator = exported
     image = make_scene(150, 180, seed=2)  # within the test servers' pixel limit
     Image.fromarray(image).save(tmp_path / "scene.png")
     model = [str(micro_checkpoint.parent), "micro"]
-    # Loaded packages unpack into the temporary folder; only a clean exit removes them.
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     process, url = start_server(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),
-                                *SERVER_OPTIONS, log_path=tmp_path / "server.log", env={"TMPDIR": str(temporary)})
+                                *SERVER_OPTIONS, log_path=tmp_path / "server.log")
     try:
-        unpacked = sorted(path.name for path in temporary.glob("aotinductor_*"))
+        unpacked = unpacked_package_folders(process.pid)
         status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{tmp_path / 'scene.png'}")
     finally:
         process.terminate()  # SIGTERM, as a process manager stops it
@@ -315,8 +320,9 @@ def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     assert status == 200
     assert list(json.loads(body).values()) == loaded_generator.generate(image)
     assert "loaded exported kernels" in (tmp_path / "server.log").read_text()
-    assert len(unpacked) == 2 and process.returncode == 0  # the two packages, then a clean stop
-    assert not list(temporary.glob("aotinductor_*"))
+    # The two packages' unpacked copies, removed by the clean stop.
+    assert len(unpacked) == 2 and process.returncode == 0
+    assert not [folder for folder in unpacked if folder.exists()]
 
     # Another points-per-batch than the package was built for: a clear refusal, no traceback.
     result = run_server_expecting_exit(*model, "--fast", "--load-fast", str(directory), "--batch-size", str(BATCH_SIZE),

@@ -7,7 +7,6 @@ default thresholds).
 
 import http.server
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -46,15 +45,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS,
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Starts `python server.py ARGUMENTS` on a free port (with `env` added to the environment);
-    returns once /health answers 200."""
+def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS) -> tuple[subprocess.Popen, str]:
+    """Starts `python server.py ARGUMENTS` on a free port; returns once /health answers 200."""
     port = free_port()
     command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", str(port),
                "--max-pixels", str(max_pixels), "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-                               env=None if env is None else {**os.environ, **env})
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

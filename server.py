@@ -11,9 +11,10 @@ Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /
 503) -> model and generator for the mode, warmed up -> the main thread serves the model
 (/health answers 200), the thread that loaded it.
 
-Stopping (SIGTERM, Ctrl-C): new requests get 503 and /health says "stopping"; the queued ones
+Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; the queued ones
 are answered and sent, then the process exits 0 and frees what it holds (exported kernels unpack
-into a temporary folder that only a clean exit removes). A second signal stops at once.
+into a temporary folder that only a clean exit removes). A second signal, a second or more after
+the first, stops at once.
 """
 
 import argparse
@@ -21,8 +22,20 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict
 
+
+def exit_while_starting(signum: int, _frame) -> None:
+    raise SystemExit(f"stopped by {signal.Signals(signum).name} while starting")
+
+
+if __name__ == "__main__":
+    # Before the seconds of importing torch (hence the imports below come after code): as PID 1
+    # in a container, a signal with no handler is ignored, and `docker stop` would wait out its
+    # timeout and kill. stop_on_signals takes over once the server listens.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, exit_while_starting)
 
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
@@ -36,10 +49,11 @@ from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
 from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import ConnectionLimits, create_http_server, wait_until_answered
+from sam2serve.wsgi import ConnectionLimits, create_http_server, listening_urls, wait_until_answered
 
 log = logging.getLogger("server")
 ANSWERS_SENT_WITHIN_S = 10.0  # after the last queued request ran, how long its answer may take to send
+SAME_STOP_WITHIN_S = 1.0  # a second signal this soon after the first is the same stop, not "at once"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(parser, "checkpoint_url", default=DOWNLOAD_BASE_URL,
                help="where missing checkpoints are downloaded from")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=5000, help="port to listen on")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free one, logged)")
     add_device_option(parser)
     parser.add_argument("--threads", type=int,
                         help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
@@ -86,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="open connections at most; more wait to be accepted")
     add_option(parser, "connection_timeout", type=int, default=ConnectionLimits.timeout_s,
                help="seconds after which an idle or stalled connection is closed")
+    add_option(parser, "access_log", action="store_true",
+               help="log one line per request: client, method, path, status, milliseconds, bytes answered")
     args = parser.parse_args(argv)
 
     check_checkpoint_arguments(parser, args)
@@ -96,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = get_mode(args.mode)
     if (args.save_fast is not None or args.load_fast is not None or args.compile_mode) and not mode.compiled:
         parser.error("--save-fast, --load-fast and --compile-mode go with --fast")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 (any free port) and 65535")
     if args.save_fast is not None and args.load_fast is not None:
         parser.error("give --save-fast or --load-fast, not both")
     if args.save_fast == "" or args.load_fast == "":
@@ -124,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
-    app = create_app(worker, limits, info, EmbeddingCache(int(args.embedding_cache_mb * 2**20)))
+    app = create_app(worker, limits, info, EmbeddingCache(int(args.embedding_cache_mb * 2**20)), args.access_log)
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
     # Threads for the app: every request the worker may hold (queued or in its batch), and a
@@ -133,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         http = create_http_server(app, args.host, args.port, limits.max_upload_bytes,
                                   threads=args.max_queue + args.batch_size + 4,
                                   limits=ConnectionLimits(args.max_connections, args.connection_timeout))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a host name that does not resolve
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
+    url = " and ".join(listening_urls(http))
     stopped = threading.Event()  # the HTTP server ended: so does the process
 
     def listen() -> None:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     listener = threading.Thread(target=listen, name="http", daemon=True)
     listener.start()
     stop_on_signals(worker)
-    log.info("listening on http://%s:%d; /health answers 503 until the model is ready", args.host, args.port)
+    log.info("listening on %s; /health answers 503 until the model is ready", url)
 
     try:
         try:
@@ -157,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         except (CheckpointError, PackageMismatch) as error:
             sys.exit(f"error: {error}")
         info.update(pipeline.info)  # the model, its weights, whether it runs prompts
-        log.info("ready: serving %s in mode %s on %s at http://%s:%d", pipeline.loaded.description, mode.name,
-                 args.device, args.host, args.port)
+        log.info("ready: serving %s in mode %s on %s at %s", pipeline.loaded.description, mode.name, args.device, url)
         # The model runs on this thread, which loaded it (sam2serve/worker.py says why), until
         # the HTTP server ends or a signal stops the worker and the queued requests are answered.
         worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
@@ -171,20 +189,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def stop_on_signals(worker: InferenceWorker) -> None:
-    """SIGTERM and SIGINT (Ctrl-C) stop the worker (see the module's docstring); a second one, or
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the module's docstring); a second one, or
     one while the model loads, raises SystemExit at once. The handler only sets an event and logs:
     it runs on the main thread, between the model's operations."""
+    stopping_since = []
+
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if not worker.ready:
             raise SystemExit(f"stopped by {name} while the model was loading")
         if worker.stopping:
+            if time.monotonic() - stopping_since[0] < SAME_STOP_WITHIN_S:
+                return  # the same stop, sent twice (say, by `timeout` and to the process group)
             raise SystemExit(f"stopped at once by a second {name}: queued requests were not answered")
         log.info("%s: stopping; queued requests are answered first (send it again to stop at once)", name)
+        stopping_since.append(time.monotonic())
         worker.stop()
 
     if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, on_signal)
 
 

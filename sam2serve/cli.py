@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -266,7 +267,9 @@ class Sam2ImageChatter(logging.Filter):
 
 
 def set_up_logging(format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """The scripts' log: INFO and above on stderr, without sam2's per-image lines."""
+    """The scripts' log: INFO and above on stderr, without sam2's per-image lines, nor the
+    deprecation warning that sam2's image transforms (torch.jit.script) raise on each start."""
     logging.basicConfig(level=logging.INFO, format=format, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(Sam2ImageChatter())
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)

@@ -77,8 +77,9 @@ def flush_denormals() -> bool:
     """Denormal floats read and written as zero on this thread and the threads it starts from now
     on; False where the CPU has no such mode (nothing is changed there)."""
     flushed = torch.set_flush_denormal(True)
-    if flushed:
+    if flushed and not getattr(flush_denormals, "logged", False):  # said once; the pipeline sets it again
         log.info("CPU floats: denormals flushed to zero")
+        flush_denormals.logged = True
     return flushed
 
 

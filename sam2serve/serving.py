@@ -14,6 +14,7 @@ plain functions, shared with the Ray Serve app, the Ray Data job and the Modal a
 way of running the model answers byte for byte alike.
 """
 
+import functools
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from .rle import RLE, answer_text, masks_to_rle_vectorized
 from .worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut, generate_each
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("access")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Limits:
 UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
 ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           "/metrics": "GET"}  # path -> method
+# /metrics labels: other paths and methods count as "other", so clients cannot add series without end.
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
 
@@ -254,14 +258,21 @@ def segment_answer(image_id: str, embedding, prompts: object, segmenter, cache: 
             except UnknownId:
                 raise UnknownId(f"unknown mask_input {prompt.mask_input!r} (evicted from the cache, or not an id "
                                 "answered with keep_logits): send the prompt without it") from None
-    answers = run(lambda: segmenter.segment(embedding, prompts, mask_inputs))
+
+    def decode() -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
+        # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a
+        # thread pool of its own there (sam2serve/worker.py says why that costs).
+        return [(masks_to_rle_vectorized(answer.masks), answer.iou_predictions.tolist(),
+                 [logits.clone() for logits in answer.low_res_logits] if prompt.keep_logits else [])
+                for prompt, answer in zip(prompts, segmenter.segment(embedding, prompts, mask_inputs))]
+
     results = []
-    for prompt, answer in zip(prompts, answers):
-        result = {"masks": masks_to_rle_vectorized(answer.masks), "iou_predictions": answer.iou_predictions.tolist()}
+    for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, run(decode)):
+        result = {"masks": masks, "iou_predictions": iou_predictions}
         if prompt.keep_logits:
-            result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(answer.masks))]
-            for key, logits in zip(result["mask_input_ids"], answer.low_res_logits):
-                cache.put(key, logits.clone(), logits.numel() * logits.element_size())
+            result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
+            for key, logits in zip(result["mask_input_ids"], kept_logits):
+                cache.put(key, logits, logits.numel() * logits.element_size())
         results.append(result)
     return {"image_id": image_id, "results": results}
 
@@ -318,7 +329,7 @@ class Metrics:
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         endpoint = path if path in ROUTES else "other"
-        self.requests.labels(endpoint, method, str(status)).inc()
+        self.requests.labels(endpoint, method if method in HTTP_METHODS else "other", str(status)).inc()
         if ROUTES.get(path) == method:
             self.latency.labels(endpoint).observe(seconds)
 
@@ -327,11 +338,12 @@ class Metrics:
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
-               cache: EmbeddingCache | None = None) -> Flask:
+               cache: EmbeddingCache | None = None, access_log: bool = False) -> Flask:
     """The Flask app in front of one inference worker.
 
     `info` is shown by GET /health; the server fills it in once the model is loaded. `cache`
-    keeps encoded images and mask logits for /embed and /segment.
+    keeps encoded images and mask logits for /embed and /segment. `access_log`: one log line per
+    request (client, method, path, status, milliseconds, bytes answered).
     """
     # The web page (GET /) and its script and style, shipped in the package: no build step.
     app = Flask(__name__, static_folder="web", static_url_path="/static")
@@ -343,8 +355,16 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     metrics = Metrics(worker, cache)
     worker.observe_batch = metrics.observe_batch
 
+    def uses_worker(endpoint: Callable[[], Response]) -> Callable[[], Response]:
+        """An endpoint that calls the worker: admitted before it reads the upload (refused while
+        the model loads or once stopping), and answered even if the server is told to stop."""
+        @functools.wraps(endpoint)
+        def admitted() -> Response:
+            with worker.admitted():
+                return endpoint()
+        return admitted
+
     def uploaded_image() -> np.ndarray:
-        worker.require_ready()  # refuse before reading the upload
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits)
 
@@ -356,16 +376,21 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     @app.after_request
     def count(response: Response) -> Response:
-        metrics.observe_request(request.path, request.method, response.status_code,
-                                time.perf_counter() - g.get("started", 0.0))
+        seconds = time.perf_counter() - g.get("started", 0.0)
+        metrics.observe_request(request.path, request.method, response.status_code, seconds)
+        if access_log:
+            access.info("%s %s %s %d %.0f ms %d bytes", request.remote_addr, request.method, request.path,
+                        response.status_code, seconds * 1000, response.calculate_content_length() or 0)
         return response
 
     @app.post("/upload_rle")
+    @uses_worker
     def upload_rle() -> Response:
         """Masks as COCO uncompressed RLE: {"mask_0": {"size": [h, w], "counts": [...]}, ...}."""
         return answer("/upload_rle")
 
     @app.post("/upload")
+    @uses_worker
     def upload() -> Response:
         """A PNG of the masks drawn over the image."""
         return answer("/upload")
@@ -379,16 +404,17 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return Response(body, mimetype=mimetype)
 
     @app.post("/embed")
+    @uses_worker
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
         image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call, info.get("mode"))
         return json_response({"image_id": image_id, "size": list(embedding.size)})
 
     @app.post("/segment")
+    @uses_worker
     def segment() -> Response:
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
-        worker.require_ready()
         require_segmenter(worker.segmenter, info.get("mode"))
         if request.mimetype == "application/json":
             image_id, prompts = segment_payload(request.get_json(silent=True))

@@ -12,7 +12,9 @@ queue:
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too);
 - `stop()` refuses new requests (`Stopping`, HTTP 503) and lets the worker answer those already
-  queued before it returns: a server told to stop (SIGTERM, Ctrl-C) drops no accepted request.
+  accepted before it returns: a server told to stop (SIGTERM, Ctrl-C) drops no accepted request,
+  not even one that calls the worker twice (`/segment` with an image: encode, then decode),
+  since the HTTP layer holds each request's admission (`admitted`) from start to answer.
 
 Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
 to the thread that starts them, and a second thread doing parallel work gets a second pool. With
@@ -28,6 +30,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,9 +93,11 @@ class InferenceWorker:
         self.seconds_per_image = 1.0  # running estimate, for Retry-After
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        # Held while a request joins the queue and while the worker decides the queue is done:
-        # no job can join after the worker's last look (it would wait for nobody).
+        # Held while a request is admitted or joins the queue, and while the worker decides it is
+        # done: nothing can join after the worker's last look (it would wait for nobody).
         self._admission = threading.Lock()
+        self._admitted = 0  # requests between admitted()'s start and end
+        self._this_thread = threading.local()  # .admitted: this thread's request was admitted
 
     @property
     def ready(self) -> bool:
@@ -127,8 +132,23 @@ class InferenceWorker:
         self._ready.set()
         self._serve_forever(until)
 
+    @contextmanager
+    def admitted(self):
+        """One request's use of the worker, from its first look to its answer: its calls are run
+        even after stop(), and the worker serves until it ends. Raises as require_ready."""
+        with self._admission:
+            self.require_ready()
+            self._admitted += 1
+        self._this_thread.admitted = True
+        try:
+            yield
+        finally:
+            self._this_thread.admitted = False
+            with self._admission:
+                self._admitted -= 1
+
     def require_ready(self) -> None:
-        if self.stopping:
+        if self.stopping and not getattr(self._this_thread, "admitted", False):
             raise Stopping("the server is stopping; send the request again to another one, or once it is back")
         if not self.ready:
             raise NotReady("the model is loading; try again when GET /health answers 200")
@@ -181,9 +201,9 @@ class InferenceWorker:
                 self._run(batch)
 
     def _done(self) -> bool:
-        """Stopping, and every queued request answered."""
+        """Stopping, and every accepted request answered."""
         with self._admission:
-            return self.stopping and self.jobs.empty()
+            return self.stopping and self.jobs.empty() and self._admitted == 0
 
     def _run(self, jobs: list[Job]) -> None:
         for job in jobs:

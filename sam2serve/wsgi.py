@@ -16,6 +16,7 @@ sent, so that closing the server cuts no answer off.
 """
 
 import json
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -32,6 +33,29 @@ class ConnectionLimits:
     max_connections: int = 1000  # more wait in the listen backlog until one closes
     timeout_s: int = 60  # a connection idle or stalled this long is closed (waitress counts whole seconds)
     max_header_bytes: int = 64 * 1024  # request line and headers; more gets 431
+
+
+class OncePer(logging.Filter):
+    """Lets one record through per `seconds`, saying how many it held back since."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.next_s, self.held_back = seconds, 0.0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self.next_s:
+            self.held_back += 1
+            return False
+        if self.held_back:
+            record.msg = f"{record.msg} ({self.held_back} such warnings held back in the last {self.seconds:g} s)"
+        self.next_s, self.held_back = now + self.seconds, 0
+        return True
+
+
+# waitress warns once per request while more requests wait for a thread than it has threads
+# (an overload, which /metrics counts as 503s): one line per 10 s says it as well as thousands.
+QUEUE_WARNINGS = OncePer(10.0)
 
 
 def refusal_message(error: BadRequest, max_body_bytes: int, max_header_bytes: int) -> str:
@@ -77,6 +101,7 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     `.close()` stops. `threads` run the app: enough for every request the inference worker
     may hold (its queue and batch) plus a few for /health and /metrics."""
     allow_descriptors(limits.max_connections + threads + 64)
+    logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
     servers: dict = {}
     server = waitress.create_server(
         app,
@@ -96,6 +121,13 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel
     return server
+
+
+def listening_urls(server) -> list[str]:
+    """http://HOST:PORT of each address the server listens on: the port it got when given 0, and
+    an IPv6 address in brackets."""
+    addresses = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+    return [f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}" for host, port, *_ in addresses]
 
 
 def wait_until_answered(server, timeout_s: float) -> int:

@@ -9,7 +9,9 @@ waitress server in process for what stopping waits for.
 
 import io
 import json
+import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -24,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import create_http_server, wait_until_answered
+from sam2serve.wsgi import OncePer, create_http_server, listening_urls, wait_until_answered
 from tools.load_test import post_image
 
 from .conftest import make_scene
@@ -208,6 +210,8 @@ def test_metrics_parse_count_methods_apart_and_say_charset_once(client):
     body, content_type = multipart([("image", "a.png", png_of(1))])
     assert client.post("/upload_rle", data=body, content_type=content_type).status_code == 200
     assert client.options("/upload_rle").status_code == 200
+    for number in range(3):  # made-up methods and paths add no series of their own
+        assert client.open(f"/nowhere{number}", method=f"MADEUP{number}").status_code == 404
     response = client.get("/metrics")
     assert response.headers["Content-Type"].count("charset") == 1
     families = {family.name: family for family in text_string_to_metric_families(response.get_data(as_text=True))}
@@ -215,6 +219,7 @@ def test_metrics_parse_count_methods_apart_and_say_charset_once(client):
                 for s in families["sam2_requests"].samples if s.name == "sam2_requests_total"}
     assert requests[("/upload_rle", "POST", "200")] == 1
     assert requests[("/upload_rle", "OPTIONS", "200")] == 1
+    assert requests[("other", "other", "404")] == 3
     latency = [s for s in families["sam2_request_seconds"].samples
                if s.name == "sam2_request_seconds_count" and s.labels["endpoint"] == "/upload_rle"]
     assert [s.value for s in latency] == [1]  # the upload only
@@ -289,3 +294,48 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         idle.close()
         client.close()
         server.close()
+
+
+def test_the_logged_address_is_the_real_one():
+    """Port 0 gets a free port, and the log says which; an IPv6 address is written in brackets."""
+    app = Flask(__name__)
+    for host, written in [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")]:
+        try:
+            server = create_http_server(app, host, 0, max_upload_bytes=2**20, threads=1)
+        except OSError:
+            assert host == "::1", "IPv4 loopback must be there"
+            continue  # no IPv6 on this machine
+        try:
+            [url] = listening_urls(server)
+            port = int(url.rpartition(":")[2])
+            assert url == f"http://{written}:{port}" and port > 0
+        finally:
+            server.close()
+
+
+def test_overload_warnings_are_one_line_per_interval():
+    """waitress warns of its task queue once per request under overload; one line per interval
+    gets through, with how many were held back."""
+    once = OncePer(0.3)
+    records = [logging.LogRecord("waitress.queue", logging.WARNING, __file__, 1, "Task queue depth is %d", (n,), None)
+               for n in range(6)]
+    passed = [record for record in records[:5] if once.filter(record)]
+    time.sleep(0.4)
+    assert once.filter(records[5])
+    assert [record.getMessage() for record in passed] == ["Task queue depth is 0"]
+    assert records[5].getMessage() == "Task queue depth is 5 (4 such warnings held back in the last 0.3 s)"
+
+
+def test_access_log_gives_one_line_per_request_when_asked(caplog):
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(StubGenerator())
+    body, content_type = multipart([("image", "a.png", png_of(1))])
+    with caplog.at_level(logging.INFO, logger="access"):
+        for access_log in (False, True):
+            client = create_app(worker, access_log=access_log).test_client()
+            assert client.post("/upload_rle", data=body, content_type=content_type).status_code == 200
+            assert client.get("/nowhere").status_code == 404
+    lines = [record.getMessage() for record in caplog.records if record.name == "access"]
+    assert len(lines) == 2, lines  # from the second app only
+    assert re.fullmatch(r"127\.0\.0\.1 POST /upload_rle 200 \d+ ms \d+ bytes", lines[0]), lines[0]
+    assert re.fullmatch(r"127\.0\.0\.1 GET /nowhere 404 \d+ ms \d+ bytes", lines[1]), lines[1]

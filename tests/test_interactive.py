@@ -11,6 +11,7 @@ import io
 import json
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sam2serve.amg import AMGConfig, MaskGenerator, image_predictor
 from sam2serve.checkpoints import load_model
 from sam2serve.interactive import EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
-from sam2serve.rle import rles_to_masks
+from sam2serve import serving
+from sam2serve.rle import masks_to_rle_vectorized, rles_to_masks
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
@@ -195,6 +197,51 @@ def test_embed_then_segment_over_http(micro):
                              content_type="application/x-www-form-urlencoded")
     error = unlabelled.get_json()["error"]
     assert unlabelled.status_code == 400 and "Content-Type: application/json" in error, error
+
+
+def test_segment_does_its_torch_work_on_the_workers_thread(micro, monkeypatch):
+    """Masks to RLE and the kept logits' copies run on the model's thread, not the request's:
+    torch work on an HTTP thread starts a thread pool there (sam2serve/worker.py)."""
+    threads = []
+
+    def recording(masks):
+        threads.append(threading.current_thread().name)
+        return masks_to_rle_vectorized(masks)
+
+    monkeypatch.setattr(serving, "masks_to_rle_vectorized", recording)
+    client = micro_client(micro)
+    prompts = [{**prompt, "keep_logits": True} for _, prompt in PROMPTS]
+    answer = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": json.dumps(prompts)})
+    assert answer.status_code == 200 and len(answer.get_json()["results"]) == len(PROMPTS)
+    assert threads == ["inference-worker"] * len(PROMPTS)
+
+
+def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
+    """A multipart /segment calls the worker twice (encode, then decode): a stop between the
+    two still answers it, and the worker ends only after it."""
+    worker = InferenceWorker(max_queue=8, timeout_s=120)
+    worker.start(None, PromptSegmenter(micro, "micro"))
+    client = create_app(worker, info={"mode": "ao"}).test_client()
+    gate = threading.Event()
+    blocker = threading.Thread(target=worker.call, args=(lambda: gate.wait(timeout=30),))
+    blocker.start()  # holds the worker while the /segment is accepted and queued
+    answers = []
+    prompts = json.dumps([prompt for _, prompt in PROMPTS])
+    segment = threading.Thread(target=lambda: answers.append(
+        client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": prompts})))
+    segment.start()
+    deadline = time.monotonic() + 30
+    while worker.queue_depth < 1:  # its encoding waits behind the blocker
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.stop()
+    refused = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert refused.status_code == 503 and "stopping" in refused.get_json()["error"]
+    gate.set()
+    segment.join(timeout=60)
+    blocker.join(timeout=60)
+    assert answers[0].status_code == 200, answers[0].get_json()
+    assert len(answers[0].get_json()["results"]) == len(PROMPTS)
 
 
 def test_small_cache_evicts_and_counts(micro):

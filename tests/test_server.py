@@ -238,6 +238,27 @@ def test_pixel_limit_beyond_what_pillow_opens_is_refused():
     assert "--max-pixels must be between 1 and 178956970" in result.stderr
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--port", "70000"], "--port must be between 0 (any free port) and 65535"),  # it used to wrap to 4464
+    (["--host", "no.such.host.invalid"], "error: cannot listen on no.such.host.invalid:5000"),
+])
+def test_addresses_that_cannot_be_listened_on_are_refused_in_one_line(arguments, message):
+    result = run_server_expecting_exit(*arguments)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_starting_ends_it_in_one_line(signum):
+    """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored)."""
+    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # importing torch, or loading the model
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    assert f"stopped by {signum.name} while" in stderr and "Traceback" not in stderr
+
+
 def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
     result = run_server_expecting_exit(str(tmp_path))
     assert "give both a checkpoint folder and a model type" in result.stderr
@@ -336,9 +357,10 @@ def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_fi
 
 
 def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tuple[subprocess.Popen, list, str]:
-    """Starts the default server (about a second per request here), sends three requests at
-    once, and once one is queued sends it SIGTERM `signals` times. Returns the process (ended),
-    each request's (status, body) or error, and the server's log."""
+    """Starts the default server (about a second per request here), sends four requests at
+    once, and once three are queued sends it SIGTERM `signals` times, the second 1.2 s after the
+    first (each time twice at once, as a wrapper and the process group would). Returns the
+    process (ended), each request's (status, body) or error, and the server's log."""
     log_path = tmp_path / "server.log"
     process, url = start_server(log_path=log_path)
     answers = []
@@ -349,17 +371,19 @@ def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tupl
         except subprocess.CalledProcessError as error:  # the connection closed without an answer
             answers.append(error)
 
-    threads = [threading.Thread(target=request) for _ in range(3)]
+    threads = [threading.Thread(target=request) for _ in range(4)]
     try:
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60
-        while json.loads(curl(url + "/health")[1])["queued"] < 1:
-            assert time.monotonic() < deadline, "no request was queued"
+        while json.loads(curl(url + "/health")[1])["queued"] < 3:  # one runs, three wait
+            assert time.monotonic() < deadline, "the requests were not queued"
             time.sleep(0.05)
-        for _ in range(signals):
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # at once: the same stop sent twice, not a second one
+        for _ in range(signals - 1):
+            time.sleep(1.2)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
         if signals == 1:  # still answering what it accepted; taking nothing new
             health = curl(url + "/health")
             assert health[0] == 503 and json.loads(health[1])["status"] == "stopping"
@@ -376,7 +400,7 @@ def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tupl
 def test_sigterm_answers_every_queued_request_then_exits_cleanly(image_files, tmp_path):
     process, answers, log = stop_with_requests_queued(1, image_files / "scene.jpg", tmp_path)
     assert process.returncode == 0, log
-    assert [status for status, _ in answers] == [200, 200, 200]
+    assert [status for status, _ in answers] == [200] * 4
     assert len({body for _, body in answers}) == 1 and len(json.loads(answers[0][1])) >= 1  # the same image
     assert "SIGTERM: stopping" in log and "stopped: every queued request answered" in log
 

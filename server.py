@@ -11,10 +11,10 @@ Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /
 503) -> model and generator for the mode, warmed up -> the main thread serves the model
 (/health answers 200), the thread that loaded it.
 
-Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; the queued ones
-are answered and sent, then the process exits 0 and frees what it holds (exported kernels unpack
-into a temporary folder that only a clean exit removes). A second signal, a second or more after
-the first, stops at once.
+Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; those
+accepted are answered and sent, then the process exits 0 and frees what it holds (exported
+kernels unpack into a temporary folder that only a clean exit removes). A second signal, a
+second or more after the first, stops at once.
 """
 
 import argparse
@@ -34,7 +34,7 @@ if __name__ == "__main__":
     # Before the seconds of importing torch (hence the imports below come after code): as PID 1
     # in a container, a signal with no handler is ignored, and `docker stop` would wait out its
     # timeout and kill. stop_on_signals takes over once the server listens.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, exit_while_starting)
 
 from sam2serve.cpu import set_up_cpu_process
@@ -178,20 +178,21 @@ def main(argv: list[str] | None = None) -> None:
         info.update(pipeline.info)  # the model, its weights, whether it runs prompts
         log.info("ready: serving %s in mode %s on %s at %s", pipeline.loaded.description, mode.name, args.device, url)
         # The model runs on this thread, which loaded it (sam2serve/worker.py says why), until
-        # the HTTP server ends or a signal stops the worker and the queued requests are answered.
+        # the HTTP server ends or a signal stops the worker and the accepted requests are answered.
         worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
         if worker.stopping:
             unsent = wait_until_answered(http, ANSWERS_SENT_WITHIN_S)
-            log.info("stopped: every queued request answered%s",
+            log.info("stopped: every accepted request answered%s",
                      f"; {unsent} connections were still busy" if unsent else "")
     finally:
         http.close()
 
 
 def stop_on_signals(worker: InferenceWorker) -> None:
-    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the module's docstring); a second one, or
-    one while the model loads, raises SystemExit at once. The handler only sets an event and logs:
-    it runs on the main thread, between the model's operations."""
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the
+    module's docstring); a second one, or one while the model loads, raises SystemExit at once.
+    The handler only sets an event and logs: it runs on the main thread, between the model's
+    operations."""
     stopping_since = []
 
     def on_signal(signum: int, _frame) -> None:
@@ -201,8 +202,8 @@ def stop_on_signals(worker: InferenceWorker) -> None:
         if worker.stopping:
             if time.monotonic() - stopping_since[0] < SAME_STOP_WITHIN_S:
                 return  # the same stop, sent twice (say, by `timeout` and to the process group)
-            raise SystemExit(f"stopped at once by a second {name}: queued requests were not answered")
-        log.info("%s: stopping; queued requests are answered first (send it again to stop at once)", name)
+            raise SystemExit(f"stopped at once by a second {name}: accepted requests were not all answered")
+        log.info("%s: stopping; accepted requests are answered first (send it again to stop at once)", name)
         stopping_since.append(time.monotonic())
         worker.stop()
 

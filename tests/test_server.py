@@ -247,7 +247,7 @@ def test_addresses_that_cannot_be_listened_on_are_refused_in_one_line(arguments,
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_starting_ends_it_in_one_line(signum):
     """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored)."""
     process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
@@ -402,7 +402,7 @@ def test_sigterm_answers_every_queued_request_then_exits_cleanly(image_files, tm
     assert process.returncode == 0, log
     assert [status for status, _ in answers] == [200] * 4
     assert len({body for _, body in answers}) == 1 and len(json.loads(answers[0][1])) >= 1  # the same image
-    assert "SIGTERM: stopping" in log and "stopped: every queued request answered" in log
+    assert "SIGTERM: stopping" in log and "stopped: every accepted request answered" in log
 
 
 def test_a_second_sigterm_stops_at_once(image_files, tmp_path):

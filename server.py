@@ -19,6 +19,7 @@ second or more after the first, stops at once.
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,16 +27,28 @@ import time
 from dataclasses import asdict
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def handle_stop_signals(handler) -> None:
+    """Sets handler for the stop signals, but for those the server was started with ignored
+    (`nohup` ignores SIGHUP, a shell's background job SIGINT): they stay ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
 def exit_while_starting(signum: int, _frame) -> None:
-    raise SystemExit(f"stopped by {signal.Signals(signum).name} while starting")
+    # Nothing to clean up yet; os._exit, since an exception could land in a finaliser and be lost.
+    print(f"stopped by {signal.Signals(signum).name} while starting", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 if __name__ == "__main__":
     # Before the seconds of importing torch (hence the imports below come after code): as PID 1
     # in a container, a signal with no handler is ignored, and `docker stop` would wait out its
     # timeout and kill. stop_on_signals takes over once the server listens.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, exit_while_starting)
+    handle_stop_signals(exit_while_starting)
 
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
@@ -49,7 +62,7 @@ from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
 from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import ConnectionLimits, create_http_server, listening_urls, wait_until_answered
+from sam2serve.wsgi import ConnectionLimits, create_http_server, finish_answers, listening_urls
 
 log = logging.getLogger("server")
 ANSWERS_SENT_WITHIN_S = 10.0  # after the last queued request ran, how long its answer may take to send
@@ -181,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         # the HTTP server ends or a signal stops the worker and the accepted requests are answered.
         worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
         if worker.stopping:
-            unsent = wait_until_answered(http, ANSWERS_SENT_WITHIN_S)
-            log.info("stopped: every accepted request answered%s",
-                     f"; {unsent} connections were still busy" if unsent else "")
+            if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
+                log.warning("stopped: every accepted request answered; %d connections still busy after %g s are "
+                            "closed", unsent, ANSWERS_SENT_WITHIN_S)
+            else:
+                log.info("stopped: every accepted request answered")
     finally:
         http.close()
 
@@ -191,26 +206,25 @@ def main(argv: list[str] | None = None) -> None:
 def stop_on_signals(worker: InferenceWorker) -> None:
     """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the
     module's docstring); a second one, or one while the model loads, raises SystemExit at once.
-    The handler only sets an event and logs: it runs on the main thread, between the model's
-    operations."""
-    stopping_since = []
+    The handler runs on the main thread between the model's operations, and can run again inside
+    itself when signals come together: it decides on its own list (no lock) before it stops the
+    worker (an event) and logs."""
+    stopping_since: list[float] = []
 
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if not worker.ready:
             raise SystemExit(f"stopped by {name} while the model was loading")
-        if worker.stopping:
+        if stopping_since:
             if time.monotonic() - stopping_since[0] < SAME_STOP_WITHIN_S:
                 return  # the same stop, sent twice (say, by `timeout` and to the process group)
             raise SystemExit(f"stopped at once by a second {name}: accepted requests were not all answered")
-        log.info("%s: stopping; accepted requests are answered first (send it again to stop at once)", name)
         stopping_since.append(time.monotonic())
         worker.stop()
+        log.info("%s: stopping; accepted requests are answered first (send it again to stop at once)", name)
 
     if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, on_signal)
-
+        handle_stop_signals(on_signal)
 
 if __name__ == "__main__":
     main()

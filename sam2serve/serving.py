@@ -380,7 +380,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         metrics.observe_request(request.path, request.method, response.status_code, seconds)
         if access_log:
             access.info("%s %s %s %d %.0f ms %d bytes", request.remote_addr, request.method, request.path,
-                        response.status_code, seconds * 1000, response.calculate_content_length() or 0)
+                        response.status_code, seconds * 1000, response.content_length or 0)
         return response
 
     @app.post("/upload_rle")

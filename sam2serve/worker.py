@@ -12,9 +12,10 @@ queue:
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too);
 - `stop()` refuses new requests (`Stopping`, HTTP 503) and lets the worker answer those already
-  accepted before it returns: a server told to stop (SIGTERM, Ctrl-C) drops no accepted request,
-  not even one that calls the worker twice (`/segment` with an image: encode, then decode),
-  since the HTTP layer holds each request's admission (`admitted`) from start to answer.
+  accepted before it returns: a server told to stop (SIGTERM, Ctrl-C) answers every request it
+  accepted, even one that calls the worker twice (`/segment` with an image: encode, then
+  decode), since the HTTP layer holds each request's admission (`admitted`) from start to
+  answer. (A full queue still refuses such a second call with `Busy`, stopping or not.)
 
 Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
 to the thread that starts them, and a second thread doing parallel work gets a second pool. With
@@ -97,7 +98,7 @@ class InferenceWorker:
         # done: nothing can join after the worker's last look (it would wait for nobody).
         self._admission = threading.Lock()
         self._admitted = 0  # requests between admitted()'s start and end
-        self._this_thread = threading.local()  # .admitted: this thread's request was admitted
+        self._this_thread = threading.local()  # .depth: admitted() calls this thread is inside
 
     @property
     def ready(self) -> bool:
@@ -139,16 +140,16 @@ class InferenceWorker:
         with self._admission:
             self.require_ready()
             self._admitted += 1
-        self._this_thread.admitted = True
+        self._this_thread.depth = getattr(self._this_thread, "depth", 0) + 1
         try:
             yield
         finally:
-            self._this_thread.admitted = False
+            self._this_thread.depth -= 1
             with self._admission:
                 self._admitted -= 1
 
     def require_ready(self) -> None:
-        if self.stopping and not getattr(self._this_thread, "admitted", False):
+        if self.stopping and not getattr(self._this_thread, "depth", 0):
             raise Stopping("the server is stopping; send the request again to another one, or once it is back")
         if not self.ready:
             raise NotReady("the model is loading; try again when GET /health answers 200")

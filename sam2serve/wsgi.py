@@ -11,8 +11,8 @@ What waitress refuses itself, before the app sees the request (a body over the u
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
 answered as JSON like every other error, and the connection is closed.
 
-Stopping: `wait_until_answered` waits until no connection has a request being read, run or
-sent, so that closing the server cuts no answer off.
+Stopping: `finish_answers` stops accepting and waits until no connection has a request being
+read, run or sent, so that closing the server cuts no answer off.
 """
 
 import json
@@ -36,7 +36,8 @@ class ConnectionLimits:
 
 
 class OncePer(logging.Filter):
-    """Lets one record through per `seconds`, saying how many it held back since."""
+    """Lets one record through per `seconds`, saying how many it held back since the last (the
+    last burst's count is said with the next warning, if one comes)."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
@@ -48,7 +49,7 @@ class OncePer(logging.Filter):
             self.held_back += 1
             return False
         if self.held_back:
-            record.msg = f"{record.msg} ({self.held_back} such warnings held back in the last {self.seconds:g} s)"
+            record.msg = f"{record.msg} ({self.held_back} such warnings held back since the last one)"
         self.next_s, self.held_back = now + self.seconds, 0
         return True
 
@@ -130,11 +131,14 @@ def listening_urls(server) -> list[str]:
     return [f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}" for host, port, *_ in addresses]
 
 
-def wait_until_answered(server, timeout_s: float) -> int:
-    """Waits, at most timeout_s, until no connection of the server (create_http_server's) has a
-    request being received, run by the app or sent back; returns how many still had one. Idle
-    keep-alive connections do not count."""
+def finish_answers(server, timeout_s: float) -> int:
+    """Stops accepting connections, then waits, at most timeout_s, until no connection of the
+    server (create_http_server's) has a request being received, run by the app or sent back;
+    returns how many still had one. Idle keep-alive connections do not count."""
     connections = server.map if hasattr(server, "map") else server._map  # several addresses, or one
+    for listener in list(connections.values()):
+        if isinstance(listener, BaseWSGIServer):
+            listener.accepting = False  # its readable() turns False: the event loop accepts no more
     deadline = time.monotonic() + timeout_s
     while True:
         busy = [channel for channel in list(connections.values()) if isinstance(channel, HTTPChannel)

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import OncePer, create_http_server, listening_urls, wait_until_answered
+from sam2serve.wsgi import OncePer, create_http_server, finish_answers, listening_urls
 from tools.load_test import post_image
 
 from .conftest import make_scene
@@ -257,8 +257,9 @@ def test_tiny_images_get_the_baselines_answer(trained_micro_checkpoint):
 
 
 def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections():
-    """server.py closes the HTTP server only once wait_until_answered says no connection has a
-    request being run or an answer being sent: closing earlier would cut the answer off."""
+    """server.py closes the HTTP server only once finish_answers says no connection has a
+    request being run or an answer being sent (closing earlier would cut the answer off); new
+    connections are no longer served meanwhile."""
     answer_size = 32 * 2**20  # far more than the sockets' buffers hold
     entered, release = threading.Event(), threading.Event()
     app = Flask(__name__)
@@ -276,23 +277,30 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # before connecting: a slow reader
     client.connect(("127.0.0.1", port))
+    late = None
     try:
         client.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         assert entered.wait(timeout=10)
-        assert wait_until_answered(server, 0.3) == 1  # being run by the app
+        assert finish_answers(server, 0.3) == 1  # being run by the app
         release.set()
         time.sleep(0.5)
-        assert wait_until_answered(server, 0.3) == 1  # made, not yet sent: the client has not read it
+        assert finish_answers(server, 0.3) == 1  # made, not yet sent: the client has not read it
         received = []
         reader = threading.Thread(target=lambda: received.append(read_until_closed(client, 30)))
         reader.start()
-        assert wait_until_answered(server, 30) == 0  # sent; the idle connection does not count
+        assert finish_answers(server, 30) == 0  # sent; the idle connection does not count
         reader.join(timeout=30)
         assert received[0].endswith(b"x" * 1000) and len(received[0].partition(b"\r\n\r\n")[2]) == answer_size
+        late = socket.create_connection(("127.0.0.1", port), timeout=10)  # the kernel's backlog takes it
+        late.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        late.settimeout(1.5)
+        with pytest.raises(TimeoutError):  # never accepted, never answered
+            late.recv(1)
     finally:
         release.set()
-        idle.close()
-        client.close()
+        for sock in (idle, client, late):
+            if sock is not None:
+                sock.close()
         server.close()
 
 
@@ -323,7 +331,7 @@ def test_overload_warnings_are_one_line_per_interval():
     time.sleep(0.4)
     assert once.filter(records[5])
     assert [record.getMessage() for record in passed] == ["Task queue depth is 0"]
-    assert records[5].getMessage() == "Task queue depth is 5 (4 such warnings held back in the last 0.3 s)"
+    assert records[5].getMessage() == "Task queue depth is 5 (4 such warnings held back since the last one)"
 
 
 def test_access_log_gives_one_line_per_request_when_asked(caplog):

@@ -222,9 +222,15 @@ def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
     worker = InferenceWorker(max_queue=8, timeout_s=120)
     worker.start(None, PromptSegmenter(micro, "micro"))
     client = create_app(worker, info={"mode": "ao"}).test_client()
-    gate = threading.Event()
-    blocker = threading.Thread(target=worker.call, args=(lambda: gate.wait(timeout=30),))
+    gate, blocking = threading.Event(), threading.Event()
+
+    def hold():
+        blocking.set()
+        gate.wait(timeout=30)
+
+    blocker = threading.Thread(target=worker.call, args=(hold,))
     blocker.start()  # holds the worker while the /segment is accepted and queued
+    assert blocking.wait(timeout=30)  # taken off the queue: what is queued next is the /segment's
     answers = []
     prompts = json.dumps([prompt for _, prompt in PROMPTS])
     segment = threading.Thread(target=lambda: answers.append(

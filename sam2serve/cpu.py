@@ -77,10 +77,14 @@ def flush_denormals() -> bool:
     """Denormal floats read and written as zero on this thread and the threads it starts from now
     on; False where the CPU has no such mode (nothing is changed there)."""
     flushed = torch.set_flush_denormal(True)
-    if flushed and not getattr(flush_denormals, "logged", False):  # said once; the pipeline sets it again
-        log.info("CPU floats: denormals flushed to zero")
-        flush_denormals.logged = True
+    if flushed:
+        say_denormals_flushed()
     return flushed
+
+
+@functools.cache  # said once per process, though the server and its pipeline each set it
+def say_denormals_flushed() -> None:
+    log.info("CPU floats: denormals flushed to zero")
 
 
 def set_up_cpu_process(device: str | torch.device = "cpu", threads: int | None = None) -> None:

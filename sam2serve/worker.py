@@ -62,7 +62,7 @@ class TimedOut(RuntimeError):
 
 
 class Stopping(RuntimeError):
-    """The server is stopping: it answers the requests it has queued and takes no more."""
+    """The server is stopping: it answers the requests it has accepted and takes no more."""
 
 
 @dataclass
@@ -113,8 +113,8 @@ class InferenceWorker:
         return self.jobs.qsize()
 
     def stop(self) -> None:
-        """No new requests from now on; the worker answers the queued ones, then serve() returns.
-        Safe in a signal handler: it only sets an event."""
+        """No new requests from now on; the worker answers those accepted (admitted or queued),
+        then serve() returns. Safe in a signal handler: it only sets an event."""
         self._stopping.set()
 
     def start(self, generator: Generator, segmenter=None) -> None:

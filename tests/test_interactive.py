@@ -11,7 +11,6 @@ import io
 import json
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
+from .test_worker import wait_for
 
 IMAGE = make_scene(150, 200, seed=11)
 # (name, prompt as the API takes it): points are [x, y] in image pixels.
@@ -236,10 +236,7 @@ def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
     segment = threading.Thread(target=lambda: answers.append(
         client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": prompts})))
     segment.start()
-    deadline = time.monotonic() + 30
-    while worker.queue_depth < 1:  # its encoding waits behind the blocker
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: worker.queue_depth >= 1, timeout=30)  # its encoding waits behind the blocker
     worker.stop()
     refused = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert refused.status_code == 503 and "stopping" in refused.get_json()["error"]

@@ -11,10 +11,12 @@ Write a random checkpoint (for tests, or to try the server without the download)
 """
 
 import argparse
+import glob
 import hashlib
 import logging
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -33,6 +35,9 @@ DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 # segment an image right after installing, with no download.
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL_TYPE = "micro"
+# A download's partial file untouched this long belongs to a process that was killed (a live one
+# writes every second): the next download of that checkpoint removes it.
+STALE_PARTIAL_S = 600
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,19 @@ def resolve_checkpoint(
     return ensure_checkpoint(directory, model_type, base_url), model_type
 
 
+def remove_stale_partials(path: Path) -> None:
+    """Removes the partial files of path's downloads that a killed process left (SIGKILL, a
+    container's grace period run out): up to a checkpoint's size each. A download in progress
+    elsewhere keeps its file, since it is written to every second."""
+    for partial in path.parent.glob(f"{glob.escape(path.name)}.*.partial"):
+        try:
+            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
+                log.info("removed %s, left by a download that was stopped", partial)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+
+
 def _download(url: str, path: Path) -> None:
     """url -> path, its folder made once the server answers; a failed download leaves no file.
     A connection closed early reads as the end of the file: the length the server announced is
@@ -224,7 +242,9 @@ def _download(url: str, path: Path) -> None:
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
+        remove_stale_partials(path)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".partial",
+                                         delete=False) as tmp:
             try:
                 with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as progress:
                     while chunk := response.read(1 << 20):

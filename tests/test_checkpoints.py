@@ -2,7 +2,9 @@
 
 import functools
 import http.server
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -67,17 +69,37 @@ def test_model_type_names():
         model_size("huge")
 
 
-def test_missing_checkpoint_is_downloaded(tiny_checkpoint_dir, tmp_path):
+@pytest.fixture
+def checkpoint_site(tiny_checkpoint_dir):
+    """An HTTP server of the tiny checkpoint, as the official site serves checkpoints: its URL."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_checkpoint_dir))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            path = ensure_checkpoint(tmp_path / "downloads", "tiny", f"http://127.0.0.1:{server.server_port}")
-        finally:
-            server.shutdown()
+        yield f"http://127.0.0.1:{server.server_port}"
+        server.shutdown()
+
+
+def test_missing_checkpoint_is_downloaded(checkpoint_site, tiny_checkpoint_dir, tmp_path):
+    path = ensure_checkpoint(tmp_path / "downloads", "tiny", checkpoint_site)
     assert path == tmp_path / "downloads" / "sam2.1_hiera_tiny.pt"
     assert path.read_bytes() == (tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt").read_bytes()
     assert list(path.parent.iterdir()) == [path]  # no partial file left behind
+
+
+def test_a_download_removes_partial_files_that_killed_downloads_left(checkpoint_site, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    killed = folder / "sam2.1_hiera_tiny.pt.abc123.partial"  # a download killed an hour ago
+    in_progress = folder / "sam2.1_hiera_tiny.pt.def456.partial"  # another process, still writing
+    other_size = folder / "sam2.1_hiera_large.pt.ghi789.partial"
+    for partial in (killed, in_progress, other_size):
+        partial.write_bytes(b"half a checkpoint")
+    hour_ago = time.time() - 3600
+    for partial in (killed, other_size):
+        os.utime(partial, (hour_ago, hour_ago))
+    ensure_checkpoint(folder, "tiny", checkpoint_site)
+    assert not killed.exists()
+    assert in_progress.exists() and other_size.exists()
 
 
 class CutShort(http.server.BaseHTTPRequestHandler):

@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(parser, "request_timeout", type=float, default=600.0,
                help="seconds a request may wait for its answer before 504")
     add_option(parser, "embedding_cache_mb", type=float, default=EMBEDDING_CACHE_BYTES / 2**20,
-               help="memory on the model's device for encoded images (/embed, /segment); 0 keeps none")
+               help="memory on the model's device for encoded images (/embed, /segment) and kept mask logits; "
+                    "0 keeps none (/embed answers 507)")
     add_option(parser, "max_connections", type=int, default=ConnectionLimits.max_connections,
                help="open connections at most; more wait to be accepted")
     add_option(parser, "connection_timeout", type=int, default=ConnectionLimits.timeout_s,

@@ -25,7 +25,6 @@ after 5 minutes of less load.
 """
 
 import asyncio
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,12 +41,13 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
-from sam2serve.interactive import EmbeddingCache
+from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
     EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_embedding, coco_annotations,
-    decode_upload, embed_image, error_answer, field_too_large, json_text, prompts_field, render_answer,
-    require_segment_form, require_segmenter, segment_answer, segment_payload, too_many_parts,
+    decode_upload, embed_answer, embed_image, error_answer, field_too_large, form_prompts, is_json, json_payload,
+    json_text, render_answer, require_segment_form, require_segmenter, segment_answer, segment_payload,
+    too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -133,23 +133,24 @@ class SegmentEverything:
         """/embed and /segment, answered by server.py's functions."""
         mode = self.pipeline.mode.name
         require_segmenter(self.segmenter, mode)
-        if path == "/segment" and request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                payload = json.loads(await request.body())
-            except ValueError:
-                payload = None
-            image_id, prompts = segment_payload(payload)
+        mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if path == "/embed":
+            image = await self.uploaded_image(request)
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache,
+                                                             run_here, mode)
+            return embed_answer(image_id, embedding, self.cache)
+        if is_json(mimetype):
+            image_id, prompts = segment_payload(json_payload(await request.body()))
             embedding = cached_embedding(self.cache, image_id)
+            prompts = parse_prompts(prompts, embedding.size)
         else:
-            if path == "/segment":
-                require_segment_form(request.headers.get("content-type", "").split(";")[0].strip().lower())
+            require_segment_form(mimetype)
             form = await read_form(request, self.limits)
+            prompts = form_prompts((name, value) for name, value in form.multi_items() if not hasattr(value, "read"))
             image = await self.uploaded_image(request, form)
-            prompts = prompts_field(form.get("prompts")) if path == "/segment" else None
-            image_id, embedding = await self.on_model_thread(
-                embed_image, image, self.segmenter, self.cache, run_here, mode)
-            if path == "/embed":
-                return {"image_id": image_id, "size": list(embedding.size)}
+            prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache,
+                                                             run_here, mode)
         return await self.on_model_thread(
             segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
 

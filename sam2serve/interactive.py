@@ -123,8 +123,11 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
 
 
 def numbers(value: Any, count: int, where: str) -> None:
+    # JSON's numbers: floats (which may be inf or nan) and ints of any size (math.isfinite
+    # cannot take one beyond a float's range; inside() refuses it).
     if (not isinstance(value, list) or len(value) != count
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and (isinstance(v, int) or math.isfinite(v)) for v in value)):
         raise InvalidPrompt(f"{where}: expected {count} finite numbers")
 
 
@@ -288,7 +291,9 @@ class EmbeddingCache:
         self.entries.move_to_end(key)
         return self.entries[key][0]
 
-    def put(self, key: str, value: Any, nbytes: int) -> None:
+    def put(self, key: str, value: Any, nbytes: int, keep: str | None = None) -> None:
+        """Stores the value, evicting the least recently used; keep (the image whose mask logits
+        these are) is made the most recent first, so it goes last."""
         with self.lock:
             if nbytes > self.max_bytes:
                 return
@@ -296,6 +301,8 @@ class EmbeddingCache:
                 self.bytes -= self.entries.pop(key)[1]
             self.entries[key] = (value, nbytes)
             self.bytes += nbytes
+            if keep in self.entries:
+                self.entries.move_to_end(keep)
             while self.bytes > self.max_bytes:
                 _, (_, freed) = self.entries.popitem(last=False)
                 self.bytes -= freed

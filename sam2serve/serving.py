@@ -18,8 +18,8 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import prometheus_client as prom
@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from .amg import Generator
-from .interactive import EmbeddingCache, InvalidPrompt, UnknownId, mask_id, parse_prompts
+from .interactive import EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, masks_to_rle_vectorized
@@ -66,6 +66,10 @@ class UploadTooLarge(ValueError):
 
 class InteractiveUnavailable(RuntimeError):
     """This server does not run prompts (a half-precision mode)."""
+
+
+class CacheTooSmall(RuntimeError):
+    """The embedding cache cannot hold one encoded image: /embed's id could never be used."""
 
 
 class FormTooLarge(ValueError):
@@ -149,6 +153,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 404
     elif isinstance(error, InteractiveUnavailable):
         status = 501
+    elif isinstance(error, CacheTooSmall):
+        status = 507
     elif isinstance(error, (ImageTooLarge, UploadTooLarge, FormTooLarge)):
         status = 413
     elif isinstance(error, NotReady):
@@ -195,13 +201,57 @@ def require_segmenter(segmenter, mode: str | None) -> None:
             "mode (baseline, ao or fast)")
 
 
+# The cache holds images and mask logits under keys of their own kind: an id of one kind is
+# unknown as the other, and a mask's logits are found only with the image they were made on.
+def image_key(image_id: str) -> str:
+    return f"image:{image_id}"
+
+
+def mask_key(image_id: str, mask_input: str) -> str:
+    return f"mask:{image_id}:{mask_input}"
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A client's string as an error message repeats it: at most limit characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable, mode: str | None = None):
     """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
     model's thread (concurrent requests for the same image wait for that one encoding)."""
     require_segmenter(segmenter, mode)
     image_id = segmenter.image_id(image)
-    embedding = cache.get_or_compute(image_id, lambda: run(lambda: segmenter.embed(image)), lambda value: value.nbytes)
+    embedding = cache.get_or_compute(image_key(image_id), lambda: run(lambda: segmenter.embed(image)),
+                                     lambda value: value.nbytes)
     return image_id, embedding
+
+
+def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:
+    """The /embed answer; refused when the cache cannot hold the image, as its id would then be
+    unknown to every /segment."""
+    if embedding.nbytes > cache.max_bytes:
+        raise CacheTooSmall(
+            f"the embedding cache ({cache.max_bytes / 2**20:g} MiB) cannot hold one encoded image of this model "
+            f"({embedding.nbytes / 2**20:.1f} MiB), so an /embed id could not be used: start the server with a "
+            "larger cache (--embedding-cache-mb), or send the image with each /segment (a multipart form)")
+    return {"image_id": image_id, "size": list(embedding.size)}
+
+
+def is_json(mimetype: str) -> bool:
+    """application/json, or a JSON type such as application/vnd.api+json (as Flask reads them)."""
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def json_payload(body: bytes) -> object:
+    """A JSON request body, or InvalidPrompt saying what is wrong with it."""
+    if not body.strip():
+        raise InvalidPrompt("the body is empty: expected a JSON object with image_id and prompts")
+    try:
+        return json.loads(body)
+    except ValueError as error:  # also bytes that are not text
+        raise InvalidPrompt(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidPrompt("the body's JSON is nested too deeply") from None
 
 
 SEGMENT_FIELDS = ("image_id", "prompts")
@@ -229,35 +279,44 @@ def require_segment_form(mimetype: str) -> None:
             f"this request's Content-Type is {mimetype or 'missing'}")
 
 
-def prompts_field(text: str | None) -> object:
-    """The prompts of a one-shot multipart /segment (a JSON form field)."""
+def form_prompts(fields: Iterable[tuple[str, str]]) -> object:
+    """The prompts of a one-shot multipart /segment: its one text field, a JSON list of prompt
+    sets. Other text fields are refused, as a JSON body's are."""
+    fields = list(fields)
+    if unknown := sorted({name for name, _ in fields} - {"prompts"}):
+        raise InvalidPrompt(f"unknown form fields {[shown(name) for name in unknown]}; a multipart /segment has the "
+                            "file 'image' and the field 'prompts'"
+                            + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
+    texts = [text for _, text in fields]
+    if len(texts) > 1:
+        raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
     try:
-        return json.loads(text or "")
-    except ValueError:
+        return json.loads(texts[0] if texts else "")
+    except (ValueError, RecursionError):
         raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets") from None
 
 
 def cached_embedding(cache: EmbeddingCache, image_id: str):
     try:
-        return cache.get(image_id)
+        return cache.get(image_key(image_id))
     except UnknownId:
-        raise UnknownId(f"unknown image_id {image_id!r} (never embedded, or evicted from the cache): "
+        raise UnknownId(f"unknown image_id {shown(image_id)} (never embedded, or evicted from the cache): "
                         "POST the image to /embed again") from None
 
 
-def segment_answer(image_id: str, embedding, prompts: object, segmenter, cache: EmbeddingCache,
+def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
                    run: Callable) -> dict:
-    """The /segment answer: each prompt set's masks as RLE with their predicted IoUs, best first,
-    and with keep_logits the ids of their logits for a later mask_input."""
-    prompts = parse_prompts(prompts, embedding.size)
+    """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
+    with their predicted IoUs, best first, and with keep_logits the ids of their logits for a
+    later mask_input on the same image."""
     mask_inputs = {}
     for prompt in prompts:
         if prompt.mask_input is not None:
             try:
-                mask_inputs[prompt.mask_input] = cache.get(prompt.mask_input)
+                mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
             except UnknownId:
-                raise UnknownId(f"unknown mask_input {prompt.mask_input!r} (evicted from the cache, or not an id "
-                                "answered with keep_logits): send the prompt without it") from None
+                raise UnknownId(f"unknown mask_input {shown(prompt.mask_input)} (evicted from the cache, or not an "
+                                "id answered with keep_logits on this image): send the prompt without it") from None
 
     def decode() -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
         # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a
@@ -271,8 +330,9 @@ def segment_answer(image_id: str, embedding, prompts: object, segmenter, cache: 
         result = {"masks": masks, "iou_predictions": iou_predictions}
         if prompt.keep_logits:
             result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
-            for key, logits in zip(result["mask_input_ids"], kept_logits):
-                cache.put(key, logits, logits.numel() * logits.element_size())
+            for key, logits in zip(result["mask_input_ids"], kept_logits):  # never evicting their image
+                cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(),
+                          keep=image_key(image_id))
         results.append(result)
     return {"image_id": image_id, "results": results}
 
@@ -408,7 +468,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
         image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call, info.get("mode"))
-        return json_response({"image_id": image_id, "size": list(embedding.size)})
+        return json_response(embed_answer(image_id, embedding, cache))
 
     @app.post("/segment")
     @uses_worker
@@ -416,13 +476,15 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
         require_segmenter(worker.segmenter, info.get("mode"))
-        if request.mimetype == "application/json":
-            image_id, prompts = segment_payload(request.get_json(silent=True))
+        if is_json(request.mimetype):
+            image_id, prompts = segment_payload(json_payload(request.get_data()))
             embedding = cached_embedding(cache, image_id)
+            prompts = parse_prompts(prompts, embedding.size)
         else:
             require_segment_form(request.mimetype)
+            prompts = form_prompts(request.form.items(multi=True))
             image = uploaded_image()
-            prompts = prompts_field(request.form.get("prompts"))
+            prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
             image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call, info.get("mode"))
         return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, worker.call))
 

@@ -100,6 +100,8 @@ def test_prompts_equal_sam2s_predictor(model):
     ([{"points": [[10, 10]], "labels": [2]}], "prompts[0].labels"),
     ([{"labels": []}], "prompts[0]"),
     ([{"points": [[1, 1]]}] * 65, "prompts"),
+    ([{"points": [[10**400, 1]]}], "prompts[0].points[0]"),  # JSON's ints have no bound; a float's range has
+    ([{"box": [0, 0, 10**400, 10]}], "prompts[0].box"),
 ])
 def test_bad_prompts_name_the_field(prompts, field):
     with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
@@ -197,6 +199,76 @@ def test_embed_then_segment_over_http(micro):
                              content_type="application/x-www-form-urlencoded")
     error = unlabelled.get_json()["error"]
     assert unlabelled.status_code == 400 and "Content-Type: application/json" in error, error
+
+
+def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
+    """What a client can get wrong answers 400 or 404 with a message, never 500, and costs no
+    encoding: ids of one kind used as the other, a mask's id on another image, JSON nested too
+    deeply, a form's unknown or repeated fields, an id too long to repeat in full."""
+    client = micro_client(micro)
+    ids = [client.post("/embed", data={"image": (io.BytesIO(png(make_scene(150, 200, seed=s))), "a.png")})
+           .get_json()["image_id"] for s in (1, 2)]
+    point = {"points": [[60, 70]], "labels": [1]}
+    kept = client.post("/segment", json={"image_id": ids[0], "prompts": [{**point, "keep_logits": True}]})
+    mask_input = kept.get_json()["results"][0]["mask_input_ids"][0]
+    deep = "[" * 100_000 + "]" * 100_000
+    for body, status, words in [
+        ({"image_id": ids[0], "prompts": [{**point, "mask_input": ids[0]}]}, 404, "unknown mask_input"),
+        ({"image_id": mask_input, "prompts": [point]}, 404, "unknown image_id"),
+        ({"image_id": ids[1], "prompts": [{**point, "mask_input": mask_input}]}, 404, "on this image"),
+        (deep, 400, "nested too deeply"),
+        ("{not json", 400, "not valid JSON: Expecting property name"),
+        ("", 400, "the body is empty"),
+    ]:
+        data = body if isinstance(body, str) else json.dumps(body)
+        response = client.post("/segment", data=data, content_type="application/json")
+        assert response.status_code == status and words in response.get_json()["error"], (str(body)[:80], response.get_json())
+    refined = client.post("/segment", json={"image_id": ids[0], "prompts": [{**point, "mask_input": mask_input}]})
+    assert refined.status_code == 200
+
+    long_id = client.post("/segment", json={"image_id": "f" * 100_000, "prompts": [point]})
+    assert long_id.status_code == 404 and len(long_id.get_data()) < 300
+
+    vendor_json = client.post("/segment", data=json.dumps({"image_id": ids[0], "prompts": [point]}),
+                              content_type="application/vnd.api+json")
+    assert vendor_json.status_code == 200, vendor_json.get_json()
+
+    misses = cache_metrics(client)["misses_total"]
+    new_image = make_scene(150, 200, seed=3)
+    for fields, words in [
+        ({"prompts": json.dumps([point]), "image_id": ids[0]}, "image_id goes in a JSON body"),
+        ({"prompts": [json.dumps([point])] * 2}, "prompts: sent 2 times"),
+        ({"prompts": deep}, "prompts: expected a form field"),
+        ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
+    ]:
+        response = client.post("/segment", data={"image": (io.BytesIO(png(new_image)), "a.png"), **fields})
+        assert response.status_code == 400 and words in response.get_json()["error"], (fields, response.get_json())
+    assert cache_metrics(client)["misses_total"] == misses  # none of them encoded the image
+
+
+def test_embed_refuses_a_cache_too_small_for_one_image(micro):
+    """An /embed id that no /segment could use is refused (507, saying what to do); a one-shot
+    multipart /segment needs no cache and still works."""
+    client = micro_client(micro, cache_bytes=0)
+    embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert embedded.status_code == 507 and "--embedding-cache-mb" in embedded.get_json()["error"]
+    one_shot = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
+                                             "prompts": json.dumps([PROMPTS[0][1]])})
+    assert one_shot.status_code == 200 and len(one_shot.get_json()["results"][0]["masks"]) == 3
+
+
+def test_kept_logits_never_evict_their_own_image(micro):
+    """A small cache filled by one request's kept logits drops older logits, not the image they
+    were made on (which would turn the next /segment on it into a 404)."""
+    segmenter = PromptSegmenter(micro, "micro")
+    one_image, one_mask = segmenter.embed(IMAGE).nbytes, 64 * 64 * 4  # the micro model's logits: 64x64 float32
+    client = micro_client(micro, cache_bytes=one_image + 4 * one_mask)  # PROMPTS keep 10
+    image_id = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
+    prompts = [{**prompt, "keep_logits": True} for _, prompt in PROMPTS]
+    answer = client.post("/segment", json={"image_id": image_id, "prompts": prompts})
+    assert answer.status_code == 200
+    assert cache_metrics(client)["evictions_total"] > 0  # the logits did not all fit
+    assert client.post("/segment", json={"image_id": image_id, "prompts": [PROMPTS[0][1]]}).status_code == 200
 
 
 def test_segment_does_its_torch_work_on_the_workers_thread(micro, monkeypatch):

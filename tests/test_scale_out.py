@@ -216,6 +216,21 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             assert (rles_to_masks(a["masks"]) != rles_to_masks(b["masks"])).mean() < 1e-4
         one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
         assert one_shot.get_data() == flask_segment.get_data()
+        # Prompts gone wrong: the Flask server's status and message.
+        from .test_http_front import multipart
+
+        image_id = json.loads(embedded)["image_id"]
+        for body, content_type in [
+            (json.dumps({"image_id": image_id, "prompts": [{"points": [[40, 30]], "mask_input": image_id}]}).encode(),
+             "application/json"),
+            (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+            multipart([("image", "a.jpg", data), ("prompts", None, json.dumps(prompts).encode()),
+                       ("image_id", None, image_id.encode())]),
+        ]:
+            ray_error = post(url + "/segment", body, content_type, 60)
+            flask_error = flask_client.post("/segment", data=body, content_type=content_type)
+            assert (ray_error[0], ray_error[2]) == (flask_error.status_code, flask_error.get_data()), ray_error
+            assert ray_error[0] in (400, 404)
         assert_same_error_answers_as_flask(url, flask_client)
         for path in ("/", "/static/app.js", "/static/style.css"):  # the web page, as server.py serves it
             with urllib.request.urlopen(url + path, timeout=30) as response:

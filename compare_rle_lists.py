@@ -1,11 +1,12 @@
-"""Compare two RLE result sets: strict and relaxed mIoU, and mask count mismatches.
+"""Compare two RLE result sets: strict and relaxed mIoU, mask count mismatches, masks per image.
 
-    python compare_rle_lists.py results/baseline_rle_masks results/fast_rle_masks
-    python compare_rle_lists.py baseline_dir/ fast_dir/ --json --per-image-csv per_image.csv
+    python compare_rle_lists.py baseline_rle_masks ao_rle_masks
+    python compare_rle_lists.py results/baseline_bs1_ppb64 results/ao_bs1_ppb64 --json --per-image-csv per_image.csv
 
-Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes)
-or a folder of per-image JSON files (paired by file name). See sam2serve/compare.py for the
-metrics.
+Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes),
+a folder of per-image JSON files (paired by file name), or a folder of reproduce_experiments.py
+(its rle_masks). Images whose request failed on either side (an error answer, or an empty line)
+are left out and named. See sam2serve/compare.py for the metrics.
 """
 
 import argparse
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.per_image_csv:
         with open(args.per_image_csv, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["image", "reference_masks", "candidate_masks", "strict_iou", "relaxed_iou"])
+            writer.writerow(["image", "reference_masks", "candidate_masks", "strict_iou", "relaxed_iou", "failed"])
             for c in comparisons:
                 writer.writerow([c.name, c.reference_masks, c.candidate_masks,
-                                 format_float(c.strict_iou), format_float(c.relaxed_iou)])
+                                 format_float(c.strict_iou), format_float(c.relaxed_iou), c.failed])
     summary = summarize(comparisons)
+    if summary.failed:
+        print(f"warning: {len(summary.failed)} images left out, their request failed: "
+              + "; ".join(summary.failed[:10]), file=sys.stderr)
     print(json.dumps(summary.as_dict()) if args.json else summary.line())
 
 

@@ -1,6 +1,7 @@
 """Replay an image list through every mode of the study and write its table, result.csv.
 
     python reproduce_experiments.py image_paths results/ --checkpoint-dir ~/checkpoints/sam2 --model-type large
+    python reproduce_experiments.py image_paths results/ --checkpoint-dir models --model-type micro  # the demo model
 
 Each row (a mode at a batch size and a number of points per batch) runs in a process of its own,
 so its peak memory is its own: load the model, warm up on the first image (compilation would
@@ -8,15 +9,21 @@ happen there; reported as startup_s, kept out of latency), then every image, tim
 file's bytes to the RLE lists (disk reads and JSON excluded). Its masks go to
 OUTPUT/<row>/rle_masks, one /upload_rle JSON per line, as the server's xargs workflow writes them.
 Every row is compared with the baseline row (strict and relaxed mIoU, see compare_rle_lists.py);
-the table goes to OUTPUT/result.csv and a plot of ms per request against mIoU to
-OUTPUT/result.png. A row already done with the same settings is not run again.
+the table goes to OUTPUT/result.csv (rewritten after each row) and a plot of ms per request
+against mIoU to OUTPUT/result.png. A row already done with the same settings (the same
+checkpoint file, options, images, torch and project code) is not run again: a run stopped
+part-way resumes where it stopped.
 """
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -27,7 +34,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
-from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointError, ensure_checkpoint, load_model
+from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths,
     require_output_folder, set_up_logging,
@@ -41,7 +48,7 @@ from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, res
 log = logging.getLogger("experiments")
 
 RESULT_COLUMNS = [
-    "mode", "miou", "relaxed_miou", "mask_count_mismatch", "images", "ms_per_request", "p50", "p90",
+    "mode", "miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image", "ms_per_request", "p50", "p90",
     "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch",
     "model_type", "device", "torch_version",
 ]
@@ -69,13 +76,38 @@ def row_config(row: Row, configs: dict[str, AMGConfig]) -> AMGConfig:
     return config if row.points_per_batch is None else replace(config, points_per_batch=row.points_per_batch)
 
 
-def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
+def source_identity() -> str:
+    """The start of a SHA-256 of the project's code (sam2serve/): a row measured before the code
+    changed is run again."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent / "sam2serve"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def exit_with_parent() -> None:
+    """Ends this row's process when the study's process is gone (killed, or stopped by a signal
+    sent to it alone), instead of finishing the row unseen and holding its memory."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: str) -> dict:
     """Runs one row over every image (in a process of its own) and returns its measurements."""
+    exit_with_parent()
+    set_up_logging()
     device = settings["device"]
     config = AMGConfig(**settings["amg"])
     paths = settings["images"]
     with Stopwatch(device) as startup:
-        loaded = load_model(settings["checkpoint"], settings["model_type"], device)
+        loaded = load_model(checkpoint, settings["model_type"], device)
         generator = build_generator(get_mode(row.mode), loaded, config)  # compiles a fast mode on CUDA
         # Warm-up, untimed: lazy initialisation happens on the first image.
         generator.generate(read_image_file(paths[0]))
@@ -84,7 +116,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
     seconds = []
     partial = row_dir / "rle_masks.partial"
     with partial.open("w") as out:
-        for path in tqdm(paths, desc=label, unit="image"):
+        for path in tqdm(paths, desc=label, unit="image", disable=None):  # a progress bar on a terminal only
             data = Path(path).read_bytes()
             with Stopwatch(device) as request:
                 rles = generator.generate(decode_image(data, FILE_MAX_PIXELS))
@@ -98,7 +130,7 @@ def run_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
     }
 
 
-def measured_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
+def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: str) -> dict:
     """The row's measurements: from an earlier run with the same settings, or run now."""
     stats_path = row_dir / "stats.json"
     if stats_path.is_file() and (row_dir / "rle_masks").is_file():
@@ -112,7 +144,7 @@ def measured_row(row: Row, settings: dict, row_dir: Path, label: str) -> dict:
     # A fresh process per row: its peak memory, caches and compiled code are its own.
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            stats = pool.submit(run_row, row, settings, row_dir, label).result()
+            stats = pool.submit(run_row, row, settings, checkpoint, row_dir, label).result()
     except BaseException:
         if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
             row_dir.rmdir()
@@ -127,7 +159,8 @@ def settings_changed(before: dict, now: dict) -> list[str]:
     changed = []
     for key in sorted(set(flat_before) | set(flat_now)):
         if key != "amg" and flat_before.get(key) != flat_now.get(key):
-            changed.append("the image list" if key == "images" else f"{key} {flat_before.get(key)} -> {flat_now.get(key)}")
+            changed.append({"images": "the image list", "code": "the project's code"}.get(
+                key, f"{key} {flat_before.get(key)} -> {flat_now.get(key)}"))
     return changed
 
 
@@ -135,7 +168,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
     summary = summarize(compare_results(baseline_dir / "rle_masks", row_dir / "rle_masks"))
     settings = stats["settings"]
     return {
-        "mode": row.mode, **summary.as_dict(),
+        "mode": row.mode, **{key: summary.as_dict()[key] for key in RESULT_COLUMNS[1:6]},
         **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
         "batch_size": row.batch_size, "points_per_batch": config.points_per_batch,
@@ -172,8 +205,7 @@ def plot(lines: list[dict], path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AMGConfig]]:
     """The options, and the AMG settings they give each mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=HelpWithDefaults)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("image_paths_file", help="a file with one image path per line")
     parser.add_argument("output_folder", help="where each row's masks, result.csv and result.png go")
     add_option(parser, "checkpoint_dir", default="~/checkpoints/sam2",
@@ -184,7 +216,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args(argv)
-    require_output_folder(parser, args.output_folder, "output_folder")
+    args.output_folder = require_output_folder(parser, args.output_folder, "output_folder")  # ~ expanded
     return args, {name: amg_config(parser, args, mode) for name, mode in MODES.items()}
 
 
@@ -197,13 +229,21 @@ def existing_image_paths(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     set_up_logging()
+    try:
+        run_study(argv)
+    except KeyboardInterrupt:
+        sys.exit("stopped; the same command again resumes it (the rows done are kept)")
+
+
+def run_study(argv: list[str] | None) -> None:
     args, configs = parse_args(argv)
     image_paths = existing_image_paths(args.image_paths_file)
     try:
         checkpoint = ensure_checkpoint(args.checkpoint_dir, args.model_type)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
-    output = Path(args.output_folder)
+    output = args.output_folder
+    checkpoint_file, code = checkpoint_identity(checkpoint), source_identity()
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
     baseline_dir = output / row_name(rows[0], row_config(rows[0], configs))
 
@@ -212,17 +252,21 @@ def main(argv: list[str] | None = None) -> None:
         config_for_row = row_config(row, configs)
         name = row_name(row, config_for_row)
         settings = {
-            "row": asdict(row), "checkpoint": str(checkpoint), "model_type": args.model_type,
+            "row": asdict(row), "checkpoint": checkpoint_file, "model_type": args.model_type,
             "device": args.device, "amg": asdict(config_for_row),
             "images": [str(Path(p).resolve()) for p in image_paths], "torch_version": torch.__version__,
+            "code": code,
         }
         try:
-            stats = measured_row(row, settings, output / name, f"row {index + 1}/{len(rows)} {name}")
+            stats = measured_row(row, settings, checkpoint, output / name, f"row {index + 1}/{len(rows)} {name}")
         except CheckpointError as error:  # a file that is not a checkpoint of that size
             sys.exit(f"error: {error}")
         lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
+        if row.mode == "baseline" and lines[0]["masks_per_image"] == 0:
+            log.warning("the baseline found no mask on any image: every mIoU will be 1.0 and say nothing of "
+                        "accuracy (random weights, or thresholds no mask passes)")
+        write_csv(lines, output / "result.csv")  # after each row: never a table of another run's rows
 
-    write_csv(lines, output / "result.csv")
     plot(lines, output / "result.png")
     print((output / "result.csv").read_text(), end="")
     log.info("wrote %s and %s", output / "result.csv", output / "result.png")

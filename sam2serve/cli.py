@@ -142,6 +142,8 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
         require_output_folder(parser, path.parent, option)
     elif not path.parent.is_dir():
         parser.error(f"{option} {path}: the folder {path.parent} does not exist")
+    elif not os.access(path if path.exists() else path.parent, os.W_OK):
+        parser.error(f"{option} {path}: {path if path.exists() else path.parent} is not writable")
     return path
 
 
@@ -167,6 +169,10 @@ def compile_modes() -> list[str]:
 
 
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device}: not a torch device; use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
@@ -243,7 +249,9 @@ def checked_image_paths(paths_file: str | Path) -> list[str]:
     paths = read_image_paths(paths_file)
     missing = [path for path in paths if not Path(path).is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} listed images do not exist, e.g. {missing[:3]}")
+        relative = " (relative paths are read from the current folder, " + os.getcwd() + ")" if any(
+            not Path(path).is_absolute() for path in missing) else ""
+        raise ValueError(f"{len(missing)} listed images do not exist, e.g. {missing[:3]}{relative}")
     unreadable = []
     for path in tqdm(paths, desc="checking the images", unit="image", disable=None):
         try:

@@ -6,6 +6,8 @@ Masks are matched one to one by IoU with an optimal assignment (not by rank), in
 - relaxed: every image counts; masks left without a partner (the counts differ) count as IoU 0,
   so an extra or missing sub-division costs a little instead of discarding the image.
 mIoU is the mean over images. Two empty masks, or two images without masks, agree fully (1.0).
+A request that failed on either side (an error answer, or the empty line that curl writes when it
+cannot connect) leaves its image out of both, counted and named, as it says nothing of accuracy.
 """
 
 import json
@@ -24,29 +26,45 @@ from .rle import RLE
 @dataclass(frozen=True)
 class ImageComparison:
     name: str
-    reference_masks: int
-    candidate_masks: int
-    strict_iou: float | None  # None on a mask count mismatch
-    relaxed_iou: float
+    reference_masks: int | None  # None: the request failed on this side
+    candidate_masks: int | None
+    strict_iou: float | None  # None on a mask count mismatch or a failed request
+    relaxed_iou: float | None  # None on a failed request
+
+    @property
+    def failed(self) -> str:
+        """Which side's request failed: "", "reference", "candidate" or "both"."""
+        sides = [side for side, masks in (("reference", self.reference_masks), ("candidate", self.candidate_masks))
+                 if masks is None]
+        return "both" if len(sides) == 2 else "".join(sides)
 
 
 @dataclass(frozen=True)
 class Summary:
-    images: int
+    images: int  # compared: their requests succeeded on both sides
     mask_count_mismatch: int
     miou: float | None  # strict; None when every image is a mismatch
     relaxed_miou: float | None  # None when there are no images
+    masks_per_image: float | None  # the candidate's, over the images compared
+    reference_masks_per_image: float | None
+    failed: tuple[str, ...] = ()  # names of the images left out: a request failed
 
     def as_dict(self) -> dict:
         return {"miou": self.miou, "relaxed_miou": self.relaxed_miou,
-                "mask_count_mismatch": self.mask_count_mismatch, "images": self.images}
+                "mask_count_mismatch": self.mask_count_mismatch, "images": self.images,
+                "masks_per_image": self.masks_per_image, "reference_masks_per_image": self.reference_masks_per_image,
+                "failed": len(self.failed)}
 
     def line(self) -> str:
         strict = "n/a" if self.miou is None else f"{self.miou:.6f}"
         relaxed = "n/a" if self.relaxed_miou is None else f"{self.relaxed_miou:.6f}"
-        return (f"images {self.images}, mask count mismatch {self.mask_count_mismatch}, "
+        masks = "n/a" if self.masks_per_image is None else (
+            f"{self.masks_per_image:.1f} (reference {self.reference_masks_per_image:.1f})")
+        failed = (f", left out {len(self.failed)} whose request failed ({', '.join(self.failed[:5])}"
+                  f"{', ...' if len(self.failed) > 5 else ''})" if self.failed else "")
+        return (f"images {self.images}{failed}, mask count mismatch {self.mask_count_mismatch}, "
                 f"mIoU {strict} (strict, {self.images - self.mask_count_mismatch} images), "
-                f"relaxed mIoU {relaxed}")
+                f"relaxed mIoU {relaxed}, masks per image {masks}")
 
 
 def iou_matrix(reference: list[RLE], candidate: list[RLE]) -> np.ndarray:
@@ -63,8 +81,15 @@ def iou_matrix(reference: list[RLE], candidate: list[RLE]) -> np.ndarray:
     return ious
 
 
-def compare_image(name: str, reference: list[RLE], candidate: list[RLE]) -> ImageComparison:
-    ious = iou_matrix(reference, candidate)
+def compare_image(name: str, reference: list[RLE] | None, candidate: list[RLE] | None) -> ImageComparison:
+    """One image's IoUs; None for a side whose request failed."""
+    if reference is None or candidate is None:
+        return ImageComparison(name, None if reference is None else len(reference),
+                               None if candidate is None else len(candidate), None, None)
+    try:
+        ious = iou_matrix(reference, candidate)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     rows, cols = linear_sum_assignment(ious, maximize=True)
     matched = ious[rows, cols]
     n_ref, n_cand = len(reference), len(candidate)
@@ -77,19 +102,30 @@ def compare_image(name: str, reference: list[RLE], candidate: list[RLE]) -> Imag
 
 
 def summarize(comparisons: list[ImageComparison]) -> Summary:
-    strict = [c.strict_iou for c in comparisons if c.strict_iou is not None]
+    compared = [c for c in comparisons if not c.failed]
+    strict = [c.strict_iou for c in compared if c.strict_iou is not None]
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
     return Summary(
-        images=len(comparisons),
-        mask_count_mismatch=len(comparisons) - len(strict),
-        miou=float(np.mean(strict)) if strict else None,
-        relaxed_miou=float(np.mean([c.relaxed_iou for c in comparisons])) if comparisons else None,
+        images=len(compared),
+        mask_count_mismatch=len(compared) - len(strict),
+        miou=mean(strict),
+        relaxed_miou=mean([c.relaxed_iou for c in compared]),
+        masks_per_image=mean([c.candidate_masks for c in compared]),
+        reference_masks_per_image=mean([c.reference_masks for c in compared]),
+        failed=tuple(f"{c.name}: {c.failed}" for c in comparisons if c.failed),
     )
 
 
-def masks_of(result: object, where: str) -> list[RLE]:
+def masks_of(result: object, where: str) -> list[RLE] | None:
     """The masks of one /upload_rle answer, in order mask_0, mask_1, ..., each checked to be an
-    uncompressed RLE of its size (pycocotools runs forever on counts that do not add up)."""
-    if (not isinstance(result, dict) or "error" in result
+    uncompressed RLE of its size (pycocotools runs forever on counts that do not add up); None
+    for an error answer ({"error": ...}): the request failed."""
+    if isinstance(result, dict) and set(result) == {"error"}:
+        return None
+    if (not isinstance(result, dict)
             or not all(key.startswith("mask_") and key[5:].isdigit() for key in result)):
         raise ValueError(f"{where} is not a mask result: {json.dumps(result)[:200]}")
     masks = [result[key] for key in sorted(result, key=lambda key: int(key[5:]))]
@@ -119,18 +155,24 @@ def parse_line(text: str, where: str) -> object:
         raise ValueError(f"{where} is not JSON: {error}") from None
 
 
-def load_results(path: str | Path) -> list[tuple[str, list[RLE]]]:
-    """(name, masks) per image, from a file of one JSON per line or a folder of JSON files.
+def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
+    """(name, masks) per image, from a file of one JSON per line, a folder of JSON files, or a
+    study row's folder (its rle_masks); masks None where the request failed.
 
-    Lines are named by their number; files by their name, in sorted order.
+    Lines are named by their number; an empty line is a failed request (curl -w "\n" writes one
+    when it cannot connect), so that every line stays paired with its image. Files are named by
+    their name, in sorted order.
     """
     path = Path(path)
+    if path.is_dir() and (path / "rle_masks").is_file():
+        path = path / "rle_masks"
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         return [(file.name, masks_of(parse_line(read_text(file), str(file)), str(file))) for file in files]
     lines = read_text(path).splitlines()
-    return [(f"line {i + 1}", masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}"))
-            for i, line in enumerate(lines) if line.strip()]
+    return [(f"line {i + 1}", masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
+             if line.strip() else None)
+            for i, line in enumerate(lines)]
 
 
 def read_text(path: Path) -> str:
@@ -144,7 +186,10 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
     """Compares two result sets image by image; they must hold the same images."""
     reference, candidate = load_results(reference_path), load_results(candidate_path)
     if len(reference) != len(candidate):
-        raise ValueError(f"{reference_path} has {len(reference)} images, {candidate_path} has {len(candidate)}")
+        raise ValueError(f"{reference_path} has {len(reference)} images, {candidate_path} has {len(candidate)} "
+                         "(an empty line counts as an image whose request failed)")
+    if not reference:
+        raise ValueError(f"{reference_path} and {candidate_path} hold no results")
     if Path(reference_path).is_dir() and Path(candidate_path).is_dir():
         missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
         if missing:

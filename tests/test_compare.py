@@ -68,7 +68,8 @@ def run_tool(*arguments) -> subprocess.CompletedProcess:
 REFERENCE = [answer(SQUARE, OTHER), answer(SQUARE), answer(), answer(SQUARE)]
 CANDIDATE = [answer(OTHER, SQUARE), answer(LEFT_HALF, RIGHT_HALF), answer(), answer(SHIFTED_SQUARE)]
 # Strict: images 1, 3, 4 -> (1 + 1 + 0.6) / 3; relaxed: (1 + 0.25 + 1 + 0.6) / 4.
-EXPECTED = {"miou": 2.6 / 3, "relaxed_miou": 2.85 / 4, "mask_count_mismatch": 1, "images": 4}
+EXPECTED = {"miou": 2.6 / 3, "relaxed_miou": 2.85 / 4, "mask_count_mismatch": 1, "images": 4,
+            "masks_per_image": 5 / 4, "reference_masks_per_image": 4 / 4, "failed": 0}
 
 
 def test_line_files_json_and_per_image_csv(tmp_path):
@@ -106,11 +107,29 @@ def test_different_image_counts_are_an_error(tmp_path):
     assert result.returncode != 0 and "4 images" in result.stderr and "3" in result.stderr
 
 
-def test_error_answers_are_reported(tmp_path):
+def test_failed_requests_are_left_out_and_named_keeping_lines_paired(tmp_path):
+    """An error answer, or the empty line curl -w "\\n" writes when it cannot connect, is a failed
+    request: its image is left out on both sides, and the other lines stay paired with theirs."""
+    reference = tmp_path / "reference"
+    reference.write_text("\n".join([json.dumps(answer(SQUARE)), "", json.dumps(answer(OTHER)),
+                                    json.dumps(answer(SQUARE)), json.dumps(answer(OTHER))]) + "\n")
+    candidate = write_lines(tmp_path / "candidate", [answer(SQUARE), answer(OTHER), answer(OTHER), answer(SQUARE),
+                                                     {"error": "the file is empty"}])
+    result = run_tool(reference, candidate, "--json", "--per-image-csv", tmp_path / "per_image.csv")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["images"], summary["failed"], summary["miou"], summary["relaxed_miou"]) == (3, 2, 1.0, 1.0)
+    assert "line 2: reference" in result.stderr and "line 5: candidate" in result.stderr
+    rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
+    assert [row["failed"] for row in rows] == ["", "reference", "", "", "candidate"]
+    assert "left out 2 whose request failed (line 2: reference, line 5: candidate)" in run_tool(reference, candidate).stdout
+
+
+def test_masks_of_another_size_name_the_image(tmp_path):
     reference = write_lines(tmp_path / "reference", REFERENCE[:1])
-    candidate = write_lines(tmp_path / "candidate", [{"error": "the file is empty"}])
+    candidate = write_lines(tmp_path / "candidate", [{"mask_0": {"size": [2, 32], "counts": [64]}}])
     result = run_tool(reference, candidate)
-    assert result.returncode != 0 and "line 1" in result.stderr and "not a mask result" in result.stderr
+    assert result.returncode != 0 and "line 1: mask sizes differ: [8, 8] against [2, 32]" in result.stderr
 
 
 @pytest.mark.parametrize("line, words", [

@@ -7,8 +7,11 @@ off and NMS is at 1 so that random weights still give 12 masks per image.
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,7 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
     for row in rows.values():
         exact = row["mode"] != "fast_furious"  # bfloat16 on CPU
         assert float(row["miou"]) == 1.0 if exact else float(row["miou"]) >= 0.9
-        assert row["mask_count_mismatch"] == "0" and row["images"] == "2"
+        assert row["mask_count_mismatch"] == "0" and row["images"] == "2" and float(row["masks_per_image"]) == 12
         assert float(row["ms_per_request"]) > 0 and float(row["startup_s"]) > 0
         assert float(row["p50"]) <= float(row["p99"])
         assert float(row["max_memory_mib"]) > 100  # a process with torch and a model in it
@@ -67,17 +70,27 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
     for rle_file in rle_files:
         lines = rle_file.read_text().splitlines()
         assert [len(json.loads(line)) for line in lines] == [12, 12]
-    compared = subprocess.run([sys.executable, str(REPO / "compare_rle_lists.py"), *map(str, rle_files), "--json"],
-                              capture_output=True, text=True, timeout=120)
-    assert json.loads(compared.stdout)["miou"] == 1.0
+    for inputs in (rle_files, [file.parent for file in rle_files]):  # the files, or the rows' folders
+        compared = subprocess.run([sys.executable, str(REPO / "compare_rle_lists.py"), *map(str, inputs), "--json"],
+                                  capture_output=True, text=True, timeout=120)
+        assert json.loads(compared.stdout)["miou"] == 1.0, compared.stderr
 
-    # A rerun with the same settings skips every row.
+    # A rerun with the same settings skips every row, the same checkpoint file anywhere included.
     stats = output / "ao_bs1_ppb4" / "stats.json"
     before = stats.stat().st_mtime_ns
-    rerun = run_driver(tmp_path / "paths", output, micro_checkpoint_dir, "--modes", "ao")
+    same_file = tmp_path / "elsewhere"
+    same_file.mkdir()
+    shutil.copy(micro_checkpoint_dir / "sam2.1_hiera_micro.pt", same_file)
+    rerun = run_driver(tmp_path / "paths", output, same_file, "--modes", "ao")
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("already done with the same settings, skipped") == 2
     assert stats.stat().st_mtime_ns == before
+    # Other weights at the same path: measured again.
+    write_random_checkpoint(same_file, "micro", seed=1)
+    rerun = run_driver(tmp_path / "paths", output, same_file, "--modes", "ao")
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.count("running again") == 2 and "checkpoint sam2.1_hiera_micro.pt#" in rerun.stderr
+    assert stats.stat().st_mtime_ns != before
 
 
 def test_bad_image_list_is_refused(micro_checkpoint_dir, tmp_path):
@@ -110,6 +123,38 @@ def test_damaged_checkpoint_ends_the_study_with_what_to_do(tmp_path):
     assert not list((tmp_path / "out").glob("*"))  # no empty row folder
 
 
+def test_a_rows_process_ends_with_the_study_process(tmp_path):
+    """A row's process whose study process is killed (or stopped by a signal sent to it alone)
+    ends instead of finishing the row unseen, holding its memory."""
+    (tmp_path / "study.py").write_text(textwrap.dedent("""
+        import multiprocessing, sys, time
+        sys.path.insert(0, sys.argv[1])
+
+        def row():
+            from reproduce_experiments import exit_with_parent
+            exit_with_parent()
+            print("watching", flush=True)
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("spawn").Process(target=row)
+            child.start()
+            print(child.pid, flush=True)
+            time.sleep(120)
+    """))
+    study = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        row = int(study.stdout.readline())
+        assert study.stdout.readline() == "watching\n"
+    finally:
+        study.kill()
+        study.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{row}").exists() and Path(f"/proc/{row}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the row's process outlived the study's"
+        time.sleep(0.2)
+
+
 def test_a_rerun_names_the_settings_that_changed():
     before = {"model_type": "micro", "amg": {"points_per_side": 8, "box_nms_thresh": 0.7}, "images": ["a"]}
     now = {"model_type": "micro", "amg": {"points_per_side": 4, "box_nms_thresh": 0.7}, "images": ["a", "b"]}
@@ -119,6 +164,7 @@ def test_a_rerun_names_the_settings_that_changed():
 
 @pytest.mark.parametrize("script, arguments, message", [
     ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "gpu"], "--device gpu: not a torch device"),
     ("tools.benchmark", ["--images", "{tmp}/notes.jpg"], "notes.jpg: the file is not an image format"),
     ("tools.benchmark", ["--save-masks", "{tmp}/notes.jpg/masks"], "notes.jpg is a file, not a folder"),
     ("tools.benchmark", ["{tmp}", "micro", "--generated", "1"], "is not a torch checkpoint, or it is damaged"),

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
     if args.per_image_csv:
-        require_output_file(parser, args.per_image_csv, "--per-image-csv")
+        args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv")  # ~ expanded
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets
@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
                                  format_float(c.strict_iou), format_float(c.relaxed_iou), c.failed])
     summary = summarize(comparisons)
     if summary.failed:
-        print(f"warning: {len(summary.failed)} images left out, their request failed: "
-              + "; ".join(summary.failed[:10]), file=sys.stderr)
+        print(f"warning: left out, their request failed: {'; '.join(summary.failed[:10])}"
+              + (f" and {len(summary.failed) - 10} more" if len(summary.failed) > 10 else ""), file=sys.stderr)
     print(json.dumps(summary.as_dict()) if args.json else summary.line())
+    if not summary.images:
+        sys.exit("error: no image to compare: every request failed on one side or the other")
 
 
 if __name__ == "__main__":

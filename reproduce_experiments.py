@@ -9,22 +9,23 @@ happen there; reported as startup_s, kept out of latency), then every image, tim
 file's bytes to the RLE lists (disk reads and JSON excluded). Its masks go to
 OUTPUT/<row>/rle_masks, one /upload_rle JSON per line, as the server's xargs workflow writes them.
 Every row is compared with the baseline row (strict and relaxed mIoU, see compare_rle_lists.py);
-the table goes to OUTPUT/result.csv (rewritten after each row) and a plot of ms per request
-against mIoU to OUTPUT/result.png. A row already done with the same settings (the same
-checkpoint file, options, images, torch and project code) is not run again: a run stopped
-part-way resumes where it stopped.
+the table goes to OUTPUT/result.csv and a plot of ms per request against mIoU to
+OUTPUT/result.png, both rewritten after each row. A row already done with the same settings
+(the same checkpoint file, options, images, torch, and code: the project's that a row runs and
+sam2's version) is not run again: a run stopped part-way resumes where it stopped.
 """
 
 import argparse
 import csv
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -47,8 +48,9 @@ from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, res
 
 log = logging.getLogger("experiments")
 
+COMPARISON_COLUMNS = ["miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image"]  # compare.py's
 RESULT_COLUMNS = [
-    "mode", "miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image", "ms_per_request", "p50", "p90",
+    "mode", *COMPARISON_COLUMNS, "ms_per_request", "p50", "p90",
     "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch",
     "model_type", "device", "torch_version",
 ]
@@ -76,19 +78,62 @@ def row_config(row: Row, configs: dict[str, AMGConfig]) -> AMGConfig:
     return config if row.points_per_batch is None else replace(config, points_per_batch=row.points_per_batch)
 
 
-def source_identity() -> str:
-    """The start of a SHA-256 of the project's code (sam2serve/): a row measured before the code
-    changed is run again."""
-    digest = hashlib.sha256()
+def code_identity() -> str:
+    """The start of a SHA-256 of the code a row runs: this script, the project's modules it
+    imports (the server's are not among them) and the sam2 package's version. A row measured
+    before any of them changed is run again."""
     package = Path(__file__).resolve().parent / "sam2serve"
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    files = {Path(__file__).resolve()} | {
+        Path(module.__file__).resolve() for module in list(sys.modules.values())
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve().parent == package}
+    digest = hashlib.sha256(importlib.metadata.version("sam2").encode())
+    for path in sorted(files):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
+def in_fresh_process(function: Callable, *arguments):
+    """function(*arguments) in a process of its own (spawned: nothing inherited), its result or
+    its error; the process is ended if this one stops first (Ctrl-C, a signal), not left to
+    finish its row unseen."""
+    context = get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=answer_through, args=(sender, function, *arguments), name="study-row")
+    process.start()
+    sender.close()
+    try:
+        try:
+            outcome, value = receiver.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(f"the row's process ended without an answer (exit code {process.exitcode})") from None
+        if outcome == "error":
+            raise value
+        return value
+    finally:
+        if process.is_alive():
+            process.terminate()
+        process.join()
+
+
+def answer_through(connection, function: Callable, *arguments) -> None:
+    """In the row's process: function's result, or its error (its traceback logged here), sent back."""
+    exit_with_parent()
+    try:
+        connection.send(("ok", function(*arguments)))
+    except Exception as error:  # noqa: BLE001 - the study's process raises it
+        if not isinstance(error, CheckpointError):  # that one is a message for the user, not a bug
+            log.exception("the row failed")
+        try:
+            connection.send(("error", error))
+        except Exception:  # noqa: BLE001 - an error that cannot be pickled
+            connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+
+
 def exit_with_parent() -> None:
-    """Ends this row's process when the study's process is gone (killed, or stopped by a signal
-    sent to it alone), instead of finishing the row unseen and holding its memory."""
+    """Ends this row's process when the study's process is gone (killed with SIGKILL, which
+    leaves it no time to end the row's), instead of finishing the row unseen and holding its
+    memory."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -101,7 +146,6 @@ def exit_with_parent() -> None:
 
 def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: str) -> dict:
     """Runs one row over every image (in a process of its own) and returns its measurements."""
-    exit_with_parent()
     set_up_logging()
     device = settings["device"]
     config = AMGConfig(**settings["amg"])
@@ -143,8 +187,7 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     row_dir.mkdir(parents=True, exist_ok=True)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            stats = pool.submit(run_row, row, settings, checkpoint, row_dir, label).result()
+        stats = in_fresh_process(run_row, row, settings, checkpoint, row_dir, label)
     except BaseException:
         if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
             row_dir.rmdir()
@@ -168,7 +211,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
     summary = summarize(compare_results(baseline_dir / "rle_masks", row_dir / "rle_masks"))
     settings = stats["settings"]
     return {
-        "mode": row.mode, **{key: summary.as_dict()[key] for key in RESULT_COLUMNS[1:6]},
+        "mode": row.mode, **{key: summary.as_dict()[key] for key in COMPARISON_COLUMNS},
         **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
         "batch_size": row.batch_size, "points_per_batch": config.points_per_batch,
@@ -243,7 +286,7 @@ def run_study(argv: list[str] | None) -> None:
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     output = args.output_folder
-    checkpoint_file, code = checkpoint_identity(checkpoint), source_identity()
+    checkpoint_file, code = checkpoint_identity(checkpoint), code_identity()
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
     baseline_dir = output / row_name(rows[0], row_config(rows[0], configs))
 
@@ -266,8 +309,8 @@ def run_study(argv: list[str] | None) -> None:
             log.warning("the baseline found no mask on any image: every mIoU will be 1.0 and say nothing of "
                         "accuracy (random weights, or thresholds no mask passes)")
         write_csv(lines, output / "result.csv")  # after each row: never a table of another run's rows
+        plot(lines, output / "result.png")
 
-    plot(lines, output / "result.png")
     print((output / "result.csv").read_text(), end="")
     log.info("wrote %s and %s", output / "result.csv", output / "result.png")
 

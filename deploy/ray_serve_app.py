@@ -44,9 +44,9 @@ from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmen
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
-    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_embedding, coco_annotations,
-    decode_upload, embed_answer, embed_image, error_answer, field_too_large, form_prompts, is_json, json_payload,
-    json_text, render_answer, require_segment_form, require_segmenter, segment_answer, segment_payload,
+    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_image_prompts,
+    coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large, form_prompts, is_json,
+    json_text, render_answer, require_cache_room, require_segment_form, require_segmenter, segment_answer,
     too_many_parts,
 )
 
@@ -135,14 +135,13 @@ class SegmentEverything:
         require_segmenter(self.segmenter, mode)
         mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if path == "/embed":
+            require_cache_room(self.cache)
             image = await self.uploaded_image(request)
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache,
                                                              run_here, mode)
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
-            image_id, prompts = segment_payload(json_payload(await request.body()))
-            embedding = cached_embedding(self.cache, image_id)
-            prompts = parse_prompts(prompts, embedding.size)
+            image_id, embedding, prompts = cached_image_prompts(await request.body(), self.cache)
         else:
             require_segment_form(mimetype)
             form = await read_form(request, self.limits)

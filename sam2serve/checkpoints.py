@@ -36,7 +36,7 @@ DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL_TYPE = "micro"
 # A download's partial file untouched this long belongs to a process that was killed (a live one
-# writes every second): the next download of that checkpoint removes it.
+# writes as data arrives, and gives up after 30 s without any): the next download removes it.
 STALE_PARTIAL_S = 600
 
 
@@ -225,7 +225,7 @@ def resolve_checkpoint(
 def remove_stale_partials(path: Path) -> None:
     """Removes the partial files of path's downloads that a killed process left (SIGKILL, a
     container's grace period run out): up to a checkpoint's size each. A download in progress
-    elsewhere keeps its file, since it is written to every second."""
+    elsewhere keeps its file: it is written to as data arrives."""
     for partial in path.parent.glob(f"{glob.escape(path.name)}.*.partial"):
         try:
             if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
@@ -233,6 +233,8 @@ def remove_stale_partials(path: Path) -> None:
                 log.info("removed %s, left by a download that was stopped", partial)
         except FileNotFoundError:  # removed by another process meanwhile
             pass
+        except OSError as error:  # another user's, in a shared folder: not this download's business
+            log.warning("could not remove %s: %s", partial, error)
 
 
 def _download(url: str, path: Path) -> None:

@@ -85,11 +85,14 @@ def checkpoint_from_arguments(parser: argparse.ArgumentParser, args: argparse.Na
 
 def run_script(main: Callable[[], None]) -> None:
     """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
-    saying why and what to do, not a traceback."""
+    saying why and what to do, not a traceback; so does Ctrl-C (what was printed stays)."""
     try:
         main()
     except CheckpointError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def positive_int(text: str) -> int:

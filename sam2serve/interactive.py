@@ -293,7 +293,7 @@ class EmbeddingCache:
 
     def put(self, key: str, value: Any, nbytes: int, keep: str | None = None) -> None:
         """Stores the value, evicting the least recently used; keep (the image whose mask logits
-        these are) is made the most recent first, so it goes last."""
+        these are) is moved behind it, to be evicted last."""
         with self.lock:
             if nbytes > self.max_bytes:
                 return

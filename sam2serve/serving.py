@@ -226,15 +226,22 @@ def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callab
     return image_id, embedding
 
 
-def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:
-    """The /embed answer; refused when the cache cannot hold the image, as its id would then be
-    unknown to every /segment."""
-    if embedding.nbytes > cache.max_bytes:
+def require_cache_room(cache: EmbeddingCache, nbytes: int | None = None) -> None:
+    """Refuses an /embed whose image the cache cannot hold (one of nbytes, or, before encoding,
+    any at all), as its id would then be unknown to every /segment."""
+    if cache.max_bytes == 0 or (nbytes is not None and nbytes > cache.max_bytes):
+        size = "" if nbytes is None else f" ({nbytes / 2**20:.1f} MiB)"
         raise CacheTooSmall(
-            f"the embedding cache ({cache.max_bytes / 2**20:g} MiB) cannot hold one encoded image of this model "
-            f"({embedding.nbytes / 2**20:.1f} MiB), so an /embed id could not be used: start the server with a "
-            "larger cache (--embedding-cache-mb), or send the image with each /segment (a multipart form)")
+            f"the embedding cache ({cache.max_bytes / 2**20:g} MiB) cannot hold one encoded image of this model"
+            f"{size}, so an /embed id could not be used: start the server with a larger cache "
+            "(--embedding-cache-mb), or send the image with each /segment (a multipart form)")
+
+
+def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:
+    """The /embed answer (the caller checked require_cache_room() before encoding)."""
+    require_cache_room(cache, embedding.nbytes)
     return {"image_id": image_id, "size": list(embedding.size)}
+
 
 
 def is_json(mimetype: str) -> bool:
@@ -283,11 +290,12 @@ def form_prompts(fields: Iterable[tuple[str, str]]) -> object:
     """The prompts of a one-shot multipart /segment: its one text field, a JSON list of prompt
     sets. Other text fields are refused, as a JSON body's are."""
     fields = list(fields)
-    if unknown := sorted({name for name, _ in fields} - {"prompts"}):
-        raise InvalidPrompt(f"unknown form fields {[shown(name) for name in unknown]}; a multipart /segment has the "
-                            "file 'image' and the field 'prompts'"
+    # A text field named image (curl -F image=path, without the @) is the upload's to refuse.
+    if unknown := sorted({name for name, _ in fields} - {"prompts", "image"}):
+        raise InvalidPrompt(f"unknown form fields {', '.join(shown(name) for name in unknown)}; a multipart /segment "
+                            "has the file 'image' and the field 'prompts'"
                             + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
-    texts = [text for _, text in fields]
+    texts = [text for name, text in fields if name == "prompts"]
     if len(texts) > 1:
         raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
     try:
@@ -302,6 +310,13 @@ def cached_embedding(cache: EmbeddingCache, image_id: str):
     except UnknownId:
         raise UnknownId(f"unknown image_id {shown(image_id)} (never embedded, or evicted from the cache): "
                         "POST the image to /embed again") from None
+
+
+def cached_image_prompts(body: bytes, cache: EmbeddingCache) -> tuple[str, object, list[Prompt]]:
+    """A JSON /segment's image id, its encoding from the cache and its prompts, checked."""
+    image_id, prompts = segment_payload(json_payload(body))
+    embedding = cached_embedding(cache, image_id)
+    return image_id, embedding, parse_prompts(prompts, embedding.size)
 
 
 def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
@@ -467,6 +482,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @uses_worker
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
+        require_segmenter(worker.segmenter, info.get("mode"))
+        require_cache_room(cache)
         image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call, info.get("mode"))
         return json_response(embed_answer(image_id, embedding, cache))
 
@@ -477,9 +494,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         with image and a JSON prompts field): their masks as RLE, best first."""
         require_segmenter(worker.segmenter, info.get("mode"))
         if is_json(request.mimetype):
-            image_id, prompts = segment_payload(json_payload(request.get_data()))
-            embedding = cached_embedding(cache, image_id)
-            prompts = parse_prompts(prompts, embedding.size)
+            image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)
         else:
             require_segment_form(request.mimetype)
             prompts = form_prompts(request.form.items(multi=True))

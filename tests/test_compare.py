@@ -125,6 +125,13 @@ def test_failed_requests_are_left_out_and_named_keeping_lines_paired(tmp_path):
     assert "left out 2 whose request failed (line 2: reference, line 5: candidate)" in run_tool(reference, candidate).stdout
 
 
+def test_no_image_to_compare_is_an_error(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE[:1])
+    candidate = write_lines(tmp_path / "candidate", [{"error": "the file is empty"}])
+    result = run_tool(reference, candidate)
+    assert result.returncode == 1 and "no image to compare" in result.stderr and "line 1: candidate" in result.stderr
+
+
 def test_masks_of_another_size_name_the_image(tmp_path):
     reference = write_lines(tmp_path / "reference", REFERENCE[:1])
     candidate = write_lines(tmp_path / "candidate", [{"mask_0": {"size": [2, 32], "counts": [64]}}])

@@ -8,6 +8,7 @@ off and NMS is at 1 so that random weights still give 12 masks per image.
 import csv
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -150,9 +151,54 @@ def test_a_rows_process_ends_with_the_study_process(tmp_path):
         study.kill()
         study.wait()
     deadline = time.monotonic() + 20
-    while Path(f"/proc/{row}").exists() and Path(f"/proc/{row}/stat").read_text().split()[2] != "Z":
+    while True:
+        try:
+            if Path(f"/proc/{row}/stat").read_text().split()[2] == "Z":  # ended, not yet reaped
+                break
+        except FileNotFoundError:  # ended and reaped
+            break
         assert time.monotonic() < deadline, "the row's process outlived the study's"
         time.sleep(0.2)
+
+
+def test_a_study_stopped_alone_ends_its_rows_process_at_once(tmp_path):
+    """SIGINT or SIGTERM sent to the study's process alone (not its group, as Ctrl-C does):
+    the row's process is ended with it, not waited for."""
+    (tmp_path / "study.py").write_text(textwrap.dedent("""
+        import signal, sys, time
+        sys.path.insert(0, sys.argv[1])
+        from reproduce_experiments import in_fresh_process
+
+        if __name__ == "__main__":
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            in_fresh_process(time.sleep, 120)
+    """))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        study = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(REPO)], stderr=subprocess.DEVNULL,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+        try:
+            row = wait_for_child(study.pid)
+            study.send_signal(signum)
+            study.wait(timeout=20)  # the pool this replaced waited for the row: 120 s
+        finally:
+            study.kill()
+        assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
+
+
+def wait_for_child(pid: int, timeout_s: float = 60) -> int:
+    """The pid of the process that pid spawned to run a function (not multiprocessing's
+    resource tracker); Linux: read from /proc."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if parent == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                    return int(stat.parent.name)
+            except (OSError, ValueError, IndexError):  # ended meanwhile
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no child of {pid} within {timeout_s} s")
 
 
 def test_a_rerun_names_the_settings_that_changed():
@@ -174,6 +220,8 @@ def test_a_rerun_names_the_settings_that_changed():
      "is not a torch checkpoint, or it is damaged"),
     ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
     ("tools.load_test", ["127.0.0.1:5000", "{tmp}/notes.jpg"], "give the server as http://HOST:PORT"),
+    ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "inf"],
+     "--time-limit must be a number of seconds above 0"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"], "1 listed images do not exist"),
 ])

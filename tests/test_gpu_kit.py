@@ -224,8 +224,25 @@ def test_benchmark_tables_without_the_baseline_compare_with_nothing():
     header, _, row = table([loaded], len(images)).splitlines()
     cells = dict(zip(header.split("|"), row.split("|")))
     assert cells[" images/s "] == " 2.667 " and cells[" masks per image "] == " 0.0 "
-    assert cells[" x baseline "] == cells[" mIoU vs baseline "] == cells[" mask count mismatch "] == " n/a "
+    assert cells[" x baseline "] == cells[" mIoU vs baseline "] == cells[" relaxed mIoU "] == " n/a "
+    assert cells[" mask count mismatch "] == " n/a "
     assert per_image_table([loaded], images).splitlines()[2:] == ["| photo | 500 |", "| scene | 250 |"]
+
+
+def test_benchmark_table_says_what_a_mode_costs_even_when_every_image_is_a_mismatch():
+    """Strict mIoU leaves out every image whose mask count differs; the relaxed one still
+    says how far the masks moved."""
+    from sam2serve.rle import masks_to_rle_vectorized
+    from tools.benchmark import ModeRun, table
+
+    square, half = torch.zeros(2, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
+    square[0, :4, :4] = square[1, 4:, 4:] = half[0, :4, :2] = True
+    baseline = ModeRun("baseline", seconds=[1.0], masks={0: masks_to_rle_vectorized(square)})
+    other = ModeRun("fast_furious", seconds=[0.5], masks={0: masks_to_rle_vectorized(half)})
+    header, _, _, row = table([baseline, other], 1).splitlines()
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" mIoU vs baseline "] == " n/a " and cells[" mask count mismatch "] == " 1/1 "
+    assert cells[" relaxed mIoU "] == " 0.250000 "  # IoU 0.5 with one square, the other unmatched
 
 
 def test_a_refused_package_is_noted_with_what_differs():
@@ -274,6 +291,19 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
     monkeypatch.setattr(benchmark, "load_row", lambda row, *rest: load_row("ao", *rest))
     with pytest.raises(ValueError, match="broken"):  # every row is compared with the baseline
         benchmark.ready_rows(["baseline", "fast"], None, args, {}, first_image=None)
+
+
+def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):
+    """A row that could not be made ready is noted under the tables, and the run exits with 1:
+    the GPU script counts that stage as failed."""
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark", "--generated", "1", "--size", "64", "64", "--points-per-side", "2",
+         "--modes", "fast_furious", "--load-fast", str(tmp_path / "empty")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "| baseline |" in result.stdout and "fast_furious: failed" in result.stdout
+    assert "rows that failed and are missing from the tables: fast_furious" in result.stderr
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

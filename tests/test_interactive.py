@@ -119,6 +119,10 @@ def test_cache_keeps_the_most_recent_within_its_bytes():
     cache.put("d", "D", 40)  # "c" is now the least recently used
     with pytest.raises(UnknownId):
         cache.get("c")
+    cache.put("e", "E", 40, keep="b")  # "b" is the oldest, but kept: "d" goes
+    assert cache.get("b") == "B" and cache.get("e") == "E"
+    with pytest.raises(UnknownId):
+        cache.get("d")
     disabled = EmbeddingCache(max_bytes=0)
     assert disabled.get_or_compute("x", lambda: 1, lambda value: 8) == 1
     with pytest.raises(UnknownId):
@@ -244,6 +248,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         response = client.post("/segment", data={"image": (io.BytesIO(png(new_image)), "a.png"), **fields})
         assert response.status_code == 400 and words in response.get_json()["error"], (fields, response.get_json())
     assert cache_metrics(client)["misses_total"] == misses  # none of them encoded the image
+    path_not_file = client.post("/segment", data={"image": "a.png", "prompts": json.dumps([point])},  # no @
+                                content_type="multipart/form-data")
+    assert path_not_file.status_code == 400 and "curl -F 'image=@file.jpg'" in path_not_file.get_json()["error"]
 
 
 def test_embed_refuses_a_cache_too_small_for_one_image(micro):
@@ -252,6 +259,11 @@ def test_embed_refuses_a_cache_too_small_for_one_image(micro):
     client = micro_client(micro, cache_bytes=0)
     embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert embedded.status_code == 507 and "--embedding-cache-mb" in embedded.get_json()["error"]
+    assert cache_metrics(client)["misses_total"] == 0  # refused before encoding
+    one_image = PromptSegmenter(micro, "micro").embed(IMAGE).nbytes
+    client = micro_client(micro, cache_bytes=one_image - 1)
+    embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert embedded.status_code == 507 and "(0.5 MiB)" in embedded.get_json()["error"]
     one_shot = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
                                              "prompts": json.dumps([PROMPTS[0][1]])})
     assert one_shot.status_code == 200 and len(one_shot.get_json()["results"][0]["masks"]) == 3

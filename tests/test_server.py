@@ -306,6 +306,8 @@ def test_load_test_refuses_other_hosts():
         run_load_test("http://192.0.2.1:5000", {"a": b""}, clients=1, per_client=1)
     with pytest.raises(ValueError, match="give the server as http://HOST:PORT"):
         run_load_test("127.0.0.1:5000", {"a": b""}, clients=1, per_client=1)
+    with pytest.raises(ValueError, match="without a path"):  # the test adds the endpoints' paths itself
+        run_load_test("http://127.0.0.1:5000/upload_rle", {"a": b""}, clients=1, per_client=1)
 
 
 def test_load_test_counts_dropped_connections_as_failures():
@@ -338,7 +340,36 @@ def test_load_test_counts_dropped_connections_as_failures():
     assert not report.ok
     assert report.planned == report.requests == 6 and report.correct == 0
     assert len(report.wrong) == 6 and all("no answer" in line for line in report.wrong), report.wrong
-    assert "6 of 6 (0 correct, 6 wrong or failed)" in report.table()
+    assert "6 of 6 sent (0 correct, 6 wrong or failed)" in report.table()
+
+
+def test_load_test_waits_a_second_on_a_retry_after_that_is_a_date():
+    """Retry-After may be an HTTP date: the client waits a second and tries again."""
+    posts = []
+
+    class BusyOnce(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(True)
+            busy = len(posts) == 2  # the first of the clients' requests
+            self.send_response(503 if busy else 200)
+            if busy:
+                self.send_header("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}" if busy else b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BusyOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1,
+                               per_client=2, time_limit_s=30)
+    finally:
+        server.shutdown()
+    assert report.ok and report.retries_busy == 1, report.table()
 
 
 def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_files, tmp_path):

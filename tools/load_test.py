@@ -11,7 +11,7 @@ own order) at the same time, and every answer must equal the reference for its r
 for byte: nothing lost, duplicated or swapped between clients.
 A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
 timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
-the C x M answers was wrong or missing.
+the C x M answers was wrong or missing. Ctrl-C stops it with the report so far.
 
 Loopback only (it is a stress tool, not a benchmark of someone else's server), a bounded
 number of requests (C x M), and a time limit.
@@ -21,6 +21,7 @@ import argparse
 import http.client
 import ipaddress
 import json
+import math
 import socket
 import sys
 import threading
@@ -42,12 +43,14 @@ MAX_REQUESTS = 10_000
 @dataclass
 class Report:
     planned: int = 0  # clients x per_client
-    requests: int = 0  # sent, or given up on at the time limit
+    requests: int = 0  # sent
+    never_sent: int = 0  # the time limit passed first, or the test was stopped
     correct: int = 0
     wrong: list[str] = field(default_factory=list)  # what went wrong, one line per request
     retries_busy: int = 0
     latencies_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: bool = False  # by Ctrl-C
 
     @property
     def ok(self) -> bool:
@@ -56,8 +59,9 @@ class Report:
     def table(self) -> str:
         latencies = np.array(self.latencies_s or [float("nan")]) * 1000
         lines = [
-            f"requests        {self.requests} of {self.planned} ({self.correct} correct, {len(self.wrong)} wrong "
-            f"or failed{f', {self.planned - self.requests} never sent' if self.requests < self.planned else ''})",
+            f"requests        {self.requests} of {self.planned} sent ({self.correct} correct, {len(self.wrong)} wrong "
+            f"or failed{f', {self.never_sent} never sent' if self.never_sent else ''})"
+            + (", stopped by Ctrl-C" if self.stopped else ""),
             f"busy retries    {self.retries_busy}",
             f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
             f"latency p50     {np.percentile(latencies, 50):.0f} ms",
@@ -70,6 +74,9 @@ def require_loopback(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"{url!r} is not a URL: give the server as http://HOST:PORT, e.g. http://127.0.0.1:5000")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError(f"{url!r}: give the server's root, http://HOST:PORT, without a path (the test adds "
+                         "/upload_rle, /embed and /segment)")
     host = parsed.hostname
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
@@ -167,7 +174,7 @@ def run_load_test(
             raise RuntimeError(f"{request.name}: the single request answered {status}: {body[:200]!r}")
         reference[request.name] = body
 
-    report, lock = Report(planned=clients * per_client), threading.Lock()
+    report, lock, stop = Report(planned=clients * per_client), threading.Lock(), threading.Event()
 
     def client(index: int) -> None:
         order = np.random.default_rng(index).permutation(np.resize(np.arange(len(requests)), per_client))
@@ -175,11 +182,13 @@ def run_load_test(
             request = requests[position]
             name = request.name
             started = time.monotonic()
+            sent = False
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    outcome = f"{name}: not sent or not answered within the time limit"
+                if remaining <= 0 or stop.is_set():
+                    outcome = f"{name}: not answered before the {'stop' if stop.is_set() else 'time limit'} (the server was busy)"
                     break
+                sent = True
                 try:
                     status, headers, body = post(url + request.path, request.body, request.content_type, remaining)
                 except (OSError, http.client.HTTPException) as error:  # timeout, connection refused or dropped
@@ -188,7 +197,7 @@ def run_load_test(
                 if status == 503:
                     with lock:
                         report.retries_busy += 1
-                    time.sleep(min(float(headers.get("Retry-After", 1)), max(remaining, 0)))
+                    time.sleep(min(retry_after_s(headers), max(remaining, 0)))
                     continue
                 outcome = None if status == 200 and body == reference[name] else (
                     f"{name}: status {status}, " + ("answer differs from the single request's" if status == 200
@@ -196,6 +205,9 @@ def run_load_test(
                 )
                 break
             with lock:
+                if not sent:
+                    report.never_sent += 1
+                    continue
                 report.requests += 1
                 if outcome is None:
                     report.correct += 1
@@ -204,13 +216,26 @@ def run_load_test(
                     report.wrong.append(outcome)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    # Daemon threads: a request in flight when the test is stopped does not hold the process.
+    threads = [threading.Thread(target=client, args=(index,), daemon=True) for index in range(clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        stop.set()
+        report.stopped = True
     report.seconds = time.monotonic() - started
     return report
+
+
+def retry_after_s(headers: dict) -> float:
+    """A 503's Retry-After in seconds; 1 where it is absent or an HTTP date."""
+    try:
+        return max(float(headers.get("Retry-After", 1)), 0.0)
+    except ValueError:
+        return 1.0
 
 
 def main() -> None:
@@ -222,13 +247,16 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole test")
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
-    if not args.time_limit > 0:
-        parser.error(f"--time-limit must be above 0, got {args.time_limit:g}")
+    if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+        parser.error(f"--time-limit must be a number of seconds above 0, got {args.time_limit:g}")
     try:
         images = {str(path): path.read_bytes() for path in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)
     except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # while the single requests were sent: nothing to report yet
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     print(report.table())
     sys.exit(0 if report.ok else 1)
 

@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -117,7 +118,9 @@ def in_fresh_process(function: Callable, *arguments):
 
 
 def answer_through(connection, function: Callable, *arguments) -> None:
-    """In the row's process: function's result, or its error (its traceback logged here), sent back."""
+    """In the row's process: function's result, or its error (its traceback logged here), sent back.
+    Ctrl-C is the study's process's to handle: it ends this one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent()
     try:
         connection.send(("ok", function(*arguments)))

@@ -243,7 +243,6 @@ def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:
     return {"image_id": image_id, "size": list(embedding.size)}
 
 
-
 def is_json(mimetype: str) -> bool:
     """application/json, or a JSON type such as application/vnd.api+json (as Flask reads them)."""
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))

@@ -103,24 +103,29 @@ def in_fresh_process(function: Callable, *arguments):
     process.start()
     sender.close()
     try:
-        try:
-            outcome, value = receiver.recv()
-        except EOFError:
-            process.join()
-            raise RuntimeError(f"the row's process ended without an answer (exit code {process.exitcode})") from None
-        if outcome == "error":
-            raise value
-        return value
-    finally:
-        if process.is_alive():
-            process.terminate()
+        outcome, value = receiver.recv()
+    except EOFError:
         process.join()
+        raise RuntimeError(f"the row's process ended without an answer (exit code {process.exitcode})") from None
+    except BaseException:  # stopped while the row runs
+        process.terminate()  # SIGTERM: it exits at its next Python step, its clean-up done
+        process.join(timeout=30)
+        if process.is_alive():  # stuck in one long kernel
+            process.kill()
+            process.join()
+        raise
+    process.join()  # answered: it ends by itself, its clean-up done
+    if outcome == "error":
+        raise value
+    return value
 
 
 def answer_through(connection, function: Callable, *arguments) -> None:
     """In the row's process: function's result, or its error (its traceback logged here), sent back.
-    Ctrl-C is the study's process's to handle: it ends this one."""
+    Ctrl-C is the study's process's to handle: it ends this one with SIGTERM, which exits
+    cleanly (multiprocessing's semaphores released, none reported leaked)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     exit_with_parent()
     try:
         connection.send(("ok", function(*arguments)))

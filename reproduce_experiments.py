@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -29,14 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
-from sam2serve.checkpoints import MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model
+from sam2serve.checkpoints import (
+    MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model,
+)
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths,
     require_output_folder, set_up_logging,
@@ -48,6 +53,7 @@ from sam2serve.rle import answer_text
 from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
 
 log = logging.getLogger("experiments")
+T = TypeVar("T")
 
 COMPARISON_COLUMNS = ["miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image"]  # compare.py's
 RESULT_COLUMNS = [
@@ -93,34 +99,45 @@ def code_identity() -> str:
     return digest.hexdigest()[:16]
 
 
-def in_fresh_process(function: Callable, *arguments):
+def in_fresh_process(function: Callable[..., T], *arguments) -> T:
     """function(*arguments) in a process of its own (spawned: nothing inherited), its result or
-    its error; the process is ended if this one stops first (Ctrl-C, a signal), not left to
+    its error; the process is ended if this one stops first (Ctrl-C, SIGTERM), not left to
     finish its row unseen."""
     context = get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=answer_through, args=(sender, function, *arguments), name="study-row")
-    process.start()
-    sender.close()
     try:
+        process.start()
+        sender.close()
         outcome, value = receiver.recv()
     except EOFError:
         process.join()
         raise RuntimeError(f"the row's process ended without an answer (exit code {process.exitcode})") from None
     except BaseException:  # stopped while the row runs
-        process.terminate()  # SIGTERM: it exits at its next Python step, its clean-up done
-        process.join(timeout=30)
-        if process.is_alive():  # stuck in one long kernel
-            process.kill()
-            process.join()
+        end_process(process, "stopped")
         raise
-    process.join()  # answered: it ends by itself, its clean-up done
+    end_process(process, "answered")
     if outcome == "error":
         raise value
     return value
 
 
-def answer_through(connection, function: Callable, *arguments) -> None:
+def end_process(process, why: str) -> None:
+    """Waits for a row's process to end: by itself once it has answered; a stopped one is sent
+    SIGTERM, on which it exits at its next Python step, its clean-up done. One stuck (in a long
+    kernel, or a device's teardown) is killed after 60 s."""
+    if process.pid is None:  # never started
+        return
+    if why == "stopped":
+        process.terminate()
+    process.join(timeout=60)
+    if process.is_alive():
+        log.warning("the row's process (%s) did not end within 60 s: killed", why)
+        process.kill()
+        process.join()
+
+
+def answer_through(connection: Connection, function: Callable, *arguments) -> None:
     """In the row's process: function's result, or its error (its traceback logged here), sent back.
     Ctrl-C is the study's process's to handle: it ends this one with SIGTERM, which exits
     cleanly (multiprocessing's semaphores released, none reported leaked)."""
@@ -133,9 +150,10 @@ def answer_through(connection, function: Callable, *arguments) -> None:
         if not isinstance(error, CheckpointError):  # that one is a message for the user, not a bug
             log.exception("the row failed")
         try:
-            connection.send(("error", error))
-        except Exception:  # noqa: BLE001 - an error that cannot be pickled
-            connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+            pickle.loads(pickle.dumps(error))  # some pickle but cannot be rebuilt (other __init__ arguments)
+        except Exception:  # noqa: BLE001 - sent as its name and message instead
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        connection.send(("error", error))
 
 
 def exit_with_parent() -> None:
@@ -280,6 +298,7 @@ def existing_image_paths(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     set_up_logging()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, as Ctrl-C: its row's process ended too
     try:
         run_study(argv)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ off and NMS is at 1 so that random weights still give 12 masks per image.
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -161,28 +162,57 @@ def test_a_rows_process_ends_with_the_study_process(tmp_path):
         time.sleep(0.2)
 
 
-def test_a_study_stopped_alone_ends_its_rows_process_at_once(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
     """SIGINT or SIGTERM sent to the study's process alone (not its group, as Ctrl-C does):
-    the row's process is ended with it, not waited for."""
-    (tmp_path / "study.py").write_text(textwrap.dedent("""
-        import signal, sys, time
-        sys.path.insert(0, sys.argv[1])
-        from reproduce_experiments import in_fresh_process
+    it says how to resume, and its row's process is ended with it, not waited for."""
+    paths = tmp_path / "paths"
+    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n" * 50)
+    study = subprocess.Popen(
+        [sys.executable, str(REPO / "reproduce_experiments.py"), str(paths), str(tmp_path / "out"),
+         "--checkpoint-dir", str(REPO / "models"), "--model-type", "micro"],  # a 32x32 grid: a row of minutes
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as under a shell's &
+    try:
+        row = wait_for_child(study.pid)
+        time.sleep(2)  # the row's process is under way
+        study.send_signal(signum)
+        _, stderr = study.communicate(timeout=60)  # the process pool this replaced waited for the row
+    finally:
+        study.kill()
+    assert study.returncode == 1 and "stopped; the same command again resumes it" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
 
-        if __name__ == "__main__":
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-            in_fresh_process(time.sleep, 120)
-    """))
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        study = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(REPO)], stderr=subprocess.DEVNULL,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
-        try:
-            row = wait_for_child(study.pid)
-            study.send_signal(signum)
-            study.wait(timeout=20)  # the pool this replaced waited for the row: 120 s
-        finally:
-            study.kill()
-        assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
+
+class TwoArguments(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def raise_value_error():
+    raise ValueError("a row's own error")
+
+
+def raise_two_arguments():
+    raise TwoArguments("this", "that")
+
+
+def end_without_answer():
+    os._exit(3)
+
+
+def test_a_rows_error_reaches_the_study_as_it_was_raised():
+    """The row's error is raised again in the study's process: as itself where it can be rebuilt,
+    else by its name and message; a process that ends without answering says its exit code."""
+    from reproduce_experiments import in_fresh_process
+
+    with pytest.raises(ValueError, match="a row's own error"):
+        in_fresh_process(raise_value_error)
+    with pytest.raises(RuntimeError, match="TwoArguments: this and that"):
+        in_fresh_process(raise_two_arguments)
+    with pytest.raises(RuntimeError, match="ended without an answer \\(exit code 3\\)"):
+        in_fresh_process(end_without_answer)
 
 
 def wait_for_child(pid: int, timeout_s: float = 60) -> int:

@@ -306,6 +306,32 @@ def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):
     assert "rows that failed and are missing from the tables: fast_furious" in result.stderr
 
 
+def test_benchmark_warms_each_row_up_on_one_batch_of_points_on_a_cpu(monkeypatch):
+    """On a CPU each row runs once untimed on a grid of one batch of points (its first request's
+    one-off costs would otherwise be timed), not the whole grid (sam2's decoder is slow there)."""
+    from tools import benchmark
+
+    warmed = []
+
+    class Row:
+        config = AMGConfig(points_per_side=32, points_per_batch=64)
+
+        def with_config(self, config):
+            copy = Row()
+            copy.config = config
+            return copy
+
+        def generate(self, image):
+            warmed.append(self.config.points_per_side)
+
+    monkeypatch.setattr(benchmark, "load_row", lambda *arguments, **options: Row())
+    args = SimpleNamespace(device="cpu", compile_mode=None)
+    generators, _, _ = benchmark.ready_rows(["baseline", "ao"], None, args, {}, first_image=None)
+    assert warmed == [8, 8] and [g.config.points_per_side for g in generators.values()] == [32, 32]
+    small = benchmark.warm_up_grid(AMGConfig(points_per_side=4, points_per_batch=64))
+    assert (small.points_per_side, benchmark.warm_up_grid(AMGConfig(points_per_batch=8)).points_per_side) == (4, 3)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(device, monkeypatch):
     from torch.profiler import record_function

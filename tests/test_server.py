@@ -340,11 +340,12 @@ def test_load_test_counts_dropped_connections_as_failures():
     assert not report.ok
     assert report.planned == report.requests == 6 and report.correct == 0
     assert len(report.wrong) == 6 and all("no answer" in line for line in report.wrong), report.wrong
-    assert "6 of 6 sent (0 correct, 6 wrong or failed)" in report.table()
+    assert "6 of 6 done (0 correct, 6 wrong or failed)" in report.table()
 
 
-def test_load_test_waits_a_second_on_a_retry_after_that_is_a_date():
-    """Retry-After may be an HTTP date: the client waits a second and tries again."""
+@pytest.mark.parametrize("retry_after", ["Wed, 21 Oct 2015 07:28:00 GMT", "nan"])
+def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_after):
+    """Retry-After may be an HTTP date (or nonsense): the client waits a second and tries again."""
     posts = []
 
     class BusyOnce(http.server.BaseHTTPRequestHandler):
@@ -354,7 +355,7 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_a_date():
             busy = len(posts) == 2  # the first of the clients' requests
             self.send_response(503 if busy else 200)
             if busy:
-                self.send_header("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT")
+                self.send_header("Retry-After", retry_after)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"{}" if busy else b"[]")

@@ -19,6 +19,7 @@ Wall-clock figures belong here, never in tests.
 
 import argparse
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -189,9 +190,9 @@ def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace
 def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace, thresholds: dict,
                first_image: np.ndarray) -> tuple[dict, dict[str, ModeRun], dict[str, str]]:
     """Every row loaded (load_row) and run once on the first image untimed, so that one-off costs
-    (CUDA's lazy set-up, a CPU's first allocations and kernel choices, a compilation) land in no
-    row's timed requests; on a CPU with a 2x2 grid, since sam2's decoder there takes about 0.2 s
-    per point prompt at 1024 pixels: (generators, each row's
+    (CUDA's lazy set-up, a CPU's first allocations and kernel choices, a compilation) land in
+    none of its timed requests; on a CPU on one batch of points only (warm_up_grid), since sam2's
+    decoder there takes about 0.2 s per point prompt at 1024 pixels: (generators, each row's
     seconds until ready and memory held then, notes). A row that fails there is left out with a
     note instead of ending the run; a compiled row that fails in a chosen compile mode (CUDA
     graphs, GEMM search) is tried once more in torch.compile's default mode. The baseline's
@@ -206,7 +207,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
             started, memory_before = time.perf_counter(), allocated_mib(args.device)
             try:
                 generator = load_row(row, parser, args, thresholds, compile_mode)
-                warm_up = generator if cuda else generator.with_config(replace(generator.config, points_per_side=2))
+                warm_up = generator if cuda else generator.with_config(warm_up_grid(generator.config))
                 with torch.inference_mode():
                     warm_up.generate(first_image)
             except Exception as error:  # noqa: BLE001 (one row's failure must not lose the others')
@@ -226,6 +227,13 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                      ready[row].held_mib, generator.config.points_per_batch)
             break
     return generators, ready, notes
+
+
+def warm_up_grid(config: AMGConfig) -> AMGConfig:
+    """The settings with a grid of one full batch of points (at most the run's own grid): every
+    kernel and shape of a request's batches, at a fraction of its cost."""
+    side = min(math.isqrt(config.points_per_batch - 1) + 1, config.points_per_side)
+    return replace(config, points_per_side=side)
 
 
 def failure_reason(error: Exception) -> str:

@@ -11,7 +11,7 @@ own order) at the same time, and every answer must equal the reference for its r
 for byte: nothing lost, duplicated or swapped between clients.
 A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
 timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
-the C x M answers was wrong or missing. Ctrl-C stops it with the report so far.
+the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130).
 
 Loopback only (it is a stress tool, not a benchmark of someone else's server), a bounded
 number of requests (C x M), and a time limit.
@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,15 +53,20 @@ class Report:
     stopped: bool = False  # by Ctrl-C
 
     @property
+    def in_flight(self) -> int:
+        """Requests neither answered nor given up on: still running when the test was stopped."""
+        return self.planned - self.requests - self.never_sent
+
+    @property
     def ok(self) -> bool:
         return not self.wrong and self.correct == self.requests == self.planned
 
     def table(self) -> str:
         latencies = np.array(self.latencies_s or [float("nan")]) * 1000
         lines = [
-            f"requests        {self.requests} of {self.planned} sent ({self.correct} correct, {len(self.wrong)} wrong "
-            f"or failed{f', {self.never_sent} never sent' if self.never_sent else ''})"
-            + (", stopped by Ctrl-C" if self.stopped else ""),
+            f"requests        {self.requests} of {self.planned} done ({self.correct} correct, {len(self.wrong)} "
+            f"wrong or failed{f', {self.never_sent} never sent' if self.never_sent else ''}"
+            f"{f', {self.in_flight} in flight when stopped by Ctrl-C' if self.stopped else ''})",
             f"busy retries    {self.retries_busy}",
             f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
             f"latency p50     {np.percentile(latencies, 50):.0f} ms",
@@ -186,7 +191,8 @@ def run_load_test(
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or stop.is_set():
-                    outcome = f"{name}: not answered before the {'stop' if stop.is_set() else 'time limit'} (the server was busy)"
+                    ended = "stop" if stop.is_set() else "time limit"
+                    outcome = f"{name}: not answered before the {ended} (the server was busy)"
                     break
                 sent = True
                 try:
@@ -224,18 +230,23 @@ def run_load_test(
         for thread in threads:
             thread.join()
     except KeyboardInterrupt:
-        stop.set()
+        stop.set()  # the clients send nothing more; a request in flight may take its time limit
+        grace = time.monotonic() + 2
+        for thread in threads:
+            thread.join(timeout=max(0.0, grace - time.monotonic()))
         report.stopped = True
-    report.seconds = time.monotonic() - started
-    return report
+    with lock:  # a copy: clients still waiting on an answer must not change what is printed
+        return replace(report, seconds=time.monotonic() - started, wrong=list(report.wrong),
+                       latencies_s=list(report.latencies_s))
 
 
 def retry_after_s(headers: dict) -> float:
     """A 503's Retry-After in seconds; 1 where it is absent or an HTTP date."""
     try:
-        return max(float(headers.get("Retry-After", 1)), 0.0)
+        seconds = float(headers.get("Retry-After", 1))
     except ValueError:
         return 1.0
+    return max(seconds, 0.0) if math.isfinite(seconds) else 1.0
 
 
 def main() -> None:
@@ -258,7 +269,7 @@ def main() -> None:
         print("stopped (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     print(report.table())
-    sys.exit(0 if report.ok else 1)
+    sys.exit(130 if report.stopped else 0 if report.ok else 1)
 
 
 if __name__ == "__main__":

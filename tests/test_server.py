@@ -330,13 +330,7 @@ def test_load_test_counts_dropped_connections_as_failures():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersOnce)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=2,
-                               per_client=3, time_limit_s=30)
-    finally:
-        server.shutdown()
+    report = load_test_against(AnswersOnce, clients=2, per_client=3)
     assert not report.ok
     assert report.planned == report.requests == 6 and report.correct == 0
     assert len(report.wrong) == 6 and all("no answer" in line for line in report.wrong), report.wrong
@@ -363,14 +357,19 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BusyOnce)
+    report = load_test_against(BusyOnce, clients=1, per_client=2)
+    assert report.ok and report.retries_busy == 1, report.table()
+
+
+def load_test_against(handler: type, clients: int, per_client: int):
+    """The load test's report against a stub server of that request handler."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1,
-                               per_client=2, time_limit_s=30)
+        return run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=clients,
+                             per_client=per_client, time_limit_s=30)
     finally:
         server.shutdown()
-    assert report.ok and report.retries_busy == 1, report.table()
 
 
 def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_files, tmp_path):

@@ -241,7 +241,7 @@ def run_load_test(
 
 
 def retry_after_s(headers: dict) -> float:
-    """A 503's Retry-After in seconds; 1 where it is absent or an HTTP date."""
+    """A 503's Retry-After in seconds; 1 where it is absent, an HTTP date or not a finite number."""
     try:
         seconds = float(headers.get("Retry-After", 1))
     except ValueError:

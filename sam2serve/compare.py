@@ -159,20 +159,30 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
     """(name, masks) per image, from a file of one JSON per line, a folder of JSON files, or a
     study row's folder (its rle_masks); masks None where the request failed.
 
-    Lines are named by their number; an empty line is a failed request (curl -w "\n" writes one
-    when it cannot connect), so that every line stays paired with its image. Files are named by
-    their name, in sorted order.
+    Lines are named by their number (and a study row's by their image too); an empty line is a
+    failed request (curl -w "\n" writes one when it cannot connect), so that every line stays
+    paired with its image. Files are named by their name, in sorted order.
     """
-    path = Path(path)
+    path, images = Path(path), []
     if path.is_dir() and (path / "rle_masks").is_file():
-        path = path / "rle_masks"
+        path, images = path / "rle_masks", study_row_images(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         return [(file.name, masks_of(parse_line(read_text(file), str(file)), str(file))) for file in files]
     lines = read_text(path).splitlines()
-    return [(f"line {i + 1}", masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
+    names = [f"line {i + 1}" + (f" ({images[i]})" if len(images) == len(lines) else "") for i in range(len(lines))]
+    return [(name, masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
              if line.strip() else None)
-            for i, line in enumerate(lines)]
+            for i, (name, line) in enumerate(zip(names, lines))]
+
+
+def study_row_images(folder: Path) -> list[str]:
+    """The image paths a study row's lines answer, from its stats.json (none if it has none)."""
+    try:
+        images = json.loads((folder / "stats.json").read_text())["settings"]["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [str(image) for image in images] if isinstance(images, list) else []
 
 
 def read_text(path: Path) -> str:

@@ -73,9 +73,13 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
         lines = rle_file.read_text().splitlines()
         assert [len(json.loads(line)) for line in lines] == [12, 12]
     for inputs in (rle_files, [file.parent for file in rle_files]):  # the files, or the rows' folders
-        compared = subprocess.run([sys.executable, str(REPO / "compare_rle_lists.py"), *map(str, inputs), "--json"],
+        compared = subprocess.run([sys.executable, str(REPO / "compare_rle_lists.py"), *map(str, inputs), "--json",
+                                   "--per-image-csv", str(tmp_path / "per_image.csv")],
                                   capture_output=True, text=True, timeout=120)
         assert json.loads(compared.stdout)["miou"] == 1.0, compared.stderr
+    # A row's folder names each line's image too.
+    assert [row["image"] for row in csv.DictReader((tmp_path / "per_image.csv").open())] == [
+        f"line {index + 1} ({path.resolve()})" for index, path in enumerate(paths)]
 
     # A rerun with the same settings skips every row, the same checkpoint file anywhere included.
     stats = output / "ao_bs1_ppb4" / "stats.json"

@@ -227,5 +227,6 @@ def stop_on_signals(worker: InferenceWorker) -> None:
     if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
         handle_stop_signals(on_signal)
 
+
 if __name__ == "__main__":
     main()

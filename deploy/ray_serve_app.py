@@ -131,14 +131,12 @@ class SegmentEverything:
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by server.py's functions."""
-        mode = self.pipeline.mode.name
-        require_segmenter(self.segmenter, mode)
+        require_segmenter(self.segmenter, self.pipeline.mode.name)
         mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if path == "/embed":
             require_cache_room(self.cache)
             image = await self.uploaded_image(request)
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache,
-                                                             run_here, mode)
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
             image_id, embedding, prompts = cached_image_prompts(await request.body(), self.cache)
@@ -148,8 +146,7 @@ class SegmentEverything:
             prompts = form_prompts((name, value) for name, value in form.multi_items() if not hasattr(value, "read"))
             image = await self.uploaded_image(request, form)
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache,
-                                                             run_here, mode)
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
         return await self.on_model_thread(
             segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
 

@@ -216,10 +216,10 @@ def shown(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable, mode: str | None = None):
+def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
     """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
-    model's thread (concurrent requests for the same image wait for that one encoding)."""
-    require_segmenter(segmenter, mode)
+    model's thread (concurrent requests for the same image wait for that one encoding). The
+    caller has checked require_segmenter() before reading the upload."""
     image_id = segmenter.image_id(image)
     embedding = cache.get_or_compute(image_key(image_id), lambda: run(lambda: segmenter.embed(image)),
                                      lambda value: value.nbytes)
@@ -483,7 +483,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
-        image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call, info.get("mode"))
+        image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call)
         return json_response(embed_answer(image_id, embedding, cache))
 
     @app.post("/segment")
@@ -499,7 +499,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             prompts = form_prompts(request.form.items(multi=True))
             image = uploaded_image()
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
-            image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call, info.get("mode"))
+            image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call)
         return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, worker.call))
 
     @app.get("/")

@@ -285,6 +285,11 @@ class EmbeddingCache:
             self.misses += 1
         raise UnknownId(key)
 
+    def holds(self, key: str) -> bool:
+        """Whether the key is cached, without counting a lookup or refreshing it."""
+        with self.lock:
+            return key in self.entries
+
     def _hit(self, key: str) -> Any:
         """A cached value, counted and made the most recent (the lock is held)."""
         self.hits += 1

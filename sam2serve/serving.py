@@ -322,7 +322,7 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                    run: Callable) -> dict:
     """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
     with their predicted IoUs, best first, and with keep_logits the ids of their logits for a
-    later mask_input on the same image."""
+    later mask_input on the same image (null for logits a cache too small for them all dropped)."""
     mask_inputs = {}
     for prompt in prompts:
         if prompt.mask_input is not None:
@@ -348,6 +348,10 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                 cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(),
                           keep=image_key(image_id))
         results.append(result)
+    for result in results:  # checked once all are stored: a later prompt set's may evict an earlier one's
+        if "mask_input_ids" in result:
+            result["mask_input_ids"] = [key if cache.holds(mask_key(image_id, key)) else None
+                                        for key in result["mask_input_ids"]]
     return {"image_id": image_id, "results": results}
 
 

@@ -271,7 +271,8 @@ def test_embed_refuses_a_cache_too_small_for_one_image(micro):
 
 def test_kept_logits_never_evict_their_own_image(micro):
     """A small cache filled by one request's kept logits drops older logits, not the image they
-    were made on (which would turn the next /segment on it into a 404)."""
+    were made on (which would turn the next /segment on it into a 404); the answer names only
+    the logits still held (null for the others), and each of those refines."""
     segmenter = PromptSegmenter(micro, "micro")
     one_image, one_mask = segmenter.embed(IMAGE).nbytes, 64 * 64 * 4  # the micro model's logits: 64x64 float32
     client = micro_client(micro, cache_bytes=one_image + 4 * one_mask)  # PROMPTS keep 10
@@ -280,6 +281,13 @@ def test_kept_logits_never_evict_their_own_image(micro):
     answer = client.post("/segment", json={"image_id": image_id, "prompts": prompts})
     assert answer.status_code == 200
     assert cache_metrics(client)["evictions_total"] > 0  # the logits did not all fit
+    ids = [key for result in answer.get_json()["results"] for key in result["mask_input_ids"]]
+    held = [key for key in ids if key is not None]
+    assert len(ids) == 10 and len(held) == 4  # the last four stored
+    assert ids[-4:] == held
+    for key in held:
+        refine = {"points": [[60, 70]], "labels": [1], "mask_input": key, "multimask": False}
+        assert client.post("/segment", json={"image_id": image_id, "prompts": [refine]}).status_code == 200
     assert client.post("/segment", json={"image_id": image_id, "prompts": [PROMPTS[0][1]]}).status_code == 200
 
 

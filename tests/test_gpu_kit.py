@@ -333,7 +333,7 @@ def test_benchmark_warms_each_row_up_on_one_batch_of_points_on_a_cpu(monkeypatch
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(device, monkeypatch):
+def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(device, monkeypatch, capfd):
     from torch.profiler import record_function
 
     from tools import benchmark
@@ -363,6 +363,7 @@ def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(de
     assert len(lines) == operations + 2 + 3
     if device == "cpu":
         assert lines[operations + 2].startswith("| aten::mm | 1 |")  # the product takes the most
+        assert capfd.readouterr().err == ""  # no "gpuGetDeviceCount failed" from the profiler's library
 
 
 def test_gpu_scripts_pass_shellcheck():

@@ -20,6 +20,7 @@ Wall-clock figures belong here, never in tests.
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -306,6 +307,8 @@ def profile_table(generator, image: np.ndarray, device: str, top: int = 12) -> s
     tables above for the time."""
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if not cuda:  # else the profiler's library logs a failed GPU query, and its stages, to stderr
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=activities) as profiler, Stopwatch(device) as watch:
         generator.generate(image)
     events = profiler.key_averages()

@@ -72,9 +72,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Any Pillow image -> (H, W, 3) uint8 RGB.
 
-    Grayscale, palette, RGBA and CMYK go through Pillow's own conversion (alpha is dropped).
-    16-bit grayscale is rescaled to 8 bits: Pillow's conversion would clip it at 255, which
-    turns most 16-bit images white.
+    Grayscale, palette and CMYK go through Pillow's own conversion. Transparent pixels are laid
+    over white, as a viewer shows them: dropping alpha would segment colours nobody sees (cut-outs
+    often keep the old background under alpha 0). 16-bit grayscale is rescaled to 8 bits:
+    Pillow's conversion would clip it at 255, which turns most 16-bit images white.
     """
     if image.mode in SIXTEEN_BIT_MODES:
         gray = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
@@ -82,6 +83,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P":
         image = image.convert("RGBA")  # palettes may carry transparency
+    if "A" in image.getbands():
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return np.array(image.convert("RGB"))
 
 

@@ -33,13 +33,22 @@ def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
     assert (array == expected[..., None]).all()  # Pillow's convert("RGB") would give 255 for most
 
 
-def test_palette_and_alpha_keep_their_colours():
+def test_transparent_pixels_are_laid_over_white_and_palettes_keep_their_colours():
+    """What a viewer shows is what is segmented: a cut-out's hidden background becomes white."""
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[..., 3] = 200, 0  # transparent red
-    assert (decode_image(encode(Image.fromarray(rgba, "RGBA")), max_pixels=100)[..., 0] == 200).all()
-    palette = Image.fromarray(np.full((4, 4, 3), (10, 120, 230), dtype=np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
-    palette.info["transparency"] = 0
-    assert (decode_image(encode(palette), max_pixels=100) == (10, 120, 230)).all()
+    rgba[..., 0] = 200
+    rgba[0, :, 3], rgba[1, :, 3], rgba[2:, :, 3] = 0, 128, 255  # transparent, half, opaque red
+    decoded = decode_image(encode(Image.fromarray(rgba, "RGBA")), max_pixels=100).astype(int)
+    assert (decoded[0] == 255).all() and (decoded[2:] == (200, 0, 0)).all()
+    assert np.abs(decoded[1] - (227, 127, 127)).max() <= 1  # halfway between red and white
+    gray = np.stack([np.full((4, 4), 30, np.uint8), np.full((4, 4), 0, np.uint8)], axis=-1)
+    assert (decode_image(encode(Image.fromarray(gray, "LA")), max_pixels=100) == 255).all()
+    colours = np.zeros((4, 4, 3), dtype=np.uint8)
+    colours[:2], colours[2:] = (10, 120, 230), (250, 40, 0)
+    palette = Image.fromarray(colours).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    palette.info["transparency"] = palette.getpixel((0, 3))  # the bottom colour is see-through
+    decoded = decode_image(encode(palette), max_pixels=100)
+    assert (decoded[:2] == (10, 120, 230)).all() and (decoded[2:] == 255).all()
 
 
 def test_exif_orientation_is_applied():

@@ -11,6 +11,7 @@ Write a random checkpoint (for tests, or to try the server without the download)
 """
 
 import argparse
+import functools
 import glob
 import hashlib
 import logging
@@ -116,13 +117,18 @@ class LoadedModel:
     path: Path
     random_seed: int | None  # None for trained weights
 
-    @property
+    @functools.cached_property
     def weights(self) -> str:
         """What the weights are, for people (GET /health, the web page): "random", "demo" (the
-        project's micro model, trained on generated scenes) or "trained"."""
+        project's committed micro model, trained on generated scenes, wherever its file is) or
+        "trained" (an official checkpoint, or a micro model trained again)."""
         if self.random_seed is not None:
             return "random"
-        return "demo" if self.size.name == DEFAULT_MODEL_TYPE else "trained"
+        committed = DEFAULT_CHECKPOINT_DIR / self.size.filename
+        if self.size.name == DEFAULT_MODEL_TYPE and committed.is_file() and (
+                self.path.resolve() == committed.resolve() or file_sha256(self.path) == file_sha256(committed)):
+            return "demo"
+        return "trained"
 
     @property
     def description(self) -> str:
@@ -184,6 +190,10 @@ def ensure_checkpoint(
     path = directory / size.filename
     if path.is_file():
         return path
+    if directory.is_file():
+        folder = f": give {directory.parent}" if directory.name == size.filename else ""
+        raise CheckpointUnavailable(f"{directory} is a file; the checkpoint argument is the folder that holds "
+                                    f"{size.filename}{folder}")
     if not size.official:
         raise CheckpointUnavailable(
             f"Checkpoint {path} is missing. The {size.name} model is the project's own: it is "

@@ -3,6 +3,7 @@
 import functools
 import http.server
 import os
+import shutil
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from sam2serve.checkpoints import (
+    DEFAULT_CHECKPOINT_DIR,
     CheckpointUnavailable,
     WrongCheckpoint,
     ensure_checkpoint,
@@ -136,3 +138,26 @@ def test_offline_download_fails_with_instructions(tmp_path):
     assert str(tmp_path / "sam2.1_hiera_large.pt") in message
     assert "http://127.0.0.1:9/sam2/sam2.1_hiera_large.pt" in message
     assert "curl -L -o" in message
+
+
+def test_a_checkpoint_file_given_for_its_folder_is_named_as_such(tmp_path):
+    """The checkpoint argument is a folder: given the file itself, the message says which folder,
+    rather than offering to train or download a file inside the file."""
+    checkpoint = write_random_checkpoint(tmp_path, "micro", seed=0)
+    with pytest.raises(CheckpointUnavailable, match=f"is a file; .* holds sam2.1_hiera_micro.pt: give {tmp_path}$"):
+        ensure_checkpoint(checkpoint, "micro")
+    with pytest.raises(CheckpointUnavailable, match="is a file; .* holds sam2.1_hiera_large.pt$"):
+        ensure_checkpoint(checkpoint, "large", "http://127.0.0.1:9/sam2")
+
+
+def test_only_the_committed_micro_model_is_called_the_demo(tmp_path):
+    """The web page calls the demo model what it is; a micro model trained again is not it,
+    a copy of the committed file is."""
+    committed = DEFAULT_CHECKPOINT_DIR / "sam2.1_hiera_micro.pt"
+    assert load_model(committed, "micro", "cpu").weights == "demo"
+    shutil.copy(committed, tmp_path / "sam2.1_hiera_micro.pt")
+    assert load_model(tmp_path / "sam2.1_hiera_micro.pt", "micro", "cpu").weights == "demo"
+    retrained = torch.load(committed, weights_only=True)
+    retrained["model"]["sam_mask_decoder.iou_token.weight"] += 1
+    torch.save(retrained, tmp_path / "retrained.pt")
+    assert load_model(tmp_path / "retrained.pt", "micro", "cpu").weights == "trained"

@@ -273,6 +273,10 @@ def test_a_rerun_names_the_settings_that_changed():
     ("tools.benchmark", ["{tmp}", "micro", "--generated", "1"], "is not a torch checkpoint, or it is damaged"),
     ("tools.benchmark_prompts", ["--images", "{tmp}/absent.jpg"], "absent.jpg: No such file or directory"),
     ("training.train_micro_sam2", ["--save-every", "0"], "--save-every: must be 1 or more, got 0"),
+    ("training.train_micro_sam2", ["--points-per-image", "1"], "must be 2 or more (half points, half boxes)"),
+    ("training.train_micro_sam2", ["--output", "{tmp}/notes.jpg/out.pt"], "notes.jpg is a file, not a folder"),
+    ("training.train_micro_sam2", ["--photo-share", "0.5", "--photo-from", "9", "--steps", "9"],
+     "--photo-from 9: at or after --steps 9"),
     ("training.train_micro_sam2", ["--init", "{tmp}/sam2.1_hiera_micro.pt", "--output", "{tmp}/out.pt"],
      "is not a torch checkpoint, or it is damaged"),
     ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
@@ -293,6 +297,22 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_number_options_refuse_values_out_of_range():
+    """Learning rates above 0, seeds and steps from 0, shares from 0 to 1, in argparse's words."""
+    from argparse import ArgumentTypeError
+
+    from sam2serve.cli import non_negative_int, positive_float
+    from training.train_micro_sam2 import share
+
+    for check, good, bad in [(positive_float, ["1e-3", "2"], ["0", "-1", "inf", "nan", "x"]),
+                             (non_negative_int, ["0", "7"], ["-1", "1.5"]),
+                             (share, ["0", "0.6", "1"], ["-0.1", "1.5", "nan"])]:
+        assert [check(text) for text in good] == [float(text) for text in good]
+        for text in bad:
+            with pytest.raises(ArgumentTypeError):
+                check(text)
 
 
 def test_the_scripts_log_leaves_out_sam2s_per_image_lines():

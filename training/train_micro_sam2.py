@@ -30,7 +30,9 @@ from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
-from sam2serve.cli import HelpWithDefaults, positive_int, run_script, set_up_logging
+from sam2serve.cli import (
+    HelpWithDefaults, non_negative_int, positive_float, positive_int, require_output_file, run_script, set_up_logging,
+)
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
 from training.evaluation import best_mask_logits, evaluate
@@ -314,6 +316,25 @@ def interim_path(output: Path) -> Path:
     return output.with_name(output.stem + ".interim" + output.suffix)
 
 
+def prompt_count(text: str) -> int:
+    """argparse type of --points-per-image: at least one point and one box."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be 2 or more (half points, half boxes), got {value}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type of --photo-share: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
@@ -322,12 +343,15 @@ def main() -> None:
                         "the checkpoint evaluated")
     parser.add_argument("--steps", type=positive_int, default=8000, help="training steps")
     parser.add_argument("--images-per-step", type=positive_int, default=4, help="scenes in each step's batch")
-    parser.add_argument("--points-per-image", type=positive_int, default=16, help="prompts drawn in each scene")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the prompts")
-    parser.add_argument("--photo-share", type=float, default=0.0,
+    parser.add_argument("--points-per-image", type=prompt_count, default=16,
+                        help="prompts drawn in each scene: half as points, half as boxes")
+    parser.add_argument("--lr", type=positive_float, default=1e-3,
+                        help="peak learning rate (AdamW, warm-up, cosine decay)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the weights, the scenes and the prompts")
+    parser.add_argument("--photo-share", type=share, default=0.0,
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")
-    parser.add_argument("--photo-from", type=int, default=0,
+    parser.add_argument("--photo-from", type=non_negative_int, default=0,
                         help="first step with photo-like scenes (generated scenes only before it)")
     parser.add_argument("--init", type=Path, help="go on from this trained micro checkpoint instead of random weights")
     parser.add_argument("--save-every", type=positive_int, default=250,
@@ -336,12 +360,18 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="no training: the held-out figures of the checkpoint at --output")
     args = parser.parse_args()
+    args.output, args.init = args.output.expanduser(), args.init and args.init.expanduser()  # a quoted ~ too
     if args.init and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file")
     if args.evaluate_only and not args.output.is_file():
         parser.error(f"--output {args.output}: no such file to evaluate")
     if args.output.is_dir():
         parser.error(f"--output {args.output}: a folder; give the checkpoint's file name")
+    if not args.evaluate_only:  # found now, not after an hour of training
+        require_output_file(parser, args.output, "--output", folder_made=True)
+        if args.photo_share > 0 and args.photo_from >= args.steps:
+            parser.error(f"--photo-from {args.photo_from}: at or after --steps {args.steps}, "
+                         "so no step would see the photo-like scenes of --photo-share")
     set_up_logging("%(message)s")
     if not args.evaluate_only:
         train(args)

@@ -312,7 +312,8 @@ def train(args: argparse.Namespace) -> None:
 
 def interim_path(output: Path) -> Path:
     """Where interim weights go during training: beside the output, never over it (an interrupted
-    run leaves the model at --output as it was; --init goes on from the interim file)."""
+    run leaves the model at --output as it was; --init starts a new run from the interim file,
+    with a new schedule and optimizer)."""
     return output.with_name(output.stem + ".interim" + output.suffix)
 
 

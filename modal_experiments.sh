@@ -33,9 +33,24 @@ if ! command -v modal >/dev/null; then
 fi
 # The app is the module deploy.modal_app of this repository.
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-# The checkpoint's file name, from the project's own table of sizes (which knows t, s, b+, l).
-checkpoint_name=$("$python" -c 'import sys; from sam2serve.checkpoints import model_size
-print(model_size(sys.argv[1]).filename)' "$model_type")
+read -r -a mode_list <<< "$modes"
+# Checked before the first paid second: the model type (its checkpoint's file name, from the
+# project's own table of sizes, which knows t, s, b+, l), every mode, every listed image.
+checkpoint_name=$("$python" - "$model_type" "$paths_file" ${mode_list[@]+"${mode_list[@]}"} <<'EOF'
+import sys
+from sam2serve.checkpoints import model_size
+from sam2serve.cli import checked_image_paths
+from sam2serve.modes import get_mode
+try:
+    name = model_size(sys.argv[1]).filename
+    for mode in sys.argv[3:]:
+        get_mode(mode)
+    checked_image_paths(sys.argv[2])
+except (ValueError, OSError) as error:
+    sys.exit(f"error: {error}")
+print(name)
+EOF
+)
 mkdir -p "$output_dir"
 
 # Deploying creates the volume on a new account; the uploads need it.
@@ -52,7 +67,7 @@ if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_na
     modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
 fi
 
-for mode in $modes; do
+for mode in "${mode_list[@]}"; do
     load_fast=()
     if [[ -d "$exported_dir/$mode" ]]; then
         modal volume put --force "$volume" "$exported_dir/$mode" "exported/$mode"
@@ -71,7 +86,7 @@ if [[ " $modes " != *" baseline "* ]]; then
     echo "no baseline among the modes: the masks are in $output_dir, nothing compared"
     exit 0
 fi
-for mode in $modes; do
+for mode in "${mode_list[@]}"; do
     [[ $mode == baseline ]] && continue
     echo "== $mode vs baseline"
     "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks"

@@ -92,6 +92,7 @@ exec {sys.executable} "$@"
         stub.chmod(0o755)
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "sam2.1_hiera_tiny.pt").write_bytes(b"weights")
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.jpg")
     (tmp_path / "paths").write_text("a.jpg\n")
     environment = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
                    "CHECKPOINT_DIR": str(tmp_path / "ck"), "EXPORTED_DIR": str(tmp_path / "none")}
@@ -117,6 +118,22 @@ exec {sys.executable} "$@"
     assert log.read_text().splitlines()[-1] == "modal app stop -y sam2-segment-everything"
     result = script("tiny", "ao")
     assert result.returncode == 0 and "no baseline among the modes" in result.stdout
+
+    # Mistakes end the script before it deploys (and pays), in one line each.
+    (tmp_path / "paths_with_a_gap").write_text("a.jpg\nb.jpg\n")
+    for model_type, modes, paths, message in [("t", "baseline fastt", "paths", "unknown mode 'fastt'"),
+                                              ("huge", "baseline", "paths", "unknown model type 'huge'"),
+                                              ("t", "baseline", "paths_with_a_gap", "1 listed images do not exist"),
+                                              ("t", "baseline", "absent", "No such file")]:
+        (tmp_path / "paths_used").write_text((tmp_path / paths).read_text() if (tmp_path / paths).exists() else "")
+        if paths == "absent":
+            (tmp_path / "paths_used").unlink()
+        log.unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(REPO / "modal_experiments.sh"), str(tmp_path / "paths_used"),
+                                 str(tmp_path / "out"), model_type, modes], env=environment, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and message in result.stderr, (modes, result.stderr)
+        assert "Traceback" not in result.stderr and not log.exists()  # no modal command at all
 
 
 def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(

@@ -16,6 +16,7 @@ on 2 cores): Ray runs a worker's torch on one thread.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
-    check_checkpoint_arguments, positive_int, read_image_paths, require_output_file, write_lines,
+    check_checkpoint_arguments, positive_int, read_image_paths, require_output_file, run_script, write_lines,
 )
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, rle_lines
@@ -49,9 +50,10 @@ class Segmenter:
         return {"path": list(batch["path"]), "line": rle_lines(self.pipeline.generator, files, self.limits)}
 
 
-def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> None:
+def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> list[str]:
     """Writes one line per path into `output`, in the order of `paths` (into output.partial
-    until the last line: a run that fails leaves an earlier output as it was)."""
+    until the last line: a run that fails leaves an earlier output as it was); answers the paths
+    whose line is an error."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     uses_gpu = options["device"].startswith("cuda")
@@ -59,11 +61,19 @@ def run(paths: list[str], output: Path, options: dict, workers: int, batch_size:
         Segmenter,
         fn_constructor_kwargs={"options": {**options, "batch_size": batch_size}},
         batch_size=batch_size,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if uses_gpu else 0,
     )
-    rows = tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image")
-    write_lines(output, (row["line"] for row in rows))
+    failed = []
+
+    def lines():
+        for row in tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image"):
+            if row["line"].startswith('{"error"'):
+                failed.append(row["path"])
+            yield row["line"]
+
+    write_lines(output, lines())
+    return failed
 
 
 def main() -> None:
@@ -89,8 +99,12 @@ def main() -> None:
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)
     ray.init(address=args.address)
-    run(paths, args.output, options, args.workers, args.batch_size)
+    failed = run(paths, args.output, options, args.workers, args.batch_size)
+    if failed:  # e.g. relative paths that a cluster's workers cannot find
+        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {failed[:3]}", file=sys.stderr)
+    if len(failed) == len(paths):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,14 +25,16 @@ after 5 minutes of less load.
 """
 
 import asyncio
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from ray import serve
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from werkzeug.exceptions import MethodNotAllowed
 
 import sam2serve
@@ -41,6 +43,7 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
+from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
@@ -66,9 +69,12 @@ def json_error(error: Exception) -> Response:
 # Ray Serve's request batching: images per replica batch, and how long a batch waits to fill.
 BATCH_SIZE = 4
 BATCH_WAIT_S = 0.02
+# Requests a replica holds at once (the rest wait in Ray's queue): at least a batch, or batches
+# could never fill.
+MAX_ONGOING_REQUESTS = 16
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, max_queued_requests=64)
 class SegmentEverything:
     """One replica: the pipeline loaded once, requests answered as server.py answers them.
 
@@ -87,16 +93,33 @@ class SegmentEverything:
         self.cache = EmbeddingCache(embedding_cache_bytes)
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
+        self.waiting = 0  # image requests waiting for their masks, GET /health's "queued"
+        info = self.pipeline.info  # GET /health's, in server.py's order
+        self.info = {"mode": info["mode"], "device": info["device"], "batch_size": batch_size, "amg": info["amg"], **info}
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def segment(self, images: list) -> list:
-        return await self.on_model_thread(self.pipeline.generator.generate_batch, images)
+        # A batch that fails runs again image by image, as server.py's worker does: one bad
+        # image (or a batch too large for the GPU's memory) fails only its own request.
+        return await self.on_model_thread(generate_each, self.pipeline.generator, images)
+
+    async def masks(self, image) -> list:
+        self.waiting += 1
+        try:
+            answer = await self.segment(image)
+        finally:
+            self.waiting -= 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     async def on_model_thread(self, function, *arguments):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *arguments)
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path
+        path = route(request.scope)
+        if not path:  # the application's route prefix without its slash: the page's links are relative
+            return RedirectResponse(request.scope["root_path"] + "/", status_code=301)
         if path not in ROUTES:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
@@ -104,7 +127,8 @@ class SegmentEverything:
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
                             media_type="application/json", headers={"Allow": ROUTES[path]})
         if path == "/health":
-            return Response(json_text({"status": "ok", **self.pipeline.info}), media_type="application/json")
+            return Response(json_text({"status": "ok", "queued": self.waiting, **self.info}),
+                            media_type="application/json")
         if path in WEB_FILES:
             name, media_type = WEB_FILES[path]
             return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type)
@@ -117,7 +141,7 @@ class SegmentEverything:
                     records = await self.on_model_thread(self.pipeline.generator.annotate, image)
                     body, media_type = json_text(coco_annotations(records)), "application/json"
                 else:
-                    body, media_type = render_answer(path, image, await self.segment(image))
+                    body, media_type = render_answer(path, image, await self.masks(image))
             else:
                 body, media_type = json_text(await self.prompts(request, path)), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
@@ -183,6 +207,13 @@ async def read_form(request: Request, limits: Limits):
                            "send the image as curl -F 'image=@file.jpg'") from None
 
 
+def route(scope: dict) -> str:
+    """The request's path within the application: under a route_prefix such as /sam2 (in the
+    config file), Ray Serve passes the whole path and the prefix as the ASGI root_path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if path.startswith(root) else path
+
+
 def run_here(function):
     """How server.py's prompt functions run a model call: here, already on the model thread."""
     return function()
@@ -194,22 +225,28 @@ def build(args: dict[str, str]) -> serve.Application:
     and again, with a traceback each time)."""
     args = dict(args)
 
-    def number(key: str, kind: type, default, minimum: float = 0):
+    def number(key: str, kind: type, default, minimum: float = 0, above: bool = False):
         text = args.pop(key, None)
         try:
             value = default if text is None else kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"{key}={text}: expected a number") from None
-        if value < minimum:
-            raise ValueError(f"{key}={text}: must be at least {minimum}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={text}: expected a finite number")
+        if value < minimum or (above and value == minimum):
+            raise ValueError(f"{key}={text}: must be {'above' if above else 'at least'} {minimum}")
         return value
 
     device = args.pop("device", default_device())
+    try:  # only its spelling: the cluster's machines, not this one, have the GPUs
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device}: not a torch device; use cpu, cuda or cuda:N") from None
     batch_size = number("batch_size", int, BATCH_SIZE, 1)
     batch_wait_s = number("batch_wait_ms", float, BATCH_WAIT_S * 1000) / 1000
     replicas = args.pop("replicas", "1")
     max_replicas = number("max_replicas", int, 4, 1)
-    cpus = number("cpus", float, 1)
+    cpus = number("cpus", float, 1, above=True)
     cache_bytes = int(number("embedding_cache_mb", float, EMBEDDING_CACHE_BYTES / 2**20) * 2**20)
     amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
     AMGConfig(**amg)  # its own checks (points_per_side >= 1, ...)
@@ -239,7 +276,8 @@ def build(args: dict[str, str]) -> serve.Application:
         if replicas == "auto" else dict(num_replicas=int(replicas))
     )
     deployment = SegmentEverything.options(
-        ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": cpus}, **scaling
+        ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": cpus},
+        max_ongoing_requests=max(MAX_ONGOING_REQUESTS, batch_size), **scaling
     )
     return deployment.bind(options, batch_size, batch_wait_s, cache_bytes)
 

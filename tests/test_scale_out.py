@@ -253,6 +253,12 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             with urllib.request.urlopen(url + path, timeout=30) as response:
                 page = flask_client.get(path)
                 assert response.read() == page.get_data() and response.headers.get_content_type() == page.mimetype
+        # Under a route prefix (the config file's route_prefix), the same answers below it.
+        serve.run(build(arguments), name="sam2", route_prefix="/sam2")
+        with urllib.request.urlopen(url + "/sam2", timeout=30) as response:  # to /sam2/: the page's links are relative
+            assert response.url == url + "/sam2/" and response.read() == flask_client.get("/").get_data()
+        status, _, body = post_image(url + "/sam2/upload_rle", data, "a.jpg", timeout_s=120)
+        assert (status, body) == flask_answer(flask_client, "/upload_rle", data)
     finally:
         serve.shutdown()
 
@@ -281,8 +287,9 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         if status == 413:
             assert answer == flask.get_data(), case
     response = flask_client.get("/upload_rle")
-    with urllib.request.urlopen(url + "/health", timeout=30):
-        pass
+    with urllib.request.urlopen(url + "/health", timeout=30) as health:  # server.py's fields, in its order
+        assert list(json.loads(health.read())) == ["status", "queued", "mode", "device", "batch_size", "amg", "model",
+                                                   "weights", "threads", "kernels", "prompts"]
     try:
         urllib.request.urlopen(url + "/upload_rle", timeout=30)
     except urllib.error.HTTPError as error:
@@ -327,9 +334,40 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"replicas": "0"}, "replicas=0"),
         ({"load_fast": "exported"}, "need a fast mode"),
         ({"mode": "fast", "compile_mode": "fastest"}, "compile_mode=fastest: one of"),
+        ({"device": "bogus"}, "device=bogus: not a torch device"),
+        ({"cpus": "0"}, "cpus=0: must be above 0"),
+        ({"cpus": "inf"}, "cpus=inf: expected a finite number"),
+        ({"batch_wait_ms": "nan"}, "batch_wait_ms=nan: expected a finite number"),
     ]:
         with pytest.raises(ValueError, match=message):
             build(arguments)
+
+
+def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
+    """As server.py's worker does: a batch that fails (a bad image, a GPU out of memory) fails
+    only the requests whose image fails alone."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("ray")
+    from deploy.ray_serve_app import SegmentEverything
+
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
+    replica.model_thread = ThreadPoolExecutor(1)
+    replica.pipeline = load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4})
+    generate_batch = replica.pipeline.generator.generate_batch
+
+    def fails_on_more_than_one_or_on_white(images):
+        if len(images) > 1 or images[0].min() == 255:
+            raise RuntimeError("out of memory")
+        return generate_batch(images)
+
+    monkeypatch.setattr(replica.pipeline.generator, "generate_batch", fails_on_more_than_one_or_on_white)
+    images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]
+    answers = asyncio.run(replica_class.segment.__wrapped__(replica, images))
+    assert answers[0] == generate_batch(images[:1])[0] and isinstance(answers[1], RuntimeError)
+    replica.model_thread.shutdown()
 
 
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
@@ -341,7 +379,8 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
     options = dict(checkpoint_dir=str(tiny_checkpoint_dir), model_type="tiny", mode="ao", device="cpu",
                    amg=KEEP_EVERY_CANDIDATE)
     output = tmp_path / "rle_masks"
-    run(paths, output, options, workers=1, batch_size=3)
+    failed = run(paths, output, options, workers=1, batch_size=3)
+    assert failed == [str(tmp_path / "missing.jpg")]  # named on stderr by the script
     assert [file.name for file in tmp_path.iterdir()] == ["rle_masks"]  # no .partial left
     lines = output.read_text().splitlines()
     assert len(lines) == len(paths)

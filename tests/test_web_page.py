@@ -3,7 +3,9 @@ chromium-driver packages) driven by Selenium, against a server process with the 
 
 What the page shows is checked against the server's own answers: the masks it draws against
 /upload_rle, its click mask against /segment, its downloads byte for byte. A screenshot after
-the upload is saved in test-artifacts/ (SAM2_TEST_ARTIFACTS to change it).
+the upload is saved in test-artifacts/ (SAM2_TEST_ARTIFACTS to change it). What the page does
+with answers that come late, refused or failed is checked with its requests answered in the
+page itself (stubbed_fetch), the server's model left alone.
 
 Without Chromium these tests are skipped, unless SAM2_REQUIRE_BROWSER=1 (as .ci/run sets it).
 """
@@ -13,6 +15,7 @@ import os
 import shutil
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +304,110 @@ def test_many_masks_on_a_large_image_are_decoded_and_drawn(uploaded):
     labels = uploaded.execute_script("const l = window.sam2page.state.labels; return arguments[0].map(i => l[i]);",
                                      [int(i) for i in samples])  # column-major, as COCO
     assert labels == expected.T.ravel()[samples].tolist()
+
+
+# --- The page without the server's model: its requests answered in the page ---------------------------
+
+
+@contextmanager
+def stubbed_fetch(driver, answers: dict):
+    """Answers the page's requests to these paths in the page itself: path -> [status, JSON body,
+    milliseconds before the answer (None: it never comes)]; other paths go to the server. Each
+    request's path is logged in window.fetchLog, and "PATH answered" once its answer is given."""
+    driver.execute_script("""
+        window.realFetch = window.realFetch || window.fetch;
+        const answers = arguments[0];
+        window.fetchLog = [];
+        window.fetch = async (resource, options) => {
+          const path = new URL(resource, location.href).pathname;
+          window.fetchLog.push(path);
+          if (!(path in answers)) return window.realFetch(resource, options);
+          const [status, body, ms] = answers[path];
+          await new Promise((resolve) => ms !== null && setTimeout(resolve, ms));
+          window.fetchLog.push(`${path} answered`);
+          return new Response(JSON.stringify(body), {status, headers: {"Content-Type": "application/json"}});
+        };""", answers)
+    try:
+        yield
+    finally:
+        driver.execute_script("window.fetch = window.realFetch;")
+
+
+def fetch_log(driver) -> list[str]:
+    return driver.execute_script("return window.fetchLog")
+
+
+def rle(mask: np.ndarray) -> dict:
+    """A mask as /upload_rle and /segment write it: uncompressed COCO RLE, column-major."""
+    flat = np.concatenate([[0], mask.T.ravel().astype(np.int8), [2]])  # 2: a last change to end on
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[1], changes])).tolist()}
+
+
+def coco_record(mask: np.ndarray) -> dict:
+    """A mask as /upload_rle?format=coco writes it (sam2's generate() record)."""
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    ys, xs = np.nonzero(mask)
+    return {"segmentation": {"size": encoded["size"], "counts": encoded["counts"].decode()}, "area": int(mask.sum()),
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())],
+            "predicted_iou": 0.9, "point_coords": [[float(xs.mean()), float(ys.mean())]], "stability_score": 0.95,
+            "crop_box": [0, 0, mask.shape[1], mask.shape[0]]}
+
+
+SMALL = (64, 48)  # width, height of the images the stubbed server answers for
+
+
+def small_image(folder: Path, name: str, colour: str = "#4a7") -> Path:
+    path = folder / name
+    Image.new("RGB", SMALL, colour).save(path)
+    return path
+
+
+def stub_answers(segment_ms: int | None = 0, segment_status: int = 200) -> dict:
+    """A server that finds one square on every SMALL image and answers each click with it."""
+    mask = np.zeros(SMALL[::-1], dtype=bool)
+    mask[10:30, 20:40] = True
+    segment = ({"image_id": "stub", "results": [{"masks": [rle(mask)], "iou_predictions": [0.9]}]}
+               if segment_status == 200 else {"error": f"as the server says ({segment_status})"})
+    return {"/upload_rle": [200, [coco_record(mask)], 0], "/embed": [200, {"image_id": "stub", "size": SMALL[::-1]}, 0],
+            "/segment": [segment_status, segment, segment_ms]}
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page, the server's model known (tests that change the page come last: after them,
+    the module's uploaded page is gone)."""
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    yield browser
+    browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+
+
+def highlight_alpha(driver) -> int:
+    """The opacity summed over the top layer (the click tool's mask and prompts)."""
+    return driver.execute_script(
+        "const c = document.getElementById('highlight-canvas');"
+        "if (!c.width) return 0;"
+        "return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3)"
+        "  .reduce((a, b) => a + b, 0);")
+
+
+def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
+    """A slow /segment answer (a mask, a refusal, or a 404 that would encode again) for a click
+    on one image arrives after the next image is open: nothing of it shows on the new one."""
+    images = [small_image(tmp_path, f"{i}.png") for i in range(4)]
+    for round, status in enumerate([200, 400, 404]):
+        with stubbed_fetch(page, stub_answers(segment_ms=800, segment_status=status)):
+            if round == 0:
+                open_image(page, images[0])
+                page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+            ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+            open_image(page, images[round + 1])
+            wait_for(page, lambda d: "/segment answered" in fetch_log(d), timeout=10)
+            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+            time.sleep(0.2)  # the page's handling of that answer
+            assert page_state(page, "clickAnswer") is None and page_state(page, "clicks") == [], status
+            assert not page.find_element(By.ID, "error").is_displayed(), status
+            assert highlight_alpha(page) == 0, status
+            assert fetch_log(page)[-1] == "/segment answered", status  # no encoding again after a 404

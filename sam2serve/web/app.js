@@ -522,18 +522,22 @@ function clickPrompt() {
   return prompt;
 }
 
+// The mask of the clicks and box on the page. Only the answer to the latest prompt on the image
+// still open is drawn: an answer (or error) for an earlier image, or for clicks since changed,
+// is dropped when it arrives.
 async function segment(retried = false) {
+  const generation = state.generation;
+  const sequence = ++state.segmentSequence;
+  const current = () => generation === state.generation && sequence === state.segmentSequence;
   $("clear-clicks").disabled = !state.clicks.length && !state.box;
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
-    state.segmentSequence += 1; // an answer still on its way is for clicks no longer there
     if (state.imageId) setStatus(CLICK_HELP);
     drawHighlight();
     return;
   }
   const imageId = await embed();
-  if (!imageId) return;
-  const sequence = ++state.segmentSequence;
+  if (!imageId || !current()) return;
   const prompt = clickPrompt();
   const started = performance.now();
   try {
@@ -542,7 +546,7 @@ async function segment(retried = false) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ image_id: imageId, prompts: [prompt] }),
     });
-    if (sequence !== state.segmentSequence) return; // a later click's answer is coming
+    if (!current()) return;
     state.clickPrompt = prompt;
     state.clickAnswer = JSON.parse(text);
     const result = state.clickAnswer.results[0];
@@ -552,6 +556,7 @@ async function segment(retried = false) {
       (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
     drawHighlight();
   } catch (error) {
+    if (!current()) return;
     if (error.status === 404 && !retried) { // the server's cache dropped the image: encode it again
       state.imageId = null;
       return segment(true);

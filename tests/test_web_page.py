@@ -36,6 +36,7 @@ from selenium import webdriver  # noqa: E402 (needs the browser check first)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "shapes.jpg"
@@ -201,6 +202,43 @@ def test_click_mask_equals_segment_answer(uploaded, server):
     uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
     assert " masks in " in status(uploaded)  # the every-mask tool's own status again
     assert not uploaded.find_element(By.ID, "clear-clicks").is_enabled()
+
+
+def test_a_refused_click_is_taken_back_and_undo_removes_clicks_and_the_box(uploaded):
+    """The server takes 64 points at most: the 65th click is refused (400), and taken back, so the
+    next clicks still work; Ctrl+Z and Backspace take back the last click, or the box."""
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    wait_for(uploaded, lambda d: page_state(d, "imageId") is not None)
+    canvas = uploaded.find_element(By.ID, "highlight-canvas")
+    points = lambda: len((page_state(uploaded, "clickPrompt") or {}).get("points", []))  # noqa: E731
+    clicks = ActionChains(uploaded, duration=0)  # no 250 ms glide to each point
+    for i in range(64):
+        clicks.move_to_element_with_offset(canvas, -120 + 30 * (i % 8), -80 + 20 * (i // 8)).click()
+    clicks.perform()
+    wait_for(uploaded, lambda d: points() == 64)
+    assert not uploaded.find_element(By.ID, "error").is_displayed()
+    # Two clicks more at once: both taken back, the 64 points' mask stays.
+    ActionChains(uploaded).move_to_element_with_offset(canvas, 100, 60).click().move_by_offset(-10, 0).click().perform()
+    wait_for(uploaded, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=30)
+    assert "at most 64" in uploaded.find_element(By.ID, "error").text
+    wait_for(uploaded, lambda d: len(page_state(d, "clicks")) == 64, timeout=30)
+    time.sleep(0.3)  # nothing else comes
+    assert len(page_state(uploaded, "clicks")) == 64 and points() == 64
+    assert uploaded.find_element(By.ID, "error").is_displayed()  # until the next change
+
+    ActionChains(uploaded).send_keys(Keys.BACKSPACE).perform()
+    wait_for(uploaded, lambda d: points() == 63)
+    assert not uploaded.find_element(By.ID, "error").is_displayed()
+    ActionChains(uploaded).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()
+    wait_for(uploaded, lambda d: points() == 62)
+    ActionChains(uploaded).move_to_element_with_offset(canvas, -60, -40).click_and_hold().move_by_offset(60, 50) \
+        .release().perform()  # a box
+    wait_for(uploaded, lambda d: "box" in (page_state(d, "clickPrompt") or {}))
+    ActionChains(uploaded).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()
+    wait_for(uploaded, lambda d: "box" not in (page_state(d, "clickPrompt") or {}) and points() == 62)
+    uploaded.find_element(By.ID, "clear-clicks").click()
+    wait_for(uploaded, lambda d: page_state(d, "clickAnswer") is None)
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
 
 def downloaded(directory: Path, name: str) -> bytes:

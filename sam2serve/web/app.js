@@ -10,7 +10,8 @@
 const $ = (id) => document.getElementById(id);
 const MASK_ALPHA = 150; // of 255: the photo shows through
 const LARGE_MASK_ALPHA = 60; // masks over half the image (the background, mostly): lighter
-const CLICK_HELP = "Click: a point on the object; right click or shift-click: a point off it; drag: a box.";
+const CLICK_HELP = "Click: a point on the object; right click or shift-click: a point off it; drag: a box; " +
+  "Ctrl+Z or Backspace: undo.";
 const EDGE_ALPHA = 255;
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
 
@@ -33,9 +34,10 @@ const state = {
   embedding: null, // the /embed request in flight
   clicks: [], // {x, y, label}
   box: null, // [x0, y0, x1, y1]
+  boxAfter: 0, // how many of the clicks came before the box (undo takes back the later ones first)
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
-  segmentSequence: 0,
+  segmentSequence: 0, // counts /segment requests: only the latest one's answer is drawn
   everythingStatus: "No image yet.", // the every-mask tool's status line, shown again on return to it
 };
 
@@ -313,7 +315,7 @@ function resetImage() {
   clearInterval(ticker);
   Object.assign(state, {
     annotations: [], counts: [], cocoText: "", labels: null, colours: [], hovered: -1, selected: -1,
-    imageId: null, embedding: null, clicks: [], box: null, clickPrompt: null, clickAnswer: null,
+    imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
   });
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").innerHTML = "&nbsp;";
@@ -522,10 +524,19 @@ function clickPrompt() {
   return prompt;
 }
 
+// Takes back the last click, or the box if it came after them; false when there is none.
+function takeBack() {
+  if (state.box && state.clicks.length <= state.boxAfter) state.box = null;
+  else if (state.clicks.length) state.clicks.pop();
+  else return false;
+  return true;
+}
+
 // The mask of the clicks and box on the page. Only the answer to the latest prompt on the image
 // still open is drawn: an answer (or error) for an earlier image, or for clicks since changed,
-// is dropped when it arrives.
-async function segment(retried = false) {
+// is dropped when it arrives. retried: after a 404, once; keepError: after a refusal, whose
+// message stays until the user's next change.
+async function segment({ retried = false, keepError = false } = {}) {
   const generation = state.generation;
   const sequence = ++state.segmentSequence;
   const current = () => generation === state.generation && sequence === state.segmentSequence;
@@ -550,7 +561,7 @@ async function segment(retried = false) {
     state.clickPrompt = prompt;
     state.clickAnswer = JSON.parse(text);
     const result = state.clickAnswer.results[0];
-    clearError();
+    if (!keepError) clearError();
     setStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
       `${result.iou_predictions[0].toFixed(3)}` +
       (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
@@ -559,9 +570,16 @@ async function segment(retried = false) {
     if (!current()) return;
     if (error.status === 404 && !retried) { // the server's cache dropped the image: encode it again
       state.imageId = null;
-      return segment(true);
+      return segment({ retried: true });
     }
     showError(error.message);
+    // A refused prompt (the 65th point): its last click or box is taken back, so the next clicks
+    // work; asked again without it, unless the mask shown is that prompt's already.
+    if (error.status === 400 && takeBack()) {
+      drawHighlight();
+      const shown = state.clickPrompt && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
+      if (!shown) segment({ keepError: true });
+    }
   }
 }
 
@@ -592,7 +610,7 @@ function setTool() {
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
   $("mask-canvas").style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
-    ? "Click a point on an object; right click or shift-click a point off it; drag a box."
+    ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
   drawHighlight();
@@ -618,6 +636,16 @@ function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey };
   event.preventDefault();
+}
+
+// Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
+function onKeyDown(event) {
+  const key = event.key || "";
+  const undo = key === "Backspace" || (key.toLowerCase() === "z" && (event.ctrlKey || event.metaKey) && !event.shiftKey);
+  if (!undo || tool() !== "click" || press || !takeBack()) return;
+  event.preventDefault();
+  drawHighlight();
+  segment();
 }
 
 function onPointerMove(event) {
@@ -647,6 +675,7 @@ function onPointerUp(event) {
   const end = imagePoint(event);
   if (Math.hypot(end.screenX - start.screenX, end.screenY - start.screenY) > DRAG_PIXELS) {
     state.box = [Math.min(start.x, end.x), Math.min(start.y, end.y), Math.max(start.x, end.x), Math.max(start.y, end.y)];
+    state.boxAfter = state.clicks.length;
   } else {
     state.clicks.push({ x: start.x, y: start.y, label: start.background ? 0 : 1 });
   }
@@ -708,6 +737,7 @@ function init() {
   top.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
   top.addEventListener("contextmenu", (event) => event.preventDefault());
   window.addEventListener("mouseup", onPointerUp);
+  document.addEventListener("keydown", onKeyDown);
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", listMasks);
   const rows = $("mask-list").tBodies[0];

@@ -177,7 +177,12 @@ def test_hover_shows_predicted_iou_and_area(uploaded):
     ActionChains(uploaded).click().perform()  # selects it
     wait_for(uploaded, lambda d: page_state(d, "selected") == index)
     assert "selected" in uploaded.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{index}']").get_attribute("class")
-    ActionChains(uploaded).click().perform()  # and again: unselected
+    # The click tool shows no mask's figures; back in the every-mask tool, the selected one's.
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    assert uploaded.find_element(By.ID, "hover-info").text.strip() == ""
+    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    assert f"mask {index}: predicted IoU" in uploaded.find_element(By.ID, "hover-info").text
+    ActionChains(uploaded).move_to_element_with_offset(canvas, *screen_offset(uploaded, x, y)).click().perform()
     wait_for(uploaded, lambda d: page_state(d, "selected") == -1)
 
 

@@ -613,6 +613,8 @@ function setTool() {
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
+  // Mask figures belong to the every-mask tool: none in the click tool, the selected mask's again on return.
+  $("hover-info").textContent = !click && state.selected >= 0 ? describe(state.selected) : "\u00a0";
   drawHighlight();
   if (!click) setStatus(state.everythingStatus);
   else if (state.imageId) setStatus(CLICK_HELP);

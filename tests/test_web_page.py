@@ -454,3 +454,20 @@ def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
             assert not page.find_element(By.ID, "error").is_displayed(), status
             assert highlight_alpha(page) == 0, status
             assert fetch_log(page)[-1] == "/segment answered", status  # no encoding again after a 404
+
+
+def test_a_stopping_server_is_said_to_be_stopping_and_asked_again(browser, server):
+    """/health answers 503 "stopping" once (in the page, before its script starts), then the
+    server's own answer: the page says the server is stopping, then which model it runs."""
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const realFetch = window.fetch;
+        let asked = 0;
+        window.fetch = (resource, options) => resource === "/health" && asked++ === 0
+          ? Promise.resolve(new Response('{"status":"stopping","queued":0}', {status: 503}))
+          : realFetch(resource, options);"""})
+    try:
+        browser.get(server + "/")
+        wait_for(browser, lambda d: "stopping" in d.find_element(By.ID, "server-info").text, timeout=10)
+        wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text, timeout=10)
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)

@@ -140,8 +140,10 @@ async function loadHealth() {
     setTimeout(loadHealth, 5000);
     return;
   }
-  if (info.status !== "ok") {
-    $("server-info").textContent = "The server is loading the model…";
+  if (info.status !== "ok") { // 503: loading, or told to stop (it may be restarted: keep asking)
+    $("server-info").textContent = info.status === "stopping"
+      ? "The server is stopping; trying again…"
+      : "The server is loading the model…";
     setTimeout(loadHealth, 2000);
     return;
   }

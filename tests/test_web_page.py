@@ -471,3 +471,10 @@ def test_a_stopping_server_is_said_to_be_stopping_and_asked_again(browser, serve
         wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text, timeout=10)
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
+def test_one_mask_is_one_mask(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "one.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+    assert status(page).startswith("1 mask in ")

@@ -359,7 +359,8 @@ async function openFile(file) {
     if (!bitmap) throw new Error("The server read this image, but the browser cannot show it: convert it to PNG or JPEG.");
     if (!state.width) showImage(bitmap);
     showMasks(text);
-    showEverythingStatus(`${state.annotations.length} masks in ${(serverMs / 1000).toFixed(2)} s ` +
+    const count = state.annotations.length;
+    showEverythingStatus(`${count} ${count === 1 ? "mask" : "masks"} in ${(serverMs / 1000).toFixed(2)} s ` +
       `(drawn in ${Math.round(state.renderMs)} ms)`);
     if (tool() === "click") await embed();
   } catch (error) {

@@ -2,10 +2,11 @@
 chromium-driver packages) driven by Selenium, against a server process with the default model.
 
 What the page shows is checked against the server's own answers: the masks it draws against
-/upload_rle, its click mask against /segment, its downloads byte for byte. A screenshot after
-the upload is saved in test-artifacts/ (SAM2_TEST_ARTIFACTS to change it). What the page does
-with answers that come late, refused or failed is checked with its requests answered in the
-page itself (stubbed_fetch), the server's model left alone.
+/upload_rle, its click mask against /segment, its masks JSON byte for byte and its COCO file
+through pycocotools. A screenshot after the upload is saved in test-artifacts/
+(SAM2_TEST_ARTIFACTS to change it). What the page does with answers that come late, refused
+or failed is checked with its requests answered in the page itself (stubbed_fetch), the
+server's model left alone.
 
 Without Chromium these tests are skipped, unless SAM2_REQUIRE_BROWSER=1 (as .ci/run sets it).
 """
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from .test_server import REPO, curl, start_server
 
@@ -258,8 +260,21 @@ def downloaded(directory: Path, name: str) -> bytes:
 def test_downloads_equal_the_server_answers(uploaded, server, downloads):
     for button in ("download-rle", "download-coco", "download-png"):
         uploaded.find_element(By.ID, button).click()
-    assert downloaded(downloads, "shapes_masks.json") == server_answer(server, EXAMPLE)
-    assert downloaded(downloads, "shapes_coco.json") == server_answer(server, EXAMPLE, "?format=coco")
+    masks = downloaded(downloads, "shapes_masks.json")
+    assert masks == server_answer(server, EXAMPLE)
+    # The COCO download is a dataset file that pycocotools reads: the image, and the server's
+    # records (?format=coco) with the ids COCO needs; their masks are those of /upload_rle.
+    downloaded(downloads, "shapes_coco.json")
+    dataset = COCO(str(downloads / "shapes_coco.json"))
+    width, height = Image.open(EXAMPLE).size
+    assert dataset.imgs == {1: {"id": 1, "file_name": EXAMPLE.name, "width": width, "height": height}}
+    assert dataset.cats == {1: {"id": 1, "name": "object"}}
+    records = json.loads(server_answer(server, EXAMPLE, "?format=coco"))
+    annotations = dataset.loadAnns(dataset.getAnnIds(imgIds=[1]))
+    assert len(annotations) == len(records) == len(json.loads(masks))
+    for i, (annotation, record, rle) in enumerate(zip(annotations, records, json.loads(masks).values())):
+        assert annotation == {**record, "id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0}
+        np.testing.assert_array_equal(dataset.annToMask(annotation), mask_utils.decode(mask_utils.frPyObjects(rle, height, width)))
     overlay = downloads / "shapes_overlay.png"
     downloaded(downloads, overlay.name)
     with Image.open(overlay) as image:

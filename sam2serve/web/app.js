@@ -24,7 +24,6 @@ const state = {
   generation: 0, // counts images; answers for an earlier one are dropped
   annotations: [], // the COCO annotations of every mask, in the server's order
   counts: [], // each mask's run lengths
-  cocoText: "", // the COCO answer as received (downloaded as is)
   labels: null, // column-major: 1 + the index of the mask drawn on top, 0 for none
   colours: [],
   hovered: -1,
@@ -79,9 +78,13 @@ async function request(path, options) {
   return text;
 }
 
+function fileName() {
+  return state.file.name || `${state.name}.png`; // a pasted image has none
+}
+
 function imageForm() {
   const form = new FormData();
-  form.append("image", state.file, state.file.name || `${state.name}.png`);
+  form.append("image", state.file, fileName());
   return form;
 }
 
@@ -195,6 +198,17 @@ function studyJson() {
     answer[`mask_${i}`] = { size: [state.height, state.width], counts };
   });
   return JSON.stringify(answer);
+}
+
+// The masks on the page as a COCO dataset file, the one image and its annotations, which
+// pycocotools' COCO(path) reads: the server's records (?format=coco) with every field it gave,
+// and the ids and category that a COCO file has.
+function cocoDataset() {
+  return JSON.stringify({
+    images: [{ id: 1, file_name: fileName(), width: state.width, height: state.height }],
+    annotations: state.annotations.map((a, i) => ({ ...a, id: i + 1, image_id: 1, category_id: 1, iscrowd: 0 })),
+    categories: [{ id: 1, name: "object" }],
+  });
 }
 
 // Distinct colours: hues a golden angle apart.
@@ -316,7 +330,7 @@ function paintMask(context, counts, rgb) {
 function resetImage() {
   clearInterval(ticker);
   Object.assign(state, {
-    annotations: [], counts: [], cocoText: "", labels: null, colours: [], hovered: -1, selected: -1,
+    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1,
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
   });
   $("mask-list").tBodies[0].replaceChildren();
@@ -405,7 +419,6 @@ function fitToWindow() {
 
 function showMasks(cocoText) {
   const started = performance.now();
-  state.cocoText = cocoText;
   state.annotations = JSON.parse(cocoText);
   const [h, w] = state.annotations.length ? state.annotations[0].segmentation.size : [state.height, state.width];
   if (h !== state.height || w !== state.width) {
@@ -763,7 +776,7 @@ function init() {
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>
-    download(new Blob([state.cocoText], { type: "application/json" }), `${state.name}_coco.json`));
+    download(new Blob([cocoDataset()], { type: "application/json" }), `${state.name}_coco.json`));
   $("download-png").addEventListener("click", downloadOverlay);
   window.addEventListener("resize", fitToWindow);
   setTool();

@@ -188,6 +188,32 @@ def test_hover_shows_predicted_iou_and_area(uploaded):
     wait_for(uploaded, lambda d: page_state(d, "selected") == -1)
 
 
+def test_hovering_does_not_paint_the_selected_mask_again(uploaded):
+    """The selected mask is painted once, when selected: on a large image, painting a large
+    mask on every hover made hovering slow. Hovering paints the hovered mask alone."""
+    rows = uploaded.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")
+    rows[0].click()  # the largest mask (sorted by area)
+    selected = page_state(uploaded, "selected")
+    # Each paint of a mask, through the page's global paintMask: selected or not.
+    uploaded.execute_script("""
+        window.realPaintMask = window.paintMask;
+        window.painted = [];
+        window.paintMask = (context, counts, rgb) => {
+          const s = window.sam2page.state;
+          window.painted.push(counts === s.counts[s.selected] ? "selected" : "other");
+          return window.realPaintMask(context, counts, rgb);
+        };""")
+    try:
+        for row in rows[1:4]:
+            ActionChains(uploaded).move_to_element(row).perform()
+        ActionChains(uploaded).move_to_element(uploaded.find_element(By.ID, "sort-by")).perform()
+        assert uploaded.execute_script("return window.painted") == ["other"] * 3
+    finally:
+        uploaded.execute_script("window.paintMask = window.realPaintMask;")
+    rows[0].click()  # unselected again
+    assert page_state(uploaded, "selected") == -1 and selected >= 0
+
+
 def test_click_mask_equals_segment_answer(uploaded, server):
     uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
     wait_for(uploaded, lambda d: page_state(d, "imageId") is not None)

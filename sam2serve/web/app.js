@@ -14,6 +14,10 @@ const CLICK_HELP = "Click: a point on the object; right click or shift-click: a 
   "Ctrl+Z or Backspace: undo.";
 const EDGE_ALPHA = 255;
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
+// The viewer's canvases, bottom to top, all the image's size: the image, every mask, the selected
+// mask (painted when the selection changes, not on every hover: a large one takes a while), and
+// the hovered mask or the click tool's mask and prompts.
+const LAYERS = ["image-canvas", "mask-canvas", "selection-canvas", "highlight-canvas"];
 
 const state = {
   info: null, // GET /health
@@ -343,7 +347,7 @@ function resetImage() {
 function clearViewer() {
   state.width = 0;
   state.height = 0;
-  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+  for (const id of LAYERS) {
     $(id).width = 0;
     $(id).height = 0;
     $(id).style.width = $(id).style.height = "";
@@ -394,7 +398,7 @@ function showEverythingStatus(text) {
 function showImage(bitmap) {
   state.width = bitmap.width;
   state.height = bitmap.height;
-  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+  for (const id of LAYERS) {
     $(id).width = bitmap.width;
     $(id).height = bitmap.height;
   }
@@ -411,7 +415,7 @@ function fitToWindow() {
   const width = main.clientWidth - (stacked ? 4 : document.querySelector("aside").offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
   const scale = Math.min(width / state.width, height / state.height, 4);
-  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+  for (const id of LAYERS) {
     $(id).style.width = `${Math.floor(state.width * scale)}px`;
     $(id).style.height = `${Math.floor(state.height * scale)}px`;
   }
@@ -480,10 +484,15 @@ function select(i) {
     row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
   }
   $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
+  const canvas = $("selection-canvas");
+  const context = canvas.getContext("2d");
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  if (state.selected >= 0) paintMask(context, state.counts[state.selected], [40, 90, 255]);
   drawHighlight();
 }
 
-// The top layer: the selected and hovered masks, or the click tool's mask and prompts.
+// The top layer: the hovered mask (unless it is the selected one, shown below it already), or
+// the click tool's mask and prompts.
 function drawHighlight() {
   const canvas = $("highlight-canvas");
   const context = canvas.getContext("2d");
@@ -492,7 +501,6 @@ function drawHighlight() {
     drawClickLayer(context);
     return;
   }
-  if (state.selected >= 0) paintMask(context, state.counts[state.selected], [40, 90, 255]);
   if (state.hovered >= 0 && state.hovered !== state.selected) paintMask(context, state.counts[state.hovered], [255, 255, 255]);
 }
 
@@ -624,7 +632,7 @@ function setTool() {
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
-  $("mask-canvas").style.visibility = click ? "hidden" : "visible";
+  for (const id of ["mask-canvas", "selection-canvas"]) $(id).style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
     : "Hover a mask to see it; click to select it.";
@@ -718,7 +726,7 @@ function downloadOverlay() {
   canvas.width = state.width;
   canvas.height = state.height;
   const context = canvas.getContext("2d");
-  for (const id of ["image-canvas", "mask-canvas", "highlight-canvas"]) {
+  for (const id of LAYERS) {
     if ($(id).style.visibility !== "hidden") context.drawImage($(id), 0, 0);
   }
   canvas.toBlob((blob) => download(blob, `${state.name}_overlay.png`), "image/png");

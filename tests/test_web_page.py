@@ -214,6 +214,30 @@ def test_hovering_does_not_paint_the_selected_mask_again(uploaded):
     assert page_state(uploaded, "selected") == -1 and selected >= 0
 
 
+def test_the_keyboard_reaches_the_file_chooser_and_selects_masks(uploaded):
+    """"Choose an image…" shows the keyboard's focus (its file input is invisible); the mask
+    list's rows are reached with Tab, show their figures when focused, and Enter or Space
+    selects one."""
+    uploaded.execute_script("document.querySelector('input[name=tool][value=everything]').focus()")
+    ActionChains(uploaded).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+    assert uploaded.switch_to.active_element.get_attribute("id") == "file"
+    label = uploaded.find_element(By.CSS_SELECTOR, "label.button")
+    assert label.value_of_css_property("outline-style") != "none"
+
+    uploaded.execute_script("document.getElementById('sort-by').focus()")
+    rows = uploaded.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")
+    for row in rows[:2]:
+        ActionChains(uploaded).send_keys(Keys.TAB).perform()
+        assert uploaded.switch_to.active_element == row
+        index = int(row.get_attribute("data-index"))
+        assert uploaded.find_element(By.ID, "hover-info").text.startswith(f"mask {index}: predicted IoU")
+    ActionChains(uploaded).send_keys(Keys.ENTER).perform()
+    assert page_state(uploaded, "selected") == index
+    ActionChains(uploaded).send_keys(Keys.SPACE).perform()
+    assert page_state(uploaded, "selected") == -1
+    uploaded.execute_script("document.activeElement.blur()")
+
+
 def test_click_mask_equals_segment_answer(uploaded, server):
     uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
     wait_for(uploaded, lambda d: page_state(d, "imageId") is not None)

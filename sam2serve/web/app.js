@@ -448,6 +448,7 @@ function listMasks() {
   const rows = order.map((i) => {
     const row = document.createElement("tr");
     row.dataset.index = i;
+    row.tabIndex = 0; // reached with Tab; Enter or Space selects it
     row.className = i === state.selected ? "selected" : "";
     const [r, g, b] = state.colours[i];
     row.innerHTML = `<td><span class="swatch" style="background:rgb(${r},${g},${b})"></span></td>` +
@@ -767,15 +768,23 @@ function init() {
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", listMasks);
   const rows = $("mask-list").tBodies[0];
-  rows.addEventListener("click", (event) => {
+  // The mask of the list's row an event is on, or -1 (the "no mask" row; the list rests in the click tool).
+  const rowMask = (event) => {
     const row = event.target.closest("tr");
-    if (row && row.dataset.index !== undefined && tool() === "everything") select(Number(row.dataset.index));
+    return row && row.dataset.index !== undefined && tool() === "everything" ? Number(row.dataset.index) : -1;
+  };
+  rows.addEventListener("click", (event) => rowMask(event) >= 0 && select(rowMask(event)));
+  rows.addEventListener("keydown", (event) => {
+    if ((event.key === "Enter" || event.key === " ") && rowMask(event) >= 0) {
+      event.preventDefault(); // Space would scroll the list
+      select(rowMask(event));
+    }
   });
-  rows.addEventListener("mouseover", (event) => {
-    const row = event.target.closest("tr");
-    if (row && tool() === "everything") setHovered(Number(row.dataset.index));
-  });
+  // A row hovered or focused shows its mask and figures.
+  rows.addEventListener("mouseover", (event) => rowMask(event) >= 0 && setHovered(rowMask(event)));
+  rows.addEventListener("focusin", (event) => rowMask(event) >= 0 && setHovered(rowMask(event)));
   rows.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
+  rows.addEventListener("focusout", () => tool() === "everything" && setHovered(-1));
   $("clear-clicks").addEventListener("click", () => {
     state.clicks = [];
     state.box = null;

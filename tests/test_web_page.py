@@ -543,3 +543,16 @@ def test_one_mask_is_one_mask(page, tmp_path):
         open_image(page, small_image(tmp_path, "one.png"))
         wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
     assert status(page).startswith("1 mask in ")
+
+
+def test_the_live_status_says_what_runs_once_while_the_seconds_tick_beside_it(page, tmp_path):
+    """Screen readers read out each change of the live region: while the server works, it keeps
+    its words; the seconds tick on screen, outside it."""
+    live = lambda: page.execute_script("return document.querySelector('[aria-live]').textContent")  # noqa: E731
+    shown = lambda: page.find_element(By.ID, "status").text  # noqa: E731
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # no answer comes
+        open_image(page, small_image(tmp_path, "slow.png"))
+        wait_for(page, lambda d: "slow.png" in live(), timeout=10)
+        before = live(), shown()
+        time.sleep(0.35)
+        assert live() == before[0] and shown() != before[1]

@@ -110,19 +110,22 @@ function clearError() {
   $("error").textContent = "";
 }
 
-// Shows a spinner and the seconds elapsed; returns a function that stops them and answers the
-// milliseconds taken.
+// Shows the text, a spinner and the seconds elapsed; returns a function that stops them and
+// answers the milliseconds taken. The text is set once, in the live region (a screen reader says
+// it); the seconds tick outside it, on screen only.
 function busy(text) {
   const started = performance.now();
   clearError();
+  setStatus(text);
   $("spinner").hidden = false;
-  const tick = () => setStatus(`${text} ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  const tick = () => { $("elapsed").textContent = ` ${((performance.now() - started) / 1000).toFixed(1)} s`; };
   clearInterval(ticker);
   tick();
   ticker = setInterval(tick, 100);
   return () => {
     clearInterval(ticker);
     $("spinner").hidden = true;
+    $("elapsed").textContent = "";
     return performance.now() - started;
   };
 }
@@ -333,6 +336,8 @@ function paintMask(context, counts, rgb) {
 
 function resetImage() {
   clearInterval(ticker);
+  $("spinner").hidden = true;
+  $("elapsed").textContent = "";
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1,
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,

@@ -336,7 +336,7 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     not_an_image.write_text("these are not pixels")
     open_image(uploaded, not_an_image)
     wait_for(uploaded, lambda d: d.find_element(By.ID, "error").is_displayed())
-    assert "not an image format Pillow can read" in uploaded.find_element(By.ID, "error").text
+    assert "cannot show notes.txt" in uploaded.find_element(By.ID, "error").text  # said by the page itself
     # The previous image and its masks are gone, and the click tool waits for an image.
     assert "has-image" not in uploaded.find_element(By.ID, "viewer").get_attribute("class")
     assert page_state(uploaded, "labels") is None and page_state(uploaded, "width") == 0
@@ -556,3 +556,15 @@ def test_the_live_status_says_what_runs_once_while_the_seconds_tick_beside_it(pa
         before = live(), shown()
         time.sleep(0.35)
         assert live() == before[0] and shown() != before[1]
+
+
+def test_a_file_the_browser_cannot_show_is_not_sent(page, tmp_path):
+    """A TIFF (Pillow reads it, Chromium does not show it): the page says so at once and sends
+    nothing, as no mask could be drawn over it."""
+    tiff = tmp_path / "scan.tiff"
+    Image.new("RGB", SMALL, "#4a7").save(tiff)
+    with stubbed_fetch(page, {"/upload_rle": [200, [], 0]}):
+        open_image(page, tiff)
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert fetch_log(page) == []
+        assert "cannot show scan.tiff" in page.find_element(By.ID, "error").text

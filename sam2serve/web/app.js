@@ -367,20 +367,22 @@ async function openFile(file) {
   clearViewer();
   state.file = file;
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
-  const done = busy(`Segmenting ${file.name || "the pasted image"}…`);
-  const decoded = createImageBitmap(file).catch(() => null);
-  decoded.then((bitmap) => { // the picture first, its masks when the server answers
-    if (bitmap && generation === state.generation && !state.width) showImage(bitmap);
-  });
+  const what = file.name || "the pasted image";
+  const done = busy(`Segmenting ${what}…`);
+  // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on it.
+  const bitmap = await createImageBitmap(file).catch(() => null);
+  if (generation !== state.generation) return;
+  if (!bitmap) {
+    done();
+    showEverythingStatus("No image.");
+    showError(`This browser cannot show ${what}: convert it to PNG or JPEG (it was not sent to the server).`);
+    return;
+  }
+  showImage(bitmap);
   try {
-    const [text, bitmap] = await Promise.all([
-      request("/upload_rle?format=coco", { method: "POST", body: imageForm() }),
-      decoded,
-    ]);
+    const text = await request("/upload_rle?format=coco", { method: "POST", body: imageForm() });
     if (generation !== state.generation) return;
     const serverMs = done();
-    if (!bitmap) throw new Error("The server read this image, but the browser cannot show it: convert it to PNG or JPEG.");
-    if (!state.width) showImage(bitmap);
     showMasks(text);
     const count = state.annotations.length;
     showEverythingStatus(`${count} ${count === 1 ? "mask" : "masks"} in ${(serverMs / 1000).toFixed(2)} s ` +
@@ -390,7 +392,7 @@ async function openFile(file) {
     if (generation !== state.generation) return;
     done();
     state.labels = null; // no masks: the click tool stays off for this image
-    showEverythingStatus(state.width ? "No masks for this image." : "No image.");
+    showEverythingStatus("No masks for this image.");
     showError(error.message);
   }
 }

@@ -11,6 +11,8 @@ server's model left alone.
 Without Chromium these tests are skipped, unless SAM2_REQUIRE_BROWSER=1 (as .ci/run sets it).
 """
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -568,3 +570,76 @@ def test_a_file_the_browser_cannot_show_is_not_sent(page, tmp_path):
         wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
         assert fetch_log(page) == []
         assert "cannot show scan.tiff" in page.find_element(By.ID, "error").text
+
+
+def turned_image(path: Path, orientation: int, **options) -> np.ndarray:
+    """Writes an image with an object (a red rectangle, near a corner) and this EXIF orientation;
+    answers its pixels as the server sees them, turned by the orientation (Pillow's exif_transpose)."""
+    image = Image.new("RGB", (160, 120), (40, 90, 70))
+    ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, **options)
+    with Image.open(path) as saved:
+        return np.asarray(ImageOps.exif_transpose(saved).convert("RGB"))
+
+
+def shown_image(driver) -> np.ndarray:
+    """The page's image canvas, as RGB."""
+    url = driver.execute_script("return document.getElementById('image-canvas').toDataURL('image/png')")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def open_and_show(driver, path: Path) -> None:
+    open_image(driver, path)
+    wait_for(driver, lambda d: page_state(d, "name") == path.stem and page_state(d, "width") > 0, timeout=10)
+
+
+def test_every_exif_orientation_is_shown_as_the_server_turns_it(page, tmp_path):
+    """The server turns every image by its EXIF orientation; Chromium turns JPEG and PNG, not
+    WebP: the page shows each as the server sees it."""
+    cases = [("webp", orientation, {"lossless": True}) for orientation in range(1, 9)]
+    cases += [("png", 6, {}), ("jpg", 6, {"quality": 95})]
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone: no answer comes
+        for suffix, orientation, options in cases:
+            path = tmp_path / f"turned{orientation}.{suffix}"
+            expected = turned_image(path, orientation, **options)
+            open_and_show(page, path)
+            shown = shown_image(page)
+            assert shown.shape == expected.shape, (suffix, orientation)
+            difference = float(np.abs(shown.astype(int) - expected).mean())
+            assert difference < (3 if suffix == "jpg" else 0.5), (suffix, orientation, difference)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_a_turned_webp_s_masks_and_clicks_line_up_with_its_picture(page, tmp_path):
+    """A WebP turned by its EXIF orientation (3: upside down; 6: a quarter turn): the server's
+    mask of its object covers the object where the page draws it, and a click on the object as
+    drawn gives the object's mask."""
+    for orientation in (3, 6):
+        path = tmp_path / f"object{orientation}.webp"
+        turned_image(path, orientation, lossless=True)
+        open_and_show(page, path)
+        wait_for(page, lambda d: page_state(d, "labels !== null") or d.find_element(By.ID, "error").is_displayed())
+        assert not page.find_element(By.ID, "error").is_displayed(), page.find_element(By.ID, "error").text
+        shown = shown_image(page)
+        red = (shown[..., 0] > 150) & (shown[..., 1] < 100)
+        masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in page_state(page, "annotations")]
+        assert max(mask_iou(mask, red) for mask in masks) > 0.9, orientation
+
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") is not None)
+        ys, xs = np.nonzero(red)
+        canvas = page.find_element(By.ID, "highlight-canvas")
+        ActionChains(page).move_to_element_with_offset(canvas, *screen_offset(page, xs.mean(), ys.mean())).click().perform()
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None)
+        x, y = page_state(page, "clickPrompt")["points"][0]
+        assert red[round(y), round(x)], orientation
+        answer = page_state(page, "clickAnswer")["results"][0]["masks"][0]
+        mask = mask_utils.decode(mask_utils.frPyObjects(answer, *answer["size"])).astype(bool)
+        assert mask_iou(mask, red) > 0.9, orientation
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()

@@ -332,6 +332,97 @@ function paintMask(context, counts, rgb) {
   context.drawImage(scratch, x0, top);
 }
 
+// --- Turning the picture as the server does ------------------------------------------------
+//
+// The server turns every image by its EXIF orientation (Pillow's exif_transpose). Browsers do
+// that for some formats only (Chromium: JPEG and PNG, not WebP), so the page reads the
+// orientation from the file and turns the picture itself where this browser has not.
+
+// The EXIF orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, and the format.
+function exifOrientation(buffer) {
+  const view = new DataView(buffer);
+  const text = (at, length) => String.fromCharCode(...new Uint8Array(buffer, at, length));
+  // EXIF is a TIFF header and its first directory of 12-byte entries: tag 0x0112 is the orientation.
+  const tiff = (start) => {
+    const little = text(start, 2) === "II";
+    const directory = start + view.getUint32(start + 4, little);
+    for (let i = 0; i < view.getUint16(directory, little); i++) {
+      const entry = directory + 2 + 12 * i;
+      if (view.getUint16(entry, little) === 0x0112) return view.getUint16(entry + 8, little);
+    }
+    return 1;
+  };
+  try {
+    if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF in APP1 (0xe1)
+      for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
+        if (view.getUint8(p + 1) === 0xe1 && text(p + 4, 6) === "Exif\0\0") {
+          return { format: "jpeg", orientation: tiff(p + 10) };
+        }
+      }
+      return { format: "jpeg", orientation: 1 };
+    }
+    if (text(0, 8) === "\x89PNG\r\n\x1a\n") { // PNG: chunks of length, type, data, CRC
+      for (let p = 8; p + 8 <= view.byteLength; p += 12 + view.getUint32(p)) {
+        if (text(p + 4, 4) === "eXIf") return { format: "png", orientation: tiff(p + 8) };
+      }
+      return { format: "png", orientation: 1 };
+    }
+    if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
+      for (let p = 12; p + 8 <= view.byteLength;) {
+        const length = view.getUint32(p + 4, true);
+        if (text(p, 4) === "EXIF") { // its TIFF header, sometimes after "Exif\0\0" as in JPEG
+          return { format: "webp", orientation: tiff(text(p + 8, 6) === "Exif\0\0" ? p + 14 : p + 8) };
+        }
+        p += 8 + length + (length & 1); // padded to an even length
+      }
+      return { format: "webp", orientation: 1 };
+    }
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error; // a file cut short: no orientation
+  }
+  return { format: "", orientation: 1 };
+}
+
+// Canvas transforms that draw a picture stored w x h upright, by EXIF orientation (5-8 swap its
+// width and height): what exif_transpose does.
+const TURNS = {
+  2: (w, h) => [-1, 0, 0, 1, w, 0], // mirrored
+  3: (w, h) => [-1, 0, 0, -1, w, h], // upside down
+  4: (w, h) => [1, 0, 0, -1, 0, h], // mirrored upside down
+  5: (w, h) => [0, 1, 1, 0, 0, 0], // mirrored along the diagonal
+  6: (w, h) => [0, 1, -1, 0, h, 0], // a quarter turn clockwise
+  7: (w, h) => [0, -1, -1, 0, h, w], // mirrored along the other diagonal
+  8: (w, h) => [0, -1, 1, 0, 0, w], // a quarter turn anticlockwise
+};
+
+// 2x1 pixels with EXIF orientation 6 in each format: a browser that turns that format decodes it 1x2.
+const TURN_PROBES = {
+  jpeg: "/9j/4AAQSkZJRgABAQAAAQABAAD/4QAiRXhpZgAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/wAALCAABAAIBAREA/8QAFAABAAAAAAAAAAAAAAAAAAAAAP/EABQQAQAAAAAAAAAAAAAAAAAAAAD/2gAIAQEAAD8AP//Z",
+  png: "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAAGmVYSWZNTQAqAAAACAABARIAAwAAAAEABgAAAAAAANZnS2kAAAALSURBVHjaY2xgAAABBgCCtmAv3wAAAABJRU5ErkJggg==",
+  webp: "UklGRlIAAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAdQwAIWsP+BiOh/AABFWElGGgAAAE1NACoAAAAIAAEBEgADAAAAAQAGAAAAAAAA",
+};
+const browserTurns = {}; // format -> promise of whether this browser applies its EXIF orientation
+
+function turnsItself(format) {
+  const probe = () => new Blob([Uint8Array.from(atob(TURN_PROBES[format]), (c) => c.charCodeAt(0))]);
+  browserTurns[format] ??= createImageBitmap(probe()).then((bitmap) => bitmap.width === 1, () => false);
+  return browserTurns[format];
+}
+
+// The file's picture as the server sees it: decoded by the browser, turned where it has not.
+async function decodeImage(file) {
+  const bitmap = await createImageBitmap(file);
+  const { format, orientation } = exifOrientation(await file.arrayBuffer());
+  if (!TURNS[orientation] || (await turnsItself(format))) return bitmap;
+  const [w, h] = [bitmap.width, bitmap.height];
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = orientation >= 5 ? [h, w] : [w, h];
+  const context = canvas.getContext("2d");
+  context.setTransform(...TURNS[orientation](w, h));
+  context.drawImage(bitmap, 0, 0);
+  return createImageBitmap(canvas);
+}
+
 // --- One image ---------------------------------------------------------------------------
 
 function resetImage() {
@@ -370,7 +461,7 @@ async function openFile(file) {
   const what = file.name || "the pasted image";
   const done = busy(`Segmenting ${what}…`);
   // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on it.
-  const bitmap = await createImageBitmap(file).catch(() => null);
+  const bitmap = await decodeImage(file).catch(() => null);
   if (generation !== state.generation) return;
   if (!bitmap) {
     done();

@@ -47,10 +47,10 @@ from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
-    EMBEDDING_CACHE_BYTES, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format, cached_image_prompts,
-    coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large, form_prompts, is_json,
-    json_text, render_answer, require_cache_room, require_segment_form, require_segmenter, segment_answer,
-    too_many_parts,
+    EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format,
+    cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large,
+    form_prompts, is_json, json_text, render_answer, require_cache_room, require_segment_form, require_segmenter,
+    segment_answer, too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -131,7 +131,8 @@ class SegmentEverything:
                             media_type="application/json")
         if path in WEB_FILES:
             name, media_type = WEB_FILES[path]
-            return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type)
+            headers = {"Content-Security-Policy": PAGE_SECURITY_POLICY} if path == "/" else {}
+            return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type, headers=headers)
         try:
             request = await with_body_read(request, self.limits)
             if path in UPLOAD_ENDPOINTS:

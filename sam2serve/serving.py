@@ -55,6 +55,10 @@ ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST"
           "/metrics": "GET"}  # path -> method
 # /metrics labels: other paths and methods count as "other", so clients cannot add series without end.
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+# GET /'s Content-Security-Policy, sent by every front that serves the page: its own script,
+# style and requests alone (its favicon is an empty data: URL), and no other site may frame it.
+PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
+                        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
 
@@ -509,7 +513,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.get("/")
     def page() -> Response:
         """The web page: drop an image, see every mask, click to segment."""
-        return app.send_static_file("index.html")
+        response = app.send_static_file("index.html")
+        response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
+        return response
 
     @app.get("/health")
     def health() -> Response:

@@ -24,7 +24,7 @@ from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
 from sam2serve.rle import rles_to_masks
-from sam2serve.serving import create_app
+from sam2serve.serving import PAGE_SECURITY_POLICY, create_app
 from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
@@ -253,6 +253,9 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             with urllib.request.urlopen(url + path, timeout=30) as response:
                 page = flask_client.get(path)
                 assert response.read() == page.get_data() and response.headers.get_content_type() == page.mimetype
+                # and GET /'s Content-Security-Policy (the script and the style have none)
+                assert response.headers["Content-Security-Policy"] == page.headers.get("Content-Security-Policy") \
+                    == (PAGE_SECURITY_POLICY if path == "/" else None)
         # Under a route prefix (the config file's route_prefix), the same answers below it.
         serve.run(build(arguments), name="sam2", route_prefix="/sam2")
         with urllib.request.urlopen(url + "/sam2", timeout=30) as response:  # to /sam2/: the page's links are relative

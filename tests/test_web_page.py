@@ -74,6 +74,7 @@ def browser(downloads, tmp_path_factory):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     yield driver
@@ -643,3 +644,24 @@ def test_a_turned_webp_s_masks_and_clicks_line_up_with_its_picture(page, tmp_pat
         mask = mask_utils.decode(mask_utils.frPyObjects(answer, *answer["size"])).astype(bool)
         assert mask_iou(mask, red) > 0.9, orientation
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+
+
+def test_the_page_has_a_security_policy_and_logs_no_error(browser, server, tmp_path):
+    """GET / sends a Content-Security-Policy that allows the page's own files and requests
+    alone; under it, opening an image and using the mask list puts no error in the console
+    (no favicon request answered 404, no inline style refused)."""
+    with urllib.request.urlopen(server + "/") as response:
+        policy = response.headers["Content-Security-Policy"]
+    assert policy and "default-src 'none'" in policy and "script-src 'self'" in policy
+    browser.get_log("browser")  # earlier pages' messages
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    path = tmp_path / "object.png"
+    turned_image(path, 1)
+    open_image(browser, path)
+    wait_for(browser, lambda d: page_state(d, "labels !== null"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")
+    assert rows[0].find_element(By.CLASS_NAME, "swatch").value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
+    rows[0].click()
+    rows[0].click()
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []

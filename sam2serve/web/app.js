@@ -434,7 +434,7 @@ function resetImage() {
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
   });
   $("mask-list").tBodies[0].replaceChildren();
-  $("hover-info").innerHTML = "&nbsp;";
+  $("hover-info").textContent = "\u00a0";
   for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks"]) $(id).disabled = true;
 }
 
@@ -543,21 +543,29 @@ function listMasks() {
   const by = $("sort-by").value;
   const key = by === "score" ? (a) => a.predicted_iou : (a) => a.area;
   const order = [...state.annotations.keys()].sort((a, b) => key(state.annotations[b]) - key(state.annotations[a]));
+  // Built node by node: the page's Content-Security-Policy refuses inline style in HTML text.
+  const cell = (content) => {
+    const td = document.createElement("td");
+    td.append(content);
+    return td;
+  };
   const rows = order.map((i) => {
     const row = document.createElement("tr");
     row.dataset.index = i;
     row.tabIndex = 0; // reached with Tab; Enter or Space selects it
     row.className = i === state.selected ? "selected" : "";
-    const [r, g, b] = state.colours[i];
-    row.innerHTML = `<td><span class="swatch" style="background:rgb(${r},${g},${b})"></span></td>` +
-      `<td>${i}</td><td>${state.annotations[i].area.toLocaleString()}</td>` +
-      `<td>${state.annotations[i].predicted_iou.toFixed(3)}</td>`;
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = `rgb(${state.colours[i].join(", ")})`;
+    const a = state.annotations[i];
+    row.append(cell(swatch), cell(String(i)), cell(a.area.toLocaleString()), cell(a.predicted_iou.toFixed(3)));
     return row;
   });
   if (!rows.length) {
     const row = document.createElement("tr");
     row.className = "empty";
-    row.innerHTML = '<td colspan="4">No mask passed the server\'s filters (predicted IoU and stability).</td>';
+    row.append(cell("No mask passed the server's filters (predicted IoU and stability)."));
+    row.cells[0].colSpan = 4;
     rows.push(row);
   }
   $("mask-list").tBodies[0].replaceChildren(...rows);

@@ -468,19 +468,19 @@ def coco_record(mask: np.ndarray) -> dict:
 SMALL = (64, 48)  # width, height of the images the stubbed server answers for
 
 
-def small_image(folder: Path, name: str, colour: str = "#4a7") -> Path:
+def small_image(folder: Path, name: str, size: tuple[int, int] = SMALL) -> Path:
     path = folder / name
-    Image.new("RGB", SMALL, colour).save(path)
+    Image.new("RGB", size, "#4a7").save(path)
     return path
 
 
-def stub_answers(segment_ms: int | None = 0, segment_status: int = 200) -> dict:
-    """A server that finds one square on every SMALL image and answers each click with it."""
-    mask = np.zeros(SMALL[::-1], dtype=bool)
+def stub_answers(segment_ms: int | None = 0, segment_status: int = 200, size: tuple[int, int] = SMALL) -> dict:
+    """A server that finds one square on every image of this size and answers each click with it."""
+    mask = np.zeros(size[::-1], dtype=bool)
     mask[10:30, 20:40] = True
     segment = ({"image_id": "stub", "results": [{"masks": [rle(mask)], "iou_predictions": [0.9]}]}
                if segment_status == 200 else {"error": f"as the server says ({segment_status})"})
-    return {"/upload_rle": [200, [coco_record(mask)], 0], "/embed": [200, {"image_id": "stub", "size": SMALL[::-1]}, 0],
+    return {"/upload_rle": [200, [coco_record(mask)], 0], "/embed": [200, {"image_id": "stub", "size": size[::-1]}, 0],
             "/segment": [segment_status, segment, segment_ms]}
 
 
@@ -665,3 +665,26 @@ def test_the_page_has_a_security_policy_and_logs_no_error(browser, server, tmp_p
     rows[0].click()
     rows[0].click()
     assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
+def test_the_image_is_fitted_again_when_an_error_shows_or_goes(page, tmp_path):
+    """A tall image fills the window's height; an error line above it pushes it down, so it is
+    fitted again, and once the error goes, again to the whole height."""
+    tall = (48, 400)
+    bottom = lambda: page.execute_script(  # noqa: E731
+        "return document.getElementById('image-canvas').getBoundingClientRect().bottom - window.innerHeight")
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    with stubbed_fetch(page, stub_answers(segment_status=500, size=tall)):
+        open_image(page, small_image(tmp_path, "tall.png", tall))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+        height = canvas.size["height"]
+        assert -30 < bottom() < 0  # as tall as the window allows
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        ActionChains(page).move_to_element(canvas).click().perform()
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert bottom() < 0 and canvas.size["height"] < height
+    with stubbed_fetch(page, stub_answers(size=tall)):
+        ActionChains(page).move_to_element(canvas).click().perform()
+        wait_for(page, lambda d: not d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert -30 < bottom() < 0 and canvas.size["height"] > height - 5

@@ -100,14 +100,18 @@ function setStatus(text) {
   $("status-text").textContent = text;
 }
 
+// The error line sits above the viewer: the image is fitted again when it shows or goes.
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
+  fitToWindow();
 }
 
 function clearError() {
+  if ($("error").hidden) return;
   $("error").hidden = true;
   $("error").textContent = "";
+  fitToWindow();
 }
 
 // Shows the text, a spinner and the seconds elapsed; returns a function that stops them and

@@ -688,3 +688,17 @@ def test_the_image_is_fitted_again_when_an_error_shows_or_goes(page, tmp_path):
         ActionChains(page).move_to_element(canvas).click().perform()
         wait_for(page, lambda d: not d.find_element(By.ID, "error").is_displayed(), timeout=10)
         assert -30 < bottom() < 0 and canvas.size["height"] > height - 5
+
+
+def test_a_transparent_image_is_shown_over_white(page, tmp_path):
+    """Transparent pixels are shown (and drawn in the overlay PNG) over white, as the server
+    segments them."""
+    image = Image.new("RGBA", (80, 60), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle([10, 10, 40, 30], fill=(220, 40, 40, 255))
+    ImageDraw.Draw(image).rectangle([50, 10, 70, 50], fill=(220, 40, 40, 128))
+    path = tmp_path / "transparent.png"
+    image.save(path)
+    expected = np.asarray(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB"))
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
+        open_and_show(page, path)
+        assert np.abs(shown_image(page).astype(int) - expected).max() <= 2

@@ -504,7 +504,12 @@ function showImage(bitmap) {
     $(id).width = bitmap.width;
     $(id).height = bitmap.height;
   }
-  if (bitmap instanceof ImageBitmap) $("image-canvas").getContext("2d").drawImage(bitmap, 0, 0);
+  if (bitmap instanceof ImageBitmap) {
+    const context = $("image-canvas").getContext("2d");
+    context.fillStyle = "#fff"; // transparent pixels over white, as the server segments them
+    context.fillRect(0, 0, bitmap.width, bitmap.height);
+    context.drawImage(bitmap, 0, 0);
+  }
   $("viewer").classList.add("has-image");
   fitToWindow();
 }

@@ -7,6 +7,7 @@ default thresholds).
 
 import http.server
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -120,9 +121,11 @@ def test_web_page_and_its_files_are_served(servers):
         assert response.headers.get_content_type() == "text/html"
         page = response.read().decode()
     for asset in ("/static/app.js", "/static/style.css"):
-        assert f'"{asset}"' in page
+        assert f'"{asset[1:]}"' in page  # relative, as the page's requests are: it works under a route prefix too
         with urllib.request.urlopen(servers["ao"] + asset) as response:
-            assert len(response.read()) > 1000
+            text = response.read().decode()
+            assert len(text) > 1000
+            assert not re.findall(r'(?:fetch|request)\("/', text), asset  # no request by absolute path
 
 
 def test_upload_rle_ao_equals_baseline_and_in_process(servers, image_files, tiny_checkpoint_dir):

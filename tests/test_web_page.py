@@ -530,7 +530,7 @@ def test_a_stopping_server_is_said_to_be_stopping_and_asked_again(browser, serve
     script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
         const realFetch = window.fetch;
         let asked = 0;
-        window.fetch = (resource, options) => resource === "/health" && asked++ === 0
+        window.fetch = (resource, options) => new URL(resource, location.href).pathname === "/health" && asked++ === 0
           ? Promise.resolve(new Response('{"status":"stopping","queued":0}', {status: 503}))
           : realFetch(resource, options);"""})
     try:

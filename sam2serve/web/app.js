@@ -148,7 +148,7 @@ const WEIGHTS_NOTES = {
 async function loadHealth() {
   let info;
   try {
-    info = await (await fetch("/health")).json();
+    info = await (await fetch("health")).json();
   } catch (error) {
     $("server-info").textContent = "Cannot reach the server; trying again…";
     setTimeout(loadHealth, 5000);
@@ -475,7 +475,7 @@ async function openFile(file) {
   }
   showImage(bitmap);
   try {
-    const text = await request("/upload_rle?format=coco", { method: "POST", body: imageForm() });
+    const text = await request("upload_rle?format=coco", { method: "POST", body: imageForm() });
     if (generation !== state.generation) return;
     const serverMs = done();
     showMasks(text);
@@ -633,7 +633,7 @@ function embed() {
   if (state.embedding) return state.embedding;
   const generation = state.generation;
   const done = busy("Encoding the image for clicks…");
-  state.embedding = request("/embed", { method: "POST", body: imageForm() })
+  state.embedding = request("embed", { method: "POST", body: imageForm() })
     .then((text) => {
       if (generation !== state.generation) return null;
       state.imageId = JSON.parse(text).image_id;
@@ -692,7 +692,7 @@ async function segment({ retried = false, keepError = false } = {}) {
   const prompt = clickPrompt();
   const started = performance.now();
   try {
-    const text = await request("/segment", {
+    const text = await request("segment", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ image_id: imageId, prompts: [prompt] }),

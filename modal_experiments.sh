@@ -34,6 +34,10 @@ fi
 # The app is the module deploy.modal_app of this repository.
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 read -r -a mode_list <<< "$modes"
+if [[ ${#mode_list[@]} -eq 0 ]]; then
+    echo "error: no mode given; choose among baseline ao fast fast_furious" >&2
+    exit 1
+fi
 # Checked before the first paid second: the model type (its checkpoint's file name, from the
 # project's own table of sizes, which knows t, s, b+, l), every mode, every listed image.
 checkpoint_name=$("$python" - "$model_type" "$paths_file" ${mode_list[@]+"${mode_list[@]}"} <<'EOF'

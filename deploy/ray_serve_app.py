@@ -230,7 +230,7 @@ def build(args: dict[str, str]) -> serve.Application:
         text = args.pop(key, None)
         try:
             value = default if text is None else kind(text)
-        except (ValueError, OverflowError):
+        except ValueError:
             raise ValueError(f"{key}={text}: expected a number") from None
         if not math.isfinite(value):
             raise ValueError(f"{key}={text}: expected a finite number")

@@ -81,8 +81,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         gray = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
         gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palettes may carry transparency
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")  # palettes, and PNGs with one colour keyed out, carry it
     if "A" in image.getbands():
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return np.array(image.convert("RGB"))

@@ -49,6 +49,9 @@ def test_transparent_pixels_are_laid_over_white_and_palettes_keep_their_colours(
     palette.info["transparency"] = palette.getpixel((0, 3))  # the bottom colour is see-through
     decoded = decode_image(encode(palette), max_pixels=100)
     assert (decoded[:2] == (10, 120, 230)).all() and (decoded[2:] == 255).all()
+    keyed = encode(Image.fromarray(colours), transparency=(250, 40, 0))  # one RGB colour keyed out, no alpha
+    decoded = decode_image(keyed, max_pixels=100)
+    assert (decoded[:2] == (10, 120, 230)).all() and (decoded[2:] == 255).all()
 
 
 def test_exif_orientation_is_applied():

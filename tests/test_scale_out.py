@@ -123,6 +123,7 @@ exec {sys.executable} "$@"
     (tmp_path / "paths_with_a_gap").write_text("a.jpg\nb.jpg\n")
     for model_type, modes, paths, message in [("t", "baseline fastt", "paths", "unknown mode 'fastt'"),
                                               ("huge", "baseline", "paths", "unknown model type 'huge'"),
+                                              ("t", "  ", "paths", "no mode given"),
                                               ("t", "baseline", "paths_with_a_gap", "1 listed images do not exist"),
                                               ("t", "baseline", "absent", "No such file")]:
         (tmp_path / "paths_used").write_text((tmp_path / paths).read_text() if (tmp_path / paths).exists() else "")

@@ -423,8 +423,9 @@ def test_many_masks_on_a_large_image_are_decoded_and_drawn(uploaded):
 @contextmanager
 def stubbed_fetch(driver, answers: dict):
     """Answers the page's requests to these paths in the page itself: path -> [status, JSON body,
-    milliseconds before the answer (None: it never comes)]; other paths go to the server. Each
-    request's path is logged in window.fetchLog, and "PATH answered" once its answer is given."""
+    milliseconds before the answer (None: it never comes; "held": when the test calls
+    window.release())]; other paths go to the server. Each request's path is logged in
+    window.fetchLog, and "PATH answered" once its answer is given."""
     driver.execute_script("""
         window.realFetch = window.realFetch || window.fetch;
         const answers = arguments[0];
@@ -434,7 +435,7 @@ def stubbed_fetch(driver, answers: dict):
           window.fetchLog.push(path);
           if (!(path in answers)) return window.realFetch(resource, options);
           const [status, body, ms] = answers[path];
-          await new Promise((resolve) => ms !== null && setTimeout(resolve, ms));
+          await new Promise((resolve) => ms === "held" ? (window.release = resolve) : ms !== null && setTimeout(resolve, ms));
           window.fetchLog.push(`${path} answered`);
           return new Response(JSON.stringify(body), {status, headers: {"Content-Type": "application/json"}});
         };""", answers)
@@ -508,20 +509,23 @@ def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
     on one image arrives after the next image is open: nothing of it shows on the new one."""
     images = [small_image(tmp_path, f"{i}.png") for i in range(4)]
     for round, status in enumerate([200, 400, 404]):
-        with stubbed_fetch(page, stub_answers(segment_ms=800, segment_status=status)):
+        with stubbed_fetch(page, stub_answers(segment_ms="held", segment_status=status)):
             if round == 0:
                 open_image(page, images[0])
                 page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
             wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
             ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+            wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
             open_image(page, images[round + 1])
+            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=60)  # the new image, encoded
+            embeds = fetch_log(page).count("/embed")
+            page.execute_script("window.release()")  # now the old click's answer comes
             wait_for(page, lambda d: "/segment answered" in fetch_log(d), timeout=10)
-            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
             time.sleep(0.2)  # the page's handling of that answer
             assert page_state(page, "clickAnswer") is None and page_state(page, "clicks") == [], status
             assert not page.find_element(By.ID, "error").is_displayed(), status
             assert highlight_alpha(page) == 0, status
-            assert fetch_log(page)[-1] == "/segment answered", status  # no encoding again after a 404
+            assert fetch_log(page).count("/embed") == embeds, status  # no encoding again after a 404
 
 
 def test_a_stopping_server_is_said_to_be_stopping_and_asked_again(browser, server):

@@ -354,7 +354,8 @@ def main() -> None:
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")
     parser.add_argument("--photo-from", type=non_negative_int, default=0,
                         help="first step with photo-like scenes (generated scenes only before it)")
-    parser.add_argument("--init", type=Path, help="go on from this trained micro checkpoint instead of random weights")
+    parser.add_argument("--init", type=Path, help="start from this trained micro checkpoint's weights instead of random ones "
+                        "(a new run: new schedule and optimizer)")
     parser.add_argument("--save-every", type=positive_int, default=250,
                         help="steps between interim checkpoints, written beside --output as <name>.interim.pt")
     parser.add_argument("--eval-scenes", type=positive_int, default=50, help="held-out scenes for the figures")

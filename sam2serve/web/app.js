@@ -424,6 +424,7 @@ async function decodeImage(file) {
   const context = canvas.getContext("2d");
   context.setTransform(...TURNS[orientation](w, h));
   context.drawImage(bitmap, 0, 0);
+  bitmap.close(); // a large photo's pixels, not kept until garbage collection
   return createImageBitmap(canvas);
 }
 
@@ -683,6 +684,7 @@ async function segment({ retried = false, keepError = false } = {}) {
   $("clear-clicks").disabled = !state.clicks.length && !state.box;
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
+    if (!keepError) clearError(); // a refusal's message goes with the clicks it was about
     if (state.imageId) setStatus(CLICK_HELP);
     drawHighlight();
     return;
@@ -782,8 +784,8 @@ function onPointerDown(event) {
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
 function onKeyDown(event) {
-  const key = event.key || "";
-  const undo = key === "Backspace" || (key.toLowerCase() === "z" && (event.ctrlKey || event.metaKey) && !event.shiftKey);
+  // event.code: the Z key wherever a keyboard layout puts another letter on it
+  const undo = event.key === "Backspace" || (event.code === "KeyZ" && (event.ctrlKey || event.metaKey) && !event.shiftKey);
   if (!undo || tool() !== "click" || press || !takeBack()) return;
   event.preventDefault();
   drawHighlight();

@@ -96,37 +96,24 @@ def run_script(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (images, rounds, steps, clients): a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+def number_type(kind: type, what: str, within: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: text read as `kind` ("expected {what}" otherwise), kept where `within`
+    holds ("must be {rule}" otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type of seeds and step numbers: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type of rates and scales: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+# Counts (images, rounds, steps, clients); seeds and step numbers; rates and scales.
+positive_int = number_type(int, "a whole number", lambda value: value >= 1, "1 or more")
+non_negative_int = number_type(int, "a whole number", lambda value: value >= 0, "0 or more")
+positive_float = number_type(float, "a number", lambda value: 0 < value < math.inf, "a finite number above 0")
 
 
 def read_images(parser: argparse.ArgumentParser, paths: list[str]) -> list[tuple[str, np.ndarray]]:

@@ -31,7 +31,8 @@ from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, non_negative_int, positive_float, positive_int, require_output_file, run_script, set_up_logging,
+    HelpWithDefaults, non_negative_int, number_type, positive_float, positive_int, require_output_file, run_script,
+    set_up_logging,
 )
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
@@ -325,15 +326,8 @@ def prompt_count(text: str) -> int:
     return value
 
 
-def share(text: str) -> float:
-    """argparse type of --photo-share: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
+# --photo-share: a number from 0 to 1.
+share = number_type(float, "a number from 0 to 1", lambda value: 0 <= value <= 1, "from 0 to 1")
 
 
 def main() -> None:

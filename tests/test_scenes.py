@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from training import train_micro_sam2
+from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import build_random_model, load_model, model_size
 from sam2serve.model import PointDecoder
 from training.photo_scenes import TRAINING_PHOTOS, make_photo_scene
@@ -80,6 +81,38 @@ def test_training_steps_fit_one_batch():
     # at zero forever if the neck's projections that feed them start at zero too).
     for conv in (model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1):
         assert conv.weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("prompt", ["points", "boxes"])
+def test_training_decodes_prompts_as_sam2s_predictor_serves_them(trained_micro_checkpoint, prompt):
+    """The model learns from the embeddings it is served with: a point, or a box (two corner
+    points labelled 2 and 3 plus the padding point, as SAM2ImagePredictor sends it), through
+    the training path gives the predictor's own low-resolution logits and IoU predictions."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    size = model.image_size  # the image at the model's input size: both use the same frame
+    scene = make_scene(np.random.default_rng(3), size, size)
+    predictor = image_predictor(model)
+    rng = np.random.default_rng(0)
+    corners = np.sort(rng.uniform(0, size, (5, 2, 2)), axis=1).reshape(5, 4).astype(np.float32)
+    points = corners[:, :2] if prompt == "points" else None
+    boxes = corners if prompt == "boxes" else None
+    with torch.inference_mode():
+        predictor.set_image(scene.image)
+        if prompt == "points":
+            _, ious, logits = predictor.predict(point_coords=points[:, None], point_labels=np.ones((5, 1)),
+                                                multimask_output=True, return_logits=True)
+        else:
+            _, ious, logits = predictor.predict(box=boxes, multimask_output=True, return_logits=True)
+        features = predictor._features
+        trained_logits, trained_ious = train_micro_sam2.decode_prompts(
+            model, features["image_embed"], features["high_res_feats"],
+            None if points is None else torch.from_numpy(points)[None],
+            None if boxes is None else torch.from_numpy(boxes)[None],
+        )
+    # Index 0 is the single-mask output; the predictor's multimask answer is outputs 1 to 3,
+    # its low-resolution logits clamped to [-32, 32].
+    np.testing.assert_allclose(trained_logits[:, 1:].clamp(-32, 32).numpy(), logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(trained_ious[:, 1:].numpy(), ious, rtol=1e-4, atol=1e-5)
 
 
 def test_logit_calibration_scales_logits_and_keeps_masks_and_iou_predictions(trained_micro_checkpoint):

@@ -1,8 +1,10 @@
 """Held-out evaluation of a model on generated scenes, against their known instance masks.
 
-Two figures, as SAM reports them:
+Three figures, as SAM reports them:
 - single-point mIoU: one point per object (its most interior pixel), sam2's own image predictor
   with multimask output, the mask with the highest predicted IoU, its IoU with the object;
+- box mIoU: the object's tight box (pixel edges), sam2's predictor with one output mask (what
+  /segment answers for a box), its IoU with the object;
 - automatic-mask-generation recall: the share of objects that some generated mask covers at
   IoU >= 0.5, with the default AMG thresholds.
 
@@ -62,6 +64,24 @@ def single_point_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float
     return [mask_iou(pred, truth) for pred, truth in zip(best, scene.masks)]
 
 
+def tight_box(mask: np.ndarray) -> list[float]:
+    """x0, y0, x1, y1 at the outer edges of the mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@torch.inference_mode()
+def tight_box_ious(predictor: SAM2ImagePredictor, scene: Scene) -> list[float]:
+    """For each object, the IoU of the one mask sam2's predictor gives for its tight box (the
+    image must be set already)."""
+    if len(scene.masks) == 0:
+        return []
+    boxes = np.array([tight_box(mask) for mask in scene.masks], dtype=np.float32)
+    masks, _, _ = predictor.predict(box=boxes, multimask_output=False)
+    masks = masks.reshape(len(boxes), *scene.masks.shape[1:]) > 0
+    return [mask_iou(pred, truth) for pred, truth in zip(masks, scene.masks)]
+
+
 def amg_matches(generator: MaskGenerator, scene: Scene) -> tuple[int, int]:
     """(objects found at IoU >= 0.5, masks generated)."""
     masks = rles_to_masks(generator.generate(scene.image))
@@ -84,6 +104,7 @@ class Evaluation:
     scenes: int
     objects: int
     single_point_miou: float
+    box_miou: float
     amg_recall: float
     masks_per_image: float
 
@@ -92,6 +113,7 @@ class Evaluation:
             [
                 f"held-out scenes            {self.scenes} ({self.objects} objects)",
                 f"single-point mIoU          {self.single_point_miou:.3f}",
+                f"box mIoU                   {self.box_miou:.3f}",
                 f"AMG recall at IoU >= {RECALL_IOU}   {self.amg_recall:.3f}",
                 f"AMG masks per image        {self.masks_per_image:.1f}",
             ]
@@ -101,9 +123,10 @@ class Evaluation:
 def evaluate(model: SAM2Base, n_scenes: int = 50, config: AMGConfig = AMGConfig()) -> Evaluation:
     scenes = held_out_scenes(n_scenes)
     predictor, generator = image_predictor(model), MaskGenerator(model, config)
-    ious, found, generated = [], 0, 0
+    ious, box_ious, found, generated = [], [], 0, 0
     for scene in tqdm(scenes, desc="held-out evaluation", unit="scene"):
-        ious += single_point_ious(predictor, scene)
+        ious += single_point_ious(predictor, scene)  # sets the image for tight_box_ious
+        box_ious += tight_box_ious(predictor, scene)
         hits, count = amg_matches(generator, scene)
         found, generated = found + hits, generated + count
     objects = sum(len(scene.masks) for scene in scenes)
@@ -111,6 +134,7 @@ def evaluate(model: SAM2Base, n_scenes: int = 50, config: AMGConfig = AMGConfig(
         scenes=len(scenes),
         objects=objects,
         single_point_miou=float(np.mean(ious)),
+        box_miou=float(np.mean(box_ious)),
         amg_recall=found / objects,
         masks_per_image=generated / len(scenes),
     )

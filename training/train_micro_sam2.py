@@ -151,7 +151,11 @@ def decode_prompts(model, image_embed, high_res, points: torch.Tensor | None, bo
     if points is not None:
         sparse, dense = point_prompt_embeddings(model.sam_prompt_encoder, points.reshape(-1, 2))
     else:
-        sparse, dense = model.sam_prompt_encoder(points=None, boxes=boxes.reshape(-1, 4), masks=None)
+        # As SAM2ImagePredictor (and so /segment) sends a box: its corners as points labelled 2
+        # and 3, plus the padding point the prompt encoder adds when it is given no box.
+        corners = boxes.reshape(-1, 2, 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).expand(len(corners), 2)
+        sparse, dense = model.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
     repeat = lambda x: x.repeat_interleave(n_points, dim=0)  # noqa: E731
     masks, iou_preds, _, _ = model.sam_mask_decoder.predict_masks(
         image_embeddings=repeat(image_embed),

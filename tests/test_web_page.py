@@ -219,7 +219,8 @@ def test_hovering_does_not_paint_the_selected_mask_again(uploaded):
 
 def test_the_keyboard_reaches_the_file_chooser_and_selects_masks(uploaded):
     """"Choose an image…" shows the keyboard's focus (its file input is invisible); the mask
-    list's rows are reached with Tab, show their figures when focused, and Enter or Space
+    list is one Tab stop whose rows the arrows, Home and End move between, each showing its
+    figures when focused; Tab leaves the list and comes back to the row it left; Enter or Space
     selects one."""
     uploaded.execute_script("document.querySelector('input[name=tool][value=everything]').focus()")
     ActionChains(uploaded).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
@@ -229,11 +230,22 @@ def test_the_keyboard_reaches_the_file_chooser_and_selects_masks(uploaded):
 
     uploaded.execute_script("document.getElementById('sort-by').focus()")
     rows = uploaded.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")
-    for row in rows[:2]:
-        ActionChains(uploaded).send_keys(Keys.TAB).perform()
-        assert uploaded.switch_to.active_element == row
+    assert len(rows) >= 3
+
+    def press(*keys, shift=False):
+        actions = ActionChains(uploaded).key_down(Keys.SHIFT) if shift else ActionChains(uploaded)
+        actions = actions.send_keys(*keys)
+        (actions.key_up(Keys.SHIFT) if shift else actions).perform()
+        return uploaded.switch_to.active_element
+
+    for keys, shift, row in [((Keys.TAB,), False, rows[0]), ((Keys.ARROW_DOWN,), False, rows[1]),
+                             ((Keys.END,), False, rows[-1]), ((Keys.HOME,), False, rows[0]),
+                             ((Keys.ARROW_UP,), False, rows[0]), ((Keys.ARROW_DOWN,), False, rows[1])]:
+        assert press(*keys, shift=shift) == row
         index = int(row.get_attribute("data-index"))
         assert uploaded.find_element(By.ID, "hover-info").text.startswith(f"mask {index}: predicted IoU")
+    assert press(Keys.TAB).tag_name != "tr"  # one Tab leaves the list, however long
+    assert press(Keys.TAB, shift=True) == rows[1]  # and comes back to the row it left
     ActionChains(uploaded).send_keys(Keys.ENTER).perform()
     assert page_state(uploaded, "selected") == index
     ActionChains(uploaded).send_keys(Keys.SPACE).perform()

@@ -562,7 +562,7 @@ function listMasks() {
   const rows = order.map((i) => {
     const row = document.createElement("tr");
     row.dataset.index = i;
-    row.tabIndex = 0; // reached with Tab; Enter or Space selects it
+    row.tabIndex = -1; // one row at a time is a Tab stop (below); arrows move between rows
     row.className = i === state.selected ? "selected" : "";
     const swatch = document.createElement("span");
     swatch.className = "swatch";
@@ -579,6 +579,15 @@ function listMasks() {
     rows.push(row);
   }
   $("mask-list").tBodies[0].replaceChildren(...rows);
+  if (rows[0].dataset.index !== undefined) {
+    rowStop(rows.find((row) => Number(row.dataset.index) === state.selected) || rows[0]);
+  }
+}
+
+// The list is one Tab stop (hundreds of masks would be hundreds of stops): the row last focused,
+// else the selected one, else the first, has tabIndex 0; the others are reached by the arrows.
+function rowStop(row) {
+  for (const other of row.parentElement.rows) other.tabIndex = other === row ? 0 : -1;
 }
 
 function describe(i) {
@@ -896,10 +905,21 @@ function init() {
       event.preventDefault(); // Space would scroll the list
       select(rowMask(event));
     }
+    const row = event.target.closest("tr");
+    const at = row ? row.sectionRowIndex : -1;
+    const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: rows.rows.length - 1 }[event.key];
+    if (rowMask(event) >= 0 && to !== undefined && rows.rows[to]) {
+      event.preventDefault(); // the arrows would scroll the page
+      rows.rows[to].focus();
+    }
   });
   // A row hovered or focused shows its mask and figures.
   rows.addEventListener("mouseover", (event) => rowMask(event) >= 0 && setHovered(rowMask(event)));
-  rows.addEventListener("focusin", (event) => rowMask(event) >= 0 && setHovered(rowMask(event)));
+  rows.addEventListener("focusin", (event) => {
+    if (rowMask(event) < 0) return;
+    rowStop(event.target.closest("tr"));
+    setHovered(rowMask(event));
+  });
   rows.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
   rows.addEventListener("focusout", () => tool() === "everything" && setHovered(-1));
   $("clear-clicks").addEventListener("click", () => {

@@ -196,6 +196,25 @@ def test_training_photos_and_held_out_photos_are_disjoint():
     assert not {name.split()[-1] for name in TRAINING_PHOTOS} & set(HELD_OUT_PHOTOS)
 
 
+def test_photo_scene_pieces_show_what_a_camera_would():
+    """Transparent parts of training photos are white, not their hidden black; every silhouette
+    is an outline, not its image's square; a shadow falls beside its shape, never round the edge."""
+    from training.photo_scenes import _cast_shadow, _rgb, _silhouette_sources
+
+    cut_out = np.zeros((4, 6, 4), dtype=np.uint8)
+    cut_out[:, :3] = (200, 40, 10, 255)  # left half opaque, right half transparent black
+    rgb = _rgb(cut_out)
+    assert (rgb[:, :3] == (200, 40, 10)).all() and (rgb[:, 3:] == 255).all()
+    assert all(not silhouette.all() for silhouette in _silhouette_sources())
+
+    image = np.full((40, 40, 3), 100.0, dtype=np.float32)
+    shape = np.zeros((40, 40), dtype=bool)
+    shape[10:30, 30:40] = True  # at the right edge, lit from the left: the shadow goes right
+    _cast_shadow(np.random.default_rng(0), image, shape, np.array([0.0, 1.0]))
+    assert image[:, :8].min() == 100.0  # the left edge is not darkened by a wrapped shadow
+    assert image[10:30, 30:].max() < 100.0  # the shadow is there, beside the shape
+
+
 def test_photo_share_picks_the_scene_kind_and_photo_scenes_ask_for_objects_only(monkeypatch):
     made = []
 

@@ -20,8 +20,9 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter, label
+from scipy.ndimage import gaussian_filter, label, shift
 
+from sam2serve.preprocess import to_rgb
 from training.scenes import (
     MIN_VISIBLE_FRACTION, Scene, _background, _clutter, _distinct_colour, _fill, _mean_colour, _random_shape,
     _smooth_noise,
@@ -73,12 +74,11 @@ TRAINING_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
-    """Any photo as (H, W, 3) uint8, at most 512 pixels on its longer side."""
+    """Any photo as (H, W, 3) uint8, at most 512 pixels on its longer side; transparent parts
+    laid over white as the server lays them (their hidden colour is often black)."""
     if image.dtype != np.uint8:
         image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    image = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    image = Image.fromarray(to_rgb(Image.fromarray(np.ascontiguousarray(image))))
     image.thumbnail((512, 512), Image.Resampling.BILINEAR)
     return np.asarray(image)
 
@@ -98,8 +98,9 @@ def _silhouette_sources() -> list[np.ndarray]:
             silhouettes.append(region[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
     for load in (_skimage("logo"), _matplotlib("Minduka_Present_Blue_Pack.png"), _matplotlib("logo2.png")):
         image = load()
-        if image.ndim == 3 and image.shape[2] == 4:
-            silhouettes.append(image[..., 3] > 127)
+        opaque = image[..., 3] > 127 if image.ndim == 3 and image.shape[2] == 4 else None
+        if opaque is not None and not opaque.all():  # skimage's logo is opaque everywhere: a square
+            silhouettes.append(opaque)
     return silhouettes
 
 
@@ -201,7 +202,7 @@ def _cast_shadow(rng: np.random.Generator, image: np.ndarray, shape: np.ndarray,
     """Darkens what lies under a blurred copy of the shape moved away from the light (in place)."""
     extent = np.sqrt(shape.sum())
     dy, dx = np.round(light * extent * rng.uniform(0.05, 0.25)).astype(int)
-    shadow = np.roll(shape, (dy, dx), axis=(0, 1)).astype(np.float32)
+    shadow = shift(shape.astype(np.float32), (dy, dx), order=0, cval=0.0)  # nothing wraps round the edge
     shadow = gaussian_filter(shadow, rng.uniform(1.0, 0.15 * extent + 1.5))
     image *= 1.0 - rng.uniform(0.2, 0.6) * shadow[..., None]
 

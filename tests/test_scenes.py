@@ -270,3 +270,21 @@ def test_an_interrupted_training_run_leaves_the_output_model_as_it_was(tmp_path,
 def test_small_scenes_can_be_made():  # benchmark.py --size 64 64 drew specks of negative radius
     for seed in range(20):
         assert make_scene(np.random.default_rng(seed), 64, 48).image.shape == (64, 48, 3)
+
+
+def test_held_out_box_figure_pairs_each_object_with_its_own_box(trained_micro_checkpoint):
+    """tight_box is the mask's outer pixel edges (x first); tight_box_ious gives each object the
+    mask of its own box: high on the committed model (boxes with x and y swapped, or masks out of
+    the objects' order, would score far lower)."""
+    from training.evaluation import held_out_scenes, tight_box, tight_box_ious
+
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:4, 2:5] = True
+    assert tight_box(mask) == [2, 1, 5, 4]
+    predictor = image_predictor(load_model(trained_micro_checkpoint, "micro", "cpu").model)
+    scene = held_out_scenes(1)[0]
+    assert len(scene.masks) >= 3
+    with torch.inference_mode():
+        predictor.set_image(scene.image)
+    ious = tight_box_ious(predictor, scene)
+    assert len(ious) == len(scene.masks) and np.mean(ious) > 0.7

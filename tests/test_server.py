@@ -252,14 +252,32 @@ def test_addresses_that_cannot_be_listened_on_are_refused_in_one_line(arguments,
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_starting_ends_it_in_one_line(signum):
-    """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored)."""
+    """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored).
+    Started as from a terminal: the signal not ignored, whatever the test run inherited."""
     process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     time.sleep(1.0)  # importing torch, or loading the model
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stderr
     assert f"stopped by {signum.name} while" in stderr and "Traceback" not in stderr
+
+
+def test_a_server_started_under_nohup_keeps_serving_after_a_hangup():
+    """A signal the server was started with ignored (SIGHUP under nohup) stays ignored; the
+    others still stop it."""
+    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(1.0)
+    process.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(timeout=3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    # Stopped while loading (exit 1) or after, answering what it accepted first (exit 0).
+    assert process.returncode in (0, 1) and "SIGTERM" in stderr and "SIGHUP" not in stderr, stderr
 
 
 def test_checkpoint_dir_without_model_type_is_refused(tmp_path):

@@ -36,7 +36,7 @@ from sam2serve.cli import (
 )
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
 from sam2serve.preprocess import image_to_input
-from training.evaluation import best_mask_logits, evaluate
+from training.evaluation import best_mask_logits, evaluate, tight_box
 from training.photo_scenes import make_photo_scene
 from training.scenes import Scene, make_scene
 
@@ -75,11 +75,10 @@ def sample_prompts(
 
 
 def jittered_boxes(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) masks -> (N, 4) XYXY boxes around them, each corner moved by a little noise."""
+    """(N, H, W) masks -> (N, 4) XYXY boxes around them (tight_box), each corner moved by a little noise."""
     boxes = []
     for mask in masks:
-        ys, xs = np.nonzero(mask)
-        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        x0, y0, x1, y1 = tight_box(mask)
         side = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=np.float32)
         boxes.append(np.array([x0, y0, x1, y1], dtype=np.float32) + rng.normal(0, BOX_JITTER, 4) * side)
     return np.clip(np.array(boxes, dtype=np.float32), 0, masks.shape[-1])

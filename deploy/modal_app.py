@@ -25,6 +25,9 @@ APP_NAME = "sam2-segment-everything"
 VOLUME_NAME = "sam2-checkpoints"
 VOLUME_PATH = "/data"  # checkpoints in /data/checkpoints, exported packages in /data/exported
 GPU = "H100"
+# A call that fails on Modal (its container lost, say) is tried again; an image whose call still
+# fails gets an error line in the replay's output instead of ending the whole replay.
+RETRIES = modal.Retries(max_retries=2, initial_delay=5.0)
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 
 
@@ -69,7 +72,7 @@ def answer_image(pipeline, image_bytes: bytes) -> str:
     return rle_lines(pipeline.generator, [image_bytes])[0]
 
 
-@app.cls(gpu=GPU, volumes={VOLUME_PATH: volume}, timeout=3600, scaledown_window=120)
+@app.cls(gpu=GPU, volumes={VOLUME_PATH: volume}, timeout=3600, scaledown_window=120, retries=RETRIES)
 class Segmenter:
     """One model in one mode per container; `upload_rle` answers as the server's /upload_rle."""
 
@@ -87,20 +90,39 @@ class Segmenter:
         return answer_image(self.pipeline, image_bytes)
 
 
-def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> None:
+def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> list[str]:
     """Sends every image of the list to the deployed app; writes one line per image, in order
-    (into output.partial until the last line: a run that fails leaves an earlier output as it was)."""
+    (into output.partial until the last line: a run that fails leaves an earlier output as it was);
+    answers the paths whose line is an error. An image whose call failed on Modal (after RETRIES)
+    gets an error line, as the server's for an image that failed: the others' lines are kept."""
+    from tqdm import tqdm
+
     from sam2serve.cli import write_lines
+    from sam2serve.serving import json_text
 
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
     segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)
     # .map keeps the input order and spreads the images over the containers.
-    write_lines(output, segmenter.upload_rle.map(Path(path).read_bytes() for path in paths))
+    answers = segmenter.upload_rle.map((Path(path).read_bytes() for path in paths), return_exceptions=True)
+    failed = []
+
+    def lines():
+        for path, answer in zip(paths, tqdm(answers, total=len(paths), desc="images", unit="image")):
+            if isinstance(answer, Exception):
+                answer = json_text({"error": f"the Modal call failed: {type(answer).__name__}: {answer}"})
+            if answer.startswith('{"error"'):
+                failed.append(path)
+            yield answer
+
+    write_lines(output, lines())
+    return failed
 
 
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
-    from sam2serve.cli import add_amg_options, amg_options, checked_image_paths, require_output_file
+    from sam2serve.cli import (
+        add_amg_options, amg_options, checked_image_paths, report_error_lines, require_output_file,
+    )
     from sam2serve.modes import DEFAULT_MODE, MODES
 
     parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
@@ -119,9 +141,10 @@ def main() -> None:
     except (OSError, ValueError) as error:
         command.error(str(error))
     try:
-        replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
+        failed = replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
     except modal.exception.Error as error:  # no token, app not deployed, ...: Modal's own words
         sys.exit(f"error: {type(error).__name__}: {error}")
+    report_error_lines(paths, failed)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ on 2 cores): Ray runs a worker's torch on one thread.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,8 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
-    check_checkpoint_arguments, positive_int, read_image_paths, require_output_file, run_script, write_lines,
+    check_checkpoint_arguments, positive_int, read_image_paths, report_error_lines, require_output_file, run_script,
+    write_lines,
 )
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, rle_lines
@@ -100,10 +100,7 @@ def main() -> None:
                    device=args.device, config=config, load_fast=args.load_fast)
     ray.init(address=args.address)
     failed = run(paths, args.output, options, args.workers, args.batch_size)
-    if failed:  # e.g. relative paths that a cluster's workers cannot find
-        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {failed[:3]}", file=sys.stderr)
-    if len(failed) == len(paths):
-        sys.exit(1)
+    report_error_lines(paths, failed)  # e.g. relative paths that a cluster's workers cannot find
 
 
 if __name__ == "__main__":

@@ -176,6 +176,15 @@ def write_lines(output: Path, lines: Iterable[str]) -> None:
     partial.replace(output)
 
 
+def report_error_lines(paths: list[str], failed: list[str]) -> None:
+    """After a bulk run: how many of `paths` answered an error line (on stderr), and status 1
+    when every one did (nothing to compare)."""
+    if failed:
+        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {failed[:3]}", file=sys.stderr)
+    if len(failed) == len(paths):
+        sys.exit(1)
+
+
 def compile_modes() -> list[str]:
     """torch.compile's modes, as this torch names them (choices of --compile-mode)."""
     return sorted(torch._inductor.list_mode_options())

@@ -163,6 +163,56 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
         assert (status == 200) == (path.name != "not_an_image.jpg")
 
 
+def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the_others(
+    monkeypatch, tmp_path, capsys
+):
+    """The replay against a stand-in for the deployed class (no cloud here) that behaves as
+    Modal's .map: answers in input order, and a call that failed (after the class's retries)
+    raised in the stream, or returned there when asked with return_exceptions."""
+    import modal
+
+    from deploy import modal_app
+
+    class FailedCall(Exception):
+        pass
+
+    class UploadRle:
+        def map(self, inputs, return_exceptions=False):
+            for data in inputs:
+                if data == b"lost":
+                    if not return_exceptions:
+                        raise FailedCall("container lost")
+                    yield FailedCall("container lost")
+                else:
+                    yield json.dumps({"mask_0": data.decode()})
+
+    class Segmenter:
+        def __init__(self, **parameters):
+            self.upload_rle = UploadRle()
+
+    monkeypatch.setattr(modal.Cls, "from_name", lambda app_name, name: Segmenter)
+    paths = []
+    for name in ("a", "lost", "b"):
+        (tmp_path / name).write_bytes(name.encode())
+        paths.append(str(tmp_path / name))
+    output = tmp_path / "out" / "rle_masks"
+    failed = modal_app.replay(paths, output, "tiny", "ao", {}, "")
+    lines = output.read_text().splitlines()
+    assert lines[0] == '{"mask_0": "a"}' and lines[2] == '{"mask_0": "b"}'
+    assert json.loads(lines[1]) == {"error": "the Modal call failed: FailedCall: container lost"}
+    assert failed == [paths[1]]
+    assert isinstance(modal_app.RETRIES, modal.Retries) and modal_app.RETRIES.max_retries >= 1
+
+    # The summary the command prints, as the Ray Data job's; status 1 when every image failed.
+    from sam2serve.cli import report_error_lines
+
+    report_error_lines(paths, failed)
+    assert f"1 of 3 images answered an error line, e.g. {[paths[1]]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        report_error_lines(paths[1:2], failed)
+    assert stopped.value.code == 1
+
+
 def test_result_lines_are_written_whole_or_not_at_all(tmp_path):
     """The bulk job's and the Modal replay's output: a run that fails (no token, a lost cluster)
     leaves the earlier output as it was."""

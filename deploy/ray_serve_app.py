@@ -49,8 +49,8 @@ from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
     EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format,
     cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large,
-    form_prompts, is_json, json_text, render_answer, require_cache_room, require_segment_form, require_segmenter,
-    segment_answer, too_many_parts,
+    form_prompts, is_json, json_text, raw_body_type, render_answer, require_cache_room, require_segment_form,
+    require_segmenter, segment_answer, too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -152,7 +152,10 @@ class SegmentEverything:
     async def uploaded_image(self, request: Request, form=None):
         form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
-        return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits)
+        mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits,
+                             [key for key, value in form.items() if not hasattr(value, "read")],
+                             raw_body_type(mimetype, int(request.headers.get("content-length") or 0)))
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by server.py's functions."""

@@ -112,17 +112,29 @@ def json_text(payload: object) -> str:
     return json.dumps(payload, separators=(",", ":"))
 
 
-def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits) -> np.ndarray:
+def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
+                  body_type: str = "") -> np.ndarray:
     """The image of the multipart field 'image' (`files`: the contents of every file sent in that
-    field), checked and decoded."""
+    field), checked and decoded. Without one, the message says what came instead: `text_fields`
+    (an 'image' text field: curl -F without its @), or `body_type`, the media type of a body that
+    is not a multipart form (a raw image posted as the body)."""
     if not files:
-        raise InvalidImage(
-            f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); "
-            f"received file fields: {file_fields or 'none'}"
-        )
+        if "image" in text_fields:
+            raise InvalidImage("the field 'image' holds text, not a file: put @ before the file's path "
+                               "(curl -F 'image=@file.jpg')")
+        received = (f"the body is {body_type}, not a multipart form" if body_type
+                    else f"received file fields: {file_fields or 'none'}")
+        raise InvalidImage(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
     if len(files) > 1:
         raise InvalidImage(f"expected one file in the field 'image', received {len(files)}; send one image per request")
     return decode_image(files[0], limits.max_pixels)
+
+
+def raw_body_type(mimetype: str, body_bytes: int) -> str:
+    """decode_upload's `body_type`: the media type of a body that is not a multipart form, or ""."""
+    if not body_bytes or mimetype.startswith("multipart/"):
+        return ""
+    return mimetype or "of no media type"
 
 
 def answer_format(endpoint: str, asked: str | None) -> str:
@@ -448,7 +460,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     def uploaded_image() -> np.ndarray:
         uploads = request.files.getlist("image")
-        return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits)
+        return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
+                             raw_body_type(request.mimetype, request.content_length or 0))
 
     @app.before_request
     def start_clock() -> None:

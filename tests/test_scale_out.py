@@ -333,12 +333,14 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "text field too large": multipart([image, ("prompts", None, b"x" * 600_000)]),
         "not a form": (b"garbage", "multipart/form-data; boundary=b"),
         "no boundary": (b"garbage", "multipart/form-data"),
+        "path without @": multipart([("image", None, b"shapes.jpg")]),
+        "raw image": (image[2], "image/jpeg"),
     }
     for case, (body, content_type) in forms.items():
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
         flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
-        if status == 413:
+        if status == 413 or case in ("path without @", "raw image"):  # the same message as well
             assert answer == flask.get_data(), case
     response = flask_client.get("/upload_rle")
     with urllib.request.urlopen(url + "/health", timeout=30) as health:  # server.py's fields, in its order

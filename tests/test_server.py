@@ -186,6 +186,9 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
     (folder / "huge.bin").write_bytes(np.random.default_rng(0).bytes(2 * 1024 * 1024))
     return {
         "wrong_field_name": (["-F", f"file=@{scene}"], 400, "'image'"),
+        "path_without_at": (["-F", f"image={scene}"], 400, "put @ before the file's path"),
+        "raw_image_body": (["--data-binary", f"@{scene}", "-H", "Content-Type: image/jpeg"], 400,
+                           "the body is image/jpeg, not a multipart form"),
         "no_body": ([], 400, "'image'"),
         "empty_file": (["-F", f"image=@{folder / 'empty.jpg'}"], 400, "empty"),
         "not_an_image": (["-F", f"image=@{folder / 'text.jpg'}"], 400, "not an image"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -589,14 +589,27 @@ def test_a_file_the_browser_cannot_show_is_not_sent(page, tmp_path):
         assert "cannot show scan.tiff" in page.find_element(By.ID, "error").text
 
 
-def turned_image(path: Path, orientation: int, **options) -> np.ndarray:
-    """Writes an image with an object (a red rectangle, near a corner) and this EXIF orientation;
-    answers its pixels as the server sees them, turned by the orientation (Pillow's exif_transpose)."""
+XMP_ORIENTATION = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                   '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/></rdf:RDF>'
+                   '</x:xmpmeta>')
+
+
+def turned_image(path: Path, orientation: int | None, xmp: int | None = None, **options) -> np.ndarray:
+    """Writes an image with an object (a red rectangle, near a corner) and this EXIF orientation
+    (None: no EXIF), and this orientation in XMP (None: no XMP); answers its pixels as the server
+    sees them, turned by the orientation (Pillow's exif_transpose)."""
     image = Image.new("RGB", (160, 120), (40, 90, 70))
     ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    image.save(path, exif=exif, **options)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    if xmp is not None and path.suffix == ".png":
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION.format(xmp))
+    elif xmp is not None:
+        options["xmp"] = XMP_ORIENTATION.format(xmp).encode()
+    image.save(path, **options)
     with Image.open(path) as saved:
         return np.asarray(ImageOps.exif_transpose(saved).convert("RGB"))
 
@@ -627,6 +640,25 @@ def test_every_exif_orientation_is_shown_as_the_server_turns_it(page, tmp_path):
             assert shown.shape == expected.shape, (suffix, orientation)
             difference = float(np.abs(shown.astype(int) - expected).mean())
             assert difference < (3 if suffix == "jpg" else 0.5), (suffix, orientation, difference)
+
+
+def test_an_xmp_orientation_is_shown_as_the_server_turns_it(page, tmp_path):
+    """Pillow also turns an image by XMP's tiff:Orientation, where EXIF has none (and only there);
+    browsers turn by EXIF alone: the page shows each as the server sees it."""
+    cases = [(suffix, None, 6, options) for suffix, options in
+             (("jpg", {"quality": 95}), ("png", {}), ("webp", {"lossless": True}))]
+    cases += [("jpg", None, 3, {"quality": 95}), ("webp", None, 8, {"lossless": True}),
+              ("jpg", 1, 6, {"quality": 95})]  # EXIF's orientation 1 wins over XMP's: not turned
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone: no answer comes
+        for index, (suffix, orientation, xmp, options) in enumerate(cases):
+            path = tmp_path / f"xmp{index}.{suffix}"
+            expected = turned_image(path, orientation, xmp, **options)
+            assert expected.shape[:2] == ((160, 120) if xmp in (6, 8) and orientation is None else (120, 160))
+            open_and_show(page, path)
+            shown = shown_image(page)
+            assert shown.shape == expected.shape, (suffix, orientation, xmp)
+            difference = float(np.abs(shown.astype(int) - expected).mean())
+            assert difference < (3 if suffix == "jpg" else 0.5), (suffix, orientation, xmp, difference)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -338,12 +338,14 @@ function paintMask(context, counts, rgb) {
 
 // --- Turning the picture as the server does ------------------------------------------------
 //
-// The server turns every image by its EXIF orientation (Pillow's exif_transpose). Browsers do
-// that for some formats only (Chromium: JPEG and PNG, not WebP), so the page reads the
-// orientation from the file and turns the picture itself where this browser has not.
+// The server turns every image by its orientation (Pillow's exif_transpose): EXIF's, or where
+// EXIF has none, XMP's tiff:Orientation. Browsers do that for some formats only (Chromium: EXIF
+// in JPEG and PNG, not in WebP, and XMP in none), so the page reads the orientation from the
+// file and turns the picture itself where this browser has not.
 
-// The EXIF orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, and the format.
-function exifOrientation(buffer) {
+// The orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, its format, and
+// where it was found ("exif" or "xmp"). XMP in a compressed PNG text chunk is not read.
+function fileOrientation(buffer) {
   const view = new DataView(buffer);
   const text = (at, length) => String.fromCharCode(...new Uint8Array(buffer, at, length));
   // EXIF is a TIFF header and its first directory of 12-byte entries: tag 0x0112 is the orientation.
@@ -354,37 +356,53 @@ function exifOrientation(buffer) {
       const entry = directory + 2 + 12 * i;
       if (view.getUint16(entry, little) === 0x0112) return view.getUint16(entry + 8, little);
     }
-    return 1;
+    return null;
   };
+  const xmp = (at, length) => {
+    const packet = new TextDecoder().decode(new Uint8Array(buffer, at, length)); // XMP is UTF-8
+    const match = /tiff:Orientation(="|>)([0-9])/.exec(packet); // Pillow's pattern
+    return match ? Number(match[2]) : null;
+  };
+  const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
+  const XMP_PNG = "XML:com.adobe.xmp\0";
+  let format = "";
+  let exif = null;
+  let fromXmp = null;
   try {
-    if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF in APP1 (0xe1)
+    if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF and XMP in APP1 (0xe1)
+      format = "jpeg";
       for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
-        if (view.getUint8(p + 1) === 0xe1 && text(p + 4, 6) === "Exif\0\0") {
-          return { format: "jpeg", orientation: tiff(p + 10) };
+        if (view.getUint8(p + 1) !== 0xe1) continue;
+        if (text(p + 4, 6) === "Exif\0\0") exif ??= tiff(p + 10);
+        else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
+          fromXmp = xmp(p + 4 + XMP_JPEG.length, view.getUint16(p + 2) - 2 - XMP_JPEG.length);
         }
       }
-      return { format: "jpeg", orientation: 1 };
-    }
-    if (text(0, 8) === "\x89PNG\r\n\x1a\n") { // PNG: chunks of length, type, data, CRC
+    } else if (text(0, 8) === "\x89PNG\r\n\x1a\n") { // PNG: chunks of length, type, data, CRC
+      format = "png";
       for (let p = 8; p + 8 <= view.byteLength; p += 12 + view.getUint32(p)) {
-        if (text(p + 4, 4) === "eXIf") return { format: "png", orientation: tiff(p + 8) };
+        const type = text(p + 4, 4);
+        if (type === "eXIf") exif ??= tiff(p + 8);
+        else if ((type === "iTXt" || type === "tEXt") && text(p + 8, XMP_PNG.length) === XMP_PNG) {
+          fromXmp = xmp(p + 8, view.getUint32(p));
+        }
       }
-      return { format: "png", orientation: 1 };
-    }
-    if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
+    } else if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
+      format = "webp";
       for (let p = 12; p + 8 <= view.byteLength;) {
         const length = view.getUint32(p + 4, true);
-        if (text(p, 4) === "EXIF") { // its TIFF header, sometimes after "Exif\0\0" as in JPEG
-          return { format: "webp", orientation: tiff(text(p + 8, 6) === "Exif\0\0" ? p + 14 : p + 8) };
-        }
+        const type = text(p, 4);
+        if (type === "EXIF") { // its TIFF header, sometimes after "Exif\0\0" as in JPEG
+          exif ??= tiff(text(p + 8, 6) === "Exif\0\0" ? p + 14 : p + 8);
+        } else if (type === "XMP ") fromXmp = xmp(p + 8, length);
         p += 8 + length + (length & 1); // padded to an even length
       }
-      return { format: "webp", orientation: 1 };
     }
   } catch (error) {
-    if (!(error instanceof RangeError)) throw error; // a file cut short: no orientation
+    if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
-  return { format: "", orientation: 1 };
+  if (exif !== null) return { format, orientation: exif, source: "exif" };
+  return { format, orientation: fromXmp ?? 1, source: "xmp" };
 }
 
 // Canvas transforms that draw a picture stored w x h upright, by EXIF orientation (5-8 swap its
@@ -399,25 +417,31 @@ const TURNS = {
   8: (w, h) => [0, -1, 1, 0, 0, w], // a quarter turn anticlockwise
 };
 
-// 2x1 pixels with EXIF orientation 6 in each format: a browser that turns that format decodes it 1x2.
+// 2x1 pixels with orientation 6 in each format, in EXIF or in XMP alone: a browser that turns
+// that format by that orientation decodes it 1x2.
 const TURN_PROBES = {
-  jpeg: "/9j/4AAQSkZJRgABAQAAAQABAAD/4QAiRXhpZgAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/wAALCAABAAIBAREA/8QAFAABAAAAAAAAAAAAAAAAAAAAAP/EABQQAQAAAAAAAAAAAAAAAAAAAAD/2gAIAQEAAD8AP//Z",
-  png: "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAAGmVYSWZNTQAqAAAACAABARIAAwAAAAEABgAAAAAAANZnS2kAAAALSURBVHjaY2xgAAABBgCCtmAv3wAAAABJRU5ErkJggg==",
-  webp: "UklGRlIAAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAdQwAIWsP+BiOh/AABFWElGGgAAAE1NACoAAAAIAAEBEgADAAAAAQAGAAAAAAAA",
+  "jpeg-exif": "/9j/4AAQSkZJRgABAQAAAQABAAD/4QAiRXhpZgAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/wAALCAABAAIBAREA/8QAFAABAAAAAAAAAAAAAAAAAAAAAP/EABQQAQAAAAAAAAAAAAAAAAAAAAD/2gAIAQEAAD8AP//Z",
+  "png-exif": "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAAGmVYSWZNTQAqAAAACAABARIAAwAAAAEABgAAAAAAANZnS2kAAAALSURBVHjaY2xgAAABBgCCtmAv3wAAAABJRU5ErkJggg==",
+  "webp-exif": "UklGRlIAAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAdQwAIWsP+BiOh/AABFWElGGgAAAE1NACoAAAAIAAEBEgADAAAAAQAGAAAAAAAA",
+  "jpeg-xmp": "/9j/4AAQSkZJRgABAQAAAQABAAD/4QDsaHR0cDovL25zLmFkb2JlLmNvbS94YXAvMS4wLwA8eDp4bXBtZXRhIHhtbG5zOng9ImFkb2JlOm5zOm1ldGEvIj48cmRmOlJERiB4bWxuczpyZGY9Imh0dHA6Ly93d3cudzMub3JnLzE5OTkvMDIvMjItcmRmLXN5bnRheC1ucyMiPjxyZGY6RGVzY3JpcHRpb24geG1sbnM6dGlmZj0iaHR0cDovL25zLmFkb2JlLmNvbS90aWZmLzEuMC8iIHRpZmY6T3JpZW50YXRpb249IjYiLz48L3JkZjpSREY+PC94OnhtcG1ldGE+/9sAQwAIBgYHBgUIBwcHCQkICgwUDQwLCwwZEhMPFB0aHx4dGhwcICQuJyAiLCMcHCg3KSwwMTQ0NB8nOT04MjwuMzQy/8AACwgAAQACAQERAP/EAB8AAAEFAQEBAQEBAAAAAAAAAAABAgMEBQYHCAkKC//EALUQAAIBAwMCBAMFBQQEAAABfQECAwAEEQUSITFBBhNRYQcicRQygZGhCCNCscEVUtHwJDNicoIJChYXGBkaJSYnKCkqNDU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6g4SFhoeIiYqSk5SVlpeYmZqio6Slpqeoqaqys7S1tre4ubrCw8TFxsfIycrS09TV1tfY2drh4uPk5ebn6Onq8fLz9PX29/j5+v/aAAgBAQAAPwAr/9k=",
+  "png-xmp": "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAA42lUWHRYTUw6Y29tLmFkb2JlLnhtcAAAAAAAPHg6eG1wbWV0YSB4bWxuczp4PSJhZG9iZTpuczptZXRhLyI+PHJkZjpSREYgeG1sbnM6cmRmPSJodHRwOi8vd3d3LnczLm9yZy8xOTk5LzAyLzIyLXJkZi1zeW50YXgtbnMjIj48cmRmOkRlc2NyaXB0aW9uIHhtbG5zOnRpZmY9Imh0dHA6Ly9ucy5hZG9iZS5jb20vdGlmZi8xLjAvIiB0aWZmOk9yaWVudGF0aW9uPSI2Ii8+PC9yZGY6UkRGPjwveDp4bXBtZXRhPo4XMBcAAAALSURBVHicY2xgAAABBgCCJcRYOAAAAABJRU5ErkJggg==",
+  "webp-xmp": "UklGRgYBAABXRUJQVlA4WAoAAAAEAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAdQwAIWsP+BiOh/AABYTVAgzQAAADx4OnhtcG1ldGEgeG1sbnM6eD0iYWRvYmU6bnM6bWV0YS8iPjxyZGY6UkRGIHhtbG5zOnJkZj0iaHR0cDovL3d3dy53My5vcmcvMTk5OS8wMi8yMi1yZGYtc3ludGF4LW5zIyI+PHJkZjpEZXNjcmlwdGlvbiB4bWxuczp0aWZmPSJodHRwOi8vbnMuYWRvYmUuY29tL3RpZmYvMS4wLyIgdGlmZjpPcmllbnRhdGlvbj0iNiIvPjwvcmRmOlJERj48L3g6eG1wbWV0YT4A",
 };
-const browserTurns = {}; // format -> promise of whether this browser applies its EXIF orientation
+const browserTurns = {}; // "format-source" -> promise of whether this browser applies that orientation
 
-function turnsItself(format) {
-  const probe = () => new Blob([Uint8Array.from(atob(TURN_PROBES[format]), (c) => c.charCodeAt(0))]);
-  browserTurns[format] ??= createImageBitmap(probe()).then((bitmap) => bitmap.width === 1, () => false);
-  return browserTurns[format];
+function turnsItself(format, source) {
+  const kind = `${format}-${source}`;
+  if (!TURN_PROBES[kind]) return Promise.resolve(false);
+  const probe = () => new Blob([Uint8Array.from(atob(TURN_PROBES[kind]), (c) => c.charCodeAt(0))]);
+  browserTurns[kind] ??= createImageBitmap(probe()).then((bitmap) => bitmap.width === 1, () => false);
+  return browserTurns[kind];
 }
 
 // The file's picture as the server sees it: decoded by the browser, turned where it has not.
 async function decodeImage(file) {
   const bitmap = await createImageBitmap(file);
-  const { format, orientation } = exifOrientation(await file.arrayBuffer());
-  if (!TURNS[orientation] || (await turnsItself(format))) return bitmap;
+  const { format, orientation, source } = fileOrientation(await file.arrayBuffer());
+  if (!TURNS[orientation] || (await turnsItself(format, source))) return bitmap;
   const [w, h] = [bitmap.width, bitmap.height];
   const canvas = document.createElement("canvas");
   [canvas.width, canvas.height] = orientation >= 5 ? [h, w] : [w, h];

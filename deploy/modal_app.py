@@ -108,7 +108,7 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
 
     def lines():
         for path, answer in zip(paths, tqdm(answers, total=len(paths), desc="images", unit="image")):
-            if isinstance(answer, Exception):
+            if isinstance(answer, BaseException):  # what Modal returns for a call that failed
                 answer = json_text({"error": f"the Modal call failed: {type(answer).__name__}: {answer}"})
             if answer.startswith('{"error"'):
                 failed.append(path)

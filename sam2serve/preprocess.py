@@ -1,8 +1,9 @@
 """Image bytes -> RGB array -> model input tensor.
 
 Decoding checks what a server must check before spending memory on pixels: empty input,
-data that is not an image, truncated files, and images with too many pixels (read from the
-header, before the pixels are decoded, so a small file that expands to gigabytes is refused).
+data that is not an image (or not in one of the raster formats it reads), truncated files, and
+images with too many pixels (read from the header, before the pixels are decoded, so a small file
+that expands to gigabytes is refused).
 """
 
 import io
@@ -28,6 +29,18 @@ PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 FILE_MAX_PIXELS = 100_000_000
 
 
+# The raster formats images are read in, as Pillow names them (JPEG includes cameras' MPO files).
+# Pillow reads more, but some hand the file to another program (EPS to Ghostscript, long a way in
+# for attackers) or are rarely seen outside their niche: a server that takes files from anyone
+# reads these alone (and the scripts read files as it reads uploads).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "TGA", "ICO")
+Image.init()
+READ_FORMATS = tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)  # AVIF: Pillow 11.3 and later
+FORMATS_TEXT = ", ".join("WebP" if name == "WEBP" else name for name in READ_FORMATS)
+# ISO base media brands of HEIC/HEIF, as phones save photos: no Pillow plugin reads them.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
+
+
 class InvalidImage(ValueError):
     """The upload is not a decodable image."""
 
@@ -41,7 +54,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise InvalidImage("the file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=READ_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageTooLarge(
@@ -56,7 +69,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageTooLarge(f"image has more than {PILLOW_MAX_PIXELS} pixels; the limit is {max_pixels} pixels") \
             from error
     except UnidentifiedImageError as error:
-        raise InvalidImage("the file is not an image format Pillow can read") from error
+        heif = data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+        raise InvalidImage(f"the file is not an image in one of the formats read: {FORMATS_TEXT}"
+                           + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")) from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
         raise InvalidImage(f"the image could not be decoded: {error}") from error
 

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from sam2.utils.transforms import SAM2Transforms
 
-from sam2serve.preprocess import PILLOW_MAX_PIXELS, ImageTooLarge, InvalidImage, decode_image, image_to_input
+from sam2serve.preprocess import (
+    PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input,
+)
 
 
 def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
@@ -89,6 +91,27 @@ def test_images_beyond_pillows_own_guard_get_the_servers_message():
 def test_undecodable_input_is_invalid(data):
     with pytest.raises(InvalidImage):
         decode_image(data, max_pixels=10**6)
+
+
+def test_raster_formats_are_read_and_others_refused_with_the_list():
+    """Each format the server reads decodes; EPS, which Pillow would hand to Ghostscript, and
+    HEIC, which no plugin reads, are refused by name, with the formats that are read."""
+    image = Image.new("RGB", (32, 16), (200, 30, 30))
+    assert {"JPEG", "PNG", "WEBP", "TIFF"} <= set(READ_FORMATS)
+    for name in READ_FORMATS:
+        data = io.BytesIO()
+        image.save(data, name)
+        decoded = decode_image(data.getvalue(), 10**6)
+        centre = decoded[decoded.shape[0] // 2, decoded.shape[1] // 2].astype(int)
+        assert decoded.ndim == 3 and np.abs(centre - (200, 30, 30)).max() < 12, name
+    eps = io.BytesIO()
+    image.save(eps, "EPS")
+    with pytest.raises(InvalidImage, match="not an image in one of the formats read: JPEG, PNG, ") as refused:
+        decode_image(eps.getvalue(), 10**6)
+    assert "Ghostscript" not in str(refused.value)
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # the start of an iPhone photo
+    with pytest.raises(InvalidImage, match="it is HEIC/HEIF: save it as JPEG or PNG"):
+        decode_image(heic, 10**6)
 
 
 def test_model_input_equals_sam2_transforms(scene):

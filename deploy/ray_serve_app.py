@@ -47,7 +47,7 @@ from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
-    EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format,
     cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large,
     form_prompts, is_json, json_text, raw_body_type, render_answer, require_cache_room, require_segment_form,
     require_segmenter, segment_answer, too_many_parts,
@@ -117,6 +117,11 @@ class SegmentEverything:
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *arguments)
 
     async def __call__(self, request: Request) -> Response:
+        response = await self.answer(request)
+        response.headers.update(ANSWER_HEADERS)
+        return response
+
+    async def answer(self, request: Request) -> Response:
         path = route(request.scope)
         if not path:  # the application's route prefix without its slash: the page's links are relative
             return RedirectResponse(request.scope["root_path"] + "/", status_code=301)

@@ -59,6 +59,9 @@ HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "T
 # style and requests alone (its favicon is an empty data: URL), and no other site may frame it.
 PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
                         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# Sent with every answer, by every front: a browser takes the answer's media type as given, so a
+# JSON error that quotes the request is never sniffed and shown as HTML.
+ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff"}
 EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
 
@@ -471,6 +474,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     @app.after_request
     def count(response: Response) -> Response:
+        response.headers.update(ANSWER_HEADERS)
         seconds = time.perf_counter() - g.get("started", 0.0)
         metrics.observe_request(request.path, request.method, response.status_code, seconds)
         if access_log:

@@ -27,6 +27,8 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
+from .serving import ANSWER_HEADERS
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -78,7 +80,7 @@ class JSONErrorTask(ErrorTask):
         message = refusal_message(error, adj.max_request_body_size - 1, adj.max_request_header_size)
         body = json.dumps({"error": message}, separators=(",", ":")).encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers += [("Content-Type", "application/json"), *ANSWER_HEADERS.items()]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

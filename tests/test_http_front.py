@@ -151,8 +151,10 @@ def test_headers_too_large_get_json_431_and_no_server_header(server):
     status, headers, answer = status_and_json(read_until_closed(sock, 10))
     assert status == 431 and "headers larger than the limit of 65536 bytes" in answer["error"]
     assert "server" not in headers
+    assert headers["x-content-type-options"] == "nosniff"  # as every answer of the app's
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         assert response.headers.get("Server") is None
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
         model = json.load(response)["model"]
     assert "sam2.1_hiera_micro.pt" in model and "/" not in model  # the file name, not the path
 
@@ -204,6 +206,8 @@ def test_405_says_allow_and_414_is_json(client):
     long_url = client.get("/health?" + "a" * 10_000)
     assert long_url.status_code == 414 and long_url.mimetype == "application/json"
     assert "URL longer than the limit of 8192 bytes" in long_url.get_json()["error"]
+    for answer in (response, long_url, client.get("/health"), client.get("/")):  # no answer sniffed
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_metrics_parse_count_methods_apart_and_say_charset_once(client):

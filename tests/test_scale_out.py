@@ -344,13 +344,14 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
             assert answer == flask.get_data(), case
     response = flask_client.get("/upload_rle")
     with urllib.request.urlopen(url + "/health", timeout=30) as health:  # server.py's fields, in its order
+        assert health.headers["X-Content-Type-Options"] == "nosniff"
         assert list(json.loads(health.read())) == ["status", "queued", "mode", "device", "batch_size", "amg", "model",
                                                    "weights", "threads", "kernels", "prompts"]
     try:
         urllib.request.urlopen(url + "/upload_rle", timeout=30)
     except urllib.error.HTTPError as error:
         assert (error.code, error.read()) == (405, response.get_data())
-        assert "POST" in error.headers["Allow"]
+        assert "POST" in error.headers["Allow"] and error.headers["X-Content-Type-Options"] == "nosniff"
 
     limit = 50 * 2**20  # the upload limit, sent in chunks: no Content-Length to refuse it by
     address = urlparse(url)

@@ -35,7 +35,7 @@ FILE_MAX_PIXELS = 100_000_000
 # reads these alone (and the scripts read files as it reads uploads).
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "TGA", "ICO")
 Image.init()
-READ_FORMATS = tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)  # AVIF: Pillow 11.3 and later
+READ_FORMATS = tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)  # AVIF where this Pillow has it
 FORMATS_TEXT = ", ".join("WebP" if name == "WEBP" else name for name in READ_FORMATS)
 # ISO base media brands of HEIC/HEIF, as phones save photos: no Pillow plugin reads them.
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")

@@ -473,8 +473,12 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             abort(414, description=f"URL longer than the limit of {limits.max_url_bytes} bytes")
 
     @app.after_request
-    def count(response: Response) -> Response:
+    def no_sniffing(response: Response) -> Response:
         response.headers.update(ANSWER_HEADERS)
+        return response
+
+    @app.after_request
+    def count(response: Response) -> Response:
         seconds = time.perf_counter() - g.get("started", 0.0)
         metrics.observe_request(request.path, request.method, response.status_code, seconds)
         if access_log:

@@ -114,6 +114,7 @@ def number_type(kind: type, what: str, within: Callable[[float], bool], rule: st
 positive_int = number_type(int, "a whole number", lambda value: value >= 1, "1 or more")
 non_negative_int = number_type(int, "a whole number", lambda value: value >= 0, "0 or more")
 positive_float = number_type(float, "a number", lambda value: 0 < value < math.inf, "a finite number above 0")
+non_negative_float = number_type(float, "a number", lambda value: 0 <= value < math.inf, "a finite number, 0 or more")
 
 
 def read_images(parser: argparse.ArgumentParser, paths: list[str]) -> list[tuple[str, np.ndarray]]:

@@ -17,6 +17,7 @@ whose every predicted IoU fails the filter. The fast modes hand it compiled or e
 
 import importlib.util
 import logging
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Protocol
 
@@ -84,6 +85,12 @@ class AMGConfig:
         for name in ("stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        # (a NaN threshold keeps no mask: every comparison with it is false)
+        for name in ("pred_iou_thresh", "stability_score_offset", "mask_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not 0.0 <= self.crop_overlap_ratio < 1.0:
+            raise ValueError(f"crop_overlap_ratio must be within [0, 1), got {self.crop_overlap_ratio}")
 
 
 class Generator(Protocol):

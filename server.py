@@ -54,8 +54,8 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, compile_modes, non_negative_float, positive_float, require_output_folder,
-    set_up_logging,
+    check_checkpoint_arguments, compile_modes, non_negative_float, positive_float, positive_int,
+    require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -95,25 +95,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free one, logged)")
     add_device_option(parser)
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=positive_int,
                         help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
                         "work also uses, fewer than the cores the server has to itself (docs/performance.md)")
     add_option(parser, "max_upload_mb", type=positive_float, default=Limits.max_upload_bytes / 2**20,
                help="larger uploads get 413")
     add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
                help="images with more pixels get 413")
-    add_option(parser, "batch_size", type=int, default=1,
+    add_option(parser, "batch_size", type=positive_int, default=1,
                help="images the worker takes from the queue at once (one image-encoder call)")
-    add_option(parser, "max_queue", type=int, default=16,
+    add_option(parser, "max_queue", type=positive_int, default=16,
                help="images waiting for the worker; more get 503 with Retry-After")
     add_option(parser, "request_timeout", type=positive_float, default=600.0,
                help="seconds a request may wait for its answer before 504")
     add_option(parser, "embedding_cache_mb", type=non_negative_float, default=EMBEDDING_CACHE_BYTES / 2**20,
                help="memory on the model's device for encoded images (/embed, /segment) and kept mask logits; "
                     "0 keeps none (/embed answers 507)")
-    add_option(parser, "max_connections", type=int, default=ConnectionLimits.max_connections,
+    add_option(parser, "max_connections", type=positive_int, default=ConnectionLimits.max_connections,
                help="open connections at most; more wait to be accepted")
-    add_option(parser, "connection_timeout", type=int, default=ConnectionLimits.timeout_s,
+    add_option(parser, "connection_timeout", type=positive_int, default=ConnectionLimits.timeout_s,
                help="seconds after which an idle or stalled connection is closed")
     add_option(parser, "access_log", action="store_true",
                help="log one line per request: client, method, path, status, milliseconds, bytes answered")
@@ -135,12 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast and --load-fast take a folder")
     if args.save_fast:
         require_output_folder(parser, args.save_fast, "--save-fast")
-    if min(args.batch_size, args.max_queue, args.max_connections, args.connection_timeout) < 1:
-        parser.error("--batch-size, --max-queue, --max-connections and --connection-timeout must be at least 1")
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
     args.amg = amg_config(parser, args, mode)
     return args
 

@@ -3,10 +3,10 @@
     python compare_rle_lists.py baseline_rle_masks ao_rle_masks
     python compare_rle_lists.py results/baseline_bs1_ppb64 results/ao_bs1_ppb64 --json --per-image-csv per_image.csv
 
-Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes),
-a folder of per-image JSON files (paired by file name), or a folder of reproduce_experiments.py
-(its rle_masks). Images whose request failed on either side (an error answer, or an empty line)
-are left out and named. See sam2serve/compare.py for the metrics.
+Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes,
+with or without `?format=coco`), a folder of per-image JSON files (paired by file name), or a
+folder of reproduce_experiments.py (its rle_masks). Images whose request failed on either side
+(an error answer, or an empty line) are left out and named. See sam2serve/compare.py for the metrics.
 """
 
 import argparse

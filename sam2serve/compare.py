@@ -1,4 +1,5 @@
-"""Comparing two sets of RLE results (what each image's /upload_rle returned), image by image.
+"""Comparing two sets of RLE results (what each image's /upload_rle returned, as masks or as
+`?format=coco` annotations), image by image.
 
 Masks are matched one to one by IoU with an optimal assignment (not by rank), in both modes:
 - strict (the study's): an image whose mask count differs from the reference's is a "mask count
@@ -20,7 +21,7 @@ from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from .rle import RLE
+from .rle import RLE, counts_from_string
 
 
 @dataclass(frozen=True)
@@ -120,20 +121,42 @@ def summarize(comparisons: list[ImageComparison]) -> Summary:
 
 
 def masks_of(result: object, where: str) -> list[RLE] | None:
-    """The masks of one /upload_rle answer, in order mask_0, mask_1, ..., each checked to be an
-    uncompressed RLE of its size (pycocotools runs forever on counts that do not add up); None
-    for an error answer ({"error": ...}): the request failed."""
+    """The masks of one answer, each checked to be an RLE of its size (pycocotools runs forever on
+    counts that do not add up); None for an error answer ({"error": ...}): the request failed.
+
+    An answer is /upload_rle's {"mask_0": rle, "mask_1": rle, ...} (masks in that order), or
+    `?format=coco`'s list of annotations (masks in the list's order) whose `segmentation` is a
+    compressed RLE, read into uncompressed counts here."""
     if isinstance(result, dict) and set(result) == {"error"}:
         return None
-    if (not isinstance(result, dict)
-            or not all(key.startswith("mask_") and key[5:].isdigit() for key in result)):
+    if isinstance(result, list):
+        masks = [segmentation_of(annotation, f"{where}, annotation {index}")
+                 for index, annotation in enumerate(result)]
+        names = [f"annotation {index}" for index in range(len(masks))]
+    elif isinstance(result, dict) and all(key.startswith("mask_") and key[5:].isdigit() for key in result):
+        names = sorted(result, key=lambda key: int(key[5:]))
+        masks = [result[key] for key in names]
+    else:
         raise ValueError(f"{where} is not a mask result: {json.dumps(result)[:200]}")
-    masks = [result[key] for key in sorted(result, key=lambda key: int(key[5:]))]
-    for index, rle in enumerate(masks):
-        check_rle(rle, f"{where}, mask_{index}")
+    for name, rle in zip(names, masks):
+        check_rle(rle, f"{where}, {name}")
         if rle["size"] != masks[0]["size"]:
-            raise ValueError(f"{where}, mask_{index}: size {rle['size']}, mask_0's is {masks[0]['size']}")
+            raise ValueError(f"{where}, {name}: size {rle['size']}, {names[0]}'s is {masks[0]['size']}")
     return masks
+
+
+def segmentation_of(annotation: object, where: str) -> RLE:
+    """A COCO annotation's mask as an uncompressed RLE (its counts string decoded)."""
+    segmentation = annotation.get("segmentation") if isinstance(annotation, dict) else None
+    if not isinstance(segmentation, dict):
+        raise ValueError(f"{where}: expected a COCO annotation with an RLE segmentation")
+    counts = segmentation.get("counts")
+    if isinstance(counts, str):
+        try:
+            counts = counts_from_string(counts)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+    return {"size": segmentation.get("size"), "counts": counts}
 
 
 def check_rle(rle: object, where: str) -> None:
@@ -142,8 +165,11 @@ def check_rle(rle: object, where: str) -> None:
     counts = rle.get("counts") if isinstance(rle, dict) else None
     if not (isinstance(size, list) and len(size) == 2 and all(type(n) is int and n >= 0 for n in size)):
         raise ValueError(f"{where}: expected an RLE with a size [h, w] of whole numbers")
-    if not (isinstance(counts, list) and all(type(n) is int and n >= 0 for n in counts)):
+    if not isinstance(counts, list):
         raise ValueError(f"{where}: expected counts as a list of whole numbers (uncompressed RLE)")
+    wrong = next((n for n in counts if not (type(n) is int and n >= 0)), None)
+    if wrong is not None:
+        raise ValueError(f"{where}: counts are runs of pixels, whole numbers from 0 up, not {json.dumps(wrong)}")
     if sum(counts) != size[0] * size[1]:
         raise ValueError(f"{where}: counts add up to {sum(counts)}, not {size[0]} x {size[1]} = {size[0] * size[1]}")
 

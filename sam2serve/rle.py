@@ -6,7 +6,7 @@ start with a run of zeros (which is 0 when the mask's first pixel is set), and t
 `masks_to_rle_reference` is the `sam2` package's encoder: one Python iteration and one device
 sync per mask. `masks_to_rle_vectorized` encodes all masks with a handful of tensor operations
 and moves the result to the host in one transfer; tests compare the two, and both with
-pycocotools.
+pycocotools. `counts_from_string` reads COCO's compressed form (what `?format=coco` answers).
 """
 
 import json
@@ -97,6 +97,35 @@ def rles_to_masks(rles: list[RLE]) -> np.ndarray:
     h, w = rles[0]["size"]
     decoded = mask_utils.decode(mask_utils.frPyObjects(rles, h, w))  # (H, W, N)
     return np.moveaxis(decoded, -1, 0).astype(bool)
+
+
+def counts_from_string(text: str) -> list[int]:
+    """The run lengths in a COCO compressed RLE string (pycocotools' `encode`, sam2's
+    `coco_encode_rle`), read here so that they can be checked before pycocotools sees them: its IoU
+    runs forever on counts that do not add up to the mask's size, and a negative run is read as
+    four billion pixels.
+
+    Each run is a number in groups of 5 bits, lowest first, one character (48 + group) each:
+    bit 0x20 says another group follows, bit 0x10 of the last group makes the number negative.
+    From the fourth run on, the number is the difference to the run two before.
+    """
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text):
+                raise ValueError("the counts string ends inside a number")
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"character {text[position]!r} at {position} is not of a COCO counts string")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
 
 
 def rle_area(rle: RLE) -> int:

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from pycocotools import mask as mask_utils
+from sam2.utils.amg import coco_encode_rle
+
 from sam2serve.compare import compare_image
-from sam2serve.rle import masks_to_rle_vectorized
+from sam2serve.rle import counts_from_string, masks_to_rle_vectorized
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 8, 8
@@ -86,6 +89,48 @@ def test_line_files_json_and_per_image_csv(tmp_path):
     assert "mask count mismatch 1" in summary and "images 4" in summary
 
 
+def coco_answer(masks_answer: dict) -> list[dict]:
+    """What /upload_rle?format=coco would answer with these masks: annotations whose segmentation
+    is the compressed RLE that sam2 writes (other fields left out: the comparison reads none)."""
+    return [{"segmentation": coco_encode_rle(rle)} for rle in masks_answer.values()]
+
+
+def test_coco_annotation_lines_compare_as_mask_answers(tmp_path):
+    """`?format=coco` lines (compressed RLE in a list) give the same figures as /upload_rle's,
+    on either side and mixed."""
+    reference = write_lines(tmp_path / "reference", REFERENCE)
+    candidate = write_lines(tmp_path / "candidate", [coco_answer(a) for a in CANDIDATE])
+    assert isinstance(json.loads(candidate.read_text().splitlines()[0])[0]["segmentation"]["counts"], str)
+    for pair in ((reference, candidate), (candidate, reference)):
+        result = run_tool(*pair, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["mask_count_mismatch"] == 1
+    result = run_tool(reference, candidate, "--json")
+    assert json.loads(result.stdout) == pytest.approx(EXPECTED)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (37, 53), (300, 400)])
+def test_compressed_counts_are_read_as_pycocotools_writes_them(size):
+    """Every run length pycocotools' encoder writes, short and long (several 5-bit groups),
+    growing and shrinking (the differences to the run two before are negative), first pixel set
+    or not, comes back as the uncompressed counts of the same masks."""
+    generator = np.random.default_rng(0)
+    h, w = size
+    masks = [np.zeros((h, w), bool), np.ones((h, w), bool), generator.random((h, w)) < 0.5]
+    for _ in range(6):  # rectangles of every scale: runs from 1 pixel to most of the image
+        mask = np.zeros((h, w), bool)
+        for _ in range(generator.integers(1, 6)):
+            top, left = generator.integers(0, h), generator.integers(0, w)
+            mask[top:top + generator.integers(1, h + 1), left:left + generator.integers(1, w + 1)] = True
+        masks.append(mask)
+    masks[-1][0, 0] = True
+    stacked = np.stack(masks)
+    expected = masks_to_rle_vectorized(torch.from_numpy(stacked))
+    encoded = mask_utils.encode(np.asfortranarray(np.moveaxis(stacked, 0, -1).astype(np.uint8)))
+    for rle, compressed in zip(expected, encoded):
+        assert counts_from_string(compressed["counts"].decode()) == rle["counts"]
+
+
 def test_folders_are_paired_by_file_name(tmp_path):
     for folder, answers in (("reference", REFERENCE), ("candidate", CANDIDATE)):
         (tmp_path / folder).mkdir()
@@ -145,7 +190,18 @@ def test_masks_of_another_size_name_the_image(tmp_path):
     ('{"mask_0": {"size": [2, 2], "counts": [4]}, "mask_1": {"size": [1, 4], "counts": [4]}}',
      "mask_1: size [1, 4], mask_0's is [2, 2]"),
     ('{"mask_0": {"size": [2, 2], "counts": [1, 3]}', "is not JSON"),
-    ('[1, 2]', "not a mask result"),
+    ('[1, 2]', "annotation 0: expected a COCO annotation with an RLE segmentation"),
+    ('"mask_0"', "not a mask result"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "14"}}]', "annotation 0: counts add up to 5, not 2 x 2 = 4"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "4"}}, {"segmentation": {"size": [2, 2], "counts": "04\\u00e9"}}]',
+     "annotation 1: character 'é' at 2 is not of a COCO counts string"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "4P"}}]', "annotation 0: the counts string ends inside a number"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "5O"}}]', "annotation 0: counts are runs of pixels, whole numbers "
+     "from 0 up, not -1"),
+    ('{"mask_0": {"size": [2, 2], "counts": [4, 1.5]}}', "mask_0: counts are runs of pixels, whole numbers from 0 up, "
+     "not 1.5"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "4"}}, {"segmentation": {"size": [1, 4], "counts": "4"}}]',
+     "annotation 1: size [1, 4], annotation 0's is [2, 2]"),
 ])
 def test_malformed_results_are_refused_before_pycocotools_reads_them(tmp_path, line, words):
     """pycocotools runs forever on counts that do not add up to the mask's size: such a line is

@@ -116,6 +116,8 @@ def counts_from_string(text: str) -> list[int]:
         while more:
             if position == len(text):
                 raise ValueError("the counts string ends inside a number")
+            if shift > 64:  # no mask has 2**64 pixels; an endless number would cost quadratic time
+                raise ValueError(f"the number at {position - shift // 5} of the counts string is longer than any run")
             group = ord(text[position]) - 48
             if not 0 <= group < 64:
                 raise ValueError(f"character {text[position]!r} at {position} is not of a COCO counts string")

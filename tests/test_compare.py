@@ -196,6 +196,8 @@ def test_masks_of_another_size_name_the_image(tmp_path):
     ('[{"segmentation": {"size": [2, 2], "counts": "4"}}, {"segmentation": {"size": [2, 2], "counts": "04\\u00e9"}}]',
      "annotation 1: character 'é' at 2 is not of a COCO counts string"),
     ('[{"segmentation": {"size": [2, 2], "counts": "4P"}}]', "annotation 0: the counts string ends inside a number"),
+    ('[{"segmentation": {"size": [2, 2], "counts": "4' + "o" * 100_000 + '0"}}]',
+     "annotation 0: the number at 1 of the counts string is longer than any run"),
     ('[{"segmentation": {"size": [2, 2], "counts": "5O"}}]', "annotation 0: counts are runs of pixels, whole numbers "
      "from 0 up, not -1"),
     ('{"mask_0": {"size": [2, 2], "counts": [4, 1.5]}}', "mask_0: counts are runs of pixels, whole numbers from 0 up, "

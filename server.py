@@ -54,7 +54,7 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, compile_modes, non_negative_float, positive_float, positive_int,
+    check_checkpoint_arguments, compile_modes, non_negative_float, positive_float, positive_int, seconds,
     require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="images the worker takes from the queue at once (one image-encoder call)")
     add_option(parser, "max_queue", type=positive_int, default=16,
                help="images waiting for the worker; more get 503 with Retry-After")
-    add_option(parser, "request_timeout", type=positive_float, default=600.0,
+    add_option(parser, "request_timeout", type=seconds, default=600.0,
                help="seconds a request may wait for its answer before 504")
     add_option(parser, "embedding_cache_mb", type=non_negative_float, default=EMBEDDING_CACHE_BYTES / 2**20,
                help="memory on the model's device for encoded images (/embed, /segment) and kept mask logits; "

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -115,6 +116,9 @@ positive_int = number_type(int, "a whole number", lambda value: value >= 1, "1 o
 non_negative_int = number_type(int, "a whole number", lambda value: value >= 0, "0 or more")
 positive_float = number_type(float, "a number", lambda value: 0 < value < math.inf, "a finite number above 0")
 non_negative_float = number_type(float, "a number", lambda value: 0 <= value < math.inf, "a finite number, 0 or more")
+# A time to wait on a thread: Python's waits end in an OverflowError past threading.TIMEOUT_MAX.
+seconds = number_type(float, "a number of seconds", lambda value: 0 < value <= threading.TIMEOUT_MAX,
+                      f"above 0 and at most {threading.TIMEOUT_MAX:.0f} (about 292 years)")
 
 
 def read_images(parser: argparse.ArgumentParser, paths: list[str]) -> list[tuple[str, np.ndarray]]:

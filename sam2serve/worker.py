@@ -83,8 +83,8 @@ class InferenceWorker:
 
     def __init__(self, batch_size: int = 1, max_queue: int = 16, timeout_s: float = 300.0,
                  observe_batch=None) -> None:
-        if batch_size < 1 or max_queue < 1 or timeout_s <= 0:
-            raise ValueError("batch_size and max_queue must be >= 1 and timeout_s > 0")
+        if batch_size < 1 or max_queue < 1 or not 0 < timeout_s <= threading.TIMEOUT_MAX:
+            raise ValueError("batch_size and max_queue must be >= 1, and timeout_s > 0 and at most threading.TIMEOUT_MAX")
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.jobs: queue.Queue[Job] = queue.Queue(max_queue)

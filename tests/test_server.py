@@ -241,14 +241,16 @@ def test_damaged_checkpoint_exits_with_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("option, value, rule", [
     ("--max-upload-mb", "nan", "a finite number above 0"), ("--max-upload-mb", "0", "a finite number above 0"),
-    ("--request-timeout", "nan", "a finite number above 0"), ("--request-timeout", "-1", "a finite number above 0"),
+    ("--request-timeout", "nan", "above 0 and at most"), ("--request-timeout", "-1", "above 0 and at most"),
+    ("--request-timeout", "1e10", "above 0 and at most 9223372036"),  # past it, each request answered 500
     ("--embedding-cache-mb", "inf", "a finite number, 0 or more"), ("--embedding-cache-mb", "-1", "a finite"),
     ("--threads", "0", "1 or more"), ("--batch-size", "0", "1 or more"), ("--max-queue", "-2", "1 or more"),
     ("--max-connections", "0", "1 or more"), ("--connection-timeout", "0", "1 or more"),
 ])
 def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsys):
     """Checked as the options are read (a NaN or an infinite size used to end in a traceback, a
-    negative upload limit to refuse every upload)."""
+    negative upload limit to refuse every upload, a request timeout past Python's longest wait to
+    answer every request with an OverflowError)."""
     import server
 
     with pytest.raises(SystemExit) as stopped:

@@ -176,7 +176,8 @@ class SegmentEverything:
         else:
             require_segment_form(mimetype)
             form = await read_form(request, self.limits)
-            prompts = form_prompts((name, value) for name, value in form.multi_items() if not hasattr(value, "read"))
+            prompts = form_prompts([(name, value) for name, value in form.multi_items() if not hasattr(value, "read")],
+                                   [name for name, value in form.multi_items() if hasattr(value, "read")])
             image = await self.uploaded_image(request, form)
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)

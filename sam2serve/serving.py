@@ -304,12 +304,15 @@ def require_segment_form(mimetype: str) -> None:
             f"this request's Content-Type is {mimetype or 'missing'}")
 
 
-def form_prompts(fields: Iterable[tuple[str, str]]) -> object:
+def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str] = ()) -> object:
     """The prompts of a one-shot multipart /segment: its one text field, a JSON list of prompt
-    sets. Other text fields are refused, as a JSON body's are."""
-    fields = list(fields)
+    sets. Other fields, text or file, are refused, as a JSON body's are."""
+    fields, file_names = list(fields), set(file_names)
+    if "prompts" in file_names:
+        raise InvalidPrompt("prompts: sent as a file (curl -F prompts=@...); send it as a text field: "
+                            "curl -F 'prompts=<prompts.json' reads the file into one")
     # A text field named image (curl -F image=path, without the @) is the upload's to refuse.
-    if unknown := sorted({name for name, _ in fields} - {"prompts", "image"}):
+    if unknown := sorted(({name for name, _ in fields} | file_names) - {"prompts", "image"}):
         raise InvalidPrompt(f"unknown form fields {', '.join(shown(name) for name in unknown)}; a multipart /segment "
                             "has the file 'image' and the field 'prompts'"
                             + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
@@ -469,7 +472,10 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.before_request
     def start_clock() -> None:
         g.started = time.perf_counter()
-        if len(request.environ.get("PATH_INFO", "")) + len(request.environ.get("QUERY_STRING", "")) > limits.max_url_bytes:
+        environ = request.environ  # the URL as sent (REQUEST_URI, where the server gives it): %41 is three bytes
+        url_bytes = max(len(environ.get("REQUEST_URI", "")),
+                        len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")))
+        if url_bytes > limits.max_url_bytes:
             abort(414, description=f"URL longer than the limit of {limits.max_url_bytes} bytes")
 
     @app.after_request
@@ -525,7 +531,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)
         else:
             require_segment_form(request.mimetype)
-            prompts = form_prompts(request.form.items(multi=True))
+            prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image()
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
             image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call)

@@ -206,6 +206,8 @@ def test_405_says_allow_and_414_is_json(client):
     long_url = client.get("/health?" + "a" * 10_000)
     assert long_url.status_code == 414 and long_url.mimetype == "application/json"
     assert "URL longer than the limit of 8192 bytes" in long_url.get_json()["error"]
+    encoded = client.get("/x" + "%41" * 3000)  # 9002 bytes as sent, 3002 once decoded
+    assert encoded.status_code == 414, encoded.get_json()
     for answer in (response, long_url, client.get("/health"), client.get("/")):  # no answer sniffed
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
 

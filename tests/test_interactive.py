@@ -244,6 +244,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         ({"prompts": [json.dumps([point])] * 2}, "prompts: sent 2 times"),
         ({"prompts": deep}, "prompts: expected a form field"),
         ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
+        # A file of another name is refused as a text field is (a typo, or a second image).
+        ({"prompts": json.dumps([point]), "promts": (io.BytesIO(b"[]"), "p.json")}, "unknown form fields 'promts'"),
+        ({"prompts": (io.BytesIO(json.dumps([point]).encode()), "p.json")}, "curl -F 'prompts=<prompts.json'"),
     ]:
         response = client.post("/segment", data={"image": (io.BytesIO(png(new_image)), "a.png"), **fields})
         assert response.status_code == 400 and words in response.get_json()["error"], (fields, response.get_json())

@@ -294,6 +294,9 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             (b"[" * 100_000 + b"]" * 100_000, "application/json"),
             multipart([("image", "a.jpg", data), ("prompts", None, json.dumps(prompts).encode()),
                        ("image_id", None, image_id.encode())]),
+            multipart([("image", "a.jpg", data), ("prompts", None, json.dumps(prompts).encode()),
+                       ("mask", "m.png", data)]),  # a file of another name
+            multipart([("image", "a.jpg", data), ("prompts", "p.json", json.dumps(prompts).encode())]),
         ]:
             ray_error = post(url + "/segment", body, content_type, 60)
             flask_error = flask_client.post("/segment", data=body, content_type=content_type)

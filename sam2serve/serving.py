@@ -304,7 +304,7 @@ def require_segment_form(mimetype: str) -> None:
             f"this request's Content-Type is {mimetype or 'missing'}")
 
 
-def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str] = ()) -> object:
+def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -> object:
     """The prompts of a one-shot multipart /segment: its one text field, a JSON list of prompt
     sets. Other fields, text or file, are refused, as a JSON body's are."""
     fields, file_names = list(fields), set(file_names)

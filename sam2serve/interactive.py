@@ -81,13 +81,14 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     unknown = set(prompt) - {"points", "labels", "box", "mask_input", "multimask", "keep_logits"}
     if unknown:
         raise InvalidPrompt(f"{where}: unknown fields {sorted(unknown)}")
+    prompt = {name: value for name, value in prompt.items() if value is not None}  # null: as if left out
     points = prompt.get("points", [])
     if not isinstance(points, list) or len(points) > MAX_POINTS:
         raise InvalidPrompt(f"{where}.points: expected a list of at most {MAX_POINTS} [x, y] pairs")
     for index, point in enumerate(points):
         numbers(point, 2, f"{where}.points[{index}]")
         inside(point, width, height, f"{where}.points[{index}]")
-    labels = prompt["labels"] if "labels" in prompt else [1] * len(points)
+    labels = prompt.get("labels", [1] * len(points))
     if not isinstance(labels, list) or len(labels) != len(points):
         raise InvalidPrompt(f"{where}.labels: expected one label per point ({len(points)}), got "
                             f"{len(labels) if isinstance(labels, list) else type(labels).__name__}")

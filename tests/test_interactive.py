@@ -108,6 +108,18 @@ def test_bad_prompts_name_the_field(prompts, field):
         parse_prompts(prompts, (100, 200))
 
 
+def test_a_field_given_as_null_is_a_field_left_out():
+    given = [{"points": [[10, 20]], "labels": None, "box": None, "mask_input": None, "multimask": None,
+              "keep_logits": None},
+             {"points": None, "box": [5, 5, 50, 40], "multimask": None}]
+    left_out = [{"points": [[10, 20]]}, {"box": [5, 5, 50, 40]}]
+    assert ([p.canonical() for p in parse_prompts(given, (100, 200))]
+            == [p.canonical() for p in parse_prompts(left_out, (100, 200))])
+    assert parse_prompts(given, (100, 200))[0].multimask  # the default of one point alone
+    with pytest.raises(ValueError, match=re.escape("prompts[0]: give points, a box, or both")):
+        parse_prompts([{"points": None, "box": None}], (100, 200))
+
+
 def test_cache_keeps_the_most_recent_within_its_bytes():
     cache = EmbeddingCache(max_bytes=100)
     for key in "abc":

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         http = create_http_server(app, args.host, args.port, limits.max_upload_bytes,
                                   threads=args.max_queue + args.batch_size + 4,
-                                  limits=ConnectionLimits(args.max_connections, args.connection_timeout))
+                                  limits=ConnectionLimits(args.max_connections, args.connection_timeout),
+                                  on_refusal=app.extensions["sam2serve.metrics"].observe_request)
     except (OSError, ValueError) as error:  # ValueError: a host name that does not resolve
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
     url = " and ".join(listening_urls(http))

@@ -427,10 +427,12 @@ class Metrics:
         for count in masks_per_image:
             self.masks.observe(count)
 
-    def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, path: str | None, method: str | None, status: int, seconds: float | None = None) -> None:
+        """One answer; `seconds` is None for one the HTTP server gave before the app saw the
+        request (a body over the limit, headers too large, malformed HTTP): no latency to tell."""
         endpoint = path if path in ROUTES else "other"
         self.requests.labels(endpoint, method if method in HTTP_METHODS else "other", str(status)).inc()
-        if ROUTES.get(path) == method:
+        if seconds is not None and ROUTES.get(path) == method:
             self.latency.labels(endpoint).observe(seconds)
 
     def text(self) -> bytes:
@@ -454,6 +456,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     cache = EmbeddingCache(EMBEDDING_CACHE_BYTES) if cache is None else cache
     metrics = Metrics(worker, cache)
     worker.observe_batch = metrics.observe_batch
+    app.extensions["sam2serve.metrics"] = metrics  # for the HTTP server's own refusals (wsgi.py)
 
     def uses_worker(endpoint: Callable[[], Response]) -> Callable[[], Response]:
         """An endpoint that calls the worker: admitted before it reads the upload (refused while

@@ -9,7 +9,7 @@ while the body is still arriving: a stalled upload holds a thread.)
 
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
-answered as JSON like every other error, and the connection is closed.
+answered as JSON like every other error, and the connection is closed; `on_refusal` counts it.
 
 Stopping: `finish_answers` stops accepting and waits until no connection has a request being
 read, run or sent, so that closing the server cuts no answer off.
@@ -20,6 +20,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import waitress
 from waitress.channel import HTTPChannel
@@ -84,6 +85,13 @@ class JSONErrorTask(ErrorTask):
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+        on_refusal = getattr(self.channel.server, "on_refusal", None)
+        if on_refusal is not None:
+            # The path and method where the request line was read (for headers too large,
+            # waitress puts "GET /" in its place).
+            request_line_read = not isinstance(error, RequestHeaderFieldsTooLarge)
+            on_refusal(getattr(self.request, "path", None) if request_line_read else None,
+                       getattr(self.request, "command", None) if request_line_read else None, error.code)
 
 
 class JSONErrorChannel(HTTPChannel):
@@ -99,10 +107,13 @@ def allow_descriptors(needed: int) -> None:
 
 
 def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads: int,
-                       limits: ConnectionLimits = ConnectionLimits()):
+                       limits: ConnectionLimits = ConnectionLimits(),
+                       on_refusal: Callable[[str | None, str | None, int], None] | None = None):
     """A waitress server bound to host:port (OSError if it cannot listen); `.run()` serves,
     `.close()` stops. `threads` run the app: enough for every request the inference worker
-    may hold (its queue and batch) plus a few for /health and /metrics."""
+    may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(path,
+    method, status)` is called for each request the server answers itself (path and method are
+    None where the request line could not be read)."""
     allow_descriptors(limits.max_connections + threads + 64)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
     servers: dict = {}
@@ -123,6 +134,7 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     for listener in servers.values():
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel
+            listener.on_refusal = on_refusal
     return server
 
 

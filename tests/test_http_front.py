@@ -114,12 +114,14 @@ def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(s
 def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_closed(server):
     _, url = server
     limit = MAX_UPLOAD_MB * 2**20
+    counted = answers_counted(url, "/upload_rle", "POST", "413")
     sock = connect(url)
     sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
                  + f"Content-Length: {limit + 1}\r\n\r\n".encode())
     status, headers, answer = status_and_json(read_until_closed(sock, 10))  # no body sent: closed all the same
     assert status == 413 and headers["content-type"] == "application/json"
     assert answer == {"error": f"upload larger than the limit of {limit} bytes"}
+    assert answers_counted(url, "/upload_rle", "POST", "413") == counted + 1  # the HTTP server's answer, in /metrics
 
 
 def metric_samples(url: str, name: str) -> list:
@@ -127,6 +129,11 @@ def metric_samples(url: str, name: str) -> list:
         text = response.read().decode()
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples
             if sample.name == name]
+
+
+def answers_counted(url: str, endpoint: str, method: str, status: str) -> float:
+    labels = {"endpoint": endpoint, "method": method, "status": status}
+    return sum(s.value for s in metric_samples(url, "sam2_requests_total") if s.labels == labels)
 
 
 def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
@@ -146,10 +153,12 @@ def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
 
 def test_headers_too_large_get_json_431_and_no_server_header(server):
     _, url = server
+    counted = answers_counted(url, "other", "other", "431")  # its request line is not read
     sock = connect(url)
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 70_000 + b"\r\n\r\n")
     status, headers, answer = status_and_json(read_until_closed(sock, 10))
     assert status == 431 and "headers larger than the limit of 65536 bytes" in answer["error"]
+    assert answers_counted(url, "other", "other", "431") == counted + 1
     assert "server" not in headers
     assert headers["x-content-type-options"] == "nosniff"  # as every answer of the app's
     with urllib.request.urlopen(url + "/health", timeout=10) as response:

@@ -47,10 +47,10 @@ from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
-    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge, answer_format,
-    cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer, field_too_large,
-    form_prompts, is_json, json_text, raw_body_type, render_answer, require_cache_room, require_segment_form,
-    require_segmenter, segment_answer, too_many_parts,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
+    URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
+    error_answer, field_too_large, form_prompts, is_json, json_text, raw_body_type, render_answer,
+    require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -122,7 +122,14 @@ class SegmentEverything:
         return response
 
     async def answer(self, request: Request) -> Response:
-        path = route(request.scope)
+        scope = request.scope
+        query = scope.get("query_string", b"")
+        try:  # the URL as sent (raw_path, where the server gives it) and decoded, as server.py counts it
+            require_short_url(len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0),
+                              len(scope["path"].encode()) + len(query), self.limits)
+        except URLTooLong as error:
+            return json_error(error)
+        path = route(scope)
         if not path:  # the application's route prefix without its slash: the page's links are relative
             return RedirectResponse(request.scope["root_path"] + "/", status_code=301)
         if path not in ROUTES:

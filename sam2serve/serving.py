@@ -25,7 +25,7 @@ import numpy as np
 import prometheus_client as prom
 import prometheus_client.core as prom_core
 import torch
-from flask import Flask, Response, abort, g, request
+from flask import Flask, Response, g, request
 from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
@@ -69,6 +69,17 @@ LOADING_RETRY_AFTER_S = 5
 class UploadTooLarge(ValueError):
     def __init__(self, limits: Limits) -> None:
         super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
+
+
+class URLTooLong(ValueError):
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(f"URL longer than the limit of {limits.max_url_bytes} bytes")
+
+
+def require_short_url(as_sent: int, decoded: int, limits: Limits) -> None:
+    """The URL's length in bytes as sent (%41 is three) and after percent-decoding: the longer counts."""
+    if max(as_sent, decoded) > limits.max_url_bytes:
+        raise URLTooLong(limits)
 
 
 class InteractiveUnavailable(RuntimeError):
@@ -176,6 +187,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 507
     elif isinstance(error, (ImageTooLarge, UploadTooLarge, FormTooLarge)):
         status = 413
+    elif isinstance(error, URLTooLong):
+        status = 414
     elif isinstance(error, NotReady):
         status, retry_after = 503, LOADING_RETRY_AFTER_S
     elif isinstance(error, Busy):
@@ -475,11 +488,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.before_request
     def start_clock() -> None:
         g.started = time.perf_counter()
-        environ = request.environ  # the URL as sent (REQUEST_URI, where the server gives it): %41 is three bytes
-        url_bytes = max(len(environ.get("REQUEST_URI", "")),
-                        len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")))
-        if url_bytes > limits.max_url_bytes:
-            abort(414, description=f"URL longer than the limit of {limits.max_url_bytes} bytes")
+        environ = request.environ  # the URL as sent: REQUEST_URI, where the server gives it
+        require_short_url(len(environ.get("REQUEST_URI", "")),
+                          len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")), limits)
 
     @app.after_request
     def no_sniffing(response: Response) -> Response:

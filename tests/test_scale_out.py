@@ -345,6 +345,11 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
         if status == 413 or case in ("path without @", "raw image"):  # the same message as well
             assert answer == flask.get_data(), case
+    for long_url in ("/health?q=" + "a" * 9000, "/" + "%41" * 3000, "/sam2/upload_rle?" + "b" * 9000):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + long_url, timeout=30)
+        flask = flask_client.get(long_url)
+        assert (refused.value.code, refused.value.read()) == (414, flask.get_data()) and flask.status_code == 414
     response = flask_client.get("/upload_rle")
     with urllib.request.urlopen(url + "/health", timeout=30) as health:  # server.py's fields, in its order
         assert health.headers["X-Content-Type-Options"] == "nosniff"

@@ -28,14 +28,7 @@ from sam2serve.cli import (
     write_lines,
 )
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
-from sam2serve.serving import Limits, rle_lines
-
-
-def read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
+from sam2serve.serving import Limits, file_as_upload, rle_lines
 
 
 class Segmenter:
@@ -46,7 +39,7 @@ class Segmenter:
         self.limits = Limits()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
-        files = [read_or_none(Path(path)) for path in batch["path"]]
+        files = [file_as_upload(path, self.limits) for path in batch["path"]]
         return {"path": list(batch["path"]), "line": rle_lines(self.pipeline.generator, files, self.limits)}
 
 

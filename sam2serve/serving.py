@@ -17,6 +17,7 @@ way of running the model answers byte for byte alike.
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -206,18 +207,30 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
     return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
 
 
-def rle_lines(generator: Generator, files: list[bytes | None], limits: Limits = Limits()) -> list[str]:
-    """One /upload_rle answer per image file (None: unreadable), as the xargs/curl workflow
+def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
+    """A file's bytes as the server takes an upload, or the server's error for it: one it cannot
+    read, or one over the upload limit (read no further: a stray video in a list of paths is
+    refused as a 413 would, not read into memory)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limits.max_upload_bytes + 1)
+    except OSError:
+        return InvalidImage("the image file could not be read")
+    return UploadTooLarge(limits) if len(data) > limits.max_upload_bytes else data
+
+
+def rle_lines(generator: Generator, files: list[bytes | ValueError], limits: Limits = Limits()) -> list[str]:
+    """One /upload_rle answer per image file (file_as_upload's), as the xargs/curl workflow
     writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch;
     if it fails, one by one (generate_each, as the worker)."""
     lines: list[str | None] = [None] * len(files)
     images = {}
     for index, data in enumerate(files):
         try:
-            if data is None:
-                raise InvalidImage("the image file could not be read")
+            if isinstance(data, ValueError):
+                raise data
             images[index] = decode_image(data, limits.max_pixels)
-        except (InvalidImage, ImageTooLarge) as error:
+        except (InvalidImage, ImageTooLarge, UploadTooLarge) as error:
             lines[index] = error_answer(error)[1]
     answers = generate_each(generator, list(images.values())) if images else []
     for index, answer in zip(images, answers):

@@ -439,18 +439,25 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
                                                                flask_client, tmp_path):
     from deploy.ray_bulk_job import run
 
-    paths = [str(path) for path in sorted(image_files.iterdir())] * 2 + [str(tmp_path / "missing.jpg")]
+    huge = tmp_path / "huge.jpg"  # sparse: 1 TiB that costs no disk, refused as the server's 413, not read
+    with open(huge, "wb") as file:
+        file.write((image_files / "a.jpg").read_bytes())
+        file.truncate(2**40)
+    paths = [str(path) for path in sorted(image_files.iterdir())] * 2 + [str(tmp_path / "missing.jpg"), str(huge)]
     np.random.default_rng(0).shuffle(paths)
     options = dict(checkpoint_dir=str(tiny_checkpoint_dir), model_type="tiny", mode="ao", device="cpu",
                    amg=KEEP_EVERY_CANDIDATE)
     output = tmp_path / "rle_masks"
     failed = run(paths, output, options, workers=1, batch_size=3)
-    assert failed == [path for path in paths if Path(path).name in ("missing.jpg", "not_an_image.jpg")]  # for stderr
-    assert [file.name for file in tmp_path.iterdir()] == ["rle_masks"]  # no .partial left
+    assert failed == [path for path in paths if Path(path).name in ("missing.jpg", "not_an_image.jpg", "huge.jpg")]
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["huge.jpg", "rle_masks"]  # no .partial left
     lines = output.read_text().splitlines()
     assert len(lines) == len(paths)
     for path, line in zip(paths, lines):
         if path.endswith("missing.jpg"):
             assert json.loads(line) == {"error": "the image file could not be read"}
+            continue
+        if path == str(huge):
+            assert json.loads(line) == {"error": "upload larger than the limit of 52428800 bytes"}
             continue
         assert line.encode() == flask_answer(flask_client, "/upload_rle", Path(path).read_bytes())[1], path

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sam2serve.serving import create_app, rle_lines
+from sam2serve.preprocess import InvalidImage
+from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
 from sam2serve.worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut
 
 POISON = 13  # a stub fails on images whose first pixel is this value
@@ -245,13 +246,30 @@ def test_http_busy_and_timeout():
 
 def test_bulk_lines_isolate_the_image_that_fails():
     """rle_lines (the Ray Data job's and the Modal app's answers): one line per file, in order."""
-    lines = rle_lines(StubGenerator(), [png_of(1), png_of(POISON), b"not an image", None, png_of(2)])
+    lines = rle_lines(StubGenerator(), [png_of(1), png_of(POISON), b"not an image",
+                                        InvalidImage("the image file could not be read"), png_of(2)])
     assert [json.loads(line) for line in (lines[0], lines[4])] == [
         {"mask_0": {"size": [8, 6], "counts": [value, 1]}} for value in (1, 2)
     ]
     assert "bad tensor" in json.loads(lines[1])["error"]
     assert "not an image" in json.loads(lines[2])["error"]
     assert json.loads(lines[3]) == {"error": "the image file could not be read"}
+
+
+def test_files_are_read_as_the_server_takes_uploads(tmp_path):
+    """file_as_upload (the Ray Data job's reader): the server's 400 and 413 answers, and a file
+    over the limit read no further than it."""
+    limits = Limits(max_upload_bytes=len(png_of(1)))
+    (tmp_path / "fits.png").write_bytes(png_of(1))
+    with open(tmp_path / "huge.png", "wb") as huge:  # sparse: 1 TiB on disk costs nothing
+        huge.write(png_of(1))
+        huge.truncate(2**40)
+    files = [file_as_upload(tmp_path / name, limits) for name in ("fits.png", "huge.png", "missing.png")]
+    assert files[0] == png_of(1)
+    lines = rle_lines(StubGenerator(), files, limits)
+    assert json.loads(lines[0]) == {"mask_0": {"size": [8, 6], "counts": [1, 1]}}
+    assert json.loads(lines[1]) == {"error": f"upload larger than the limit of {limits.max_upload_bytes} bytes"}
+    assert json.loads(lines[2]) == {"error": "the image file could not be read"}
 
 
 def test_serve_runs_jobs_on_the_calling_thread_until_told_to_stop():

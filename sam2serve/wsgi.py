@@ -97,6 +97,15 @@ class JSONErrorTask(ErrorTask):
 class JSONErrorChannel(HTTPChannel):
     error_task_class = JSONErrorTask
 
+    def send_continue(self) -> None:
+        """No "100 Continue" for a request already refused (a declared body over the limit):
+        waitress would send one and read the body up to the limit before its 413; curl sends
+        `Expect: 100-continue` with every upload over 1 MB."""
+        if self.request.error is not None:
+            self.request.expect_continue = False
+            return
+        super().send_continue()
+
 
 def allow_descriptors(needed: int) -> None:
     """Raises this process's soft limit on open files towards `needed` (the hard limit caps it):

@@ -111,13 +111,14 @@ def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(s
     assert threads_and_descriptors(process.pid)[1] <= descriptors_before + 5
 
 
-def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_closed(server):
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"])  # curl's, for uploads over 1 MB
+def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_closed(server, expect):
     _, url = server
     limit = MAX_UPLOAD_MB * 2**20
     counted = answers_counted(url, "/upload_rle", "POST", "413")
     sock = connect(url)
     sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-                 + f"Content-Length: {limit + 1}\r\n\r\n".encode())
+                 + expect + f"Content-Length: {limit + 1}\r\n\r\n".encode())
     status, headers, answer = status_and_json(read_until_closed(sock, 10))  # no body sent: closed all the same
     assert status == 413 and headers["content-type"] == "application/json"
     assert answer == {"error": f"upload larger than the limit of {limit} bytes"}

@@ -76,11 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=HelpWithDefaults,
     )
     add_checkpoint_arguments(parser)
-    parser.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
-                        help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
-    parser.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
-                        help="same as --mode baseline")
-    parser.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
+    modes = parser.add_mutually_exclusive_group()  # one way to name the mode: the last would win unseen
+    modes.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
+                       help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
+    modes.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
+                       help="same as --mode baseline")
+    modes.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
     parser.add_argument("--furious", action="store_true", help="with --fast: half precision (fast_furious)")
     add_option(parser, "save_fast", metavar="DIR",
                help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")

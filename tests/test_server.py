@@ -312,6 +312,8 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
     "arguments, message",
     [
         (["--furious"], "--furious goes with --fast"),
+        (["--baseline", "--fast"], "argument --fast: not allowed with argument --baseline"),
+        (["--mode", "ao", "--fast", "--furious"], "argument --fast: not allowed with argument --mode"),
         (["--load-fast", "somewhere"], "go with --fast"),
         (["--fast", "--save-fast", "a", "--load-fast", "b"], "not both"),
         (["--compile-mode", "default"], "go with --fast"),

@@ -30,6 +30,11 @@ on 2 cores with one busy process beside the server, the default model's request 
 instead of 1.1, and 1.7 s with one thread (docs/performance.md, "Other work on the same cores").
 So a server on cores it shares is started with fewer threads than the cores it has to itself
 (server.py --threads).
+
+bfloat16 (fast_furious on a CPU) is fast only on cores with bfloat16 instructions (AVX-512 bf16
+or AMX); elsewhere oneDNN emulates it and the mode is several times slower than ao
+(docs/performance.md, "bfloat16 on a CPU without bfloat16 instructions"): `warn_of_slow_half`
+says so when such a mode is loaded.
 """
 
 import ctypes
@@ -98,3 +103,20 @@ def set_up_cpu_process(device: str | torch.device = "cpu", threads: int | None =
     if threads is not None:
         torch.set_num_threads(threads)
         log.info("CPU threads: %d for the model's parallel operations", threads)
+
+
+def has_bfloat16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware, as oneDNN sees it (torch's own
+    tests ask the same); True where this torch cannot tell."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return True if supported is None else bool(supported())
+    except RuntimeError:
+        return True
+
+
+def warn_of_slow_half(device: str | torch.device, half_precision: bool, mode_name: str) -> None:
+    """A warning, when a half-precision mode is loaded on a CPU without bfloat16 instructions."""
+    if half_precision and torch.device(device).type == "cpu" and not has_bfloat16_instructions():
+        log.warning("this CPU has no bfloat16 instructions (AVX-512 bf16 or AMX): %s runs in emulated bfloat16, "
+                    "several times slower than ao here; serve ao instead", mode_name)

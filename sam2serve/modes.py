@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cpu import set_up_cpu_process
+from .cpu import set_up_cpu_process, warn_of_slow_half
 from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import (
@@ -168,6 +168,7 @@ def load_pipeline(
     path, model_type = resolve_checkpoint(checkpoint_dir, model_type, checkpoint_url)
     loaded = load_model(path, model_type, device)
     log.info("loaded %s (%s); preparing mode %s", loaded.description, loaded.path.resolve(), mode.name)
+    warn_of_slow_half(device, mode.half_precision, mode.name)
     generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast,
                                 batch_size=batch_size, compile_mode=compile_mode)
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)

@@ -147,3 +147,20 @@ def test_flushing_denormals_changes_no_mask_of_the_micro_model():
     denormal_weights, masks, same = fresh_process_output(FLUSHING_ON_THE_MICRO_MODEL).split()
     assert int(denormal_weights) > 1000  # the decoder's attention meets them (46,367 here)
     assert int(masks) >= 5 and same == "True"
+
+
+@pytest.mark.parametrize("instructions", [False, True])
+def test_a_half_precision_mode_on_a_cpu_without_bfloat16_instructions_is_warned_of(monkeypatch, caplog, instructions):
+    from sam2serve import cpu
+    from sam2serve.modes import load_pipeline
+
+    monkeypatch.setattr(cpu, "has_bfloat16_instructions", lambda: instructions)
+    for mode in ("ao", "fast_furious"):
+        load_pipeline(mode=mode, amg={"points_per_side": 2})
+    warnings = [record.getMessage() for record in caplog.records if "no bfloat16 instructions" in record.getMessage()]
+    assert warnings == ([] if instructions else [
+        "this CPU has no bfloat16 instructions (AVX-512 bf16 or AMX): fast_furious runs in emulated bfloat16, "
+        "several times slower than ao here; serve ao instead"])
+    cpu.warn_of_slow_half("cuda", True, "fast_furious")  # float16 on CUDA: not this CPU's concern
+    assert len([r for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]) == len(warnings)
+

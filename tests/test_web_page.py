@@ -750,3 +750,110 @@ def test_a_transparent_image_is_shown_over_white(page, tmp_path):
     with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
         open_and_show(page, path)
         assert np.abs(shown_image(page).astype(int) - expected).max() <= 2
+
+
+def test_the_status_says_what_runs_in_either_tool_and_what_failed(page, tmp_path):
+    """One status line, two tools: while a request runs it says so in either tool (switching
+    tools does not bring back another image's figures); once it ends, each tool's own line; a
+    refused upload says so in the click tool too."""
+    tool = lambda name: page.find_element(By.CSS_SELECTOR, f"input[name=tool][value={name}]").click()  # noqa: E731
+    answers = stub_answers()
+    answers["/upload_rle"][2] = "held"
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "held.png"))
+        wait_for(page, lambda d: "/upload_rle" in fetch_log(d), timeout=10)
+        for name in ("click", "everything", "click"):
+            tool(name)
+            assert status(page) == "Segmenting held.png…", name
+        page.execute_script("window.release()")
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)  # encoded for the click tool
+        assert status(page).startswith("Image encoded in ")
+        tool("everything")
+        assert status(page).startswith("1 mask in ")
+    with stubbed_fetch(page, {"/upload_rle": [413, {"error": "as the server says"}, 0]}):
+        tool("click")
+        open_image(page, small_image(tmp_path, "refused.png"))
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert status(page) == "No masks for this image." and not page.find_element(By.ID, "spinner").is_displayed()
+        tool("everything")
+        assert status(page) == "No masks for this image."
+        page.find_element(By.ID, "sort-by").send_keys("p")  # sorted by predicted IoU: still no list of masks
+        assert page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr") == []
+
+
+def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_is_no_box(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "edges.png"))
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        canvas = page.find_element(By.ID, "highlight-canvas")
+        width, height = canvas.rect["width"], canvas.rect["height"]
+        ActionChains(page).move_to_element_with_offset(canvas, 0, 0).click_and_hold() \
+            .move_by_offset(width / 2 + 30, height / 2 + 30).release().perform()  # past the bottom right corner
+        wait_for(page, lambda d: page_state(d, "clickPrompt") is not None, timeout=10)
+        x0, y0, x1, y1 = page_state(page, "box")
+        assert (x1, y1) == SMALL and 0 < x0 < x1 and 0 < y0 < y1
+        segments = fetch_log(page).count("/segment")
+        # From the top row's first tenth of a pixel, up and out of the image: a box 0.1 pixel high.
+        ActionChains(page).move_to_element_with_offset(canvas, -width / 4, -height / 2 + 0.5).click_and_hold() \
+            .move_by_offset(40, -60).release().perform()
+        time.sleep(0.3)
+        assert page_state(page, "box") == [x0, y0, x1, y1] and fetch_log(page).count("/segment") == segments
+
+
+def test_a_server_without_prompts_takes_back_the_click_tool_chosen_while_it_loaded(browser, server):
+    """The click tool chosen while /health still says "loading", on a server that then turns out
+    to run no prompts (fast_furious): the page goes back to every mask."""
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const realFetch = window.fetch;
+        window.fetch = (resource, options) => new URL(resource, location.href).pathname !== "/health"
+          ? realFetch(resource, options)
+          : Promise.resolve(window.modelLoaded
+            ? new Response(JSON.stringify({status: "ok", queued: 0, mode: "fast_furious", device: "cpu",
+                                           model: "SAM2.1 micro", weights: "demo", prompts: false}))
+            : new Response('{"status":"loading"}', {status: 503}));"""})
+    try:
+        browser.get(server + "/")
+        wait_for(browser, lambda d: "loading" in d.find_element(By.ID, "server-info").text, timeout=10)
+        click = browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]")
+        click.click()
+        browser.execute_script("window.modelLoaded = true")
+        wait_for(browser, lambda d: "fast_furious" in d.find_element(By.ID, "server-info").text, timeout=10)
+        assert not click.is_selected() and not click.is_enabled()
+        assert browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").is_selected()
+        assert "click-tool" not in browser.find_element(By.ID, "viewer").get_attribute("class")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
+def test_a_png_s_late_exif_and_compressed_xmp_turn_it_as_the_server_does(page, tmp_path):
+    """Pillow reads a PNG's eXIf chunk after its image data too (browsers only before it), and
+    XMP from a compressed iTXt chunk: the page shows each as the server sees it."""
+    late = tmp_path / "late.png"
+    turned_image(late, 3)
+    data = late.read_bytes()
+    chunks, at = [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        chunks.append(data[at:at + 12 + length])
+        at += 12 + length
+    exif = next(chunk for chunk in chunks if chunk[4:8] == b"eXIf")
+    chunks.remove(exif)
+    chunks.insert(len(chunks) - 1, exif)  # after IDAT, before IEND
+    late.write_bytes(data[:8] + b"".join(chunks))
+    with Image.open(late) as image:
+        late_expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        assert (late_expected != np.asarray(image.convert("RGB"))).any()  # turned upside down
+    compressed = tmp_path / "compressed.png"
+    image = Image.new("RGB", (160, 120), (40, 90, 70))
+    ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION.format(6), zip=True)
+    image.save(compressed, pnginfo=info)
+    with Image.open(compressed) as image:
+        compressed_expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    assert compressed_expected.shape == (160, 120, 3)  # turned a quarter
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
+        for path, expected in ((late, late_expected), (compressed, compressed_expected)):
+            open_and_show(page, path)
+            assert np.abs(shown_image(page).astype(int) - expected).mean() < 0.5, path.name

@@ -41,7 +41,11 @@ const state = {
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
   segmentSequence: 0, // counts /segment requests: only the latest one's answer is drawn
-  everythingStatus: "No image yet.", // the every-mask tool's status line, shown again on return to it
+  // The status line: what runs while a request is in flight (the same in both tools), else the
+  // tool's own line, kept for the return to it.
+  busyText: null,
+  everythingStatus: "No image yet.",
+  clickStatus: "Open an image first.",
 };
 
 // --- Talking to the server ------------------------------------------------------------------
@@ -120,6 +124,7 @@ function clearError() {
 function busy(text) {
   const started = performance.now();
   clearError();
+  state.busyText = text;
   setStatus(text);
   $("spinner").hidden = false;
   const tick = () => { $("elapsed").textContent = ` ${((performance.now() - started) / 1000).toFixed(1)} s`; };
@@ -130,8 +135,24 @@ function busy(text) {
     clearInterval(ticker);
     $("spinner").hidden = true;
     $("elapsed").textContent = "";
+    state.busyText = null;
+    showToolStatus();
     return performance.now() - started;
   };
+}
+
+function showToolStatus() {
+  setStatus(state.busyText || (tool() === "click" ? state.clickStatus : state.everythingStatus));
+}
+
+function showEverythingStatus(text) {
+  state.everythingStatus = text;
+  showToolStatus();
+}
+
+function showClickStatus(text) {
+  state.clickStatus = text;
+  showToolStatus();
 }
 
 // --- The server's model ------------------------------------------------------------------
@@ -168,6 +189,10 @@ async function loadHealth() {
   $("weights-note").textContent = note || "";
   if (info.prompts === false) {
     const radio = document.querySelector("input[name=tool][value=click]");
+    if (radio.checked) { // chosen while the model loaded: back to the tool this server has
+      document.querySelector("input[name=tool][value=everything]").checked = true;
+      setTool();
+    }
     radio.disabled = true;
     const why = document.createElement("span");
     why.className = "hint";
@@ -344,8 +369,8 @@ function paintMask(context, counts, rgb) {
 // file and turns the picture itself where this browser has not.
 
 // The orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, its format, and
-// where it was found ("exif" or "xmp"). XMP in a compressed PNG text chunk is not read.
-function fileOrientation(buffer) {
+// where it was found ("exif", "exif-late": a PNG's after its image data, or "xmp").
+async function fileOrientation(buffer) {
   const view = new DataView(buffer);
   const text = (at, length) => String.fromCharCode(...new Uint8Array(buffer, at, length));
   // EXIF is a TIFF header and its first directory of 12-byte entries: tag 0x0112 is the orientation.
@@ -358,16 +383,18 @@ function fileOrientation(buffer) {
     }
     return null;
   };
-  const xmp = (at, length) => {
-    const packet = new TextDecoder().decode(new Uint8Array(buffer, at, length)); // XMP is UTF-8
+  const orientationIn = (packet) => {
     const match = /tiff:Orientation(="|>)([0-9])/.exec(packet); // Pillow's pattern
     return match ? Number(match[2]) : null;
   };
+  const xmp = (at, length) => orientationIn(new TextDecoder().decode(new Uint8Array(buffer, at, length))); // UTF-8
   const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
   const XMP_PNG = "XML:com.adobe.xmp\0";
   let format = "";
   let exif = null;
+  let exifSource = "exif";
   let fromXmp = null;
+  let compressedXmp = null; // a PNG's iTXt chunk may hold its XMP deflated
   try {
     if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF and XMP in APP1 (0xe1)
       format = "jpeg";
@@ -380,11 +407,25 @@ function fileOrientation(buffer) {
       }
     } else if (text(0, 8) === "\x89PNG\r\n\x1a\n") { // PNG: chunks of length, type, data, CRC
       format = "png";
+      let afterData = false; // browsers read eXIf before the image data only; Pillow anywhere
       for (let p = 8; p + 8 <= view.byteLength; p += 12 + view.getUint32(p)) {
         const type = text(p + 4, 4);
-        if (type === "eXIf") exif ??= tiff(p + 8);
-        else if ((type === "iTXt" || type === "tEXt") && text(p + 8, XMP_PNG.length) === XMP_PNG) {
-          fromXmp = xmp(p + 8, view.getUint32(p));
+        if (type === "IDAT") afterData = true;
+        if (type === "eXIf" && exif === null) {
+          exif = tiff(p + 8);
+          if (afterData) exifSource = "exif-late";
+        } else if ((type === "iTXt" || type === "tEXt") && text(p + 8, XMP_PNG.length) === XMP_PNG) {
+          const flag = p + 8 + XMP_PNG.length; // iTXt: compressed or not, method, language, translated keyword, text
+          if (type === "iTXt" && view.getUint8(flag) === 1) {
+            const bytes = new Uint8Array(buffer, p + 8, view.getUint32(p));
+            let start = XMP_PNG.length + 2;
+            for (let nulls = 0; nulls < 2 && start < bytes.length; start++) if (bytes[start] === 0) nulls++;
+            compressedXmp = bytes.subarray(start);
+            fromXmp = null;
+          } else {
+            fromXmp = xmp(p + 8, view.getUint32(p));
+            compressedXmp = null;
+          }
         }
       }
     } else if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
@@ -401,7 +442,15 @@ function fileOrientation(buffer) {
   } catch (error) {
     if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
-  if (exif !== null) return { format, orientation: exif, source: "exif" };
+  if (exif !== null) return { format, orientation: exif, source: exifSource };
+  if (compressedXmp) {
+    try {
+      const inflated = new Blob([compressedXmp]).stream().pipeThrough(new DecompressionStream("deflate"));
+      fromXmp = orientationIn(await new Response(inflated).text());
+    } catch (error) {
+      fromXmp = null; // not deflate data: no orientation, as Pillow finds none there
+    }
+  }
   return { format, orientation: fromXmp ?? 1, source: "xmp" };
 }
 
@@ -422,6 +471,7 @@ const TURNS = {
 const TURN_PROBES = {
   "jpeg-exif": "/9j/4AAQSkZJRgABAQAAAQABAAD/4QAiRXhpZgAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/wAALCAABAAIBAREA/8QAFAABAAAAAAAAAAAAAAAAAAAAAP/EABQQAQAAAAAAAAAAAAAAAAAAAAD/2gAIAQEAAD8AP//Z",
   "png-exif": "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAAGmVYSWZNTQAqAAAACAABARIAAwAAAAEABgAAAAAAANZnS2kAAAALSURBVHjaY2xgAAABBgCCtmAv3wAAAABJRU5ErkJggg==",
+  "png-exif-late": "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAAC0lEQVR42mNsYAAAAQYAgrZgL98AAAAaZVhJZk1NACoAAAAIAAEBEgADAAAAAQAGAAAAAAAA1mdLaQAAAABJRU5ErkJggg==",
   "webp-exif": "UklGRlIAAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TBEAAAAvAQAAAAdQwAIWsP+BiOh/AABFWElGGgAAAE1NACoAAAAIAAEBEgADAAAAAQAGAAAAAAAA",
   "jpeg-xmp": "/9j/4AAQSkZJRgABAQAAAQABAAD/4QDsaHR0cDovL25zLmFkb2JlLmNvbS94YXAvMS4wLwA8eDp4bXBtZXRhIHhtbG5zOng9ImFkb2JlOm5zOm1ldGEvIj48cmRmOlJERiB4bWxuczpyZGY9Imh0dHA6Ly93d3cudzMub3JnLzE5OTkvMDIvMjItcmRmLXN5bnRheC1ucyMiPjxyZGY6RGVzY3JpcHRpb24geG1sbnM6dGlmZj0iaHR0cDovL25zLmFkb2JlLmNvbS90aWZmLzEuMC8iIHRpZmY6T3JpZW50YXRpb249IjYiLz48L3JkZjpSREY+PC94OnhtcG1ldGE+/9sAQwAIBgYHBgUIBwcHCQkICgwUDQwLCwwZEhMPFB0aHx4dGhwcICQuJyAiLCMcHCg3KSwwMTQ0NB8nOT04MjwuMzQy/8AACwgAAQACAQERAP/EAB8AAAEFAQEBAQEBAAAAAAAAAAABAgMEBQYHCAkKC//EALUQAAIBAwMCBAMFBQQEAAABfQECAwAEEQUSITFBBhNRYQcicRQygZGhCCNCscEVUtHwJDNicoIJChYXGBkaJSYnKCkqNDU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6g4SFhoeIiYqSk5SVlpeYmZqio6Slpqeoqaqys7S1tre4ubrCw8TFxsfIycrS09TV1tfY2drh4uPk5ebn6Onq8fLz9PX29/j5+v/aAAgBAQAAPwAr/9k=",
   "png-xmp": "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAAAAADRSSBWAAAA42lUWHRYTUw6Y29tLmFkb2JlLnhtcAAAAAAAPHg6eG1wbWV0YSB4bWxuczp4PSJhZG9iZTpuczptZXRhLyI+PHJkZjpSREYgeG1sbnM6cmRmPSJodHRwOi8vd3d3LnczLm9yZy8xOTk5LzAyLzIyLXJkZi1zeW50YXgtbnMjIj48cmRmOkRlc2NyaXB0aW9uIHhtbG5zOnRpZmY9Imh0dHA6Ly9ucy5hZG9iZS5jb20vdGlmZi8xLjAvIiB0aWZmOk9yaWVudGF0aW9uPSI2Ii8+PC9yZGY6UkRGPjwveDp4bXBtZXRhPo4XMBcAAAALSURBVHicY2xgAAABBgCCJcRYOAAAAABJRU5ErkJggg==",
@@ -440,7 +490,7 @@ function turnsItself(format, source) {
 // The file's picture as the server sees it: decoded by the browser, turned where it has not.
 async function decodeImage(file) {
   const bitmap = await createImageBitmap(file);
-  const { format, orientation, source } = fileOrientation(await file.arrayBuffer());
+  const { format, orientation, source } = await fileOrientation(await file.arrayBuffer());
   if (!TURNS[orientation] || (await turnsItself(format, source))) return bitmap;
   const [w, h] = [bitmap.width, bitmap.height];
   const canvas = document.createElement("canvas");
@@ -461,6 +511,7 @@ function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1,
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
+    clickStatus: "Open an image first.",
   });
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
@@ -493,9 +544,10 @@ async function openFile(file) {
   const bitmap = await decodeImage(file).catch(() => null);
   if (generation !== state.generation) return;
   if (!bitmap) {
+    state.everythingStatus = "No image.";
     done();
-    showEverythingStatus("No image.");
-    showError(`This browser cannot show ${what}: convert it to PNG or JPEG (it was not sent to the server).`);
+    showError(`This browser cannot show ${what}: a damaged or cut-short file, or a format it does not read; ` +
+      "a PNG or JPEG of it will do (it was not sent to the server).");
     return;
   }
   showImage(bitmap);
@@ -510,16 +562,11 @@ async function openFile(file) {
     if (tool() === "click") await embed();
   } catch (error) {
     if (generation !== state.generation) return;
-    done();
     state.labels = null; // no masks: the click tool stays off for this image
-    showEverythingStatus("No masks for this image.");
+    state.everythingStatus = state.clickStatus = "No masks for this image.";
+    done();
     showError(error.message);
   }
-}
-
-function showEverythingStatus(text) {
-  state.everythingStatus = text;
-  if (tool() === "everything") setStatus(text);
 }
 
 function showImage(bitmap) {
@@ -672,13 +719,13 @@ function embed() {
       if (generation !== state.generation) return null;
       state.imageId = JSON.parse(text).image_id;
       const ms = done();
-      if (tool() === "click") setStatus(`Image encoded in ${Math.round(ms)} ms. ${CLICK_HELP}`);
+      showClickStatus(`Image encoded in ${Math.round(ms)} ms. ${CLICK_HELP}`);
       return state.imageId;
     })
     .catch((error) => {
       if (generation !== state.generation) return null; // its spinner already belongs to a newer image
+      state.clickStatus = "The image could not be encoded for clicks.";
       done();
-      setStatus(tool() === "click" ? "The image could not be encoded for clicks." : state.everythingStatus);
       showError(error.message);
       return null;
     })
@@ -718,7 +765,7 @@ async function segment({ retried = false, keepError = false } = {}) {
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
     if (!keepError) clearError(); // a refusal's message goes with the clicks it was about
-    if (state.imageId) setStatus(CLICK_HELP);
+    if (state.imageId) showClickStatus(CLICK_HELP);
     drawHighlight();
     return;
   }
@@ -737,7 +784,7 @@ async function segment({ retried = false, keepError = false } = {}) {
     state.clickAnswer = JSON.parse(text);
     const result = state.clickAnswer.results[0];
     if (!keepError) clearError();
-    setStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
+    showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
       `${result.iou_predictions[0].toFixed(3)}` +
       (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
     drawHighlight();
@@ -791,20 +838,26 @@ function setTool() {
   // Mask figures belong to the every-mask tool: none in the click tool, the selected mask's again on return.
   $("hover-info").textContent = !click && state.selected >= 0 ? describe(state.selected) : "\u00a0";
   drawHighlight();
-  if (!click) setStatus(state.everythingStatus);
-  else if (state.imageId) setStatus(CLICK_HELP);
-  else if (state.labels) embed();
-  else setStatus("Open an image first.");
+  showToolStatus();
+  if (click && !state.imageId && state.labels) embed();
 }
 
 // --- Pointer -------------------------------------------------------------------------------
 
+// Where the pointer is on the image: x, y on a pixel (the last column and row at most: a click,
+// a mask under the pointer), corner on the image's edges included (a box reaches its far edges).
 function imagePoint(event) {
   const rect = $("highlight-canvas").getBoundingClientRect();
   const x = ((event.clientX - rect.left) * state.width) / rect.width;
   const y = ((event.clientY - rect.top) * state.height) / rect.height;
   const clamp = (v, top) => Math.round(Math.min(Math.max(v, 0), top) * 10) / 10;
-  return { x: clamp(x, state.width - 1), y: clamp(y, state.height - 1), screenX: event.clientX, screenY: event.clientY };
+  return { x: clamp(x, state.width - 1), y: clamp(y, state.height - 1), corner: [clamp(x, state.width), clamp(y, state.height)],
+           screenX: event.clientX, screenY: event.clientY };
+}
+
+// The box two corners span, [x0, y0, x1, y1].
+function boxOf(a, b) {
+  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
 }
 
 let press = null;
@@ -830,7 +883,7 @@ function onPointerMove(event) {
   const point = imagePoint(event);
   if (tool() === "click") {
     if (press && Math.hypot(point.screenX - press.screenX, point.screenY - press.screenY) > DRAG_PIXELS) {
-      state.dragBox = [Math.min(press.x, point.x), Math.min(press.y, point.y), Math.max(press.x, point.x), Math.max(press.y, point.y)];
+      state.dragBox = boxOf(press.corner, point.corner);
       drawHighlight();
     }
     return;
@@ -851,7 +904,12 @@ function onPointerUp(event) {
   state.dragBox = null;
   const end = imagePoint(event);
   if (Math.hypot(end.screenX - start.screenX, end.screenY - start.screenY) > DRAG_PIXELS) {
-    state.box = [Math.min(start.x, end.x), Math.min(start.y, end.y), Math.max(start.x, end.x), Math.max(start.y, end.y)];
+    const box = boxOf(start.corner, end.corner);
+    if (box[2] - box[0] < 1 || box[3] - box[1] < 1) { // a drag along an edge, outside the image: no box
+      drawHighlight();
+      return;
+    }
+    state.box = box;
     state.boxAfter = state.clicks.length;
   } else {
     state.clicks.push({ x: start.x, y: start.y, label: start.background ? 0 : 1 });
@@ -916,7 +974,7 @@ function init() {
   window.addEventListener("mouseup", onPointerUp);
   document.addEventListener("keydown", onKeyDown);
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
-  $("sort-by").addEventListener("change", listMasks);
+  $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list
   const rows = $("mask-list").tBodies[0];
   // The mask of the list's row an event is on, or -1 (the "no mask" row; the list rests in the click tool).
   const rowMask = (event) => {

@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_checkpoint_arguments(parser)
     modes = parser.add_mutually_exclusive_group()  # one way to name the mode: the last would win unseen
-    modes.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
-                       help="; ".join(f"{m.name}: {m.description}" for m in MODES.values()))
+    # No default here: argparse would not count `--mode ao` (the default's own value) as given.
+    modes.add_argument("--mode", choices=sorted(MODES), help="(default: ao) " + "; ".join(
+        f"{m.name}: {m.description}" for m in MODES.values()))
     modes.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
                        help="same as --mode baseline")
     modes.add_argument("--fast", dest="mode", action="store_const", const="fast", help="same as --mode fast")
@@ -121,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     check_checkpoint_arguments(parser, args)
+    args.mode = args.mode or DEFAULT_MODE
     if args.furious:
         if args.mode not in ("fast", "fast_furious"):
             parser.error("--furious goes with --fast")

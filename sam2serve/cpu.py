@@ -106,13 +106,13 @@ def set_up_cpu_process(device: str | torch.device = "cpu", threads: int | None =
 
 
 def has_bfloat16_instructions() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware, as oneDNN sees it (torch's own
-    tests ask the same); True where this torch cannot tell."""
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return True if supported is None else bool(supported())
-    except RuntimeError:
+    """Whether this CPU multiplies bfloat16 in hardware: AVX-512 bf16 or AMX, as torch reads the
+    CPU's features (oneDNN's own "bf16 supported" answers yes for any AVX-512 core, where it
+    emulates bfloat16); True where this torch cannot tell."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if None in checks:
         return True
+    return any(check() for check in checks)
 
 
 def warn_of_slow_half(device: str | torch.device, half_precision: bool, mode_name: str) -> None:

@@ -259,6 +259,18 @@ def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsy
     assert stopped.value.code == 2 and f"argument {option}" in error and f"must be {rule}" in error
 
 
+@pytest.mark.parametrize("arguments", [["--mode", "ao", "--fast"], ["--fast", "--mode", "ao"], ["--baseline", "--fast"]])
+def test_two_ways_of_naming_the_mode_are_refused_even_the_default(arguments, capsys):
+    """In process too, where "ao" is the very string of the default (argparse counts an option
+    given its default's own object as not given)."""
+    import server
+
+    with pytest.raises(SystemExit):
+        server.parse_args(arguments)
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert server.parse_args([]).mode == "ao" and server.parse_args(["--fast", "--furious"]).mode == "fast_furious"
+
+
 def test_pixel_limit_beyond_what_pillow_opens_is_refused():
     result = run_server_expecting_exit("--max-pixels", "300000000")
     assert "--max-pixels must be between 1 and 178956970" in result.stderr

@@ -594,12 +594,18 @@ XMP_ORIENTATION = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http
                    '</x:xmpmeta>')
 
 
+def object_picture() -> Image.Image:
+    """A picture with an object: a red rectangle, near a corner."""
+    image = Image.new("RGB", (160, 120), (40, 90, 70))
+    ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
+    return image
+
+
 def turned_image(path: Path, orientation: int | None, xmp: int | None = None, **options) -> np.ndarray:
     """Writes an image with an object (a red rectangle, near a corner) and this EXIF orientation
     (None: no EXIF), and this orientation in XMP (None: no XMP); answers its pixels as the server
     sees them, turned by the orientation (Pillow's exif_transpose)."""
-    image = Image.new("RGB", (160, 120), (40, 90, 70))
-    ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
+    image = object_picture()
     if orientation is not None:
         exif = Image.Exif()
         exif[0x0112] = orientation
@@ -828,7 +834,7 @@ def test_a_server_without_prompts_takes_back_the_click_tool_chosen_while_it_load
 
 def test_a_png_s_late_exif_and_compressed_xmp_turn_it_as_the_server_does(page, tmp_path):
     """Pillow reads a PNG's eXIf chunk after its image data too (browsers only before it), and
-    XMP from a compressed iTXt chunk: the page shows each as the server sees it."""
+    XMP from a compressed iTXt or zTXt chunk: the page shows each as the server sees it."""
     late = tmp_path / "late.png"
     turned_image(late, 3)
     data = late.read_bytes()
@@ -845,15 +851,22 @@ def test_a_png_s_late_exif_and_compressed_xmp_turn_it_as_the_server_does(page, t
         late_expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
         assert (late_expected != np.asarray(image.convert("RGB"))).any()  # turned upside down
     compressed = tmp_path / "compressed.png"
-    image = Image.new("RGB", (160, 120), (40, 90, 70))
-    ImageDraw.Draw(image).rectangle([20, 15, 64, 50], fill=(220, 40, 40))
+    image = object_picture()
     info = PngImagePlugin.PngInfo()
     info.add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION.format(6), zip=True)
     image.save(compressed, pnginfo=info)
     with Image.open(compressed) as image:
         compressed_expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     assert compressed_expected.shape == (160, 120, 3)  # turned a quarter
+    ztxt = tmp_path / "ztxt.png"  # deflated in a zTXt chunk
+    info = PngImagePlugin.PngInfo()
+    info.add_text("XML:com.adobe.xmp", XMP_ORIENTATION.format(8), zip=True)
+    object_picture().save(ztxt, pnginfo=info)
+    assert b"zTXt" in ztxt.read_bytes()
+    with Image.open(ztxt) as image:
+        ztxt_expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    assert ztxt_expected.shape == (160, 120, 3)
     with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
-        for path, expected in ((late, late_expected), (compressed, compressed_expected)):
+        for path, expected in ((late, late_expected), (compressed, compressed_expected), (ztxt, ztxt_expected)):
             open_and_show(page, path)
             assert np.abs(shown_image(page).astype(int) - expected).mean() < 0.5, path.name

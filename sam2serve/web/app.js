@@ -394,7 +394,7 @@ async function fileOrientation(buffer) {
   let exif = null;
   let exifSource = "exif";
   let fromXmp = null;
-  let compressedXmp = null; // a PNG's iTXt chunk may hold its XMP deflated
+  let compressedXmp = null; // a PNG's iTXt or zTXt chunk may hold its XMP deflated
   try {
     if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF and XMP in APP1 (0xe1)
       format = "jpeg";
@@ -414,10 +414,14 @@ async function fileOrientation(buffer) {
         if (type === "eXIf" && exif === null) {
           exif = tiff(p + 8);
           if (afterData) exifSource = "exif-late";
-        } else if ((type === "iTXt" || type === "tEXt") && text(p + 8, XMP_PNG.length) === XMP_PNG) {
-          const flag = p + 8 + XMP_PNG.length; // iTXt: compressed or not, method, language, translated keyword, text
-          if (type === "iTXt" && view.getUint8(flag) === 1) {
-            const bytes = new Uint8Array(buffer, p + 8, view.getUint32(p));
+        } else if (["iTXt", "tEXt", "zTXt"].includes(type) && text(p + 8, XMP_PNG.length) === XMP_PNG) {
+          // After the keyword: zTXt, a method byte and deflated text; iTXt, whether deflated, a
+          // method byte, a language and a translated keyword, then the text.
+          const bytes = new Uint8Array(buffer, p + 8, view.getUint32(p));
+          if (type === "zTXt") {
+            compressedXmp = bytes.subarray(XMP_PNG.length + 1);
+            fromXmp = null;
+          } else if (type === "iTXt" && bytes[XMP_PNG.length] === 1) {
             let start = XMP_PNG.length + 2;
             for (let nulls = 0; nulls < 2 && start < bytes.length; start++) if (bytes[start] === 0) nulls++;
             compressedXmp = bytes.subarray(start);

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_checkpoint_arguments(parser)
     modes = parser.add_mutually_exclusive_group()  # one way to name the mode: the last would win unseen
     # No default here: argparse would not count `--mode ao` (the default's own value) as given.
-    modes.add_argument("--mode", choices=sorted(MODES), help="(default: ao) " + "; ".join(
+    modes.add_argument("--mode", choices=sorted(MODES), help=f"(default: {DEFAULT_MODE}) " + "; ".join(
         f"{m.name}: {m.description}" for m in MODES.values()))
     modes.add_argument("--baseline", dest="mode", action="store_const", const="baseline",
                        help="same as --mode baseline")

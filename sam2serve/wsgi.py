@@ -89,9 +89,9 @@ class JSONErrorTask(ErrorTask):
         if on_refusal is not None:
             # The path and method where the request line was read (for headers too large,
             # waitress puts "GET /" in its place).
-            request_line_read = not isinstance(error, RequestHeaderFieldsTooLarge)
-            on_refusal(getattr(self.request, "path", None) if request_line_read else None,
-                       getattr(self.request, "command", None) if request_line_read else None, error.code)
+            path, method = ((None, None) if isinstance(error, RequestHeaderFieldsTooLarge)
+                            else (getattr(self.request, "path", None), getattr(self.request, "command", None)))
+            on_refusal(path, method, error.code)
 
 
 class JSONErrorChannel(HTTPChannel):

@@ -11,8 +11,8 @@ OUTPUT/<row>/rle_masks, one /upload_rle JSON per line, as the server's xargs wor
 Every row is compared with the baseline row (strict and relaxed mIoU, see compare_rle_lists.py);
 the table goes to OUTPUT/result.csv and a plot of ms per request against mIoU to
 OUTPUT/result.png, both rewritten after each row. A row already done with the same settings
-(the same checkpoint file, options, images, torch, and code: the project's that a row runs and
-sam2's version) is not run again: a run stopped part-way resumes where it stopped.
+(the same checkpoint file, options, image paths and bytes, torch, and code: the project's that a
+row runs and sam2's version) is not run again: a run stopped part-way resumes where it stopped.
 """
 
 import argparse
@@ -96,6 +96,16 @@ def code_identity() -> str:
     digest = hashlib.sha256(importlib.metadata.version("sam2").encode())
     for path in sorted(files):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def images_identity(paths: list[str]) -> str:
+    """The start of a SHA-256 of the listed files' bytes, in order: an image replaced at the same
+    path makes every row run again (its masks, kept, would be another image's)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()[:16]
 
 
@@ -211,6 +221,9 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
         log.info("%s: %s holds a run with other settings (%s); running again, replacing it", label, row_dir,
                  ", ".join(settings_changed(stats["settings"], settings)))
     row_dir.mkdir(parents=True, exist_ok=True)
+    # The row's process replaces rle_masks before this one writes stats.json: a run stopped in
+    # between leaves new masks without settings, so the old settings go first (never beside new masks).
+    stats_path.unlink(missing_ok=True)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
     try:
         stats = in_fresh_process(run_row, row, settings, checkpoint, row_dir, label)
@@ -218,7 +231,9 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
         if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
             row_dir.rmdir()
         raise
-    stats_path.write_text(json.dumps(stats, indent=1))
+    partial = stats_path.with_suffix(".partial")
+    partial.write_text(json.dumps(stats, indent=1))
+    partial.replace(stats_path)
     return stats
 
 
@@ -228,7 +243,8 @@ def settings_changed(before: dict, now: dict) -> list[str]:
     changed = []
     for key in sorted(set(flat_before) | set(flat_now)):
         if key != "amg" and flat_before.get(key) != flat_now.get(key):
-            changed.append({"images": "the image list", "code": "the project's code"}.get(
+            changed.append({"images": "the image list", "image_contents": "the images' contents",
+                            "code": "the project's code"}.get(
                 key, f"{key} {flat_before.get(key)} -> {flat_now.get(key)}"))
     return changed
 
@@ -318,9 +334,10 @@ def run_study(argv: list[str] | None) -> None:
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     output = args.output_folder
-    checkpoint_file, code = checkpoint_identity(checkpoint), code_identity()
+    checkpoint_file, code, images = checkpoint_identity(checkpoint), code_identity(), images_identity(image_paths)
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
     baseline_dir = output / row_name(rows[0], row_config(rows[0], configs))
+    made_output = not output.exists()
 
     lines = []
     for index, row in enumerate(rows):
@@ -329,14 +346,20 @@ def run_study(argv: list[str] | None) -> None:
         settings = {
             "row": asdict(row), "checkpoint": checkpoint_file, "model_type": args.model_type,
             "device": args.device, "amg": asdict(config_for_row),
-            "images": [str(Path(p).resolve()) for p in image_paths], "torch_version": torch.__version__,
-            "code": code,
+            "images": [str(Path(p).resolve()) for p in image_paths], "image_contents": images,
+            "torch_version": torch.__version__, "code": code,
         }
         try:
             stats = measured_row(row, settings, checkpoint, output / name, f"row {index + 1}/{len(rows)} {name}")
         except CheckpointError as error:  # a file that is not a checkpoint of that size
             sys.exit(f"error: {error}")
-        lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
+        finally:  # the output folder this run made, if the first row failed before writing in it
+            if made_output and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+        try:
+            lines.append(result_line(row, config_for_row, stats, baseline_dir, output / name))
+        except ValueError as error:  # masks that do not pair with the baseline's (a row's files edited)
+            sys.exit(f"error: {name} cannot be compared with the baseline: {error}")
         if row.mode == "baseline" and lines[0]["masks_per_image"] == 0:
             log.warning("the baseline found no mask on any image: every mIoU will be 1.0 and say nothing of "
                         "accuracy (random weights, or thresholds no mask passes)")

@@ -187,19 +187,25 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
 
     Lines are named by their number (and a study row's by their image too); an empty line is a
     failed request (curl -w "\n" writes one when it cannot connect), so that every line stays
-    paired with its image. Files are named by their name, in sorted order.
+    paired with its image. Files are named by their name, in sorted order; an empty file is a
+    failed request too (curl ... > name.json leaves one).
     """
     path, images = Path(path), []
-    if path.is_dir() and (path / "rle_masks").is_file():
+    if is_study_row(path):
         path, images = path / "rle_masks", study_row_images(path)
     if path.is_dir():
-        files = sorted(path.glob("*.json"))
-        return [(file.name, masks_of(parse_line(read_text(file), str(file)), str(file))) for file in files]
+        files = [(file, read_text(file)) for file in sorted(path.glob("*.json"))]
+        return [(file.name, masks_of(parse_line(text, str(file)), str(file)) if text.strip() else None)
+                for file, text in files]
     lines = read_text(path).splitlines()
     names = [f"line {i + 1}" + (f" ({images[i]})" if len(images) == len(lines) else "") for i in range(len(lines))]
     return [(name, masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
              if line.strip() else None)
             for i, (name, line) in enumerate(zip(names, lines))]
+
+
+def is_study_row(path: Path) -> bool:
+    return path.is_dir() and (path / "rle_masks").is_file()
 
 
 def study_row_images(folder: Path) -> list[str]:
@@ -226,7 +232,7 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
                          "(an empty line counts as an image whose request failed)")
     if not reference:
         raise ValueError(f"{reference_path} and {candidate_path} hold no results")
-    if Path(reference_path).is_dir() and Path(candidate_path).is_dir():
+    if all(Path(path).is_dir() and not is_study_row(Path(path)) for path in (reference_path, candidate_path)):
         missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
         if missing:
             raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")

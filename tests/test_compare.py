@@ -13,7 +13,7 @@ import torch
 from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
 
-from sam2serve.compare import compare_image
+from sam2serve.compare import compare_image, compare_results, summarize
 from sam2serve.rle import counts_from_string, masks_to_rle_vectorized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,33 @@ def test_folders_are_paired_by_file_name(tmp_path):
     (tmp_path / "candidate" / "image_3.json").rename(tmp_path / "candidate" / "image_9.json")
     result = run_tool(tmp_path / "reference", tmp_path / "candidate")
     assert result.returncode != 0 and "different files" in result.stderr
+
+
+def test_an_empty_per_image_file_is_a_failed_request(tmp_path):
+    """What `curl ... > name.json` leaves when it cannot connect, as an empty line in a line file."""
+    for folder, answers in (("reference", REFERENCE), ("candidate", CANDIDATE)):
+        (tmp_path / folder).mkdir()
+        for index, answer_ in enumerate(answers):
+            (tmp_path / folder / f"image_{index}.json").write_text(json.dumps(answer_))
+    (tmp_path / "candidate" / "image_1.json").write_text("")
+    comparisons = compare_results(tmp_path / "reference", tmp_path / "candidate")
+    assert [c.failed for c in comparisons] == ["", "candidate", "", ""]
+    assert summarize(comparisons).as_dict()["miou"] == pytest.approx(2.6 / 3)  # images 1, 3, 4
+
+
+def test_study_rows_of_other_image_paths_pair_line_by_line(tmp_path):
+    """Study rows' folders (rle_masks, and stats.json naming the images) made on other machines,
+    or a folder with rle_masks alone (as modal_experiments.sh writes), pair by line, not by name."""
+    rows = []
+    for name, answers, images in (("here", REFERENCE, ["/data/a.jpg"] * 4), ("there", CANDIDATE, ["/mnt/a.jpg"] * 4),
+                                  ("modal", CANDIDATE, None)):
+        (tmp_path / name).mkdir()
+        write_lines(tmp_path / name / "rle_masks", answers)
+        if images:
+            (tmp_path / name / "stats.json").write_text(json.dumps({"settings": {"images": images}}))
+        rows.append(tmp_path / name)
+    for candidate in rows[1:]:
+        assert summarize(compare_results(rows[0], candidate)).as_dict() == pytest.approx(EXPECTED)
 
 
 def test_different_image_counts_are_an_error(tmp_path):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reproduce_experiments import RESULT_COLUMNS, result_figure, settings_changed
+import reproduce_experiments
+from reproduce_experiments import RESULT_COLUMNS, Row, measured_row, result_figure, settings_changed
 from sam2serve.checkpoints import write_random_checkpoint
 
 from .conftest import make_scene
@@ -91,11 +92,13 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("already done with the same settings, skipped") == 2
     assert stats.stat().st_mtime_ns == before
-    # Other weights at the same path: measured again.
+    # Other weights at the same path, and another image at the same path: measured again.
     write_random_checkpoint(same_file, "micro", seed=1)
+    Image.fromarray(make_scene(75, 61, seed=7)).save(paths[1])
     rerun = run_driver(tmp_path / "paths", output, same_file, "--modes", "ao")
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("running again") == 2 and "checkpoint sam2.1_hiera_micro.pt#" in rerun.stderr
+    assert rerun.stderr.count("the images' contents") == 2
     assert stats.stat().st_mtime_ns != before
 
 
@@ -149,7 +152,7 @@ def test_damaged_checkpoint_ends_the_study_with_what_to_do(tmp_path):
     result = run_driver(tmp_path / "paths", tmp_path / "out", tmp_path / "sam2")
     assert result.returncode != 0
     assert "sam2.1_hiera_micro.pt is not a torch checkpoint, or it is damaged" in result.stderr
-    assert not list((tmp_path / "out").glob("*"))  # no empty row folder
+    assert not (tmp_path / "out").exists()  # no empty row folder, nor the empty output folder it made
 
 
 def test_a_rows_process_ends_with_the_study_process(tmp_path):
@@ -263,6 +266,31 @@ def test_a_rerun_names_the_settings_that_changed():
     now = {"model_type": "micro", "amg": {"points_per_side": 4, "box_nms_thresh": 0.7}, "images": ["a", "b"]}
     assert settings_changed(before, now) == ["the image list", "points_per_side 8 -> 4"]
     assert settings_changed(before, before) == []
+    assert settings_changed({**before, "image_contents": "1f"}, {**before, "image_contents": "2e"}) == [
+        "the images' contents"]
+
+
+def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
+    """The row's process replaces rle_masks before the study writes stats.json: stopped in
+    between, the folder must not hold the earlier run's settings beside the new masks."""
+    row_dir = tmp_path / "ao_bs1_ppb64"
+    row_dir.mkdir()
+    (row_dir / "rle_masks").write_text("{}\n")
+    old, new = {"amg": {"points_per_side": 8}}, {"amg": {"points_per_side": 4}}
+    (row_dir / "stats.json").write_text(json.dumps({"settings": old}))
+    runs = []
+
+    def stopped_after_the_masks(function, row, settings, checkpoint, folder, label):
+        runs.append(settings)
+        (folder / "rle_masks").write_text('{"mask_0": "new"}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", stopped_after_the_masks)
+    for settings in (new, old):  # stopped with new settings; then the old ones are not "already done"
+        with pytest.raises(KeyboardInterrupt):
+            measured_row(Row("ao"), settings, tmp_path / "checkpoint.pt", row_dir, "row")
+        assert not (row_dir / "stats.json").exists()
+    assert runs == [new, old]
 
 
 @pytest.mark.parametrize("script, arguments, message", [

@@ -205,6 +205,40 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     assert comparison.count("mask count mismatch 0, mIoU 1.000000") == 2, comparison
 
 
+def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_comparison(tmp_path):
+    """The script's own logic, against a stand-in for Python (seconds, no torch): a stage name
+    it does not know, an option without its value, relative folders, an earlier run's masks
+    named as such, and an export comparison that fails."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n"
+                    'case "$1" in\n'
+                    '    -) cat >/dev/null; echo "python stub" ;;\n'
+                    '    compare_rle_lists.py) echo "error: line 1: mask sizes differ" >&2; exit 1 ;;\n'
+                    "    *) exit 0 ;;\n"
+                    "esac\n")
+    stub.chmod(0o755)
+
+    def script(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), *arguments], capture_output=True,
+                              text=True, env={**os.environ, "PYTHON": str(stub)}, cwd=tmp_path, timeout=60)
+
+    refused = script("--dry-run", "--stages", "smoke larg", "--out", "never")
+    assert refused.returncode == 2 and "no stage 'larg'" in refused.stderr and not (tmp_path / "never").exists()
+    refused = script("--dry-run", "--wheels")
+    assert refused.returncode == 2 and "usage:" in refused.stderr and "unbound" not in refused.stderr
+
+    earlier = tmp_path / "work" / "masks" / "compiled" / "off_fast_furious.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}\n")
+    result = script("--dry-run", "--stages", "export", "--out", "out", "--work", "work")  # relative: from here
+    assert result.returncode == 1
+    assert "failed stages: export-compare" in (tmp_path / "out" / "timeline.txt").read_text()
+    comparison = (tmp_path / "out" / "export-compare.md").read_text()
+    assert f"torch.compile (stage large of an earlier run in {tmp_path / 'work'}, " in comparison
+    script("--dry-run", "--stages", "large export", "--out", "out", "--work", "work")
+    assert not earlier.exists() and "torch.compile" not in (tmp_path / "out" / "export-compare.md").read_text()
+
+
 def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
     from tools.benchmark import ModeRun, per_image_table
 

@@ -7,6 +7,7 @@ default thresholds).
 
 import http.server
 import json
+import os
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.load_test import run_load_test
+from tools.load_test import client_order, run_load_test
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
@@ -417,6 +418,82 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
 
     report = load_test_against(BusyOnce, clients=1, per_client=2)
     assert report.ok and report.retries_busy == 1, report.table()
+
+
+class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
+    """A stub server's handler: 200 with the same body to every POST, whose bodies it keeps."""
+    bodies: list[bytes] = []
+
+    def do_POST(self):
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_load_test_clients_take_turns_through_every_request():
+    """Clients sending fewer requests each than there are requests still send all of them at
+    once between them (each client took the list's first ones)."""
+    for count, clients, per_client in [(3, 4, 2), (5, 3, 1), (2, 2, 7)]:
+        sent = np.bincount(np.concatenate([client_order(index, count, per_client) for index in range(clients)]),
+                           minlength=count)
+        assert sent.max() - sent.min() <= 1 and sent.sum() == clients * per_client, (count, clients, per_client)
+
+    handler = type("Handler", (AnswersEveryPost,), {"bodies": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        images = {name: f"pixels of {name}".encode() for name in ("a.jpg", "b.jpg", "c.jpg")}
+        report = run_load_test(f"http://127.0.0.1:{server.server_port}", images, clients=3, per_client=1,
+                               time_limit_s=30)
+    finally:
+        server.shutdown()
+    assert report.ok, report.table()
+    concurrent = handler.bodies[3:]  # after each request alone
+    assert sorted(next(name for name in images if images[name] in body) for body in concurrent) == sorted(images)
+
+
+def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
+    """Stopped (Ctrl-C) while each client waits on an answer: one request per client in flight,
+    the rest of each client's list never sent. The requests go straight to the server: a proxy
+    set for the shell (curl's http_proxy) would take them off this machine."""
+    hanging, release = threading.Semaphore(0), threading.Event()
+
+    class AnswersOnceThenHangs(AnswersEveryPost):
+        bodies = []
+
+        def do_POST(self):
+            if self.bodies:  # the single request was answered
+                self.rfile.read(int(self.headers["Content-Length"]))
+                hanging.release()
+                release.wait(60)
+                return
+            super().do_POST()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersOnceThenHangs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "a.jpg").write_bytes(b"pixels")
+    environment = {name: value for name, value in os.environ.items() if name.lower() != "no_proxy"}
+    test = subprocess.Popen([sys.executable, "-m", "tools.load_test", f"http://127.0.0.1:{server.server_port}",
+                             str(tmp_path / "a.jpg"), "--clients", "2", "--per-client", "3"],
+                            env={**environment, "http_proxy": "http://127.0.0.1:9"},  # nothing listens there
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            while not hanging.acquire(timeout=0.5):
+                assert test.poll() is None, test.communicate()
+        test.send_signal(signal.SIGINT)
+        out, err = test.communicate(timeout=60)
+    finally:
+        test.kill()
+        release.set()
+        server.shutdown()
+    assert test.returncode == 130, err
+    assert "0 of 6 done (0 correct, 0 wrong or failed, 4 never sent, 2 in flight when stopped by Ctrl-C)" in out
 
 
 def load_test_against(handler: type, clients: int, per_client: int):

@@ -5,8 +5,9 @@
 #   tools/gpu_benchmark.sh --dry-run --out /tmp/dry                (CPU, micro model, minutes)
 #
 # 0. installs tools/gpu-requirements.txt from the wheel folder (tools/gpu_wheels.sh fills it)
-#    into WORK/site (--work, default $TMPDIR/sam2-gpu-benchmark), without touching the machine's
-#    own packages; writes a random-initialised SAM2.1 large checkpoint;
+#    into WORK/site (--work, default $TMPDIR/sam2-gpu-benchmark, with -dry for a dry run),
+#    without touching the machine's own packages; writes a random-initialised SAM2.1 large
+#    checkpoint;
 # 1. smoke: the eager modes and the study's pipeline on one small image with the micro model, in
 #    seconds (the fast modes compile for longer on micro than half of large's compile: a fast mode
 #    that fails in COMPILE_MODE is tried again by the benchmark in torch.compile's default mode);
@@ -20,29 +21,48 @@
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
 # every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
-# WORK (default /tmp/sam2-gpu-benchmark). Stages: --stages "smoke large export".
+# WORK. Stages: --stages "smoke large export". Relative folders are read from the caller's folder.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 1
 
-OUT=gpu-results
-WORK=${TMPDIR:-/tmp}/sam2-gpu-benchmark
+usage() {
+    echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large export'] [--dry-run]" >&2
+    exit 2
+}
+OUT=""
+WORK=""
 WHEELS=""
 DRY_RUN=0
 STAGES="smoke large export"
 COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}
 while (($#)); do
     case "$1" in
+        --wheels|--out|--work|--stages) (($# >= 2)) || usage ;;&
         --wheels) WHEELS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
         --stages) STAGES=$2; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        *) echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large export'] [--dry-run]" >&2
-           exit 2 ;;
+        *) usage ;;
     esac
 done
-mkdir -p "$OUT" "$WORK"
-OUT=$(cd "$OUT" && pwd)
+for stage in $STAGES; do
+    case "$stage" in
+        smoke|large|export) ;;
+        *) echo "error: no stage '$stage' (stages: smoke large export)" >&2; exit 2 ;;
+    esac
+done
+# A dry run works in a folder of its own: its micro model's masks are never a real run's.
+WORK=${WORK:-${TMPDIR:-/tmp}/sam2-gpu-benchmark$( ((DRY_RUN)) && echo -dry)}
+# Folders given are read from the caller's folder; the script runs from the repository's root.
+mkdir -p "$WORK" ${OUT:+"$OUT"} || exit 1
+WORK=$(cd "$WORK" && pwd)
+[[ -z $OUT ]] || OUT=$(cd "$OUT" && pwd)
+if [[ -n $WHEELS ]]; then
+    WHEELS=$(cd "$WHEELS" && pwd) || { echo "error: no wheel folder $WHEELS" >&2; exit 1; }
+fi
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/gpu-results}
+mkdir -p "$OUT"
 rm -f "$OUT/timeline.txt" "$OUT/log.txt"
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,6 +89,26 @@ run() {
     return $status
 }
 
+# The exported kernels' masks against those exported in the same process, and against stage
+# large's compiled kernels on the same scene (this run's, or an earlier one's in WORK, said so);
+# fails if a comparison fails.
+compare_exports() {
+    local status=0 large="stage large"
+    echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
+    printf -- "- those exported in the same process (--save-fast): "
+    "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
+        "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
+    if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
+        ((LARGE_RAN)) || large="stage large of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled" '+%Y-%m-%d %H:%M UTC')"
+        printf -- "- those of torch.compile (%s, the same scene): " "$large"
+        head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
+        "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
+            "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
+    fi
+    du -sh "$WORK/exported/fast_furious" | sed 's/^/- package size: /'
+    return $status
+}
+
 stamp "gpu_benchmark.sh: dry run $DRY_RUN, stages '$STAGES', compile mode $COMPILE_MODE, python $PYTHON"
 if [[ -n $WHEELS ]]; then
     stamp "installing tools/gpu-requirements.txt from $WHEELS into $WORK/site"
@@ -83,6 +123,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {tor
 EOF
 
 LIMIT_SCALE=1
+LARGE_RAN=0
 if ((DRY_RUN)); then  # the same stages, small: the micro model, a 4x4 grid, one image
     LIMIT_SCALE=10  # a CPU compiles for minutes
     MODEL=()
@@ -103,11 +144,13 @@ if [[ " $STAGES " == *" smoke "* ]]; then
 fi
 if [[ " $STAGES " == *" large "* ]]; then
     read -ra FILTERS <<<"${LARGE_FILTERS:-sam2 off}"
+    rm -rf "$WORK/masks/compiled"  # an earlier run's are not this one's
+    LARGE_RAN=1
     run large "${LARGE_SECONDS:-255}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
         --compile-mode "$COMPILE_MODE" --profile --save-masks "$WORK/masks/compiled"
 fi
 if [[ " $STAGES " == *" export "* ]]; then
-    rm -rf "$WORK/exported"
+    rm -rf "$WORK/exported" "$WORK/masks/exported" "$WORK/masks/loaded"
     # Without the baseline: its masks are not compared here, and it takes over 12 s per image.
     EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${EXPORT_SCENES[@]}" --modes fast_furious --filters off
         --without-baseline)
@@ -115,19 +158,7 @@ if [[ " $STAGES " == *" export "* ]]; then
         --save-masks "$WORK/masks/exported" &&
         run export-load "${LOAD_SECONDS:-40}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
             --save-masks "$WORK/masks/loaded" &&
-        {
-            echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
-            printf -- "- those exported in the same process (--save-fast): "
-            "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
-                "$WORK/masks/loaded/off_fast_furious.jsonl"
-            if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
-                printf -- "- those of torch.compile (stage large, the same scene): "
-                head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
-                "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
-                    "$WORK/masks/loaded/off_fast_furious.jsonl"
-            fi
-            du -sh "$WORK/exported/fast_furious" | sed 's/^/- package size: /'
-        } >"$OUT/export-compare.md" 2>>"$OUT/log.txt"
+        { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" || FAILED+=(export-compare); }
 fi
 
 stamp "done; failed stages: ${FAILED[*]:-none}"

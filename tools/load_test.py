@@ -6,15 +6,15 @@
 
 The requests: each image to /upload_rle, and with --interactive also to /embed, and its prompts
 (a point at the centre; a box around the middle) to /segment. First every request is sent once,
-alone: that answer is the reference. Then C clients send M requests each (every client in its
-own order) at the same time, and every answer must equal the reference for its request, byte
-for byte: nothing lost, duplicated or swapped between clients.
+alone: that answer is the reference. Then C clients send M requests each at the same time (the
+clients take turns through the list, each in an order of its own), and every answer must equal
+the reference for its request, byte for byte: nothing lost, duplicated or swapped between clients.
 A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
 timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
 the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130).
 
-Loopback only (it is a stress tool, not a benchmark of someone else's server), a bounded
-number of requests (C x M), and a time limit.
+Loopback only (it is a stress tool, not a benchmark of someone else's server; proxies from
+http_proxy are not used), a bounded number of requests (C x M), and a time limit.
 """
 
 import argparse
@@ -43,8 +43,8 @@ MAX_REQUESTS = 10_000
 @dataclass
 class Report:
     planned: int = 0  # clients x per_client
-    requests: int = 0  # sent
-    never_sent: int = 0  # the time limit passed first, or the test was stopped
+    requests: int = 0  # sent and answered (or failed)
+    in_flight: int = 0  # sent, not yet answered
     correct: int = 0
     wrong: list[str] = field(default_factory=list)  # what went wrong, one line per request
     retries_busy: int = 0
@@ -53,9 +53,9 @@ class Report:
     stopped: bool = False  # by Ctrl-C
 
     @property
-    def in_flight(self) -> int:
-        """Requests neither answered nor given up on: still running when the test was stopped."""
-        return self.planned - self.requests - self.never_sent
+    def never_sent(self) -> int:
+        """The time limit passed first, or the test was stopped: neither sent nor in flight."""
+        return self.planned - self.requests - self.in_flight
 
     @property
     def ok(self) -> bool:
@@ -110,11 +110,15 @@ def image_form(data: bytes, filename: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+# Straight to the server: a proxy from http_proxy would take the requests off this machine.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def post(url: str, body: bytes, content_type: str, timeout_s: float) -> tuple[int, dict, bytes]:
     """POSTs a body; never raises for an HTTP status."""
     request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with DIRECT.open(request, timeout=timeout_s) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
@@ -182,8 +186,7 @@ def run_load_test(
     report, lock, stop = Report(planned=clients * per_client), threading.Lock(), threading.Event()
 
     def client(index: int) -> None:
-        order = np.random.default_rng(index).permutation(np.resize(np.arange(len(requests)), per_client))
-        for position in order:
+        for position in client_order(index, len(requests), per_client):
             request = requests[position]
             name = request.name
             started = time.monotonic()
@@ -194,7 +197,10 @@ def run_load_test(
                     ended = "stop" if stop.is_set() else "time limit"
                     outcome = f"{name}: not answered before the {ended} (the server was busy)"
                     break
-                sent = True
+                if not sent:
+                    sent = True
+                    with lock:
+                        report.in_flight += 1
                 try:
                     status, headers, body = post(url + request.path, request.body, request.content_type, remaining)
                 except (OSError, http.client.HTTPException) as error:  # timeout, connection refused or dropped
@@ -210,10 +216,10 @@ def run_load_test(
                                                     else body[:200].decode(errors="replace"))
                 )
                 break
+            if not sent:
+                continue
             with lock:
-                if not sent:
-                    report.never_sent += 1
-                    continue
+                report.in_flight -= 1
                 report.requests += 1
                 if outcome is None:
                     report.correct += 1
@@ -238,6 +244,14 @@ def run_load_test(
     with lock:  # a copy: clients still waiting on an answer must not change what is printed
         return replace(report, seconds=time.monotonic() - started, wrong=list(report.wrong),
                        latencies_s=list(report.latencies_s))
+
+
+def client_order(index: int, count: int, per_client: int) -> np.ndarray:
+    """Client index's per_client requests (of count), in an order of its own: the clients take
+    turns through the list, so that every request is sent at the same time as others even when
+    each client sends fewer than count."""
+    positions = (index * per_client + np.arange(per_client)) % count
+    return np.random.default_rng(index).permutation(positions)
 
 
 def retry_after_s(headers: dict) -> float:

@@ -3,9 +3,15 @@
 Why waitress: it reads every request whole (headers, then the body into memory or a temporary
 file) on its event loop before a thread runs the app, so a slow or stalled client costs a
 descriptor and a buffer, never a thread; it bounds the open connections (`connection_limit`)
-and closes connections that stay idle or stalled (`channel_timeout`); it runs in this process,
-beside the one inference worker that owns the model. (gunicorn would hand the app the socket
-while the body is still arriving: a stalled upload holds a thread.)
+and closes connections that stay idle (`channel_timeout`); it runs in this process, beside the
+one inference worker that owns the model. (gunicorn would hand the app the socket while the
+body is still arriving: a stalled upload holds a thread.)
+
+Two stalls waitress's idle timer misses are closed here (`close_stalled`), each after the
+connection timeout: a client that does not read its answer (waitress keeps the connection and
+its buffered answer, and a thread writing a pipelined request's answer waits for the client),
+and a client that trickles its request, a byte now and then (each byte resets the idle timer):
+a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds.
 
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
@@ -15,6 +21,7 @@ Stopping: `finish_answers` stops accepting and waits until no connection has a r
 read, run or sent, so that closing the server cuts no answer off.
 """
 
+import functools
 import json
 import logging
 import resource
@@ -29,6 +36,9 @@ from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
 from .serving import ANSWER_HEADERS
+
+log = logging.getLogger(__name__)
+MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,34 @@ class JSONErrorTask(ErrorTask):
 
 class JSONErrorChannel(HTTPChannel):
     error_task_class = JSONErrorTask
+    request_started = 0.0  # when the request being received began
+    request_bytes = 0  # bytes received since then
+    output_progress = 0.0  # when an answer was last written to the buffer or sent from it
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None:  # a request's first bytes
+            self.request_started, self.request_bytes = time.time(), 0
+        self.request_bytes += len(data)
+        return super().received(data)
+
+    def write_soon(self, data) -> int:
+        self.output_progress = time.time()  # before waitress may wait here for the client to read
+        return super().write_soon(data)
+
+    def _flush_some(self, *args, **kwargs) -> bool:  # waitress's own, where it sends from the buffer
+        sent = super()._flush_some(*args, **kwargs)
+        if sent:
+            self.output_progress = time.time()
+        return sent
+
+    def stall(self, now: float, timeout_s: float) -> str | None:
+        """Why this connection is to be closed now, if it is: its answer unread, or its request
+        trickling in."""
+        if self.total_outbufs_len and self.output_progress < now - timeout_s:
+            return f"its answer unread for {timeout_s} s"
+        if self.request is not None and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE:
+            return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
+        return None
 
     def send_continue(self) -> None:
         """No "100 Continue" for a request already refused (a declared body over the limit):
@@ -105,6 +143,16 @@ class JSONErrorChannel(HTTPChannel):
             self.request.expect_continue = False
             return
         super().send_continue()
+
+
+def close_stalled(listener: BaseWSGIServer, now: float) -> None:
+    """Closes the listener's connections that stall (JSONErrorChannel.stall): on the event loop,
+    as waitress's own maintenance; a thread waiting to write to one is released."""
+    for channel in list(listener.active_channels.values()):
+        why = channel.stall(now, listener.adj.channel_timeout) if isinstance(channel, JSONErrorChannel) else None
+        if why is not None:
+            log.info("closed a connection from %s: %s", channel.addr[0] if channel.addr else "?", why)
+            channel.handle_close()
 
 
 def allow_descriptors(needed: int) -> None:
@@ -123,7 +171,8 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(path,
     method, status)` is called for each request the server answers itself (path and method are
     None where the request line could not be read)."""
-    allow_descriptors(limits.max_connections + threads + 64)
+    # Per connection: its socket, and temporary files for a large request body and a large answer.
+    allow_descriptors(3 * limits.max_connections + threads + 64)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
     servers: dict = {}
     server = waitress.create_server(
@@ -144,7 +193,14 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel
             listener.on_refusal = on_refusal
+            listener.maintenance = functools.partial(maintenance, listener, listener.maintenance)
     return server
+
+
+def maintenance(listener: BaseWSGIServer, waitress_maintenance: Callable[[float], None], now: float) -> None:
+    """waitress's (idle connections marked to close), then close_stalled."""
+    waitress_maintenance(now)
+    close_stalled(listener, now)
 
 
 def listening_urls(server) -> list[str]:

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.serving import Limits, create_app
 from sam2serve.worker import InferenceWorker
-from sam2serve.wsgi import OncePer, create_http_server, finish_answers, listening_urls
+from sam2serve import wsgi
+from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
 from tools.load_test import post_image
 
 from .conftest import make_scene
@@ -318,6 +319,79 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
             if sock is not None:
                 sock.close()
         server.close()
+
+
+def serve_in_process(app: Flask, timeout_s: int) -> tuple:
+    """A waitress server of the app with one thread, serving on a thread of its own: (server, port)."""
+    port = free_port()
+    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=1,
+                                limits=ConnectionLimits(timeout_s=timeout_s))
+    threading.Thread(target=server.run, daemon=True).start()
+    return server, port
+
+
+def test_a_client_that_reads_no_answer_is_closed_and_frees_its_thread(caplog):
+    """waitress waits, on the thread that writes it, for a client to read a large answer (over
+    its 16 MiB high watermark), and its idle timer never closes a connection with an answer
+    unsent: such a client, two requests pipelined, held the thread for good."""
+    app = Flask(__name__)
+    app.add_url_rule("/big", "big", lambda: b"x" * 40 * 2**20)
+    app.add_url_rule("/small", "small", lambda: b"ok")
+    server, port = serve_in_process(app, timeout_s=1)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    stalled.connect(("127.0.0.1", port))
+    other = None
+    try:
+        with caplog.at_level(logging.INFO, logger="sam2serve.wsgi"):
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n" * 2)  # and never reads
+            time.sleep(0.5)  # the only thread writes the first answer, waiting for the client
+            started = time.monotonic()
+            other = socket.create_connection(("127.0.0.1", port), timeout=10)
+            other.sendall(b"GET /small HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(other, 15).endswith(b"\r\n\r\nok")
+            assert time.monotonic() - started < 10
+            assert len(read_until_closed(stalled, 5)) < 40 * 2**20  # closed, the answer cut off
+        assert "its answer unread for 1 s" in caplog.text
+    finally:
+        for sock in (stalled, other):
+            if sock is not None:
+                sock.close()
+        server.close()
+
+
+def test_a_request_trickling_in_is_closed():
+    """A byte every 0.3 s resets waitress's idle timer for good; a request must arrive at 500
+    bytes/s on average once the connection timeout has passed."""
+    app = Flask(__name__)
+    app.post("/upload_rle")(lambda: b"ok")
+    server, port = serve_in_process(app, timeout_s=1)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    started, closed = time.monotonic(), False
+    try:
+        sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        sock.settimeout(0.3)
+        while not closed and time.monotonic() - started < 12:
+            try:
+                sock.sendall(b"x")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed and time.monotonic() - started < 6
+    finally:
+        sock.close()
+        server.close()
+
+
+def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch):
+    """A connection may hold its socket, a large body's temporary file and a large answer's."""
+    asked = []
+    monkeypatch.setattr(wsgi, "allow_descriptors", asked.append)
+    create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
+                       limits=ConnectionLimits(max_connections=100)).close()
+    assert asked[0] >= 3 * 100 + 5
 
 
 def test_the_logged_address_is_the_real_one():

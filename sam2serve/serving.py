@@ -262,12 +262,19 @@ def shown(text: str, limit: int = 40) -> str:
 
 
 def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
-    """(image_id, Embedding) of an image: from the cache, or encoded once by run(...) on the
-    model's thread (concurrent requests for the same image wait for that one encoding). The
-    caller has checked require_segmenter() before reading the upload."""
+    """(image_id, Embedding) of an image: from the cache, or through run(...) on the model's
+    thread, where the first request for the image encodes it and the others, queued meanwhile,
+    find it cached. Each takes its place in the worker's queue (503 when it is full): none waits
+    for another's encoding outside it, holding one of the threads sized for the queue. The caller
+    has checked require_segmenter() before reading the upload."""
     image_id = segmenter.image_id(image)
-    embedding = cache.get_or_compute(image_key(image_id), lambda: run(lambda: segmenter.embed(image)),
-                                     lambda value: value.nbytes)
+    key = image_key(image_id)
+    if cache.holds(key):
+        try:
+            return image_id, cache.get(key)
+        except UnknownId:  # evicted meanwhile
+            pass
+    embedding = run(lambda: cache.get_or_compute(key, lambda: segmenter.embed(image), lambda value: value.nbytes))
     return image_id, embedding
 
 

@@ -165,6 +165,40 @@ def cache_metrics(client) -> dict[str, float]:
             if sample.name.startswith("sam2_embedding_cache_")}
 
 
+def test_requests_for_an_image_being_encoded_take_places_in_the_queue(micro):
+    """The HTTP server has threads for the worker's queue and a few more: requests waiting for
+    an encoding under way must count in that queue (503 when it is full), or identical /embed
+    requests, each holding a thread, starve /health of threads."""
+    worker = InferenceWorker(max_queue=2, timeout_s=120)
+    worker.start(MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"))
+    client = create_app(worker, cache=EmbeddingCache(2**30), info={"mode": "ao"}).test_client()
+    gate = threading.Event()
+    busy = threading.Thread(target=worker.call, args=(gate.wait,))  # the model's thread, held
+    busy.start()
+    wait_for(lambda: worker.queue_depth == 0 and busy.is_alive())
+    data, answers = png(IMAGE), []
+
+    def embed():
+        response = client.post("/embed", data={"image": (io.BytesIO(data), "a.png")})
+        answers.append((response.status_code, response.get_json()))
+
+    threads = [threading.Thread(target=embed) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(answers) == 2)  # beyond the queue's two places: answered at once
+        assert [status for status, _ in answers] == [503, 503]
+    finally:
+        gate.set()
+        for thread in threads + [busy]:
+            thread.join(timeout=60)
+    assert sorted(status for status, _ in answers) == [200, 200, 503, 503]
+    assert len({answer["image_id"] for status, answer in answers if status == 200}) == 1
+    metrics = cache_metrics(client)
+    assert metrics["misses_total"] == 1 and metrics["hits_total"] == 1  # one encoding, found by the other
+    worker.stop()
+
+
 def test_embed_then_segment_over_http(micro):
     client = micro_client(micro)
     data = png(IMAGE)

@@ -561,6 +561,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
         require_segmenter(worker.segmenter, info.get("mode"))
+        # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout.
+        run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s)
         if is_json(request.mimetype):
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)
         else:
@@ -568,8 +570,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image()
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
-            image_id, embedding = embed_image(image, worker.segmenter, cache, worker.call)
-        return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, worker.call))
+            image_id, embedding = embed_image(image, worker.segmenter, cache, run)
+        return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, run))
 
     @app.get("/")
     def page() -> Response:

@@ -160,12 +160,14 @@ class InferenceWorker:
         this image."""
         return self._wait_for(Job(image=image, annotate=annotate))
 
-    def call(self, function: Callable[[], Any]) -> Any:
+    def call(self, function: Callable[[], Any], deadline: float | None = None) -> Any:
         """function() run on the worker's thread, in the queue's order (calls on the model that
-        are not segment-everything: encoding an image, decoding prompts). Raises as submit."""
-        return self._wait_for(Job(call=function))
+        are not segment-everything: encoding an image, decoding prompts). Raises as submit.
+        deadline (time.monotonic()): the request's, for one that calls more than once, so that
+        its calls together wait no longer than the timeout."""
+        return self._wait_for(Job(call=function), deadline)
 
-    def _wait_for(self, job: Job) -> Any:
+    def _wait_for(self, job: Job, deadline: float | None = None) -> Any:
         with self._admission:
             self.require_ready()
             try:
@@ -174,7 +176,8 @@ class InferenceWorker:
                 wait = self.queue_depth * self.seconds_per_image / self.batch_size
                 raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
         try:
-            return job.future.result(timeout=self.timeout_s)
+            timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+            return job.future.result(timeout=max(timeout_s, 0.0))
         except TimeoutError:
             job.future.cancel()  # still queued: the worker skips it; already running: dropped
             raise TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "

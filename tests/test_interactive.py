@@ -11,6 +11,7 @@ import io
 import json
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,10 +194,33 @@ def test_requests_for_an_image_being_encoded_take_places_in_the_queue(micro):
         for thread in threads + [busy]:
             thread.join(timeout=60)
     assert sorted(status for status, _ in answers) == [200, 200, 503, 503]
+    worker.stop()
     assert len({answer["image_id"] for status, answer in answers if status == 200}) == 1
     metrics = cache_metrics(client)
     assert metrics["misses_total"] == 1 and metrics["hits_total"] == 1  # one encoding, found by the other
-    worker.stop()
+
+
+def test_one_shot_segment_waits_one_request_timeout_for_both_its_calls(micro):
+    """An uploaded image's /segment encodes, then decodes: two calls on the model, which
+    together may wait no longer than the request timeout (each had a timeout of its own)."""
+    class Slow(PromptSegmenter):
+        def embed(self, image):
+            time.sleep(0.6)
+            return super().embed(image)
+
+        def segment(self, *args, **kwargs):
+            time.sleep(0.6)
+            return super().segment(*args, **kwargs)
+
+    worker = InferenceWorker(max_queue=4, timeout_s=1.0)
+    worker.start(MaskGenerator(micro, AMGConfig(points_per_side=4)), Slow(micro, "micro"))
+    client = create_app(worker, cache=EmbeddingCache(2**30), info={"mode": "ao"}).test_client()
+    try:
+        response = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
+                                                 "prompts": json.dumps([PROMPTS[0][1]])})
+    finally:
+        worker.stop()
+    assert response.status_code == 504 and "request timeout of 1 s" in response.get_json()["error"]
 
 
 def test_embed_then_segment_over_http(micro):

@@ -369,25 +369,33 @@ def test_load_test_refuses_other_hosts():
         run_load_test("http://127.0.0.1:5000/upload_rle", {"a": b""}, clients=1, per_client=1)
 
 
+class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
+    """A stub server's handler: 200 with the same body to every POST, whose bodies it keeps."""
+    bodies: list[bytes] = []
+
+    def do_POST(self):
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
 def test_load_test_counts_dropped_connections_as_failures():
     """A server that answers the single request, then closes every connection without an
     answer: each of the clients' requests is a failure, none is left out of the count."""
-    answered = []
+    class AnswersOnce(AnswersEveryPost):
+        bodies = []
 
-    class AnswersOnce(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if answered:
+            if self.bodies:  # the single request was answered
+                self.rfile.read(int(self.headers["Content-Length"]))
                 self.close_connection = True  # no status line: the client sees the connection drop
                 return
-            answered.append(True)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args):
-            pass
+            super().do_POST()
 
     report = load_test_against(AnswersOnce, clients=2, per_client=3)
     assert not report.ok
@@ -418,21 +426,6 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
 
     report = load_test_against(BusyOnce, clients=1, per_client=2)
     assert report.ok and report.retries_busy == 1, report.table()
-
-
-class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
-    """A stub server's handler: 200 with the same body to every POST, whose bodies it keeps."""
-    bodies: list[bytes] = []
-
-    def do_POST(self):
-        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"[]")
-
-    def log_message(self, *args):
-        pass
 
 
 def test_load_test_clients_take_turns_through_every_request():

@@ -131,6 +131,11 @@ class JSONErrorChannel(HTTPChannel):
         trickling in."""
         if self.total_outbufs_len and self.output_progress < now - timeout_s:
             return f"its answer unread for {timeout_s} s"
+        if self.requests or self.total_outbufs_len:
+            # waitress reads no further while it answers: a request pipelined behind, partly
+            # read, is timed from when reading resumes (a check or less after it does).
+            self.request_started, self.request_bytes = now, 0
+            return None
         if self.request is not None and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE:
             return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
         return None

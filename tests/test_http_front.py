@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from flask import Flask
+from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -380,6 +380,26 @@ def test_a_request_trickling_in_is_closed():
             except (BrokenPipeError, ConnectionResetError):
                 closed = True
         assert closed and time.monotonic() - started < 6
+    finally:
+        sock.close()
+        server.close()
+
+
+def test_a_request_pipelined_behind_a_long_one_is_not_taken_for_a_trickle():
+    """waitress stops reading a connection while it answers one of its requests: a request
+    pipelined behind, partly read, waits through no fault of its client."""
+    app = Flask(__name__)
+    app.add_url_rule("/slow", "slow", lambda: time.sleep(3) or b"slow")
+    app.add_url_rule("/echo", "echo", lambda: str(len(request.get_data())), methods=["POST"])
+    server, port = serve_in_process(app, timeout_s=1)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        second = b"POST /echo HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n" + second[:100])  # read with the first
+        time.sleep(0.5)
+        sock.sendall(second[100:])  # read once the first is answered
+        answers = read_until_closed(sock, 15)
+        assert answers.count(b"HTTP/1.1 200") == 2 and answers.endswith(b"\r\n\r\n100000"), answers[-300:]
     finally:
         sock.close()
         server.close()

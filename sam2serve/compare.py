@@ -194,9 +194,11 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
     if is_study_row(path):
         path, images = path / "rle_masks", study_row_images(path)
     if path.is_dir():
-        files = [(file, read_text(file)) for file in sorted(path.glob("*.json"))]
-        return [(file.name, masks_of(parse_line(text, str(file)), str(file)) if text.strip() else None)
-                for file, text in files]
+        results = []
+        for file in sorted(path.glob("*.json")):
+            text = read_text(file)
+            results.append((file.name, masks_of(parse_line(text, str(file)), str(file)) if text.strip() else None))
+        return results
     lines = read_text(path).splitlines()
     names = [f"line {i + 1}" + (f" ({images[i]})" if len(images) == len(lines) else "") for i in range(len(lines))]
     return [(name, masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
@@ -232,7 +234,11 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
                          "(an empty line counts as an image whose request failed)")
     if not reference:
         raise ValueError(f"{reference_path} and {candidate_path} hold no results")
-    if all(Path(path).is_dir() and not is_study_row(Path(path)) for path in (reference_path, candidate_path)):
+    per_image_files = [Path(path).is_dir() and not is_study_row(Path(path)) for path in (reference_path, candidate_path)]
+    if any(per_image_files) and not all(per_image_files):  # file names on one side, line numbers on the other
+        raise ValueError("a folder of per-image .json files pairs only with another such folder (by file name), "
+                         "not with a list of lines or a study row's folder")
+    if all(per_image_files):
         missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
         if missing:
             raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")

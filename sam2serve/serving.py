@@ -561,7 +561,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
         require_segmenter(worker.segmenter, info.get("mode"))
-        # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout.
+        # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout
+        # (counted from here, reading the upload included).
         run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s)
         if is_json(request.mimetype):
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)

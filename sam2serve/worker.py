@@ -168,6 +168,8 @@ class InferenceWorker:
         return self._wait_for(Job(call=function), deadline)
 
     def _wait_for(self, job: Job, deadline: float | None = None) -> Any:
+        if deadline is not None and deadline <= time.monotonic():  # spent by the request's earlier calls
+            raise self.timed_out()
         with self._admission:
             self.require_ready()
             try:
@@ -180,8 +182,11 @@ class InferenceWorker:
             return job.future.result(timeout=max(timeout_s, 0.0))
         except TimeoutError:
             job.future.cancel()  # still queued: the worker skips it; already running: dropped
-            raise TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
-                           f"{self.queue_depth} requests are queued") from None
+            raise self.timed_out() from None
+
+    def timed_out(self) -> TimedOut:
+        return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
+                        f"{self.queue_depth} requests are queued")
 
     def _next_batch(self, wait_s: float | None = None) -> list[Job]:
         """The next job (waiting for one, at most wait_s), and up to batch_size - 1 more that are

@@ -109,6 +109,7 @@ class JSONErrorChannel(HTTPChannel):
     request_started = 0.0  # when the request being received began
     request_bytes = 0  # bytes received since then
     output_progress = 0.0  # when an answer was last written to the buffer or sent from it
+    read_paused = False  # waitress stopped reading to answer, at the last check
 
     def received(self, data: bytes) -> bool:
         if self.request is None:  # a request's first bytes
@@ -126,17 +127,26 @@ class JSONErrorChannel(HTTPChannel):
             self.output_progress = time.time()
         return sent
 
+    @property
+    def reading(self) -> bool:
+        """Whether waitress reads this connection: not while it answers one of its requests."""
+        return not (self.requests or self.total_outbufs_len)
+
+    def readable(self) -> bool:
+        # Closed by close_stalled during the event loop's pass: never polled again (its file
+        # descriptor may be a new connection's by then).
+        return self.socket is not None and super().readable()
+
+    def writable(self) -> bool:
+        return self.socket is not None and super().writable()
+
     def stall(self, now: float, timeout_s: float) -> str | None:
         """Why this connection is to be closed now, if it is: its answer unread, or its request
         trickling in."""
         if self.total_outbufs_len and self.output_progress < now - timeout_s:
             return f"its answer unread for {timeout_s} s"
-        if self.requests or self.total_outbufs_len:
-            # waitress reads no further while it answers: a request pipelined behind, partly
-            # read, is timed from when reading resumes (a check or less after it does).
-            self.request_started, self.request_bytes = now, 0
-            return None
-        if self.request is not None and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE:
+        if (self.reading and self.request is not None
+                and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE):
             return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
         return None
 
@@ -154,7 +164,16 @@ def close_stalled(listener: BaseWSGIServer, now: float) -> None:
     """Closes the listener's connections that stall (JSONErrorChannel.stall): on the event loop,
     as waitress's own maintenance; a thread waiting to write to one is released."""
     for channel in list(listener.active_channels.values()):
-        why = channel.stall(now, listener.adj.channel_timeout) if isinstance(channel, JSONErrorChannel) else None
+        if not isinstance(channel, JSONErrorChannel):
+            continue
+        if not channel.reading:
+            # A request pipelined behind the one being answered, partly read, waits through no
+            # fault of its client: its clock restarts at the first check after reading resumes.
+            channel.read_paused = True
+        elif channel.read_paused:
+            channel.read_paused = False
+            channel.request_started, channel.request_bytes = now, 0
+        why = channel.stall(now, listener.adj.channel_timeout)
         if why is not None:
             log.info("closed a connection from %s: %s", channel.addr[0] if channel.addr else "?", why)
             channel.handle_close()

@@ -143,6 +143,9 @@ def test_folders_are_paired_by_file_name(tmp_path):
     (tmp_path / "candidate" / "image_3.json").rename(tmp_path / "candidate" / "image_9.json")
     result = run_tool(tmp_path / "reference", tmp_path / "candidate")
     assert result.returncode != 0 and "different files" in result.stderr
+    # File names on one side, line numbers on the other: nothing to pair them by.
+    with pytest.raises(ValueError, match="pairs only with another such folder"):
+        compare_results(tmp_path / "reference", write_lines(tmp_path / "lines", REFERENCE))
 
 
 def test_an_empty_per_image_file_is_a_failed_request(tmp_path):

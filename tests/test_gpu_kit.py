@@ -230,11 +230,12 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     earlier = tmp_path / "work" / "masks" / "compiled" / "off_fast_furious.jsonl"
     earlier.parent.mkdir(parents=True)
     earlier.write_text("{}\n")
+    os.utime(earlier, (1577934240, 1577934240))  # 2020-01-02 03:04 UTC
     result = script("--dry-run", "--stages", "export", "--out", "out", "--work", "work")  # relative: from here
     assert result.returncode == 1
     assert "failed stages: export-compare" in (tmp_path / "out" / "timeline.txt").read_text()
     comparison = (tmp_path / "out" / "export-compare.md").read_text()
-    assert f"torch.compile (stage large of an earlier run in {tmp_path / 'work'}, " in comparison
+    assert f"torch.compile (stage large of an earlier run in {tmp_path / 'work'}, 2020-01-02 03:04 UTC" in comparison
     script("--dry-run", "--stages", "large export", "--out", "out", "--work", "work")
     assert not earlier.exists() and "torch.compile" not in (tmp_path / "out" / "export-compare.md").read_text()
 

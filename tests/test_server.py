@@ -474,6 +474,7 @@ def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
     test = subprocess.Popen([sys.executable, "-m", "tools.load_test", f"http://127.0.0.1:{server.server_port}",
                              str(tmp_path / "a.jpg"), "--clients", "2", "--per-client", "3"],
                             env={**environment, "http_proxy": "http://127.0.0.1:9"},  # nothing listens there
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as under &
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(2):

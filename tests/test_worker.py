@@ -177,6 +177,9 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     with pytest.raises(Busy) as busy:
         worker.submit(image_of(3))
     assert busy.value.retry_after_s >= 1
+    # A request whose deadline its earlier calls spent times out, full queue or not.
+    with pytest.raises(TimedOut):
+        worker.call(lambda: None, deadline=time.monotonic())
     for thread in running_threads + queued_threads:
         thread.join(timeout=5)
     assert isinstance(running[1], TimedOut) and isinstance(queued[2], TimedOut)

@@ -99,7 +99,7 @@ compare_exports() {
     "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
         "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
-        ((LARGE_RAN)) || large="stage large of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled" '+%Y-%m-%d %H:%M UTC')"
+        ((LARGE_RAN)) || large="stage large of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled/off_fast_furious.jsonl" '+%Y-%m-%d %H:%M UTC')"
         printf -- "- those of torch.compile (%s, the same scene): " "$large"
         head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
         "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \

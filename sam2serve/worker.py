@@ -168,7 +168,8 @@ class InferenceWorker:
         return self._wait_for(Job(call=function), deadline)
 
     def _wait_for(self, job: Job, deadline: float | None = None) -> Any:
-        if deadline is not None and deadline <= time.monotonic():  # spent by the request's earlier calls
+        timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0:  # spent by the request's earlier calls
             raise self.timed_out()
         with self._admission:
             self.require_ready()
@@ -178,8 +179,7 @@ class InferenceWorker:
                 wait = self.queue_depth * self.seconds_per_image / self.batch_size
                 raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
         try:
-            timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
-            return job.future.result(timeout=max(timeout_s, 0.0))
+            return job.future.result(timeout=timeout_s)
         except TimeoutError:
             job.future.cancel()  # still queued: the worker skips it; already running: dropped
             raise self.timed_out() from None

@@ -32,7 +32,7 @@ from tools.load_test import post_image
 
 from .conftest import make_scene
 from .test_server import MAX_UPLOAD_MB, free_port, start_server
-from .test_worker import StubGenerator, png_of
+from .test_worker import StubGenerator, png_of, wait_for
 
 CONNECTION_TIMEOUT_S = 2
 STALLED_CLIENTS = 200
@@ -321,13 +321,6 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         server.close()
 
 
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.01)
-
-
 def serve_in_process(app: Flask, timeout_s: int) -> tuple:
     """A waitress server of the app with one thread, serving on a thread of its own: (server, port)."""
     port = free_port()
@@ -377,7 +370,7 @@ def test_a_request_trickling_in_is_closed():
     started, closed = time.monotonic(), False
     try:
         sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
-        wait_until(lambda: server.active_channels)
+        wait_for(lambda: server.active_channels)
         [channel] = server.active_channels.values()
         sock.settimeout(0.3)
         while not closed and time.monotonic() - started < 12:
@@ -391,7 +384,7 @@ def test_a_request_trickling_in_is_closed():
         assert closed and time.monotonic() - started < 6
         # Closed during the event loop's pass over its connections: never polled again (its
         # descriptor number may already be a new connection's).
-        wait_until(lambda: channel.socket is None)  # the client may see the close a moment before
+        wait_for(lambda: channel.socket is None)  # the client may see the close a moment before
         assert not channel.readable() and not channel.writable()
     finally:
         sock.close()

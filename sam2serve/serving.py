@@ -36,7 +36,7 @@ from .interactive import EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, masks_to_rle_vectorized
-from .worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut, generate_each
+from .worker import Abandoned, Busy, InferenceWorker, NotReady, Stopping, TimedOut, generate_each
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("access")
@@ -198,6 +198,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 503
     elif isinstance(error, TimedOut):
         status = 504
+    elif isinstance(error, Abandoned):  # nginx's code for a client gone before its answer: seen in logs and /metrics
+        status = 499
     elif isinstance(error, torch.OutOfMemoryError):
         log.error("out of memory: %s", error)
         return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
@@ -500,6 +502,12 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
                 return endpoint()
         return admitted
 
+    def client_gone() -> Callable[[], bool] | None:
+        """Whether this request's client has closed its connection: waitress's own check (the
+        HTTP server's, wsgi.py; none in Flask's test client). The worker asks it when the
+        request's turn comes and skips the request if so."""
+        return request.environ.get("waitress.client_disconnected")
+
     def uploaded_image() -> np.ndarray:
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
@@ -542,8 +550,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         asked = answer_format(endpoint, request.args.get("format"))
         image = uploaded_image()
         if asked == "coco":
-            return json_response(coco_annotations(worker.submit(image, annotate=True)))
-        body, mimetype = render_answer(endpoint, image, worker.submit(image))
+            return json_response(coco_annotations(worker.submit(image, annotate=True, abandoned=client_gone())))
+        body, mimetype = render_answer(endpoint, image, worker.submit(image, abandoned=client_gone()))
         return Response(body, mimetype=mimetype)
 
     @app.post("/embed")
@@ -552,7 +560,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
-        image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, worker.call)
+        run = functools.partial(worker.call, abandoned=client_gone())
+        image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, run)
         return json_response(embed_answer(image_id, embedding, cache))
 
     @app.post("/segment")
@@ -563,7 +572,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout
         # (counted from here, reading the upload included).
-        run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s)
+        run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s, abandoned=client_gone())
         if is_json(request.mimetype):
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)
         else:

@@ -6,6 +6,9 @@ queue:
 - a full queue is refused at once (`Busy`, HTTP 503 with Retry-After);
 - a request that waits past its timeout gives up (`TimedOut`, HTTP 504); if it is still
   queued the worker skips it;
+- a request whose client has gone (`abandoned()`, asked when its turn comes: the HTTP server
+  knows) is skipped too (`Abandoned`): clients that give up (curl --max-time, a proxy's timeout)
+  and send again would otherwise have the model run every copy, the ones nobody waits for first;
 - the worker takes up to `batch_size` queued images at once, only those that are waiting
   (a batch is never padded with duplicated work), and runs them with one image-encoder call;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
@@ -65,6 +68,10 @@ class Stopping(RuntimeError):
     """The server is stopping: it answers the requests it has accepted and takes no more."""
 
 
+class Abandoned(RuntimeError):
+    """The request's client went away before its turn: the model never ran it."""
+
+
 @dataclass
 class Job:
     """An image to segment everything in, or another call on the model (interactive prompts)."""
@@ -72,6 +79,7 @@ class Job:
     image: np.ndarray | None = None
     annotate: bool = False  # the image's mask records (Generator.annotate) instead of its RLE masks
     call: Callable[[], Any] | None = None
+    abandoned: Callable[[], bool] | None = None  # whether nobody waits for the answer any more
     future: Future = field(default_factory=Future)
 
 
@@ -154,18 +162,20 @@ class InferenceWorker:
         if not self.ready:
             raise NotReady("the model is loading; try again when GET /health answers 200")
 
-    def submit(self, image: np.ndarray, annotate: bool = False) -> list[RLE] | list[dict]:
+    def submit(self, image: np.ndarray, annotate: bool = False,
+               abandoned: Callable[[], bool] | None = None) -> list[RLE] | list[dict]:
         """The image's masks (with annotate, their records: Generator.annotate), once the worker
-        has run it. Raises NotReady, Stopping, Busy or TimedOut, or the generator's own error for
-        this image."""
-        return self._wait_for(Job(image=image, annotate=annotate))
+        has run it. Raises NotReady, Stopping, Busy or TimedOut, Abandoned if abandoned() says so
+        when its turn comes, or the generator's own error for this image."""
+        return self._wait_for(Job(image=image, annotate=annotate, abandoned=abandoned))
 
-    def call(self, function: Callable[[], Any], deadline: float | None = None) -> Any:
+    def call(self, function: Callable[[], Any], deadline: float | None = None,
+             abandoned: Callable[[], bool] | None = None) -> Any:
         """function() run on the worker's thread, in the queue's order (calls on the model that
         are not segment-everything: encoding an image, decoding prompts). Raises as submit.
         deadline (time.monotonic()): the request's, for one that calls more than once, so that
         its calls together wait no longer than the timeout."""
-        return self._wait_for(Job(call=function), deadline)
+        return self._wait_for(Job(call=function, abandoned=abandoned), deadline)
 
     def _wait_for(self, job: Job, deadline: float | None = None) -> Any:
         timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
@@ -201,7 +211,11 @@ class InferenceWorker:
             except queue.Empty:
                 break
         # Jobs whose requests gave up are dropped; the others are marked running.
-        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+        running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        for job in running:
+            if job.abandoned is not None and job.abandoned():
+                job.future.set_exception(Abandoned("the client closed its connection before the request's turn"))
+        return [job for job in running if not job.future.done()]
 
     def _serve_forever(self, until: threading.Event | None = None) -> None:
         while (until is None or not until.is_set()) and not self._done():

@@ -13,6 +13,9 @@ its buffered answer, and a thread writing a pipelined request's answer waits for
 and a client that trickles its request, a byte now and then (each byte resets the idle timer):
 a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds.
 
+A client that closes its connection while its request waits for the model is seen when the
+request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run.
+
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
 answered as JSON like every other error, and the connection is closed; `on_refusal` counts it.
@@ -25,6 +28,7 @@ import functools
 import json
 import logging
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -139,6 +143,23 @@ class JSONErrorChannel(HTTPChannel):
 
     def writable(self) -> bool:
         return self.socket is not None and super().writable()
+
+    def check_client_disconnected(self) -> bool:
+        """Whether the client has closed its connection (the app's
+        environ["waitress.client_disconnected"]; the worker skips such a request when its turn
+        comes). waitress's own only knows once it reads the connection again, which it does not
+        while it answers (unless it reads pipelined requests ahead): here the socket is peeked,
+        without reading. A client that closed only its sending side counts as gone, as nginx
+        counts it; HTTP clients do not do that while they wait for an answer."""
+        sock = self.socket
+        if not self.connected or sock is None:
+            return True
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):  # nothing to read: still there
+            return False
+        except OSError:  # reset, or closed meanwhile
+            return True
 
     def stall(self, now: float, timeout_s: float) -> str | None:
         """Why this connection is to be closed now, if it is: its answer unread, or its request

@@ -463,3 +463,38 @@ def test_access_log_gives_one_line_per_request_when_asked(caplog):
     assert len(lines) == 2, lines  # from the second app only
     assert re.fullmatch(r"127\.0\.0\.1 POST /upload_rle 200 \d+ ms \d+ bytes", lines[0]), lines[0]
     assert re.fullmatch(r"127\.0\.0\.1 GET /nowhere 404 \d+ ms \d+ bytes", lines[1]), lines[1]
+
+
+def test_a_request_whose_client_has_gone_is_not_run():
+    """Clients that give up (curl --max-time, a proxy's timeout) and send again had the model run
+    every copy, the abandoned ones first: waitress does not read a connection while it answers,
+    so it never knew; the socket is peeked when the request's turn comes."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=4, timeout_s=30)
+    worker.start(stub)
+    app = create_app(worker)
+    port = free_port()
+    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    stub.gate.clear()
+    clients = []
+    try:
+        for value in (1, 2, 3):  # 1 runs and holds the model; 2 and 3 queue behind it
+            body, content_type = multipart([("image", "a.png", png_of(value))])
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            clients[-1].sendall(f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda: stub.running.is_set() and worker.queue_depth == value - 1)
+        clients[1].close()  # gives up while queued
+        time.sleep(0.2)
+        stub.gate.set()
+        for value in (1, 3):
+            status, _, answer = status_and_json(read_until_closed(clients[value - 1], 15))
+            assert status == 200 and answer == {"mask_0": {"size": [8, 6], "counts": [value, 1]}}
+        assert stub.batches == [[1], [3]]
+        assert answers_counted(f"http://127.0.0.1:{port}", "/upload_rle", "POST", "499") == 1
+    finally:
+        stub.gate.set()
+        for sock in clients:
+            sock.close()
+        server.close()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
-from sam2serve.worker import Busy, InferenceWorker, NotReady, Stopping, TimedOut
+from sam2serve.worker import Abandoned, Busy, InferenceWorker, NotReady, Stopping, TimedOut
 
 POISON = 13  # a stub fails on images whose first pixel is this value
 
@@ -188,6 +188,40 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     # The timed-out queued job is skipped, not run; the worker serves the next request.
     assert worker.submit(image_of(4)) == [{"size": [8, 6], "counts": [4, 1]}]
     assert [2] not in stub.batches
+
+
+def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=3, max_queue=10)
+    worker.start(stub)
+    stub.gate.clear()
+    running, threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    gone = {2: True, 3: False}  # asked when the turn comes, not when queued
+    answers, calls = {}, []
+
+    def request(value):
+        try:
+            answers[value] = worker.submit(image_of(value), abandoned=lambda: gone[value])
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            answers[value] = error
+
+    def call():
+        try:
+            answers["call"] = worker.call(lambda: calls.append("ran"), abandoned=lambda: True)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            answers["call"] = error
+
+    for target, args in ((request, (2,)), (request, (3,)), (call, ())):
+        threads.append(threading.Thread(target=target, args=args))
+        threads[-1].start()
+    wait_for(lambda: worker.queue_depth == 3)
+    stub.gate.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert stub.batches == [[1], [3]] and calls == []
+    assert isinstance(answers[2], Abandoned) and isinstance(answers["call"], Abandoned)
+    assert answers[3] == [{"size": [8, 6], "counts": [3, 1]}] and running[1] == [{"size": [8, 6], "counts": [1, 1]}]
 
 
 def test_http_status_codes_health_and_metrics():

@@ -213,7 +213,7 @@ class InferenceWorker:
         # Jobs whose requests gave up are dropped; the others are marked running.
         running = [job for job in batch if job.future.set_running_or_notify_cancel()]
         for job in running:
-            if job.abandoned is not None and job.abandoned():
+            if gone(job):
                 job.future.set_exception(Abandoned("the client closed its connection before the request's turn"))
         return [job for job in running if not job.future.done()]
 
@@ -255,6 +255,16 @@ class InferenceWorker:
                 job.future.set_exception(answer)
             else:
                 job.future.set_result(answer)
+
+
+def gone(job: Job) -> bool:
+    """Whether the job's client has gone; a check that fails counts as not gone (the job runs,
+    and the worker goes on)."""
+    try:
+        return job.abandoned is not None and bool(job.abandoned())
+    except Exception:  # noqa: BLE001 - the HTTP server's check, not the model's
+        log.exception("could not tell whether a client has gone; running its request")
+        return False
 
 
 def generate_each(generator: Generator, images: list[np.ndarray],

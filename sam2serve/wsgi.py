@@ -150,12 +150,13 @@ class JSONErrorChannel(HTTPChannel):
         comes). waitress's own only knows once it reads the connection again, which it does not
         while it answers (unless it reads pipelined requests ahead): here the socket is peeked,
         without reading. A client that closed only its sending side counts as gone, as nginx
-        counts it; HTTP clients do not do that while they wait for an answer."""
+        counts it (such a client, netcat's, is answered 499); HTTP clients (curl, browsers,
+        Python's) do not do that while they wait for an answer."""
         sock = self.socket
         if not self.connected or sock is None:
             return True
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return sock.recv(1, socket.MSG_PEEK) == b""  # waitress's sockets do not block
         except (BlockingIOError, InterruptedError):  # nothing to read: still there
             return False
         except OSError:  # reset, or closed meanwhile

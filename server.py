@@ -61,7 +61,7 @@ from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
-from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app
+from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app, share_encodings
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server, finish_answers, listening_urls
 
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
-    app = create_app(worker, limits, info, EmbeddingCache(int(args.embedding_cache_mb * 2**20)), args.access_log)
+    cache = EmbeddingCache(int(args.embedding_cache_mb * 2**20))
+    app = create_app(worker, limits, info, cache, args.access_log)
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
     # Threads for the app: every request the worker may hold (queued or in its batch), and a
@@ -191,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("ready: serving %s in mode %s on %s at %s", pipeline.loaded.description, mode.name, args.device, url)
         # The model runs on this thread, which loaded it (sam2serve/worker.py says why), until
         # the HTTP server ends or a signal stops the worker and the accepted requests are answered.
-        worker.serve(pipeline.generator, prompt_segmenter(pipeline), until=stopped)
+        segmenter = prompt_segmenter(pipeline)
+        share_encodings(pipeline.generator, segmenter, cache)  # the page's clicks after its masks encode nothing
+        worker.serve(pipeline.generator, segmenter, until=stopped)
         if worker.stopping:
             if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
                 log.warning("stopped: every accepted request answered; %d connections still busy after %g s are "

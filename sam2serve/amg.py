@@ -255,6 +255,9 @@ class MaskGenerator:
         self.config = config
         self.given_kernels = kernels
         self.kernels = kernels or eager_kernels(model, config)
+        # Called with a whole image and its encoder features once computed, when the image was
+        # encoded alone (the server keeps them for an /embed of it: serving.share_encodings).
+        self.on_features: Callable[[np.ndarray, ImageFeatures], None] | None = None
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )
@@ -262,6 +265,12 @@ class MaskGenerator:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def encodes_as_sam2(self) -> bool:
+        """Whether its encoder features are sam2's SAM2ImagePredictor's, bit for bit (the eager
+        kernels in float32: ao's; compiled or half-precision ones differ in the last bits)."""
+        return self.given_kernels is None and self.kernels.dtype == torch.float32
 
     def with_config(self, config: AMGConfig) -> "MaskGenerator":
         """The same model and kernels under other settings (eager kernels follow the settings;
@@ -275,7 +284,7 @@ class MaskGenerator:
     def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
         """Several images with one image-encoder call for all of them (the whole images; crops,
         when crop_n_layers > 0, are encoded one by one). The rest runs image by image."""
-        return [self.generate_from(image, features) for image, features in zip(images, self.embed_batch(images))]
+        return [self.generate_from(image, features) for image, features in zip(images, self.encode(images))]
 
     def generate_from(self, image: np.ndarray, image_features: ImageFeatures) -> list[RLE]:
         """The masks of an image whose encoder features are already computed."""
@@ -287,7 +296,7 @@ class MaskGenerator:
     @torch.inference_mode()
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
         """Each image's mask records, with one image-encoder call for all of them."""
-        return [self.records(image, features) for image, features in zip(images, self.embed_batch(images))]
+        return [self.records(image, features) for image, features in zip(images, self.encode(images))]
 
     def records(self, image: np.ndarray, image_features: ImageFeatures) -> list[dict]:
         """The masks of an image as sam2's generate() records (Generator.annotate)."""
@@ -447,6 +456,14 @@ class MaskGenerator:
         with record_function("amg.encode"):
             model_input = torch.cat([self.kernels.prepare_input(image) for image in images])
             return split_features(self.kernels.encoder(model_input))
+
+    def encode(self, images: list[np.ndarray]) -> list[ImageFeatures]:
+        """embed_batch, and a lone image's features handed to on_features (an image encoded in a
+        batch with others may get other last bits: kernels are chosen by shape)."""
+        features = self.embed_batch(images)
+        if self.on_features is not None and len(images) == 1:
+            self.on_features(images[0], features[0])
+        return features
 
     def embed(self, image: np.ndarray) -> ImageFeatures:
         """Runs the image encoder, as sam2's SAM2ImagePredictor.set_image."""

@@ -26,7 +26,7 @@ import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import image_predictor
-from .model import FactoredPointDecoder, default_prompts_per_step, model_coords
+from .model import FactoredPointDecoder, ImageFeatures, default_prompts_per_step, model_coords
 from .upscale import masks_above
 
 MAX_PROMPT_SETS = 64  # per request
@@ -181,6 +181,14 @@ class PromptSegmenter:
         return digest.hexdigest()[:32]
 
     @torch.inference_mode()
+    def embedding_of(self, image: np.ndarray, features: ImageFeatures) -> Embedding:
+        """The Embedding of encoder features computed elsewhere (segment-everything's, where its
+        encoder gives sam2's predictor's features exactly: MaskGenerator.encodes_as_sam2),
+        copied out of their batch."""
+        return Embedding(features={"image_embed": features.image_embed.clone(),
+                                   "high_res_feats": [level.clone() for level in features.high_res_feats]},
+                         size=(image.shape[0], image.shape[1]))
+
     def embed(self, image: np.ndarray) -> Embedding:
         try:
             self.predictor.set_image(image)
@@ -269,11 +277,16 @@ class CacheStats:
 class EmbeddingCache:
     """An LRU of values (embeddings, mask logits) bounded by their bytes; max_bytes 0 keeps
     nothing. Callers of get_or_compute that ask for a key being computed wait for that one
-    computation instead of starting another."""
+    computation instead of starting another.
+
+    Spares (put_spare) are values nobody has asked for yet (images encoded to segment everything
+    in them, which an /embed may ask for next): they use room the entries leave, are evicted
+    before any entry, oldest first, and become entries when asked for."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # least recently used first
+        self.spares: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # oldest first
         self.computing: dict[str, Future] = {}
         self.lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.bytes = 0
@@ -281,7 +294,7 @@ class EmbeddingCache:
     def get(self, key: str) -> Any:
         """The value, or UnknownId."""
         with self.lock:
-            if key in self.entries:
+            if key in self.entries or key in self.spares:
                 return self._hit(key)
             self.misses += 1
         raise UnknownId(key)
@@ -289,11 +302,13 @@ class EmbeddingCache:
     def holds(self, key: str) -> bool:
         """Whether the key is cached, without counting a lookup or refreshing it."""
         with self.lock:
-            return key in self.entries
+            return key in self.entries or key in self.spares
 
     def _hit(self, key: str) -> Any:
-        """A cached value, counted and made the most recent (the lock is held)."""
+        """A cached value, counted and made the most recent entry (the lock is held)."""
         self.hits += 1
+        if key in self.spares:
+            self.entries[key] = self.spares.pop(key)
         self.entries.move_to_end(key)
         return self.entries[key][0]
 
@@ -303,21 +318,39 @@ class EmbeddingCache:
         with self.lock:
             if nbytes > self.max_bytes:
                 return
-            if key in self.entries:
-                self.bytes -= self.entries.pop(key)[1]
+            for held in (self.entries, self.spares):
+                if key in held:
+                    self.bytes -= held.pop(key)[1]
             self.entries[key] = (value, nbytes)
             self.bytes += nbytes
             if keep in self.entries:
                 self.entries.move_to_end(keep)
-            while self.bytes > self.max_bytes:
-                _, (_, freed) = self.entries.popitem(last=False)
+            self._evict(self.spares, self.entries)
+
+    def put_spare(self, key: str, value: Any, nbytes: int) -> None:
+        """Stores a value nobody has asked for yet, in the room entries leave: it evicts older
+        spares only, never an entry (nor a value already cached)."""
+        with self.lock:
+            room = self.max_bytes - sum(size for _, size in self.entries.values())
+            if key in self.entries or key in self.spares or nbytes > room:
+                return
+            self.spares[key] = (value, nbytes)
+            self.bytes += nbytes
+            self._evict(self.spares)  # older spares: the new one, last, fits beside the entries
+
+    def _evict(self, *held: OrderedDict) -> None:
+        """Evicts from the first of `held` that has values, then the next, until the values fit
+        (the lock is held)."""
+        for values in held:
+            while self.bytes > self.max_bytes and values:
+                _, (_, freed) = values.popitem(last=False)
                 self.bytes -= freed
                 self.evictions += 1
 
     def get_or_compute(self, key: str, compute: Callable[[], Any], nbytes: Callable[[Any], int]) -> Any:
         """The cached value, or the value of compute() (stored if it fits)."""
         with self.lock:
-            if key in self.entries:
+            if key in self.entries or key in self.spares:
                 return self._hit(key)
             future = self.computing.get(key)
             owner = future is None
@@ -342,4 +375,4 @@ class EmbeddingCache:
 
     def stats(self) -> CacheStats:
         with self.lock:
-            return CacheStats(self.hits, self.misses, self.evictions, self.bytes, len(self.entries))
+            return CacheStats(self.hits, self.misses, self.evictions, self.bytes, len(self.entries) + len(self.spares))

@@ -280,6 +280,26 @@ def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callab
     return image_id, embedding
 
 
+def share_encodings(generator: Generator, segmenter, cache: EmbeddingCache) -> bool:
+    """Keeps each image that segment-everything encodes in the cache as a spare
+    (EmbeddingCache.put_spare), for an /embed of the same image to find: the web page asks for
+    one right after its masks, to click on them. Only where the generator's encoder gives the
+    segmenter's features bit for bit (MaskGenerator.encodes_as_sam2: ao's, float32), so that
+    /segment answers the same either way. Returns whether it does."""
+    if segmenter is None or cache.max_bytes == 0 or not getattr(generator, "encodes_as_sam2", False):
+        return False
+
+    def keep(image: np.ndarray, features) -> None:
+        try:
+            embedding = segmenter.embedding_of(image, features)
+            cache.put_spare(image_key(segmenter.image_id(image)), embedding, embedding.nbytes)
+        except Exception as error:  # noqa: BLE001 - a spare lost, never the masks' answer
+            log.warning("could not keep an image's encoding for /embed: %s", error)
+
+    generator.on_features = keep
+    return True
+
+
 def require_cache_room(cache: EmbeddingCache, nbytes: int | None = None) -> None:
     """Refuses an /embed whose image the cache cannot hold (one of nbytes, or, before encoding,
     any at all), as its id would then be unknown to every /segment."""

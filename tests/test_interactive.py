@@ -15,10 +15,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sam2serve.amg import AMGConfig, MaskGenerator, image_predictor
+from sam2serve.amg import AMGConfig, MaskGenerator, eager_kernels, image_predictor
 from sam2serve.checkpoints import load_model
 from sam2serve.interactive import EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
 from sam2serve import serving
@@ -140,6 +141,24 @@ def test_cache_keeps_the_most_recent_within_its_bytes():
     assert disabled.get_or_compute("x", lambda: 1, lambda value: 8) == 1
     with pytest.raises(UnknownId):
         disabled.get("x")
+
+
+def test_spares_use_the_room_entries_leave_and_never_evict_one():
+    cache = EmbeddingCache(max_bytes=100)
+    cache.put("a", "A", 40)
+    for key in "xyz":  # each evicts the spares before it, the oldest first, as room requires
+        cache.put_spare(key, key.upper(), 30)
+    assert [cache.holds(key) for key in "axyz"] == [True, False, True, True] and cache.stats().bytes == 100
+    cache.put_spare("w", "W", 70)  # more than the entries leave: not kept, nothing evicted
+    assert not cache.holds("w") and cache.holds("y") and cache.stats().entries == 3
+    cache.put("b", "B", 40)  # an entry evicts spares first
+    assert [cache.holds(key) for key in "abyz"] == [True, True, False, False]
+    cache.put_spare("v", "V", 20)
+    assert cache.get("v") == "V"  # asked for: an entry, the most recent
+    cache.put("c", "C", 40)  # the least recently used entry goes: "a"
+    assert [cache.holds(key) for key in "abcv"] == [False, True, True, True]
+    cache.put_spare("b", "other", 10)  # already cached: left as it is
+    assert cache.get("b") == "B" and cache.stats().bytes == 100
 
 
 def png(image: np.ndarray) -> bytes:
@@ -279,6 +298,54 @@ def test_embed_then_segment_over_http(micro):
                              content_type="application/x-www-form-urlencoded")
     error = unlabelled.get_json()["error"]
     assert unlabelled.status_code == 400 and "Content-Type: application/json" in error, error
+
+
+def test_segment_everything_encodes_as_sam2s_predictor_bit_for_bit(model):
+    """What lets an /embed use segment-everything's encoding (serving.share_encodings)."""
+    generator, segmenter = MaskGenerator(model, AMGConfig()), PromptSegmenter(model, "test")
+    assert generator.encodes_as_sam2
+    ours = segmenter.embedding_of(IMAGE, generator.embed(IMAGE))
+    theirs = segmenter.embed(IMAGE)
+    assert ours.size == theirs.size == (150, 200) and ours.nbytes == theirs.nbytes
+    for level, (mine, sam2s) in enumerate(zip([ours.features["image_embed"], *ours.features["high_res_feats"]],
+                                              [theirs.features["image_embed"], *theirs.features["high_res_feats"]])):
+        assert torch.equal(mine, sam2s), level
+    compiled_like = MaskGenerator(model, AMGConfig(), eager_kernels(model, AMGConfig()))  # kernels given: not known
+    assert not compiled_like.encodes_as_sam2
+    assert not serving.share_encodings(compiled_like, segmenter, EmbeddingCache(2**30))
+
+
+def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(micro):
+    """The web page asks /embed for the image whose masks it has just shown."""
+    worker = InferenceWorker(max_queue=8, timeout_s=120)
+    generator, segmenter, cache = MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"), EmbeddingCache(2**30)
+    assert serving.share_encodings(generator, segmenter, cache)
+    encodings = []
+    segmenter.embed = lambda image: encodings.append(image) or PromptSegmenter.embed(segmenter, image)
+    worker.start(generator, segmenter)
+    client = create_app(worker, cache=cache, info={"mode": "ao"}).test_client()
+    other = png(make_scene(150, 200, seed=12))
+    for data in (png(IMAGE), other):
+        masks = client.post("/upload_rle", data={"image": (io.BytesIO(data), "a.png")})
+        assert masks.status_code == 200 and masks.get_json() == {
+            f"mask_{i}": rle for i, rle in enumerate(MaskGenerator(micro, AMGConfig(points_per_side=4)).generate(
+                np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))}
+    embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert embedded.status_code == 200 and encodings == []
+    metrics = cache_metrics(client)
+    assert metrics["misses_total"] == 0 and metrics["hits_total"] == 1 and metrics["entries"] == 2
+    prompts = [prompt for _, prompt in PROMPTS]
+    answer = client.post("/segment", json={"image_id": embedded.get_json()["image_id"], "prompts": prompts})
+    direct = segmenter.segment(PromptSegmenter.embed(segmenter, IMAGE), parse_prompts(prompts, (150, 200)))
+    for result, expected in zip(answer.get_json()["results"], direct):
+        assert np.array_equal(rles_to_masks(result["masks"]), expected.masks.numpy())
+        assert result["iou_predictions"] == expected.iou_predictions.tolist()
+    # Only an image encoded alone is kept (in a batch, other kernels may give other last bits).
+    kept = cache.stats().entries
+    generator.annotate_batch([make_scene(150, 200, seed=13), make_scene(150, 200, seed=14)])
+    assert cache.stats().entries == kept
+    generator.annotate_batch([make_scene(150, 200, seed=13)])
+    assert cache.stats().entries == kept + 1
 
 
 def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):

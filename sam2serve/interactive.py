@@ -189,6 +189,7 @@ class PromptSegmenter:
                                    "high_res_feats": [level.clone() for level in features.high_res_feats]},
                          size=(image.shape[0], image.shape[1]))
 
+    @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Embedding:
         try:
             self.predictor.set_image(image)
@@ -270,8 +271,9 @@ class CacheStats:
     hits: int
     misses: int
     evictions: int
-    bytes: int
+    bytes: int  # of entries and spares
     entries: int
+    spares: int
 
 
 class EmbeddingCache:
@@ -331,21 +333,29 @@ class EmbeddingCache:
         """Stores a value nobody has asked for yet, in the room entries leave: it evicts older
         spares only, never an entry (nor a value already cached)."""
         with self.lock:
-            room = self.max_bytes - sum(size for _, size in self.entries.values())
-            if key in self.entries or key in self.spares or nbytes > room:
+            if key in self.entries or key in self.spares or nbytes > self._room_for_spares():
                 return
             self.spares[key] = (value, nbytes)
             self.bytes += nbytes
             self._evict(self.spares)  # older spares: the new one, last, fits beside the entries
 
+    def room_for_spares(self) -> int:
+        """The bytes a spare may take: what the entries leave."""
+        with self.lock:
+            return self._room_for_spares()
+
+    def _room_for_spares(self) -> int:
+        return self.max_bytes - (self.bytes - sum(size for _, size in self.spares.values()))
+
     def _evict(self, *held: OrderedDict) -> None:
         """Evicts from the first of `held` that has values, then the next, until the values fit
-        (the lock is held)."""
+        (the lock is held). Evictions counts entries (ids /segment could have asked for), not
+        spares."""
         for values in held:
             while self.bytes > self.max_bytes and values:
                 _, (_, freed) = values.popitem(last=False)
                 self.bytes -= freed
-                self.evictions += 1
+                self.evictions += values is self.entries
 
     def get_or_compute(self, key: str, compute: Callable[[], Any], nbytes: Callable[[Any], int]) -> Any:
         """The cached value, or the value of compute() (stored if it fits)."""
@@ -375,4 +385,4 @@ class EmbeddingCache:
 
     def stats(self) -> CacheStats:
         with self.lock:
-            return CacheStats(self.hits, self.misses, self.evictions, self.bytes, len(self.entries) + len(self.spares))
+            return CacheStats(self.hits, self.misses, self.evictions, self.bytes, len(self.entries), len(self.spares))

@@ -290,6 +290,9 @@ def share_encodings(generator: Generator, segmenter, cache: EmbeddingCache) -> b
         return False
 
     def keep(image: np.ndarray, features) -> None:
+        nbytes = sum(level.nbytes for level in [features.image_embed, *features.high_res_feats])
+        if nbytes > cache.room_for_spares():  # before any work on the model's thread
+            return
         try:
             embedding = segmenter.embedding_of(image, features)
             cache.put_spare(image_key(segmenter.image_id(image)), embedding, embedding.nbytes)
@@ -450,6 +453,8 @@ class CacheCollector:
             yield prom_core.CounterMetricFamily(f"sam2_embedding_cache_{name}", text, value=value)
         yield prom_core.GaugeMetricFamily("sam2_embedding_cache_bytes", "Bytes held by the cache", value=stats.bytes)
         yield prom_core.GaugeMetricFamily("sam2_embedding_cache_entries", "Entries in the cache", value=stats.entries)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_spares",
+                                          "Images segment-everything encoded, kept for an /embed of them", value=stats.spares)
 
 
 class Metrics:

@@ -7,6 +7,7 @@ the cache (hits, misses, evictions, one encoding for concurrent requests), one-s
 requests, and a 400 naming the field for each kind of bad prompt.
 """
 
+import copy
 import io
 import json
 import re
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.amg import AMGConfig, MaskGenerator, eager_kernels, image_predictor
 from sam2serve.checkpoints import load_model
-from sam2serve.interactive import EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
+from sam2serve.interactive import CacheStats, EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
 from sam2serve import serving
 from sam2serve.rle import masks_to_rle_vectorized, rles_to_masks
 from sam2serve.serving import create_app
@@ -148,17 +149,28 @@ def test_spares_use_the_room_entries_leave_and_never_evict_one():
     cache.put("a", "A", 40)
     for key in "xyz":  # each evicts the spares before it, the oldest first, as room requires
         cache.put_spare(key, key.upper(), 30)
-    assert [cache.holds(key) for key in "axyz"] == [True, False, True, True] and cache.stats().bytes == 100
+    assert [cache.holds(key) for key in "axyz"] == [True, False, True, True]
+    assert cache.stats() == CacheStats(hits=0, misses=0, evictions=0, bytes=100, entries=1, spares=2)
+    assert cache.room_for_spares() == 60
     cache.put_spare("w", "W", 70)  # more than the entries leave: not kept, nothing evicted
-    assert not cache.holds("w") and cache.holds("y") and cache.stats().entries == 3
+    assert not cache.holds("w") and cache.holds("y") and cache.stats().spares == 2
     cache.put("b", "B", 40)  # an entry evicts spares first
-    assert [cache.holds(key) for key in "abyz"] == [True, True, False, False]
+    assert [cache.holds(key) for key in "abyz"] == [True, True, False, False] and cache.stats().bytes == 80
     cache.put_spare("v", "V", 20)
     assert cache.get("v") == "V"  # asked for: an entry, the most recent
     cache.put("c", "C", 40)  # the least recently used entry goes: "a"
     assert [cache.holds(key) for key in "abcv"] == [False, True, True, True]
     cache.put_spare("b", "other", 10)  # already cached: left as it is
-    assert cache.get("b") == "B" and cache.stats().bytes == 100
+    assert cache.get("b") == "B"
+    assert cache.stats() == CacheStats(hits=2, misses=0, evictions=1, bytes=100, entries=3, spares=0)
+    again = EmbeddingCache(max_bytes=100)
+    again.put_spare("s", "S", 30)
+    again.put("s", "new", 10)  # a spare put again as an entry: counted once
+    assert again.stats() == CacheStats(hits=0, misses=0, evictions=0, bytes=10, entries=1, spares=0)
+    again.put_spare("t", "T", 30)
+    assert again.get_or_compute("t", lambda: "computed", lambda value: 5) == "T"  # a spare is found, not computed
+    assert again.get("s") == "new"
+    assert again.stats() == CacheStats(hits=2, misses=0, evictions=0, bytes=40, entries=2, spares=0)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -306,10 +318,12 @@ def test_segment_everything_encodes_as_sam2s_predictor_bit_for_bit(model):
     assert generator.encodes_as_sam2
     ours = segmenter.embedding_of(IMAGE, generator.embed(IMAGE))
     theirs = segmenter.embed(IMAGE)
+    assert theirs.features["image_embed"].is_inference()  # no autograd bookkeeping on /embed
     assert ours.size == theirs.size == (150, 200) and ours.nbytes == theirs.nbytes
     for level, (mine, sam2s) in enumerate(zip([ours.features["image_embed"], *ours.features["high_res_feats"]],
                                               [theirs.features["image_embed"], *theirs.features["high_res_feats"]])):
         assert torch.equal(mine, sam2s), level
+    assert not MaskGenerator(copy.deepcopy(model).to(torch.bfloat16), AMGConfig()).encodes_as_sam2
     compiled_like = MaskGenerator(model, AMGConfig(), eager_kernels(model, AMGConfig()))  # kernels given: not known
     assert not compiled_like.encodes_as_sam2
     assert not serving.share_encodings(compiled_like, segmenter, EmbeddingCache(2**30))
@@ -333,7 +347,8 @@ def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(mic
     embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert embedded.status_code == 200 and encodings == []
     metrics = cache_metrics(client)
-    assert metrics["misses_total"] == 0 and metrics["hits_total"] == 1 and metrics["entries"] == 2
+    assert metrics["misses_total"] == 0 and metrics["hits_total"] == 1 and metrics["entries"] == 1
+    assert metrics["spares"] == 1
     prompts = [prompt for _, prompt in PROMPTS]
     answer = client.post("/segment", json={"image_id": embedded.get_json()["image_id"], "prompts": prompts})
     direct = segmenter.segment(PromptSegmenter.embed(segmenter, IMAGE), parse_prompts(prompts, (150, 200)))
@@ -341,11 +356,11 @@ def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(mic
         assert np.array_equal(rles_to_masks(result["masks"]), expected.masks.numpy())
         assert result["iou_predictions"] == expected.iou_predictions.tolist()
     # Only an image encoded alone is kept (in a batch, other kernels may give other last bits).
-    kept = cache.stats().entries
+    assert cache.stats().spares == 1 and cache.stats().entries == 1  # the other image, not asked for
     generator.annotate_batch([make_scene(150, 200, seed=13), make_scene(150, 200, seed=14)])
-    assert cache.stats().entries == kept
+    assert cache.stats().spares == 1
     generator.annotate_batch([make_scene(150, 200, seed=13)])
-    assert cache.stats().entries == kept + 1
+    assert cache.stats().spares == 2
 
 
 def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):

@@ -80,6 +80,16 @@ def submit_in_threads(worker, values):
     return answers, threads
 
 
+def hold_worker(worker, stub):
+    """Starts the worker on the stub and sends image 1, which runs and holds the model (the gate
+    closed) while the test queues more: ({1: answer or error}, [its thread])."""
+    worker.start(stub)
+    stub.gate.clear()
+    answers, threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    return answers, threads
+
+
 def wait_for(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -90,10 +100,7 @@ def wait_for(condition, timeout=10.0):
 def test_worker_batches_queued_images_and_answers_each_its_own():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=3, max_queue=10)
-    worker.start(stub)
-    stub.gate.clear()  # the first request holds the worker while the others queue up
-    answers, threads = submit_in_threads(worker, [1])
-    wait_for(stub.running.is_set)
+    answers, threads = hold_worker(worker, stub)  # while the others queue up
     more, more_threads = submit_in_threads(worker, [2, 3, 4, 5])
     wait_for(lambda: worker.queue_depth == 4)
     stub.gate.set()
@@ -113,10 +120,7 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
     observed = []
     worker = InferenceWorker(batch_size=4, max_queue=10,
                              observe_batch=lambda size, masks: observed.append((size, masks)))
-    worker.start(stub)
-    stub.gate.clear()
-    first, first_threads = submit_in_threads(worker, [1])
-    wait_for(stub.running.is_set)
+    first, first_threads = hold_worker(worker, stub)
     records = {}
 
     def annotate(value):
@@ -142,10 +146,7 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
 def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=4, max_queue=10)
-    worker.start(stub)
-    stub.gate.clear()
-    first, first_threads = submit_in_threads(worker, [1])
-    wait_for(stub.running.is_set)
+    first, first_threads = hold_worker(worker, stub)
     answers, threads = submit_in_threads(worker, [2, POISON, 4])
     wait_for(lambda: worker.queue_depth == 3)
     stub.gate.set()
@@ -168,10 +169,7 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=0.5)
     with pytest.raises(NotReady):
         worker.submit(image_of(1))
-    worker.start(stub)
-    stub.gate.clear()
-    running, running_threads = submit_in_threads(worker, [1])  # taken by the worker, blocked
-    wait_for(stub.running.is_set)
+    running, running_threads = hold_worker(worker, stub)
     queued, queued_threads = submit_in_threads(worker, [2])  # fills the queue of one
     wait_for(lambda: worker.queue_depth == 1)
     with pytest.raises(Busy) as busy:
@@ -193,10 +191,7 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=3, max_queue=10)
-    worker.start(stub)
-    stub.gate.clear()
-    running, threads = submit_in_threads(worker, [1])
-    wait_for(stub.running.is_set)
+    running, threads = hold_worker(worker, stub)
     gone = {2: True, 3: False}  # asked when the turn comes, not when queued; 4's check fails (KeyError): it runs
     answers, calls = {}, []
 

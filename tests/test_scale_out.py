@@ -435,6 +435,55 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     replica.model_thread.shutdown()
 
 
+def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
+    """As server.py skips a request whose client has gone: Ray Serve cancels the request of a
+    client that disconnects, and a cancelled caller is dropped from its batch, and a cancelled
+    model-thread call from the thread's queue, before the model runs them."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray.serve import batching
+    from deploy.ray_serve_app import SegmentEverything
+
+    # serve.batch outside a replica: its check against the replica's settings has nothing to read.
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    seen, gate = [], threading.Event()
+
+    class Generator:
+        def generate_batch(self, images):
+            seen.append([int(image[0, 0, 0]) for image in images])
+            gate.wait(timeout=10)
+            return [[] for _ in images]
+
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)
+    replica.model_thread, replica.pipeline, replica.waiting = ThreadPoolExecutor(1), SimpleNamespace(generator=Generator()), 0
+    replica.segment.set_max_batch_size(1)
+    replica.segment.set_batch_wait_timeout_s(0)
+
+    async def clients():
+        image = lambda value: np.full((8, 8, 3), value, np.uint8)  # noqa: E731
+        first = asyncio.create_task(replica.masks(image(1)))
+        while not seen:  # the model runs image 1 and is held there
+            await asyncio.sleep(0.01)
+        left, stays = asyncio.create_task(replica.masks(image(2))), asyncio.create_task(replica.masks(image(3)))
+        coco = asyncio.create_task(replica.on_model_thread(lambda: seen.append("coco")))
+        await asyncio.sleep(0.1)
+        left.cancel()  # as Ray Serve does when their clients disconnect
+        coco.cancel()
+        gate.set()
+        await first
+        await stays
+        await asyncio.sleep(0.1)
+
+    asyncio.run(clients())
+    replica.model_thread.shutdown()
+    assert seen == [[1], [3]]
+
+
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
                                                                flask_client, tmp_path):
     from deploy.ray_bulk_job import run

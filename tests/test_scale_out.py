@@ -474,6 +474,7 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
         await asyncio.sleep(0.1)
         left.cancel()  # as Ray Serve does when their clients disconnect
         coco.cancel()
+        await asyncio.sleep(0.1)  # the cancellations take effect on the event loop's next turns
         gate.set()
         await first
         await stays

@@ -47,6 +47,10 @@ class ImageFeatures:
     image_embed: torch.Tensor  # (1, C, H/16, W/16)
     high_res_feats: list[torch.Tensor]  # [(1, C/8, H/4, W/4), (1, C/4, H/8, W/8)]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in [self.image_embed, *self.high_res_feats])
+
 
 class ImageEncoder(torch.nn.Module):
     """Model input (B, 3, R, R) -> what the mask decoder needs: (image_embed, feat_s0, feat_s1).

@@ -290,8 +290,7 @@ def share_encodings(generator: Generator, segmenter, cache: EmbeddingCache) -> b
         return False
 
     def keep(image: np.ndarray, features) -> None:
-        nbytes = sum(level.nbytes for level in [features.image_embed, *features.high_res_feats])
-        if nbytes > cache.room_for_spares():  # before any work on the model's thread
+        if features.nbytes > cache.room_for_spares():  # before any work on the model's thread
             return
         try:
             embedding = segmenter.embedding_of(image, features)

@@ -321,10 +321,10 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         server.close()
 
 
-def serve_in_process(app: Flask, timeout_s: int) -> tuple:
-    """A waitress server of the app with one thread, serving on a thread of its own: (server, port)."""
+def serve_in_process(app: Flask, timeout_s: int, threads: int = 1) -> tuple:
+    """A waitress server of the app with `threads`, serving on a thread of its own: (server, port)."""
     port = free_port()
-    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=1,
+    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=threads,
                                 limits=ConnectionLimits(timeout_s=timeout_s))
     threading.Thread(target=server.run, daemon=True).start()
     return server, port
@@ -472,10 +472,7 @@ def test_a_request_whose_client_has_gone_is_not_run():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=1, max_queue=4, timeout_s=30)
     worker.start(stub)
-    app = create_app(worker)
-    port = free_port()
-    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=4)
-    threading.Thread(target=server.run, daemon=True).start()
+    server, port = serve_in_process(create_app(worker), timeout_s=60, threads=4)
     stub.gate.clear()
     clients = []
     try:

@@ -50,7 +50,8 @@ from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
     URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
     error_answer, field_too_large, form_prompts, is_json, json_text, raw_body_type, render_answer,
-    require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, too_many_parts,
+    require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, share_encodings,
+    too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -91,6 +92,7 @@ class SegmentEverything:
         # Prompts (/embed, /segment) as server.py runs them; each replica has its own cache.
         self.segmenter = prompt_segmenter(self.pipeline)
         self.cache = EmbeddingCache(embedding_cache_bytes)
+        share_encodings(self.pipeline.generator, self.segmenter, self.cache)  # the page's clicks after its masks
         self.segment.set_max_batch_size(batch_size)
         self.segment.set_batch_wait_timeout_s(batch_wait_s)
         self.waiting = 0  # image requests waiting for their masks, GET /health's "queued"

@@ -485,6 +485,29 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
     assert seen == [[1], [3]]
 
 
+def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(monkeypatch):
+    """As server.py does: an /embed of an image whose masks a replica has just made finds that
+    image's encoding in the replica's cache instead of encoding it again."""
+    import asyncio
+
+    pytest.importorskip("ray")
+    from ray.serve import batching
+    from deploy.ray_serve_app import SegmentEverything, run_here
+    from sam2serve.serving import embed_image
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    options = dict(checkpoint_dir=None, model_type=None, mode="ao", device="cpu", amg={"points_per_side": 4},
+                   load_fast=None, compile_mode=None)
+    replica = SegmentEverything.func_or_class(options, 1, 0.0)  # a replica's set-up, without Ray Serve
+    image = make_scene(96, 128, seed=3)
+    asyncio.run(replica.masks(image))
+    assert replica.cache.stats().spares == 1
+    replica.model_thread.submit(embed_image, image, replica.segmenter, replica.cache, run_here).result()
+    stats = replica.cache.stats()
+    replica.model_thread.shutdown()
+    assert (stats.hits, stats.misses, stats.entries, stats.spares) == (1, 0, 1, 0)
+
+
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
                                                                flask_client, tmp_path):
     from deploy.ray_bulk_job import run

@@ -258,6 +258,9 @@ class MaskGenerator:
         # Called with a whole image and its encoder features once computed, when the image was
         # encoded alone (the server keeps them for an /embed of it: serving.share_encodings).
         self.on_features: Callable[[np.ndarray, ImageFeatures], None] | None = None
+        # Called when a call on the model ran out of memory, before it is tried again: frees what
+        # is kept only in case it is wanted (the server's kept features), returns the bytes freed.
+        self.on_out_of_memory: Callable[[], int] | None = None
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )

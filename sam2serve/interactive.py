@@ -339,6 +339,15 @@ class EmbeddingCache:
             self.bytes += nbytes
             self._evict(self.spares)  # older spares: the new one, last, fits beside the entries
 
+    def drop_spares(self) -> int:
+        """Drops every spare (memory kept only in case it is asked for: the first to give up
+        when the device runs out); returns the bytes freed."""
+        with self.lock:
+            freed = sum(size for _, size in self.spares.values())
+            self.spares.clear()
+            self.bytes -= freed
+            return freed
+
     def room_for_spares(self) -> int:
         """The bytes a spare may take: what the entries leave."""
         with self.lock:

@@ -299,6 +299,7 @@ def share_encodings(generator: Generator, segmenter, cache: EmbeddingCache) -> b
             log.warning("could not keep an image's encoding for /embed: %s", error)
 
     generator.on_features = keep
+    generator.on_out_of_memory = cache.drop_spares
     return True
 
 

@@ -234,7 +234,7 @@ class InferenceWorker:
                 try:
                     job.future.set_result(job.call())
                 except Exception as error:  # noqa: BLE001 - goes back to its request
-                    release_cached_memory(error)
+                    release_cached_memory(error, self.generator)
                     job.future.set_exception(error)
         # Masks and mask records run as batches of their own (one image-encoder call each).
         for annotate in (False, True):
@@ -274,7 +274,7 @@ def generate_each(generator: Generator, images: list[np.ndarray],
     try:
         return generator.annotate_batch(images) if annotate else generator.generate_batch(images)
     except Exception as error:  # noqa: BLE001 - returned, to become that image's answer
-        release_cached_memory(error)
+        release_cached_memory(error, generator)
         if len(images) == 1:
             log.error("inference failed", exc_info=error)
             return [error]
@@ -282,7 +282,12 @@ def generate_each(generator: Generator, images: list[np.ndarray],
         return [generate_each(generator, [image], annotate)[0] for image in images]
 
 
-def release_cached_memory(error: Exception) -> None:
-    """After running out of GPU memory, return the cached blocks so the next batch can fit."""
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+def release_cached_memory(error: Exception, generator: Generator | None) -> None:
+    """After running out of memory, drops what is kept only in case it is wanted (the generator's
+    on_out_of_memory) and returns torch's cached GPU blocks, so that the next batch can fit."""
+    if not isinstance(error, torch.OutOfMemoryError):
+        return
+    if getattr(generator, "on_out_of_memory", None) is not None:
+        log.warning("out of memory: freed %.1f MiB kept in case it was wanted", generator.on_out_of_memory() / 2**20)
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()

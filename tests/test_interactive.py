@@ -361,6 +361,17 @@ def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(mic
     assert cache.stats().spares == 1
     generator.annotate_batch([make_scene(150, 200, seed=13)])
     assert cache.stats().spares == 2
+    # Out of memory: the spares go first (kept only in case they are asked for); the entry stays.
+    entry_bytes = sum(size for _, size in cache.entries.values())
+
+    def out_of_memory(images):
+        raise torch.OutOfMemoryError("out of memory")
+
+    generator.generate_batch = out_of_memory
+    failed = client.post("/upload_rle", data={"image": (io.BytesIO(other), "a.png")})
+    assert failed.status_code == 500 and "out of memory" in failed.get_json()["error"]
+    stats = cache.stats()
+    assert (stats.bytes, stats.entries, stats.spares, stats.evictions) == (entry_bytes, 1, 0, 0)
 
 
 def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):

@@ -145,6 +145,8 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
 
 def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
     stub = StubGenerator()
+    released = []  # out of memory: what is kept in case it is wanted is let go (the cache's spares)
+    stub.on_out_of_memory = lambda: released.append(1) or 0
     worker = InferenceWorker(batch_size=4, max_queue=10)
     first, first_threads = hold_worker(worker, stub)
     answers, threads = submit_in_threads(worker, [2, POISON, 4])
@@ -158,10 +160,18 @@ def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
     # The failed batch of three was retried image by image.
     assert [2, POISON, 4] in stub.batches and [POISON] in stub.batches
     # Out of memory once: that request fails, the next one is served.
+    assert released == []  # not for other errors
     stub.oom_once = True
     with pytest.raises(torch.OutOfMemoryError):
         worker.submit(image_of(7))
     assert worker.submit(image_of(8)) == [{"size": [8, 6], "counts": [8, 1]}]
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # in a call on the model (/embed, /segment)
+        worker.call(out_of_memory)
+    assert released == [1, 1]
 
 
 def test_full_queue_is_refused_and_waiting_too_long_times_out():

@@ -201,12 +201,15 @@ def close_stalled(listener: BaseWSGIServer, now: float) -> None:
             channel.handle_close()
 
 
-def allow_descriptors(needed: int) -> None:
+def allow_descriptors(needed: int) -> int:
     """Raises this process's soft limit on open files towards `needed` (the hard limit caps it):
-    the default soft limit, often 1024, would stop accepting before max_connections."""
+    the default soft limit, often 1024, would stop accepting before max_connections. Returns the
+    descriptors now allowed (at most `needed`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return needed if soft == resource.RLIM_INFINITY else min(soft, needed)
 
 
 def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads: int,
@@ -217,8 +220,15 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(path,
     method, status)` is called for each request the server answers itself (path and method are
     None where the request line could not be read)."""
-    # Per connection: its socket, and temporary files for a large request body and a large answer.
-    allow_descriptors(3 * limits.max_connections + threads + 64)
+    # Per connection: its socket, and temporary files for a large request body and a large answer;
+    # beside them, the process's own. Where the hard limit on open files is lower, fewer
+    # connections: at the limit, waitress would try accept() again and again, failing each time.
+    others = threads + 64
+    allowed = allow_descriptors(3 * limits.max_connections + others)
+    max_connections = max(1, min(limits.max_connections, (allowed - others) // 3))
+    if max_connections < limits.max_connections:
+        log.warning("the limit on open files (ulimit -n) allows %d connections at once, not %d; the others wait "
+                    "to be accepted", max_connections, limits.max_connections)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
     servers: dict = {}
     server = waitress.create_server(
@@ -227,7 +237,7 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         host=host,
         port=port,
         threads=threads,
-        connection_limit=limits.max_connections,
+        connection_limit=max_connections,
         channel_timeout=limits.timeout_s,
         cleanup_interval=max(1, limits.timeout_s // 4),  # how often stalled connections are looked for
         max_request_body_size=max_upload_bytes + 1,

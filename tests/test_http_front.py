@@ -411,13 +411,27 @@ def test_a_request_pipelined_behind_a_long_one_is_not_taken_for_a_trickle():
         server.close()
 
 
-def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch):
-    """A connection may hold its socket, a large body's temporary file and a large answer's."""
+def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch, caplog):
+    """A connection may hold its socket, a large body's temporary file and a large answer's; where
+    the hard limit on open files allows fewer, fewer connections are accepted at once (at the
+    limit, waitress would call accept() again and again, each failing for want of a descriptor)."""
     asked = []
-    monkeypatch.setattr(wsgi, "allow_descriptors", asked.append)
-    create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
-                       limits=ConnectionLimits(max_connections=100)).close()
-    assert asked[0] >= 3 * 100 + 5
+    monkeypatch.setattr(wsgi, "allow_descriptors", lambda needed: asked.append(needed) or needed)
+    server = create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
+                                limits=ConnectionLimits(max_connections=100))
+    server.close()
+    assert asked[0] >= 3 * 100 + 5 and server.adj.connection_limit == 100
+    monkeypatch.undo()
+    raised_to = []
+    monkeypatch.setattr(wsgi.resource, "getrlimit", lambda kind: (256, 400))  # soft, hard
+    monkeypatch.setattr(wsgi.resource, "setrlimit", lambda kind, limits: raised_to.append(limits))
+    with caplog.at_level(logging.WARNING, logger="sam2serve.wsgi"):
+        server = create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
+                                    limits=ConnectionLimits(max_connections=1000))
+    server.close()
+    assert raised_to == [(400, 400)]
+    assert 50 < server.adj.connection_limit and 3 * server.adj.connection_limit + 5 < 400
+    assert f"allows {server.adj.connection_limit} connections at once, not 1000" in caplog.text
 
 
 def test_the_logged_address_is_the_real_one():

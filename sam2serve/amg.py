@@ -93,7 +93,21 @@ class AMGConfig:
             raise ValueError(f"crop_overlap_ratio must be within [0, 1), got {self.crop_overlap_ratio}")
 
 
+class Interrupted(RuntimeError):
+    """The generator's should_stop() said stop, before a batch of point prompts: nobody waits for
+    these masks any more."""
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Interrupted("stopped before a batch of point prompts: nobody waits for these masks any more")
+
+
 class Generator(Protocol):
+    # Asked before each batch of point prompts, where set: True ends the call with Interrupted
+    # (the server's: every request of the call has gone, its client or its time).
+    should_stop: Callable[[], bool] | None
+
     def generate(self, image: np.ndarray) -> list[RLE]:
         """(H, W, 3) uint8 RGB -> masks as COCO RLE, in the order NMS keeps them."""
         ...
@@ -142,6 +156,14 @@ class ReferenceMaskGenerator:
             model, **asdict(config), output_mode="uncompressed_rle"
         )
         fit_predictor_to_model(self.generator.predictor)
+        self.should_stop: Callable[[], bool] | None = None
+        process_batch = self.generator._process_batch  # sam2's step per batch of point prompts
+
+        def process_batch_unless_stopped(*args, **kwargs):
+            stop_if_asked(self.should_stop)
+            return process_batch(*args, **kwargs)
+
+        self.generator._process_batch = process_batch_unless_stopped
         if config.min_mask_region_area > 0 and importlib.util.find_spec("sam2._C") is None:
             log.warning("baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: "
                         "SAM2_BUILD_CUDA=0); ao and the fast modes apply it on every device")
@@ -261,6 +283,7 @@ class MaskGenerator:
         # Called when a call on the model ran out of memory, before it is tried again: frees what
         # is kept only in case it is wanted (the server's kept features), returns the bytes freed.
         self.on_out_of_memory: Callable[[], int] | None = None
+        self.should_stop: Callable[[], bool] | None = None  # Generator's
         self.point_grids = build_all_layer_point_grids(
             config.points_per_side, config.crop_n_layers, config.crop_n_points_downscale_factor
         )
@@ -359,12 +382,12 @@ class MaskGenerator:
         # Point grid in crop pixels, (x, y) order, as float64 then float32 like sam2's.
         points = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
         batch = self.config.points_per_batch
-        candidates = Candidates.cat(
-            [
-                self.batch_candidates(features, points[start : start + batch], crop_box, crop_hw, image.shape[:2])
-                for start in range(0, len(points), batch)
-            ]
-        )
+        parts = []
+        for start in range(0, len(points), batch):
+            stop_if_asked(self.should_stop)
+            batch_points = points[start : start + batch]
+            parts.append(self.batch_candidates(features, batch_points, crop_box, crop_hw, image.shape[:2]))
+        candidates = Candidates.cat(parts)
 
         # Remove duplicates within this crop (boxes still in crop coordinates, as sam2).
         with record_function("amg.nms"):

@@ -9,6 +9,8 @@ queue:
 - a request whose client has gone (`abandoned()`, asked when its turn comes: the HTTP server
   knows) is skipped too (`Abandoned`): clients that give up (curl --max-time, a proxy's timeout)
   and send again would otherwise have the model run every copy, the ones nobody waits for first;
+- segment-everything that is already running stops before its next batch of point prompts once
+  every request of its batch has gone (client or timeout): the generator's `should_stop`;
 - the worker takes up to `batch_size` queued images at once, only those that are waiting
   (a batch is never padded with duplicated work), and runs them with one image-encoder call;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
@@ -41,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .amg import Generator
+from .amg import Generator, Interrupted
 from .rle import RLE
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Job:
     annotate: bool = False  # the image's mask records (Generator.annotate) instead of its RLE masks
     call: Callable[[], Any] | None = None
     abandoned: Callable[[], bool] | None = None  # whether nobody waits for the answer any more
+    timed_out: bool = False  # its request gave up waiting
     future: Future = field(default_factory=Future)
 
 
@@ -191,7 +194,8 @@ class InferenceWorker:
         try:
             return job.future.result(timeout=timeout_s)
         except TimeoutError:
-            job.future.cancel()  # still queued: the worker skips it; already running: dropped
+            job.timed_out = True  # already running: stopped at the next batch of point prompts
+            job.future.cancel()  # still queued: the worker skips it
             raise self.timed_out() from None
 
     def timed_out(self) -> TimedOut:
@@ -244,7 +248,15 @@ class InferenceWorker:
 
     def _run_images(self, batch: list[Job], annotate: bool) -> None:
         started = time.perf_counter()
-        answers = generate_each(self.generator, [job.image for job in batch], annotate)
+        self.generator.should_stop = lambda: all(job.timed_out or gone(job) for job in batch)
+        try:
+            answers = generate_each(self.generator, [job.image for job in batch], annotate)
+        finally:
+            self.generator.should_stop = None
+        if any(isinstance(answer, Interrupted) for answer in answers):
+            log.info("stopped segment-everything of %d image(s): their requests have gone", len(batch))
+            answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
+                       for _ in batch]
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
         if masks:
             elapsed = time.perf_counter() - started
@@ -273,6 +285,8 @@ def generate_each(generator: Generator, images: list[np.ndarray],
     images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one."""
     try:
         return generator.annotate_batch(images) if annotate else generator.generate_batch(images)
+    except Interrupted as error:  # nobody waits for these images: not tried again
+        return [error for _ in images]
     except Exception as error:  # noqa: BLE001 - returned, to become that image's answer
         release_cached_memory(error, generator)
         if len(images) == 1:

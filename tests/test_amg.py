@@ -20,7 +20,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from sam2.utils.amg import batched_mask_to_box
 
-from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits
+from sam2serve.amg import AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
@@ -181,6 +181,23 @@ def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_check
         reference = ReferenceMaskGenerator(model, config).generate(image)
         assert len(reference) >= 10  # a realistic number of masks, not the random model's 0 or 1
         assert_same_masks(ours, reference, min_iou=0.999)
+
+
+@pytest.mark.parametrize("generator_class", [MaskGenerator, ReferenceMaskGenerator])
+def test_should_stop_is_asked_before_each_batch_of_point_prompts(trained_micro_checkpoint, generator_class):
+    """What lets the server stop making masks nobody waits for any more; asked and answered
+    False, it changes nothing."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    generator = generator_class(model, AMGConfig(points_per_side=8, points_per_batch=16))  # 4 batches
+    image = make_generated_scene(np.random.default_rng(2002), 120, 160, min_objects=4, max_objects=6).image
+    expected, asked = generator.generate(image), []
+    generator.should_stop = lambda: asked.append(1) or len(asked) == 3
+    with pytest.raises(Interrupted):
+        generator.generate(image)
+    assert len(asked) == 3
+    asked.clear()
+    generator.should_stop = lambda: asked.append(1) or False
+    assert generator.generate(image) == expected and len(asked) == 4
 
 
 @pytest.mark.parametrize("filters", ["sam2", "off"])

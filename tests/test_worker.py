@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sam2serve.amg import Interrupted
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
 from sam2serve.worker import Abandoned, Busy, InferenceWorker, NotReady, Stopping, TimedOut
@@ -62,6 +63,24 @@ class StubGenerator:
         masks = self.generate_batch(images)
         self.batches[-1] = [-value for value in self.batches[-1]]
         return [[{"segmentation": rle, "area": 1} for rle in image_masks] for image_masks in masks]
+
+
+class StoppableStub(StubGenerator):
+    """Holds while its gate is closed, asking should_stop() meanwhile, as a generator asks it
+    between batches of point prompts; records the batches it stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.should_stop = None
+        self.stopped: list[list[int]] = []
+
+    def generate_batch(self, images):
+        self.running.set()
+        while not self.gate.wait(timeout=0.01):
+            if self.should_stop is not None and self.should_stop():
+                self.stopped.append([int(image[0, 0, 0]) for image in images])
+                raise Interrupted("stub: stopped")
+        return super().generate_batch(images)
 
 
 def submit_in_threads(worker, values):
@@ -229,6 +248,46 @@ def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
     for value, answer in [*answers.items(), *running.items()]:
         if value in (1, 3, 4):
             assert answer == [{"size": [8, 6], "counts": [value, 1]}]
+
+
+def test_masks_being_made_stop_once_every_request_of_their_batch_has_gone():
+    """Segment-everything that runs when its client goes (or its request times out) stops before
+    its next batch of point prompts: the model moves on to the requests still waited for."""
+    stub = StoppableStub()
+    worker = InferenceWorker(batch_size=2, max_queue=10, timeout_s=30)
+    worker.start(stub)
+    stub.gate.clear()
+    gone = {1: False, 2: False, 3: False}
+    answers, threads = {}, []
+
+    def request(value):
+        try:
+            answers[value] = worker.submit(image_of(value), abandoned=lambda: gone[value])
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            answers[value] = error
+
+    for value in (1, 2, 3):  # 1 runs; 2 and 3 queue, then run together
+        threads.append(threading.Thread(target=request, args=(value,)))
+        threads[-1].start()
+        wait_for(lambda: stub.running.is_set() and worker.queue_depth == value - 1)
+    gone[1] = True
+    wait_for(lambda: stub.stopped == [[1]] and worker.queue_depth == 0)
+    gone[2] = True  # 3 is still waited for: the batch runs on
+    time.sleep(0.3)
+    assert stub.stopped == [[1]]
+    gone[3] = True
+    wait_for(lambda: stub.stopped == [[1], [2, 3]])
+    for thread in threads:
+        thread.join(timeout=10)
+    assert all(isinstance(answers[value], Abandoned) for value in (1, 2, 3))
+    # A request that times out while its masks are made stops them too; the next one is served.
+    worker.timeout_s = 0.3
+    with pytest.raises(TimedOut):
+        worker.submit(image_of(4))
+    wait_for(lambda: stub.stopped[-1] == [4])
+    stub.gate.set()
+    assert worker.submit(image_of(5)) == [{"size": [8, 6], "counts": [5, 1]}]
+    assert stub.batches == [[5]]  # the stopped ones never reached their masks
 
 
 def test_http_status_codes_health_and_metrics():

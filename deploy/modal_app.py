@@ -94,20 +94,25 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
     """Sends every image of the list to the deployed app; writes one line per image, in order
     (into output.partial until the last line: a run that fails leaves an earlier output as it was);
     answers the paths whose line is an error. An image whose call failed on Modal (after RETRIES)
-    gets an error line, as the server's for an image that failed: the others' lines are kept."""
+    gets an error line, as the server's for an image that failed: the others' lines are kept. A
+    file over the server's upload limit is not sent: its line is the server's 413 answer."""
     from tqdm import tqdm
 
     from sam2serve.cli import write_lines
-    from sam2serve.serving import json_text
+    from sam2serve.serving import Limits, UploadTooLarge, error_answer, json_text
 
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
     segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)
+    limits = Limits()
+    sent = [Path(path).stat().st_size <= limits.max_upload_bytes for path in paths]
     # .map keeps the input order and spreads the images over the containers.
-    answers = segmenter.upload_rle.map((Path(path).read_bytes() for path in paths), return_exceptions=True)
+    answers = iter(segmenter.upload_rle.map((Path(path).read_bytes() for path, send in zip(paths, sent) if send),
+                                            return_exceptions=True))
     failed = []
 
     def lines():
-        for path, answer in zip(paths, tqdm(answers, total=len(paths), desc="images", unit="image")):
+        for path, send in zip(paths, tqdm(sent, desc="images", unit="image")):
+            answer = next(answers) if send else error_answer(UploadTooLarge(limits))[1]
             if isinstance(answer, BaseException):  # what Modal returns for a call that failed
                 answer = json_text({"error": f"the Modal call failed: {type(answer).__name__}: {answer}"})
             if answer.startswith('{"error"'):

@@ -24,7 +24,7 @@ from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
 from sam2serve.rle import rles_to_masks
-from sam2serve.serving import PAGE_SECURITY_POLICY, create_app
+from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, UploadTooLarge, create_app, error_answer
 from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
@@ -179,6 +179,7 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
     class UploadRle:
         def map(self, inputs, return_exceptions=False):
             for data in inputs:
+                assert len(data) < 100  # a file over the upload limit is not sent
                 if data == b"lost":
                     if not return_exceptions:
                         raise FailedCall("container lost")
@@ -192,24 +193,26 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
 
     monkeypatch.setattr(modal.Cls, "from_name", lambda app_name, name: Segmenter)
     paths = []
-    for name in ("a", "lost", "b"):
+    for name in ("a", "lost", "huge", "b"):
         (tmp_path / name).write_bytes(name.encode())
         paths.append(str(tmp_path / name))
+    os.truncate(paths[2], Limits().max_upload_bytes + 1)  # sparse: no disk used
     output = tmp_path / "out" / "rle_masks"
     failed = modal_app.replay(paths, output, "tiny", "ao", {}, "")
     lines = output.read_text().splitlines()
-    assert lines[0] == '{"mask_0": "a"}' and lines[2] == '{"mask_0": "b"}'
+    assert lines[0] == '{"mask_0": "a"}' and lines[3] == '{"mask_0": "b"}'
     assert json.loads(lines[1]) == {"error": "the Modal call failed: FailedCall: container lost"}
-    assert failed == [paths[1]]
+    assert lines[2] == error_answer(UploadTooLarge(Limits()))[1]  # the server's 413
+    assert failed == [paths[1], paths[2]]
     assert isinstance(modal_app.RETRIES, modal.Retries) and modal_app.RETRIES.max_retries >= 1
 
     # The summary the command prints, as the Ray Data job's; status 1 when every image failed.
     from sam2serve.cli import report_error_lines
 
     report_error_lines(paths, failed)
-    assert f"1 of 3 images answered an error line, e.g. {[paths[1]]}" in capsys.readouterr().err
+    assert f"2 of 4 images answered an error line, e.g. {paths[1:3]}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:
-        report_error_lines(paths[1:2], failed)
+        report_error_lines(paths[1:3], failed)
     assert stopped.value.code == 1
 
 

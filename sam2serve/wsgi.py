@@ -16,6 +16,11 @@ a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s`
 A client that closes its connection while its request waits for the model is seen when the
 request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run.
 
+Open files: each connection may take 3 descriptors (`create_http_server` accepts fewer
+connections at once where the hard limit is lower), and should the process still run out,
+accepting pauses (`accept_unless_out_of_descriptors`): waitress would try the connection
+waiting in the backlog again at once, and again, at full CPU and a log line each time.
+
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
 answered as JSON like every other error, and the connection is closed; `on_refusal` counts it.
@@ -24,6 +29,7 @@ Stopping: `finish_answers` stops accepting and waits until no connection has a r
 read, run or sent, so that closing the server cuts no answer off.
 """
 
+import errno
 import functools
 import json
 import logging
@@ -43,6 +49,8 @@ from .serving import ANSWER_HEADERS
 
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
+MIN_CONNECTIONS = 8  # a limit on open files that leaves fewer is refused at start
+ACCEPT_PAUSE_S = 0.5  # no descriptor left to accept a connection: accepting pauses this long
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class OncePer(logging.Filter):
 # waitress warns once per request while more requests wait for a thread than it has threads
 # (an overload, which /metrics counts as 503s): one line per 10 s says it as well as thousands.
 QUEUE_WARNINGS = OncePer(10.0)
+DESCRIPTOR_LOG = logging.getLogger(__name__ + ".descriptors")  # at most a line per 10 s, as waitress's queue
+DESCRIPTOR_LOG.addFilter(OncePer(10.0))
 
 
 def refusal_message(error: BadRequest, max_body_bytes: int, max_header_bytes: int) -> str:
@@ -221,13 +231,15 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     method, status)` is called for each request the server answers itself (path and method are
     None where the request line could not be read)."""
     # Per connection: its socket, and temporary files for a large request body and a large answer;
-    # beside them, the process's own. Where the hard limit on open files is lower, fewer
-    # connections: at the limit, waitress would try accept() again and again, failing each time.
+    # beside them, the process's own. Where the hard limit on open files is lower, fewer.
     others = threads + 64
     allowed = allow_descriptors(3 * limits.max_connections + others)
-    max_connections = max(1, min(limits.max_connections, (allowed - others) // 3))
+    max_connections = min(limits.max_connections, (allowed - others) // 3)
+    if max_connections < MIN_CONNECTIONS:
+        raise OSError(f"the limit on open files ({allowed}: ulimit -Hn) leaves room for {max(0, max_connections)} "
+                      f"connections beside the server's own descriptors; raise it, or lower --max-queue")
     if max_connections < limits.max_connections:
-        log.warning("the limit on open files (ulimit -n) allows %d connections at once, not %d; the others wait "
+        log.warning("the limit on open files (ulimit -Hn) allows %d connections at once, not %d; the others wait "
                     "to be accepted", max_connections, limits.max_connections)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
     servers: dict = {}
@@ -250,7 +262,29 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
             listener.channel_class = JSONErrorChannel
             listener.on_refusal = on_refusal
             listener.maintenance = functools.partial(maintenance, listener, listener.maintenance)
+            listener.accept = functools.partial(accept_unless_out_of_descriptors, listener, listener.accept)
+            listener.readable = functools.partial(readable_unless_paused, listener, listener.readable)
     return server
+
+
+def accept_unless_out_of_descriptors(listener: BaseWSGIServer, waitress_accept: Callable):
+    """waitress's accept(), which, when the process has no descriptor left, pauses accepting
+    for ACCEPT_PAUSE_S instead of failing: waitress would log the error and, the connection
+    still waiting in the backlog, try again at once, and again."""
+    try:
+        return waitress_accept()
+    except OSError as error:
+        if error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        listener.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+        DESCRIPTOR_LOG.warning("no file descriptor left to accept a connection (%d open); accepting again in %g s",
+                               len(listener.active_channels), ACCEPT_PAUSE_S)
+        return None  # as waitress takes an accept() that found nothing
+
+
+def readable_unless_paused(listener: BaseWSGIServer, waitress_readable: Callable[[], bool]) -> bool:
+    """waitress's readable() (which also runs its maintenance), and not while accepting pauses."""
+    return waitress_readable() and time.monotonic() >= getattr(listener, "accept_paused_until", 0.0)
 
 
 def maintenance(listener: BaseWSGIServer, waitress_maintenance: Callable[[float], None], now: float) -> None:

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -432,6 +434,48 @@ def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch, ca
     assert raised_to == [(400, 400)]
     assert 50 < server.adj.connection_limit and 3 * server.adj.connection_limit + 5 < 400
     assert f"allows {server.adj.connection_limit} connections at once, not 1000" in caplog.text
+    monkeypatch.setattr(wsgi.resource, "getrlimit", lambda kind: (64, 64))  # too few to serve: said at start
+    with pytest.raises(OSError, match=r"limit on open files \(64: ulimit -Hn\) leaves room for 0 connections"):
+        create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5)
+
+
+# A server whose process runs out of descriptors (its limit lowered after it started listening).
+OUT_OF_DESCRIPTORS_SERVER = """
+import logging, resource, sys
+from flask import Flask
+from sam2serve import wsgi
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+app = Flask(__name__)
+app.add_url_rule("/", "ok", lambda: "ok")
+server = wsgi.create_http_server(app, "127.0.0.1", 0, max_upload_bytes=2**20, threads=2)
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(server.effective_port, flush=True)
+server.run()
+"""
+
+
+def test_a_server_out_of_descriptors_pauses_accepting_instead_of_spinning():
+    """With no descriptor left, waitress would try the connection waiting in the backlog again at
+    once, and again: a loop at full CPU and a warning line each time. Accepting pauses instead,
+    and resumes once connections close."""
+    server = subprocess.Popen([sys.executable, "-c", OUT_OF_DESCRIPTORS_SERVER], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        port = int(server.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]  # over the 48
+        time.sleep(2)
+        for client in clients:
+            client.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+            assert answer.read() == b"ok"
+    finally:
+        for client in clients:
+            client.close()
+        server.terminate()
+        _, errors = server.communicate(timeout=10)
+    assert "no file descriptor left to accept a connection" in errors
+    assert errors.count("accept() threw") == 0 and errors.count("no file descriptor left") == 1, errors[-2000:]
 
 
 def test_the_logged_address_is_the_real_one():

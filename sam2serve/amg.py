@@ -377,6 +377,7 @@ class MaskGenerator:
         crop = image[y0:y1, x0:x1, :]
         crop_hw = crop.shape[:2]
         if features is None:
+            stop_if_asked(self.should_stop)  # before a crop's encoding too
             features = self.embed(crop)
 
         # Point grid in crop pixels, (x, y) order, as float64 then float32 like sam2's.

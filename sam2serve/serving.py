@@ -530,7 +530,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def client_gone() -> Callable[[], bool] | None:
         """Whether this request's client has closed its connection: waitress's own check (the
         HTTP server's, wsgi.py; none in Flask's test client). The worker asks it when the
-        request's turn comes and skips the request if so."""
+        request's turn comes, and before each batch of point prompts, and stops there if so."""
         return request.environ.get("waitress.client_disconnected")
 
     def uploaded_image() -> np.ndarray:

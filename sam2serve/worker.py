@@ -71,7 +71,8 @@ class Stopping(RuntimeError):
 
 
 class Abandoned(RuntimeError):
-    """The request's client went away before its turn: the model never ran it."""
+    """The request went (its client, or its timeout) before its turn, or while its masks were
+    being made: the model did not run it, or stopped."""
 
 
 @dataclass
@@ -271,11 +272,12 @@ class InferenceWorker:
 
 def gone(job: Job) -> bool:
     """Whether the job's client has gone; a check that fails counts as not gone (the job runs,
-    and the worker goes on)."""
+    and the worker goes on) and is not asked again (it is asked before each batch of points)."""
     try:
         return job.abandoned is not None and bool(job.abandoned())
     except Exception:  # noqa: BLE001 - the HTTP server's check, not the model's
         log.exception("could not tell whether a client has gone; running its request")
+        job.abandoned = None
         return False
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from sam2serve.amg import Interrupted
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
-from sam2serve.worker import Abandoned, Busy, InferenceWorker, NotReady, Stopping, TimedOut
+from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, NotReady, Stopping, TimedOut, gone
 
 POISON = 13  # a stub fails on images whose first pixel is this value
 
@@ -288,6 +288,15 @@ def test_masks_being_made_stop_once_every_request_of_their_batch_has_gone():
     stub.gate.set()
     assert worker.submit(image_of(5)) == [{"size": [8, 6], "counts": [5, 1]}]
     assert stub.batches == [[5]]  # the stopped ones never reached their masks
+    assert stub.should_stop is None  # not left to a later call
+
+
+def test_a_check_that_fails_counts_as_not_gone_and_is_asked_no_more(caplog):
+    """It is asked before each batch of point prompts: one failure logged, not one per batch."""
+    calls = []
+    job = Job(image=image_of(1), abandoned=lambda: calls.append(1) or {}["no such key"])
+    assert not gone(job) and not gone(job)
+    assert len(calls) == 1 and caplog.text.count("could not tell whether a client has gone") == 1
 
 
 def test_http_status_codes_health_and_metrics():

@@ -28,8 +28,10 @@ import asyncio
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from ray import serve
 from starlette.formparsers import MultiPartException
@@ -100,15 +102,22 @@ class SegmentEverything:
         self.info = {"mode": info["mode"], "device": info["device"], "batch_size": batch_size, "amg": info["amg"], **info}
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def segment(self, images: list) -> list:
+    async def segment(self, requests: list["ImageRequest"]) -> list:
         # A batch that fails runs again image by image, as server.py's worker does: one bad
-        # image (or a batch too large for the GPU's memory) fails only its own request.
-        return await self.on_model_thread(generate_each, self.pipeline.generator, images)
+        # image (or a batch too large for the GPU's memory) fails only its own request. Once
+        # every request of the batch is cancelled (Ray cancels those whose clients disconnect),
+        # its masks stop before the next batch of point prompts, as in server.py.
+        return await self.on_model_thread(generate_each, self.pipeline.generator, [r.image for r in requests],
+                                          False, lambda: all(r.cancelled for r in requests))
 
     async def masks(self, image) -> list:
         self.waiting += 1
+        request = ImageRequest(image)
         try:
-            answer = await self.segment(image)
+            answer = await self.segment(request)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
         finally:
             self.waiting -= 1
         if isinstance(answer, Exception):
@@ -192,6 +201,14 @@ class SegmentEverything:
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
         return await self.on_model_thread(
             segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
+
+
+@dataclass
+class ImageRequest:
+    """An image in a replica batch, and whether its request was cancelled meanwhile."""
+
+    image: np.ndarray
+    cancelled: bool = False
 
 
 async def with_body_read(request: Request, limits: Limits) -> Request:

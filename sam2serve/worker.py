@@ -249,11 +249,8 @@ class InferenceWorker:
 
     def _run_images(self, batch: list[Job], annotate: bool) -> None:
         started = time.perf_counter()
-        self.generator.should_stop = lambda: all(job.timed_out or gone(job) for job in batch)
-        try:
-            answers = generate_each(self.generator, [job.image for job in batch], annotate)
-        finally:
-            self.generator.should_stop = None
+        answers = generate_each(self.generator, [job.image for job in batch], annotate,
+                                stop=lambda: all(job.timed_out or gone(job) for job in batch))
         if any(isinstance(answer, Interrupted) for answer in answers):
             log.info("stopped segment-everything of %d image(s): their requests have gone", len(batch))
             answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
@@ -281,13 +278,17 @@ def gone(job: Job) -> bool:
         return False
 
 
-def generate_each(generator: Generator, images: list[np.ndarray],
-                  annotate: bool = False) -> list[list[RLE] | list[dict] | Exception]:
+def generate_each(generator: Generator, images: list[np.ndarray], annotate: bool = False,
+                  stop: Callable[[], bool] | None = None) -> list[list[RLE] | list[dict] | Exception]:
     """Each image's masks (with annotate, their records), or the error of that image alone: the
-    images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one."""
+    images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one.
+    stop, where given, is the generator's should_stop meanwhile: once it says so, before a batch
+    of point prompts, every image answers Interrupted (nobody waits for them any more)."""
+    if stop is not None:
+        generator.should_stop = stop
     try:
         return generator.annotate_batch(images) if annotate else generator.generate_batch(images)
-    except Interrupted as error:  # nobody waits for these images: not tried again
+    except Interrupted as error:  # not tried again
         return [error for _ in images]
     except Exception as error:  # noqa: BLE001 - returned, to become that image's answer
         release_cached_memory(error, generator)
@@ -295,7 +296,10 @@ def generate_each(generator: Generator, images: list[np.ndarray],
             log.error("inference failed", exc_info=error)
             return [error]
         log.warning("a batch of %d failed (%s); running its images one by one", len(images), error)
-        return [generate_each(generator, [image], annotate)[0] for image in images]
+        return [generate_each(generator, [image], annotate, stop)[0] for image in images]
+    finally:
+        if stop is not None:
+            generator.should_stop = None
 
 
 def release_cached_memory(error: Exception, generator: Generator | None) -> None:

@@ -411,6 +411,19 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
             build(arguments)
 
 
+@pytest.fixture
+def bare_ray_batching(monkeypatch):
+    """serve.batch outside a running Ray Serve: its check against the replica's settings has
+    nothing to read, and its queue (one per decorated method, bound to the event loop of its
+    first call) is made anew for this test's event loop."""
+    pytest.importorskip("ray")
+    from ray.serve import batching
+    from deploy.ray_serve_app import SegmentEverything
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    monkeypatch.setattr(SegmentEverything.func_or_class.segment.set_max_batch_size.__self__, "_queue", None)
+
+
 def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     """As server.py's worker does: a batch that fails (a bad image, a GPU out of memory) fails
     only the requests whose image fails alone."""
@@ -418,7 +431,7 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import SegmentEverything
+    from deploy.ray_serve_app import ImageRequest, SegmentEverything
 
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
@@ -433,12 +446,12 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
 
     monkeypatch.setattr(replica.pipeline.generator, "generate_batch", fails_on_more_than_one_or_on_white)
     images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]
-    answers = asyncio.run(replica_class.segment.__wrapped__(replica, images))
+    answers = asyncio.run(replica_class.segment.__wrapped__(replica, [ImageRequest(image) for image in images]))
     assert answers[0] == generate_batch(images[:1])[0] and isinstance(answers[1], RuntimeError)
     replica.model_thread.shutdown()
 
 
-def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
+def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
     """As server.py skips a request whose client has gone: Ray Serve cancels the request of a
     client that disconnects, and a cancelled caller is dropped from its batch, and a cancelled
     model-thread call from the thread's queue, before the model runs them."""
@@ -448,11 +461,8 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
-    from ray.serve import batching
     from deploy.ray_serve_app import SegmentEverything
 
-    # serve.batch outside a replica: its check against the replica's settings has nothing to read.
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     seen, gate = [], threading.Event()
 
     class Generator:
@@ -488,17 +498,53 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(monkeypatch):
     assert seen == [[1], [3]]
 
 
-def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(monkeypatch):
+def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_ray_batching):
+    """As server.py: once its client disconnects (Ray cancels the request), segment-everything
+    under way stops before its next batch of point prompts, and the next request is served."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from deploy.ray_serve_app import SegmentEverything
+
+    from .test_worker import StoppableStub
+
+    stub = StoppableStub()
+    stub.gate.clear()
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)
+    replica.model_thread, replica.pipeline, replica.waiting = ThreadPoolExecutor(1), SimpleNamespace(generator=stub), 0
+    replica.segment.set_max_batch_size(1)
+    replica.segment.set_batch_wait_timeout_s(0)
+
+    async def clients():
+        image = lambda value: np.full((8, 8, 3), value, np.uint8)  # noqa: E731
+        left = asyncio.create_task(replica.masks(image(1)))
+        while not stub.running.is_set():  # its masks are being made, and held there
+            await asyncio.sleep(0.01)
+        left.cancel()  # as Ray Serve does when its client disconnects
+        for _ in range(500):
+            if stub.stopped:
+                break
+            await asyncio.sleep(0.01)
+        stub.gate.set()
+        return await replica.masks(image(2))
+
+    answer = asyncio.run(clients())
+    replica.model_thread.shutdown()
+    assert stub.stopped == [[1]] and stub.batches == [[2]] and answer == [{"size": [8, 8], "counts": [2, 1]}]
+
+
+def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):
     """As server.py does: an /embed of an image whose masks a replica has just made finds that
     image's encoding in the replica's cache instead of encoding it again."""
     import asyncio
 
     pytest.importorskip("ray")
-    from ray.serve import batching
     from deploy.ray_serve_app import SegmentEverything, run_here
     from sam2serve.serving import embed_image
 
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     options = dict(checkpoint_dir=None, model_type=None, mode="ao", device="cpu", amg={"points_per_side": 4},
                    load_fast=None, compile_mode=None)
     replica = SegmentEverything.func_or_class(options, 1, 0.0)  # a replica's set-up, without Ray Serve

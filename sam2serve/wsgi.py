@@ -50,7 +50,8 @@ from .serving import ANSWER_HEADERS
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
 MIN_CONNECTIONS = 8  # a limit on open files that leaves fewer is refused at start
-ACCEPT_PAUSE_S = 0.5  # no descriptor left to accept a connection: accepting pauses this long
+ACCEPT_PAUSE_S = 0.5  # no descriptor left to accept a connection: accepting pauses this long (and up to
+# waitress's loop timeout, 1 s, more)
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,11 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
     # beside them, the process's own. Where the hard limit on open files is lower, fewer.
     others = threads + 64
     allowed = allow_descriptors(3 * limits.max_connections + others)
-    max_connections = min(limits.max_connections, (allowed - others) // 3)
-    if max_connections < MIN_CONNECTIONS:
-        raise OSError(f"the limit on open files ({allowed}: ulimit -Hn) leaves room for {max(0, max_connections)} "
+    room = (allowed - others) // 3
+    if room < min(MIN_CONNECTIONS, limits.max_connections):  # allowed is then the hard limit
+        raise OSError(f"the limit on open files ({allowed}: ulimit -Hn) leaves room for {max(0, room)} "
                       f"connections beside the server's own descriptors; raise it, or lower --max-queue")
+    max_connections = min(limits.max_connections, room)
     if max_connections < limits.max_connections:
         log.warning("the limit on open files (ulimit -Hn) allows %d connections at once, not %d; the others wait "
                     "to be accepted", max_connections, limits.max_connections)
@@ -277,8 +279,8 @@ def accept_unless_out_of_descriptors(listener: BaseWSGIServer, waitress_accept: 
         if error.errno not in (errno.EMFILE, errno.ENFILE):
             raise
         listener.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
-        DESCRIPTOR_LOG.warning("no file descriptor left to accept a connection (%d open); accepting again in %g s",
-                               len(listener.active_channels), ACCEPT_PAUSE_S)
+        DESCRIPTOR_LOG.warning("no file descriptor left to accept a connection (%d open); accepting pauses for "
+                               "about a second at a time", len(listener.active_channels))
         return None  # as waitress takes an accept() that found nothing
 
 

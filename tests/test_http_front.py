@@ -434,20 +434,26 @@ def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch, ca
     assert raised_to == [(400, 400)]
     assert 50 < server.adj.connection_limit and 3 * server.adj.connection_limit + 5 < 400
     assert f"allows {server.adj.connection_limit} connections at once, not 1000" in caplog.text
+    create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
+                       limits=ConnectionLimits(max_connections=2)).close()  # a few asked for, and room for them
     monkeypatch.setattr(wsgi.resource, "getrlimit", lambda kind: (64, 64))  # too few to serve: said at start
     with pytest.raises(OSError, match=r"limit on open files \(64: ulimit -Hn\) leaves room for 0 connections"):
         create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5)
 
 
-# A server whose process runs out of descriptors (its limit lowered after it started listening).
+# A server whose process runs out of descriptors (its limit lowered after it started listening);
+# told to stop, it prints how many times it called accept().
 OUT_OF_DESCRIPTORS_SERVER = """
-import logging, resource, sys
+import logging, os, resource, signal, sys
 from flask import Flask
 from sam2serve import wsgi
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 app = Flask(__name__)
 app.add_url_rule("/", "ok", lambda: "ok")
 server = wsgi.create_http_server(app, "127.0.0.1", 0, max_upload_bytes=2**20, threads=2)
+accepts, accept = [], server.accept
+server.accept = lambda: accepts.append(1) or accept()
+signal.signal(signal.SIGTERM, lambda *_: (print(len(accepts), flush=True), os._exit(0)))
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 print(server.effective_port, flush=True)
 server.run()
@@ -473,9 +479,10 @@ def test_a_server_out_of_descriptors_pauses_accepting_instead_of_spinning():
         for client in clients:
             client.close()
         server.terminate()
-        _, errors = server.communicate(timeout=10)
+        accepts, errors = server.communicate(timeout=10)
     assert "no file descriptor left to accept a connection" in errors
     assert errors.count("accept() threw") == 0 and errors.count("no file descriptor left") == 1, errors[-2000:]
+    assert int(accepts) < 100  # 61 connections, and a try now and then: not thousands
 
 
 def test_the_logged_address_is_the_real_one():

@@ -94,8 +94,8 @@ class AMGConfig:
 
 
 class Interrupted(RuntimeError):
-    """The generator's should_stop() said stop, before a batch of point prompts: nobody waits for
-    these masks any more."""
+    """The generator's should_stop() said stop, before a crop or a batch of point prompts: nobody
+    waits for these masks any more."""
 
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
@@ -104,7 +104,7 @@ def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
 
 
 class Generator(Protocol):
-    # Asked before each batch of point prompts, where set: True ends the call with Interrupted
+    # Asked before each crop and batch of point prompts, where set: True ends the call with Interrupted
     # (the server's: every request of the call has gone, its client or its time).
     should_stop: Callable[[], bool] | None
 
@@ -157,16 +157,18 @@ class ReferenceMaskGenerator:
         )
         fit_predictor_to_model(self.generator.predictor)
         self.should_stop: Callable[[], bool] | None = None
-        process_batch = self.generator._process_batch  # sam2's step per batch of point prompts
-
-        def process_batch_unless_stopped(*args, **kwargs):
-            stop_if_asked(self.should_stop)
-            return process_batch(*args, **kwargs)
-
-        self.generator._process_batch = process_batch_unless_stopped
+        for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
+            setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
         if config.min_mask_region_area > 0 and importlib.util.find_spec("sam2._C") is None:
             log.warning("baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: "
                         "SAM2_BUILD_CUDA=0); ao and the fast modes apply it on every device")
+
+    def unless_stopped(self, step: Callable) -> Callable:
+        def run(*args, **kwargs):
+            stop_if_asked(self.should_stop)
+            return step(*args, **kwargs)
+
+        return run
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return [record["segmentation"] for record in self.generator.generate(image)]
@@ -376,8 +378,8 @@ class MaskGenerator:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_hw = crop.shape[:2]
+        stop_if_asked(self.should_stop)  # before each crop (its encoding, where not done) as before each batch
         if features is None:
-            stop_if_asked(self.should_stop)  # before a crop's encoding too
             features = self.embed(crop)
 
         # Point grid in crop pixels, (x, y) order, as float64 then float32 like sam2's.

@@ -183,21 +183,26 @@ def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_check
         assert_same_masks(ours, reference, min_iou=0.999)
 
 
+@pytest.mark.parametrize("crop_n_layers", [0, 1])
 @pytest.mark.parametrize("generator_class", [MaskGenerator, ReferenceMaskGenerator])
-def test_should_stop_is_asked_before_each_batch_of_point_prompts(trained_micro_checkpoint, generator_class):
+def test_should_stop_is_asked_before_each_crop_and_batch_of_point_prompts(
+        trained_micro_checkpoint, generator_class, crop_n_layers):
     """What lets the server stop making masks nobody waits for any more; asked and answered
     False, it changes nothing."""
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
-    generator = generator_class(model, AMGConfig(points_per_side=8, points_per_batch=16))  # 4 batches
+    config = AMGConfig(points_per_side=4, points_per_batch=4, crop_n_layers=crop_n_layers)  # 4 batches a crop
+    generator = generator_class(model, config)
     image = make_generated_scene(np.random.default_rng(2002), 120, 160, min_objects=4, max_objects=6).image
     expected, asked = generator.generate(image), []
-    generator.should_stop = lambda: asked.append(1) or len(asked) == 3
+    stop_at = 6 if crop_n_layers else 3  # the second crop, before its encoding; a batch of the whole image
+    generator.should_stop = lambda: asked.append(1) or len(asked) == stop_at
     with pytest.raises(Interrupted):
         generator.generate(image)
-    assert len(asked) == 3
+    assert len(asked) == stop_at
     asked.clear()
     generator.should_stop = lambda: asked.append(1) or False
-    assert generator.generate(image) == expected and len(asked) == 4
+    crops = 5 if crop_n_layers else 1
+    assert generator.generate(image) == expected and len(asked) == crops * (1 + 4)
 
 
 @pytest.mark.parametrize("filters", ["sam2", "off"])

@@ -110,11 +110,17 @@ class SegmentEverything:
         return await self.on_model_thread(generate_each, self.pipeline.generator, [r.image for r in requests],
                                           False, lambda: all(r.cancelled for r in requests))
 
-    async def masks(self, image) -> list:
+    async def masks(self, image, annotate: bool = False) -> list:
+        """The image's masks (with annotate, their records: one image per call, as sam2 makes
+        them image by image); a request cancelled meanwhile stops them."""
         self.waiting += 1
         request = ImageRequest(image)
         try:
-            answer = await self.segment(request)
+            if annotate:
+                [answer] = await self.on_model_thread(generate_each, self.pipeline.generator, [image], True,
+                                                      lambda: request.cancelled)
+            else:
+                answer = await self.segment(request)
         except asyncio.CancelledError:
             request.cancelled = True
             raise
@@ -161,8 +167,8 @@ class SegmentEverything:
             if path in UPLOAD_ENDPOINTS:
                 asked = answer_format(path, request.query_params.get("format"))
                 image = await self.uploaded_image(request)
-                if asked == "coco":  # one image per call: sam2's records come image by image
-                    records = await self.on_model_thread(self.pipeline.generator.annotate, image)
+                if asked == "coco":
+                    records = await self.masks(image, annotate=True)
                     body, media_type = json_text(coco_annotations(records)), "application/json"
                 else:
                     body, media_type = render_answer(path, image, await self.masks(image))

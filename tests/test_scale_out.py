@@ -520,20 +520,19 @@ def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_
 
     async def clients():
         image = lambda value: np.full((8, 8, 3), value, np.uint8)  # noqa: E731
-        left = asyncio.create_task(replica.masks(image(1)))
-        while not stub.running.is_set():  # its masks are being made, and held there
-            await asyncio.sleep(0.01)
-        left.cancel()  # as Ray Serve does when its client disconnects
-        for _ in range(500):
-            if stub.stopped:
-                break
-            await asyncio.sleep(0.01)
+        for value, annotate in ((1, False), (2, True)):  # masks, then records (?format=coco)
+            left = asyncio.create_task(replica.masks(image(value), annotate))
+            while len(stub.stopped) < value:  # its masks are being made, and held there
+                if stub.running.is_set():
+                    left.cancel()  # as Ray Serve does when its client disconnects
+                await asyncio.sleep(0.01)
+            stub.running.clear()
         stub.gate.set()
-        return await replica.masks(image(2))
+        return await replica.masks(image(3))
 
-    answer = asyncio.run(clients())
+    answer = asyncio.run(asyncio.wait_for(clients(), timeout=30))
     replica.model_thread.shutdown()
-    assert stub.stopped == [[1]] and stub.batches == [[2]] and answer == [{"size": [8, 8], "counts": [2, 1]}]
+    assert stub.stopped == [[1], [2]] and stub.batches == [[3]] and answer == [{"size": [8, 8], "counts": [3, 1]}]
 
 
 def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):

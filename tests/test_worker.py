@@ -83,13 +83,15 @@ class StoppableStub(StubGenerator):
         return super().generate_batch(images)
 
 
-def submit_in_threads(worker, values):
-    """Submits each value's image from its own thread; returns {value: answer or exception}."""
-    answers, threads = {}, []
+def submit_in_threads(worker, values, gone: dict | None = None, answers: dict | None = None):
+    """Submits each value's image from its own thread; returns ({value: answer or exception},
+    threads), answers added to the given dict, if any. gone[value], where given, says whether the
+    value's client has gone."""
+    answers, threads = {} if answers is None else answers, []
 
     def request(value):
         try:
-            answers[value] = worker.submit(image_of(value))
+            answers[value] = worker.submit(image_of(value), abandoned=None if gone is None else lambda: gone[value])
         except Exception as error:  # noqa: BLE001 - the test inspects it
             answers[value] = error
 
@@ -224,21 +226,18 @@ def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
     gone = {2: True, 3: False}  # asked when the turn comes, not when queued; 4's check fails (KeyError): it runs
     answers, calls = {}, []
 
-    def request(value):
-        try:
-            answers[value] = worker.submit(image_of(value), abandoned=lambda: gone[value])
-        except Exception as error:  # noqa: BLE001 - the test inspects it
-            answers[value] = error
-
     def call():
         try:
             answers["call"] = worker.call(lambda: calls.append("ran"), abandoned=lambda: True)
         except Exception as error:  # noqa: BLE001 - the test inspects it
             answers["call"] = error
 
-    for target, args in ((request, (2,)), (request, (3,)), (call, ()), (request, (4,))):
-        threads.append(threading.Thread(target=target, args=args))
-        threads[-1].start()
+    for value in (2, 3, "call", 4):
+        if value == "call":
+            threads.append(threading.Thread(target=call))
+            threads[-1].start()
+        else:
+            threads += submit_in_threads(worker, [value], gone, answers)[1]
         wait_for(lambda: worker.queue_depth == len(threads) - 1)  # in this order
     stub.gate.set()
     for thread in threads:
@@ -259,16 +258,8 @@ def test_masks_being_made_stop_once_every_request_of_their_batch_has_gone():
     stub.gate.clear()
     gone = {1: False, 2: False, 3: False}
     answers, threads = {}, []
-
-    def request(value):
-        try:
-            answers[value] = worker.submit(image_of(value), abandoned=lambda: gone[value])
-        except Exception as error:  # noqa: BLE001 - the test inspects it
-            answers[value] = error
-
     for value in (1, 2, 3):  # 1 runs; 2 and 3 queue, then run together
-        threads.append(threading.Thread(target=request, args=(value,)))
-        threads[-1].start()
+        threads += submit_in_threads(worker, [value], gone, answers)[1]
         wait_for(lambda: stub.running.is_set() and worker.queue_depth == value - 1)
     gone[1] = True
     wait_for(lambda: stub.stopped == [[1]] and worker.queue_depth == 0)

@@ -100,7 +100,7 @@ class Interrupted(RuntimeError):
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
     if should_stop is not None and should_stop():
-        raise Interrupted("stopped before a batch of point prompts: nobody waits for these masks any more")
+        raise Interrupted("stopped before a crop or a batch of point prompts: nobody waits for these masks any more")
 
 
 class Generator(Protocol):

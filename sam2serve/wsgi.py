@@ -14,7 +14,8 @@ and a client that trickles its request, a byte now and then (each byte resets th
 a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds.
 
 A client that closes its connection while its request waits for the model is seen when the
-request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run.
+request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run;
+while its masks are being made, before each batch of point prompts, and they stop.
 
 Open files: each connection may take 3 descriptors (`create_http_server` accepts fewer
 connections at once where the hard limit is lower), and should the process still run out,

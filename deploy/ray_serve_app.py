@@ -164,8 +164,8 @@ class SegmentEverything:
             return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type, headers=headers)
         try:
             request = await with_body_read(request, self.limits)
+            asked = answer_format(path, request.query_params.getlist("format"))
             if path in UPLOAD_ENDPOINTS:
-                asked = answer_format(path, request.query_params.get("format"))
                 image = await self.uploaded_image(request)
                 if asked == "coco":
                     records = await self.masks(image, annotate=True)
@@ -196,7 +196,7 @@ class SegmentEverything:
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
-            image_id, embedding, prompts = cached_image_prompts(await request.body(), self.cache)
+            image_id, embedding, prompts = cached_image_prompts(await request.body(), self.cache, self.limits)
         else:
             require_segment_form(mimetype)
             form = await read_form(request, self.limits)

@@ -2,8 +2,8 @@
 
 Decoding checks what a server must check before spending memory on pixels: empty input,
 data that is not an image (or not in one of the raster formats it reads), truncated files, and
-images with too many pixels (read from the header, before the pixels are decoded, so a small file
-that expands to gigabytes is refused).
+images with too many pixels or too long a side (read from the header, before the pixels are
+decoded, so a small file that expands to gigabytes is refused).
 """
 
 import io
@@ -28,12 +28,20 @@ PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # only one against absurd sizes.
 FILE_MAX_PIXELS = 100_000_000
 
+# The longest side an image may have, whatever its pixel count. The resize to the model's square
+# input runs along rows first, through a (3, height, resolution) float buffer (12 KiB per row at
+# 1024), and masks' boxes read arrays as long as a side for each mask: a 1x40,000,000 image,
+# within the pixel limit, would ask for 491 GB or hold the model for minutes. 16384 keeps phone
+# panoramas.
+MAX_SIDE = 16384
+
 
 # The raster formats images are read in, as Pillow names them (JPEG includes cameras' MPO files).
 # Pillow reads more, but some hand the file to another program (EPS to Ghostscript, long a way in
-# for attackers) or are rarely seen outside their niche: a server that takes files from anyone
-# reads these alone (and the scripts read files as it reads uploads).
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "TGA", "ICO")
+# for attackers), decode the pixels before their size can be checked (ICO, whose header may say
+# 16x16 over an embedded PNG of 13000x13000) or are rarely seen outside their niche: a server that
+# takes files from anyone reads these alone (and the scripts read files as it reads uploads).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "TGA")
 Image.init()
 READ_FORMATS = tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)  # AVIF where this Pillow has it
 FORMATS_TEXT = ", ".join("WebP" if name == "WEBP" else name for name in READ_FORMATS)
@@ -61,6 +69,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     f"image is {width}x{height} = {width * height} pixels; "
                     f"the limit is {max_pixels} pixels"
                 )
+            if max(width, height) > MAX_SIDE:
+                raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
             image = ImageOps.exif_transpose(image)  # decodes the pixels
             return to_rgb(image)
     except ImageTooLarge:

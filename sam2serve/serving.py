@@ -32,7 +32,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from .amg import Generator
-from .interactive import EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts
+from .interactive import (
+    MAX_POINTS, MAX_PROMPT_SETS, EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts,
+)
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, masks_to_rle_vectorized
@@ -152,14 +154,20 @@ def raw_body_type(mimetype: str, body_bytes: int) -> str:
     return mimetype or "of no media type"
 
 
-def answer_format(endpoint: str, asked: str | None) -> str:
-    """The format an upload endpoint answers in (its `format` query parameter): "rle", or "coco"
-    (COCO annotations, /upload_rle only)."""
-    asked = asked or "rle"
-    if asked not in ("rle", "coco") or (asked == "coco" and endpoint != "/upload_rle"):
-        raise InvalidImage(f"format: {asked!r} is not a format of {endpoint}; /upload_rle takes "
-                           "format=coco for COCO annotations")
-    return asked
+# Each POST endpoint's answer formats (its `format` query parameter), the default first.
+ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed": ("json",), "/segment": ("json",)}
+
+
+def answer_format(endpoint: str, asked: list[str]) -> str:
+    """The format an endpoint answers in, from its `format` query parameter's values (none, or
+    one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
+    formats = ANSWER_FORMATS[endpoint]
+    if len(asked) > 1:
+        raise InvalidImage(f"format: given {len(asked)} times; give it once")
+    if asked and asked[0] not in formats:
+        raise InvalidImage(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
+                           f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
+    return asked[0] if asked else formats[0]
 
 
 def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
@@ -204,9 +212,16 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         log.error("out of memory: %s", error)
         return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
     else:
-        log.error("request failed", exc_info=error)
-        return 500, json_text({"error": f"internal error: {type(error).__name__}: {error}"}), {}
+        log.error("request failed", exc_info=error)  # the whole of it: the answer has its first line
+        return 500, json_text({"error": f"internal error: {type(error).__name__}: {first_line(error)}"}), {}
     return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An error's first line, cut at limit characters: what a client is told of an error of the
+    server's own (TorchScript's messages go on with a traceback naming the server's files)."""
+    lines = str(error).splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
@@ -391,11 +406,38 @@ def cached_embedding(cache: EmbeddingCache, image_id: str):
                         "POST the image to /embed again") from None
 
 
-def cached_image_prompts(body: bytes, cache: EmbeddingCache) -> tuple[str, object, list[Prompt]]:
-    """A JSON /segment's image id, its encoding from the cache and its prompts, checked."""
+def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> tuple[str, object, list[Prompt]]:
+    """A JSON /segment's image id, its encoding from the cache and its prompts, checked. The body
+    is held to a form field's limit, as the same prompts sent in a form are: the most prompts
+    allowed take under 200 kB, and parsing megabytes of JSON would cost seconds."""
+    if len(body) > limits.max_form_field_bytes:
+        raise FormTooLarge(f"the JSON body is larger than the limit of {limits.max_form_field_bytes} bytes; "
+                           f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in far less")
     image_id, prompts = segment_payload(json_payload(body))
     embedding = cached_embedding(cache, image_id)
     return image_id, embedding, parse_prompts(prompts, embedding.size)
+
+
+# The most mask pixels one call on the model makes before they become RLE. A /segment's prompt
+# sets run in parts of at most this many (3 masks a set where multimask, else 1): 64 sets on a
+# 40-megapixel image would otherwise hold 7.7 billion pixels of masks at once. Each part is its
+# own turn on the model's thread, so a request whose client has gone, or whose time is up, stops
+# between parts (the worker runs no call of theirs), and other requests take their turns.
+SEGMENT_PART_PIXELS = 100_000_000
+
+
+def prompt_parts(prompts: list[Prompt], size: tuple[int, int]) -> list[list[Prompt]]:
+    """Consecutive prompt sets, in parts of at most SEGMENT_PART_PIXELS of masks (one set at least)."""
+    parts: list[list[Prompt]] = []
+    pixels = SEGMENT_PART_PIXELS
+    for prompt in prompts:
+        cost = (3 if prompt.multimask else 1) * size[0] * size[1]
+        if pixels + cost > SEGMENT_PART_PIXELS:
+            parts.append([])
+            pixels = 0
+        parts[-1].append(prompt)
+        pixels += cost
+    return parts
 
 
 def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
@@ -412,15 +454,17 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                 raise UnknownId(f"unknown mask_input {shown(prompt.mask_input)} (evicted from the cache, or not an "
                                 "id answered with keep_logits on this image): send the prompt without it") from None
 
-    def decode() -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
+    def decode(part: list[Prompt]) -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
         # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a
         # thread pool of its own there (sam2serve/worker.py says why that costs).
         return [(masks_to_rle_vectorized(answer.masks), answer.iou_predictions.tolist(),
                  [logits.clone() for logits in answer.low_res_logits] if prompt.keep_logits else [])
-                for prompt, answer in zip(prompts, segmenter.segment(embedding, prompts, mask_inputs))]
+                for prompt, answer in zip(part, segmenter.segment(embedding, part, mask_inputs))]
 
+    decoded = [answer for part in prompt_parts(prompts, embedding.size)
+               for answer in run(functools.partial(decode, part))]
     results = []
-    for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, run(decode)):
+    for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
         result = {"masks": masks, "iou_predictions": iou_predictions}
         if prompt.keep_logits:
             result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
@@ -548,6 +592,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.after_request
     def no_sniffing(response: Response) -> Response:
         response.headers.update(ANSWER_HEADERS)
+        if response.mimetype == "text/html":  # the page, at / and as a static file
+            response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
         return response
 
     @app.after_request
@@ -572,7 +618,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return answer("/upload")
 
     def answer(endpoint: str) -> Response:
-        asked = answer_format(endpoint, request.args.get("format"))
+        asked = answer_format(endpoint, request.args.getlist("format"))
         image = uploaded_image()
         if asked == "coco":
             return json_response(coco_annotations(worker.submit(image, annotate=True, abandoned=client_gone())))
@@ -583,6 +629,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @uses_worker
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
+        answer_format("/embed", request.args.getlist("format"))
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
         run = functools.partial(worker.call, abandoned=client_gone())
@@ -594,12 +641,13 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def segment() -> Response:
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
+        answer_format("/segment", request.args.getlist("format"))
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout
         # (counted from here, reading the upload included).
         run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s, abandoned=client_gone())
         if is_json(request.mimetype):
-            image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache)
+            image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache, limits)
         else:
             require_segment_form(request.mimetype)
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
@@ -611,9 +659,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.get("/")
     def page() -> Response:
         """The web page: drop an image, see every mask, click to segment."""
-        response = app.send_static_file("index.html")
-        response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
-        return response
+        return app.send_static_file("index.html")  # with its Content-Security-Policy (no_sniffing)
 
     @app.get("/health")
     def health() -> Response:

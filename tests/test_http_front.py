@@ -26,7 +26,7 @@ from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sam2serve.serving import Limits, create_app
+from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
 from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
@@ -225,6 +225,15 @@ def test_405_says_allow_and_414_is_json(client):
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_the_page_has_its_security_policy_at_every_address_it_is_served_at(client):
+    """The page at / and as the static file it is: a frame of either is refused alike."""
+    for path in ("/", "/static/index.html"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.mimetype == "text/html"
+        assert response.headers["Content-Security-Policy"] == PAGE_SECURITY_POLICY, path
+    assert "Content-Security-Policy" not in client.get("/static/app.js").headers
+
+
 def test_metrics_parse_count_methods_apart_and_say_charset_once(client):
     body, content_type = multipart([("image", "a.png", png_of(1))])
     assert client.post("/upload_rle", data=body, content_type=content_type).status_code == 200
@@ -256,6 +265,24 @@ def test_timeout_message_names_the_limit():
         stub.gate.set()
     assert response.status_code == 504
     assert "request timeout of 0.3 s" in response.get_json()["error"]
+
+
+def test_an_internal_error_answers_its_first_line_and_logs_the_rest(caplog):
+    """A 500 tells the client what failed, not the traceback TorchScript appends (the server's
+    file paths); the log keeps all of it."""
+    class Failing(StubGenerator):
+        def generate_batch(self, images):
+            raise RuntimeError("The following operation failed in the TorchScript interpreter.\n"
+                               'Traceback of TorchScript (most recent call last):\n  File "/srv/app/model.py", line 7')
+
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(Failing())
+    with caplog.at_level(logging.ERROR):
+        response = create_app(worker).test_client().post("/upload_rle", data={"image": (io.BytesIO(png_of(1)), "a.png")})
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "internal error: RuntimeError: The following operation failed in the "
+                                            "TorchScript interpreter."}
+    assert "/srv/app/model.py" in caplog.text
 
 
 def test_tiny_images_get_the_baselines_answer(trained_micro_checkpoint):

@@ -375,9 +375,9 @@ def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(mic
 
 
 def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
-    """What a client can get wrong answers 400 or 404 with a message, never 500, and costs no
+    """What a client can get wrong answers 400, 404 or 413 with a message, never 500, and costs no
     encoding: ids of one kind used as the other, a mask's id on another image, JSON nested too
-    deeply, a form's unknown or repeated fields, an id too long to repeat in full."""
+    deeply or too long, a form's unknown or repeated fields, an id too long to repeat in full."""
     client = micro_client(micro)
     ids = [client.post("/embed", data={"image": (io.BytesIO(png(make_scene(150, 200, seed=s))), "a.png")})
            .get_json()["image_id"] for s in (1, 2)]
@@ -392,6 +392,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         (deep, 400, "nested too deeply"),
         ("{not json", 400, "not valid JSON: Expecting property name"),
         ("", 400, "the body is empty"),
+        # Valid, but over a form field's limit: not parsed (prompts sent in a form have the same limit).
+        (json.dumps({"image_id": ids[0], "prompts": [point]}) + " " * 500_000, 413,
+         "the JSON body is larger than the limit of 500000 bytes"),
     ]:
         data = body if isinstance(body, str) else json.dumps(body)
         response = client.post("/segment", data=data, content_type="application/json")
@@ -478,6 +481,35 @@ def test_segment_does_its_torch_work_on_the_workers_thread(micro, monkeypatch):
     answer = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": json.dumps(prompts)})
     assert answer.status_code == 200 and len(answer.get_json()["results"]) == len(PROMPTS)
     assert threads == ["inference-worker"] * len(PROMPTS)
+
+
+def test_segment_runs_in_parts_of_bounded_mask_pixels_each_its_own_turn(micro, monkeypatch):
+    """Prompt sets are decoded in parts of at most SEGMENT_PART_PIXELS of masks, each part a call
+    of its own on the worker (a request that has gone stops between them): the masks of 64 sets
+    on a large image never exist at once. The answer is the one of a single part."""
+    client = micro_client(micro)
+    image_id = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
+    body = {"image_id": image_id, "prompts": [prompt for _, prompt in PROMPTS]}
+    whole = client.post("/segment", json=body).get_json()
+    parts, calls = [], []
+    segment, call = PromptSegmenter.segment, InferenceWorker.call
+    monkeypatch.setattr(PromptSegmenter, "segment",
+                        lambda self, embedding, prompts, *rest: parts.append(len(prompts)) or segment(
+                            self, embedding, prompts, *rest))
+    monkeypatch.setattr(InferenceWorker, "call", lambda self, *args, **kwargs: calls.append(1) or call(
+        self, *args, **kwargs))
+    # Masks per set: 3, 1, 3, 1, 1, 1 images' worth (multimask for one point); parts of 4 at most.
+    monkeypatch.setattr(serving, "SEGMENT_PART_PIXELS", 4 * 150 * 200)
+    in_parts = client.post("/segment", json=body).get_json()
+    assert parts == [2, 2, 2] and len(calls) == 3
+    assert len(in_parts["results"]) == len(whole["results"]) == len(PROMPTS)
+    for split, joined in zip(in_parts["results"], whole["results"]):
+        assert np.array_equal(rles_to_masks(split["masks"]), rles_to_masks(joined["masks"]))
+        assert np.allclose(split["iou_predictions"], joined["iou_predictions"], rtol=0, atol=1e-5)
+    # One set larger than a part is a part alone.
+    monkeypatch.setattr(serving, "SEGMENT_PART_PIXELS", 1)
+    parts.clear()
+    assert client.post("/segment", json=body).status_code == 200 and parts == [1] * len(PROMPTS)
 
 
 def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
@@ -586,3 +618,20 @@ def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
         assert annotation["area"] == int(rles_to_masks([rle])[0].sum())
     wrong = client.post("/upload?format=coco", data={"image": (io.BytesIO(data), "a.png")})
     assert wrong.status_code == 400 and "format" in wrong.get_json()["error"]
+
+
+def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
+    """?format= names one of the endpoint's own answers, given once: a format the endpoint does
+    not have is refused, not silently answered in another (before, /segment?format=coco gave RLE)."""
+    client = micro_client(micro)
+    for url, words in [
+        ("/upload?format=coco", "'coco' is not a format of /upload, which answers png"),
+        ("/upload?format=rle", "'rle' is not a format of /upload"),
+        ("/upload_rle?format=coco&format=rle", "format: given 2 times"),
+        ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),
+        ("/segment?format=coco", "'coco' is not a format of /segment"),
+    ]:
+        response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+        assert response.status_code == 400 and words in response.get_json()["error"], url
+    for url in ("/upload?format=png", "/upload_rle?format=rle", "/embed?format=json"):
+        assert client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).status_code == 200, url

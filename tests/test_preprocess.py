@@ -11,7 +11,7 @@ from PIL import Image
 from sam2.utils.transforms import SAM2Transforms
 
 from sam2serve.preprocess import (
-    PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input,
+    MAX_SIDE, PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input,
 )
 
 
@@ -87,6 +87,16 @@ def test_images_beyond_pillows_own_guard_get_the_servers_message():
         decode_image(png_claiming(20000, 10000), max_pixels=40_000_000)
 
 
+def test_a_side_longer_than_the_limit_is_refused_from_the_header():
+    """A thin image within the pixel limit would cost the resize gigabytes (a float buffer per
+    row) and the boxes minutes: refused whichever side is long, before decoding."""
+    assert decode_image(encode(Image.new("L", (MAX_SIDE, 2))), max_pixels=10**6).shape == (2, MAX_SIDE, 3)
+    for width, height in ((MAX_SIDE + 1, 1), (1, 40_000_000)):
+        with pytest.raises(ImageTooLarge, match=f"image is {width}x{height}: a side is longer than the limit of "
+                                                f"{MAX_SIDE} pixels"):
+            decode_image(png_claiming(width, height), max_pixels=40_000_000)
+
+
 @pytest.mark.parametrize("data", [b"", b"GIF89a not really", encode(Image.new("RGB", (64, 64)))[:60]])
 def test_undecodable_input_is_invalid(data):
     with pytest.raises(InvalidImage):
@@ -109,6 +119,12 @@ def test_raster_formats_are_read_and_others_refused_with_the_list():
     with pytest.raises(InvalidImage, match="not an image in one of the formats read: JPEG, PNG, ") as refused:
         decode_image(eps.getvalue(), 10**6)
     assert "Ghostscript" not in str(refused.value)
+    # ICO: Pillow decodes its largest icon while opening it, before the size could be checked
+    # (the header may claim 16x16 over an embedded PNG of any size).
+    ico = io.BytesIO()
+    image.save(ico, "ICO", sizes=[(16, 16)])
+    with pytest.raises(InvalidImage, match="not an image in one of the formats read"):
+        decode_image(ico.getvalue(), 10**6)
     heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # the start of an iPhone photo
     with pytest.raises(InvalidImage, match="it is HEIC/HEIF: save it as JPEG or PNG"):
         decode_image(heic, 10**6)

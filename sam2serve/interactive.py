@@ -135,7 +135,13 @@ def numbers(value: Any, count: int, where: str) -> None:
 def inside(point, width: int, height: int, where: str) -> None:
     x, y = point
     if not (0 <= x <= width and 0 <= y <= height):
-        raise InvalidPrompt(f"{where}: ({x}, {y}) is outside the {width}x{height} image")
+        raise InvalidPrompt(f"{where}: ({number_text(x)}, {number_text(y)}) is outside the {width}x{height} image")
+
+
+def number_text(value: int | float, limit: int = 20) -> str:
+    """A client's number as a message repeats it: JSON integers may have thousands of digits."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)

@@ -392,10 +392,14 @@ def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -
     texts = [text for name, text in fields if name == "prompts"]
     if len(texts) > 1:
         raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
+    if not texts or not texts[0].strip():
+        raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets")
     try:
-        return json.loads(texts[0] if texts else "")
-    except (ValueError, RecursionError):
-        raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets") from None
+        return json.loads(texts[0])
+    except ValueError as error:
+        raise InvalidPrompt(f"prompts: not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidPrompt("prompts: the JSON is nested too deeply") from None
 
 
 def cached_embedding(cache: EmbeddingCache, image_id: str):

@@ -111,6 +111,11 @@ def test_bad_prompts_name_the_field(prompts, field):
         parse_prompts(prompts, (100, 200))
 
 
+def test_a_number_of_thousands_of_digits_is_not_repeated_whole():
+    with pytest.raises(ValueError, match=re.escape("prompts[0].points[0]: (10000000000000000000..., 1) is outside")):
+        parse_prompts([{"points": [[10**4000, 1]]}], (100, 200))
+
+
 def test_a_field_given_as_null_is_a_field_left_out():
     given = [{"points": [[10, 20]], "labels": None, "box": None, "mask_input": None, "multimask": None,
               "keep_logits": None},
@@ -414,7 +419,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
     for fields, words in [
         ({"prompts": json.dumps([point]), "image_id": ids[0]}, "image_id goes in a JSON body"),
         ({"prompts": [json.dumps([point])] * 2}, "prompts: sent 2 times"),
-        ({"prompts": deep}, "prompts: expected a form field"),
+        ({"prompts": deep}, "prompts: the JSON is nested too deeply"),
+        ({"prompts": "[{not json"}, "prompts: not valid JSON: Expecting property name"),
+        ({"prompts": " "}, "prompts: expected a form field with a JSON list"),
         ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
         # A file of another name is refused as a text field is (a typo, or a second image).
         ({"prompts": json.dumps([point]), "promts": (io.BytesIO(b"[]"), "p.json")}, "unknown form fields 'promts'"),

@@ -13,8 +13,9 @@ import argparse
 import csv
 import json
 import sys
+from pathlib import Path
 
-from sam2serve.cli import HelpWithDefaults, add_option, require_output_file
+from sam2serve.cli import HelpWithDefaults, add_option, require_output_file, run_script
 from sam2serve.compare import compare_results, format_float, summarize
 
 
@@ -27,17 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.per_image_csv:
         args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv")  # ~ expanded
+        if args.per_image_csv.resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
+            parser.error(f"--per-image-csv {args.per_image_csv}: one of the result files it compares")
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets
         sys.exit(f"error: {error}")
     if args.per_image_csv:
-        with open(args.per_image_csv, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["image", "reference_masks", "candidate_masks", "strict_iou", "relaxed_iou", "failed"])
-            for c in comparisons:
-                writer.writerow([c.name, c.reference_masks, c.candidate_masks,
-                                 format_float(c.strict_iou), format_float(c.relaxed_iou), c.failed])
+        try:
+            write_per_image_csv(args.per_image_csv, comparisons)
+        except OSError as error:
+            sys.exit(f"error: --per-image-csv {args.per_image_csv}: {error.strerror or error}")
     summary = summarize(comparisons)
     if summary.failed:
         print(f"warning: left out, their request failed: {'; '.join(summary.failed[:10])}"
@@ -47,5 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: no image to compare: every request failed on one side or the other")
 
 
+def write_per_image_csv(path: Path, comparisons) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "reference_masks", "candidate_masks", "strict_iou", "relaxed_iou", "failed"])
+        for c in comparisons:
+            writer.writerow([c.name, c.reference_masks, c.candidate_masks,
+                             format_float(c.strict_iou), format_float(c.relaxed_iou), c.failed])
+
+
 if __name__ == "__main__":
-    main()
+    run_script(main)  # Ctrl-C in one line, as the other scripts

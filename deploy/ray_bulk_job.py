@@ -16,6 +16,7 @@ on 2 cores): Ray runs a worker's torch on one thread.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,10 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
-    check_checkpoint_arguments, positive_int, read_image_paths, report_error_lines, require_output_file, run_script,
-    write_lines,
+    check_checkpoint_arguments, checkpoint_from_arguments, positive_int, read_image_paths, report_error_lines,
+    require_output_file, run_script, write_lines,
 )
+from sam2serve.checkpoints import load_model
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, file_as_upload, rle_lines
 
@@ -89,6 +91,10 @@ def main() -> None:
         parser.error(str(error))
     require_output_file(parser, args.output, "output", folder_made=True)  # write_lines makes the folder
     config = amg_config(parser, args, get_mode(args.mode))
+    if args.load_fast and not get_mode(args.mode).compiled:
+        parser.error("--load-fast goes with a fast mode: --mode fast or fast_furious")
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # the workers are this machine's: their
+        load_model(*checkpoint_from_arguments(parser, args), "cpu")  # checkpoint's mistakes said here, in a line
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)
     ray.init(address=args.address)

@@ -56,6 +56,11 @@ from .upscale import boxes_of_presence, masks_above, stability_and_boxes, upscal
 log = logging.getLogger(__name__)
 
 
+# Far beyond any use (sam2's default is 32): a grid of 100000 per side would ask for 75 GiB
+# before the first prompt.
+MAX_POINTS_PER_SIDE = 1024
+
+
 @dataclass(frozen=True)
 class AMGConfig:
     """Mask-generation settings. Names and defaults are those of sam2's generator."""
@@ -79,6 +84,9 @@ class AMGConfig:
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.points_per_side > MAX_POINTS_PER_SIDE:
+            raise ValueError(f"points_per_side must be at most {MAX_POINTS_PER_SIDE} (a million point prompts), "
+                             f"got {self.points_per_side}")
         for name in ("crop_n_layers", "min_mask_region_area"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -143,10 +144,19 @@ def require_output_folder(parser: argparse.ArgumentParser, path: str | Path, opt
         if folder.exists():
             if not folder.is_dir():
                 parser.error(f"{option} {path}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                parser.error(f"{option} {path}: {folder} is not writable")
+            require_writable_folder(parser, folder, f"{option} {path}")
             break
     return path
+
+
+def require_writable_folder(parser: argparse.ArgumentParser, folder: Path, what: str) -> None:
+    """A file can be made in the folder: tried, since os.access says yes to root everywhere (and
+    to folders such as /proc, where nothing can be made)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        parser.error(f"{what}: {folder} is not writable ({error.strerror or error})")
 
 
 def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str,
@@ -160,8 +170,8 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
         require_output_folder(parser, path.parent, option)
     elif not path.parent.is_dir():
         parser.error(f"{option} {path}: the folder {path.parent} does not exist")
-    elif not os.access(path if path.exists() else path.parent, os.W_OK):
-        parser.error(f"{option} {path}: {path if path.exists() else path.parent} is not writable")
+    else:
+        require_writable_folder(parser, path.parent, f"{option} {path}")  # the file is written beside, then renamed
     return path
 
 
@@ -196,12 +206,19 @@ def compile_modes() -> list[str]:
 
 
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """A device the models run on: the CPU, or a CUDA GPU this machine has (torch names more,
+    such as meta, whose tensors hold no numbers)."""
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         parser.error(f"--device {device}: not a torch device; use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index is not None):
+        parser.error(f"--device {device}: not a device the models run on; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def default_device() -> str:

@@ -170,6 +170,8 @@ def check_rle(rle: object, where: str) -> None:
     wrong = next((n for n in counts if not (type(n) is int and n >= 0)), None)
     if wrong is not None:
         raise ValueError(f"{where}: counts are runs of pixels, whole numbers from 0 up, not {json.dumps(wrong)}")
+    if size[0] * size[1] >= 2**32:
+        raise ValueError(f"{where}: a {size[0]} x {size[1]} mask has more pixels than pycocotools counts (2**32)")
     if sum(counts) != size[0] * size[1]:
         raise ValueError(f"{where}: counts add up to {sum(counts)}, not {size[0]} x {size[1]} = {size[0] * size[1]}")
 

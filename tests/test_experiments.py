@@ -296,6 +296,22 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
 @pytest.mark.parametrize("script, arguments, message", [
     ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "gpu"], "--device gpu: not a torch device"),
+    # torch's meta tensors hold no numbers: a server on them said "ready" and answered 500s.
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "meta"], "--device meta: not a device the"),
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "cpu:5"], "--device cpu:5: not a device the"),
+    # Root may write anywhere os.access is asked, /proc included, where no file can be made.
+    ("reproduce_experiments", ["{tmp}/paths", "/proc/out"], "/proc is not writable"),
+    ("tools.benchmark", ["--save-masks", "/proc/masks"], "/proc is not writable"),
+    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", "/proc/x.csv"],
+     "/proc is not writable"),
+    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", "{tmp}/notes.jpg"],
+     "one of the result files it compares"),
+    # A checkpoint of another size is every row's mistake: one line, not a row's traceback.
+    ("tools.benchmark", ["{tmp}/micro_as_tiny", "tiny", "--generated", "1", "--modes", "ao", "--without-baseline"],
+     "does not fit SAM2.1 tiny"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--load-fast", "{tmp}"], "--load-fast goes with a fast"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--checkpoint-dir", "{tmp}", "--model-type", "micro"],
+     "is not a torch checkpoint, or it is damaged"),
     ("tools.benchmark", ["--images", "{tmp}/notes.jpg"], "notes.jpg: the file is not an image in one of the"),
     ("tools.benchmark", ["--save-masks", "{tmp}/notes.jpg/masks"], "notes.jpg is a file, not a folder"),
     ("tools.benchmark", ["{tmp}", "micro", "--generated", "1"], "is not a torch checkpoint, or it is damaged"),
@@ -319,6 +335,8 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     checkpoint: the script says so in one line before any long work, never with a traceback."""
     (tmp_path / "notes.jpg").write_text("not pixels")
     (tmp_path / "sam2.1_hiera_micro.pt").write_bytes(b"PK\x03\x04 half a download")
+    (tmp_path / "micro_as_tiny").mkdir()
+    (tmp_path / "micro_as_tiny" / "sam2.1_hiera_tiny.pt").symlink_to(REPO / "models" / "sam2.1_hiera_micro.pt")
     arguments = [argument.format(tmp=tmp_path) for argument in arguments]
     result = subprocess.run([sys.executable, "-m", script, *arguments], cwd=REPO, capture_output=True, text=True,
                             timeout=120)

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig
-from sam2serve.checkpoints import model_size, resolve_checkpoint
+from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     checkpoint_from_arguments, compile_modes, positive_int, read_images, require_device, require_output_folder,
@@ -212,7 +212,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                 with torch.inference_mode():
                     warm_up.generate(first_image)
             except Exception as error:  # noqa: BLE001 (one row's failure must not lose the others')
-                if row == "baseline":
+                if row == "baseline" or isinstance(error, CheckpointError):  # the checkpoint is every row's
                     raise
                 how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
                 log.exception("%s failed%s", row, how)

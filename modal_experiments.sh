@@ -12,8 +12,14 @@
 # `server.py ... --fast --save-fast DIR`); otherwise each container compiles.
 set -euo pipefail
 
-if [[ $# -lt 2 ]]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    usage
+    exit 0
+fi
+if [[ $# -lt 2 || $# -gt 4 ]]; then
+    usage >&2
+    echo "error: expected IMAGE_PATHS OUTPUT_DIR [MODEL_TYPE] [MODES], got $# arguments" >&2
     exit 2
 fi
 paths_file=$1

@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, as Ctrl-C: its row's process ended too
     try:
         run_study(argv)
-    except KeyboardInterrupt:
-        sys.exit("stopped; the same command again resumes it (the rows done are kept)")
+    except KeyboardInterrupt:  # status 130, as the other scripts' (run_script) and shells' for Ctrl-C
+        print("stopped; the same command again resumes it (the rows done are kept)", file=sys.stderr)
+        sys.exit(130)
 
 
 def run_study(argv: list[str] | None) -> None:

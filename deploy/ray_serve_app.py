@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from ray import serve
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
@@ -43,7 +42,7 @@ import sam2serve
 
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
-from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, option_value
+from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
@@ -280,10 +279,8 @@ def build(args: dict[str, str]) -> serve.Application:
         return value
 
     device = args.pop("device", default_device())
-    try:  # only its spelling: the cluster's machines, not this one, have the GPUs
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device={device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if problem := device_problem(device, here=False):  # the cluster's machines, not this one, have the GPUs
+        raise ValueError(f"device={device}: {problem}")
     batch_size = number("batch_size", int, BATCH_SIZE, 1)
     batch_wait_s = number("batch_wait_ms", float, BATCH_WAIT_S * 1000) / 1000
     replicas = args.pop("replicas", "1")

@@ -206,19 +206,26 @@ def compile_modes() -> list[str]:
 
 
 def require_device(parser: argparse.ArgumentParser, device: str) -> None:
-    """A device the models run on: the CPU, or a CUDA GPU this machine has (torch names more,
-    such as meta, whose tensors hold no numbers)."""
+    if problem := device_problem(device):
+        parser.error(f"--device {device}: {problem}")
+
+
+def device_problem(device: str, here: bool = True) -> str | None:
+    """Why the models cannot run on a device (None where they can): it is the CPU or a CUDA GPU
+    (torch names more, such as meta, whose tensors hold no numbers), and with `here`, one this
+    machine has."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        parser.error(f"--device {device}: not a torch device; use cpu, cuda or cuda:N")
+        return "not a torch device; use cpu, cuda or cuda:N"
     if parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index is not None):
-        parser.error(f"--device {device}: not a device the models run on; use cpu, cuda or cuda:N")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return "not a device the models run on; use cpu, cuda or cuda:N"
+    if here and parsed.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use --device cpu"
+    if here and parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return (f"this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return None
 
 
 def default_device() -> str:
@@ -226,7 +233,7 @@ def default_device() -> str:
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=default_device(), help="torch device")
+    parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
 
 
 def add_amg_options(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +302,9 @@ def checked_image_paths(paths_file: str | Path) -> list[str]:
     if missing:
         relative = " (relative paths are read from the current folder, " + os.getcwd() + ")" if any(
             not Path(path).is_absolute() for path in missing) else ""
-        raise ValueError(f"{len(missing)} listed images do not exist, e.g. {missing[:3]}{relative}")
+        folders = " (folders are listed, not image files)" if any(Path(path).is_dir() for path in missing) else ""
+        raise ValueError(f"{len(missing)} of the {len(paths)} listed images do not exist as files, "
+                         f"e.g. {missing[:3]}{relative}{folders}")
     unreadable = []
     for path in tqdm(paths, desc="checking the images", unit="image", disable=None):
         try:

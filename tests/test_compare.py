@@ -234,6 +234,9 @@ def test_masks_of_another_size_name_the_image(tmp_path):
      "not 1.5"),
     ('[{"segmentation": {"size": [2, 2], "counts": "4"}}, {"segmentation": {"size": [1, 4], "counts": "4"}}]',
      "annotation 1: size [1, 4], annotation 0's is [2, 2]"),
+    # pycocotools counts in 32 bits: such a mask compared with itself gave mIoU 0.
+    ('{"mask_0": {"size": [65536, 65536], "counts": [2147483648, 2147483648]}}',
+     "mask_0: a 65536 x 65536 mask has more pixels than pycocotools counts (2**32)"),
 ])
 def test_malformed_results_are_refused_before_pycocotools_reads_them(tmp_path, line, words):
     """pycocotools runs forever on counts that do not add up to the mask's size: such a line is

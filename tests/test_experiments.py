@@ -210,7 +210,7 @@ def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
         _, stderr = study.communicate(timeout=60)  # the process pool this replaced waited for the row
     finally:
         study.kill()
-    assert study.returncode == 1 and "stopped; the same command again resumes it" in stderr, stderr[-2000:]
+    assert study.returncode == 130 and "stopped; the same command again resumes it" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
     assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
 
@@ -328,7 +328,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "inf"],
      "--time-limit must be a number of seconds above 0"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
-    ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"], "1 listed images do not exist"),
+    ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
+     "1 of the 1 listed images do not exist as files"),
 ])
 def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_path):
     """A count of 0, a file that is not an image, a file where a folder goes, a damaged

@@ -65,7 +65,12 @@ def test_modal_script_passes_bash_n_and_shellcheck():
     result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    assert usage.returncode == 2 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in usage.stdout
+    assert usage.returncode == 2 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in usage.stderr
+    asked = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert asked.returncode == 0 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in asked.stdout
+    too_many = subprocess.run(["bash", str(script), *"abcde"], capture_output=True, text=True)
+    assert too_many.returncode == 2 and "error: expected IMAGE_PATHS OUTPUT_DIR [MODEL_TYPE] [MODES], got 5" \
+        in too_many.stderr
 
 
 def test_modal_script_deploys_then_uploads_replays_each_mode_and_compares(tmp_path):
@@ -124,7 +129,8 @@ exec {sys.executable} "$@"
     for model_type, modes, paths, message in [("t", "baseline fastt", "paths", "unknown mode 'fastt'"),
                                               ("huge", "baseline", "paths", "unknown model type 'huge'"),
                                               ("t", "  ", "paths", "no mode given"),
-                                              ("t", "baseline", "paths_with_a_gap", "1 listed images do not exist"),
+                                              ("t", "baseline", "paths_with_a_gap",
+                                               "1 of the 2 listed images do not exist as files"),
                                               ("t", "baseline", "absent", "No such file")]:
         (tmp_path / "paths_used").write_text((tmp_path / paths).read_text() if (tmp_path / paths).exists() else "")
         if paths == "absent":
@@ -403,6 +409,7 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"load_fast": "exported"}, "need a fast mode"),
         ({"mode": "fast", "compile_mode": "fastest"}, "compile_mode=fastest: one of"),
         ({"device": "bogus"}, "device=bogus: not a torch device"),
+        ({"device": "meta"}, "device=meta: not a device the models run on"),
         ({"cpus": "0"}, "cpus=0: must be above 0"),
         ({"cpus": "inf"}, "cpus=inf: expected a finite number"),
         ({"batch_wait_ms": "nan"}, "batch_wait_ms=nan: expected a finite number"),

@@ -251,7 +251,8 @@ def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int,
     """Every row on every image, taking turns image by image (each request `repeat` times in a
     row): time, peak memory, masks."""
     runs = {row: ModeRun(row) for row in generators}
-    with tqdm(total=rounds * len(images) * len(runs) * repeat, unit="request", file=sys.stderr) as progress:
+    with tqdm(total=rounds * len(images) * len(runs) * repeat, unit="request", file=sys.stderr,
+              disable=None) as progress:  # on a terminal only: a log file gets no carriage-return lines
         for _ in range(rounds):
             for index, (image_name, image) in enumerate(images):
                 for row, generator in generators.items():

@@ -20,7 +20,7 @@ from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model
 from sam2serve.cli import (
     HelpWithDefaults, add_checkpoint_arguments, add_device_option, checkpoint_from_arguments, positive_int, read_images,
-    require_device, run_script,
+    require_device, run_script, set_up_logging,
 )
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.interactive import PromptSegmenter, parse_prompts
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3, help="times each measurement is taken per image")
     add_device_option(parser)
     args = parser.parse_args()
+    set_up_logging()
     require_device(parser, args.device)
     images = ([image for _, image in read_images(parser, args.images)] if args.images else
               [make_scene(np.random.default_rng(seed), 768, 1024).image for seed in range(2000, 2000 + args.generated)])

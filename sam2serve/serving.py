@@ -594,7 +594,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
                           len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")), limits)
 
     @app.after_request
-    def no_sniffing(response: Response) -> Response:
+    def answer_headers(response: Response) -> Response:
         response.headers.update(ANSWER_HEADERS)
         if response.mimetype == "text/html":  # the page, at / and as a static file
             response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
@@ -663,7 +663,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.get("/")
     def page() -> Response:
         """The web page: drop an image, see every mask, click to segment."""
-        return app.send_static_file("index.html")  # with its Content-Security-Policy (no_sniffing)
+        return app.send_static_file("index.html")  # with its Content-Security-Policy (answer_headers)
 
     @app.get("/health")
     def health() -> Response:

@@ -7,9 +7,9 @@
 #   bash modal_experiments.sh image_paths results large "baseline ao fast fast_furious"
 #
 # Needs the modal CLI logged in (modal token new). Checkpoints are uploaded once to the
-# Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2). Fast modes load exported packages
-# from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine with
-# `server.py ... --fast --save-fast DIR`); otherwise each container compiles.
+# Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro). Fast modes load
+# exported packages from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine
+# with `server.py ... --fast --save-fast DIR`); otherwise each container compiles.
 set -euo pipefail
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -61,6 +61,10 @@ except (ValueError, OSError) as error:
 print(name)
 EOF
 )
+# The project's own micro model is committed in models/: its folder unless CHECKPOINT_DIR says otherwise.
+if [[ -z ${CHECKPOINT_DIR:-} && $checkpoint_name == sam2.1_hiera_micro.pt ]]; then
+    checkpoint_dir=$here/models
+fi
 mkdir -p "$output_dir"
 
 # Deploying creates the volume on a new account; the uploads need it.

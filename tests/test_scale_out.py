@@ -123,6 +123,12 @@ exec {sys.executable} "$@"
     assert log.read_text().splitlines()[-1] == "modal app stop -y sam2-segment-everything"
     result = script("tiny", "ao")
     assert result.returncode == 0 and "no baseline among the modes" in result.stdout
+    # The project's micro model: from models/, where it is committed, unless CHECKPOINT_DIR says.
+    environment.pop("CHECKPOINT_DIR")
+    result = script("micro", "ao")
+    assert result.returncode == 0, result.stderr
+    assert (f"modal volume put sam2-checkpoints {REPO}/models/sam2.1_hiera_micro.pt "
+            "checkpoints/sam2.1_hiera_micro.pt") in log.read_text().splitlines()
 
     # Mistakes end the script before it deploys (and pays), in one line each.
     (tmp_path / "paths_with_a_gap").write_text("a.jpg\nb.jpg\n")

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv")  # ~ expanded
         if args.per_image_csv.resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
             parser.error(f"--per-image-csv {args.per_image_csv}: one of the result files it compares")
+        if args.per_image_csv.exists():  # written in place: tried now, not after the comparison
+            try:
+                open(args.per_image_csv, "a").close()
+            except OSError as error:
+                parser.error(f"--per-image-csv {args.per_image_csv}: {error.strerror or error}")
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets

@@ -93,8 +93,10 @@ def main() -> None:
     config = amg_config(parser, args, get_mode(args.mode))
     if args.load_fast and not get_mode(args.mode).compiled:
         parser.error("--load-fast goes with a fast mode: --mode fast or fast_furious")
-    if not (args.address or os.environ.get("RAY_ADDRESS")):  # the workers are this machine's: their
-        load_model(*checkpoint_from_arguments(parser, args), "cpu")  # checkpoint's mistakes said here, in a line
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # Workers on this machine, most likely: a checkpoint that cannot be used is said here, in
+        # one line, not by each worker's death after Ray starts (loading it costs seconds).
+        load_model(*checkpoint_from_arguments(parser, args), "cpu")
     options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
                    device=args.device, config=config, load_fast=args.load_fast)
     ray.init(address=args.address)

@@ -255,8 +255,9 @@ def route(scope: dict) -> str:
     return path[len(root):] if path.startswith(root) else path
 
 
-def run_here(function):
-    """How server.py's prompt functions run a model call: here, already on the model thread."""
+def run_here(function, continues: bool = False):
+    """How server.py's prompt functions run a model call: here, already on the model thread (a
+    request's parts one after the other, without a queue to wait in: `continues` says nothing)."""
     return function()
 
 

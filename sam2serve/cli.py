@@ -218,7 +218,7 @@ def device_problem(device: str, here: bool = True) -> str | None:
         parsed = torch.device(device)
     except RuntimeError:
         return "not a torch device; use cpu, cuda or cuda:N"
-    if parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index is not None):
+    if parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index not in (None, 0)):
         return "not a device the models run on; use cpu, cuda or cuda:N"
     if here and parsed.type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available on this machine; use --device cpu"

@@ -58,8 +58,9 @@ ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST"
           "/metrics": "GET"}  # path -> method
 # /metrics labels: other paths and methods count as "other", so clients cannot add series without end.
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-# GET /'s Content-Security-Policy, sent by every front that serves the page: its own script,
-# style and requests alone (its favicon is an empty data: URL), and no other site may frame it.
+# The page's Content-Security-Policy (GET /, and server.py's /static/index.html), sent by every
+# front that serves it: its own script, style and requests alone (its favicon is an empty data:
+# URL), and no other site may frame it.
 PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
                         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 # Sent with every answer, by every front: a browser takes the answer's media type as given, so a
@@ -162,6 +163,7 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     """The format an endpoint answers in, from its `format` query parameter's values (none, or
     one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
     formats = ANSWER_FORMATS[endpoint]
+    asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if len(asked) > 1:
         raise InvalidImage(f"format: given {len(asked)} times; give it once")
     if asked and asked[0] not in formats:
@@ -218,9 +220,9 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
 
 
 def first_line(error: Exception, limit: int = 300) -> str:
-    """An error's first line, cut at limit characters: what a client is told of an error of the
+    """An error's first line (not blank), cut at limit characters: what a client is told of an error of the
     server's own (TorchScript's messages go on with a traceback naming the server's files)."""
-    lines = str(error).splitlines()
+    lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0][:limit] if lines else ""
 
 
@@ -413,10 +415,10 @@ def cached_embedding(cache: EmbeddingCache, image_id: str):
 def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> tuple[str, object, list[Prompt]]:
     """A JSON /segment's image id, its encoding from the cache and its prompts, checked. The body
     is held to a form field's limit, as the same prompts sent in a form are: the most prompts
-    allowed take under 200 kB, and parsing megabytes of JSON would cost seconds."""
+    allowed take under 200 kB as compact JSON, and parsing megabytes would cost seconds."""
     if len(body) > limits.max_form_field_bytes:
         raise FormTooLarge(f"the JSON body is larger than the limit of {limits.max_form_field_bytes} bytes; "
-                           f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in far less")
+                           f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON")
     image_id, prompts = segment_payload(json_payload(body))
     embedding = cached_embedding(cache, image_id)
     return image_id, embedding, parse_prompts(prompts, embedding.size)
@@ -424,9 +426,10 @@ def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> 
 
 # The most mask pixels one call on the model makes before they become RLE. A /segment's prompt
 # sets run in parts of at most this many (3 masks a set where multimask, else 1): 64 sets on a
-# 40-megapixel image would otherwise hold 7.7 billion pixels of masks at once. Each part is its
-# own turn on the model's thread, so a request whose client has gone, or whose time is up, stops
-# between parts (the worker runs no call of theirs), and other requests take their turns.
+# 40-megapixel image would otherwise hold 7.7 billion pixels of masks at once. In server.py each
+# part is its own turn on the model's thread, so a request whose client has gone, or whose time
+# is up, stops between parts (the worker runs no call of theirs), and other requests take their
+# turns; a later part waits for room in a full queue (InferenceWorker.call's continues).
 SEGMENT_PART_PIXELS = 100_000_000
 
 
@@ -465,8 +468,8 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                  [logits.clone() for logits in answer.low_res_logits] if prompt.keep_logits else [])
                 for prompt, answer in zip(part, segmenter.segment(embedding, part, mask_inputs))]
 
-    decoded = [answer for part in prompt_parts(prompts, embedding.size)
-               for answer in run(functools.partial(decode, part))]
+    decoded = [answer for index, part in enumerate(prompt_parts(prompts, embedding.size))
+               for answer in run(functools.partial(decode, part), continues=index > 0)]
     results = []
     for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
         result = {"masks": masks, "iou_predictions": iou_predictions}

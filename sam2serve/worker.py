@@ -174,26 +174,36 @@ class InferenceWorker:
         return self._wait_for(Job(image=image, annotate=annotate, abandoned=abandoned))
 
     def call(self, function: Callable[[], Any], deadline: float | None = None,
-             abandoned: Callable[[], bool] | None = None) -> Any:
+             abandoned: Callable[[], bool] | None = None, continues: bool = False) -> Any:
         """function() run on the worker's thread, in the queue's order (calls on the model that
         are not segment-everything: encoding an image, decoding prompts). Raises as submit.
         deadline (time.monotonic()): the request's, for one that calls more than once, so that
-        its calls together wait no longer than the timeout."""
-        return self._wait_for(Job(call=function, abandoned=abandoned), deadline)
+        its calls together wait no longer than the timeout. continues: a later part of a request
+        the model has begun (its prompt sets after the first part), which waits for room in a
+        full queue, until the deadline, instead of Busy: the model time spent on it is not lost."""
+        return self._wait_for(Job(call=function, abandoned=abandoned), deadline, continues)
 
-    def _wait_for(self, job: Job, deadline: float | None = None) -> Any:
-        timeout_s = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
-        if timeout_s <= 0:  # spent by the request's earlier calls
+    def _wait_for(self, job: Job, deadline: float | None = None, continues: bool = False) -> Any:
+        deadline = time.monotonic() + self.timeout_s if deadline is None else min(
+            deadline, time.monotonic() + self.timeout_s)
+        if deadline <= time.monotonic():  # spent by the request's earlier calls
             raise self.timed_out()
         with self._admission:
             self.require_ready()
+            if not continues:
+                try:
+                    self.jobs.put_nowait(job)
+                except queue.Full:
+                    wait = self.queue_depth * self.seconds_per_image / self.batch_size
+                    raise Busy(f"the server is busy ({self.queue_depth} requests queued)",
+                               max(1, round(wait))) from None
+        if continues:  # admitted already: a stop waits for it (admitted()), outside the lock
             try:
-                self.jobs.put_nowait(job)
+                self.jobs.put(job, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
-                wait = self.queue_depth * self.seconds_per_image / self.batch_size
-                raise Busy(f"the server is busy ({self.queue_depth} requests queued)", max(1, round(wait))) from None
+                raise self.timed_out() from None
         try:
-            return job.future.result(timeout=timeout_s)
+            return job.future.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             job.timed_out = True  # already running: stopped at the next batch of point prompts
             job.future.cancel()  # still queued: the worker skips it

@@ -346,6 +346,22 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_devices_the_models_run_on():
+    """The CPU (cpu:0 is torch's name for it too) and CUDA GPUs; not torch's meta device, whose
+    tensors hold no numbers; and on a machine without CUDA, no CUDA device."""
+    import torch
+
+    from sam2serve.cli import device_problem
+
+    assert device_problem("cpu") is None and device_problem("cpu:0") is None
+    assert "not a device the models run on" in device_problem("cpu:1")
+    assert "not a device the models run on" in device_problem("meta")
+    assert "not a torch device" in device_problem("gpu")
+    assert device_problem("cuda:3", here=False) is None  # a cluster's machines, not this one
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in device_problem("cuda")
+
+
 def test_number_options_refuse_values_out_of_range():
     """Learning rates above 0, seeds and steps from 0, shares from 0 to 1, in argparse's words."""
     from argparse import ArgumentTypeError

@@ -26,7 +26,7 @@ from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, create_app
+from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, create_app, first_line
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
 from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
@@ -283,6 +283,7 @@ def test_an_internal_error_answers_its_first_line_and_logs_the_rest(caplog):
     assert response.get_json() == {"error": "internal error: RuntimeError: The following operation failed in the "
                                             "TorchScript interpreter."}
     assert "/srv/app/model.py" in caplog.text
+    assert first_line(RuntimeError("\n  \nthe message\nmore")) == "the message"  # its first line with words
 
 
 def test_tiny_images_get_the_baselines_answer(trained_micro_checkpoint):

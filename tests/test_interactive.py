@@ -496,7 +496,7 @@ def test_segment_runs_in_parts_of_bounded_mask_pixels_each_its_own_turn(micro, m
     on a large image never exist at once. The answer is the one of a single part."""
     client = micro_client(micro)
     image_id = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
-    body = {"image_id": image_id, "prompts": [prompt for _, prompt in PROMPTS]}
+    body = {"image_id": image_id, "prompts": [{**prompt, "keep_logits": True} for _, prompt in PROMPTS]}
     whole = client.post("/segment", json=body).get_json()
     parts, calls = [], []
     segment, call = PromptSegmenter.segment, InferenceWorker.call
@@ -513,6 +513,10 @@ def test_segment_runs_in_parts_of_bounded_mask_pixels_each_its_own_turn(micro, m
     for split, joined in zip(in_parts["results"], whole["results"]):
         assert np.array_equal(rles_to_masks(split["masks"]), rles_to_masks(joined["masks"]))
         assert np.allclose(split["iou_predictions"], joined["iou_predictions"], rtol=0, atol=1e-5)
+        assert split["mask_input_ids"] == joined["mask_input_ids"] and None not in split["mask_input_ids"]
+    # A kept mask of the last part refines as one of the first's would.
+    refine = {"points": [[60, 70]], "mask_input": in_parts["results"][-1]["mask_input_ids"][0], "multimask": False}
+    assert client.post("/segment", json={"image_id": image_id, "prompts": [refine]}).status_code == 200
     # One set larger than a part is a part alone.
     monkeypatch.setattr(serving, "SEGMENT_PART_PIXELS", 1)
     parts.clear()
@@ -640,5 +644,5 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
     ]:
         response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
         assert response.status_code == 400 and words in response.get_json()["error"], url
-    for url in ("/upload?format=png", "/upload_rle?format=rle", "/embed?format=json"):
+    for url in ("/upload?format=png", "/upload_rle?format=rle", "/embed?format=json", "/upload_rle?format="):
         assert client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).status_code == 200, url

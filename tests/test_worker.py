@@ -219,6 +219,31 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
+def test_a_later_part_of_a_request_waits_for_room_in_a_full_queue_instead_of_busy():
+    """A /segment's later parts (continues): refused with Busy once the model has run its first
+    part, the request would lose that time; it waits for a place, until its deadline."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
+    running, running_threads = hold_worker(worker, stub)
+    queued, queued_threads = submit_in_threads(worker, [2])  # fills the queue of one
+    wait_for(lambda: worker.queue_depth == 1)
+    with pytest.raises(Busy):
+        worker.call(lambda: "first part")
+    with pytest.raises(TimedOut):  # no room before its deadline
+        worker.call(lambda: "later part", deadline=time.monotonic() + 0.3, continues=True)
+    answers = []
+    later = threading.Thread(target=lambda: answers.append(worker.call(
+        lambda: stub.batches.append(["later"]) or "later part", continues=True)))
+    later.start()
+    time.sleep(0.3)
+    assert answers == [] and later.is_alive()  # waiting for a place, not refused
+    stub.gate.set()
+    later.join(timeout=10)
+    for thread in running_threads + queued_threads:
+        thread.join(timeout=5)
+    assert answers == ["later part"] and stub.batches == [[1], [2], ["later"]]  # in the queue's order
+
+
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=3, max_queue=10)

@@ -20,7 +20,8 @@ queue:
   accepted before it returns: a server told to stop (SIGTERM, Ctrl-C) answers every request it
   accepted, even one that calls the worker twice (`/segment` with an image: encode, then
   decode), since the HTTP layer holds each request's admission (`admitted`) from start to
-  answer. (A full queue still refuses such a second call with `Busy`, stopping or not.)
+  answer. (A full queue still refuses such a second call with `Busy`, stopping or not; the
+  later parts of a `/segment`'s prompt sets, `continues`, wait for a place instead.)
 
 Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
 to the thread that starts them, and a second thread doing parallel work gets a second pool. With

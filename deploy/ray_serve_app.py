@@ -50,7 +50,7 @@ from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
     URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
-    error_answer, field_too_large, form_prompts, is_json, json_text, raw_body_type, render_answer,
+    error_answer, field_too_large, form_prompts, is_json, json_text, render_answer, unread_body,
     require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, share_encodings,
     too_many_parts,
 )
@@ -180,10 +180,10 @@ class SegmentEverything:
     async def uploaded_image(self, request: Request, form=None):
         form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
-        mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits,
                              [key for key, value in form.items() if not hasattr(value, "read")],
-                             raw_body_type(mimetype, int(request.headers.get("content-length") or 0)))
+                             unread_body(request.headers.get("content-type", ""),
+                                         int(request.headers.get("content-length") or 0)))
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by server.py's functions."""
@@ -255,9 +255,9 @@ def route(scope: dict) -> str:
     return path[len(root):] if path.startswith(root) else path
 
 
-def run_here(function, continues: bool = False):
+def run_here(function):
     """How server.py's prompt functions run a model call: here, already on the model thread (a
-    request's parts one after the other, without a queue to wait in: `continues` says nothing)."""
+    request's calls one after the other, without a queue to wait in)."""
     return function()
 
 

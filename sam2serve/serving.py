@@ -30,6 +30,7 @@ from flask import Flask, Response, g, request
 from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
 
 from .amg import Generator
 from .interactive import (
@@ -131,28 +132,33 @@ def json_text(payload: object) -> str:
 
 
 def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
-                  body_type: str = "") -> np.ndarray:
+                  unread_body: str = "") -> np.ndarray:
     """The image of the multipart field 'image' (`files`: the contents of every file sent in that
     field), checked and decoded. Without one, the message says what came instead: `text_fields`
-    (an 'image' text field: curl -F without its @), or `body_type`, the media type of a body that
-    is not a multipart form (a raw image posted as the body)."""
+    (an 'image' text field: curl -F without its @), or `unread_body`, why the body was not read
+    as a form (a raw image posted as the body, say)."""
     if not files:
         if "image" in text_fields:
             raise InvalidImage("the field 'image' holds text, not a file: put @ before the file's path "
                                "(curl -F 'image=@file.jpg')")
-        received = (f"the body is {body_type}, not a multipart form" if body_type
-                    else f"received file fields: {file_fields or 'none'}")
+        received = unread_body or f"received file fields: {file_fields or 'none'}"
         raise InvalidImage(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
     if len(files) > 1:
         raise InvalidImage(f"expected one file in the field 'image', received {len(files)}; send one image per request")
     return decode_image(files[0], limits.max_pixels)
 
 
-def raw_body_type(mimetype: str, body_bytes: int) -> str:
-    """decode_upload's `body_type`: the media type of a body that is not a multipart form, or ""."""
-    if not body_bytes or mimetype.startswith("multipart/"):
+def unread_body(content_type: str, body_bytes: int) -> str:
+    """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header)
+    is no multipart form to read, or "" where it is one, or empty."""
+    mimetype, options = parse_options_header(content_type)
+    if not body_bytes:
         return ""
-    return mimetype or "of no media type"
+    if mimetype != "multipart/form-data":
+        return f"the body is {mimetype or 'of no media type'}, not a multipart form"
+    if not options.get("boundary"):
+        return "the Content-Type multipart/form-data names no boundary (let curl -F write that header)"
+    return ""
 
 
 # Each POST endpoint's answer formats (its `format` query parameter), the default first.
@@ -429,7 +435,7 @@ def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> 
 # 40-megapixel image would otherwise hold 7.7 billion pixels of masks at once. In server.py each
 # part is its own turn on the model's thread, so a request whose client has gone, or whose time
 # is up, stops between parts (the worker runs no call of theirs), and other requests take their
-# turns; a later part waits for room in a full queue (InferenceWorker.call's continues).
+# turns; a later part waits for room in a full queue (InferenceWorker.calls_of_one_request).
 SEGMENT_PART_PIXELS = 100_000_000
 
 
@@ -468,8 +474,8 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                  [logits.clone() for logits in answer.low_res_logits] if prompt.keep_logits else [])
                 for prompt, answer in zip(part, segmenter.segment(embedding, part, mask_inputs))]
 
-    decoded = [answer for index, part in enumerate(prompt_parts(prompts, embedding.size))
-               for answer in run(functools.partial(decode, part), continues=index > 0)]
+    decoded = [answer for part in prompt_parts(prompts, embedding.size)
+               for answer in run(functools.partial(decode, part))]
     results = []
     for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
         result = {"masks": masks, "iou_predictions": iou_predictions}
@@ -587,7 +593,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def uploaded_image() -> np.ndarray:
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
-                             raw_body_type(request.mimetype, request.content_length or 0))
+                             unread_body(request.content_type or "", request.content_length or 0))
 
     @app.before_request
     def start_clock() -> None:
@@ -650,9 +656,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         with image and a JSON prompts field): their masks as RLE, best first."""
         answer_format("/segment", request.args.getlist("format"))
         require_segmenter(worker.segmenter, info.get("mode"))
-        # An uploaded image is encoded, then decoded: two waits in the queue, one request timeout
-        # (counted from here, reading the upload included).
-        run = functools.partial(worker.call, deadline=time.monotonic() + worker.timeout_s, abandoned=client_gone())
+        # An uploaded image is encoded, then decoded: one request timeout (counted from here,
+        # reading the upload included), and only the first call may find the queue full.
+        run = worker.calls_of_one_request(abandoned=client_gone())
         if is_json(request.mimetype):
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache, limits)
         else:

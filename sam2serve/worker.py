@@ -20,8 +20,8 @@ queue:
   accepted before it returns: a server told to stop (SIGTERM, Ctrl-C) answers every request it
   accepted, even one that calls the worker twice (`/segment` with an image: encode, then
   decode), since the HTTP layer holds each request's admission (`admitted`) from start to
-  answer. (A full queue still refuses such a second call with `Busy`, stopping or not; the
-  later parts of a `/segment`'s prompt sets, `continues`, wait for a place instead.)
+  answer. (A full queue refuses only a request's first call with `Busy`: its later ones, such as
+  the decoding after the encoding, wait for a place, `calls_of_one_request`.)
 
 Which thread: on a CPU, torch runs its parallel operations on an OpenMP thread pool that belongs
 to the thread that starts them, and a second thread doing parallel work gets a second pool. With
@@ -183,6 +183,20 @@ class InferenceWorker:
         the model has begun (its prompt sets after the first part), which waits for room in a
         full queue, until the deadline, instead of Busy: the model time spent on it is not lost."""
         return self._wait_for(Job(call=function, abandoned=abandoned), deadline, continues)
+
+    def calls_of_one_request(self, abandoned: Callable[[], bool] | None = None) -> Callable[[Callable[[], Any]], Any]:
+        """call, for a request that makes several (a one-shot /segment encodes its image, then
+        decodes its prompt sets in parts): its calls share one deadline, the timeout from now,
+        and each after the first continues the request, waiting for room in a full queue."""
+        deadline = time.monotonic() + self.timeout_s
+        calls_made = 0
+
+        def run(function: Callable[[], Any]) -> Any:
+            nonlocal calls_made
+            answer = self.call(function, deadline, abandoned, continues=calls_made > 0)
+            calls_made += 1
+            return answer
+        return run
 
     def _wait_for(self, job: Job, deadline: float | None = None, continues: bool = False) -> Any:
         deadline = time.monotonic() + self.timeout_s if deadline is None else min(

@@ -219,6 +219,33 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
+def test_only_the_first_of_a_requests_calls_can_find_the_queue_full():
+    """A one-shot /segment encodes its image (its first call), then decodes its prompts: should
+    the queue fill up meanwhile, the decoding waits for a place instead of losing the encoding."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
+    worker.start(stub)
+    run = worker.calls_of_one_request()
+    assert run(lambda: "encoded") == "encoded"
+    stub.gate.clear()
+    running, running_threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    queued, queued_threads = submit_in_threads(worker, [2])  # fills the queue of one
+    wait_for(lambda: worker.queue_depth == 1)
+    with pytest.raises(Busy):  # another request's first call
+        worker.calls_of_one_request()(lambda: "first call")
+    answers = []
+    later = threading.Thread(target=lambda: answers.append(run(lambda: "decoded")))
+    later.start()
+    time.sleep(0.3)
+    assert answers == [] and later.is_alive()  # waiting for a place, not refused
+    stub.gate.set()
+    later.join(timeout=10)
+    for thread in running_threads + queued_threads:
+        thread.join(timeout=5)
+    assert answers == ["decoded"] and stub.batches == [[1], [2]]
+
+
 def test_a_later_part_of_a_request_waits_for_room_in_a_full_queue_instead_of_busy():
     """A /segment's later parts (continues): refused with Busy once the model has run its first
     part, the request would lose that time; it waits for a place, until its deadline."""

@@ -186,8 +186,18 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
     (directory / MANIFEST).write_text(json.dumps({**asdict(spec), "files": files}, indent=2) + "\n")
 
 
-def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernels:
-    """Loads kernels saved by save_kernels, refusing a package built for something else."""
+def aoti_device_index(device: torch.device | str) -> int:
+    """aoti_load_package's device_index: the GPU's number (cuda:1 runs on GPU 1, not on this
+    thread's current one), or -1 on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return -1
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.device | str = "cpu") -> StaticKernels:
+    """Loads kernels saved by save_kernels onto the model's device, refusing a package built for
+    something else."""
     directory = Path(directory)
     again = "export them again for this server with --save-fast"
     if not directory.is_dir():
@@ -215,10 +225,9 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec) -> StaticKernel
         if not path.is_file() or file_sha256(path) != files.get(name):
             raise PackageMismatch(f"{path} is {'missing' if not path.is_file() else 'not the file its manifest lists'}"
                                   f" (a copy cut short, or changed since); {again}")
-    device_index = torch.cuda.current_device() if spec.device == "cuda" else -1
     try:
         encoder, decoder = [
-            torch._inductor.aoti_load_package(str(directory / name), device_index=device_index)
+            torch._inductor.aoti_load_package(str(directory / name), device_index=aoti_device_index(device))
             for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
         ]
     except RuntimeError as error:

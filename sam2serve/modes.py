@@ -203,11 +203,11 @@ def build_generator(
     spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size)
     started = time.perf_counter()
     if load_fast:
-        kernels = load_kernels(load_fast, spec)
+        kernels = load_kernels(load_fast, spec, loaded.model.device)
         how = f"loaded exported kernels from {load_fast}"
     elif save_fast:
         save_kernels(loaded.model, spec, save_fast)
-        kernels = load_kernels(save_fast, spec)
+        kernels = load_kernels(save_fast, spec, loaded.model.device)
         how = f"exported kernels to {save_fast}"
     else:
         compile_mode = compile_mode or default_compile_mode(spec.device)

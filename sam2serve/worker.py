@@ -73,7 +73,8 @@ class Stopping(RuntimeError):
 
 class Abandoned(RuntimeError):
     """The request went (its client, or its timeout) before its turn, or while its masks were
-    being made: the model did not run it, or stopped."""
+    being made: the model did not run it, or stopped. (Its caller, if still there, has had
+    TimedOut for a timeout: this answer is only the job's own.)"""
 
 
 @dataclass
@@ -260,7 +261,9 @@ class InferenceWorker:
 
     def _run(self, jobs: list[Job]) -> None:
         for job in jobs:
-            if job.call is not None:
+            if job.call is not None and (job.timed_out or gone(job)):  # went while the calls before it ran
+                job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
+            elif job.call is not None:
                 try:
                     job.future.set_result(job.call())
                 except Exception as error:  # noqa: BLE001 - goes back to its request

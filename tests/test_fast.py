@@ -29,7 +29,8 @@ from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
 from sam2serve.fast import (
-    DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, kernel_spec, load_kernels, save_kernels,
+    DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, aoti_device_index, kernel_spec, load_kernels,
+    save_kernels,
 )
 from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, load_pipeline, mode_config
 from sam2serve.preprocess import image_to_input, image_to_input_on_device
@@ -231,6 +232,25 @@ def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exporte
     summary = compare(f"{kernels}: images encoded together vs alone", [generator.generate(image) for image in images],
                       generator.generate_batch(images))
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
+
+
+def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeypatch):
+    """cuda:1 loads the packages onto GPU 1 (aoti_load_package's device_index), not onto the
+    thread's current GPU; a CPU is -1. Checked without a GPU: the index is what is passed."""
+    directory, _ = exported
+    loaded = load_micro()
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE)
+    asked = []
+
+    class Package:  # what the loaded-package registry keeps (weakly)
+        pass
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path, device_index: asked.append(device_index) or Package())
+    load_kernels(directory, spec, torch.device("cuda", 1))
+    load_kernels(directory, spec, loaded.model.device)
+    assert asked == [1, 1, -1, -1]
+    assert aoti_device_index("cuda:3") == 3 and aoti_device_index("cpu") == -1
 
 
 def test_mismatched_package_is_refused(exported, load_micro, tmp_path):

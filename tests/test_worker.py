@@ -219,6 +219,34 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
+def test_a_call_whose_request_timed_out_while_others_of_its_batch_ran_is_not_run():
+    """Calls taken in one batch run one after another: one whose request gave up meanwhile (its
+    timeout) is skipped, as a queued one is, instead of running for nobody."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=3, max_queue=4, timeout_s=30)
+    running, running_threads = hold_worker(worker, stub)
+    ran, answers = [], {}
+
+    def request(name, seconds, deadline_s):
+        try:
+            answers[name] = worker.call(lambda: ran.append(name) or time.sleep(seconds) or name,
+                                        deadline=time.monotonic() + deadline_s)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            answers[name] = error
+
+    threads = [threading.Thread(target=request, args=("slow", 1.5, 30)),
+               threading.Thread(target=request, args=("impatient", 0, 0.7))]
+    for thread in threads:
+        thread.start()
+        wait_for(lambda: worker.queue_depth == threads.index(thread) + 1)
+    stub.gate.set()  # both calls are taken in one batch; the slow one runs first
+    for thread in threads + running_threads:
+        thread.join(timeout=10)
+    assert answers["slow"] == "slow" and isinstance(answers["impatient"], TimedOut)
+    assert ran == ["slow"]
+    assert worker.call(lambda: "next") == "next"  # the worker goes on
+
+
 def test_only_the_first_of_a_requests_calls_can_find_the_queue_full():
     """A one-shot /segment encodes its image (its first call), then decodes its prompts: should
     the queue fill up meanwhile, the decoding waits for a place instead of losing the encoding."""

@@ -529,7 +529,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
         )
-        queue_depth = prom.Gauge("sam2_queue_depth", "Images waiting for the worker", registry=self.registry)
+        queue_depth = prom.Gauge("sam2_queue_depth", "Requests waiting for the worker (images, encodings, prompt sets)", registry=self.registry)
         queue_depth.set_function(lambda: worker.queue_depth)
         self.batch_sizes = prom.Histogram(
             "sam2_batch_size", "Images per worker batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)

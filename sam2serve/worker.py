@@ -11,8 +11,9 @@ queue:
   and send again would otherwise have the model run every copy, the ones nobody waits for first;
 - segment-everything that is already running stops before its next batch of point prompts once
   every request of its batch has gone (client or timeout): the generator's `should_stop`;
-- the worker takes up to `batch_size` queued images at once, only those that are waiting
-  (a batch is never padded with duplicated work), and runs them with one image-encoder call;
+- the worker takes up to `batch_size` queued jobs at once, only those that are waiting
+  (a batch is never padded with duplicated work), and runs the images among them with one
+  image-encoder call (the other calls, encodings and prompt sets, one after another);
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too);

@@ -27,6 +27,7 @@ import prometheus_client as prom
 import prometheus_client.core as prom_core
 import torch
 from flask import Flask, Response, g, request
+from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
@@ -187,8 +188,15 @@ def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[by
 
 def coco_annotations(records: list[dict]) -> list[dict]:
     """Mask records (Generator.annotate) as COCO annotations: segmentation as compressed RLE,
-    the string pycocotools reads."""
-    return [{**record, "segmentation": coco_encode_rle(record["segmentation"])} for record in records]
+    the string pycocotools reads, and bbox as COCO's [x, y, width, height], pycocotools' toBbox
+    (sam2's record counts its last column and row out: a box one pixel short, none for a mask
+    one pixel wide)."""
+    annotations = []
+    for record in records:
+        segmentation = coco_encode_rle(record["segmentation"])
+        bbox = mask_utils.toBbox({**segmentation, "counts": segmentation["counts"].encode()})
+        annotations.append({**record, "segmentation": segmentation, "bbox": [int(value) for value in bbox]})
+    return annotations
 
 
 def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:

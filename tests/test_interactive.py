@@ -597,8 +597,8 @@ def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path):
 
 
 def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
-    """/upload_rle?format=coco: sam2 generate()'s fields, compressed RLE that pycocotools reads;
-    the same masks as the default answer, and ao's records as the baseline's."""
+    """/upload_rle?format=coco: sam2 generate()'s fields, compressed RLE that pycocotools reads and
+    COCO's box; the same masks as the default answer, and ao's records as the baseline's."""
     from pycocotools import mask as mask_utils
 
     from sam2serve.amg import ReferenceMaskGenerator
@@ -626,7 +626,10 @@ def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
     for annotation, rle in zip(coco, default.values()):
         assert isinstance(annotation["segmentation"]["counts"], str)
         assert np.array_equal(mask_utils.decode(annotation["segmentation"]), rles_to_masks([rle])[0])
-        assert annotation["area"] == int(rles_to_masks([rle])[0].sum())
+        mask = rles_to_masks([rle])[0]
+        assert annotation["area"] == int(mask.sum())
+        ys, xs = np.nonzero(mask)  # COCO's box: the mask's extent, its last column and row in
+        assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
     wrong = client.post("/upload?format=coco", data={"image": (io.BytesIO(data), "a.png")})
     assert wrong.status_code == 400 and "format" in wrong.get_json()["error"]
 

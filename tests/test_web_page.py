@@ -469,11 +469,11 @@ def rle(mask: np.ndarray) -> dict:
 
 
 def coco_record(mask: np.ndarray) -> dict:
-    """A mask as /upload_rle?format=coco writes it (sam2's generate() record)."""
+    """A mask as /upload_rle?format=coco writes it (sam2's generate() record, COCO's box)."""
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     ys, xs = np.nonzero(mask)
     return {"segmentation": {"size": encoded["size"], "counts": encoded["counts"].decode()}, "area": int(mask.sum()),
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())],
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() + 1 - xs.min()), int(ys.max() + 1 - ys.min())],
             "predicted_iou": 0.9, "point_coords": [[float(xs.mean()), float(ys.mean())]], "stability_score": 0.95,
             "crop_box": [0, 0, mask.shape[1], mask.shape[0]]}
 

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ KEEP_EVERY_CANDIDATE = [
 CONFIG = AMGConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 MAX_PIXELS = 200 * 200
 MAX_UPLOAD_MB = 1
+# The README's command for many images, as a user pastes it.
+README_XARGS = next(line for line in (REPO / "README.md").read_text().splitlines() if "| xargs" in line)
 
 
 def free_port() -> int:
@@ -149,18 +152,22 @@ def test_upload_rle_ao_equals_baseline_and_in_process(servers, image_files, tiny
 
 
 def test_xargs_curl_writes_one_json_per_line(servers, image_files, tmp_path):
-    names = ["scene.jpg", "other.png", "third.jpg", "other.png"]
-    (tmp_path / "image_paths").write_text("".join(f"{image_files / name}\n" for name in names))
-    command = (f"xargs -I {{}} curl -s -w \"\\n\" -X POST {servers['ao']}/upload_rle -F 'image=@{{}}' "
-               f"< image_paths > rle_masks")
+    """README's command, pasted: one line per path, in order, whatever the file names hold (an
+    apostrophe stopped xargs, a comma or semicolon split curl's -F, shifting later lines)."""
+    names = ["scene.jpg", "other.png", "third.jpg", "other.png", "dog's photo.jpg", "a,b;type=text.png"]
+    shutil.copy(image_files / "scene.jpg", tmp_path / names[-2])
+    shutil.copy(image_files / "other.png", tmp_path / names[-1])
+    paths = [image_files / name for name in names[:4]] + [tmp_path / name for name in names[4:]]
+    (tmp_path / "image_paths").write_text("".join(f"{path}\n" for path in paths))
+    command = README_XARGS.replace("http://127.0.0.1:5000", servers["ao"])
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=300)
     lines = (tmp_path / "rle_masks").read_text().splitlines()
     assert len(lines) == len(names)
-    for name, line in zip(names, lines):
+    for path, line in zip(paths, lines):
         masks = rles_to_masks(list(json.loads(line).values()))
-        height, width = np.array(Image.open(image_files / name)).shape[:2]
+        height, width = np.array(Image.open(path)).shape[:2]
         assert masks.shape == (48, height, width)
-    assert lines[1] == lines[3]  # same image, same answer
+    assert lines[1] == lines[3] == lines[5] and lines[0] == lines[4]  # same image, same answer
 
 
 def test_upload_draws_masks_over_the_image(servers, image_files, tmp_path):

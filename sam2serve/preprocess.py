@@ -80,8 +80,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             from error
     except UnidentifiedImageError as error:
         heif = data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+        tiff = data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # Pillow reads TIFFs of some pixel formats only
         raise InvalidImage(f"the file is not an image in one of the formats read: {FORMATS_TEXT}"
-                           + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")) from error
+                           + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")
+                           + ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats): save "
+                              "it with 8- or 16-bit integers or 32-bit floats" if tiff else "")) from error
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
         raise InvalidImage(f"the image could not be decoded: {error}") from error
 
@@ -91,7 +94,9 @@ def read_image_file(path: str | os.PathLike) -> np.ndarray:
     return decode_image(Path(path).read_bytes(), FILE_MAX_PIXELS)
 
 
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Grayscale of 32-bit integers or floats (TIFF, mostly: microscopy, depth, remote sensing).
+WIDE_MODES = ("I", "F")
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -99,18 +104,42 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
     Grayscale, palette and CMYK go through Pillow's own conversion. Transparent pixels are laid
     over white, as a viewer shows them: dropping alpha would segment colours nobody sees (cut-outs
-    often keep the old background under alpha 0). 16-bit grayscale is rescaled to 8 bits:
-    Pillow's conversion would clip it at 255, which turns most 16-bit images white.
+    often keep the old background under alpha 0). Grayscale wider than 8 bits is rescaled:
+    Pillow's conversion would clip it at 255, which turns most such images white or black
+    (wide_gray_to_8_bits).
     """
-    if image.mode in SIXTEEN_BIT_MODES:
-        gray = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    if image.mode in SIXTEEN_BIT_MODES + WIDE_MODES:
+        gray = wide_gray_to_8_bits(np.asarray(image), image.mode)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P" or "transparency" in image.info:
         image = image.convert("RGBA")  # palettes, and PNGs with one colour keyed out, carry it
     if "A" in image.getbands():
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return np.array(image.convert("RGB"))
+
+
+def wide_gray_to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
+    """Grayscale wider than 8 bits -> uint8. 16-bit images by their type's range (65535 -> 255,
+    as a photo's 16 bits mean); 32-bit ones by the range their values use, since the type says
+    nothing of it: integers as 8 or 16 bits where they fit in them (else their minimum to maximum
+    spread over 0..255), floats as 0..1 or 0..255 where they fit in them (else spread the same
+    way). Values that are not numbers (NaN, infinities) become 0."""
+    values = values.astype(np.float32)  # 8 bits out: float32's 24 bits of precision are plenty
+    finite = np.isfinite(values)
+    low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    floats = mode == "F"
+    offset = 0.0
+    if mode in SIXTEEN_BIT_MODES:
+        scale = 1 / 257
+    elif low >= 0 and high <= (1 if floats else 255):
+        scale = 255.0 if floats else 1.0
+    elif low >= 0 and high <= (255 if floats else 65535):
+        scale = 1.0 if floats else 1 / 257
+    else:
+        offset, scale = low, (255.0 / (high - low) if high > low else 0.0)
+    scaled = (values - offset) * scale
+    scaled[~finite] = 0.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def image_to_input(image: np.ndarray, resolution: int) -> torch.Tensor:

@@ -35,6 +35,34 @@ def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
     assert (array == expected[..., None]).all()  # Pillow's convert("RGB") would give 255 for most
 
 
+GRAY = (np.arange(48 * 64) % 256).reshape(48, 64).astype(np.uint8)  # every 8-bit value
+
+
+@pytest.mark.parametrize("name, values", [
+    ("floats 0..1", GRAY.astype(np.float32) / 255),
+    ("floats 0..255", GRAY.astype(np.float32)),
+    ("floats of another range", GRAY.astype(np.float32) * 4 - 1000),
+    ("32-bit integers 0..255", GRAY.astype(np.int32)),
+    ("32-bit integers 0..65535", GRAY.astype(np.int32) * 257),
+    ("32-bit integers of the whole range", (GRAY.astype(np.int64) * 16843009 - 2**31).astype(np.int32)),
+])
+def test_thirty_two_bit_grayscale_is_read_by_the_range_it_uses(name, values):
+    """TIFFs of 32-bit integers or floats (microscopy, depth): Pillow's conversion clipped them at
+    0..255, so that floats of 0..1 and small integers went black, and wider ones white."""
+    image = Image.fromarray(values)
+    assert image.mode in ("I", "F")
+    decoded = decode_image(encode(image, "TIFF"), max_pixels=10**6)
+    assert (decoded == GRAY[..., None]).all(), name
+
+
+def test_grayscale_that_is_not_a_number_becomes_black():
+    values = np.array([[np.nan, 0.5], [np.inf, 1.0]], dtype=np.float32)
+    decoded = decode_image(encode(Image.fromarray(values), "TIFF"), max_pixels=100)
+    assert decoded[..., 0].tolist() == [[0, 128], [0, 255]]
+    constant = decode_image(encode(Image.fromarray(np.full((2, 2), -7, np.int32)), "TIFF"), max_pixels=100)
+    assert (constant == 0).all()
+
+
 def test_transparent_pixels_are_laid_over_white_and_palettes_keep_their_colours():
     """What a viewer shows is what is segmented: a cut-out's hidden background becomes white."""
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
@@ -128,6 +156,14 @@ def test_raster_formats_are_read_and_others_refused_with_the_list():
     heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)  # the start of an iPhone photo
     with pytest.raises(InvalidImage, match="it is HEIC/HEIF: save it as JPEG or PNG"):
         decode_image(heic, 10**6)
+    # A TIFF of a pixel format Pillow does not read (here 16-bit floats): said so.
+    tiff = bytearray(encode(Image.fromarray(np.zeros((4, 4), np.float32)), "TIFF"))
+    ifd = struct.unpack("<I", tiff[4:8])[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", tiff[ifd:ifd + 2])[0], 12):
+        if struct.unpack("<H", tiff[entry:entry + 2])[0] == 258:  # BitsPerSample: 32 -> 16
+            tiff[entry + 8:entry + 10] = struct.pack("<H", 16)
+    with pytest.raises(InvalidImage, match="it is a TIFF whose pixel format is not read"):
+        decode_image(bytes(tiff), 10**6)
 
 
 def test_model_input_equals_sam2_transforms(scene):

@@ -14,6 +14,7 @@
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,15 +184,17 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     timeline = (out / "timeline.txt").read_text()
     assert "failed stages: none" in timeline and "torch " in timeline
-    for stage, rows, tables in [("smoke", ["baseline", "ao"], 1),
-                                ("large", ["baseline", "ao", "fast", "fast_furious"], 2),
-                                ("export-save", ["fast_furious"], 1),
-                                ("export-load", ["fast_furious"], 1)]:
+    for stage, rows in [("smoke", ["baseline", "ao"]),
+                        ("large", ["baseline", "ao", "fast", "fast_furious"]),
+                        ("large-off", ["ao", "fast", "fast_furious"]),
+                        ("export-save", ["fast_furious"]),
+                        ("export-load", ["fast_furious"])]:
         text = (out / f"{stage}.md").read_text()
-        assert text.count("| mode | ready s |") == tables, text
+        assert text.count("| mode | ready s |") == 1, text
         assert all(f"\n| {row} |" in text for row in rows), text
         assert ("\n| baseline |" in text) == ("baseline" in rows), text
-        assert text.count("study_ao: not run:") == (tables if stage in ("smoke", "large") else 0), text
+        assert text.count("study_ao: not run:") == (1 if stage in ("smoke", "large") else 0), text
+    assert "| x ao | x study |" in (out / "large-off.md").read_text()  # compared with ao, the baseline's masks
     large = (out / "large.md").read_text()
     header, *_ = [line for line in large.splitlines() if line.startswith("| mode |")]
     ao, *_ = [line for line in large.splitlines() if line.startswith("| ao |")]
@@ -208,19 +211,22 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
 def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_comparison(tmp_path):
     """The script's own logic, against a stand-in for Python (seconds, no torch): a stage name
     it does not know, an option without its value, relative folders, an earlier run's masks
-    named as such, and an export comparison that fails."""
+    named as such, an export comparison that fails, the run's time limit, and a stop."""
     stub = tmp_path / "python"
     stub.write_text("#!/bin/bash\n"
                     'case "$1" in\n'
                     '    -) cat >/dev/null; echo "python stub" ;;\n'
                     '    compare_rle_lists.py) echo "error: line 1: mask sizes differ" >&2; exit 1 ;;\n'
+                    '    -m) [[ -z ${STUB_SLEEP:-} ]] || { echo $$ >"$STUB_SLEEP.part"; mv "$STUB_SLEEP.part" "$STUB_SLEEP"; '
+                    "exec sleep 60; } ;;\n"
                     "    *) exit 0 ;;\n"
                     "esac\n")
     stub.chmod(0o755)
 
-    def script(*arguments: str) -> subprocess.CompletedProcess:
+    def script(*arguments: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), *arguments], capture_output=True,
-                              text=True, env={**os.environ, "PYTHON": str(stub)}, cwd=tmp_path, timeout=60)
+                              text=True, env={**os.environ, "PYTHON": str(stub), **(environment or {})}, cwd=tmp_path,
+                              timeout=60)
 
     refused = script("--dry-run", "--stages", "smoke larg", "--out", "never")
     assert refused.returncode == 2 and "no stage 'larg'" in refused.stderr and not (tmp_path / "never").exists()
@@ -235,9 +241,40 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     assert result.returncode == 1
     assert "failed stages: export-compare" in (tmp_path / "out" / "timeline.txt").read_text()
     comparison = (tmp_path / "out" / "export-compare.md").read_text()
-    assert f"torch.compile (stage large of an earlier run in {tmp_path / 'work'}, 2020-01-02 03:04 UTC" in comparison
-    script("--dry-run", "--stages", "large export", "--out", "out", "--work", "work")
-    assert not earlier.exists() and "torch.compile" not in (tmp_path / "out" / "export-compare.md").read_text()
+    assert f"torch.compile (stage large-off of an earlier run in {tmp_path / 'work'}, 2020-01-02 03:04 UTC" in comparison
+    script("--dry-run", "--stages", "large-off export", "--out", "out", "--work", "work")
+    comparison = (tmp_path / "out" / "export-compare.md").read_text()
+    assert not earlier.exists() and "torch.compile: none (stage large-off did not write them)" in comparison
+
+    # The run's time: a stage that cannot start is skipped (TOTAL_SECONDS is scaled by 10 in a
+    # dry run, less 15 s kept for the end); one running when the script is stopped stops with it.
+    result = script("--dry-run", "--stages", "smoke large", "--out", "out", environment={"TOTAL_SECONDS": "3"})
+    timeline = (tmp_path / "out" / "timeline.txt").read_text()
+    assert result.returncode == 1 and "skip smoke: " in timeline and "skip large: " in timeline
+    assert "failed stages: smoke (no time left) large (no time left)" in timeline
+    sleeper = tmp_path / "sleeper.pid"
+    running = subprocess.Popen(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages", "smoke",
+                                "--out", "out"], cwd=tmp_path, env={**os.environ, "PYTHON": str(stub),
+                                                                    "STUB_SLEEP": str(sleeper)})
+    deadline = time.monotonic() + 30
+    while not sleeper.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage = int(sleeper.read_text())
+    running.terminate()
+    assert running.wait(timeout=30) == 143
+    deadline = time.monotonic() + 15
+    while process_exists(stage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_exists(stage), "the stage outlived the script"
+    assert "stopped by a signal" in (tmp_path / "out" / "timeline.txt").read_text()
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
@@ -249,6 +286,25 @@ def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
     lines = per_image_table([baseline, ao], images).splitlines()
     assert lines[0] == "| image | baseline ms (x baseline) | ao ms (x baseline) |"
     assert lines[2:] == ["| photo | 2200 (1.00) | 1100 (2.00) |", "| scene | 8000 (1.00) | 1000 (8.00) |"]
+
+
+def test_benchmark_tables_compare_with_ao_where_it_is_the_reference():
+    """--reference ao: the rows are compared with ao, which gives the baseline's masks, in the
+    columns named after it."""
+    from sam2serve.rle import masks_to_rle_vectorized
+    from tools.benchmark import ModeRun, per_image_table, table
+
+    square, half = torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
+    square[0, :4, :4] = half[0, :4, :2] = True
+    ao = ModeRun("ao", seconds=[1.0], masks={0: masks_to_rle_vectorized(square)}, repeats={0: [1.0]})
+    fast = ModeRun("fast_furious", seconds=[0.25], masks={0: masks_to_rle_vectorized(half)}, repeats={0: [0.25]})
+    header, _, _, row = table([ao, fast], 1, reference="ao").splitlines()
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" x ao "] == " 4.00 " and cells[" mIoU vs ao "] == " 0.500000 " and cells[" mask count mismatch "] == " 0/1 "
+    assert per_image_table([ao, fast], [("photo", None)], reference="ao").splitlines() == [
+        "| image | ao ms (x ao) | fast_furious ms (x ao) |", "|---|---|---|", "| photo | 1000 (1.00) | 250 (4.00) |"]
+    alone = table([fast], 1, reference="ao").splitlines()[2]
+    assert alone.endswith("| n/a | n/a | n/a |")  # without ao's row, nothing to compare with
 
 
 def test_benchmark_tables_without_the_baseline_compare_with_nothing():

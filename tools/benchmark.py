@@ -13,7 +13,7 @@ in torch.compile's default mode). On a CPU the process is set up as the server s
 from its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
 requests; on a CPU, the most memory malloc has handed out above its level when the request
 started, sampled every 5 ms (sam2serve/timing.py). Every mode is compared with the baseline on
-the same image (masks matched one to one, see compare_rle_lists.py).
+the same image (masks matched one to one, see compare_rle_lists.py), or with ao (--reference ao).
 Wall-clock figures belong here, never in tests.
 """
 
@@ -84,27 +84,28 @@ def load_images(parser: argparse.ArgumentParser, args: argparse.Namespace) -> li
     ]
 
 
-def baseline_of(runs: list[ModeRun]) -> ModeRun | None:
-    """The row the others are compared with: the baseline, first, unless it was left out."""
-    return runs[0] if runs and runs[0].mode == "baseline" else None
+def reference_of(runs: list[ModeRun], reference: str) -> ModeRun | None:
+    """The row the others are compared with (the baseline, or ao), first, unless it was left out."""
+    return runs[0] if runs and runs[0].mode == reference else None
 
 
-def table(runs: list[ModeRun], n_images: int) -> str:
-    """The results, baseline first, as a Markdown table; "x study" is the ratio of throughputs
-    to the study's pipeline when it ran. Without the baseline its columns read n/a."""
-    baseline = baseline_of(runs)
+def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> str:
+    """The results, the reference row (the baseline, or ao) first, as a Markdown table; "x study"
+    is the ratio of throughputs to the study's pipeline when it ran. Without the reference its
+    columns read n/a."""
+    reference_run = reference_of(runs, reference)
     rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
     study_rate = rates.get(STUDY_ROW)
-    header = ("| mode | ready s | ms per image (median) | p90 | images/s | x baseline | x study | peak MiB "
-              "| held MiB | masks per image | mIoU vs baseline | relaxed mIoU | mask count mismatch |")
+    header = (f"| mode | ready s | ms per image (median) | p90 | images/s | x {reference} | x study | peak MiB "
+              f"| held MiB | masks per image | mIoU vs {reference} | relaxed mIoU | mask count mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for run in runs:
         latency = latency_summary_ms(run.seconds)
         rate = rates[run.mode]
-        versus_baseline, miou, relaxed, mismatch = "n/a", "n/a", "n/a", "n/a"
-        if baseline is not None:
-            summary = summarize([compare_image(str(i), baseline.masks[i], run.masks[i]) for i in range(n_images)])
-            versus_baseline = f"{rate / rates[baseline.mode]:.2f}"
+        versus_reference, miou, relaxed, mismatch = "n/a", "n/a", "n/a", "n/a"
+        if reference_run is not None:
+            summary = summarize([compare_image(str(i), reference_run.masks[i], run.masks[i]) for i in range(n_images)])
+            versus_reference = f"{rate / rates[reference]:.2f}"
             miou = "n/a" if summary.miou is None else f"{summary.miou:.6f}"  # n/a: every image a mismatch
             relaxed = f"{summary.relaxed_miou:.6f}"
             mismatch = f"{summary.mask_count_mismatch}/{summary.images}"
@@ -112,7 +113,7 @@ def table(runs: list[ModeRun], n_images: int) -> str:
         versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
         lines.append(
             f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {versus_baseline} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
+            f"| {versus_reference} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
             f"| {masks:.1f} | {miou} | {relaxed} | {mismatch} |"
         )
     return "\n".join(lines)
@@ -196,8 +197,8 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
     decoder there takes about 0.2 s per point prompt at 1024 pixels: (generators, each row's
     seconds until ready and memory held then, notes). A row that fails there is left out with a
     note instead of ending the run; a compiled row that fails in a chosen compile mode (CUDA
-    graphs, GEMM search) is tried once more in torch.compile's default mode. The baseline's
-    failure ends it: every row is compared with the baseline."""
+    graphs, GEMM search) is tried once more in torch.compile's default mode. The reference row's
+    failure ends it: every row is compared with it."""
     generators, ready, notes = {}, {}, {}
     cuda = torch.device(args.device).type == "cuda"
     for row in rows:
@@ -212,7 +213,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
                 with torch.inference_mode():
                     warm_up.generate(first_image)
             except Exception as error:  # noqa: BLE001 (one row's failure must not lose the others')
-                if row == "baseline" or isinstance(error, CheckpointError):  # the checkpoint is every row's
+                if row == args.reference or isinstance(error, CheckpointError):  # the checkpoint is every row's
                     raise
                 how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
                 log.exception("%s failed%s", row, how)
@@ -278,17 +279,17 @@ def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> s
     return "\n".join(lines)
 
 
-def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
-    """Each image's median ms per row (baseline first) and its ratio to the baseline on that
-    image: a speed-up that holds on one kind of image and not on another shows here, not in the
-    medians above. Without the baseline, ms only."""
-    baseline = baseline_of(runs)
-    unit = "ms (x baseline)" if baseline else "ms"
+def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]], reference: str = "baseline") -> str:
+    """Each image's median ms per row (the reference first) and its ratio to the reference on
+    that image: a speed-up that holds on one kind of image and not on another shows here, not in
+    the medians above. Without the reference, ms only."""
+    compared = reference_of(runs, reference) is not None
+    unit = f"ms (x {reference})" if compared else "ms"
     lines = ["| image | " + " | ".join(f"{run.mode} {unit}" for run in runs) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for index, (name, _) in enumerate(images):
         seconds = [np.median(run.repeats[index]) for run in runs]
-        cells = [f"{1000 * s:.0f}" + (f" ({seconds[0] / s:.2f})" if baseline else "") for s in seconds]
+        cells = [f"{1000 * s:.0f}" + (f" ({seconds[0] / s:.2f})" if compared else "") for s in seconds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -341,9 +342,13 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
-                        "the baseline runs first unless --without-baseline")
+                        "the reference row runs first unless --without-baseline")
+    parser.add_argument("--reference", default="baseline", choices=("baseline", "ao"),
+                        help="the row every row is compared with: the baseline (sam2's own generator), or ao, "
+                        "which gives the baseline's masks (the tests check it) in a fraction of its time when "
+                        "every candidate is kept (--filters off)")
     parser.add_argument("--without-baseline", action="store_true",
-                        help="leave the baseline out (its columns read n/a): for runs that compare a mode's "
+                        help="leave the reference row out (its columns read n/a): for runs that compare a mode's "
                         "masks with its own elsewhere, as an export with its load (--save-masks)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files")
@@ -386,9 +391,9 @@ def main() -> None:
 
     filters = args.filters or [None]
     thresholds = [{} if name is None else FILTERS[name] for name in filters]
-    if args.without_baseline and args.ablation:
+    rows = ([] if args.without_baseline else [args.reference]) + [row for row in args.modes if row != args.reference]
+    if args.ablation and "baseline" not in rows:
         parser.error("--ablation times sam2's decoder from the baseline's model: it needs the baseline")
-    rows = ([] if args.without_baseline else ["baseline"]) + [row for row in args.modes if row != "baseline"]
     study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None
     if study_absent:
         rows.remove(STUDY_ROW)
@@ -416,10 +421,10 @@ def main() -> None:
         config = next(iter(generators.values())).config
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
-        print(table(list(runs.values()), len(images)))
+        print(table(list(runs.values()), len(images), args.reference))
         if len(images) > 1:
             print("\nPer image (median of its requests):")
-            print(per_image_table(list(runs.values()), images))
+            print(per_image_table(list(runs.values()), images, args.reference))
         if args.repeat > 1:
             print(f"\nThe same request {args.repeat} times in a row ({args.rounds} round(s)):")
             print(spread_table(list(runs.values()), images))

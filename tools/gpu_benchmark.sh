@@ -6,33 +6,38 @@
 #
 # 0. installs tools/gpu-requirements.txt from the wheel folder (tools/gpu_wheels.sh fills it)
 #    into WORK/site (--work, default $TMPDIR/sam2-gpu-benchmark, with -dry for a dry run),
-#    without touching the machine's own packages; writes a random-initialised SAM2.1 large
-#    checkpoint;
+#    without touching the machine's own packages, and checks that they import; writes a
+#    random-initialised SAM2.1 large checkpoint (kept in WORK for a run again);
 # 1. smoke: the eager modes and the study's pipeline on one small image with the micro model, in
 #    seconds (the fast modes compile for longer on micro than half of large's compile: a fast mode
 #    that fails in COMPILE_MODE is tried again by the benchmark in torch.compile's default mode);
 # 2. large: tools/benchmark.py on SAM2.1 large, 32x32 grid, 3 generated 768x1024 scenes, every mode
-#    and the study's row, at sam2's default thresholds (the serving case), then the IoU and
-#    stability filters off (every candidate computed; LARGE_FILTERS), then a profile of one request
-#    per row at the serving thresholds;
-# 3. export: fast_furious exported (--save-fast) then loaded (--load-fast), on the first scene,
+#    and the study's row, at sam2's default thresholds (the serving case; LARGE_FILTERS), then a
+#    profile of one request per row;
+# 3. large-off: the IoU and stability filters off (every candidate computed) on the first scene,
+#    ao and the fast modes compared with ao (the baseline's masks, as the tests check on a CPU):
+#    kept, sam2's generator upscales and encodes all 3072 candidates one by one, about 25 s an
+#    image for the baseline and the study's row alike;
+# 4. export: fast_furious exported (--save-fast) then loaded (--load-fast), on the first scene,
 #    without the baseline, the masks compared with each other and with the compiled kernels'
-#    masks of stage 2.
+#    masks of stage 3.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
 # every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
-# WORK. Stages: --stages "smoke large export". Relative folders are read from the caller's folder.
+# WORK. Stages: --stages "smoke large large-off export". Relative folders are read from the
+# caller's folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
+# `timeout 585`): each stage gets at most what is left, and one that cannot start is skipped.
 set -uo pipefail
 
 usage() {
-    echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large export'] [--dry-run]" >&2
+    echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large large-off export'] [--dry-run]" >&2
     exit 2
 }
 OUT=""
 WORK=""
 WHEELS=""
 DRY_RUN=0
-STAGES="smoke large export"
+STAGES="smoke large large-off export"
 COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}
 while (($#)); do
     case "$1" in
@@ -47,8 +52,8 @@ while (($#)); do
 done
 for stage in $STAGES; do
     case "$stage" in
-        smoke|large|export) ;;
-        *) echo "error: no stage '$stage' (stages: smoke large export)" >&2; exit 2 ;;
+        smoke|large|large-off|export) ;;
+        *) echo "error: no stage '$stage' (stages: smoke large large-off export)" >&2; exit 2 ;;
     esac
 done
 # A dry run works in a folder of its own: its micro model's masks are never a real run's.
@@ -63,24 +68,37 @@ fi
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
-rm -f "$OUT/timeline.txt" "$OUT/log.txt"
+rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-save.md,export-load.md,export-compare.md}
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
+TOTAL_SECONDS=${TOTAL_SECONDS:-570}
+STAGE=""  # the running stage's process: stopped with the script (its own process group)
+trap 'stamp "stopped by a signal"; [[ -z $STAGE ]] || kill -TERM "$STAGE"; exit 143' TERM INT
 
 stamp() { echo "[$(date -u '+%Y-%m-%d %H:%M:%S UTC')] $*" | tee -a "$OUT/timeline.txt"; }
 
 # run NAME SECONDS COMMAND...: one stage, its stdout (the tables) in OUT/NAME.md and its log
-# added to OUT/log.txt, stopped after SECONDS (LIMIT_SCALE times that in a dry run); a failure is
-# recorded and the next stage runs.
+# added to OUT/log.txt, stopped after SECONDS (LIMIT_SCALE times that in a dry run) or when the
+# run's time is up; a failure is recorded and the next stage runs.
 run() {
-    local name=$1 seconds=$2 status
+    local name=$1 seconds=$2 status left
     shift 2
     seconds=$((seconds * LIMIT_SCALE))
+    left=$((TOTAL_SECONDS * LIMIT_SCALE - SECONDS - 15))  # 15: a stopped stage's kill-after, and the end
+    if ((left < 20)); then
+        stamp "skip $name: ${left} s left of the run's ${TOTAL_SECONDS} s"
+        FAILED+=("$name (no time left)")
+        return 1
+    fi
+    ((seconds <= left)) || seconds=$left
     stamp "start $name (at most ${seconds} s): $*"
     echo "===== $name: $*" >>"$OUT/log.txt"
-    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.md" 2>>"$OUT/log.txt"
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.md" 2>>"$OUT/log.txt" &
+    STAGE=$!
+    wait "$STAGE"
     status=$?
+    STAGE=""
     stamp "end $name: exit status $status"
     if ((status != 0)); then
         FAILED+=("$name")
@@ -93,17 +111,19 @@ run() {
 # large's compiled kernels on the same scene (this run's, or an earlier one's in WORK, said so);
 # fails if a comparison fails.
 compare_exports() {
-    local status=0 large="stage large"
+    local status=0 large="stage large-off"
     echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
     printf -- "- those exported in the same process (--save-fast): "
     "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
         "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
-        ((LARGE_RAN)) || large="stage large of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled/off_fast_furious.jsonl" '+%Y-%m-%d %H:%M UTC')"
+        ((LARGE_RAN)) || large="stage large-off of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled/off_fast_furious.jsonl" '+%Y-%m-%d %H:%M UTC')"
         printf -- "- those of torch.compile (%s, the same scene): " "$large"
         head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
         "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
             "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
+    else
+        echo "- those of torch.compile: none (stage large-off did not write them)"
     fi
     du -sh "$WORK/exported/fast_furious" | sed 's/^/- package size: /'
     return $status
@@ -114,7 +134,10 @@ if [[ -n $WHEELS ]]; then
     stamp "installing tools/gpu-requirements.txt from $WHEELS into $WORK/site"
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" --find-links "$WHEELS" -r tools/gpu-requirements.txt || exit 1
-    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+    # The repository first: sam2's wheel brings a package named training too.
+    export PYTHONPATH="$PWD:$WORK/site:$PYTHONPATH"
+    "$PYTHON" -c "import yaml, hydra, sam2, torchao, pycocotools, flask" 2>>"$OUT/log.txt" || {
+        echo "error: the packages installed from $WHEELS do not import (OUT/log.txt says why)" >&2; exit 1; }
 fi
 "$PYTHON" - <<'EOF' | tee -a "$OUT/timeline.txt"
 import platform, torch
@@ -128,14 +151,16 @@ if ((DRY_RUN)); then  # the same stages, small: the micro model, a 4x4 grid, one
     LIMIT_SCALE=10  # a CPU compiles for minutes
     MODEL=()
     SCENES=(--generated 1 --size 192 256 --points-per-side 4)
-    EXPORT_SCENES=("${SCENES[@]}")
+    FIRST_SCENE=("${SCENES[@]}")
 else
-    stamp "writing a random-initialised SAM2.1 large checkpoint to $WORK/checkpoints"
-    "$PYTHON" -m sam2serve.checkpoints "$WORK/checkpoints" large --seed 0 >/dev/null || exit 1
+    if [[ ! -f $WORK/checkpoints/sam2.1_hiera_large.pt ]]; then  # seed 0: the same file every time
+        stamp "writing a random-initialised SAM2.1 large checkpoint to $WORK/checkpoints"
+        "$PYTHON" -m sam2serve.checkpoints "$WORK/checkpoints" large --seed 0 >/dev/null || exit 1
+    fi
     MODEL=("$WORK/checkpoints" large)
     SCENES=(--generated 3 --size 768 1024 --points-per-side 32)
-    # One scene, the first of SCENES: the compiled kernels' masks of stage 2 on it are compared.
-    EXPORT_SCENES=(--generated 1 --size 768 1024 --points-per-side 32)
+    # One scene, the first of SCENES: the compiled kernels' masks of stage large-off on it are compared.
+    FIRST_SCENE=(--generated 1 --size 768 1024 --points-per-side 32)
 fi
 
 if [[ " $STAGES " == *" smoke "* ]]; then
@@ -143,16 +168,21 @@ if [[ " $STAGES " == *" smoke "* ]]; then
         --points-per-side 4 --filters off --modes ao study_ao
 fi
 if [[ " $STAGES " == *" large "* ]]; then
-    read -ra FILTERS <<<"${LARGE_FILTERS:-sam2 off}"
+    read -ra FILTERS <<<"${LARGE_FILTERS:-sam2}"
+    run large "${LARGE_SECONDS:-200}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
+        --compile-mode "$COMPILE_MODE" --profile
+fi
+if [[ " $STAGES " == *" large-off "* ]]; then
     rm -rf "$WORK/masks/compiled"  # an earlier run's are not this one's
     LARGE_RAN=1
-    run large "${LARGE_SECONDS:-255}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${SCENES[@]}" --filters "${FILTERS[@]}" \
-        --compile-mode "$COMPILE_MODE" --profile --save-masks "$WORK/masks/compiled"
+    run large-off "${LARGE_OFF_SECONDS:-90}" "$PYTHON" -m tools.benchmark "${MODEL[@]}" "${FIRST_SCENE[@]}" \
+        --filters off --modes ao fast fast_furious --reference ao --compile-mode "$COMPILE_MODE" \
+        --save-masks "$WORK/masks/compiled"
 fi
 if [[ " $STAGES " == *" export "* ]]; then
     rm -rf "$WORK/exported" "$WORK/masks/exported" "$WORK/masks/loaded"
     # Without the baseline: its masks are not compared here, and it takes over 12 s per image.
-    EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${EXPORT_SCENES[@]}" --modes fast_furious --filters off
+    EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${FIRST_SCENE[@]}" --modes fast_furious --filters off
         --without-baseline)
     run export-save "${EXPORT_SECONDS:-200}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
         --save-masks "$WORK/masks/exported" &&

@@ -17,7 +17,6 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -284,8 +283,7 @@ class CacheStats:
 
 class EmbeddingCache:
     """An LRU of values (embeddings, mask logits) bounded by their bytes; max_bytes 0 keeps
-    nothing. Callers of get_or_compute that ask for a key being computed wait for that one
-    computation instead of starting another.
+    nothing.
 
     Spares (put_spare) are values nobody has asked for yet (images encoded to segment everything
     in them, which an /embed may ask for next): they use room the entries leave, are evicted
@@ -295,7 +293,6 @@ class EmbeddingCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # least recently used first
         self.spares: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # oldest first
-        self.computing: dict[str, Future] = {}
         self.lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.bytes = 0
 
@@ -373,30 +370,16 @@ class EmbeddingCache:
                 self.evictions += values is self.entries
 
     def get_or_compute(self, key: str, compute: Callable[[], Any], nbytes: Callable[[Any], int]) -> Any:
-        """The cached value, or the value of compute() (stored if it fits)."""
+        """The cached value, or the value of compute(), stored if it fits. Callers computing the
+        same key at once would each compute it: every caller runs on the model's thread (an
+        encoding is a call in the worker's queue), where the second finds the first's value."""
         with self.lock:
             if key in self.entries or key in self.spares:
                 return self._hit(key)
-            future = self.computing.get(key)
-            owner = future is None
-            if owner:
-                self.misses += 1
-                future = self.computing[key] = Future()
-            else:
-                self.hits += 1  # served by the computation under way
-        if not owner:
-            return future.result()
-        try:
-            value = compute()
-            self.put(key, value, nbytes(value))
-            future.set_result(value)
-            return value
-        except BaseException as error:
-            future.set_exception(error)
-            raise
-        finally:
-            with self.lock:
-                del self.computing[key]
+            self.misses += 1
+        value = compute()
+        self.put(key, value, nbytes(value))
+        return value
 
     def stats(self) -> CacheStats:
         with self.lock:

@@ -33,7 +33,9 @@ class Mode:
     reference: bool = False  # the sam2 package's own generator instead of the project's
     compiled: bool = False  # kernels compiled or exported ahead of time (sam2serve.fast); see compiles()
     half_precision: bool = False  # float16 on CUDA, bfloat16 on CPU
-    points_per_batch: int = 64  # unless the user sets --points-per-batch; compiled on a GPU: halved to fit
+    # Unless the user sets --points-per-batch (mode_config): read where the mode's kernels are compiled
+    # on a GPU (halved to fit); eager kernels take sam2's 64, compiled ones on a CPU CPU_COMPILED_POINTS.
+    points_per_batch: int = 64
 
 
 CPU_COMPILED_POINTS = 8  # on a CPU the compiled decoder is fastest on a few prompts per call

@@ -152,9 +152,9 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
 def unread_body(content_type: str, body_bytes: int) -> str:
     """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header)
     is no multipart form to read, or "" where it is one, or empty."""
-    mimetype, options = parse_options_header(content_type)
     if not body_bytes:
         return ""
+    mimetype, options = parse_options_header(content_type)
     if mimetype != "multipart/form-data":
         return f"the body is {mimetype or 'of no media type'}, not a multipart form"
     if not options.get("boundary"):
@@ -537,7 +537,8 @@ class Metrics:
             registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
         )
-        queue_depth = prom.Gauge("sam2_queue_depth", "Requests waiting for the worker (images, encodings, prompt sets)", registry=self.registry)
+        queue_depth = prom.Gauge("sam2_queue_depth", "Requests waiting for the worker (images, encodings, prompt sets)",
+                                 registry=self.registry)
         queue_depth.set_function(lambda: worker.queue_depth)
         self.batch_sizes = prom.Histogram(
             "sam2_batch_size", "Images per worker batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)

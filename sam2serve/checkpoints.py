@@ -295,8 +295,19 @@ def load_weights(model: torch.nn.Module, state_dict: dict, mismatch: str) -> tor
     return model
 
 
+def make_current(device: str | torch.device) -> None:
+    """Makes a CUDA device given by number (cuda:1) this thread's current one: sam2 puts some
+    tensors on "cuda", the current device, whatever the model's (its position encodings' cache,
+    filled while the model is built, and its rotary frequencies), and so do torch's own calls
+    that take no device. Call it on the thread that builds and runs the model, before building."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedModel:
     """Builds the model of that size and loads the checkpoint's weights, strictly."""
+    make_current(device)
     size = model_size(model_type)
     path = Path(path)
     try:

@@ -63,6 +63,33 @@ def test_not_a_checkpoint_is_refused(tmp_path):
         load_model(tmp_path / "absent.pt", "tiny", "cpu")
 
 
+def test_a_numbered_cuda_device_becomes_the_current_one_before_the_model_is_built(tiny_checkpoint_dir,
+                                                                                  monkeypatch):
+    """cuda:1: sam2 fills tensors on "cuda" (the current device) while the model is built, so the
+    device is made current first; a CPU or plain "cuda" leaves it alone. Checked without a GPU:
+    the calls recorded, the build stopped."""
+    import sam2serve.checkpoints as checkpoints
+
+    calls = []
+
+    class Built(Exception):
+        pass
+
+    def build_model(size):
+        calls.append(("build", size.name))
+        raise Built  # no GPU to go on with
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("current", str(device))))
+    monkeypatch.setattr(checkpoints, "build_model", build_model)
+    for device in ("cuda:1", "cuda", "cpu"):
+        checkpoints.make_current(device)
+    assert calls == [("current", "cuda:1")]
+    calls.clear()
+    with pytest.raises(Built):
+        checkpoints.load_model(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", "tiny", "cuda:1")
+    assert calls == [("current", "cuda:1"), ("build", "tiny")]
+
+
 def test_model_type_names():
     assert model_size("plus").filename == "sam2.1_hiera_base_plus.pt"
     assert model_size("base_plus").config == "configs/sam2.1/sam2.1_hiera_b+.yaml"

@@ -212,7 +212,7 @@ class InferenceWorker:
                     self.jobs.put_nowait(job)
                 except queue.Full:
                     wait = self.queue_depth * self.seconds_per_image / self.batch_size
-                    raise Busy(f"the server is busy ({self.queue_depth} requests queued)",
+                    raise Busy(f"the server is busy ({self.queued_text()})",
                                max(1, round(wait))) from None
         if continues:  # admitted already: a stop waits for it (admitted()), outside the lock
             try:
@@ -227,8 +227,11 @@ class InferenceWorker:
             raise self.timed_out() from None
 
     def timed_out(self) -> TimedOut:
-        return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; "
-                        f"{self.queue_depth} requests are queued")
+        return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; {self.queued_text()}")
+
+    def queued_text(self) -> str:
+        depth = self.queue_depth
+        return f"{depth} {'request' if depth == 1 else 'requests'} queued"
 
     def _next_batch(self, wait_s: float | None = None) -> list[Job]:
         """The next job (waiting for one, at most wait_s), and up to batch_size - 1 more that are

@@ -352,12 +352,11 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     open_image(uploaded, not_an_image)
     wait_for(uploaded, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "cannot show notes.txt" in uploaded.find_element(By.ID, "error").text  # said by the page itself
-    # The previous image and its masks are gone, and the click tool waits for an image.
-    assert "has-image" not in uploaded.find_element(By.ID, "viewer").get_attribute("class")
-    assert page_state(uploaded, "labels") is None and page_state(uploaded, "width") == 0
-    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-    assert status(uploaded) == "Open an image first." and page_state(uploaded, "embedding") is None
-    uploaded.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    # Nothing was sent: the image open before stays, with its masks (and clicks, had there been any).
+    assert "the image before stays" in uploaded.find_element(By.ID, "error").text
+    assert "has-image" in uploaded.find_element(By.ID, "viewer").get_attribute("class")
+    assert page_state(uploaded, "name") == EXAMPLE.stem and len(page_state(uploaded, "annotations")) > 1
+    assert " masks in " in status(uploaded) and not uploaded.find_element(By.ID, "spinner").is_displayed()
 
     too_large = tmp_path / "large.png"
     Image.new("RGB", (1200, 1000), "white").save(too_large)
@@ -366,7 +365,7 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     assert f"the limit is {MAX_PIXELS} pixels" in uploaded.find_element(By.ID, "error").text
 
     # A busy server and a timeout, as the page's fetch would see them.
-    for code, retry_after, message in [(503, "3", "The server is busy (try again in 3 s)"),
+    for code, retry_after, message in [(503, "3", "As the server says; try again in 3 s."),
                                        (504, None, "The server took too long")]:
         uploaded.execute_script(
             "window.realFetch = window.realFetch || window.fetch;"
@@ -374,7 +373,7 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
             "  {status: arguments[0], headers: arguments[1] ? {'Retry-After': arguments[1]} : {}});", code, retry_after)
         open_image(uploaded, EXAMPLE)
         wait_for(uploaded, lambda d: message in d.find_element(By.ID, "error").text)
-        assert "as the server says" in uploaded.find_element(By.ID, "error").text
+        assert "as the server says" in uploaded.find_element(By.ID, "error").text.lower()
     uploaded.execute_script("window.fetch = window.realFetch;")
 
     open_image(uploaded, EXAMPLE)  # and the next image works
@@ -437,7 +436,8 @@ def stubbed_fetch(driver, answers: dict):
     """Answers the page's requests to these paths in the page itself: path -> [status, JSON body,
     milliseconds before the answer (None: it never comes; "held": when the test calls
     window.release())]; other paths go to the server. Each request's path is logged in
-    window.fetchLog, and "PATH answered" once its answer is given."""
+    window.fetchLog, "PATH aborted" once the page cancels it (its answer still comes, as one can
+    that was on its way), and "PATH answered" once its answer is given."""
     driver.execute_script("""
         window.realFetch = window.realFetch || window.fetch;
         const answers = arguments[0];
@@ -446,6 +446,7 @@ def stubbed_fetch(driver, answers: dict):
           const path = new URL(resource, location.href).pathname;
           window.fetchLog.push(path);
           if (!(path in answers)) return window.realFetch(resource, options);
+          options?.signal?.addEventListener("abort", () => window.fetchLog.push(`${path} aborted`));
           const [status, body, ms] = answers[path];
           await new Promise((resolve) => ms === "held" ? (window.release = resolve) : ms !== null && setTimeout(resolve, ms));
           window.fetchLog.push(`${path} answered`);
@@ -530,6 +531,7 @@ def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
             wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
             open_image(page, images[round + 1])
             wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=60)  # the new image, encoded
+            assert "/segment aborted" in fetch_log(page), status  # the server stops what nobody waits for
             embeds = fetch_log(page).count("/embed")
             page.execute_script("window.release()")  # now the old click's answer comes
             wait_for(page, lambda d: "/segment answered" in fetch_log(d), timeout=10)
@@ -538,6 +540,47 @@ def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
             assert not page.find_element(By.ID, "error").is_displayed(), status
             assert highlight_alpha(page) == 0, status
             assert fetch_log(page).count("/embed") == embeds, status  # no encoding again after a 404
+
+
+def test_requests_nobody_waits_for_are_cancelled_and_a_failed_click_leaves_no_other_mask(page, tmp_path):
+    """Another image cancels the open one's requests (the server stops work whose client has
+    gone); clicks made while a /segment runs are asked for together once it ends, one request in
+    flight at a time; a click shows its spinner while it runs; a click that fails takes the mask
+    of the earlier clicks away with it (it no longer matched the points)."""
+    answers = stub_answers(segment_ms="held")
+    answers["/upload_rle"][2] = "held"
+    with stubbed_fetch(page, answers):
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        open_image(page, small_image(tmp_path, "first.png"))
+        wait_for(page, lambda d: "/upload_rle" in fetch_log(d), timeout=10)
+        open_image(page, small_image(tmp_path, "second.png"))
+        wait_for(page, lambda d: fetch_log(d).count("/upload_rle") == 2, timeout=10)
+        assert fetch_log(page).count("/upload_rle aborted") == 1
+        page.execute_script("window.release()")  # the second image's masks
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        canvas = page.find_element(By.ID, "highlight-canvas")
+        for offset in (-10, 10, 20):
+            ActionChains(page).move_to_element_with_offset(canvas, offset, 0).click().perform()
+            wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
+            assert status(page) == "Asking the server for the mask…"
+            assert page.find_element(By.ID, "spinner").is_displayed()
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 3, timeout=10)
+        time.sleep(0.3)
+        assert fetch_log(page).count("/segment") == 1  # the first click's, still running
+        page.execute_script("window.release()")  # its answer, for one point: dropped, the three asked for
+        wait_for(page, lambda d: fetch_log(d).count("/segment") == 2, timeout=10)
+        assert page_state(page, "clickAnswer") is None and page.find_element(By.ID, "spinner").is_displayed()
+        page.execute_script("window.release()")
+        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
+        assert len(page_state(page, "clickPrompt")["points"]) == 3 and "/segment aborted" not in fetch_log(page)
+        assert not page.find_element(By.ID, "spinner").is_displayed()
+    with stubbed_fetch(page, stub_answers(segment_status=503)):
+        ActionChains(page).move_to_element_with_offset(canvas, 0, 10).click().perform()
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert page.find_element(By.ID, "error").text == "As the server says (503)."
+        assert page_state(page, "clickAnswer") is None and len(page_state(page, "clicks")) == 4
+        assert status(page).startswith("No mask for these clicks: the request failed")
+        assert not page.find_element(By.ID, "spinner").is_displayed()
 
 
 def test_a_stopping_server_is_said_to_be_stopping_and_asked_again(browser, server):

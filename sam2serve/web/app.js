@@ -26,6 +26,7 @@ const state = {
   width: 0,
   height: 0,
   generation: 0, // counts images; answers for an earlier one are dropped
+  opening: 0, // counts files chosen: one decoded after a later one is dropped
   annotations: [], // the COCO annotations of every mask, in the server's order
   counts: [], // each mask's run lengths
   labels: null, // column-major: 1 + the index of the mask drawn on top, 0 for none
@@ -40,7 +41,11 @@ const state = {
   boxAfter: 0, // how many of the clicks came before the box (undo takes back the later ones first)
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
-  segmentSequence: 0, // counts /segment requests: only the latest one's answer is drawn
+  segmentSequence: 0, // counts changes of the clicks: only the answer for the latest is drawn
+  // Requests nobody waits for any more are cancelled: the server stops work whose client has gone.
+  imageRequests: null, // AbortController of the open image's /upload_rle and /embed
+  segmentRequest: null, // AbortController of the /segment in flight
+  segmentInFlight: 0, // the sequence number of the /segment in flight, 0 for none
   // The status line: what runs while a request is in flight (the same in both tools), else the
   // tool's own line, kept for the return to it.
   busyText: null,
@@ -60,7 +65,10 @@ class ServerError extends Error {
 function explain(status, message, retryAfter) {
   if (status === 400) return `The server refused the request: ${message}`;
   if (status === 413) return `Too large: ${message}`;
-  if (status === 503) return `The server is busy${retryAfter ? ` (try again in ${retryAfter} s)` : ""}: ${message}`;
+  if (status === 503) { // the server says why: busy, loading or stopping
+    const retry = retryAfter && !/try again/i.test(message) ? `; try again in ${retryAfter} s` : "";
+    return `${message.charAt(0).toUpperCase()}${message.slice(1)}${retry}.`;
+  }
   if (status === 504) return `The server took too long: ${message}`;
   return `The server answered ${status}: ${message}`;
 }
@@ -71,6 +79,7 @@ async function request(path, options) {
   try {
     response = await fetch(path, options);
   } catch (error) {
+    if (error.name === "AbortError") throw error; // cancelled: its caller has moved on
     throw new ServerError(0, "Cannot reach the server: is it still running?");
   }
   const text = await response.text();
@@ -121,9 +130,9 @@ function clearError() {
 // Shows the text, a spinner and the seconds elapsed; returns a function that stops them and
 // answers the milliseconds taken. The text is set once, in the live region (a screen reader says
 // it); the seconds tick outside it, on screen only.
-function busy(text) {
+function busy(text, { keepError = false } = {}) {
   const started = performance.now();
-  clearError();
+  if (!keepError) clearError();
   state.busyText = text;
   setStatus(text);
   $("spinner").hidden = false;
@@ -509,13 +518,10 @@ async function decodeImage(file) {
 // --- One image ---------------------------------------------------------------------------
 
 function resetImage() {
-  clearInterval(ticker);
-  $("spinner").hidden = true;
-  $("elapsed").textContent = "";
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1,
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
-    clickStatus: "Open an image first.",
+    segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
@@ -537,26 +543,29 @@ function clearViewer() {
 
 async function openFile(file) {
   if (!file) return;
+  const opening = ++state.opening;
+  const what = file.name || "the pasted image";
+  const done = busy(`Segmenting ${what}…`);
+  // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on
+  // it, and the image open until then stays, with its masks and clicks.
+  const bitmap = await decodeImage(file).catch(() => null);
+  if (opening !== state.opening) return; // another file was chosen meanwhile
+  if (!bitmap) {
+    done();
+    showError(`This browser cannot show ${what}: a damaged or cut-short file, or a format it does not read; ` +
+      `a PNG or JPEG of it will do (it was not sent to the server${state.width ? "; the image before stays" : ""}).`);
+    return;
+  }
   const generation = ++state.generation;
+  for (const previous of [state.imageRequests, state.segmentRequest]) if (previous) previous.abort();
+  const requests = (state.imageRequests = new AbortController());
   resetImage();
   clearViewer();
   state.file = file;
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
-  const what = file.name || "the pasted image";
-  const done = busy(`Segmenting ${what}…`);
-  // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on it.
-  const bitmap = await decodeImage(file).catch(() => null);
-  if (generation !== state.generation) return;
-  if (!bitmap) {
-    state.everythingStatus = "No image.";
-    done();
-    showError(`This browser cannot show ${what}: a damaged or cut-short file, or a format it does not read; ` +
-      "a PNG or JPEG of it will do (it was not sent to the server).");
-    return;
-  }
   showImage(bitmap);
   try {
-    const text = await request("upload_rle?format=coco", { method: "POST", body: imageForm() });
+    const text = await request("upload_rle?format=coco", { method: "POST", body: imageForm(), signal: requests.signal });
     if (generation !== state.generation) return;
     const serverMs = done();
     showMasks(text);
@@ -718,7 +727,7 @@ function embed() {
   if (state.embedding) return state.embedding;
   const generation = state.generation;
   const done = busy("Encoding the image for clicks…");
-  state.embedding = request("embed", { method: "POST", body: imageForm() })
+  state.embedding = request("embed", { method: "POST", body: imageForm(), signal: state.imageRequests?.signal })
     .then((text) => {
       if (generation !== state.generation) return null;
       state.imageId = JSON.parse(text).image_id;
@@ -758,9 +767,9 @@ function takeBack() {
 }
 
 // The mask of the clicks and box on the page. Only the answer to the latest prompt on the image
-// still open is drawn: an answer (or error) for an earlier image, or for clicks since changed,
-// is dropped when it arrives. retried: after a 404, once; keepError: after a refusal, whose
-// message stays until the user's next change.
+// still open is drawn: an answer (or error) for an earlier image is dropped when it arrives, and
+// one for clicks since changed too, the latest clicks then asked for. retried: after a 404,
+// once; keepError: after a refusal, whose message stays until the user's next change.
 async function segment({ retried = false, keepError = false } = {}) {
   const generation = state.generation;
   const sequence = ++state.segmentSequence;
@@ -773,40 +782,66 @@ async function segment({ retried = false, keepError = false } = {}) {
     drawHighlight();
     return;
   }
+  // One /segment at a time: clicks made while one runs are asked for together when it ends (a
+  // request for each would keep the server busy with masks nobody looks at).
+  if (state.segmentInFlight) return;
   const imageId = await embed();
   if (!imageId || !current()) return;
   const prompt = clickPrompt();
   const started = performance.now();
+  state.segmentInFlight = sequence;
+  state.segmentRequest = new AbortController(); // another image cancels it
+  const done = busy("Asking the server for the mask…", { keepError });
+  let text = null;
+  let failure = null;
   try {
-    const text = await request("segment", {
+    text = await request("segment", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ image_id: imageId, prompts: [prompt] }),
+      signal: state.segmentRequest.signal,
     });
-    if (!current()) return;
-    state.clickPrompt = prompt;
-    state.clickAnswer = JSON.parse(text);
-    const result = state.clickAnswer.results[0];
-    if (!keepError) clearError();
-    showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
-      `${result.iou_predictions[0].toFixed(3)}` +
-      (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
-    drawHighlight();
   } catch (error) {
-    if (!current()) return;
-    if (error.status === 404 && !retried) { // the server's cache dropped the image: encode it again
+    failure = error;
+  }
+  if (generation !== state.generation) return; // another image, with its own requests and spinner
+  state.segmentInFlight = 0;
+  done();
+  if (!current()) { // the clicks changed while it ran: the latest ones are asked for
+    segment();
+    return;
+  }
+  if (failure) {
+    if (failure.status === 404 && !retried) { // the server's cache dropped the image: encode it again
       state.imageId = null;
-      return segment({ retried: true });
+      segment({ retried: true });
+      return;
     }
-    showError(error.message);
+    showError(failure.message);
     // A refused prompt (the 65th point): its last click or box is taken back, so the next clicks
     // work; asked again without it, unless the mask shown is that prompt's already.
-    if (error.status === 400 && takeBack()) {
+    if (failure.status === 400 && takeBack()) {
       drawHighlight();
       const shown = state.clickPrompt && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
       if (!shown) segment({ keepError: true });
+      return;
     }
+    // Any other failure (a busy or unreachable server): the mask shown was another prompt's,
+    // so it goes; the next click or undo asks again.
+    state.clickAnswer = state.clickPrompt = null;
+    drawHighlight();
+    showClickStatus("No mask for these clicks: the request failed (see above). Click again, or undo with Ctrl+Z, " +
+      "to ask again.");
+    return;
   }
+  state.clickPrompt = prompt;
+  state.clickAnswer = JSON.parse(text);
+  const result = state.clickAnswer.results[0];
+  if (!keepError) clearError();
+  showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
+    `${result.iou_predictions[0].toFixed(3)}` +
+    (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
+  drawHighlight();
 }
 
 function drawClickLayer(context) {

@@ -367,7 +367,7 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
         return SimpleNamespace(config=SimpleNamespace(points_per_batch=64), generate=generate)
 
     monkeypatch.setattr(benchmark, "load_row", load_row)
-    args = SimpleNamespace(device="cuda", compile_mode="reduce-overhead")
+    args = SimpleNamespace(device="cuda", compile_mode="reduce-overhead", reference="baseline")
     rows = ["baseline", "ao", "fast", "fast_furious", "study_ao"]
     generators, ready, notes = benchmark.ready_rows(rows, None, args, {}, first_image=None)
     assert list(generators) == list(ready) == ["baseline", "fast", "fast_furious"]
@@ -382,6 +382,10 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
     monkeypatch.setattr(benchmark, "load_row", lambda row, *rest: load_row("ao", *rest))
     with pytest.raises(ValueError, match="broken"):  # every row is compared with the baseline
         benchmark.ready_rows(["baseline", "fast"], None, args, {}, first_image=None)
+    monkeypatch.setattr(benchmark, "load_row", load_row)
+    with pytest.raises(ValueError, match="broken"):  # or with ao, where it is the reference
+        benchmark.ready_rows(["ao", "fast"], None, SimpleNamespace(**{**vars(args), "reference": "ao"}), {},
+                             first_image=None)
 
 
 def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):

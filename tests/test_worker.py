@@ -262,16 +262,8 @@ def test_only_the_first_of_a_requests_calls_can_find_the_queue_full():
     wait_for(lambda: worker.queue_depth == 1)
     with pytest.raises(Busy):  # another request's first call
         worker.calls_of_one_request()(lambda: "first call")
-    answers = []
-    later = threading.Thread(target=lambda: answers.append(run(lambda: "decoded")))
-    later.start()
-    time.sleep(0.3)
-    assert answers == [] and later.is_alive()  # waiting for a place, not refused
-    stub.gate.set()
-    later.join(timeout=10)
-    for thread in running_threads + queued_threads:
-        thread.join(timeout=5)
-    assert answers == ["decoded"] and stub.batches == [[1], [2]]
+    assert waits_for_a_place(lambda: run(lambda: "decoded"), stub, running_threads + queued_threads) == "decoded"
+    assert stub.batches == [[1], [2]]
 
 
 def test_a_later_part_of_a_request_waits_for_room_in_a_full_queue_instead_of_busy():
@@ -286,17 +278,27 @@ def test_a_later_part_of_a_request_waits_for_room_in_a_full_queue_instead_of_bus
         worker.call(lambda: "first part")
     with pytest.raises(TimedOut):  # no room before its deadline
         worker.call(lambda: "later part", deadline=time.monotonic() + 0.3, continues=True)
+    later_part = lambda: stub.batches.append(["later"]) or "later part"  # noqa: E731
+    assert waits_for_a_place(lambda: worker.call(later_part, continues=True), stub,
+                             running_threads + queued_threads) == "later part"
+    assert stub.batches == [[1], [2], ["later"]]  # in the queue's order
+
+
+def waits_for_a_place(call, stub, threads) -> object:
+    """call() made from a thread of its own while the queue is full and the model held: it
+    waits for a place instead of Busy; its answer once the model is let go (threads: those
+    holding the queue, joined)."""
     answers = []
-    later = threading.Thread(target=lambda: answers.append(worker.call(
-        lambda: stub.batches.append(["later"]) or "later part", continues=True)))
+    later = threading.Thread(target=lambda: answers.append(call()))
     later.start()
     time.sleep(0.3)
     assert answers == [] and later.is_alive()  # waiting for a place, not refused
     stub.gate.set()
     later.join(timeout=10)
-    for thread in running_threads + queued_threads:
+    for thread in threads:
         thread.join(timeout=5)
-    assert answers == ["later part"] and stub.batches == [[1], [2], ["later"]]  # in the queue's order
+    assert len(answers) == 1
+    return answers[0]
 
 
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():

@@ -16,8 +16,8 @@
 #    profile of one request per row;
 # 3. large-off: the IoU and stability filters off (every candidate computed) on the first scene,
 #    ao and the fast modes compared with ao (the baseline's masks, as the tests check on a CPU):
-#    kept, sam2's generator upscales and encodes all 3072 candidates one by one, about 25 s an
-#    image for the baseline and the study's row alike;
+#    with every candidate kept, sam2's generator upscales and encodes all 3072 one by one, about
+#    25 s an image for the baseline and the study's row alike;
 # 4. export: fast_furious exported (--save-fast) then loaded (--load-fast), on the first scene,
 #    without the baseline, the masks compared with each other and with the compiled kernels'
 #    masks of stage 3.
@@ -108,7 +108,7 @@ run() {
 }
 
 # The exported kernels' masks against those exported in the same process, and against stage
-# large's compiled kernels on the same scene (this run's, or an earlier one's in WORK, said so);
+# large-off's compiled kernels on the same scene (this run's, or an earlier one's in WORK, said so);
 # fails if a comparison fails.
 compare_exports() {
     local status=0 large="stage large-off"

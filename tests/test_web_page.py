@@ -607,6 +607,64 @@ def test_one_mask_is_one_mask(page, tmp_path):
     assert status(page).startswith("1 mask in ")
 
 
+def test_a_hovered_mask_is_painted_with_its_outline(page):
+    """paintMask, which draws the hovered, selected and clicked masks: the mask's pixels at alpha
+    170, those with a neighbour (of 4) outside it opaque, nothing else; on masks whose runs cross
+    columns, touch the image's edges, have holes, or are one pixel or a diagonal line."""
+    width, height = 61, 47
+    ys, xs = np.mgrid[:height, :width]
+    masks = [((xs - 30) ** 2 / 400 + (ys - 20) ** 2 / 200 < 1) & ((xs - 30) ** 2 + (ys - 20) ** 2 > 16),
+             (xs < 20) | (ys > 40),  # runs down whole columns and across them, on every edge
+             (xs == 7) & (ys == 46),
+             xs == ys,
+             np.ones((height, width), dtype=bool)]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), width, height)
+    for index, mask in [*enumerate(masks), (0, masks[0])]:  # the last one from the pictures kept
+        alpha = page.execute_script("""
+            const c = document.createElement("canvas"); c.width = arguments[1]; c.height = arguments[2];
+            const context = c.getContext("2d");
+            paintMask(context, window.sam2page.state.counts[arguments[0]], [40, 90, 255]);
+            return Array.from(context.getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3));""",
+                                    index, width, height)
+        padded = np.pad(mask, 1)
+        inner = mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        expected = np.where(inner, 170, np.where(mask, 255, 0))
+        assert np.array_equal(np.array(alpha).reshape(height, width), expected), index
+
+
+def test_hovering_back_to_a_large_mask_reuses_its_picture(page):
+    """A mask's picture is made once while it stays among those painted last (up to twice the
+    image's pixels in all): hovering from the background to an object and back does not make the
+    background's again (on a 4000x3000 image, a tenth of a second or more each time)."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    objects = [(xs - 10 * k - 10) ** 2 + (ys - 30) ** 2 < 16 for k in range(2)]
+    background = ~np.any(objects, axis=0)
+    halves = [xs < width // 2, xs >= width // 2]  # half the image each: two of them and the background are too many
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in [background, *objects, *halves]]), width, height)
+    page.execute_script("""
+        window.realMaskPicture = window.maskPicture;
+        window.made = [];
+        window.maskPicture = (counts, rgb) => {
+          window.made.push(window.sam2page.state.counts.indexOf(counts));
+          return window.realMaskPicture(counts, rgb);
+        };""")
+    try:
+        for index in [0, 1, 0, 2, 0, 1, -1]:
+            page.execute_script("setHovered(arguments[0])", index)
+        assert page.execute_script("return window.made") == [0, 1, 2]
+        kept = ("return window.sam2page.state.painted.reduce("
+                "(sum, p) => sum + p.picture.canvas.width * p.picture.canvas.height, 0)")
+        assert page.execute_script(kept) <= 2 * width * height
+        page.execute_script("window.made = []; for (const i of [3, 4, 0]) setHovered(i);")
+        assert page.execute_script("return window.made") == [3, 4, 0]  # the background made again
+        assert page.execute_script(kept) <= 2 * width * height
+    finally:
+        page.execute_script("window.maskPicture = window.realMaskPicture;")
+
+
 def test_the_live_status_says_what_runs_once_while_the_seconds_tick_beside_it(page, tmp_path):
     """Screen readers read out each change of the live region: while the server works, it keeps
     its words; the seconds tick on screen, outside it."""

@@ -34,6 +34,7 @@ const state = {
   hovered: -1,
   selected: -1,
   renderMs: 0, // decoding and drawing the last answer, for people who measure
+  painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   imageId: null, // from /embed
   embedding: null, // the /embed request in flight
   clicks: [], // {x, y, label}
@@ -314,9 +315,23 @@ function drawMasks() {
   context.putImageData(image, 0, 0);
 }
 
-// One mask (run lengths) over its bounding box in `rgb`, its outline opaque.
+// One mask (run lengths) in `rgb`, its outline opaque. The pictures of the masks painted last
+// are kept, up to twice the image's pixels in all: hovering back to a large mask (the background)
+// copies its picture instead of making it again.
 function paintMask(context, counts, rgb) {
-  const { width: w, height: h } = state;
+  const key = String(rgb);
+  const at = state.painted.findIndex((p) => p.counts === counts && p.rgb === key);
+  const { picture } = at >= 0 ? state.painted.splice(at, 1)[0] : { picture: maskPicture(counts, rgb) };
+  state.painted.push({ counts, rgb: key, picture });
+  const size = (p) => (p.picture ? p.picture.canvas.width * p.picture.canvas.height : 0);
+  let kept = state.painted.reduce((sum, p) => sum + size(p), 0);
+  while (state.painted.length > 1 && kept > 2 * state.width * state.height) kept -= size(state.painted.shift());
+  if (picture) context.drawImage(picture.canvas, picture.x, picture.y);
+}
+
+// The picture of one mask over its bounding box: {canvas, x, y}, or null for an empty mask.
+function maskPicture(counts, rgb) {
+  const h = state.height;
   let first = -1;
   let last = -1;
   let top = h;
@@ -337,37 +352,41 @@ function paintMask(context, counts, rgb) {
     }
     p += counts[r];
   }
-  if (first < 0) return;
+  if (first < 0) return null;
   const x0 = Math.floor(first / h);
   const bw = Math.floor(last / h) - x0 + 1;
   const bh = bottom - top + 1;
+  // Which pixels of the box are the mask's, column by column as the runs go: one fill per run
+  // (a run that crosses columns made the box as tall as the image, so it crosses the box's
+  // columns as it does the image's). Per pixel, a 4000x3000 background took a second to hover.
   const inside = new Uint8Array(bw * bh);
   p = 0;
   for (let r = 0; r < counts.length; r++) {
     if (r & 1) {
-      for (let q = p; q < p + counts[r]; q++) inside[(q % h - top) * bw + Math.floor(q / h) - x0] = 1;
+      const x = Math.floor(p / h);
+      const at = (x - x0) * bh + p - x * h - top;
+      inside.fill(1, at, at + counts[r]);
     }
     p += counts[r];
   }
-  const image = context.createImageData(bw, bh);
+  const image = new ImageData(bw, bh);
   const pixels = new Uint32Array(image.data.buffer);
   const fill = packed(rgb, 170);
   const line = packed([255, 255, 255], 255);
-  for (let y = 0; y < bh; y++) {
-    for (let x = 0; x < bw; x++) {
-      const i = y * bw + x;
+  for (let x = 0; x < bw; x++) {
+    for (let y = 0, i = x * bh; y < bh; y++, i++) {
       if (!inside[i]) continue;
       const border = x === 0 || y === 0 || x === bw - 1 || y === bh - 1 ||
-        !inside[i - 1] || !inside[i + 1] || !inside[i - bw] || !inside[i + bw];
-      pixels[i] = border ? line : fill;
+        !inside[i - 1] || !inside[i + 1] || !inside[i - bh] || !inside[i + bh];
+      pixels[y * bw + x] = border ? line : fill;
     }
   }
-  // putImageData replaces pixels: draw through a scratch canvas to blend with what is there.
-  const scratch = document.createElement("canvas");
-  scratch.width = bw;
-  scratch.height = bh;
-  scratch.getContext("2d").putImageData(image, 0, 0);
-  context.drawImage(scratch, x0, top);
+  // Drawn from a canvas of its own, as putImageData would replace what is under it.
+  const canvas = document.createElement("canvas");
+  canvas.width = bw;
+  canvas.height = bh;
+  canvas.getContext("2d").putImageData(image, 0, 0);
+  return { canvas, x: x0, y: top };
 }
 
 // --- Turning the picture as the server does ------------------------------------------------
@@ -519,7 +538,7 @@ async function decodeImage(file) {
 
 function resetImage() {
   Object.assign(state, {
-    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1,
+    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1, painted: [],
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
     segmentInFlight: 0, clickStatus: "Open an image first.",
   });

@@ -607,6 +607,48 @@ def test_one_mask_is_one_mask(page, tmp_path):
     assert status(page).startswith("1 mask in ")
 
 
+def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page, tmp_path):
+    """"Add to masks" keeps the click tool's mask: drawn, listed, and in both downloads, its COCO
+    record (segmentation, bbox, area) as pycocotools makes it from the /segment mask."""
+    answers = stub_answers()
+    clicked = np.array(Image.new("1", SMALL))  # the stub's /segment mask, as /segment sent it
+    clicked[10:30, 20:40] = True
+    assert answers["/segment"][1]["results"][0]["masks"][0] == rle(clicked)
+    keep = page.find_element(By.ID, "keep-click")
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "keep.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        assert not keep.is_enabled()
+        ActionChains(page).move_to_element_with_offset(page.find_element(By.ID, "highlight-canvas"), 0, 0).click().perform()
+        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
+        keep.click()
+    assert status(page) == "Added as mask 1; click the next object."
+    assert not keep.is_enabled() and page_state(page, "clickAnswer") is None and page_state(page, "clicks") == []
+    assert len(page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")) == 2
+    assert json.loads(page.execute_script("return window.sam2page.studyJson()"))["mask_1"] == rle(clicked)
+    dataset = tmp_path / "coco.json"
+    dataset.write_text(page.execute_script("return cocoDataset()"))
+    coco = COCO(str(dataset))
+    record = coco.loadAnns([2])[0]
+    assert np.array_equal(coco.annToMask(record), clicked)
+    encoded = mask_utils.encode(np.asfortranarray(clicked.astype(np.uint8)))
+    assert record["segmentation"]["counts"] == encoded["counts"].decode()
+    assert record["bbox"] == mask_utils.toBbox(encoded).tolist() and record["area"] == int(clicked.sum())
+    assert record["predicted_iou"] == 0.9 and record["prompt"]["labels"] == [1] and len(record["prompt"]["points"]) == 1
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    page.execute_script("setHovered(1)")
+    assert page.find_element(By.ID, "hover-info").text == "mask 1: predicted IoU 0.900, area 400 px, made by clicks"
+    # Run lengths of every size, and runs shorter than those two before them (negative differences).
+    rng = np.random.default_rng(0)
+    masks = [rng.random((70, 90)) < 0.5, np.zeros((700, 900), bool), np.ones((3, 3), bool)]
+    masks[1][5:600, 100:800] = True
+    for mask in masks:
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        assert page.execute_script("return encodeCounts(arguments[0])", rle(mask)["counts"]) == encoded
+
+
 def test_a_hovered_mask_is_painted_with_its_outline(page):
     """paintMask, which draws the hovered, selected and clicked masks: the mask's pixels at alpha
     170, those with a neighbour (of 4) outside it opaque, nothing else; on masks whose runs cross
@@ -888,7 +930,7 @@ def test_the_status_says_what_runs_in_either_tool_and_what_failed(page, tmp_path
         assert page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr") == []
 
 
-def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_is_no_box(page, tmp_path):
+def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_or_let_go_of_is_no_box(page, tmp_path):
     with stubbed_fetch(page, stub_answers()):
         open_image(page, small_image(tmp_path, "edges.png"))
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
@@ -906,6 +948,13 @@ def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_is_no_box(
             .move_by_offset(40, -60).release().perform()
         time.sleep(0.3)
         assert page_state(page, "box") == [x0, y0, x1, y1] and fetch_log(page).count("/segment") == segments
+        # Escape while drawing a box: no box, none drawn.
+        ActionChains(page).move_to_element_with_offset(canvas, 0, 0).click_and_hold().move_by_offset(10, 10).perform()
+        assert page_state(page, "dragBox") is not None
+        ActionChains(page).send_keys(Keys.ESCAPE).release().perform()
+        time.sleep(0.3)
+        assert page_state(page, "box") == [x0, y0, x1, y1] and fetch_log(page).count("/segment") == segments
+        assert page_state(page, "dragBox") is None
 
 
 def test_a_server_without_prompts_takes_back_the_click_tool_chosen_while_it_loaded(browser, server):

@@ -40,6 +40,7 @@ const state = {
   clicks: [], // {x, y, label}
   box: null, // [x0, y0, x1, y1]
   boxAfter: 0, // how many of the clicks came before the box (undo takes back the later ones first)
+  dragBox: null, // the box being drawn, while the button is down
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
   segmentSequence: 0, // counts changes of the clicks: only the answer for the latest is drawn
@@ -236,6 +237,51 @@ function decodeCounts(text) {
   return counts;
 }
 
+// Run lengths -> pycocotools' compressed RLE string (its rleToString): decodeCounts' inverse.
+function encodeCounts(counts) {
+  let text = "";
+  counts.forEach((count, i) => {
+    let x = i > 2 ? count - counts[i - 2] : count;
+    let more = true;
+    while (more) {
+      let c = ((x % 32) + 32) % 32; // x & 0x1f, for doubles
+      x = Math.floor(x / 32); // x >> 5
+      more = c & 0x10 ? x !== -1 : x !== 0;
+      if (more) c |= 0x20;
+      text += String.fromCharCode(c + 48);
+    }
+  });
+  return text;
+}
+
+// A mask's bounding box, {x, y, width, height} (COCO's bbox), or null for an empty mask.
+function runBox(counts) {
+  const h = state.height;
+  let first = -1;
+  let last = -1;
+  let top = h;
+  let bottom = -1;
+  let p = 0;
+  for (let r = 0; r < counts.length; r++) {
+    if (r & 1 && counts[r] > 0) {
+      const end = p + counts[r] - 1;
+      if (first < 0) first = p;
+      last = end;
+      if (Math.floor(p / h) !== Math.floor(end / h)) {
+        top = 0;
+        bottom = h - 1;
+      } else {
+        top = Math.min(top, p % h);
+        bottom = Math.max(bottom, end % h);
+      }
+    }
+    p += counts[r];
+  }
+  if (first < 0) return null;
+  const x = Math.floor(first / h);
+  return { x, y: top, width: Math.floor(last / h) - x + 1, height: bottom - top + 1 };
+}
+
 // The /upload_rle answer (the study's format) of the masks on the page, byte for byte:
 // {"mask_0":{"size":[h,w],"counts":[...]},...}.
 function studyJson() {
@@ -331,36 +377,15 @@ function paintMask(context, counts, rgb) {
 
 // The picture of one mask over its bounding box: {canvas, x, y}, or null for an empty mask.
 function maskPicture(counts, rgb) {
+  const box = runBox(counts);
+  if (!box) return null;
+  const { x: x0, y: top, width: bw, height: bh } = box;
   const h = state.height;
-  let first = -1;
-  let last = -1;
-  let top = h;
-  let bottom = -1;
-  let p = 0;
-  for (let r = 0; r < counts.length; r++) {
-    if (r & 1 && counts[r] > 0) {
-      const end = p + counts[r] - 1;
-      if (first < 0) first = p;
-      last = end;
-      if (Math.floor(p / h) !== Math.floor(end / h)) {
-        top = 0;
-        bottom = h - 1;
-      } else {
-        top = Math.min(top, p % h);
-        bottom = Math.max(bottom, end % h);
-      }
-    }
-    p += counts[r];
-  }
-  if (first < 0) return null;
-  const x0 = Math.floor(first / h);
-  const bw = Math.floor(last / h) - x0 + 1;
-  const bh = bottom - top + 1;
   // Which pixels of the box are the mask's, column by column as the runs go: one fill per run
   // (a run that crosses columns made the box as tall as the image, so it crosses the box's
   // columns as it does the image's). Per pixel, a 4000x3000 background took a second to hover.
   const inside = new Uint8Array(bw * bh);
-  p = 0;
+  let p = 0;
   for (let r = 0; r < counts.length; r++) {
     if (r & 1) {
       const x = Math.floor(p / h);
@@ -544,7 +569,7 @@ function resetImage() {
   });
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
-  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks"]) $(id).disabled = true;
+  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click"]) $(id).disabled = true;
 }
 
 // The previous image and its masks leave the viewer as soon as another is opened: a refused
@@ -696,7 +721,7 @@ function rowStop(row) {
 function describe(i) {
   const a = state.annotations[i];
   return `mask ${i}: predicted IoU ${a.predicted_iou.toFixed(3)}, area ${a.area.toLocaleString()} px, ` +
-    `stability ${a.stability_score.toFixed(3)}`;
+    (a.prompt ? "made by clicks" : `stability ${a.stability_score.toFixed(3)}`);
 }
 
 function setHovered(i) {
@@ -793,14 +818,15 @@ async function segment({ retried = false, keepError = false } = {}) {
   const generation = state.generation;
   const sequence = ++state.segmentSequence;
   const current = () => generation === state.generation && sequence === state.segmentSequence;
-  $("clear-clicks").disabled = !state.clicks.length && !state.box;
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
+    clickButtons();
     if (!keepError) clearError(); // a refusal's message goes with the clicks it was about
     if (state.imageId) showClickStatus(CLICK_HELP);
     drawHighlight();
     return;
   }
+  clickButtons();
   // One /segment at a time: clicks made while one runs are asked for together when it ends (a
   // request for each would keep the server busy with masks nobody looks at).
   if (state.segmentInFlight) return;
@@ -848,6 +874,7 @@ async function segment({ retried = false, keepError = false } = {}) {
     // Any other failure (a busy or unreachable server): the mask shown was another prompt's,
     // so it goes; the next click or undo asks again.
     state.clickAnswer = state.clickPrompt = null;
+    clickButtons();
     drawHighlight();
     showClickStatus("No mask for these clicks: the request failed (see above). Click again, or undo with Ctrl+Z, " +
       "to ask again.");
@@ -860,7 +887,41 @@ async function segment({ retried = false, keepError = false } = {}) {
   showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
     `${result.iou_predictions[0].toFixed(3)}` +
     (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
+  clickButtons();
   drawHighlight();
+}
+
+// Clear clicks: while there are clicks or a box; Add to masks: while their mask is shown.
+function clickButtons() {
+  const click = tool() === "click";
+  $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
+  $("keep-click").disabled = !click || !state.clickAnswer || !runBox(state.clickAnswer.results[0].masks[0].counts);
+}
+
+// The click tool's mask joins the masks of the image: drawn, listed and downloaded with them,
+// as a record like the server's (its COCO segmentation, area, bbox and predicted IoU), with the
+// prompt it was made from instead of sam2's point and stability score.
+function keepClickMask() {
+  const result = state.clickAnswer.results[0];
+  const counts = result.masks[0].counts;
+  const { x, y, width, height } = runBox(counts);
+  const index = state.annotations.length;
+  state.annotations.push({
+    segmentation: { size: [state.height, state.width], counts: encodeCounts(counts) },
+    area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
+    bbox: [x, y, width, height],
+    predicted_iou: result.iou_predictions[0],
+    prompt: state.clickPrompt,
+  });
+  state.counts.push(counts);
+  state.colours.push(colour(index));
+  state.labels = buildLabels();
+  drawMasks();
+  listMasks();
+  state.clicks = [];
+  state.box = null;
+  segment(); // no clicks: their mask goes
+  showClickStatus(`Added as mask ${index}; click the next object.`);
 }
 
 function drawClickLayer(context) {
@@ -887,7 +948,7 @@ function setTool() {
   const click = tool() === "click";
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
-  $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
+  clickButtons();
   for (const id of ["mask-canvas", "selection-canvas"]) $(id).style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
@@ -927,7 +988,14 @@ function onPointerDown(event) {
 }
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
+// Escape while the button is down: the press (a click or a box being drawn) is dropped.
 function onKeyDown(event) {
+  if (event.key === "Escape" && press) {
+    press = null;
+    state.dragBox = null;
+    drawHighlight();
+    return;
+  }
   // event.code: the Z key wherever a keyboard layout puts another letter on it
   const undo = event.key === "Backspace" || (event.code === "KeyZ" && (event.ctrlKey || event.metaKey) && !event.shiftKey);
   if (!undo || tool() !== "click" || press || !takeBack()) return;
@@ -1067,6 +1135,7 @@ function init() {
     state.box = null;
     segment();
   });
+  $("keep-click").addEventListener("click", keepClickMask);
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(worker, limits, info, cache, args.access_log)
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
-    # Threads for the app: every request the worker may hold (queued or in its batch), and a
-    # few for /health and /metrics.
+    # Threads for the app: every request the worker admits (max_queue + batch_size in progress,
+    # InferenceWorker.admitted), and a few for /health and /metrics.
     try:
         http = create_http_server(app, args.host, args.port, limits.max_upload_bytes,
                                   threads=args.max_queue + args.batch_size + 4,

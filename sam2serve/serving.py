@@ -600,6 +600,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return request.environ.get("waitress.client_disconnected")
 
     def uploaded_image() -> np.ndarray:
+        gone = client_gone()
+        if gone is not None and gone():  # its client gave up while the upload waited for a thread
+            raise Abandoned("the client closed its connection before its image was read")
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
                              unread_body(request.content_type or "", request.content_length or 0))

@@ -3,7 +3,10 @@
 Why a worker and not a lock: a lock lets every waiting request hold a thread and memory with
 no bound and no order, and gives no place to batch. Here a request is a job in a bounded
 queue:
-- a full queue is refused at once (`Busy`, HTTP 503 with Retry-After);
+- a full queue is refused at once (`Busy`, HTTP 503 with Retry-After), and so is a request
+  beyond `max_queue + batch_size` admitted at once (`admitted()`, which the HTTP layer enters
+  before it reads the image): each holds an HTTP thread, reading its image, queued, running or
+  between its calls, so the server's other threads stay free for /health;
 - a request that waits past its timeout gives up (`TimedOut`, HTTP 504); if it is still
   queued the worker skips it;
 - a request whose client has gone (`abandoned()`, asked when its turn comes: the HTTP server
@@ -106,13 +109,14 @@ class InferenceWorker:
         self.observe_batch = observe_batch or (lambda batch_size, masks: None)
         self.generator: Generator | None = None
         self.segmenter = None
-        self.seconds_per_image = 1.0  # running estimate, for Retry-After
+        self.max_admitted = max_queue + batch_size  # requests admitted at once (admitted())
+        self.seconds_per_job = 1.0  # running estimate over images and calls, for Retry-After
         self._ready = threading.Event()
         self._stopping = threading.Event()
         # Held while a request is admitted or joins the queue, and while the worker decides it is
         # done: nothing can join after the worker's last look (it would wait for nobody).
         self._admission = threading.Lock()
-        self._admitted = 0  # requests between admitted()'s start and end
+        self._admitted = 0  # requests between admitted()'s start and end (the outermost, for one nested)
         self._this_thread = threading.local()  # .depth: admitted() calls this thread is inside
 
     @property
@@ -126,6 +130,10 @@ class InferenceWorker:
     @property
     def queue_depth(self) -> int:
         return self.jobs.qsize()
+
+    @property
+    def admitted_requests(self) -> int:
+        return self._admitted
 
     def stop(self) -> None:
         """No new requests from now on; the worker answers those accepted (admitted or queued),
@@ -151,17 +159,21 @@ class InferenceWorker:
     @contextmanager
     def admitted(self):
         """One request's use of the worker, from its first look to its answer: its calls are run
-        even after stop(), and the worker serves until it ends. Raises as require_ready."""
+        even after stop(), and the worker serves until it ends. Raises as require_ready, and
+        Busy when max_admitted requests are admitted already."""
+        outermost = not getattr(self._this_thread, "depth", 0)  # not the same request again
         with self._admission:
             self.require_ready()
-            self._admitted += 1
+            if outermost and self._admitted >= self.max_admitted:
+                raise self.busy(f"{self._admitted} requests in progress", self._admitted)
+            self._admitted += outermost
         self._this_thread.depth = getattr(self._this_thread, "depth", 0) + 1
         try:
             yield
         finally:
             self._this_thread.depth -= 1
             with self._admission:
-                self._admitted -= 1
+                self._admitted -= outermost
 
     def require_ready(self) -> None:
         if self.stopping and not getattr(self._this_thread, "depth", 0):
@@ -211,9 +223,7 @@ class InferenceWorker:
                 try:
                     self.jobs.put_nowait(job)
                 except queue.Full:
-                    wait = self.queue_depth * self.seconds_per_image / self.batch_size
-                    raise Busy(f"the server is busy ({self.queued_text()})",
-                               max(1, round(wait))) from None
+                    raise self.busy(self.queued_text(), self.queue_depth) from None
         if continues:  # admitted already: a stop waits for it (admitted()), outside the lock
             try:
                 self.jobs.put(job, timeout=max(0.0, deadline - time.monotonic()))
@@ -225,6 +235,10 @@ class InferenceWorker:
             job.timed_out = True  # already running: stopped at the next batch of point prompts
             job.future.cancel()  # still queued: the worker skips it
             raise self.timed_out() from None
+
+    def busy(self, why: str, jobs_ahead: int) -> Busy:
+        wait = jobs_ahead * self.seconds_per_job / self.batch_size
+        return Busy(f"the server is busy ({why})", max(1, round(wait)))
 
     def timed_out(self) -> TimedOut:
         return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; {self.queued_text()}")
@@ -268,11 +282,13 @@ class InferenceWorker:
             if job.call is not None and (job.timed_out or gone(job)):  # went while the calls before it ran
                 job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
             elif job.call is not None:
+                started = time.perf_counter()
                 try:
                     job.future.set_result(job.call())
                 except Exception as error:  # noqa: BLE001 - goes back to its request
                     release_cached_memory(error, self.generator)
                     job.future.set_exception(error)
+                self._observe(time.perf_counter() - started, 1)
         # Masks and mask records run as batches of their own (one image-encoder call each).
         for annotate in (False, True):
             batch = [job for job in jobs if job.call is None and job.annotate == annotate]
@@ -289,14 +305,19 @@ class InferenceWorker:
                        for _ in batch]
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
         if masks:
-            elapsed = time.perf_counter() - started
-            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(batch)
+            self._observe(time.perf_counter() - started, len(batch))
             self.observe_batch(len(batch), masks)
         for job, answer in zip(batch, answers):
             if isinstance(answer, Exception):
                 job.future.set_exception(answer)
             else:
                 job.future.set_result(answer)
+
+
+    def _observe(self, seconds: float, jobs: int) -> None:
+        """The time per job, as Retry-After estimates it: a running mean over images and calls
+        (encodings, prompt sets), whichever the server gets."""
+        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * seconds / jobs
 
 
 def gone(job: Job) -> bool:

@@ -219,6 +219,76 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
+def test_requests_beyond_the_queue_and_the_batch_are_refused_before_their_image_is_read():
+    """Each admitted request holds an HTTP thread, reading its image, queued, running, or
+    between its calls (a /segment's parts, outside the queue): at most max_queue + batch_size
+    are admitted, so that the server's other threads stay free for /health. One more gets 503
+    before its upload is read (a body that is no image: 503, not 400)."""
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
+    client = create_app(worker).test_client()
+    worker.start(StubGenerator())
+    release, inside = threading.Event(), []
+
+    def between_calls():
+        with worker.admitted():
+            with worker.admitted():  # the same request again: not another one
+                inside.append(1)
+                release.wait(timeout=10)
+
+    holders = [threading.Thread(target=between_calls) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    wait_for(lambda: len(inside) == 2)
+    not_an_image = lambda: {"image": (io.BytesIO(b"not an image"), "a.png")}  # noqa: E731
+    refused = client.post("/upload_rle", data=not_an_image())
+    assert refused.status_code == 503 and worker.queue_depth == 0
+    assert refused.get_json() == {"error": "the server is busy (2 requests in progress)"}
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert client.get("/health").status_code == 200
+    release.set()
+    for holder in holders:
+        holder.join(timeout=10)
+    assert worker.admitted_requests == 0
+    assert client.post("/upload_rle", data=not_an_image()).status_code == 400  # read, now
+
+
+def test_an_upload_whose_client_has_gone_is_not_read():
+    """A client that gave up while its request waited for a thread: 499 (in the log and
+    /metrics), its image neither decoded (a body that is no image: not 400) nor run."""
+    stub = StubGenerator()
+    worker = InferenceWorker()
+    worker.start(stub, segmenter=object())  # never called
+    client = create_app(worker).test_client()
+    for endpoint in ("/upload_rle", "/embed", "/segment"):
+        answer = client.post(endpoint, data={"image": (io.BytesIO(b"not an image"), "a.png"),
+                                             "prompts": '[{"points": [[1, 1]]}]'},
+                             environ_base={"waitress.client_disconnected": lambda: True})
+        assert answer.status_code == 499, endpoint
+    assert stub.batches == []
+
+
+def test_retry_after_estimates_from_prompt_calls_as_well_as_images():
+    """Retry-After is the queue times the time per job: a server that gets only /segment calls
+    (fast ones) estimates from them, not from the images it has not had."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=30)
+    worker.start(stub)
+    for _ in range(30):
+        worker.call(lambda: time.sleep(0.02))
+    assert 0.02 <= worker.seconds_per_job < 0.2  # from 1.0 s before any job
+    stub.gate.clear()
+    held, threads = submit_in_threads(worker, [1])
+    wait_for(stub.running.is_set)
+    queued, queued_threads = submit_in_threads(worker, [2, 3])
+    wait_for(lambda: worker.queue_depth == 2)
+    with pytest.raises(Busy) as busy:
+        worker.call(lambda: None)
+    assert busy.value.retry_after_s == 1
+    stub.gate.set()
+    for thread in threads + queued_threads:
+        thread.join(timeout=10)
+
+
 def test_a_call_whose_request_timed_out_while_others_of_its_batch_ran_is_not_run():
     """Calls taken in one batch run one after another: one whose request gave up meanwhile (its
     timeout) is skipped, as a queued one is, instead of running for nobody."""

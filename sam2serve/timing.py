@@ -58,9 +58,23 @@ def peak_memory_mib(device: str) -> tuple[float, float]:
         peak = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_resident_bytes()
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return peak / 2**20, 100 * peak / total
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, its own. (getrusage's ru_maxrss is
+    not: a process started by another keeps the other's peak, so a study row's process, spawned
+    by the study's, read the study's peak.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere; Linux reports KiB
 
 
 def allocated_mib(device: str) -> float:

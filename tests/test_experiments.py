@@ -245,6 +245,27 @@ def test_a_rows_error_reaches_the_study_as_it_was_raised():
         in_fresh_process(end_without_answer)
 
 
+def cpu_peak_mib() -> float:
+    from sam2serve.timing import peak_memory_mib
+
+    return peak_memory_mib("cpu")[0]
+
+
+def test_a_rows_cpu_peak_memory_is_its_own_process_s():
+    """On a CPU, a row's max_memory_mib is the peak resident memory of the row's own process,
+    not the study's: a spawned process's getrusage peak carries the study process's over (with
+    1.5 GiB held here, a micro row read 2.2 GiB)."""
+    import numpy as np
+
+    from reproduce_experiments import in_fresh_process
+
+    ballast = np.ones(1500 * 2**20 // 8)  # 1.5 GiB, resident: written
+    study = cpu_peak_mib()
+    row = in_fresh_process(cpu_peak_mib)
+    del ballast
+    assert study > 1500 and row < study - 1000, (study, row)
+
+
 def wait_for_child(pid: int, timeout_s: float = 60) -> int:
     """The pid of the process that pid spawned to run a function (not multiprocessing's
     resource tracker); Linux: read from /proc."""

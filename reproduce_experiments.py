@@ -38,7 +38,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from sam2serve.amg import AMGConfig
+from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model,
 )
@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_study(argv: list[str] | None) -> None:
     args, configs = parse_args(argv)
+    left_out = baseline_leaves_out(configs["baseline"])
+    if left_out:  # every row would be compared with masks made without it
+        sys.exit(f"error: the baseline, which every row is compared with, would not apply --min-mask-region-area: "
+                 f"{left_out}")
     image_paths = existing_image_paths(args.image_paths_file)
     try:
         checkpoint = ensure_checkpoint(args.checkpoint_dir, args.model_type)

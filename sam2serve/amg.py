@@ -155,6 +155,14 @@ def image_predictor(model: SAM2Base) -> SAM2ImagePredictor:
     return fit_predictor_to_model(SAM2ImagePredictor(model))
 
 
+def baseline_leaves_out(config: AMGConfig) -> str | None:
+    """What of config the baseline (sam2's generator) does not do here, or None: sam2 fills holes
+    and removes specks (min_mask_region_area) only with its optional CUDA extension."""
+    if config.min_mask_region_area > 0 and importlib.util.find_spec("sam2._C") is None:
+        return "sam2 skips min_mask_region_area without its CUDA extension (not built here: SAM2_BUILD_CUDA=0)"
+    return None
+
+
 class ReferenceMaskGenerator:
     """The `sam2` package's SAM2AutomaticMaskGenerator, unmodified: the baseline."""
 
@@ -167,9 +175,8 @@ class ReferenceMaskGenerator:
         self.should_stop: Callable[[], bool] | None = None
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
-        if config.min_mask_region_area > 0 and importlib.util.find_spec("sam2._C") is None:
-            log.warning("baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: "
-                        "SAM2_BUILD_CUDA=0); ao and the fast modes apply it on every device")
+        if baseline_leaves_out(config):
+            log.warning("baseline: %s; ao and the fast modes apply it on every device", baseline_leaves_out(config))
 
     def unless_stopped(self, step: Callable) -> Callable:
         def run(*args, **kwargs):

@@ -30,7 +30,7 @@ AMG_OPTIONS = {
     "points_per_side": (int, "points along each side of the prompt grid"),
     "points_per_batch": (int, "point prompts per mask-decoder call "
                          "(default: the mode's, 64; fast modes 1024 on CUDA, fewer on a GPU "
-                         "too small for them; on a CPU 64, or 8 when compiled)"),
+                         "too small for them; on a CPU 64, or 8 when compiled with --compile-mode)"),
     "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
     "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
     "stability_score_offset": (float, "logit offset used to compute the stability score"),
@@ -284,6 +284,8 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
 
 def read_image_paths(paths_file: str | Path) -> list[str]:
     """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
+    if Path(paths_file).is_dir():
+        raise ValueError(f"{paths_file} is a folder; give a text file of image paths, one per line")
     try:
         text = Path(paths_file).read_text()
     except UnicodeDecodeError:

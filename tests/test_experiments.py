@@ -316,7 +316,12 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("script, arguments, message", [
     ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
+    # sam2 built without its CUDA extension (as here) skips it: ao would look wrong against it.
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--min-mask-region-area", "50"],
+     "would not apply --min-mask-region-area: sam2 skips min_mask_region_area without its CUDA extension"),
+    ("tools.benchmark", ["--generated", "1", "--min-mask-region-area", "50"], "compare with ao (--reference ao)"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "gpu"], "--device gpu: not a torch device"),
+    ("reproduce_experiments", ["{tmp}", "{tmp}/out"], "is a folder; give a text file of image paths"),
     # torch's meta tensors hold no numbers: a server on them said "ready" and answered 500s.
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "meta"], "--device meta: not a device the"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "cpu:5"], "--device cpu:5: not a device the"),

@@ -638,6 +638,7 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
     assert record["bbox"] == mask_utils.toBbox(encoded).tolist() and record["area"] == int(clicked.sum())
     assert record["predicted_iou"] == 0.9 and record["prompt"]["labels"] == [1] and len(record["prompt"]["points"]) == 1
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    assert status(page) == "1 mask from the server and 1 added by clicks."
     page.execute_script("setHovered(1)")
     assert page.find_element(By.ID, "hover-info").text == "mask 1: predicted IoU 0.900, area 400 px, made by clicks"
     # Run lengths of every size, and runs shorter than those two before them (negative differences).

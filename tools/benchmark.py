@@ -32,7 +32,7 @@ from sam2.utils.amg import build_point_grid
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from sam2serve.amg import AMGConfig
+from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
@@ -342,12 +342,12 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "
-                        "the reference row runs first unless --without-baseline")
+                        "the reference row runs first unless --without-reference")
     parser.add_argument("--reference", default="baseline", choices=("baseline", "ao"),
                         help="the row every row is compared with: the baseline (sam2's own generator), or ao, "
                         "which gives the baseline's masks (the tests check it) in a fraction of its time when "
                         "every candidate is kept (--filters off)")
-    parser.add_argument("--without-baseline", action="store_true",
+    parser.add_argument("--without-reference", "--without-baseline", dest="without_reference", action="store_true",
                         help="leave the reference row out (its columns read n/a): for runs that compare a mode's "
                         "masks with its own elsewhere, as an export with its load (--save-masks)")
     source = parser.add_mutually_exclusive_group()
@@ -391,7 +391,11 @@ def main() -> None:
 
     filters = args.filters or [None]
     thresholds = [{} if name is None else FILTERS[name] for name in filters]
-    rows = ([] if args.without_baseline else [args.reference]) + [row for row in args.modes if row != args.reference]
+    rows = ([] if args.without_reference else [args.reference]) + [row for row in args.modes if row != args.reference]
+    left_out = baseline_leaves_out(amg_config(parser, args, get_mode("baseline")))
+    if left_out and rows[:1] == ["baseline"]:
+        parser.error(f"the baseline, which every row is compared with, would not apply --min-mask-region-area: "
+                     f"{left_out}; compare with ao (--reference ao), which applies it")
     if args.ablation and "baseline" not in rows:
         parser.error("--ablation times sam2's decoder from the baseline's model: it needs the baseline")
     study_absent = study_unavailable(args.device) if STUDY_ROW in rows else None

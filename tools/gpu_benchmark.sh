@@ -183,7 +183,7 @@ if [[ " $STAGES " == *" export "* ]]; then
     rm -rf "$WORK/exported" "$WORK/masks/exported" "$WORK/masks/loaded"
     # Without the baseline: its masks are not compared here, and it takes over 12 s per image.
     EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${FIRST_SCENE[@]}" --modes fast_furious --filters off
-        --without-baseline)
+        --without-reference)
     run export-save "${EXPORT_SECONDS:-200}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
         --save-masks "$WORK/masks/exported" &&
         run export-load "${LOAD_SECONDS:-40}" "${EXPORT[@]}" --load-fast "$WORK/exported" \

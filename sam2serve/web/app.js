@@ -918,6 +918,9 @@ function keepClickMask() {
   state.labels = buildLabels();
   drawMasks();
   listMasks();
+  const added = state.annotations.filter((a) => a.prompt).length;
+  const found = state.annotations.length - added;
+  state.everythingStatus = `${found} ${found === 1 ? "mask" : "masks"} from the server and ${added} added by clicks.`;
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes

@@ -609,8 +609,9 @@ def test_one_mask_is_one_mask(page, tmp_path):
 
 def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page, tmp_path):
     """"Add to masks" keeps the click tool's mask: drawn, listed, and in both downloads, its COCO
-    record (segmentation, bbox, area) as pycocotools makes it from the /segment mask."""
-    answers = stub_answers()
+    record (segmentation, bbox, area) as pycocotools makes it from the /segment mask. Not while
+    the mask of clicks since changed is asked for: the mask shown is not theirs."""
+    answers = stub_answers(segment_ms="held")
     clicked = np.array(Image.new("1", SMALL))  # the stub's /segment mask, as /segment sent it
     clicked[10:30, 20:40] = True
     assert answers["/segment"][1]["results"][0]["masks"][0] == rle(clicked)
@@ -621,8 +622,14 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
         wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
         assert not keep.is_enabled()
-        ActionChains(page).move_to_element_with_offset(page.find_element(By.ID, "highlight-canvas"), 0, 0).click().perform()
-        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
+        canvas = page.find_element(By.ID, "highlight-canvas")
+        for clicks in (1, 2):
+            ActionChains(page).move_to_element_with_offset(canvas, 3 * clicks, 0).click().perform()
+            wait_for(page, lambda d: fetch_log(d).count("/segment") == clicks, timeout=10)
+            assert not keep.is_enabled()
+            page.execute_script("window.release()")
+            wait_for(page, lambda d: len((page_state(d, "clickPrompt") or {}).get("points", [])) == clicks, timeout=10)
+            assert keep.is_enabled()
         keep.click()
     assert status(page) == "Added as mask 1; click the next object."
     assert not keep.is_enabled() and page_state(page, "clickAnswer") is None and page_state(page, "clicks") == []
@@ -636,7 +643,7 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
     encoded = mask_utils.encode(np.asfortranarray(clicked.astype(np.uint8)))
     assert record["segmentation"]["counts"] == encoded["counts"].decode()
     assert record["bbox"] == mask_utils.toBbox(encoded).tolist() and record["area"] == int(clicked.sum())
-    assert record["predicted_iou"] == 0.9 and record["prompt"]["labels"] == [1] and len(record["prompt"]["points"]) == 1
+    assert record["predicted_iou"] == 0.9 and record["prompt"]["labels"] == [1, 1] and len(record["prompt"]["points"]) == 2
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
     assert status(page) == "1 mask from the server and 1 added by clicks."
     page.execute_script("setHovered(1)")

@@ -867,6 +867,7 @@ async function segment({ retried = false, keepError = false } = {}) {
     // work; asked again without it, unless the mask shown is that prompt's already.
     if (failure.status === 400 && takeBack()) {
       drawHighlight();
+      clickButtons();
       const shown = state.clickPrompt && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
       if (!shown) segment({ keepError: true });
       return;
@@ -891,11 +892,13 @@ async function segment({ retried = false, keepError = false } = {}) {
   drawHighlight();
 }
 
-// Clear clicks: while there are clicks or a box; Add to masks: while their mask is shown.
+// Clear clicks: while there are clicks or a box; Add to masks: while the mask shown is theirs
+// (not while the mask of clicks since changed is asked for) and not empty.
 function clickButtons() {
   const click = tool() === "click";
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
-  $("keep-click").disabled = !click || !state.clickAnswer || !runBox(state.clickAnswer.results[0].masks[0].counts);
+  $("keep-click").disabled = !click || !state.clickAnswer || !runBox(state.clickAnswer.results[0].masks[0].counts) ||
+    JSON.stringify(clickPrompt()) !== JSON.stringify(state.clickPrompt);
 }
 
 // The click tool's mask joins the masks of the image: drawn, listed and downloaded with them,

@@ -657,6 +657,39 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
         assert page.execute_script("return encodeCounts(arguments[0])", rle(mask)["counts"]) == encoded
 
 
+def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
+    """"Remove the selected mask" (or Delete): the mask goes from the label map the drawing is
+    made of, the list and the downloads; the others keep their records and colours."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    masks = [xs < 40, (xs - 60) ** 2 + (ys - 30) ** 2 < 100, ys < 10]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), width, height)
+    colours = page_state(page, "colours")
+    remove = page.find_element(By.ID, "remove-mask")
+    row = lambda index: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{index}']")  # noqa: E731
+    assert not remove.is_enabled()
+    row(1).click()
+    remove.click()
+    assert status(page) == "Mask 1 removed: 2 masks from the server and 0 added by clicks."
+    assert page_state(page, "selected") == -1 and not remove.is_enabled()
+    assert json.loads(page.execute_script("return window.sam2page.studyJson()")) == {"mask_0": rle(masks[0]),
+                                                                                   "mask_1": rle(masks[2])}
+    assert [a["bbox"] for a in page_state(page, "annotations")] == [coco_record(masks[0])["bbox"],
+                                                                   coco_record(masks[2])["bbox"]]
+    assert page_state(page, "colours") == [colours[0], colours[2]]
+    expected = np.zeros((height, width), dtype=np.int64)
+    expected[masks[0]] = 1
+    expected[masks[2]] = 2  # the smaller, on top
+    assert page.execute_script("return Array.from(window.sam2page.state.labels)") == expected.T.ravel().tolist()
+    row(0).click()
+    ActionChains(page).send_keys(Keys.DELETE).perform()
+    assert json.loads(page.execute_script("return window.sam2page.studyJson()")) == {"mask_0": rle(masks[2])}
+    row(0).click()
+    ActionChains(page).send_keys(Keys.DELETE).perform()
+    assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
+
+
 def test_a_hovered_mask_is_painted_with_its_outline(page):
     """paintMask, which draws the hovered, selected and clicked masks: the mask's pixels at alpha
     170, those with a neighbour (of 4) outside it opaque, nothing else; on masks whose runs cross

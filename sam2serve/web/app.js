@@ -35,6 +35,7 @@ const state = {
   selected: -1,
   renderMs: 0, // decoding and drawing the last answer, for people who measure
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
+  removed: 0, // masks of this image removed by the labeller
   imageId: null, // from /embed
   embedding: null, // the /embed request in flight
   clicks: [], // {x, y, label}
@@ -563,13 +564,15 @@ async function decodeImage(file) {
 
 function resetImage() {
   Object.assign(state, {
-    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1, painted: [],
+    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1, painted: [], removed: 0,
     imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
     segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
-  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click"]) $(id).disabled = true;
+  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "remove-mask"]) {
+    $(id).disabled = true;
+  }
 }
 
 // The previous image and its masks leave the viewer as soon as another is opened: a refused
@@ -702,7 +705,8 @@ function listMasks() {
   if (!rows.length) {
     const row = document.createElement("tr");
     row.className = "empty";
-    row.append(cell("No mask passed the server's filters (predicted IoU and stability)."));
+    row.append(cell(state.removed ? "Every mask was removed."
+      : "No mask passed the server's filters (predicted IoU and stability)."));
     row.cells[0].colSpan = 4;
     rows.push(row);
   }
@@ -738,6 +742,7 @@ function select(i) {
     row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
   }
   $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
+  $("remove-mask").disabled = state.selected < 0 || tool() !== "everything";
   const canvas = $("selection-canvas");
   const context = canvas.getContext("2d");
   context.clearRect(0, 0, canvas.width, canvas.height);
@@ -918,16 +923,38 @@ function keepClickMask() {
   });
   state.counts.push(counts);
   state.colours.push(colour(index));
-  state.labels = buildLabels();
-  drawMasks();
-  listMasks();
-  const added = state.annotations.filter((a) => a.prompt).length;
-  const found = state.annotations.length - added;
-  state.everythingStatus = `${found} ${found === 1 ? "mask" : "masks"} from the server and ${added} added by clicks.`;
+  masksChanged();
+  state.everythingStatus = maskCounts();
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes
   showClickStatus(`Added as mask ${index}; click the next object.`);
+}
+
+// A mask the labeller finds wrong (the server's or one added by clicks), selected in the
+// every-mask tool, leaves the image's masks: the drawing, the list and the downloads. The
+// others keep their colours; the masks after it move up one number.
+function removeSelectedMask() {
+  const index = state.selected;
+  if (index < 0 || tool() !== "everything") return;
+  for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
+  state.removed += 1;
+  state.hovered = -1;
+  select(index); // unselects it: its outline goes, and the figures
+  masksChanged();
+  showEverythingStatus(`Mask ${index} removed: ${maskCounts()}`);
+}
+
+function masksChanged() {
+  state.labels = buildLabels();
+  drawMasks();
+  listMasks();
+}
+
+function maskCounts() {
+  const added = state.annotations.filter((a) => a.prompt).length;
+  const found = state.annotations.length - added;
+  return `${found} ${found === 1 ? "mask" : "masks"} from the server and ${added} added by clicks.`;
 }
 
 function drawClickLayer(context) {
@@ -955,6 +982,7 @@ function setTool() {
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
   clickButtons();
+  $("remove-mask").disabled = click || state.selected < 0;
   for (const id of ["mask-canvas", "selection-canvas"]) $(id).style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
@@ -994,8 +1022,14 @@ function onPointerDown(event) {
 }
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
-// Escape while the button is down: the press (a click or a box being drawn) is dropped.
+// Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
+// in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
+  if (event.key === "Delete" && tool() === "everything" && state.selected >= 0) {
+    event.preventDefault();
+    removeSelectedMask();
+    return;
+  }
   if (event.key === "Escape" && press) {
     press = null;
     state.dragBox = null;
@@ -1142,6 +1176,7 @@ function init() {
     segment();
   });
   $("keep-click").addEventListener("click", keepClickMask);
+  $("remove-mask").addEventListener("click", removeSelectedMask);
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>

@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(parser, "batch_size", type=positive_int, default=1,
                help="images the worker takes from the queue at once (one image-encoder call)")
     add_option(parser, "max_queue", type=positive_int, default=16,
-               help="requests waiting for the worker (images, encodings, prompt sets); more get 503 with Retry-After")
+               help="requests waiting for the worker (images, encodings, prompt sets); more get 503 with Retry-After, "
+                    "as do requests beyond --max-queue + --batch-size in progress at once")
     add_option(parser, "request_timeout", type=seconds, default=600.0,
                help="seconds a request may wait for its answer before 504")
     add_option(parser, "embedding_cache_mb", type=non_negative_float, default=EMBEDDING_CACHE_BYTES / 2**20,

@@ -3,10 +3,11 @@
 Why a worker and not a lock: a lock lets every waiting request hold a thread and memory with
 no bound and no order, and gives no place to batch. Here a request is a job in a bounded
 queue:
-- a full queue is refused at once (`Busy`, HTTP 503 with Retry-After), and so is a request
-  beyond `max_queue + batch_size` admitted at once (`admitted()`, which the HTTP layer enters
-  before it reads the image): each holds an HTTP thread, reading its image, queued, running or
-  between its calls, so the server's other threads stay free for /health;
+- a full queue is refused at once (`Busy`, HTTP 503 with Retry-After: the model's time for the
+  work ahead), and so is a request beyond `max_queue + batch_size` admitted at once
+  (`admitted()`, which the HTTP layer enters before it decodes the image; the HTTP server has
+  received the body by then): each holds an HTTP thread, decoding its image, queued, running or
+  between its calls, so that the server's other threads stay free for /health;
 - a request that waits past its timeout gives up (`TimedOut`, HTTP 504); if it is still
   queued the worker skips it;
 - a request whose client has gone (`abandoned()`, asked when its turn comes: the HTTP server
@@ -90,6 +91,7 @@ class Job:
     call: Callable[[], Any] | None = None
     abandoned: Callable[[], bool] | None = None  # whether nobody waits for the answer any more
     timed_out: bool = False  # its request gave up waiting
+    seconds: float = 0.0  # the model's time on it (its share of its batch's), set before its answer
     future: Future = field(default_factory=Future)
 
 
@@ -110,14 +112,18 @@ class InferenceWorker:
         self.generator: Generator | None = None
         self.segmenter = None
         self.max_admitted = max_queue + batch_size  # requests admitted at once (admitted())
-        self.seconds_per_job = 1.0  # running estimate over images and calls, for Retry-After
+        # Running estimates, for Retry-After: the model's time per job (an image, an encoding, a
+        # part of prompt sets), and per request (all its jobs: a /segment may make many).
+        self.seconds_per_job = 1.0
+        self.seconds_per_request = 1.0
         self._ready = threading.Event()
         self._stopping = threading.Event()
         # Held while a request is admitted or joins the queue, and while the worker decides it is
         # done: nothing can join after the worker's last look (it would wait for nobody).
         self._admission = threading.Lock()
         self._admitted = 0  # requests between admitted()'s start and end (the outermost, for one nested)
-        self._this_thread = threading.local()  # .depth: admitted() calls this thread is inside
+        # .depth: admitted() calls this thread is inside; .model_seconds: its request's jobs' time
+        self._this_thread = threading.local()
 
     @property
     def ready(self) -> bool:
@@ -165,8 +171,11 @@ class InferenceWorker:
         with self._admission:
             self.require_ready()
             if outermost and self._admitted >= self.max_admitted:
-                raise self.busy(f"{self._admitted} requests in progress", self._admitted)
+                raise self.busy(f"{self._admitted} requests in progress",
+                                self._admitted * self.seconds_per_request)
             self._admitted += outermost
+        if outermost:
+            self._this_thread.model_seconds = 0.0
         self._this_thread.depth = getattr(self._this_thread, "depth", 0) + 1
         try:
             yield
@@ -174,6 +183,8 @@ class InferenceWorker:
             self._this_thread.depth -= 1
             with self._admission:
                 self._admitted -= outermost
+                if outermost and self._this_thread.model_seconds > 0:
+                    self.seconds_per_request = 0.8 * self.seconds_per_request + 0.2 * self._this_thread.model_seconds
 
     def require_ready(self) -> None:
         if self.stopping and not getattr(self._this_thread, "depth", 0):
@@ -223,7 +234,7 @@ class InferenceWorker:
                 try:
                     self.jobs.put_nowait(job)
                 except queue.Full:
-                    raise self.busy(self.queued_text(), self.queue_depth) from None
+                    raise self.busy(self.queued_text(), self.queue_depth * self.seconds_per_job) from None
         if continues:  # admitted already: a stop waits for it (admitted()), outside the lock
             try:
                 self.jobs.put(job, timeout=max(0.0, deadline - time.monotonic()))
@@ -235,10 +246,12 @@ class InferenceWorker:
             job.timed_out = True  # already running: stopped at the next batch of point prompts
             job.future.cancel()  # still queued: the worker skips it
             raise self.timed_out() from None
+        finally:  # the request's model time (admitted() learns seconds_per_request from it)
+            self._this_thread.model_seconds = getattr(self._this_thread, "model_seconds", 0.0) + job.seconds
 
-    def busy(self, why: str, jobs_ahead: int) -> Busy:
-        wait = jobs_ahead * self.seconds_per_job / self.batch_size
-        return Busy(f"the server is busy ({why})", max(1, round(wait)))
+    def busy(self, why: str, model_seconds_ahead: float) -> Busy:
+        """Busy, its Retry-After the time the work ahead takes the model (batches share it)."""
+        return Busy(f"the server is busy ({why})", max(1, round(model_seconds_ahead / self.batch_size)))
 
     def timed_out(self) -> TimedOut:
         return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; {self.queued_text()}")
@@ -283,12 +296,18 @@ class InferenceWorker:
                 job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
             elif job.call is not None:
                 started = time.perf_counter()
+                answer, failure = None, None
                 try:
-                    job.future.set_result(job.call())
+                    answer = job.call()
                 except Exception as error:  # noqa: BLE001 - goes back to its request
                     release_cached_memory(error, self.generator)
-                    job.future.set_exception(error)
-                self._observe(time.perf_counter() - started, 1)
+                    failure = error
+                job.seconds = time.perf_counter() - started
+                self._observe(job.seconds)
+                if failure is not None:
+                    job.future.set_exception(failure)
+                else:
+                    job.future.set_result(answer)
         # Masks and mask records run as batches of their own (one image-encoder call each).
         for annotate in (False, True):
             batch = [job for job in jobs if job.call is None and job.annotate == annotate]
@@ -304,8 +323,11 @@ class InferenceWorker:
             answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
                        for _ in batch]
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
+        share = (time.perf_counter() - started) / len(batch)
+        for job in batch:
+            job.seconds = share
         if masks:
-            self._observe(time.perf_counter() - started, len(batch))
+            self._observe(share)
             self.observe_batch(len(batch), masks)
         for job, answer in zip(batch, answers):
             if isinstance(answer, Exception):
@@ -314,10 +336,9 @@ class InferenceWorker:
                 job.future.set_result(answer)
 
 
-    def _observe(self, seconds: float, jobs: int) -> None:
-        """The time per job, as Retry-After estimates it: a running mean over images and calls
-        (encodings, prompt sets), whichever the server gets."""
-        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * seconds / jobs
+    def _observe(self, seconds: float) -> None:
+        """The time per job: a running mean over images and calls, whichever the server gets."""
+        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * seconds
 
 
 def gone(job: Job) -> bool:

@@ -267,23 +267,46 @@ def test_an_upload_whose_client_has_gone_is_not_read():
     assert stub.batches == []
 
 
-def test_retry_after_estimates_from_prompt_calls_as_well_as_images():
-    """Retry-After is the queue times the time per job: a server that gets only /segment calls
-    (fast ones) estimates from them, not from the images it has not had."""
+def test_retry_after_estimates_the_time_of_the_work_ahead():
+    """Retry-After is the model's time for the work ahead: for a full queue, its jobs times the
+    time per job, learnt from prompt calls as well as images (a server that gets only /segment
+    calls, fast ones, estimates from them, not from images it has not had); for the requests in
+    progress, their number times the time per request, all its calls (a /segment of many prompt
+    sets makes many), not per call."""
     stub = StubGenerator()
-    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=30)
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
     worker.start(stub)
-    for _ in range(30):
-        worker.call(lambda: time.sleep(0.02))
-    assert 0.02 <= worker.seconds_per_job < 0.2  # from 1.0 s before any job
+    for _ in range(3):  # requests of 5 calls of 0.1 s
+        with worker.admitted():
+            for _ in range(5):
+                worker.call(lambda: time.sleep(0.1))
+    assert worker.seconds_per_job < 0.3 and 0.7 < worker.seconds_per_request < 1.0  # from 1.0 s each
+    release, inside = threading.Event(), []
+
+    def in_progress():
+        with worker.admitted():
+            inside.append(1)
+            release.wait(timeout=10)
+
+    holders = [threading.Thread(target=in_progress) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    wait_for(lambda: len(inside) == 2)
+    with pytest.raises(Busy) as busy:
+        with worker.admitted():
+            pass
+    assert busy.value.retry_after_s == 2  # 2 requests of 0.7 to 1.0 s; per call, 1
+    release.set()
+    for holder in holders:
+        holder.join(timeout=10)
     stub.gate.clear()
     held, threads = submit_in_threads(worker, [1])
     wait_for(stub.running.is_set)
-    queued, queued_threads = submit_in_threads(worker, [2, 3])
-    wait_for(lambda: worker.queue_depth == 2)
+    queued, queued_threads = submit_in_threads(worker, [2])
+    wait_for(lambda: worker.queue_depth == 1)
     with pytest.raises(Busy) as busy:
         worker.call(lambda: None)
-    assert busy.value.retry_after_s == 1
+    assert busy.value.retry_after_s == 1  # 1 job of under 0.3 s
     stub.gate.set()
     for thread in threads + queued_threads:
         thread.join(timeout=10)

@@ -335,7 +335,6 @@ class InferenceWorker:
             else:
                 job.future.set_result(answer)
 
-
     def _observe(self, seconds: float) -> None:
         """The time per job: a running mean over images and calls, whichever the server gets."""
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * seconds

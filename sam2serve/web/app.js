@@ -384,7 +384,7 @@ function maskPicture(counts, rgb) {
   const h = state.height;
   // Which pixels of the box are the mask's, column by column as the runs go: one fill per run
   // (a run that crosses columns made the box as tall as the image, so it crosses the box's
-  // columns as it does the image's). Per pixel, a 4000x3000 background took a second to hover.
+  // columns as it does the image's). Filled pixel by pixel, a 4000x3000 background took 0.3 s.
   const inside = new Uint8Array(bw * bh);
   let p = 0;
   for (let r = 0; r < counts.length; r++) {

@@ -5,6 +5,7 @@ The stubs answer one "mask" whose counts encode the image's first pixel, so ever
 says which image it was computed from (a swapped answer would show).
 """
 
+import contextlib
 import io
 import json
 import threading
@@ -219,6 +220,29 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
+def requests_in_progress(worker, count: int, nested: bool = False):
+    """count requests admitted, each on a thread of its own, holding their admission (as between
+    a /segment's calls) until the returned function lets them go. nested: each enters
+    admitted() twice, as the same request."""
+    release, inside = threading.Event(), []
+
+    def hold():
+        with worker.admitted(), worker.admitted() if nested else contextlib.nullcontext():
+            inside.append(1)
+            release.wait(timeout=10)
+
+    holders = [threading.Thread(target=hold) for _ in range(count)]
+    for holder in holders:
+        holder.start()
+    wait_for(lambda: len(inside) == count)
+
+    def let_go():
+        release.set()
+        for holder in holders:
+            holder.join(timeout=10)
+    return let_go
+
+
 def test_requests_beyond_the_queue_and_the_batch_are_refused_before_their_image_is_read():
     """Each admitted request holds an HTTP thread, reading its image, queued, running, or
     between its calls (a /segment's parts, outside the queue): at most max_queue + batch_size
@@ -227,27 +251,14 @@ def test_requests_beyond_the_queue_and_the_batch_are_refused_before_their_image_
     worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
     client = create_app(worker).test_client()
     worker.start(StubGenerator())
-    release, inside = threading.Event(), []
-
-    def between_calls():
-        with worker.admitted():
-            with worker.admitted():  # the same request again: not another one
-                inside.append(1)
-                release.wait(timeout=10)
-
-    holders = [threading.Thread(target=between_calls) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    wait_for(lambda: len(inside) == 2)
+    release = requests_in_progress(worker, 2, nested=True)
     not_an_image = lambda: {"image": (io.BytesIO(b"not an image"), "a.png")}  # noqa: E731
     refused = client.post("/upload_rle", data=not_an_image())
     assert refused.status_code == 503 and worker.queue_depth == 0
     assert refused.get_json() == {"error": "the server is busy (2 requests in progress)"}
     assert int(refused.headers["Retry-After"]) >= 1
     assert client.get("/health").status_code == 200
-    release.set()
-    for holder in holders:
-        holder.join(timeout=10)
+    release()
     assert worker.admitted_requests == 0
     assert client.post("/upload_rle", data=not_an_image()).status_code == 400  # read, now
 
@@ -281,24 +292,12 @@ def test_retry_after_estimates_the_time_of_the_work_ahead():
             for _ in range(5):
                 worker.call(lambda: time.sleep(0.1))
     assert worker.seconds_per_job < 0.3 and 0.7 < worker.seconds_per_request < 1.0  # from 1.0 s each
-    release, inside = threading.Event(), []
-
-    def in_progress():
-        with worker.admitted():
-            inside.append(1)
-            release.wait(timeout=10)
-
-    holders = [threading.Thread(target=in_progress) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    wait_for(lambda: len(inside) == 2)
+    release = requests_in_progress(worker, 2)
     with pytest.raises(Busy) as busy:
         with worker.admitted():
             pass
     assert busy.value.retry_after_s == 2  # 2 requests of 0.7 to 1.0 s; per call, 1
-    release.set()
-    for holder in holders:
-        holder.join(timeout=10)
+    release()
     stub.gate.clear()
     held, threads = submit_in_threads(worker, [1])
     wait_for(stub.running.is_set)

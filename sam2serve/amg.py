@@ -175,8 +175,9 @@ class ReferenceMaskGenerator:
         self.should_stop: Callable[[], bool] | None = None
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
-        if baseline_leaves_out(config):
-            log.warning("baseline: %s; ao and the fast modes apply it on every device", baseline_leaves_out(config))
+        left_out = baseline_leaves_out(config)
+        if left_out:
+            log.warning("baseline: %s; ao and the fast modes apply it on every device", left_out)
 
     def unless_stopped(self, step: Callable) -> Callable:
         def run(*args, **kwargs):

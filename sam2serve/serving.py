@@ -5,9 +5,9 @@ Every error is JSON with an "error" message and the server keeps serving: 400 fo
 one image, 413 for each limit with its own message (the upload, the form's parts, a text field,
 the image's pixels), 414 for a URL too long, 503 while the model loads, when the queue is full
 or max_queue + batch_size requests are in progress (with Retry-After) and once the server is
-stopping, 504 when a request waited too long, 500 when inference failed for that image. GET /health says whether the model is ready; GET /metrics gives
-Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses
-itself.)
+stopping, 504 when a request waited too long, 500 when inference failed for that image. GET
+/health says whether the model is ready; GET /metrics gives Prometheus text; GET / is the web
+page (web/). (wsgi.py answers what the HTTP server refuses itself.)
 
 The request and answer formats (decode_upload, render_answer, error_answer, rle_lines) are
 plain functions, shared with the Ray Serve app, the Ray Data job and the Modal app, so every

@@ -742,7 +742,7 @@ function select(i) {
     row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
   }
   $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
-  $("remove-mask").disabled = state.selected < 0 || tool() !== "everything";
+  toolButtons();
   const canvas = $("selection-canvas");
   const context = canvas.getContext("2d");
   context.clearRect(0, 0, canvas.width, canvas.height);
@@ -825,13 +825,13 @@ async function segment({ retried = false, keepError = false } = {}) {
   const current = () => generation === state.generation && sequence === state.segmentSequence;
   if (!state.clicks.length && !state.box) {
     state.clickAnswer = state.clickPrompt = null;
-    clickButtons();
+    toolButtons();
     if (!keepError) clearError(); // a refusal's message goes with the clicks it was about
     if (state.imageId) showClickStatus(CLICK_HELP);
     drawHighlight();
     return;
   }
-  clickButtons();
+  toolButtons();
   // One /segment at a time: clicks made while one runs are asked for together when it ends (a
   // request for each would keep the server busy with masks nobody looks at).
   if (state.segmentInFlight) return;
@@ -872,7 +872,7 @@ async function segment({ retried = false, keepError = false } = {}) {
     // work; asked again without it, unless the mask shown is that prompt's already.
     if (failure.status === 400 && takeBack()) {
       drawHighlight();
-      clickButtons();
+      toolButtons();
       const shown = state.clickPrompt && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
       if (!shown) segment({ keepError: true });
       return;
@@ -880,7 +880,7 @@ async function segment({ retried = false, keepError = false } = {}) {
     // Any other failure (a busy or unreachable server): the mask shown was another prompt's,
     // so it goes; the next click or undo asks again.
     state.clickAnswer = state.clickPrompt = null;
-    clickButtons();
+    toolButtons();
     drawHighlight();
     showClickStatus("No mask for these clicks: the request failed (see above). Click again, or undo with Ctrl+Z, " +
       "to ask again.");
@@ -893,14 +893,16 @@ async function segment({ retried = false, keepError = false } = {}) {
   showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
     `${result.iou_predictions[0].toFixed(3)}` +
     (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
-  clickButtons();
+  toolButtons();
   drawHighlight();
 }
 
 // Clear clicks: while there are clicks or a box; Add to masks: while the mask shown is theirs
-// (not while the mask of clicks since changed is asked for) and not empty.
-function clickButtons() {
+// (not while the mask of clicks since changed is asked for) and not empty; Remove the selected
+// mask: while one is, in the every-mask tool.
+function toolButtons() {
   const click = tool() === "click";
+  $("remove-mask").disabled = click || state.selected < 0;
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
   $("keep-click").disabled = !click || !state.clickAnswer || !runBox(state.clickAnswer.results[0].masks[0].counts) ||
     JSON.stringify(clickPrompt()) !== JSON.stringify(state.clickPrompt);
@@ -981,8 +983,7 @@ function setTool() {
   const click = tool() === "click";
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
-  clickButtons();
-  $("remove-mask").disabled = click || state.selected < 0;
+  toolButtons();
   for (const id of ["mask-canvas", "selection-canvas"]) $(id).style.visibility = click ? "hidden" : "visible";
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."

@@ -267,6 +267,8 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
             listener.maintenance = functools.partial(maintenance, listener, listener.maintenance)
             listener.accept = functools.partial(accept_unless_out_of_descriptors, listener, listener.accept)
             listener.readable = functools.partial(readable_unless_paused, listener, listener.readable)
+    # waitress's limit counts everything in its map: the listeners and its trigger too.
+    server.adj.connection_limit = max_connections + len(servers)
     return server
 
 

@@ -351,13 +351,39 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         server.close()
 
 
-def serve_in_process(app: Flask, timeout_s: int, threads: int = 1) -> tuple:
+def serve_in_process(app: Flask, timeout_s: int, threads: int = 1, max_connections: int = 1000) -> tuple:
     """A waitress server of the app with `threads`, serving on a thread of its own: (server, port)."""
     port = free_port()
     server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=threads,
-                                limits=ConnectionLimits(timeout_s=timeout_s))
+                                limits=ConnectionLimits(max_connections, timeout_s))
     threading.Thread(target=server.run, daemon=True).start()
     return server, port
+
+
+def test_max_connections_clients_are_served_at_once_and_one_more_waits():
+    """waitress's connection limit counts its listener and trigger too: --max-connections 2
+    accepted no client at all."""
+    app = Flask(__name__)
+    app.add_url_rule("/small", "small", lambda: b"ok")
+    server, port = serve_in_process(app, timeout_s=30, threads=2, max_connections=2)
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        def answered(sock: socket.socket, timeout_s: float) -> bool:
+            sock.sendall(b"GET /small HTTP/1.1\r\nHost: test\r\n\r\n")  # kept alive: the connection stays
+            sock.settimeout(timeout_s)
+            try:
+                return sock.recv(65536).endswith(b"\r\n\r\nok")
+            except TimeoutError:
+                return False
+        assert answered(clients[0], 5) and answered(clients[1], 5)
+        assert not answered(clients[2], 1)  # waits to be accepted
+        clients[0].close()
+        clients[2].settimeout(5)
+        assert clients[2].recv(65536).endswith(b"\r\n\r\nok")  # accepted once one closed
+    finally:
+        for sock in clients:
+            sock.close()
+        server.close()
 
 
 def test_a_client_that_reads_no_answer_is_closed_and_frees_its_thread(caplog):
@@ -450,7 +476,7 @@ def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch, ca
     server = create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
                                 limits=ConnectionLimits(max_connections=100))
     server.close()
-    assert asked[0] >= 3 * 100 + 5 and server.adj.connection_limit == 100
+    assert asked[0] >= 3 * 100 + 5 and server.adj.connection_limit == 100 + 2  # beside the listener and trigger
     monkeypatch.undo()
     raised_to = []
     monkeypatch.setattr(wsgi.resource, "getrlimit", lambda kind: (256, 400))  # soft, hard
@@ -460,8 +486,9 @@ def test_descriptors_allowed_cover_a_connections_temporary_files(monkeypatch, ca
                                     limits=ConnectionLimits(max_connections=1000))
     server.close()
     assert raised_to == [(400, 400)]
-    assert 50 < server.adj.connection_limit and 3 * server.adj.connection_limit + 5 < 400
-    assert f"allows {server.adj.connection_limit} connections at once, not 1000" in caplog.text
+    clients = server.adj.connection_limit - 2
+    assert 50 < clients and 3 * clients + 5 < 400
+    assert f"allows {clients} connections at once, not 1000" in caplog.text
     create_http_server(Flask(__name__), "127.0.0.1", 0, max_upload_bytes=2**20, threads=5,
                        limits=ConnectionLimits(max_connections=2)).close()  # a few asked for, and room for them
     monkeypatch.setattr(wsgi.resource, "getrlimit", lambda kind: (64, 64))  # too few to serve: said at start

@@ -681,6 +681,13 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     assert [a["bbox"] for a in page_state(page, "annotations")] == [coco_record(masks[0])["bbox"],
                                                                    coco_record(masks[2])["bbox"]]
     assert page_state(page, "colours") == [colours[0], colours[2]]
+    added = xs > 70  # a mask added by clicks after the removal: a colour no other mask has
+    page.execute_script("""Object.assign(window.sam2page.state, {clickPrompt: {points: [[75, 5]], labels: [1]},
+        clickAnswer: {results: [{masks: [arguments[0]], iou_predictions: [0.9]}]}}); keepClickMask()""", rle(added))
+    assert page_state(page, "colours")[:2] == [colours[0], colours[2]]
+    assert page_state(page, "colours")[2] not in colours
+    row(2).click()
+    remove.click()
     expected = np.zeros((height, width), dtype=np.int64)
     expected[masks[0]] = 1
     expected[masks[2]] = 2  # the smaller, on top

@@ -31,6 +31,7 @@ const state = {
   counts: [], // each mask's run lengths
   labels: null, // column-major: 1 + the index of the mask drawn on top, 0 for none
   colours: [],
+  coloursGiven: 0, // colour(i) for i below this is taken: a mask added after a removal gets a new one
   hovered: -1,
   selected: -1,
   renderMs: 0, // decoding and drawing the last answer, for people who measure
@@ -564,10 +565,11 @@ async function decodeImage(file) {
 
 function resetImage() {
   Object.assign(state, {
-    annotations: [], counts: [], labels: null, colours: [], hovered: -1, selected: -1, painted: [], removed: 0,
-    imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, clickPrompt: null, clickAnswer: null,
-    segmentInFlight: 0, clickStatus: "Open an image first.",
+    annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
+    removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, clickPrompt: null,
+    clickAnswer: null, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
+  press = null; // a press on the previous image is not a click on this one
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
   for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "remove-mask"]) {
@@ -670,6 +672,7 @@ function showMasks(cocoText) {
   }
   state.counts = state.annotations.map((a) => decodeCounts(a.segmentation.counts));
   state.colours = state.annotations.map((_, i) => colour(i));
+  state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
   drawMasks();
   drawHighlight();
@@ -924,7 +927,7 @@ function keepClickMask() {
     prompt: state.clickPrompt,
   });
   state.counts.push(counts);
-  state.colours.push(colour(index));
+  state.colours.push(colour(state.coloursGiven++));
   masksChanged();
   state.everythingStatus = maskCounts();
   state.clicks = [];

@@ -139,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast and --load-fast take a folder")
     if args.save_fast:
         require_output_folder(parser, args.save_fast, "--save-fast")
+    if args.batch_size > args.max_queue + 1:
+        parser.error(f"--batch-size {args.batch_size} is never reached with --max-queue {args.max_queue}: a batch is "
+                     f"the request the worker waits for and those queued behind it; raise --max-queue to "
+                     f"{args.batch_size - 1} or more")
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
     args.amg = amg_config(parser, args, mode)

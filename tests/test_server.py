@@ -271,6 +271,17 @@ def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsy
     assert stopped.value.code == 2 and f"argument {option}" in error and f"must be {rule}" in error
 
 
+def test_a_batch_larger_than_the_queue_allows_is_refused(capsys):
+    """The worker batches the request it waits for with those queued behind it: with --max-queue 4,
+    5 at most: --batch-size 8 would silently mean 5."""
+    import server
+
+    assert server.parse_args(["--batch-size", "5", "--max-queue", "4"]).batch_size == 5
+    with pytest.raises(SystemExit) as stopped:
+        server.parse_args(["--batch-size", "8", "--max-queue", "4"])
+    assert stopped.value.code == 2 and "raise --max-queue to 7 or more" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments", [["--mode", "ao", "--fast"], ["--fast", "--mode", "ao"], ["--baseline", "--fast"]])
 def test_two_ways_of_naming_the_mode_are_refused_even_the_default(arguments, capsys):
     """In process too, where "ao" is the very string of the default (argparse counts an option

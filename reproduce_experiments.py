@@ -228,6 +228,7 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     try:
         stats = in_fresh_process(run_row, row, settings, checkpoint, row_dir, label)
     except BaseException:
+        (row_dir / "rle_masks.partial").unlink(missing_ok=True)  # a stopped row's first images: a rerun redoes them
         if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
             row_dir.rmdir()
         raise

@@ -205,7 +205,10 @@ def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as under a shell's &
     try:
         row = wait_for_child(study.pid)
-        time.sleep(2)  # the row's process is under way
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out").rglob("rle_masks.partial")):  # the row's images under way
+            assert time.monotonic() < deadline and study.poll() is None
+            time.sleep(0.2)
         study.send_signal(signum)
         _, stderr = study.communicate(timeout=60)  # the process pool this replaced waited for the row
     finally:
@@ -213,6 +216,7 @@ def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
     assert study.returncode == 130 and "stopped; the same command again resumes it" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
     assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
+    assert not list((tmp_path / "out").rglob("*.partial"))  # the stopped row's masks so far are not left
 
 
 class TwoArguments(Exception):

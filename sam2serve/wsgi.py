@@ -11,7 +11,8 @@ Two stalls waitress's idle timer misses are closed here (`close_stalled`), each 
 connection timeout: a client that does not read its answer (waitress keeps the connection and
 its buffered answer, and a thread writing a pipelined request's answer waits for the client),
 and a client that trickles its request, a byte now and then (each byte resets the idle timer):
-a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds.
+a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds. A
+request cut off part-way, by either timer, is answered 408 before its connection closes.
 
 A client that closes its connection while its request waits for the model is seen when the
 request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run;
@@ -184,6 +185,25 @@ class JSONErrorChannel(HTTPChannel):
             return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
         return None
 
+    def tell_timed_out(self, why: str) -> None:
+        """A request cut off part-way (stalled, or trickling in) gets a 408 saying why before its
+        connection is closed, where it had only seen the connection close. Best effort: the
+        answer is small and sent at once, without waiting for the client to read it."""
+        request = self.request
+        if self.socket is None or request is None or not self.reading or self.will_close:
+            return
+        body = json.dumps({"error": f"request timeout: {why}"}, separators=(",", ":")).encode()
+        head = "".join(f"{name}: {value}\r\n" for name, value in [
+            ("Content-Type", "application/json"), ("Content-Length", len(body)), *ANSWER_HEADERS.items(),
+            ("Connection", "close")])
+        try:
+            self.socket.send(f"HTTP/1.1 408 Request Timeout\r\n{head}\r\n".encode() + body)
+        except OSError:  # gone, or its buffer full: closed all the same
+            pass
+        on_refusal = getattr(self.server, "on_refusal", None)
+        if on_refusal is not None:
+            on_refusal(getattr(request, "path", None), getattr(request, "command", None), 408)
+
     def send_continue(self) -> None:
         """No "100 Continue" for a request already refused (a declared body over the limit):
         waitress would send one and read the body up to the limit before its 413; curl sends
@@ -210,6 +230,7 @@ def close_stalled(listener: BaseWSGIServer, now: float) -> None:
         why = channel.stall(now, listener.adj.channel_timeout)
         if why is not None:
             log.info("closed a connection from %s: %s", channel.addr[0] if channel.addr else "?", why)
+            channel.tell_timed_out(why)
             channel.handle_close()
 
 
@@ -293,7 +314,12 @@ def readable_unless_paused(listener: BaseWSGIServer, waitress_readable: Callable
 
 
 def maintenance(listener: BaseWSGIServer, waitress_maintenance: Callable[[float], None], now: float) -> None:
-    """waitress's (idle connections marked to close), then close_stalled."""
+    """waitress's (idle connections marked to close, a request stalled part-way told so first),
+    then close_stalled."""
+    timeout_s = listener.adj.channel_timeout
+    for channel in list(listener.active_channels.values()):
+        if isinstance(channel, JSONErrorChannel) and channel.last_activity < now - timeout_s and not channel.requests:
+            channel.tell_timed_out(f"nothing received for {timeout_s} s")
     waitress_maintenance(now)
     close_stalled(listener, now)
 

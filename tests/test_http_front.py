@@ -90,6 +90,7 @@ def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(s
     status, _, reference = post_image(url + "/upload_rle", jpeg, "a.jpg", timeout_s=60)
     assert status == 200
     threads_before, descriptors_before = threads_and_descriptors(process.pid)
+    timeouts_before = answers_counted(url, "/upload_rle", "POST", "408")
 
     stalled = []
     for _ in range(STALLED_CLIENTS):  # headers announce a body that never comes
@@ -104,12 +105,15 @@ def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(s
     assert threads <= threads_before + 1, "a thread per connection"
     assert descriptors <= descriptors_before + STALLED_CLIENTS + 10
 
-    # Closed by the server after its connection timeout (checked every timeout / 4, at least 1 s).
+    # Answered 408 and closed by the server after its connection timeout (checked every timeout
+    # / 4, at least 1 s).
     deadline = started + CONNECTION_TIMEOUT_S + max(1, CONNECTION_TIMEOUT_S // 4) + 15
     for sock in stalled:
-        assert read_until_closed(sock, max(0.1, deadline - time.monotonic())) == b""
+        status, _, answer = status_and_json(read_until_closed(sock, max(0.1, deadline - time.monotonic())))
+        assert status == 408 and answer["error"].startswith("request timeout: nothing received for")
         sock.close()
     assert time.monotonic() < deadline
+    assert answers_counted(url, "/upload_rle", "POST", "408") == timeouts_before + STALLED_CLIENTS
     time.sleep(0.5)
     assert threads_and_descriptors(process.pid)[1] <= descriptors_before + 5
 
@@ -368,18 +372,22 @@ def test_max_connections_clients_are_served_at_once_and_one_more_waits():
     server, port = serve_in_process(app, timeout_s=30, threads=2, max_connections=2)
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
     try:
-        def answered(sock: socket.socket, timeout_s: float) -> bool:
-            sock.sendall(b"GET /small HTTP/1.1\r\nHost: test\r\n\r\n")  # kept alive: the connection stays
+        def answer(sock: socket.socket, timeout_s: float) -> bytes:
             sock.settimeout(timeout_s)
+            received = b""
             try:
-                return sock.recv(65536).endswith(b"\r\n\r\nok")
+                while not received.endswith(b"\r\n\r\nok"):
+                    received += sock.recv(65536)
             except TimeoutError:
-                return False
-        assert answered(clients[0], 5) and answered(clients[1], 5)
-        assert not answered(clients[2], 1)  # waits to be accepted
+                pass
+            return received
+
+        for sock in clients:
+            sock.sendall(b"GET /small HTTP/1.1\r\nHost: test\r\n\r\n")  # kept alive: the connection stays
+        assert answer(clients[0], 5).endswith(b"ok") and answer(clients[1], 5).endswith(b"ok")
+        assert answer(clients[2], 1) == b""  # waits to be accepted
         clients[0].close()
-        clients[2].settimeout(5)
-        assert clients[2].recv(65536).endswith(b"\r\n\r\nok")  # accepted once one closed
+        assert answer(clients[2], 5).endswith(b"\r\n\r\nok")  # accepted once one closed
     finally:
         for sock in clients:
             sock.close()
@@ -423,7 +431,7 @@ def test_a_request_trickling_in_is_closed():
     app.post("/upload_rle")(lambda: b"ok")
     server, port = serve_in_process(app, timeout_s=1)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    started, closed = time.monotonic(), False
+    started, closed, received = time.monotonic(), False, b""
     try:
         sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
         wait_for(lambda: server.active_channels)
@@ -432,18 +440,45 @@ def test_a_request_trickling_in_is_closed():
         while not closed and time.monotonic() - started < 12:
             try:
                 sock.sendall(b"x")
-                closed = sock.recv(1) == b""
+                chunk = sock.recv(65536)
+                received += chunk
+                closed = chunk == b""
             except TimeoutError:
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 closed = True
         assert closed and time.monotonic() - started < 6
+        status, headers, answer = status_and_json(received)  # told why, where it had only seen the close
+        assert status == 408 and headers["connection"] == "close"
+        assert answer["error"].startswith("request timeout: its request arriving slower than 500 bytes/s")
         # Closed during the event loop's pass over its connections: never polled again (its
         # descriptor number may already be a new connection's).
         wait_for(lambda: channel.socket is None)  # the client may see the close a moment before
         assert not channel.readable() and not channel.writable()
     finally:
         sock.close()
+        server.close()
+
+
+@pytest.mark.parametrize("sent", [b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nxx",
+                                  b"POST /upload_rle HTTP/1.1\r\nHost: te"])
+def test_a_request_stalled_part_way_is_answered_408_then_closed(sent):
+    """A body or headers cut off part-way: after the connection timeout, a 408 that says so, where
+    the client saw the connection close with no answer; an idle connection is closed as before."""
+    app = Flask(__name__)
+    app.post("/upload_rle")(lambda: b"ok")
+    server, port = serve_in_process(app, timeout_s=1)
+    stalled, idle = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2))
+    try:
+        stalled.sendall(sent)
+        started = time.monotonic()
+        status, headers, answer = status_and_json(read_until_closed(stalled, 10))
+        assert status == 408 and answer == {"error": "request timeout: nothing received for 1 s"}
+        assert headers["content-type"] == "application/json" and time.monotonic() - started < 8
+        assert read_until_closed(idle, 10) == b""
+    finally:
+        stalled.close()
+        idle.close()
         server.close()
 
 

@@ -17,6 +17,7 @@ on 2 cores): Ray runs a worker's torch on one thread.
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,12 @@ import ray
 from tqdm import tqdm
 
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, amg_config,
-    check_checkpoint_arguments, checkpoint_from_arguments, positive_int, read_image_paths, report_error_lines,
-    require_output_file, run_script, write_lines,
+    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_option, amg_options, check_checkpoint_arguments,
+    compile_modes, device_problem, positive_int, read_image_paths, report_error_lines, require_output_file,
+    run_script, write_lines,
 )
-from sam2serve.checkpoints import load_model
+from deploy import cluster_device
+from sam2serve.checkpoints import load_model, resolve_checkpoint
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.serving import Limits, file_as_upload, rle_lines
 
@@ -71,37 +73,53 @@ def run(paths: list[str], output: Path, options: dict, workers: int, batch_size:
     return failed
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's arguments, checked; `args.options` is what each worker loads. On a cluster the
+    workers' machines, not this one, have the GPUs: a CUDA device is checked there, and each
+    worker sizes a fast mode's point batches by its own GPU's memory."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("paths_file", type=Path, help="one image path per line")
     parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
     add_checkpoint_arguments(parser, as_options=True)
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
-    add_device_option(parser)
+    parser.add_argument("--device", help="the workers' device, cpu, cuda or cuda:N (default: cuda where the "
+                        "cluster, or this machine without one, has GPUs; else cpu)")
     add_amg_options(parser)
     parser.add_argument("--load-fast", help="exported kernels (fast modes)")
+    add_option(parser, "compile_mode", choices=compile_modes(),
+               help="fast modes: torch.compile's mode (default: max-autotune on CUDA; on a CPU, eager kernels)")
     parser.add_argument("--workers", type=positive_int, default=1, help="model replicas (one GPU each on CUDA)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="images per worker batch")
     parser.add_argument("--address", help="Ray cluster address (default: a local instance or RAY_ADDRESS)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_checkpoint_arguments(parser, args)
     try:
-        paths = read_image_paths(args.paths_file)
+        args.paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     require_output_file(parser, args.output, "output", folder_made=True)  # write_lines makes the folder
-    config = amg_config(parser, args, get_mode(args.mode))
-    if args.load_fast and not get_mode(args.mode).compiled:
-        parser.error("--load-fast goes with a fast mode: --mode fast or fast_furious")
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    if (args.load_fast or args.compile_mode) and not get_mode(args.mode).compiled:
+        parser.error("--load-fast and --compile-mode go with a fast mode: --mode fast or fast_furious")
+    args.on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if args.device is not None and (problem := device_problem(args.device, here=not args.on_cluster)):
+        parser.error(f"--device {args.device}: {problem}")
+    args.options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
+                        device=args.device, amg=amg_options(parser, args), load_fast=args.load_fast,
+                        compile_mode=args.compile_mode)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.on_cluster:
         # Workers on this machine, most likely: a checkpoint that cannot be used is said here, in
         # one line, not by each worker's death after Ray starts (loading it costs seconds).
-        load_model(*checkpoint_from_arguments(parser, args), "cpu")
-    options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,
-                   device=args.device, config=config, load_fast=args.load_fast)
+        load_model(*resolve_checkpoint(args.checkpoint_dir, args.model_type), "cpu")
     ray.init(address=args.address)
-    failed = run(paths, args.output, options, args.workers, args.batch_size)
-    report_error_lines(paths, failed)  # e.g. relative paths that a cluster's workers cannot find
+    options = {**args.options, "device": args.options["device"] or cluster_device()}
+    print(f"{args.workers} worker(s) on {options['device']}, mode {args.mode}", file=sys.stderr)
+    failed = run(args.paths, args.output, options, args.workers, args.batch_size)
+    report_error_lines(args.paths, failed)  # e.g. relative paths that a cluster's workers cannot find
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The web page too (GET /); not /metrics (Ray exports its own metrics).
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
 
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
-model), mode (ao), device (cuda if present), batch_size (4: images per replica batch),
+model), mode (ao), device (cuda where the cluster has GPUs: see deploy.cluster_device), batch_size (4: images per replica batch),
 batch_wait_ms (20), load_fast, compile_mode (the fast modes' torch.compile mode, as server.py's
 --compile-mode), replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
 cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
@@ -39,10 +39,10 @@ from starlette.responses import RedirectResponse, Response
 from werkzeug.exceptions import MethodNotAllowed
 
 import sam2serve
-
+from deploy import cluster_device
 from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
-from sam2serve.cli import AMG_OPTIONS, compile_modes, default_device, device_problem, option_value
+from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
@@ -279,7 +279,7 @@ def build(args: dict[str, str]) -> serve.Application:
             raise ValueError(f"{key}={text}: must be {'above' if above else 'at least'} {minimum}")
         return value
 
-    device = args.pop("device", default_device())
+    device = args.pop("device", None) or cluster_device()
     if problem := device_problem(device, here=False):  # the cluster's machines, not this one, have the GPUs
         raise ValueError(f"device={device}: {problem}")
     batch_size = number("batch_size", int, BATCH_SIZE, 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sam2serve.checkpoints import checkpoint_identity
@@ -596,3 +597,29 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
             assert json.loads(line) == {"error": "upload larger than the limit of 52428800 bytes"}
             continue
         assert line.encode() == flask_answer(flask_client, "/upload_rle", Path(path).read_bytes())[1], path
+
+
+def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):
+    """Started on a machine without a GPU (a cluster's head node), the bulk job asks for the workers'
+    GPUs: CUDA is checked on this machine only without a cluster, each worker sizes a fast mode's
+    point batches itself, and with no --device the cluster's GPUs decide (the head's did)."""
+    from deploy import ray_bulk_job
+
+    paths = tmp_path / "paths"
+    paths.write_text("a.jpg\n")
+    arguments = [str(paths), str(tmp_path / "out"), "--mode", "fast", "--points-per-side", "8"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    on_cluster = ray_bulk_job.parse_args(arguments + ["--device", "cuda", "--address", "10.0.0.1:6379"])
+    assert on_cluster.options["device"] == "cuda" and on_cluster.options["amg"]["points_per_side"] == 8
+    assert "points_per_batch" not in on_cluster.options["amg"]  # the worker's GPU memory decides
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            ray_bulk_job.parse_args(arguments + ["--device", "cuda"])  # the workers are this machine's
+        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert ray_bulk_job.parse_args(arguments).options["device"] is None
+    assert ray_bulk_job.cluster_device() == ("cuda" if local_ray.cluster_resources().get("GPU") else "cpu")
+    monkeypatch.setattr(ray_bulk_job.ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert ray_bulk_job.cluster_device() == "cuda"
+    from deploy.ray_serve_app import build  # Ray Serve's application built on the cluster, from a config file
+
+    assert build({})._bound_deployment.ray_actor_options["num_gpus"] == 1

@@ -72,7 +72,8 @@ modal deploy -m deploy.modal_app
 # Stop the app however this script ends.
 trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
 
-if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -q "$checkpoint_name"; then
+# Piped, modal lists one path per line; the whole name, not a leftover partial upload of it.
+if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -qxF -e "checkpoints/$checkpoint_name" -e "$checkpoint_name"; then
     if [[ ! -f "$checkpoint_dir/$checkpoint_name" ]]; then
         echo "error: $checkpoint_name is neither on the volume $volume nor in $checkpoint_dir (CHECKPOINT_DIR)" >&2
         exit 1

@@ -42,7 +42,7 @@ def pinned(requirements: Path, *names: str) -> list[str]:
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install(*pinned(REQUIREMENTS, "torch", "torchvision"))
+    .pip_install(*pinned(REQUIREMENTS, "torch", "torchvision"), "setuptools", "wheel")  # sam2's build, as the Makefile
     .add_local_file(REQUIREMENTS, "/root/requirements.txt", copy=True)
     .run_commands("SAM2_BUILD_CUDA=0 pip install --no-build-isolation -r /root/requirements.txt")
     .add_local_python_source("sam2serve", "deploy")

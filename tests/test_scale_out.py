@@ -83,7 +83,10 @@ def test_modal_script_deploys_then_uploads_replays_each_mode_and_compares(tmp_pa
     stubs.mkdir()
     (stubs / "modal").write_text(f"""#!/bin/bash
 echo "modal $*" >> {log}
-[[ $1 == volume && $2 == ls ]] && exit 1  # nothing on the volume yet
+if [[ $1 == volume && $2 == ls ]]; then  # piped, modal prints one path per line
+    [[ -f {tmp_path}/on_volume ]] || exit 1  # nothing on the volume yet
+    cat {tmp_path}/on_volume
+fi
 exit 0
 """)
     (stubs / "python").write_text(f"""#!/bin/bash
@@ -118,6 +121,12 @@ exec {sys.executable} "$@"
     assert calls[3:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
                          "modal app stop -y sam2-segment-everything"]
     assert "== ao vs baseline" in result.stdout
+    uploads = lambda: [call for call in log.read_text().splitlines() if call.startswith("modal volume put")]  # noqa: E731
+    for listing, uploaded in [("checkpoints/sam2.1_hiera_tiny.pt.4242.partial\n", True),  # a download cut short
+                              ("checkpoints/sam2.1_hiera_tiny.pt\n", False), ("sam2.1_hiera_tiny.pt\n", False)]:
+        (tmp_path / "on_volume").write_text(listing)
+        assert script("t", "ao").returncode == 0 and bool(uploads()) == uploaded, listing
+    (tmp_path / "on_volume").unlink()
 
     result = script("small", "baseline")
     assert result.returncode == 1 and "sam2.1_hiera_small.pt is neither on the volume" in result.stderr

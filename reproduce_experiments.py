@@ -117,7 +117,13 @@ def in_fresh_process(function: Callable[..., T], *arguments) -> T:
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=answer_through, args=(sender, function, *arguments), name="study-row")
     try:
-        process.start()
+        # Started with Ctrl-C ignored, which it inherits: a Ctrl-C while it imports torch, before
+        # answer_through, printed its KeyboardInterrupt traceback. The study's process handles it.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
         sender.close()
         outcome, value = receiver.recv()
     except EOFError:
@@ -225,6 +231,8 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     # between leaves new masks without settings, so the old settings go first (never beside new masks).
     stats_path.unlink(missing_ok=True)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
+    log.info("%s: started", label)  # on a terminal, a progress bar too
+    started = time.monotonic()
     try:
         stats = in_fresh_process(run_row, row, settings, checkpoint, row_dir, label)
     except BaseException:
@@ -235,6 +243,7 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     partial = stats_path.with_suffix(".partial")
     partial.write_text(json.dumps(stats, indent=1))
     partial.replace(stats_path)
+    log.info("%s: done in %.0f s", label, time.monotonic() - started)
     return stats
 
 

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # Far beyond any use (sam2's default is 32): a grid of 100000 per side would ask for 75 GiB
 # before the first prompt.
 MAX_POINTS_PER_SIDE = 1024
+# Crop layer n cuts the image into 4**n crops, each segmented like the whole image: 4 layers are
+# 341 image encodings per image already (sam2's own examples use 1); 50 built crop boxes forever.
+MAX_CROP_N_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class AMGConfig:
         for name in ("crop_n_layers", "min_mask_region_area"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.crop_n_layers > MAX_CROP_N_LAYERS:
+            raise ValueError(f"crop_n_layers must be at most {MAX_CROP_N_LAYERS} (layer n: 4**n crops, each "
+                             f"segmented like the whole image), got {self.crop_n_layers}")
         for name in ("stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
@@ -142,7 +148,7 @@ class Generator(Protocol):
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
     """Sets the predictor's feature-map sizes from the model's input size.
 
-    sam2 hard-codes them for the official 1024-pixel input; the micro model takes 512.
+    sam2 hard-codes them for the official 1024-pixel input; the micro model takes 256.
     For the official sizes this changes nothing.
     """
     size = predictor.model.image_size

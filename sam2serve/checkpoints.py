@@ -153,7 +153,8 @@ def build_random_model(size: ModelSize, seed: int, device: str = "cpu") -> SAM2B
 def build_model(size: ModelSize, device: str = "cpu") -> SAM2Base:
     """The SAM2.1 architecture of that size, weights as initialised."""
     # apply_postprocessing=False: the study's (and the AMG's) setting; it only affects
-    # single-mask outputs, which the mask generator does not use by default.
+    # single-mask outputs, which the mask generator uses only to refine (use_m2m). Prompts set
+    # sam2's default meanwhile (interactive.sam2_prompt_settings).
     return build_sam2(
         size.config,
         ckpt_path=None,

@@ -7,11 +7,15 @@ call, and the prompt sets of one request that have the same shape run as one bat
 The numbers are sam2's own: encoding and decoding go through the `sam2` package's
 SAM2ImagePredictor, except that clicks (one foreground point per prompt set) are decoded by the
 project's FactoredPointDecoder, the same function without sam2's per-prompt copies of the image;
-answers equal the predictor's `predict` (tests/test_interactive.py compares them).
+answers equal the predictor's `predict` on the model as sam2 builds it by default
+(tests/test_interactive.py compares them): a single mask asked for is chosen by stability
+(`sam2_prompt_settings`), where segment-everything's model, built as the study built it, leaves
+that off.
 Nothing here knows of HTTP; `parse_prompts` checks a request's prompts and names the field at
 fault.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -165,6 +169,29 @@ class PromptAnswer:
     low_res_logits: torch.Tensor  # (M, 256, 256) for the official models: a later mask_input
 
 
+# build_sam2's apply_postprocessing (its default, SAM2ImagePredictor.from_pretrained's and that of
+# sam2's demos): where one mask is asked for and the decoder's single-mask output is unstable, the
+# most confident of its other three masks answers instead.
+SAM2_PROMPT_SETTINGS = {"dynamic_multimask_via_stability": True, "dynamic_multimask_stability_delta": 0.05,
+                        "dynamic_multimask_stability_thresh": 0.98}
+
+
+@contextlib.contextmanager
+def sam2_prompt_settings(model: SAM2Base):
+    """The model's mask decoder set as sam2 builds it for prompts, meanwhile. One model serves
+    both: segment-everything's is built without them (apply_postprocessing=False, the study's
+    setting, which matters for use_m2m's single-mask refinement), and runs on the same thread."""
+    decoder = model.sam_mask_decoder
+    saved = {name: getattr(decoder, name) for name in SAM2_PROMPT_SETTINGS}
+    for name, value in SAM2_PROMPT_SETTINGS.items():
+        setattr(decoder, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(decoder, name, value)
+
+
 class PromptSegmenter:
     """sam2's SAM2ImagePredictor for one model, its features set from the cache for each call.
 
@@ -215,9 +242,11 @@ class PromptSegmenter:
             groups: dict[tuple, list[int]] = {}
             for index, prompt in enumerate(prompts):
                 groups.setdefault(prompt.shape, []).append(index)
-            for indices in groups.values():
-                for index, answer in zip(indices, self.segment_batch([prompts[i] for i in indices], mask_inputs or {})):
-                    answers[index] = answer
+            with sam2_prompt_settings(predictor.model):
+                for indices in groups.values():
+                    for index, answer in zip(indices, self.segment_batch([prompts[i] for i in indices],
+                                                                         mask_inputs or {})):
+                        answers[index] = answer
         finally:
             predictor.reset_predictor()
         return answers

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,33 @@ def end_without_answer():
     os._exit(3)
 
 
+def test_a_rows_process_starts_with_ctrl_c_ignored(monkeypatch):
+    """The study's process handles Ctrl-C; a row's process that got it while importing torch,
+    before it set its own signal handling, printed its KeyboardInterrupt traceback."""
+    spawn = reproduce_experiments.get_context("spawn")
+    ignored = []
+
+    class Receiver:  # reads the row's process's ignored signals once it runs Python, before its answer
+        def __init__(self, connection):
+            self.connection = connection
+
+        def recv(self):
+            status = Path(f"/proc/{wait_for_child(os.getpid())}/status").read_text()
+            mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+            ignored.append(bool(mask >> (signal.SIGINT - 1) & 1))
+            return self.connection.recv()
+
+    def pipe(duplex):
+        receiver, sender = spawn.Pipe(duplex=duplex)
+        return Receiver(receiver), sender
+
+    monkeypatch.setattr(reproduce_experiments, "get_context",
+                        lambda method: types.SimpleNamespace(Pipe=pipe, Process=spawn.Process))
+    assert reproduce_experiments.in_fresh_process(os.getpid) != os.getpid()
+    assert ignored == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process's, as it was
+
+
 def test_a_rows_error_reaches_the_study_as_it_was_raised():
     """The row's error is raised again in the study's process: as itself where it can be rebuilt,
     else by its name and message; a process that ends without answering says its exit code."""
@@ -339,7 +367,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     # A checkpoint of another size is every row's mistake: one line, not a row's traceback.
     ("tools.benchmark", ["{tmp}/micro_as_tiny", "tiny", "--generated", "1", "--modes", "ao", "--without-baseline"],
      "does not fit SAM2.1 tiny"),
-    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--load-fast", "{tmp}"], "--load-fast goes with a fast"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--load-fast", "{tmp}"], "--load-fast and --compile-mode go with a fast"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--checkpoint-dir", "{tmp}", "--model-type", "micro"],
      "is not a torch checkpoint, or it is damaged"),
     ("tools.benchmark", ["--images", "{tmp}/notes.jpg"], "notes.jpg: the file is not an image in one of the"),
@@ -356,7 +384,11 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
     ("tools.load_test", ["127.0.0.1:5000", "{tmp}/notes.jpg"], "give the server as http://HOST:PORT"),
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "inf"],
-     "--time-limit must be a number of seconds above 0"),
+     "--time-limit: must be above 0 and at most"),
+    ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "1e300"],  # past time_t
+     "--time-limit: must be above 0 and at most"),
+    ("tools.benchmark", ["--size", "100000", "100000"], "--size: must be 1 to 16384, got 100000"),
+    ("tools.benchmark", ["--load-fast", "{tmp}/exported"], "exported: no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),

@@ -36,7 +36,7 @@ from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    checkpoint_from_arguments, compile_modes, positive_int, read_images, require_device, require_output_folder,
+    checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images, require_device, require_output_folder,
     run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
@@ -44,7 +44,7 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.fast import PackageMismatch, default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
-from sam2serve.preprocess import image_to_input
+from sam2serve.preprocess import MAX_SIDE, image_to_input
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
 from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, latency_summary_ms
@@ -55,6 +55,8 @@ ROWS = list(MODES) + [STUDY_ROW]
 # --filters: the predicted-IoU and stability thresholds of each table ("off": every candidate
 # is computed and checked, so that no row skips work that a trained model would do).
 DEFAULTS = AMGConfig()
+# A generated scene's side: at most the server's (a side of 100000 asked numpy for 149 GiB).
+image_side = number_type(int, "a whole number", lambda value: 1 <= value <= MAX_SIDE, f"1 to {MAX_SIDE}")
 FILTERS = {
     "off": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
     "sam2": dict(pred_iou_thresh=DEFAULTS.pred_iou_thresh, stability_score_thresh=DEFAULTS.stability_score_thresh),
@@ -353,7 +355,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files")
     source.add_argument("--generated", type=positive_int, default=2, help="generated scenes instead of files")
-    parser.add_argument("--size", type=positive_int, nargs=2, default=[768, 1024], metavar=("H", "W"),
+    parser.add_argument("--size", type=image_side, nargs=2, default=[768, 1024], metavar=("H", "W"),
                         help="size of generated scenes")
     parser.add_argument("--rounds", type=positive_int, default=1, help="times every image goes through every mode")
     parser.add_argument("--repeat", type=positive_int, default=1,
@@ -382,6 +384,8 @@ def main() -> None:
     require_device(parser, args.device)
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
+    if args.load_fast and not Path(args.load_fast).is_dir():  # found before the other rows run, not after
+        parser.error(f"--load-fast {args.load_fast}: no such folder")
     if args.save_masks:
         require_output_folder(parser, args.save_masks, "--save-masks")
     images = load_images(parser, args)

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from sam2serve.cli import HelpWithDefaults, positive_int
+from sam2serve.cli import HelpWithDefaults, positive_int, seconds
 
 MAX_REQUESTS = 10_000
 
@@ -257,10 +257,10 @@ def client_order(index: int, count: int, per_client: int) -> np.ndarray:
 def retry_after_s(headers: dict) -> float:
     """A 503's Retry-After in seconds; 1 where it is absent, an HTTP date or not a finite number."""
     try:
-        seconds = float(headers.get("Retry-After", 1))
+        wait_s = float(headers.get("Retry-After", 1))
     except ValueError:
         return 1.0
-    return max(seconds, 0.0) if math.isfinite(seconds) else 1.0
+    return max(wait_s, 0.0) if math.isfinite(wait_s) else 1.0
 
 
 def main() -> None:
@@ -269,11 +269,9 @@ def main() -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files to send")
     parser.add_argument("--clients", type=positive_int, default=4, help="concurrent clients")
     parser.add_argument("--per-client", type=positive_int, default=4, help="requests each client sends")
-    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole test")
+    parser.add_argument("--time-limit", type=seconds, default=600.0, help="seconds for the whole test")
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
-    if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
-        parser.error(f"--time-limit must be a number of seconds above 0, got {args.time_limit:g}")
     try:
         images = {str(path): path.read_bytes() for path in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)

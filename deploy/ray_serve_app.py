@@ -10,9 +10,9 @@ The web page too (GET /); not /metrics (Ray exports its own metrics).
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
 
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
-model), mode (ao), device (cuda where the cluster has GPUs: see deploy.cluster_device), batch_size (4: images per replica batch),
-batch_wait_ms (20), load_fast, compile_mode (the fast modes' torch.compile mode, as server.py's
---compile-mode), replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
+model), mode (ao), device (cuda where the cluster has GPUs: deploy.cluster_device), batch_size
+(4: images per replica batch), batch_wait_ms (20), load_fast, compile_mode (the fast modes'
+torch.compile mode, as server.py's --compile-mode), replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
 cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
 the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;

@@ -367,7 +367,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     # A checkpoint of another size is every row's mistake: one line, not a row's traceback.
     ("tools.benchmark", ["{tmp}/micro_as_tiny", "tiny", "--generated", "1", "--modes", "ao", "--without-baseline"],
      "does not fit SAM2.1 tiny"),
-    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--load-fast", "{tmp}"], "--load-fast and --compile-mode go with a fast"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--load-fast", "{tmp}"],
+     "--load-fast and --compile-mode go with a fast"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/out", "--checkpoint-dir", "{tmp}", "--model-type", "micro"],
      "is not a torch checkpoint, or it is damaged"),
     ("tools.benchmark", ["--images", "{tmp}/notes.jpg"], "notes.jpg: the file is not an image in one of the"),

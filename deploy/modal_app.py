@@ -140,7 +140,7 @@ def main() -> None:
     add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()
-    require_output_file(command, args.output, "output", folder_made=True)  # write_lines makes the folder
+    require_output_file(command, args.output, "output", folder_made=True, inputs=[args.paths_file])
     try:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:

@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    require_output_file(parser, args.output, "output", folder_made=True)  # write_lines makes the folder
+    require_output_file(parser, args.output, "output", folder_made=True, inputs=[args.paths_file])
     if (args.load_fast or args.compile_mode) and not get_mode(args.mode).compiled:
         parser.error("--load-fast and --compile-mode go with a fast mode: --mode fast or fast_furious")
     args.on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))

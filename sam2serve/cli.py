@@ -160,12 +160,15 @@ def require_writable_folder(parser: argparse.ArgumentParser, folder: Path, what:
 
 
 def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str,
-                        folder_made: bool = False) -> Path:
-    """An output file that can be written: not a folder, in a folder that exists (or, where the
-    script makes it, folder_made, one that can be made)."""
+                        folder_made: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """An output file that can be written: not a folder, not one of the inputs (the paths file
+    given twice, or the arguments swapped, was replaced by the answers), in a folder that exists
+    (or, where the script makes it, folder_made, one that can be made)."""
     path = Path(path).expanduser()
     if path.is_dir():
         parser.error(f"{option} {path}: a folder; give the file to write the lines to")
+    if any(path.resolve() == Path(given).expanduser().resolve() for given in inputs):
+        parser.error(f"{option} {path}: that is an input file; the output would replace it")
     if folder_made:
         require_output_folder(parser, path.parent, option)
     elif not path.parent.is_dir():

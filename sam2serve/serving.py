@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import prometheus_client as prom
@@ -243,11 +244,14 @@ def first_line(error: Exception, limit: int = 300) -> str:
 def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
     """A file's bytes as the server takes an upload, or the server's error for it: one it cannot
     read, or one over the upload limit (read no further: a stray video in a list of paths is
-    refused as a 413 would, not read into memory)."""
+    refused as a 413 would, not read into memory). Not a regular file (a named pipe would block the
+    read for good), or a path no file can have (a NUL in it): cannot be read."""
     try:
+        if not Path(path).is_file():
+            raise FileNotFoundError(path)
         with open(path, "rb") as file:
             data = file.read(limits.max_upload_bytes + 1)
-    except OSError:
+    except (OSError, ValueError):
         return InvalidImage("the image file could not be read")
     return UploadTooLarge(limits) if len(data) > limits.max_upload_bytes else data
 

@@ -391,6 +391,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--size", "100000", "100000"], "--size: must be 1 to 16384, got 100000"),
     ("tools.benchmark", ["--load-fast", "{tmp}/exported"], "exported: no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
+    ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/./notes.jpg"], "that is an input file"),
+    ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/notes.jpg"], "that is an input file"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),
 ])

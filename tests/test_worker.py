@@ -8,6 +8,7 @@ says which image it was computed from (a swapped answer would show).
 import contextlib
 import io
 import json
+import os
 import threading
 import time
 
@@ -541,12 +542,15 @@ def test_files_are_read_as_the_server_takes_uploads(tmp_path):
     with open(tmp_path / "huge.png", "wb") as huge:  # sparse: 1 TiB on disk costs nothing
         huge.write(png_of(1))
         huge.truncate(2**40)
-    files = [file_as_upload(tmp_path / name, limits) for name in ("fits.png", "huge.png", "missing.png")]
+    os.mkfifo(tmp_path / "pipe.png")  # opened, it would wait for a writer for good
+    names = ("fits.png", "huge.png", "missing.png", "pipe.png", "nul\0.png", "")
+    files = [file_as_upload(tmp_path / name, limits) for name in names]
     assert files[0] == png_of(1)
     lines = rle_lines(StubGenerator(), files, limits)
     assert json.loads(lines[0]) == {"mask_0": {"size": [8, 6], "counts": [1, 1]}}
     assert json.loads(lines[1]) == {"error": f"upload larger than the limit of {limits.max_upload_bytes} bytes"}
-    assert json.loads(lines[2]) == {"error": "the image file could not be read"}
+    for line in lines[2:]:  # missing, a named pipe, a NUL in the path (ValueError ended the Ray job), a folder
+        assert json.loads(line) == {"error": "the image file could not be read"}
 
 
 def test_serve_runs_jobs_on_the_calling_thread_until_told_to_stop():

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from sam2serve.cli import HelpWithDefaults, add_option, require_output_file, run_script
-from sam2serve.compare import compare_results, format_float, summarize
+from sam2serve.compare import compare_results, format_float, study_runs_differ, summarize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
                 open(args.per_image_csv, "a").close()
             except OSError as error:
                 parser.error(f"--per-image-csv {args.per_image_csv}: {error.strerror or error}")
+    inputs, others = study_runs_differ(args.reference, args.candidate)
+    if inputs:
+        sys.exit(f"error: {args.reference} and {args.candidate} are study rows of runs on different inputs "
+                 f"({', '.join(inputs)}); run the study again for both")
+    if others:
+        print(f"warning: the two study rows come from runs with other settings: {', '.join(others)}", file=sys.stderr)
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets

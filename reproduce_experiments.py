@@ -46,7 +46,7 @@ from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths,
     require_output_folder, set_up_logging,
 )
-from sam2serve.compare import compare_results, format_float, summarize
+from sam2serve.compare import compare_results, format_float, settings_changed, summarize
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
@@ -220,12 +220,17 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     """The row's measurements: from an earlier run with the same settings, or run now."""
     stats_path = row_dir / "stats.json"
     if stats_path.is_file() and (row_dir / "rle_masks").is_file():
-        stats = json.loads(stats_path.read_text())
-        if stats["settings"] == settings:
-            log.info("%s: already done with the same settings, skipped", label)
-            return stats
-        log.info("%s: %s holds a run with other settings (%s); running again, replacing it", label, row_dir,
-                 ", ".join(settings_changed(stats["settings"], settings)))
+        try:
+            stats = json.loads(stats_path.read_text())
+            done_with = dict(stats["settings"])
+        except (ValueError, KeyError, TypeError):
+            log.info("%s: %s cannot be read; running again, replacing it", label, stats_path)
+        else:
+            if done_with == settings:
+                log.info("%s: already done with the same settings, skipped", label)
+                return stats
+            log.info("%s: %s holds a run with other settings (%s); running again, replacing it", label, row_dir,
+                     ", ".join(settings_changed(done_with, settings)))
     row_dir.mkdir(parents=True, exist_ok=True)
     # The row's process replaces rle_masks before this one writes stats.json: a run stopped in
     # between leaves new masks without settings, so the old settings go first (never beside new masks).
@@ -245,18 +250,6 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
     partial.replace(stats_path)
     log.info("%s: done in %.0f s", label, time.monotonic() - started)
     return stats
-
-
-def settings_changed(before: dict, now: dict) -> list[str]:
-    """The settings that differ, named as the options are: "points_per_side 8 -> 4"."""
-    flat_before, flat_now = ({**s, **s.get("amg", {})} for s in (before, now))
-    changed = []
-    for key in sorted(set(flat_before) | set(flat_now)):
-        if key != "amg" and flat_before.get(key) != flat_now.get(key):
-            changed.append({"images": "the image list", "image_contents": "the images' contents",
-                            "code": "the project's code"}.get(
-                key, f"{key} {flat_before.get(key)} -> {flat_now.get(key)}"))
-    return changed
 
 
 def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, row_dir: Path) -> dict:

@@ -205,7 +205,7 @@ def ensure_checkpoint(
     log.info("%s not found, downloading %s", path, url)
     try:
         _download(url, path)
-    except (urllib.error.URLError, OSError) as error:
+    except (urllib.error.URLError, OSError, ValueError) as error:  # ValueError: not a URL (--checkpoint-url)
         raise CheckpointUnavailable(
             f"Checkpoint {path} is missing and could not be downloaded from {url} ({error}).\n"
             f"Fetch it by hand on a machine that is online:\n"

@@ -221,6 +221,45 @@ def study_row_images(folder: Path) -> list[str]:
     return [str(image) for image in images] if isinstance(images, list) else []
 
 
+def settings_changed(before: dict, now: dict) -> list[str]:
+    """The study settings that differ, named as the options are: "points_per_side 8 -> 4"."""
+    flat_before, flat_now = ({**s, **s.get("amg", {})} for s in (before, now))
+    changed = []
+    for key in sorted(set(flat_before) | set(flat_now)):
+        if key != "amg" and flat_before.get(key) != flat_now.get(key):
+            changed.append({"images": "the image list", "image_contents": "the images' contents",
+                            "code": "the project's code"}.get(
+                key, f"{key} {flat_before.get(key)} -> {flat_now.get(key)}"))
+    return changed
+
+
+# What makes two study rows' masks answers to different questions: compared, their lines pair
+# other images, or another model's. (The images' paths may differ: rows made on two machines.)
+STUDY_INPUTS = ("image_contents", "checkpoint", "model_type")
+
+
+def study_runs_differ(reference_path: str | Path, candidate_path: str | Path) -> tuple[list[str], list[str]]:
+    """For two study rows (their folders, or their rle_masks files): (what differs in their
+    inputs, what differs in their other settings) between the runs that made them; empty where
+    they come from one run, or either is not a study row. A rerun with other settings leaves the
+    rows it did not run on disk, made with the earlier ones."""
+    settings = []
+    for path in (Path(reference_path), Path(candidate_path)):
+        folder = path if is_study_row(path) else path.parent if path.name == "rle_masks" else None
+        try:
+            settings.append(json.loads((folder / "stats.json").read_text())["settings"])
+        except (TypeError, OSError, ValueError, KeyError):
+            return [], []
+    # The row (its mode, batch) and its points per batch differ from row to row of one run.
+    before, now = ({key: value for key, value in s.items() if key not in ("row", "images")} for s in settings)
+    for side in (before, now):
+        side["amg"] = {key: value for key, value in side.get("amg", {}).items() if key != "points_per_batch"}
+    inputs = settings_changed({k: before.get(k) for k in STUDY_INPUTS}, {k: now.get(k) for k in STUDY_INPUTS})
+    others = settings_changed({k: v for k, v in before.items() if k not in STUDY_INPUTS},
+                              {k: v for k, v in now.items() if k not in STUDY_INPUTS})
+    return inputs, others
+
+
 def read_text(path: Path) -> str:
     try:
         return path.read_text()

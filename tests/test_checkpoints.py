@@ -165,6 +165,8 @@ def test_offline_download_fails_with_instructions(tmp_path):
     assert str(tmp_path / "sam2.1_hiera_large.pt") in message
     assert "http://127.0.0.1:9/sam2/sam2.1_hiera_large.pt" in message
     assert "curl -L -o" in message
+    with pytest.raises(CheckpointUnavailable, match="could not be downloaded from notaurl/sam2.1_hiera_large.pt"):
+        ensure_checkpoint(tmp_path, "large", "notaurl")  # --checkpoint-url without a scheme: was a traceback
 
 
 def test_a_checkpoint_file_given_for_its_folder_is_named_as_such(tmp_path):

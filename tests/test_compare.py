@@ -175,6 +175,32 @@ def test_study_rows_of_other_image_paths_pair_line_by_line(tmp_path):
         assert summarize(compare_results(rows[0], candidate)).as_dict() == pytest.approx(EXPECTED)
 
 
+def test_study_rows_of_runs_on_other_inputs_are_refused_and_other_settings_named(tmp_path):
+    """A rerun of the study with other settings leaves the rows it did not run, made with the
+    earlier ones: the README's compare command paired a 4x4 baseline with an 8x8 fast row."""
+    settings = {"row": {"mode": "baseline"}, "checkpoint": "micro@1234", "model_type": "micro", "device": "cpu",
+                "amg": {"points_per_side": 4, "points_per_batch": 64}, "images": ["/data/a.jpg"] * 4,
+                "image_contents": "abcd"}
+
+    def row(name: str, answers: list[dict], **changes) -> Path:
+        (tmp_path / name).mkdir()
+        write_lines(tmp_path / name / "rle_masks", answers)
+        (tmp_path / name / "stats.json").write_text(json.dumps({"settings": {**settings, **changes}}))
+        return tmp_path / name / "rle_masks"
+
+    baseline = row("baseline", REFERENCE)
+    same_run = row("fast", CANDIDATE, row={"mode": "fast"}, amg={"points_per_side": 4, "points_per_batch": 1024},
+                   images=["/mnt/a.jpg"] * 4)  # what differs from row to row, or machine to machine
+    result = run_tool(baseline, same_run)
+    assert result.returncode == 0 and result.stderr == ""
+    other_grid = row("ao", CANDIDATE, amg={"points_per_side": 8, "points_per_batch": 64})
+    result = run_tool(baseline, other_grid.parent)
+    assert result.returncode == 0 and "other settings: points_per_side 4 -> 8" in result.stderr
+    other_images = row("fast_furious", CANDIDATE, image_contents="ef01")
+    result = run_tool(baseline, other_images)
+    assert result.returncode == 1 and "runs on different inputs (the images' contents)" in result.stderr
+
+
 def test_different_image_counts_are_an_error(tmp_path):
     reference = write_lines(tmp_path / "reference", REFERENCE)
     candidate = write_lines(tmp_path / "candidate", CANDIDATE[:3])

@@ -7,6 +7,7 @@ off and NMS is at 1 so that random weights still give 12 masks per image.
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -321,6 +322,21 @@ def test_a_rerun_names_the_settings_that_changed():
     assert settings_changed(before, before) == []
     assert settings_changed({**before, "image_contents": "1f"}, {**before, "image_contents": "2e"}) == [
         "the images' contents"]
+
+
+@pytest.mark.parametrize("damaged", ['{"sett', '[1, 2]', '{"settings": 3}'])
+def test_a_row_whose_stats_cannot_be_read_runs_again(damaged, monkeypatch, tmp_path, caplog):
+    """A damaged stats.json (a disk full, an edit) ended the study with a traceback."""
+    row_dir = tmp_path / "ao_bs1_ppb64"
+    row_dir.mkdir()
+    (row_dir / "rle_masks").write_text("{}\n")
+    (row_dir / "stats.json").write_text(damaged)
+    settings = {"amg": {"points_per_side": 4}}
+    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", lambda *arguments: {"settings": settings})
+    with caplog.at_level(logging.INFO):
+        assert measured_row(Row("ao"), settings, tmp_path / "checkpoint.pt", row_dir, "row") == {"settings": settings}
+    assert "stats.json cannot be read; running again" in caplog.text
+    assert json.loads((row_dir / "stats.json").read_text()) == {"settings": settings}
 
 
 def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):

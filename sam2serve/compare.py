@@ -247,7 +247,7 @@ def study_runs_differ(reference_path: str | Path, candidate_path: str | Path) ->
     for path in (Path(reference_path), Path(candidate_path)):
         folder = path if is_study_row(path) else path.parent if path.name == "rle_masks" else None
         try:
-            settings.append(json.loads((folder / "stats.json").read_text())["settings"])
+            settings.append(dict(json.loads((folder / "stats.json").read_text())["settings"]))
         except (TypeError, OSError, ValueError, KeyError):
             return [], []
     # The row (its mode, batch) and its points per batch differ from row to row of one run.

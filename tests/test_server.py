@@ -554,6 +554,11 @@ def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tupl
         except subprocess.CalledProcessError as error:  # the connection closed without an answer
             answers.append(error)
 
+    def wait_for_the_stop() -> None:  # handled between the model's operations, on its thread
+        while "SIGTERM: stopping" not in log_path.read_text():
+            assert time.monotonic() < deadline + 60, "the stop was not logged"
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=request) for _ in range(4)]
     try:
         for thread in threads:
@@ -565,12 +570,11 @@ def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path) -> tupl
         process.send_signal(signal.SIGTERM)
         process.send_signal(signal.SIGTERM)  # at once: the same stop sent twice, not a second one
         for _ in range(signals - 1):
-            while "SIGTERM: stopping" not in log_path.read_text():  # handled between the model's operations
-                assert time.monotonic() < deadline + 60, "the stop was not logged"
-                time.sleep(0.05)
+            wait_for_the_stop()
             time.sleep(1.2)
             process.send_signal(signal.SIGTERM)
-        if signals == 1:  # still answering what it accepted; taking nothing new
+        if signals == 1:  # once the stop is handled: still answering what it accepted, taking nothing new
+            wait_for_the_stop()
             health = curl(url + "/health")
             assert health[0] == 503 and json.loads(health[1])["status"] == "stopping"
             status, body = curl("-X", "POST", url + "/upload_rle", "-F", f"image=@{image}")

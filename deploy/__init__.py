@@ -2,8 +2,6 @@
 
 import logging
 
-from sam2serve.cli import default_device
-
 log = logging.getLogger(__name__)
 
 
@@ -12,7 +10,9 @@ def cluster_device() -> str:
     to has GPUs, else cpu. The machine that starts a job or an application (a head node, a
     laptop) may have none. Not connected (`serve run module:build`, which builds the application
     before it connects): this machine's, said in the log where that is the CPU."""
-    import ray
+    import ray  # here, as torch (sam2serve.cli) below: importing deploy.modal_app needs neither
+
+    from sam2serve.cli import default_device
 
     if ray.is_initialized():
         return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"

@@ -12,7 +12,8 @@ connection timeout: a client that does not read its answer (waitress keeps the c
 its buffered answer, and a thread writing a pipelined request's answer waits for the client),
 and a client that trickles its request, a byte now and then (each byte resets the idle timer):
 a request must arrive at MIN_REQUEST_RATE on average after its first `timeout_s` seconds. A
-request cut off part-way, by either timer, is answered 408 before its connection closes.
+request that stops part-way is closed here too, before waitress's timer would close it without
+a word: it and a trickling one are answered 408 before their connection closes.
 
 A client that closes its connection while its request waits for the model is seen when the
 request's turn comes (`JSONErrorChannel.check_client_disconnected`), and the request is not run;
@@ -177,9 +178,11 @@ class JSONErrorChannel(HTTPChannel):
 
     def stall(self, now: float, timeout_s: float) -> str | None:
         """Why this connection is to be closed now, if it is: its answer unread, or its request
-        trickling in."""
+        stopped part-way (waitress's idle timer would close it without a word), or trickling in."""
         if self.total_outbufs_len and self.output_progress < now - timeout_s:
             return f"its answer unread for {timeout_s} s"
+        if self.reading and self.request is not None and self.last_activity < now - timeout_s:
+            return f"nothing received for {timeout_s} s"
         if (self.reading and self.request is not None
                 and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE):
             return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
@@ -314,14 +317,9 @@ def readable_unless_paused(listener: BaseWSGIServer, waitress_readable: Callable
 
 
 def maintenance(listener: BaseWSGIServer, waitress_maintenance: Callable[[float], None], now: float) -> None:
-    """waitress's (idle connections marked to close, a request stalled part-way told so first),
-    then close_stalled."""
-    timeout_s = listener.adj.channel_timeout
-    for channel in list(listener.active_channels.values()):
-        if isinstance(channel, JSONErrorChannel) and channel.last_activity < now - timeout_s and not channel.requests:
-            channel.tell_timed_out(f"nothing received for {timeout_s} s")
-    waitress_maintenance(now)
+    """close_stalled (whose 408 goes first), then waitress's: idle connections marked to close."""
     close_stalled(listener, now)
+    waitress_maintenance(now)
 
 
 def listening_urls(server) -> list[str]:

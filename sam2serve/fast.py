@@ -10,8 +10,9 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, dtype, points per batch,
   device or torch version) is refused with a message that says what differs; so is one whose
-  files are not those its manifest lists (an export cut short, or a damaged copy). A loaded
-  package unpacks into a temporary folder that torch removes when it is freed; those still
+  files are not those its manifest lists (an export cut short, or a damaged copy), and one
+  that torch cannot load here, tried first in a process of its own (its loader can crash the
+  process that calls it). A loaded package unpacks into a temporary folder that torch removes when it is freed; those still
   held when the process exits (a server's threads hold them) are freed at exit.
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
 stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
@@ -24,6 +25,9 @@ import atexit
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -225,6 +229,12 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
         if not path.is_file() or file_sha256(path) != files.get(name):
             raise PackageMismatch(f"{path} is {'missing' if not path.is_file() else 'not the file its manifest lists'}"
                                   f" (a copy cut short, or changed since); {again}")
+    if why := load_failure_elsewhere([directory / name for name in (ENCODER_PACKAGE, DECODER_PACKAGE)],
+                                     aoti_device_index(device)):
+        raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine (torch "
+                              f"{torch.__version__}, {torch.device(device).type}): {why}, in a process of its own "
+                              "that tried first; serve without --load-fast and --save-fast (the same kernels, "
+                              "compiled with torch.compile at start)")
     try:
         encoder, decoder = [
             torch._inductor.aoti_load_package(str(directory / name), device_index=aoti_device_index(device))
@@ -235,6 +245,29 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
                               f"{again}") from error
     LOADED_PACKAGES.update((encoder, decoder))
     return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
+
+
+# Loads each package given and frees it at once (which removes the folder it unpacked into).
+LOAD_PROBE = """
+import sys, torch
+for path in sys.argv[2:]:
+    torch._inductor.aoti_load_package(path, device_index=int(sys.argv[1]))
+"""
+
+
+def load_failure_elsewhere(packages: list[Path], device_index: int) -> str | None:
+    """Why a separate Python process cannot load the packages, or None if it can. Torch's
+    AOTInductor loader can end the process that calls it (a segmentation fault, on an H200
+    with torch 2.11 and CUDA 13), which would take a server down without a word: the loader
+    runs here first, where a crash is one more reason to refuse the package."""
+    probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(device_index), *map(str, packages)],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    if probe.returncode < 0:
+        return f"torch's loader crashed ({signal.Signals(-probe.returncode).name})"
+    lines = [line.strip() for line in probe.stderr.splitlines() if line.strip()] or [f"exit status {probe.returncode}"]
+    return f"torch's loader failed ({lines[-1][:300]})"
 
 
 @atexit.register

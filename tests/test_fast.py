@@ -25,6 +25,7 @@ from PIL import Image
 
 import numpy as np
 
+from sam2serve import fast
 from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
@@ -247,9 +248,12 @@ def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeyp
 
     monkeypatch.setattr(torch._inductor, "aoti_load_package",
                         lambda path, device_index: asked.append(device_index) or Package())
+    tried_first = []  # the loader's run in a process of its own, which would need the GPU
+    monkeypatch.setattr(fast, "load_failure_elsewhere",
+                        lambda packages, device_index: tried_first.append(device_index))
     load_kernels(directory, spec, torch.device("cuda", 1))
     load_kernels(directory, spec, loaded.model.device)
-    assert asked == [1, 1, -1, -1]
+    assert asked == [1, 1, -1, -1] and tried_first == [1, -1]
     assert aoti_device_index("cuda:3") == 3 and aoti_device_index("cpu") == -1
 
 
@@ -273,6 +277,28 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
         load_kernels(tmp_path, spec)
     with pytest.raises(PackageMismatch, match="is not a folder of exported kernels"):
         load_kernels(tmp_path / "nowhere", spec)
+
+
+def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micro, tmp_path, monkeypatch):
+    """Torch's loader is tried first in a process of its own, which leaves no unpacked folder
+    behind; a crash there (a segmentation fault on an H200 with torch 2.11, simulated here) or
+    a loader's error refuses the package with why, where the calling process would have died."""
+    directory, _ = exported
+    loaded = load_micro()
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where torch 2.15 unpacks packages
+    kernels = load_kernels(directory, spec)
+    if torch.__version__ >= "2.15":  # 2.11 unpacks into /tmp
+        assert len(list(tmp_path.iterdir())) == 2  # this process's two packages, none of the tryout's
+    del kernels
+    fast.free_loaded_packages()
+
+    monkeypatch.setattr(fast, "LOAD_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(PackageMismatch, match=r"cannot be loaded on this machine .*crashed \(SIGSEGV\)"):
+        load_kernels(directory, spec)
+    monkeypatch.setattr(fast, "LOAD_PROBE", "raise RuntimeError('no CUDA driver')")
+    with pytest.raises(PackageMismatch, match=r"loader failed \(RuntimeError: no CUDA driver\)"):
+        load_kernels(directory, spec)
 
 
 def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ second or more after the first, stops at once.
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -54,7 +55,7 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, compile_modes, non_negative_float, positive_float, positive_int, seconds,
+    check_checkpoint_arguments, compile_modes, non_negative_float, number_type, positive_int, seconds,
     require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
@@ -68,6 +69,12 @@ from sam2serve.wsgi import ConnectionLimits, create_http_server, finish_answers,
 log = logging.getLogger("server")
 ANSWERS_SENT_WITHIN_S = 10.0  # after the last queued request ran, how long its answer may take to send
 SAME_STOP_WITHIN_S = 1.0  # a second signal this soon after the first is the same stop, not "at once"
+
+
+# Below 10 KiB no upload of an image fits (a small JPEG and the multipart form around it): a
+# smaller limit, 1e-9 say, refused every request.
+upload_megabytes = number_type(float, "a number of MiB", lambda value: 0.01 <= value < math.inf,
+                               "a finite number, at least 0.01 (10 KiB)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int,
                         help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
                         "work also uses, fewer than the cores the server has to itself (docs/performance.md)")
-    add_option(parser, "max_upload_mb", type=positive_float, default=Limits.max_upload_bytes / 2**20,
+    add_option(parser, "max_upload_mb", type=upload_megabytes, default=Limits.max_upload_bytes / 2**20,
                help="larger uploads get 413")
     add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
                help="images with more pixels get 413")
@@ -143,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} is never reached with --max-queue {args.max_queue}: a batch is "
                      f"the request the worker waits for and those queued behind it; raise --max-queue to "
                      f"{args.batch_size - 1} or more")
+    cores = len(os.sched_getaffinity(0))
+    if args.threads is not None and args.threads > cores:  # 100000 started as many threads, to no use
+        parser.error(f"--threads {args.threads}: this process may use {cores} cores; give at most {cores}")
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
     args.amg = amg_config(parser, args, mode)

@@ -96,11 +96,13 @@ class AMGConfig:
         if self.crop_n_layers > MAX_CROP_N_LAYERS:
             raise ValueError(f"crop_n_layers must be at most {MAX_CROP_N_LAYERS} (layer n: 4**n crops, each "
                              f"segmented like the whole image), got {self.crop_n_layers}")
-        for name in ("stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
+        # Scores and IoUs are within [0, 1] (SAM2.1 predicts IoUs through a sigmoid): a threshold
+        # above 1 would keep no mask, without a word.
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         # (a NaN threshold keeps no mask: every comparison with it is false)
-        for name in ("pred_iou_thresh", "stability_score_offset", "mask_threshold"):
+        for name in ("stability_score_offset", "mask_threshold"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.crop_overlap_ratio < 1.0:

@@ -166,11 +166,12 @@ def test_boxes_of_logits_equal_sam2s_boxes_of_masks():
                                  dict(crop_n_layers=-1), dict(pred_iou_thresh=float("nan")),
                                  dict(stability_score_offset=float("inf")), dict(mask_threshold=float("nan")),
                                  dict(crop_overlap_ratio=1.0), dict(points_per_side=1025),
-                                 dict(crop_n_layers=5)])  # 50 built crop boxes until memory ran out
+                                 dict(crop_n_layers=5),  # 50 built crop boxes until memory ran out
+                                 dict(pred_iou_thresh=1.01), dict(pred_iou_thresh=-0.5)])  # kept no mask / all
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         AMGConfig(**bad)
-    AMGConfig(crop_n_layers=4)
+    AMGConfig(crop_n_layers=4, pred_iou_thresh=1.0)
 
 
 @pytest.mark.parametrize("crop_n_layers", [0, 1])

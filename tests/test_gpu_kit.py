@@ -199,6 +199,8 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert text.count("study_ao: not run:") == (1 if stage in ("smoke", "large") else 0), text
     assert "| x ao | x study |" in (out / "large-off.md").read_text()  # compared with ao, the baseline's masks
     large = (out / "large.md").read_text()
+    # How the fast modes' kernels were made, said where a fast mode runs.
+    assert "fast modes: torch.compile mode " in large and "fast modes:" not in (out / "smoke.md").read_text()
     header, *_ = [line for line in large.splitlines() if line.startswith("| mode |")]
     ao, *_ = [line for line in large.splitlines() if line.startswith("| ao |")]
     held = dict(zip(header.split("|"), ao.split("|")))[" held MiB "]

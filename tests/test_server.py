@@ -252,7 +252,8 @@ def test_damaged_checkpoint_exits_with_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, rule", [
-    ("--max-upload-mb", "nan", "a finite number above 0"), ("--max-upload-mb", "0", "a finite number above 0"),
+    ("--max-upload-mb", "nan", "a finite number, at least 0.01"), ("--max-upload-mb", "0", "a finite number, at"),
+    ("--max-upload-mb", "1e-9", "a finite number, at least 0.01 (10 KiB)"),  # refused every upload
     ("--request-timeout", "nan", "above 0 and at most"), ("--request-timeout", "-1", "above 0 and at most"),
     ("--request-timeout", "1e10", "above 0 and at most 9223372036"),  # past it, each request answered 500
     ("--embedding-cache-mb", "inf", "a finite number, 0 or more"), ("--embedding-cache-mb", "-1", "a finite"),
@@ -269,6 +270,16 @@ def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsy
         server.parse_args([option, value])
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and f"argument {option}" in error and f"must be {rule}" in error
+
+
+def test_more_threads_than_cores_are_refused(capsys):
+    import server
+
+    cores = len(os.sched_getaffinity(0))
+    assert server.parse_args(["--threads", str(cores)]).threads == cores
+    with pytest.raises(SystemExit) as stopped:
+        server.parse_args(["--threads", str(cores + 1)])
+    assert stopped.value.code == 2 and f"may use {cores} cores; give at most {cores}" in capsys.readouterr().err
 
 
 def test_a_batch_larger_than_the_queue_allows_is_refused(capsys):

@@ -418,8 +418,9 @@ def main() -> None:
 
     print(f"SAM2.1 {model_size(model_type).name} from {path}; device {device_description(args.device)}; "
           f"torch {torch.__version__}; {len(images)} images ({', '.join(name for name, _ in images)}), "
-          f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s); fast modes: "
-          f"{fast_kernels_description(args)}", flush=True)
+          f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s)"
+          + (f"; fast modes: {fast_kernels_description(args)}"
+             if any(row in MODES and MODES[row].compiled for row in generators) else ""), flush=True)
     for name, overrides in zip(filters, thresholds):
         for row, generator in generators.items():
             generators[row] = generator.with_config(replace(generator.config, **overrides))

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from sam2serve.cli import HelpWithDefaults, add_option, require_output_file, run_script
+from sam2serve.cli import HelpWithDefaults, add_option, error_text, require_output_file, run_script
 from sam2serve.compare import compare_results, format_float, study_runs_differ, summarize
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         comparisons = compare_results(args.reference, args.candidate)
     except (OSError, ValueError) as error:  # unreadable input, JSON errors, unequal sets
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error_text(error)}")
     if args.per_image_csv:
         try:
             write_per_image_csv(args.per_image_csv, comparisons)

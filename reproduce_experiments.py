@@ -43,7 +43,7 @@ from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths,
+    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths, error_text,
     require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
@@ -317,7 +317,7 @@ def existing_image_paths(path: str) -> list[str]:
     try:
         return checked_image_paths(path)
     except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error_text(error)}")
 
 
 def main(argv: list[str] | None = None) -> None:

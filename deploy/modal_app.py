@@ -126,7 +126,7 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
     from sam2serve.cli import (
-        add_amg_options, amg_options, checked_image_paths, report_error_lines, require_output_file,
+        add_amg_options, amg_options, checked_image_paths, error_text, report_error_lines, require_output_file,
     )
     from sam2serve.modes import DEFAULT_MODE, MODES
 
@@ -144,7 +144,7 @@ def main() -> None:
     try:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:
-        command.error(str(error))
+        command.error(error_text(error))
     try:
         failed = replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
     except modal.exception.Error as error:  # no token, app not deployed, ...: Modal's own words

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_option, amg_options, check_checkpoint_arguments,
-    compile_modes, device_problem, positive_int, read_image_paths, report_error_lines, require_output_file,
+    compile_modes, device_problem, error_text, positive_int, read_image_paths, report_error_lines, require_output_file,
     run_script, write_lines,
 )
 from deploy import cluster_device
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
-        parser.error(str(error))
+        parser.error(error_text(error))
     require_output_file(parser, args.output, "output", folder_made=True, inputs=[args.paths_file])
     if (args.load_fast or args.compile_mode) and not get_mode(args.mode).compiled:
         parser.error("--load-fast and --compile-mode go with a fast mode: --mode fast or fast_furious")

@@ -285,6 +285,14 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
         parser.error(str(error))
 
 
+def error_text(error: Exception) -> str:
+    """An error in the words a user reads: a file's error as "path: No such file or directory"
+    (Python's own, "[Errno 2] No such file or directory: 'path'", says it in its terms)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+    return str(error)
+
+
 def read_image_paths(paths_file: str | Path) -> list[str]:
     """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
     if Path(paths_file).is_dir():

@@ -391,6 +391,11 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--save-masks", "{tmp}/notes.jpg/masks"], "notes.jpg is a file, not a folder"),
     ("tools.benchmark", ["{tmp}", "micro", "--generated", "1"], "is not a torch checkpoint, or it is damaged"),
     ("tools.benchmark_prompts", ["--images", "{tmp}/absent.jpg"], "absent.jpg: No such file or directory"),
+    # A file that is not there, in a user's words ("[Errno 2] No such file or directory: '...'" before).
+    ("reproduce_experiments", ["{tmp}/absent", "{tmp}/out"], "error: {tmp}/absent: No such file or directory"),
+    ("deploy.ray_bulk_job", ["{tmp}/absent", "{tmp}/out"], "error: {tmp}/absent: No such file or directory"),
+    ("deploy.modal_app", ["replay", "{tmp}/absent", "{tmp}/out"], "error: {tmp}/absent: No such file or directory"),
+    ("compare_rle_lists", ["{tmp}/absent", "{tmp}/notes.jpg"], "error: {tmp}/absent: No such file or directory"),
     ("training.train_micro_sam2", ["--save-every", "0"], "--save-every: must be 1 or more, got 0"),
     ("training.train_micro_sam2", ["--points-per-image", "1"], "must be 2 or more (half points, half boxes)"),
     ("training.train_micro_sam2", ["--output", "{tmp}/notes.jpg/out.pt"], "notes.jpg is a file, not a folder"),
@@ -420,6 +425,7 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     (tmp_path / "micro_as_tiny").mkdir()
     (tmp_path / "micro_as_tiny" / "sam2.1_hiera_tiny.pt").symlink_to(REPO / "models" / "sam2.1_hiera_micro.pt")
     arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    message = message.format(tmp=tmp_path)
     result = subprocess.run([sys.executable, "-m", script, *arguments], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -410,6 +410,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "1e300"],  # past time_t
      "--time-limit: must be above 0 and at most"),
     ("tools.benchmark", ["--size", "100000", "100000"], "--size: must be 1 to 16384, got 100000"),
+    ("tools.benchmark", ["--modes", "ao", "fast", "ao"], "--modes: ao given more than once"),
+    ("tools.benchmark", ["--filters", "off", "sam2", "off"], "--filters: off given more than once"),
     ("tools.benchmark", ["--load-fast", "{tmp}/exported"], "exported: no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/./notes.jpg"], "that is an input file"),

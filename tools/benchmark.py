@@ -382,6 +382,9 @@ def main() -> None:
     add_device_option(parser)
     args = parser.parse_args()
     require_device(parser, args.device)
+    for option, given in (("--modes", args.modes), ("--filters", args.filters or [])):
+        if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
+            parser.error(f"{option}: {', '.join(twice)} given more than once")
     if args.save_fast and args.load_fast:
         parser.error("give --save-fast or --load-fast, not both")
     if args.load_fast and not Path(args.load_fast).is_dir():  # found before the other rows run, not after

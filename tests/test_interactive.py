@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import re
+import sys
 import threading
 import time
 
@@ -594,10 +595,16 @@ def test_half_precision_server_says_prompts_are_unavailable():
     assert response.status_code == 501 and "fast_furious" in response.get_json()["error"]
 
 
-def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path):
+def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path, monkeypatch):
     """8 clients mixing /upload_rle, /embed and /segment on a real server: every answer equals
-    the answer to that request sent alone."""
+    the answer to that request sent alone; on a terminal, its progress is shown as it goes."""
     from tools.load_test import run_load_test
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
 
     from .test_server import start_server
 
@@ -608,6 +615,9 @@ def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path):
         report = run_load_test(url, images, clients=8, per_client=3, time_limit_s=240, interactive=True)
         assert report.ok, report.table()
         assert report.requests == 24
+        shown = sys.stderr.getvalue()
+        assert "single requests (the references)" in shown and "8 clients: 100%" in shown, shown[-500:]
+        assert "24/24" in shown and "wrong=0" in shown
     finally:
         process.terminate()
         process.wait(timeout=30)

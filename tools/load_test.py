@@ -12,6 +12,8 @@ the reference for its request, byte for byte: nothing lost, duplicated or swappe
 A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
 timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
 the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130).
+On a terminal, a progress bar per phase (the single requests, then the clients' answers and how
+many were wrong).
 
 Loopback only (it is a stress tool, not a benchmark of someone else's server; proxies from
 http_proxy are not used), a bounded number of requests (C x M), and a time limit.
@@ -34,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+from tqdm import tqdm
 
 from sam2serve.cli import HelpWithDefaults, positive_int, seconds
 
@@ -174,7 +177,8 @@ def run_load_test(
     except (OSError, http.client.HTTPException) as error:
         raise RuntimeError(f"the server did not answer: {error}") from None
     reference = {}
-    for request in requests:
+    for request in tqdm(requests, desc="single requests (the references)", unit="request", file=sys.stderr,
+                        disable=None, leave=False):
         try:
             status, _, body = post(url + request.path, request.body, request.content_type, remaining_s())
         except (OSError, http.client.HTTPException) as error:
@@ -184,6 +188,7 @@ def run_load_test(
         reference[request.name] = body
 
     report, lock, stop = Report(planned=clients * per_client), threading.Lock(), threading.Event()
+    progress = tqdm(total=report.planned, desc=f"{clients} clients", unit="answer", file=sys.stderr, disable=None)
 
     def client(index: int) -> None:
         for position in client_order(index, len(requests), per_client):
@@ -226,6 +231,8 @@ def run_load_test(
                     report.latencies_s.append(time.monotonic() - started)
                 else:
                     report.wrong.append(outcome)
+                progress.set_postfix(wrong=len(report.wrong), busy_retries=report.retries_busy, refresh=False)
+                progress.update()
 
     started = time.monotonic()
     # Daemon threads: a request in flight when the test is stopped does not hold the process.
@@ -241,6 +248,7 @@ def run_load_test(
         for thread in threads:
             thread.join(timeout=max(0.0, grace - time.monotonic()))
         report.stopped = True
+    progress.close()
     with lock:  # a copy: clients still waiting on an answer must not change what is printed
         return replace(report, seconds=time.monotonic() - started, wrong=list(report.wrong),
                        latencies_s=list(report.latencies_s))

@@ -195,6 +195,9 @@ def ensure_checkpoint(
         folder = f": give {directory.parent}" if directory.name == size.filename else ""
         raise CheckpointUnavailable(f"{directory} is a file; the checkpoint argument is the folder that holds "
                                     f"{size.filename}{folder}")
+    if path.exists():  # a folder of that name (an unpacked archive, say): a download could not replace it
+        raise CheckpointUnavailable(f"{path} is not a file (a folder?); the checkpoint is the file "
+                                    f"{size.filename} in {directory}")
     if not size.official:
         raise CheckpointUnavailable(
             f"Checkpoint {path} is missing. The {size.name} model is the project's own: it is "

@@ -177,6 +177,10 @@ def test_a_checkpoint_file_given_for_its_folder_is_named_as_such(tmp_path):
         ensure_checkpoint(checkpoint, "micro")
     with pytest.raises(CheckpointUnavailable, match="is a file; .* holds sam2.1_hiera_large.pt$"):
         ensure_checkpoint(checkpoint, "large", "http://127.0.0.1:9/sam2")
+    # A folder named like the checkpoint: said so, not "not found, downloading" (nothing could replace it).
+    (tmp_path / "sam2.1_hiera_large.pt").mkdir()
+    with pytest.raises(CheckpointUnavailable, match="sam2.1_hiera_large.pt is not a file \\(a folder\\?\\)"):
+        ensure_checkpoint(tmp_path, "large", "http://127.0.0.1:9/sam2")
 
 
 def test_only_the_committed_micro_model_is_called_the_demo(tmp_path):

@@ -17,6 +17,7 @@ way of running the model answers byte for byte alike.
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -360,16 +361,31 @@ def is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
+def json_int(digits: str) -> int | float:
+    """A JSON whole number as Python reads it; one of more digits than Python converts (4300) as
+    an infinity of its sign, which the field that holds it refuses by name (Python's own error
+    advised the client to call sys.set_int_max_str_digits)."""
+    try:
+        return int(digits)
+    except ValueError:
+        return -math.inf if digits.startswith("-") else math.inf
+
+
+def parse_json(text: str | bytes, what: str) -> object:
+    """JSON sent by a client, or InvalidPrompt naming `what` ("the body", "prompts") and why not."""
+    try:
+        return json.loads(text, parse_int=json_int)
+    except ValueError as error:  # also bytes that are not text
+        raise InvalidPrompt(f"{what}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidPrompt(f"{what}: the JSON is nested too deeply") from None
+
+
 def json_payload(body: bytes) -> object:
     """A JSON request body, or InvalidPrompt saying what is wrong with it."""
     if not body.strip():
         raise InvalidPrompt("the body is empty: expected a JSON object with image_id and prompts")
-    try:
-        return json.loads(body)
-    except ValueError as error:  # also bytes that are not text
-        raise InvalidPrompt(f"the body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvalidPrompt("the body's JSON is nested too deeply") from None
+    return parse_json(body, "the body")
 
 
 SEGMENT_FIELDS = ("image_id", "prompts")
@@ -414,12 +430,7 @@ def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -
         raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
     if not texts or not texts[0].strip():
         raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets")
-    try:
-        return json.loads(texts[0])
-    except ValueError as error:
-        raise InvalidPrompt(f"prompts: not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvalidPrompt("prompts: the JSON is nested too deeply") from None
+    return parse_json(texts[0], "prompts")
 
 
 def cached_embedding(cache: EmbeddingCache, image_id: str):

@@ -415,6 +415,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         (deep, 400, "nested too deeply"),
         ("{not json", 400, "not valid JSON: Expecting property name"),
         ("", 400, "the body is empty"),
+        # More digits than Python converts: the field named, not Python's advice (sys.set_int_max_str_digits).
+        ('{"image_id": "%s", "prompts": [{"points": [[1%s, 1]]}]}' % (ids[0], "0" * 5000), 400,
+         "prompts[0].points[0]: expected 2 finite numbers"),
         # Valid, but over a form field's limit: not parsed (prompts sent in a form have the same limit).
         (json.dumps({"image_id": ids[0], "prompts": [point]}) + " " * 500_000, 413,
          "the JSON body is larger than the limit of 500000 bytes"),
@@ -441,6 +444,7 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         ({"prompts": "[{not json"}, "prompts: not valid JSON: Expecting property name"),
         ({"prompts": " "}, "prompts: expected a form field with a JSON list"),
         ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
+        ({"prompts": '[{"box": [0, 0, 10, -%s]}]' % ("9" * 5000)}, "prompts[0].box"),
         # A file of another name is refused as a text field is (a typo, or a second image).
         ({"prompts": json.dumps([point]), "promts": (io.BytesIO(b"[]"), "p.json")}, "unknown form fields 'promts'"),
         ({"prompts": (io.BytesIO(json.dumps([point]).encode()), "p.json")}, "curl -F 'prompts=<prompts.json'"),

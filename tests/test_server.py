@@ -153,10 +153,12 @@ def test_upload_rle_ao_equals_baseline_and_in_process(servers, image_files, tiny
 
 def test_xargs_curl_writes_one_json_per_line(servers, image_files, tmp_path):
     """README's command, pasted: one line per path, in order, whatever the file names hold (an
-    apostrophe stopped xargs, a comma or semicolon split curl's -F, shifting later lines)."""
-    names = ["scene.jpg", "other.png", "third.jpg", "other.png", "dog's photo.jpg", "a,b;type=text.png"]
-    shutil.copy(image_files / "scene.jpg", tmp_path / names[-2])
-    shutil.copy(image_files / "other.png", tmp_path / names[-1])
+    apostrophe stopped xargs, a comma or semicolon split curl's -F, shifting later lines; a double
+    quote ended curl's quoted name: an empty line)."""
+    names = ["scene.jpg", "other.png", "third.jpg", "other.png", "dog's photo.jpg", "a,b;type=text.png",
+             'the "best" one.jpg', 'back\\slash\\".png']
+    for name, original in zip(names[4:], ["scene.jpg", "other.png", "scene.jpg", "other.png"]):
+        shutil.copy(image_files / original, tmp_path / name)
     paths = [image_files / name for name in names[:4]] + [tmp_path / name for name in names[4:]]
     (tmp_path / "image_paths").write_text("".join(f"{path}\n" for path in paths))
     command = README_XARGS.replace("http://127.0.0.1:5000", servers["ao"])
@@ -167,7 +169,7 @@ def test_xargs_curl_writes_one_json_per_line(servers, image_files, tmp_path):
         masks = rles_to_masks(list(json.loads(line).values()))
         height, width = np.array(Image.open(path)).shape[:2]
         assert masks.shape == (48, height, width)
-    assert lines[1] == lines[3] == lines[5] and lines[0] == lines[4]  # same image, same answer
+    assert lines[1] == lines[3] == lines[5] == lines[7] and lines[0] == lines[4] == lines[6]  # same image, same answer
 
 
 def test_upload_draws_masks_over_the_image(servers, image_files, tmp_path):

@@ -398,6 +398,9 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("compare_rle_lists", ["{tmp}/absent", "{tmp}/notes.jpg"], "error: {tmp}/absent: No such file or directory"),
     ("training.train_micro_sam2", ["--save-every", "0"], "--save-every: must be 1 or more, got 0"),
     ("training.train_micro_sam2", ["--points-per-image", "1"], "must be 2 or more (half points, half boxes)"),
+    # NaN weights were written over --output (the committed model by default), and the run said it trained.
+    ("training.train_micro_sam2", ["--lr", "1e30", "--steps", "4", "--images-per-step", "1", "--points-per-image", "2",
+                                   "--output", "{tmp}/out.pt"], "error: the training diverged: loss nan at step 2"),
     ("training.train_micro_sam2", ["--output", "{tmp}/notes.jpg/out.pt"], "notes.jpg is a file, not a folder"),
     ("training.train_micro_sam2", ["--photo-share", "0.5", "--photo-from", "9", "--steps", "9"],
      "--photo-from 9: at or after --steps 9"),

@@ -17,6 +17,7 @@ The recipe, what made it learn from scratch, and the held-out figures: docs/micr
 import argparse
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -272,6 +273,15 @@ def save_trained(model, path: Path, meta: dict) -> None:
     save_checkpoint({"model": weights, "training": meta}, path)
 
 
+# A loss this many times the first step's, or not finite, ends the run before its weights replace
+# --output (a learning rate of 1e30 wrote NaN weights over the committed model, and said so).
+DIVERGED_LOSS_RATIO = 100
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.init is None:
@@ -291,10 +301,15 @@ def train(args: argparse.Namespace) -> None:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
-    started, running = time.perf_counter(), None
+    started, running, first = time.perf_counter(), None, None
     progress = tqdm(batches(args, image_size), total=args.steps, desc="training", unit="step")
     for step, batch in enumerate(progress):
         loss = training_step(model, *batch)
+        first = first or loss.item()
+        if not math.isfinite(loss.item()) or loss.item() > DIVERGED_LOSS_RATIO * first:
+            raise TrainingDiverged(f"the training diverged: loss {loss.item():.4g} at step {step + 1}, from "
+                                   f"{first:.4g} at the first (--lr {args.lr:g} is too high; the default is "
+                                   f"1e-3); {args.output} was left as it was")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -373,7 +388,10 @@ def main() -> None:
                          "so no step would see the photo-like scenes of --photo-share")
     set_up_logging("%(message)s")
     if not args.evaluate_only:
-        train(args)
+        try:
+            train(args)
+        except TrainingDiverged as error:
+            sys.exit(f"error: {error}")
     loaded = load_model(args.output, "micro", "cpu")
     result = evaluate(loaded.model, n_scenes=args.eval_scenes)
     print(result.table())

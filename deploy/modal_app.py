@@ -126,7 +126,8 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
     from sam2serve.cli import (
-        add_amg_options, amg_options, checked_image_paths, error_text, report_error_lines, require_output_file,
+        add_amg_options, amg_options, checked_image_paths, error_text, listed_as, report_error_lines,
+        require_output_file,
     )
     from sam2serve.modes import DEFAULT_MODE, MODES
 
@@ -145,6 +146,7 @@ def main() -> None:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:
         command.error(error_text(error))
+    require_output_file(command, args.output, "output", folder_made=True, inputs=listed_as(args.output, paths))
     try:
         failed = replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
     except modal.exception.Error as error:  # no token, app not deployed, ...: Modal's own words

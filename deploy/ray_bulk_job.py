@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_option, amg_options, check_checkpoint_arguments,
-    compile_modes, device_problem, error_text, positive_int, read_image_paths, report_error_lines, require_output_file,
+    compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths, report_error_lines, require_output_file,
     run_script, write_lines,
 )
 from deploy import cluster_device
@@ -97,10 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(error_text(error))
-    require_output_file(parser, args.output, "output", folder_made=True, inputs=[args.paths_file])
-    if (args.load_fast or args.compile_mode) and not get_mode(args.mode).compiled:
+    require_output_file(parser, args.output, "output", folder_made=True,
+                        inputs=[args.paths_file, *listed_as(args.output, args.paths)])
+    if (args.load_fast is not None or args.compile_mode) and not get_mode(args.mode).compiled:
         parser.error("--load-fast and --compile-mode go with a fast mode: --mode fast or fast_furious")
     args.on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    # Found now, not by every worker once the cluster runs (on a cluster, the folder may be the
+    # workers' alone: only an empty one is refused there).
+    if args.load_fast == "" or (args.load_fast and not args.on_cluster and not Path(args.load_fast).is_dir()):
+        parser.error(f"--load-fast {args.load_fast!r}: no such folder (it takes the folder --save-fast wrote)")
     if args.device is not None and (problem := device_problem(args.device, here=not args.on_cluster)):
         parser.error(f"--device {args.device}: {problem}")
     args.options = dict(checkpoint_dir=args.checkpoint_dir, model_type=args.model_type, mode=args.mode,

@@ -178,6 +178,12 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
     return path
 
 
+def listed_as(output: Path, paths: list[str]) -> list[str]:
+    """The listed images of output's name: those require_output_file compares it with, so that a
+    job does not write its lines over one of its images, without resolving a million paths."""
+    return [given for given in paths if Path(given).name == output.name]
+
+
 def write_lines(output: Path, lines: Iterable[str]) -> None:
     """Each line into output.partial, renamed to output after the last: a run that fails leaves
     an earlier output as it was, and no empty .partial."""

@@ -419,6 +419,14 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/./notes.jpg"], "that is an input file"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/notes.jpg"], "that is an input file"),
+    # One of the listed images as the output: its lines would have replaced that image.
+    ("deploy.ray_bulk_job", ["{tmp}/images", "{tmp}/shapes.jpg"], "that is an input file"),
+    ("deploy.modal_app", ["replay", "{tmp}/images", "{tmp}/shapes.jpg"], "that is an input file"),
+    # Found before Ray starts, not by each worker.
+    ("deploy.ray_bulk_job", ["{tmp}/images", "{tmp}/out", "--mode", "fast", "--load-fast", "{tmp}/absent"],
+     "--load-fast '{tmp}/absent': no such folder"),
+    ("deploy.ray_bulk_job", ["{tmp}/images", "{tmp}/out", "--mode", "fast", "--load-fast", ""],
+     "--load-fast '': no such folder"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),
 ])
@@ -429,6 +437,8 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     (tmp_path / "sam2.1_hiera_micro.pt").write_bytes(b"PK\x03\x04 half a download")
     (tmp_path / "micro_as_tiny").mkdir()
     (tmp_path / "micro_as_tiny" / "sam2.1_hiera_tiny.pt").symlink_to(REPO / "models" / "sam2.1_hiera_micro.pt")
+    shutil.copy(REPO / "examples" / "shapes.jpg", tmp_path / "shapes.jpg")
+    (tmp_path / "images").write_text(f"{tmp_path}/shapes.jpg\n")
     arguments = [argument.format(tmp=tmp_path) for argument in arguments]
     message = message.format(tmp=tmp_path)
     result = subprocess.run([sys.executable, "-m", script, *arguments], cwd=REPO, capture_output=True, text=True,

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
-    if args.per_image_csv:
+    if args.per_image_csv is not None:
         args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv")  # ~ expanded
         if args.per_image_csv.resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
             parser.error(f"--per-image-csv {args.per_image_csv}: one of the result files it compares")

@@ -309,6 +309,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args(argv)
+    if not args.checkpoint_dir.strip():  # an unset variable, say: not the current folder
+        parser.error("--checkpoint-dir: the checkpoint folder is empty; give a folder (. for the current one)")
     args.output_folder = require_output_folder(parser, args.output_folder, "output_folder")  # ~ expanded
     return args, {name: amg_config(parser, args, mode) for name, mode in MODES.items()}
 

@@ -223,6 +223,8 @@ def require_checkpoint_pair(directory: str | os.PathLike | None, model_type: str
     """A checkpoint folder and a model type come together; neither means the default model."""
     if (directory is None) != (model_type is None):
         raise ValueError("give both a checkpoint folder and a model type, or neither for the default model")
+    if directory is not None and not str(directory).strip():  # an unset variable, say: not the current folder
+        raise ValueError("the checkpoint folder is empty; give a folder (. for the current one)")
 
 
 def resolve_checkpoint(

@@ -138,7 +138,10 @@ def read_images(parser: argparse.ArgumentParser, paths: list[str]) -> list[tuple
 
 def require_output_folder(parser: argparse.ArgumentParser, path: str | Path, option: str) -> Path:
     """An output folder that can be made (or exists): checked before the work whose results it
-    will hold, made only when they are written."""
+    will hold, made only when they are written. An empty one (an unset variable, say) is refused,
+    not read as the current folder."""
+    if not str(path).strip():
+        parser.error(f"{option}: empty; give a folder (. for the current one)")
     path = Path(path).expanduser()
     for folder in (path, *path.parents):
         if folder.exists():
@@ -164,6 +167,8 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
     """An output file that can be written: not a folder, not one of the inputs (the paths file
     given twice, or the arguments swapped, was replaced by the answers), in a folder that exists
     (or, where the script makes it, folder_made, one that can be made)."""
+    if not str(path).strip():
+        parser.error(f"{option}: empty; give a file")
     path = Path(path).expanduser()
     if path.is_dir():
         parser.error(f"{option} {path}: a folder; give the file to write the lines to")

@@ -415,6 +415,18 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--size", "100000", "100000"], "--size: must be 1 to 16384, got 100000"),
     ("tools.benchmark", ["--modes", "ao", "fast", "ao"], "--modes: ao given more than once"),
     ("tools.benchmark", ["--filters", "off", "sam2", "off"], "--filters: off given more than once"),
+    ("tools.benchmark", ["--modes", "ao", "--save-fast", "{tmp}/kernels"], "--save-fast and --load-fast go with a fast"),
+    # Before a thousand scenes are drawn (3 minutes), not after.
+    ("tools.benchmark", ["{tmp}/absent", "--generated", "1000"], "give both a checkpoint folder and a model type"),
+    # An empty path (an unset variable, say) is not the current folder, nor nothing to write.
+    ("tools.benchmark", ["--save-masks", ""], "--save-masks: empty; give a folder"),
+    ("tools.benchmark", ["--modes", "fast", "--load-fast", ""], "--save-fast and --load-fast take a folder"),
+    ("tools.benchmark", ["", "micro"], "the checkpoint folder is empty"),
+    ("reproduce_experiments", ["{tmp}/paths", ""], "output_folder: empty; give a folder"),
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--checkpoint-dir", "", "--model-type", "micro"],
+     "the checkpoint folder is empty"),
+    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", ""], "--per-image-csv: empty"),
+    ("training.real_photos", ["--save-overlays", ""], "--save-overlays: empty; give a folder"),
     ("tools.benchmark", ["--load-fast", "{tmp}/exported"], "exported: no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}/./notes.jpg"], "that is an input file"),

@@ -36,7 +36,7 @@ from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images, require_device,
+    check_checkpoint_arguments, checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images, require_device,
     require_output_folder, run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
@@ -389,13 +389,12 @@ def main() -> None:
         parser.error("give --save-fast or --load-fast, not both")
     if args.load_fast and not Path(args.load_fast).is_dir():  # found before the other rows run, not after
         parser.error(f"--load-fast {args.load_fast}: no such folder")
-    if args.save_masks:
+    if args.save_masks is not None:
         require_output_folder(parser, args.save_masks, "--save-masks")
-    images = load_images(parser, args)
-    set_up_logging("%(asctime)s %(name)s: %(message)s")
-    path, model_type = checkpoint_from_arguments(parser, args)
-    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
-
+    if args.save_fast == "" or args.load_fast == "":
+        parser.error("--save-fast and --load-fast take a folder")
+    # Every usage error before the scenes are drawn and the checkpoint is downloaded.
+    check_checkpoint_arguments(parser, args)
     filters = args.filters or [None]
     thresholds = [{} if name is None else FILTERS[name] for name in filters]
     rows = ([] if args.without_reference else [args.reference]) + [row for row in args.modes if row != args.reference]
@@ -410,6 +409,14 @@ def main() -> None:
         rows.remove(STUDY_ROW)
     if not rows:
         parser.error(f"no row to run: {study_absent or 'every mode given was left out'}")
+    if (args.save_fast is not None or args.load_fast is not None) and not any(
+            row in MODES and MODES[row].compiled for row in rows):
+        parser.error("--save-fast and --load-fast go with a fast mode: --modes fast or fast_furious")
+    images = load_images(parser, args)
+    set_up_logging("%(asctime)s %(name)s: %(message)s")
+    path, model_type = checkpoint_from_arguments(parser, args)
+    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
+
     if args.profile and torch.device(args.device).type == "cuda":
         # Start the profiler once before any CUDA graph is captured: profiling a graph captured
         # before the profiler's first use is known to fail (PyTorch's own workaround).

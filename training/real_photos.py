@@ -60,7 +60,7 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--save-overlays", metavar="DIR", help="write each photo's /upload PNG to DIR")
     args = parser.parse_args()
-    if args.save_overlays:
+    if args.save_overlays is not None:
         require_output_folder(parser, args.save_overlays, "--save-overlays")
     path, model_type = checkpoint_from_arguments(parser, args)
     generator = MaskGenerator(load_model(path, model_type, "cpu").model, AMGConfig())

@@ -343,10 +343,12 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
 
 
 def main() -> None:
+    from .cli import seed  # (cli imports this module)
+
     parser = argparse.ArgumentParser(description="Write a random-initialised SAM2.1 checkpoint.")
     parser.add_argument("directory", help="folder to write sam2.1_hiera_<size>.pt into")
     parser.add_argument("model_type", choices=MODEL_TYPE_CHOICES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     args = parser.parse_args()
     print(write_random_checkpoint(args.directory, args.model_type, args.seed))
 

@@ -397,6 +397,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("deploy.modal_app", ["replay", "{tmp}/absent", "{tmp}/out"], "error: {tmp}/absent: No such file or directory"),
     ("compare_rle_lists", ["{tmp}/absent", "{tmp}/notes.jpg"], "error: {tmp}/absent: No such file or directory"),
     ("training.train_micro_sam2", ["--save-every", "0"], "--save-every: must be 1 or more, got 0"),
+    ("training.train_micro_sam2", ["--seed", "1" + "0" * 20], "--seed: must be 0 to 9223372036854775807"),
+    ("sam2serve.checkpoints", ["{tmp}/random", "micro", "--seed", "-1"], "--seed: must be 0 to 9223372036854775807"),
     ("training.train_micro_sam2", ["--points-per-image", "1"], "must be 2 or more (half points, half boxes)"),
     # NaN weights were written over --output (the committed model by default), and the run said it trained.
     ("training.train_micro_sam2", ["--lr", "1e30", "--steps", "4", "--images-per-step", "1", "--points-per-image", "2",

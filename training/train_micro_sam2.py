@@ -32,7 +32,7 @@ from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, non_negative_int, number_type, positive_float, positive_int, require_output_file, run_script,
+    HelpWithDefaults, non_negative_int, number_type, positive_float, positive_int, require_output_file, run_script, seed,
     set_up_logging,
 )
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
@@ -360,7 +360,7 @@ def main() -> None:
                         help="prompts drawn in each scene: half as points, half as boxes")
     parser.add_argument("--lr", type=positive_float, default=1e-3,
                         help="peak learning rate (AdamW, warm-up, cosine decay)")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the weights, the scenes and the prompts")
     parser.add_argument("--photo-share", type=share, default=0.0,
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")

@@ -195,9 +195,14 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
     path, images = Path(path), []
     if is_study_row(path):
         path, images = path / "rle_masks", study_row_images(path)
+    if path.is_char_device() or path.is_block_device():  # /dev/zero was read until memory ran out
+        raise ValueError(f"{path} is a device, not a file of results")
     if path.is_dir():
         results = []
-        for file in sorted(path.glob("*.json")):
+        if not (files := sorted(path.glob("*.json"))):
+            raise ValueError(f"{path} is a folder without .json files; give a file of one JSON per line, a folder "
+                             "of one .json file per image, or a study row's folder")
+        for file in files:
             text = read_text(file)
             results.append((file.name, masks_of(parse_line(text, str(file)), str(file)) if text.strip() else None))
         return results

@@ -226,6 +226,15 @@ def test_failed_requests_are_left_out_and_named_keeping_lines_paired(tmp_path):
     assert "left out 2 whose request failed (line 2: reference, line 5: candidate)" in run_tool(reference, candidate).stdout
 
 
+def test_a_folder_without_results_or_a_device_is_refused_with_why(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE[:1])
+    (tmp_path / "empty").mkdir()
+    result = run_tool(reference, tmp_path / "empty")
+    assert result.returncode == 1 and "empty is a folder without .json files" in result.stderr
+    result = run_tool(reference, "/dev/zero")  # was read until memory ran out
+    assert result.returncode == 1 and "/dev/zero is a device, not a file of results" in result.stderr
+
+
 def test_no_image_to_compare_is_an_error(tmp_path):
     reference = write_lines(tmp_path / "reference", REFERENCE[:1])
     candidate = write_lines(tmp_path / "candidate", [{"error": "the file is empty"}])

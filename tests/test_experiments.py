@@ -410,6 +410,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
      "is not a torch checkpoint, or it is damaged"),
     ("training.real_photos", ["--save-overlays", "{tmp}/notes.jpg"], "notes.jpg is a file, not a folder"),
     ("tools.load_test", ["127.0.0.1:5000", "{tmp}/notes.jpg"], "give the server as http://HOST:PORT"),
+    ("tools.load_test", ["{tmp}/notes.jpg", "http://127.0.0.1:5000"], "give the server as http://HOST:PORT"),
+    ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/absent.jpg"], "error: {tmp}/absent.jpg: No such file"),
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "inf"],
      "--time-limit: must be above 0 and at most"),
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "1e300"],  # past time_t

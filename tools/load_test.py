@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from sam2serve.cli import HelpWithDefaults, positive_int, seconds
+from sam2serve.cli import HelpWithDefaults, error_text, positive_int, seconds
 
 MAX_REQUESTS = 10_000
 
@@ -281,10 +281,11 @@ def main() -> None:
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
     try:
+        require_loopback(args.url)  # first: the arguments swapped read the URL as an image file
         images = {str(path): path.read_bytes() for path in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)
     except (OSError, ValueError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error_text(error)}")
     except KeyboardInterrupt:  # while the single requests were sent: nothing to report yet
         print("stopped (Ctrl-C)", file=sys.stderr)
         sys.exit(130)

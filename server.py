@@ -71,8 +71,8 @@ ANSWERS_SENT_WITHIN_S = 10.0  # after the last queued request ran, how long its 
 SAME_STOP_WITHIN_S = 1.0  # a second signal this soon after the first is the same stop, not "at once"
 
 
-# Below 10 KiB no upload of an image fits (a small JPEG and the multipart form around it): a
-# smaller limit, 1e-9 say, refused every request.
+# Under 10 KiB few photographs fit, and a limit of 1e-9 (a typo) refused every upload: the
+# smallest limit taken.
 upload_megabytes = number_type(float, "a number of MiB", lambda value: 0.01 <= value < math.inf,
                                "a finite number, at least 0.01 (10 KiB)")
 
@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} is never reached with --max-queue {args.max_queue}: a batch is "
                      f"the request the worker waits for and those queued behind it; raise --max-queue to "
                      f"{args.batch_size - 1} or more")
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.threads is not None and args.threads > cores:  # 100000 started as many threads, to no use
         parser.error(f"--threads {args.threads}: this process may use {cores} cores; give at most {cores}")
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:

@@ -116,7 +116,7 @@ def number_type(kind: type, what: str, within: Callable[[float], bool], rule: st
 positive_int = number_type(int, "a whole number", lambda value: value >= 1, "1 or more")
 non_negative_int = number_type(int, "a whole number", lambda value: value >= 0, "0 or more")
 positive_float = number_type(float, "a number", lambda value: 0 < value < math.inf, "a finite number above 0")
-# torch.manual_seed's range (a larger one ended in its OverflowError traceback).
+# Seeds torch.manual_seed takes (a larger one ended in a traceback), as a signed 64-bit number.
 seed = number_type(int, "a whole number", lambda value: 0 <= value < 2**63, f"0 to {2**63 - 1}")
 non_negative_float = number_type(float, "a number", lambda value: 0 <= value < math.inf, "a finite number, 0 or more")
 # A time to wait on a thread: Python's waits end in an OverflowError past threading.TIMEOUT_MAX.

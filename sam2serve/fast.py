@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -255,17 +256,31 @@ for path in sys.argv[2:]:
 """
 
 
+LOAD_PROBE_TIMEOUT_S = 600  # a large model's package loads in seconds; a loader that hangs is one that fails
+
+
 def load_failure_elsewhere(packages: list[Path], device_index: int) -> str | None:
     """Why a separate Python process cannot load the packages, or None if it can. Torch's
     AOTInductor loader can end the process that calls it (a segmentation fault, on an H200
     with torch 2.11 and CUDA 13), which would take a server down without a word: the loader
-    runs here first, where a crash is one more reason to refuse the package."""
-    probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(device_index), *map(str, packages)],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    runs here first, where a crash is one more reason to refuse the package. The process
+    unpacks into a temporary folder of its own, removed after it (a crash skips torch's own
+    clean-up: a copy of the weights per try; torch 2.11 unpacks into /tmp whatever TMPDIR says)."""
+    with tempfile.TemporaryDirectory(prefix="sam2-load-probe-") as unpacked:
+        try:
+            probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(device_index), *map(str, packages)],
+                                   stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   env={**os.environ, "TMPDIR": unpacked}, timeout=LOAD_PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"torch's loader did not finish within {LOAD_PROBE_TIMEOUT_S} s"
     if probe.returncode == 0:
         return None
     if probe.returncode < 0:
-        return f"torch's loader crashed ({signal.Signals(-probe.returncode).name})"
+        try:
+            name = signal.Signals(-probe.returncode).name
+        except ValueError:  # a real-time signal, say
+            name = f"signal {-probe.returncode}"
+        return f"torch's loader crashed ({name})"
     lines = [line.strip() for line in probe.stderr.splitlines() if line.strip()] or [f"exit status {probe.returncode}"]
     return f"torch's loader failed ({lines[-1][:300]})"
 

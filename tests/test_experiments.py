@@ -401,8 +401,12 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("sam2serve.checkpoints", ["{tmp}/random", "micro", "--seed", "-1"], "--seed: must be 0 to 9223372036854775807"),
     ("training.train_micro_sam2", ["--points-per-image", "1"], "must be 2 or more (half points, half boxes)"),
     # NaN weights were written over --output (the committed model by default), and the run said it trained.
-    ("training.train_micro_sam2", ["--lr", "1e30", "--steps", "4", "--images-per-step", "1", "--points-per-image", "2",
-                                   "--output", "{tmp}/out.pt"], "error: the training diverged: loss nan at step 2"),
+    ("training.train_micro_sam2", ["--lr", "1", "--steps", "4", "--images-per-step", "1", "--points-per-image", "2",
+                                   "--output", "{tmp}/out.pt"], "error: the training diverged: loss "),
+    # The last step's update, made after its loss was checked: its loss is checked after the loop.
+    ("training.train_micro_sam2", ["--lr", "1", "--steps", "1", "--images-per-step", "1", "--points-per-image", "2",
+                                   "--output", "{tmp}/out.pt"], "on the first step's batch after the last"),
+    ("training.train_micro_sam2", ["--lr", "1e30"], "--lr: must be above 0 and at most 1, got 1e30"),
     ("training.train_micro_sam2", ["--output", "{tmp}/notes.jpg/out.pt"], "notes.jpg is a file, not a folder"),
     ("training.train_micro_sam2", ["--photo-share", "0.5", "--photo-from", "9", "--steps", "9"],
      "--photo-from 9: at or after --steps 9"),

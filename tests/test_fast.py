@@ -16,6 +16,7 @@ fit it.
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from dataclasses import asdict, replace
 
@@ -292,9 +293,16 @@ def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micr
         assert len(list(tmp_path.iterdir())) == 2  # this process's two packages, none of the tryout's
     kernels.encoder.loader = kernels.decoder.loader = None  # these two only: the module's generator keeps its own
 
-    monkeypatch.setattr(fast, "LOAD_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    # A crash after unpacking (torch's clean-up skipped): the tryout's folder is removed all the same.
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(probes))  # where this process makes the tryout's folder
+    monkeypatch.setattr(fast, "LOAD_PROBE", "import os, signal, tempfile; os.mkdir(tempfile.mkdtemp() + '/unpacked'); "
+                        "os.kill(os.getpid(), signal.SIGSEGV)")
+    before = set(tmp_path.iterdir())
     with pytest.raises(PackageMismatch, match=r"cannot be loaded on this machine .*crashed \(SIGSEGV\)"):
         load_kernels(directory, spec)
+    assert set(tmp_path.iterdir()) == before and not list(probes.iterdir())
     monkeypatch.setattr(fast, "LOAD_PROBE", "raise RuntimeError('no CUDA driver')")
     with pytest.raises(PackageMismatch, match=r"loader failed \(RuntimeError: no CUDA driver\)"):
         load_kernels(directory, spec)

@@ -211,6 +211,9 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     assert large.count("\n| amg.decode | ") >= 3, large
     comparison = (out / "export-compare.md").read_text()
     assert comparison.count("mask count mismatch 0, mIoU 1.000000") == 2, comparison
+    # Torch's loader on a small module first: every step passed.
+    check = (out / "export-check.md").read_text()
+    assert check.count("| yes |") == 4 and "| load in a process of its own | loaded" in check, check
 
 
 def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_comparison(tmp_path):

@@ -18,9 +18,10 @@
 #    ao and the fast modes compared with ao (the baseline's masks, as the tests check on a CPU):
 #    with every candidate kept, sam2's generator upscales and encodes all 3072 one by one, about
 #    25 s an image for the baseline and the study's row alike;
-# 4. export: fast_furious exported (--save-fast) then loaded (--load-fast), on the first scene,
-#    without the baseline, the masks compared with each other and with the compiled kernels'
-#    masks of stage 3.
+# 4. export: first tools/aoti_check.py (a small module through AOTInductor: does torch's loader
+#    work here at all?), then fast_furious exported (--save-fast) then loaded (--load-fast), on the
+#    first scene, without the baseline, the masks compared with each other and with the compiled
+#    kernels' masks of stage 3.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
 # every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
@@ -68,7 +69,7 @@ fi
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
-rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-save.md,export-load.md,export-compare.md}
+rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-check.md,export-save.md,export-load.md,export-compare.md}
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
@@ -181,6 +182,8 @@ if [[ " $STAGES " == *" large-off "* ]]; then
 fi
 if [[ " $STAGES " == *" export "* ]]; then
     rm -rf "$WORK/exported" "$WORK/masks/exported" "$WORK/masks/loaded"
+    # Torch's loader on its own (it crashed on the packages of an H200 with torch 2.11): seconds.
+    run export-check "${CHECK_SECONDS:-90}" "$PYTHON" -m tools.aoti_check
     # Without the baseline: its masks are not compared here, and it takes over 12 s per image.
     EXPORT=("$PYTHON" -m tools.benchmark "${MODEL[@]}" "${FIRST_SCENE[@]}" --modes fast_furious --filters off
         --without-reference)

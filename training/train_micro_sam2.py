@@ -32,7 +32,7 @@ from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, non_negative_int, number_type, positive_float, positive_int, require_output_file, run_script, seed,
+    HelpWithDefaults, non_negative_int, number_type, positive_int, require_output_file, run_script, seed,
     set_up_logging,
 )
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
@@ -301,15 +301,20 @@ def train(args: argparse.Namespace) -> None:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
-    started, running, first = time.perf_counter(), None, None
+
+    def diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"the training diverged: {what} (--lr {args.lr:g} is too high; the default is "
+                                f"1e-3); {args.output} was left as it was")
+
+    def require_sane_loss(loss: float, when: str) -> None:
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS_RATIO * first:
+            raise diverged(f"loss {loss:.4g} {when}, from {first:.4g} at the first step")
+    started, running, first, first_batch = time.perf_counter(), None, None, None
     progress = tqdm(batches(args, image_size), total=args.steps, desc="training", unit="step")
     for step, batch in enumerate(progress):
         loss = training_step(model, *batch)
-        first = first or loss.item()
-        if not math.isfinite(loss.item()) or loss.item() > DIVERGED_LOSS_RATIO * first:
-            raise TrainingDiverged(f"the training diverged: loss {loss.item():.4g} at step {step + 1}, from "
-                                   f"{first:.4g} at the first (--lr {args.lr:g} is too high; the default is "
-                                   f"1e-3); {args.output} was left as it was")
+        first, first_batch = first or loss.item(), first_batch or batch
+        require_sane_loss(loss.item(), f"at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,7 +327,11 @@ def train(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - started) / 60
     meta = {key: str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key != "output"}
+    with torch.no_grad():  # the last step's update, made after its loss was checked
+        require_sane_loss(training_step(model, *first_batch).item(), "on the first step's batch after the last")
     scale = calibrate_logit_scale(model.eval(), args.seed, args.photo_share)
+    if not math.isfinite(scale):
+        raise diverged(f"the mask logits' calibration gave a scale of {scale}")
     meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
     save_trained(model, args.output, meta)
     interim_path(args.output).unlink(missing_ok=True)
@@ -348,6 +357,11 @@ def prompt_count(text: str) -> int:
 share = number_type(float, "a number from 0 to 1", lambda value: 0 <= value <= 1, "from 0 to 1")
 
 
+# AdamW moves each weight by about the learning rate per step: above 1, the first steps diverge
+# (and past float32's range torch's optimiser ends in a traceback).
+learning_rate = number_type(float, "a number", lambda value: 0 < value <= 1, "above 0 and at most 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
@@ -358,7 +372,7 @@ def main() -> None:
     parser.add_argument("--images-per-step", type=positive_int, default=4, help="scenes in each step's batch")
     parser.add_argument("--points-per-image", type=prompt_count, default=16,
                         help="prompts drawn in each scene: half as points, half as boxes")
-    parser.add_argument("--lr", type=positive_float, default=1e-3,
+    parser.add_argument("--lr", type=learning_rate, default=1e-3,
                         help="peak learning rate (AdamW, warm-up, cosine decay)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed of the weights, the scenes and the prompts")

@@ -308,6 +308,8 @@ def error_text(error: Exception) -> str:
 
 def read_image_paths(paths_file: str | Path) -> list[str]:
     """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
+    if not str(paths_file).strip():  # Path("") is the current folder
+        raise ValueError("no paths file given (an empty name); give a text file of image paths, one per line")
     if Path(paths_file).is_dir():
         raise ValueError(f"{paths_file} is a folder; give a text file of image paths, one per line")
     try:

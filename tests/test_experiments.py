@@ -431,6 +431,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--modes", "fast", "--load-fast", ""], "--save-fast and --load-fast take a folder"),
     ("tools.benchmark", ["", "micro"], "the checkpoint folder is empty"),
     ("reproduce_experiments", ["{tmp}/paths", ""], "output_folder: empty; give a folder"),
+    ("reproduce_experiments", ["", "{tmp}/out"], "no paths file given (an empty name)"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--checkpoint-dir", "", "--model-type", "micro"],
      "the checkpoint folder is empty"),
     ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", ""], "--per-image-csv: empty"),

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_option, amg_options, check_checkpoint_arguments,
-    compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths, report_error_lines, require_output_file,
-    run_script, write_lines,
+    compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths, report_error_lines,
+    require_output_file, run_script, write_lines,
 )
 from deploy import cluster_device
 from sam2serve.checkpoints import load_model, resolve_checkpoint

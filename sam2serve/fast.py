@@ -12,8 +12,9 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
   device or torch version) is refused with a message that says what differs; so is one whose
   files are not those its manifest lists (an export cut short, or a damaged copy), and one
   that torch cannot load here, tried first in a process of its own (its loader can crash the
-  process that calls it). A loaded package unpacks into a temporary folder that torch removes when it is freed; those still
-  held when the process exits (a server's threads hold them) are freed at exit.
+  process that calls it). A loaded package unpacks into a temporary folder that torch removes
+  when it is freed; those still held when the process exits (a server's threads hold them)
+  are freed at exit.
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
 stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
 the same process, the baseline among them). Images are resized and normalised on the device in
@@ -254,8 +255,6 @@ import sys, torch
 for path in sys.argv[2:]:
     torch._inductor.aoti_load_package(path, device_index=int(sys.argv[1]))
 """
-
-
 LOAD_PROBE_TIMEOUT_S = 600  # a large model's package loads in seconds; a loader that hangs is one that fails
 
 

@@ -37,8 +37,7 @@ from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoin
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     check_checkpoint_arguments, checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images,
-    require_device,
-    require_output_folder, run_script, set_up_logging,
+    require_device, require_output_folder, run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process

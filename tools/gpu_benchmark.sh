@@ -189,7 +189,7 @@ if [[ " $STAGES " == *" export "* ]]; then
         --without-reference)
     run export-save "${EXPORT_SECONDS:-200}" "${EXPORT[@]}" --save-fast "$WORK/exported" \
         --save-masks "$WORK/masks/exported" &&
-        run export-load "${LOAD_SECONDS:-40}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
+        run export-load "${LOAD_SECONDS:-60}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
             --save-masks "$WORK/masks/loaded" &&
         { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" || FAILED+=(export-compare); }
 fi

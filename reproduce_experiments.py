@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import (
-    MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model,
+    MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model, require_checkpoint_pair,
 )
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths, error_text,
@@ -309,8 +309,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
     add_amg_options(parser)
     add_device_option(parser)
     args = parser.parse_args(argv)
-    if not args.checkpoint_dir.strip():  # an unset variable, say: not the current folder
-        parser.error("--checkpoint-dir: the checkpoint folder is empty; give a folder (. for the current one)")
+    try:
+        require_checkpoint_pair(args.checkpoint_dir, args.model_type)  # an empty folder's name, here
+    except ValueError as error:
+        parser.error(f"--checkpoint-dir: {error}")
     args.output_folder = require_output_folder(parser, args.output_folder, "output_folder")  # ~ expanded
     return args, {name: amg_config(parser, args, mode) for name, mode in MODES.items()}
 

@@ -56,7 +56,7 @@ from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     check_checkpoint_arguments, compile_modes, non_negative_float, number_type, positive_int, seconds,
-    require_output_folder, set_up_logging,
+    require_one_fast_folder, require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -140,10 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast, --load-fast and --compile-mode go with --fast")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 (any free port) and 65535")
-    if args.save_fast is not None and args.load_fast is not None:
-        parser.error("give --save-fast or --load-fast, not both")
-    if args.save_fast == "" or args.load_fast == "":
-        parser.error("--save-fast and --load-fast take a folder")
+    require_one_fast_folder(parser, args.save_fast, args.load_fast)
     if args.save_fast:
         require_output_folder(parser, args.save_fast, "--save-fast")
     if args.batch_size > args.max_queue + 1:

@@ -186,6 +186,14 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
     return path
 
 
+def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | None, load_fast: str | None) -> None:
+    """--save-fast or --load-fast, not both, each a folder's name (an empty one is no folder)."""
+    if save_fast is not None and load_fast is not None:
+        parser.error("give --save-fast or --load-fast, not both")
+    if save_fast == "" or load_fast == "":
+        parser.error("--save-fast and --load-fast take a folder")
+
+
 def listed_as(output: Path, paths: list[str]) -> list[str]:
     """The listed images of output's name: those require_output_file compares it with, so that a
     job does not write its lines over one of its images, without resolving a million paths."""

@@ -231,17 +231,15 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
         if not path.is_file() or file_sha256(path) != files.get(name):
             raise PackageMismatch(f"{path} is {'missing' if not path.is_file() else 'not the file its manifest lists'}"
                                   f" (a copy cut short, or changed since); {again}")
-    if why := load_failure_elsewhere([directory / name for name in (ENCODER_PACKAGE, DECODER_PACKAGE)],
-                                     aoti_device_index(device)):
+    packages = [directory / name for name in (ENCODER_PACKAGE, DECODER_PACKAGE)]
+    device_index = aoti_device_index(device)
+    if why := load_failure_elsewhere(packages, device_index):
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine (torch "
                               f"{torch.__version__}, {torch.device(device).type}): {why}, in a process of its own "
                               "that tried first; serve without --load-fast and --save-fast (the same kernels, "
                               "compiled with torch.compile at start)")
     try:
-        encoder, decoder = [
-            torch._inductor.aoti_load_package(str(directory / name), device_index=aoti_device_index(device))
-            for name in (ENCODER_PACKAGE, DECODER_PACKAGE)
-        ]
+        encoder, decoder = [torch._inductor.aoti_load_package(str(path), device_index=device_index) for path in packages]
     except RuntimeError as error:
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {str(error).splitlines()[0]}; "
                               f"{again}") from error

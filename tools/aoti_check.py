@@ -22,6 +22,7 @@ from torch import nn
 
 from sam2serve.cli import HelpWithDefaults, add_device_option, require_device
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere
+from sam2serve.serving import first_line
 
 
 class SmallModule(nn.Module):
@@ -39,6 +40,10 @@ class SmallModule(nn.Module):
         return self.head(attended + tokens)
 
 
+def described(error: Exception) -> str:
+    return f"{type(error).__name__}: {first_line(error, 200)}"
+
+
 def steps(device: torch.device, folder: Path) -> Iterator[tuple[str, str, bool]]:
     """(step, what happened, passed), each as it ends: export, the load in a process of its own,
     the load here and the run against eager. A step that fails ends the check; one that crashes
@@ -53,7 +58,7 @@ def steps(device: torch.device, folder: Path) -> Iterator[tuple[str, str, bool]]
             exported = torch.export.export(module, (image,), strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
     except Exception as error:  # what failed is the answer
-        yield "export (torch.export + AOTInductor)", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}", False
+        yield "export (torch.export + AOTInductor)", described(error), False
         return
     yield ("export (torch.export + AOTInductor)",
            f"{time.perf_counter() - started:.1f} s, {package.stat().st_size / 2**20:.1f} MiB", True)
@@ -65,7 +70,7 @@ def steps(device: torch.device, folder: Path) -> Iterator[tuple[str, str, bool]]
     try:
         loaded = torch._inductor.aoti_load_package(str(package), device_index=aoti_device_index(device))
     except Exception as error:
-        yield "load here", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}", False
+        yield "load here", described(error), False
         return
     yield "load here", "loaded", True
     with torch.no_grad():

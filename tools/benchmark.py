@@ -37,7 +37,7 @@ from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoin
 from sam2serve.cli import (
     HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     check_checkpoint_arguments, checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images,
-    require_device, require_output_folder, run_script, set_up_logging,
+    require_device, require_one_fast_folder, require_output_folder, run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -385,14 +385,11 @@ def main() -> None:
     for option, given in (("--modes", args.modes), ("--filters", args.filters or [])):
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
-    if args.save_fast and args.load_fast:
-        parser.error("give --save-fast or --load-fast, not both")
+    require_one_fast_folder(parser, args.save_fast, args.load_fast)
     if args.load_fast and not Path(args.load_fast).is_dir():  # found before the other rows run, not after
         parser.error(f"--load-fast {args.load_fast}: no such folder")
     if args.save_masks is not None:
         require_output_folder(parser, args.save_masks, "--save-masks")
-    if args.save_fast == "" or args.load_fast == "":
-        parser.error("--save-fast and --load-fast take a folder")
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.
     check_checkpoint_arguments(parser, args)
     filters = args.filters or [None]

@@ -304,11 +304,12 @@ def markdown_cell(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def profile_table(generator, image: np.ndarray, device: str, top: int = 12) -> str:
+def profile_table(generator, image: np.ndarray, device: str, top: int = 25) -> str:
     """One request under torch.profiler: the recipe's stages (MaskGenerator labels them; sam2's
     generator has none), then the operations with the most time of their own: on CUDA device time
     (kernels), on a CPU CPU time. The profiler slows a request down: read the shares, and the
-    tables above for the time."""
+    tables above for the time. Names are kept long enough to tell Inductor's fused kernels apart
+    (their names list the operations fused)."""
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if not cuda:  # else the profiler's library logs a failed GPU query, and its stages, to stderr
@@ -334,7 +335,7 @@ def profile_table(generator, image: np.ndarray, device: str, top: int = 12) -> s
     clock = "device" if cuda else "CPU"
     lines += [f"| operation | calls | own {clock} ms | share |", "|---|---|---|---|"]
     for event in sorted(events, key=own, reverse=True)[:top]:
-        lines.append(f"| {markdown_cell(event.key)} | {event.count} | {own(event) / 1000:.1f} "
+        lines.append(f"| {markdown_cell(event.key, width=160)} | {event.count} | {own(event) / 1000:.1f} "
                      f"| {100 * own(event) / total:.1f}% |")
     return "\n".join(lines)
 

@@ -219,12 +219,16 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
 def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_comparison(tmp_path):
     """The script's own logic, against a stand-in for Python (seconds, no torch): a stage name
     it does not know, an option without its value, relative folders, an earlier run's masks
-    named as such, an export comparison that fails, the run's time limit, and a stop."""
+    named as such, an export comparison that fails, an export skipped where torch's loader
+    crashes, the run's time limit, and a stop."""
     stub = tmp_path / "python"
     stub.write_text("#!/bin/bash\n"
                     'case "$1" in\n'
                     '    -) cat >/dev/null; echo "python stub" ;;\n'
                     '    compare_rle_lists.py) echo "error: line 1: mask sizes differ" >&2; exit 1 ;;\n'
+                    '    -m) if [[ $2 == tools.aoti_check && -n ${STUB_LOADER_CRASHES:-} ]]; then\n'
+                    """            echo "| load in a process of its own | torch's loader crashed (SIGSEGV) | no |"; exit 1\n"""
+                    "        fi ;;&\n"
                     '    -m) [[ -z ${STUB_SLEEP:-} ]] || { echo $$ >"$STUB_SLEEP.part"; mv "$STUB_SLEEP.part" "$STUB_SLEEP"; '
                     "exec sleep 60; } ;;\n"
                     "    *) exit 0 ;;\n"
@@ -253,6 +257,13 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     script("--dry-run", "--stages", "large-off export", "--out", "out", "--work", "work")
     comparison = (tmp_path / "out" / "export-compare.md").read_text()
     assert not earlier.exists() and "torch.compile: none (stage large-off did not write them)" in comparison
+
+    # Where torch's loader crashes on export-check's small module, the export is not tried.
+    result = script("--dry-run", "--stages", "export", "--out", "out", environment={"STUB_LOADER_CRASHES": "1"})
+    timeline = (tmp_path / "out" / "timeline.txt").read_text()
+    assert result.returncode == 1 and "skip export-save, export-load: torch's loader crashed" in timeline
+    assert "start export-save" not in timeline and not (tmp_path / "out" / "export-save.md").exists()
+    assert "failed stages: export-check export (torch's loader crashes here: export-check.md)" in timeline
 
     # The run's time: a stage that cannot start is skipped (TOTAL_SECONDS is scaled by 10 in a
     # dry run, less 15 s kept for the end); one running when the script is stopped stops with it.

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
+from sam2serve import model
 from sam2serve.checkpoints import load_model
 from sam2serve.model import FactoredPointDecoder, PointDecoder, default_prompts_per_step
 
@@ -71,3 +72,29 @@ def test_cpu_steps_hold_the_same_bytes_in_every_dtype(trained_micro):
     half = copy.deepcopy(trained_micro).to(torch.bfloat16)
     steps = default_prompts_per_step(trained_micro), default_prompts_per_step(half)
     assert steps[1] == 2 * steps[0]
+
+
+@pytest.mark.parametrize("start_shape, b_shape", [((24, 5), (3, 5)), ((4, 24, 1), (4, 3, 5)), ((4, 24, 5), (4, 3, 5))])
+def test_product_plus_gives_the_same_sums_compiled_and_eager(start_shape, b_shape, monkeypatch):
+    """One baddbmm, or compiled (for a GPU) a product and an add: the same function (shared
+    (k, n) weights, a start broadcast along a row, one of the product's own shape)."""
+    monkeypatch.setattr(model, "ADD_AFTER_PRODUCT_WHEN_COMPILED", {"cuda", "cpu"})  # the GPU's form, here
+    torch.manual_seed(0)
+    start, a, b = torch.randn(start_shape), torch.randn(4, 24, 3), torch.randn(b_shape)
+    expected = start + torch.matmul(a, b)
+    torch.testing.assert_close(model.product_plus(start, a, b), expected)
+    torch.testing.assert_close(torch.compile(model.product_plus, fullgraph=True)(start, a, b), expected)
+
+
+def test_decoder_compiled_in_the_gpus_form_equals_the_reference(trained_micro, monkeypatch):
+    """The factored decoder compiled as for a GPU (products and adds apart) gives sam2's results."""
+    monkeypatch.setattr(model, "ADD_AFTER_PRODUCT_WHEN_COMPILED", {"cuda", "cpu"})
+    inputs = features_and_points(trained_micro, n_points=10)
+    torch._dynamo.reset()  # nothing compiled earlier in the CPU's form is reused
+    compiled = torch.compile(FactoredPointDecoder(trained_micro, True), fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        expected_logits, expected_ious = PointDecoder(trained_micro, True)(*inputs)
+        logits, ious = compiled(*inputs)
+    torch._dynamo.reset()
+    torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5 * float(expected_logits.abs().max()))

@@ -9,6 +9,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -87,13 +88,28 @@ def checkpoint_from_arguments(parser: argparse.ArgumentParser, args: argparse.Na
     return resolve_checkpoint(args.checkpoint_dir, args.model_type)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the script is, as Ctrl-C is: its clean-up runs (temporary folders
+    removed, child processes ended), where the signal's default ends the process on the spot."""
+
+
+def raise_terminated(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def run_script(main: Callable[[], None]) -> None:
     """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
-    saying why and what to do, not a traceback; so does Ctrl-C (what was printed stays)."""
+    saying why and what to do, not a traceback; so does a stop, Ctrl-C or SIGTERM (what was
+    printed stays; a time limit such as `timeout` sends SIGTERM)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except CheckpointError as error:
         sys.exit(f"error: {error}")
+    except Terminated:
+        print("stopped (SIGTERM)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("stopped (Ctrl-C)", file=sys.stderr)
         sys.exit(130)

@@ -16,7 +16,11 @@ fit it.
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from dataclasses import asdict, replace
 
@@ -40,6 +44,7 @@ from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
 
 from .conftest import make_scene
+from .test_gpu_kit import REPO, process_exists
 from .test_server import curl, run_server_expecting_exit, start_server
 
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
@@ -306,6 +311,32 @@ def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micr
     monkeypatch.setattr(fast, "LOAD_PROBE", "raise RuntimeError('no CUDA driver')")
     with pytest.raises(PackageMismatch, match=r"loader failed \(RuntimeError: no CUDA driver\)"):
         load_kernels(directory, spec)
+
+
+def test_a_script_stopped_while_the_loader_is_tried_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a time limit, `timeout`) while torch's loader is tried in a process of its own:
+    the script stops in one line, and the tryout's process and folder (an unpacked copy of the
+    weights) go with it, where the signal's default left both."""
+    report = tmp_path / "tryout"
+    tryout = ("import os, sys, time; open(sys.argv[2] + '.part', 'w').write(f'{os.getpid()} {os.environ[\"TMPDIR\"]}'); "
+              "os.rename(sys.argv[2] + '.part', sys.argv[2]); time.sleep(60)")
+    script = (f"from pathlib import Path\nfrom sam2serve import fast\nfrom sam2serve.cli import run_script\n"
+              f"fast.LOAD_PROBE = {tryout!r}\n"
+              f"run_script(lambda: fast.load_failure_elsewhere([Path({str(report)!r})], -1))\n")
+    stopped = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tryout_pid, folder = report.read_text().split(" ", 1)
+    assert Path(folder).is_dir()
+    stopped.send_signal(signal.SIGTERM)
+    _, stderr = stopped.communicate(timeout=30)
+    assert stopped.returncode == 143 and stderr.strip().endswith("stopped (SIGTERM)"), stderr
+    assert not Path(folder).exists()
+    deadline = time.monotonic() + 10
+    while process_exists(int(tryout_pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_exists(int(tryout_pid)), "the tryout outlived the script"
 
 
 def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path, monkeypatch):

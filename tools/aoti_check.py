@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sam2serve.cli import HelpWithDefaults, add_device_option, require_device
+from sam2serve.cli import HelpWithDefaults, add_device_option, require_device, run_script
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere
 from sam2serve.serving import first_line
 
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a time limit's SIGTERM removes the folder and ends the tryout too

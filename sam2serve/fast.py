@@ -241,8 +241,8 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
     try:
         encoder, decoder = [torch._inductor.aoti_load_package(str(path), device_index=device_index) for path in packages]
     except RuntimeError as error:
-        raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {str(error).splitlines()[0]}; "
-                              f"{again}") from error
+        why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {why}; {again}") from error
     LOADED_PACKAGES.update((encoder, decoder))
     return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
 

@@ -311,6 +311,18 @@ def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micr
     monkeypatch.setattr(fast, "LOAD_PROBE", "raise RuntimeError('no CUDA driver')")
     with pytest.raises(PackageMismatch, match=r"loader failed \(RuntimeError: no CUDA driver\)"):
         load_kernels(directory, spec)
+    # Loaded there, failing here: its error's first line, or its type where it has no message.
+    monkeypatch.setattr(fast, "load_failure_elsewhere", lambda packages, device_index: None)
+    for error, why in [(RuntimeError("\nout of memory\nmore"), "out of memory"), (RuntimeError(), "RuntimeError")]:
+        monkeypatch.setattr(torch._inductor, "aoti_load_package", raising(error))
+        with pytest.raises(PackageMismatch, match=rf"cannot be loaded: {why}; export them again"):
+            load_kernels(directory, spec)
+
+
+def raising(error: Exception):
+    def call(*args, **kwargs):
+        raise error
+    return call
 
 
 def test_a_script_stopped_while_the_loader_is_tried_leaves_nothing_behind(tmp_path):

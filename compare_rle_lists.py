@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
     if args.per_image_csv is not None:
-        args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv")  # ~ expanded
-        if args.per_image_csv.resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
-            parser.error(f"--per-image-csv {args.per_image_csv}: one of the result files it compares")
+        args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv",
+                                                 inputs=(args.reference, args.candidate))  # ~ expanded
         if args.per_image_csv.exists():  # written in place: tried now, not after the comparison
             try:
                 open(args.per_image_csv, "a").close()

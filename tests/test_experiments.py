@@ -379,7 +379,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", "/proc/x.csv"],
      "/proc is not writable"),
     ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", "{tmp}/notes.jpg"],
-     "one of the result files it compares"),
+     "notes.jpg: that is an input file; the output would replace it"),
     # A checkpoint of another size is every row's mistake: one line, not a row's traceback.
     ("tools.benchmark", ["{tmp}/micro_as_tiny", "tiny", "--generated", "1", "--modes", "ao", "--without-baseline"],
      "does not fit SAM2.1 tiny"),

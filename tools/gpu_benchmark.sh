@@ -21,24 +21,26 @@
 # 4. export: first tools/aoti_check.py (a small module through AOTInductor: does torch's loader
 #    work here at all?), then, unless torch's loader crashed on it, fast_furious exported
 #    (--save-fast) then loaded (--load-fast), on the first scene, without the baseline, the masks
-#    compared with each other and with the compiled kernels' masks of stage 3.
+#    compared with each other and with the compiled kernels' masks of stage 3;
+# 5. decoder: tools/decoder_profile.py, fast_furious's point decoder on large (1024 prompts per
+#    call) timed whole and in its two halves, in both ways of summing a product and its start.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
 # every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
-# WORK. Stages: --stages "smoke large large-off export". Relative folders are read from the
+# WORK. Stages: --stages "smoke large large-off export decoder". Relative folders are read from the
 # caller's folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
 # `timeout 585`): each stage gets at most what is left, and one that cannot start is skipped.
 set -uo pipefail
 
 usage() {
-    echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large large-off export'] [--dry-run]" >&2
+    echo "usage: $0 [--wheels DIR] [--out DIR] [--work DIR] [--stages 'smoke large large-off export decoder'] [--dry-run]" >&2
     exit 2
 }
 OUT=""
 WORK=""
 WHEELS=""
 DRY_RUN=0
-STAGES="smoke large large-off export"
+STAGES="smoke large large-off export decoder"
 COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}
 while (($#)); do
     case "$1" in
@@ -53,8 +55,8 @@ while (($#)); do
 done
 for stage in $STAGES; do
     case "$stage" in
-        smoke|large|large-off|export) ;;
-        *) echo "error: no stage '$stage' (stages: smoke large large-off export)" >&2; exit 2 ;;
+        smoke|large|large-off|export|decoder) ;;
+        *) echo "error: no stage '$stage' (stages: smoke large large-off export decoder)" >&2; exit 2 ;;
     esac
 done
 # A dry run works in a folder of its own: its micro model's masks are never a real run's.
@@ -69,7 +71,7 @@ fi
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
-rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-check.md,export-save.md,export-load.md,export-compare.md}
+rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-check.md,export-save.md,export-load.md,export-compare.md,decoder.md}
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
@@ -153,6 +155,7 @@ if ((DRY_RUN)); then  # the same stages, small: the micro model, a 4x4 grid, one
     MODEL=()
     SCENES=(--generated 1 --size 192 256 --points-per-side 4)
     FIRST_SCENE=("${SCENES[@]}")
+    DECODER=(micro --points 16)
 else
     if [[ ! -f $WORK/checkpoints/sam2.1_hiera_large.pt ]]; then  # seed 0: the same file every time
         stamp "writing a random-initialised SAM2.1 large checkpoint to $WORK/checkpoints"
@@ -162,6 +165,7 @@ else
     SCENES=(--generated 3 --size 768 1024 --points-per-side 32)
     # One scene, the first of SCENES: the compiled kernels' masks of stage large-off on it are compared.
     FIRST_SCENE=(--generated 1 --size 768 1024 --points-per-side 32)
+    DECODER=(large --points 1024)  # fast_furious's points per call on a large GPU
 fi
 
 if [[ " $STAGES " == *" smoke "* ]]; then
@@ -199,6 +203,11 @@ if [[ " $STAGES " == *" export "* ]]; then
                 --save-masks "$WORK/masks/loaded" &&
             { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" || FAILED+=(export-compare); }
     fi
+fi
+
+if [[ " $STAGES " == *" decoder "* ]]; then
+    run decoder "${DECODER_SECONDS:-120}" "$PYTHON" -m tools.decoder_profile "${DECODER[@]}" --half \
+        --compile-mode "$COMPILE_MODE"
 fi
 
 stamp "done; failed stages: ${FAILED[*]:-none}"

@@ -346,6 +346,12 @@ class FactoredPointDecoder(PointDecoder):
         self.iou_gate = iou_gate
         h, w = model.sam_prompt_encoder.image_embedding_size
         self.register_buffer("image_order", upscaled_rows_in_image_order(h, w).to(model.device), persistent=False)
+        # The image tokens' positional embedding (N, C), float32, computed once: in a compiled
+        # decoder its sines and cosines were fused into the layer norms over every prompt's
+        # image tokens (an H200's profile names sin and cos in those kernels).
+        with torch.no_grad():
+            pe = model.sam_prompt_encoder.get_dense_pe()[0].flatten(1).t().contiguous()
+        self.register_buffer("dense_pe", pe, persistent=False)
 
     def forward(
         self, image_embed: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor, coords: torch.Tensor
@@ -360,7 +366,7 @@ class FactoredPointDecoder(PointDecoder):
         prompt_encoder, decoder = self.model.sam_prompt_encoder, self.model.sam_mask_decoder
         dtype = image_embed.dtype
         tokens = image_embed[0].flatten(1).t() + prompt_encoder.no_mask_embed.weight.to(dtype)
-        pe = prompt_encoder.get_dense_pe()[0].flatten(1).t().to(dtype)
+        pe = self.dense_pe.to(dtype)
         first = decoder.transformer.layers[0]
         conv1, _, _, conv2, _ = decoder.output_upscaling
         base1, base2 = conv1.bias.repeat(4), conv2.bias.repeat(4)  # columns (a, b, channel)

@@ -98,3 +98,15 @@ def test_decoder_compiled_in_the_gpus_form_equals_the_reference(trained_micro, m
     torch._dynamo.reset()
     torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5 * float(expected_logits.abs().max()))
+
+
+def test_positional_embedding_is_computed_once_not_per_call(trained_micro, monkeypatch):
+    """Its sines and cosines stay out of every call (compiled, they were fused into the kernels
+    over every prompt's image tokens): the decoder holds the embedding sam2 computes."""
+    decoder = FactoredPointDecoder(trained_micro, True)
+    torch.testing.assert_close(decoder.dense_pe, trained_micro.sam_prompt_encoder.get_dense_pe()[0].flatten(1).t(),
+                               rtol=0, atol=0)
+    monkeypatch.setattr(trained_micro.sam_prompt_encoder, "get_dense_pe", lambda: pytest.fail("computed in a call"))
+    with torch.inference_mode():
+        logits, _ = decoder(*features_and_points(trained_micro, n_points=3))
+    assert logits.shape == (3, 3, 64, 64)

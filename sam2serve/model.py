@@ -201,25 +201,26 @@ def shared_tokens_to_image(
     return attn.out_proj(out.transpose(1, 2).reshape(p, n, -1))
 
 
-# Where compiled code adds a product's starting value after the product (product_plus): on a
-# GPU, where the kernel that reads the sum next takes the add in. On a CPU the compiled baddbmm
-# stayed faster (tiny, bfloat16: 175 ms against 185 to 205 ms per decoder call).
-ADD_AFTER_PRODUCT_WHEN_COMPILED = {"cuda"}
+# Devices where compiled (or exported) code takes the forms written for Inductor's fusion on a
+# GPU (fusion_forms): sums after products (product_plus), the masks' read-out as a reduction
+# (FactoredPointDecoder.mask_logits). On the CPU the eager forms, compiled, stayed faster (tiny,
+# bfloat16: 175 ms against 185 to 205 ms per decoder call with sums after products).
+FUSION_FORMS_WHEN_COMPILED = {"cuda"}
 
 
-def adds_after_product(device: torch.device) -> bool:
-    """Whether code being compiled (or exported) for `device` adds after the product."""
-    return torch.compiler.is_compiling() and device.type in ADD_AFTER_PRODUCT_WHEN_COMPILED
+def fusion_forms(device: torch.device) -> bool:
+    """Whether code being compiled (or exported) for `device` takes the fusion forms."""
+    return torch.compiler.is_compiling() and device.type in FUSION_FORMS_WHEN_COMPILED
 
 
 def product_plus(start: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """start + a @ b for a (P, m, k) and b (P, k, n) or (k, n), shared; start broadcast to
     (P, m, n). One baddbmm, the product starting from `start` (one pass over the sum fewer),
-    except where adds_after_product: a product and an add, which Inductor fuses into the kernel
-    that reads the sum next (layer norm, GELU, softmax), where a compiled baddbmm first copies
-    its broadcast start into its output, 2 to 4 GB per call at 1024 prompts in float16 (on an
-    H200, such plain copies took 7.4 ms of the 40 ms decoder)."""
-    if adds_after_product(a.device):
+    except in the fusion forms: a product and an add, which Inductor fuses into the kernel that
+    reads the sum next (layer norm, GELU, softmax), where a compiled baddbmm first copies its
+    broadcast start into its output, 2 to 4 GB per call at 1024 prompts in float16 (on an H200,
+    such plain copies took 7.4 ms of the 40 ms decoder)."""
+    if fusion_forms(a.device):
         return torch.matmul(a, b) + start
     return torch.baddbmm(start, a, b if b.dim() == 3 else b.expand(a.shape[0], -1, -1))
 
@@ -261,7 +262,7 @@ def image_to_tokens_update(
     # The output bias is spread over each head's rows: each head's weights sum to one.
     rows = torch.einsum("phjd,chd->pjhc", values, out_weight) + attn.out_proj.bias / heads
     weights, rows = weights.transpose(1, 2), rows.reshape(p, n * heads, -1)
-    if image.dim() == 3 and not torch.is_grad_enabled() and not adds_after_product(image.device):
+    if image.dim() == 3 and not torch.is_grad_enabled() and not fusion_forms(image.device):
         updated = image.baddbmm_(weights, rows)
     else:
         updated = product_plus(image, weights, rows)
@@ -468,8 +469,14 @@ class FactoredPointDecoder(PointDecoder):
         c1, c2 = conv1.out_channels, conv2.out_channels
         up = product_plus(side.upscale_base1, image, transposed_conv_as_matrix(conv1))
         up = act1(F.layer_norm(up.reshape(p, -1, c1), (c1,), norm1.weight, norm1.bias, norm1.eps))
-        up = product_plus(side.upscale_base2, up, transposed_conv_as_matrix(conv2))
-        masks = torch.bmm(act2(up.reshape(p, -1, c2)), hyper)  # (P, 16 N, M), rows (y, x, a, b, e, f)
+        up = product_plus(side.upscale_base2, up, transposed_conv_as_matrix(conv2)).reshape(p, -1, c2)
+        if fusion_forms(up.device):
+            # The read-out as one reduction over the C/8 channels, GELU inside: its (P, 16 N, C/8)
+            # output is never written and read back (4 GB at 1024 prompts in float16), nor read
+            # by a batched product with only M columns.
+            masks = (act2(up)[..., None] * hyper[:, None]).sum(dim=2)
+        else:
+            masks = torch.bmm(act2(up), hyper)  # (P, 16 N, M), rows (y, x, a, b, e, f)
         # Into (P, M, 4h, 4w) by one gather of the flat (row, mask) positions: on a CPU three
         # times faster than the 8-dimensional permute it replaces (a 2% shorter decoder).
         m = masks.shape[-1]

@@ -76,9 +76,9 @@ def test_cpu_steps_hold_the_same_bytes_in_every_dtype(trained_micro):
 
 @pytest.mark.parametrize("start_shape, b_shape", [((24, 5), (3, 5)), ((4, 24, 1), (4, 3, 5)), ((4, 24, 5), (4, 3, 5))])
 def test_product_plus_gives_the_same_sums_compiled_and_eager(start_shape, b_shape, monkeypatch):
-    """One baddbmm, or compiled (for a GPU) a product and an add: the same function (shared
-    (k, n) weights, a start broadcast along a row, one of the product's own shape)."""
-    monkeypatch.setattr(model, "ADD_AFTER_PRODUCT_WHEN_COMPILED", {"cuda", "cpu"})  # the GPU's form, here
+    """One baddbmm, or compiled in the GPU's fusion forms a product and an add: the same function
+    (shared (k, n) weights, a start broadcast along a row, one of the product's own shape)."""
+    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})  # the GPU's forms, here
     torch.manual_seed(0)
     start, a, b = torch.randn(start_shape), torch.randn(4, 24, 3), torch.randn(b_shape)
     expected = start + torch.matmul(a, b)
@@ -86,9 +86,10 @@ def test_product_plus_gives_the_same_sums_compiled_and_eager(start_shape, b_shap
     torch.testing.assert_close(torch.compile(model.product_plus, fullgraph=True)(start, a, b), expected)
 
 
-def test_decoder_compiled_in_the_gpus_form_equals_the_reference(trained_micro, monkeypatch):
-    """The factored decoder compiled as for a GPU (products and adds apart) gives sam2's results."""
-    monkeypatch.setattr(model, "ADD_AFTER_PRODUCT_WHEN_COMPILED", {"cuda", "cpu"})
+def test_decoder_compiled_in_the_gpus_forms_equals_the_reference(trained_micro, monkeypatch):
+    """The factored decoder compiled in the GPU's fusion forms (sums after products, the masks'
+    read-out as a reduction) gives sam2's results."""
+    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})
     inputs = features_and_points(trained_micro, n_points=10)
     torch._dynamo.reset()  # nothing compiled earlier in the CPU's form is reused
     compiled = torch.compile(FactoredPointDecoder(trained_micro, True), fullgraph=True, dynamic=False)

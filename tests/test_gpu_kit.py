@@ -214,9 +214,9 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
     # Torch's loader on a small module first: every step passed.
     check = (out / "export-check.md").read_text()
     assert check.count("| yes |") == 4 and "| load in a process of its own | loaded" in check, check
-    # The decoder, whole and in halves, in both forms of a product's sum: a row each, every cell a time.
+    # The decoder, whole and in halves, in both of its forms: a row each, every cell a time.
     decoder = (out / "decoder.md").read_text()
-    for form in ["baddbmm", "product, then add"]:
+    for form in ["eager forms", "fusion forms"]:
         row, *_ = [line for line in decoder.splitlines() if line.startswith(f"| {form} |")]
         assert all(float(cell) > 0 for cell in row.split("|")[2:6]), decoder
 

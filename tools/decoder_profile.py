@@ -1,9 +1,9 @@
 """Where the fast modes' point decoder spends its time: the decoder as they compile it (static
 shapes, every prompt's masks), timed whole and in its two halves, the two-way transformer with
 the heads (predicted IoUs, mask tokens) and the mask logits (upscaling, hypernetworks), in both
-ways of summing a product and its starting value (sam2serve.model.product_plus): one baddbmm,
-or a product and an add that Inductor fuses into the next kernel. Random weights (the time does
-not depend on them), features of a random image, random points.
+of its forms (sam2serve.model.fusion_forms): the eager forms, and those written for Inductor's
+fusion on a GPU (sums after products, the masks' read-out as a reduction). Random weights (the
+time does not depend on them), features of a random image, random points.
 
     python -m tools.decoder_profile large --points 1024 --half     # as fast_furious on a GPU
     python -m tools.decoder_profile micro --points 64 --device cpu
@@ -27,7 +27,8 @@ from sam2serve.fast import default_compile_mode, half_dtype, prepare_model
 from sam2serve.model import FactoredPointDecoder, ImageEncoder
 from sam2serve.timing import synchronize
 
-FORMS = {"baddbmm": set(), "product, then add": {"cpu", "cuda"}}  # model.ADD_AFTER_PRODUCT_WHEN_COMPILED
+# model.FUSION_FORMS_WHEN_COMPILED: where the forms written for Inductor's fusion are taken.
+FORMS = {"eager forms": set(), "fusion forms": {"cpu", "cuda"}}
 
 
 def median_ms(function: Callable, inputs: tuple, calls: int, device: str) -> float:
@@ -83,10 +84,10 @@ def main() -> None:
     mode = args.compile_mode or default_compile_mode(args.device)
     print(f"SAM2.1 {args.model_type}, {str(dtype).removeprefix('torch.')}, {args.points} prompts per call, "
           f"torch.compile mode {mode}, {args.device}; ms per call, median of {args.calls}\n")
-    print("| sum of a product and its start | whole decoder | transformer and heads | mask logits | s in all (compiling too) |")
+    print("| forms | whole decoder | transformer and heads | mask logits | s in all (compiling too) |")
     print("|---|---|---|---|---|", flush=True)
     for form, devices in FORMS.items():
-        model_code.ADD_AFTER_PRODUCT_WHEN_COMPILED = devices
+        model_code.FUSION_FORMS_WHEN_COMPILED = devices
         torch._dynamo.reset()  # compiled anew in this form
         started = time.perf_counter()
         cells = [median_ms(torch.compile(function, mode=mode, fullgraph=True, dynamic=False), inputs, args.calls,

@@ -23,7 +23,7 @@
 #    (--save-fast) then loaded (--load-fast), on the first scene, without the baseline, the masks
 #    compared with each other and with the compiled kernels' masks of stage 3;
 # 5. decoder: tools/decoder_profile.py, fast_furious's point decoder on large (1024 prompts per
-#    call) timed whole and in its two halves, in both ways of summing a product and its start.
+#    call) timed whole and in its two halves, in its eager forms and in its fusion forms.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
 # every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to

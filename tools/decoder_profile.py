@@ -28,7 +28,7 @@ from sam2serve.model import FactoredPointDecoder, ImageEncoder
 from sam2serve.timing import synchronize
 
 # model.FUSION_FORMS_WHEN_COMPILED: where the forms written for Inductor's fusion are taken.
-FORMS = {"eager forms": set(), "fusion forms": {"cpu", "cuda"}}
+FORMS = {"fusion forms": {"cpu", "cuda"}, "eager forms": set()}
 
 
 def median_ms(function: Callable, inputs: tuple, calls: int, device: str) -> float:

@@ -206,7 +206,7 @@ if [[ " $STAGES " == *" export "* ]]; then
 fi
 
 if [[ " $STAGES " == *" decoder "* ]]; then
-    run decoder "${DECODER_SECONDS:-120}" "$PYTHON" -m tools.decoder_profile "${DECODER[@]}" --half \
+    run decoder "${DECODER_SECONDS:-150}" "$PYTHON" -m tools.decoder_profile "${DECODER[@]}" --half \
         --compile-mode "$COMPILE_MODE"
 fi
 

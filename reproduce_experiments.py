@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, as Ctrl-C: its row's process ended too
     try:
         run_study(argv)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: status 130, as the other scripts' (run_script)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: status 130, as Ctrl-C in the other scripts (run_script)
         print("stopped; the same command again resumes it (the rows done are kept)", file=sys.stderr)
         sys.exit(130)
 

@@ -333,6 +333,8 @@ class FactoredPointDecoder(PointDecoder):
     iou_gate (multimask output only): prompts whose every predicted IoU is at most this get no
     mask computed; their logits are sam2's NO_OBJ_SCORE (empty masks). The mask generator drops
     those masks by the same threshold before it looks at their logits.
+    Built for the model as it is (its device, its prompt encoder's weights): build another after
+    moving the model or loading other weights.
     """
 
     def __init__(

@@ -74,25 +74,48 @@ def test_cpu_steps_hold_the_same_bytes_in_every_dtype(trained_micro):
     assert steps[1] == 2 * steps[0]
 
 
+def traced_operations(function, *inputs) -> set[str]:
+    """The names of the operations torch.compile traces in function(*inputs)."""
+    names = set()
+
+    def backend(graph_module, example_inputs):
+        names.update(getattr(node.target, "__name__", str(node.target))
+                     for node in graph_module.graph.nodes if node.op in ("call_function", "call_method"))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(function, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    torch._dynamo.reset()
+    return names
+
+
 @pytest.mark.parametrize("start_shape, b_shape", [((24, 5), (3, 5)), ((4, 24, 1), (4, 3, 5)), ((4, 24, 5), (4, 3, 5))])
 def test_product_plus_gives_the_same_sums_compiled_and_eager(start_shape, b_shape, monkeypatch):
     """One baddbmm, or compiled in the GPU's fusion forms a product and an add: the same function
     (shared (k, n) weights, a start broadcast along a row, one of the product's own shape)."""
-    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})  # the GPU's forms, here
     torch.manual_seed(0)
     start, a, b = torch.randn(start_shape), torch.randn(4, 24, 3), torch.randn(b_shape)
     expected = start + torch.matmul(a, b)
-    torch.testing.assert_close(model.product_plus(start, a, b), expected)
+    assert "baddbmm" in traced_operations(model.product_plus, start, a, b)  # on a CPU, the eager form
+    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})  # the GPU's forms, here
+    assert "baddbmm" not in traced_operations(model.product_plus, start, a, b)
+    torch.testing.assert_close(model.product_plus(start, a, b), expected)  # eager: the same sum
     torch.testing.assert_close(torch.compile(model.product_plus, fullgraph=True)(start, a, b), expected)
 
 
 def test_decoder_compiled_in_the_gpus_forms_equals_the_reference(trained_micro, monkeypatch):
     """The factored decoder compiled in the GPU's fusion forms (sums after products, the masks'
     read-out as a reduction) gives sam2's results."""
-    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})
     inputs = features_and_points(trained_micro, n_points=10)
-    torch._dynamo.reset()  # nothing compiled earlier in the CPU's form is reused
-    compiled = torch.compile(FactoredPointDecoder(trained_micro, True), fullgraph=True, dynamic=False)
+    decoder = FactoredPointDecoder(trained_micro, True)
+    eager_forms = traced_operations(decoder, *inputs)
+    monkeypatch.setattr(model, "FUSION_FORMS_WHEN_COMPILED", {"cuda", "cpu"})
+    fusion_forms = traced_operations(decoder, *inputs)
+    assert {"baddbmm", "baddbmm_"} <= eager_forms and not {"baddbmm", "baddbmm_"} & fusion_forms
+    assert "sum" in fusion_forms - eager_forms  # the masks' read-out, a reduction
+    torch._dynamo.reset()  # nothing compiled earlier in the CPU's forms is reused
+    compiled = torch.compile(decoder, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         expected_logits, expected_ious = PointDecoder(trained_micro, True)(*inputs)
         logits, ious = compiled(*inputs)

@@ -121,6 +121,11 @@ def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> st
     return "\n".join(lines)
 
 
+def compiled_row(row: str) -> bool:
+    """Whether a row is a fast mode (the study's row is no mode of this project)."""
+    return row in MODES and MODES[row].compiled
+
+
 def fast_kernels_description(args: argparse.Namespace) -> str:
     if args.load_fast:
         return f"kernels loaded from {args.load_fast}/<mode>"
@@ -205,7 +210,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
     cuda = torch.device(args.device).type == "cuda"
     for row in rows:
         compile_modes = [None]
-        if row in MODES and MODES[row].compiled and args.compile_mode not in (None, "default"):
+        if compiled_row(row) and args.compile_mode not in (None, "default"):
             compile_modes.append("default")
         for compile_mode in compile_modes:
             started, memory_before = time.perf_counter(), allocated_mib(args.device)
@@ -407,8 +412,7 @@ def main() -> None:
         rows.remove(STUDY_ROW)
     if not rows:
         parser.error(f"no row to run: {study_absent or 'every mode given was left out'}")
-    if (args.save_fast is not None or args.load_fast is not None) and not any(
-            row in MODES and MODES[row].compiled for row in rows):
+    if (args.save_fast is not None or args.load_fast is not None) and not any(map(compiled_row, rows)):
         parser.error("--save-fast and --load-fast go with a fast mode: --modes fast or fast_furious")
     images = load_images(parser, args)
     set_up_logging("%(asctime)s %(name)s: %(message)s")
@@ -428,7 +432,7 @@ def main() -> None:
           f"torch {torch.__version__}; {len(images)} images ({', '.join(name for name, _ in images)}), "
           f"{args.points_per_side}x{args.points_per_side} grid, {args.rounds} round(s)"
           + (f"; fast modes: {fast_kernels_description(args)}"
-             if any(row in MODES and MODES[row].compiled for row in generators) else ""), flush=True)
+             if any(map(compiled_row, generators)) else ""), flush=True)
     for name, overrides in zip(filters, thresholds):
         for row, generator in generators.items():
             generators[row] = generator.with_config(replace(generator.config, **overrides))

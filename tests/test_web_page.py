@@ -700,6 +700,37 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
 
 
+def layer_alpha(driver, layer: str) -> np.ndarray:
+    """A canvas's opacity, (height, width), as it is drawn (not what the style shows)."""
+    width, height, alpha = driver.execute_script(
+        "const c = document.getElementById(arguments[0]);"
+        "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".filter((_, i) => i % 4 === 3))]", layer)
+    return np.array(alpha, dtype=np.uint8).reshape(height, width)
+
+
+def test_the_click_tool_shows_the_masks_added_by_clicks_and_the_server_s_rest(page):
+    """In the click tool the mask layer holds what is labelled so far, the masks added by clicks,
+    and not the server's (they rest, under the mask of the clicks); the every-mask tool draws them
+    all again. The overlay PNG draws the visible layers: in the click tool, the added masks."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    found = xs < 40  # the server's
+    added = (xs > 50) & (ys > 20)
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(found)]), width, height)
+    page.execute_script("window.sam2page.state.imageId = 'stub'")  # already encoded: no /embed asked
+    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, found)
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    assert not layer_alpha(page, "mask-canvas").any()  # nothing added yet: the server's rest
+    page.execute_script("""Object.assign(window.sam2page.state, {clickPrompt: {points: [[70, 40]], labels: [1]},
+        clickAnswer: {results: [{masks: [arguments[0]], iou_predictions: [0.9]}]}}); keepClickMask()""", rle(added))
+    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, added)
+    assert page.find_element(By.ID, "mask-canvas").value_of_css_property("visibility") == "visible"
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, found | added)
+
+
 def test_a_hovered_mask_is_painted_with_its_outline(page):
     """paintMask, which draws the hovered, selected and clicked masks: the mask's pixels at alpha
     170, those with a neighbour (of 4) outside it opaque, nothing else; on masks whose runs cross

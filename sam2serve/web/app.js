@@ -315,11 +315,13 @@ function colour(i) {
   return [f(0), f(8), f(4)];
 }
 
-// Column-major label map: masks painted largest first, so that small ones stay on top.
-function buildLabels() {
+// Column-major label map of the masks `shown` takes (every mask by default): masks painted
+// largest first, so that small ones stay on top.
+function buildLabels(shown = () => true) {
   const n = state.annotations.length;
   const labels = n < 65535 ? new Uint16Array(state.width * state.height) : new Uint32Array(state.width * state.height);
-  const order = [...Array(n).keys()].sort((a, b) => state.annotations[b].area - state.annotations[a].area);
+  const order = [...Array(n).keys()].filter((i) => shown(state.annotations[i]))
+    .sort((a, b) => state.annotations[b].area - state.annotations[a].area);
   for (const i of order) {
     const counts = state.counts[i];
     let p = 0;
@@ -335,9 +337,10 @@ function packed([r, g, b], alpha) {
   return ((alpha << 24) | (b << 16) | (g << 8) | r) >>> 0; // RGBA bytes, little-endian
 }
 
-// Every mask in its colour, and a darker line where two masks (or a mask and nothing) meet.
-function drawMasks() {
-  const { width: w, height: h, labels } = state;
+// The masks of a label map in their colours, and a darker line where two masks (or a mask and
+// nothing) meet.
+function drawMasks(labels) {
+  const { width: w, height: h } = state;
   const canvas = $("mask-canvas");
   canvas.width = w;
   canvas.height = h;
@@ -361,6 +364,12 @@ function drawMasks() {
     }
   }
   context.putImageData(image, 0, 0);
+}
+
+// The mask layer: every mask in the every-mask tool; in the click tool the masks added by clicks
+// only (what is labelled so far, under the mask of the clicks), the server's resting meanwhile.
+function drawMaskLayer() {
+  drawMasks(tool() === "click" ? buildLabels((a) => a.prompt) : state.labels);
 }
 
 // One mask (run lengths) in `rgb`, its outline opaque. The pictures of the masks painted last
@@ -674,7 +683,7 @@ function showMasks(cocoText) {
   state.colours = state.annotations.map((_, i) => colour(i));
   state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
-  drawMasks();
+  drawMaskLayer();
   drawHighlight();
   listMasks();
   state.renderMs = performance.now() - started;
@@ -952,7 +961,7 @@ function removeSelectedMask() {
 
 function masksChanged() {
   state.labels = buildLabels();
-  drawMasks();
+  drawMaskLayer();
   listMasks();
 }
 
@@ -987,7 +996,8 @@ function setTool() {
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
   toolButtons();
-  for (const id of ["mask-canvas", "selection-canvas"]) $(id).style.visibility = click ? "hidden" : "visible";
+  $("selection-canvas").style.visibility = click ? "hidden" : "visible";
+  if (state.labels) drawMaskLayer();
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
     : "Hover a mask to see it; click to select it.";

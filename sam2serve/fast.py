@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -175,21 +176,29 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
     if (directory / MANIFEST).exists():
         log.info("replacing the exported kernels in %s", directory)
         (directory / MANIFEST).unlink()
+    started = time.perf_counter()
+    for name, exported in exported_programs(model, spec):
+        with torch.inference_mode(False), torch.no_grad():
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
+        log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
+        started = time.perf_counter()
+    # The manifest last: a folder without one is an unfinished export.
+    files = {name: file_sha256(directory / name) for name in (ENCODER_PACKAGE, DECODER_PACKAGE)}
+    (directory / MANIFEST).write_text(json.dumps({**asdict(spec), "files": files}, indent=2) + "\n")
+
+
+def exported_programs(model: SAM2Base, spec: KernelSpec) -> Iterator[tuple[str, torch.export.ExportedProgram]]:
+    """(package name, program) of both kernels through torch.export, for the model as prepared
+    (prepare_model): the encoder takes 1 to batch_size images, the decoder's shapes are static.
+    What save_kernels compiles; on fake CUDA tensors, what the tests check of a GPU's kernels."""
     encoder_inputs, decoder_inputs = example_inputs(model, spec)
-    # The encoder takes 1 to batch_size images; the decoder's shapes are static.
     images = torch.export.Dim("images", min=1, max=spec.batch_size) if spec.batch_size > 1 else None
     for module, inputs, dynamic_shapes, name in [
         (ImageEncoder(model), encoder_inputs, ({0: images},) if images else None, ENCODER_PACKAGE),
         (point_decoder(model, spec), decoder_inputs, None, DECODER_PACKAGE),
     ]:
-        started = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():
-            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
-        log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
-    # The manifest last: a folder without one is an unfinished export.
-    files = {name: file_sha256(directory / name) for name in (ENCODER_PACKAGE, DECODER_PACKAGE)}
-    (directory / MANIFEST).write_text(json.dumps({**asdict(spec), "files": files}, indent=2) + "\n")
+            yield name, torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def aoti_device_index(device: torch.device | str) -> int:

@@ -27,6 +27,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import numpy as np
 
@@ -239,6 +240,45 @@ def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exporte
     summary = compare(f"{kernels}: images encoded together vs alone", [generator.generate(image) for image in images],
                       generator.generate_batch(images))
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
+
+
+def tensors_of(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    """Every tensor a program holds or computes: weights, constants, each node's value."""
+    values = [node.meta.get("val") for node in program.graph.nodes]
+    computed = [t for v in values for t in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(t, torch.Tensor)]
+    return [*program.state_dict.values(), *program.constants.values(), *computed]
+
+
+PRODUCTS = ("aten.conv2d", "aten.linear", "aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_kernels_export_for_cuda_on_fake_tensors(load_micro, dtype):
+    """save_kernels' export for a GPU, run without one on fake CUDA tensors (torch's
+    FakeTensorMode: shapes, dtypes and devices, no data): every tensor of both programs is on
+    the GPU (a CPU tensor there is a copy each call, or a crash in torch's loader, as a mixed
+    CPU/CUDA package is known to give); the decoder takes the forms written for Inductor's fusion
+    on a GPU (no baddbmm); in half precision (fast_furious: float16 on CUDA) every product is in
+    float16 but the points' Fourier features (2 coordinates in, float32 by design)."""
+    loaded = load_micro()
+    spec = replace(kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE),
+                   device="cuda", dtype=dtype)
+    model = fast.prepare_model(loaded.model, spec.torch_dtype)  # on the CPU: a fake tensor's dtype cannot change
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        programs = dict(fast.exported_programs(model, spec))
+    assert sorted(programs) == sorted([ENCODER_PACKAGE, DECODER_PACKAGE])
+    for name, program in programs.items():
+        assert {t.device.type for t in tensors_of(program)} == {"cuda"}, name
+    decoder_calls = {str(node.target) for node in programs[DECODER_PACKAGE].graph.nodes if node.op == "call_function"}
+    assert not any("baddbmm" in call for call in decoder_calls)
+    if dtype == "float16":
+        products = [node for program in programs.values() for node in program.graph.nodes
+                    if node.op == "call_function" and str(node.target).startswith(PRODUCTS)]
+        assert len(products) > 50  # the encoder's and decoder's convolutions, linear layers, products
+        for node in products:
+            if node.meta["val"].dtype != torch.float16:
+                assert node.args[0].meta["val"].shape[-1] == 2, node.format_node()
 
 
 def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeypatch):

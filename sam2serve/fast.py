@@ -198,7 +198,8 @@ def exported_programs(model: SAM2Base, spec: KernelSpec) -> Iterator[tuple[str, 
         (point_decoder(model, spec), decoder_inputs, None, DECODER_PACKAGE),
     ]:
         with torch.inference_mode(False), torch.no_grad():
-            yield name, torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        yield name, exported
 
 
 def aoti_device_index(device: torch.device | str) -> int:

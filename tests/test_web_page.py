@@ -700,19 +700,31 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
 
 
-def layer_alpha(driver, layer: str) -> np.ndarray:
-    """A canvas's opacity, (height, width), as it is drawn (not what the style shows)."""
+def masks_shown(driver) -> np.ndarray:
+    """Where the visible layers of masks (every mask's, the added masks') paint, (height, width):
+    what the viewer and the overlay PNG show of masks."""
+    width, height, alphas = driver.execute_script("""
+        const layers = ['mask-canvas', 'added-canvas'].map((id) => document.getElementById(id))
+          .filter((c) => getComputedStyle(c).visibility !== 'hidden');
+        const c = document.getElementById('mask-canvas');
+        return [c.width, c.height, layers.map((layer) => Array.from(
+          layer.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3)))]""")
+    return np.array(alphas, dtype=np.uint8).reshape(-1, height, width).any(axis=0)
+
+
+def overlay_painted(driver) -> np.ndarray:
+    """Where the overlay PNG's picture is not transparent, (height, width)."""
     width, height, alpha = driver.execute_script(
-        "const c = document.getElementById(arguments[0]);"
+        "const c = overlayCanvas();"
         "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
-        ".filter((_, i) => i % 4 === 3))]", layer)
-    return np.array(alpha, dtype=np.uint8).reshape(height, width)
+        ".filter((_, i) => i % 4 === 3))]")
+    return np.array(alpha, dtype=np.uint8).reshape(height, width) > 0
 
 
 def test_the_click_tool_shows_the_masks_added_by_clicks_and_the_server_s_rest(page):
-    """In the click tool the mask layer holds what is labelled so far, the masks added by clicks,
-    and not the server's (they rest, under the mask of the clicks); the every-mask tool draws them
-    all again. The overlay PNG draws the visible layers: in the click tool, the added masks."""
+    """In the click tool the masks shown are what is labelled so far, the masks added by clicks,
+    not the server's (they rest, under the mask of the clicks); the every-mask tool shows them
+    all. The overlay PNG is what is shown (here over a blank image: where it is not transparent)."""
     width, height = 80, 60
     ys, xs = np.mgrid[:height, :width]
     found = xs < 40  # the server's
@@ -720,15 +732,18 @@ def test_the_click_tool_shows_the_masks_added_by_clicks_and_the_server_s_rest(pa
     page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
                         json.dumps([coco_record(found)]), width, height)
     page.execute_script("window.sam2page.state.imageId = 'stub'")  # already encoded: no /embed asked
-    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, found)
+    assert np.array_equal(masks_shown(page), found)
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-    assert not layer_alpha(page, "mask-canvas").any()  # nothing added yet: the server's rest
+    assert not masks_shown(page).any()  # nothing added yet: the server's rest
     page.execute_script("""Object.assign(window.sam2page.state, {clickPrompt: {points: [[70, 40]], labels: [1]},
         clickAnswer: {results: [{masks: [arguments[0]], iou_predictions: [0.9]}]}}); keepClickMask()""", rle(added))
-    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, added)
-    assert page.find_element(By.ID, "mask-canvas").value_of_css_property("visibility") == "visible"
+    assert np.array_equal(masks_shown(page), added)
+    assert np.array_equal(overlay_painted(page), added)
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
-    assert np.array_equal(layer_alpha(page, "mask-canvas") > 0, found | added)
+    assert np.array_equal(masks_shown(page), found | added)
+    assert np.array_equal(overlay_painted(page), found | added)
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    assert np.array_equal(masks_shown(page), added)
 
 
 def test_a_hovered_mask_is_painted_with_its_outline(page):

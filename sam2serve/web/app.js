@@ -2,7 +2,7 @@
 // and a click tool on POST /embed + POST /segment. No framework, no build step.
 //
 // Masks stay run-length encoded (column-major runs, background first, as COCO writes them).
-// They are drawn through one label map, the index of the mask on top at each pixel, filled run
+// They are drawn through a label map, the index of the mask on top at each pixel, filled run
 // by run with TypedArray.fill: the cost is the masks' total area plus one pass over the
 // pixels, so hundreds of masks on a large photo draw without freezing the tab.
 "use strict";
@@ -14,10 +14,11 @@ const CLICK_HELP = "Click: a point on the object; right click or shift-click: a 
   "Ctrl+Z or Backspace: undo.";
 const EDGE_ALPHA = 255;
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
-// The viewer's canvases, bottom to top, all the image's size: the image, every mask, the selected
-// mask (painted when the selection changes, not on every hover: a large one takes a while), and
-// the hovered mask or the click tool's mask and prompts.
-const LAYERS = ["image-canvas", "mask-canvas", "selection-canvas", "highlight-canvas"];
+// The viewer's canvases, bottom to top, all the image's size: the image, every mask (the
+// every-mask tool's), the masks added by clicks (the click tool's), the selected mask (painted
+// when the selection changes, not on every hover: a large one takes a while), and the hovered
+// mask or the click tool's mask and prompts.
+const LAYERS = ["image-canvas", "mask-canvas", "added-canvas", "selection-canvas", "highlight-canvas"];
 
 const state = {
   info: null, // GET /health
@@ -337,13 +338,14 @@ function packed([r, g, b], alpha) {
   return ((alpha << 24) | (b << 16) | (g << 8) | r) >>> 0; // RGBA bytes, little-endian
 }
 
-// The masks of a label map in their colours, and a darker line where two masks (or a mask and
-// nothing) meet.
-function drawMasks(labels) {
+// The masks of a label map (null: none) in their colours on a layer, and a darker line where two
+// masks (or a mask and nothing) meet.
+function drawMasks(layer, labels) {
   const { width: w, height: h } = state;
-  const canvas = $("mask-canvas");
+  const canvas = $(layer);
   canvas.width = w;
   canvas.height = h;
+  if (!labels) return;
   const context = canvas.getContext("2d");
   const image = context.createImageData(w, h);
   const pixels = new Uint32Array(image.data.buffer);
@@ -366,10 +368,12 @@ function drawMasks(labels) {
   context.putImageData(image, 0, 0);
 }
 
-// The mask layer: every mask in the every-mask tool; in the click tool the masks added by clicks
-// only (what is labelled so far, under the mask of the clicks), the server's resting meanwhile.
-function drawMaskLayer() {
-  drawMasks(tool() === "click" ? buildLabels((a) => a.prompt) : state.labels);
+// The layers of masks: every mask, shown in the every-mask tool, and the masks added by clicks
+// alone, shown in the click tool (what is labelled so far, the server's masks resting meanwhile).
+// Each tool shows its own (style.css), so a change of tool draws nothing.
+function drawMaskLayers() {
+  drawMasks("mask-canvas", state.labels);
+  drawMasks("added-canvas", state.annotations.some((a) => a.prompt) ? buildLabels((a) => a.prompt) : null);
 }
 
 // One mask (run lengths) in `rgb`, its outline opaque. The pictures of the masks painted last
@@ -683,7 +687,7 @@ function showMasks(cocoText) {
   state.colours = state.annotations.map((_, i) => colour(i));
   state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
-  drawMaskLayer();
+  drawMaskLayers();
   drawHighlight();
   listMasks();
   state.renderMs = performance.now() - started;
@@ -961,7 +965,7 @@ function removeSelectedMask() {
 
 function masksChanged() {
   state.labels = buildLabels();
-  drawMaskLayer();
+  drawMaskLayers();
   listMasks();
 }
 
@@ -996,8 +1000,6 @@ function setTool() {
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
   toolButtons();
-  $("selection-canvas").style.visibility = click ? "hidden" : "visible";
-  if (state.labels) drawMaskLayer();
   $("tool-help").textContent = click
     ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
     : "Hover a mask to see it; click to select it.";
@@ -1110,15 +1112,20 @@ function download(blob, name) {
   setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
-function downloadOverlay() {
+// What the page shows, as one picture: the layers the tool in use shows.
+function overlayCanvas() {
   const canvas = document.createElement("canvas");
   canvas.width = state.width;
   canvas.height = state.height;
   const context = canvas.getContext("2d");
   for (const id of LAYERS) {
-    if ($(id).style.visibility !== "hidden") context.drawImage($(id), 0, 0);
+    if (getComputedStyle($(id)).visibility !== "hidden") context.drawImage($(id), 0, 0);
   }
-  canvas.toBlob((blob) => download(blob, `${state.name}_overlay.png`), "image/png");
+  return canvas;
+}
+
+function downloadOverlay() {
+  overlayCanvas().toBlob((blob) => download(blob, `${state.name}_overlay.png`), "image/png");
 }
 
 // --- Wiring --------------------------------------------------------------------------------

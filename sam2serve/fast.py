@@ -34,7 +34,6 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +44,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from .amg import AMGConfig, Kernels, MaskGenerator
 from .checkpoints import checkpoint_identity, file_sha256
 from .model import FactoredPointDecoder, ImageEncoder
-from .preprocess import image_to_input_on_device
+from .preprocess import ImageToInputOnDevice
 
 log = logging.getLogger(__name__)
 LOADED_PACKAGES: weakref.WeakSet = weakref.WeakSet()  # freed at exit, see free_loaded_packages
@@ -307,8 +306,7 @@ def fast_kernels(model: SAM2Base, kernels: StaticKernels, description: str = "co
     dtype, images encoded batch_size at a time, point batches padded to the static size."""
     spec = kernels.spec
     return Kernels(
-        prepare_input=partial(image_to_input_on_device, resolution=spec.image_size, device=model.device,
-                              dtype=spec.torch_dtype),
+        prepare_input=ImageToInputOnDevice(spec.image_size, model.device, spec.torch_dtype),
         encoder=ImagesPerCall(kernels.encoder, spec.batch_size),
         decoder=PaddedPointDecoder(kernels.decoder, spec.points_per_batch),
         dtype=spec.torch_dtype,

@@ -154,15 +154,20 @@ def image_to_input(image: np.ndarray, resolution: int) -> torch.Tensor:
     return tensor[None]
 
 
-def image_to_input_on_device(
-    image: np.ndarray, resolution: int, device: torch.device, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+class ImageToInputOnDevice:
     """image_to_input with the work done on the device: only the uint8 pixels are copied there.
 
     The same operations as image_to_input (the reference beside it), in the same order; cast
-    to `dtype` (the model's) at the end.
+    to `dtype` (the model's) at the end. SAM2's mean and std are put on the device once:
+    torchvision's normalize makes them for every image and checks that no std is zero
+    (`(std == 0).any()`), which on a GPU waits for the device's answer, for constants known here.
     """
-    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)
-    tensor = TF.resize(tensor, [resolution, resolution], antialias=True)
-    tensor = TF.normalize(tensor, PIXEL_MEAN, PIXEL_STD)
-    return tensor[None].to(dtype)
+
+    def __init__(self, resolution: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        self.resolution, self.dtype = resolution, dtype
+        self.mean, self.std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (PIXEL_MEAN, PIXEL_STD))
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(image).to(self.mean.device).permute(2, 0, 1).float().div(255)
+        tensor = TF.resize(tensor, [self.resolution, self.resolution], antialias=True)
+        return tensor.sub(self.mean).div(self.std)[None].to(self.dtype)  # TF.normalize's operations

@@ -40,7 +40,7 @@ from sam2serve.fast import (
     save_kernels,
 )
 from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, load_pipeline, mode_config
-from sam2serve.preprocess import image_to_input, image_to_input_on_device
+from sam2serve.preprocess import ImageToInputOnDevice, image_to_input
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
 
@@ -137,8 +137,19 @@ def test_fast_modes_run_ao_kernels_on_a_cpu_unless_compiling_is_asked_for(load_m
 def test_preprocessing_on_device_matches_reference(images):
     for image in images:
         expected = image_to_input(image, 256)
-        torch.testing.assert_close(image_to_input_on_device(image, 256, torch.device("cpu")), expected, rtol=0, atol=0)
-        assert image_to_input_on_device(image, 256, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+        torch.testing.assert_close(ImageToInputOnDevice(256, "cpu")(image), expected, rtol=0, atol=0)
+        assert ImageToInputOnDevice(256, "cpu", torch.bfloat16)(image).dtype == torch.bfloat16
+
+
+def test_preprocessing_on_a_gpu_reads_no_result_back(images):
+    """On fake CUDA tensors (no data), where an operation whose outcome the host must read
+    raises (a check such as torchvision's `(std == 0).any()`, which on a GPU waits for the
+    device's answer): the preprocessing of each image runs through, on the GPU. (The pixels'
+    copy there is a plain one, which waits for the copy, not for an answer.)"""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        prepare = ImageToInputOnDevice(256, "cuda", torch.float16)
+        model_input = prepare(images[0])
+    assert (model_input.device.type, model_input.dtype, model_input.shape) == ("cuda", torch.float16, (1, 3, 256, 256))
 
 
 def test_fast_matches_ao(fast_generator, images, ao_answers):

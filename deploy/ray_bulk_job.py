@@ -17,6 +17,7 @@ on 2 cores): Ray runs a worker's torch on one thread.
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -120,7 +121,11 @@ def main() -> None:
         # Workers on this machine, most likely: a checkpoint that cannot be used is said here, in
         # one line, not by each worker's death after Ray starts (loading it costs seconds).
         load_model(*resolve_checkpoint(args.checkpoint_dir, args.model_type), "cpu")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=args.address)
+    # Ray puts its own SIGTERM handler in place (which aborts the job with a stack dump, status
+    # 134): the script's (run_script: one line, status 143, the output's .partial removed) again.
+    signal.signal(signal.SIGTERM, on_sigterm)
     options = {**args.options, "device": args.options["device"] or cluster_device()}
     print(f"{args.workers} worker(s) on {options['device']}, mode {args.mode}", file=sys.stderr)
     failed = run(args.paths, args.output, options, args.workers, args.batch_size)

@@ -145,7 +145,7 @@ def test_preprocessing_on_a_gpu_reads_no_result_back(images):
     """On fake CUDA tensors (no data), where an operation whose outcome the host must read
     raises (a check such as torchvision's `(std == 0).any()`, which on a GPU waits for the
     device's answer): the preprocessing of each image runs through, on the GPU. (The pixels'
-    copy there is a plain one, which waits for the copy, not for an answer.)"""
+    copy there is a blocking one, as any copy from memory that is not pinned.)"""
     with FakeTensorMode(allow_non_fake_inputs=True):
         prepare = ImageToInputOnDevice(256, "cuda", torch.float16)
         model_input = prepare(images[0])
@@ -383,6 +383,17 @@ def raising(error: Exception):
     def call(*args, **kwargs):
         raise error
     return call
+
+
+def test_a_second_sigterm_ends_a_scripts_clean_up_at_once():
+    """A script stopped by SIGTERM cleans up as it exits (atexit: a Ray instance, unpacked
+    packages); a second SIGTERM meanwhile ends it at once, where it raised in the clean-up and
+    printed a traceback."""
+    script = ("import atexit, os, signal, time\nfrom sam2serve.cli import run_script\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+              "run_script(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n")
+    stopped = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == -signal.SIGTERM and stopped.stderr.strip() == "stopped (SIGTERM)", stopped.stderr
 
 
 def test_a_script_stopped_while_the_loader_is_tried_leaves_nothing_behind(tmp_path):

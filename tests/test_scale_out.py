@@ -10,8 +10,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -606,6 +608,32 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
             assert json.loads(line) == {"error": "upload larger than the limit of 52428800 bytes"}
             continue
         assert line.encode() == flask_answer(flask_client, "/upload_rle", Path(path).read_bytes())[1], path
+
+
+def test_the_bulk_job_stops_on_sigterm_in_one_line(tmp_path):
+    """SIGTERM (a time limit, a scheduler) while the job runs: "stopped (SIGTERM)", status 143
+    and no output, as every script of the project, where Ray's handler (put in place by
+    ray.init) aborted it with a stack dump. A Ray instance of its own, on the default model."""
+    paths = tmp_path / "paths"
+    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n" * 40)
+    output, log = tmp_path / "rle_masks", tmp_path / "log"
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    with log.open("w") as stderr:
+        job = subprocess.Popen([sys.executable, "-m", "deploy.ray_bulk_job", str(paths), str(output), "--mode", "ao"],
+                               cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while "worker(s) on" not in log.read_text() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert job.poll() is None, log.read_text()
+            job.send_signal(signal.SIGTERM)
+            job.wait(timeout=120)
+        finally:
+            job.kill()
+    text = log.read_text()
+    assert job.returncode == 143 and text.strip().splitlines()[-1] == "stopped (SIGTERM)", text[-3000:]
+    assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
+    assert not output.exists()
 
 
 def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):

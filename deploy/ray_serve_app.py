@@ -25,6 +25,7 @@ after 5 minutes of less load.
 """
 
 import asyncio
+import io
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,7 @@ from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
     URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
-    error_answer, field_too_large, form_prompts, is_json, json_text, render_answer, unread_body,
+    error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
     require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, share_encodings,
     too_many_parts,
 )
@@ -236,14 +237,16 @@ async def with_body_read(request: Request, limits: Limits) -> Request:
 async def read_form(request: Request, limits: Limits):
     """The multipart form, under server.py's limits and with its answers: too many parts or a
     text field too large is a 413, a body that is not a form a 400."""
+    body = await request.body()  # kept: the form is parsed from it, and again to name a field over its limit
     try:
         return await request.form(max_files=limits.max_form_parts, max_fields=limits.max_form_parts,
                                   max_part_size=limits.max_form_field_bytes)
     except MultiPartException as error:
         if error.message.startswith("Too many"):
             raise too_many_parts(limits) from None
-        if "exceeded maximum size" in error.message:
-            raise field_too_large(limits) from None
+        if "exceeded maximum size" in error.message:  # which field, as server.py says it
+            raise form_limit_error(io.BytesIO(body), request.headers.get("content-type", ""), len(body), limits) \
+                from None
         raise InvalidImage(f"the body is not a multipart form that can be read ({error.message}); "
                            "send the image as curl -F 'image=@file.jpg'") from None
 

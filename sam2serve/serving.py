@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import prometheus_client as prom
@@ -106,26 +107,31 @@ def too_many_parts(limits: Limits) -> FormTooLarge:
     return FormTooLarge(f"the form has more than {limits.max_form_parts} parts; send one multipart field named 'image'")
 
 
-def field_too_large(limits: Limits) -> FormTooLarge:
-    return FormTooLarge(f"a text field of the form is larger than the limit of {limits.max_form_field_bytes} bytes; "
-                        "send the image as a file (curl -F 'image=@file.jpg')")
+def field_too_large(limits: Limits, name: str | None = None) -> FormTooLarge:
+    """A text field over the limit, named where it is known, with what to send instead."""
+    what = f"the form's text field {shown(name)}" if name is not None else "a text field of the form"
+    instead = (f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON"
+               if name == "prompts" else "send the image as a file (curl -F 'image=@file.jpg')")
+    return FormTooLarge(f"{what} is larger than the limit of {limits.max_form_field_bytes} bytes; {instead}")
 
 
-def form_limit_error(environ: dict, limits: Limits) -> FormTooLarge:
-    """Which of the form's limits the form parser hit (werkzeug raises one error for both): the
-    body, buffered by the HTTP server and at most the upload limit, is parsed again with the
-    part limit alone."""
-    too_many, too_large = too_many_parts(limits), field_too_large(limits)
+def form_limit_error(stream: IO[bytes], content_type: str, length: int | None, limits: Limits) -> FormTooLarge:
+    """Which of the form's limits the form parser hit (werkzeug and Starlette raise one error
+    for both, and name no field): the body, buffered and at most the upload limit, is parsed
+    again with the part limit alone, which finds the text field over its limit."""
+    too_many = too_many_parts(limits)
     try:
-        environ["wsgi.input"].seek(0)
+        stream.seek(0)
     except (AttributeError, OSError, ValueError):  # not seekable: say both
-        return FormTooLarge(f"{too_many}, or {too_large}")
+        return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
+    mimetype, options = parse_options_header(content_type)
     parser = FormDataParser(max_form_parts=limits.max_form_parts, max_content_length=limits.max_upload_bytes)
     try:
-        parser.parse_from_environ(environ)
+        _, form, _ = parser.parse(stream, mimetype, length, options)
     except RequestEntityTooLarge:
         return too_many
-    return too_large
+    over = (name for name, value in form.items(multi=True) if len(value.encode()) > limits.max_form_field_bytes)
+    return field_too_large(limits, next(over, None))
 
 
 def json_text(payload: object) -> str:
@@ -718,7 +724,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the request and its form
             if (request.content_length or 0) > limits.max_upload_bytes:
                 return json_response({"error": str(UploadTooLarge(limits))}, 413)
-            return json_response({"error": str(form_limit_error(request.environ, limits))}, 413)
+            error = form_limit_error(request.environ["wsgi.input"], request.content_type or "",
+                                     request.content_length, limits)
+            return json_response({"error": str(error)}, 413)
         # Headers such as 405's Allow stay; the body becomes JSON.
         headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
         return json_response({"error": error.description}, error.code or 500, headers)

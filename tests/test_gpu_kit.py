@@ -487,6 +487,17 @@ def test_profile_table_gives_the_stages_and_the_operations_that_take_the_most(de
         assert capfd.readouterr().err == ""  # no "gpuGetDeviceCount failed" from the profiler's library
 
 
+def test_the_wheel_script_takes_no_option_for_its_folder(tmp_path):
+    """`tools/gpu_wheels.sh --help` prints its usage: it had made a folder named --help and
+    downloaded the wheels into it. Nothing is made or downloaded (PYTHON, here `false`, would
+    end the script with status 1 at the download)."""
+    for arguments in (["--help"], ["-h"], ["two-folders", "given"]):
+        result = subprocess.run(["bash", str(REPO / "tools" / "gpu_wheels.sh"), *arguments], cwd=tmp_path,
+                                env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and result.stderr.startswith("usage: "), (arguments, result.stderr)
+        assert not (REPO / arguments[0]).exists() and not list(tmp_path.iterdir())
+
+
 def test_gpu_scripts_pass_shellcheck():
     shellcheck = str(Path(sys.executable).with_name("shellcheck"))
     for script in ("gpu_benchmark.sh", "gpu_wheels.sh"):

@@ -194,7 +194,10 @@ def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize("case, status, message", [
     ("too many parts", 413, "the form has more than 1000 parts"),
-    ("text field too large", 413, "a text field of the form is larger than the limit of 500000 bytes"),
+    ("text field too large", 413, "the form's text field 'note' is larger than the limit of 500000 bytes; send the "
+                                  "image as a file (curl -F 'image=@file.jpg')"),
+    ("prompts too large", 413, "the form's text field 'prompts' is larger than the limit of 500000 bytes; 64 prompt "
+                               "sets of 64 points fit in under 200 kB as compact JSON"),
     ("upload too large", 413, "upload larger than the limit of 1048576 bytes"),
     ("too many pixels", 413, "pixels; the limit is 10000 pixels"),
     ("two images", 400, "one file in the field 'image', received 2"),
@@ -204,6 +207,7 @@ def test_each_limit_answers_with_its_own_message(client, case, status, message):
     parts = {
         "too many parts": [image] + [(f"f{i}", None, b"x") for i in range(1200)],
         "text field too large": [image, ("note", None, b"x" * 600_000)],
+        "prompts too large": [image, ("format", None, b"rle"), ("prompts", None, "é".encode() * 250_001)],  # 500,002 bytes
         "upload too large": [("image", "big.png", b"x" * (2**20 + 1))],
         "too many pixels": [("image", "big.png", png_of(1, size=(101, 100)))],
         "two images": [image, image],

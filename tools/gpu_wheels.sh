@@ -8,6 +8,10 @@
 # Binary wheels are downloaded where PyPI has them; source-only packages (sam2 with
 # SAM2_BUILD_CUDA=0, antlr4-python3-runtime, iopath) are built here into pure-Python wheels.
 set -euo pipefail
+if (($# > 1)) || [[ ${1:-} == -* ]]; then  # --help among them: not a folder to fill
+    echo "usage: $0 [WHEEL_DIR]   (default: wheels; a relative folder is in the repository's root)" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 WHEELS=${1:-wheels}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -39,6 +39,9 @@ if not (CHROMIUM and CHROMEDRIVER):
 from selenium import webdriver  # noqa: E402 (needs the browser check first)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.actions import interaction  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
+from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -365,7 +368,7 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     Image.new("RGB", (1200, 1000), "white").save(too_large)
     open_image(uploaded, too_large)
     wait_for(uploaded, lambda d: "Too large" in d.find_element(By.ID, "error").text)
-    assert f"the limit is {MAX_PIXELS} pixels" in uploaded.find_element(By.ID, "error").text
+    assert f"the limit is {MAX_PIXELS} pixels. Scale the image down" in uploaded.find_element(By.ID, "error").text
 
     # A busy server and a timeout, as the page's fetch would see them.
     for code, retry_after, message in [(503, "3", "As the server says; try again in 3 s."),
@@ -660,6 +663,40 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
         assert page.execute_script("return encodeCounts(arguments[0])", rle(mask)["counts"]) == encoded
 
 
+def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):
+    """Beside the image, the list ends within the window (its last rows a scroll of the list
+    away, not of the page); the hovered mask's row is marked; a mask selected on the image
+    scrolls the list, not the page, to its row."""
+    width, height = 400, 300
+    masks = []
+    for i in range(80):  # squares less i pixels: sorted by area, mask 79 is the list's last row
+        square = np.ones(30 * 30, bool)
+        square[:i] = False
+        mask = np.zeros((height, width), bool)
+        x, y = 40 * (i % 10), 36 * (i // 10)
+        mask[y:y + 30, x:x + 30] = square.reshape(30, 30)
+        masks.append(mask)
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), width, height)
+    geometry = lambda: page.execute_script("""  // noqa: E731
+        const aside = document.querySelector("aside"), list = aside.getBoundingClientRect();
+        const row = document.querySelector("#mask-list tr[data-index='79']").getBoundingClientRect();
+        return {top: list.top, bottom: list.bottom, rowTop: row.top, rowBottom: row.bottom,
+                window: window.innerHeight, scrolled: window.scrollY, overflows: aside.scrollHeight > aside.clientHeight}""")
+    before = geometry()
+    assert before["overflows"] and before["bottom"] <= before["window"] and before["rowTop"] >= before["bottom"], before
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    ActionChains(page).move_to_element_with_offset(canvas, *screen_offset(page, 360 + 20, 252 + 20)).perform()
+    wait_for(page, lambda d: page_state(d, "hovered") == 79, timeout=10)
+    row = page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='79']")
+    assert "hovered" in row.get_attribute("class").split()
+    ActionChains(page).click().perform()
+    wait_for(page, lambda d: page_state(d, "selected") == 79, timeout=10)
+    after = geometry()
+    in_sight = after["top"] - 1 <= after["rowTop"] and after["rowBottom"] <= after["bottom"] + 1  # a pixel's rounding
+    assert in_sight and after["scrolled"] == 0, after
+
+
 def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     """"Remove the selected mask" (or Delete): the mask goes from the label map the drawing is
     made of, the list and the downloads; the others keep their records and colours."""
@@ -674,7 +711,7 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     assert not remove.is_enabled()
     row(1).click()
     remove.click()
-    assert status(page) == "Mask 1 removed: 2 masks from the server and 0 added by clicks."
+    assert status(page) == "Mask 1 removed; mask 2 is now 1. 2 masks from the server and 0 added by clicks."
     assert page_state(page, "selected") == -1 and not remove.is_enabled()
     assert json.loads(page.execute_script("return window.sam2page.studyJson()")) == {"mask_0": rle(masks[0]),
                                                                                    "mask_1": rle(masks[2])}
@@ -695,6 +732,9 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     row(0).click()
     ActionChains(page).send_keys(Keys.DELETE).perform()
     assert json.loads(page.execute_script("return window.sam2page.studyJson()")) == {"mask_0": rle(masks[2])}
+    assert status(page) == "Mask 0 removed; mask 1 is now 0. 1 mask from the server and 0 added by clicks."
+    # The keyboard stays in the list, on the row now where the removed one was.
+    assert page.execute_script("return document.activeElement.dataset.index") == "0"
     row(0).click()
     ActionChains(page).send_keys(Keys.DELETE).perform()
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
@@ -1020,9 +1060,9 @@ def test_the_status_says_what_runs_in_either_tool_and_what_failed(page, tmp_path
         tool("click")
         open_image(page, small_image(tmp_path, "refused.png"))
         wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
-        assert status(page) == "No masks for this image." and not page.find_element(By.ID, "spinner").is_displayed()
+        assert status(page) == "No masks for this image: open another." and not page.find_element(By.ID, "spinner").is_displayed()
         tool("everything")
-        assert status(page) == "No masks for this image."
+        assert status(page) == "No masks for this image: open another."
         page.find_element(By.ID, "sort-by").send_keys("p")  # sorted by predicted IoU: still no list of masks
         assert page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr") == []
 
@@ -1052,6 +1092,53 @@ def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_or_let_go_
         time.sleep(0.3)
         assert page_state(page, "box") == [x0, y0, x1, y1] and fetch_log(page).count("/segment") == segments
         assert page_state(page, "dragBox") is None
+
+
+def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
+    """Touch, as on a phone or tablet: a finger's drag draws a box (the page took mouse events
+    alone, and a drag scrolled), a tap adds a point."""
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "touch.png"))
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        canvas = page.find_element(By.ID, "highlight-canvas")
+        width, height = canvas.rect["width"], canvas.rect["height"]
+        finger = ActionBuilder(page, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+        finger.pointer_action.move_to(canvas, -width / 4, -height / 4).pointer_down() \
+            .move_to(canvas, width / 4, height / 4).pointer_up()
+        finger.perform()
+        wait_for(page, lambda d: page_state(d, "box") is not None, timeout=10)
+        x0, y0, x1, y1 = page_state(page, "box")
+        assert x0 < SMALL[0] / 2 < x1 and y0 < SMALL[1] / 2 < y1 and page_state(page, "clicks") == []
+        finger = ActionBuilder(page, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+        finger.pointer_action.move_to(canvas, 0, 0).pointer_down().pointer_up()
+        finger.perform()
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        assert page_state(page, "clicks")[0]["label"] == 1
+
+
+def test_on_a_phone_the_image_stays_put_while_the_status_changes(page, tmp_path):
+    """A narrow screen (400 px) in the click tool: the status line above the image goes from one
+    line to three and back as the image is encoded and clicks are answered; the image, below it,
+    stayed put (it moved by 42 and 21 px: a quick tap landed off its target)."""
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                         {"width": 400, "height": 800, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        with stubbed_fetch(page, stub_answers()):
+            canvas_top = lambda: page.execute_script(  # noqa: E731
+                "return document.getElementById('highlight-canvas').getBoundingClientRect().top")
+            page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+            open_image(page, small_image(tmp_path, "phone.png"))
+            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+            tops = {status(page): canvas_top()}
+            ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+            wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+            tops[status(page)] = canvas_top()
+            page.find_element(By.ID, "keep-click").click()
+            tops[status(page)] = canvas_top()
+            assert len(tops) == 3 and len(set(tops.values())) == 1, tops
+    finally:
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_a_server_without_prompts_takes_back_the_click_tool_chosen_while_it_loaded(browser, server):

@@ -69,7 +69,7 @@ class ServerError extends Error {
 
 function explain(status, message, retryAfter) {
   if (status === 400) return `The server refused the request: ${message}`;
-  if (status === 413) return `Too large: ${message}`;
+  if (status === 413) return `Too large: ${message}. Scale the image down, or save it as a JPEG, and open it again.`;
   if (status === 503) { // the server says why: busy, loading or stopping
     const retry = retryAfter && !/try again/i.test(message) ? `; try again in ${retryAfter} s` : "";
     return `${message.charAt(0).toUpperCase()}${message.slice(1)}${retry}.`;
@@ -173,7 +173,7 @@ function showClickStatus(text) {
 
 const WEIGHTS_NOTES = {
   random:
-    "These weights are RANDOM: the masks mean nothing (usually one per image). " +
+    "These weights are RANDOM: the masks mean nothing (none pass sam2's default thresholds). " +
     "Start the server with an official SAM2.1 checkpoint for real masks.",
   demo:
     "This is the project's small demo model, trained on generated shapes: it finds simple objects, " +
@@ -638,7 +638,7 @@ async function openFile(file) {
   } catch (error) {
     if (generation !== state.generation) return;
     state.labels = null; // no masks: the click tool stays off for this image
-    state.everythingStatus = state.clickStatus = "No masks for this image.";
+    state.everythingStatus = state.clickStatus = "No masks for this image: open another.";
     done();
     showError(error.message);
   }
@@ -663,9 +663,12 @@ function showImage(bitmap) {
 
 // Shows the image as large as the window allows beside the list (small images up to 4x).
 function fitToWindow() {
-  if (!state.width) return;
   const main = document.querySelector("main");
   const stacked = getComputedStyle(main).flexDirection === "column"; // narrow screens: the list below
+  // Beside the image, the list ends where the window does: its last rows a scroll of the list away.
+  const aside = document.querySelector("aside");
+  aside.style.maxHeight = stacked ? "" : `${Math.max(200, window.innerHeight - aside.getBoundingClientRect().top - 16)}px`;
+  if (!state.width) return;
   const width = main.clientWidth - (stacked ? 4 : document.querySelector("aside").offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
   const scale = Math.min(width / state.width, height / state.height, 4);
@@ -710,7 +713,9 @@ function listMasks() {
     const row = document.createElement("tr");
     row.dataset.index = i;
     row.tabIndex = -1; // one row at a time is a Tab stop (below); arrows move between rows
-    row.className = i === state.selected ? "selected" : "";
+    row.classList.toggle("selected", i === state.selected);
+    row.classList.toggle("hovered", i === state.hovered);
+    row.classList.toggle("added", Boolean(state.annotations[i].prompt)); // the click tool's masks
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.background = `rgb(${state.colours[i].join(", ")})`;
@@ -732,6 +737,15 @@ function listMasks() {
   }
 }
 
+// Scrolls the list, not the page, to a row out of its sight (a mask selected on the image).
+function showInList(row) {
+  const aside = document.querySelector("aside");
+  const list = aside.getBoundingClientRect();
+  const shown = row.getBoundingClientRect();
+  if (shown.top < list.top) aside.scrollTop -= Math.ceil(list.top - shown.top);
+  else if (shown.bottom > list.bottom) aside.scrollTop += Math.ceil(shown.bottom - list.bottom);
+}
+
 // The list is one Tab stop (hundreds of masks would be hundreds of stops): the row last focused,
 // else the selected one, else the first, has tabIndex 0; the others are reached by the arrows.
 function rowStop(row) {
@@ -747,6 +761,7 @@ function describe(i) {
 function setHovered(i) {
   if (i === state.hovered) return;
   state.hovered = i;
+  for (const row of $("mask-list").tBodies[0].rows) row.classList.toggle("hovered", Number(row.dataset.index) === i);
   const shown = i >= 0 ? i : state.selected;
   $("hover-info").textContent = shown >= 0 ? describe(shown) : "\u00a0";
   drawHighlight();
@@ -756,6 +771,7 @@ function select(i) {
   state.selected = i === state.selected ? -1 : i;
   for (const row of $("mask-list").tBodies[0].rows) {
     row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
+    if (Number(row.dataset.index) === state.selected) showInList(row);
   }
   $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
   toolButtons();
@@ -955,12 +971,22 @@ function keepClickMask() {
 function removeSelectedMask() {
   const index = state.selected;
   if (index < 0 || tool() !== "everything") return;
+  const rows = $("mask-list").tBodies[0].rows; // live: the list's rows after it is built again too
+  const focused = $("mask-list").contains(document.activeElement);
+  const at = [...rows].findIndex((row) => Number(row.dataset.index) === index);
   for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
   state.removed += 1;
   state.hovered = -1;
   select(index); // unselects it: its outline goes, and the figures
   masksChanged();
-  showEverythingStatus(`Mask ${index} removed: ${maskCounts()}`);
+  // The keyboard stays in the list, on the row now where the removed one was (else Delete
+  // left the focus nowhere, and the arrows did nothing).
+  const next = rows[Math.min(at, rows.length - 1)];
+  if (focused && next && next.dataset.index !== undefined) next.focus();
+  const last = state.annotations.length; // the removed mask's number, before: the last one's
+  const moved = last === index ? "" : last === index + 1 ? `; mask ${last} is now ${index}`
+    : `; masks ${index + 1} to ${last} are now ${index} to ${last - 1}`;
+  showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
 }
 
 function masksChanged() {
@@ -1001,7 +1027,8 @@ function setTool() {
   $("viewer").classList.toggle("click-tool", click);
   toolButtons();
   $("tool-help").textContent = click
-    ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: undo."
+    ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: " +
+      "undo. Clicks and a box describe one object: add its mask, or clear the clicks, before the next."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
   // Mask figures belong to the every-mask tool: none in the click tool, the selected mask's again on return.
@@ -1154,11 +1181,12 @@ function init() {
     if (file) openFile(file);
   });
   const top = $("highlight-canvas");
-  top.addEventListener("mousedown", onPointerDown);
-  top.addEventListener("mousemove", onPointerMove);
-  top.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
+  // Pointer events: a mouse, a pen or a finger (style.css keeps a finger's drag from scrolling).
+  top.addEventListener("pointerdown", onPointerDown);
+  top.addEventListener("pointermove", onPointerMove);
+  top.addEventListener("pointerleave", () => tool() === "everything" && setHovered(-1));
   top.addEventListener("contextmenu", (event) => event.preventDefault());
-  window.addEventListener("mouseup", onPointerUp);
+  window.addEventListener("pointerup", onPointerUp);
   document.addEventListener("keydown", onKeyDown);
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list

@@ -26,9 +26,9 @@ import ray
 from tqdm import tqdm
 
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_option, amg_options, check_checkpoint_arguments,
-    compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths, report_error_lines,
-    require_output_file, run_script, write_lines,
+    HelpWithDefaults, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
+    check_checkpoint_arguments, compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths,
+    report_error_lines, require_output_file, run_script, write_lines,
 )
 from deploy import cluster_device
 from sam2serve.checkpoints import load_model, resolve_checkpoint
@@ -121,11 +121,18 @@ def main() -> None:
         # Workers on this machine, most likely: a checkpoint that cannot be used is said here, in
         # one line, not by each worker's death after Ray starts (loading it costs seconds).
         load_model(*resolve_checkpoint(args.checkpoint_dir, args.model_type), "cpu")
+    # ray.init puts Ray's own SIGTERM handlers in place (an exit with status 15, or an abort with
+    # a stack dump, 134): the script's are put back (run_script's: one line, status 143).
     on_sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address=args.address)
-    # Ray puts its own SIGTERM handler in place (which aborts the job with a stack dump, status
-    # 134): the script's (run_script: one line, status 143, the output's .partial removed) again.
-    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        ray.init(address=args.address)
+    except SystemExit as stop:  # SIGTERM while Ray started, to its Python handler
+        if stop.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    finally:
+        if on_sigterm is not None:  # None: a handler from outside Python, not to be put back from here
+            signal.signal(signal.SIGTERM, on_sigterm)
     options = {**args.options, "device": args.options["device"] or cluster_device()}
     print(f"{args.workers} worker(s) on {options['device']}, mode {args.mode}", file=sys.stderr)
     failed = run(args.paths, args.output, options, args.workers, args.batch_size)

@@ -245,8 +245,7 @@ async def read_form(request: Request, limits: Limits):
         if error.message.startswith("Too many"):
             raise too_many_parts(limits) from None
         if "exceeded maximum size" in error.message:  # which field, as server.py says it
-            raise form_limit_error(io.BytesIO(body), request.headers.get("content-type", ""), len(body), limits) \
-                from None
+            raise form_limit_error(io.BytesIO(body), request.headers.get("content-type", ""), limits) from None
         raise InvalidImage(f"the body is not a multipart form that can be read ({error.message}); "
                            "send the image as curl -F 'image=@file.jpg'") from None
 

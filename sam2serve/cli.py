@@ -94,6 +94,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(_signum, _frame) -> None:
+    # A second SIGTERM, while the first one's clean-up runs (the `finally` blocks it unwinds
+    # through, atexit's), ends the process at once: not a Terminated raised in the clean-up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
@@ -101,7 +104,8 @@ def run_script(main: Callable[[], None]) -> None:
     """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
     saying why and what to do, not a traceback; so does a stop, Ctrl-C or SIGTERM (what was
     printed stays; a time limit such as `timeout` sends SIGTERM). A second SIGTERM, while the
-    first one's clean-up runs (temporary folders, a Ray instance), ends the process at once."""
+    first one's clean-up runs (temporary folders, a loader's tryout, a Ray instance), ends the
+    process at once."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -109,7 +113,6 @@ def run_script(main: Callable[[], None]) -> None:
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     except Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a traceback from the clean-up it would cut
         print("stopped (SIGTERM)", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from flask import Flask, Response, g, request
 from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.formparser import FormDataParser
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 from werkzeug.http import parse_options_header
 
 from .amg import Generator
@@ -115,23 +115,34 @@ def field_too_large(limits: Limits, name: str | None = None) -> FormTooLarge:
     return FormTooLarge(f"{what} is larger than the limit of {limits.max_form_field_bytes} bytes; {instead}")
 
 
-def form_limit_error(stream: IO[bytes], content_type: str, length: int | None, limits: Limits) -> FormTooLarge:
-    """Which of the form's limits the form parser hit (werkzeug and Starlette raise one error
-    for both, and name no field): the body, buffered and at most the upload limit, is parsed
-    again with the part limit alone, which finds the text field over its limit."""
+def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> FormTooLarge:
+    """Which of the form's limits the form parser hit (werkzeug raises one error for both, and
+    Starlette names no field): the body, buffered and at most the upload limit, is read again,
+    its parts counted and each text field's bytes as sent (the limit counts those: a field's
+    text, decoded, can be longer or shorter)."""
     too_many = too_many_parts(limits)
     try:
         stream.seek(0)
     except (AttributeError, OSError, ValueError):  # not seekable: say both
         return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
-    mimetype, options = parse_options_header(content_type)
-    parser = FormDataParser(max_form_parts=limits.max_form_parts, max_content_length=limits.max_upload_bytes)
+    decoder = MultipartDecoder(parse_options_header(content_type)[1].get("boundary", "").encode())
+    parts, field, sizes = 0, None, {}
     try:
-        _, form, _ = parser.parse(stream, mimetype, length, options)
-    except RequestEntityTooLarge:
-        return too_many
-    over = (name for name, value in form.items(multi=True) if len(value.encode()) > limits.max_form_field_bytes)
-    return field_too_large(limits, next(over, None))
+        while chunk := stream.read(1 << 16):
+            decoder.receive_data(chunk)
+            while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
+                if isinstance(event, (Field, File)):
+                    parts += 1
+                    field = event.name if isinstance(event, Field) else None
+                    if parts > limits.max_form_parts:
+                        return too_many
+                elif isinstance(event, Data) and field is not None:
+                    sizes[field] = sizes.get(field, 0) + len(event.data)
+                    if sizes[field] > limits.max_form_field_bytes:
+                        return field_too_large(limits, field)
+    except ValueError:  # a malformed form: the field is not named
+        pass
+    return field_too_large(limits)
 
 
 def json_text(payload: object) -> str:
@@ -724,8 +735,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the request and its form
             if (request.content_length or 0) > limits.max_upload_bytes:
                 return json_response({"error": str(UploadTooLarge(limits))}, 413)
-            error = form_limit_error(request.environ["wsgi.input"], request.content_type or "",
-                                     request.content_length, limits)
+            error = form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits)
             return json_response({"error": str(error)}, 413)
         # Headers such as 405's Allow stay; the body becomes JSON.
         headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}

@@ -385,15 +385,21 @@ def raising(error: Exception):
     return call
 
 
-def test_a_second_sigterm_ends_a_scripts_clean_up_at_once():
-    """A script stopped by SIGTERM cleans up as it exits (atexit: a Ray instance, unpacked
-    packages); a second SIGTERM meanwhile ends it at once, where it raised in the clean-up and
-    printed a traceback."""
+@pytest.mark.parametrize("clean_up", ["finally", "atexit"])
+def test_a_second_sigterm_ends_a_scripts_clean_up_at_once(clean_up):
+    """A script stopped by SIGTERM cleans up as it unwinds (`finally`: a loader's tryout, a
+    folder) and exits (atexit: a Ray instance, unpacked packages); a second SIGTERM meanwhile
+    ends it at once, where it raised in the clean-up (cut short, with a traceback at exit)."""
+    second = "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)"
     script = ("import atexit, os, signal, time\nfrom sam2serve.cli import run_script\n"
-              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
-              "run_script(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n")
+              + ("def main():\n    try:\n        os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+                 f"    finally:\n        {second}\n" if clean_up == "finally" else
+                 f"atexit.register(lambda: ({second.replace('; ', ', ')}))\n"
+                 "def main():\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n")
+              + "run_script(main)\n")
     stopped = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert stopped.returncode == -signal.SIGTERM and stopped.stderr.strip() == "stopped (SIGTERM)", stopped.stderr
+    expected = "" if clean_up == "finally" else "stopped (SIGTERM)"  # ended in the clean-up, before the line
+    assert stopped.returncode == -signal.SIGTERM and stopped.stderr.strip() == expected, stopped.stderr
 
 
 def test_a_script_stopped_while_the_loader_is_tried_leaves_nothing_behind(tmp_path):

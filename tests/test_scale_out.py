@@ -620,20 +620,45 @@ def test_the_bulk_job_stops_on_sigterm_in_one_line(tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     with log.open("w") as stderr:
         job = subprocess.Popen([sys.executable, "-m", "deploy.ray_bulk_job", str(paths), str(output), "--mode", "ao"],
-                               cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+                               cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                               start_new_session=True)
         try:
             deadline = time.monotonic() + 120
             while "worker(s) on" not in log.read_text() and job.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert job.poll() is None, log.read_text()
+            assert job.poll() is None and "worker(s) on" in log.read_text(), log.read_text()
             job.send_signal(signal.SIGTERM)
             job.wait(timeout=120)
         finally:
-            job.kill()
+            if job.poll() is None:  # the job and the Ray processes it started
+                os.killpg(job.pid, signal.SIGKILL)
     text = log.read_text()
     assert job.returncode == 143 and text.strip().splitlines()[-1] == "stopped (SIGTERM)", text[-3000:]
     assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
     assert not output.exists()
+
+
+def test_the_bulk_job_stopped_while_ray_starts_says_so_in_one_line(tmp_path):
+    """SIGTERM while ray.init runs, to the handler Ray has put in place by then (an exit with
+    status 15 and no word): the job stops as every script does. Ray's start stood in for (the
+    window lasts seconds), its handler as Ray's."""
+    paths = tmp_path / "paths"
+    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n")
+    script = f"""
+import os, signal, sys
+from deploy import ray_bulk_job
+from sam2serve.cli import run_script
+
+def starting(address=None):  # Ray's handler put in place, then a SIGTERM before ray.init returns
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(signal.SIGTERM))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+ray_bulk_job.ray.init = starting
+sys.argv = ["ray_bulk_job", {str(paths)!r}, {str(tmp_path / 'rle_masks')!r}, "--mode", "ao"]
+run_script(ray_bulk_job.main)
+"""
+    stopped = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 143 and stopped.stderr.strip().splitlines()[-1] == "stopped (SIGTERM)", stopped.stderr
 
 
 def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):

@@ -1096,7 +1096,7 @@ def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_or_let_go_
 
 def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
     """Touch, as on a phone or tablet: a finger's drag draws a box (the page took mouse events
-    alone, and a drag scrolled), a tap adds a point."""
+    alone, and a drag scrolled), a tap adds a point, a long press a point off the object."""
     with stubbed_fetch(page, stub_answers()):
         open_image(page, small_image(tmp_path, "touch.png"))
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
@@ -1115,6 +1115,12 @@ def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
         finger.perform()
         wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
         assert page_state(page, "clicks")[0]["label"] == 1
+        # A long press (touch has no right click, no shift key): a point off the object.
+        finger = ActionBuilder(page, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+        finger.pointer_action.move_to(canvas, 10, 5).pointer_down().pause(0.7).pointer_up()
+        finger.perform()
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 2, timeout=10)
+        assert [click["label"] for click in page_state(page, "clicks")] == [1, 0]
 
 
 def test_on_a_phone_the_image_stays_put_while_the_status_changes(page, tmp_path):

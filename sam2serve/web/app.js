@@ -10,10 +10,11 @@
 const $ = (id) => document.getElementById(id);
 const MASK_ALPHA = 150; // of 255: the photo shows through
 const LARGE_MASK_ALPHA = 60; // masks over half the image (the background, mostly): lighter
-const CLICK_HELP = "Click: a point on the object; right click or shift-click: a point off it; drag: a box; " +
-  "Ctrl+Z or Backspace: undo.";
+const CLICK_HELP = "Click: a point on the object; right click, shift-click or long press: a point off it; " +
+  "drag: a box; Ctrl+Z: undo."; // three lines at most on a phone (style.css holds three)
 const EDGE_ALPHA = 255;
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
+const LONG_PRESS_MS = 500; // a finger held this long, not moving: a point off the object (touch has no right click)
 // The viewer's canvases, bottom to top, all the image's size: the image, every mask (the
 // every-mask tool's), the masks added by clicks (the click tool's), the selected mask (painted
 // when the selection changes, not on every hover: a large one takes a while), and the hovered
@@ -1027,8 +1028,9 @@ function setTool() {
   $("viewer").classList.toggle("click-tool", click);
   toolButtons();
   $("tool-help").textContent = click
-    ? "Click a point on an object; right click or shift-click a point off it; drag a box; Ctrl+Z or Backspace: " +
-      "undo. Clicks and a box describe one object: add its mask, or clear the clicks, before the next."
+    ? "Click a point on an object; right click, shift-click or a long press: a point off it; drag a box; " +
+      "Ctrl+Z or Backspace: undo. Clicks and a box describe one object: add its mask, or clear the clicks, " +
+      "before the next."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
   // Mask figures belong to the every-mask tool: none in the click tool, the selected mask's again on return.
@@ -1060,7 +1062,8 @@ let press = null;
 
 function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
-  press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey };
+  press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
+            touch: event.pointerType === "touch", at: performance.now() };
   event.preventDefault();
 }
 
@@ -1121,7 +1124,8 @@ function onPointerUp(event) {
     state.box = box;
     state.boxAfter = state.clicks.length;
   } else {
-    state.clicks.push({ x: start.x, y: start.y, label: start.background ? 0 : 1 });
+    const held = start.touch && performance.now() - start.at >= LONG_PRESS_MS;
+    state.clicks.push({ x: start.x, y: start.y, label: start.background || held ? 0 : 1 });
   }
   drawHighlight();
   segment();

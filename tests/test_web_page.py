@@ -1067,13 +1067,19 @@ def test_the_status_says_what_runs_in_either_tool_and_what_failed(page, tmp_path
         assert page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr") == []
 
 
+def in_the_click_tool(page, image: Path):
+    """Opens the image, takes the click tool once the (stubbed) server has encoded it: the top
+    canvas and its size on screen."""
+    open_image(page, image)
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    return canvas, canvas.rect["width"], canvas.rect["height"]
+
+
 def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_or_let_go_of_is_no_box(page, tmp_path):
     with stubbed_fetch(page, stub_answers()):
-        open_image(page, small_image(tmp_path, "edges.png"))
-        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
-        canvas = page.find_element(By.ID, "highlight-canvas")
-        width, height = canvas.rect["width"], canvas.rect["height"]
+        canvas, width, height = in_the_click_tool(page, small_image(tmp_path, "edges.png"))
         ActionChains(page).move_to_element_with_offset(canvas, 0, 0).click_and_hold() \
             .move_by_offset(width / 2 + 30, height / 2 + 30).release().perform()  # past the bottom right corner
         wait_for(page, lambda d: page_state(d, "clickPrompt") is not None, timeout=10)
@@ -1098,11 +1104,7 @@ def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
     """Touch, as on a phone or tablet: a finger's drag draws a box (the page took mouse events
     alone, and a drag scrolled), a tap adds a point, a long press a point off the object."""
     with stubbed_fetch(page, stub_answers()):
-        open_image(page, small_image(tmp_path, "touch.png"))
-        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
-        canvas = page.find_element(By.ID, "highlight-canvas")
-        width, height = canvas.rect["width"], canvas.rect["height"]
+        canvas, width, height = in_the_click_tool(page, small_image(tmp_path, "touch.png"))
         finger = ActionBuilder(page, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
         finger.pointer_action.move_to(canvas, -width / 4, -height / 4).pointer_down() \
             .move_to(canvas, width / 4, height / 4).pointer_up()

@@ -126,19 +126,19 @@ def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> Fo
     except (AttributeError, OSError, ValueError):  # not seekable: say both
         return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
     decoder = MultipartDecoder(parse_options_header(content_type)[1].get("boundary", "").encode())
-    parts, field, sizes = 0, None, {}
+    parts, field, size = 0, None, 0  # the limit is each part's: a name given twice is two parts
     try:
         while chunk := stream.read(1 << 16):
             decoder.receive_data(chunk)
             while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
                 if isinstance(event, (Field, File)):
                     parts += 1
-                    field = event.name if isinstance(event, Field) else None
+                    field, size = (event.name if isinstance(event, Field) else None), 0
                     if parts > limits.max_form_parts:
                         return too_many
                 elif isinstance(event, Data) and field is not None:
-                    sizes[field] = sizes.get(field, 0) + len(event.data)
-                    if sizes[field] > limits.max_form_field_bytes:
+                    size += len(event.data)
+                    if size > limits.max_form_field_bytes:
                         return field_too_large(limits, field)
     except ValueError:  # a malformed form: the field is not named
         pass

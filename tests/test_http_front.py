@@ -199,6 +199,7 @@ def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
     ("prompts too large", 413, "the form's text field 'prompts' is larger than the limit of 500000 bytes; 64 prompt "
                                "sets of 64 points fit in under 200 kB as compact JSON"),
     ("prompts too large, another field longer as text", 413, "the form's text field 'prompts' is larger than"),
+    ("prompts too large, another name given twice", 413, "the form's text field 'prompts' is larger than"),
     ("upload too large", 413, "upload larger than the limit of 1048576 bytes"),
     ("too many pixels", 413, "pixels; the limit is 10000 pixels"),
     ("two images", 400, "one file in the field 'image', received 2"),
@@ -212,6 +213,10 @@ def test_each_limit_answers_with_its_own_message(client, case, status, message):
         # 200 kB that are not UTF-8: decoded, each byte is a 3-byte replacement character.
         "prompts too large, another field longer as text": [image, ("note", None, b"\xff" * 200_000),
                                                              ("prompts", None, b"x" * 500_001)],
+        # Two parts of one name, each under the limit (together over it): the limit is a part's.
+        "prompts too large, another name given twice": [image, ("note", None, b"x" * 260_000),
+                                                         ("note", None, b"x" * 260_000),
+                                                         ("prompts", None, b"x" * 500_001)],
         "upload too large": [("image", "big.png", b"x" * (2**20 + 1))],
         "too many pixels": [("image", "big.png", png_of(1, size=(101, 100)))],
         "two images": [image, image],

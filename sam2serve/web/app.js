@@ -670,7 +670,7 @@ function fitToWindow() {
   const aside = document.querySelector("aside");
   aside.style.maxHeight = stacked ? "" : `${Math.max(200, window.innerHeight - aside.getBoundingClientRect().top - 16)}px`;
   if (!state.width) return;
-  const width = main.clientWidth - (stacked ? 4 : document.querySelector("aside").offsetWidth + 24);
+  const width = main.clientWidth - (stacked ? 4 : aside.offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
   const scale = Math.min(width / state.width, height / state.height, 4);
   for (const id of LAYERS) {

@@ -52,8 +52,8 @@ from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
     URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
     error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
-    require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer, share_encodings,
-    too_many_parts,
+    request_settings, require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer,
+    share_encodings, too_many_parts,
 )
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
@@ -107,18 +107,25 @@ class SegmentEverything:
         # image (or a batch too large for the GPU's memory) fails only its own request. Once
         # every request of the batch is cancelled (Ray cancels those whose clients disconnect),
         # its masks stop before the next batch of point prompts, as in server.py.
-        return await self.on_model_thread(generate_each, self.pipeline.generator, [r.image for r in requests],
-                                          False, lambda: all(r.cancelled for r in requests))
+        # Requests with settings of their own (?pred_iou_thresh=...) run apart from the others.
+        answers = {}
+        for settings in dict.fromkeys(r.settings for r in requests):
+            group = [r for r in requests if r.settings == settings]
+            answers.update(zip(map(id, group), await self.on_model_thread(
+                generate_each, self.pipeline.generator, [r.image for r in group], False,
+                lambda: all(r.cancelled for r in group), dict(settings))))
+        return [answers[id(r)] for r in requests]
 
-    async def masks(self, image, annotate: bool = False) -> list:
+    async def masks(self, image, annotate: bool = False, settings: dict[str, float] | None = None) -> list:
         """The image's masks (with annotate, their records: one image per call, as sam2 makes
-        them image by image); a request cancelled meanwhile stops them."""
+        them image by image), under the request's own settings; a request cancelled meanwhile
+        stops them."""
         self.waiting += 1
-        request = ImageRequest(image)
+        request = ImageRequest(image, tuple(sorted((settings or {}).items())))
         try:
             if annotate:
                 [answer] = await self.on_model_thread(generate_each, self.pipeline.generator, [image], True,
-                                                      lambda: request.cancelled)
+                                                      lambda: request.cancelled, settings)
             else:
                 answer = await self.segment(request)
         except asyncio.CancelledError:
@@ -165,13 +172,14 @@ class SegmentEverything:
         try:
             request = await with_body_read(request, self.limits)
             asked = answer_format(path, request.query_params.getlist("format"))
+            settings = request_settings(path, request.query_params.multi_items())
             if path in UPLOAD_ENDPOINTS:
                 image = await self.uploaded_image(request)
                 if asked == "coco":
-                    records = await self.masks(image, annotate=True)
+                    records = await self.masks(image, annotate=True, settings=settings)
                     body, media_type = json_text(coco_annotations(records)), "application/json"
                 else:
-                    body, media_type = render_answer(path, image, await self.masks(image))
+                    body, media_type = render_answer(path, image, await self.masks(image, settings=settings))
             else:
                 body, media_type = json_text(await self.prompts(request, path)), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
@@ -214,6 +222,7 @@ class ImageRequest:
     """An image in a replica batch, and whether its request was cancelled meanwhile."""
 
     image: np.ndarray
+    settings: tuple[tuple[str, float], ...] = ()  # the request's own, as sorted items
     cancelled: bool = False
 
 

@@ -109,6 +109,12 @@ class AMGConfig:
             raise ValueError(f"crop_overlap_ratio must be within [0, 1), got {self.crop_overlap_ratio}")
 
 
+# What one request may change of the server's settings: the filters after the decoder. They change
+# neither the kernels (compiled for the grid and batch sizes) nor, much, the work; the grid,
+# crops and batch sizes stay the server's.
+REQUEST_SETTINGS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh")
+
+
 class Interrupted(RuntimeError):
     """The generator's should_stop() said stop, before a crop or a batch of point prompts: nobody
     waits for these masks any more."""
@@ -120,6 +126,7 @@ def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
 
 
 class Generator(Protocol):
+    config: AMGConfig
     # Asked before each crop and batch of point prompts, where set: True ends the call with Interrupted
     # (the server's: every request of the call has gone, its client or its time).
     should_stop: Callable[[], bool] | None
@@ -145,6 +152,16 @@ class Generator(Protocol):
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
         """annotate() of each image, sharing work as generate_batch does."""
         ...
+
+
+def with_settings(generator: Generator, settings: dict[str, float]) -> Generator:
+    """The generator under a request's own REQUEST_SETTINGS (none given: the generator itself).
+    Cheap: the same model and kernels; ao's eager decoder is rebuilt for its IoU gate."""
+    if not settings:
+        return generator
+    if unknown := set(settings) - set(REQUEST_SETTINGS):
+        raise ValueError(f"not settings a request may change: {sorted(unknown)}")
+    return generator.with_config(replace(generator.config, **settings))
 
 
 def fit_predictor_to_model(predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
@@ -174,7 +191,7 @@ def baseline_leaves_out(config: AMGConfig) -> str | None:
 class ReferenceMaskGenerator:
     """The `sam2` package's SAM2AutomaticMaskGenerator, unmodified: the baseline."""
 
-    def __init__(self, model: SAM2Base, config: AMGConfig) -> None:
+    def __init__(self, model: SAM2Base, config: AMGConfig, warn: bool = True) -> None:
         self.config = config
         self.generator = SAM2AutomaticMaskGenerator(
             model, **asdict(config), output_mode="uncompressed_rle"
@@ -184,7 +201,7 @@ class ReferenceMaskGenerator:
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
         left_out = baseline_leaves_out(config)
-        if left_out:
+        if left_out and warn:
             log.warning("baseline: %s; ao and the fast modes apply it on every device", left_out)
 
     def unless_stopped(self, step: Callable) -> Callable:
@@ -201,7 +218,9 @@ class ReferenceMaskGenerator:
         return [self.generate(image) for image in images]  # sam2's generator takes one image
 
     def with_config(self, config: AMGConfig) -> "ReferenceMaskGenerator":
-        return ReferenceMaskGenerator(self.generator.predictor.model, config)
+        # (warned once, when the server's was built: a request's settings leave that one alone)
+        warn = config.min_mask_region_area != self.config.min_mask_region_area
+        return ReferenceMaskGenerator(self.generator.predictor.model, config, warn)
 
     def annotate(self, image: np.ndarray) -> list[dict]:
         return self.generator.generate(image)
@@ -325,9 +344,11 @@ class MaskGenerator:
         return self.given_kernels is None and self.kernels.dtype == torch.float32
 
     def with_config(self, config: AMGConfig) -> "MaskGenerator":
-        """The same model and kernels under other settings (eager kernels follow the settings;
-        compiled ones must fit them)."""
-        return MaskGenerator(self.model, config, self.given_kernels)
+        """The same model, kernels and hooks under other settings (eager kernels follow the
+        settings; compiled ones must fit them)."""
+        generator = MaskGenerator(self.model, config, self.given_kernels)
+        generator.on_features, generator.on_out_of_memory = self.on_features, self.on_out_of_memory
+        return generator
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return self.generate_batch([image])[0]

@@ -36,7 +36,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 from werkzeug.http import parse_options_header
 
-from .amg import Generator
+from .amg import REQUEST_SETTINGS, AMGConfig, Generator
 from .interactive import (
     MAX_POINTS, MAX_PROMPT_SETS, EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts,
 )
@@ -597,6 +597,34 @@ class Metrics:
         return prom.generate_latest(self.registry)
 
 
+def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """A request's own settings (amg.REQUEST_SETTINGS) from its query parameters, checked as the
+    server's options are; /upload and /upload_rle take them. Any other parameter but `format` is
+    refused: a misspelt setting would otherwise be ignored without a word."""
+    takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
+    settings: dict[str, float] = {}
+    given: set[str] = set()
+    for name, value in query:
+        if name not in takes:
+            raise InvalidImage(f"unknown query parameter {shown(name)}: {endpoint} takes {', '.join(takes)}")
+        if name == "format":
+            continue
+        if name in given:
+            raise InvalidImage(f"{name}: given twice; give it once")
+        given.add(name)
+        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
+            continue
+        try:
+            settings[name] = float(value)
+        except ValueError:
+            raise InvalidImage(f"{name}: {shown(value)} is not a number") from None
+    try:
+        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], a finite offset
+    except ValueError as error:
+        raise InvalidImage(str(error)) from None
+    return settings
+
+
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
                cache: EmbeddingCache | None = None, access_log: bool = False) -> Flask:
     """The Flask app in front of one inference worker.
@@ -676,10 +704,12 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     def answer(endpoint: str) -> Response:
         asked = answer_format(endpoint, request.args.getlist("format"))
+        settings = request_settings(endpoint, request.args.items(multi=True))
         image = uploaded_image()
         if asked == "coco":
-            return json_response(coco_annotations(worker.submit(image, annotate=True, abandoned=client_gone())))
-        body, mimetype = render_answer(endpoint, image, worker.submit(image, abandoned=client_gone()))
+            records = worker.submit(image, annotate=True, abandoned=client_gone(), settings=settings)
+            return json_response(coco_annotations(records))
+        body, mimetype = render_answer(endpoint, image, worker.submit(image, abandoned=client_gone(), settings=settings))
         return Response(body, mimetype=mimetype)
 
     @app.post("/embed")
@@ -687,6 +717,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
         answer_format("/embed", request.args.getlist("format"))
+        request_settings("/embed", request.args.items(multi=True))
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
         run = functools.partial(worker.call, abandoned=client_gone())
@@ -699,6 +730,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
         answer_format("/segment", request.args.getlist("format"))
+        request_settings("/segment", request.args.items(multi=True))
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: one request timeout (counted from here,
         # reading the upload included), and only the first call may find the queue full.

@@ -49,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .amg import Generator, Interrupted
+from .amg import Generator, Interrupted, with_settings
 from .rle import RLE
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Job:
 
     image: np.ndarray | None = None
     annotate: bool = False  # the image's mask records (Generator.annotate) instead of its RLE masks
+    settings: dict[str, float] = field(default_factory=dict)  # the request's own (amg.with_settings)
     call: Callable[[], Any] | None = None
     abandoned: Callable[[], bool] | None = None  # whether nobody waits for the answer any more
     timed_out: bool = False  # its request gave up waiting
@@ -193,11 +194,13 @@ class InferenceWorker:
             raise NotReady("the model is loading; try again when GET /health answers 200")
 
     def submit(self, image: np.ndarray, annotate: bool = False,
-               abandoned: Callable[[], bool] | None = None) -> list[RLE] | list[dict]:
+               abandoned: Callable[[], bool] | None = None,
+               settings: dict[str, float] | None = None) -> list[RLE] | list[dict]:
         """The image's masks (with annotate, their records: Generator.annotate), once the worker
-        has run it. Raises NotReady, Stopping, Busy or TimedOut, Abandoned if abandoned() says so
-        when its turn comes, or the generator's own error for this image."""
-        return self._wait_for(Job(image=image, annotate=annotate, abandoned=abandoned))
+        has run it, under the request's own settings where given (amg.with_settings). Raises
+        NotReady, Stopping, Busy or TimedOut, Abandoned if abandoned() says so when its turn
+        comes, or the generator's own error for this image."""
+        return self._wait_for(Job(image=image, annotate=annotate, abandoned=abandoned, settings=settings or {}))
 
     def call(self, function: Callable[[], Any], deadline: float | None = None,
              abandoned: Callable[[], bool] | None = None, continues: bool = False) -> Any:
@@ -308,16 +311,18 @@ class InferenceWorker:
                     job.future.set_exception(failure)
                 else:
                     job.future.set_result(answer)
-        # Masks and mask records run as batches of their own (one image-encoder call each).
-        for annotate in (False, True):
-            batch = [job for job in jobs if job.call is None and job.annotate == annotate]
-            if batch:
-                self._run_images(batch, annotate)
+        # Masks, then mask records, under each request's settings, run as batches of their own
+        # (one image-encoder call each).
+        kinds = dict.fromkeys((job.annotate, tuple(sorted(job.settings.items()))) for job in jobs if job.call is None)
+        for annotate, settings in sorted(kinds, key=lambda kind: kind[0]):
+            batch = [job for job in jobs if job.call is None and job.annotate == annotate
+                     and job.settings == dict(settings)]
+            self._run_images(batch, annotate, dict(settings))
 
-    def _run_images(self, batch: list[Job], annotate: bool) -> None:
+    def _run_images(self, batch: list[Job], annotate: bool, settings: dict[str, float]) -> None:
         started = time.perf_counter()
         answers = generate_each(self.generator, [job.image for job in batch], annotate,
-                                stop=lambda: all(job.timed_out or gone(job) for job in batch))
+                                stop=lambda: all(job.timed_out or gone(job) for job in batch), settings=settings)
         if any(isinstance(answer, Interrupted) for answer in answers):
             log.info("stopped segment-everything of %d image(s): their requests have gone", len(batch))
             answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
@@ -352,11 +357,17 @@ def gone(job: Job) -> bool:
 
 
 def generate_each(generator: Generator, images: list[np.ndarray], annotate: bool = False,
-                  stop: Callable[[], bool] | None = None) -> list[list[RLE] | list[dict] | Exception]:
+                  stop: Callable[[], bool] | None = None,
+                  settings: dict[str, float] | None = None) -> list[list[RLE] | list[dict] | Exception]:
     """Each image's masks (with annotate, their records), or the error of that image alone: the
     images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one.
     stop, where given, is the generator's should_stop meanwhile: once it says so, before a batch
-    of point prompts, every image answers Interrupted (nobody waits for them any more)."""
+    of point prompts, every image answers Interrupted (nobody waits for them any more).
+    settings: the requests' own (amg.with_settings), the same for every image."""
+    try:
+        generator = with_settings(generator, settings or {})
+    except Exception as error:  # noqa: BLE001 - every image's answer, the worker goes on
+        return [error for _ in images]
     if stop is not None:
         generator.should_stop = stop
     try:

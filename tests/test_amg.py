@@ -251,3 +251,23 @@ def test_min_mask_region_area_equals_baseline(trained_micro_checkpoint, monkeypa
     assert_same_masks(MaskGenerator(model, config).generate(image), reference, min_iou=0.999)
     without = ReferenceMaskGenerator(model, replace(config, min_mask_region_area=0)).generate(image)
     assert reference != without
+
+
+def test_a_requests_settings_keep_the_generator_and_its_warning_once(tiny_model, caplog):
+    """with_settings: only the filters a request may change, on the same model; the baseline's
+    warning that sam2 skips min_mask_region_area here (no CUDA extension) is the server's, said
+    when it starts, not again for each request with settings of its own."""
+    from sam2serve.amg import with_settings
+
+    config = AMGConfig(points_per_side=4, min_mask_region_area=10)
+    with caplog.at_level("WARNING", logger="sam2serve.amg"):
+        baseline = ReferenceMaskGenerator(tiny_model, config)
+        variant = with_settings(baseline, {"pred_iou_thresh": 0.5})
+    assert [record.getMessage() for record in caplog.records] == [
+        "baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: SAM2_BUILD_CUDA=0); "
+        "ao and the fast modes apply it on every device"]
+    assert variant.config == replace(config, pred_iou_thresh=0.5) and baseline.config == config
+    assert variant.generator.predictor.model is tiny_model
+    assert with_settings(baseline, {}) is baseline
+    with pytest.raises(ValueError, match="not settings a request may change: \\['points_per_side'\\]"):
+        with_settings(MaskGenerator(tiny_model, config), {"points_per_side": 8})

@@ -8,6 +8,7 @@ requests, and a 400 naming the field for each kind of bad prompt.
 """
 
 import copy
+import dataclasses
 import io
 import json
 import re
@@ -682,3 +683,56 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
         assert response.status_code == 400 and words in response.get_json()["error"], url
     for url in ("/upload?format=png", "/upload_rle?format=rle", "/embed?format=json", "/upload_rle?format="):
         assert client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).status_code == 200, url
+
+
+def test_a_requests_own_thresholds_give_sam2s_masks_under_them(micro):
+    """/upload_rle?pred_iou_thresh=...: the masks sam2's generator makes under those settings, in
+    ao and in baseline mode, while the next request without them gets the server's own."""
+    from sam2serve.amg import ReferenceMaskGenerator
+
+    image = make_scene(120, 160, seed=3)
+    config = AMGConfig(points_per_side=8)
+    asked = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8, "stability_score_offset": 2.0, "box_nms_thresh": 0.9}
+    expected = ReferenceMaskGenerator(micro, dataclasses.replace(config, **asked)).generate(image)
+    default = ReferenceMaskGenerator(micro, config).generate(image)
+    assert len(expected) > len(default) > 3  # every setting counts here (16 masks; 8 with the server's)
+    query = "&".join(f"{name}={value}" for name, value in asked.items())
+    for generator in (MaskGenerator(micro, config), ReferenceMaskGenerator(micro, config)):
+        cache = EmbeddingCache(2**30)
+        # ao keeps the image's encoding for an /embed of it: under a request's settings too
+        keeps = serving.share_encodings(generator, PromptSegmenter(micro, "micro"), cache)
+        assert keeps == isinstance(generator, MaskGenerator)
+        worker = InferenceWorker()
+        worker.start(generator, None)
+        client = create_app(worker, cache=cache).test_client()
+
+        def post(url):
+            response = client.post(url, data={"image": (io.BytesIO(png(image)), "a.png")})
+            assert response.status_code == 200, response.get_data()
+            return response.get_json()
+
+        assert list(post(f"/upload_rle?{query}").values()) == expected, type(generator).__name__
+        assert cache.stats().spares == keeps
+        records = post(f"/upload_rle?format=coco&{query}")
+        assert len(records) == len(expected) and min(record["predicted_iou"] for record in records) <= 0.8
+        assert list(post("/upload_rle").values()) == default
+        assert post("/upload_rle?pred_iou_thresh=&box_nms_thresh=0.7") == post("/upload_rle")  # empty: the server's
+
+
+@pytest.mark.parametrize("url, words", [
+    ("/upload_rle?pred_iou=0.5", "unknown query parameter 'pred_iou': /upload_rle takes format, pred_iou_thresh, "
+                                 "stability_score_thresh, stability_score_offset, box_nms_thresh"),
+    ("/upload?points_per_side=64", "unknown query parameter 'points_per_side'"),
+    ("/upload_rle?pred_iou_thresh=high", "pred_iou_thresh: 'high' is not a number"),
+    ("/upload_rle?pred_iou_thresh=1.5", "pred_iou_thresh must be within [0, 1], got 1.5"),
+    ("/upload_rle?box_nms_thresh=nan", "box_nms_thresh must be within [0, 1], got nan"),
+    ("/upload_rle?stability_score_offset=inf", "stability_score_offset must be a finite number"),
+    ("/upload_rle?pred_iou_thresh=0.5&pred_iou_thresh=0.6", "pred_iou_thresh: given twice"),
+    ("/embed?pred_iou_thresh=0.5", "unknown query parameter 'pred_iou_thresh': /embed takes format"),
+    ("/segment?stability_score_thresh=0.5", "/segment takes format"),
+])
+def test_settings_a_request_cannot_have_are_refused(micro, url, words):
+    client = micro_client(micro)
+    response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert response.status_code == 400 and words in response.get_json()["error"], response.get_json()
+    assert client.get("/health").status_code == 200

@@ -289,9 +289,12 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
                 status, _, body = post_image(url + endpoint, path.read_bytes(), path.name, timeout_s=120)
                 assert (status, body) == flask_answer(flask_client, endpoint, path.read_bytes()), (path.name, endpoint)
         data = (image_files / "a.jpg").read_bytes()
-        for endpoint in ("/upload_rle?format=coco", "/upload?format=coco"):
+        for endpoint in ("/upload_rle?format=coco", "/upload?format=coco", "/upload_rle?box_nms_thresh=0.5",
+                         "/upload?format=png&box_nms_thresh=0.5", "/upload_rle?format=coco&pred_iou_thresh=0.1"):
             answer = post_image(url + endpoint, data, "a.jpg", timeout_s=120)
             assert (answer[0], answer[2]) == flask_answer(flask_client, endpoint, data), endpoint
+        assert flask_answer(flask_client, "/upload_rle?box_nms_thresh=0.5", data) != flask_answer(
+            flask_client, "/upload_rle", data)  # the request's own setting counts
         # Prompts: /embed, then /segment by id and in one multipart request.
         from tools.load_test import post
 
@@ -373,6 +376,10 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
         if status == 413 or case in ("path without @", "raw image", "another multipart type"):  # the same message as well
             assert answer == flask.get_data(), case
+    for query in ("?pred_iou=0.5", "?box_nms_thresh=2", "?format=coco&stability_score_thresh=x"):  # settings refused
+        status, _, answer = post(url + "/upload_rle" + query, *multipart([image]), 60)
+        flask = flask_client.post("/upload_rle" + query, data=multipart([image])[0], content_type=multipart([image])[1])
+        assert (status, answer) == (400, flask.get_data()) and flask.status_code == 400, query
     for long_url in ("/health?q=" + "a" * 9000, "/" + "%41" * 3000, "/sam2/upload_rle?" + "b" * 9000):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url + long_url, timeout=30)
@@ -474,6 +481,30 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]
     answers = asyncio.run(replica_class.segment.__wrapped__(replica, [ImageRequest(image) for image in images]))
     assert answers[0] == generate_batch(images[:1])[0] and isinstance(answers[1], RuntimeError)
+    replica.model_thread.shutdown()
+
+
+def test_a_ray_serve_batch_runs_each_request_under_its_own_settings():
+    """Requests with thresholds of their own (?box_nms_thresh=...) in one replica batch each get
+    the masks of their settings, as in server.py; the others the replica's."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("ray")
+    from deploy.ray_serve_app import ImageRequest, SegmentEverything
+    from sam2serve.amg import with_settings
+
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
+    replica.model_thread = ThreadPoolExecutor(1)
+    replica.pipeline = load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4})
+    image = make_scene(64, 80, seed=5)
+    loose = {"box_nms_thresh": 1.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    requests = [ImageRequest(image), ImageRequest(image, tuple(sorted(loose.items()))), ImageRequest(image)]
+    answers = asyncio.run(replica_class.segment.__wrapped__(replica, requests))
+    generator = replica.pipeline.generator
+    assert answers[0] == answers[2] == generator.generate(image)
+    assert answers[1] == with_settings(generator, loose).generate(image) and len(answers[1]) > len(answers[0])
     replica.model_thread.shutdown()
 
 

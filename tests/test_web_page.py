@@ -352,6 +352,46 @@ def test_downloads_equal_the_server_answers(uploaded, server, downloads):
         assert image.size == Image.open(EXAMPLE).size
 
 
+def set_filters(driver, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        field = driver.find_element(By.ID, name)
+        field.clear()
+        field.send_keys(value)
+
+
+def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, server):
+    """The Filters box starts at the server's settings; "Segment again" asks /upload_rle for the
+    open image's masks under the values set apart from them, and the masks on the page are then
+    the server's answer to that query, byte for byte. Masks added or removed are not dropped
+    without asking."""
+    page = uploaded
+    study_json = lambda: page.execute_script("return window.sam2page.studyJson()")  # noqa: E731
+    server_settings = {"pred_iou_thresh": "0.8", "stability_score_thresh": "0.95", "stability_score_offset": "1",
+                       "box_nms_thresh": "0.7"}
+    assert {name: page.find_element(By.ID, name).get_attribute("value") for name in server_settings} == server_settings
+    default = server_answer(server, EXAMPLE).decode()
+    assert study_json() == default
+    page.find_element(By.CSS_SELECTOR, "#filters summary").click()
+    set_filters(page, {"pred_iou_thresh": "0.6", "stability_score_thresh": "0.9"})
+    page.find_element(By.ID, "segment-again").click()
+    loose = server_answer(server, EXAMPLE, "?pred_iou_thresh=0.6&stability_score_thresh=0.9").decode()
+    assert len(json.loads(loose)) > len(json.loads(default))  # 28 masks, 17 at the server's settings
+    wait_for(page, lambda d: study_json() == loose and "this page's filters" in status(d))
+    # A mask removed, then the filters submitted (Enter): asked first; "no" keeps the page as it is.
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+    page.find_element(By.ID, "remove-mask").click()
+    edited = study_json()
+    page.find_element(By.ID, "box_nms_thresh").send_keys(Keys.ENTER)
+    wait_for(page, lambda d: "removed here are lost" in d.switch_to.alert.text, timeout=10)
+    page.switch_to.alert.dismiss()
+    assert study_json() == edited and "Mask 0 removed" in status(page)
+    set_filters(page, server_settings)
+    page.find_element(By.ID, "segment-again").click()
+    page.switch_to.alert.accept()
+    wait_for(page, lambda d: study_json() == default and " masks in " in status(d))
+    assert "filters" not in status(page)
+
+
 def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("these are not pixels")

@@ -6,6 +6,7 @@ says which image it was computed from (a swapped answer would show).
 """
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam2serve.amg import Interrupted
+from sam2serve.amg import AMGConfig, Interrupted
 from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
 from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, NotReady, Stopping, TimedOut, gone
@@ -164,6 +165,44 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
                        for value in (2, 3)}
     assert plain[4] == [{"size": [8, 6], "counts": [4, 1]}]
     assert observed == [(1, [1]), (1, [1]), (2, [1, 1])]
+
+
+class SettingsStub(StubGenerator):
+    """A StubGenerator under settings (Generator.with_config): each batch is recorded with the
+    pred_iou_thresh it ran under."""
+
+    config = AMGConfig()
+
+    def with_config(self, config):
+        variant = copy.copy(self)  # the same batches, gate and events
+        variant.config = config
+        return variant
+
+    def generate_batch(self, images):
+        answers = super().generate_batch(images)
+        self.batches[-1] = (self.config.pred_iou_thresh, self.batches[-1])
+        return answers
+
+
+def test_requests_with_settings_of_their_own_run_in_batches_apart():
+    stub = SettingsStub()
+    worker = InferenceWorker(batch_size=4, max_queue=10)
+    first, threads = hold_worker(worker, stub)
+    answers = {}
+
+    def request(value, settings):
+        answers[value] = worker.submit(image_of(value), settings=settings)
+
+    for value, settings in ((2, {}), (3, {"pred_iou_thresh": 0.5}), (4, {}), (5, {"pred_iou_thresh": 0.5})):
+        threads.append(threading.Thread(target=request, args=(value, settings)))
+        threads[-1].start()
+        wait_for(lambda: worker.queue_depth == value - 1)
+    stub.gate.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert stub.batches == [(0.8, [1]), (0.8, [2, 4]), (0.5, [3, 5])]
+    assert answers == {value: [{"size": [8, 6], "counts": [value, 1]}] for value in (2, 3, 4, 5)}
+    assert stub.config.pred_iou_thresh == 0.8  # the server's own, untouched
 
 
 def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():

@@ -13,6 +13,8 @@ const LARGE_MASK_ALPHA = 60; // masks over half the image (the background, mostl
 const CLICK_HELP = "Click: a point on the object; right click, shift-click or long press: a point off it; " +
   "drag: a box; Ctrl+Z: undo."; // three lines at most on a phone (style.css holds three)
 const EDGE_ALPHA = 255;
+// sam2's filters, which a request may set for itself (the Filters box; the server's otherwise).
+const FILTERS = ["pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"];
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
 const LONG_PRESS_MS = 500; // a finger held this long, not moving: a point off the object (touch has no right click)
 // The viewer's canvases, bottom to top, all the image's size: the image, every mask (the
@@ -103,6 +105,16 @@ async function request(path, options) {
 
 function fileName() {
   return state.file.name || `${state.name}.png`; // a pasted image has none
+}
+
+// Segment-everything's query: COCO records, under the filters set apart from the server's.
+function everythingQuery() {
+  const query = new URLSearchParams({ format: "coco" });
+  for (const name of FILTERS) {
+    const value = $(name).value;
+    if (value !== "" && Number(value) !== state.info?.amg?.[name]) query.set(name, value);
+  }
+  return query;
 }
 
 function imageForm() {
@@ -199,6 +211,7 @@ async function loadHealth() {
   }
   state.info = info;
   $("server-info").textContent = `${info.model} · mode ${info.mode} · ${info.device}`;
+  for (const name of FILTERS) if ($(name).value === "") $(name).value = info.amg[name]; // the server's
   const note = WEIGHTS_NOTES[info.weights];
   $("weights-note").hidden = !note;
   $("weights-note").textContent = note || "";
@@ -628,13 +641,14 @@ async function openFile(file) {
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
   showImage(bitmap);
   try {
-    const text = await request("upload_rle?format=coco", { method: "POST", body: imageForm(), signal: requests.signal });
+    const query = everythingQuery();
+    const text = await request(`upload_rle?${query}`, { method: "POST", body: imageForm(), signal: requests.signal });
     if (generation !== state.generation) return;
     const serverMs = done();
     showMasks(text);
     const count = state.annotations.length;
     showEverythingStatus(`${count} ${count === 1 ? "mask" : "masks"} in ${(serverMs / 1000).toFixed(2)} s ` +
-      `(drawn in ${Math.round(state.renderMs)} ms)`);
+      `(drawn in ${Math.round(state.renderMs)} ms)${FILTERS.some((name) => query.has(name)) ? "; this page's filters" : ""}`);
     if (tool() === "click") await embed();
   } catch (error) {
     if (generation !== state.generation) return;
@@ -990,6 +1004,19 @@ function removeSelectedMask() {
   showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
 }
 
+// The open image's masks again, under the Filters box's values (the masks added and removed are
+// lost: asked first).
+function segmentAgain(event) {
+  event.preventDefault();
+  if (!state.file) {
+    showEverythingStatus("Open an image: its masks come under these filters.");
+    return;
+  }
+  const edited = state.removed || state.annotations.some((a) => a.prompt);
+  if (edited && !confirm("Segment the image again? The masks added and removed here are lost.")) return;
+  openFile(state.file);
+}
+
 function masksChanged() {
   state.labels = buildLabels();
   drawMaskLayers();
@@ -1235,6 +1262,7 @@ function init() {
   $("download-coco").addEventListener("click", () =>
     download(new Blob([cocoDataset()], { type: "application/json" }), `${state.name}_coco.json`));
   $("download-png").addEventListener("click", downloadOverlay);
+  $("filters-form").addEventListener("submit", segmentAgain);
   window.addEventListener("resize", fitToWindow);
   setTool();
   loadHealth();

@@ -62,6 +62,7 @@ MAX_POINTS_PER_SIDE = 1024
 # Crop layer n cuts the image into 4**n crops, each segmented like the whole image: 4 layers are
 # 341 image encodings per image already (sam2's own examples use 1); 50 built crop boxes forever.
 MAX_CROP_N_LAYERS = 4
+MAX_STABILITY_SCORE_OFFSET = 1000.0
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,13 @@ class AMGConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         # (a NaN threshold keeps no mask: every comparison with it is false)
-        for name in ("stability_score_offset", "mask_threshold"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not math.isfinite(self.mask_threshold):
+            raise ValueError(f"mask_threshold must be a finite number, got {self.mask_threshold}")
+        # The stability score compares the mask at mask_threshold +- the offset: at 0 or below,
+        # scores above 1 and 0/0; beyond float32's reach, 0/0 too. Logits stay within tens.
+        if not 0.0 < self.stability_score_offset <= MAX_STABILITY_SCORE_OFFSET:
+            raise ValueError(f"stability_score_offset must be above 0 and at most {MAX_STABILITY_SCORE_OFFSET:g}, "
+                             f"got {self.stability_score_offset}")
         if not 0.0 <= self.crop_overlap_ratio < 1.0:
             raise ValueError(f"crop_overlap_ratio must be within [0, 1), got {self.crop_overlap_ratio}")
 
@@ -505,10 +510,11 @@ class MaskGenerator:
         if self.device.type != "cpu":
             chunk = min(chunk, masks_per_upscale(self.device, orig_hw))
         with record_function("amg.masks"):
-            run_lengths = [
-                rle_run_lengths(self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw))
-                for start in range(0, len(candidates), chunk)
-            ]
+            run_lengths = []
+            for start in range(0, len(candidates), chunk):
+                stop_if_asked(self.should_stop)  # thousands of masks kept (loose filters) take a while
+                chunk_masks = self.render_masks(candidates.select(slice(start, start + chunk)), crop_boxes, orig_hw)
+                run_lengths.append(rle_run_lengths(chunk_masks))
             return run_lengths_to_rles(run_lengths, *orig_hw)
 
     def render_masks(

@@ -603,21 +603,19 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
     refused: a misspelt setting would otherwise be ignored without a word."""
     takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
     settings: dict[str, float] = {}
-    given: set[str] = set()
     for name, value in query:
         if name not in takes:
-            raise InvalidImage(f"unknown query parameter {shown(name)}: {endpoint} takes {', '.join(takes)}")
-        if name == "format":
+            raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
+        if name == "format" or value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
             continue
-        if name in given:
+        if name in settings:
             raise InvalidImage(f"{name}: given twice; give it once")
-        given.add(name)
-        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
-            continue
         try:
             settings[name] = float(value)
         except ValueError:
             raise InvalidImage(f"{name}: {shown(value)} is not a number") from None
+        if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
+            raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
     try:
         AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], a finite offset
     except ValueError as error:

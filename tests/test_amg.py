@@ -10,6 +10,7 @@ order, to float rounding (ao's decoder adds and multiplies in another order, so 
 logit lies within about 1e-6 of the threshold may flip).
 """
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -167,7 +168,10 @@ def test_boxes_of_logits_equal_sam2s_boxes_of_masks():
                                  dict(stability_score_offset=float("inf")), dict(mask_threshold=float("nan")),
                                  dict(crop_overlap_ratio=1.0), dict(points_per_side=1025),
                                  dict(crop_n_layers=5),  # 50 built crop boxes until memory ran out
-                                 dict(pred_iou_thresh=1.01), dict(pred_iou_thresh=-0.5)])  # kept no mask / all
+                                 dict(pred_iou_thresh=1.01), dict(pred_iou_thresh=-0.5),  # kept no mask / all
+                                 # stability scores above 1, or 0/0 (NaN in the JSON of ?format=coco)
+                                 dict(stability_score_offset=0.0), dict(stability_score_offset=-1.0),
+                                 dict(stability_score_offset=1e300)])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         AMGConfig(**bad)
@@ -191,7 +195,8 @@ def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_check
 def test_should_stop_is_asked_before_each_crop_and_batch_of_point_prompts(
         trained_micro_checkpoint, generator_class, crop_n_layers):
     """What lets the server stop making masks nobody waits for any more; asked and answered
-    False, it changes nothing."""
+    False, it changes nothing. ao asks too before each chunk of the masks it renders (thousands,
+    under loose filters)."""
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
     config = AMGConfig(points_per_side=4, points_per_batch=4, crop_n_layers=crop_n_layers)  # 4 batches a crop
     generator = generator_class(model, config)
@@ -205,7 +210,13 @@ def test_should_stop_is_asked_before_each_crop_and_batch_of_point_prompts(
     asked.clear()
     generator.should_stop = lambda: asked.append(1) or False
     crops = 5 if crop_n_layers else 1
-    assert generator.generate(image) == expected and len(asked) == crops * (1 + 4)
+    chunks = math.ceil(len(expected) / 4) if generator_class is MaskGenerator else 0  # rendered 4 at a time
+    assert expected and generator.generate(image) == expected and len(asked) == crops * (1 + 4) + chunks
+    if generator_class is MaskGenerator:  # stopped while its masks are rendered
+        asked.clear()
+        generator.should_stop = lambda: asked.append(1) or len(asked) == crops * (1 + 4) + 1
+        with pytest.raises(Interrupted):
+            generator.generate(image)
 
 
 @pytest.mark.parametrize("filters", ["sam2", "off"])
@@ -253,19 +264,20 @@ def test_min_mask_region_area_equals_baseline(trained_micro_checkpoint, monkeypa
     assert reference != without
 
 
-def test_a_requests_settings_keep_the_generator_and_its_warning_once(tiny_model, caplog):
+def test_a_requests_settings_keep_the_generator_and_its_warning_once(tiny_model, caplog, monkeypatch):
     """with_settings: only the filters a request may change, on the same model; the baseline's
-    warning that sam2 skips min_mask_region_area here (no CUDA extension) is the server's, said
-    when it starts, not again for each request with settings of its own."""
+    warning that sam2 skips min_mask_region_area (without its CUDA extension) is the server's,
+    said when it starts, not again for each request with settings of its own."""
+    from sam2serve import amg
     from sam2serve.amg import with_settings
 
+    monkeypatch.setattr(amg, "baseline_leaves_out", lambda config: config.min_mask_region_area and "it skips that")
     config = AMGConfig(points_per_side=4, min_mask_region_area=10)
     with caplog.at_level("WARNING", logger="sam2serve.amg"):
         baseline = ReferenceMaskGenerator(tiny_model, config)
         variant = with_settings(baseline, {"pred_iou_thresh": 0.5})
     assert [record.getMessage() for record in caplog.records] == [
-        "baseline: sam2 skips min_mask_region_area without its CUDA extension (not built here: SAM2_BUILD_CUDA=0); "
-        "ao and the fast modes apply it on every device"]
+        "baseline: it skips that; ao and the fast modes apply it on every device"]
     assert variant.config == replace(config, pred_iou_thresh=0.5) and baseline.config == config
     assert variant.generator.predictor.model is tiny_model
     assert with_settings(baseline, {}) is baseline

@@ -720,16 +720,20 @@ def test_a_requests_own_thresholds_give_sam2s_masks_under_them(micro):
 
 
 @pytest.mark.parametrize("url, words", [
-    ("/upload_rle?pred_iou=0.5", "unknown query parameter 'pred_iou': /upload_rle takes format, pred_iou_thresh, "
+    ("/upload_rle?pred_iou=0.5", "query parameter 'pred_iou' is not one /upload_rle takes: format, pred_iou_thresh, "
                                  "stability_score_thresh, stability_score_offset, box_nms_thresh"),
-    ("/upload?points_per_side=64", "unknown query parameter 'points_per_side'"),
+    ("/upload?points_per_side=64", "query parameter 'points_per_side' is not one /upload takes"),
     ("/upload_rle?pred_iou_thresh=high", "pred_iou_thresh: 'high' is not a number"),
     ("/upload_rle?pred_iou_thresh=1.5", "pred_iou_thresh must be within [0, 1], got 1.5"),
-    ("/upload_rle?box_nms_thresh=nan", "box_nms_thresh must be within [0, 1], got nan"),
-    ("/upload_rle?stability_score_offset=inf", "stability_score_offset must be a finite number"),
+    ("/upload_rle?box_nms_thresh=nan", "box_nms_thresh: 'nan' is not a finite number"),
+    ("/upload_rle?stability_score_offset=1" + "0" * 400, "stability_score_offset: '1000000000000000000000000000000000000000"
+                                                         "...' is not a finite number"),
+    # at 0 or below, stability scores above 1 and 0/0 (NaN, which is no JSON, in ?format=coco)
+    ("/upload_rle?format=coco&stability_score_offset=-50", "stability_score_offset must be above 0 and at most 1000"),
+    ("/upload_rle?stability_score_offset=0", "stability_score_offset must be above 0"),
     ("/upload_rle?pred_iou_thresh=0.5&pred_iou_thresh=0.6", "pred_iou_thresh: given twice"),
-    ("/embed?pred_iou_thresh=0.5", "unknown query parameter 'pred_iou_thresh': /embed takes format"),
-    ("/segment?stability_score_thresh=0.5", "/segment takes format"),
+    ("/embed?pred_iou_thresh=0.5", "query parameter 'pred_iou_thresh' is not one /embed takes: format"),
+    ("/segment?stability_score_thresh=0.5", "is not one /segment takes: format"),
 ])
 def test_settings_a_request_cannot_have_are_refused(micro, url, words):
     client = micro_client(micro)

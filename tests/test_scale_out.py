@@ -484,15 +484,25 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     replica.model_thread.shutdown()
 
 
-def test_a_ray_serve_batch_runs_each_request_under_its_own_settings():
+def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch):
     """Requests with thresholds of their own (?box_nms_thresh=...) in one replica batch each get
-    the masks of their settings, as in server.py; the others the replica's."""
+    the masks of their settings, as in server.py, in one call of the model per settings; the
+    others the replica's."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("ray")
+    from deploy import ray_serve_app
     from deploy.ray_serve_app import ImageRequest, SegmentEverything
     from sam2serve.amg import with_settings
+
+    calls, generate_each_image = [], ray_serve_app.generate_each
+
+    def generate_each(generator, images, annotate, stop, settings):
+        calls.append((len(images), settings))
+        return generate_each_image(generator, images, annotate, stop, settings)
+
+    monkeypatch.setattr(ray_serve_app, "generate_each", generate_each)
 
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
@@ -505,6 +515,7 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings():
     generator = replica.pipeline.generator
     assert answers[0] == answers[2] == generator.generate(image)
     assert answers[1] == with_settings(generator, loose).generate(image) and len(answers[1]) > len(answers[0])
+    assert calls == [(2, {}), (1, loose)]
     replica.model_thread.shutdown()
 
 

@@ -377,12 +377,15 @@ def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, serve
     loose = server_answer(server, EXAMPLE, "?pred_iou_thresh=0.6&stability_score_thresh=0.9").decode()
     assert len(json.loads(loose)) > len(json.loads(default))  # 28 masks, 17 at the server's settings
     wait_for(page, lambda d: study_json() == loose and "this page's filters" in status(d))
-    # A mask removed, then the filters submitted (Enter): asked first; "no" keeps the page as it is.
+    # A mask selected, then Delete typed in a field of the box: the field's key, not the page's.
     page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+    page.find_element(By.ID, "pred_iou_thresh").send_keys(Keys.DELETE)
+    assert study_json() == loose and page_state(page, "selected") == 0
+    # A mask removed, then the filters submitted (Enter): asked first; "no" keeps the page as it is.
     page.find_element(By.ID, "remove-mask").click()
     edited = study_json()
     page.find_element(By.ID, "box_nms_thresh").send_keys(Keys.ENTER)
-    wait_for(page, lambda d: "removed here are lost" in d.switch_to.alert.text, timeout=10)
+    wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
     page.switch_to.alert.dismiss()
     assert study_json() == edited and "Mask 0 removed" in status(page)
     set_filters(page, server_settings)
@@ -390,6 +393,15 @@ def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, serve
     page.switch_to.alert.accept()
     wait_for(page, lambda d: study_json() == default and " masks in " in status(d))
     assert "filters" not in status(page)
+    # A value out of range typed but not submitted: the next image is not sent under it.
+    set_filters(page, {"pred_iou_thresh": "1.5"})
+    open_image(page, EXAMPLE)
+    error = page.find_element(By.ID, "error")
+    wait_for(page, lambda d: error.is_displayed() and "Filters box" in error.text, timeout=10)
+    assert study_json() == default
+    set_filters(page, {"pred_iou_thresh": "0.8"})
+    open_image(page, EXAMPLE)
+    wait_for(page, lambda d: not error.is_displayed() and " masks in " in status(d) and study_json() == default)
 
 
 def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):

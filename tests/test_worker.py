@@ -168,10 +168,14 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
 
 
 class SettingsStub(StubGenerator):
-    """A StubGenerator under settings (Generator.with_config): each batch is recorded with the
-    pred_iou_thresh it ran under."""
+    """A StubGenerator under settings (Generator.with_config): the pred_iou_thresh each batch ran
+    under is recorded too."""
 
     config = AMGConfig()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thresholds: list[float] = []  # each batch's
 
     def with_config(self, config):
         variant = copy.copy(self)  # the same batches, gate and events
@@ -179,9 +183,8 @@ class SettingsStub(StubGenerator):
         return variant
 
     def generate_batch(self, images):
-        answers = super().generate_batch(images)
-        self.batches[-1] = (self.config.pred_iou_thresh, self.batches[-1])
-        return answers
+        self.thresholds.append(self.config.pred_iou_thresh)
+        return super().generate_batch(images)
 
 
 def test_requests_with_settings_of_their_own_run_in_batches_apart():
@@ -190,18 +193,21 @@ def test_requests_with_settings_of_their_own_run_in_batches_apart():
     first, threads = hold_worker(worker, stub)
     answers = {}
 
-    def request(value, settings):
-        answers[value] = worker.submit(image_of(value), settings=settings)
+    def request(value, settings, annotate=False):
+        answers[value] = worker.submit(image_of(value), annotate=annotate, settings=settings)
 
-    for value, settings in ((2, {}), (3, {"pred_iou_thresh": 0.5}), (4, {}), (5, {"pred_iou_thresh": 0.5})):
-        threads.append(threading.Thread(target=request, args=(value, settings)))
+    for value, settings, annotate in ((2, {}, False), (3, {"pred_iou_thresh": 0.5}, False), (4, {}, False),
+                                      (5, {"pred_iou_thresh": 0.5}, False), (6, {"pred_iou_thresh": 0.5}, True)):
+        threads.append(threading.Thread(target=request, args=(value, settings, annotate)))
         threads[-1].start()
         wait_for(lambda: worker.queue_depth == value - 1)
     stub.gate.set()
     for thread in threads:
         thread.join(timeout=30)
-    assert stub.batches == [(0.8, [1]), (0.8, [2, 4]), (0.5, [3, 5])]
-    assert answers == {value: [{"size": [8, 6], "counts": [value, 1]}] for value in (2, 3, 4, 5)}
+    # Masks first, each settings' apart; then the records (?format=coco), the same way.
+    assert list(zip(stub.thresholds, stub.batches)) == [(0.8, [1]), (0.8, [2, 4]), (0.5, [3, 5]), (0.5, [-6])]
+    assert answers == {**{value: [{"size": [8, 6], "counts": [value, 1]}] for value in (2, 3, 4, 5)},
+                       6: [{"segmentation": {"size": [8, 6], "counts": [6, 1]}, "area": 1}]}
     assert stub.config.pred_iou_thresh == 0.8  # the server's own, untouched
 
 

@@ -1,5 +1,6 @@
-// The web page: one image at a time, its masks from POST /upload_rle?format=coco drawn over it,
-// and a click tool on POST /embed + POST /segment. No framework, no build step.
+// The web page: one image at a time, its masks from POST /upload_rle?format=coco (under the
+// Filters box's thresholds) drawn over it, and a click tool on POST /embed + POST /segment. No
+// framework, no build step.
 //
 // Masks stay run-length encoded (column-major runs, background first, as COCO writes them).
 // They are drawn through a label map, the index of the mask on top at each pixel, filled run
@@ -211,7 +212,9 @@ async function loadHealth() {
   }
   state.info = info;
   $("server-info").textContent = `${info.model} · mode ${info.mode} · ${info.device}`;
-  for (const name of FILTERS) if ($(name).value === "") $(name).value = info.amg[name]; // the server's
+  for (const name of FILTERS) { // the server's, where nothing was typed yet
+    if ($(name).value === "" && !$(name).validity.badInput && info.amg) $(name).value = info.amg[name];
+  }
   const note = WEIGHTS_NOTES[info.weights];
   $("weights-note").hidden = !note;
   $("weights-note").textContent = note || "";
@@ -619,6 +622,12 @@ function clearViewer() {
 
 async function openFile(file) {
   if (!file) return;
+  if (!$("filters-form").checkValidity()) { // typed in the Filters box, not submitted, not a value it takes
+    $("filters").open = true;
+    $("filters-form").reportValidity();
+    showError("A value in the Filters box is not one the server takes: correct it, then open the image again.");
+    return;
+  }
   const opening = ++state.opening;
   const what = file.name || "the pasted image";
   const done = busy(`Segmenting ${what}…`);
@@ -1012,8 +1021,8 @@ function segmentAgain(event) {
     showEverythingStatus("Open an image: its masks come under these filters.");
     return;
   }
-  const edited = state.removed || state.annotations.some((a) => a.prompt);
-  if (edited && !confirm("Segment the image again? The masks added and removed here are lost.")) return;
+  const edited = state.removed || state.annotations.some((a) => a.prompt) || state.clicks.length || state.box;
+  if (edited && !confirm("Segment the image again? The masks added and removed here, and the clicks, are lost.")) return;
   openFile(state.file);
 }
 
@@ -1098,6 +1107,7 @@ function onPointerDown(event) {
 // Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
 // in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
+  if (event.target.closest("input, select, textarea")) return; // typing in a field: its keys are its own
   if (event.key === "Delete" && tool() === "everything" && state.selected >= 0) {
     event.preventDefault();
     removeSelectedMask();

@@ -115,25 +115,27 @@ class AMGConfig:
 
 
 # What one request may change of the server's settings: the filters after the decoder. They change
-# neither the kernels (compiled for the grid and batch sizes) nor, much, the work; the grid,
-# crops and batch sizes stay the server's.
+# neither the kernels (compiled for the grid and batch sizes) nor the prompts; looser ones keep
+# more masks, which take longer to render. The grid, crops and batch sizes stay the server's.
 REQUEST_SETTINGS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh")
 
 
 class Interrupted(RuntimeError):
-    """The generator's should_stop() said stop, before a crop or a batch of point prompts: nobody
-    waits for these masks any more."""
+    """The generator's should_stop() said stop, before a crop or a batch of point prompts (ao:
+    or a chunk of the masks it renders): nobody waits for these masks any more."""
 
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
     if should_stop is not None and should_stop():
-        raise Interrupted("stopped before a crop or a batch of point prompts: nobody waits for these masks any more")
+        raise Interrupted("stopped before a crop, a batch of point prompts or a chunk of masks: nobody waits for "
+                          "these masks any more")
 
 
 class Generator(Protocol):
     config: AMGConfig
-    # Asked before each crop and batch of point prompts, where set: True ends the call with Interrupted
-    # (the server's: every request of the call has gone, its client or its time).
+    # Asked before each crop and batch of point prompts (ao: and each chunk of masks rendered),
+    # where set: True ends the call with Interrupted (the server's: every request of the call has
+    # gone, its client or its time).
     should_stop: Callable[[], bool] | None
 
     def generate(self, image: np.ndarray) -> list[RLE]:

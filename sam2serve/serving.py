@@ -209,12 +209,15 @@ def coco_annotations(records: list[dict]) -> list[dict]:
     """Mask records (Generator.annotate) as COCO annotations: segmentation as compressed RLE,
     the string pycocotools reads, and bbox as COCO's [x, y, width, height], pycocotools' toBbox
     (sam2's record counts its last column and row out: a box one pixel short, none for a mask
-    one pixel wide)."""
+    one pixel wide). A stability score of 0/0 (a mask empty at both of its levels, kept only
+    with the stability filter off) is null: NaN is no JSON."""
     annotations = []
     for record in records:
         segmentation = coco_encode_rle(record["segmentation"])
         bbox = mask_utils.toBbox({**segmentation, "counts": segmentation["counts"].encode()})
-        annotations.append({**record, "segmentation": segmentation, "bbox": [int(value) for value in bbox]})
+        stability = record.get("stability_score")
+        annotations.append({**record, "segmentation": segmentation, "bbox": [int(value) for value in bbox],
+                            "stability_score": stability if stability is None or math.isfinite(stability) else None})
     return annotations
 
 
@@ -603,13 +606,17 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
     refused: a misspelt setting would otherwise be ignored without a word."""
     takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
     settings: dict[str, float] = {}
+    given: set[str] = set()
     for name, value in query:
         if name not in takes:
             raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
-        if name == "format" or value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
+        if name == "format":
             continue
-        if name in settings:
+        if name in given:
             raise InvalidImage(f"{name}: given twice; give it once")
+        given.add(name)
+        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
+            continue
         try:
             settings[name] = float(value)
         except ValueError:
@@ -617,7 +624,7 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
             raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
     try:
-        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], a finite offset
+        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], an offset above 0
     except ValueError as error:
         raise InvalidImage(str(error)) from None
     return settings

@@ -719,6 +719,22 @@ def test_a_requests_own_thresholds_give_sam2s_masks_under_them(micro):
         assert post("/upload_rle?pred_iou_thresh=&box_nms_thresh=0.7") == post("/upload_rle")  # empty: the server's
 
 
+def test_records_of_every_candidate_are_strict_json(micro):
+    """With the filters off, a mask can be empty at both of its stability levels, where sam2's
+    stability score is 0/0: the record says null, as NaN is no JSON."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    worker = InferenceWorker()
+    worker.start(MaskGenerator(micro, AMGConfig(points_per_side=16)), None)
+    client = create_app(worker).test_client()
+    response = client.post("/upload_rle?format=coco&pred_iou_thresh=0&stability_score_thresh=0&box_nms_thresh=1",
+                           data={"image": (io.BytesIO(png(make_scene(120, 160, seed=3))), "a.png")})
+    scores = [record["stability_score"] for record in json.loads(response.get_data(), parse_constant=no_constants)]
+    assert len(scores) == 768 and scores.count(None) == 1  # every candidate, one of them 0/0
+    assert all(0.0 <= score <= 1.0 for score in scores if score is not None)
+
+
 @pytest.mark.parametrize("url, words", [
     ("/upload_rle?pred_iou=0.5", "query parameter 'pred_iou' is not one /upload_rle takes: format, pred_iou_thresh, "
                                  "stability_score_thresh, stability_score_offset, box_nms_thresh"),
@@ -732,6 +748,7 @@ def test_a_requests_own_thresholds_give_sam2s_masks_under_them(micro):
     ("/upload_rle?format=coco&stability_score_offset=-50", "stability_score_offset must be above 0 and at most 1000"),
     ("/upload_rle?stability_score_offset=0", "stability_score_offset must be above 0"),
     ("/upload_rle?pred_iou_thresh=0.5&pred_iou_thresh=0.6", "pred_iou_thresh: given twice"),
+    ("/upload_rle?box_nms_thresh=0.5&box_nms_thresh=", "box_nms_thresh: given twice"),
     ("/embed?pred_iou_thresh=0.5", "query parameter 'pred_iou_thresh' is not one /embed takes: format"),
     ("/segment?stability_score_thresh=0.5", "is not one /segment takes: format"),
 ])

@@ -388,9 +388,13 @@ def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, serve
     wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
     page.switch_to.alert.dismiss()
     assert study_json() == edited and "Mask 0 removed" in status(page)
+    set_filters(page, {"stability_score_offset": "0"})  # the server takes none at 0 or below: nor does the field
+    assert page.execute_script("return document.getElementById('stability_score_offset').validity.rangeUnderflow")
     set_filters(page, server_settings)
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
     page.find_element(By.ID, "segment-again").click()
     page.switch_to.alert.accept()
+    assert page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").is_selected()  # to see them
     wait_for(page, lambda d: study_json() == default and " masks in " in status(d))
     assert "filters" not in status(page)
     # A value out of range typed but not submitted: the next image is not sent under it.

@@ -649,8 +649,8 @@ async function openFile(file) {
   state.file = file;
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
   showImage(bitmap);
+  const query = everythingQuery();
   try {
-    const query = everythingQuery();
     const text = await request(`upload_rle?${query}`, { method: "POST", body: imageForm(), signal: requests.signal });
     if (generation !== state.generation) return;
     const serverMs = done();
@@ -662,7 +662,9 @@ async function openFile(file) {
   } catch (error) {
     if (generation !== state.generation) return;
     state.labels = null; // no masks: the click tool stays off for this image
-    state.everythingStatus = state.clickStatus = "No masks for this image: open another.";
+    state.everythingStatus = state.clickStatus = error.status === 400 && FILTERS.some((name) => query.has(name))
+      ? "No masks: the server refused this page's filters; correct them, then Segment again."
+      : "No masks for this image: open another.";
     done();
     showError(error.message);
   }
@@ -751,7 +753,7 @@ function listMasks() {
     const row = document.createElement("tr");
     row.className = "empty";
     row.append(cell(state.removed ? "Every mask was removed."
-      : "No mask passed the server's filters (predicted IoU and stability)."));
+      : "No mask passed the filters (predicted IoU and stability)."));
     row.cells[0].colSpan = 4;
     rows.push(row);
   }
@@ -779,7 +781,8 @@ function rowStop(row) {
 function describe(i) {
   const a = state.annotations[i];
   return `mask ${i}: predicted IoU ${a.predicted_iou.toFixed(3)}, area ${a.area.toLocaleString()} px, ` +
-    (a.prompt ? "made by clicks" : `stability ${a.stability_score.toFixed(3)}`);
+    (a.prompt ? "made by clicks" : a.stability_score === null ? "no stability (empty at both levels)"
+      : `stability ${a.stability_score.toFixed(3)}`);
 }
 
 function setHovered(i) {
@@ -1023,6 +1026,10 @@ function segmentAgain(event) {
   }
   const edited = state.removed || state.annotations.some((a) => a.prompt) || state.clicks.length || state.box;
   if (edited && !confirm("Segment the image again? The masks added and removed here, and the clicks, are lost.")) return;
+  if (tool() === "click") { // to see what the filters give
+    document.querySelector("input[name=tool][value=everything]").checked = true;
+    setTool();
+  }
   openFile(state.file);
 }
 
@@ -1107,7 +1114,7 @@ function onPointerDown(event) {
 // Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
 // in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
-  if (event.target.closest("input, select, textarea")) return; // typing in a field: its keys are its own
+  if (event.target.matches?.("#filters-form input")) return; // typing a number: the field's keys
   if (event.key === "Delete" && tool() === "everything" && state.selected >= 0) {
     event.preventDefault();
     removeSelectedMask();

@@ -200,6 +200,23 @@ def test_on_generated_scenes_with_the_default_thresholds(load_micro, fast_genera
             assert summary.relaxed_miou >= 0.8
 
 
+def test_a_requests_settings_run_on_the_compiled_kernels_and_give_aos_masks(load_micro, fast_generator):
+    """A request's own filters (?pred_iou_thresh=...) on a fast server: its compiled kernels, not
+    kernels built again, and the masks ao gives under those settings."""
+    from sam2serve.amg import with_settings
+
+    settings = {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}  # sam2's
+    scenes = [make_generated_scene(np.random.default_rng(seed), 384, 448, min_objects=8, max_objects=14).image
+              for seed in (1002, 1003)]
+    ao = MaskGenerator(load_micro().model, replace(CONFIG, **settings))
+    reference = [ao.generate(image) for image in scenes]
+    variant = with_settings(fast_generator, settings)
+    assert variant.kernels is fast_generator.kernels and fast_generator.config == CONFIG
+    summary = compare("fast under a request's settings vs ao", reference, [variant.generate(i) for i in scenes])
+    assert min(len(answer) for answer in reference) >= 3
+    assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
+
+
 def test_m2m_and_small_region_removal_on_fast_kernels(load_micro, fast_generator):
     """use_m2m and min_mask_region_area run on the fast kernels' outputs as on ao's."""
     scene = make_generated_scene(np.random.default_rng(1000), 384, 448, min_objects=8, max_objects=14).image

@@ -161,19 +161,24 @@ def screen_offset(driver, x: float, y: float) -> tuple[int, int]:
     return round((x + 0.5) * rect["width"] / width - rect["width"] / 2), round((y + 0.5) * rect["height"] / height - rect["height"] / 2)
 
 
-def test_hover_shows_predicted_iou_and_area(uploaded):
-    # The best-scored mask other than the largest (the background), hovered at its pixel on top
-    # nearest to the centroid of those pixels.
-    annotations = page_state(uploaded, "annotations")
-    largest = max(range(len(annotations)), key=lambda i: annotations[i]["area"])
-    index = max((i for i in range(len(annotations)) if i != largest), key=lambda i: annotations[i]["predicted_iou"])
-    x, y = uploaded.execute_script(
+def pixel_of_mask(driver, index: int) -> tuple[int, int]:
+    """(x, y) of the mask's pixel on top nearest to the centroid of those pixels."""
+    return driver.execute_script(
         "const s = window.sam2page.state; let x = 0, y = 0, n = 0;"
         "s.labels.forEach((label, p) => { if (label === arguments[0] + 1) { x += Math.floor(p / s.height); y += p % s.height; n++; } });"
         "x /= n; y /= n; let best = null, distance = Infinity;"
         "s.labels.forEach((label, p) => { const px = Math.floor(p / s.height), py = p % s.height;"
         "  const d = (px - x) ** 2 + (py - y) ** 2; if (label === arguments[0] + 1 && d < distance) { distance = d; best = [px, py]; } });"
         "return best;", index)
+
+
+def test_hover_shows_predicted_iou_and_area(uploaded):
+    # The best-scored mask other than the largest (the background), hovered at its pixel on top
+    # nearest to the centroid of those pixels.
+    annotations = page_state(uploaded, "annotations")
+    largest = max(range(len(annotations)), key=lambda i: annotations[i]["area"])
+    index = max((i for i in range(len(annotations)) if i != largest), key=lambda i: annotations[i]["predicted_iou"])
+    x, y = pixel_of_mask(uploaded, index)
     canvas = uploaded.find_element(By.ID, "highlight-canvas")
     ActionChains(uploaded).move_to_element_with_offset(canvas, *screen_offset(uploaded, x, y)).perform()
     wait_for(uploaded, lambda d: page_state(d, "hovered") >= 0)
@@ -381,15 +386,22 @@ def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, serve
     page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
     page.find_element(By.ID, "pred_iou_thresh").send_keys(Keys.DELETE)
     assert study_json() == loose and page_state(page, "selected") == 0
-    # A mask removed, then the filters submitted (Enter): asked first; "no" keeps the page as it is.
-    page.find_element(By.ID, "remove-mask").click()
+    # A click on the image (another mask selected) takes the keys back from the field: Delete
+    # removes it. Then the filters submitted (Enter): asked first; "no" keeps the page as it is.
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    ActionChains(page).move_to_element_with_offset(canvas, *screen_offset(page, *pixel_of_mask(page, 1))).click().perform()
+    wait_for(page, lambda d: page_state(d, "selected") == 1, timeout=10)
+    ActionChains(page).send_keys(Keys.DELETE).perform()
+    assert "Mask 1 removed" in status(page)
     edited = study_json()
     page.find_element(By.ID, "box_nms_thresh").send_keys(Keys.ENTER)
     wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
     page.switch_to.alert.dismiss()
-    assert study_json() == edited and "Mask 0 removed" in status(page)
-    set_filters(page, {"stability_score_offset": "0"})  # the server takes none at 0 or below: nor does the field
-    assert page.execute_script("return document.getElementById('stability_score_offset').validity.rangeUnderflow")
+    assert study_json() == edited and "Mask 1 removed" in status(page)
+    # The server takes any offset above 0 (as small as a server's own may be), none at 0: nor does the field.
+    offset_valid = "const field = document.getElementById('stability_score_offset'); field.value = arguments[0];" \
+                   "field.dispatchEvent(new Event('input')); return field.validity.valid"
+    assert page.execute_script(offset_valid, "0.0005") and not page.execute_script(offset_valid, "0")
     set_filters(page, server_settings)
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
     page.find_element(By.ID, "segment-again").click()

@@ -662,7 +662,8 @@ async function openFile(file) {
   } catch (error) {
     if (generation !== state.generation) return;
     state.labels = null; // no masks: the click tool stays off for this image
-    state.everythingStatus = state.clickStatus = error.status === 400 && FILTERS.some((name) => query.has(name))
+    const filterRefused = error.status === 400 && FILTERS.some((name) => query.has(name) && error.message.includes(name));
+    state.everythingStatus = state.clickStatus = filterRefused
       ? "No masks: the server refused this page's filters; correct them, then Segment again."
       : "No masks for this image: open another.";
     done();
@@ -1107,7 +1108,8 @@ function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
             touch: event.pointerType === "touch", at: performance.now() };
-  event.preventDefault();
+  event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)
+  if (document.activeElement?.matches("#filters-form input")) document.activeElement.blur();
 }
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
@@ -1280,6 +1282,9 @@ function init() {
     download(new Blob([cocoDataset()], { type: "application/json" }), `${state.name}_coco.json`));
   $("download-png").addEventListener("click", downloadOverlay);
   $("filters-form").addEventListener("submit", segmentAgain);
+  $("stability_score_offset").addEventListener("input", (event) => { // the server takes any offset above 0
+    event.target.setCustomValidity(Number(event.target.value) > 0 || event.target.value === "" ? "" : "Above 0, please.");
+  });
   window.addEventListener("resize", fitToWindow);
   setTool();
   loadHealth();

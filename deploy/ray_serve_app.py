@@ -108,9 +108,11 @@ class SegmentEverything:
         # every request of the batch is cancelled (Ray cancels those whose clients disconnect),
         # its masks stop before the next batch of point prompts, as in server.py.
         # Requests with settings of their own (?pred_iou_thresh=...) run apart from the others.
+        groups: dict[tuple, list[ImageRequest]] = {}
+        for r in requests:
+            groups.setdefault(r.settings, []).append(r)
         answers = {}
-        for settings in dict.fromkeys(r.settings for r in requests):
-            group = [r for r in requests if r.settings == settings]
+        for settings, group in groups.items():
             answers.update(zip(map(id, group), await self.on_model_thread(
                 generate_each, self.pipeline.generator, [r.image for r in group], False,
                 lambda: all(r.cancelled for r in group), dict(settings))))

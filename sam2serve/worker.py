@@ -311,13 +311,14 @@ class InferenceWorker:
                     job.future.set_exception(failure)
                 else:
                     job.future.set_result(answer)
-        # Masks, then mask records, under each request's settings, run as batches of their own
+        # Masks, then mask records, each request's settings apart, run as batches of their own
         # (one image-encoder call each).
-        kinds = dict.fromkeys((job.annotate, tuple(sorted(job.settings.items()))) for job in jobs if job.call is None)
-        for annotate, settings in sorted(kinds, key=lambda kind: kind[0]):
-            batch = [job for job in jobs if job.call is None and job.annotate == annotate
-                     and job.settings == dict(settings)]
-            self._run_images(batch, annotate, dict(settings))
+        batches: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if job.call is None:
+                batches.setdefault((job.annotate, tuple(sorted(job.settings.items()))), []).append(job)
+        for (annotate, _), batch in sorted(batches.items(), key=lambda kind_and_batch: kind_and_batch[0][0]):
+            self._run_images(batch, annotate, batch[0].settings)
 
     def _run_images(self, batch: list[Job], annotate: bool, settings: dict[str, float]) -> None:
         started = time.perf_counter()

@@ -75,7 +75,8 @@ def iou_matrix(reference: list[RLE], candidate: list[RLE]) -> np.ndarray:
     h, w = reference[0]["size"]
     if list(candidate[0]["size"]) != [h, w]:
         raise ValueError(f"mask sizes differ: {[h, w]} against {candidate[0]['size']}")
-    ref, cand = mask_utils.frPyObjects(reference, h, w), mask_utils.frPyObjects(candidate, h, w)
+    ref, cand = (mask_utils.frPyObjects([without_empty_runs(rle) for rle in side], h, w)
+                 for side in (reference, candidate))
     ious = np.asarray(mask_utils.iou(ref, cand, [0] * len(cand)), dtype=np.float64).reshape(len(ref), len(cand))
     both_empty = (mask_utils.area(ref)[:, None] == 0) & (mask_utils.area(cand)[None, :] == 0)
     ious[both_empty] = 1.0
@@ -133,7 +134,8 @@ def masks_of(result: object, where: str) -> list[RLE] | None:
         masks = [segmentation_of(annotation, f"{where}, annotation {index}")
                  for index, annotation in enumerate(result)]
         names = [f"annotation {index}" for index in range(len(masks))]
-    elif isinstance(result, dict) and all(key.startswith("mask_") and key[5:].isdigit() for key in result):
+    elif isinstance(result, dict) and all(key.startswith("mask_") and key[5:].isascii() and key[5:].isdigit()
+                                          for key in result):
         names = sorted(result, key=lambda key: int(key[5:]))
         masks = [result[key] for key in names]
     else:
@@ -174,6 +176,23 @@ def check_rle(rle: object, where: str) -> None:
         raise ValueError(f"{where}: a {size[0]} x {size[1]} mask has more pixels than pycocotools counts (2**32)")
     if sum(counts) != size[0] * size[1]:
         raise ValueError(f"{where}: counts add up to {sum(counts)}, not {size[0]} x {size[1]} = {size[0] * size[1]}")
+
+
+def without_empty_runs(rle: RLE) -> RLE:
+    """The same mask with no run of 0 pixels but a first one (a mask that starts with its
+    pixels): each other one joins the runs on either side of it. pycocotools decodes such counts
+    right, but its IoU stops where both masks have one at once (a mask against itself: 0)."""
+    counts = rle["counts"]
+    if 0 not in counts[1:]:  # the project's encoder and pycocotools' write none
+        return rle
+    merged, join = counts[:1], False
+    for run in counts[1:]:
+        if join:
+            merged[-1] += run
+        elif run:
+            merged.append(run)
+        join = not run and not join
+    return {"size": rle["size"], "counts": merged}
 
 
 def parse_line(text: str, where: str) -> object:

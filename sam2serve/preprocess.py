@@ -85,7 +85,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                            + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")
                            + ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats): save "
                               "it with 8- or 16-bit integers or 32-bit floats" if tiff else "")) from error
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt files
+    except MemoryError:
+        raise
+    except Exception as error:  # a damaged file: OSError mostly, but Pillow's TIFF reader raises
+        # TypeError, OverflowError and others on some damaged tags
         raise InvalidImage(f"the image could not be decoded: {error}") from error
 
 
@@ -109,7 +112,11 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     (wide_gray_to_8_bits).
     """
     if image.mode in SIXTEEN_BIT_MODES + WIDE_MODES:
-        gray = wide_gray_to_8_bits(np.asarray(image), image.mode)
+        values = np.asarray(image)
+        gray = wide_gray_to_8_bits(values, image.mode)
+        keyed = image.info.get("transparency")  # one gray value keyed out (a 16-bit PNG's tRNS)
+        if isinstance(keyed, (int, float)) and not isinstance(keyed, bool):
+            gray[values == keyed] = 255
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P" or "transparency" in image.info:
         image = image.convert("RGBA")  # palettes, and PNGs with one colour keyed out, carry it

@@ -12,7 +12,9 @@ are computed exactly as torch's CPU kernel computes them (the same weights, the 
 multiply-adds), which is checked against the kernel on first use; where they differ, and on
 other devices, the reference runs instead. For the micro model's 64x64 logits on a 1024x768
 image, a cell is 16x12 pixels: a mask costs a copy and its edge's few thousand pixels instead of
-786 432. The answers equal the reference's (tests/test_upscale.py).
+786 432. The answers equal the reference's (tests/test_upscale.py) for finite logits of 0 or
+of magnitude 1e-30 and more, as models' are: near float's smallest numbers a weight's product
+rounds apart, and the reference's 0 * inf is NaN.
 """
 
 from functools import cache, lru_cache
@@ -118,7 +120,8 @@ def cells(logits: torch.Tensor) -> Cells:
 
 def classify(c: Cells, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(cells whose every pixel is above the threshold, cells an edge may cross). A convex
-    combination of values > 0 is > 0, and of values <= 0 is <= 0, in floating point too; for
+    combination of values > 0 is > 0, and of values <= 0 is <= 0, in floating point too (for
+    values far from float's smallest, as the module's docstring says); for
     other thresholds rounding could cross it, so cells within a few ulps count as crossed."""
     margin = 0.0 if threshold == 0.0 else 1e-6 * torch.maximum(c.low.abs(), c.high.abs())
     inside = c.low > threshold + margin

@@ -58,6 +58,22 @@ def test_known_answers():
     assert iou_of([SQUARE], []) == (None, 0.0)
 
 
+def test_counts_with_empty_runs_compare_as_the_same_masks():
+    """Counts may hold runs of 0 pixels (another encoder's): pycocotools' IoU stopped at one that
+    both masks had, and a mask against itself scored 0."""
+    from sam2serve.compare import without_empty_runs
+
+    square = answer(SQUARE)["mask_0"]  # counts [0, 4, 4, 4, 4, 4, 4, 4, 36]: starts with its pixels
+    padded = {"size": [H, W], "counts": [0, 0, 0, 2, 0, 2, 4, 4, 0, 0, 4, 4, 4, 4, 36, 0]}  # the same pixels
+    assert without_empty_runs(padded) == square
+    for reference, candidate in ((padded, padded), (square, padded), (padded, square)):
+        comparison = compare_image("x", [reference], [candidate])
+        assert (comparison.strict_iou, comparison.relaxed_iou) == (1.0, 1.0)
+    doubled = {"size": [1, 6], "counts": [2, 0, 0, 4]}  # 2 off, 0 on, 0 off, 4 on
+    assert without_empty_runs(doubled)["counts"] == [2, 4]
+    assert without_empty_runs({"size": [1, 6], "counts": [0, 0, 2, 0, 4]})["counts"] == [6]
+
+
 def write_lines(path: Path, answers: list[dict]) -> Path:
     path.write_text("".join(json.dumps(a) + "\n" for a in answers))
     return path
@@ -257,6 +273,7 @@ def test_masks_of_another_size_name_the_image(tmp_path):
     ('{"mask_0": {"size": [2, 2], "counts": [1, 3]}', "is not JSON"),
     ('[1, 2]', "annotation 0: expected a COCO annotation with an RLE segmentation"),
     ('"mask_0"', "not a mask result"),
+    ('{"mask_\u00b2": {"size": [2, 2], "counts": [4]}}', "not a mask result"),  # a digit int() does not read
     ('[{"segmentation": {"size": [2, 2], "counts": "14"}}]', "annotation 0: counts add up to 5, not 2 x 2 = 4"),
     ('[{"segmentation": {"size": [2, 2], "counts": "4"}}, {"segmentation": {"size": [2, 2], "counts": "04\\u00e9"}}]',
      "annotation 1: character 'é' at 2 is not of a COCO counts string"),

@@ -84,6 +84,16 @@ def test_transparent_pixels_are_laid_over_white_and_palettes_keep_their_colours(
     assert (decoded[:2] == (10, 120, 230)).all() and (decoded[2:] == 255).all()
 
 
+def test_a_keyed_out_gray_value_of_sixteen_bits_is_laid_over_white_too():
+    """A 16-bit grayscale PNG with one value keyed out (tRNS) took the rescaling's way, which
+    dropped the transparency (value 0 keyed: black where a viewer shows white)."""
+    values = np.array([[0, 1028, 65535], [0, 30000, 0]], dtype=np.uint16)
+    decoded = decode_image(encode(Image.fromarray(values), transparency=0), max_pixels=100)
+    assert decoded[..., 0].tolist() == [[255, 4, 255], [255, 117, 255]]
+    keyed = decode_image(encode(Image.fromarray(values), transparency=30000), max_pixels=100)
+    assert keyed[..., 0].tolist() == [[0, 4, 255], [0, 255, 0]]
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (8, 4), (255, 0, 0))
     exif = Image.Exif()
@@ -129,6 +139,21 @@ def test_a_side_longer_than_the_limit_is_refused_from_the_header():
 def test_undecodable_input_is_invalid(data):
     with pytest.raises(InvalidImage):
         decode_image(data, max_pixels=10**6)
+
+
+def tiff_with_damaged_tag() -> bytes:
+    """A small TIFF whose StripOffsets tag (273) claims the type RATIONAL instead of LONG:
+    Pillow's reader then raises TypeError, not one of its usual errors for damaged files."""
+    data = encode(Image.new("RGB", (7, 9)), "TIFF")
+    entry = data.index(struct.pack("<HH", 273, 4))
+    return data[:entry] + struct.pack("<HH", 273, 5) + data[entry + 4:]
+
+
+def test_a_damaged_file_that_trips_pillow_elsewhere_is_invalid_too():
+    """Any error of Pillow's on a damaged file is the file's fault (400), not the server's
+    (it was a 500 answer, and a bulk job's or the study's traceback)."""
+    with pytest.raises(InvalidImage, match="could not be decoded: 'IFDRational' object cannot be interpreted"):
+        decode_image(tiff_with_damaged_tag(), max_pixels=10**6)
 
 
 def test_raster_formats_are_read_and_others_refused_with_the_list():

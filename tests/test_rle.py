@@ -1,10 +1,15 @@
 """The vectorized RLE encoder against sam2's reference encoder and pycocotools."""
 
+import io
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam2serve.overlay import draw_masks
 from sam2serve.rle import masks_to_rle_reference, masks_to_rle_vectorized, rle_area, rles_to_masks
 
 
@@ -64,3 +69,35 @@ def test_column_major_order():
 
 def test_no_masks():
     assert masks_to_rle_vectorized(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
+
+
+def test_overlay_draws_what_all_masks_at_once_drew_with_one_mask_in_memory():
+    """/upload's picture: the masks decoded one at a time (all at once, every filter off, took
+    gigabytes for one request), the same PNG as the drawing of all of them decoded together."""
+    rng = np.random.default_rng(0)
+    n, h, w = 120, 90, 130
+    corners = rng.integers(0, [h, w, h, w], size=(n, 4))
+    masks = np.zeros((n, h, w), bool)
+    for mask, (y0, x0, y1, x1) in zip(masks, corners):
+        mask[min(y0, y1):max(y0, y1) + 1, min(x0, x1):max(x0, x1) + 1] = True
+    rles = masks_to_rle_vectorized(torch.from_numpy(masks))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    # The drawing as it was: every mask decoded first, then blended largest first.
+    expected = image.astype(np.float32)
+    colours = np.random.default_rng(0).uniform(0, 255, size=(n, 3)).astype(np.float32)
+    for index in np.argsort([-mask.sum() for mask in masks], kind="stable"):
+        expected[masks[index]] = 0.65 * expected[masks[index]] + 0.35 * colours[index]
+
+    draw_masks(image, rles[:1])  # what a first call imports and caches is not the masks' memory
+    tracemalloc.start()
+    try:
+        png = draw_masks(image, rles)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    drawn = np.array(Image.open(io.BytesIO(png)))
+    assert np.array_equal(drawn, expected.round().astype(np.uint8))
+    assert peak < 40 * h * w, peak  # all at once: over 2 * n = 240 bytes per pixel
+    assert draw_masks(image, []) == draw_masks(image, [], seed=1)  # no mask: the image alone
+    assert np.array_equal(np.array(Image.open(io.BytesIO(draw_masks(image, [])))), image)

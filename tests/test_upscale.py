@@ -56,6 +56,26 @@ def test_masks_above_handle_edge_cases():
     assert torch.equal(masks_above(batched, (768, 1024)), (upscale_logits(batched[0], (768, 1024)) > 0)[None])
 
 
+@pytest.mark.parametrize("flush_denormals", [False, True])
+def test_masks_above_equal_the_reference_at_every_magnitude_the_docstring_names(flush_denormals):
+    """Logits of 0 or of magnitude 1e-30 to 100, with subnormal numbers flushed (as the server
+    has them) and not. (Below that, a weight's product can round to 0 in one and not the other.)"""
+    flushing = bool(torch.tensor([1e-40]).mul(1.0).item() == 0.0)  # as the tests before left it
+    assert torch.set_flush_denormal(flush_denormals)  # this CPU can flush (x86 and ARM do)
+    assert (torch.tensor([1e-40]).mul(1.0).item() == 0.0) == flush_denormals
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for exponent in range(-30, 3):
+            magnitude = (0.5 + 0.5 * torch.rand((6, 7, 9), generator=generator)) * 10.0**exponent
+            logits = torch.where(torch.rand((6, 7, 9), generator=generator) < 0.5, -magnitude, magnitude)
+            logits[0, :3] = 0.0
+            for size in ((47, 61), (100, 33)):
+                assert upscale.use_cells(logits, size)
+                assert torch.equal(masks_above(logits, size), upscale_logits(logits, size) > 0), exponent
+    finally:
+        torch.set_flush_denormal(flushing)
+
+
 def test_edge_pixels_are_computed_not_copied(monkeypatch):
     """A disc's edge: without the per-pixel arithmetic (cells copied from a corner) the answer
     differs, so the test above would see a mistake in that arithmetic."""

@@ -47,18 +47,20 @@ from sam2serve.cli import (
     require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
+from sam2serve.cpu import set_up_cpu_process
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
 from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
 
 log = logging.getLogger("experiments")
+PROGRESS_EVERY_S = 60.0  # a row's progress in the log, without a terminal
 T = TypeVar("T")
 
 COMPARISON_COLUMNS = ["miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image"]  # compare.py's
 RESULT_COLUMNS = [
     "mode", *COMPARISON_COLUMNS, "ms_per_request", "p50", "p90",
-    "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch",
+    "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch", "points_per_side",
     "model_type", "device", "torch_version",
 ]
 
@@ -190,6 +192,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     """Runs one row over every image (in a process of its own) and returns its measurements."""
     set_up_logging()
     device = settings["device"]
+    set_up_cpu_process(device)  # as the server's and the benchmark's: measured as they serve
     config = AMGConfig(**settings["amg"])
     paths = settings["images"]
     with Stopwatch(device) as startup:
@@ -201,6 +204,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
 
     seconds = []
     partial = row_dir / "rle_masks.partial"
+    progress = ProgressLog(label, len(paths))
     with partial.open("w") as out:
         for path in tqdm(paths, desc=label, unit="image", disable=None):  # a progress bar on a terminal only
             data = Path(path).read_bytes()
@@ -208,12 +212,29 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
                 rles = generator.generate(decode_image(data, FILE_MAX_PIXELS))
             seconds.append(request.seconds)
             out.write(answer_text(rles) + "\n")
+            progress.done(len(seconds))
     partial.replace(row_dir / "rle_masks")
     peak_mib, peak_pct = peak_memory_mib(device)
     return {
         "settings": settings, **latency_summary_ms(seconds), "startup_s": startup.seconds,
         "max_memory_mib": peak_mib, "max_memory_pct": peak_pct,
     }
+
+
+class ProgressLog:
+    """Where no terminal shows tqdm's bar (a run's log sent to a file), a log line at most every
+    `every_s` seconds: how many images are done."""
+
+    def __init__(self, label: str, total: int, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.label, self.total, self.every_s = label, total, every_s
+        self.enabled = not sys.stderr.isatty()
+        self.started = self.last = time.monotonic()
+
+    def done(self, images: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s and images < self.total:
+            self.last = now
+            log.info("%s: %d of %d images, %.0f s so far", self.label, images, self.total, now - self.started)
 
 
 def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: str) -> dict:
@@ -260,6 +281,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
         **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
         "batch_size": row.batch_size, "points_per_batch": config.points_per_batch,
+        "points_per_side": config.points_per_side,
         "model_type": settings["model_type"], "device": settings["device"],
         "torch_version": settings["torch_version"],
     }
@@ -290,7 +312,9 @@ def result_figure(lines: list[dict]) -> Figure:
                      label=f"{line['mode']} (bs {line['batch_size']}, ppb {line['points_per_batch']})")
     axes.set_xlabel("ms per request (mean)")
     axes.set_ylabel("mIoU against baseline (strict)")
-    axes.set_title(f"SAM2.1 {lines[0]['model_type']} on {lines[0]['device']}, {lines[0]['images']} images")
+    side = lines[0]["points_per_side"]
+    axes.set_title(f"SAM2.1 {lines[0]['model_type']} on {lines[0]['device']}, {lines[0]['images']} images, "
+                   f"{side}x{side} grid")
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     return figure

@@ -67,8 +67,12 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
         assert float(row["ms_per_request"]) > 0 and float(row["startup_s"]) > 0
         assert float(row["p50"]) <= float(row["p99"])
         assert float(row["max_memory_mib"]) > 100  # a process with torch and a model in it
-        assert (row["batch_size"], row["points_per_batch"], row["model_type"], row["device"]) == ("1", "4", "micro", "cpu")
+        assert (row["batch_size"], row["points_per_batch"], row["points_per_side"], row["model_type"],
+                row["device"]) == ("1", "4", "2", "micro", "cpu")
     assert (output / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each row measured as the server serves: its process set up for a CPU (memory reused,
+    # denormals flushed; the study's rows ran without it, their times up to half again as long).
+    assert result.stderr.count("CPU floats: denormals flushed to zero") == 4
 
     # Each row keeps its masks as the xargs workflow writes them; the compare tool reads them.
     rle_files = [output / "baseline_bs1_ppb4" / "rle_masks", output / "ao_bs1_ppb4" / "rle_masks"]
@@ -109,8 +113,8 @@ def test_result_figure_names_every_row_without_overlapping_labels():
     and no two of the figure's texts cover each other."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    lines = [{"mode": mode, "batch_size": 1, "points_per_batch": 64, "ms_per_request": 100.0 + index,
-              "miou": 1.0, "model_type": "large", "device": "cuda", "images": 3}
+    lines = [{"mode": mode, "batch_size": 1, "points_per_batch": 64, "points_per_side": 32,
+              "ms_per_request": 100.0 + index, "miou": 1.0, "model_type": "large", "device": "cuda", "images": 3}
              for index, mode in enumerate(["baseline", "ao", "fast", "fast_furious", "ao"])]
     figure = result_figure(lines)
     renderer = FigureCanvasAgg(figure).get_renderer()
@@ -119,12 +123,33 @@ def test_result_figure_names_every_row_without_overlapping_labels():
     assert legend is not None, "the rows are not named in a legend"
     labels = [text.get_text() for text in legend.get_texts()]
     assert labels == [f"{line['mode']} (bs 1, ppb 64)" for line in lines]
+    assert figure.axes[0].get_title() == "SAM2.1 large on cuda, 3 images, 32x32 grid"
     axes = figure.axes[0]
     texts = [*legend.get_texts(), *axes.texts, axes.title, axes.xaxis.label, axes.yaxis.label]
     boxes = [text.get_window_extent(renderer) for text in texts]
     for first in range(len(boxes)):
         for second in range(first + 1, len(boxes)):
             assert not boxes[first].overlaps(boxes[second]), (texts[first].get_text(), texts[second].get_text())
+
+
+def test_a_rows_progress_is_logged_where_no_terminal_shows_a_bar(caplog, monkeypatch):
+    """A long row's log sent to a file said only "started", then "done" hours later."""
+    from reproduce_experiments import ProgressLog
+
+    caplog.set_level(logging.INFO, logger="experiments")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    progress = ProgressLog("ao_bs1_ppb64", 3, every_s=0.0)
+    for done in (1, 2, 3):
+        progress.done(done)
+    assert [record.getMessage().split(",")[0] for record in caplog.records] == [
+        "ao_bs1_ppb64: 1 of 3 images", "ao_bs1_ppb64: 2 of 3 images"]  # the last: the row's "done" line
+    caplog.clear()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm's bar shows it
+    ProgressLog("ao_bs1_ppb64", 3, every_s=0.0).done(1)
+    quiet = ProgressLog("ao_bs1_ppb64", 3)  # within the first minute
+    quiet.enabled = True
+    quiet.done(1)
+    assert caplog.records == []
 
 
 def test_bad_image_list_is_refused(micro_checkpoint_dir, tmp_path):

@@ -25,6 +25,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sam2serve.cli import (
     HelpWithDefaults, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
     check_checkpoint_arguments, compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths,

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if not __package__:  # run by its path (python tools/aoti_check.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sam2serve.cli import HelpWithDefaults, add_device_option, require_device, run_script
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere
 from sam2serve.serving import first_line

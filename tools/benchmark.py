@@ -32,6 +32,9 @@ from sam2.utils.amg import build_point_grid
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
+if not __package__:  # run by its path (python tools/benchmark.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (

@@ -12,9 +12,13 @@ its API takes single prompt sets). Medians over the images and --repeats; in pro
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+
+if not __package__:  # run by its path (python tools/benchmark_prompts.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model

@@ -13,10 +13,15 @@ Prints a table, a row per form as it ends (median ms of --calls calls after 3 un
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+if not __package__:  # run by its path (python tools/decoder_profile.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sam2serve import model as model_code
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, build_random_model, model_size

@@ -38,6 +38,9 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
+if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sam2serve.cli import HelpWithDefaults, error_text, positive_int, seconds
 
 MAX_REQUESTS = 10_000

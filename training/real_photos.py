@@ -11,10 +11,14 @@ arc2017: 8), the recall at IoU 0.5: the share of objects that some mask covers.
 """
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+if not __package__:  # run by its path (python training/real_photos.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model

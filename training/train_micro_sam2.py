@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_erosion
 from tqdm import tqdm
 
+if not __package__:  # run by its path (python training/train_micro_sam2.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,

@@ -6,7 +6,8 @@
 Each set is a file of one JSON per line (what `xargs ... curl -w "\\n" .../upload_rle` writes,
 with or without `?format=coco`), a folder of per-image JSON files (paired by file name), or a
 folder of reproduce_experiments.py (its rle_masks). Images whose request failed on either side
-(an error answer, or an empty line) are left out and named. See sam2serve/compare.py for the metrics.
+(an error answer, or an empty line) are left out and named. One set given twice, however spelt, is
+refused: it would agree with itself fully. See sam2serve/compare.py for the metrics.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from sam2serve.cli import HelpWithDefaults, add_option, error_text, require_output_file, run_script
-from sam2serve.compare import compare_results, format_float, study_runs_differ, summarize
+from sam2serve.compare import compare_results, format_float, same_results, study_runs_differ, summarize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
+    # A set against itself agrees fully whatever it holds: a mistyped path would read as mIoU 1.0.
+    # (The study compares its baseline with itself for the baseline's row: in code, not here.)
+    if same_results(args.reference, args.candidate):
+        given = args.reference if args.reference == args.candidate else f"{args.reference} and {args.candidate}"
+        parser.error(f"the reference and the candidate are the same results ({given}): compared with themselves "
+                     "they give mIoU 1.0 whatever they hold; give two result sets")
     if args.per_image_csv is not None:
         args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv",
                                                  inputs=(args.reference, args.candidate))  # ~ expanded

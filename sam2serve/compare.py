@@ -13,6 +13,7 @@ cannot connect) leaves its image out of both, counted and named, as it says noth
 
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,17 +220,66 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
     if path.is_dir():
         results = []
         if not (files := sorted(path.glob("*.json"))):
+            if rows := sorted(folder.name for folder in path.iterdir() if is_study_row(folder)):
+                example = next((row for row in rows if row.startswith("baseline")), rows[0])
+                raise ValueError(f"{path} holds the study's rows ({', '.join(rows[:4])}"
+                                 f"{f' and {len(rows) - 4} more' if len(rows) > 4 else ''}), not one set of results; "
+                                 f"give one of them, e.g. {path / example}")
             raise ValueError(f"{path} is a folder without .json files; give a file of one JSON per line, a folder "
                              "of one .json file per image, or a study row's folder")
-        for file in files:
+        for file in files:  # a whole file is one answer: it may be spread over lines (pretty-printed)
             text = read_text(file)
             results.append((file.name, masks_of(parse_line(text, str(file)), str(file)) if text.strip() else None))
         return results
-    lines = read_text(path).splitlines()
+    text = read_text(path)
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].strip() and (document := one_document(lines[0], text)) is not None:
+        raise ValueError(spread_over_lines(path, len(lines), document))
     names = [f"line {i + 1}" + (f" ({images[i]})" if len(images) == len(lines) else "") for i in range(len(lines))]
     return [(name, masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
              if line.strip() else None)
             for i, (name, line) in enumerate(zip(names, lines))]
+
+
+def one_document(first_line: str, text: str) -> object | None:
+    """The file's text as one JSON document when its first line is no JSON of its own (None
+    otherwise): a pretty-printed file, `python -m json.tool`'s or a study row's stats.json."""
+    try:
+        json.loads(first_line)
+    except ValueError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+    return None
+
+
+def spread_over_lines(path: Path, lines: int, document: object) -> str:
+    """Why a file of one JSON document over several lines is no result list, and what to give instead."""
+    message = f"{path} is one JSON document spread over {lines} lines, where one answer per line is expected"
+    if path.name == "stats.json" and is_study_row(path.parent):
+        return f"{message}: it is a study row's stats.json; give the row's folder, {path.parent}"
+    try:
+        masks_of(document, str(path))
+    except ValueError:
+        return message
+    quoted = shlex.quote(str(path))
+    return (f"{message}; put this one answer on one line: jq -c . {quoted} > one_line.json "
+            f"(or python -m json.tool --compact {quoted} > one_line.json)")
+
+
+def results_path(path: Path) -> Path:
+    """The file or folder that holds a set's results: a study row's rle_masks, or the path itself."""
+    return path / "rle_masks" if is_study_row(path) else path
+
+
+def same_results(reference_path: str | Path, candidate_path: str | Path) -> bool:
+    """Whether two paths name one set of results, however spelt: ./, a symlink, a hard link, or a
+    study row's folder and its rle_masks (False where either does not exist: loading says so)."""
+    try:
+        return results_path(Path(reference_path)).samefile(results_path(Path(candidate_path)))
+    except OSError:
+        return False
 
 
 def is_study_row(path: Path) -> bool:
@@ -309,7 +359,16 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
             raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")
     pairs = tqdm(zip(reference, candidate), total=len(reference), unit="image", desc="comparing",
                  disable=None)  # a progress bar on a terminal only
-    return [compare_image(name, ref, cand) for (name, ref), (_, cand) in pairs]
+    comparisons = []
+    for (name, ref), (_, cand) in pairs:
+        # Each answer's masks share one size (masks_of checks): other sizes on the two sides are other images.
+        if ref and cand and ref[0]["size"] != cand[0]["size"]:
+            (ref_h, ref_w), (cand_h, cand_w) = ref[0]["size"], cand[0]["size"]
+            order = "" if all(per_image_files) else " (or of the same ones in another order)"  # paired by line
+            raise ValueError(f"{name}: the masks are {ref_h} x {ref_w} in {reference_path}, {cand_h} x {cand_w} in "
+                             f"{candidate_path}: these seem to be results of different images{order}")
+        comparisons.append(compare_image(name, ref, cand))
+    return comparisons
 
 
 def format_float(value: float | None) -> str:

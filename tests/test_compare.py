@@ -258,11 +258,100 @@ def test_no_image_to_compare_is_an_error(tmp_path):
     assert result.returncode == 1 and "no image to compare" in result.stderr and "line 1: candidate" in result.stderr
 
 
-def test_masks_of_another_size_name_the_image(tmp_path):
-    reference = write_lines(tmp_path / "reference", REFERENCE[:1])
-    candidate = write_lines(tmp_path / "candidate", [{"mask_0": {"size": [2, 32], "counts": [64]}}])
+def test_masks_of_another_size_name_both_sets_and_say_they_hold_other_images(tmp_path):
+    """Results of two image lists (or of one in two orders) paired line by line: the error named
+    neither file ("line 2: mask sizes differ: [8, 8] against [6, 10]")."""
+    wide = np.zeros((6, 10), bool)
+    wide[1:3, 2:7] = True
+    reference = write_lines(tmp_path / "reference", REFERENCE[:3])
+    candidate = write_lines(tmp_path / "candidate", [CANDIDATE[0], answer(wide), CANDIDATE[2]])
     result = run_tool(reference, candidate)
-    assert result.returncode != 0 and "line 1: mask sizes differ: [8, 8] against [2, 32]" in result.stderr
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: line 2: the masks are 8 x 8 in {reference}, 6 x 10 in {candidate}: these seem "
+                             "to be results of different images (or of the same ones in another order)\n")
+    # Folders of per-image files pair by name: no order to get wrong.
+    for folder, answers in (("reference_images", REFERENCE[:1]), ("candidate_images", [answer(wide)])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.json").write_text(json.dumps(answers[0]))
+    with pytest.raises(ValueError) as error:
+        compare_results(tmp_path / "reference_images", tmp_path / "candidate_images")
+    assert str(error.value) == (f"a.json: the masks are 8 x 8 in {tmp_path / 'reference_images'}, 6 x 10 in "
+                                f"{tmp_path / 'candidate_images'}: these seem to be results of different images")
+
+
+def test_the_same_results_twice_are_refused_however_spelt(tmp_path, monkeypatch, capsys):
+    """Results against themselves give mIoU 1.0 whatever they hold: a mistyped path printed perfect
+    agreement, with status 0."""
+    from compare_rle_lists import main
+
+    monkeypatch.chdir(tmp_path)
+    write_lines(tmp_path / "reference", REFERENCE)
+    Path("link").symlink_to("reference")
+    Path("row").mkdir()
+    write_lines(tmp_path / "row" / "rle_masks", REFERENCE)
+    for pair in (("reference", "reference"), ("reference", "./reference"), ("link", "reference"),
+                 ("row", "row/rle_masks")):
+        with pytest.raises(SystemExit) as exit_:
+            main(list(pair))
+        out, err = capsys.readouterr()
+        given = pair[0] if pair[0] == pair[1] else f"{pair[0]} and {pair[1]}"
+        assert exit_.value.code == 2 and out == "" and err.endswith(
+            f"error: the reference and the candidate are the same results ({given}): compared with themselves they "
+            "give mIoU 1.0 whatever they hold; give two result sets\n")
+    # A copy is other results that agree (a rerun that gave the same masks): compared.
+    write_lines(tmp_path / "copy", REFERENCE)
+    main(["reference", "copy"])
+    assert "mIoU 1.000000" in capsys.readouterr().out
+
+
+def test_the_study_results_folder_is_refused_naming_its_rows(tmp_path):
+    """reproduce_experiments.py's output folder given for one of its rows: its rows are named."""
+    for row in ("ao_bs1_ppb64", "baseline_bs1_ppb64", "fast_bs1_ppb64", "fast_furious_bs1_ppb64", "half_bs1_ppb64"):
+        (tmp_path / row).mkdir()
+        write_lines(tmp_path / row / "rle_masks", REFERENCE)
+        (tmp_path / row / "stats.json").write_text(json.dumps({"settings": {"images": ["a.jpg"] * 4}}))
+    (tmp_path / "result.csv").write_text("mode,miou\n")
+    (tmp_path / "stopped_bs1_ppb64").mkdir()  # a row stopped in its first images: not a row
+    (tmp_path / "stopped_bs1_ppb64" / "rle_masks.partial").write_text("")
+    with pytest.raises(ValueError) as error:
+        compare_results(tmp_path / "baseline_bs1_ppb64", tmp_path)
+    assert str(error.value) == (f"{tmp_path} holds the study's rows (ao_bs1_ppb64, baseline_bs1_ppb64, "
+                                "fast_bs1_ppb64, fast_furious_bs1_ppb64 and 1 more), not one set of results; give one "
+                                f"of them, e.g. {tmp_path / 'baseline_bs1_ppb64'}")
+
+
+def test_one_json_document_over_lines_is_named_as_such(tmp_path):
+    """A pretty-printed file (`python -m json.tool`'s, or a study row's stats.json) given as a
+    list of answers: its first line was "not JSON: Expecting property name"."""
+    from sam2serve.compare import load_results
+
+    pretty = tmp_path / "pretty answer.json"
+    pretty.write_text(json.dumps(REFERENCE[0], indent=4))
+    with pytest.raises(ValueError) as error:
+        load_results(pretty)
+    assert str(error.value) == (
+        f"{pretty} is one JSON document spread over {len(pretty.read_text().splitlines())} lines, where one answer "
+        f"per line is expected; put this one answer on one line: jq -c . '{pretty}' > one_line.json "
+        f"(or python -m json.tool --compact '{pretty}' > one_line.json)")
+    (tmp_path / "row").mkdir()
+    write_lines(tmp_path / "row" / "rle_masks", REFERENCE)
+    stats = tmp_path / "row" / "stats.json"
+    stats.write_text(json.dumps({"settings": {"images": ["a.jpg"] * 4}, "ms_per_request": 1.0}, indent=1))
+    with pytest.raises(ValueError) as error:
+        load_results(stats)
+    assert str(error.value) == (f"{stats} is one JSON document spread over 11 lines, where one answer per line is "
+                                f"expected: it is a study row's stats.json; give the row's folder, {tmp_path / 'row'}")
+    # Lines that are no JSON, alone or together (a proxy's HTML page), are named by their line.
+    (html := tmp_path / "page.html").write_text("<html>\n<body>bad gateway</body>\n</html>\n")
+    with pytest.raises(ValueError, match=f"line 1 of {html} is not JSON"):
+        load_results(html)
+    # A per-image file is one answer, read whole: pretty-printed, it compares.
+    for folder, answers in (("reference", REFERENCE), ("candidate", CANDIDATE)):
+        (tmp_path / folder).mkdir()
+        for index, answer_ in enumerate(answers):
+            (tmp_path / folder / f"image_{index}.json").write_text(json.dumps(answer_, indent=4))
+    comparisons = compare_results(tmp_path / "reference", tmp_path / "candidate")
+    assert summarize(comparisons).as_dict() == pytest.approx(EXPECTED)
 
 
 @pytest.mark.parametrize("line, words", [

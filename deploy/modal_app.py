@@ -151,7 +151,7 @@ def main() -> None:
         failed = replay(paths, args.output, args.model_type, args.mode, amg_options(command, args), args.load_fast)
     except modal.exception.Error as error:  # no token, app not deployed, ...: Modal's own words
         sys.exit(f"error: {type(error).__name__}: {error}")
-    report_error_lines(paths, failed)
+    report_error_lines(paths, failed, args.output)
 
 
 if __name__ == "__main__":

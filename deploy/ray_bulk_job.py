@@ -85,15 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("paths_file", type=Path, help="one image path per line")
     parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
     add_checkpoint_arguments(parser, as_options=True)
-    parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES), help="the server's modes")
     parser.add_argument("--device", help="the workers' device, cpu, cuda or cuda:N (default: cuda where the "
                         "cluster, or this machine without one, has GPUs; else cpu)")
     add_amg_options(parser)
-    parser.add_argument("--load-fast", help="exported kernels (fast modes)")
+    add_option(parser, "load_fast", help="exported kernels (fast modes)")
     add_option(parser, "compile_mode", choices=compile_modes(),
                help="fast modes: torch.compile's mode (default: max-autotune on CUDA; on a CPU, eager kernels)")
     parser.add_argument("--workers", type=positive_int, default=1, help="model replicas (one GPU each on CUDA)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per worker batch")
+    add_option(parser, "batch_size", type=positive_int, default=4, help="images per worker batch")
     parser.add_argument("--address", help="Ray cluster address (default: a local instance or RAY_ADDRESS)")
     args = parser.parse_args(argv)
     check_checkpoint_arguments(parser, args)
@@ -139,7 +139,7 @@ def main() -> None:
     options = {**args.options, "device": args.options["device"] or cluster_device()}
     print(f"{args.workers} worker(s) on {options['device']}, mode {args.mode}", file=sys.stderr)
     failed = run(args.paths, args.output, options, args.workers, args.batch_size)
-    report_error_lines(args.paths, failed)  # e.g. relative paths that a cluster's workers cannot find
+    report_error_lines(args.paths, failed, args.output)  # e.g. relative paths a cluster's workers cannot find
 
 
 if __name__ == "__main__":

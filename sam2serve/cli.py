@@ -237,11 +237,13 @@ def write_lines(output: Path, lines: Iterable[str]) -> None:
     partial.replace(output)
 
 
-def report_error_lines(paths: list[str], failed: list[str]) -> None:
-    """After a bulk run: how many of `paths` answered an error line (on stderr), and status 1
-    when every one did (nothing to compare)."""
+def report_error_lines(paths: list[str], failed: list[str], output: str | os.PathLike) -> None:
+    """After a bulk run, on stderr: the lines written, how many of `paths` answered an error line
+    and which; status 1 when every one did (nothing to compare)."""
+    print(f"wrote {len(paths)} line{'' if len(paths) == 1 else 's'} to {output}", file=sys.stderr)
     if failed:
-        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {failed[:3]}", file=sys.stderr)
+        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {', '.join(failed[:3])}",
+              file=sys.stderr)
     if len(failed) == len(paths):
         sys.exit(1)
 

@@ -23,6 +23,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sam2serve import amg
 from sam2serve.amg import AMGConfig, MaskGenerator, ReferenceMaskGenerator
@@ -197,7 +198,9 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert all(f"\n| {row} |" in text for row in rows), text
         assert ("\n| baseline |" in text) == ("baseline" in rows), text
         assert text.count("study_ao: not run:") == (1 if stage in ("smoke", "large") else 0), text
-    assert "| x ao | x study |" in (out / "large-off.md").read_text()  # compared with ao, the baseline's masks
+    off = (out / "large-off.md").read_text()
+    assert "| x ao | peak MiB |" in off and "x study" not in off  # compared with ao; no study row on a CPU
+    assert off.count("x ao: that over ao's (a ratio of totals, not of the medians)") == 1  # the legend, once
     large = (out / "large.md").read_text()
     # How the fast modes' kernels were made, said where a fast mode runs.
     assert "fast modes: torch.compile mode " in large and "fast modes:" not in (out / "smoke.md").read_text()
@@ -330,6 +333,33 @@ def test_benchmark_tables_compare_with_ao_where_it_is_the_reference():
         "| image | ao ms (x ao) | fast_furious ms (x ao) |", "|---|---|---|", "| photo | 1000 (1.00) | 250 (4.00) |"]
     alone = table([fast], 1, reference="ao").splitlines()[2]
     assert alone.endswith("| n/a | n/a | n/a |")  # without ao's row, nothing to compare with
+
+
+def test_benchmark_table_has_a_study_column_only_where_the_study_ran():
+    from tools.benchmark import STUDY_ROW, ModeRun, table
+
+    ao = ModeRun("ao", seconds=[0.5], masks={0: []})
+    study = ModeRun(STUDY_ROW, seconds=[2.0], masks={0: []})
+    header, _, row, _ = table([ao, study], 1, reference="ao").splitlines()
+    assert dict(zip(header.split("|"), row.split("|")))[" x study "] == " 4.00 "
+    header, _, row = table([ao], 1, reference="ao").splitlines()
+    assert "x study" not in header and row.count("|") == header.count("|")
+
+
+def test_benchmark_names_image_files_by_their_name_where_no_two_share_one(tmp_path):
+    import argparse
+
+    from tools.benchmark import load_images
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for name in ("one.png", "two.png"):
+            Image.new("RGB", (4, 3)).save(tmp_path / folder / name)
+    parser = argparse.ArgumentParser()
+    unique = [str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "two.png")]
+    assert [name for name, _ in load_images(parser, argparse.Namespace(images=unique))] == ["one.png", "two.png"]
+    shared = [str(tmp_path / "a" / "one.png"), str(tmp_path / "b" / "one.png")]
+    assert [name for name, _ in load_images(parser, argparse.Namespace(images=shared))] == shared
 
 
 def test_benchmark_tables_without_the_baseline_compare_with_nothing():

@@ -233,10 +233,14 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
     # The summary the command prints, as the Ray Data job's; status 1 when every image failed.
     from sam2serve.cli import report_error_lines
 
-    report_error_lines(paths, failed)
-    assert f"2 of 4 images answered an error line, e.g. {paths[1:3]}" in capsys.readouterr().err
+    capsys.readouterr()  # the replay's progress bar
+    report_error_lines(paths, failed, output)
+    assert capsys.readouterr().err == (f"wrote 4 lines to {output}\n"
+                                       f"2 of 4 images answered an error line, e.g. {paths[1]}, {paths[2]}\n")
+    report_error_lines(paths[:1], [], output)
+    assert capsys.readouterr().err == f"wrote 1 line to {output}\n"
     with pytest.raises(SystemExit) as stopped:
-        report_error_lines(paths[1:3], failed)
+        report_error_lines(paths[1:3], failed, output)
     assert stopped.value.code == 1
 
 
@@ -701,6 +705,18 @@ run_script(ray_bulk_job.main)
 """
     stopped = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 143 and stopped.stderr.strip().splitlines()[-1] == "stopped (SIGTERM)", stopped.stderr
+
+
+def test_the_bulk_job_takes_the_underscore_spellings_as_its_other_options(tmp_path, monkeypatch):
+    """--batch_size and --load_fast were refused where --points_per_side was taken."""
+    from deploy import ray_bulk_job
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "paths").write_text("a.jpg\n")
+    (tmp_path / "kernels").mkdir()
+    args = ray_bulk_job.parse_args([str(tmp_path / "paths"), str(tmp_path / "out"), "--mode", "fast",
+                                    "--batch_size", "2", "--load_fast", str(tmp_path / "kernels")])
+    assert args.batch_size == 2 and args.options["load_fast"] == str(tmp_path / "kernels")
 
 
 def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):

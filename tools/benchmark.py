@@ -80,8 +80,12 @@ class ModeRun:
 
 
 def load_images(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB array) of each image; files are named by their file name where no two share one
+    (the tables' rows stay narrow), else by their path as given."""
     if args.images:
-        return read_images(parser, args.images)
+        images = read_images(parser, args.images)
+        names = [Path(path).name for path, _ in images]
+        return [(name, image) for name, (_, image) in zip(names, images)] if len(set(names)) == len(names) else images
     height, width = args.size
     return [
         (f"generated-{seed}", make_scene(np.random.default_rng(seed), height, width).image)
@@ -95,13 +99,14 @@ def reference_of(runs: list[ModeRun], reference: str) -> ModeRun | None:
 
 
 def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> str:
-    """The results, the reference row (the baseline, or ao) first, as a Markdown table; "x study"
-    is the ratio of throughputs to the study's pipeline when it ran. Without the reference its
-    columns read n/a."""
+    """The results, the reference row (the baseline, or ao) first, as a Markdown table (what its
+    columns mean: table_legend); "x study", the ratio of throughputs to the study's pipeline, only
+    where that ran. Without the reference its columns read n/a."""
     reference_run = reference_of(runs, reference)
     rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
     study_rate = rates.get(STUDY_ROW)
-    header = (f"| mode | ready s | ms per image (median) | p90 | images/s | x {reference} | x study | peak MiB "
+    study_column = "" if study_rate is None else " x study |"
+    header = (f"| mode | ready s | ms per image (median) | p90 | images/s | x {reference} |{study_column} peak MiB "
               f"| held MiB | masks per image | mIoU vs {reference} | relaxed mIoU | mask count mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for run in runs:
@@ -115,13 +120,23 @@ def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> st
             relaxed = f"{summary.relaxed_miou:.6f}"
             mismatch = f"{summary.mask_count_mismatch}/{summary.images}"
         masks = np.mean([len(m) for m in run.masks.values()])
-        versus_study = "n/a" if study_rate is None else f"{rate / study_rate:.2f}"
+        versus_study = "" if study_rate is None else f" {rate / study_rate:.2f} |"
         lines.append(
             f"| {run.mode} | {run.ready_seconds:.1f} | {latency['p50']:.0f} | {latency['p90']:.0f} | {rate:.3f} "
-            f"| {versus_reference} | {versus_study} | {run.peak_mib:.0f} | {run.held_mib:.0f} "
+            f"| {versus_reference} |{versus_study} {run.peak_mib:.0f} | {run.held_mib:.0f} "
             f"| {masks:.1f} | {miou} | {relaxed} | {mismatch} |"
         )
     return "\n".join(lines)
+
+
+def table_legend(reference: str) -> str:
+    """What the table's columns mean, under it: the ratios are of totals, not of the medians
+    beside them, and a request's peak memory is counted above what the process held already."""
+    return (f"ready s: loading, compiling and warming up; ms per image: the median request, p90 its 90th "
+            f"percentile; images/s: images over the time they all took, and x {reference}: that over "
+            f"{reference}'s (a ratio of totals, not of the medians). peak MiB: the most memory a request "
+            f"took above what was in use when it started (CUDA: allocated; CPU: handed out by malloc, sampled "
+            f"every 5 ms); held MiB: what the loaded mode holds (weights, caches, kernels), not counted in peak.")
 
 
 def compiled_row(row: str) -> bool:
@@ -446,6 +461,8 @@ def main() -> None:
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images), args.reference))
+        if name == filters[0]:  # under the first table
+            print("\n" + table_legend(args.reference))
         if len(images) > 1:
             print("\nPer image (median of its requests):")
             print(per_image_table(list(runs.values()), images, args.reference))

@@ -401,7 +401,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     # Root may write anywhere os.access is asked, /proc included, where no file can be made.
     ("reproduce_experiments", ["{tmp}/paths", "/proc/out"], "/proc is not writable"),
     ("tools.benchmark", ["--save-masks", "/proc/masks"], "/proc is not writable"),
-    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", "/proc/x.csv"],
+    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", "/proc/x.csv"],
      "/proc is not writable"),
     ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", "{tmp}/notes.jpg"],
      "notes.jpg: that is an input file; the output would replace it"),
@@ -459,7 +459,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("reproduce_experiments", ["", "{tmp}/out"], "no paths file given (an empty name)"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--checkpoint-dir", "", "--model-type", "micro"],
      "the checkpoint folder is empty"),
-    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/notes.jpg", "--per-image-csv", ""], "--per-image-csv: empty"),
+    ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", ""], "--per-image-csv: empty"),
     ("training.real_photos", ["--save-overlays", ""], "--save-overlays: empty; give a folder"),
     ("tools.benchmark", ["--load-fast", "{tmp}/exported"], "exported: no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/notes.jpg", "{tmp}"], "a folder; give the file to write the lines to"),

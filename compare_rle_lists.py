@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     add_option(parser, "per_image_csv", help="also write one CSV row per image to this path")
     args = parser.parse_args(argv)
+    for name in ("reference", "candidate"):
+        if not getattr(args, name):  # an unset variable, say: not the current folder
+            parser.error(f"{name}: empty; give a file or folder of results")
     # A set against itself agrees fully whatever it holds: a mistyped path would read as mIoU 1.0.
     # (The study compares its baseline with itself for the baseline's row: in code, not here.)
     if same_results(args.reference, args.candidate):

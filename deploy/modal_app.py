@@ -21,6 +21,9 @@ from pathlib import Path
 
 import modal
 
+if not __package__:  # run by its path (python deploy/modal_app.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 APP_NAME = "sam2-segment-everything"
 VOLUME_NAME = "sam2-checkpoints"
 VOLUME_PATH = "/data"  # checkpoints in /data/checkpoints, exported packages in /data/exported

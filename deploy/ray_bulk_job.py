@@ -25,8 +25,10 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this checkout's packages, as -m has them
+if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this checkout's packages, as -m has
+    # them, here and in the Ray workers that a local Ray instance starts (they inherit the environment)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
 from sam2serve.cli import (
     HelpWithDefaults, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,

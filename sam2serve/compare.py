@@ -212,9 +212,9 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
     paired with its image. Files are named by their name, in sorted order; an empty file is a
     failed request too (curl ... > name.json leaves one).
     """
-    path, images = Path(path), []
-    if is_study_row(path):
-        path, images = path / "rle_masks", study_row_images(path)
+    path = Path(path)
+    images = study_row_images(path) if is_study_row(path) else []
+    path = results_path(path)
     if path.is_char_device() or path.is_block_device():  # /dev/zero was read until memory ran out
         raise ValueError(f"{path} is a device, not a file of results")
     if path.is_dir():
@@ -233,7 +233,8 @@ def load_results(path: str | Path) -> list[tuple[str, list[RLE] | None]]:
         return results
     text = read_text(path)
     lines = text.splitlines()
-    if len(lines) > 1 and lines[0].strip() and (document := one_document(lines[0], text)) is not None:
+    first = next((line for line in lines if line.strip()), "")  # a pretty-printed file may start blank
+    if len(lines) > 1 and first and (document := one_document(first, text)) is not None:
         raise ValueError(spread_over_lines(path, len(lines), document))
     names = [f"line {i + 1}" + (f" ({images[i]})" if len(images) == len(lines) else "") for i in range(len(lines))]
     return [(name, masks_of(parse_line(line, f"line {i + 1} of {path}"), f"line {i + 1} of {path}")
@@ -365,8 +366,10 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
         if ref and cand and ref[0]["size"] != cand[0]["size"]:
             (ref_h, ref_w), (cand_h, cand_w) = ref[0]["size"], cand[0]["size"]
             order = "" if all(per_image_files) else " (or of the same ones in another order)"  # paired by line
+            turned = ("; or of one image turned, its EXIF orientation applied on one side only"
+                      if [ref_h, ref_w] == [cand_w, cand_h] else "")
             raise ValueError(f"{name}: the masks are {ref_h} x {ref_w} in {reference_path}, {cand_h} x {cand_w} in "
-                             f"{candidate_path}: these seem to be results of different images{order}")
+                             f"{candidate_path}: these seem to be results of different images{order}{turned}")
         comparisons.append(compare_image(name, ref, cand))
     return comparisons
 

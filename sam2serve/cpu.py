@@ -1,7 +1,8 @@
 """Process settings for serving on a CPU: memory a request frees is kept for the next one,
 denormal floats are read and written as zero, and torch's thread count is set where asked.
 `set_up_cpu_process` applies them; server.py calls it first thing, before the process starts any
-thread, and load_pipeline again.
+thread, and load_pipeline again; the benchmark and the study's rows too, so that they measure what
+the server runs.
 
 Freed memory. On a CPU, tensors live in plain malloc'd memory. glibc serves an allocation above
 its mmap threshold (at most 32 MB by default) with fresh pages from the kernel and hands them

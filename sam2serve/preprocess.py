@@ -71,8 +71,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 )
             if max(width, height) > MAX_SIDE:
                 raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
-            image = ImageOps.exif_transpose(image)  # decodes the pixels
-            return to_rgb(image)
+            image = ImageOps.exif_transpose(image)  # decodes the pixels: a copy, loaded
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as error:
@@ -90,6 +89,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as error:  # a damaged file: OSError mostly, but Pillow's TIFF reader raises
         # TypeError, OverflowError and others on some damaged tags
         raise InvalidImage(f"the image could not be decoded: {error}") from error
+    return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
 
 
 def read_image_file(path: str | os.PathLike) -> np.ndarray:

@@ -12,9 +12,9 @@ are computed exactly as torch's CPU kernel computes them (the same weights, the 
 multiply-adds), which is checked against the kernel on first use; where they differ, and on
 other devices, the reference runs instead. For the micro model's 64x64 logits on a 1024x768
 image, a cell is 16x12 pixels: a mask costs a copy and its edge's few thousand pixels instead of
-786 432. The answers equal the reference's (tests/test_upscale.py) for finite logits of 0 or
-of magnitude 1e-30 and more, as models' are: near float's smallest numbers a weight's product
-rounds apart, and the reference's 0 * inf is NaN.
+786 432. The answers equal the reference's (tests/test_upscale.py) for logits of 0 or of
+magnitude 1e-30 to 1e30 (tested; a model's are far inside): near float's smallest numbers a
+weight's product rounds apart, and the reference's 0 * inf is NaN.
 """
 
 from functools import cache, lru_cache

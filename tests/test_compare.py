@@ -269,6 +269,14 @@ def test_masks_of_another_size_name_both_sets_and_say_they_hold_other_images(tmp
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"error: line 2: the masks are 8 x 8 in {reference}, 6 x 10 in {candidate}: these seem "
                              "to be results of different images (or of the same ones in another order)\n")
+    # The same image turned on one side (its EXIF orientation applied there only): said too.
+    tall, turned = np.zeros((8, 6), bool), np.zeros((6, 8), bool)
+    tall[1:3, 1:4] = turned[1:4, 1:3] = True
+    turned_result = run_tool(write_lines(tmp_path / "tall", [answer(tall)]),
+                             write_lines(tmp_path / "turned", [answer(turned)]))
+    assert turned_result.stderr.endswith(
+        "(or of the same ones in another order); or of one image turned, its EXIF orientation applied on one "
+        "side only\n")
     # Folders of per-image files pair by name: no order to get wrong.
     for folder, answers in (("reference_images", REFERENCE[:1]), ("candidate_images", [answer(wide)])):
         (tmp_path / folder).mkdir()
@@ -277,6 +285,14 @@ def test_masks_of_another_size_name_both_sets_and_say_they_hold_other_images(tmp
         compare_results(tmp_path / "reference_images", tmp_path / "candidate_images")
     assert str(error.value) == (f"a.json: the masks are 8 x 8 in {tmp_path / 'reference_images'}, 6 x 10 in "
                                 f"{tmp_path / 'candidate_images'}: these seem to be results of different images")
+
+
+def test_an_empty_name_is_refused_not_read_as_the_current_folder(tmp_path):
+    reference = write_lines(tmp_path / "reference", REFERENCE)
+    for arguments, name in (([reference, ""], "candidate"), (["", reference], "reference"), (["", ""], "reference")):
+        result = run_tool(*arguments)
+        assert result.returncode == 2 and result.stderr.endswith(f"error: {name}: empty; give a file or folder of "
+                                                                 "results\n"), result.stderr
 
 
 def test_the_same_results_twice_are_refused_however_spelt(tmp_path, monkeypatch, capsys):
@@ -333,6 +349,9 @@ def test_one_json_document_over_lines_is_named_as_such(tmp_path):
         f"{pretty} is one JSON document spread over {len(pretty.read_text().splitlines())} lines, where one answer "
         f"per line is expected; put this one answer on one line: jq -c . '{pretty}' > one_line.json "
         f"(or python -m json.tool --compact '{pretty}' > one_line.json)")
+    pretty.write_text("\n" + json.dumps(REFERENCE[0], indent=4))  # a blank line first: the same
+    with pytest.raises(ValueError, match="is one JSON document spread over"):
+        load_results(pretty)
     (tmp_path / "row").mkdir()
     write_lines(tmp_path / "row" / "rle_masks", REFERENCE)
     stats = tmp_path / "row" / "stats.json"

@@ -555,7 +555,8 @@ def test_the_scripts_log_leaves_out_sam2s_per_image_lines():
 
 
 BY_PATH = ["tools/aoti_check.py", "tools/benchmark.py", "tools/benchmark_prompts.py", "tools/decoder_profile.py",
-           "tools/load_test.py", "training/real_photos.py", "training/train_micro_sam2.py", "deploy/ray_bulk_job.py"]
+           "tools/load_test.py", "training/real_photos.py", "training/train_micro_sam2.py", "deploy/ray_bulk_job.py",
+           "deploy/modal_app.py"]
 
 
 def test_the_scripts_in_folders_run_by_their_path_too(tmp_path):
@@ -563,7 +564,7 @@ def test_the_scripts_in_folders_run_by_their_path_too(tmp_path):
     scripts, sam2's own package named `training` was found first): they run as with -m."""
     assert sorted(BY_PATH) == sorted(
         str(path.relative_to(REPO)) for folder in ("tools", "training", "deploy") for path in (REPO / folder).glob("*.py")
-        if '__name__ == "__main__"' in path.read_text() and path.name != "modal_app.py")  # modal runs that one
+        if '__name__ == "__main__"' in path.read_text())
     runs = [subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in BY_PATH]
     for script, run in zip(BY_PATH, runs):

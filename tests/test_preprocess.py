@@ -194,3 +194,16 @@ def test_raster_formats_are_read_and_others_refused_with_the_list():
 def test_model_input_equals_sam2_transforms(scene):
     expected = SAM2Transforms(resolution=1024, mask_threshold=0.0)(scene)
     assert torch.equal(image_to_input(scene, 1024)[0], expected)
+
+
+def test_an_error_in_the_conversion_after_decoding_is_not_blamed_on_the_file(monkeypatch):
+    """Only Pillow's decoding turns any error into the file's fault (400): a bug in the
+    project's own conversion stays a bug (500, its traceback logged)."""
+    from sam2serve import preprocess
+
+    def broken(values, mode):
+        raise IndexError("a bug of the conversion")
+
+    monkeypatch.setattr(preprocess, "wide_gray_to_8_bits", broken)
+    with pytest.raises(IndexError, match="a bug of the conversion"):
+        decode_image(encode(Image.fromarray(np.zeros((2, 3), np.uint16))), max_pixels=100)

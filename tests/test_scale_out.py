@@ -684,6 +684,19 @@ def test_the_bulk_job_stops_on_sigterm_in_one_line(tmp_path):
     assert not output.exists()
 
 
+def test_the_bulk_job_run_by_its_path_from_elsewhere_gets_the_checkouts_code_in_its_workers(tmp_path):
+    """`python deploy/ray_bulk_job.py` from another folder: its Ray workers (a local instance)
+    found no sam2serve, and Ray retried their start forever."""
+    paths = tmp_path / "paths"
+    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n")
+    env = {name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "PYTHONPATH")}
+    job = subprocess.run([sys.executable, str(REPO / "deploy" / "ray_bulk_job.py"), "paths", "out", "--points-per-side",
+                          "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0 and "No module named" not in job.stderr, job.stderr[-3000:]
+    assert job.stderr.strip().splitlines()[-1] == "wrote 1 line to out"
+    assert json.loads((tmp_path / "out").read_text())["mask_0"]["size"] == [240, 320]
+
+
 def test_the_bulk_job_stopped_while_ray_starts_says_so_in_one_line(tmp_path):
     """SIGTERM while ray.init runs, to the handler Ray has put in place by then (an exit with
     status 15 and no word): the job stops as every script does. Ray's start stood in for (the

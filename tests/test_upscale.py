@@ -58,14 +58,14 @@ def test_masks_above_handle_edge_cases():
 
 @pytest.mark.parametrize("flush_denormals", [False, True])
 def test_masks_above_equal_the_reference_at_every_magnitude_the_docstring_names(flush_denormals):
-    """Logits of 0 or of magnitude 1e-30 to 100, with subnormal numbers flushed (as the server
+    """Logits of 0 or of magnitude 1e-30 to 1e30, with subnormal numbers flushed (as the server
     has them) and not. (Below that, a weight's product can round to 0 in one and not the other.)"""
     flushing = bool(torch.tensor([1e-40]).mul(1.0).item() == 0.0)  # as the tests before left it
     assert torch.set_flush_denormal(flush_denormals)  # this CPU can flush (x86 and ARM do)
     assert (torch.tensor([1e-40]).mul(1.0).item() == 0.0) == flush_denormals
     try:
         generator = torch.Generator().manual_seed(0)
-        for exponent in range(-30, 3):
+        for exponent in range(-30, 31):
             magnitude = (0.5 + 0.5 * torch.rand((6, 7, 9), generator=generator)) * 10.0**exponent
             logits = torch.where(torch.rand((6, 7, 9), generator=generator) < 0.5, -magnitude, magnitude)
             logits[0, :3] = 0.0

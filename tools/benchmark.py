@@ -100,7 +100,7 @@ def reference_of(runs: list[ModeRun], reference: str) -> ModeRun | None:
 
 def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> str:
     """The results, the reference row (the baseline, or ao) first, as a Markdown table (what its
-    columns mean: table_legend); "x study", the ratio of throughputs to the study's pipeline, only
+    timing and memory columns mean: table_legend); "x study", the ratio of throughputs to the study's pipeline, only
     where that ran. Without the reference its columns read n/a."""
     reference_run = reference_of(runs, reference)
     rates = {run.mode: len(run.seconds) / sum(run.seconds) for run in runs}
@@ -133,8 +133,9 @@ def table_legend(reference: str) -> str:
     """What the table's columns mean, under it: the ratios are of totals, not of the medians
     beside them, and a request's peak memory is counted above what the process held already."""
     return (f"ready s: loading, compiling and warming up; ms per image: the median request, p90 its 90th "
-            f"percentile; images/s: images over the time they all took, and x {reference}: that over "
-            f"{reference}'s (a ratio of totals, not of the medians). peak MiB: the most memory a request "
+            f"percentile; images/s: requests answered per second of the time they all took, and x {reference}: "
+            f"that over {reference}'s (a ratio of totals, not of the medians); x study: the same over the study's "
+            f"pipeline, where it ran. peak MiB: the most memory a request "
             f"took above what was in use when it started (CUDA: allocated; CPU: handed out by malloc, sampled "
             f"every 5 ms); held MiB: what the loaded mode holds (weights, caches, kernels), not counted in peak.")
 

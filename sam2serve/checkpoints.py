@@ -36,6 +36,7 @@ DOWNLOAD_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 # segment an image right after installing, with no download.
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL_TYPE = "micro"
+RANDOM_WEIGHTS_DIR = "~/checkpoints/random"  # where a message suggests writing random weights (README's too)
 # A download's partial file untouched this long belongs to a process that was killed (a live one
 # writes as data arrives, and gives up after 30 s without any): the next download removes it.
 STALE_PARTIAL_S = 600
@@ -213,8 +214,9 @@ def ensure_checkpoint(
             f"Checkpoint {path} is missing and could not be downloaded from {url} ({error}).\n"
             f"Fetch it by hand on a machine that is online:\n"
             f"    mkdir -p {directory} && curl -L -o {path} {url}\n"
-            f"or write random weights to try the server: "
-            f"python -m sam2serve.checkpoints {directory} {size.name}"
+            f"or try the server on random weights (they find no object), in a folder of their own, not beside "
+            f"real ones:\n    python -m sam2serve.checkpoints {RANDOM_WEIGHTS_DIR} {size.name}   # then give "
+            f"{RANDOM_WEIGHTS_DIR} instead of {directory}"
         ) from error
     return path
 

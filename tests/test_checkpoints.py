@@ -165,6 +165,10 @@ def test_offline_download_fails_with_instructions(tmp_path):
     assert str(tmp_path / "sam2.1_hiera_large.pt") in message
     assert "http://127.0.0.1:9/sam2/sam2.1_hiera_large.pt" in message
     assert "curl -L -o" in message
+    # Random weights in a folder of their own: beside real ones (the repository's models/, say),
+    # a random file under the official name would be taken for them.
+    assert message.endswith("\n    python -m sam2serve.checkpoints ~/checkpoints/random large   # then give "
+                            f"~/checkpoints/random instead of {tmp_path}")
     with pytest.raises(CheckpointUnavailable, match="could not be downloaded from notaurl/sam2.1_hiera_large.pt"):
         ensure_checkpoint(tmp_path, "large", "notaurl")  # --checkpoint-url without a scheme: was a traceback
 

@@ -314,8 +314,15 @@ def amg_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
     try:
         AMGConfig(**options)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(in_option_words(error))
     return options
+
+
+def in_option_words(error: ValueError) -> str:
+    """AMGConfig's message for a setting in the words of the option that gave it, as argparse
+    says its own ("pred_iou_thresh must be ..." -> "argument --pred-iou-thresh: must be ...")."""
+    name, _, rest = str(error).partition(" ")
+    return f"argument --{name.replace('_', '-')}: {rest}" if name in AMG_OPTIONS else str(error)
 
 
 def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: Mode) -> AMGConfig:
@@ -327,7 +334,7 @@ def amg_config(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: 
         compiled = compiles(mode, args.device, *asked)
         return mode_config(mode, args.device, compiled, **amg_options(parser, args))
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(in_option_words(error))
 
 
 def error_text(error: Exception) -> str:

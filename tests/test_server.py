@@ -274,6 +274,21 @@ def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsy
     assert stopped.value.code == 2 and f"argument {option}" in error and f"must be {rule}" in error
 
 
+@pytest.mark.parametrize("option, value, rule", [
+    ("--pred-iou-thresh", "80", "within [0, 1], got 80.0"), ("--points_per_side", "0", "at least 1, got 0"),
+    ("--stability-score-offset", "0", "above 0 and at most 1000"),
+])
+def test_mask_settings_out_of_range_are_refused_in_the_options_words(option, value, rule, capsys):
+    """The mask-generation options are checked by AMGConfig, whose message named the setting
+    ("pred_iou_thresh must be ..."), not the option the user typed."""
+    import server
+
+    with pytest.raises(SystemExit) as stopped:
+        server.parse_args([option, value])
+    assert stopped.value.code == 2
+    assert f"error: argument {option.replace('_', '-')}: must be {rule}" in capsys.readouterr().err
+
+
 def test_more_threads_than_cores_are_refused(capsys):
     import server
 

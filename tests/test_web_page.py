@@ -854,6 +854,44 @@ def test_the_click_tool_shows_the_masks_added_by_clicks_and_the_server_s_rest(pa
     assert np.array_equal(masks_shown(page), added)
 
 
+def overlay_alpha(driver) -> np.ndarray:
+    """The overlay PNG's picture's alpha, (height, width)."""
+    width, height, alpha = driver.execute_script(
+        "const c = overlayCanvas();"
+        "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".filter((_, i) => i % 4 === 3))]")
+    return np.array(alpha, dtype=np.int32).reshape(height, width)
+
+
+def test_masks_shown_fades_the_masks_on_the_page_and_in_the_overlay_png(page):
+    """To see the picture under the masks: "Masks shown" fades every mask's layer and the added
+    masks' (the page's canvases and the overlay PNG alike, here over a blank image), by the
+    keyboard too; the hovered mask is drawn as before."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    found = xs < 40
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(found)]), width, height)
+    full = overlay_alpha(page)
+    assert (full[found] > 100).all() and not full[~found].any()
+    control = page.find_element(By.ID, "mask-opacity")
+    control.send_keys(Keys.END)  # at most already: nothing changes
+    assert np.array_equal(overlay_alpha(page), full)
+    for _ in range(10):
+        control.send_keys(Keys.ARROW_LEFT)  # 5% a step
+    assert page.find_element(By.ID, "mask-opacity-value").text == "50%"
+    assert page.execute_script("return ['mask-canvas', 'added-canvas'].map("
+                               "(id) => getComputedStyle(document.getElementById(id)).opacity)") == ["0.5", "0.5"]
+    half = overlay_alpha(page)
+    assert np.abs(half[found] - full[found] / 2).max() <= 1 and not half[~found].any()
+    control.send_keys(Keys.HOME)
+    assert not overlay_painted(page).any() and control.get_attribute("aria-valuetext") == "0%"
+    assert np.array_equal(masks_shown(page), found)  # the masks are there, only not shown
+    page.execute_script("setHovered(0)")
+    assert highlight_alpha(page) > 0  # a hovered mask still shows itself
+    control.send_keys(Keys.END)
+
+
 def test_a_hovered_mask_is_painted_with_its_outline(page):
     """paintMask, which draws the hovered, selected and clicked masks: the mask's pixels at alpha
     170, those with a neighbour (of 4) outside it opaque, nothing else; on masks whose runs cross

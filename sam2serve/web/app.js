@@ -23,6 +23,9 @@ const LONG_PRESS_MS = 500; // a finger held this long, not moving: a point off t
 // when the selection changes, not on every hover: a large one takes a while), and the hovered
 // mask or the click tool's mask and prompts.
 const LAYERS = ["image-canvas", "mask-canvas", "added-canvas", "selection-canvas", "highlight-canvas"];
+// The layers of masks that "Masks shown" fades, to see the picture under them; the selected and
+// hovered masks stay as they are.
+const FADED_LAYERS = ["mask-canvas", "added-canvas"];
 
 const state = {
   info: null, // GET /health
@@ -1196,9 +1199,20 @@ function overlayCanvas() {
   canvas.height = state.height;
   const context = canvas.getContext("2d");
   for (const id of LAYERS) {
-    if (getComputedStyle($(id)).visibility !== "hidden") context.drawImage($(id), 0, 0);
+    const style = getComputedStyle($(id));
+    if (style.visibility === "hidden") continue;
+    context.globalAlpha = Number(style.opacity); // "Masks shown"
+    context.drawImage($(id), 0, 0);
   }
   return canvas;
+}
+
+// "Masks shown": the masks' layers faded, on the page and in the overlay PNG (overlayCanvas).
+function setMaskOpacity() {
+  const percent = $("mask-opacity").value;
+  for (const id of FADED_LAYERS) $(id).style.opacity = percent / 100;
+  $("mask-opacity-value").value = `${percent}%`;
+  $("mask-opacity").setAttribute("aria-valuetext", `${percent}%`);
 }
 
 function downloadOverlay() {
@@ -1240,6 +1254,8 @@ function init() {
   document.addEventListener("keydown", onKeyDown);
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list
+  $("mask-opacity").addEventListener("input", setMaskOpacity);
+  setMaskOpacity(); // a value the browser kept across a reload
   const rows = $("mask-list").tBodies[0];
   // The mask of the list's row an event is on, or -1 (the "no mask" row; the list rests in the click tool).
   const rowMask = (event) => {

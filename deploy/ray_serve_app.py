@@ -47,12 +47,11 @@ from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_val
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
-from sam2serve.preprocess import InvalidImage
 from sam2serve.serving import (
-    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits, UploadTooLarge,
-    URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image,
-    error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
-    request_settings, require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
+    UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer,
+    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
+    unreadable_form, request_settings, require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer,
     share_encodings, too_many_parts,
 )
 
@@ -257,8 +256,9 @@ async def read_form(request: Request, limits: Limits):
             raise too_many_parts(limits) from None
         if "exceeded maximum size" in error.message:  # which field, as server.py says it
             raise form_limit_error(io.BytesIO(body), request.headers.get("content-type", ""), limits) from None
-        raise InvalidImage(f"the body is not a multipart form that can be read ({error.message}); "
-                           "send the image as curl -F 'image=@file.jpg'") from None
+        if '"name" must be provided' in error.message:  # as server.py says it
+            raise unreadable_form(NAMELESS_PART) from None
+        raise unreadable_form(error.message) from None
 
 
 def route(scope: dict) -> str:

@@ -168,6 +168,22 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
     return decode_image(files[0], limits.max_pixels)
 
 
+NAMELESS_PART = "a part has no name in its Content-Disposition"
+
+
+def unreadable_form(why: str) -> InvalidImage:
+    """The answer to a multipart body that cannot be read as a form, in both fronts' words."""
+    return InvalidImage(f"the body is not a multipart form that can be read ({why}); "
+                        "send the image as curl -F 'image=@file.jpg'")
+
+
+def require_named_parts(names: Iterable[object]) -> None:
+    """Every part of a form names its field: werkzeug files a nameless one under None (which
+    ended in a TypeError, a 500); Starlette, Ray Serve's, refuses it."""
+    if None in names:
+        raise unreadable_form(NAMELESS_PART)
+
+
 def unread_body(content_type: str, body_bytes: int) -> str:
     """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header)
     is no multipart form to read, or "" where it is one, or empty."""
@@ -668,6 +684,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         gone = client_gone()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
+        require_named_parts([*request.files, *request.form])
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
                              unread_body(request.content_type or "", request.content_length or 0))
@@ -744,6 +761,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache, limits)
         else:
             require_segment_form(request.mimetype)
+            require_named_parts([*request.files, *request.form])
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image()
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding

@@ -210,8 +210,9 @@ class JSONErrorChannel(HTTPChannel):
     def send_continue(self) -> None:
         """No "100 Continue" for a request already refused (a declared body over the limit):
         waitress would send one and read the body up to the limit before its 413; curl sends
-        `Expect: 100-continue` with every upload over 1 MB."""
-        if self.request.error is not None:
+        `Expect: 100-continue` with every upload over 1 MB. Nor for one already whole (no body):
+        waitress would mark it incomplete again, and it waited for a body until its 408."""
+        if self.request.error is not None or self.request.completed:
             self.request.expect_continue = False
             return
         super().send_continue()

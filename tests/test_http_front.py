@@ -132,6 +132,21 @@ def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_clo
     assert answers_counted(url, "/upload_rle", "POST", "413") == counted + 1  # the HTTP server's answer, in /metrics
 
 
+def test_a_request_without_a_body_that_expects_100_continue_is_answered_at_once(server):
+    """`Expect: 100-continue` on a request that has no body: waitress sent "100 Continue" and
+    then waited for a body until the connection timeout's 408."""
+    _, url = server
+    for request_line, status in [(b"GET /health HTTP/1.1\r\n", 200),
+                                 (b"POST /upload_rle HTTP/1.1\r\nContent-Length: 0\r\n", 400)]:
+        sock = connect(url)
+        sock.sendall(request_line + b"Host: test\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        started = time.monotonic()
+        answer = read_until_closed(sock, CONNECTION_TIMEOUT_S + 30)
+        sock.close()
+        assert time.monotonic() - started < CONNECTION_TIMEOUT_S / 2, answer[:200]
+        assert status_and_json(answer)[0] == status and b"100 Continue" not in answer, answer[:200]
+
+
 def metric_samples(url: str, name: str) -> list:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -183,11 +198,12 @@ def client():
     return create_app(worker, Limits(max_upload_bytes=2**20, max_pixels=10_000)).test_client()
 
 
-def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
-    """(body, content type) of a multipart form: (field name, file name or None, content)."""
+def multipart(parts: list[tuple[str | None, str | None, bytes]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart form: (field name or None, file name or None, content)."""
     body = b""
     for name, filename, content in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        disposition = ("form-data" + (f'; name="{name}"' if name is not None else "")
+                       + (f'; filename="{filename}"' if filename else ""))
         body += f"--b\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
     return body + b"--b--\r\n", "multipart/form-data; boundary=b"
 

@@ -455,6 +455,19 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         response = client.post("/segment", data={"image": (io.BytesIO(png(new_image)), "a.png"), **fields})
         assert response.status_code == 400 and words in response.get_json()["error"], (fields, response.get_json())
     assert cache_metrics(client)["misses_total"] == misses  # none of them encoded the image
+    # A part that names no field (a hand-made form): werkzeug filed it under None, a TypeError (500).
+    from .test_http_front import multipart
+
+    image = ("image", "a.png", png(new_image))
+    for endpoint, parts in [("/segment", [image, ("prompts", None, json.dumps([point]).encode()), (None, None, b"x")]),
+                            ("/segment", [image, ("prompts", None, json.dumps([point]).encode()), (None, "b", b"x")]),
+                            ("/embed", [image, (None, "b.png", b"x")]), ("/upload_rle", [image, (None, None, b"x")]),
+                            ("/upload", [(None, "a.png", image[2])])]:
+        response = client.post(endpoint, data=multipart(parts)[0], content_type=multipart(parts)[1])
+        assert response.status_code == 400 and response.get_json()["error"] == (
+            "the body is not a multipart form that can be read (a part has no name in its Content-Disposition); "
+            "send the image as curl -F 'image=@file.jpg'"), (endpoint, parts[-1])
+    assert cache_metrics(client)["misses_total"] == misses
     path_not_file = client.post("/segment", data={"image": "a.png", "prompts": json.dumps([point])},  # no @
                                 content_type="multipart/form-data")
     assert path_not_file.status_code == 400 and "curl -F 'image=@file.jpg'" in path_not_file.get_json()["error"]

@@ -373,12 +373,14 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "another multipart type": (b"garbage", "multipart/mixed; boundary=b"),
         "path without @": multipart([("image", None, b"shapes.jpg")]),
         "raw image": (image[2], "image/jpeg"),
+        "a part without a name": multipart([image, (None, None, b"x")]),
     }
     for case, (body, content_type) in forms.items():
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
         flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
-        if status == 413 or case in ("path without @", "raw image", "another multipart type"):  # the same message as well
+        if status == 413 or case in ("path without @", "raw image", "another multipart type",
+                                     "a part without a name"):  # the same message as well
             assert answer == flask.get_data(), case
     for query in ("?pred_iou=0.5", "?box_nms_thresh=2", "?format=coco&stability_score_thresh=x"):  # settings refused
         status, _, answer = post(url + "/upload_rle" + query, *multipart([image]), 60)

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import re
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -616,6 +617,9 @@ class Metrics:
         return prom.generate_latest(self.registry)
 
 
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # 0.6, .6, 6e-1, 1.
+
+
 def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[str, float]:
     """A request's own settings (amg.REQUEST_SETTINGS) from its query parameters, checked as the
     server's options are; /upload and /upload_rle take them. Any other parameter but `format` is
@@ -633,10 +637,9 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
         given.add(name)
         if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
             continue
-        try:
-            settings[name] = float(value)
-        except ValueError:
-            raise InvalidImage(f"{name}: {shown(value)} is not a number") from None
+        if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
+            raise InvalidImage(f"{name}: {shown(value)} is not a number")
+        settings[name] = float(value)
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
             raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
     try:

@@ -754,7 +754,11 @@ def test_records_of_every_candidate_are_strict_json(micro):
     ("/upload?points_per_side=64", "query parameter 'points_per_side' is not one /upload takes"),
     ("/upload_rle?pred_iou_thresh=high", "pred_iou_thresh: 'high' is not a number"),
     ("/upload_rle?pred_iou_thresh=1.5", "pred_iou_thresh must be within [0, 1], got 1.5"),
-    ("/upload_rle?box_nms_thresh=nan", "box_nms_thresh: 'nan' is not a finite number"),
+    ("/upload_rle?box_nms_thresh=nan", "box_nms_thresh: 'nan' is not a number"),
+    # What Python's float() reads besides plain numbers: 0_5 as 5, digits of other scripts.
+    ("/upload_rle?stability_score_offset=0_5", "stability_score_offset: '0_5' is not a number"),
+    ("/upload_rle?pred_iou_thresh=%EF%BC%90.%EF%BC%95", "pred_iou_thresh: '\uff10.\uff15' is not a number"),
+    ("/upload_rle?pred_iou_thresh=%200.5", "pred_iou_thresh: ' 0.5' is not a number"),
     ("/upload_rle?stability_score_offset=1" + "0" * 400, "stability_score_offset: '1000000000000000000000000000000000000000"
                                                          "...' is not a finite number"),
     # at 0 or below, stability scores above 1 and 0/0 (NaN, which is no JSON, in ?format=coco)

@@ -206,9 +206,9 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     """The format an endpoint answers in, from its `format` query parameter's values (none, or
     one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
     formats = ANSWER_FORMATS[endpoint]
-    asked = [value for value in asked if value]  # ?format= (empty): the default, as before
-    if len(asked) > 1:
+    if len(asked) > 1:  # empty or not, as a setting given twice (request_settings)
         raise InvalidImage(f"format: given {len(asked)} times; give it once")
+    asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
         raise InvalidImage(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
                            f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")

@@ -16,7 +16,8 @@ torch.compile mode, as server.py's --compile-mode), replicas (1, or "auto"), max
 cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
 the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
-with several replicas send /segment as one multipart request with the image),
+with several replicas send /segment as one multipart request with the image), connection_timeout
+(60: seconds a request's body may stop arriving before its 408, as server.py's),
 and server.py's mask-generation options with underscores (points_per_side=16, ...).
 
 Autoscaling ("replicas=auto"): Ray Serve adds replicas, one GPU each, while replicas hold more
@@ -34,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from werkzeug.exceptions import MethodNotAllowed
 
@@ -45,11 +47,12 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
-from sam2serve.worker import generate_each
+from sam2serve.worker import Abandoned, generate_each
+from sam2serve.wsgi import ConnectionLimits
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
-    UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer,
+    RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer,
     embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
     unreadable_form, request_settings, require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer,
     share_encodings, too_many_parts,
@@ -86,7 +89,9 @@ class SegmentEverything:
     loop, so requests keep arriving (and batching) while the model runs."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
-                 embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
+                 embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES,
+                 connection_timeout_s: float = ConnectionLimits.timeout_s) -> None:
+        self.connection_timeout_s = connection_timeout_s  # a body that stops arriving this long: 408
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
         self.limits = Limits()
@@ -171,7 +176,7 @@ class SegmentEverything:
             headers = {"Content-Security-Policy": PAGE_SECURITY_POLICY} if path == "/" else {}
             return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type, headers=headers)
         try:
-            request = await with_body_read(request, self.limits)
+            request = await with_body_read(request, self.limits, self.connection_timeout_s)
             asked = answer_format(path, request.query_params.getlist("format"))
             settings = request_settings(path, request.query_params.multi_items())
             if path in UPLOAD_ENDPOINTS:
@@ -184,6 +189,8 @@ class SegmentEverything:
             else:
                 body, media_type = json_text(await self.prompts(request, path)), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
+            if isinstance(error, TaskCancelledError):  # Ray cancelled it: its client left (no failure to log)
+                error = Abandoned("the client closed its connection before its answer")
             return json_error(error)
         return Response(body, media_type=media_type)
 
@@ -227,13 +234,24 @@ class ImageRequest:
     cancelled: bool = False
 
 
-async def with_body_read(request: Request, limits: Limits) -> Request:
+async def with_body_read(request: Request, limits: Limits, timeout_s: float = ConnectionLimits.timeout_s) -> Request:
     """The request with its body read, at most the upload limit: a chunked upload has no
-    Content-Length to check beforehand (server.py's HTTP server counts the same way)."""
+    Content-Length to check beforehand (server.py's HTTP server counts the same way). A body
+    that stops arriving for `timeout_s` is a 408, as server.py's (Ray's proxy waited for it
+    without end); a client that leaves while it is read, a 499 (it was logged as a failure)."""
     if int(request.headers.get("content-length") or 0) > limits.max_upload_bytes:
         raise UploadTooLarge(limits)
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise RequestStalled(timeout_s) from None
+        except ClientDisconnect:
+            raise Abandoned("the client closed its connection before its request was read") from None
         body += chunk
         if len(body) > limits.max_upload_bytes:
             raise UploadTooLarge(limits)
@@ -249,8 +267,11 @@ async def read_form(request: Request, limits: Limits):
     text field too large is a 413, a body that is not a form a 400."""
     body = await request.body()  # kept: the form is parsed from it, and again to name a field over its limit
     try:
-        return await request.form(max_files=limits.max_form_parts, max_fields=limits.max_form_parts,
+        form = await request.form(max_files=limits.max_form_parts, max_fields=limits.max_form_parts,
                                   max_part_size=limits.max_form_field_bytes)
+        if len(form.multi_items()) > limits.max_form_parts:  # Starlette counts files and fields apart
+            raise too_many_parts(limits)
+        return form
     except MultiPartException as error:
         if error.message.startswith("Too many"):
             raise too_many_parts(limits) from None
@@ -301,6 +322,7 @@ def build(args: dict[str, str]) -> serve.Application:
     max_replicas = number("max_replicas", int, 4, 1)
     cpus = number("cpus", float, 1, above=True)
     cache_bytes = int(number("embedding_cache_mb", float, EMBEDDING_CACHE_BYTES / 2**20) * 2**20)
+    connection_timeout_s = number("connection_timeout", float, ConnectionLimits.timeout_s, above=True)
     amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
     AMGConfig(**amg)  # its own checks (points_per_side >= 1, ...)
     options = dict(
@@ -332,5 +354,5 @@ def build(args: dict[str, str]) -> serve.Application:
         ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": cpus},
         max_ongoing_requests=max(MAX_ONGOING_REQUESTS, batch_size), **scaling
     )
-    return deployment.bind(options, batch_size, batch_wait_s, cache_bytes)
+    return deployment.bind(options, batch_size, batch_wait_s, cache_bytes, connection_timeout_s)
 

@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ class InteractiveUnavailable(RuntimeError):
 
 class CacheTooSmall(RuntimeError):
     """The embedding cache cannot hold one encoded image: /embed's id could never be used."""
+
+
+class RequestStalled(ValueError):
+    """A request's body stopped arriving (the HTTP server's connection timeout): 408, in the
+    words of server.py's HTTP server (wsgi.py), which answers it there itself."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request timeout: nothing received for {seconds:g} s")
 
 
 class FormTooLarge(ValueError):
@@ -253,6 +262,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 413
     elif isinstance(error, URLTooLong):
         status = 414
+    elif isinstance(error, RequestStalled):
+        status = 408
     elif isinstance(error, NotReady):
         status, retry_after = 503, LOADING_RETRY_AFTER_S
     elif isinstance(error, Busy):
@@ -408,10 +419,18 @@ def json_int(digits: str) -> int | float:
         return -math.inf if digits.startswith("-") else math.inf
 
 
+def client_float(text: str) -> float:
+    """A number a client sent, subnormal ones (below 2.2e-308) read as 0: as every thread of
+    server.py reads them, where cpu.py flushes them, and not only the threads that flush (a
+    Ray Serve replica's event loop read 1e-310 as above 0, its model thread as 0: a 500)."""
+    value = float(text)
+    return 0.0 if abs(value) < sys.float_info.min else value  # the same comparison flushed or not
+
+
 def parse_json(text: str | bytes, what: str) -> object:
     """JSON sent by a client, or InvalidPrompt naming `what` ("the body", "prompts") and why not."""
     try:
-        return json.loads(text, parse_int=json_int)
+        return json.loads(text, parse_int=json_int, parse_float=client_float)
     except ValueError as error:  # also bytes that are not text
         raise InvalidPrompt(f"{what}: not valid JSON: {error}") from None
     except RecursionError:
@@ -639,7 +658,7 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
             continue
         if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
             raise InvalidImage(f"{name}: {shown(value)} is not a number")
-        settings[name] = float(value)
+        settings[name] = client_float(value)
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
             raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
     try:

@@ -749,6 +749,32 @@ def test_records_of_every_candidate_are_strict_json(micro):
     assert all(0.0 <= score <= 1.0 for score in scores if score is not None)
 
 
+@pytest.mark.parametrize("flush", [False, True])
+def test_a_clients_numbers_read_alike_in_threads_that_flush_denormals_and_not(flush):
+    """A subnormal number (1e-310) is 0 to a thread that flushes denormals (every thread of
+    server.py's) and not to one that does not (a Ray Serve replica's event loop, which took
+    stability_score_offset=1e-310 for above 0 while its model thread refused it: a 500). Read
+    from a client, it is 0 in both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam2serve.preprocess import InvalidImage
+    from sam2serve.serving import parse_json, request_settings
+
+    def read() -> tuple:
+        torch.set_flush_denormal(flush)
+        try:
+            request_settings("/upload_rle", [("stability_score_offset", "1e-310")])
+        except InvalidImage as error:
+            refused = str(error)
+        return (parse_json('{"points": [[1e-310, -4.9e-324]], "x": 2.5e-308}', "the body"),
+                request_settings("/upload_rle", [("pred_iou_thresh", "-1e-310")]), refused)
+
+    with ThreadPoolExecutor(1) as thread:
+        body, settings, refused = thread.submit(read).result()
+    assert body == {"points": [[0.0, 0.0]], "x": 2.5e-308} and settings == {"pred_iou_thresh": 0.0}
+    assert refused == "stability_score_offset must be above 0 and at most 1000, got 0.0"
+
+
 @pytest.mark.parametrize("url, words", [
     ("/upload_rle?pred_iou=0.5", "query parameter 'pred_iou' is not one /upload_rle takes: format, pred_iou_thresh, "
                                  "stability_score_thresh, stability_score_offset, box_nms_thresh"),

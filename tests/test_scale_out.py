@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -284,7 +285,8 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     arguments = {"checkpoint_dir": str(tiny_checkpoint_dir), "model_type": "tiny", "mode": "ao", "device": "cpu",
-                 "batch_size": "2", "cpus": "2", **{name: str(value) for name, value in KEEP_EVERY_CANDIDATE.items()}}
+                 "batch_size": "2", "cpus": "2", "connection_timeout": "2",
+                 **{name: str(value) for name, value in KEEP_EVERY_CANDIDATE.items()}}
     try:
         serve.run(build(arguments), name="sam2", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -374,6 +376,9 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "path without @": multipart([("image", None, b"shapes.jpg")]),
         "raw image": (image[2], "image/jpeg"),
         "a part without a name": multipart([image, (None, None, b"x")]),
+        # Starlette counts fields and files apart, 1000 of each: 2000 parts were taken.
+        "1000 fields and 1000 files": multipart([image] + [(f"f{i}", None, b"x") for i in range(1000)]
+                                                + [(f"g{i}", "g", b"x") for i in range(999)]),
     }
     for case, (body, content_type) in forms.items():
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
@@ -382,7 +387,10 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         if status == 413 or case in ("path without @", "raw image", "another multipart type",
                                      "a part without a name"):  # the same message as well
             assert answer == flask.get_data(), case
-    for query in ("?pred_iou=0.5", "?box_nms_thresh=2", "?format=coco&stability_score_thresh=x"):  # settings refused
+    # Settings refused; a subnormal number is 0 in both (Ray's event loop, which flushes no
+    # denormals, took 1e-310 for above 0, and its model thread refused it: a 500).
+    for query in ("?pred_iou=0.5", "?box_nms_thresh=2", "?format=coco&stability_score_thresh=x",
+                  "?stability_score_offset=1e-310"):
         status, _, answer = post(url + "/upload_rle" + query, *multipart([image]), 60)
         flask = flask_client.post("/upload_rle" + query, data=multipart([image])[0], content_type=multipart([image])[1])
         assert (status, answer) == (400, flask.get_data()) and flask.status_code == 400, query
@@ -402,8 +410,20 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         assert (error.code, error.read()) == (405, response.get_data())
         assert "POST" in error.headers["Allow"] and error.headers["X-Content-Type-Options"] == "nosniff"
 
-    limit = 50 * 2**20  # the upload limit, sent in chunks: no Content-Length to refuse it by
+    # A body that stops arriving: the connection timeout's 408 (connection_timeout=2), in server.py's
+    # words; Ray's proxy waited for it without end.
     address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as stalled:
+        body, content_type = multipart([image])
+        stalled.sendall(f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+                        f"Content-Length: {len(body) + 10}\r\n\r\n".encode() + body)
+        started, answer = time.monotonic(), b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            answer += stalled.recv(65536) or b"}"
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 20, answer[:300]
+    assert answer.endswith(b'{"error":"request timeout: nothing received for 2 s"}'), answer[-300:]
+
+    limit = 50 * 2**20  # the upload limit, sent in chunks: no Content-Length to refuse it by
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
     chunks = (b"x" * 2**20 for _ in range(limit // 2**20 + 1))
     connection.request("POST", "/upload_rle", body=chunks, encode_chunked=True,
@@ -445,6 +465,7 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"cpus": "0"}, "cpus=0: must be above 0"),
         ({"cpus": "inf"}, "cpus=inf: expected a finite number"),
         ({"batch_wait_ms": "nan"}, "batch_wait_ms=nan: expected a finite number"),
+        ({"connection_timeout": "0"}, "connection_timeout=0: must be above 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             build(arguments)

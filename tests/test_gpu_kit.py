@@ -336,7 +336,7 @@ def test_benchmark_tables_compare_with_ao_where_it_is_the_reference():
 
 
 def test_benchmark_table_has_a_study_column_only_where_the_study_ran():
-    from tools.benchmark import STUDY_ROW, ModeRun, table
+    from tools.benchmark import STUDY_ROW, ModeRun, table, table_legend
 
     ao = ModeRun("ao", seconds=[0.5], masks={0: []})
     study = ModeRun(STUDY_ROW, seconds=[2.0], masks={0: []})
@@ -344,6 +344,7 @@ def test_benchmark_table_has_a_study_column_only_where_the_study_ran():
     assert dict(zip(header.split("|"), row.split("|")))[" x study "] == " 4.00 "
     header, _, row = table([ao], 1, reference="ao").splitlines()
     assert "x study" not in header and row.count("|") == header.count("|")
+    assert "x study" in table_legend("ao", with_study=True) and "x study" not in table_legend("ao")
 
 
 def test_benchmark_names_image_files_by_their_name_where_no_two_share_one(tmp_path):

@@ -170,8 +170,7 @@ def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
     sock.close()
     time.sleep(0.5)
     after = [s for s in metric_samples(url, "sam2_requests_total") if s.labels["endpoint"] != "/metrics"]
-    assert after == [s for s in before if s.labels["endpoint"] != "/metrics"]
-    assert not any(s.labels["status"] == "400" for s in after)
+    assert after == [s for s in before if s.labels["endpoint"] != "/metrics"]  # not counted, as a 400 or else
 
 
 def test_headers_too_large_get_json_431_and_no_server_header(server):

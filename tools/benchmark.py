@@ -129,13 +129,13 @@ def table(runs: list[ModeRun], n_images: int, reference: str = "baseline") -> st
     return "\n".join(lines)
 
 
-def table_legend(reference: str) -> str:
+def table_legend(reference: str, with_study: bool = False) -> str:
     """What the table's columns mean, under it: the ratios are of totals, not of the medians
     beside them, and a request's peak memory is counted above what the process held already."""
+    study = "; x study: the same over the study's pipeline" if with_study else ""
     return (f"ready s: loading, compiling and warming up; ms per image: the median request, p90 its 90th "
             f"percentile; images/s: requests answered per second of the time they all took, and x {reference}: "
-            f"that over {reference}'s (a ratio of totals, not of the medians); x study: the same over the study's "
-            f"pipeline, where it ran. peak MiB: the most memory a request "
+            f"that over {reference}'s (a ratio of totals, not of the medians){study}. peak MiB: the most memory a request "
             f"took above what was in use when it started (CUDA: allocated; CPU: handed out by malloc, sampled "
             f"every 5 ms); held MiB: what the loaded mode holds (weights, caches, kernels), not counted in peak.")
 
@@ -463,7 +463,7 @@ def main() -> None:
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images), args.reference))
         if name == filters[0]:  # under the first table
-            print("\n" + table_legend(args.reference))
+            print("\n" + table_legend(args.reference, with_study=STUDY_ROW in runs))
         if len(images) > 1:
             print("\nPer image (median of its requests):")
             print(per_image_table(list(runs.values()), images, args.reference))

@@ -48,15 +48,15 @@ from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import Abandoned, generate_each
-from sam2serve.wsgi import ConnectionLimits
 from sam2serve.interactive import EmbeddingCache, parse_prompts
 from sam2serve.serving import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
-    RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer,
-    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, render_answer, unread_body,
-    unreadable_form, request_settings, require_cache_room, require_segment_form, require_segmenter, require_short_url, segment_answer,
-    share_encodings, too_many_parts,
+    RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
+    decode_upload, embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text,
+    render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
+    require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form,
 )
+from sam2serve.wsgi import ConnectionLimits
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
 WEB_FOLDER = Path(sam2serve.__file__).parent / "web"

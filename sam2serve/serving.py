@@ -18,8 +18,8 @@ import functools
 import json
 import logging
 import math
-import re
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable

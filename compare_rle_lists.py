@@ -10,18 +10,17 @@ folder of reproduce_experiments.py (its rle_masks). Images whose request failed 
 refused: it would agree with itself fully. See sam2serve/compare.py for the metrics.
 """
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
 
-from sam2serve.cli import HelpWithDefaults, add_option, error_text, require_output_file, run_script
+from sam2serve.cli import ScriptParser, add_option, error_text, require_output_file, run_script
 from sam2serve.compare import compare_results, format_float, same_results, study_runs_differ, summarize
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("reference", help="the reference results (usually the baseline's)")
     parser.add_argument("candidate", help="the results to compare with the reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")

@@ -43,7 +43,7 @@ from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model, require_checkpoint_pair,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths, error_text,
+    ScriptParser, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths, error_text,
     require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
@@ -322,7 +322,7 @@ def result_figure(lines: list[dict]) -> Figure:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AMGConfig]]:
     """The options, and the AMG settings they give each mode."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("image_paths_file", help="a file with one image path per line")
     parser.add_argument("output_folder", help="where each row's masks, result.csv and result.png go")
     add_option(parser, "checkpoint_dir", default="~/checkpoints/sam2",

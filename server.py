@@ -54,7 +54,7 @@ if __name__ == "__main__":
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     check_checkpoint_arguments, compile_modes, non_negative_float, number_type, positive_int, seconds,
     require_one_fast_folder, require_output_folder, set_up_logging,
 )
@@ -78,10 +78,7 @@ upload_megabytes = number_type(float, "a number of MiB", lambda value: 0.01 <= v
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Serve SAM2 automatic mask generation over HTTP (/upload, /upload_rle).",
-        formatter_class=HelpWithDefaults,
-    )
+    parser = ScriptParser(description="Serve SAM2 automatic mask generation over HTTP (/upload, /upload_rle).")
     add_checkpoint_arguments(parser)
     modes = parser.add_mutually_exclusive_group()  # one way to name the mode: the last would win unseen
     # No default here: argparse would not count `--mode ao` (the default's own value) as given.

@@ -14,7 +14,6 @@ The image pins the versions of requirements.txt: torch and torchvision first (on
 for both), then the rest with --no-build-isolation so that sam2 builds against that torch.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -129,12 +128,12 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
 def main() -> None:
     from sam2serve.checkpoints import MODEL_TYPE_CHOICES
     from sam2serve.cli import (
-        add_amg_options, amg_options, checked_image_paths, error_text, listed_as, report_error_lines,
+        ScriptParser, add_amg_options, amg_options, checked_image_paths, error_text, listed_as, report_error_lines,
         require_output_file,
     )
     from sam2serve.modes import DEFAULT_MODE, MODES
 
-    parser = argparse.ArgumentParser(description="Replay an image list through the deployed Modal app.")
+    parser = ScriptParser(description="Replay an image list through the deployed Modal app.")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("replay", help="one RLE line per image into OUTPUT")
     command.add_argument("paths_file", type=Path)

@@ -31,7 +31,7 @@ if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this che
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
 from sam2serve.cli import (
-    HelpWithDefaults, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
+    ScriptParser, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
     check_checkpoint_arguments, compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths,
     report_error_lines, require_output_file, run_script, write_lines,
 )
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's arguments, checked; `args.options` is what each worker loads. On a cluster the
     workers' machines, not this one, have the GPUs: a CUDA device is checked there, and each
     worker sizes a fast mode's point batches by its own GPU's memory."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("paths_file", type=Path, help="one image path per line")
     parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
     add_checkpoint_arguments(parser, as_options=True)

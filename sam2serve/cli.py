@@ -57,6 +57,20 @@ class HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDe
         return super()._get_help_string(action)
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: --help with defaults, and a shortened option that names one option
+    (`--crop` for --crop-n-layers) taken as that option, where argparse would call it ambiguous
+    because it matches both spellings add_option gives it; one that names several lists each once."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**{"formatter_class": HelpWithDefaults, **options})
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        matches = super()._get_option_tuples(option_string)
+        actions = [match[0] for match in matches]
+        return [match for index, match in enumerate(matches) if match[0] not in actions[:index]]
+
+
 def add_option(parser: argparse.ArgumentParser, name: str, **options) -> None:
     """Adds --some-option and the study's spelling --some_option, both to dest some_option."""
     flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])

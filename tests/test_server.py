@@ -289,6 +289,18 @@ def test_mask_settings_out_of_range_are_refused_in_the_options_words(option, val
     assert f"error: argument {option.replace('_', '-')}: must be {rule}" in capsys.readouterr().err
 
 
+def test_a_shortened_option_names_the_option_of_both_spellings(capsys):
+    """argparse called `--crop` ambiguous: it matched --crop-n-layers and --crop_n_layers, one
+    option's two spellings. A prefix of several options lists each once."""
+    import server
+
+    assert server.parse_args(["--crop", "1"]).crop_n_layers == 1
+    assert server.parse_args(["--box_nms", "0.5", "--use"]).box_nms_thresh == 0.5
+    with pytest.raises(SystemExit):
+        server.parse_args(["--point", "3"])
+    assert "--point could match --points-per-side, --points-per-batch\n" in capsys.readouterr().err
+
+
 def test_more_threads_than_cores_are_refused(capsys):
     import server
 

@@ -10,7 +10,6 @@ from the project's kernels, in seconds.
 Prints a table, a row as each step ends; exits 1 if a step failed.
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from torch import nn
 if not __package__:  # run by its path (python tools/aoti_check.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.cli import HelpWithDefaults, add_device_option, require_device, run_script
+from sam2serve.cli import ScriptParser, add_device_option, require_device, run_script
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere
 from sam2serve.serving import first_line
 
@@ -83,7 +82,7 @@ def steps(device: torch.device, folder: Path) -> Iterator[tuple[str, str, bool]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     add_device_option(parser)
     args = parser.parse_args()
     require_device(parser, args.device)

@@ -38,7 +38,7 @@ if not __package__:  # run by its path (python tools/benchmark.py): this checkou
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
-    HelpWithDefaults, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
     check_checkpoint_arguments, checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images,
     require_device, require_one_fast_folder, require_output_folder, run_script, set_up_logging,
 )
@@ -365,7 +365,7 @@ def profile_table(generator, image: np.ndarray, device: str, top: int = 25) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     add_checkpoint_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=ROWS, choices=ROWS,
                         help=f"rows: modes, and {STUDY_ROW} (the study's own pipeline, CUDA only); "

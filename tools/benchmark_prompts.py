@@ -9,7 +9,6 @@ SAM2ImagePredictor (set_image + predict; predict alone; 32 predict calls, one pe
 its API takes single prompt sets). Medians over the images and --repeats; in process, no HTTP.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ if not __package__:  # run by its path (python tools/benchmark_prompts.py): this
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model
 from sam2serve.cli import (
-    HelpWithDefaults, add_checkpoint_arguments, add_device_option, checkpoint_from_arguments, positive_int, read_images,
+    ScriptParser, add_checkpoint_arguments, add_device_option, checkpoint_from_arguments, positive_int, read_images,
     require_device, run_script, set_up_logging,
 )
 from sam2serve.cpu import set_up_cpu_process
@@ -47,7 +46,7 @@ def timed(device: str, function) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     add_checkpoint_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files (default: generated scenes)")

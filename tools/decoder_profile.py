@@ -11,7 +11,6 @@ time does not depend on them), features of a random image, random points.
 Prints a table, a row per form as it ends (median ms of --calls calls after 3 untimed ones).
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ if not __package__:  # run by its path (python tools/decoder_profile.py): this c
 from sam2serve import model as model_code
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, build_random_model, model_size
 from sam2serve.cli import (
-    HelpWithDefaults, add_device_option, compile_modes, positive_int, require_device, run_script, set_up_logging,
+    ScriptParser, add_device_option, compile_modes, positive_int, require_device, run_script, set_up_logging,
 )
 from sam2serve.fast import default_compile_mode, half_dtype, prepare_model
 from sam2serve.model import FactoredPointDecoder, ImageEncoder
@@ -63,7 +62,7 @@ def parts(decoder: FactoredPointDecoder) -> tuple[Callable, Callable]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("model_type", choices=MODEL_TYPE_CHOICES, help="model size (random weights)")
     parser.add_argument("--points", type=positive_int, default=1024, help="prompts per decoder call")
     parser.add_argument("--half", action="store_true", help="half precision, as fast_furious")

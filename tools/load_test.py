@@ -19,7 +19,6 @@ Loopback only (it is a stress tool, not a benchmark of someone else's server; pr
 http_proxy are not used), a bounded number of requests (C x M), and a time limit.
 """
 
-import argparse
 import http.client
 import ipaddress
 import json
@@ -41,7 +40,7 @@ from tqdm import tqdm
 if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.cli import HelpWithDefaults, error_text, positive_int, seconds
+from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
 
 MAX_REQUESTS = 10_000
 
@@ -275,7 +274,7 @@ def retry_after_s(headers: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000 (loopback only)")
     parser.add_argument("images", nargs="+", type=Path, help="image files to send")
     parser.add_argument("--clients", type=positive_int, default=4, help="concurrent clients")

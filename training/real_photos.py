@@ -10,7 +10,6 @@ answered (ao, 32x32 grid, sam2's defaults). On the two with instance masks (voc:
 arc2017: 8), the recall at IoU 0.5: the share of objects that some mask covers.
 """
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ if not __package__:  # run by its path (python training/real_photos.py): this ch
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.cli import (
-    HelpWithDefaults, add_checkpoint_arguments, checkpoint_from_arguments, require_output_folder, run_script,
+    ScriptParser, add_checkpoint_arguments, checkpoint_from_arguments, require_output_folder, run_script,
 )
 from sam2serve.overlay import draw_masks
 from sam2serve.rle import rles_to_masks
@@ -60,7 +59,7 @@ HELD_OUT_PHOTOS: dict[str, Callable[[], Scene]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     add_checkpoint_arguments(parser)
     parser.add_argument("--save-overlays", metavar="DIR", help="write each photo's /upload PNG to DIR")
     args = parser.parse_args()

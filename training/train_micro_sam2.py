@@ -35,7 +35,7 @@ from sam2serve.checkpoints import (
     DEFAULT_CHECKPOINT_DIR, MODEL_SIZES, build_random_model, load_model, model_size, save_checkpoint,
 )
 from sam2serve.cli import (
-    HelpWithDefaults, non_negative_int, number_type, positive_int, require_output_file, run_script, seed,
+    ScriptParser, non_negative_int, number_type, positive_int, require_output_file, run_script, seed,
     set_up_logging,
 )
 from sam2serve.model import ImageEncoder, point_prompt_embeddings
@@ -366,7 +366,7 @@ learning_rate = number_type(float, "a number", lambda value: 0 < value <= 1, "ab
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="the trained checkpoint, written when training ends (the default is the committed "
                         "model, the server's default: give another path for a trial); with --evaluate-only, "

@@ -157,7 +157,8 @@ class SegmentEverything:
         try:  # the URL as sent (raw_path, where the server gives it) and decoded, as server.py counts it
             require_short_url(len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0),
                               len(scope["path"].encode()) + len(query), self.limits)
-        except URLTooLong as error:
+            require_declared_size(request, self.limits)  # on every route and method, as server.py's
+        except (URLTooLong, UploadTooLarge) as error:
             return json_error(error)
         path = route(scope)
         if not path:  # the application's route prefix without its slash: the page's links are relative
@@ -234,13 +235,18 @@ class ImageRequest:
     cancelled: bool = False
 
 
+def require_declared_size(request: Request, limits: Limits) -> None:
+    """A body whose Content-Length is over the upload limit is refused before it is read."""
+    if int(request.headers.get("content-length") or 0) > limits.max_upload_bytes:
+        raise UploadTooLarge(limits)
+
+
 async def with_body_read(request: Request, limits: Limits, timeout_s: float = ConnectionLimits.timeout_s) -> Request:
     """The request with its body read, at most the upload limit: a chunked upload has no
     Content-Length to check beforehand (server.py's HTTP server counts the same way). A body
     that stops arriving for `timeout_s` is a 408, as server.py's (Ray's proxy waited for it
     without end); a client that leaves while it is read, a 499 (it was logged as a failure)."""
-    if int(request.headers.get("content-length") or 0) > limits.max_upload_bytes:
-        raise UploadTooLarge(limits)
+    require_declared_size(request, limits)
     body = bytearray()
     chunks = request.stream().__aiter__()
     while True:

@@ -105,11 +105,11 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
             raise InvalidPrompt(f"{where}.box: expected [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
         inside((x0, y0), width, height, f"{where}.box")
         inside((x1, y1), width, height, f"{where}.box")
-    if not points and box is None:
-        raise InvalidPrompt(f"{where}: give points, a box, or both")
     mask_input = prompt.get("mask_input")
     if mask_input is not None and not isinstance(mask_input, str):
         raise InvalidPrompt(f"{where}.mask_input: expected a mask id from an answer given with keep_logits")
+    if not points and box is None and mask_input is None:  # a mask alone is a prompt too, as in sam2's predict
+        raise InvalidPrompt(f"{where}: give points, a box or a mask_input (or several of them)")
     # sam2's advice: several masks for an ambiguous prompt (a single point), one otherwise.
     multimask = prompt.get("multimask", len(points) == 1 and box is None)
     keep_logits = prompt.get("keep_logits", False)

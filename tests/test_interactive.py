@@ -109,6 +109,8 @@ def test_prompts_equal_sam2s_predictor(model, checkpoint):
     ours = segmenter.segment(embedding, refine, {"best": best_logits})[0]
     reference = reference_answer(predictor, {**PROMPTS[0][1], "multimask": False}, best_logits.numpy()[None])
     assert_same(ours, reference, "refined with mask_input")
+    alone = segmenter.segment(embedding, parse_prompts([{"mask_input": "best"}], IMAGE.shape[:2]), {"best": best_logits})
+    assert_same(alone[0], reference_answer(predictor, {}, best_logits.numpy()[None]), "mask_input alone")
     assert not model.sam_mask_decoder.dynamic_multimask_via_stability  # segment-everything's setting, back
 
 
@@ -143,7 +145,7 @@ def test_a_field_given_as_null_is_a_field_left_out():
     assert ([p.canonical() for p in parse_prompts(given, (100, 200))]
             == [p.canonical() for p in parse_prompts(left_out, (100, 200))])
     assert parse_prompts(given, (100, 200))[0].multimask  # the default of one point alone
-    with pytest.raises(ValueError, match=re.escape("prompts[0]: give points, a box, or both")):
+    with pytest.raises(ValueError, match=re.escape("prompts[0]: give points, a box or a mask_input (or several of them)")):
         parse_prompts([{"points": None, "box": None}], (100, 200))
 
 

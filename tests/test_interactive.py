@@ -319,6 +319,8 @@ def test_embed_then_segment_over_http(micro):
               "multimask": False}
     refined = client.post("/segment", json={"image_id": image_id, "prompts": [refine]})
     assert refined.status_code == 200 and len(refined.get_json()["results"][0]["masks"]) == 1
+    alone = client.post("/segment", json={"image_id": image_id, "prompts": [{"mask_input": refine["mask_input"]}]})
+    assert alone.status_code == 200 and len(alone.get_json()["results"][0]["masks"]) == 1
 
     for body, status, words in [
         ({"image_id": "f" * 32, "prompts": prompts}, 404, "/embed again"),

@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     def listen() -> None:
         try:
             http.run()
+        except BaseException:  # noqa: BLE001 - logged once; the main thread exits with an error
+            log.exception("the HTTP server failed")
         finally:
             stopped.set()
 
@@ -204,12 +206,13 @@ def main(argv: list[str] | None = None) -> None:
         segmenter = prompt_segmenter(pipeline)
         share_encodings(pipeline.generator, segmenter, cache)  # the page's clicks after its masks encode nothing
         worker.serve(pipeline.generator, segmenter, until=stopped)
-        if worker.stopping:
-            if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
-                log.warning("stopped: every accepted request answered; %d connections still busy after %g s are "
-                            "closed", unsent, ANSWERS_SENT_WITHIN_S)
-            else:
-                log.info("stopped: every accepted request answered")
+        if not worker.stopping:  # the HTTP server ended by itself: an error, for a supervisor to restart it
+            sys.exit("error: the HTTP server stopped (the log says why); the requests it accepted are not answered")
+        if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
+            log.warning("stopped: every accepted request answered; %d connections still busy after %g s are "
+                        "closed", unsent, ANSWERS_SENT_WITHIN_S)
+        else:
+            log.info("stopped: every accepted request answered")
     finally:
         http.close()
 

@@ -318,8 +318,13 @@ def readable_unless_paused(listener: BaseWSGIServer, waitress_readable: Callable
 
 
 def maintenance(listener: BaseWSGIServer, waitress_maintenance: Callable[[float], None], now: float) -> None:
-    """close_stalled (whose 408 goes first), then waitress's: idle connections marked to close."""
-    close_stalled(listener, now)
+    """close_stalled (whose 408 goes first), then waitress's: idle connections marked to close.
+    It runs in waitress's loop, outside any handler there: an error of close_stalled is logged, not
+    let end the HTTP server."""
+    try:
+        close_stalled(listener, now)
+    except Exception:  # noqa: BLE001 - logged with its traceback; the server goes on listening
+        log.exception("closing stalled connections failed")
     waitress_maintenance(now)
 
 

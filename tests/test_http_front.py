@@ -488,6 +488,28 @@ def test_a_request_trickling_in_is_closed():
         server.close()
 
 
+def test_an_error_of_the_stalled_connections_check_is_logged_and_the_server_goes_on(monkeypatch, caplog):
+    """The check runs in waitress's event loop, where nothing handles an error: one ended the HTTP
+    server's thread, and server.py with it."""
+    checks = []
+
+    def failing_check(listener, now):
+        checks.append(now)
+        raise RuntimeError("the check broke")
+
+    monkeypatch.setattr(wsgi, "close_stalled", failing_check)
+    app = Flask(__name__)
+    app.get("/ping")(lambda: b"pong")
+    server, port = serve_in_process(app, timeout_s=1)  # checked about once a second
+    try:
+        wait_for(lambda: len(checks) >= 2, timeout=15)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as answer:
+            assert answer.read() == b"pong"
+        assert "closing stalled connections failed" in caplog.text and "the check broke" in caplog.text
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("sent", [b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nxx",
                                   b"POST /upload_rle HTTP/1.1\r\nHost: te"])
 def test_a_request_stalled_part_way_is_answered_408_then_closed(sent):

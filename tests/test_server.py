@@ -640,3 +640,33 @@ def test_a_second_sigterm_stops_at_once(image_files, tmp_path):
     assert process.returncode == 1
     assert "stopped at once by a second SIGTERM" in log and "Traceback" not in log
     assert any(isinstance(answer, Exception) for answer in answers)  # not every request was answered
+
+
+def test_the_server_exits_with_an_error_when_its_http_server_fails(tmp_path):
+    """The HTTP server's thread ending by an error ended server.py with status 0 and no word: a
+    supervisor that restarts a failed server would not have."""
+    script = tmp_path / "failing_http.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import server
+
+
+class FailingHTTPServer:
+    effective_host, effective_port = "127.0.0.1", 1
+
+    def run(self):
+        raise RuntimeError("the event loop broke")
+
+    def close(self):
+        print("closed", flush=True)
+
+
+server.create_http_server = lambda *arguments, **options: FailingHTTPServer()
+server.main(["--points-per-side", "2"])
+""")
+    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 1 and ended.stdout == "closed\n"
+    assert ended.stderr.count("Traceback") == 1 and "the HTTP server failed" in ended.stderr
+    assert ended.stderr.rstrip().endswith("error: the HTTP server stopped (the log says why); the requests it "
+                                          "accepted are not answered")

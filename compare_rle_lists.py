@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from sam2serve.cli import ScriptParser, add_option, error_text, require_output_file, run_script
-from sam2serve.compare import compare_results, format_float, same_results, study_runs_differ, summarize
+from sam2serve.compare import (
+    compare_results, format_float, results_path, same_results, study_runs_differ, summarize,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
                      "they give mIoU 1.0 whatever they hold; give two result sets")
     if args.per_image_csv is not None:
         args.per_image_csv = require_output_file(parser, args.per_image_csv, "--per-image-csv",
-                                                 inputs=(args.reference, args.candidate))  # ~ expanded
+                                                 inputs=[results_path(Path(given).expanduser())  # a row's rle_masks
+                                                         for given in (args.reference, args.candidate)])
         if args.per_image_csv.exists():  # written in place: tried now, not after the comparison
             try:
                 open(args.per_image_csv, "a").close()

@@ -191,6 +191,17 @@ def test_study_rows_of_other_image_paths_pair_line_by_line(tmp_path):
         assert summarize(compare_results(rows[0], candidate)).as_dict() == pytest.approx(EXPECTED)
 
 
+def test_the_per_image_csv_may_not_replace_a_rows_masks(tmp_path):
+    """The rows were checked as folders: --per-image-csv ROW/rle_masks replaced the masks it read."""
+    for name, answers in (("reference", REFERENCE), ("candidate", CANDIDATE)):
+        (tmp_path / name).mkdir()
+        write_lines(tmp_path / name / "rle_masks", answers)
+    for row in ("reference", "candidate"):
+        result = run_tool(tmp_path / "reference", tmp_path / "candidate", "--per-image-csv", tmp_path / row / "rle_masks")
+        assert result.returncode == 2 and "that is an input file; the output would replace it" in result.stderr
+    assert (tmp_path / "candidate" / "rle_masks").read_text() == "".join(json.dumps(a) + "\n" for a in CANDIDATE)
+
+
 def test_study_rows_of_runs_on_other_inputs_are_refused_and_other_settings_named(tmp_path):
     """A rerun of the study with other settings leaves the rows it did not run, made with the
     earlier ones: the README's compare command paired a 4x4 baseline with an 8x8 fast row."""

@@ -103,7 +103,7 @@ class CheckpointError(Exception):
 
 
 class CheckpointUnavailable(CheckpointError, RuntimeError):
-    """A checkpoint is missing and could not be downloaded."""
+    """A checkpoint is missing and could not be downloaded, or cannot be read."""
 
 
 class WrongCheckpoint(CheckpointError, ValueError):
@@ -178,7 +178,11 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     """torch.save beside the target, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except BaseException:  # a full disk, Ctrl-C: no half file left behind
+            os.unlink(tmp.name)
+            raise
     os.chmod(tmp.name, 0o644)  # a temporary file is private; a checkpoint is not
     os.replace(tmp.name, path)
 
@@ -320,8 +324,10 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+    except FileNotFoundError:  # not there: for the caller (a download, or its own message)
         raise
+    except OSError as error:  # unreadable (its permissions, a folder): one line, not a traceback
+        raise CheckpointUnavailable(f"{path} cannot be read: {error.strerror or error}") from error
     except Exception as error:  # noqa: BLE001 (torch.load's errors for a file it cannot read are of many kinds)
         raise WrongCheckpoint(f"{path} is not a torch checkpoint, or it is damaged (torch.load: "
                               f"{type(error).__name__}); if it was downloaded, delete it and download it again") \

@@ -61,6 +61,20 @@ def test_not_a_checkpoint_is_refused(tmp_path):
         load_model(tmp_path / "notes.pt", "tiny", "cpu")
     with pytest.raises(FileNotFoundError):  # not there is another matter (downloads handle it)
         load_model(tmp_path / "absent.pt", "tiny", "cpu")
+    (tmp_path / "folder.pt").mkdir()  # unreadable: one line for the scripts, where it was a traceback
+    with pytest.raises(CheckpointUnavailable, match="folder.pt cannot be read: Is a directory"):
+        load_model(tmp_path / "folder.pt", "tiny", "cpu")
+
+
+def test_a_checkpoint_that_fails_to_save_leaves_no_file(tmp_path, monkeypatch):
+    def full_disk(checkpoint, file):
+        file.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_random_checkpoint(tmp_path / "random", "tiny")
+    assert list((tmp_path / "random").iterdir()) == []
 
 
 def test_a_numbered_cuda_device_becomes_the_current_one_before_the_model_is_built(tiny_checkpoint_dir,

@@ -457,6 +457,36 @@ def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):
     assert "rows that failed and are missing from the tables: fast_furious" in result.stderr
 
 
+def test_benchmark_whose_baseline_failed_says_the_ablation_was_not_timed(tmp_path):
+    """With another reference the baseline's row may fail and the tables go on; the ablation,
+    which times the baseline's model, ended in a KeyError before the failed rows were named."""
+    script = tmp_path / "failing_baseline.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from tools import benchmark
+
+load_row = benchmark.load_row
+
+
+def failing_baseline(row, *rest, **options):
+    if row == "baseline":
+        raise RuntimeError("the baseline broke")
+    return load_row(row, *rest, **options)
+
+
+benchmark.load_row = failing_baseline
+sys.argv = ["benchmark.py", "--generated", "1", "--size", "64", "64", "--points-per-side", "2", "--modes", "baseline", "ao",
+            "--reference", "ao", "--ablation"]
+benchmark.main()
+""")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "KeyError" not in result.stderr, result.stderr
+    assert "| ao |" in result.stdout and "baseline: failed: RuntimeError: the baseline broke" in result.stdout
+    assert "Mask decoder alone: not timed: the baseline's row, whose model it times, failed" in result.stdout
+    assert "rows that failed and are missing from the tables: baseline" in result.stderr
+
+
 def test_benchmark_warms_each_row_up_on_one_batch_of_points_on_a_cpu(monkeypatch):
     """On a CPU each row runs once untimed on a grid of one batch of points (its first request's
     one-off costs would otherwise be timed), not the whole grid (sam2's decoder is slow there)."""

@@ -8,7 +8,7 @@
     python server.py ~/checkpoints/sam2 large --batch-size 4 --max-queue 64
 
 Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
-503) -> model and generator for the mode, warmed up -> the main thread serves the model
+503) -> model and generator for the mode (compiled kernels warmed up) -> the main thread serves the model
 (/health answers 200), the thread that loaded it.
 
 Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; those

@@ -2,7 +2,10 @@
 every point, filtering by predicted IoU and stability, box NMS, masks out as COCO RLE.
 
 Two generators with one interface (`generate(image) -> list of RLE`):
-- `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, unmodified.
+- `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, its numbers
+  unchanged: its predictor's feature sizes fitted to the model's input size (the official
+  models' are unchanged), and a check before each of its crops and point batches that stops a
+  request given up.
 - `MaskGenerator`: the project's recipe, the same algorithm and the same numbers with less
   work. Per point batch it filters by predicted IoU before upscaling, keeps survivors as
   low-resolution logits, and only after NMS upscales the masks that are kept, encoding them all
@@ -196,7 +199,7 @@ def baseline_leaves_out(config: AMGConfig) -> str | None:
 
 
 class ReferenceMaskGenerator:
-    """The `sam2` package's SAM2AutomaticMaskGenerator, unmodified: the baseline."""
+    """The `sam2` package's SAM2AutomaticMaskGenerator, its numbers unchanged: the baseline."""
 
     def __init__(self, model: SAM2Base, config: AMGConfig, warn: bool = True) -> None:
         self.config = config

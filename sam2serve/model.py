@@ -1,7 +1,8 @@
 """The compile-friendly model pieces: SAM2's image encoder and its prompt encoder + mask decoder
 for many single-point prompts, each as one module with tensors in and out, so that they can run
 eagerly, be compiled or be exported. Nothing here knows of mask generation (amg.py) or of
-compilation (fast.py).
+how to compile (fast.py); only whether code is being compiled for a GPU, where a few steps take
+the forms Inductor fuses (fusion_forms), the same numbers.
 
 - `ImageEncoder`: model input (B, 3, R, R) -> (image_embed, feat_s0, feat_s1), as sam2's
   SAM2ImagePredictor.set_image; `split_features` makes one `ImageFeatures` per image.

@@ -105,7 +105,7 @@ def mode_config(mode: Mode, device: str, compiled: bool | None = None, **options
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A model loaded for one mode, its generator built and warmed up: what server.py, the
+    """A model loaded for one mode, its generator built (compiled kernels warmed up): what server.py, the
     Modal app, the Ray Serve app and the Ray Data job each run."""
 
     loaded: LoadedModel
@@ -185,7 +185,9 @@ def build_generator(
     batch_size: int = 1,
     compile_mode: str | None = None,
 ) -> Generator:
-    """The mask generator that runs a mode, compiled (or exported, or loaded) and warmed up.
+    """The mask generator that runs a mode: eager, or compiled (or exported, or loaded) and warmed
+    up (their first runs compile, or load what they need; an eager mode's first request pays only
+    its device's own first-call costs).
 
     save_fast: export the fast kernels into this folder (then serve them);
     load_fast: load kernels exported earlier instead of compiling;

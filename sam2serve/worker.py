@@ -99,7 +99,8 @@ class Job:
 class InferenceWorker:
     """Runs a generator on one thread, fed by a bounded queue of jobs.
 
-    `observe_batch(batch_size, masks_per_image)` is called after every batch (for metrics).
+    `observe_batch(batch_size, masks_per_image)` is called after each batch of images run together
+    (one per group of the same settings) that gave any image its masks (for metrics).
     """
 
     def __init__(self, batch_size: int = 1, max_queue: int = 16, timeout_s: float = 300.0,
@@ -363,7 +364,8 @@ def generate_each(generator: Generator, images: list[np.ndarray], annotate: bool
     """Each image's masks (with annotate, their records), or the error of that image alone: the
     images run as one batch, and if the batch fails (out of memory, a bad tensor), one by one.
     stop, where given, is the generator's should_stop meanwhile: once it says so, before a batch
-    of point prompts, every image answers Interrupted (nobody waits for them any more).
+    of point prompts, the images not done answer Interrupted (nobody waits for them any more; run
+    one by one after a failed batch, those done before keep their masks).
     settings: the requests' own (amg.with_settings), the same for every image."""
     try:
         generator = with_settings(generator, settings or {})

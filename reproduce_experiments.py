@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -67,24 +67,19 @@ RESULT_COLUMNS = [
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the study's table."""
+    """One line of the study's table: a mode, its points per batch those of --points-per-batch,
+    else the mode's default."""
 
     mode: str
-    batch_size: int = 1
-    points_per_batch: int | None = None  # None: --points-per-batch, else the mode's default
 
 
 # The study's rows, baseline first: every other row is compared with it.
 STUDY_ROWS = [Row("baseline"), Row("ao"), Row("fast"), Row("fast_furious")]
+BATCH_SIZE = 1  # images per request and per encoder call: every row sends them one at a time, as the study did
 
 
 def row_name(row: Row, config: AMGConfig) -> str:
-    return f"{row.mode}_bs{row.batch_size}_ppb{config.points_per_batch}"
-
-
-def row_config(row: Row, configs: dict[str, AMGConfig]) -> AMGConfig:
-    config = configs[row.mode]
-    return config if row.points_per_batch is None else replace(config, points_per_batch=row.points_per_batch)
+    return f"{row.mode}_bs{BATCH_SIZE}_ppb{config.points_per_batch}"
 
 
 def code_identity() -> str:
@@ -280,7 +275,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
         "mode": row.mode, **{key: summary.as_dict()[key] for key in COMPARISON_COLUMNS},
         **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
-        "batch_size": row.batch_size, "points_per_batch": config.points_per_batch,
+        "batch_size": BATCH_SIZE, "points_per_batch": config.points_per_batch,
         "points_per_side": config.points_per_side,
         "model_type": settings["model_type"], "device": settings["device"],
         "torch_version": settings["torch_version"],
@@ -372,12 +367,12 @@ def run_study(argv: list[str] | None) -> None:
     output = args.output_folder
     checkpoint_file, code, images = checkpoint_identity(checkpoint), code_identity(), images_identity(image_paths)
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
-    baseline_dir = output / row_name(rows[0], row_config(rows[0], configs))
+    baseline_dir = output / row_name(rows[0], configs[rows[0].mode])
     made_output = not output.exists()
 
     lines = []
     for index, row in enumerate(rows):
-        config_for_row = row_config(row, configs)
+        config_for_row = configs[row.mode]
         name = row_name(row, config_for_row)
         settings = {
             "row": asdict(row), "checkpoint": checkpoint_file, "model_type": args.model_type,

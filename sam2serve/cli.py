@@ -151,7 +151,6 @@ def number_type(kind: type, what: str, within: Callable[[float], bool], rule: st
 # Counts (images, rounds, steps, clients); seeds and step numbers; rates and scales.
 positive_int = number_type(int, "a whole number", lambda value: value >= 1, "1 or more")
 non_negative_int = number_type(int, "a whole number", lambda value: value >= 0, "0 or more")
-positive_float = number_type(float, "a number", lambda value: 0 < value < math.inf, "a finite number above 0")
 # Seeds torch.manual_seed takes (a larger one ended in a traceback), as a signed 64-bit number.
 seed = number_type(int, "a whole number", lambda value: 0 <= value < 2**63, f"0 to {2**63 - 1}")
 non_negative_float = number_type(float, "a number", lambda value: 0 <= value < math.inf, "a finite number, 0 or more")

@@ -68,12 +68,12 @@ class Prompt:
                            self.mask_input, self.multimask])
 
 
-def parse_prompts(prompts: Any, size: tuple[int, int], max_sets: int = MAX_PROMPT_SETS) -> list[Prompt]:
+def parse_prompts(prompts: Any, size: tuple[int, int]) -> list[Prompt]:
     """A request's "prompts" (a list of prompt sets) checked against the image size (h, w)."""
     if not isinstance(prompts, list) or not prompts:
         raise InvalidPrompt("prompts: expected a non-empty list of prompt sets")
-    if len(prompts) > max_sets:
-        raise InvalidPrompt(f"prompts: {len(prompts)} prompt sets, at most {max_sets} per request")
+    if len(prompts) > MAX_PROMPT_SETS:
+        raise InvalidPrompt(f"prompts: {len(prompts)} prompt sets, at most {MAX_PROMPT_SETS} per request")
     return [parse_prompt(prompt, size, f"prompts[{index}]") for index, prompt in enumerate(prompts)]
 
 

@@ -514,10 +514,10 @@ def test_number_options_refuse_values_out_of_range():
     """Learning rates above 0, seeds and steps from 0, shares from 0 to 1, in argparse's words."""
     from argparse import ArgumentTypeError
 
-    from sam2serve.cli import non_negative_int, positive_float
-    from training.train_micro_sam2 import share
+    from sam2serve.cli import non_negative_int
+    from training.train_micro_sam2 import learning_rate, share
 
-    for check, good, bad in [(positive_float, ["1e-3", "2"], ["0", "-1", "inf", "nan", "x"]),
+    for check, good, bad in [(learning_rate, ["1e-3", "1"], ["0", "-1", "2", "inf", "nan", "x"]),
                              (non_negative_int, ["0", "7"], ["-1", "1.5"]),
                              (share, ["0", "0.6", "1"], ["-0.1", "1.5", "nan"])]:
         assert [check(text) for text in good] == [float(text) for text in good]

@@ -4,8 +4,8 @@ every point, filtering by predicted IoU and stability, box NMS, masks out as COC
 Two generators with one interface (`generate(image) -> list of RLE`):
 - `ReferenceMaskGenerator`: the `sam2` package's own SAM2AutomaticMaskGenerator, its numbers
   unchanged: its predictor's feature sizes fitted to the model's input size (the official
-  models' are unchanged), and a check before each of its crops and point batches that stops a
-  request given up.
+  models' are unchanged), a check before each of its crops and point batches that stops a
+  request given up, and its crops' boxes shaped where a crop keeps no mask (with_crop_boxes_shaped).
 - `MaskGenerator`: the project's recipe, the same algorithm and the same numbers with less
   work. Per point batch it filters by predicted IoU before upscaling, keeps survivors as
   low-resolution logits, and only after NMS upscales the masks that are kept, encoding them all
@@ -210,6 +210,7 @@ class ReferenceMaskGenerator:
         self.should_stop: Callable[[], bool] | None = None
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
+        self.generator._process_crop = with_crop_boxes_shaped(self.generator._process_crop)
         left_out = baseline_leaves_out(config)
         if left_out and warn:
             log.warning("baseline: %s; ao and the fast modes apply it on every device", left_out)
@@ -237,6 +238,19 @@ class ReferenceMaskGenerator:
 
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
         return [self.annotate(image) for image in images]
+
+
+def with_crop_boxes_shaped(process_crop: Callable) -> Callable:
+    """sam2's _process_crop, its crop_boxes (N, 4) also when it keeps no mask: sam2 makes them
+    torch.tensor([]), of shape (0,), and with crops (crop_n_layers) and no mask kept in any,
+    its generate() failed on them (IndexError in box_area) where the answer is no masks."""
+
+    def run(*args, **kwargs):
+        data = process_crop(*args, **kwargs)
+        data["crop_boxes"] = data["crop_boxes"].reshape(-1, 4)
+        return data
+
+    return run
 
 
 EAGER_KERNELS = "eager (ao's modules)"

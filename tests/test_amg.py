@@ -134,6 +134,9 @@ FINAL_CONFIGS = {
     # One layer of crops (4 crops + the image), crop NMS between them.
     "crop_layer": dict(points_per_side=2, crop_n_layers=1, pred_iou_thresh=0.0,
                        stability_score_thresh=0.0, box_nms_thresh=1.0),
+    # Crops, none keeping a mask: sam2's generator failed there (an IndexError) until its empty
+    # crops' boxes were shaped (amg.with_crop_boxes_shaped).
+    "crops_keep_nothing": dict(points_per_side=2, crop_n_layers=1, pred_iou_thresh=1.0),
 }
 
 
@@ -147,6 +150,8 @@ def test_final_masks_match_baseline(tiny_model, scene, name):
         assert len(ours) == 48
     if name in ("no_filters", "filters_split", "crop_layer"):
         assert len(ours) >= 1
+    if name == "crops_keep_nothing":
+        assert ours == reference == []
     for rle in ours:
         assert rle["size"] == list(scene.shape[:2])
 

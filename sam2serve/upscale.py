@@ -14,7 +14,11 @@ other devices, the reference runs instead. For the micro model's 64x64 logits on
 image, a cell is 16x12 pixels: a mask costs a copy and its edge's few thousand pixels instead of
 786 432. The answers equal the reference's (tests/test_upscale.py) for logits of 0 or of
 magnitude 1e-30 to 1e30 (tested; a model's are far inside): near float's smallest numbers a
-weight's product rounds apart, and the reference's 0 * inf is NaN.
+weight's product rounds apart, and the reference's 0 * inf is NaN. sam2 upscales a point's three
+masks in one call, and on some CPUs (torch 2.15, AVX-512) torch's kernel takes another path for
+three channels whose rounding differs by up to about 1e-5 of the logits' size: a pixel whose
+logit lies that close to 0 can come out unlike sam2's (measured: one pixel in 6300 masks), as the
+factored decoder's own rounding (model.py) can make it.
 """
 
 from functools import cache, lru_cache

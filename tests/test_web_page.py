@@ -1171,6 +1171,10 @@ def test_the_status_says_what_runs_in_either_tool_and_what_failed(page, tmp_path
         assert status(page) == "No masks for this image: open another."
         page.find_element(By.ID, "sort-by").send_keys("p")  # sorted by predicted IoU: still no list of masks
         assert page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr") == []
+    with stubbed_fetch(page, {"/upload_rle": [503, {"error": "the queue is full"}, 0]}):  # not the image's fault
+        open_image(page, small_image(tmp_path, "busy.png"))
+        wait_for(page, lambda d: status(d).startswith("No masks yet"), timeout=10)
+        assert status(page) == "No masks yet: open the image again, or Segment again (under Filters), to try again."
 
 
 def in_the_click_tool(page, image: Path):
@@ -1229,6 +1233,102 @@ def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
         finger.perform()
         wait_for(page, lambda d: len(page_state(d, "clicks")) == 2, timeout=10)
         assert [click["label"] for click in page_state(page, "clicks")] == [1, 0]
+
+
+def pointer(driver, kind: str, x: float, y: float, pointer_id: int = 1, pointer_type: str = "mouse",
+            target: str = "highlight-canvas") -> None:
+    """A pointer event at image pixel (x, y), dispatched as the browser would (no move before it,
+    as a finger's tap has none), on the element of that id."""
+    driver.execute_script("""
+        const [kind, x, y, pointerId, pointerType, target] = arguments, s = window.sam2page.state;
+        const rect = document.getElementById("highlight-canvas").getBoundingClientRect();
+        const clientX = rect.left + ((x + 0.5) * rect.width) / s.width, clientY = rect.top + ((y + 0.5) * rect.height) / s.height;
+        document.getElementById(target).dispatchEvent(new PointerEvent(kind, {
+          clientX, clientY, pointerId, pointerType, isPrimary: pointerId === 1, bubbles: true, cancelable: true}));""",
+        kind, x, y, pointer_id, pointer_type, target)
+
+
+def ctrl_key(driver, key: str, code: str) -> None:
+    driver.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', "
+                          "{key: arguments[0], code: arguments[1], ctrlKey: true, bubbles: true, cancelable: true}))",
+                          key, code)
+
+
+def test_a_tap_selects_its_mask_and_presses_the_browser_took_back_or_a_second_finger_make_no_click(page, tmp_path):
+    """A tap has no hover before it: selection read the mask hovered last (none, or one removed
+    since). A press the browser cancels (a touch that became a scroll) left a press that the
+    next pointer's release anywhere turned into a box; a second finger's press replaced the
+    first's. Ctrl+Z is the key marked Z on every keyboard layout."""
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "tap.png"))
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+        pointer(page, "pointerdown", 30, 20, 7, "touch")  # the stub's square: x 20..39, y 10..29
+        pointer(page, "pointerup", 30, 20, 7, "touch")
+        assert page_state(page, "selected") == 0
+        pointer(page, "pointerdown", 5, 40, 7, "touch")
+        pointer(page, "pointerup", 5, 40, 7, "touch")
+        assert page_state(page, "selected") == 0  # no mask there: the selection stays
+
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        pointer(page, "pointerdown", 10, 10, 7, "touch")
+        pointer(page, "pointercancel", 10, 10, 7, "touch")
+        pointer(page, "pointerup", 50, 40, 1, "mouse", target="status-text")  # a mouse let go elsewhere
+        time.sleep(0.3)
+        assert page_state(page, "box") is None and page_state(page, "clicks") == []
+        pointer(page, "pointerdown", 10, 10, 7, "touch")
+        pointer(page, "pointerdown", 50, 40, 8, "touch")  # a second finger, while the first is down
+        pointer(page, "pointerup", 50, 40, 8, "touch")
+        pointer(page, "pointerup", 10, 10, 7, "touch")
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        assert [(c["x"], c["y"]) for c in page_state(page, "clicks")] == [(10.5, 10.5)]
+        pointer(page, "pointerdown", 40, 30)
+        pointer(page, "pointerup", 40, 30)
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 2, timeout=10)
+        ctrl_key(page, "y", "KeyZ")  # a German keyboard's Ctrl+Y: no undo
+        assert len(page_state(page, "clicks")) == 2
+        ctrl_key(page, "z", "KeyY")  # its Ctrl+Z
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        ctrl_key(page, "\u044f", "KeyZ")  # a Russian keyboard's: the key a US one marks Z
+        wait_for(page, lambda d: page_state(d, "clicks") == [], timeout=10)
+
+
+def test_a_request_that_ends_while_the_next_file_is_read_leaves_its_spinner_and_a_strip_is_in_reach(page, tmp_path):
+    """The first image's masks arriving while the second file was still being decoded stopped the
+    second's spinner and put the first's figures in the status line. A strip 16384 pixels wide
+    and 8 high was shown 1 pixel high (or 0): its short side is at least 32 pixels now, the
+    viewer scrolling along the long one within the page."""
+    answers = stub_answers()
+    answers["/upload_rle"][2] = "held"
+    page.execute_script("""
+        window.realDecode = window.realDecode || window.createImageBitmap;
+        window.createImageBitmap = (...args) => window.holdDecode
+          ? new Promise((resolve) => { window.releaseDecode = () => resolve(window.realDecode(...args)); })
+          : window.realDecode(...args);""")
+    try:
+        with stubbed_fetch(page, answers):
+            open_image(page, small_image(tmp_path, "first.png"))
+            wait_for(page, lambda d: "/upload_rle" in fetch_log(d), timeout=10)
+            page.execute_script("window.holdDecode = true")
+            open_image(page, small_image(tmp_path, "second.png"))
+            wait_for(page, lambda d: d.execute_script("return !!window.releaseDecode"), timeout=10)
+            page.execute_script("window.holdDecode = false; window.release()")  # the first's masks come
+            wait_for(page, lambda d: "/upload_rle answered" in fetch_log(d), timeout=10)
+            time.sleep(0.2)
+            assert status(page) == "Segmenting second.png…" and page.find_element(By.ID, "spinner").is_displayed()
+            page.execute_script("window.releaseDecode()")
+            wait_for(page, lambda d: fetch_log(d).count("/upload_rle") == 2, timeout=10)
+            page.execute_script("window.release()")
+            wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+            assert not page.find_element(By.ID, "spinner").is_displayed()
+    finally:
+        page.execute_script("window.createImageBitmap = window.realDecode")
+    page.execute_script("window.sam2page.showAnswer('[]', 16384, 8)")
+    shown = page.find_element(By.ID, "highlight-canvas").rect
+    viewer = page.find_element(By.ID, "viewer").rect
+    main = page.find_element(By.TAG_NAME, "main").rect
+    assert shown["height"] >= 32 and shown["width"] >= 32 * 16384 / 8 - 1
+    assert viewer["x"] + viewer["width"] <= main["x"] + main["width"] + 1  # within the page: the viewer scrolls
 
 
 def test_on_a_phone_the_image_stays_put_while_the_status_changes(page, tmp_path):

@@ -130,6 +130,7 @@ function imageForm() {
 // --- Status, errors, progress ------------------------------------------------------------
 
 let ticker = null;
+const underWay = []; // what busy() shows, oldest first: the latest is on screen
 
 function setStatus(text) {
   $("status-text").textContent = text;
@@ -149,27 +150,47 @@ function clearError() {
   fitToWindow();
 }
 
-// Shows the text, a spinner and the seconds elapsed; returns a function that stops them and
-// answers the milliseconds taken. The text is set once, in the live region (a screen reader says
-// it); the seconds tick outside it, on screen only.
+// Shows the text, a spinner and the seconds elapsed; returns a function that ends them (once;
+// again does nothing) and answers the milliseconds taken. Work started before and still under
+// way shows again when the latest ends: an earlier request that ends while a later one runs (an
+// image's masks while the next file is read) leaves the later one's spinner and text. Every
+// request ends its own, also one whose answer is dropped. The text is set once, in the live
+// region (a screen reader says it); the seconds tick outside it, on screen only.
 function busy(text, { keepError = false } = {}) {
-  const started = performance.now();
+  const work = { text, started: performance.now() };
   if (!keepError) clearError();
-  state.busyText = text;
-  setStatus(text);
-  $("spinner").hidden = false;
-  const tick = () => { $("elapsed").textContent = ` ${((performance.now() - started) / 1000).toFixed(1)} s`; };
-  clearInterval(ticker);
-  tick();
-  ticker = setInterval(tick, 100);
-  return () => {
-    clearInterval(ticker);
-    $("spinner").hidden = true;
-    $("elapsed").textContent = "";
-    state.busyText = null;
-    showToolStatus();
-    return performance.now() - started;
+  underWay.push(work);
+  showUnderWay();
+  const end = () => {
+    if (underWay.includes(work)) {
+      underWay.splice(underWay.indexOf(work), 1);
+      showUnderWay();
+    }
+    return performance.now() - work.started;
   };
+  end.work = work;
+  return end;
+}
+
+// Another image: the work of the one before is no longer shown, whether or not its cancelled
+// requests ever settle.
+function onlyUnderWay(end) {
+  underWay.splice(0, underWay.length, end.work);
+  showUnderWay();
+}
+
+function showUnderWay() {
+  const latest = underWay.at(-1);
+  clearInterval(ticker);
+  state.busyText = latest ? latest.text : null;
+  $("spinner").hidden = !latest;
+  $("elapsed").textContent = "";
+  if (latest) {
+    const tick = () => { $("elapsed").textContent = ` ${((performance.now() - latest.started) / 1000).toFixed(1)} s`; };
+    tick();
+    ticker = setInterval(tick, 100);
+  }
+  showToolStatus();
 }
 
 function showToolStatus() {
@@ -637,7 +658,11 @@ async function openFile(file) {
   // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on
   // it, and the image open until then stays, with its masks and clicks.
   const bitmap = await decodeImage(file).catch(() => null);
-  if (opening !== state.opening) return; // another file was chosen meanwhile
+  if (opening !== state.opening) { // another file was chosen meanwhile
+    bitmap?.close();
+    done();
+    return;
+  }
   if (!bitmap) {
     done();
     showError(`This browser cannot show ${what}: a damaged or cut-short file, or a format it does not read; ` +
@@ -646,6 +671,7 @@ async function openFile(file) {
   }
   const generation = ++state.generation;
   for (const previous of [state.imageRequests, state.segmentRequest]) if (previous) previous.abort();
+  onlyUnderWay(done);
   const requests = (state.imageRequests = new AbortController());
   resetImage();
   clearViewer();
@@ -655,21 +681,24 @@ async function openFile(file) {
   const query = everythingQuery();
   try {
     const text = await request(`upload_rle?${query}`, { method: "POST", body: imageForm(), signal: requests.signal });
-    if (generation !== state.generation) return;
     const serverMs = done();
+    if (generation !== state.generation) return;
     showMasks(text);
     const count = state.annotations.length;
     showEverythingStatus(`${count} ${count === 1 ? "mask" : "masks"} in ${(serverMs / 1000).toFixed(2)} s ` +
       `(drawn in ${Math.round(state.renderMs)} ms)${FILTERS.some((name) => query.has(name)) ? "; this page's filters" : ""}`);
     if (tool() === "click") await embed();
   } catch (error) {
+    done();
     if (generation !== state.generation) return;
     state.labels = null; // no masks: the click tool stays off for this image
     const filterRefused = error.status === 400 && FILTERS.some((name) => query.has(name) && error.message.includes(name));
+    const forNow = [0, 503, 504].includes(error.status); // busy, stopping, timed out, out of reach: not the image
     state.everythingStatus = state.clickStatus = filterRefused
       ? "No masks: the server refused this page's filters; correct them, then Segment again."
-      : "No masks for this image: open another.";
-    done();
+      : forNow ? "No masks yet: open the image again, or Segment again (under Filters), to try again."
+        : "No masks for this image: open another.";
+    showToolStatus();
     showError(error.message);
   }
 }
@@ -686,12 +715,17 @@ function showImage(bitmap) {
     context.fillStyle = "#fff"; // transparent pixels over white, as the server segments them
     context.fillRect(0, 0, bitmap.width, bitmap.height);
     context.drawImage(bitmap, 0, 0);
+    bitmap.close(); // drawn: the canvas holds its pixels now
   }
   $("viewer").classList.add("has-image");
   fitToWindow();
 }
 
-// Shows the image as large as the window allows beside the list (small images up to 4x).
+// Shows the image as large as the window allows beside the list (small images up to 4x), its
+// short side at least MIN_SHOWN_SIDE pixels (up to 4x): a panorama strip's masks stay in reach
+// of a pointer, its long side a scroll of the viewer away.
+const MIN_SHOWN_SIDE = 32;
+
 function fitToWindow() {
   const main = document.querySelector("main");
   const stacked = getComputedStyle(main).flexDirection === "column"; // narrow screens: the list below
@@ -701,7 +735,8 @@ function fitToWindow() {
   if (!state.width) return;
   const width = main.clientWidth - (stacked ? 4 : aside.offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
-  const scale = Math.min(width / state.width, height / state.height, 4);
+  const least = Math.min(MIN_SHOWN_SIDE / Math.min(state.width, state.height), 4);
+  const scale = Math.max(Math.min(width / state.width, height / state.height, 4), least);
   for (const id of LAYERS) {
     $(id).style.width = `${Math.floor(state.width * scale)}px`;
     $(id).style.height = `${Math.floor(state.height * scale)}px`;
@@ -1100,6 +1135,11 @@ function imagePoint(event) {
            screenX: event.clientX, screenY: event.clientY };
 }
 
+// The mask on top at a point of the image (imagePoint's), or -1.
+function maskAt(point) {
+  return state.labels[Math.floor(point.x) * state.height + Math.floor(point.y)] - 1;
+}
+
 // The box two corners span, [x0, y0, x1, y1].
 function boxOf(a, b) {
   return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
@@ -1109,10 +1149,19 @@ let press = null;
 
 function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
+  if (press && press.pointerId !== event.pointerId) return; // a second finger: the first one's press goes on
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
-            touch: event.pointerType === "touch", at: performance.now() };
+            touch: event.pointerType === "touch", at: performance.now(), pointerId: event.pointerId };
   event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)
   if (document.activeElement?.matches("#filters-form input")) document.activeElement.blur();
+}
+
+// A press that will have no click or box: Escape, or the browser took the pointer back (a touch
+// that became a scroll, a finger gone off the screen's edge).
+function dropPress() {
+  press = null;
+  state.dragBox = null;
+  drawHighlight();
 }
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
@@ -1126,13 +1175,13 @@ function onKeyDown(event) {
     return;
   }
   if (event.key === "Escape" && press) {
-    press = null;
-    state.dragBox = null;
-    drawHighlight();
+    dropPress();
     return;
   }
-  // event.code: the Z key wherever a keyboard layout puts another letter on it
-  const undo = event.key === "Backspace" || (event.code === "KeyZ" && (event.ctrlKey || event.metaKey) && !event.shiftKey);
+  // The key marked Z: event.key on a Latin layout (a German keyboard's Z is where a US one has
+  // Y), the key where a US keyboard has Z on others (a Russian one gives "я" there).
+  const z = /^[a-z]$/i.test(event.key) ? event.key.toLowerCase() === "z" : event.code === "KeyZ";
+  const undo = event.key === "Backspace" || (z && (event.ctrlKey || event.metaKey) && !event.shiftKey);
   if (!undo || tool() !== "click" || press || !takeBack()) return;
   event.preventDefault();
   drawHighlight();
@@ -1143,23 +1192,26 @@ function onPointerMove(event) {
   if (!state.width) return;
   const point = imagePoint(event);
   if (tool() === "click") {
-    if (press && Math.hypot(point.screenX - press.screenX, point.screenY - press.screenY) > DRAG_PIXELS) {
+    if (press?.pointerId === event.pointerId
+        && Math.hypot(point.screenX - press.screenX, point.screenY - press.screenY) > DRAG_PIXELS) {
       state.dragBox = boxOf(press.corner, point.corner);
       drawHighlight();
     }
     return;
   }
   if (!state.labels) return;
-  const label = state.labels[Math.floor(point.x) * state.height + Math.floor(point.y)];
-  setHovered(label - 1);
+  setHovered(maskAt(point));
 }
 
 function onPointerUp(event) {
-  if (!press) return;
+  if (!press || event.pointerId !== press.pointerId) return;
   const start = press;
   press = null;
   if (tool() !== "click") {
-    if (event.target === $("highlight-canvas") && state.hovered >= 0) select(state.hovered);
+    // The mask under the pointer, not the one hovered last: a tap has no hover before it, and
+    // a mask removed since the pointer last moved leaves another under it.
+    const mask = event.target === $("highlight-canvas") ? maskAt(imagePoint(event)) : -1;
+    if (mask >= 0) select(mask);
     return;
   }
   state.dragBox = null;
@@ -1251,6 +1303,7 @@ function init() {
   top.addEventListener("pointerleave", () => tool() === "everything" && setHovered(-1));
   top.addEventListener("contextmenu", (event) => event.preventDefault());
   window.addEventListener("pointerup", onPointerUp);
+  window.addEventListener("pointercancel", (event) => press && event.pointerId === press.pointerId && dropPress());
   document.addEventListener("keydown", onKeyDown);
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list

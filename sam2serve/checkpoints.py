@@ -10,7 +10,6 @@ Write a random checkpoint (for tests, or to try the server without the download)
     python -m sam2serve.checkpoints ~/checkpoints/random tiny --seed 0
 """
 
-import argparse
 import functools
 import glob
 import hashlib
@@ -351,16 +350,34 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     return loaded
 
 
-def main() -> None:
-    from .cli import seed  # (cli imports this module)
+def holds_random_weights(path: Path) -> bool:
+    """Whether a checkpoint file was written by write_random_checkpoint (read without loading its
+    tensors' data)."""
+    try:
+        return "random_init" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable, not a checkpoint: not random weights either
+        return False
 
-    parser = argparse.ArgumentParser(description="Write a random-initialised SAM2.1 checkpoint.")
+
+def main() -> None:
+    from .cli import ScriptParser, require_output_folder, seed  # (cli imports this module)
+
+    parser = ScriptParser(description="Write a random-initialised SAM2.1 checkpoint.")
     parser.add_argument("directory", help="folder to write sam2.1_hiera_<size>.pt into")
     parser.add_argument("model_type", choices=MODEL_TYPE_CHOICES)
     parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--force", action="store_true", help="replace a checkpoint of other weights (trained, "
+                        "official) of that name there")
     args = parser.parse_args()
-    print(write_random_checkpoint(args.directory, args.model_type, args.seed))
+    directory = require_output_folder(parser, args.directory, "directory")
+    path = directory / model_size(args.model_type).filename
+    if path.exists() and not args.force and not holds_random_weights(path):
+        parser.error(f"{path} holds weights that are not random ones (trained, official, or not a checkpoint): "
+                     "give a folder of their own (as ~/checkpoints/random), or --force to replace them")
+    print(write_random_checkpoint(directory, args.model_type, args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main)

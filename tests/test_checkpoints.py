@@ -4,6 +4,8 @@ import functools
 import http.server
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -64,6 +66,23 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "folder.pt").mkdir()  # unreadable: one line for the scripts, where it was a traceback
     with pytest.raises(CheckpointUnavailable, match="folder.pt cannot be read: Is a directory"):
         load_model(tmp_path / "folder.pt", "tiny", "cpu")
+
+
+def test_the_random_checkpoint_command_replaces_random_weights_alone(trained_micro_checkpoint, tmp_path):
+    """`python -m sam2serve.checkpoints models micro` wrote random weights over the committed
+    trained model; now weights other than random ones are replaced only with --force."""
+    def write(*arguments):
+        return subprocess.run([sys.executable, "-m", "sam2serve.checkpoints", str(tmp_path), "micro", *arguments],
+                              capture_output=True, text=True, timeout=300)
+
+    target = tmp_path / trained_micro_checkpoint.name
+    shutil.copy(trained_micro_checkpoint, target)
+    refused = write()
+    assert refused.returncode == 2 and "holds weights that are not random ones" in refused.stderr
+    assert target.read_bytes() == trained_micro_checkpoint.read_bytes()
+    assert write("--force").returncode == 0 and "random_init" in torch.load(target, weights_only=True)
+    again = write("--seed", "1")  # random weights over random ones: the README's command run twice
+    assert again.returncode == 0 and torch.load(target, weights_only=True)["random_init"]["seed"] == 1
 
 
 def test_a_checkpoint_that_fails_to_save_leaves_no_file(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def main() -> None:
         ScriptParser, add_amg_options, amg_options, checked_image_paths, error_text, listed_as, report_error_lines,
         require_output_file,
     )
-    from sam2serve.modes import DEFAULT_MODE, MODES
+    from sam2serve.modes import DEFAULT_MODE, MODES, get_mode
 
     parser = ScriptParser(description="Replay an image list through the deployed Modal app.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +143,8 @@ def main() -> None:
     add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()
+    if args.load_fast and not get_mode(args.mode).compiled:  # before any image is sent (and paid for)
+        command.error("--load-fast goes with a fast mode: --mode fast or fast_furious")
     require_output_file(command, args.output, "output", folder_made=True, inputs=[args.paths_file])
     try:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
@@ -157,4 +159,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sam2serve.cli import run_script
+
+    run_script(main)

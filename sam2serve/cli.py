@@ -235,17 +235,22 @@ def listed_as(output: Path, paths: list[str]) -> list[str]:
 
 
 def write_lines(output: Path, lines: Iterable[str]) -> None:
-    """Each line into output.partial, renamed to output after the last: a run that fails leaves
-    an earlier output as it was, and no empty .partial."""
+    """Each line into output.partial, renamed to output after the last: a run that fails or is
+    stopped leaves an earlier output as it was, and the lines it wrote in the .partial (it says
+    so), or no .partial where it wrote none."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
+    written = 0
     try:
         with partial.open("w") as out:
             for line in lines:
                 out.write(line + "\n")
+                written += 1
     except BaseException:
         if partial.exists() and partial.stat().st_size == 0:
             partial.unlink()
+        elif partial.exists():
+            print(f"lines written before the run ended: {written}, in {partial}", file=sys.stderr)
         raise
     partial.replace(output)
 

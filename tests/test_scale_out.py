@@ -245,7 +245,18 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
     assert stopped.value.code == 1
 
 
-def test_result_lines_are_written_whole_or_not_at_all(tmp_path):
+def test_modal_replay_refuses_exported_kernels_for_a_mode_that_runs_none(tmp_path):
+    """Checked before any image is sent: each container would have failed at start, on paid GPUs,
+    and every image answered an error line."""
+    (tmp_path / "paths").write_text(str(REPO / "examples" / "shapes.jpg") + "\n")
+    result = subprocess.run([sys.executable, str(REPO / "deploy" / "modal_app.py"), "replay", str(tmp_path / "paths"),
+                             str(tmp_path / "out"), "--mode", "ao", "--load-fast", "large_ao"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--load-fast goes with a fast mode: --mode fast or fast_furious" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_result_lines_are_written_whole_or_not_at_all(tmp_path, capsys):
     """The bulk job's and the Modal replay's output: a run that fails (no token, a lost cluster)
     leaves the earlier output as it was."""
     from sam2serve.cli import write_lines
@@ -262,6 +273,7 @@ def test_result_lines_are_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(RuntimeError):
         write_lines(output, failing_after(["a"]))
     assert output.read_text() == "earlier\n" and (tmp_path / "rle_masks.partial").read_text() == "a\n"
+    assert capsys.readouterr().err == f"lines written before the run ended: 1, in {output}.partial\n"
     write_lines(output, iter(["a", "b"]))
     assert output.read_text() == "a\nb\n" and [file.name for file in tmp_path.iterdir()] == ["rle_masks"]
 

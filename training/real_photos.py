@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--save-overlays", metavar="DIR", help="write each photo's /upload PNG to DIR")
     args = parser.parse_args()
     if args.save_overlays is not None:
-        require_output_folder(parser, args.save_overlays, "--save-overlays")
+        args.save_overlays = require_output_folder(parser, args.save_overlays, "--save-overlays")  # ~ expanded
     path, model_type = checkpoint_from_arguments(parser, args)
     generator = MaskGenerator(load_model(path, model_type, "cpu").model, AMGConfig())
     print(f"{path.name}, ao, 32x32 grid, sam2's default thresholds\n")

@@ -25,8 +25,8 @@
 #    (--load-fast), on the first scene, without the baseline, the masks compared with each other
 #    and with the compiled kernels' masks of stage 3.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
-# keeps what it measured); OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt
-# every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
+# keeps what it measured; the tables of stages not run stay as an earlier run left them);
+# OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
 # WORK. Stages: --stages "smoke large large-off decoder export". Relative folders are read from the
 # caller's folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
 # `timeout 585`): each stage gets at most what is left, and one that cannot start is skipped.
@@ -71,13 +71,28 @@ fi
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
-rm -f "$OUT"/{timeline.txt,log.txt,smoke.md,large.md,large-off.md,export-check.md,export-save.md,export-load.md,export-compare.md,decoder.md}
+# This run's timeline and log; the tables of the stages it runs (those of stages it does not run,
+# an earlier run's, stay).
+rm -f "$OUT"/{timeline.txt,log.txt}
+for stage in $STAGES; do
+    if [[ $stage == export ]]; then
+        rm -f "$OUT"/export-{check,save,load,compare}.md
+    else
+        rm -f "$OUT/$stage.md"
+    fi
+done
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
 TOTAL_SECONDS=${TOTAL_SECONDS:-570}
 STAGE=""  # the running stage's process: stopped with the script (its own process group)
-trap 'stamp "stopped by a signal"; [[ -z $STAGE ]] || kill -TERM "$STAGE"; exit 143' TERM INT
+stopped() {  # SIGNAL STATUS: the running stage stopped too; 143 for SIGTERM, 130 for Ctrl-C
+    stamp "stopped by $1"
+    [[ -z $STAGE ]] || kill -TERM "$STAGE"
+    exit "$2"
+}
+trap 'stopped SIGTERM 143' TERM
+trap 'stopped SIGINT 130' INT
 
 stamp() { echo "[$(date -u '+%Y-%m-%d %H:%M:%S UTC')] $*" | tee -a "$OUT/timeline.txt"; }
 

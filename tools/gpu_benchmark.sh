@@ -26,9 +26,10 @@
 #    and with the compiled kernels' masks of stage 3.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
 # keeps what it measured; the tables of stages not run stay as an earlier run left them);
-# OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt every stage's log. Large files (installed packages, checkpoint, exported kernels, masks) go to
-# WORK. Stages: --stages "smoke large large-off decoder export". Relative folders are read from the
-# caller's folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
+# OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt every stage's log.
+# Large files (installed packages, checkpoint, exported kernels, masks) go to WORK. Stages:
+# --stages "smoke large large-off decoder export". Relative folders are read from the caller's
+# folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
 # `timeout 585`): each stage gets at most what is left, and one that cannot start is skipped.
 set -uo pipefail
 

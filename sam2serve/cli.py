@@ -31,8 +31,8 @@ AMG_OPTIONS = {
     "points_per_side": (int, "points along each side of the prompt grid"),
     "points_per_batch": (int, "point prompts per mask-decoder call "
                          "(default: the mode's, 64; fast modes 1024 on CUDA, fewer on a GPU "
-                         "too small for them; on a CPU 64, or 8 when compiled: --compile-mode, --save-fast, "
-                         "--load-fast)"),
+                         "too small for them; on a CPU 64, or 8 where a fast mode runs compiled or exported "
+                         "kernels)"),
     "pred_iou_thresh": (float, "keep masks whose predicted IoU is above this"),
     "stability_score_thresh": (float, "keep masks whose stability score is at least this"),
     "stability_score_offset": (float, "logit offset used to compute the stability score"),

@@ -335,18 +335,25 @@ def listening_urls(server) -> list[str]:
     return [f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}" for host, port, *_ in addresses]
 
 
+RECEIVING_PAUSE_S = 1.0  # a request part-way in, nothing more of it for this long: not waited for at a stop
+
+
 def finish_answers(server, timeout_s: float) -> int:
     """Stops accepting connections, then waits, at most timeout_s, until no connection of the
     server (create_http_server's) has a request being received, run by the app or sent back;
-    returns how many still had one. Idle keep-alive connections do not count."""
+    returns how many still had one. Idle keep-alive connections do not count, nor a request
+    part-way in whose client has sent nothing for RECEIVING_PAUSE_S (a stalled client held every
+    stop for the whole timeout: longer than `docker stop` waits before it kills)."""
     connections = server.map if hasattr(server, "map") else server._map  # several addresses, or one
     for listener in list(connections.values()):
         if isinstance(listener, BaseWSGIServer):
             listener.accepting = False  # its readable() turns False: the event loop accepts no more
     deadline = time.monotonic() + timeout_s
     while True:
+        arriving = time.time() - RECEIVING_PAUSE_S  # waitress's clock for last_activity
         busy = [channel for channel in list(connections.values()) if isinstance(channel, HTTPChannel)
-                and (channel.requests or channel.request is not None or channel.total_outbufs_len)]
+                and (channel.requests or channel.total_outbufs_len
+                     or (channel.request is not None and channel.last_activity > arriving))]
         if not busy or time.monotonic() >= deadline:
             return len(busy)
         time.sleep(0.05)

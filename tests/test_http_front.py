@@ -383,6 +383,25 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         server.close()
 
 
+def test_stopping_waits_for_a_request_arriving_not_for_one_stalled_part_way():
+    """A request still arriving is waited for (its answer is the stop's 503, not a reset); one
+    whose client sent nothing for a second held every stop for the whole 10 s."""
+    app = Flask(__name__)
+    app.post("/upload_rle")(lambda: b"ok")
+    server, port = serve_in_process(app, timeout_s=30)
+    arriving = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        arriving.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nxxxxxx")
+        wait_for(lambda: any(getattr(c, "request", None) is not None for c in list(server._map.values())))
+        assert finish_answers(server, 0.3) == 1  # part-way in, just now
+        time.sleep(wsgi.RECEIVING_PAUSE_S)
+        started = time.monotonic()
+        assert finish_answers(server, 10) == 0 and time.monotonic() - started < 1  # stalled: not waited for
+    finally:
+        arriving.close()
+        server.close()
+
+
 def serve_in_process(app: Flask, timeout_s: int, threads: int = 1, max_connections: int = 1000) -> tuple:
     """A waitress server of the app with `threads`, serving on a thread of its own: (server, port)."""
     port = free_port()

@@ -621,7 +621,9 @@ def test_half_precision_server_says_prompts_are_unavailable():
 
 def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path, monkeypatch):
     """8 clients mixing /upload_rle, /embed and /segment on a real server: every answer equals
-    the answer to that request sent alone; on a terminal, its progress is shown as it goes."""
+    the answer to that request sent alone; on a terminal, its progress is shown as it goes. The
+    cache holds one image of the two: an id evicted is embedded again, as a client should (the
+    test counted the 404 as a wrong answer)."""
     from tools.load_test import run_load_test
 
     class Terminal(io.StringIO):
@@ -633,12 +635,12 @@ def test_load_test_mixing_embed_segment_and_upload_rle(tmp_path, monkeypatch):
     from .test_server import start_server
 
     process, url = start_server("--points-per-side", "4", "--batch-size", "2", "--max-queue", "4",
-                                log_path=tmp_path / "server.log")
+                                "--embedding-cache-mb", "0.6", log_path=tmp_path / "server.log")
     try:
         images = {f"{seed}.png": png(make_scene(120, 160, seed=seed)) for seed in (1, 2)}
         report = run_load_test(url, images, clients=8, per_client=3, time_limit_s=240, interactive=True)
         assert report.ok, report.table()
-        assert report.requests == 24
+        assert report.requests == 24 and report.embedded_again > 0
         shown = sys.stderr.getvalue()
         assert "single requests (the references)" in shown and "8 clients: 100%" in shown, shown[-500:]
         assert "24/24" in shown and "wrong=0" in shown

@@ -43,6 +43,7 @@ if not __package__:  # run by its path (python tools/load_test.py): this checkou
 from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
 
 MAX_REQUESTS = 10_000
+MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Report:
     correct: int = 0
     wrong: list[str] = field(default_factory=list)  # what went wrong, one line per request
     retries_busy: int = 0
+    embedded_again: int = 0  # /segment by an id the cache had evicted (404): the image sent to /embed again
     latencies_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
     stopped: bool = False  # by Ctrl-C
@@ -73,6 +75,7 @@ class Report:
             f"wrong or failed{f', {self.never_sent} never sent' if self.never_sent else ''}"
             f"{f', {self.in_flight} in flight when stopped by Ctrl-C' if self.stopped else ''})",
             f"busy retries    {self.retries_busy}",
+            f"embedded again  {self.embedded_again} (ids the cache had evicted)",
             f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
             f"latency p50     {np.percentile(latencies, 50):.0f} ms",
             f"latency p99     {np.percentile(latencies, 99):.0f} ms",
@@ -135,6 +138,7 @@ class Request:
     path: str
     body: bytes
     content_type: str
+    embed: "Request | None" = None  # a /segment by id: its image's /embed, sent again if the id was evicted
 
 
 def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_s: float) -> list[Request]:
@@ -144,7 +148,8 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
         requests.append(Request(name, "/upload_rle", *image_form(images[name], name)))
         if not interactive:
             continue
-        requests.append(Request(f"{name} /embed", "/embed", *image_form(images[name], name)))
+        embed = Request(f"{name} /embed", "/embed", *image_form(images[name], name))
+        requests.append(embed)
         status, _, body = post(url + "/embed", *image_form(images[name], name), timeout_s)
         if status != 200:
             raise RuntimeError(f"{name}: /embed answered {status}: {body[:200]!r}")
@@ -153,7 +158,7 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
         prompts = [{"points": [[width / 2, height / 2]]},
                    {"box": [width / 4, height / 4, 3 * width / 4, 3 * height / 4]}]
         payload = json.dumps({"image_id": embedded["image_id"], "prompts": prompts}).encode()
-        requests.append(Request(f"{name} /segment", "/segment", payload, "application/json"))
+        requests.append(Request(f"{name} /segment", "/segment", payload, "application/json", embed))
     return requests
 
 
@@ -198,6 +203,7 @@ def run_load_test(
             name = request.name
             started = time.monotonic()
             sent = False
+            embeds_left = MAX_EMBEDS_AGAIN
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or stop.is_set():
@@ -217,6 +223,15 @@ def run_load_test(
                     with lock:
                         report.retries_busy += 1
                     time.sleep(min(retry_after_s(headers), max(remaining, 0)))
+                    continue
+                if status == 404 and request.embed is not None and embeds_left:  # evicted: as the README says
+                    embeds_left -= 1
+                    with lock:
+                        report.embedded_again += 1
+                    try:
+                        post(url + request.embed.path, request.embed.body, request.embed.content_type, remaining)
+                    except (OSError, http.client.HTTPException):
+                        pass  # the /segment sent again says what went wrong
                     continue
                 outcome = None if status == 200 and body == reference[name] else (
                     f"{name}: status {status}, " + ("answer differs from the single request's" if status == 200

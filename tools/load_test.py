@@ -197,6 +197,20 @@ def run_load_test(
     report, lock, stop = Report(planned=clients * per_client), threading.Lock(), threading.Event()
     progress = tqdm(total=report.planned, desc=f"{clients} clients", unit="answer", file=sys.stderr, disable=None)
 
+    def embed_again(embed: Request) -> None:
+        """The image sent to /embed again, until it is taken (a 503: after its Retry-After) or
+        the time is up; the /segment sent after it says what went wrong, if anything did."""
+        while (remaining := deadline - time.monotonic()) > 0 and not stop.is_set():
+            try:
+                status, headers, _ = post(url + embed.path, embed.body, embed.content_type, remaining)
+            except (OSError, http.client.HTTPException):
+                return
+            if status != 503:
+                return
+            with lock:
+                report.retries_busy += 1
+            time.sleep(min(retry_after_s(headers), max(deadline - time.monotonic(), 0)))
+
     def client(index: int) -> None:
         for position in client_order(index, len(requests), per_client):
             request = requests[position]
@@ -228,10 +242,7 @@ def run_load_test(
                     embeds_left -= 1
                     with lock:
                         report.embedded_again += 1
-                    try:
-                        post(url + request.embed.path, request.embed.body, request.embed.content_type, remaining)
-                    except (OSError, http.client.HTTPException):
-                        pass  # the /segment sent again says what went wrong
+                    embed_again(request.embed)
                     continue
                 outcome = None if status == 200 and body == reference[name] else (
                     f"{name}: status {status}, " + ("answer differs from the single request's" if status == 200

@@ -176,14 +176,15 @@ def write_random_checkpoint(directory: str | os.PathLike, model_type: str, seed:
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
     """torch.save beside the target, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as tmp:
-        try:
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False)
+    try:
+        with tmp:  # (its last bytes are written as it closes)
             torch.save(checkpoint, tmp)
-        except BaseException:  # a full disk, Ctrl-C: no half file left behind
-            os.unlink(tmp.name)
-            raise
-    os.chmod(tmp.name, 0o644)  # a temporary file is private; a checkpoint is not
-    os.replace(tmp.name, path)
+        os.chmod(tmp.name, 0o644)  # a temporary file is private; a checkpoint is not
+        os.replace(tmp.name, path)
+    except BaseException:  # a full disk, Ctrl-C: no half file left behind
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
 
 
 def ensure_checkpoint(

@@ -351,9 +351,11 @@ def finish_answers(server, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         arriving = time.time() - RECEIVING_PAUSE_S  # waitress's clock for last_activity
-        busy = [channel for channel in list(connections.values()) if isinstance(channel, HTTPChannel)
-                and (channel.requests or channel.total_outbufs_len
-                     or (channel.request is not None and channel.last_activity > arriving))]
+        channels = [channel for channel in list(connections.values()) if isinstance(channel, HTTPChannel)]
+        busy = [channel for channel in channels if channel.requests or channel.total_outbufs_len
+                or (channel.request is not None and channel.last_activity > arriving)]
         if not busy or time.monotonic() >= deadline:
+            if stalled := sum(channel.request is not None and channel not in busy for channel in channels):
+                log.info("stopping: %d connection(s) whose request stalled part-way are closed", stalled)
             return len(busy)
         time.sleep(0.05)

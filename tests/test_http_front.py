@@ -383,9 +383,10 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         server.close()
 
 
-def test_stopping_waits_for_a_request_arriving_not_for_one_stalled_part_way():
+def test_stopping_waits_for_a_request_arriving_not_for_one_stalled_part_way(caplog):
     """A request still arriving is waited for (its answer is the stop's 503, not a reset); one
     whose client sent nothing for a second held every stop for the whole 10 s."""
+    caplog.set_level(logging.INFO, logger="sam2serve.wsgi")
     app = Flask(__name__)
     app.post("/upload_rle")(lambda: b"ok")
     server, port = serve_in_process(app, timeout_s=30)
@@ -397,6 +398,7 @@ def test_stopping_waits_for_a_request_arriving_not_for_one_stalled_part_way():
         time.sleep(wsgi.RECEIVING_PAUSE_S)
         started = time.monotonic()
         assert finish_answers(server, 10) == 0 and time.monotonic() - started < 1  # stalled: not waited for
+        assert "stopping: 1 connection(s) whose request stalled part-way are closed" in caplog.text
     finally:
         arriving.close()
         server.close()

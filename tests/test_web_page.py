@@ -1236,16 +1236,16 @@ def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
 
 
 def pointer(driver, kind: str, x: float, y: float, pointer_id: int = 1, pointer_type: str = "mouse",
-            target: str = "highlight-canvas") -> None:
+            target: str = "highlight-canvas", primary: bool = True) -> None:
     """A pointer event at image pixel (x, y), dispatched as the browser would (no move before it,
-    as a finger's tap has none), on the element of that id."""
+    as a finger's tap has none), on the element of that id; a second finger is not primary."""
     driver.execute_script("""
-        const [kind, x, y, pointerId, pointerType, target] = arguments, s = window.sam2page.state;
+        const [kind, x, y, pointerId, pointerType, target, isPrimary] = arguments, s = window.sam2page.state;
         const rect = document.getElementById("highlight-canvas").getBoundingClientRect();
         const clientX = rect.left + ((x + 0.5) * rect.width) / s.width, clientY = rect.top + ((y + 0.5) * rect.height) / s.height;
         document.getElementById(target).dispatchEvent(new PointerEvent(kind, {
-          clientX, clientY, pointerId, pointerType, isPrimary: pointerId === 1, bubbles: true, cancelable: true}));""",
-        kind, x, y, pointer_id, pointer_type, target)
+          clientX, clientY, pointerId, pointerType, isPrimary, bubbles: true, cancelable: true}));""",
+        kind, x, y, pointer_id, pointer_type, target, primary)
 
 
 def ctrl_key(driver, key: str, code: str) -> None:
@@ -1277,8 +1277,8 @@ def test_a_tap_selects_its_mask_and_presses_the_browser_took_back_or_a_second_fi
         time.sleep(0.3)
         assert page_state(page, "box") is None and page_state(page, "clicks") == []
         pointer(page, "pointerdown", 10, 10, 7, "touch")
-        pointer(page, "pointerdown", 50, 40, 8, "touch")  # a second finger, while the first is down
-        pointer(page, "pointerup", 50, 40, 8, "touch")
+        pointer(page, "pointerdown", 50, 40, 8, "touch", primary=False)  # a second finger, while the first is down
+        pointer(page, "pointerup", 50, 40, 8, "touch", primary=False)
         pointer(page, "pointerup", 10, 10, 7, "touch")
         wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
         assert [(c["x"], c["y"]) for c in page_state(page, "clicks")] == [(10.5, 10.5)]
@@ -1329,6 +1329,11 @@ def test_a_request_that_ends_while_the_next_file_is_read_leaves_its_spinner_and_
     main = page.find_element(By.TAG_NAME, "main").rect
     assert shown["height"] >= 32 and shown["width"] >= 32 * 16384 / 8 - 1
     assert viewer["x"] + viewer["width"] <= main["x"] + main["width"] + 1  # within the page: the viewer scrolls
+    touch_action = lambda: page.execute_script(  # noqa: E731
+        "return getComputedStyle(document.getElementById('highlight-canvas')).touchAction")
+    assert touch_action() == "pan-x pan-y"  # a finger scrolls it in the every-mask tool (it draws no boxes)
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    assert touch_action() == "none"  # a finger's drag draws a box there
 
 
 def test_on_a_phone_the_image_stays_put_while_the_status_changes(page, tmp_path):

@@ -153,9 +153,10 @@ function clearError() {
 // Shows the text, a spinner and the seconds elapsed; returns a function that ends them (once;
 // again does nothing) and answers the milliseconds taken. Work started before and still under
 // way shows again when the latest ends: an earlier request that ends while a later one runs (an
-// image's masks while the next file is read) leaves the later one's spinner and text. Every
-// request ends its own, also one whose answer is dropped. The text is set once, in the live
-// region (a screen reader says it); the seconds tick outside it, on screen only.
+// image's masks while the next file is read) leaves the later one's spinner and text. Another
+// image ends all work of the one before (onlyUnderWay), whether or not its requests end theirs.
+// The text is set once, in the live region (a screen reader says it); the seconds tick outside
+// it, on screen only.
 function busy(text, { keepError = false } = {}) {
   const work = { text, started: performance.now() };
   if (!keepError) clearError();
@@ -1149,7 +1150,7 @@ let press = null;
 
 function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
-  if (press && press.pointerId !== event.pointerId) return; // a second finger: the first one's press goes on
+  if (!event.isPrimary) return; // a second finger: the first one's press goes on
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
             touch: event.pointerType === "touch", at: performance.now(), pointerId: event.pointerId };
   event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)

@@ -416,11 +416,10 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         assert health.headers["X-Content-Type-Options"] == "nosniff"
         assert list(json.loads(health.read())) == ["status", "queued", "mode", "device", "batch_size", "amg", "model",
                                                    "weights", "threads", "kernels", "prompts"]
-    try:
+    with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url + "/upload_rle", timeout=30)
-    except urllib.error.HTTPError as error:
-        assert (error.code, error.read()) == (405, response.get_data())
-        assert "POST" in error.headers["Allow"] and error.headers["X-Content-Type-Options"] == "nosniff"
+    assert (refused.value.code, refused.value.read()) == (405, response.get_data())
+    assert "POST" in refused.value.headers["Allow"] and refused.value.headers["X-Content-Type-Options"] == "nosniff"
 
     # A body that stops arriving: the connection timeout's 408 (connection_timeout=2), in server.py's
     # words; Ray's proxy waited for it without end.

@@ -50,9 +50,9 @@ from .test_server import curl, run_server_expecting_exit, start_server
 
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 CONFIG = AMGConfig(points_per_side=8, points_per_batch=64, **KEEP_EVERY_CANDIDATE)
-# A crop layer: the image and 4 crops, 16 points each, batches of 48: every batch is short and
-# padded to the static size.
-CROP_CONFIG = AMGConfig(points_per_side=4, points_per_batch=48, crop_n_layers=1, **KEEP_EVERY_CANDIDATE)
+# A crop layer: the image and 4 crops, 16 points each, batches of 64 (the compiled kernels'):
+# every batch is short and padded to the static size.
+CROP_CONFIG = AMGConfig(points_per_side=4, points_per_batch=64, crop_n_layers=1, **KEEP_EVERY_CANDIDATE)
 SERVER_OPTIONS = ["--points-per-side", "8", "--points-per-batch", "64", "--pred-iou-thresh", "0",
                   "--stability-score-thresh", "0", "--box-nms-thresh", "1"]
 
@@ -240,7 +240,7 @@ def test_short_point_batches_are_padded_to_the_static_size(images, load_micro, f
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
     reference = MaskGenerator(load_micro().model, CROP_CONFIG).generate(images[0])
-    generator = build_generator(MODES["fast"], load_micro(), CROP_CONFIG, compile_mode="default")
+    generator = fast_generator.with_config(CROP_CONFIG)  # the same kernels: no compilation of its own
     summary = compare("fast with crop layers, padded batches, vs ao", [reference], [generator.generate(images[0])])
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.99
 

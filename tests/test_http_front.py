@@ -33,7 +33,7 @@ from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish
 from tools.load_test import post_image
 
 from .conftest import make_scene
-from .test_server import MAX_UPLOAD_MB, free_port, start_server
+from .test_server import MAX_UPLOAD_MB, start_server
 from .test_worker import StubGenerator, png_of, wait_for
 
 CONNECTION_TIMEOUT_S = 2
@@ -348,8 +348,8 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         release.wait(timeout=30)
         return b"x" * answer_size
 
-    port = free_port()
-    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=2)
+    server = create_http_server(app, "127.0.0.1", 0, max_upload_bytes=2**20, threads=2)  # a port of its own
+    port = int(server.effective_port)  # (waitress gives it as text)
     threading.Thread(target=server.run, daemon=True).start()
     idle = socket.create_connection(("127.0.0.1", port), timeout=10)  # a keep-alive client with nothing to ask
     client = socket.socket()
@@ -405,11 +405,10 @@ def test_stopping_waits_for_a_request_arriving_not_for_one_stalled_part_way(capl
 
 def serve_in_process(app: Flask, timeout_s: int, threads: int = 1, max_connections: int = 1000) -> tuple:
     """A waitress server of the app with `threads`, serving on a thread of its own: (server, port)."""
-    port = free_port()
-    server = create_http_server(app, "127.0.0.1", port, max_upload_bytes=2**20, threads=threads,
+    server = create_http_server(app, "127.0.0.1", 0, max_upload_bytes=2**20, threads=threads,  # a port of its own
                                 limits=ConnectionLimits(max_connections, timeout_s))
     threading.Thread(target=server.run, daemon=True).start()
-    return server, port
+    return server, int(server.effective_port)  # (waitress gives it as text)
 
 
 def test_max_connections_clients_are_served_at_once_and_one_more_waits():

@@ -51,16 +51,23 @@ def free_port() -> int:
 
 
 def start_server(*arguments: str, log_path: Path, max_pixels: int = MAX_PIXELS) -> tuple[subprocess.Popen, str]:
-    """Starts `python server.py ARGUMENTS` on a free port; returns once /health answers 200."""
-    port = free_port()
-    command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", str(port),
+    """Starts `python server.py ARGUMENTS` on a port of its own (port 0: the log says which, so
+    no other process can take it between a free port's choice and the server's start); returns
+    once /health answers 200."""
+    command = [sys.executable, str(REPO / "server.py"), *arguments, "--port", "0",
                "--max-pixels", str(max_pixels), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        if url is None:
+            listening = re.search(r"listening on (http://127\.0\.0\.1:\d+)[;, ]", log_path.read_text())
+            if listening is None:
+                time.sleep(0.1)
+                continue
+            url = listening.group(1)
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
                 if response.status == 200:
@@ -248,7 +255,7 @@ def test_missing_checkpoint_offline_exits_with_instructions(tmp_path):
 
 def test_damaged_checkpoint_exits_with_what_to_do(tmp_path):
     (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"PK\x03\x04 half a download")
-    result = run_server_expecting_exit(str(tmp_path), "tiny", "--port", str(free_port()))
+    result = run_server_expecting_exit(str(tmp_path), "tiny", "--port", "0")
     assert "sam2.1_hiera_tiny.pt is not a torch checkpoint, or it is damaged" in result.stderr
     assert "delete it and download it again" in result.stderr and "Traceback" not in result.stderr
 
@@ -352,7 +359,7 @@ def test_addresses_that_cannot_be_listened_on_are_refused_in_one_line(arguments,
 def test_a_signal_while_starting_ends_it_in_one_line(signum):
     """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored).
     Started as from a terminal: the signal not ignored, whatever the test run inherited."""
-    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
+    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", "0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     time.sleep(1.0)  # importing torch, or loading the model
@@ -365,7 +372,7 @@ def test_a_signal_while_starting_ends_it_in_one_line(signum):
 def test_a_server_started_under_nohup_keeps_serving_after_a_hangup():
     """A signal the server was started with ignored (SIGHUP under nohup) stays ignored; the
     others still stop it."""
-    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(free_port())],
+    process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", "0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     time.sleep(1.0)

@@ -8,12 +8,13 @@ machine that slows down or speeds up during the run weighs on every mode alike. 
 compile (or load their export) and run once on a blank image before the clock starts; every row
 also runs the first image once, untimed (CUDA's lazy set-up, a CPU's first allocations; on a CPU
 on one batch of points). A row that fails there is left out of the tables with a note and the
-others are measured (a fast mode is first tried again in torch.compile's default mode). On a CPU the process is set up as the server sets itself up
-(sam2serve/cpu.py: freed memory reused, denormals flushed), for every row. Each image is timed
-from its RGB array to the RLE masks. Peak memory is, on CUDA, the most allocated during a mode's
-requests; on a CPU, the most memory malloc has handed out above its level when the request
-started, sampled every 5 ms (sam2serve/timing.py). Every mode is compared with the baseline on
-the same image (masks matched one to one, see compare_rle_lists.py), or with ao (--reference ao).
+others are measured (a fast mode is first tried again in torch.compile's default mode). On a CPU
+the process is set up as the server sets itself up (sam2serve/cpu.py: freed memory reused,
+denormals flushed), for every row. Each image is timed from its RGB array to the RLE masks.
+Peak memory is, on CUDA, the most allocated during a mode's requests; on a CPU, the most memory
+malloc has handed out above its level when the request started, sampled every 5 ms
+(sam2serve/timing.py). Every mode is compared with the baseline on the same image (masks matched
+one to one, see compare_rle_lists.py), or with ao (--reference ao).
 Wall-clock figures belong here, never in tests.
 """
 

@@ -295,9 +295,9 @@ def route(scope: dict) -> str:
     return path[len(root):] if path.startswith(root) else path
 
 
-def run_here(function):
+def run_here(function, kind: str = "call"):
     """How server.py's prompt functions run a model call: here, already on the model thread (a
-    request's calls one after the other, without a queue to wait in)."""
+    request's calls one after the other, without a queue to wait in; their kinds time nothing)."""
     return function()
 
 

@@ -348,11 +348,12 @@ def shown(text: str, limit: int = 40) -> str:
 
 
 def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
-    """(image_id, Embedding) of an image: from the cache, or through run(...) on the model's
-    thread, where the first request for the image encodes it and the others, queued meanwhile,
-    find it cached. Each takes its place in the worker's queue (503 when it is full): none waits
-    for another's encoding outside it, holding one of the threads sized for the queue. The caller
-    has checked require_segmenter() before reading the upload."""
+    """(image_id, Embedding) of an image: from the cache, or through run(..., kind="encode") on
+    the model's thread (InferenceWorker.call), where the first request for the image encodes it
+    and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
+    (503 when it is full): none waits for another's encoding outside it, holding one of the
+    threads sized for the queue. The caller has checked require_segmenter() before reading the
+    upload."""
     image_id = segmenter.image_id(image)
     key = image_key(image_id)
     if cache.holds(key):
@@ -360,7 +361,8 @@ def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callab
             return image_id, cache.get(key)
         except UnknownId:  # evicted meanwhile
             pass
-    embedding = run(lambda: cache.get_or_compute(key, lambda: segmenter.embed(image), lambda value: value.nbytes))
+    embedding = run(lambda: cache.get_or_compute(key, lambda: segmenter.embed(image), lambda value: value.nbytes),
+                    kind="encode")
     return image_id, embedding
 
 
@@ -554,7 +556,7 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                 for prompt, answer in zip(part, segmenter.segment(embedding, part, mask_inputs))]
 
     decoded = [answer for part in prompt_parts(prompts, embedding.size)
-               for answer in run(functools.partial(decode, part))]
+               for answer in run(functools.partial(decode, part), kind="decode")]
     results = []
     for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
         result = {"masks": masks, "iou_predictions": iou_predictions}
@@ -692,7 +694,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         the model loads or once stopping), and answered even if the server is told to stop."""
         @functools.wraps(endpoint)
         def admitted() -> Response:
-            with worker.admitted():
+            with worker.admitted(request.path):  # the kind of request, for Retry-After
                 return endpoint()
         return admitted
 

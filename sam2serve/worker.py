@@ -4,10 +4,11 @@ Why a worker and not a lock: a lock lets every waiting request hold a thread and
 no bound and no order, and gives no place to batch. Here a request is a job in a bounded
 queue:
 - a full queue is refused at once (`Busy`, HTTP 503 with Retry-After: the model's time for the
-  work ahead), and so is a request beyond `max_queue + batch_size` admitted at once
-  (`admitted()`, which the HTTP layer enters before it decodes the image; the HTTP server has
-  received the body by then): each holds an HTTP thread, decoding its image, queued, running or
-  between its calls, so that the server's other threads stay free for /health;
+  work ahead, added up by its kinds, `TimeEstimates`), and so is a request beyond
+  `max_queue + batch_size` admitted at once (`admitted()`, which the HTTP layer enters before
+  it decodes the image; the HTTP server has received the body by then): each holds an HTTP
+  thread, decoding its image, queued, running or between its calls, so that the server's other
+  threads stay free for /health;
 - a request that waits past its timeout gives up (`TimedOut`, HTTP 504); if it is still
   queued the worker skips it;
 - a request whose client has gone (`abandoned()`, asked when its turn comes: the HTTP server
@@ -41,6 +42,8 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ from .rle import RLE
 
 log = logging.getLogger(__name__)
 STOP_CHECK_S = 0.5  # how often serve() looks whether to stop while the queue is empty
+FIRST_GUESS_S = 1.0  # the model's time on a kind of work the worker has not timed yet
 
 
 class NotReady(RuntimeError):
@@ -82,10 +86,27 @@ class Abandoned(RuntimeError):
     TimedOut for a timeout: this answer is only the job's own.)"""
 
 
+class TimeEstimates:
+    """The model's time on each kind of work, a running mean per kind, for Retry-After: the work
+    ahead is added up by its kinds, since one segment-everything image can cost the model as much
+    as a hundred prompt decodes, and a mean over both would say one wrong by as much."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def observe(self, kind: str, seconds: float) -> None:
+        before = self.seconds.get(kind)
+        self.seconds[kind] = seconds if before is None else 0.8 * before + 0.2 * seconds
+
+    def total(self, kinds: Iterable[str]) -> float:
+        return sum(self.seconds.get(kind, FIRST_GUESS_S) for kind in kinds)
+
+
 @dataclass
 class Job:
     """An image to segment everything in, or another call on the model (interactive prompts)."""
 
+    kind: str = "image"  # or the call's kind ("encode", "decode"): its time estimate (TimeEstimates)
     image: np.ndarray | None = None
     annotate: bool = False  # the image's mask records (Generator.annotate) instead of its RLE masks
     settings: dict[str, float] = field(default_factory=dict)  # the request's own (amg.with_settings)
@@ -114,16 +135,17 @@ class InferenceWorker:
         self.generator: Generator | None = None
         self.segmenter = None
         self.max_admitted = max_queue + batch_size  # requests admitted at once (admitted())
-        # Running estimates, for Retry-After: the model's time per job (an image, an encoding, a
-        # part of prompt sets), and per request (all its jobs: a /segment may make many).
-        self.seconds_per_job = 1.0
-        self.seconds_per_request = 1.0
+        # For Retry-After, the model's time per kind of job (an image, an encoding, a part of
+        # prompt sets), and per kind of request (all its jobs: a /segment may make many).
+        self.job_seconds = TimeEstimates()
+        self.request_seconds = TimeEstimates()
         self._ready = threading.Event()
         self._stopping = threading.Event()
         # Held while a request is admitted or joins the queue, and while the worker decides it is
         # done: nothing can join after the worker's last look (it would wait for nobody).
         self._admission = threading.Lock()
         self._admitted = 0  # requests between admitted()'s start and end (the outermost, for one nested)
+        self._admitted_kinds: Counter[str] = Counter()  # of those requests
         # .depth: admitted() calls this thread is inside; .model_seconds: its request's jobs' time
         self._this_thread = threading.local()
 
@@ -165,17 +187,19 @@ class InferenceWorker:
         self._serve_forever(until)
 
     @contextmanager
-    def admitted(self):
+    def admitted(self, kind: str = "request"):
         """One request's use of the worker, from its first look to its answer: its calls are run
         even after stop(), and the worker serves until it ends. Raises as require_ready, and
-        Busy when max_admitted requests are admitted already."""
+        Busy when max_admitted requests are admitted already. kind: the request's (its
+        endpoint), whose model time is estimated for Retry-After."""
         outermost = not getattr(self._this_thread, "depth", 0)  # not the same request again
         with self._admission:
             self.require_ready()
             if outermost and self._admitted >= self.max_admitted:
                 raise self.busy(f"{self._admitted} requests in progress",
-                                self._admitted * self.seconds_per_request)
+                                self.request_seconds.total(self._admitted_kinds.elements()))
             self._admitted += outermost
+            self._admitted_kinds[kind] += outermost
         if outermost:
             self._this_thread.model_seconds = 0.0
         self._this_thread.depth = getattr(self._this_thread, "depth", 0) + 1
@@ -185,8 +209,9 @@ class InferenceWorker:
             self._this_thread.depth -= 1
             with self._admission:
                 self._admitted -= outermost
+                self._admitted_kinds[kind] -= outermost
                 if outermost and self._this_thread.model_seconds > 0:
-                    self.seconds_per_request = 0.8 * self.seconds_per_request + 0.2 * self._this_thread.model_seconds
+                    self.request_seconds.observe(kind, self._this_thread.model_seconds)
 
     def require_ready(self) -> None:
         if self.stopping and not getattr(self._this_thread, "depth", 0):
@@ -204,25 +229,26 @@ class InferenceWorker:
         return self._wait_for(Job(image=image, annotate=annotate, abandoned=abandoned, settings=settings or {}))
 
     def call(self, function: Callable[[], Any], deadline: float | None = None,
-             abandoned: Callable[[], bool] | None = None, continues: bool = False) -> Any:
+             abandoned: Callable[[], bool] | None = None, continues: bool = False, kind: str = "call") -> Any:
         """function() run on the worker's thread, in the queue's order (calls on the model that
         are not segment-everything: encoding an image, decoding prompts). Raises as submit.
         deadline (time.monotonic()): the request's, for one that calls more than once, so that
         its calls together wait no longer than the timeout. continues: a later part of a request
         the model has begun (its prompt sets after the first part), which waits for room in a
-        full queue, until the deadline, instead of Busy: the model time spent on it is not lost."""
-        return self._wait_for(Job(call=function, abandoned=abandoned), deadline, continues)
+        full queue, until the deadline, instead of Busy: the model time spent on it is not lost.
+        kind: the call's ("encode", "decode"), whose time is estimated for Retry-After."""
+        return self._wait_for(Job(kind=kind, call=function, abandoned=abandoned), deadline, continues)
 
-    def calls_of_one_request(self, abandoned: Callable[[], bool] | None = None) -> Callable[[Callable[[], Any]], Any]:
+    def calls_of_one_request(self, abandoned: Callable[[], bool] | None = None) -> Callable[..., Any]:
         """call, for a request that makes several (a one-shot /segment encodes its image, then
         decodes its prompt sets in parts): its calls share one deadline, the timeout from now,
         and each after the first continues the request, waiting for room in a full queue."""
         deadline = time.monotonic() + self.timeout_s
         calls_made = 0
 
-        def run(function: Callable[[], Any]) -> Any:
+        def run(function: Callable[[], Any], kind: str = "call") -> Any:
             nonlocal calls_made
-            answer = self.call(function, deadline, abandoned, continues=calls_made > 0)
+            answer = self.call(function, deadline, abandoned, continues=calls_made > 0, kind=kind)
             calls_made += 1
             return answer
         return run
@@ -238,7 +264,7 @@ class InferenceWorker:
                 try:
                     self.jobs.put_nowait(job)
                 except queue.Full:
-                    raise self.busy(self.queued_text(), self.queue_depth * self.seconds_per_job) from None
+                    raise self.busy(self.queued_text(), self.job_seconds.total(self.queued_kinds())) from None
         if continues:  # admitted already: a stop waits for it (admitted()), outside the lock
             try:
                 self.jobs.put(job, timeout=max(0.0, deadline - time.monotonic()))
@@ -259,6 +285,10 @@ class InferenceWorker:
 
     def timed_out(self) -> TimedOut:
         return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; {self.queued_text()}")
+
+    def queued_kinds(self) -> list[str]:
+        with self.jobs.mutex:  # queue.Queue's own lock, held while it changes its deque
+            return [job.kind for job in self.jobs.queue]
 
     def queued_text(self) -> str:
         depth = self.queue_depth
@@ -307,7 +337,7 @@ class InferenceWorker:
                     release_cached_memory(error, self.generator)
                     failure = error
                 job.seconds = time.perf_counter() - started
-                self._observe(job.seconds)
+                self.job_seconds.observe(job.kind, job.seconds)
                 if failure is not None:
                     job.future.set_exception(failure)
                 else:
@@ -334,17 +364,13 @@ class InferenceWorker:
         for job in batch:
             job.seconds = share
         if masks:
-            self._observe(share)
+            self.job_seconds.observe("image", share)
             self.observe_batch(len(batch), masks)
         for job, answer in zip(batch, answers):
             if isinstance(answer, Exception):
                 job.future.set_exception(answer)
             else:
                 job.future.set_result(answer)
-
-    def _observe(self, seconds: float) -> None:
-        """The time per job: a running mean over images and calls, whichever the server gets."""
-        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * seconds
 
 
 def gone(job: Job) -> bool:

@@ -286,6 +286,20 @@ def test_one_shot_segment_waits_one_request_timeout_for_both_its_calls(micro):
     assert response.status_code == 504 and "request timeout of 1 s" in response.get_json()["error"]
 
 
+def test_the_worker_times_each_kind_of_work_for_retry_after(micro):
+    """Encodings, prompt decodes, images and whole requests are timed by their kinds: the
+    worker's Retry-After adds up the work ahead by them (test_worker.py)."""
+    worker = InferenceWorker(max_queue=8, timeout_s=120)
+    worker.start(MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"))
+    client = create_app(worker, info={"mode": "ao"}).test_client()
+    one_shot = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
+                                             "prompts": json.dumps([PROMPTS[0][1]])})
+    masks = client.post("/upload_rle", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert one_shot.status_code == masks.status_code == 200
+    assert set(worker.job_seconds.seconds) == {"encode", "decode", "image"}
+    assert set(worker.request_seconds.seconds) == {"/segment", "/upload_rle"}
+
+
 def test_embed_then_segment_over_http(micro):
     client = micro_client(micro)
     data = png(IMAGE)

@@ -266,14 +266,14 @@ def test_full_queue_is_refused_and_waiting_too_long_times_out():
     assert [2] not in stub.batches
 
 
-def requests_in_progress(worker, count: int, nested: bool = False):
-    """count requests admitted, each on a thread of its own, holding their admission (as between
-    a /segment's calls) until the returned function lets them go. nested: each enters
-    admitted() twice, as the same request."""
+def requests_in_progress(worker, count: int, nested: bool = False, kind: str = "request"):
+    """count requests (of this kind) admitted, each on a thread of its own, holding their
+    admission (as between a /segment's calls) until the returned function lets them go. nested:
+    each enters admitted() twice, as the same request."""
     release, inside = threading.Event(), []
 
     def hold():
-        with worker.admitted(), worker.admitted() if nested else contextlib.nullcontext():
+        with worker.admitted(kind), worker.admitted(kind) if nested else contextlib.nullcontext():
             inside.append(1)
             release.wait(timeout=10)
 
@@ -324,36 +324,49 @@ def test_an_upload_whose_client_has_gone_is_not_read():
     assert stub.batches == []
 
 
-def test_retry_after_estimates_the_time_of_the_work_ahead():
-    """Retry-After is the model's time for the work ahead: for a full queue, its jobs times the
-    time per job, learnt from prompt calls as well as images (a server that gets only /segment
-    calls, fast ones, estimates from them, not from images it has not had); for the requests in
-    progress, their number times the time per request, all its calls (a /segment of many prompt
-    sets makes many), not per call."""
+def test_retry_after_adds_up_the_work_ahead_by_its_kinds():
+    """Retry-After is the model's time for the work ahead, each kind of work timed apart (a
+    segment-everything image costs the model far more than a prompt decode: a mean over both
+    would say either wrong). For a full queue, the time of each queued job's kind; for the
+    requests in progress, that of each one's kind of request, all its calls (a /segment of many
+    prompt sets makes many), not per call."""
     stub = StubGenerator()
-    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=30)
     worker.start(stub)
-    for _ in range(3):  # requests of 5 calls of 0.1 s
-        with worker.admitted():
-            for _ in range(5):
-                worker.call(lambda: time.sleep(0.1))
-    assert worker.seconds_per_job < 0.3 and 0.7 < worker.seconds_per_request < 1.0  # from 1.0 s each
-    release = requests_in_progress(worker, 2)
+    generate_batch = stub.generate_batch
+    stub.generate_batch = lambda images: time.sleep(0.3) or generate_batch(images)
+    with worker.admitted("/upload_rle"):
+        worker.submit(image_of(1))  # 0.3 s or more
+    stub.generate_batch = generate_batch
+    with worker.admitted("/segment"):
+        for _ in range(5):
+            worker.call(lambda: time.sleep(0.1), kind="decode")
+    learnt_jobs, learnt_requests = worker.job_seconds.seconds, worker.request_seconds.seconds
+    assert learnt_jobs["image"] >= 0.3 and learnt_jobs["decode"] >= 0.1
+    assert learnt_requests["/upload_rle"] >= 0.3 and learnt_requests["/segment"] >= 0.5  # its five calls
+
+    learnt_requests.update({"/upload_rle": 3.0, "/segment": 0.2})
+    release = [requests_in_progress(worker, 1, kind="/upload_rle"), requests_in_progress(worker, 2, kind="/segment")]
     with pytest.raises(Busy) as busy:
-        with worker.admitted():
+        with worker.admitted("/segment"):
             pass
-    assert busy.value.retry_after_s == 2  # 2 requests of 0.7 to 1.0 s; per call, 1
-    release()
+    assert busy.value.retry_after_s == 3  # 3.0 + 2 x 0.2 s; a mean per request would say 1 or 4 (3 x 1.2)
+    for let_go in release:
+        let_go()
+
+    learnt_jobs.update({"image": 4.0, "decode": 0.01, "encode": 0.4})
     stub.gate.clear()
     held, threads = submit_in_threads(worker, [1])
     wait_for(stub.running.is_set)
     queued, queued_threads = submit_in_threads(worker, [2])
-    wait_for(lambda: worker.queue_depth == 1)
+    waiting = threading.Thread(target=lambda: worker.call(lambda: None, kind="encode"))
+    waiting.start()
+    wait_for(lambda: worker.queue_depth == 2)
     with pytest.raises(Busy) as busy:
-        worker.call(lambda: None)
-    assert busy.value.retry_after_s == 1  # 1 job of under 0.3 s
+        worker.call(lambda: None, kind="decode")
+    assert busy.value.retry_after_s == 4  # an image and an encoding queued: 4.0 + 0.4 s
     stub.gate.set()
-    for thread in threads + queued_threads:
+    for thread in [*threads, *queued_threads, waiting]:
         thread.join(timeout=10)
 
 

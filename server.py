@@ -62,7 +62,8 @@ from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
-from sam2serve.serving import EMBEDDING_CACHE_BYTES, Limits, create_app, share_encodings
+from sam2serve.protocol import EMBEDDING_CACHE_BYTES, Limits, share_encodings
+from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server, finish_answers, listening_urls
 

@@ -69,7 +69,7 @@ def open_pipeline(data_dir: str, model_type: str, mode: str, amg_json: str, load
 
 def answer_image(pipeline, image_bytes: bytes) -> str:
     """What server.py's /upload_rle answers for these file bytes: the RLE JSON or the error JSON."""
-    from sam2serve.serving import rle_lines
+    from sam2serve.protocol import rle_lines
 
     return rle_lines(pipeline.generator, [image_bytes])[0]
 
@@ -101,7 +101,7 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
     from tqdm import tqdm
 
     from sam2serve.cli import write_lines
-    from sam2serve.serving import Limits, UploadTooLarge, error_answer, json_text
+    from sam2serve.protocol import Limits, UploadTooLarge, error_answer, json_text
 
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
     segmenter = segmenter_class(model_type=model_type, mode=mode, amg_json=json.dumps(amg), load_fast=load_fast)

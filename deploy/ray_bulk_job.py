@@ -38,7 +38,7 @@ from sam2serve.cli import (
 from deploy import cluster_device
 from sam2serve.checkpoints import load_model, resolve_checkpoint
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
-from sam2serve.serving import Limits, file_as_upload, rle_lines
+from sam2serve.protocol import Limits, file_as_upload, rle_lines
 
 
 class Segmenter:

@@ -49,7 +49,7 @@ from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_val
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import Abandoned, generate_each
 from sam2serve.interactive import EmbeddingCache, parse_prompts
-from sam2serve.serving import (
+from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
     RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
     decode_upload, embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text,

@@ -347,7 +347,7 @@ class MaskGenerator:
         self.given_kernels = kernels
         self.kernels = kernels or eager_kernels(model, config)
         # Called with a whole image and its encoder features once computed, when the image was
-        # encoded alone (the server keeps them for an /embed of it: serving.share_encodings).
+        # encoded alone (the server keeps them for an /embed of it: protocol.share_encodings).
         self.on_features: Callable[[np.ndarray, ImageFeatures], None] | None = None
         # Called when a call on the model ran out of memory, before it is tried again: frees what
         # is kept only in case it is wanted (the server's kept features), returns the bytes freed.

@@ -1,673 +1,42 @@
-"""The HTTP layer: decode the request, hand the image to the inference worker, encode the answer.
+"""The HTTP layer: server.py's Flask app, in front of the inference worker.
 
-`create_app(worker, ...)` serves whatever generator the worker runs (tests hand it a stub).
-Every error is JSON with an "error" message and the server keeps serving: 400 for what is not
-one image, 413 for each limit with its own message (the upload, the form's parts, a text field,
-the image's pixels), 414 for a URL too long, 503 while the model loads, when the queue is full
-or max_queue + batch_size requests are in progress (with Retry-After) and once the server is
-stopping, 504 when a request waited too long, 500 when inference failed for that image. GET
-/health says whether the model is ready; GET /metrics gives Prometheus text; GET / is the web
-page (web/). (wsgi.py answers what the HTTP server refuses itself.)
-
-The request and answer formats (decode_upload, render_answer, error_answer, rle_lines) are
-plain functions, shared with the Ray Serve app, the Ray Data job and the Modal app, so every
-way of running the model answers byte for byte alike.
+`create_app(worker, ...)` serves whatever generator the worker runs (tests hand it a stub). It
+decodes the request, hands the image to the worker, and encodes the answer, with the plain
+functions every front shares (protocol.py). Every error is JSON with an "error" message and the
+server keeps serving: 400 for what is not one image, 413 for each limit with its own message (the
+upload, the form's parts, a text field, the image's pixels), 414 for a URL too long, 503 while
+the model loads, when the queue is full or max_queue + batch_size requests are in progress (with
+Retry-After) and once the server is stopping, 504 when a request waited too long, 500 when
+inference failed for that image. GET /health says whether the model is ready; GET /metrics gives
+Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses
+itself.)
 """
 
 import functools
-import json
 import logging
-import math
-import os
-import re
-import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
+from collections.abc import Callable
 
 import numpy as np
 import prometheus_client as prom
 import prometheus_client.core as prom_core
-import torch
 from flask import Flask, Response, g, request
-from pycocotools import mask as mask_utils
-from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
-from werkzeug.http import parse_options_header
 
-from .amg import REQUEST_SETTINGS, AMGConfig, Generator
-from .interactive import (
-    MAX_POINTS, MAX_PROMPT_SETS, EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts,
+from .interactive import EmbeddingCache, parse_prompts
+from .protocol import (
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
+    answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer,
+    form_limit_error, form_prompts, is_json, json_text, render_answer, request_settings, require_cache_room,
+    require_named_parts, require_segment_form, require_segmenter, require_short_url, segment_answer, unread_body,
 )
-from .overlay import draw_masks
-from .preprocess import ImageTooLarge, InvalidImage, decode_image
-from .rle import RLE, answer_text, masks_to_rle_vectorized
-from .worker import Abandoned, Busy, InferenceWorker, NotReady, Stopping, TimedOut, generate_each
+from .worker import Abandoned, InferenceWorker
 
-log = logging.getLogger(__name__)
 access = logging.getLogger("access")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 40_000_000  # e.g. 8000x5000; checked before the pixels are decoded
-    max_form_parts: int = 1000  # multipart parts (Flask's default)
-    max_form_field_bytes: int = 500_000  # a text field of the form (Flask's default); files may be larger
-    max_url_bytes: int = 8192  # path and query string
-
-
-UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
 ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           "/metrics": "GET"}  # path -> method
 # /metrics labels: other paths and methods count as "other", so clients cannot add series without end.
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-# The page's Content-Security-Policy (GET /, and server.py's /static/index.html), sent by every
-# front that serves it: its own script, style and requests alone (its favicon is an empty data:
-# URL), and no other site may frame it.
-PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
-                        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# Sent with every answer, by every front: a browser takes the answer's media type as given, so a
-# JSON error that quotes the request is never sniffed and shown as HTML.
-ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff"}
-EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
-LOADING_RETRY_AFTER_S = 5
-
-
-class UploadTooLarge(ValueError):
-    def __init__(self, limits: Limits) -> None:
-        super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
-
-
-class URLTooLong(ValueError):
-    def __init__(self, limits: Limits) -> None:
-        super().__init__(f"URL longer than the limit of {limits.max_url_bytes} bytes")
-
-
-def require_short_url(as_sent: int, decoded: int, limits: Limits) -> None:
-    """The URL's length in bytes as sent (%41 is three) and after percent-decoding: the longer counts."""
-    if max(as_sent, decoded) > limits.max_url_bytes:
-        raise URLTooLong(limits)
-
-
-class InteractiveUnavailable(RuntimeError):
-    """This server does not run prompts (a half-precision mode)."""
-
-
-class CacheTooSmall(RuntimeError):
-    """The embedding cache cannot hold one encoded image: /embed's id could never be used."""
-
-
-class RequestStalled(ValueError):
-    """A request's body stopped arriving (the HTTP server's connection timeout): 408, in the
-    words of server.py's HTTP server (wsgi.py), which answers it there itself."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"request timeout: nothing received for {seconds:g} s")
-
-
-class FormTooLarge(ValueError):
-    """The multipart form breaks one of its limits; the message says which."""
-
-
-def too_many_parts(limits: Limits) -> FormTooLarge:
-    return FormTooLarge(f"the form has more than {limits.max_form_parts} parts; send one multipart field named 'image'")
-
-
-def field_too_large(limits: Limits, name: str | None = None) -> FormTooLarge:
-    """A text field over the limit, named where it is known, with what to send instead."""
-    what = f"the form's text field {shown(name)}" if name is not None else "a text field of the form"
-    instead = (f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON"
-               if name == "prompts" else "send the image as a file (curl -F 'image=@file.jpg')")
-    return FormTooLarge(f"{what} is larger than the limit of {limits.max_form_field_bytes} bytes; {instead}")
-
-
-def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> FormTooLarge:
-    """Which of the form's limits the form parser hit (werkzeug raises one error for both, and
-    Starlette names no field): the body, buffered and at most the upload limit, is read again,
-    its parts counted and each text field's bytes as sent (the limit counts those: a field's
-    text, decoded, can be longer or shorter)."""
-    too_many = too_many_parts(limits)
-    try:
-        stream.seek(0)
-    except (AttributeError, OSError, ValueError):  # not seekable: say both
-        return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
-    decoder = MultipartDecoder(parse_options_header(content_type)[1].get("boundary", "").encode())
-    parts, field, size = 0, None, 0  # the limit is each part's: a name given twice is two parts
-    try:
-        while chunk := stream.read(1 << 16):
-            decoder.receive_data(chunk)
-            while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
-                if isinstance(event, (Field, File)):
-                    parts += 1
-                    field, size = (event.name if isinstance(event, Field) else None), 0
-                    if parts > limits.max_form_parts:
-                        return too_many
-                elif isinstance(event, Data) and field is not None:
-                    size += len(event.data)
-                    if size > limits.max_form_field_bytes:
-                        return field_too_large(limits, field)
-    except ValueError:  # a malformed form: the field is not named
-        pass
-    return field_too_large(limits)
-
-
-def json_text(payload: object) -> str:
-    # Errors and /health on one line too, like answer_text: an error in an xargs run
-    # still takes exactly one line of the output.
-    return json.dumps(payload, separators=(",", ":"))
-
-
-def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
-                  unread_body: str = "") -> np.ndarray:
-    """The image of the multipart field 'image' (`files`: the contents of every file sent in that
-    field), checked and decoded. Without one, the message says what came instead: `text_fields`
-    (an 'image' text field: curl -F without its @), or `unread_body`, why the body was not read
-    as a form (a raw image posted as the body, say)."""
-    if not files:
-        if "image" in text_fields:
-            raise InvalidImage("the field 'image' holds text, not a file: put @ before the file's path "
-                               "(curl -F 'image=@file.jpg')")
-        received = unread_body or f"received file fields: {file_fields or 'none'}"
-        raise InvalidImage(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
-    if len(files) > 1:
-        raise InvalidImage(f"expected one file in the field 'image', received {len(files)}; send one image per request")
-    return decode_image(files[0], limits.max_pixels)
-
-
-NAMELESS_PART = "a part has no name in its Content-Disposition"
-
-
-def unreadable_form(why: str) -> InvalidImage:
-    """The answer to a multipart body that cannot be read as a form, in both fronts' words."""
-    return InvalidImage(f"the body is not a multipart form that can be read ({why}); "
-                        "send the image as curl -F 'image=@file.jpg'")
-
-
-def require_named_parts(names: Iterable[object]) -> None:
-    """Every part of a form names its field: werkzeug files a nameless one under None (which
-    ended in a TypeError, a 500); Starlette, Ray Serve's, refuses it."""
-    if None in names:
-        raise unreadable_form(NAMELESS_PART)
-
-
-def unread_body(content_type: str, body_bytes: int) -> str:
-    """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header)
-    is no multipart form to read, or "" where it is one, or empty."""
-    if not body_bytes:
-        return ""
-    mimetype, options = parse_options_header(content_type)
-    if mimetype != "multipart/form-data":
-        return f"the body is {mimetype or 'of no media type'}, not a multipart form"
-    if not options.get("boundary"):
-        return "the Content-Type multipart/form-data names no boundary (let curl -F write that header)"
-    return ""
-
-
-# Each POST endpoint's answer formats (its `format` query parameter), the default first.
-ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed": ("json",), "/segment": ("json",)}
-
-
-def answer_format(endpoint: str, asked: list[str]) -> str:
-    """The format an endpoint answers in, from its `format` query parameter's values (none, or
-    one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
-    formats = ANSWER_FORMATS[endpoint]
-    if len(asked) > 1:  # empty or not, as a setting given twice (request_settings)
-        raise InvalidImage(f"format: given {len(asked)} times; give it once")
-    asked = [value for value in asked if value]  # ?format= (empty): the default, as before
-    if asked and asked[0] not in formats:
-        raise InvalidImage(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
-                           f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
-    return asked[0] if asked else formats[0]
-
-
-def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
-    """(body, mimetype) of an upload endpoint's answer."""
-    if endpoint == "/upload_rle":
-        return answer_text(rles), "application/json"
-    return draw_masks(image, rles), "image/png"
-
-
-def coco_annotations(records: list[dict]) -> list[dict]:
-    """Mask records (Generator.annotate) as COCO annotations: segmentation as compressed RLE,
-    the string pycocotools reads, and bbox as COCO's [x, y, width, height], pycocotools' toBbox
-    (sam2's record counts its last column and row out: a box one pixel short, none for a mask
-    one pixel wide). A stability score of 0/0 (a mask empty at both of its levels, kept only
-    with the stability filter off) is null: NaN is no JSON."""
-    annotations = []
-    for record in records:
-        segmentation = coco_encode_rle(record["segmentation"])
-        bbox = mask_utils.toBbox({**segmentation, "counts": segmentation["counts"].encode()})
-        stability = record.get("stability_score")
-        annotations.append({**record, "segmentation": segmentation, "bbox": [int(value) for value in bbox],
-                            "stability_score": stability if stability is None or math.isfinite(stability) else None})
-    return annotations
-
-
-def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
-    """(status, JSON body, headers) for an error, the same in every front end."""
-    retry_after = None
-    if isinstance(error, (InvalidImage, InvalidPrompt)):
-        status = 400
-    elif isinstance(error, UnknownId):
-        status = 404
-    elif isinstance(error, InteractiveUnavailable):
-        status = 501
-    elif isinstance(error, CacheTooSmall):
-        status = 507
-    elif isinstance(error, (ImageTooLarge, UploadTooLarge, FormTooLarge)):
-        status = 413
-    elif isinstance(error, URLTooLong):
-        status = 414
-    elif isinstance(error, RequestStalled):
-        status = 408
-    elif isinstance(error, NotReady):
-        status, retry_after = 503, LOADING_RETRY_AFTER_S
-    elif isinstance(error, Busy):
-        status, retry_after = 503, error.retry_after_s
-    elif isinstance(error, Stopping):  # no Retry-After: whether it comes back is not its to say
-        status = 503
-    elif isinstance(error, TimedOut):
-        status = 504
-    elif isinstance(error, Abandoned):  # nginx's code for a client gone before its answer: seen in logs and /metrics
-        status = 499
-    elif isinstance(error, torch.OutOfMemoryError):
-        log.error("out of memory: %s", error)
-        return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
-    else:
-        log.error("request failed", exc_info=error)  # the whole of it: the answer has its first line
-        return 500, json_text({"error": f"internal error: {type(error).__name__}: {first_line(error)}"}), {}
-    return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
-
-
-def first_line(error: Exception, limit: int = 300) -> str:
-    """An error's first line (not blank), cut at limit characters: what a client is told of an error of the
-    server's own (TorchScript's messages go on with a traceback naming the server's files)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0][:limit] if lines else ""
-
-
-def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
-    """A file's bytes as the server takes an upload, or the server's error for it: one it cannot
-    read, or one over the upload limit (read no further: a stray video in a list of paths is
-    refused as a 413 would, not read into memory). Not a regular file (a named pipe would block the
-    read for good), or a path no file can have (a NUL in it): cannot be read."""
-    try:
-        if not Path(path).is_file():
-            raise FileNotFoundError(path)
-        with open(path, "rb") as file:
-            data = file.read(limits.max_upload_bytes + 1)
-    except (OSError, ValueError):
-        return InvalidImage("the image file could not be read")
-    return UploadTooLarge(limits) if len(data) > limits.max_upload_bytes else data
-
-
-def rle_lines(generator: Generator, files: list[bytes | ValueError], limits: Limits = Limits()) -> list[str]:
-    """One /upload_rle answer per image file (file_as_upload's), as the xargs/curl workflow
-    writes them: the RLE JSON, or the server's error JSON. The decodable images run as one batch;
-    if it fails, one by one (generate_each, as the worker)."""
-    lines: list[str | None] = [None] * len(files)
-    images = {}
-    for index, data in enumerate(files):
-        try:
-            if isinstance(data, ValueError):
-                raise data
-            images[index] = decode_image(data, limits.max_pixels)
-        except (InvalidImage, ImageTooLarge, UploadTooLarge) as error:
-            lines[index] = error_answer(error)[1]
-    answers = generate_each(generator, list(images.values())) if images else []
-    for index, answer in zip(images, answers):
-        lines[index] = error_answer(answer)[1] if isinstance(answer, Exception) else answer_text(answer)
-    return lines
-
-
-def require_segmenter(segmenter, mode: str | None) -> None:
-    """Refuses /embed and /segment on a server that runs no prompts (a half-precision mode)."""
-    if segmenter is None:
-        raise InteractiveUnavailable(
-            f"this server's mode ({mode or 'unknown'}) does not run prompts: /embed and /segment need a float32 "
-            "mode (baseline, ao or fast)")
-
-
-# The cache holds images and mask logits under keys of their own kind: an id of one kind is
-# unknown as the other, and a mask's logits are found only with the image they were made on.
-def image_key(image_id: str) -> str:
-    return f"image:{image_id}"
-
-
-def mask_key(image_id: str, mask_input: str) -> str:
-    return f"mask:{image_id}:{mask_input}"
-
-
-def shown(text: str, limit: int = 40) -> str:
-    """A client's string as an error message repeats it: at most limit characters."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
-    """(image_id, Embedding) of an image: from the cache, or through run(..., kind="encode") on
-    the model's thread (InferenceWorker.call), where the first request for the image encodes it
-    and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
-    (503 when it is full): none waits for another's encoding outside it, holding one of the
-    threads sized for the queue. The caller has checked require_segmenter() before reading the
-    upload."""
-    image_id = segmenter.image_id(image)
-    key = image_key(image_id)
-    if cache.holds(key):
-        try:
-            return image_id, cache.get(key)
-        except UnknownId:  # evicted meanwhile
-            pass
-    embedding = run(lambda: cache.get_or_compute(key, lambda: segmenter.embed(image), lambda value: value.nbytes),
-                    kind="encode")
-    return image_id, embedding
-
-
-def share_encodings(generator: Generator, segmenter, cache: EmbeddingCache) -> bool:
-    """Keeps each image that segment-everything encodes in the cache as a spare
-    (EmbeddingCache.put_spare), for an /embed of the same image to find: the web page asks for
-    one right after its masks, to click on them. Only where the generator's encoder gives the
-    segmenter's features bit for bit (MaskGenerator.encodes_as_sam2: ao's, float32), so that
-    /segment answers the same either way. Returns whether it does."""
-    if segmenter is None or cache.max_bytes == 0 or not getattr(generator, "encodes_as_sam2", False):
-        return False
-
-    def keep(image: np.ndarray, features) -> None:
-        if features.nbytes > cache.room_for_spares():  # before any work on the model's thread
-            return
-        try:
-            embedding = segmenter.embedding_of(image, features)
-            cache.put_spare(image_key(segmenter.image_id(image)), embedding, embedding.nbytes)
-        except Exception as error:  # noqa: BLE001 - a spare lost, never the masks' answer
-            log.warning("could not keep an image's encoding for /embed: %s", error)
-
-    generator.on_features = keep
-    generator.on_out_of_memory = cache.drop_spares
-    return True
-
-
-def require_cache_room(cache: EmbeddingCache, nbytes: int | None = None) -> None:
-    """Refuses an /embed whose image the cache cannot hold (one of nbytes, or, before encoding,
-    any at all), as its id would then be unknown to every /segment."""
-    if cache.max_bytes == 0 or (nbytes is not None and nbytes > cache.max_bytes):
-        size = "" if nbytes is None else f" ({nbytes / 2**20:.1f} MiB)"
-        raise CacheTooSmall(
-            f"the embedding cache ({cache.max_bytes / 2**20:g} MiB) cannot hold one encoded image of this model"
-            f"{size}, so an /embed id could not be used: start the server with a larger cache "
-            "(--embedding-cache-mb), or send the image with each /segment (a multipart form)")
-
-
-def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:
-    """The /embed answer (the caller checked require_cache_room() before encoding)."""
-    require_cache_room(cache, embedding.nbytes)
-    return {"image_id": image_id, "size": list(embedding.size)}
-
-
-def is_json(mimetype: str) -> bool:
-    """application/json, or a JSON type such as application/vnd.api+json (as Flask reads them)."""
-    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
-
-
-def json_int(digits: str) -> int | float:
-    """A JSON whole number as Python reads it; one of more digits than Python converts (4300) as
-    an infinity of its sign, which the field that holds it refuses by name (Python's own error
-    advised the client to call sys.set_int_max_str_digits)."""
-    try:
-        return int(digits)
-    except ValueError:
-        return -math.inf if digits.startswith("-") else math.inf
-
-
-def client_float(text: str) -> float:
-    """A number a client sent, subnormal ones (below 2.2e-308) read as 0: as every thread of
-    server.py reads them, where cpu.py flushes them, and not only the threads that flush (a
-    Ray Serve replica's event loop read 1e-310 as above 0, its model thread as 0: a 500)."""
-    value = float(text)
-    return 0.0 if abs(value) < sys.float_info.min else value  # the same comparison flushed or not
-
-
-def parse_json(text: str | bytes, what: str) -> object:
-    """JSON sent by a client, or InvalidPrompt naming `what` ("the body", "prompts") and why not."""
-    try:
-        return json.loads(text, parse_int=json_int, parse_float=client_float)
-    except ValueError as error:  # also bytes that are not text
-        raise InvalidPrompt(f"{what}: not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvalidPrompt(f"{what}: the JSON is nested too deeply") from None
-
-
-def json_payload(body: bytes) -> object:
-    """A JSON request body, or InvalidPrompt saying what is wrong with it."""
-    if not body.strip():
-        raise InvalidPrompt("the body is empty: expected a JSON object with image_id and prompts")
-    return parse_json(body, "the body")
-
-
-SEGMENT_FIELDS = ("image_id", "prompts")
-
-
-def segment_payload(payload: object) -> tuple[str, object]:
-    """(image_id, prompts) of a /segment JSON body."""
-    if not isinstance(payload, dict):
-        raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
-    if unknown := sorted(set(payload) - set(SEGMENT_FIELDS)):
-        raise InvalidPrompt(f"unknown fields {unknown}; a /segment body has {list(SEGMENT_FIELDS)}")
-    image_id = payload.get("image_id")
-    if not isinstance(image_id, str):
-        raise InvalidPrompt("image_id: expected the id that /embed answered")
-    return image_id, payload.get("prompts")
-
-
-def require_segment_form(mimetype: str) -> None:
-    """/segment takes JSON or a multipart form; anything else (curl -d without a JSON
-    Content-Type sends a URL-encoded form) is told which."""
-    if mimetype != "multipart/form-data":
-        raise InvalidPrompt(
-            f"/segment takes a JSON body with image_id and prompts (Content-Type: application/json; curl -H "
-            f"'Content-Type: application/json' -d ...) or a multipart form with image and prompts (curl -F); "
-            f"this request's Content-Type is {mimetype or 'missing'}")
-
-
-def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -> object:
-    """The prompts of a one-shot multipart /segment: its one text field, a JSON list of prompt
-    sets. Other fields, text or file, are refused, as a JSON body's are."""
-    fields, file_names = list(fields), set(file_names)
-    if "prompts" in file_names:
-        raise InvalidPrompt("prompts: sent as a file (curl -F prompts=@...); send it as a text field: "
-                            "curl -F 'prompts=<prompts.json' reads the file into one")
-    # A text field named image (curl -F image=path, without the @) is the upload's to refuse.
-    if unknown := sorted(({name for name, _ in fields} | file_names) - {"prompts", "image"}):
-        raise InvalidPrompt(f"unknown form fields {', '.join(shown(name) for name in unknown)}; a multipart /segment "
-                            "has the file 'image' and the field 'prompts'"
-                            + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
-    texts = [text for name, text in fields if name == "prompts"]
-    if len(texts) > 1:
-        raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
-    if not texts or not texts[0].strip():
-        raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets")
-    return parse_json(texts[0], "prompts")
-
-
-def cached_embedding(cache: EmbeddingCache, image_id: str):
-    try:
-        return cache.get(image_key(image_id))
-    except UnknownId:
-        raise UnknownId(f"unknown image_id {shown(image_id)} (never embedded, or evicted from the cache): "
-                        "POST the image to /embed again") from None
-
-
-def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> tuple[str, object, list[Prompt]]:
-    """A JSON /segment's image id, its encoding from the cache and its prompts, checked. The body
-    is held to a form field's limit, as the same prompts sent in a form are: the most prompts
-    allowed take under 200 kB as compact JSON, and parsing megabytes would cost seconds."""
-    if len(body) > limits.max_form_field_bytes:
-        raise FormTooLarge(f"the JSON body is larger than the limit of {limits.max_form_field_bytes} bytes; "
-                           f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON")
-    image_id, prompts = segment_payload(json_payload(body))
-    embedding = cached_embedding(cache, image_id)
-    return image_id, embedding, parse_prompts(prompts, embedding.size)
-
-
-# The most mask pixels one call on the model makes before they become RLE. A /segment's prompt
-# sets run in parts of at most this many (3 masks a set where multimask, else 1): 64 sets on a
-# 40-megapixel image would otherwise hold 7.7 billion pixels of masks at once. In server.py each
-# part is its own turn on the model's thread, so a request whose client has gone, or whose time
-# is up, stops between parts (the worker runs no call of theirs), and other requests take their
-# turns; a later part waits for room in a full queue (InferenceWorker.calls_of_one_request).
-SEGMENT_PART_PIXELS = 100_000_000
-
-
-def prompt_parts(prompts: list[Prompt], size: tuple[int, int]) -> list[list[Prompt]]:
-    """Consecutive prompt sets, in parts of at most SEGMENT_PART_PIXELS of masks (one set at least)."""
-    parts: list[list[Prompt]] = []
-    pixels = SEGMENT_PART_PIXELS
-    for prompt in prompts:
-        cost = (3 if prompt.multimask else 1) * size[0] * size[1]
-        if pixels + cost > SEGMENT_PART_PIXELS:
-            parts.append([])
-            pixels = 0
-        parts[-1].append(prompt)
-        pixels += cost
-    return parts
-
-
-def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
-                   run: Callable) -> dict:
-    """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
-    with their predicted IoUs, best first, and with keep_logits the ids of their logits for a
-    later mask_input on the same image (null for logits a cache too small for them all dropped)."""
-    mask_inputs = {}
-    for prompt in prompts:
-        if prompt.mask_input is not None:
-            try:
-                mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
-            except UnknownId:
-                raise UnknownId(f"unknown mask_input {shown(prompt.mask_input)} (evicted from the cache, or not an "
-                                "id answered with keep_logits on this image): send the prompt without it") from None
-
-    def decode(part: list[Prompt]) -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
-        # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a
-        # thread pool of its own there (sam2serve/worker.py says why that costs).
-        return [(masks_to_rle_vectorized(answer.masks), answer.iou_predictions.tolist(),
-                 [logits.clone() for logits in answer.low_res_logits] if prompt.keep_logits else [])
-                for prompt, answer in zip(part, segmenter.segment(embedding, part, mask_inputs))]
-
-    decoded = [answer for part in prompt_parts(prompts, embedding.size)
-               for answer in run(functools.partial(decode, part), kind="decode")]
-    results = []
-    for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
-        result = {"masks": masks, "iou_predictions": iou_predictions}
-        if prompt.keep_logits:
-            result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
-            for key, logits in zip(result["mask_input_ids"], kept_logits):  # never evicting their image
-                cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(),
-                          keep=image_key(image_id))
-        results.append(result)
-    for result in results:  # checked once all are stored: a later prompt set's may evict an earlier one's
-        if "mask_input_ids" in result:
-            result["mask_input_ids"] = [key if cache.holds(mask_key(image_id, key)) else None
-                                        for key in result["mask_input_ids"]]
-    return {"image_id": image_id, "results": results}
-
-
-def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json_text(payload), status=status, mimetype="application/json", headers=headers or {})
-
-
-class CacheCollector:
-    """The embedding cache's counters, read when /metrics is asked."""
-
-    def __init__(self, cache: EmbeddingCache) -> None:
-        self.cache = cache
-
-    def collect(self):
-        stats = self.cache.stats()
-        for name, text, value in [("hits", "Cache lookups answered from the cache", stats.hits),
-                                  ("misses", "Cache lookups that found nothing", stats.misses),
-                                  ("evictions", "Entries dropped to stay within the cache's bytes", stats.evictions)]:
-            yield prom_core.CounterMetricFamily(f"sam2_embedding_cache_{name}", text, value=value)
-        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_bytes", "Bytes held by the cache", value=stats.bytes)
-        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_entries", "Entries in the cache", value=stats.entries)
-        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_spares",
-                                          "Images segment-everything encoded, kept for an /embed of them", value=stats.spares)
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of their own (one per app)."""
-
-    def __init__(self, worker: InferenceWorker, cache: EmbeddingCache) -> None:
-        self.registry = prom.CollectorRegistry()
-        self.registry.register(CacheCollector(cache))
-        self.requests = prom.Counter(
-            "sam2_requests", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"],
-            registry=self.registry,
-        )
-        self.latency = prom.Histogram(
-            "sam2_request_seconds", "Time from request to answer, of each endpoint's own method", ["endpoint"],
-            registry=self.registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-        )
-        queue_depth = prom.Gauge("sam2_queue_depth", "Requests waiting for the worker (images, encodings, prompt sets)",
-                                 registry=self.registry)
-        queue_depth.set_function(lambda: worker.queue_depth)
-        self.batch_sizes = prom.Histogram(
-            "sam2_batch_size", "Images per worker batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
-        )
-        self.masks = prom.Histogram(
-            "sam2_masks_per_image", "Masks answered per image", registry=self.registry,
-            buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000),
-        )
-
-    def observe_batch(self, batch_size: int, masks_per_image: list[int]) -> None:
-        self.batch_sizes.observe(batch_size)
-        for count in masks_per_image:
-            self.masks.observe(count)
-
-    def observe_request(self, path: str | None, method: str | None, status: int, seconds: float | None = None) -> None:
-        """One answer; `seconds` is None for one the HTTP server gave before the app saw the
-        request (a body over the limit, headers too large, malformed HTTP): no latency to tell."""
-        endpoint = path if path in ROUTES else "other"
-        self.requests.labels(endpoint, method if method in HTTP_METHODS else "other", str(status)).inc()
-        if seconds is not None and ROUTES.get(path) == method:
-            self.latency.labels(endpoint).observe(seconds)
-
-    def text(self) -> bytes:
-        return prom.generate_latest(self.registry)
-
-
-PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # 0.6, .6, 6e-1, 1.
-
-
-def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[str, float]:
-    """A request's own settings (amg.REQUEST_SETTINGS) from its query parameters, checked as the
-    server's options are; /upload and /upload_rle take them. Any other parameter but `format` is
-    refused: a misspelt setting would otherwise be ignored without a word."""
-    takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
-    settings: dict[str, float] = {}
-    given: set[str] = set()
-    for name, value in query:
-        if name not in takes:
-            raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
-        if name == "format":
-            continue
-        if name in given:
-            raise InvalidImage(f"{name}: given twice; give it once")
-        given.add(name)
-        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
-            continue
-        if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
-            raise InvalidImage(f"{name}: {shown(value)} is not a number")
-        settings[name] = client_float(value)
-        if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
-            raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
-    try:
-        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], an offset above 0
-    except ValueError as error:
-        raise InvalidImage(str(error)) from None
-    return settings
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
@@ -826,3 +195,68 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return Response(body, status=status, mimetype="application/json", headers=headers)
 
     return app
+
+
+def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_text(payload), status=status, mimetype="application/json", headers=headers or {})
+
+
+class CacheCollector:
+    """The embedding cache's counters, read when /metrics is asked."""
+
+    def __init__(self, cache: EmbeddingCache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats()
+        for name, text, value in [("hits", "Cache lookups answered from the cache", stats.hits),
+                                  ("misses", "Cache lookups that found nothing", stats.misses),
+                                  ("evictions", "Entries dropped to stay within the cache's bytes", stats.evictions)]:
+            yield prom_core.CounterMetricFamily(f"sam2_embedding_cache_{name}", text, value=value)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_bytes", "Bytes held by the cache", value=stats.bytes)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_entries", "Entries in the cache", value=stats.entries)
+        yield prom_core.GaugeMetricFamily("sam2_embedding_cache_spares",
+                                          "Images segment-everything encoded, kept for an /embed of them", value=stats.spares)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self, worker: InferenceWorker, cache: EmbeddingCache) -> None:
+        self.registry = prom.CollectorRegistry()
+        self.registry.register(CacheCollector(cache))
+        self.requests = prom.Counter(
+            "sam2_requests", "HTTP requests by endpoint, method and status", ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = prom.Histogram(
+            "sam2_request_seconds", "Time from request to answer, of each endpoint's own method", ["endpoint"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        queue_depth = prom.Gauge("sam2_queue_depth", "Requests waiting for the worker (images, encodings, prompt sets)",
+                                 registry=self.registry)
+        queue_depth.set_function(lambda: worker.queue_depth)
+        self.batch_sizes = prom.Histogram(
+            "sam2_batch_size", "Images per worker batch", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
+        self.masks = prom.Histogram(
+            "sam2_masks_per_image", "Masks answered per image", registry=self.registry,
+            buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000),
+        )
+
+    def observe_batch(self, batch_size: int, masks_per_image: list[int]) -> None:
+        self.batch_sizes.observe(batch_size)
+        for count in masks_per_image:
+            self.masks.observe(count)
+
+    def observe_request(self, path: str | None, method: str | None, status: int, seconds: float | None = None) -> None:
+        """One answer; `seconds` is None for one the HTTP server gave before the app saw the
+        request (a body over the limit, headers too large, malformed HTTP): no latency to tell."""
+        endpoint = path if path in ROUTES else "other"
+        self.requests.labels(endpoint, method if method in HTTP_METHODS else "other", str(status)).inc()
+        if seconds is not None and ROUTES.get(path) == method:
+            self.latency.labels(endpoint).observe(seconds)
+
+    def text(self) -> bytes:
+        return prom.generate_latest(self.registry)

@@ -48,7 +48,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
-from .serving import ANSWER_HEADERS
+from .protocol import ANSWER_HEADERS
 
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)

@@ -26,7 +26,8 @@ from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, create_app, first_line
+from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, first_line
+from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
 from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sam2serve.amg import AMGConfig, MaskGenerator, eager_kernels, image_predictor
 from sam2serve.checkpoints import load_model, model_size
 from sam2serve.interactive import CacheStats, EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
-from sam2serve import serving
+from sam2serve import protocol
 from sam2serve.rle import masks_to_rle_vectorized, rles_to_masks
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
@@ -355,7 +355,7 @@ def test_embed_then_segment_over_http(micro):
 
 
 def test_segment_everything_encodes_as_sam2s_predictor_bit_for_bit(model):
-    """What lets an /embed use segment-everything's encoding (serving.share_encodings)."""
+    """What lets an /embed use segment-everything's encoding (protocol.share_encodings)."""
     generator, segmenter = MaskGenerator(model, AMGConfig()), PromptSegmenter(model, "test")
     assert generator.encodes_as_sam2
     ours = segmenter.embedding_of(IMAGE, generator.embed(IMAGE))
@@ -370,14 +370,14 @@ def test_segment_everything_encodes_as_sam2s_predictor_bit_for_bit(model):
     assert not MaskGenerator(half, AMGConfig()).encodes_as_sam2
     compiled_like = MaskGenerator(model, AMGConfig(), eager_kernels(model, AMGConfig()))  # kernels given: not known
     assert not compiled_like.encodes_as_sam2
-    assert not serving.share_encodings(compiled_like, segmenter, EmbeddingCache(2**30))
+    assert not protocol.share_encodings(compiled_like, segmenter, EmbeddingCache(2**30))
 
 
 def test_an_image_segmented_everything_in_is_embedded_without_encoding_again(micro):
     """The web page asks /embed for the image whose masks it has just shown."""
     worker = InferenceWorker(max_queue=8, timeout_s=120)
     generator, segmenter, cache = MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"), EmbeddingCache(2**30)
-    assert serving.share_encodings(generator, segmenter, cache)
+    assert protocol.share_encodings(generator, segmenter, cache)
     encodings = []
     segmenter.embed = lambda image: encodings.append(image) or PromptSegmenter.embed(segmenter, image)
     worker.start(generator, segmenter)
@@ -538,7 +538,7 @@ def test_segment_does_its_torch_work_on_the_workers_thread(micro, monkeypatch):
         threads.append(threading.current_thread().name)
         return masks_to_rle_vectorized(masks)
 
-    monkeypatch.setattr(serving, "masks_to_rle_vectorized", recording)
+    monkeypatch.setattr(protocol, "masks_to_rle_vectorized", recording)
     client = micro_client(micro)
     prompts = [{**prompt, "keep_logits": True} for _, prompt in PROMPTS]
     answer = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": json.dumps(prompts)})
@@ -562,7 +562,7 @@ def test_segment_runs_in_parts_of_bounded_mask_pixels_each_its_own_turn(micro, m
     monkeypatch.setattr(InferenceWorker, "call", lambda self, *args, **kwargs: calls.append(1) or call(
         self, *args, **kwargs))
     # Masks per set: 3, 1, 3, 1, 1, 1 images' worth (multimask for one point); parts of 4 at most.
-    monkeypatch.setattr(serving, "SEGMENT_PART_PIXELS", 4 * 150 * 200)
+    monkeypatch.setattr(protocol, "SEGMENT_PART_PIXELS", 4 * 150 * 200)
     in_parts = client.post("/segment", json=body).get_json()
     assert parts == [2, 2, 2] and len(calls) == 3
     assert len(in_parts["results"]) == len(whole["results"]) == len(PROMPTS)
@@ -574,7 +574,7 @@ def test_segment_runs_in_parts_of_bounded_mask_pixels_each_its_own_turn(micro, m
     refine = {"points": [[60, 70]], "mask_input": in_parts["results"][-1]["mask_input_ids"][0], "multimask": False}
     assert client.post("/segment", json={"image_id": image_id, "prompts": [refine]}).status_code == 200
     # One set larger than a part is a part alone.
-    monkeypatch.setattr(serving, "SEGMENT_PART_PIXELS", 1)
+    monkeypatch.setattr(protocol, "SEGMENT_PART_PIXELS", 1)
     parts.clear()
     assert client.post("/segment", json=body).status_code == 200 and parts == [1] * len(PROMPTS)
 
@@ -734,7 +734,7 @@ def test_a_requests_own_thresholds_give_sam2s_masks_under_them(micro):
     for generator in (MaskGenerator(micro, config), ReferenceMaskGenerator(micro, config)):
         cache = EmbeddingCache(2**30)
         # ao keeps the image's encoding for an /embed of it: under a request's settings too
-        keeps = serving.share_encodings(generator, PromptSegmenter(micro, "micro"), cache)
+        keeps = protocol.share_encodings(generator, PromptSegmenter(micro, "micro"), cache)
         assert keeps == isinstance(generator, MaskGenerator)
         worker = InferenceWorker()
         worker.start(generator, None)
@@ -778,7 +778,7 @@ def test_a_clients_numbers_read_alike_in_threads_that_flush_denormals_and_not(fl
     from concurrent.futures import ThreadPoolExecutor
 
     from sam2serve.preprocess import InvalidImage
-    from sam2serve.serving import parse_json, request_settings
+    from sam2serve.protocol import parse_json, request_settings
 
     def read() -> tuple:
         torch.set_flush_denormal(flush)

@@ -28,7 +28,8 @@ from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
 from sam2serve.rle import rles_to_masks
-from sam2serve.serving import PAGE_SECURITY_POLICY, Limits, UploadTooLarge, create_app, error_answer
+from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, UploadTooLarge, error_answer
+from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
@@ -658,7 +659,7 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
 
     pytest.importorskip("ray")
     from deploy.ray_serve_app import SegmentEverything, run_here
-    from sam2serve.serving import embed_image
+    from sam2serve.protocol import embed_image
 
     options = dict(checkpoint_dir=None, model_type=None, mode="ao", device="cpu", amg={"points_per_side": 4},
                    load_fast=None, compile_mode=None)

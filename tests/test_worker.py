@@ -20,7 +20,8 @@ from PIL import Image
 
 from sam2serve.amg import AMGConfig, Interrupted
 from sam2serve.preprocess import InvalidImage
-from sam2serve.serving import Limits, create_app, file_as_upload, rle_lines
+from sam2serve.protocol import Limits, file_as_upload, rle_lines
+from sam2serve.serving import create_app
 from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, NotReady, Stopping, TimedOut, gone
 
 POISON = 13  # a stub fails on images whose first pixel is this value

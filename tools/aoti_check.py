@@ -24,7 +24,7 @@ if not __package__:  # run by its path (python tools/aoti_check.py): this checko
 
 from sam2serve.cli import ScriptParser, add_device_option, require_device, run_script
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere
-from sam2serve.serving import first_line
+from sam2serve.protocol import first_line
 
 
 class SmallModule(nn.Module):

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may send, each checked before the work it bounds (413, 414)."""
+
     max_upload_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 40_000_000  # e.g. 8000x5000; checked before the pixels are decoded
     max_form_parts: int = 1000  # multipart parts (Flask's default)

@@ -87,9 +87,10 @@ class Abandoned(RuntimeError):
 
 
 class TimeEstimates:
-    """The model's time on each kind of work, a running mean per kind, for Retry-After: the work
-    ahead is added up by its kinds, since one segment-everything image can cost the model as much
-    as a hundred prompt decodes, and a mean over both would say one wrong by as much."""
+    """The model's time on each kind of work, a moving average per kind (each new time weighs
+    0.2), for Retry-After: the work ahead is added up by its kinds, since one segment-everything
+    image can cost the model as much as a hundred prompt decodes, and an average over both would
+    say one wrong by as much. A kind not timed yet counts FIRST_GUESS_S."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -276,19 +277,21 @@ class InferenceWorker:
             job.timed_out = True  # already running: stopped at the next batch of point prompts
             job.future.cancel()  # still queued: the worker skips it
             raise self.timed_out() from None
-        finally:  # the request's model time (admitted() learns seconds_per_request from it)
+        finally:  # the request's model time (admitted() times its kind of request from it)
             self._this_thread.model_seconds = getattr(self._this_thread, "model_seconds", 0.0) + job.seconds
 
     def busy(self, why: str, model_seconds_ahead: float) -> Busy:
-        """Busy, its Retry-After the time the work ahead takes the model (batches share it)."""
-        return Busy(f"the server is busy ({why})", max(1, round(model_seconds_ahead / self.batch_size)))
+        """Busy, its Retry-After the time the work ahead takes the model (an image's time is its
+        share of its batch's already)."""
+        return Busy(f"the server is busy ({why})", max(1, round(model_seconds_ahead)))
 
     def timed_out(self) -> TimedOut:
         return TimedOut(f"no answer within the request timeout of {self.timeout_s:g} s; {self.queued_text()}")
 
     def queued_kinds(self) -> list[str]:
+        """The kinds of the queued jobs the worker will run: not those whose request timed out."""
         with self.jobs.mutex:  # queue.Queue's own lock, held while it changes its deque
-            return [job.kind for job in self.jobs.queue]
+            return [job.kind for job in self.jobs.queue if not job.timed_out]
 
     def queued_text(self) -> str:
         depth = self.queue_depth
@@ -337,7 +340,8 @@ class InferenceWorker:
                     release_cached_memory(error, self.generator)
                     failure = error
                 job.seconds = time.perf_counter() - started
-                self.job_seconds.observe(job.kind, job.seconds)
+                if failure is None:  # as images: a failure's time says nothing of the next call's
+                    self.job_seconds.observe(job.kind, job.seconds)
                 if failure is not None:
                     job.future.set_exception(failure)
                 else:

@@ -345,17 +345,23 @@ def test_retry_after_adds_up_the_work_ahead_by_its_kinds():
     learnt_jobs, learnt_requests = worker.job_seconds.seconds, worker.request_seconds.seconds
     assert learnt_jobs["image"] >= 0.3 and learnt_jobs["decode"] >= 0.1
     assert learnt_requests["/upload_rle"] >= 0.3 and learnt_requests["/segment"] >= 0.5  # its five calls
+    decode_seconds = learnt_jobs["decode"]
+    with pytest.raises(ZeroDivisionError):  # a call that fails at once: no time of a decode
+        worker.call(lambda: 1 / 0, kind="decode")
+    assert learnt_jobs["decode"] == decode_seconds
 
-    learnt_requests.update({"/upload_rle": 3.0, "/segment": 0.2})
-    release = [requests_in_progress(worker, 1, kind="/upload_rle"), requests_in_progress(worker, 2, kind="/segment")]
+    learnt_requests.update({"/upload_rle": 3.0, "/segment": 0.8})
+    release = [requests_in_progress(worker, 1, kind="/upload_rle"),  # a request entering admitted() twice is one
+               requests_in_progress(worker, 2, nested=True, kind="/segment")]
     with pytest.raises(Busy) as busy:
         with worker.admitted("/segment"):
             pass
-    assert busy.value.retry_after_s == 3  # 3.0 + 2 x 0.2 s; a mean per request would say 1 or 4 (3 x 1.2)
+    assert busy.value.retry_after_s == 5  # 3.0 + 2 x 0.8 s
     for let_go in release:
         let_go()
 
-    learnt_jobs.update({"image": 4.0, "decode": 0.01, "encode": 0.4})
+    learnt_jobs.update({"image": 4.0, "decode": 0.01, "encode": 0.9})
+    stub.running.clear()
     stub.gate.clear()
     held, threads = submit_in_threads(worker, [1])
     wait_for(stub.running.is_set)
@@ -365,9 +371,52 @@ def test_retry_after_adds_up_the_work_ahead_by_its_kinds():
     wait_for(lambda: worker.queue_depth == 2)
     with pytest.raises(Busy) as busy:
         worker.call(lambda: None, kind="decode")
-    assert busy.value.retry_after_s == 4  # an image and an encoding queued: 4.0 + 0.4 s
+    assert busy.value.retry_after_s == 5  # an image and an encoding queued: 4.0 + 0.9 s
     stub.gate.set()
     for thread in [*threads, *queued_threads, waiting]:
+        thread.join(timeout=10)
+
+
+def test_retry_after_counts_each_image_at_its_share_of_a_batch_and_not_the_jobs_given_up():
+    """An image's time is its share of its batch's already: with batches of two, two queued images
+    of 3 s each are 6 s ahead, not 3. A queued job whose request timed out is skipped when its
+    turn comes: it is not counted."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=2, max_queue=2, timeout_s=30)
+    held, threads = hold_worker(worker, stub)
+    worker.job_seconds.seconds.update({"image": 3.0, "encode": 5.0})
+    queued, queued_threads = submit_in_threads(worker, [2, 3])
+    wait_for(lambda: worker.queue_depth == 2)
+    with pytest.raises(Busy) as busy:
+        worker.call(lambda: None, kind="encode")
+    assert busy.value.retry_after_s == 6
+
+    gave_up = []
+
+    def give_up() -> None:
+        try:
+            worker.call(lambda: None, deadline=time.monotonic() + 0.3, kind="encode")
+        except TimedOut:
+            gave_up.append(True)
+
+    stub.gate.set()
+    for thread in threads + queued_threads:
+        thread.join(timeout=10)
+    stub.running.clear()
+    stub.gate.clear()
+    held, threads = submit_in_threads(worker, [4])
+    wait_for(stub.running.is_set)
+    late = threading.Thread(target=give_up)
+    late.start()
+    late.join(timeout=10)
+    worker.job_seconds.seconds.update({"image": 3.0, "encode": 5.0})  # as before the images that ran since
+    queued, queued_threads = submit_in_threads(worker, [5])
+    wait_for(lambda: worker.queue_depth == 2)  # the encoding whose request timed out, and an image
+    with pytest.raises(Busy) as busy:
+        worker.call(lambda: None, kind="decode")
+    assert gave_up and busy.value.retry_after_s == 3
+    stub.gate.set()
+    for thread in threads + queued_threads:
         thread.join(timeout=10)
 
 

@@ -1,15 +1,20 @@
 """What every front answers alike: server.py's Flask app (serving.py), the Ray Serve app, the
 Ray Data job and the Modal app share these plain functions, so that every way of running the
-model answers byte for byte alike.
+model answers byte for byte alike. No Flask here: the other fronts load this module without it.
 
-- The limits (`Limits`) and an upload decoded into one image (`decode_upload`: the multipart
-  form's parts checked, 413 for each limit with its own message, 400 for what is not one image).
-- A request's own settings (`request_settings`) and, for /embed and /segment, its image encoded
-  once and cached (`embed_image`), its prompts read from JSON or a form and answered
+In the order of the file:
+- the limits (`Limits`) and the headers every answer or the page carries;
+- the errors of a request too large, each limit with its own message (413, 414: the fronts and
+  their HTTP servers check the limits, `form_limit_error` says which one a form broke);
+- an upload decoded into one image (`decode_upload`: 400 for what is not one image, 413 for
+  too many pixels), and a request's `format` and own settings (`request_settings`);
+- answers encoded (`render_answer`, `coco_annotations`) and each error's status and JSON
+  message (`error_answer`: 503 with Retry-After while the model loads or the queue is full, 504
+  for a request that waited too long, 500 when inference failed); the bulk jobs' lines
+  (`rle_lines`);
+- /embed and /segment: an image encoded once and cached (`embed_image`, `share_encodings` for
+  the encodings segment-everything makes), prompts read from JSON or a form and answered
   (`segment_answer`).
-- Answers encoded (`render_answer`, `coco_annotations`, `rle_lines` for the bulk jobs), and each
-  error's status and JSON message (`error_answer`: 503 with Retry-After while the model loads or
-  the queue is full, 504 for a request that waited too long, 500 when inference failed).
 """
 
 import functools
@@ -65,6 +70,24 @@ PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'
 ANSWER_HEADERS = {"X-Content-Type-Options": "nosniff"}
 EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB of features each)
 LOADING_RETRY_AFTER_S = 5
+
+
+def json_text(payload: object) -> str:
+    # Errors and /health on one line too, like answer_text: an error in an xargs run
+    # still takes exactly one line of the output.
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A client's string as an error message repeats it: at most limit characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An error's first line (not blank), cut at limit characters: what a client is told of an error of the
+    server's own (TorchScript's messages go on with a traceback naming the server's files)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else ""
 
 
 class UploadTooLarge(ValueError):
@@ -145,12 +168,6 @@ def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> Fo
     return field_too_large(limits)
 
 
-def json_text(payload: object) -> str:
-    # Errors and /health on one line too, like answer_text: an error in an xargs run
-    # still takes exactly one line of the output.
-    return json.dumps(payload, separators=(",", ":"))
-
-
 def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
                   unread_body: str = "") -> np.ndarray:
     """The image of the multipart field 'image' (`files`: the contents of every file sent in that
@@ -214,6 +231,38 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     return asked[0] if asked else formats[0]
 
 
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # 0.6, .6, 6e-1, 1.
+
+
+def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """A request's own settings (amg.REQUEST_SETTINGS) from its query parameters, checked as the
+    server's options are; /upload and /upload_rle take them. Any other parameter but `format` is
+    refused: a misspelt setting would otherwise be ignored without a word."""
+    takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
+    settings: dict[str, float] = {}
+    given: set[str] = set()
+    for name, value in query:
+        if name not in takes:
+            raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
+        if name == "format":
+            continue
+        if name in given:
+            raise InvalidImage(f"{name}: given twice; give it once")
+        given.add(name)
+        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
+            continue
+        if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
+            raise InvalidImage(f"{name}: {shown(value)} is not a number")
+        settings[name] = client_float(value)
+        if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
+            raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
+    try:
+        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], an offset above 0
+    except ValueError as error:
+        raise InvalidImage(str(error)) from None
+    return settings
+
+
 def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
     """(body, mimetype) of an upload endpoint's answer."""
     if endpoint == "/upload_rle":
@@ -273,13 +322,6 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
     return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
 
 
-def first_line(error: Exception, limit: int = 300) -> str:
-    """An error's first line (not blank), cut at limit characters: what a client is told of an error of the
-    server's own (TorchScript's messages go on with a traceback naming the server's files)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0][:limit] if lines else ""
-
-
 def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
     """A file's bytes as the server takes an upload, or the server's error for it: one it cannot
     read, or one over the upload limit (read no further: a stray video in a list of paths is
@@ -332,15 +374,11 @@ def mask_key(image_id: str, mask_input: str) -> str:
     return f"mask:{image_id}:{mask_input}"
 
 
-def shown(text: str, limit: int = 40) -> str:
-    """A client's string as an error message repeats it: at most limit characters."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
 def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
-    """(image_id, Embedding) of an image: from the cache, or through run(..., kind="encode") on
-    the model's thread (InferenceWorker.call), where the first request for the image encodes it
-    and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
+    """(image_id, Embedding) of an image: from the cache, or through run(function, kind="encode"),
+    which runs function on the model's thread (server.py: InferenceWorker.call, or a request's
+    calls_of_one_request; the Ray Serve app: run_here), where the first request for the image
+    encodes it and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
     (503 when it is full): none waits for another's encoding outside it, holding one of the
     threads sized for the queue. The caller has checked require_segmenter() before reading the
     upload."""
@@ -528,7 +566,8 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
                    run: Callable) -> dict:
     """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
     with their predicted IoUs, best first, and with keep_logits the ids of their logits for a
-    later mask_input on the same image (null for logits a cache too small for them all dropped)."""
+    later mask_input on the same image (null for logits a cache too small for them all dropped).
+    Each part of the prompt sets is decoded through run(function, kind="decode"), as in embed_image."""
     mask_inputs = {}
     for prompt in prompts:
         if prompt.mask_input is not None:
@@ -561,35 +600,3 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
             result["mask_input_ids"] = [key if cache.holds(mask_key(image_id, key)) else None
                                         for key in result["mask_input_ids"]]
     return {"image_id": image_id, "results": results}
-
-
-PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # 0.6, .6, 6e-1, 1.
-
-
-def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[str, float]:
-    """A request's own settings (amg.REQUEST_SETTINGS) from its query parameters, checked as the
-    server's options are; /upload and /upload_rle take them. Any other parameter but `format` is
-    refused: a misspelt setting would otherwise be ignored without a word."""
-    takes = ("format", *REQUEST_SETTINGS) if endpoint in UPLOAD_ENDPOINTS else ("format",)
-    settings: dict[str, float] = {}
-    given: set[str] = set()
-    for name, value in query:
-        if name not in takes:
-            raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
-        if name == "format":
-            continue
-        if name in given:
-            raise InvalidImage(f"{name}: given twice; give it once")
-        given.add(name)
-        if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
-            continue
-        if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
-            raise InvalidImage(f"{name}: {shown(value)} is not a number")
-        settings[name] = client_float(value)
-        if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
-            raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
-    try:
-        AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], an offset above 0
-    except ValueError as error:
-        raise InvalidImage(str(error)) from None
-    return settings

@@ -33,10 +33,6 @@ from .protocol import (
 from .worker import Abandoned, InferenceWorker
 
 access = logging.getLogger("access")
-ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
-          "/metrics": "GET"}  # path -> method
-# /metrics labels: other paths and methods count as "other", so clients cannot add series without end.
-HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
@@ -217,6 +213,13 @@ class CacheCollector:
         yield prom_core.GaugeMetricFamily("sam2_embedding_cache_entries", "Entries in the cache", value=stats.entries)
         yield prom_core.GaugeMetricFamily("sam2_embedding_cache_spares",
                                           "Images segment-everything encoded, kept for an /embed of them", value=stats.spares)
+
+
+# /metrics labels: the app's paths and their methods; other paths and methods count as "other",
+# so clients cannot add series without end.
+ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
+          "/metrics": "GET"}  # path -> method
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
 class Metrics:

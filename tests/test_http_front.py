@@ -27,7 +27,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, first_line
-from sam2serve.serving import create_app
+from sam2serve.serving import ROUTES, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
 from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
@@ -283,6 +283,10 @@ def test_metrics_parse_count_methods_apart_and_say_charset_once(client):
     latency = [s for s in families["sam2_request_seconds"].samples
                if s.name == "sam2_request_seconds_count" and s.labels["endpoint"] == "/upload_rle"]
     assert [s.value for s in latency] == [1]  # the upload only
+    # Every route of the app has its own label, with its method (a route added later is not "other").
+    routes = {rule.rule: sorted(rule.methods - {"HEAD", "OPTIONS"}) for rule in client.application.url_map.iter_rules()
+              if rule.endpoint != "static"}
+    assert routes == {path: [method] for path, method in ROUTES.items()}
 
 
 def test_timeout_message_names_the_limit():

@@ -35,7 +35,7 @@ from tools.load_test import post_image
 
 from .conftest import make_scene
 from .test_server import MAX_UPLOAD_MB, start_server
-from .test_worker import StubGenerator, png_of, wait_for
+from .test_worker import StubGenerator, hold_worker, png_of, submit_in_threads, wait_for
 
 CONNECTION_TIMEOUT_S = 2
 STALLED_CLIENTS = 200
@@ -724,3 +724,94 @@ def test_a_request_whose_client_has_gone_is_not_run():
         for sock in clients:
             sock.close()
         server.close()
+
+
+def test_a_url_of_exactly_the_limit_is_served_one_byte_more_is_414():
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(StubGenerator())
+    client = create_app(worker, Limits()).test_client()
+    limit = Limits().max_url_bytes
+    at_limit = "/health?" + "a" * (limit - len("/health?"))
+    assert len(at_limit) == limit and client.get(at_limit).status_code == 200
+    over = client.get(at_limit + "a")
+    assert over.status_code == 414 and f"limit of {limit} bytes" in over.get_json()["error"]
+
+
+def test_a_500_tells_at_most_300_characters_of_the_error():
+    """One long line (a tensor printed whole, say) is not sent whole."""
+    class Failing(StubGenerator):
+        def generate_batch(self, images):
+            raise RuntimeError("x" * 5000)
+
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(Failing())
+    response = create_app(worker).test_client().post("/upload_rle", data={"image": (io.BytesIO(png_of(1)), "a.png")})
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "internal error: RuntimeError: " + "x" * 300}
+
+
+def test_health_while_loading_says_when_to_ask_again():
+    """503 with Retry-After while the model loads, as the endpoints that use the model answer."""
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    health = create_app(worker, info={"mode": "stub"}).test_client().get("/health")
+    assert health.status_code == 503 and health.headers.get("Retry-After") == "5"
+    assert health.get_json() == {"status": "loading", "mode": "stub"}
+
+
+def test_a_post_without_a_body_is_told_no_file_came_not_a_media_type():
+    """An empty body (curl -X POST without -F) says which file fields came (none), not "the body
+    is of no media type", which would blame a header."""
+    worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
+    worker.start(StubGenerator())
+    answer = create_app(worker).test_client().post("/upload_rle")
+    assert answer.status_code == 400
+    assert answer.get_json()["error"].endswith("; received file fields: none"), answer.get_json()
+
+
+def test_metrics_tell_the_queue_depth_and_every_image_of_a_batch():
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=2, max_queue=4, timeout_s=30)
+    client = create_app(worker).test_client()
+    first, threads = hold_worker(worker, stub)  # image 1 runs; 2 and 3 queue, then run as one batch
+    queued, more = submit_in_threads(worker, [2, 3])
+    wait_for(lambda: worker.queue_depth == 2)
+    try:
+        assert "sam2_queue_depth 2.0" in client.get("/metrics").get_data(as_text=True)
+    finally:
+        stub.gate.set()
+        for thread in threads + more:
+            thread.join(timeout=30)
+    assert stub.batches == [[1], [2, 3]]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "sam2_queue_depth 0.0" in metrics
+    assert "sam2_batch_size_count 2.0" in metrics  # two batches ...
+    assert "sam2_masks_per_image_count 3.0" in metrics  # ... of three images in all, one mask each
+
+
+def test_an_upload_arriving_steadily_for_longer_than_the_timeout_is_answered():
+    """The connection timeout allows request_bytes / MIN_REQUEST_RATE seconds more: a steady
+    upload that takes longer than the timeout (a large image on a slow link) is read and
+    answered, not cut off with a 408."""
+    app = Flask(__name__)
+    app.add_url_rule("/echo", "echo", lambda: str(len(request.get_data())), methods=["POST"])
+    server, port = serve_in_process(app, timeout_s=1)
+    body = b"x" * 90_000  # 3 s at 30 kB/s: 60 times the slowest rate allowed
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        started = time.monotonic()
+        try:
+            for offset in range(0, len(body), 3000):
+                sock.sendall(body[offset:offset + 3000])
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):  # closed mid-upload: its answer says why
+            pass
+        sending_s = time.monotonic() - started
+        answer = read_until_closed(sock, 10)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n90000"), answer[:300]
+        assert sending_s > 2.5  # past the timeout and at least one check of it
+    finally:
+        sock.close()
+        server.close()
+

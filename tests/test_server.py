@@ -27,9 +27,11 @@ from tools.load_test import client_order, run_load_test
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
+from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
 from .test_amg import assert_same_masks
+from .test_worker import StubGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_EVERY_CANDIDATE = [
@@ -279,6 +281,54 @@ def test_numbers_out_of_range_are_refused_in_one_line(option, value, rule, capsy
         server.parse_args([option, value])
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and f"argument {option}" in error and f"must be {rule}" in error
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--port", "-1"], "--port must be between 0 (any free port) and 65535"),
+    (["--max-pixels", "0"], "--max-pixels must be between 1 and"),  # every image would get 413
+    (["--max-pixels", "-5"], "--max-pixels must be between 1 and"),
+])
+def test_numbers_below_a_range_checked_after_reading_are_refused_in_one_line(arguments, message, capsys):
+    import server
+
+    with pytest.raises(SystemExit) as stopped:
+        server.parse_args(arguments)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert server.parse_args(["--port", "0", "--max-pixels", "1"]).max_pixels == 1  # the ends themselves are taken
+
+
+@pytest.fixture()
+def stop_handlers_restored():
+    import server
+
+    saved = {signum: signal.getsignal(signum) for signum in server.STOP_SIGNALS}
+    yield server
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_signal_repeated_within_a_second_is_the_same_stop_a_later_one_stops_at_once(stop_handlers_restored):
+    """server.py's handlers, in this process: the same stop sent twice within SAME_STOP_WITHIN_S
+    (by `timeout` and to the process group, say) is one stop; a later signal stops at once."""
+    server = stop_handlers_restored
+    worker = InferenceWorker()
+    worker.start(StubGenerator())
+    server.stop_on_signals(worker)
+    signal.raise_signal(signal.SIGTERM)
+    assert worker.stopping
+    signal.raise_signal(signal.SIGINT)  # at once: the same stop, not "stop at once"
+    time.sleep(server.SAME_STOP_WITHIN_S + 0.1)
+    with pytest.raises(SystemExit, match="stopped at once by a second SIGTERM"):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_while_the_model_loads_ends_the_start(stop_handlers_restored):
+    server = stop_handlers_restored
+    worker = InferenceWorker()  # not ready: the model is loading
+    server.stop_on_signals(worker)
+    with pytest.raises(SystemExit, match="stopped by SIGHUP while the model was loading"):
+        signal.raise_signal(signal.SIGHUP)
+    assert not worker.stopping
 
 
 @pytest.mark.parametrize("option, value, rule", [

@@ -714,3 +714,47 @@ def test_stop_answers_the_queued_requests_refuses_new_ones_and_ends_serving():
     answers.update(more)
     assert answers == {value: [{"size": [8, 6], "counts": [value, 1]}] for value in (1, 2, 3)}
     assert sum(stub.batches, []) == [1, 2, 3]
+
+
+def test_a_full_queue_says_retry_after_the_time_of_every_job_queued():
+    """4 images queued, of a kind not timed yet (1 s each): 4 s, not one job's."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=4, timeout_s=30)
+    first, threads = hold_worker(worker, stub)
+    queued, more = submit_in_threads(worker, [2, 3, 4, 5])
+    wait_for(lambda: worker.queue_depth == 4)
+    try:
+        with pytest.raises(Busy) as busy:
+            worker.submit(image_of(6))
+    finally:
+        stub.gate.set()
+        for thread in threads + more:
+            thread.join(timeout=30)
+    assert busy.value.retry_after_s == 4 and "4 requests queued" in str(busy.value)
+
+
+def test_requests_refused_before_the_model_ran_do_not_shorten_retry_after():
+    """Only a request that used the model times its kind: a flood of bad uploads (400, no model
+    time) would bring the estimate towards 0, and Retry-After to 1 s, with the model as slow."""
+    worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=30)
+    client = create_app(worker).test_client()
+    worker.start(StubGenerator())
+    for _ in range(10):
+        answer = client.post("/upload_rle", data={"image": (io.BytesIO(b"not an image"), "a.png")})
+        assert answer.status_code == 400
+    assert worker.request_seconds.seconds == {}
+    release = requests_in_progress(worker, 2, kind="/upload_rle")
+    try:
+        refused = client.post("/upload_rle", data={"image": (io.BytesIO(b"not an image"), "a.png")})
+    finally:
+        release()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "2"  # 2 requests not timed yet: 1 s each
+
+
+@pytest.mark.parametrize("timeout_s", [threading.TIMEOUT_MAX * 2, 0, -1])
+def test_a_timeout_python_cannot_wait_is_refused(timeout_s):
+    """Refused when the worker is made: an embedder's InferenceWorker(timeout_s=1e10) would answer
+    every request 500 (OverflowError). server.py's --request-timeout checks its own."""
+    with pytest.raises(ValueError, match="timeout_s"):
+        InferenceWorker(timeout_s=timeout_s)
+

@@ -19,9 +19,12 @@ import torch
 from pycocotools import mask as mask_utils
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from sam2.utils.amg import batched_mask_to_box
+from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 
-from sam2serve.amg import AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits
+from sam2serve import upscale
+from sam2serve.amg import (
+    AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits, full_resolution_scores, small_regions,
+)
 from sam2serve.checkpoints import load_model
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
@@ -33,10 +36,10 @@ def assert_same_masks(ours: list[dict], reference: list[dict], min_iou: float = 
     if not ours:
         return
     h, w = reference[0]["size"]
-    ious = mask_utils.iou(
-        mask_utils.frPyObjects(ours, h, w), mask_utils.frPyObjects(reference, h, w), [0] * len(ours)
-    )
-    assert np.diag(ious).min() >= min_iou
+    ours_rles, reference_rles = mask_utils.frPyObjects(ours, h, w), mask_utils.frPyObjects(reference, h, w)
+    ious = np.diag(mask_utils.iou(ours_rles, reference_rles, [0] * len(ours))).copy()
+    ious[(mask_utils.area(ours_rles) == 0) & (mask_utils.area(reference_rles) == 0)] = 1.0  # pycocotools says 0
+    assert ious.min() >= min_iou
 
 
 def test_image_features_match_predictor(tiny_model, scene):
@@ -289,3 +292,106 @@ def test_a_requests_settings_keep_the_generator_and_its_warning_once(tiny_model,
     assert with_settings(baseline, {}) is baseline
     with pytest.raises(ValueError, match="not settings a request may change: \\['points_per_side'\\]"):
         with_settings(MaskGenerator(tiny_model, config), {"points_per_side": 8})
+
+
+def test_a_stability_threshold_of_one_keeps_perfectly_stable_masks(tiny_model):
+    """sam2 keeps stability >= its threshold: at 1.0 the masks whose every pixel lies beyond the
+    offset (stability exactly 1) stay. The decoder is replaced by fixed logits."""
+    config = AMGConfig(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=1.0)
+    generator = MaskGenerator(tiny_model, config)
+    logits = torch.full((2, 3, 256, 256), 20.0)  # point 0: three full masks, stability 1
+    logits[1] = 0.5  # point 1: three masks within the offset, stability 0
+    generator.predict_points = lambda features, points, crop_hw: (logits[: len(points)], torch.full((len(points), 3), 0.9))
+    h, w = 100, 200
+    candidates = generator.batch_candidates(None, np.array([[10.0, 10.0], [150.0, 80.0]]), [0, 0, w, h], (h, w), (h, w))
+    assert len(candidates) == 3
+    assert candidates.stability_scores.tolist() == [1.0, 1.0, 1.0]
+    assert candidates.points.tolist() == [[10.0, 10.0]] * 3
+
+
+def test_a_predicted_iou_equal_to_the_threshold_fails_it(tiny_model):
+    """sam2 keeps predicted IoU > pred_iou_thresh, strictly (the factored decoder's gate too)."""
+    config = AMGConfig(points_per_side=2, pred_iou_thresh=0.5, stability_score_thresh=0.0)
+    generator = MaskGenerator(tiny_model, config)
+    logits = torch.full((2, 3, 256, 256), 20.0)
+    ious = torch.tensor([[0.5, 0.75, 0.5], [0.5, 0.5, 0.5]])
+    generator.predict_points = lambda features, points, crop_hw: (logits[: len(points)], ious[: len(points)])
+    h, w = 100, 200
+    candidates = generator.batch_candidates(None, np.array([[10.0, 10.0], [150.0, 80.0]]), [0, 0, w, h], (h, w), (h, w))
+    assert candidates.iou_preds.tolist() == [0.75]
+
+
+def test_mask_threshold_is_the_baselines_for_the_masks_too(tiny_model, scene):
+    """mask_threshold applies to the rendered masks as to scores and boxes (48 candidates kept)."""
+    keep_all = dict(points_per_side=4, points_per_batch=6, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                    box_nms_thresh=1.0)
+    config = AMGConfig(mask_threshold=0.4, **keep_all)
+    ours = MaskGenerator(tiny_model, config).generate(scene)
+    reference = ReferenceMaskGenerator(tiny_model, config).generate(scene)
+    assert len(ours) == 48 and sum(rles_to_masks(ours).reshape(48, -1).any(axis=1)) >= 10  # masks not all empty
+    assert_same_masks(ours, reference)
+    assert ours != MaskGenerator(tiny_model, AMGConfig(**keep_all)).generate(scene)  # the threshold matters
+
+
+def test_single_mask_output_with_the_iou_filter_equals_the_baseline(tiny_model, scene):
+    """multimask_output=False under an IoU filter (sam2's default thresholds are on): the decoder
+    gates prompts only for multimask output."""
+    config = AMGConfig(points_per_side=4, multimask_output=False, pred_iou_thresh=0.54, stability_score_thresh=0.0,
+                       box_nms_thresh=1.0)
+    ours = MaskGenerator(tiny_model, config).generate(scene)
+    reference = ReferenceMaskGenerator(tiny_model, config).generate(scene)
+    assert 0 < len(reference) < 16
+    assert_same_masks(ours, reference)
+
+
+def test_records_of_masks_from_crops_equal_sam2s(trained_micro_checkpoint):
+    """annotate(): crop_box in XYWH and point_coords in image pixels, for masks of every crop."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    config = AMGConfig(points_per_side=4, crop_n_layers=1)
+    image = make_generated_scene(np.random.default_rng(2002), 150, 190, min_objects=4, max_objects=6).image
+    ours = MaskGenerator(model, config).annotate(image)
+    reference = ReferenceMaskGenerator(model, config).annotate(image)
+    assert len(ours) == len(reference) > 0
+    whole = [0, 0, 190, 150]
+    assert any(record["crop_box"] != whole for record in reference)  # masks of crops are among them
+    for mine, theirs in zip(ours, reference):
+        assert mine["crop_box"] == theirs["crop_box"]
+        assert mine["bbox"] == theirs["bbox"]
+        np.testing.assert_allclose(mine["point_coords"], theirs["point_coords"], atol=1e-4)
+
+
+def test_regions_of_exactly_min_mask_region_area_are_removed():
+    """sam2 fills holes and removes specks of area <= min_mask_region_area."""
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 1:3] = True  # 4 pixels
+    masks[0, 5:8, 5:8] = True  # 9 pixels
+    masks[1, 0, 0] = True  # 1 pixel, in another mask: not joined with mask 0's
+    small = small_regions(masks, 4)
+    assert small[0].sum() == 4 and small[0, 1:3, 1:3].all()
+    assert small[1, 0, 0] and small[1].sum() == 1
+    assert not small_regions(masks, 3)[0].any()
+
+
+@pytest.mark.parametrize("bad", [dict(min_mask_region_area=-1), dict(crop_n_points_downscale_factor=0),
+                                 dict(crop_nms_thresh=1.5), dict(crop_overlap_ratio=-0.1)])
+def test_config_rejects_more_nonsense(bad):
+    with pytest.raises(ValueError):
+        AMGConfig(**bad)
+    AMGConfig(points_per_side=1024, crop_overlap_ratio=0.0, min_mask_region_area=0)  # the limits themselves
+
+
+def test_full_resolution_scores_use_the_configs_offset_and_threshold_on_both_paths():
+    """The micro model's 64x64 logits on a CPU take the cell-by-cell path for images of 65536
+    pixels and more (upscale.use_cells), the reference below: a request's stability_score_offset
+    and the config's mask_threshold must reach both."""
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.nn.functional.interpolate(torch.randn(4, 1, 8, 8, generator=generator) * 4, (64, 64), mode="bicubic")[:, 0]
+    logits = blobs + 0.3 * torch.randn(4, 64, 64, generator=generator)
+    for size in ((300, 400), (100, 120)):
+        assert upscale.use_cells(logits, size) == (size == (300, 400))
+        upscaled = upscale.upscale_logits(logits, size)
+        for threshold, offset in ((0.0, 0.05), (0.0, 1.0), (0.25, 2.0)):
+            stability, boxes = full_resolution_scores(logits, size, AMGConfig(mask_threshold=threshold,
+                                                                               stability_score_offset=offset))
+            torch.testing.assert_close(stability, calculate_stability_score(upscaled, threshold, offset), rtol=0, atol=0)
+            assert torch.equal(boxes, batched_mask_to_box(upscaled > threshold))

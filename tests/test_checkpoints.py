@@ -4,6 +4,7 @@ import functools
 import http.server
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -231,3 +232,34 @@ def test_only_the_committed_micro_model_is_called_the_demo(tmp_path):
     retrained["model"]["sam_mask_decoder.iou_token.weight"] += 1
     torch.save(retrained, tmp_path / "retrained.pt")
     assert load_model(tmp_path / "retrained.pt", "micro", "cpu").weights == "trained"
+
+
+def test_a_checkpoint_with_tensors_the_model_does_not_have_is_refused(tiny_checkpoint_dir, tmp_path):
+    """Strict loading: extra tensors (another architecture's, a training wrapper's) are refused,
+    as missing ones are, not silently dropped."""
+    checkpoint = torch.load(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", weights_only=True)
+    checkpoint["model"]["adapter.extra.weight"] = torch.zeros(3)
+    torch.save(checkpoint, tmp_path / "extra.pt")
+    with pytest.raises(WrongCheckpoint, match=r"0 missing tensors .* 1 unexpected \(e.g. \['adapter.extra.weight'\]\)"):
+        load_model(tmp_path / "extra.pt", "tiny", "cpu")
+    del checkpoint["model"]["adapter.extra.weight"]
+    del checkpoint["model"]["sam_mask_decoder.iou_token.weight"]
+    torch.save(checkpoint, tmp_path / "missing.pt")
+    with pytest.raises(WrongCheckpoint, match=r"1 missing tensors"):
+        load_model(tmp_path / "missing.pt", "tiny", "cpu")
+
+
+def test_a_written_checkpoint_is_readable_by_others(tmp_path):
+    """Written through a private temporary file, the checkpoint itself is rw-r--r--."""
+    path = write_random_checkpoint(tmp_path, "micro", seed=0)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_missing_micro_checkpoint_is_not_downloaded(tmp_path):
+    """The micro model is the project's own: no official URL has it; the message says how to get it."""
+    with pytest.raises(CheckpointUnavailable, match="The micro model is the project's own") as error:
+        ensure_checkpoint(tmp_path, "micro", "http://127.0.0.1:9/sam2")
+    assert "python -m training.train_micro_sam2 --output" in str(error.value)
+    assert "could not be downloaded" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import torch
 from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
 
-from sam2serve.compare import compare_image, compare_results, summarize
+from sam2serve.compare import compare_image, compare_results, load_results, masks_of, summarize
 from sam2serve.rle import counts_from_string, masks_to_rle_vectorized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,3 +419,33 @@ def test_malformed_results_are_refused_before_pycocotools_reads_them(tmp_path, l
     with pytest.raises(ValueError, match="line 2 of") as error:
         load_results(path)
     assert words in str(error.value)
+
+
+def one_rle(mask: np.ndarray) -> dict:
+    return masks_to_rle_vectorized(torch.from_numpy(mask[None]))[0]
+
+
+def test_compare_image_refuses_masks_of_other_sizes():
+    """compare_image alone (the library's entry point, without compare_results' check first)."""
+    square, wide = np.zeros((8, 8), bool), np.zeros((6, 10), bool)
+    square[:4, :4] = wide[:2, :5] = True
+    with pytest.raises(ValueError, match=r"^x: mask sizes differ: \[8, 8\] against \[6, 10\]$"):
+        compare_image("x", [one_rle(square)], [one_rle(wide)])
+
+
+def test_answers_masks_are_read_in_their_numbers_order():
+    """{"mask_0", ..., "mask_10"}: in number order (mask_10 last), not the keys' text order."""
+    masks = [np.zeros((4, 4), bool) for _ in range(11)]
+    for index, mask in enumerate(masks):
+        mask.flat[index] = True
+    answer = {f"mask_{index}": one_rle(mask) for index, mask in enumerate(masks)}
+    shuffled = dict(sorted(answer.items()))  # text order: mask_0, mask_1, mask_10, mask_2, ...
+    assert [m["counts"] for m in masks_of(shuffled, "x")] == [answer[f"mask_{i}"]["counts"] for i in range(11)]
+
+
+def test_one_answer_over_two_lines_is_named_as_one_document(tmp_path):
+    """The smallest pretty-printed answer (two lines) gets the same advice as a longer one."""
+    path = tmp_path / "two_lines.json"
+    path.write_text('{"mask_0":\n{"size": [2, 2], "counts": [4]}}')
+    with pytest.raises(ValueError, match="is one JSON document spread over 2 lines"):
+        load_results(path)

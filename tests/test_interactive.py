@@ -25,7 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam2serve.amg import AMGConfig, MaskGenerator, eager_kernels, image_predictor
 from sam2serve.checkpoints import load_model, model_size
-from sam2serve.interactive import CacheStats, EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts
+from sam2serve.interactive import (
+    MAX_POINTS, MAX_PROMPT_SETS, CacheStats, EmbeddingCache, PromptSegmenter, UnknownId, parse_prompts,
+)
 from sam2serve import protocol
 from sam2serve.rle import masks_to_rle_vectorized, rles_to_masks
 from sam2serve.serving import create_app
@@ -821,3 +823,49 @@ def test_settings_a_request_cannot_have_are_refused(micro, url, words):
     response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert response.status_code == 400 and words in response.get_json()["error"], response.get_json()
     assert client.get("/health").status_code == 200
+
+
+PARSED_SIZE = (100, 200)  # (h, w) of the prompts' image below
+
+
+def test_the_limits_themselves_are_accepted_one_more_is_refused():
+    assert len(parse_prompts([{"points": [[1, 1]]}] * MAX_PROMPT_SETS, PARSED_SIZE)) == MAX_PROMPT_SETS
+    most = [[i % 200, i % 100] for i in range(MAX_POINTS)]
+    assert len(parse_prompts([{"points": most}], PARSED_SIZE)[0].points) == MAX_POINTS
+    with pytest.raises(ValueError, match=re.escape(f"prompts[0].points: expected a list of at most {MAX_POINTS}")):
+        parse_prompts([{"points": most + [[1, 1]]}], PARSED_SIZE)
+
+
+def test_points_and_boxes_on_the_images_far_border_are_inside():
+    """Coordinates are continuous: x == width, y == height is the border, as a box [0, 0, w, h]."""
+    (point,) = parse_prompts([{"points": [[200, 100]]}], PARSED_SIZE)
+    assert point.points.tolist() == [[200.0, 100.0]]
+    assert parse_prompts([{"box": [0, 0, 200, 100]}], PARSED_SIZE)[0].box.tolist() == [0, 0, 200, 100]
+    assert parse_prompts([{"box": [5, 5, 5, 40]}], PARSED_SIZE)[0].box.tolist() == [5, 5, 5, 40]  # x0 == x1 allowed
+    for outside in ([[200.5, 10]], [[10, 100.5]], [[-0.1, 10]]):
+        with pytest.raises(ValueError, match=re.escape("prompts[0].points[0]:")):
+            parse_prompts([{"points": outside}], PARSED_SIZE)
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ({"box": [10, 50, 20, 40]}, "prompts[0].box"),  # y1 < y0
+    ({"points": [[10, 10]], "labels": [True]}, "prompts[0].labels"),  # a bool is no label
+    ({"points": [[True, 10]]}, "prompts[0].points[0]"),  # nor a coordinate
+    ({"box": [0, 0, 10, False]}, "prompts[0].box"),
+    ({"points": [[10, 10]], "multimask": 1}, "prompts[0].multimask"),
+    ({"points": [[10, 10]], "keep_logits": "yes"}, "prompts[0].keep_logits"),
+    ({"points": [[10, 10]], "mask_input": 7}, "prompts[0].mask_input"),
+    ({"points": [[10, 10]], "extra": 1}, "prompts[0]"),
+])
+def test_more_bad_prompts_name_the_field(prompt, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
+        parse_prompts([prompt], PARSED_SIZE)
+
+
+def test_image_ids_differ_for_the_same_bytes_in_another_shape(tiny_model):
+    """An id names the image's pixels: the same bytes as 2x6 or 6x2 or 3x4 are other images."""
+    segmenter = PromptSegmenter(tiny_model, "test")
+    pixels = np.arange(36, dtype=np.uint8)
+    ids = {segmenter.image_id(pixels.reshape(shape)) for shape in ((2, 6, 3), (6, 2, 3), (3, 4, 3))}
+    assert len(ids) == 3
+    assert segmenter.image_id(pixels.reshape(2, 6, 3)) == segmenter.image_id(pixels.copy().reshape(2, 6, 3))

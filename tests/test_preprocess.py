@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sam2.utils.transforms import SAM2Transforms
 
 from sam2serve.preprocess import (
@@ -207,3 +207,33 @@ def test_an_error_in_the_conversion_after_decoding_is_not_blamed_on_the_file(mon
     monkeypatch.setattr(preprocess, "wide_gray_to_8_bits", broken)
     with pytest.raises(IndexError, match="a bug of the conversion"):
         decode_image(encode(Image.fromarray(np.zeros((2, 3), np.uint16))), max_pixels=100)
+
+
+def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypatch):
+    """MemoryError passes through: the server's error (500), not the file's (400, "could not be decoded")."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 4)).save(buffer, "PNG")
+
+    def out_of_memory(image):
+        raise MemoryError("no room for the pixels")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", out_of_memory)
+    with pytest.raises(MemoryError):
+        try:
+            decode_image(buffer.getvalue(), max_pixels=100)
+        except InvalidImage as error:
+            pytest.fail(f"a MemoryError became InvalidImage: {error}")
+
+
+def test_sixteen_bit_ranges_of_integers_that_start_at_zero_keep_their_scale():
+    """32-bit integers within 0..65535 are read as 16 bits (v / 257), also when the darkest is 0:
+    a dim image stays dim, not stretched to full range."""
+    values = np.array([[0, 1000], [257, 514]], dtype=np.int32)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "TIFF")
+    decoded = decode_image(buffer.getvalue(), max_pixels=100)
+    assert decoded[..., 0].tolist() == [[0, 4], [1, 2]]
+    floats = np.array([[0.0, 100.0], [2.0, 255.0]], dtype=np.float32) / 2  # 0..127.5: as 0..255
+    buffer = io.BytesIO()
+    Image.fromarray(floats).save(buffer, "TIFF")
+    assert decode_image(buffer.getvalue(), max_pixels=100)[..., 0].tolist() == [[0, 50], [1, 128]]

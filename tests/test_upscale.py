@@ -130,3 +130,21 @@ def test_the_cell_path_runs_where_cells_are_large(monkeypatch):
     assert upscale.use_cells(torch.zeros(1, 64, 64), (768, 1024))  # the micro model
     assert not upscale.use_cells(torch.zeros(1, 256, 256), (512, 512))  # an official model on 512 pixels
     assert not upscale.use_cells(torch.zeros(1, 64, 64), (2000, 30))  # downscaling along one axis
+
+
+def test_boxes_of_faint_masks_equal_sam2s():
+    """A mask whose logits stay within +-offset: its box comes from the cells that cross the
+    threshold alone (a disc) or from cells wholly above it but below threshold + offset (a mask
+    of the whole image at 0.5); both were sam2's boxes only by the cells at other levels."""
+    assert upscale.use_cells(torch.zeros(1, 64, 64), (768, 1024))
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    disc = ((15 - ((yy - 30.3) ** 2 + (xx - 25.7) ** 2).sqrt()) / 60)[None]  # within (-1, 1)
+    whole = torch.full((1, 64, 64), 0.5)
+    logits = torch.cat([disc, whole])
+    size = (768, 1024)
+    upscaled = upscale_logits(logits, size)
+    stability, boxes = stability_and_boxes(logits, size, 0.0, 1.0)
+    expected = batched_mask_to_box(upscaled > 0)
+    assert expected[1].tolist() == [0, 0, 1023, 767] and 0 < expected[0, 0] < expected[0, 2] < 1023
+    assert torch.equal(boxes, expected)
+    assert torch.equal(stability, calculate_stability_score(upscaled, 0.0, 1.0))

@@ -395,3 +395,16 @@ def test_full_resolution_scores_use_the_configs_offset_and_threshold_on_both_pat
                                                                                stability_score_offset=offset))
             torch.testing.assert_close(stability, calculate_stability_score(upscaled, threshold, offset), rtol=0, atol=0)
             assert torch.equal(boxes, batched_mask_to_box(upscaled > threshold))
+
+
+def test_images_encoded_together_get_each_its_own_masks(trained_micro_checkpoint):
+    """--batch-size: several images in one encoder call, each decoded on its own features (all
+    three levels of them), the masks it gets alone to float rounding."""
+    generator = MaskGenerator(load_model(trained_micro_checkpoint, "micro", "cpu").model, AMGConfig(points_per_side=16))
+    images = [make_generated_scene(np.random.default_rng(seed), 300, 380, min_objects=8, max_objects=14).image
+              for seed in (2002, 2004)]
+    together = generator.generate_batch(images)
+    for image, masks in zip(images, together):
+        alone = generator.generate(image)
+        assert len(alone) >= 5
+        assert_same_masks(masks, alone, min_iou=0.99)

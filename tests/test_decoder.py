@@ -9,7 +9,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE
 
 from sam2serve import model
 from sam2serve.checkpoints import load_model
-from sam2serve.model import FactoredPointDecoder, PointDecoder, default_prompts_per_step
+from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step, split_features
 
 from .conftest import features_and_points
 
@@ -134,3 +134,55 @@ def test_positional_embedding_is_computed_once_not_per_call(trained_micro, monke
     with torch.inference_mode():
         logits, _ = decoder(*features_and_points(trained_micro, n_points=3))
     assert logits.shape == (3, 3, 64, 64)
+
+
+def test_cpu_steps_are_four_prompts_of_a_1024_pixel_float32_model(tiny_model, trained_micro):
+    """A step's image tokens fit the cache (CPU_STEP_BYTES): 4 prompts of 64x64 float32 tokens,
+    64 of the micro model's 16x16."""
+    assert default_prompts_per_step(tiny_model) == 4
+    assert default_prompts_per_step(trained_micro) == 64
+
+
+def test_single_mask_output_picks_by_stability_as_the_official_models_do(trained_micro, monkeypatch):
+    """The official SAM2.1 configs pick a single mask by stability (dynamic_multimask_via_stability;
+    the micro model's config does not): where the first mask is unstable, the most confident of
+    the other three, as sam2's decoder picks it."""
+    decoder = trained_micro.sam_mask_decoder
+    inputs = features_and_points(trained_micro, n_points=24, seed=1)
+    with torch.inference_mode():
+        first_logits, _ = PointDecoder(trained_micro, False)(*inputs)
+        monkeypatch.setattr(decoder, "dynamic_multimask_via_stability", True)
+        expected_logits, expected_ious = PointDecoder(trained_micro, False)(*inputs)
+        logits, ious = FactoredPointDecoder(trained_micro, False, prompts_per_step=4)(*inputs)
+    assert (expected_logits != first_logits).flatten(1).any(dim=1).sum() >= 1  # some prompts took another mask
+    largest = float(expected_logits.abs().max())
+    torch.testing.assert_close(ious, expected_ious, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5 * largest)
+
+
+def test_an_images_features_count_all_three_levels_in_bytes(trained_micro):
+    """What the embedding cache counts against --embedding-cache-mb: the image embedding and both
+    high-resolution levels (on the micro model half a MiB per image, 3/4 of it high-resolution)."""
+    with torch.inference_mode():
+        features = split_features(ImageEncoder(trained_micro)(torch.zeros(2, 3, trained_micro.image_size,
+                                                                          trained_micro.image_size)))
+    assert len(features) == 2
+    assert [f.nbytes for f in features] == [(128 * 16 * 16 + 16 * 64 * 64 + 32 * 32 * 32) * 4] * 2 == [2**19] * 2
+
+
+def test_factored_decoder_gives_sam2s_gradients_where_they_are_recorded(trained_micro):
+    """Outside inference mode, with gradients recorded, the image tokens are not updated in place
+    (autograd needs them): the weights' gradients are those of sam2's decoder."""
+    inputs = features_and_points(trained_micro, n_points=3)
+    inputs = [tensor.clone() for tensor in inputs]  # made in inference mode: plain tensors here
+
+    def gradient(decoder) -> torch.Tensor:
+        trained_micro.zero_grad()
+        logits, ious = decoder(*inputs)
+        (logits.sum() + ious.sum()).backward()
+        return trained_micro.sam_mask_decoder.output_upscaling[0].weight.grad.clone()
+
+    expected = gradient(PointDecoder(trained_micro, True))
+    got = gradient(FactoredPointDecoder(trained_micro, True, prompts_per_step=2))
+    trained_micro.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

@@ -17,6 +17,7 @@ import textwrap
 import time
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from PIL import Image
@@ -570,3 +571,47 @@ def test_the_scripts_in_folders_run_by_their_path_too(tmp_path):
     for script, run in zip(BY_PATH, runs):
         out, err = run.communicate(timeout=300)
         assert run.returncode == 0 and out.startswith(f"usage: {Path(script).name}"), (script, err[-500:])
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_by_its_number():
+    """On a machine with two GPUs, cuda:0 and cuda:1 (and cuda) are taken, cuda:2 is not."""
+    import torch
+
+    from sam2serve.cli import device_problem
+
+    with mock.patch.object(torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(torch.cuda, "device_count", return_value=2):
+        assert device_problem("cuda") is None and device_problem("cuda:0") is None
+        assert device_problem("cuda:1") is None
+        assert device_problem("cuda:2") == "this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+
+
+def test_latency_columns_are_the_mean_and_percentiles_of_the_requests_in_ms():
+    """result.csv's ms_per_request, p50, p90 and p99 (and the benchmark's columns): the mean and
+    the 50th, 90th and 99th percentiles, in milliseconds, of requests timed in seconds; one slow
+    request among quick ones sets each of them apart."""
+    from sam2serve.timing import latency_summary_ms
+
+    summary = latency_summary_ms([0.01] * 8 + [0.02, 1.0])
+    assert summary == pytest.approx({"ms_per_request": 110.0, "p50": 10.0, "p90": 118.0, "p99": 911.8})
+
+
+def test_a_rows_peak_memory_share_is_a_percentage_of_the_machines_memory():
+    """max_memory_pct: the peak (max_memory_mib) in percent of the machine's memory, not a fraction."""
+    from sam2serve.timing import peak_memory_mib
+
+    mib, percent = peak_memory_mib("cpu")
+    total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert mib > 100 and percent == pytest.approx(100 * mib / total_mib)
+
+
+def test_seeds_are_signed_64_bit_numbers():
+    """torch.manual_seed's range as a signed 64-bit number: 2**63 - 1 is the largest taken."""
+    from argparse import ArgumentTypeError
+
+    from sam2serve.cli import seed
+
+    assert seed("0") == 0 and seed(str(2**63 - 1)) == 2**63 - 1
+    for text in (str(2**63), "-1"):
+        with pytest.raises(ArgumentTypeError, match="must be 0 to 9223372036854775807"):
+            seed(text)

@@ -39,7 +39,7 @@ from sam2serve.fast import (
     DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, aoti_device_index, kernel_spec, load_kernels,
     save_kernels,
 )
-from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, load_pipeline, mode_config
+from sam2serve.modes import CPU_COMPILED_POINTS, MODES, build_generator, compiles, load_pipeline, mode_config, prompt_segmenter
 from sam2serve.preprocess import ImageToInputOnDevice, image_to_input
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
@@ -521,3 +521,43 @@ def test_server_loads_exported_kernels(exported, micro_checkpoint, tmp_path):
     assert "built for something else" in result.stderr and "points_per_batch" in result.stderr
     assert "Traceback" not in result.stderr
 
+
+def test_fast_modes_compile_on_a_gpu_by_default_and_on_a_cpu_only_when_asked():
+    """On CUDA a fast mode's kernels are always compiled (its points per batch sized for the card);
+    on a CPU only with a compile mode, --save-fast or --load-fast; eager modes never."""
+    assert compiles(MODES["fast"], "cuda") and compiles(MODES["fast_furious"], "cuda:1")
+    assert not compiles(MODES["ao"], "cuda") and not compiles(MODES["baseline"], "cuda", compile_mode="default")
+    assert not compiles(MODES["fast"], "cpu") and not compiles(MODES["fast_furious"], "cpu")
+    assert compiles(MODES["fast"], "cpu", compile_mode="default") and compiles(MODES["fast"], "cpu", save_fast="d")
+    assert compiles(MODES["fast_furious"], "cpu", load_fast="d")
+
+
+@pytest.mark.parametrize("export", ["save_fast", "load_fast"])
+def test_exported_kernels_asked_of_an_eager_mode_are_refused(export, trained_micro_checkpoint, tmp_path):
+    """load_pipeline's callers (the Ray Serve app's mode=ao load_fast=DIR) are told that exported
+    kernels need a fast mode, not served ao's eager kernels as if they had been loaded."""
+    loaded = load_model(trained_micro_checkpoint, "micro", "cpu")
+    for mode in ("ao", "baseline"):
+        with pytest.raises(ValueError, match=f"needs a fast mode, not '{mode}'"):
+            build_generator(MODES[mode], loaded, AMGConfig(), **{export: tmp_path})
+
+
+def test_only_float32_modes_answer_prompts(trained_micro_checkpoint):
+    """fast_furious runs in half precision: its pipeline has no prompt segmenter (/embed and
+    /segment answer 501) and /health says prompts: false; ao's has one."""
+    furious = load_pipeline(trained_micro_checkpoint.parent, "micro", "fast_furious", amg={"points_per_side": 2})
+    assert furious.runs_prompts is False and furious.info["prompts"] is False
+    assert prompt_segmenter(furious) is None
+    ao = load_pipeline(trained_micro_checkpoint.parent, "micro", "ao", amg={"points_per_side": 2})
+    assert ao.runs_prompts is True and ao.info["prompts"] is True
+    assert prompt_segmenter(ao) is not None
+
+
+def test_a_pipeline_runs_the_config_given_and_says_so_only_of_fast_modes(trained_micro_checkpoint):
+    """load_pipeline(config=...) (the benchmark's rows, with their thresholds) runs that config,
+    not the mode's defaults; ao's /health names its eager kernels without the fast modes' note
+    that compiled kernels are slower on a CPU."""
+    config = AMGConfig(points_per_side=3, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    ao = load_pipeline(trained_micro_checkpoint.parent, "micro", "ao", config=config)
+    assert ao.config == config and ao.generator.config == config
+    assert ao.info["kernels"].endswith("float32") and "--compile-mode" not in ao.info["kernels"]

@@ -567,3 +567,50 @@ def test_gpu_scripts_pass_shellcheck():
     for script in ("gpu_benchmark.sh", "gpu_wheels.sh"):
         result = subprocess.run([shellcheck, str(REPO / "tools" / script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
+
+
+def test_benchmark_spread_table_gives_min_median_max_and_max_over_min():
+    """--repeat: the same request's fastest, median and slowest ms per row and image, and the
+    slowest over the fastest (at least 1)."""
+    from tools.benchmark import ModeRun, spread_table
+
+    images = [("photo", None), ("scene", None)]
+    ao = ModeRun("ao", repeats={1: [0.3, 0.1, 0.2], 0: [0.5, 0.4]})
+    lines = spread_table([ao], images).splitlines()
+    assert lines[0] == "| mode | image | requests | min ms | median ms | max ms | max / min |"
+    assert lines[2:] == ["| ao | photo | 2 | 400 | 450 | 500 | 1.25 |", "| ao | scene | 3 | 100 | 200 | 300 | 3.00 |"]
+
+
+def test_benchmark_table_gives_each_column_its_own_figure():
+    """ms per image is the median request (not the mean), p90 its 90th percentile, peak MiB
+    beside held MiB in that order, masks per image the mean over the images."""
+    from tools.benchmark import ModeRun, table
+
+    run = ModeRun("ao", ready_seconds=2.5, held_mib=20.0, peak_mib=300.0,
+                  seconds=[0.1, 0.1, 0.1, 1.0], masks={0: [], 1: [], 2: [{}, {}, {}]})
+    header, _, row = table([run], 3, reference="baseline").splitlines()
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" ready s "] == " 2.5 " and cells[" ms per image (median) "] == " 100 " and cells[" p90 "] == " 730 "
+    assert cells[" images/s "] == " 3.077 "
+    assert cells[" peak MiB "] == " 300 " and cells[" held MiB "] == " 20 "
+    assert cells[" masks per image "] == " 1.0 "
+
+
+def test_gpu_point_batches_are_halved_to_sixty_four_at_least_and_fit_sixty_percent_of_the_card():
+    """A fast mode's batch is halved while it needs more than 60% of the card, never below sam2's
+    64 points (on a card too small even for those, 64 all the same)."""
+    fast, furious = MODES["fast"], MODES["fast_furious"]
+    assert gpu_points_per_batch(fast, 2_000) == gpu_points_per_batch(furious, 500) == 64
+    # 512 points of float32 take 10854 MiB: just within 60% of 18091 MiB, not of 18089.
+    assert gpu_points_per_batch(fast, 18_091) == 512 and gpu_points_per_batch(fast, 18_089) == 256
+
+
+def test_a_cpu_peak_counts_what_a_block_still_holds_at_its_end():
+    """A request shorter than the 5 ms sampling step: the memory it holds when it ends is its
+    peak all the same (read once more at the end), not 0."""
+    from sam2serve.timing import PeakMemory
+
+    with PeakMemory("cpu") as memory:
+        held = np.empty(100 * 2**20, np.uint8)  # handed out at once, no page touched
+    assert memory.mib >= 99
+    del held

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam2serve.overlay import draw_masks
-from sam2serve.rle import masks_to_rle_reference, masks_to_rle_vectorized, rle_area, rles_to_masks
+from sam2serve.rle import answer_text, masks_to_rle_reference, masks_to_rle_vectorized, rle_area, rles_to_masks
 
 
 def edge_case_masks() -> dict[str, np.ndarray]:
@@ -105,3 +105,15 @@ def test_overlay_draws_what_all_masks_at_once_drew_with_one_mask_in_memory():
     assert peak < drawn_with_peak(rles[:12])[1] + 20 * h * w, peak
     assert draw_masks(image, []) == draw_masks(image, [], seed=1)  # no mask: the image alone
     assert np.array_equal(np.array(Image.open(io.BytesIO(draw_masks(image, [])))), image)
+
+
+def test_the_upload_rle_body_is_compact_json_in_the_masks_order():
+    """No spaces and no newline (a million images' answers are a million lines, each as short as
+    it can be), masks keyed mask_0, mask_1, ... in their order."""
+    masks = torch.zeros((2, 2, 3), dtype=torch.bool)
+    masks[0, 0, 1] = True
+    masks[1] = True
+    rles = masks_to_rle_vectorized(masks)
+    text = answer_text(rles)
+    assert text == '{"mask_0":{"size":[2,3],"counts":[2,1,3]},"mask_1":{"size":[2,3],"counts":[0,6]}}'
+    assert answer_text([]) == "{}"

@@ -801,3 +801,15 @@ def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch
     from deploy.ray_serve_app import build  # Ray Serve's application built on the cluster, from a config file
 
     assert build({})._bound_deployment.ray_actor_options["num_gpus"] == 1
+
+
+def test_a_mask_generation_switch_given_as_text_reads_true_false_one_and_zero():
+    """Ray Serve's key=value arguments: use_m2m=true, =1 (any case) switch it on, =false and =0
+    off; other words are refused rather than read as off."""
+    from sam2serve.cli import option_value
+
+    assert [option_value("use_m2m", text) for text in ("true", "True", "1", "false", "FALSE", "0")] == [
+        True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="use_m2m: expected true or false, got 'yes'"):
+        option_value("use_m2m", "yes")
+    assert option_value("points_per_side", "16") == 16 and option_value("box_nms_thresh", "0.5") == 0.5

@@ -26,6 +26,7 @@ from PIL import Image
 from tools.load_test import client_order, run_load_test
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
+from sam2serve.modes import CPU_COMPILED_POINTS
 from sam2serve.rle import rles_to_masks
 from sam2serve.worker import InferenceWorker
 
@@ -728,3 +729,37 @@ server.main(["--points-per-side", "2"])
     assert ended.stderr.count("Traceback") == 1 and "the HTTP server failed" in ended.stderr
     assert ended.stderr.rstrip().endswith("error: the HTTP server stopped (the log says why); the requests it "
                                           "accepted are not answered")
+
+
+def test_help_shows_each_options_default_but_not_a_switchs_off_nor_none(capsys, monkeypatch):
+    """--help gives the defaults an option has (the grid's 32, the port's 5000), but no
+    "(default: False)" after a switch such as --use-m2m or --access-log, nor "(default: None)"."""
+    import server
+
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line: its default beside its help
+    with pytest.raises(SystemExit) as stopped:
+        server.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert stopped.value.code == 0
+    assert re.search(r"points along each side of the prompt grid \(default: 32\)", text)
+    assert "(default: 5000)" in text
+    assert "(default: False)" not in text and "(default: None)" not in text
+    use_m2m = [line for line in text.splitlines() if line.lstrip().startswith("--use-m2m")]
+    assert use_m2m and "default" not in use_m2m[0]
+
+
+def test_points_per_batch_left_unset_are_the_modes_own_for_how_its_kernels_run(tmp_path):
+    """Without --points-per-batch, the mode's: sam2's 64 for eager kernels (ao, and a fast mode on
+    a CPU by default), a few where a fast mode's kernels are compiled, exported or loaded on a
+    CPU; a value given is kept."""
+    import server
+
+    def points(*arguments: str) -> int:
+        return server.parse_args(["--device", "cpu", *arguments]).amg.points_per_batch
+
+    assert points() == points("--fast") == 64
+    assert CPU_COMPILED_POINTS < 64
+    assert points("--fast", "--compile-mode", "default") == CPU_COMPILED_POINTS
+    assert points("--fast", "--load-fast", str(tmp_path)) == CPU_COMPILED_POINTS
+    assert points("--fast", "--save-fast", str(tmp_path / "kernels")) == CPU_COMPILED_POINTS
+    assert points("--fast", "--compile-mode", "default", "--points-per-batch", "32") == 32

@@ -44,7 +44,7 @@ from selenium.webdriver.common.actions.action_builder import ActionBuilder  # no
 from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "shapes.jpg"
 MAX_PIXELS = 1_000_000
@@ -604,7 +604,8 @@ def test_an_answer_or_error_for_the_previous_image_is_dropped(page, tmp_path):
             ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
             wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
             open_image(page, images[round + 1])
-            wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=60)  # the new image, encoded
+            wait_for(page, lambda d: page_state(d, "name") == images[round + 1].stem  # the new image, encoded
+                     and page_state(d, "imageId") == "stub", timeout=60)  # (the old one's id holds until it opens)
             assert "/segment aborted" in fetch_log(page), status  # the server stops what nobody waits for
             embeds = fetch_log(page).count("/embed")
             page.execute_script("window.release()")  # now the old click's answer comes
@@ -1423,3 +1424,326 @@ def test_a_png_s_late_exif_and_compressed_xmp_turn_it_as_the_server_does(page, t
         for path, expected in ((late, late_expected), (compressed, compressed_expected), (ztxt, ztxt_expected)):
             open_and_show(page, path)
             assert np.abs(shown_image(page).astype(int) - expected).mean() < 0.5, path.name
+
+
+def test_an_empty_click_mask_cannot_be_added(page, tmp_path):
+    answers = stub_answers()
+    answers["/segment"][1]["results"][0]["masks"] = [rle(np.zeros(SMALL[::-1], dtype=bool))]
+    with stubbed_fetch(page, answers):
+        in_the_click_tool(page, small_image(tmp_path, "empty.png"))
+        pointer(page, "pointerdown", 5, 40)
+        pointer(page, "pointerup", 5, 40)
+        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
+        assert not page.find_element(By.ID, "keep-click").is_enabled()
+
+
+def test_a_click_on_an_image_the_server_dropped_encodes_it_again(page, tmp_path):
+    """/segment answers 404 for an image id the server no longer holds: the page asks /embed for
+    a new id and sends the click again with it."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "dropped.png"))
+        # Over the stub: /embed gives new ids, /segment refuses the first one (404) as a server would.
+        page.execute_script("""
+            const inner = window.fetch;
+            window.segmentIds = [];
+            let embeds = 0;
+            window.fetch = async (resource, options) => {
+              const path = new URL(resource, location.href).pathname;
+              if (path === "/embed") {
+                embeds += 1;
+                return new Response(JSON.stringify({image_id: `new${embeds}`, size: [48, 64]}), {status: 200});
+              }
+              if (path === "/segment") {
+                const id = JSON.parse(options.body).image_id;
+                window.segmentIds.push(id);
+                if (!id.startsWith("new")) return new Response('{"error": "unknown image_id"}', {status: 404});
+              }
+              return inner(resource, options);
+            };""")
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: status(d).startswith("Mask in ") or d.find_element(By.ID, "error").is_displayed(),
+                 timeout=10)
+        assert not page.find_element(By.ID, "error").is_displayed(), page.find_element(By.ID, "error").text
+        assert page.execute_script("return window.segmentIds") == ["stub", "new1"]
+        assert page_state(page, "imageId") == "new1" and page_state(page, "clickAnswer") is not None
+
+
+FILES = """
+    const canvas = document.createElement("canvas"); canvas.width = 64; canvas.height = 48;
+    canvas.getContext("2d").fillRect(0, 0, 64, 64);
+    const png = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File(["notes"], "notes.txt", {type: "text/plain"}));
+    transfer.items.add(new File([png], arguments[0], {type: "image/png"}));
+"""
+
+
+def test_a_dropped_or_pasted_image_opens_not_the_text_file_beside_it(page):
+    with stubbed_fetch(page, stub_answers()):
+        page.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {" +
+                                  FILES.replace("arguments[0]", "'dropped.png'") +
+                                  "document.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true,"
+                                  " cancelable: true})); })().then(() => done());")
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+        assert page_state(page, "name") == "dropped" and not page.find_element(By.ID, "error").is_displayed()
+        page.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {" +
+                                  FILES.replace("arguments[0]", "'pasted.png'") +
+                                  "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer,"
+                                  " bubbles: true, cancelable: true})); })().then(() => done());")
+        wait_for(page, lambda d: page_state(d, "name") == "pasted", timeout=10)
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+
+
+def test_masks_of_another_width_are_not_drawn(page, tmp_path):
+    """The server's masks must be the image's size as shown: masks one pixel wider are refused."""
+    mask = np.zeros((SMALL[1], SMALL[0] + 1), dtype=bool)
+    mask[10:30, 20:40] = True
+    with stubbed_fetch(page, {"/upload_rle": [200, [coco_record(mask)], 0]}):
+        open_image(page, small_image(tmp_path, "wider.png"))
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert "The server's masks are 65x48 but the browser shows the image as 64x48" in \
+            page.find_element(By.ID, "error").text
+        assert page_state(page, "labels") is None
+
+
+def error_text(driver) -> str:
+    return driver.find_element(By.ID, "error").text
+
+
+def test_a_503_that_says_when_to_try_again_is_not_told_twice(page, tmp_path):
+    page.execute_script(
+        "window.realFetch = window.realFetch || window.fetch;"
+        "window.fetch = async () => new Response(JSON.stringify({error: 'the queue is full; try again shortly'}),"
+        "  {status: 503, headers: {'Retry-After': '7'}});")
+    try:
+        open_image(page, small_image(tmp_path, "busy.png"))
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert error_text(page) == "The queue is full; try again shortly."
+    finally:
+        page.execute_script("window.fetch = window.realFetch;")
+
+
+def test_a_timeout_or_an_unreachable_server_is_not_the_image_s_fault(page, tmp_path):
+    """A 504, or no answer at all (the server gone): the image may be opened again, not "open another"."""
+    with stubbed_fetch(page, {"/upload_rle": [504, {"error": "no answer within 60 s"}, 0]}):
+        open_image(page, small_image(tmp_path, "slow.png"))
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert error_text(page) == "The server took too long: no answer within 60 s"
+        assert status(page).startswith("No masks yet: open the image again")
+    page.execute_script(
+        "window.realFetch = window.realFetch || window.fetch;"
+        "window.fetch = async () => { throw new TypeError('Failed to fetch'); };")
+    try:
+        open_image(page, small_image(tmp_path, "gone.png"))
+        wait_for(page, lambda d: "Cannot reach the server" in error_text(d), timeout=10)
+        assert status(page).startswith("No masks yet: open the image again")
+    finally:
+        page.execute_script("window.fetch = window.realFetch;")
+
+
+def test_a_refusal_of_the_page_s_filters_says_so(page, tmp_path):
+    page.find_element(By.CSS_SELECTOR, "#filters summary").click()
+    set_filters(page, {"box_nms_thresh": "0.5"})
+    try:
+        with stubbed_fetch(page, {"/upload_rle": [400, {"error": "box_nms_thresh: not with this model"}, 0]}):
+            open_image(page, small_image(tmp_path, "filters.png"))
+            wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+            assert error_text(page) == "The server refused the request: box_nms_thresh: not with this model"
+            assert status(page) == "No masks: the server refused this page's filters; correct them, then Segment again."
+    finally:
+        set_filters(page, {"box_nms_thresh": "0.7"})
+
+
+def log_queries(driver) -> None:
+    driver.execute_script("""
+        window.queries = [];
+        const inner = window.fetch;
+        window.fetch = (resource, options) => {
+          const url = new URL(resource, location.href);
+          if (url.pathname === "/upload_rle") window.queries.push(url.search);
+          return inner(resource, options);
+        };""")
+
+
+def test_an_emptied_filter_field_asks_for_the_server_s_value(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        log_queries(page)
+        open_image(page, small_image(tmp_path, "filters.png"))
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+        page.find_element(By.CSS_SELECTOR, "#filters summary").click()
+        page.find_element(By.ID, "pred_iou_thresh").clear()
+        set_filters(page, {"box_nms_thresh": "0.5"})
+        page.find_element(By.ID, "segment-again").click()
+        wait_for(page, lambda d: len(d.execute_script("return window.queries")) == 2, timeout=10)
+        assert page.execute_script("return window.queries")[1] == "?format=coco&box_nms_thresh=0.5"
+    set_filters(page, {"box_nms_thresh": "0.7"})
+
+
+def test_segment_again_asks_before_it_drops_the_clicks(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "clicks.png"))
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        page.find_element(By.CSS_SELECTOR, "#filters summary").click()
+        page.find_element(By.ID, "segment-again").click()
+        wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
+        page.switch_to.alert.dismiss()
+        assert len(page_state(page, "clicks")) == 1
+
+
+def test_the_list_sorts_by_predicted_iou(page):
+    width, height = 40, 30
+    ys, xs = np.mgrid[:height, :width]
+    masks = [xs < 20, (xs >= 25) & (ys < 10), (xs >= 25) & (ys >= 15) & (ys < 20)]  # areas 600, 150, 75
+    records = [{**coco_record(mask), "predicted_iou": iou} for mask, iou in zip(masks, [0.85, 0.8, 0.95])]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps(records), width, height)
+    order = lambda: [row.get_attribute("data-index")  # noqa: E731
+                     for row in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
+    assert order() == ["0", "1", "2"]
+    sort_by = Select(page.find_element(By.ID, "sort-by"))
+    sort_by.select_by_value("score")
+    assert order() == ["2", "0", "1"]
+    sort_by.select_by_value("area")
+    assert order() == ["0", "1", "2"]
+
+
+WIDTH, HEIGHT = 80, 60
+
+
+def two_masks(page):
+    ys, xs = np.mgrid[:HEIGHT, :WIDTH]
+    masks = [xs < 40, (xs >= 50) & (ys >= 20) & (ys < 40)]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), WIDTH, HEIGHT)
+
+
+def test_a_mask_hovered_last_goes_when_the_pointer_leaves_the_image(page):
+    two_masks(page)
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    ActionChains(page).move_to_element_with_offset(canvas, *screen_offset(page, 60, 30)).perform()
+    assert page_state(page, "hovered") == 1 and highlight_alpha(page) > 0
+    ActionChains(page).move_to_element(page.find_element(By.TAG_NAME, "h1")).perform()
+    assert page_state(page, "hovered") == -1 and highlight_alpha(page) == 0
+    assert page.find_element(By.ID, "hover-info").text.strip() == ""
+
+
+def test_the_selected_mask_s_figures_come_back_when_nothing_is_hovered(page):
+    two_masks(page)
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+    page.execute_script("setHovered(1)")
+    assert page.find_element(By.ID, "hover-info").text.startswith("mask 1:")
+    page.execute_script("setHovered(-1)")
+    assert page.find_element(By.ID, "hover-info").text.startswith("mask 0:")
+
+
+def test_every_mask_layer_is_filled_lighter_for_large_masks_and_edged_where_labels_meet(page):
+    """The every-mask layer, pixel by pixel: a mask over half the image (the background) at alpha 60,
+    others at 150, and opaque wherever one of the 4 neighbours inside the image has another label
+    (another mask, or none), on every side of a mask."""
+    width, height = 40, 30
+    ys, xs = np.mgrid[:height, :width]
+    background = (xs < 36) & (ys < 26)  # 936 of 1200 pixels: over half
+    square = (xs >= 10) & (xs < 20) & (ys >= 8) & (ys < 16)
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(background), coco_record(square)]), width, height)
+    alpha = np.array(page.execute_script(
+        "const c = document.getElementById('mask-canvas');"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3))"),
+        dtype=np.int32).reshape(height, width)
+    labels = np.zeros((height, width), dtype=np.int64)
+    labels[background] = 1
+    labels[square] = 2  # the smaller on top
+    padded = np.pad(labels, 1, constant_values=-1)  # -1: outside the image, no border there
+    centre = padded[1:-1, 1:-1]
+    border = np.zeros_like(labels, dtype=bool)
+    for neighbour in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        border |= (neighbour != -1) & (neighbour != centre)
+    expected = np.where(labels == 0, 0, np.where(border, 255, np.where(labels == 1, 60, 150)))
+    assert np.array_equal(alpha, expected)
+
+
+def test_a_mouse_held_still_is_a_point_on_the_object(page, tmp_path):
+    """The long press is touch's right click: a mouse button held as long is an ordinary click."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "held.png"))
+        pointer(page, "pointerdown", 30, 20)
+        time.sleep(0.7)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        assert page_state(page, "clicks")[0]["label"] == 1
+
+
+def test_undo_takes_back_the_clicks_after_a_box_first_and_ctrl_shift_z_is_no_undo(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "undo.png"))
+        pointer(page, "pointerdown", 10, 10)  # a box first
+        pointer(page, "pointermove", 40, 30)
+        pointer(page, "pointerup", 40, 30)
+        wait_for(page, lambda d: page_state(d, "box") is not None, timeout=10)
+        box = page_state(page, "box")
+        pointer(page, "pointerdown", 30, 20)  # then a click
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        page.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Z', code: 'KeyZ', "
+                            "ctrlKey: true, shiftKey: true, bubbles: true, cancelable: true}))")  # redo, elsewhere
+        assert len(page_state(page, "clicks")) == 1 and page_state(page, "box") == box
+        ctrl_key(page, "z", "KeyZ")
+        wait_for(page, lambda d: page_state(d, "clicks") == [], timeout=10)
+        assert page_state(page, "box") == box  # the click, made after the box, went first
+        ctrl_key(page, "z", "KeyZ")
+        wait_for(page, lambda d: page_state(d, "box") is None, timeout=10)
+
+
+def test_undo_keys_do_nothing_in_the_every_mask_tool(page, tmp_path):
+    """The clicks stay (unseen) while the every-mask tool is in use: Backspace there takes none back."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "tools.png"))
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+        page.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', "
+                            "{key: 'Backspace', code: 'Backspace', bubbles: true, cancelable: true}))")
+        ctrl_key(page, "z", "KeyZ")
+        time.sleep(0.3)
+        assert len(page_state(page, "clicks")) == 1
+
+
+def test_clear_clicks_clears_the_box_too(page, tmp_path):
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "clear.png"))
+        pointer(page, "pointerdown", 10, 10)
+        pointer(page, "pointermove", 40, 30)
+        pointer(page, "pointerup", 40, 30)
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        page.find_element(By.ID, "clear-clicks").click()
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is None, timeout=10)
+        assert page_state(page, "box") is None
+        assert not page.find_element(By.ID, "clear-clicks").is_enabled()
+
+
+def test_a_click_on_the_image_s_far_edge_is_on_its_last_pixel(page, tmp_path):
+    """The pointer on the right and bottom edges: the point is on the last column and row (a
+    mask under it is found there), not one past them."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "edge.png"))
+        pointer(page, "pointerdown", SMALL[0] - 0.5, SMALL[1] - 0.5)  # the canvas's bottom right corner
+        pointer(page, "pointerup", SMALL[0] - 0.5, SMALL[1] - 0.5)
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        click = page_state(page, "clicks")[0]
+        assert (click["x"], click["y"]) == (SMALL[0] - 1, SMALL[1] - 1)
+
+
+def test_a_second_finger_moving_draws_no_box(page, tmp_path):
+    """While one finger is down, another finger's move is not the first one's drag: no box drawn."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "fingers.png"))
+        pointer(page, "pointerdown", 10, 10, 7, "touch")
+        pointer(page, "pointermove", 50, 40, 8, "touch", primary=False)
+        assert page_state(page, "dragBox") is None
+        pointer(page, "pointerup", 10, 10, 7, "touch")
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
+        assert page_state(page, "box") is None

@@ -1469,7 +1469,8 @@ def test_a_click_on_an_image_the_server_dropped_encodes_it_again(page, tmp_path)
         assert page_state(page, "imageId") == "new1" and page_state(page, "clickAnswer") is not None
 
 
-FILES = """
+# Script lines that make `transfer`, a DataTransfer of a text file and a PNG, as a drop or a paste carries.
+A_TEXT_FILE_AND_A_PNG = """
     const canvas = document.createElement("canvas"); canvas.width = 64; canvas.height = 48;
     canvas.getContext("2d").fillRect(0, 0, 64, 64);
     const png = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
@@ -1482,13 +1483,13 @@ FILES = """
 def test_a_dropped_or_pasted_image_opens_not_the_text_file_beside_it(page):
     with stubbed_fetch(page, stub_answers()):
         page.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {" +
-                                  FILES.replace("arguments[0]", "'dropped.png'") +
+                                  A_TEXT_FILE_AND_A_PNG.replace("arguments[0]", "'dropped.png'") +
                                   "document.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true,"
                                   " cancelable: true})); })().then(() => done());")
         wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
         assert page_state(page, "name") == "dropped" and not page.find_element(By.ID, "error").is_displayed()
         page.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {" +
-                                  FILES.replace("arguments[0]", "'pasted.png'") +
+                                  A_TEXT_FILE_AND_A_PNG.replace("arguments[0]", "'pasted.png'") +
                                   "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer,"
                                   " bubbles: true, cancelable: true})); })().then(() => done());")
         wait_for(page, lambda d: page_state(d, "name") == "pasted", timeout=10)
@@ -1610,14 +1611,14 @@ def test_the_list_sorts_by_predicted_iou(page):
     assert order() == ["0", "1", "2"]
 
 
-WIDTH, HEIGHT = 80, 60
+TWO_MASKS_WIDTH, TWO_MASKS_HEIGHT = 80, 60
 
 
 def two_masks(page):
-    ys, xs = np.mgrid[:HEIGHT, :WIDTH]
+    ys, xs = np.mgrid[:TWO_MASKS_HEIGHT, :TWO_MASKS_WIDTH]
     masks = [xs < 40, (xs >= 50) & (ys >= 20) & (ys < 40)]
     page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
-                        json.dumps([coco_record(mask) for mask in masks]), WIDTH, HEIGHT)
+                        json.dumps([coco_record(mask) for mask in masks]), TWO_MASKS_WIDTH, TWO_MASKS_HEIGHT)
 
 
 def test_a_mask_hovered_last_goes_when_the_pointer_leaves_the_image(page):

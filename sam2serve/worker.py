@@ -340,11 +340,10 @@ class InferenceWorker:
                     release_cached_memory(error, self.generator)
                     failure = error
                 job.seconds = time.perf_counter() - started
-                if failure is None:  # as images: a failure's time says nothing of the next call's
-                    self.job_seconds.observe(job.kind, job.seconds)
-                if failure is not None:
+                if failure is not None:  # as images: a failure's time says nothing of the next call's
                     job.future.set_exception(failure)
                 else:
+                    self.job_seconds.observe(job.kind, job.seconds)
                     job.future.set_result(answer)
         # Masks, then mask records, each request's settings apart, run as batches of their own
         # (one image-encoder call each).

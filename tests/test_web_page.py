@@ -1188,6 +1188,14 @@ def in_the_click_tool(page, image: Path):
     return canvas, canvas.rect["width"], canvas.rect["height"]
 
 
+def a_click_answered(page, image: Path) -> None:
+    """in_the_click_tool, then a click on the stub's square, its mask answered."""
+    in_the_click_tool(page, image)
+    pointer(page, "pointerdown", 30, 20)
+    pointer(page, "pointerup", 30, 20)
+    wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+
+
 def test_a_box_reaches_the_image_s_far_edges_and_a_drag_along_an_edge_or_let_go_of_is_no_box(page, tmp_path):
     with stubbed_fetch(page, stub_answers()):
         canvas, width, height = in_the_click_tool(page, small_image(tmp_path, "edges.png"))
@@ -1583,10 +1591,7 @@ def test_an_emptied_filter_field_asks_for_the_server_s_value(page, tmp_path):
 
 def test_segment_again_asks_before_it_drops_the_clicks(page, tmp_path):
     with stubbed_fetch(page, stub_answers()):
-        in_the_click_tool(page, small_image(tmp_path, "clicks.png"))
-        pointer(page, "pointerdown", 30, 20)
-        pointer(page, "pointerup", 30, 20)
-        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        a_click_answered(page, small_image(tmp_path, "clicks.png"))
         page.find_element(By.CSS_SELECTOR, "#filters summary").click()
         page.find_element(By.ID, "segment-again").click()
         wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
@@ -1701,10 +1706,7 @@ def test_undo_takes_back_the_clicks_after_a_box_first_and_ctrl_shift_z_is_no_und
 def test_undo_keys_do_nothing_in_the_every_mask_tool(page, tmp_path):
     """The clicks stay (unseen) while the every-mask tool is in use: Backspace there takes none back."""
     with stubbed_fetch(page, stub_answers()):
-        in_the_click_tool(page, small_image(tmp_path, "tools.png"))
-        pointer(page, "pointerdown", 30, 20)
-        pointer(page, "pointerup", 30, 20)
-        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        a_click_answered(page, small_image(tmp_path, "tools.png"))
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
         page.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', "
                             "{key: 'Backspace', code: 'Backspace', bubbles: true, cancelable: true}))")

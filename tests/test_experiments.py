@@ -325,6 +325,27 @@ def test_a_rows_cpu_peak_memory_is_its_own_process_s():
     assert study > 1500 and row < study - 1000, (study, row)
 
 
+def peak_and_resident_bytes_holding_half_a_gib() -> tuple[int, int]:
+    import numpy as np
+
+    from sam2serve.timing import peak_resident_bytes
+
+    ballast = np.ones(2**29 // 8)  # written: resident
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = peak_resident_bytes()
+    del ballast
+    return peak, resident
+
+
+def test_a_processs_peak_memory_is_read_in_bytes():
+    """VmHWM is in KiB: a process holding 0.5 GiB on top of its start, its peak is at least what it
+    holds now (/proc/self/statm, in pages), and not 2 % more (KiB read as 1000 bytes: 2.3 % low)."""
+    from reproduce_experiments import in_fresh_process
+
+    peak, resident = in_fresh_process(peak_and_resident_bytes_holding_half_a_gib)
+    assert resident <= peak < 1.02 * resident, (peak, resident)
+
+
 def wait_for_child(pid: int, timeout_s: float = 60) -> int:
     """The pid of the process that pid spawned to run a function (not multiprocessing's
     resource tracker); Linux: read from /proc."""

@@ -228,12 +228,21 @@ def test_should_stop_is_asked_before_each_crop_and_batch_of_point_prompts(
             generator.generate(image)
 
 
-@pytest.mark.parametrize("filters", ["sam2", "off"])
+M2M_FILTERS = {
+    "sam2": {},
+    "off": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0),
+    # The IoU filter alone reads the refined masks' IoU: a prompt whose first masks all fail it
+    # may pass once refined (ao computes every mask then, gating none).
+    "iou only": dict(pred_iou_thresh=0.8, stability_score_thresh=0.0, box_nms_thresh=1.0),
+}
+
+
+@pytest.mark.parametrize("filters", M2M_FILTERS)
 def test_m2m_refinement_equals_baselines(trained_micro_checkpoint, filters):
     """use_m2m: every mask refined once more with its own logits as mask input, as sam2 does;
     the refinement changes the answer, and ao's equals the baseline's."""
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
-    off = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0) if filters == "off" else {}
+    off = M2M_FILTERS[filters]
     config = AMGConfig(points_per_side=8, use_m2m=True, **off)
     image = make_generated_scene(np.random.default_rng(2002), 200, 260, min_objects=8, max_objects=14).image
     reference = ReferenceMaskGenerator(model, config).generate(image)

@@ -164,3 +164,36 @@ def test_a_half_precision_mode_on_a_cpu_without_bfloat16_instructions_is_warned_
     cpu.warn_of_slow_half("cuda", True, "fast_furious")  # float16 on CUDA: not this CPU's concern
     assert len([r for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]) == len(warnings)
 
+
+
+def test_bfloat16_instructions_are_avx512_bf16_or_amx(monkeypatch):
+    """Either of AVX-512 bf16 and AMX multiplies bfloat16 in hardware (an AMD EPYC has the one,
+    an Intel Xeon the other); neither: emulated, warned of; a torch that cannot tell: no warning."""
+    import torch
+
+    from sam2serve import cpu
+
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512_bf16=avx512_bf16: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        assert cpu.has_bfloat16_instructions() is expected, (avx512_bf16, amx)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cpu.has_bfloat16_instructions() is True
+
+
+def test_a_process_that_runs_the_model_on_a_gpu_keeps_its_cpu_settings(monkeypatch):
+    """set_up_cpu_process on a GPU device changes nothing of the process: no allocator setting,
+    no denormal flushing, its thread count as it was."""
+    import torch
+
+    from sam2serve import cpu
+
+    changed = []
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: changed.append("allocator"))
+    monkeypatch.setattr(cpu, "flush_denormals", lambda: changed.append("denormals"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: changed.append(threads))
+    for device in ("cuda", "cuda:1"):
+        cpu.set_up_cpu_process(device, threads=1)
+    assert changed == []
+    cpu.set_up_cpu_process("cpu", threads=3)
+    assert changed == ["allocator", "denormals", 3]

@@ -471,6 +471,12 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--modes", "ao", "fast", "ao"], "--modes: ao given more than once"),
     ("tools.benchmark", ["--filters", "off", "sam2", "off"], "--filters: off given more than once"),
     ("tools.benchmark", ["--modes", "ao", "--save-fast", "{tmp}/kernels"], "--save-fast and --load-fast go with a fast"),
+    ("tools.benchmark", ["--modes", "ao", "--load-fast", "{tmp}"], "--save-fast and --load-fast go with a fast"),
+    ("tools.benchmark", ["--modes", "ao", "--reference", "ao", "--ablation"],
+     "--ablation times sam2's decoder from the baseline's model: it needs the baseline"),
+    # The study's row alone on a CPU, where it cannot run: said before any scene is drawn.
+    ("tools.benchmark", ["--modes", "study_ao", "--without-reference"],
+     "no row to run: torchao._models.sam2 (torchao 0.18) runs on CUDA only"),
     # Before a thousand scenes are drawn (3 minutes), not after.
     ("tools.benchmark", ["{tmp}/absent", "--generated", "1000"], "give both a checkpoint folder and a model type"),
     # An empty path (an unset variable, say) is not the current folder, nor nothing to write.

@@ -21,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -318,6 +320,24 @@ def test_kernels_export_for_cuda_on_fake_tensors(load_micro, dtype):
             assert all(node.args[0].meta["val"].shape[-1] == 2 for node in in_float32), in_float32[0].format_node()
 
 
+@pytest.mark.parametrize("batch_size", [1, BATCH_SIZE])
+def test_exported_encoder_takes_one_to_batch_size_images(load_micro, batch_size):
+    """The encoder's package takes a batch of 1 to --batch-size images (a dynamic first
+    dimension; a short batch is never padded), or exactly one where the batch size is 1."""
+    loaded = load_micro()
+    spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=batch_size)
+    name, program = next(fast.exported_programs(fast.prepare_model(loaded.model, spec.torch_dtype), spec))
+    assert name == ENCODER_PACKAGE
+    (images,) = [node for node in program.graph.nodes if node.name in program.graph_signature.user_inputs]
+    batch = images.meta["val"].shape[0]
+    if batch_size == 1:
+        assert batch == 1
+    else:
+        assert isinstance(batch, torch.SymInt)
+        bounds = program.range_constraints[batch.node.expr]
+        assert (bounds.lower, bounds.upper) == (1, batch_size)
+
+
 def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeypatch):
     """cuda:1 loads the packages onto GPU 1 (aoti_load_package's device_index), not onto the
     thread's current GPU; a CPU is -1. Checked without a GPU: the index is what is passed."""
@@ -485,6 +505,165 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
         save_kernels(loaded.model, spec, over)
     with pytest.raises(PackageMismatch, match="no manifest.json"):  # not the old package's any more
         load_kernels(over, spec)
+
+
+# Saving, loading and refusing packages without exporting (seconds, not minutes): stand-in
+# package files, torch's export and loader replaced; the tests above check the real ones.
+STUB_SPEC = fast.KernelSpec(checkpoint="sam2.1_hiera_micro.pt#0123456789abcdef", image_size=256, dtype="float32",
+                            points_per_batch=64, batch_size=2, multimask_output=True, device="cpu",
+                            torch_version=torch.__version__)
+
+
+class StubPackage:  # what aoti_load_package returns: freed by dropping its loader
+    def __init__(self, path):
+        self.path, self.loader = path, "torch's loader"
+
+
+@pytest.fixture()
+def stub_packages(tmp_path, monkeypatch):
+    """save_kernels' folder for STUB_SPEC, written with torch's export and AOTInductor replaced
+    by files of known bytes; the loader (here and in a process of its own) replaced too."""
+    compiled = []
+
+    def compile_and_package(program, package_path):
+        compiled.append(program)
+        Path(package_path).write_bytes(f"package of {program}".encode())
+
+    monkeypatch.setattr(fast, "exported_programs", lambda model, spec: iter([(ENCODER_PACKAGE, "the encoder"),
+                                                                            (DECODER_PACKAGE, "the decoder")]))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, device_index: StubPackage(path))
+    monkeypatch.setattr(fast, "load_failure_elsewhere", lambda packages, device_index: None)
+    directory = tmp_path / "kernels"
+    save_kernels(torch.nn.Linear(2, 2), STUB_SPEC, directory)
+    assert compiled == ["the encoder", "the decoder"]
+    return directory
+
+
+def test_saved_kernels_have_a_manifest_of_their_spec_and_files(stub_packages):
+    """save_kernels writes both packages, then a manifest of the spec and each file's SHA-256,
+    which load_kernels accepts for that spec (and for no other)."""
+    manifest = json.loads((stub_packages / MANIFEST).read_text())
+    assert manifest == {**asdict(STUB_SPEC), "files": {
+        name: fast.file_sha256(stub_packages / name) for name in (ENCODER_PACKAGE, DECODER_PACKAGE)}}
+    kernels = load_kernels(stub_packages, STUB_SPEC)
+    assert kernels.spec == STUB_SPEC
+    assert (Path(kernels.encoder.path).name, Path(kernels.decoder.path).name) == (ENCODER_PACKAGE, DECODER_PACKAGE)
+
+
+def test_each_field_of_the_spec_that_differs_refuses_the_package_saying_both_values(stub_packages):
+    """A server whose spec differs from the package's in any one field is refused, the message
+    naming the field with the package's value first and the server's second; a package whose
+    file changed after the manifest was written is refused too."""
+    for name, value in [("checkpoint", "sam2.1_hiera_micro.pt#fedcba9876543210"), ("image_size", 512),
+                        ("dtype", "bfloat16"), ("points_per_batch", 128), ("batch_size", 1),
+                        ("multimask_output", False), ("device", "cuda"), ("torch_version", "1.0")]:
+        server = replace(STUB_SPEC, **{name: value})
+        with pytest.raises(PackageMismatch) as refused:
+            load_kernels(stub_packages, server)
+        assert f"\n  {name}: package {getattr(STUB_SPEC, name)!r}, server {value!r}\n" in str(refused.value)
+        assert str(refused.value).count(": package ") == 1
+    with open(stub_packages / ENCODER_PACKAGE, "ab") as file:
+        file.write(b"!")
+    with pytest.raises(PackageMismatch, match="image_encoder.pt2 is not the file its manifest lists"):
+        load_kernels(stub_packages, STUB_SPEC)
+
+
+def test_an_export_over_a_package_unmakes_it_before_replacing_its_files(stub_packages, monkeypatch):
+    """The old manifest goes before the new export starts: an export that fails leaves a folder
+    that is refused, not the old package beside half-written files."""
+    def export_fails(model, spec):
+        raise RuntimeError("export interrupted")
+        yield
+
+    monkeypatch.setattr(fast, "exported_programs", export_fails)
+    with pytest.raises(RuntimeError, match="export interrupted"):
+        save_kernels(torch.nn.Linear(2, 2), STUB_SPEC, stub_packages)
+    assert not (stub_packages / MANIFEST).exists()
+
+
+def test_loaded_packages_are_freed_at_exit(stub_packages, monkeypatch):
+    """Loaded packages are registered, and freed at exit (their loader dropped: torch then
+    removes the folder each unpacked into)."""
+    monkeypatch.setattr(fast, "LOADED_PACKAGES", weakref.WeakSet())  # the module's real packages stay loaded
+    kernels = load_kernels(stub_packages, STUB_SPEC)
+    assert set(fast.LOADED_PACKAGES) == {kernels.encoder, kernels.decoder}
+    fast.free_loaded_packages()
+    assert kernels.encoder.loader is None and kernels.decoder.loader is None
+
+
+def test_loader_tried_in_a_process_of_its_own_says_why_it_failed(monkeypatch):
+    """load_failure_elsewhere's answers: None where the tryout loaded, the signal that ended it
+    (by name, or by number where it has none), the last line of its error, its exit status
+    where it said nothing, a time limit; the tryout is given the device index and the packages."""
+    def why(probe: str, packages=("a.pt2", "b.pt2"), device_index=-1):
+        monkeypatch.setattr(fast, "LOAD_PROBE", probe)
+        return fast.load_failure_elsewhere([Path(p) for p in packages], device_index)
+
+    assert why("import sys; assert sys.argv[1:] == ['3', 'a.pt2', 'b.pt2']", device_index=3) is None
+    assert why("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)") == "torch's loader crashed (SIGSEGV)"
+    assert why("import os; os.kill(os.getpid(), 40)") == "torch's loader crashed (signal 40)"  # a real-time signal
+    assert why("import sys; print('loading', file=sys.stderr); raise RuntimeError('no CUDA driver')") == (
+        "torch's loader failed (RuntimeError: no CUDA driver)")
+    assert why("import sys; sys.exit(3)") == "torch's loader failed (exit status 3)"
+    monkeypatch.setattr(fast, "LOAD_PROBE_TIMEOUT_S", 1)
+    assert why("import time; time.sleep(30)") == "torch's loader did not finish within 1 s"
+
+
+def test_packages_load_onto_the_gpu_the_model_is_on(monkeypatch):
+    """aoti_load_package's device_index: the GPU's number where the device names one, the
+    thread's current GPU where it does not, -1 on a CPU."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    assert [aoti_device_index(d) for d in ("cuda:3", torch.device("cuda", 0), "cuda", "cpu")] == [3, 0, 5, -1]
+
+
+def test_a_kernel_spec_is_what_the_server_runs(tmp_path):
+    """The spec a server asks of a package: its checkpoint's name and hash, the model's size and
+    device, half precision as float16 on CUDA and bfloat16 on a CPU, the batch of images, the
+    points per batch and multimask output of the settings."""
+    checkpoint = tmp_path / "sam2.1_hiera_micro.pt"
+    checkpoint.write_bytes(b"weights")
+    config = AMGConfig(points_per_batch=32, multimask_output=False)
+    for device, half, dtype in [("cpu", True, "bfloat16"), ("cuda", True, "float16"), ("cuda", False, "float32")]:
+        model = SimpleNamespace(device=torch.device(device), image_size=256)
+        spec = kernel_spec(model, checkpoint, config, half_precision=half, batch_size=3)
+        assert spec == fast.KernelSpec(checkpoint=fast.checkpoint_identity(checkpoint), image_size=256, dtype=dtype,
+                                       points_per_batch=32, batch_size=3, multimask_output=False, device=device,
+                                       torch_version=torch.__version__)
+        assert spec.torch_dtype == getattr(torch, dtype)
+
+
+def test_static_kernels_take_any_number_of_images_and_points():
+    """ImagesPerCall: one call per `images` images, outputs copied at once (a CUDA graph's next
+    run overwrites its outputs) and joined in order. PaddedPointDecoder: a short batch padded to
+    the static size, the padding's outputs dropped, as float32; more points than it was built for
+    refused."""
+    calls, buffer = [], torch.zeros(2, 1)
+
+    def encoder(images):  # one output buffer, rewritten in place by every call (a CUDA graph)
+        calls.append(len(images))
+        buffer[: len(images)] = images[:, :1]
+        return (buffer[: len(images)],)
+
+    (features,) = fast.ImagesPerCall(encoder, 2)(torch.arange(5.0)[:, None].expand(5, 3))
+    assert calls == [2, 2, 1] and features[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    (alone,) = fast.ImagesPerCall(encoder, 2)(torch.tensor([[7.0, 0, 0], [8.0, 0, 0]]))
+    encoder(torch.tensor([[9.0], [9.0]]))
+    assert alone[:, 0].tolist() == [7.0, 8.0]
+
+    seen = []
+
+    def decoder(image_embed, feat_s0, feat_s1, coords):
+        seen.append(coords.clone())
+        return coords.sum(dim=1, keepdim=True).to(torch.bfloat16), coords[:, :1].to(torch.bfloat16)
+
+    padded = fast.PaddedPointDecoder(decoder, 4)
+    logits, iou_preds = padded(None, None, None, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert seen[0].tolist() == [[1.0, 2.0], [3.0, 4.0], [3.0, 4.0], [3.0, 4.0]]
+    assert logits.tolist() == [[3.0], [7.0]] and iou_preds.tolist() == [[1.0], [3.0]]
+    assert logits.dtype == iou_preds.dtype == torch.float32
+    with pytest.raises(ValueError, match="built for 4 points per call, not 5"):
+        padded(None, None, None, torch.zeros(5, 2))
 
 
 def unpacked_package_folders(pid: int) -> set[Path]:

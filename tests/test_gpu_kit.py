@@ -88,6 +88,24 @@ def test_study_row_answers_no_masks_where_none_pass(trained_micro_checkpoint, sc
     assert study.with_config(replace(config, pred_iou_thresh=0.0)).generate(scenes[0])
 
 
+def test_study_row_raises_any_other_error_of_the_studys_code():
+    """Only the study's failure on an image where no mask passes answers no masks; any other
+    error of its code ends the row, not reported as an image without masks."""
+    def failing(message):
+        def generate(image):
+            raise ValueError(message)
+        return generate
+
+    study = StudyMaskGenerator.__new__(StudyMaskGenerator)  # its generator only: no model built
+    study.generator = SimpleNamespace(generate=failing("torch.cat(): expected a non-empty list of Tensors"))
+    assert study.generate(None) == []
+    study.generator = SimpleNamespace(generate=failing("the image must be RGB"))
+    with pytest.raises(ValueError, match="must be RGB"):
+        study.generate(None)
+    study.generator = SimpleNamespace(generate=lambda image: [{"segmentation": "a"}, {"segmentation": "b"}])
+    assert study.generate(None) == ["a", "b"] and study.generate_batch([None, None]) == [["a", "b"]] * 2
+
+
 def test_float16_modules_agree_with_ao(trained_micro_checkpoint, scenes):
     """fast_furious's dtype on CUDA, on a CPU: ao's modules in float16 (the prompt encoder in
     float32, as fast_furious), every candidate kept, against ao in float32."""
@@ -300,12 +318,111 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
         assert f"stopped by {sent.name}" in (tmp_path / "out" / "timeline.txt").read_text()
 
 
+def test_gpu_benchmark_dry_run_gives_its_stages_ten_times_the_time_in_a_folder_of_its_own(tmp_path):
+    """A dry run (a CPU compiles for minutes) gives each stage ten times its seconds, and works in
+    WORK's -dry folder by default, whose micro model's masks are never taken for a real run's."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n[[ $1 == - ]] && cat >/dev/null\nexit 0\n")
+    stub.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages", "smoke",
+                             "--out", "out"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+                            env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    timeline = (tmp_path / "out" / "timeline.txt").read_text()
+    assert f"start smoke (at most 300 s): {stub} -m tools.benchmark --generated 1 " in timeline, timeline
+    assert (tmp_path / "sam2-gpu-benchmark-dry").is_dir() and not (tmp_path / "sam2-gpu-benchmark").exists()
+
+
+def test_gpu_benchmark_compares_the_export_with_this_runs_compiled_masks_and_loads_only_a_saved_export(tmp_path):
+    """Against a stand-in for Python that writes the masks asked for: stage large-off compares
+    the fast modes with ao, and the export stage names its masks as this run's; an export that
+    failed to save is not loaded, nor compared."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n"
+                    '[[ $1 == - ]] && { cat >/dev/null; exit 0; }\n'
+                    '[[ $1 == compare_rle_lists.py ]] && { echo "mask count mismatch 0"; exit 0; }\n'
+                    '[[ -n ${STUB_SAVE_FAILS:-} && " $* " == *" --save-fast "* ]] && exit 1\n'
+                    'while (($#)); do [[ $1 == --save-masks ]] && mkdir -p "$2" && echo "{}" >"$2/off_fast_furious.jsonl"; '
+                    "shift; done\n")
+    stub.chmod(0o755)
+
+    def script(stages: str, **environment: str) -> str:
+        subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages", stages, "--out", "out",
+                        "--work", "work"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+                       env={**os.environ, "PYTHON": str(stub), **environment})
+        return (tmp_path / "out" / "timeline.txt").read_text()
+
+    timeline = script("large-off export")
+    assert "failed stages: none" in timeline, timeline
+    large_off, *_ = [line for line in timeline.splitlines() if "start large-off" in line]
+    assert " --modes ao fast fast_furious --reference ao " in large_off
+    assert "- those of torch.compile (stage large-off, the same scene): mask count mismatch 0" in (
+        tmp_path / "out" / "export-compare.md").read_text()
+
+    timeline = script("export", STUB_SAVE_FAILS="1")
+    assert "end export-save: exit status 1" in timeline and "failed stages: export-save\n" in timeline, timeline
+    assert "start export-load" not in timeline and not (tmp_path / "out" / "export-compare.md").exists()
+
+
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def test_aoti_check_stops_at_the_first_step_that_fails(monkeypatch, tmp_path):
+    """export-check's steps, with AOTInductor and torch's loader replaced (the GPU script's dry
+    run runs the real ones): a loader that fails in a process of its own ends the check with
+    why; a loaded module is run against its eager self, within 1e-4 on a CPU; an export that
+    fails ends it at once."""
+    from tools import aoti_check
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda exported, package_path: Path(package_path).write_bytes(b"package"))
+    monkeypatch.setattr(aoti_check, "load_failure_elsewhere", lambda packages, index: "torch's loader crashed (SIGSEGV)")
+    steps = list(aoti_check.steps(torch.device("cpu"), tmp_path))
+    assert [(step, passed) for step, _, passed in steps] == [("export (torch.export + AOTInductor)", True),
+                                                             ("load in a process of its own", False)]
+    assert steps[1][1] == "torch's loader crashed (SIGSEGV)"
+
+    def eager_module(offset):  # the check's module, built again from its seed, its output moved by offset
+        torch.manual_seed(0)
+        module = aoti_check.SmallModule().eval()
+        return lambda path, device_index: (lambda image: module(image) + offset)
+
+    monkeypatch.setattr(aoti_check, "load_failure_elsewhere", lambda packages, index: None)
+    for offset, passed in [(0.0, True), (1e-3, False)]:
+        monkeypatch.setattr(torch._inductor, "aoti_load_package", eager_module(offset))
+        *_, (step, result, ok) = aoti_check.steps(torch.device("cpu"), tmp_path)
+        assert step == "run against eager" and ok is passed and result.endswith("(at most 0.0001)"), result
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", raising(RuntimeError("no C++ compiler\nmore")))
+    assert list(aoti_check.steps(torch.device("cpu"), tmp_path)) == [
+        ("export (torch.export + AOTInductor)", "RuntimeError: no C++ compiler", False)]
+
+
+@pytest.mark.parametrize("passed, status", [([True] * 4, 0), ([True] * 3, 1), ([True, True, False, True], 1)])
+def test_aoti_check_exits_0_only_where_all_four_steps_passed(passed, status, monkeypatch, capsys):
+    """A check cut short (fewer than four rows) or with a step that failed exits 1: the GPU
+    script then skips the fast modes' export."""
+    from tools import aoti_check
+
+    monkeypatch.setattr(aoti_check, "steps", lambda device, folder: [(f"step {i}", "result", ok)
+                                                                      for i, ok in enumerate(passed)])
+    monkeypatch.setattr(sys, "argv", ["aoti_check.py", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit:
+        aoti_check.main()
+    assert exit.value.code == status
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step ")]
+    assert rows[1:] == [f"| step {i} | result | {'yes' if ok else 'no'} |" for i, ok in enumerate(passed)]
+
+
+def raising(error: Exception):
+    def call(*args, **kwargs):
+        raise error
+    return call
 
 
 def test_benchmark_per_image_table_gives_each_image_its_own_ratio():
@@ -445,6 +562,134 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
     with pytest.raises(ValueError, match="broken"):  # or with ao, where it is the reference
         benchmark.ready_rows(["ao", "fast"], None, SimpleNamespace(**{**vars(args), "reference": "ao"}), {},
                              first_image=None)
+
+
+def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatch):
+    """--save-fast DIR / --load-fast DIR: each fast mode's kernels in DIR/<mode> (fast and
+    fast_furious are built for different dtypes), none for an eager mode; a row tried again runs
+    in the compile mode it is given; the study's row takes ao's settings."""
+    from sam2serve.study import STUDY_ROW
+    from tools import benchmark
+
+    loaded, configs = [], []
+    monkeypatch.setattr(benchmark, "amg_config", lambda parser, args, mode: configs.append(mode.name) or AMGConfig())
+    monkeypatch.setattr(benchmark, "load_pipeline",
+                        lambda *arguments, **options: loaded.append((arguments, options)) or SimpleNamespace(generator=1))
+    args = SimpleNamespace(checkpoint_dir="checkpoints", model_type="micro", device="cpu",
+                           compile_mode="reduce-overhead", save_fast="kernels", load_fast=None)
+    off = {"pred_iou_thresh": 0.0}
+    assert benchmark.load_row("fast", None, args, off) == 1
+    benchmark.load_row("fast_furious", None, args, off, compile_mode="default")
+    benchmark.load_row("ao", None, args, off)
+    benchmark.load_row("fast", None, SimpleNamespace(**{**vars(args), "save_fast": None, "load_fast": "saved"}), off)
+    assert [arguments for arguments, _ in loaded] == [("checkpoints", "micro", row, "cpu")
+                                                      for row in ("fast", "fast_furious", "ao", "fast")]
+    options = [{key: value for key, value in kwargs.items() if key != "config"} for _, kwargs in loaded]
+    assert options == [
+        {"compile_mode": "reduce-overhead", "save_fast": Path("kernels/fast")},
+        {"compile_mode": "default", "save_fast": Path("kernels/fast_furious")},
+        {"compile_mode": "reduce-overhead"},
+        {"compile_mode": "reduce-overhead", "load_fast": Path("saved/fast")},
+    ]
+    assert all(kwargs["config"] == AMGConfig(pred_iou_thresh=0.0) for _, kwargs in loaded)
+
+    studied = []
+    monkeypatch.setattr(benchmark, "resolve_checkpoint", lambda folder, model_type: (Path("micro.pt"), "micro"))
+    monkeypatch.setattr(benchmark, "build_study_model", lambda size, path, device: (size.name, path, device))
+    monkeypatch.setattr(benchmark, "StudyMaskGenerator", lambda model, config: studied.append((model, config)))
+    configs.clear()
+    benchmark.load_row(STUDY_ROW, None, args, off)
+    assert configs == ["ao"] and studied == [(("micro", Path("micro.pt"), "cpu"), AMGConfig(pred_iou_thresh=0.0))]
+
+
+def test_benchmark_tries_a_fast_row_once_where_its_compile_mode_is_the_default(monkeypatch):
+    """A fast row that fails in torch.compile's default mode (or, on a CPU, its eager kernels)
+    is not tried again in that same mode."""
+    from tools import benchmark
+
+    calls = []
+
+    def load_row(row, parser, args, thresholds, compile_mode=None):
+        calls.append((row, compile_mode))
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(benchmark, "load_row", load_row)
+    for compile_mode in ("default", None):
+        calls.clear()
+        args = SimpleNamespace(device="cuda", compile_mode=compile_mode, reference="baseline")
+        generators, _, notes = benchmark.ready_rows(["fast"], None, args, {}, first_image=None)
+        assert calls == [("fast", None)] and generators == {}
+        assert notes == {"fast": "failed: RuntimeError: compilation failed"}
+
+
+def test_benchmark_says_how_the_fast_modes_kernels_were_made():
+    from tools.benchmark import fast_kernels_description
+
+    def described(device="cpu", compile_mode=None, save_fast=None, load_fast=None):
+        return fast_kernels_description(SimpleNamespace(device=device, compile_mode=compile_mode, save_fast=save_fast,
+                                                        load_fast=load_fast))
+
+    assert described(load_fast="k") == "kernels loaded from k/<mode>"
+    assert described(save_fast="k") == "kernels exported to k/<mode> (torch.export + AOTInductor), then loaded"
+    assert described() == "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
+    assert described(compile_mode="default") == "torch.compile mode default"
+    assert described("cuda") == "torch.compile mode max-autotune"
+    assert described("cuda:1", "reduce-overhead") == "torch.compile mode reduce-overhead"
+
+
+def test_benchmark_saves_each_rows_masks_under_its_tables_name(tmp_path):
+    """--save-masks: DIR/<row>.jsonl, or DIR/<filters>_<row>.jsonl with --filters, an
+    /upload_rle answer per image and line, in the images' order."""
+    from sam2serve.rle import answer_text, masks_to_rle_vectorized
+    from tools.benchmark import ModeRun, save_masks
+
+    square = torch.zeros(1, 4, 4, dtype=torch.bool)
+    square[0, :2, :2] = True
+    masks = masks_to_rle_vectorized(square)
+    runs = {"ao": ModeRun("ao", masks={1: masks, 0: []}), "fast": ModeRun("fast", masks={0: masks, 1: masks})}
+    save_masks(tmp_path / "masks", "off", runs, 2)
+    save_masks(tmp_path / "masks", None, runs, 2)
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["ao.jsonl", "fast.jsonl", "off_ao.jsonl",
+                                                                      "off_fast.jsonl"]
+    assert (tmp_path / "masks" / "off_ao.jsonl").read_text() == answer_text([]) + "\n" + answer_text(masks) + "\n"
+    assert (tmp_path / "masks" / "fast.jsonl").read_text() == (answer_text(masks) + "\n") * 2
+
+
+def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_speed_up(monkeypatch, capsys):
+    """tools/benchmark_prompts.py on the micro model, its clock replaced: a row per measurement
+    (the median of its times), then how many times faster a cached image answers one point than
+    a new one; its prompts fall inside each image (x across its width, y down its height)."""
+    from tools import benchmark_prompts
+
+    wide = np.zeros((10, 100, 3), dtype=np.uint8)
+    points = np.array(benchmark_prompts.point_prompts(wide, 200, seed=0))
+    assert (points >= 0).all() and (points[:, 0] < 100).all() and (points[:, 1] < 10).all()
+    assert points[:, 0].max() > 50
+
+    times = [40.0, 4.0, 8.0, 50.0, 5.0, 60.0,  # image 1: ours new, cached, 32 points; sam2's three
+             20.0, 2.0, 6.0, 30.0, 3.0, 40.0,  # image 1 again (--repeats 2)
+             90.0, 3.0, 7.0, 70.0, 7.0, 80.0,  # image 2
+             95.0, 1.0, 9.0, 75.0, 8.0, 85.0]
+    calls = []
+
+    def timed(device, function):
+        if len(calls) < 6:  # each measurement's request runs once (sam2's 32 calls take seconds here)
+            function()
+        calls.append(function)
+        return times[len(calls) - 1]
+
+    monkeypatch.setattr(benchmark_prompts, "timed", timed)
+    monkeypatch.setattr(benchmark_prompts, "set_up_cpu_process", lambda device: None)  # not this process's settings
+    monkeypatch.setattr(benchmark_prompts, "make_scene", lambda rng, height, width: make_scene(rng, 64, 80))
+    monkeypatch.setattr(sys, "argv", ["benchmark_prompts.py", "--generated", "2", "--repeats", "2"])
+    benchmark_prompts.main()
+    out = capsys.readouterr().out
+    assert "; device cpu; 2 images (80x64), 2 repeats; torch " in out
+    assert out.split("| measurement | ms (median) |\n|---|---|\n")[1].splitlines()[:6] == [
+        "| ours: new image (encode + 1 point) | 65.0 |", "| ours: cached image, 1 point | 2.5 |",
+        "| ours: cached image, 32 points in one request | 7.5 |", "| sam2 predictor: set_image + predict | 60.0 |",
+        "| sam2 predictor: predict, 1 point | 6.0 |", "| sam2 predictor: 32 predict calls | 70.0 |"]
+    assert "A cached image answers one point 26.0x faster than a new one." in out
 
 
 def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):

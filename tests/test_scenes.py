@@ -28,6 +28,45 @@ def test_scenes_are_deterministic_with_disjoint_visible_masks(make):
     assert scene.masks.reshape(len(scene.masks), -1).sum(axis=1).min() >= MIN_VISIBLE_FRACTION * 200 * 260
 
 
+def test_scenes_draw_from_min_to_max_objects_both_included():
+    """min_objects and max_objects bound the objects drawn, both included (some are then left
+    unlabelled where too little of them shows)."""
+    counts = [len(make_scene(np.random.default_rng(seed), 128, 128, min_objects=1, max_objects=2).masks)
+              for seed in range(12)]
+    assert max(counts) == 2
+    assert all(len(make_scene(np.random.default_rng(seed), 96, 96, min_objects=2, max_objects=2).masks) <= 2
+               for seed in range(4))
+
+
+def test_visible_masks_are_what_later_shapes_leave_in_painting_order():
+    """Each shape's mask is the part no later shape covers, in the order painted; a shape left
+    with less than MIN_VISIBLE_FRACTION of the image is not labelled."""
+    from training.scenes import visible_masks
+
+    first, second, third = np.zeros((3, 20, 20), dtype=bool)
+    first[:10] = True  # the top half
+    second[5:] = True  # covers the top half's lower part
+    third[:, :19] = True  # covers all but the last column: the second keeps 15 pixels, the first 5
+    visible = visible_masks([first, second, third], 20, 20)
+    assert MIN_VISIBLE_FRACTION * 400 < 5  # both labelled
+    assert [int(mask.sum()) for mask in visible] == [5, 15, 380]
+    assert not visible[1][:5].any() and visible[0][:5, 19].all()
+    tiny = np.zeros((100, 100), dtype=bool)
+    tiny[0, :39] = True  # 39 pixels: under 0.4% of the image
+    assert len(visible_masks([tiny], 100, 100)) == 0
+    tiny[0, 39] = True  # 40: enough
+    assert len(visible_masks([tiny], 100, 100)) == 1
+
+def test_object_colours_stand_out_from_what_they_cover():
+    """An object's colour is at least 80 (L1, of 765) from the mean colour it covers."""
+    from training.scenes import _distinct_colour
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        avoid = rng.uniform(0, 255, 3)
+        assert np.abs(_distinct_colour(rng, avoid) - avoid).sum() >= 80
+
+
 def test_prompts_fall_inside_the_mask_they_ask_for():
     rng = np.random.default_rng(0)
     scene = make_scene(rng, 128, 128)
@@ -196,6 +235,53 @@ def test_training_photos_and_held_out_photos_are_disjoint():
     assert not {name.split()[-1] for name in TRAINING_PHOTOS} & set(HELD_OUT_PHOTOS)
 
 
+def test_training_photos_are_read_as_uint8_rgb_of_at_most_512_pixels():
+    """Photos of floats in [0, 1] are scaled to 0-255 (not read as black), grey ones get three
+    channels, and the longer side is cut to 512 keeping the shape."""
+    from training.photo_scenes import _rgb
+
+    assert (_rgb(np.full((4, 6), 0.5)) == 127).all() and _rgb(np.full((4, 6), 0.5)).shape == (4, 6, 3)
+    assert (_rgb(np.full((4, 6, 3), 200.0)) == 200).all()
+    assert _rgb(np.zeros((1000, 600, 3), dtype=np.uint8)).shape == (512, 307, 3)
+
+
+def test_photo_scene_objects_stand_out_from_what_they_cover(monkeypatch):
+    """A fill whose mean colour comes within MIN_FILL_CONTRAST (L1) of what it covers is moved
+    that far from it, towards the middle where it covers a colour near white or black (not
+    past 255 or 0, where the camera's clipping would take the contrast back). Each fill is made
+    here the colour it covers; then the random draws are a stand-in's (a colour with a photo's
+    detail, moved up unless that passes 255)."""
+    from training import photo_scenes
+
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    shape = (yy - 16) ** 2 + (xx - 16) ** 2 <= 10**2
+    grey = np.full((32, 32, 3), 128.0, dtype=np.float32)
+    monkeypatch.setattr(photo_scenes, "_distinct_colour", lambda rng, avoid: avoid)
+    monkeypatch.setattr(photo_scenes, "_lighting", lambda rng, yy, xx, strength: np.ones((32, 32, 1)))
+    monkeypatch.setattr(photo_scenes, "_fill", lambda rng, yy, xx, avoid: grey)
+    monkeypatch.setattr(photo_scenes, "_photo_crop", lambda rng, photos, height, width: grey)
+    rng = np.random.default_rng(0)
+    for _ in range(12):  # every kind of fill
+        fill = photo_scenes._object_fill(rng, [], yy, xx, grey, shape)[shape]
+        assert np.abs(fill.mean(axis=0) - 128.0).sum() >= photo_scenes.MIN_FILL_CONTRAST - 1e-3
+
+    class Draws:  # the middle of each range; "a colour with a photo's detail"; directions up
+        def random(self):
+            return 0.5
+
+        def uniform(self, low, high, size=None):
+            return np.full(size, (low + high) / 2) if size else (low + high) / 2
+
+        def choice(self, options, size):
+            return np.ones(size)
+
+    for level, expected in [(128.0, 148.0), (250.0, 230.0), (5.0, 25.0)]:
+        covered = np.full((32, 32, 3), level, dtype=np.float32)
+        monkeypatch.setattr(photo_scenes, "_photo_crop", lambda rng, photos, height, width, covered=covered: covered)
+        fill = photo_scenes._object_fill(Draws(), [], yy, xx, covered, shape)[shape]
+        np.testing.assert_allclose(fill, expected, rtol=0, atol=1e-3)
+
+
 def test_photo_scene_pieces_show_what_a_camera_would():
     """Transparent parts of training photos are white, not their hidden black; every silhouette
     is an outline, not its image's square; a shadow falls beside its shape, never round the edge."""
@@ -288,3 +374,73 @@ def test_held_out_box_figure_pairs_each_object_with_its_own_box(trained_micro_ch
         predictor.set_image(scene.image)
     ious = tight_box_ious(predictor, scene)
     assert len(ious) == len(scene.masks) and np.mean(ious) > 0.7
+
+
+def test_held_out_figures_of_known_masks():
+    """interior_point: the pixel farthest from the mask's border, the image's edge counting as
+    one, as (x, y) at its centre; mask_iou of two empty masks is 1; an object is found by the
+    mask that covers it at IoU 0.5 or more (0.5 included), and two masks on one object find it
+    once."""
+    from training.evaluation import interior_point, mask_iou, objects_found
+
+    touching_left = np.zeros((7, 9), dtype=bool)
+    touching_left[1:6, 0:5] = True
+    assert interior_point(touching_left) == (2.5, 3.5)
+    empty = np.zeros((4, 4), dtype=bool)
+    assert mask_iou(empty, empty) == 1.0 and mask_iou(touching_left, ~touching_left) == 0.0
+
+    objects = np.zeros((2, 4, 4), dtype=bool)
+    objects[0, :2] = objects[1, 2:] = True  # the top half, the bottom half
+    half_of_the_bottom = np.zeros((1, 4, 4), dtype=bool)
+    half_of_the_bottom[0, 2:, :2] = True
+    assert objects_found(half_of_the_bottom, objects) == 1  # IoU 0.5 exactly
+    assert objects_found(np.stack([objects[0], objects[0]]), objects) == 1
+    assert objects_found(objects[:0], objects) == 0 and objects_found(objects, objects[:0]) == 0
+
+
+def test_single_point_figure_takes_the_mask_sam2_predicts_best_for_each_objects_point():
+    """Of the three masks sam2's predictor gives for an object's interior point, the one with
+    the highest predicted IoU is scored (mask k of object i here is i's own only where k is the
+    best), and each object is asked with its own point."""
+    from training.evaluation import single_point_ious
+    from training.scenes import Scene
+
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, :4, :4] = masks[1, 4:, 4:] = True
+    best = [2, 0]
+    asked = []
+
+    class Predictor:
+        def set_image(self, image):
+            pass
+
+        def predict(self, point_coords, point_labels, multimask_output, return_logits):
+            asked.append(point_coords.tolist())
+            logits = np.full((2, 3, 8, 8), -1.0)
+            for i, k in enumerate(best):
+                logits[i, k][masks[i]] = 1.0
+            scores = np.full((2, 3), 0.1)
+            scores[[0, 1], best] = 0.9
+            return logits, scores, None
+
+    assert single_point_ious(Predictor(), Scene(image=np.zeros((8, 8, 3), np.uint8), masks=masks)) == [1.0, 1.0]
+    assert asked == [[[[1.5, 1.5]], [[5.5, 5.5]]]]  # a pixel farthest from each object's border, at its centre
+
+
+def test_held_out_evaluation_averages_over_objects_and_scenes(monkeypatch):
+    """evaluate's figures: mIoUs over every object of every scene, AMG recall the objects found
+    over all objects, masks per image over the scenes."""
+    from training import evaluation
+    from training.scenes import Scene
+
+    scenes = [Scene(image=None, masks=np.zeros((n, 2, 2), dtype=bool)) for n in (1, 3)]
+    monkeypatch.setattr(evaluation, "held_out_scenes", lambda n: scenes[:n])
+    monkeypatch.setattr(evaluation, "image_predictor", lambda model: "predictor")
+    monkeypatch.setattr(evaluation, "MaskGenerator", lambda model, config: "generator")
+    monkeypatch.setattr(evaluation, "single_point_ious", lambda predictor, scene: [1.0] * (len(scene.masks) - 1) + [0.6])
+    monkeypatch.setattr(evaluation, "tight_box_ious", lambda predictor, scene: [0.5] * len(scene.masks))
+    monkeypatch.setattr(evaluation, "amg_matches", lambda generator, scene: (len(scene.masks) - 1, 5 * len(scene.masks)))
+    result = evaluation.evaluate(model=None, n_scenes=2)
+    assert result == evaluation.Evaluation(scenes=2, objects=4, single_point_miou=pytest.approx(3.2 / 4), box_miou=0.5,
+                                           amg_recall=0.5, masks_per_image=10.0)
+    assert "AMG recall at IoU >= 0.5   0.500" in result.table()

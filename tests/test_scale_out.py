@@ -246,6 +246,47 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
     assert stopped.value.code == 1
 
 
+def test_modal_replay_asks_for_its_settings_and_sends_a_file_of_exactly_the_upload_limit(monkeypatch, tmp_path):
+    """The deployed class is asked for the replay's model, mode, AMG options and exported
+    package; a file of exactly the upload limit is sent (one byte more is the 413 line); the
+    container opens the package under the volume's exported/ folder; a package the image does
+    not pin is refused."""
+    import modal
+
+    from deploy import modal_app
+
+    asked, sent = [], []
+
+    class Segmenter:
+        def __init__(self, **parameters):
+            asked.append(parameters)
+            self.upload_rle = self
+
+        def map(self, inputs, return_exceptions=False):
+            for data in inputs:
+                sent.append(len(data))
+                yield "{}"
+
+    monkeypatch.setattr(modal.Cls, "from_name", lambda app_name, name: Segmenter)
+    path = tmp_path / "at_limit.jpg"
+    path.write_bytes(b"")
+    os.truncate(path, Limits().max_upload_bytes)  # sparse: no disk used
+    failed = modal_app.replay([str(path)], tmp_path / "out", "small", "fast", {"points_per_side": 8}, "small_fast")
+    assert failed == [] and sent == [Limits().max_upload_bytes]
+    assert asked == [{"model_type": "small", "mode": "fast", "amg_json": '{"points_per_side": 8}',
+                      "load_fast": "small_fast"}]
+
+    import sam2serve.modes
+
+    opened = []
+    monkeypatch.setattr(sam2serve.modes, "load_pipeline", lambda **options: opened.append(options))
+    modal_app.open_pipeline("/data", "small", "fast", "{}", "small_fast", "cuda")
+    modal_app.open_pipeline("/data", "small", "ao", "{}", "", "cuda")
+    assert [options["load_fast"] for options in opened] == ["/data/exported/small_fast", None]
+    with pytest.raises(ValueError, match="does not pin all of"):
+        modal_app.pinned(modal_app.REQUIREMENTS, "torch", "not-a-requirement")
+
+
 def test_modal_replay_refuses_exported_kernels_for_a_mode_that_runs_none(tmp_path):
     """Checked before any image is sent: each container would have failed at start, on paid GPUs,
     and every image answered an error line."""
@@ -493,6 +534,30 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
             build(arguments)
 
 
+def test_ray_serve_arguments_reach_the_deployment_in_their_units():
+    """What `serve run ... key=value` asks for is what the replicas get: milliseconds as
+    seconds, MB as bytes, autoscaling at 2 x batch_size requests a replica up to max_replicas,
+    room for a whole batch of requests per replica; the smallest valid values are taken, and a
+    compile mode alone (it needs a fast mode) or a batch of 0 refused."""
+    pytest.importorskip("ray")
+    from deploy.ray_serve_app import MAX_ONGOING_REQUESTS, build
+
+    deployment = build({"replicas": "auto", "batch_size": "3", "batch_wait_ms": "50", "embedding_cache_mb": "1",
+                        "connection_timeout": "7", "device": "cpu"})._bound_deployment
+    assert deployment.init_args[1:] == (3, 0.05, 2**20, 7.0)
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 6)
+    assert deployment.max_ongoing_requests == MAX_ONGOING_REQUESTS
+    large = build({"batch_size": str(MAX_ONGOING_REQUESTS + 8), "max_replicas": "1", "replicas": "2",
+                   "device": "cpu"})._bound_deployment
+    assert large.max_ongoing_requests == MAX_ONGOING_REQUESTS + 8 and large.num_replicas == 2
+    assert build({"batch_size": "1", "device": "cpu"})._bound_deployment.init_args[1] == 1
+    for arguments, message in [({"batch_size": "0"}, "batch_size=0: must be at least 1"),
+                               ({"compile_mode": "default"}, "need a fast mode")]:
+        with pytest.raises(ValueError, match=message):
+            build(arguments)
+
+
 @pytest.fixture
 def bare_ray_batching(monkeypatch):
     """serve.batch outside a running Ray Serve: its check against the replica's settings has
@@ -504,6 +569,101 @@ def bare_ray_batching(monkeypatch):
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     monkeypatch.setattr(SegmentEverything.func_or_class.segment.set_max_batch_size.__self__, "_queue", None)
+
+
+def bare_replica_answer(replica, method: str, path: str, chunks=(b"",), headers=(), root_path: str = ""):
+    """A request answered by a replica called bare (no Ray Serve, no HTTP): (status, headers,
+    body). Its body arrives as `chunks`; None in them is a client that disconnects there, and
+    ... one that stops sending."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path, "query_string": b"",
+             "headers": [(name.lower().encode(), value.encode()) for name, value in headers]}
+    messages = list(chunks)
+
+    async def receive():
+        chunk = messages.pop(0)
+        if chunk is None:
+            return {"type": "http.disconnect"}
+        if chunk is ...:
+            await asyncio.sleep(60)
+        return {"type": "http.request", "body": chunk, "more_body": bool(messages)}
+
+    response = asyncio.run(replica(Request(scope, receive)))
+    return response.status_code, response.headers, response.body
+
+
+def test_a_ray_serve_replica_answers_statuses_as_server_py():
+    """A replica's own answers, called bare: /health counts the image requests waiting (and no
+    longer those answered), the route prefix without its slash is a permanent redirect, another
+    path a JSON 404; a body of exactly the upload limit is read, one byte more is a 413; a body
+    that stops arriving is the replica's connection timeout's 408, a client that leaves while it
+    is sent or that Ray cancels a 499 (not a 500, a failure to log), and an image that failed
+    in its batch its error's answer."""
+    import asyncio
+
+    pytest.importorskip("ray")
+    from ray.exceptions import TaskCancelledError
+
+    from deploy.ray_serve_app import SegmentEverything
+
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)
+    replica.limits, replica.connection_timeout_s, replica.waiting, replica.info = Limits(), 0.2, 0, {"mode": "ao"}
+    gate = asyncio.Event()
+
+    async def segment(request):
+        await gate.wait()
+        return RuntimeError("out of memory")
+
+    replica.segment = segment
+
+    async def waiting_then_health():
+        image = np.zeros((8, 8, 3), np.uint8)
+        masks = [asyncio.create_task(replica.masks(image)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        status, _, body = await asyncio.to_thread(bare_replica_answer, replica, "GET", "/health")
+        gate.set()
+        failures = []
+        for task in masks:
+            try:
+                failures.append(("answered", await task))
+            except RuntimeError as error:
+                failures.append(("raised", error))
+        return status, json.loads(body), failures
+
+    status, health, failures = asyncio.run(waiting_then_health())
+    assert status == 200 and health == {"status": "ok", "queued": 2, "mode": "ao"}
+    assert [how for how, _ in failures] == ["raised", "raised"]  # its error's answer, not an answer of masks
+    assert json.loads(bare_replica_answer(replica, "GET", "/health")[2])["queued"] == 0
+
+    status, headers, _ = bare_replica_answer(replica, "GET", "", root_path="/sam2")
+    assert status == 301 and headers["location"] == "/sam2/"
+    status, _, body = bare_replica_answer(replica, "POST", "/uploads")
+    assert status == 404 and "not found" in json.loads(body)["error"]
+
+    limit = 64
+    replica.limits = Limits(max_upload_bytes=limit)
+    answers = []
+
+    async def uploaded_image(request, form=None):
+        answers.append(len(await request.body()))
+        raise TaskCancelledError()  # as Ray raises it for a request whose client left
+
+    replica.uploaded_image = uploaded_image
+    status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 40, b"x" * 24])
+    assert answers == [limit] and status == 499, body
+    status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 40, b"x" * 25])
+    assert status == 413 and answers == [limit]
+    started = time.monotonic()
+    status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, ...])
+    assert time.monotonic() - started < 10  # the replica's timeout, not the default's minute
+    assert status == 408 and json.loads(body) == {"error": "request timeout: nothing received for 0.2 s"}
+    status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, None])
+    assert status == 499 and "before its request was read" in json.loads(body)["error"]
+    assert answers == [limit]
 
 
 def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
@@ -565,6 +725,28 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
     assert answers[0] == answers[2] == generator.generate(image)
     assert answers[1] == with_settings(generator, loose).generate(image) and len(answers[1]) > len(answers[0])
     assert calls == [(2, {}), (1, loose)]
+    replica.model_thread.shutdown()
+
+
+def test_a_ray_serve_batch_stops_only_once_every_request_of_it_is_cancelled(monkeypatch):
+    """One client of a batch leaving does not stop the masks the others wait for."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from deploy import ray_serve_app
+    from deploy.ray_serve_app import ImageRequest, SegmentEverything
+
+    monkeypatch.setattr(ray_serve_app, "generate_each", lambda generator, images, annotate, stop, settings:
+                        [stop() for _ in images])
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)
+    replica.model_thread, replica.pipeline = ThreadPoolExecutor(1), SimpleNamespace(generator=None)
+    image = np.zeros((8, 8, 3), np.uint8)
+    for cancelled, stopped in [((True, False), False), ((True, True), True)]:
+        requests = [ImageRequest(image, cancelled=one) for one in cancelled]
+        assert asyncio.run(replica_class.segment.__wrapped__(replica, requests)) == [stopped, stopped]
     replica.model_thread.shutdown()
 
 
@@ -775,6 +957,23 @@ def test_the_bulk_job_takes_the_underscore_spellings_as_its_other_options(tmp_pa
     args = ray_bulk_job.parse_args([str(tmp_path / "paths"), str(tmp_path / "out"), "--mode", "fast",
                                     "--batch_size", "2", "--load_fast", str(tmp_path / "kernels")])
     assert args.batch_size == 2 and args.options["load_fast"] == str(tmp_path / "kernels")
+
+
+def test_the_bulk_jobs_defaults_and_a_kernels_folder_on_the_clusters_machines(tmp_path, monkeypatch):
+    """By default one worker and batches of 4 images; with a cluster, --load-fast names a folder
+    of the workers' machines, which need not exist on this one (without, it must)."""
+    from deploy import ray_bulk_job
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "paths").write_text("a.jpg\n")
+    arguments = [str(tmp_path / "paths"), str(tmp_path / "out")]
+    args = ray_bulk_job.parse_args(arguments)
+    assert (args.workers, args.batch_size, args.on_cluster) == (1, 4, False)
+    kernels = str(tmp_path / "on_the_workers")
+    args = ray_bulk_job.parse_args(arguments + ["--mode", "fast", "--load-fast", kernels, "--address", "10.0.0.1:6379"])
+    assert args.on_cluster and args.options["load_fast"] == kernels
+    with pytest.raises(SystemExit):
+        ray_bulk_job.parse_args(arguments + ["--mode", "fast", "--load-fast", kernels])
 
 
 def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):

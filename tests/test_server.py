@@ -610,6 +610,108 @@ def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
     assert "0 of 6 done (0 correct, 0 wrong or failed, 4 never sent, 2 in flight when stopped by Ctrl-C)" in out
 
 
+def test_load_test_counts_answers_that_differ_from_the_single_requests_as_wrong(tmp_path, monkeypatch, capsys):
+    """A server whose answer changes from request to request: every client's answer is wrong
+    (the single request's is the reference), and the command exits 1 with the report."""
+    from tools import load_test
+
+    class AnswersDifferently(AnswersEveryPost):
+        bodies = []
+
+        def do_POST(self):
+            self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "1")
+            self.end_headers()
+            self.wfile.write(str(len(self.bodies) % 10).encode())
+
+    report = load_test_against(AnswersDifferently, clients=2, per_client=2)
+    assert not report.ok and report.requests == 4 and report.correct == 0
+    assert all("answer differs from the single request's" in line for line in report.wrong), report.wrong
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersDifferently)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "a.jpg").write_bytes(b"pixels")
+    monkeypatch.setattr(sys, "argv", ["load_test", f"http://127.0.0.1:{server.server_port}", str(tmp_path / "a.jpg"),
+                                      "--clients", "1", "--per-client", "1"])
+    try:
+        with pytest.raises(SystemExit) as ended:
+            load_test.main()
+    finally:
+        server.shutdown()
+    assert ended.value.code == 1 and "1 of 1 done (0 correct, 1 wrong or failed)" in capsys.readouterr().out
+
+
+def test_load_test_refuses_a_server_that_fails_the_single_request_and_too_many_requests():
+    """The references must be answers: a single request (or the /embed for an image's id)
+    answered 500 ends the test at once; more
+    than MAX_REQUESTS asked is refused before anything is sent."""
+    from tools.load_test import MAX_REQUESTS
+
+    class Fails(AnswersEveryPost):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(500)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    with pytest.raises(RuntimeError, match="a.jpg: the single request answered 500"):
+        load_test_against(Fails, clients=1, per_client=1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # with --interactive, the /embed that gives the image its id
+        with pytest.raises(RuntimeError, match="a.jpg: /embed answered 500"):
+            run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1, per_client=1,
+                          interactive=True)
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match=f"at most {MAX_REQUESTS} requests"):
+        run_load_test("http://127.0.0.1:9", {"a": b""}, clients=MAX_REQUESTS + 1, per_client=1)
+
+
+def test_load_test_report_and_retry_after_and_client_orders():
+    """A test that did not send every planned request is not ok; Retry-After absent waits a
+    second, a negative one not at all; each client goes through its requests in an order of
+    its own."""
+    from tools.load_test import Report, retry_after_s
+
+    assert not Report(planned=3, requests=2, correct=2).ok and Report(planned=2, requests=2, correct=2).ok
+    assert [retry_after_s(headers) for headers in ({}, {"Retry-After": "-5"}, {"Retry-After": "2.5"})] == [1, 0, 2.5]
+    orders = [list(client_order(index, 6, 6)) for index in range(3)]
+    assert all(sorted(order) == list(range(6)) for order in orders) and len({tuple(o) for o in orders}) == 3
+
+
+def test_load_test_embeds_an_evicted_image_again_a_bounded_number_of_times():
+    """/segment by an id the server keeps answering 404 (evicted again and again): the image is
+    sent to /embed again MAX_EMBEDS_AGAIN times, then the 404 counts as a wrong answer."""
+    from tools.load_test import MAX_EMBEDS_AGAIN
+
+    posts = []
+
+    class EvictsAtOnce(AnswersEveryPost):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(self.path)
+            segment_again = self.path == "/segment" and posts.count("/segment") > 1
+            body = (b'{"error":"unknown image_id"}' if segment_again else
+                    b'{"image_id":"x","size":[4,6]}' if self.path == "/embed" else b"[]")
+            self.send_response(404 if segment_again else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EvictsAtOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1,
+                               per_client=3, time_limit_s=30, interactive=True)
+    finally:
+        server.shutdown()
+    assert report.embedded_again == MAX_EMBEDS_AGAIN and report.correct == 2, report.table()
+    assert report.wrong == ['a.jpg /segment: status 404, {"error":"unknown image_id"}']
+    assert posts.count("/embed") == 2 + 1 + MAX_EMBEDS_AGAIN  # for its id, its reference, the client's and again
+
+
 def load_test_against(handler: type, clients: int, per_client: int):
     """The load test's report against a stub server of that request handler."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -712,13 +712,45 @@ def test_load_test_embeds_an_evicted_image_again_a_bounded_number_of_times():
     assert posts.count("/embed") == 2 + 1 + MAX_EMBEDS_AGAIN  # for its id, its reference, the client's and again
 
 
-def load_test_against(handler: type, clients: int, per_client: int):
+def test_load_test_sends_an_evicted_image_again_after_a_busy_answer_and_counts_other_404s_as_wrong():
+    """The image of an evicted id sent to /embed again is sent once more after a 503 (its
+    Retry-After), then its /segment answered; a 404 from /upload_rle (no id of its own) is a
+    wrong answer, not a reason to embed anything."""
+    posts, evicted = [], []
+
+    class EvictsOnceThenBusyOnce(AnswersEveryPost):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(self.path)
+            status, body, headers = 200, b"[]", {}
+            if self.path == "/embed":
+                body = b'{"image_id":"x","size":[4,6]}'
+                if len(evicted) == 1:  # the first /embed after the eviction
+                    evicted.append("busy")
+                    status, body, headers = 503, b'{"error":"busy"}', {"Retry-After": "0"}
+            elif posts.count(self.path) == 2:  # the client's own /segment and /upload_rle
+                status, body = 404, b'{"error":"gone"}'
+                if self.path == "/segment":
+                    evicted.append("evicted")
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    report = load_test_against(EvictsOnceThenBusyOnce, clients=1, per_client=3, interactive=True)
+    assert (report.embedded_again, report.retries_busy, report.correct) == (1, 1, 2), report.table()
+    assert report.wrong == ['a.jpg: status 404, {"error":"gone"}']
+    assert posts.count("/embed") == 2 + 1 + 2  # for its id, its reference, the client's, and again twice
+
+
+def load_test_against(handler: type, clients: int, per_client: int, interactive: bool = False):
     """The load test's report against a stub server of that request handler."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         return run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=clients,
-                             per_client=per_client, time_limit_s=30)
+                             per_client=per_client, time_limit_s=30, interactive=interactive)
     finally:
         server.shutdown()
 

@@ -610,9 +610,10 @@ def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatc
     assert configs == ["ao"] and studied == [(("micro", Path("micro.pt"), "cpu"), AMGConfig(pred_iou_thresh=0.0))]
 
 
-def test_benchmark_tries_a_fast_row_once_where_its_compile_mode_is_the_default(monkeypatch):
-    """A fast row that fails in torch.compile's default mode (or, on a CPU, its eager kernels)
-    is not tried again in that same mode."""
+def test_benchmark_tries_a_fast_row_again_only_where_it_did_not_fail_in_the_default_mode(monkeypatch):
+    """A fast row that fails in torch.compile's default mode, or on a CPU in its eager kernels,
+    is not tried again; one that fails in the mode a CUDA device compiles in when none is given
+    (max-autotune) is tried again in the default mode."""
     from tools import benchmark
 
     calls = []
@@ -622,12 +623,18 @@ def test_benchmark_tries_a_fast_row_once_where_its_compile_mode_is_the_default(m
         raise RuntimeError("compilation failed")
 
     monkeypatch.setattr(benchmark, "load_row", load_row)
-    for compile_mode in ("default", None):
+    for device, compile_mode in (("cuda", "default"), ("cpu", None)):
         calls.clear()
-        args = SimpleNamespace(device="cuda", compile_mode=compile_mode, reference="baseline")
+        args = SimpleNamespace(device=device, compile_mode=compile_mode, reference="baseline")
         generators, _, notes = benchmark.ready_rows(["fast"], None, args, {}, first_image=None)
         assert calls == [("fast", None)] and generators == {}
         assert notes == {"fast": "failed: RuntimeError: compilation failed"}
+    calls.clear()
+    args = SimpleNamespace(device="cuda", compile_mode=None, reference="baseline")
+    _, _, notes = benchmark.ready_rows(["fast"], None, args, {}, first_image=None)
+    assert calls == [("fast", None), ("fast", "default")]
+    assert notes == {"fast": "failed in compile mode max-autotune: RuntimeError: compilation failed; "
+                             "failed in compile mode default: RuntimeError: compilation failed"}
 
 
 def test_benchmark_says_how_the_fast_modes_kernels_were_made():

@@ -228,9 +228,12 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
     failure ends it: every row is compared with it."""
     generators, ready, notes = {}, {}, {}
     cuda = torch.device(args.device).type == "cuda"
+    # The mode a compiled row compiles in: the one given, else max-autotune on CUDA; on a CPU
+    # none is (its fast rows run eager kernels unless --compile-mode is given).
+    chosen = args.compile_mode or (default_compile_mode(args.device) if cuda else None)
     for row in rows:
         compile_modes = [None]
-        if compiled_row(row) and args.compile_mode not in (None, "default"):
+        if compiled_row(row) and chosen not in (None, "default"):
             compile_modes.append("default")
         for compile_mode in compile_modes:
             started, memory_before = time.perf_counter(), allocated_mib(args.device)
@@ -242,7 +245,7 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
             except Exception as error:  # noqa: BLE001 (one row's failure must not lose the others')
                 if row == args.reference or isinstance(error, CheckpointError):  # the checkpoint is every row's
                     raise
-                how = f" in compile mode {compile_mode or args.compile_mode}" if len(compile_modes) > 1 else ""
+                how = f" in compile mode {compile_mode or chosen}" if len(compile_modes) > 1 else ""
                 log.exception("%s failed%s", row, how)
                 failure = f"failed{how}: {type(error).__name__}: {failure_reason(error)}"
                 notes[row] = f"{notes[row]}; {failure}" if row in notes else failure

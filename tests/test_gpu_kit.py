@@ -264,9 +264,10 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     stub.chmod(0o755)
 
     def script(*arguments: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        # TMPDIR: a work folder of this test's own where --work is not given, not the machine's shared one.
         return subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), *arguments], capture_output=True,
-                              text=True, env={**os.environ, "PYTHON": str(stub), **(environment or {})}, cwd=tmp_path,
-                              timeout=60)
+                              text=True, env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path),
+                                              **(environment or {})}, cwd=tmp_path, timeout=60)
 
     refused = script("--dry-run", "--stages", "smoke larg", "--out", "never")
     assert refused.returncode == 2 and "no stage 'larg'" in refused.stderr and not (tmp_path / "never").exists()
@@ -302,27 +303,29 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     assert (tmp_path / "out" / "export-check.md").exists()  # a stage not run keeps its earlier table
     for sent, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         sleeper = tmp_path / f"sleeper-{sent.name}.pid"
+        # SIGINT as a terminal sends it: where the tests were started in the background (`&`),
+        # it is ignored, and bash cannot trap a signal ignored when it started.
         running = subprocess.Popen(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages",
-                                    "smoke", "--out", "out"], cwd=tmp_path, env={**os.environ, "PYTHON": str(stub),
-                                                                                 "STUB_SLEEP": str(sleeper)})
-        deadline = time.monotonic() + 30
-        while not sleeper.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        stage = int(sleeper.read_text())
-        # Sent again every 5 s: on loaded machines the script was seen still running 30 s after
-        # one signal (cause not found); checked here is that a signal stops the stage with it.
-        for _ in range(6):
+                                    "smoke", "--out", "out"], cwd=tmp_path,
+                                   env={**os.environ, "PYTHON": str(stub), "STUB_SLEEP": str(sleeper),
+                                        "TMPDIR": str(tmp_path)},
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stage = None
+        try:
+            deadline = time.monotonic() + 30
+            while not sleeper.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stage = int(sleeper.read_text())
             running.send_signal(sent)
-            try:
-                running.wait(timeout=5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        assert running.wait(timeout=1) == status, sent.name
-        deadline = time.monotonic() + 15
-        while process_exists(stage) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_exists(stage), f"the stage outlived the script ({sent.name})"
+            assert running.wait(timeout=30) == status, sent.name
+            deadline = time.monotonic() + 15
+            while process_exists(stage) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not process_exists(stage), f"the stage outlived the script ({sent.name})"
+        finally:
+            running.kill()
+            if stage is not None and process_exists(stage):
+                os.kill(stage, signal.SIGKILL)
         assert f"stopped by {sent.name}" in (tmp_path / "out" / "timeline.txt").read_text()
 
 

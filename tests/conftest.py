@@ -4,6 +4,8 @@ Random weights are nearly degenerate (every point prompt gives about the same ne
 mask), so tests that need several masks lower the thresholds and say so.
 """
 
+import resource
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,9 @@ from training.scenes import make_scene as make_generated_scene
 # The tests compile many generators in one process (a server compiles one): each is another
 # entry in torch.compile's cache of the same code objects, over its default limit of 8.
 torch._dynamo.config.recompile_limit = 64
+# Some tests crash a child process on purpose (a loader that segfaults): no core file, where a
+# machine would write one into the working folder.
+resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def make_scene(height: int, width: int, seed: int, shapes: int = 6) -> np.ndarray:

@@ -167,8 +167,8 @@ def test_a_half_precision_mode_on_a_cpu_without_bfloat16_instructions_is_warned_
 
 
 def test_bfloat16_instructions_are_avx512_bf16_or_amx(monkeypatch):
-    """Either of AVX-512 bf16 and AMX multiplies bfloat16 in hardware (an AMD EPYC has the one,
-    an Intel Xeon the other); neither: emulated, warned of; a torch that cannot tell: no warning."""
+    """Either of AVX-512 bf16 and AMX multiplies bfloat16 in hardware (an AMD EPYC may have the
+    one alone); neither: emulated, warned of; a torch that cannot tell: no warning."""
     import torch
 
     from sam2serve import cpu

@@ -339,11 +339,12 @@ def peak_and_resident_bytes_holding_half_a_gib() -> tuple[int, int]:
 
 def test_a_processs_peak_memory_is_read_in_bytes():
     """VmHWM is in KiB: a process holding 0.5 GiB on top of its start, its peak is at least what it
-    holds now (/proc/self/statm, in pages), and not 2 % more (KiB read as 1000 bytes: 2.3 % low)."""
+    holds now (/proc/self/statm, in pages; KiB read as 1000 bytes gave 2.3 % less), and not half
+    as much again (short of memory, the kernel may drop some of its pages meanwhile)."""
     from reproduce_experiments import in_fresh_process
 
     peak, resident = in_fresh_process(peak_and_resident_bytes_holding_half_a_gib)
-    assert resident <= peak < 1.02 * resident, (peak, resident)
+    assert resident <= peak < 1.5 * resident, (peak, resident)
 
 
 def wait_for_child(pid: int, timeout_s: float = 60) -> int:
@@ -475,7 +476,7 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.benchmark", ["--modes", "ao", "--reference", "ao", "--ablation"],
      "--ablation times sam2's decoder from the baseline's model: it needs the baseline"),
     # The study's row alone on a CPU, where it cannot run: said before any scene is drawn.
-    ("tools.benchmark", ["--modes", "study_ao", "--without-reference"],
+    ("tools.benchmark", ["--modes", "study_ao", "--without-reference", "--device", "cpu"],
      "no row to run: torchao._models.sam2 (torchao 0.18) runs on CUDA only"),
     # Before a thousand scenes are drawn (3 minutes), not after.
     ("tools.benchmark", ["{tmp}/absent", "--generated", "1000"], "give both a checkpoint folder and a model type"),

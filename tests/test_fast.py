@@ -334,8 +334,7 @@ def test_exported_encoder_takes_one_to_batch_size_images(load_micro, batch_size)
         assert batch == 1
     else:
         assert isinstance(batch, torch.SymInt)
-        bounds = program.range_constraints[batch.node.expr]
-        assert (bounds.lower, bounds.upper) == (1, batch_size)
+        assert [(bounds.lower, bounds.upper) for bounds in program.range_constraints.values()] == [(1, batch_size)]
 
 
 def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeypatch):
@@ -569,22 +568,9 @@ def test_each_field_of_the_spec_that_differs_refuses_the_package_saying_both_val
         load_kernels(stub_packages, STUB_SPEC)
 
 
-def test_an_export_over_a_package_unmakes_it_before_replacing_its_files(stub_packages, monkeypatch):
-    """The old manifest goes before the new export starts: an export that fails leaves a folder
-    that is refused, not the old package beside half-written files."""
-    def export_fails(model, spec):
-        raise RuntimeError("export interrupted")
-        yield
-
-    monkeypatch.setattr(fast, "exported_programs", export_fails)
-    with pytest.raises(RuntimeError, match="export interrupted"):
-        save_kernels(torch.nn.Linear(2, 2), STUB_SPEC, stub_packages)
-    assert not (stub_packages / MANIFEST).exists()
-
-
 def test_loaded_packages_are_freed_at_exit(stub_packages, monkeypatch):
-    """Loaded packages are registered, and freed at exit (their loader dropped: torch then
-    removes the folder each unpacked into)."""
+    """Loaded packages are registered, and free_loaded_packages (run at exit) frees them: their
+    loader dropped, torch then removes the folder each unpacked into."""
     monkeypatch.setattr(fast, "LOADED_PACKAGES", weakref.WeakSet())  # the module's real packages stay loaded
     kernels = load_kernels(stub_packages, STUB_SPEC)
     assert set(fast.LOADED_PACKAGES) == {kernels.encoder, kernels.decoder}

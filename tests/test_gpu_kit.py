@@ -699,7 +699,7 @@ def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_
     monkeypatch.setattr(benchmark_prompts, "timed", timed)
     monkeypatch.setattr(benchmark_prompts, "set_up_cpu_process", lambda device: None)  # not this process's settings
     monkeypatch.setattr(benchmark_prompts, "make_scene", lambda rng, height, width: make_scene(rng, 64, 80))
-    monkeypatch.setattr(sys, "argv", ["benchmark_prompts.py", "--generated", "2", "--repeats", "2"])
+    monkeypatch.setattr(sys, "argv", ["benchmark_prompts.py", "--generated", "2", "--repeats", "2", "--device", "cpu"])
     benchmark_prompts.main()
     out = capsys.readouterr().out
     assert "; device cpu; 2 images (80x64), 2 repeats; torch " in out

@@ -534,7 +534,28 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
             build(arguments)
 
 
-def test_ray_serve_arguments_reach_the_deployment_in_their_units():
+def built_deployment(monkeypatch, arguments: dict) -> dict:
+    """What deploy.ray_serve_app.build(arguments) asks of Ray Serve: the deployment's options
+    ("options") and the replicas' arguments ("arguments"), recorded in its place."""
+    from deploy import ray_serve_app
+
+    asked = {}
+
+    class Recorder:  # SegmentEverything.options(...).bind(...)
+        def options(self, **options):
+            asked["options"] = options
+            return self
+
+        def bind(self, *arguments):
+            asked["arguments"] = arguments
+            return self
+
+    monkeypatch.setattr(ray_serve_app, "SegmentEverything", Recorder())
+    ray_serve_app.build(arguments)
+    return asked
+
+
+def test_ray_serve_arguments_reach_the_deployment_in_their_units(monkeypatch):
     """What `serve run ... key=value` asks for is what the replicas get: milliseconds as
     seconds, MB as bytes, autoscaling at 2 x batch_size requests a replica up to max_replicas,
     room for a whole batch of requests per replica; the smallest valid values are taken, and a
@@ -542,16 +563,16 @@ def test_ray_serve_arguments_reach_the_deployment_in_their_units():
     pytest.importorskip("ray")
     from deploy.ray_serve_app import MAX_ONGOING_REQUESTS, build
 
-    deployment = build({"replicas": "auto", "batch_size": "3", "batch_wait_ms": "50", "embedding_cache_mb": "1",
-                        "connection_timeout": "7", "device": "cpu"})._bound_deployment
-    assert deployment.init_args[1:] == (3, 0.05, 2**20, 7.0)
-    scaling = deployment._deployment_config.autoscaling_config
-    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 6)
-    assert deployment.max_ongoing_requests == MAX_ONGOING_REQUESTS
-    large = build({"batch_size": str(MAX_ONGOING_REQUESTS + 8), "max_replicas": "1", "replicas": "2",
-                   "device": "cpu"})._bound_deployment
-    assert large.max_ongoing_requests == MAX_ONGOING_REQUESTS + 8 and large.num_replicas == 2
-    assert build({"batch_size": "1", "device": "cpu"})._bound_deployment.init_args[1] == 1
+    asked = built_deployment(monkeypatch, {"replicas": "auto", "batch_size": "3", "batch_wait_ms": "50",
+                                           "embedding_cache_mb": "1", "connection_timeout": "7", "device": "cpu"})
+    assert asked["arguments"][1:] == (3, 0.05, 2**20, 7.0)
+    assert asked["options"]["autoscaling_config"] == dict(min_replicas=1, max_replicas=4, target_ongoing_requests=6,
+                                                          downscale_delay_s=300)
+    assert asked["options"]["max_ongoing_requests"] == MAX_ONGOING_REQUESTS
+    large = built_deployment(monkeypatch, {"batch_size": str(MAX_ONGOING_REQUESTS + 8), "max_replicas": "1",
+                                           "replicas": "2", "device": "cpu"})["options"]
+    assert large["max_ongoing_requests"] == MAX_ONGOING_REQUESTS + 8 and large["num_replicas"] == 2
+    assert built_deployment(monkeypatch, {"batch_size": "1", "device": "cpu"})["arguments"][1] == 1
     for arguments, message in [({"batch_size": "0"}, "batch_size=0: must be at least 1"),
                                ({"compile_mode": "default"}, "need a fast mode")]:
         with pytest.raises(ValueError, match=message):
@@ -600,8 +621,8 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     longer those answered), the route prefix without its slash is a permanent redirect, another
     path a JSON 404; a body of exactly the upload limit is read, one byte more is a 413; a body
     that stops arriving is the replica's connection timeout's 408, a client that leaves while it
-    is sent or that Ray cancels a 499 (not a 500, a failure to log), and an image that failed
-    in its batch its error's answer."""
+    is sent or that Ray cancels a 499 (not a 500, a failure to log); an image that failed in its
+    batch raises its own error to its request (not an answer of masks)."""
     import asyncio
 
     pytest.importorskip("ray")
@@ -744,10 +765,12 @@ def test_a_ray_serve_batch_stops_only_once_every_request_of_it_is_cancelled(monk
     replica = replica_class.__new__(replica_class)
     replica.model_thread, replica.pipeline = ThreadPoolExecutor(1), SimpleNamespace(generator=None)
     image = np.zeros((8, 8, 3), np.uint8)
-    for cancelled, stopped in [((True, False), False), ((True, True), True)]:
-        requests = [ImageRequest(image, cancelled=one) for one in cancelled]
-        assert asyncio.run(replica_class.segment.__wrapped__(replica, requests)) == [stopped, stopped]
-    replica.model_thread.shutdown()
+    try:
+        for cancelled, stopped in [((True, False), False), ((True, True), True)]:
+            requests = [ImageRequest(image, cancelled=one) for one in cancelled]
+            assert asyncio.run(replica_class.segment.__wrapped__(replica, requests)) == [stopped, stopped]
+    finally:
+        replica.model_thread.shutdown()
 
 
 def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
@@ -959,7 +982,7 @@ def test_the_bulk_job_takes_the_underscore_spellings_as_its_other_options(tmp_pa
     assert args.batch_size == 2 and args.options["load_fast"] == str(tmp_path / "kernels")
 
 
-def test_the_bulk_jobs_defaults_and_a_kernels_folder_on_the_clusters_machines(tmp_path, monkeypatch):
+def test_the_bulk_jobs_defaults_and_a_kernels_folder_on_the_clusters_machines(tmp_path, monkeypatch, capsys):
     """By default one worker and batches of 4 images; with a cluster, --load-fast names a folder
     of the workers' machines, which need not exist on this one (without, it must)."""
     from deploy import ray_bulk_job
@@ -974,6 +997,7 @@ def test_the_bulk_jobs_defaults_and_a_kernels_folder_on_the_clusters_machines(tm
     assert args.on_cluster and args.options["load_fast"] == kernels
     with pytest.raises(SystemExit):
         ray_bulk_job.parse_args(arguments + ["--mode", "fast", "--load-fast", kernels])
+    assert f"--load-fast '{kernels}': no such folder" in capsys.readouterr().err
 
 
 def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch, capsys):
@@ -997,9 +1021,8 @@ def test_the_ray_workers_device_is_the_clusters(local_ray, tmp_path, monkeypatch
     assert ray_bulk_job.cluster_device() == ("cuda" if local_ray.cluster_resources().get("GPU") else "cpu")
     monkeypatch.setattr(ray_bulk_job.ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
     assert ray_bulk_job.cluster_device() == "cuda"
-    from deploy.ray_serve_app import build  # Ray Serve's application built on the cluster, from a config file
-
-    assert build({})._bound_deployment.ray_actor_options["num_gpus"] == 1
+    # Ray Serve's application built on the cluster, from a config file
+    assert built_deployment(monkeypatch, {})["options"]["ray_actor_options"]["num_gpus"] == 1
 
 
 def test_a_mask_generation_switch_given_as_text_reads_true_false_one_and_zero():

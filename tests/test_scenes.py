@@ -34,8 +34,21 @@ def test_scenes_draw_from_min_to_max_objects_both_included():
     counts = [len(make_scene(np.random.default_rng(seed), 128, 128, min_objects=1, max_objects=2).masks)
               for seed in range(12)]
     assert max(counts) == 2
-    assert all(len(make_scene(np.random.default_rng(seed), 96, 96, min_objects=2, max_objects=2).masks) <= 2
-               for seed in range(4))
+
+    class CountedDraws:  # the scene's generator, its integer draws noted
+        def __init__(self, rng):
+            self.rng, self.integer_draws = rng, []
+
+        def integers(self, *bounds, **options):
+            self.integer_draws.append(bounds)
+            return self.rng.integers(*bounds, **options)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    draws = CountedDraws(np.random.default_rng(0))
+    make_scene(draws, 96, 96, min_objects=2, max_objects=5)
+    assert (2, 6) in draws.integer_draws  # the count of objects: 2 to 5
 
 
 def test_visible_masks_are_what_later_shapes_leave_in_painting_order():
@@ -265,7 +278,10 @@ def test_photo_scene_objects_stand_out_from_what_they_cover(monkeypatch):
         fill = photo_scenes._object_fill(rng, [], yy, xx, grey, shape)[shape]
         assert np.abs(fill.mean(axis=0) - 128.0).sum() >= photo_scenes.MIN_FILL_CONTRAST - 1e-3
 
-    class Draws:  # the middle of each range; "a colour with a photo's detail"; directions up
+    class Draws:  # the middle of each range; "a colour with a photo's detail"; directions drawn as given
+        def __init__(self, direction):
+            self.direction = direction
+
         def random(self):
             return 0.5
 
@@ -273,13 +289,15 @@ def test_photo_scene_objects_stand_out_from_what_they_cover(monkeypatch):
             return np.full(size, (low + high) / 2) if size else (low + high) / 2
 
         def choice(self, options, size):
-            return np.ones(size)
+            return np.full(size, self.direction)
 
-    for level, expected in [(128.0, 148.0), (250.0, 230.0), (5.0, 25.0)]:
+    # Moved the way drawn, but not past black or white: the other way there.
+    for direction, level, expected in [(1.0, 128.0, 148.0), (1.0, 250.0, 230.0), (1.0, 5.0, 25.0),
+                                       (-1.0, 128.0, 108.0), (-1.0, 5.0, 25.0), (-1.0, 250.0, 230.0)]:
         covered = np.full((32, 32, 3), level, dtype=np.float32)
         monkeypatch.setattr(photo_scenes, "_photo_crop", lambda rng, photos, height, width, covered=covered: covered)
-        fill = photo_scenes._object_fill(Draws(), [], yy, xx, covered, shape)[shape]
-        np.testing.assert_allclose(fill, expected, rtol=0, atol=1e-3)
+        fill = photo_scenes._object_fill(Draws(direction), [], yy, xx, covered, shape)[shape]
+        np.testing.assert_allclose(fill, expected, rtol=0, atol=1e-3, err_msg=f"{direction}, {level}")
 
 
 def test_photo_scene_pieces_show_what_a_camera_would():

@@ -5,6 +5,7 @@ threshold of 1, so all 48 candidate masks come back (random weights give no mask
 default thresholds).
 """
 
+import contextlib
 import http.server
 import json
 import os
@@ -504,6 +505,24 @@ class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def stub_server(handler: type):
+    """A stub HTTP server of that request handler on a port of its own, serving while in use: its URL."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_port}"
+        finally:
+            server.shutdown()
+
+
+def load_test_against(handler: type, clients: int, per_client: int, interactive: bool = False):
+    """The load test's report against a stub server of that request handler."""
+    with stub_server(handler) as url:
+        return run_load_test(url, {"a.jpg": b"pixels"}, clients=clients, per_client=per_client, time_limit_s=30,
+                             interactive=interactive)
+
+
 def test_load_test_counts_dropped_connections_as_failures():
     """A server that answers the single request, then closes every connection without an
     answer: each of the clients' requests is a failure, none is left out of the count."""
@@ -557,14 +576,9 @@ def test_load_test_clients_take_turns_through_every_request():
         assert sent.max() - sent.min() <= 1 and sent.sum() == clients * per_client, (count, clients, per_client)
 
     handler = type("Handler", (AnswersEveryPost,), {"bodies": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        images = {name: f"pixels of {name}".encode() for name in ("a.jpg", "b.jpg", "c.jpg")}
-        report = run_load_test(f"http://127.0.0.1:{server.server_port}", images, clients=3, per_client=1,
-                               time_limit_s=30)
-    finally:
-        server.shutdown()
+    images = {name: f"pixels of {name}".encode() for name in ("a.jpg", "b.jpg", "c.jpg")}
+    with stub_server(handler) as url:
+        report = run_load_test(url, images, clients=3, per_client=1, time_limit_s=30)
     assert report.ok, report.table()
     concurrent = handler.bodies[3:]  # after each request alone
     assert sorted(next(name for name in images if images[name] in body) for body in concurrent) == sorted(images)
@@ -587,25 +601,23 @@ def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
                 return
             super().do_POST()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersOnceThenHangs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "a.jpg").write_bytes(b"pixels")
     environment = {name: value for name, value in os.environ.items() if name.lower() != "no_proxy"}
-    test = subprocess.Popen([sys.executable, "-m", "tools.load_test", f"http://127.0.0.1:{server.server_port}",
-                             str(tmp_path / "a.jpg"), "--clients", "2", "--per-client", "3"],
-                            env={**environment, "http_proxy": "http://127.0.0.1:9"},  # nothing listens there
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as under &
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(2):
-            while not hanging.acquire(timeout=0.5):
-                assert test.poll() is None, test.communicate()
-        test.send_signal(signal.SIGINT)
-        out, err = test.communicate(timeout=60)
-    finally:
-        test.kill()
-        release.set()
-        server.shutdown()
+    with stub_server(AnswersOnceThenHangs) as url:
+        test = subprocess.Popen([sys.executable, "-m", "tools.load_test", url, str(tmp_path / "a.jpg"), "--clients",
+                                 "2", "--per-client", "3"],
+                                env={**environment, "http_proxy": "http://127.0.0.1:9"},  # nothing listens there
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as under &
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(2):
+                while not hanging.acquire(timeout=0.5):
+                    assert test.poll() is None, test.communicate()
+            test.send_signal(signal.SIGINT)
+            out, err = test.communicate(timeout=60)
+        finally:
+            test.kill()
+            release.set()
     assert test.returncode == 130, err
     assert "0 of 6 done (0 correct, 0 wrong or failed, 4 never sent, 2 in flight when stopped by Ctrl-C)" in out
 
@@ -628,16 +640,11 @@ def test_load_test_counts_answers_that_differ_from_the_single_requests_as_wrong(
     report = load_test_against(AnswersDifferently, clients=2, per_client=2)
     assert not report.ok and report.requests == 4 and report.correct == 0
     assert all("answer differs from the single request's" in line for line in report.wrong), report.wrong
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnswersDifferently)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "a.jpg").write_bytes(b"pixels")
-    monkeypatch.setattr(sys, "argv", ["load_test", f"http://127.0.0.1:{server.server_port}", str(tmp_path / "a.jpg"),
-                                      "--clients", "1", "--per-client", "1"])
-    try:
-        with pytest.raises(SystemExit) as ended:
-            load_test.main()
-    finally:
-        server.shutdown()
+    with stub_server(AnswersDifferently) as url, pytest.raises(SystemExit) as ended:
+        monkeypatch.setattr(sys, "argv", ["load_test", url, str(tmp_path / "a.jpg"), "--clients", "1",
+                                          "--per-client", "1"])
+        load_test.main()
     assert ended.value.code == 1 and "1 of 1 done (0 correct, 1 wrong or failed)" in capsys.readouterr().out
 
 
@@ -657,14 +664,9 @@ def test_load_test_refuses_a_server_that_fails_the_single_request_and_too_many_r
 
     with pytest.raises(RuntimeError, match="a.jpg: the single request answered 500"):
         load_test_against(Fails, clients=1, per_client=1)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:  # with --interactive, the /embed that gives the image its id
-        with pytest.raises(RuntimeError, match="a.jpg: /embed answered 500"):
-            run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1, per_client=1,
-                          interactive=True)
-    finally:
-        server.shutdown()
+    # with --interactive, the /embed that gives the image its id
+    with stub_server(Fails) as url, pytest.raises(RuntimeError, match="a.jpg: /embed answered 500"):
+        run_load_test(url, {"a.jpg": b"pixels"}, clients=1, per_client=1, interactive=True)
     with pytest.raises(ValueError, match=f"at most {MAX_REQUESTS} requests"):
         run_load_test("http://127.0.0.1:9", {"a": b""}, clients=MAX_REQUESTS + 1, per_client=1)
 
@@ -700,13 +702,7 @@ def test_load_test_embeds_an_evicted_image_again_a_bounded_number_of_times():
             self.end_headers()
             self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EvictsAtOnce)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        report = run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=1,
-                               per_client=3, time_limit_s=30, interactive=True)
-    finally:
-        server.shutdown()
+    report = load_test_against(EvictsAtOnce, clients=1, per_client=3, interactive=True)
     assert report.embedded_again == MAX_EMBEDS_AGAIN and report.correct == 2, report.table()
     assert report.wrong == ['a.jpg /segment: status 404, {"error":"unknown image_id"}']
     assert posts.count("/embed") == 2 + 1 + MAX_EMBEDS_AGAIN  # for its id, its reference, the client's and again
@@ -742,17 +738,6 @@ def test_load_test_sends_an_evicted_image_again_after_a_busy_answer_and_counts_o
     assert (report.embedded_again, report.retries_busy, report.correct) == (1, 1, 2), report.table()
     assert report.wrong == ['a.jpg: status 404, {"error":"gone"}']
     assert posts.count("/embed") == 2 + 1 + 2  # for its id, its reference, the client's, and again twice
-
-
-def load_test_against(handler: type, clients: int, per_client: int, interactive: bool = False):
-    """The load test's report against a stub server of that request handler."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        return run_load_test(f"http://127.0.0.1:{server.server_port}", {"a.jpg": b"pixels"}, clients=clients,
-                             per_client=per_client, time_limit_s=30, interactive=interactive)
-    finally:
-        server.shutdown()
 
 
 def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_files, tmp_path):

@@ -317,7 +317,11 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
                 time.sleep(0.1)
             stage = int(sleeper.read_text())
             running.send_signal(sent)
-            assert running.wait(timeout=30) == status, sent.name
+            try:
+                exit_status = running.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the script outlived {sent.name} by 30 s:\n{process_tree(running.pid)}") from None
+            assert exit_status == status, sent.name
             deadline = time.monotonic() + 15
             while process_exists(stage) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -381,6 +385,24 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def process_tree(pid: int) -> str:
+    """A process and those below it, each with its state, the signals it ignores, catches and
+    blocks, and where it waits (Linux's /proc): why one outlived a signal."""
+    lines, pending = [], [pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            pending += [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:  # ended meanwhile
+            continue
+        lines.append(f"{pid} {command[:100]!r}: " + ", ".join(
+            f"{field} {status[field].strip()}" for field in ("State", "SigIgn", "SigCgt", "SigBlk")) + f", waits in {wchan}")
+    return "\n".join(lines)
 
 
 def test_aoti_check_stops_at_the_first_step_that_fails(monkeypatch, tmp_path):

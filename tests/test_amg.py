@@ -23,9 +23,11 @@ from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 
 from sam2serve import upscale
 from sam2serve.amg import (
-    AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits, full_resolution_scores, small_regions,
+    AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits, eager_kernels,
+    full_resolution_scores, small_regions,
 )
 from sam2serve.checkpoints import load_model
+from sam2serve.model import FactoredPointDecoder, default_prompts_per_step
 from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
 
@@ -248,6 +250,10 @@ def test_m2m_refinement_equals_baselines(trained_micro_checkpoint, filters):
     reference = ReferenceMaskGenerator(model, config).generate(image)
     assert_same_masks(MaskGenerator(model, config).generate(image), reference, min_iou=0.999)
     assert reference != ReferenceMaskGenerator(model, AMGConfig(points_per_side=8, **off)).generate(image)
+    if filters == "iou only":  # the scene has prompts that pass only once refined: gating them changes the masks
+        kernels = eager_kernels(model, config)
+        gated = FactoredPointDecoder(model, True, default_prompts_per_step(model), iou_gate=config.pred_iou_thresh)
+        assert MaskGenerator(model, config, replace(kernels, decoder=gated)).generate(image) != reference
 
 
 def connected_components_by_propagation(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

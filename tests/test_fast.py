@@ -47,7 +47,7 @@ from sam2serve.rle import rles_to_masks
 from training.scenes import make_scene as make_generated_scene
 
 from .conftest import make_scene
-from .test_gpu_kit import REPO, process_exists
+from .test_gpu_kit import REPO, process_exists, raising
 from .test_server import curl, run_server_expecting_exit, start_server
 
 KEEP_EVERY_CANDIDATE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
@@ -413,12 +413,6 @@ def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micr
         monkeypatch.setattr(torch._inductor, "aoti_load_package", raising(error))
         with pytest.raises(PackageMismatch, match=rf"cannot be loaded: {why}; export them again"):
             load_kernels(directory, spec)
-
-
-def raising(error: Exception):
-    def call(*args, **kwargs):
-        raise error
-    return call
 
 
 @pytest.mark.parametrize("clean_up", ["finally", "atexit"])

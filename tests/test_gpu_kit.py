@@ -244,6 +244,15 @@ def test_gpu_benchmark_dry_run_writes_every_table(tmp_path):
         assert all(ms > 0 for ms in times) and seconds >= 0, decoder
 
 
+def gpu_script(tmp_path: Path, python: Path, *arguments: str,
+               environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """tools/gpu_benchmark.sh ARGUMENTS run from tmp_path with a stand-in for Python; its default
+    work folder in tmp_path (TMPDIR), not the machine's shared one."""
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), *arguments], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PYTHON": str(python), "TMPDIR": str(tmp_path), **(environment or {})})
+
+
 def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_comparison(tmp_path):
     """The script's own logic, against a stand-in for Python (seconds, no torch): a stage name
     it does not know, an option without its value, relative folders, an earlier run's masks
@@ -264,10 +273,7 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     stub.chmod(0o755)
 
     def script(*arguments: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        # TMPDIR: a work folder of this test's own where --work is not given, not the machine's shared one.
-        return subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), *arguments], capture_output=True,
-                              text=True, env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path),
-                                              **(environment or {})}, cwd=tmp_path, timeout=60)
+        return gpu_script(tmp_path, stub, *arguments, environment=environment)
 
     refused = script("--dry-run", "--stages", "smoke larg", "--out", "never")
     assert refused.returncode == 2 and "no stage 'larg'" in refused.stderr and not (tmp_path / "never").exists()
@@ -339,9 +345,7 @@ def test_gpu_benchmark_dry_run_gives_its_stages_ten_times_the_time_in_a_folder_o
     stub = tmp_path / "python"
     stub.write_text("#!/bin/bash\n[[ $1 == - ]] && cat >/dev/null\nexit 0\n")
     stub.chmod(0o755)
-    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages", "smoke",
-                             "--out", "out"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
-                            env={**os.environ, "PYTHON": str(stub), "TMPDIR": str(tmp_path)})
+    result = gpu_script(tmp_path, stub, "--dry-run", "--stages", "smoke", "--out", "out")
     assert result.returncode == 0, result.stderr
     timeline = (tmp_path / "out" / "timeline.txt").read_text()
     assert f"start smoke (at most 300 s): {stub} -m tools.benchmark --generated 1 " in timeline, timeline
@@ -362,9 +366,8 @@ def test_gpu_benchmark_compares_the_export_with_this_runs_compiled_masks_and_loa
     stub.chmod(0o755)
 
     def script(stages: str, **environment: str) -> str:
-        subprocess.run(["bash", str(REPO / "tools" / "gpu_benchmark.sh"), "--dry-run", "--stages", stages, "--out", "out",
-                        "--work", "work"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
-                       env={**os.environ, "PYTHON": str(stub), **environment})
+        gpu_script(tmp_path, stub, "--dry-run", "--stages", stages, "--out", "out", "--work", "work",
+                   environment=environment)
         return (tmp_path / "out" / "timeline.txt").read_text()
 
     timeline = script("large-off export")

@@ -592,6 +592,17 @@ def bare_ray_batching(monkeypatch):
     monkeypatch.setattr(SegmentEverything.func_or_class.segment.set_max_batch_size.__self__, "_queue", None)
 
 
+def bare_replica(**attributes):
+    """A Ray Serve replica without its set-up (no model loaded, no Ray Serve), holding these
+    attributes: its request handling and batches called directly."""
+    from deploy.ray_serve_app import SegmentEverything
+
+    replica_class = SegmentEverything.func_or_class
+    replica = replica_class.__new__(replica_class)
+    vars(replica).update(attributes)
+    return replica
+
+
 def bare_replica_answer(replica, method: str, path: str, chunks=(b"",), headers=(), root_path: str = ""):
     """A request answered by a replica called bare (no Ray Serve, no HTTP): (status, headers,
     body). Its body arrives as `chunks`; None in them is a client that disconnects there, and
@@ -628,11 +639,7 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     pytest.importorskip("ray")
     from ray.exceptions import TaskCancelledError
 
-    from deploy.ray_serve_app import SegmentEverything
-
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)
-    replica.limits, replica.connection_timeout_s, replica.waiting, replica.info = Limits(), 0.2, 0, {"mode": "ao"}
+    replica = bare_replica(limits=Limits(), connection_timeout_s=0.2, waiting=0, info={"mode": "ao"})
     gate = asyncio.Event()
 
     async def segment(request):
@@ -694,12 +701,11 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import ImageRequest, SegmentEverything
+    from deploy.ray_serve_app import ImageRequest
 
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
-    replica.model_thread = ThreadPoolExecutor(1)
-    replica.pipeline = load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4})
+    # Called bare: its batching needs a running Ray Serve.
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1),
+                           pipeline=load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4}))
     generate_batch = replica.pipeline.generator.generate_batch
 
     def fails_on_more_than_one_or_on_white(images):
@@ -709,7 +715,7 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
 
     monkeypatch.setattr(replica.pipeline.generator, "generate_batch", fails_on_more_than_one_or_on_white)
     images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]
-    answers = asyncio.run(replica_class.segment.__wrapped__(replica, [ImageRequest(image) for image in images]))
+    answers = asyncio.run(type(replica).segment.__wrapped__(replica, [ImageRequest(image) for image in images]))
     assert answers[0] == generate_batch(images[:1])[0] and isinstance(answers[1], RuntimeError)
     replica.model_thread.shutdown()
 
@@ -723,7 +729,7 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
 
     pytest.importorskip("ray")
     from deploy import ray_serve_app
-    from deploy.ray_serve_app import ImageRequest, SegmentEverything
+    from deploy.ray_serve_app import ImageRequest
     from sam2serve.amg import with_settings
 
     calls, generate_each_image = [], ray_serve_app.generate_each
@@ -734,14 +740,13 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
 
     monkeypatch.setattr(ray_serve_app, "generate_each", generate_each)
 
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)  # its batching needs a running Ray Serve: called bare
-    replica.model_thread = ThreadPoolExecutor(1)
-    replica.pipeline = load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4})
+    # Called bare: its batching needs a running Ray Serve.
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1),
+                           pipeline=load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4}))
     image = make_scene(64, 80, seed=5)
     loose = {"box_nms_thresh": 1.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     requests = [ImageRequest(image), ImageRequest(image, tuple(sorted(loose.items()))), ImageRequest(image)]
-    answers = asyncio.run(replica_class.segment.__wrapped__(replica, requests))
+    answers = asyncio.run(type(replica).segment.__wrapped__(replica, requests))
     generator = replica.pipeline.generator
     assert answers[0] == answers[2] == generator.generate(image)
     assert answers[1] == with_settings(generator, loose).generate(image) and len(answers[1]) > len(answers[0])
@@ -757,18 +762,16 @@ def test_a_ray_serve_batch_stops_only_once_every_request_of_it_is_cancelled(monk
 
     pytest.importorskip("ray")
     from deploy import ray_serve_app
-    from deploy.ray_serve_app import ImageRequest, SegmentEverything
+    from deploy.ray_serve_app import ImageRequest
 
     monkeypatch.setattr(ray_serve_app, "generate_each", lambda generator, images, annotate, stop, settings:
                         [stop() for _ in images])
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)
-    replica.model_thread, replica.pipeline = ThreadPoolExecutor(1), SimpleNamespace(generator=None)
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=None))
     image = np.zeros((8, 8, 3), np.uint8)
     try:
         for cancelled, stopped in [((True, False), False), ((True, True), True)]:
             requests = [ImageRequest(image, cancelled=one) for one in cancelled]
-            assert asyncio.run(replica_class.segment.__wrapped__(replica, requests)) == [stopped, stopped]
+            assert asyncio.run(type(replica).segment.__wrapped__(replica, requests)) == [stopped, stopped]
     finally:
         replica.model_thread.shutdown()
 
@@ -783,7 +786,6 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import SegmentEverything
 
     seen, gate = [], threading.Event()
 
@@ -793,9 +795,7 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
             gate.wait(timeout=10)
             return [[] for _ in images]
 
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)
-    replica.model_thread, replica.pipeline, replica.waiting = ThreadPoolExecutor(1), SimpleNamespace(generator=Generator()), 0
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=Generator()), waiting=0)
     replica.segment.set_max_batch_size(1)
     replica.segment.set_batch_wait_timeout_s(0)
 
@@ -828,15 +828,12 @@ def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import SegmentEverything
 
     from .test_worker import StoppableStub
 
     stub = StoppableStub()
     stub.gate.clear()
-    replica_class = SegmentEverything.func_or_class
-    replica = replica_class.__new__(replica_class)
-    replica.model_thread, replica.pipeline, replica.waiting = ThreadPoolExecutor(1), SimpleNamespace(generator=stub), 0
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=stub), waiting=0)
     replica.segment.set_max_batch_size(1)
     replica.segment.set_batch_wait_timeout_s(0)
 

@@ -70,6 +70,7 @@ def test_visible_masks_are_what_later_shapes_leave_in_painting_order():
     tiny[0, 39] = True  # 40: enough
     assert len(visible_masks([tiny], 100, 100)) == 1
 
+
 def test_object_colours_stand_out_from_what_they_cover():
     """An object's colour is at least 80 (L1, of 765) from the mean colour it covers."""
     from training.scenes import _distinct_colour
@@ -263,7 +264,7 @@ def test_photo_scene_objects_stand_out_from_what_they_cover(monkeypatch):
     that far from it, towards the middle where it covers a colour near white or black (not
     past 255 or 0, where the camera's clipping would take the contrast back). Each fill is made
     here the colour it covers; then the random draws are a stand-in's (a colour with a photo's
-    detail, moved up unless that passes 255)."""
+    detail, moved the way drawn unless that passes 255 or 0)."""
     from training import photo_scenes
 
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)

@@ -9,7 +9,8 @@
 
 Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
 503) -> model and generator for the mode (compiled kernels warmed up) -> the main thread serves the model
-(/health answers 200), the thread that loaded it.
+(/health answers 200), the thread that loaded it. The HTTP server ending by itself (an error)
+ends the process with status 1, a model still loading at once.
 
 Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; those
 accepted are answered and sent, then the process exits 0 and frees what it holds (exported
@@ -25,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
     url = " and ".join(listening_urls(http))
     stopped = threading.Event()  # the HTTP server ended: so does the process
+    closing = threading.Event()  # this thread closes the HTTP server: its end is no news
+    # Before the HTTP server runs, so that its end stops a model still loading (minutes, where a
+    # fast mode compiles) at once, not when the loading is over.
+    stop_loading = stop_on_signals(worker, stopped)
 
     def listen() -> None:
         try:
@@ -186,13 +192,12 @@ def main(argv: list[str] | None = None) -> None:
             log.exception("the HTTP server failed")
         finally:
             stopped.set()
+            if not closing.is_set() and not worker.ready:
+                stop_loading()
 
-    listener = threading.Thread(target=listen, name="http", daemon=True)
-    listener.start()
-    stop_on_signals(worker)
     log.info("listening on %s; /health answers 503 until the model is ready", url)
-
-    try:
+    try:  # from the HTTP server's start, whose end may stop this thread (stop_loading)
+        threading.Thread(target=listen, name="http", daemon=True).start()
         try:
             pipeline = load_pipeline(args.checkpoint_dir, args.model_type, mode.name, args.device, config=args.amg,
                                      save_fast=args.save_fast, load_fast=args.load_fast,
@@ -207,27 +212,41 @@ def main(argv: list[str] | None = None) -> None:
         segmenter = prompt_segmenter(pipeline)
         share_encodings(pipeline.generator, segmenter, cache)  # the page's clicks after its masks encode nothing
         worker.serve(pipeline.generator, segmenter, until=stopped)
-        if not worker.stopping:  # the HTTP server ended by itself: an error, for a supervisor to restart it
-            sys.exit("error: the HTTP server stopped (the log says why); the requests it accepted are not answered")
+        if not worker.stopping:  # the HTTP server ended by itself
+            sys.exit(http_stopped(while_loading=False))
         if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
             log.warning("stopped: every accepted request answered; %d connections still busy after %g s are "
                         "closed", unsent, ANSWERS_SENT_WITHIN_S)
         else:
             log.info("stopped: every accepted request answered")
     finally:
+        closing.set()
         http.close()
 
 
-def stop_on_signals(worker: InferenceWorker) -> None:
+def http_stopped(while_loading: bool) -> str:
+    """Why the server exits when its HTTP server ended by itself (an error, for a supervisor to restart it)."""
+    if while_loading:
+        return "error: the HTTP server stopped while the model was loading (the log says why)"
+    return "error: the HTTP server stopped (the log says why); the requests it accepted are not answered"
+
+
+def stop_on_signals(worker: InferenceWorker, http_ended: threading.Event) -> Callable[[], None]:
     """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the
     module's docstring); a second one, or one while the model loads, raises SystemExit at once.
     The handler runs on the main thread between the model's operations, and can run again inside
     itself when signals come together: it decides on its own list (no lock) before it stops the
-    worker (an event) and logs."""
+    worker (an event) and logs.
+
+    Returns stop_loading(), for another thread: a stop signal sent to the main thread, which
+    ends a model's loading with an error once http_ended is set (nothing where every stop
+    signal is ignored: the loading ends, then the server exits)."""
     stopping_since: list[float] = []
 
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
+        if http_ended.is_set() and not worker.stopping:  # stop_loading's signal, or one that came soon after
+            raise SystemExit(http_stopped(while_loading=not worker.ready))
         if not worker.ready:
             raise SystemExit(f"stopped by {name} while the model was loading")
         if stopping_since:
@@ -238,8 +257,16 @@ def stop_on_signals(worker: InferenceWorker) -> None:
         worker.stop()
         log.info("%s: stopping; accepted requests are answered first (send it again to stop at once)", name)
 
+    def stop_loading() -> None:
+        # A signal to the main thread itself: it ends a wait there (a compile waits on its workers).
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is on_signal:
+                signal.pthread_kill(threading.main_thread().ident, signum)
+                return
+
     if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
         handle_stop_signals(on_signal)
+    return stop_loading
 
 
 if __name__ == "__main__":

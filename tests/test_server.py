@@ -315,7 +315,7 @@ def test_a_signal_repeated_within_a_second_is_the_same_stop_a_later_one_stops_at
     server = stop_handlers_restored
     worker = InferenceWorker()
     worker.start(StubGenerator())
-    server.stop_on_signals(worker)
+    server.stop_on_signals(worker, threading.Event())
     signal.raise_signal(signal.SIGTERM)
     assert worker.stopping
     signal.raise_signal(signal.SIGINT)  # at once: the same stop, not "stop at once"
@@ -327,9 +327,45 @@ def test_a_signal_repeated_within_a_second_is_the_same_stop_a_later_one_stops_at
 def test_a_signal_while_the_model_loads_ends_the_start(stop_handlers_restored):
     server = stop_handlers_restored
     worker = InferenceWorker()  # not ready: the model is loading
-    server.stop_on_signals(worker)
+    server.stop_on_signals(worker, threading.Event())
     with pytest.raises(SystemExit, match="stopped by SIGHUP while the model was loading"):
         signal.raise_signal(signal.SIGHUP)
+    assert not worker.stopping
+
+
+def test_the_http_server_ending_while_the_model_loads_ends_the_start_with_why(stop_handlers_restored):
+    """stop_loading(), called by the HTTP server's thread once it has ended, stops the main
+    thread's loading at once, a wait too (a compile waits on its workers): the loading went on
+    for minutes, then the server exited."""
+    server = stop_handlers_restored
+    worker = InferenceWorker()  # not ready: the model is loading
+    http_ended = threading.Event()
+    stop_loading = server.stop_on_signals(worker, http_ended)
+
+    def http_fails() -> None:
+        http_ended.set()
+        stop_loading()
+
+    threading.Timer(0.1, http_fails).start()
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match=r"^error: the HTTP server stopped while the model was loading"):
+        threading.Event().wait(60)
+    assert time.monotonic() - started < 30, "the wait went on: stopped only once it was over"
+    assert not worker.stopping
+
+
+def test_a_stop_signal_once_the_http_server_failed_is_no_clean_stop(stop_handlers_restored):
+    """A stop signal after the HTTP server ended by itself (stop_loading's, sent just as the
+    model became ready, or one from outside) exits with the error: taken as a clean stop, it
+    would end the server with status 0."""
+    server = stop_handlers_restored
+    worker = InferenceWorker()
+    worker.start(StubGenerator())
+    http_ended = threading.Event()
+    server.stop_on_signals(worker, http_ended)
+    http_ended.set()
+    with pytest.raises(SystemExit, match=r"^error: the HTTP server stopped \(the log says why\); the requests"):
+        signal.raise_signal(signal.SIGTERM)
     assert not worker.stopping
 
 
@@ -776,7 +812,7 @@ def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path,
             assert time.monotonic() < deadline + 60, "the stop was not logged"
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=request) for _ in range(requests)]
+    threads = [threading.Thread(target=request, daemon=True) for _ in range(requests)]
     try:
         for thread in threads:
             thread.start()
@@ -820,34 +856,59 @@ def test_a_second_sigterm_stops_at_once(image_files, tmp_path):
     assert any(isinstance(answer, Exception) for answer in answers)  # not every request was answered
 
 
-def test_the_server_exits_with_an_error_when_its_http_server_fails(tmp_path):
+@pytest.mark.parametrize("fails_while, why", [
+    ("serving", "error: the HTTP server stopped (the log says why); the requests it accepted are not answered"),
+    ("loading", "error: the HTTP server stopped while the model was loading (the log says why)"),
+])
+def test_the_server_exits_with_an_error_when_its_http_server_fails(fails_while, why, tmp_path):
     """The HTTP server's thread ending by an error ended server.py with status 0 and no word: a
-    supervisor that restarts a failed server would not have."""
+    supervisor that restarts a failed server would not have. While the model loads (here a
+    load of 5 minutes, as a fast mode's compile), it ends at once, not when the loading is over."""
     script = tmp_path / "failing_http.py"
     script.write_text(f"""
 import sys
+import threading
+import time
 sys.path.insert(0, {str(REPO)!r})
 import server
+
+workers = []
+
+
+class RecordedWorker(server.InferenceWorker):
+    def __init__(self, *arguments, **options):
+        super().__init__(*arguments, **options)
+        workers.append(self)
 
 
 class FailingHTTPServer:
     effective_host, effective_port = "127.0.0.1", 1
 
     def run(self):
+        while {fails_while!r} == "serving" and not (workers and workers[0].ready):
+            time.sleep(0.01)
         raise RuntimeError("the event loop broke")
 
     def close(self):
         print("closed", flush=True)
 
 
+def slow_load_pipeline(*arguments, **options):
+    threading.Event().wait(300)
+    return load_pipeline(*arguments, **options)
+
+
+load_pipeline = server.load_pipeline
+if {fails_while!r} == "loading":
+    server.load_pipeline = slow_load_pipeline
+server.InferenceWorker = RecordedWorker
 server.create_http_server = lambda *arguments, **options: FailingHTTPServer()
 server.main(["--points-per-side", "2"])
 """)
-    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert ended.returncode == 1 and ended.stdout == "closed\n"
     assert ended.stderr.count("Traceback") == 1 and "the HTTP server failed" in ended.stderr
-    assert ended.stderr.rstrip().endswith("error: the HTTP server stopped (the log says why); the requests it "
-                                          "accepted are not answered")
+    assert ended.stderr.rstrip().endswith(why)
 
 
 def test_help_shows_each_options_default_but_not_a_switchs_off_nor_none(capsys, monkeypatch):

@@ -5,6 +5,7 @@ mask), so tests that need several masks lower the thresholds and say so.
 """
 
 import resource
+import threading
 
 import numpy as np
 import pytest
@@ -75,3 +76,14 @@ def tiny_checkpoint_dir(tmp_path_factory):
 def scene():
     # Odd, non-square size: exercises resizing and column-major RLE on uneven shapes.
     return make_scene(123, 157, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def threads_left_running_are_daemons():
+    """A thread that a test starts and leaves running must be a daemon: one left waiting (for an
+    answer a failed test's stub never lets through) held pytest's exit for its timeout, minutes
+    after the report."""
+    before = set(threading.enumerate())
+    yield
+    left = [thread.name for thread in threading.enumerate() if thread not in before and not thread.daemon]
+    assert not left, f"threads left running, not daemons: {left}; start them with daemon=True, or join them"

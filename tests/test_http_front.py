@@ -369,7 +369,7 @@ def test_stopping_waits_until_answers_are_made_and_sent_not_for_idle_connections
         time.sleep(0.5)
         assert finish_answers(server, 0.3) == 1  # made, not yet sent: the client has not read it
         received = []
-        reader = threading.Thread(target=lambda: received.append(read_until_closed(client, 30)))
+        reader = threading.Thread(target=lambda: received.append(read_until_closed(client, 30)), daemon=True)
         reader.start()
         assert finish_answers(server, 30) == 0  # sent; the idle connection does not count
         reader.join(timeout=30)

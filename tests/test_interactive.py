@@ -233,7 +233,7 @@ def test_requests_for_an_image_being_encoded_take_places_in_the_queue(micro):
     worker.start(MaskGenerator(micro, AMGConfig(points_per_side=4)), PromptSegmenter(micro, "micro"))
     client = create_app(worker, cache=EmbeddingCache(2**30), info={"mode": "ao"}).test_client()
     gate = threading.Event()
-    busy = threading.Thread(target=worker.call, args=(gate.wait,))  # the model's thread, held
+    busy = threading.Thread(target=worker.call, args=(gate.wait,), daemon=True)  # the model's thread, held
     busy.start()
     wait_for(lambda: worker.queue_depth == 0 and busy.is_alive())
     data, answers = png(IMAGE), []
@@ -242,7 +242,7 @@ def test_requests_for_an_image_being_encoded_take_places_in_the_queue(micro):
         response = client.post("/embed", data={"image": (io.BytesIO(data), "a.png")})
         answers.append((response.status_code, response.get_json()))
 
-    threads = [threading.Thread(target=embed) for _ in range(4)]
+    threads = [threading.Thread(target=embed, daemon=True) for _ in range(4)]
     try:
         for thread in threads:
             thread.start()
@@ -308,7 +308,7 @@ def test_embed_then_segment_over_http(micro):
     # Concurrent requests for one image: one encoding.
     answers = []
     threads = [threading.Thread(target=lambda: answers.append(
-        client.post("/embed", data={"image": (io.BytesIO(data), "a.png")}).get_json())) for _ in range(4)]
+        client.post("/embed", data={"image": (io.BytesIO(data), "a.png")}).get_json()), daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -593,13 +593,13 @@ def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
         blocking.set()
         gate.wait(timeout=30)
 
-    blocker = threading.Thread(target=worker.call, args=(hold,))
+    blocker = threading.Thread(target=worker.call, args=(hold,), daemon=True)
     blocker.start()  # holds the worker while the /segment is accepted and queued
     assert blocking.wait(timeout=30)  # taken off the queue: what is queued next is the /segment's
     answers = []
     prompts = json.dumps([prompt for _, prompt in PROMPTS])
     segment = threading.Thread(target=lambda: answers.append(
-        client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": prompts})))
+        client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"), "prompts": prompts})), daemon=True)
     segment.start()
     wait_for(lambda: worker.queue_depth >= 1, timeout=30)  # its encoding waits behind the blocker
     worker.stop()

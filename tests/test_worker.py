@@ -100,7 +100,7 @@ def submit_in_threads(worker, values, gone: dict | None = None, answers: dict | 
             answers[value] = error
 
     for value in values:
-        threads.append(threading.Thread(target=request, args=(value,)))
+        threads.append(threading.Thread(target=request, args=(value,), daemon=True))
         threads[-1].start()
     return answers, threads
 
@@ -151,7 +151,7 @@ def test_mask_records_are_batched_apart_from_masks_and_counted():
     def annotate(value):
         records[value] = worker.submit(image_of(value), annotate=True)
 
-    threads = [threading.Thread(target=annotate, args=(value,)) for value in (2, 3)]
+    threads = [threading.Thread(target=annotate, args=(value,), daemon=True) for value in (2, 3)]
     for thread in threads:
         thread.start()
     wait_for(lambda: worker.queue_depth == 2)
@@ -199,7 +199,7 @@ def test_requests_with_settings_of_their_own_run_in_batches_apart():
 
     for value, settings, annotate in ((2, {}, False), (3, {"pred_iou_thresh": 0.5}, False), (4, {}, False),
                                       (5, {"pred_iou_thresh": 0.5}, False), (6, {"pred_iou_thresh": 0.5}, True)):
-        threads.append(threading.Thread(target=request, args=(value, settings, annotate)))
+        threads.append(threading.Thread(target=request, args=(value, settings, annotate), daemon=True))
         threads[-1].start()
         wait_for(lambda: worker.queue_depth == value - 1)
     stub.gate.set()
@@ -278,7 +278,7 @@ def requests_in_progress(worker, count: int, nested: bool = False, kind: str = "
             inside.append(1)
             release.wait(timeout=10)
 
-    holders = [threading.Thread(target=hold) for _ in range(count)]
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(count)]
     for holder in holders:
         holder.start()
     wait_for(lambda: len(inside) == count)
@@ -366,7 +366,7 @@ def test_retry_after_adds_up_the_work_ahead_by_its_kinds():
     held, threads = submit_in_threads(worker, [1])
     wait_for(stub.running.is_set)
     queued, queued_threads = submit_in_threads(worker, [2])
-    waiting = threading.Thread(target=lambda: worker.call(lambda: None, kind="encode"))
+    waiting = threading.Thread(target=lambda: worker.call(lambda: None, kind="encode"), daemon=True)
     waiting.start()
     wait_for(lambda: worker.queue_depth == 2)
     with pytest.raises(Busy) as busy:
@@ -406,7 +406,7 @@ def test_retry_after_counts_each_image_at_its_share_of_a_batch_and_not_the_jobs_
     stub.gate.clear()
     held, threads = submit_in_threads(worker, [4])
     wait_for(stub.running.is_set)
-    late = threading.Thread(target=give_up)
+    late = threading.Thread(target=give_up, daemon=True)
     late.start()
     late.join(timeout=10)
     worker.job_seconds.seconds.update({"image": 3.0, "encode": 5.0})  # as before the images that ran since
@@ -435,8 +435,8 @@ def test_a_call_whose_request_timed_out_while_others_of_its_batch_ran_is_not_run
         except Exception as error:  # noqa: BLE001 - the test inspects it
             answers[name] = error
 
-    threads = [threading.Thread(target=request, args=("slow", 1.5, 30)),
-               threading.Thread(target=request, args=("impatient", 0, 0.7))]
+    threads = [threading.Thread(target=request, args=("slow", 1.5, 30), daemon=True),
+               threading.Thread(target=request, args=("impatient", 0, 0.7), daemon=True)]
     for thread in threads:
         thread.start()
         wait_for(lambda: worker.queue_depth == threads.index(thread) + 1)
@@ -490,7 +490,7 @@ def waits_for_a_place(call, stub, threads) -> object:
     waits for a place instead of Busy; its answer once the model is let go (threads: those
     holding the queue, joined)."""
     answers = []
-    later = threading.Thread(target=lambda: answers.append(call()))
+    later = threading.Thread(target=lambda: answers.append(call()), daemon=True)
     later.start()
     time.sleep(0.3)
     assert answers == [] and later.is_alive()  # waiting for a place, not refused
@@ -517,7 +517,7 @@ def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
 
     for value in (2, 3, "call", 4):
         if value == "call":
-            threads.append(threading.Thread(target=call))
+            threads.append(threading.Thread(target=call, daemon=True))
             threads[-1].start()
         else:
             threads += submit_in_threads(worker, [value], gone, answers)[1]
@@ -617,7 +617,7 @@ def test_http_busy_and_timeout():
         response = app.test_client().post("/upload_rle", data={"image": (io.BytesIO(png_of(value)), "a.png")})
         statuses.append((response.status_code, response.headers.get("Retry-After")))
 
-    threads = [threading.Thread(target=post, args=(value,)) for value in (1, 2, 3)]
+    threads = [threading.Thread(target=post, args=(value,), daemon=True) for value in (1, 2, 3)]
     threads[0].start()
     wait_for(stub.running.is_set)  # 1 runs (blocked)
     threads[1].start()
@@ -669,7 +669,7 @@ def test_serve_runs_jobs_on_the_calling_thread_until_told_to_stop():
         serving_thread["id"] = threading.get_ident()
         worker.serve(StubGenerator(), until=stop)
 
-    thread = threading.Thread(target=serve)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     for _ in range(100):
         if worker.ready:
@@ -688,7 +688,7 @@ def test_stop_answers_the_queued_requests_refuses_new_ones_and_ends_serving():
     stub, stop = StubGenerator(), threading.Event()
     worker = InferenceWorker(batch_size=1, max_queue=4)
     client = create_app(worker).test_client()
-    serving = threading.Thread(target=worker.serve, args=(stub,), kwargs={"until": stop})
+    serving = threading.Thread(target=worker.serve, args=(stub,), kwargs={"until": stop}, daemon=True)
     serving.start()
     wait_for(lambda: worker.ready)
     stub.gate.clear()

@@ -895,10 +895,12 @@ def test_gpu_point_batches_are_halved_to_sixty_four_at_least_and_fit_sixty_perce
 
 def test_a_cpu_peak_counts_what_a_block_still_holds_at_its_end():
     """A request shorter than the 5 ms sampling step: the memory it holds when it ends is its
-    peak all the same (read once more at the end), not 0."""
+    peak all the same (read once more at the end), not 0. The reading is the process's: what
+    other threads free meanwhile (a full run's earlier tests leave some) counts against it, so
+    the block is large and the bound has room (97.1 MiB of 100 was seen)."""
     from sam2serve.timing import PeakMemory
 
     with PeakMemory("cpu") as memory:
-        held = np.empty(100 * 2**20, np.uint8)  # handed out at once, no page touched
-    assert memory.mib >= 99
+        held = np.empty(400 * 2**20, np.uint8)  # handed out at once, no page touched
+    assert memory.mib >= 360
     del held

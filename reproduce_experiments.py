@@ -43,8 +43,8 @@ from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model, require_checkpoint_pair,
 )
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_device_option, add_option, amg_config, checked_image_paths, error_text,
-    require_output_folder, set_up_logging,
+    ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config, check_threads,
+    checked_image_paths, error_text, require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -187,7 +187,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     """Runs one row over every image (in a process of its own) and returns its measurements."""
     set_up_logging()
     device = settings["device"]
-    set_up_cpu_process(device)  # as the server's and the benchmark's: measured as they serve
+    set_up_cpu_process(device, settings["threads"])  # as the server's and the benchmark's: measured as they serve
     config = AMGConfig(**settings["amg"])
     paths = settings["images"]
     with Stopwatch(device) as startup:
@@ -327,7 +327,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, AM
                         help="the rows to run (baseline always runs: the others are compared with it)")
     add_amg_options(parser)
     add_device_option(parser)
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    check_threads(parser, args.threads)
     try:
         require_checkpoint_pair(args.checkpoint_dir, args.model_type)  # an empty folder's name, here
     except ValueError as error:
@@ -376,7 +378,7 @@ def run_study(argv: list[str] | None) -> None:
         name = row_name(row, config_for_row)
         settings = {
             "row": asdict(row), "checkpoint": checkpoint_file, "model_type": args.model_type,
-            "device": args.device, "amg": asdict(config_for_row),
+            "device": args.device, "threads": args.threads, "amg": asdict(config_for_row),
             "images": [str(Path(p).resolve()) for p in image_paths], "image_contents": images,
             "torch_version": torch.__version__, "code": code,
         }

@@ -56,9 +56,9 @@ if __name__ == "__main__":
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, compile_modes, non_negative_float, number_type, positive_int, seconds,
-    require_one_fast_folder, require_output_folder, set_up_logging,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
+    amg_config, check_checkpoint_arguments, check_threads, compile_modes, non_negative_float, number_type,
+    positive_int, seconds, require_one_fast_folder, require_output_folder, set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -104,9 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free one, logged)")
     add_device_option(parser)
-    parser.add_argument("--threads", type=positive_int,
-                        help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
-                        "work also uses, fewer than the cores the server has to itself (docs/performance.md)")
+    add_threads_option(parser)
     add_option(parser, "max_upload_mb", type=upload_megabytes, default=Limits.max_upload_bytes / 2**20,
                help="larger uploads get 413")
     add_option(parser, "max_pixels", type=int, default=Limits.max_pixels,
@@ -147,9 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} is never reached with --max-queue {args.max_queue}: a batch is "
                      f"the request the worker waits for and those queued behind it; raise --max-queue to "
                      f"{args.batch_size - 1} or more")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.threads is not None and args.threads > cores:  # 100000 started as many threads, to no use
-        parser.error(f"--threads {args.threads}: this process may use {cores} cores; give at most {cores}")
+    check_threads(parser, args.threads)
     if not 1 <= args.max_pixels <= PILLOW_MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {PILLOW_MAX_PIXELS} (the most Pillow opens)")
     args.amg = amg_config(parser, args, mode)

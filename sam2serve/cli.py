@@ -302,6 +302,19 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """--threads, checked by check_threads once parsed."""
+    parser.add_argument("--threads", type=positive_int,
+                        help="on a CPU, torch's threads for the model (default: one per core); on cores that other "
+                        "work also uses, fewer than the cores the process has to itself (docs/performance.md)")
+
+
+def check_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads is not None and threads > cores:  # 100000 started as many threads, to no use
+        parser.error(f"--threads {threads}: this process may use {cores} cores; give at most {cores}")
+
+
 def add_amg_options(parser: argparse.ArgumentParser) -> None:
     defaults = AMGConfig()
     for name, (kind, text) in AMG_OPTIONS.items():

@@ -102,11 +102,14 @@ def test_driver_writes_the_study_table(micro_checkpoint_dir, tmp_path):
     # Other weights at the same path, and another image at the same path: measured again.
     write_random_checkpoint(same_file, "micro", seed=1)
     Image.fromarray(make_scene(75, 61, seed=7)).save(paths[1])
-    rerun = run_driver(tmp_path / "paths", output, same_file, "--modes", "ao")
+    rerun = run_driver(tmp_path / "paths", output, same_file, "--modes", "ao", "--threads", "1")
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("running again") == 2 and "checkpoint sam2.1_hiera_micro.pt#" in rerun.stderr
     assert rerun.stderr.count("the images' contents") == 2
     assert stats.stat().st_mtime_ns != before
+    # --threads: each row's process runs the model on that many, and the row says so.
+    assert rerun.stderr.count("CPU threads: 1 for the model's parallel operations") == 2
+    assert json.loads(stats.read_text())["settings"]["threads"] == 1
 
 
 def test_result_figure_names_every_row_without_overlapping_labels():
@@ -469,6 +472,10 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("tools.load_test", ["http://127.0.0.1:5000", "{tmp}/notes.jpg", "--time-limit", "1e300"],  # past time_t
      "--time-limit: must be above 0 and at most"),
     ("tools.benchmark", ["--size", "100000", "100000"], "--size: must be 1 to 16384, got 100000"),
+    # More threads than cores start as many, to no use.
+    ("tools.benchmark", ["--threads", "100000"], "--threads 100000: this process may use"),
+    ("tools.benchmark_prompts", ["--threads", "100000"], "--threads 100000: this process may use"),
+    ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--threads", "100000"], "--threads 100000: this process may use"),
     ("tools.benchmark", ["--modes", "ao", "fast", "ao"], "--modes: ao given more than once"),
     ("tools.benchmark", ["--filters", "off", "sam2", "off"], "--filters: off given more than once"),
     ("tools.benchmark", ["--modes", "ao", "--save-fast", "{tmp}/kernels"], "--save-fast and --load-fast go with a fast"),

@@ -722,10 +722,13 @@ def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_
         return times[len(calls) - 1]
 
     monkeypatch.setattr(benchmark_prompts, "timed", timed)
-    monkeypatch.setattr(benchmark_prompts, "set_up_cpu_process", lambda device: None)  # not this process's settings
+    set_up = []  # not this process's settings: only what they would have been
+    monkeypatch.setattr(benchmark_prompts, "set_up_cpu_process", lambda *arguments: set_up.append(arguments))
     monkeypatch.setattr(benchmark_prompts, "make_scene", lambda rng, height, width: make_scene(rng, 64, 80))
-    monkeypatch.setattr(sys, "argv", ["benchmark_prompts.py", "--generated", "2", "--repeats", "2", "--device", "cpu"])
+    monkeypatch.setattr(sys, "argv", ["benchmark_prompts.py", "--generated", "2", "--repeats", "2", "--device", "cpu",
+                                      "--threads", "1"])
     benchmark_prompts.main()
+    assert set_up == [("cpu", 1)]
     out = capsys.readouterr().out
     assert "; device cpu; 2 images (80x64), 2 repeats; torch " in out
     assert out.split("| measurement | ms (median) |\n|---|---|\n")[1].splitlines()[:6] == [
@@ -737,13 +740,14 @@ def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_
 
 def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):
     """A row that could not be made ready is noted under the tables, and the run exits with 1:
-    the GPU script counts that stage as failed."""
+    the GPU script counts that stage as failed. (--threads: the rows run on that many.)"""
     (tmp_path / "empty").mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "tools.benchmark", "--generated", "1", "--size", "64", "64", "--points-per-side", "2",
-         "--modes", "fast_furious", "--load-fast", str(tmp_path / "empty")],
+         "--modes", "fast_furious", "--load-fast", str(tmp_path / "empty"), "--threads", "1", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
+    assert "; device CPU (1 threads);" in result.stdout
     assert "| baseline |" in result.stdout and "fast_furious: failed" in result.stdout
     assert "rows that failed and are missing from the tables: fast_furious" in result.stderr
 

@@ -39,9 +39,9 @@ if not __package__:  # run by its path (python tools/benchmark.py): this checkou
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, amg_config,
-    check_checkpoint_arguments, checkpoint_from_arguments, compile_modes, number_type, positive_int, read_images,
-    require_device, require_one_fast_folder, require_output_folder, run_script, set_up_logging,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
+    amg_config, check_checkpoint_arguments, check_threads, checkpoint_from_arguments, compile_modes, number_type,
+    positive_int, read_images, require_device, require_one_fast_folder, require_output_folder, run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -409,8 +409,10 @@ def main() -> None:
                         help="also time the mask decoder's variants on the first image (a second table)")
     add_amg_options(parser)
     add_device_option(parser)
+    add_threads_option(parser)
     args = parser.parse_args()
     require_device(parser, args.device)
+    check_threads(parser, args.threads)
     for option, given in (("--modes", args.modes), ("--filters", args.filters or [])):
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
@@ -440,7 +442,7 @@ def main() -> None:
     images = load_images(parser, args)
     set_up_logging("%(asctime)s %(name)s: %(message)s")
     path, model_type = checkpoint_from_arguments(parser, args)
-    set_up_cpu_process(args.device)  # as the server, before any thread starts: every row alike
+    set_up_cpu_process(args.device, args.threads)  # as the server, before any thread starts: every row alike
 
     if args.profile and torch.device(args.device).type == "cuda":
         # Start the profiler once before any CUDA graph is captured: profiling a graph captured

@@ -22,8 +22,8 @@ if not __package__:  # run by its path (python tools/benchmark_prompts.py): this
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model
 from sam2serve.cli import (
-    ScriptParser, add_checkpoint_arguments, add_device_option, checkpoint_from_arguments, positive_int, read_images,
-    require_device, run_script, set_up_logging,
+    ScriptParser, add_checkpoint_arguments, add_device_option, add_threads_option, check_threads,
+    checkpoint_from_arguments, positive_int, read_images, require_device, run_script, set_up_logging,
 )
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.interactive import PromptSegmenter, parse_prompts
@@ -53,13 +53,15 @@ def main() -> None:
     source.add_argument("--generated", type=positive_int, default=3, help="generated 768x1024 scenes instead of files")
     parser.add_argument("--repeats", type=positive_int, default=3, help="times each measurement is taken per image")
     add_device_option(parser)
+    add_threads_option(parser)
     args = parser.parse_args()
     set_up_logging()
     require_device(parser, args.device)
+    check_threads(parser, args.threads)
     images = ([image for _, image in read_images(parser, args.images)] if args.images else
               [make_scene(np.random.default_rng(seed), 768, 1024).image for seed in range(2000, 2000 + args.generated)])
     path, model_type = checkpoint_from_arguments(parser, args)
-    set_up_cpu_process(args.device)  # as the server, before any thread starts
+    set_up_cpu_process(args.device, args.threads)  # as the server, before any thread starts
     loaded = load_model(path, model_type, args.device)
     segmenter = PromptSegmenter(loaded.model, "benchmark")
     predictor = image_predictor(loaded.model)

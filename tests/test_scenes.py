@@ -81,6 +81,17 @@ def test_object_colours_stand_out_from_what_they_cover():
         assert np.abs(_distinct_colour(rng, avoid) - avoid).sum() >= 80
 
 
+def test_an_object_colour_stands_out_when_no_random_one_does(monkeypatch):
+    """After 20 random colours too close, the fallback stands out too: mid grey's negative
+    (255 - grey) was the grey itself."""
+    from training import scenes
+
+    monkeypatch.setattr(scenes, "_random_colour", lambda rng: np.full(3, 127.5, np.float32))
+    for avoid in ([127.5, 127.5, 127.5], [128, 127, 100], [0, 0, 0], [255, 255, 255], [10, 250, 127.5]):
+        avoid = np.array(avoid, np.float32)
+        assert np.abs(scenes._distinct_colour(np.random.default_rng(0), avoid) - avoid).sum() >= 80, avoid
+
+
 def test_prompts_fall_inside_the_mask_they_ask_for():
     rng = np.random.default_rng(0)
     scene = make_scene(rng, 128, 128)

@@ -71,7 +71,8 @@ def _distinct_colour(rng: np.random.Generator, avoid: np.ndarray, min_distance: 
         colour = _random_colour(rng)
         if np.abs(colour - avoid).sum() >= min_distance:
             return colour
-    return 255.0 - avoid
+    # Each channel at its far end: at least 3 x 127.5 away (255 - avoid is avoid itself for mid grey).
+    return np.where(avoid < 127.5, 255.0, 0.0).astype(np.float32)
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:

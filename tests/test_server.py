@@ -581,7 +581,8 @@ def test_load_test_counts_dropped_connections_as_failures():
 
 @pytest.mark.parametrize("retry_after", ["Wed, 21 Oct 2015 07:28:00 GMT", "nan"])
 def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_after):
-    """Retry-After may be an HTTP date (or nonsense): the client waits a second and tries again."""
+    """Retry-After may be an HTTP date (or nonsense): the client waits a second and tries again.
+    The request's latency runs from its first try: the wait is in it."""
     posts = []
 
     class BusyOnce(http.server.BaseHTTPRequestHandler):
@@ -601,6 +602,7 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
 
     report = load_test_against(BusyOnce, clients=1, per_client=2)
     assert report.ok and report.retries_busy == 1, report.table()
+    assert len(report.latencies_s) == 2 and max(report.latencies_s) >= 1.0
 
 
 def test_load_test_clients_take_turns_through_every_request():

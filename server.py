@@ -10,7 +10,8 @@
 Flags -> one config -> HTTP server listening (waitress, sam2serve/wsgi.py; GET /health answers
 503) -> model and generator for the mode (compiled kernels warmed up) -> the main thread serves the model
 (/health answers 200), the thread that loaded it. The HTTP server ending by itself (an error)
-ends the process with status 1, a model still loading at once.
+ends the process with status 1, a model still loading at once (by a stop signal; where each was
+ignored from the start, once it has loaded).
 
 Stopping (SIGTERM, Ctrl-C, SIGHUP): new requests get 503 and /health says "stopping"; those
 accepted are answered and sent, then the process exits 0 and frees what it holds (exported
@@ -175,11 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:  # ValueError: a host name that does not resolve
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
     url = " and ".join(listening_urls(http))
-    stopped = threading.Event()  # the HTTP server ended: so does the process
-    closing = threading.Event()  # this thread closes the HTTP server: its end is no news
+    http_failed = threading.Event()  # the HTTP server ended by itself: so does the process
+    closing = threading.Event()  # this thread closes the HTTP server: its end is no failure
     # Before the HTTP server runs, so that its end stops a model still loading (minutes, where a
     # fast mode compiles) at once, not when the loading is over.
-    stop_loading = stop_on_signals(worker, stopped)
+    stop_loading = stop_on_signals(worker, http_failed)
 
     def listen() -> None:
         try:
@@ -187,9 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException:  # noqa: BLE001 - logged once; the main thread exits with an error
             log.exception("the HTTP server failed")
         finally:
-            stopped.set()
-            if not closing.is_set() and not worker.ready:
-                stop_loading()
+            if not closing.is_set():
+                http_failed.set()
+                if not worker.ready:
+                    stop_loading()
 
     log.info("listening on %s; /health answers 503 until the model is ready", url)
     try:  # from the HTTP server's start, whose end may stop this thread (stop_loading)
@@ -201,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
                                      compile_mode=args.compile_mode)
         except (CheckpointError, PackageMismatch) as error:
             sys.exit(f"error: {error}")
+        if http_failed.is_set():  # where stop_loading could not stop the loading (stop signals ignored)
+            sys.exit(http_stopped(while_loading=True))
         info.update(pipeline.info)  # the model, its weights, whether it runs prompts
         log.info("ready: serving %s in mode %s on %s at %s", pipeline.loaded.description, mode.name, args.device, url)
         # The model runs on this thread, which loaded it (sam2serve/worker.py says why), until
         # the HTTP server ends or a signal stops the worker and the accepted requests are answered.
         segmenter = prompt_segmenter(pipeline)
         share_encodings(pipeline.generator, segmenter, cache)  # the page's clicks after its masks encode nothing
-        worker.serve(pipeline.generator, segmenter, until=stopped)
+        worker.serve(pipeline.generator, segmenter, until=http_failed)
         if not worker.stopping:  # the HTTP server ended by itself
             sys.exit(http_stopped(while_loading=False))
         if unsent := finish_answers(http, ANSWERS_SENT_WITHIN_S):
@@ -227,7 +231,7 @@ def http_stopped(while_loading: bool) -> str:
     return "error: the HTTP server stopped (the log says why); the requests it accepted are not answered"
 
 
-def stop_on_signals(worker: InferenceWorker, http_ended: threading.Event) -> Callable[[], None]:
+def stop_on_signals(worker: InferenceWorker, http_failed: threading.Event) -> Callable[[], None]:
     """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the worker (see the
     module's docstring); a second one, or one while the model loads, raises SystemExit at once.
     The handler runs on the main thread between the model's operations, and can run again inside
@@ -235,13 +239,13 @@ def stop_on_signals(worker: InferenceWorker, http_ended: threading.Event) -> Cal
     worker (an event) and logs.
 
     Returns stop_loading(), for another thread: a stop signal sent to the main thread, which
-    ends a model's loading with an error once http_ended is set (nothing where every stop
-    signal is ignored: the loading ends, then the server exits)."""
+    ends a model's loading with an error once http_failed is set (nothing where every stop
+    signal is ignored, or off the main thread: the loading ends, then the server exits)."""
     stopping_since: list[float] = []
 
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
-        if http_ended.is_set() and not worker.stopping:  # stop_loading's signal, or one that came soon after
+        if http_failed.is_set() and not worker.stopping:  # stop_loading's signal, or one that came soon after
             raise SystemExit(http_stopped(while_loading=not worker.ready))
         if not worker.ready:
             raise SystemExit(f"stopped by {name} while the model was loading")

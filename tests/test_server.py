@@ -346,7 +346,9 @@ def test_the_http_server_ending_while_the_model_loads_ends_the_start_with_why(st
         http_ended.set()
         stop_loading()
 
-    threading.Timer(0.1, http_fails).start()
+    timer = threading.Timer(0.1, http_fails)
+    timer.daemon = True
+    timer.start()
     started = time.monotonic()
     with pytest.raises(SystemExit, match=r"^error: the HTTP server stopped while the model was loading"):
         threading.Event().wait(60)
@@ -858,22 +860,29 @@ def test_a_second_sigterm_stops_at_once(image_files, tmp_path):
     assert any(isinstance(answer, Exception) for answer in answers)  # not every request was answered
 
 
-@pytest.mark.parametrize("fails_while, why", [
-    ("serving", "error: the HTTP server stopped (the log says why); the requests it accepted are not answered"),
-    ("loading", "error: the HTTP server stopped while the model was loading (the log says why)"),
+@pytest.mark.parametrize("fails_while, load_s, why", [
+    ("serving", 0, "error: the HTTP server stopped (the log says why); the requests it accepted are not answered"),
+    ("loading", 300, "error: the HTTP server stopped while the model was loading (the log says why)"),
+    ("loading, stop signals ignored", 3,
+     "error: the HTTP server stopped while the model was loading (the log says why)"),
 ])
-def test_the_server_exits_with_an_error_when_its_http_server_fails(fails_while, why, tmp_path):
+def test_the_server_exits_with_an_error_when_its_http_server_fails(fails_while, load_s, why, tmp_path):
     """The HTTP server's thread ending by an error ended server.py with status 0 and no word: a
     supervisor that restarts a failed server would not have. While the model loads (here a
-    load of 5 minutes, as a fast mode's compile), it ends at once, not when the loading is over."""
+    load of 5 minutes, as a fast mode's compile), it ends at once, not when the loading is over;
+    where no stop signal can stop the loading (each ignored from the start), once it is over."""
     script = tmp_path / "failing_http.py"
     script.write_text(f"""
+import signal
 import sys
 import threading
 import time
 sys.path.insert(0, {str(REPO)!r})
 import server
 
+if {fails_while!r} == "loading, stop signals ignored":
+    for signum in server.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 workers = []
 
 
@@ -896,13 +905,12 @@ class FailingHTTPServer:
 
 
 def slow_load_pipeline(*arguments, **options):
-    threading.Event().wait(300)
+    threading.Event().wait({load_s})
     return load_pipeline(*arguments, **options)
 
 
 load_pipeline = server.load_pipeline
-if {fails_while!r} == "loading":
-    server.load_pipeline = slow_load_pipeline
+server.load_pipeline = slow_load_pipeline
 server.InferenceWorker = RecordedWorker
 server.create_http_server = lambda *arguments, **options: FailingHTTPServer()
 server.main(["--points-per-side", "2"])

@@ -371,6 +371,7 @@ def run_study(argv: list[str] | None) -> None:
     rows = [row for row in STUDY_ROWS if row.mode == "baseline" or row.mode in args.modes]
     baseline_dir = output / row_name(rows[0], configs[rows[0].mode])
     made_output = not output.exists()
+    threads = args.threads if torch.device(args.device).type == "cpu" else None  # a GPU row's would change nothing
 
     lines = []
     for index, row in enumerate(rows):
@@ -378,7 +379,7 @@ def run_study(argv: list[str] | None) -> None:
         name = row_name(row, config_for_row)
         settings = {
             "row": asdict(row), "checkpoint": checkpoint_file, "model_type": args.model_type,
-            "device": args.device, "threads": args.threads, "amg": asdict(config_for_row),
+            "device": args.device, "threads": threads, "amg": asdict(config_for_row),
             "images": [str(Path(p).resolve()) for p in image_paths], "image_contents": images,
             "torch_version": torch.__version__, "code": code,
         }

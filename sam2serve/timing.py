@@ -85,6 +85,13 @@ def allocated_mib(device: str) -> float:
     return allocated_bytes() / 2**20
 
 
+def device_description(device: str) -> str:
+    """What a benchmark ran on: the GPU's name, or the CPU's thread count (--threads)."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 class PeakMemory:
     """Peak memory of a block, in MiB: CUDA memory allocated (reset at the start), or on a CPU the
     memory malloc has handed out above its level at the start, sampled every 5 ms by a thread.

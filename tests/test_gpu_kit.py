@@ -730,7 +730,7 @@ def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_
     benchmark_prompts.main()
     assert set_up == [("cpu", 1)]
     out = capsys.readouterr().out
-    assert "; device cpu; 2 images (80x64), 2 repeats; torch " in out
+    assert f"; device CPU ({torch.get_num_threads()} threads); 2 images (80x64), 2 repeats; torch " in out
     assert out.split("| measurement | ms (median) |\n|---|---|\n")[1].splitlines()[:6] == [
         "| ours: new image (encode + 1 point) | 65.0 |", "| ours: cached image, 1 point | 2.5 |",
         "| ours: cached image, 32 points in one request | 7.5 |", "| sam2 predictor: set_image + predict | 60.0 |",

@@ -41,7 +41,8 @@ from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoin
 from sam2serve.cli import (
     ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
     amg_config, check_checkpoint_arguments, check_threads, checkpoint_from_arguments, compile_modes, number_type,
-    positive_int, read_images, require_device, require_one_fast_folder, require_output_folder, run_script, set_up_logging,
+    positive_int, read_images, require_device, require_one_fast_folder, require_output_folder, run_script,
+    set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -51,7 +52,7 @@ from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import MAX_SIDE, image_to_input
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
-from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, latency_summary_ms
+from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, device_description, latency_summary_ms
 from training.scenes import make_scene
 
 log = logging.getLogger("benchmark")
@@ -163,12 +164,6 @@ def save_masks(directory: Path, filters: str | None, runs: dict[str, ModeRun], n
         name = row if filters is None else f"{filters}_{row}"
         lines = [answer_text(run.masks[index]) + "\n" for index in range(n_images)]
         (directory / f"{name}.jsonl").write_text("".join(lines))
-
-
-def device_description(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def decoder_ablation(model, image: np.ndarray, n_points: int, iou_thresh: float, device: str) -> str:

@@ -27,7 +27,7 @@ from sam2serve.cli import (
 )
 from sam2serve.cpu import set_up_cpu_process
 from sam2serve.interactive import PromptSegmenter, parse_prompts
-from sam2serve.timing import Stopwatch
+from sam2serve.timing import Stopwatch, device_description
 from training.scenes import make_scene
 
 PROMPTS_PER_REQUEST = 32
@@ -98,7 +98,7 @@ def main() -> None:
                     predictor.predict(np.array([p]), np.array([1]), multimask_output=True) for p in points]))
 
     sizes = ", ".join(dict.fromkeys(f"{image.shape[1]}x{image.shape[0]}" for image in images))
-    print(f"{loaded.description}; device {args.device}; {len(images)} images ({sizes}), "
+    print(f"{loaded.description}; device {device_description(args.device)}; {len(images)} images ({sizes}), "
           f"{args.repeats} repeats; torch {torch.__version__}")
     print("| measurement | ms (median) |\n|---|---|")
     for name, values in rows.items():

@@ -339,11 +339,11 @@ def test_the_http_server_ending_while_the_model_loads_ends_the_start_with_why(st
     for minutes, then the server exited."""
     server = stop_handlers_restored
     worker = InferenceWorker()  # not ready: the model is loading
-    http_ended = threading.Event()
-    stop_loading = server.stop_on_signals(worker, http_ended)
+    http_failed = threading.Event()
+    stop_loading = server.stop_on_signals(worker, http_failed)
 
     def http_fails() -> None:
-        http_ended.set()
+        http_failed.set()
         stop_loading()
 
     timer = threading.Timer(0.1, http_fails)
@@ -363,9 +363,9 @@ def test_a_stop_signal_once_the_http_server_failed_is_no_clean_stop(stop_handler
     server = stop_handlers_restored
     worker = InferenceWorker()
     worker.start(StubGenerator())
-    http_ended = threading.Event()
-    server.stop_on_signals(worker, http_ended)
-    http_ended.set()
+    http_failed = threading.Event()
+    server.stop_on_signals(worker, http_failed)
+    http_failed.set()
     with pytest.raises(SystemExit, match=r"^error: the HTTP server stopped \(the log says why\); the requests"):
         signal.raise_signal(signal.SIGTERM)
     assert not worker.stopping

@@ -19,7 +19,8 @@ env: $(INSTALLED)
 
 # torch first (sam2's build imports it), then everything else without build isolation so
 # sam2 builds against that torch instead of downloading another copy. SAM2_BUILD_CUDA=0 skips
-# sam2's optional CUDA extension, which only fills holes in masks (unused: min area is 0).
+# sam2's optional CUDA extension, which only --min-mask-region-area uses (sam2's removal of small
+# holes and islands; without it the baseline skips that step, so such settings are not compared with it).
 $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $$(grep -E '^(torch|torchvision)==' requirements.txt) setuptools wheel

@@ -44,7 +44,7 @@ from sam2serve.checkpoints import (
 )
 from sam2serve.cli import (
     ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config, check_threads,
-    checked_image_paths, error_text, require_output_folder, set_up_logging,
+    Terminated, checked_image_paths, error_text, raise_terminated, require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -67,8 +67,9 @@ RESULT_COLUMNS = [
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the study's table: a mode, its points per batch those of --points-per-batch,
-    else the mode's default."""
+    """One line of the study's table, as its settings record it: its mode (the mask generator's
+    settings, points per batch included, are the mode's config: the command line's or the mode's
+    defaults)."""
 
     mode: str
 
@@ -347,12 +348,13 @@ def existing_image_paths(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     set_up_logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop, as Ctrl-C: its row's process ended too
+    signal.signal(signal.SIGTERM, raise_terminated)  # a stop, as Ctrl-C: its row's process ended too
     try:
         run_study(argv)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: status 130, as Ctrl-C in the other scripts (run_script)
-        print("stopped; the same command again resumes it (the rows done are kept)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the statuses of the other scripts (run_script)
+        how, status = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(f"stopped ({how}); the same command again resumes it (the rows done are kept)", file=sys.stderr)
+        sys.exit(status)
 
 
 def run_study(argv: list[str] | None) -> None:

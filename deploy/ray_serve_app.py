@@ -119,7 +119,7 @@ class SegmentEverything:
         for settings, group in groups.items():
             answers.update(zip(map(id, group), await self.on_model_thread(
                 generate_each, self.pipeline.generator, [r.image for r in group], False,
-                lambda: all(r.cancelled for r in group), dict(settings))))
+                lambda group=group: all(r.cancelled for r in group), dict(settings))))  # this group's, bound now
         return [answers[id(r)] for r in requests]
 
     async def masks(self, image, annotate: bool = False, settings: dict[str, float] | None = None) -> list:

@@ -137,7 +137,8 @@ class LoadedModel:
 
 
 def model_size(model_type: str) -> ModelSize:
-    """Looks a model type up by name (tiny, small, base_plus or plus, large)."""
+    """Looks a model type up by name (tiny, small, base_plus, large, the project's micro) or by one of
+    MODEL_TYPE_ALIASES (plus, b+, t, s, l)."""
     name = MODEL_TYPE_ALIASES.get(model_type, model_type)
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {MODEL_TYPE_CHOICES}")

@@ -18,7 +18,7 @@ whose heaps hold no block over 64 MiB, so a model run on another thread (the Ray
 Denormals. A trained decoder's attention is sharp: many softmax weights fall below float32's
 smallest normal number (1.2e-38), and x86 cores take a slow path for every product that reads
 or writes such a number. On the micro model, one matrix product of the decoder took 8.5 ms with
-them and 2.2 ms flushed, and ao's whole request a fifth less time (docs/performance.md,
+them and 2.2 ms flushed, and ao's whole request 850 ms instead of 1180 (docs/performance.md,
 "Denormal floats"). Flushing changes values below 1.2e-38 only: no mask changes
 (tests/test_cpu.py). The setting is per thread (the x86 MXCSR register) and a thread inherits it
 from the thread that starts it, so it is set before the process starts threads: the thread pool
@@ -27,8 +27,8 @@ of parallel operations and any model thread then have it too.
 Threads. torch runs a parallel operation on one thread per core by default, and its threads
 wait for each other at the end of every operation (thousands per request). Where other work
 keeps a core busy, the thread that shares that core holds the others up at each of those waits:
-on 2 cores with one busy process beside the server, the default model's request took 6 to 9 s
-instead of 1.1, and 1.7 s with one thread (docs/performance.md, "Other work on the same cores").
+on 2 cores with one busy process beside the server, the default model's request took 8.8 to 10.4 s
+instead of 1.0 to 1.2, and 1.7 to 1.8 s with one thread (docs/performance.md, "Other work on the same cores").
 So a server on cores it shares is started with fewer threads than the cores it has to itself
 (server.py --threads).
 

@@ -8,8 +8,8 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
   --batch-size), max-autotune on CUDA;
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
-  instead of compiling. A package that does not fit (another model, dtype, points per batch,
-  device or torch version) is refused with a message that says what differs; so is one whose
+  instead of compiling. A package that does not fit (another model, image size, dtype, points
+  per batch, batch size, multimask setting, device or torch version: KernelSpec) is refused with a message that says what differs; so is one whose
   files are not those its manifest lists (an export cut short, or a damaged copy), and one
   that torch cannot load here, tried first in a process of its own (its loader can crash the
   process that calls it). A loaded package unpacks into a temporary folder that torch removes
@@ -115,8 +115,8 @@ class StaticKernels:
 
 
 def prepare_model(model: SAM2Base, dtype: torch.dtype) -> SAM2Base:
-    """Puts the model in the kernels' dtype; the prompt encoder stays float32 (see PointDecoder:
-    its Fourier features need the precision)."""
+    """Puts the model in the kernels' dtype; the prompt encoder stays float32 (see
+    model.decode_points: its Fourier features need the precision)."""
     if dtype != torch.float32:
         model.to(dtype)
         model.sam_prompt_encoder.float()

@@ -3,11 +3,10 @@
 `create_app(worker, ...)` serves whatever generator the worker runs (tests hand it a stub). It
 decodes the request, hands the image to the worker, and encodes the answer, with the plain
 functions every front shares (protocol.py). Every error is JSON with an "error" message and the
-server keeps serving: 400 for what is not one image, 413 for each limit with its own message (the
-upload, the form's parts, a text field, the image's pixels), 414 for a URL too long, 503 while
-the model loads, when the queue is full or max_queue + batch_size requests are in progress (with
-Retry-After) and once the server is stopping, 504 when a request waited too long, 500 when
-inference failed for that image. GET /health says whether the model is ready; GET /metrics gives
+server keeps serving; each error's status is protocol.error_answer's (the README's table lists
+them: 400 for what is not one image, 413 for each limit with its own message, 503 with
+Retry-After while the model loads or the queue is full, 504 for a request that waited too long,
+and the rest). GET /health says whether the model is ready; GET /metrics gives
 Prometheus text; GET / is the web page (web/). (wsgi.py answers what the HTTP server refuses
 itself.)
 """

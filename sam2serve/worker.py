@@ -17,8 +17,9 @@ queue:
 - segment-everything that is already running stops before its next batch of point prompts once
   every request of its batch has gone (client or timeout): the generator's `should_stop`;
 - the worker takes up to `batch_size` queued jobs at once, only those that are waiting
-  (a batch is never padded with duplicated work), and runs the images among them with one
-  image-encoder call (the other calls, encodings and prompt sets, one after another);
+  (a batch is never padded with duplicated work); it runs the other calls among them first
+  (encodings and prompt sets, short, one after another), then the images, with one
+  image-encoder call for those asked for in the same form (masks or records) and settings;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too);
@@ -231,8 +232,9 @@ class InferenceWorker:
 
     def call(self, function: Callable[[], Any], deadline: float | None = None,
              abandoned: Callable[[], bool] | None = None, continues: bool = False, kind: str = "call") -> Any:
-        """function() run on the worker's thread, in the queue's order (calls on the model that
-        are not segment-everything: encoding an image, decoding prompts). Raises as submit.
+        """function() run on the worker's thread, in its turn (calls on the model that are not
+        segment-everything: encoding an image, decoding prompts; among the jobs the worker takes
+        at once, such calls run before the images). Raises as submit.
         deadline (time.monotonic()): the request's, for one that calls more than once, so that
         its calls together wait no longer than the timeout. continues: a later part of a request
         the model has begun (its prompt sets after the first part), which waits for room in a

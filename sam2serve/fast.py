@@ -9,8 +9,9 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, image size, dtype, points
-  per batch, batch size, multimask setting, device or torch version: KernelSpec) is refused with a message that says what differs; so is one whose
-  files are not those its manifest lists (an export cut short, or a damaged copy), and one
+  per batch, batch size, multimask setting, device or torch version: KernelSpec) is refused
+  with a message that says what differs; so is one whose files are not those its manifest
+  lists (an export cut short, or a damaged copy), and one
   that torch cannot load here, tried first in a process of its own (its loader can crash the
   process that calls it). A loaded package unpacks into a temporary folder that torch removes
   when it is freed; those still held when the process exits (a server's threads hold them)

@@ -100,6 +100,7 @@ def read_image_file(path: str | os.PathLike) -> np.ndarray:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # Grayscale of 32-bit integers or floats (TIFF, mostly: microscopy, depth, remote sensing).
 WIDE_MODES = ("I", "F")
+PREMULTIPLIED_MODES = {"La": "LA", "RGBa": "RGBA"}  # colour already multiplied by alpha -> plain alpha
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -118,8 +119,14 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         if isinstance(keyed, (int, float)) and not isinstance(keyed, bool):
             gray[values == keyed] = 255
         return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in PREMULTIPLIED_MODES:  # a TIFF's associated alpha: Pillow converts these to their plain form only
+        image = image.convert(PREMULTIPLIED_MODES[image.mode])
     if image.mode == "P" or "transparency" in image.info:
-        image = image.convert("RGBA")  # palettes, and PNGs with one colour keyed out, carry it
+        try:
+            image = image.convert("RGBA")  # palettes, and PNGs with one colour keyed out, carry it
+        except ValueError as error:  # a PNG's tRNS with more entries than its palette has colours
+            raise InvalidImage(f"the image could not be decoded: its transparency does not fit its palette "
+                               f"({error})") from error
     if "A" in image.getbands():
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return np.array(image.convert("RGB"))

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from sam2.utils.transforms import SAM2Transforms
 
 from sam2serve.preprocess import (
-    MAX_SIDE, PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input,
+    MAX_SIDE, PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input, to_rgb,
 )
 
 
@@ -82,6 +82,43 @@ def test_transparent_pixels_are_laid_over_white_and_palettes_keep_their_colours(
     keyed = encode(Image.fromarray(colours), transparency=(250, 40, 0))  # one RGB colour keyed out, no alpha
     decoded = decode_image(keyed, max_pixels=100)
     assert (decoded[:2] == (10, 120, 230)).all() and (decoded[2:] == 255).all()
+
+
+def with_associated_alpha(tiff: bytes) -> bytes:
+    """A TIFF of Pillow's with its alpha marked associated (ExtraSamples 1: colour premultiplied)."""
+    data = bytearray(tiff)
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", data[ifd:ifd + 2])[0], 12):
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 338:  # ExtraSamples, one value: 2 (plain alpha)
+            data[entry + 8:entry + 10] = struct.pack("<H", 1)
+            return bytes(data)
+    raise AssertionError("no ExtraSamples tag")
+
+
+def test_premultiplied_alpha_is_laid_over_white_too():
+    """Gray with associated alpha (a TIFF that Pillow opens as mode La) answered 500: Pillow has no
+    conversion from La to RGB. Premultiplied 100 at alpha 128 over white: 100 + (255 - 128)."""
+    data = with_associated_alpha(encode(Image.new("LA", (3, 2), (100, 128)), "TIFF"))
+    assert Image.open(io.BytesIO(data)).mode == "La"  # the case, as Pillow reads it
+    assert np.abs(decode_image(data, max_pixels=100).astype(int) - 227).max() <= 1
+    rgba = to_rgb(Image.new("RGBa", (3, 2), (100, 50, 0, 128))).astype(int)
+    assert np.abs(rgba - (227, 177, 127)).max() <= 1
+
+
+def test_a_palette_whose_transparency_is_longer_than_it_is_refused_as_damaged():
+    """A PNG's tRNS with more entries than any palette has (257) answered 500 (Pillow's
+    "palette index out of range"): the file is damaged, 400."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    def palette_png(transparency: bytes) -> bytes:
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 3, 0, 0, 0))
+                + chunk(b"PLTE", bytes([255, 0, 0, 0, 0, 255])) + chunk(b"tRNS", transparency)
+                + chunk(b"IDAT", zlib.compress(b"\0\0\1" * 2)) + chunk(b"IEND", b""))
+
+    assert (decode_image(palette_png(b"\xff\x00"), max_pixels=100)[:, 1] == 255).all()  # the file, mended
+    with pytest.raises(InvalidImage, match="transparency does not fit its palette"):
+        decode_image(palette_png(b"\x80" * 257), max_pixels=100)
 
 
 def test_a_keyed_out_gray_value_of_sixteen_bits_is_laid_over_white_too():

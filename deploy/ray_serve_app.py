@@ -195,13 +195,15 @@ class SegmentEverything:
             return json_error(error)
         return Response(body, media_type=media_type)
 
-    async def uploaded_image(self, request: Request, form=None):
+    async def uploaded_image(self, request: Request, form=None, fields_too: tuple[str, ...] = ()):
+        """The upload's image (form: the request's, where already read); the form's fields besides
+        'image': fields_too (decode_upload)."""
         form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
-        return decode_upload(files, sorted(key for key, value in form.items() if hasattr(value, "read")), self.limits,
-                             [key for key, value in form.items() if not hasattr(value, "read")],
+        return decode_upload(files, sorted({key for key, value in form.multi_items() if hasattr(value, "read")}),
+                             self.limits, [key for key, value in form.multi_items() if not hasattr(value, "read")],
                              unread_body(request.headers.get("content-type", ""),
-                                         int(request.headers.get("content-length") or 0)))
+                                         int(request.headers.get("content-length") or 0)), fields_too)
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by server.py's functions."""
@@ -219,7 +221,7 @@ class SegmentEverything:
             form = await read_form(request, self.limits)
             prompts = form_prompts([(name, value) for name, value in form.multi_items() if not hasattr(value, "read")],
                                    [name for name, value in form.multi_items() if hasattr(value, "read")])
-            image = await self.uploaded_image(request, form)
+            image = await self.uploaded_image(request, form, fields_too=("prompts",))
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
         return await self.on_model_thread(

@@ -100,6 +100,10 @@ class AMGConfig:
         if self.crop_n_layers > MAX_CROP_N_LAYERS:
             raise ValueError(f"crop_n_layers must be at most {MAX_CROP_N_LAYERS} (layer n: 4**n crops, each "
                              f"segmented like the whole image), got {self.crop_n_layers}")
+        # Layer n's grid has points_per_side / factor**n points a side (sam2's int()): none fails each image.
+        if int(self.points_per_side / self.crop_n_points_downscale_factor ** self.crop_n_layers) < 1:
+            raise ValueError(f"crop_n_points_downscale_factor {self.crop_n_points_downscale_factor} leaves crop layer "
+                             f"{self.crop_n_layers} no point of points_per_side {self.points_per_side}")
         # Scores and IoUs are within [0, 1] (SAM2.1 predicts IoUs through a sigmoid): a threshold
         # above 1 would keep no mask, without a word.
         for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
@@ -504,7 +508,8 @@ class MaskGenerator:
         if cfg.pred_iou_thresh > 0.0:
             candidates = candidates.select(candidates.iou_preds > cfg.pred_iou_thresh)
         if cfg.min_mask_region_area > 0:
-            filled = remove_small_regions(candidates.low_res_logits, cfg.min_mask_region_area, cfg.mask_threshold)
+            filled = remove_small_regions(
+                candidates.low_res_logits, cfg.min_mask_region_area, PREDICTOR_MASK_THRESHOLD)
             candidates = replace(candidates, low_res_logits=filled)
 
         # Stability and boxes on full-resolution logits (as sam2, so the scores are the same).
@@ -600,6 +605,11 @@ class MaskGenerator:
     def model_coords(self, points: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
         """Pixels -> [0, 1] -> the model's input frame, as SAM2Transforms.transform_coords."""
         return model_coords(points, crop_hw, self.model.image_size)
+
+
+# sam2's generator builds its predictor without its own mask_threshold: the predictor finds holes
+# and specks at its default, 0, whatever the generator's mask_threshold (remove_small_regions).
+PREDICTOR_MASK_THRESHOLD = 0.0
 
 
 def remove_small_regions(low_res_logits: torch.Tensor, max_area: int, threshold: float) -> torch.Tensor:

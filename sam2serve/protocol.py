@@ -169,11 +169,14 @@ def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> Fo
 
 
 def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
-                  unread_body: str = "") -> np.ndarray:
+                  unread_body: str = "", fields_too: Iterable[str] = ()) -> np.ndarray:
     """The image of the multipart field 'image' (`files`: the contents of every file sent in that
     field), checked and decoded. Without one, the message says what came instead: `text_fields`
     (an 'image' text field: curl -F without its @), or `unread_body`, why the body was not read
-    as a form (a raw image posted as the body, say)."""
+    as a form (a raw image posted as the body, say). Fields other than 'image' and `fields_too`
+    are refused, as a query parameter the endpoint does not take is: a setting sent as a form
+    field (curl -F pred_iou_thresh=0.6) would be ignored without a word."""
+    text_fields = list(text_fields)
     if not files:
         if "image" in text_fields:
             raise InvalidImage("the field 'image' holds text, not a file: put @ before the file's path "
@@ -182,6 +185,13 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
         raise InvalidImage(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
     if len(files) > 1:
         raise InvalidImage(f"expected one file in the field 'image', received {len(files)}; send one image per request")
+    if "image" in text_fields:
+        raise InvalidImage("the field 'image' was sent as a file and as text: send the file alone")
+    if unknown := sorted((set(file_fields) | set(text_fields)) - {"image", *fields_too}):
+        settings = any(name in ("format", *REQUEST_SETTINGS) for name in unknown)
+        raise InvalidImage(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
+                           f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
+                           + (" (settings and format go in the URL's query: ?pred_iou_thresh=0.6)" if settings else ""))
     return decode_image(files[0], limits.max_pixels)
 
 

@@ -68,14 +68,15 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         request's turn comes, and before each batch of point prompts, and stops there if so."""
         return request.environ.get("waitress.client_disconnected")
 
-    def uploaded_image() -> np.ndarray:
+    def uploaded_image(fields_too: tuple[str, ...] = ()) -> np.ndarray:
+        """The upload's image; the form's fields besides 'image': fields_too (decode_upload)."""
         gone = client_gone()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
         require_named_parts([*request.files, *request.form])
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
-                             unread_body(request.content_type or "", request.content_length or 0))
+                             unread_body(request.content_type or "", request.content_length or 0), fields_too)
 
     @app.before_request
     def start_clock() -> None:
@@ -151,7 +152,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             require_segment_form(request.mimetype)
             require_named_parts([*request.files, *request.form])
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
-            image = uploaded_image()
+            image = uploaded_image(fields_too=("prompts",))
             prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
             image_id, embedding = embed_image(image, worker.segmenter, cache, run)
         return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, run))

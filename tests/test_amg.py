@@ -270,17 +270,19 @@ def connected_components_by_propagation(mask: torch.Tensor) -> tuple[torch.Tenso
     return labels, areas * mask
 
 
-@pytest.mark.parametrize("use_m2m", [False, True])
-def test_min_mask_region_area_equals_baseline(trained_micro_checkpoint, monkeypatch, use_m2m):
+@pytest.mark.parametrize("use_m2m, mask_threshold", [(False, 0.0), (True, 0.0), (False, -2.0)])
+def test_min_mask_region_area_equals_baseline(trained_micro_checkpoint, monkeypatch, use_m2m, mask_threshold):
     """min_mask_region_area: sam2 fills holes and removes specks in the low-resolution masks with
     its CUDA extension (absent here, so sam2 would skip the step); with a CPU stand-in for that
-    extension, the baseline's answer changes and ao's equals it."""
+    extension, the baseline's answer changes and ao's equals it. sam2 finds them at its
+    predictor's threshold, 0, whatever the generator's mask_threshold (ao used the latter)."""
     import sam2.utils.misc
 
     monkeypatch.setattr(sam2.utils.misc, "get_connected_components", connected_components_by_propagation)
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
     image = make_generated_scene(np.random.default_rng(2004), 200, 260, min_objects=8, max_objects=14).image
-    config = AMGConfig(points_per_side=8, min_mask_region_area=40, use_m2m=use_m2m, stability_score_thresh=0.9)
+    config = AMGConfig(points_per_side=8, min_mask_region_area=40, use_m2m=use_m2m, stability_score_thresh=0.9,
+                       mask_threshold=mask_threshold)
     reference = ReferenceMaskGenerator(model, config).generate(image)
     assert len(reference) >= 5
     assert_same_masks(MaskGenerator(model, config).generate(image), reference, min_iou=0.999)
@@ -388,11 +390,14 @@ def test_regions_of_exactly_min_mask_region_area_are_removed():
 
 
 @pytest.mark.parametrize("bad", [dict(min_mask_region_area=-1), dict(crop_n_points_downscale_factor=0),
-                                 dict(crop_nms_thresh=1.5), dict(crop_overlap_ratio=-0.1)])
+                                 dict(crop_nms_thresh=1.5), dict(crop_overlap_ratio=-0.1),
+                                 # crop layer 2's grid: int(8 / 3**2) = 0 points (sam2 divides by zero)
+                                 dict(points_per_side=8, crop_n_layers=2, crop_n_points_downscale_factor=3)])
 def test_config_rejects_more_nonsense(bad):
     with pytest.raises(ValueError):
         AMGConfig(**bad)
     AMGConfig(points_per_side=1024, crop_overlap_ratio=0.0, min_mask_region_area=0)  # the limits themselves
+    AMGConfig(points_per_side=9, crop_n_layers=2, crop_n_points_downscale_factor=3)  # layer 2: 1 point a side
 
 
 def test_full_resolution_scores_use_the_configs_offset_and_threshold_on_both_paths():

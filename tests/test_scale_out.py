@@ -430,6 +430,9 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "path without @": multipart([("image", None, b"shapes.jpg")]),
         "raw image": (image[2], "image/jpeg"),
         "a part without a name": multipart([image, (None, None, b"x")]),
+        "a setting as a form field": multipart([image, ("pred_iou_thresh", None, b"0.6")]),
+        "image as a file and as text": multipart([image, ("image", None, b"x")]),
+        "another file": multipart([image, ("mask", "m.png", image[2])]),
         # Starlette counts fields and files apart, 1000 of each: 2000 parts were taken.
         "1000 fields and 1000 files": multipart([image] + [(f"f{i}", None, b"x") for i in range(1000)]
                                                 + [(f"g{i}", "g", b"x") for i in range(999)]),
@@ -438,8 +441,9 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
         flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
-        if status == 413 or case in ("path without @", "raw image", "another multipart type",
-                                     "a part without a name"):  # the same message as well
+        if status == 413 or case in ("path without @", "raw image", "another multipart type", "a part without a name",
+                                     "a setting as a form field", "image as a file and as text",
+                                     "another file"):  # the same message as well
             assert answer == flask.get_data(), case
     # Settings refused; a subnormal number is 0 in both (Ray's event loop, which flushes no
     # denormals, took 1e-310 for above 0, and its model thread refused it: a 500).

@@ -208,6 +208,12 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
     return {
         "wrong_field_name": (["-F", f"file=@{scene}"], 400, "'image'"),
         "path_without_at": (["-F", f"image={scene}"], 400, "put @ before the file's path"),
+        # A setting in the form, not the URL, was ignored without a word.
+        "setting_as_form_field": (["-F", f"image=@{scene}", "-F", "pred_iou_thresh=0.6"], 400,
+                                  "unknown form fields 'pred_iou_thresh'; the form has the file 'image' (settings and "
+                                  "format go in the URL's query"),
+        "image_as_file_and_text": (["-F", f"image=@{scene}", "-F", "image=x"], 400, "as a file and as text"),
+        "another_file": (["-F", f"image=@{scene}", "-F", f"mask=@{scene}"], 400, "unknown form fields 'mask'"),
         "raw_image_body": (["--data-binary", f"@{scene}", "-H", "Content-Type: image/jpeg"], 400,
                            "the body is image/jpeg, not a multipart form"),
         "multipart_without_boundary": (["--data-binary", f"@{scene}", "-H", "Content-Type: multipart/form-data"],

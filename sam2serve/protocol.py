@@ -526,7 +526,7 @@ def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -
         raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
     if not texts or not texts[0].strip():
         raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets")
-    return parse_json(texts[0], "prompts")
+    return parse_json(texts[0].removeprefix("\ufeff"), "prompts")  # a file's byte-order mark, as a JSON body may have
 
 
 def cached_embedding(cache: EmbeddingCache, image_id: str):

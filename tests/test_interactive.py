@@ -331,6 +331,11 @@ def test_embed_then_segment_over_http(micro):
     # One-shot multipart gives the same answer; refinement from a kept mask works.
     one_shot = client.post("/segment", data={"image": (io.BytesIO(data), "a.png"), "prompts": json.dumps(prompts)})
     assert one_shot.get_json() == answer
+    # A prompts file that starts with a byte-order mark (as some Windows editors write JSON), read
+    # into the field by curl -F 'prompts=<file': taken as a JSON body with one is.
+    with_bom = client.post("/segment", data={"image": (io.BytesIO(data), "a.png"),
+                                             "prompts": "\ufeff" + json.dumps(prompts)})
+    assert with_bom.get_json() == answer
     refine = {"points": [[60, 70]], "labels": [1], "mask_input": answer["results"][0]["mask_input_ids"][0],
               "multimask": False}
     refined = client.post("/segment", json={"image_id": image_id, "prompts": [refine]})

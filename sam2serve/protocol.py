@@ -90,6 +90,11 @@ def first_line(error: Exception, limit: int = 300) -> str:
     return lines[0][:limit] if lines else ""
 
 
+class BadRequest(ValueError):
+    """A request that cannot be taken as sent (its form, query or format), 400; an image that
+    cannot be decoded is preprocess.InvalidImage's, 400 too."""
+
+
 class UploadTooLarge(ValueError):
     def __init__(self, limits: Limits) -> None:
         super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
@@ -179,17 +184,17 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
     text_fields = list(text_fields)
     if not files:
         if "image" in text_fields:
-            raise InvalidImage("the field 'image' holds text, not a file: put @ before the file's path "
+            raise BadRequest("the field 'image' holds text, not a file: put @ before the file's path "
                                "(curl -F 'image=@file.jpg')")
         received = unread_body or f"received file fields: {file_fields or 'none'}"
-        raise InvalidImage(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
+        raise BadRequest(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
     if len(files) > 1:
-        raise InvalidImage(f"expected one file in the field 'image', received {len(files)}; send one image per request")
+        raise BadRequest(f"expected one file in the field 'image', received {len(files)}; send one image per request")
     if "image" in text_fields:
-        raise InvalidImage("the field 'image' was sent as a file and as text: send the file alone")
+        raise BadRequest("the field 'image' was sent as a file and as text: send the file alone")
     if unknown := sorted((set(file_fields) | set(text_fields)) - {"image", *fields_too}):
         settings = any(name in ("format", *REQUEST_SETTINGS) for name in unknown)
-        raise InvalidImage(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
+        raise BadRequest(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
                            f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
                            + (" (settings and format go in the URL's query: ?pred_iou_thresh=0.6)" if settings else ""))
     return decode_image(files[0], limits.max_pixels)
@@ -198,9 +203,9 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
 NAMELESS_PART = "a part has no name in its Content-Disposition"
 
 
-def unreadable_form(why: str) -> InvalidImage:
+def unreadable_form(why: str) -> BadRequest:
     """The answer to a multipart body that cannot be read as a form, in both fronts' words."""
-    return InvalidImage(f"the body is not a multipart form that can be read ({why}); "
+    return BadRequest(f"the body is not a multipart form that can be read ({why}); "
                         "send the image as curl -F 'image=@file.jpg'")
 
 
@@ -233,10 +238,10 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
     formats = ANSWER_FORMATS[endpoint]
     if len(asked) > 1:  # empty or not, as a setting given twice (request_settings)
-        raise InvalidImage(f"format: given {len(asked)} times; give it once")
+        raise BadRequest(f"format: given {len(asked)} times; give it once")
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
-        raise InvalidImage(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
+        raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
                            f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
     return asked[0] if asked else formats[0]
 
@@ -253,23 +258,23 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
     given: set[str] = set()
     for name, value in query:
         if name not in takes:
-            raise InvalidImage(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
+            raise BadRequest(f"query parameter {shown(name)} is not one {endpoint} takes: {', '.join(takes)}")
         if name == "format":
             continue
         if name in given:
-            raise InvalidImage(f"{name}: given twice; give it once")
+            raise BadRequest(f"{name}: given twice; give it once")
         given.add(name)
         if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
             continue
         if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
-            raise InvalidImage(f"{name}: {shown(value)} is not a number")
+            raise BadRequest(f"{name}: {shown(value)} is not a number")
         settings[name] = client_float(value)
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
-            raise InvalidImage(f"{name}: {shown(value)} is not a finite number")
+            raise BadRequest(f"{name}: {shown(value)} is not a finite number")
     try:
         AMGConfig(**settings)  # the options' checks: thresholds within [0, 1], an offset above 0
     except ValueError as error:
-        raise InvalidImage(str(error)) from None
+        raise BadRequest(str(error)) from None
     return settings
 
 
@@ -299,7 +304,7 @@ def coco_annotations(records: list[dict]) -> list[dict]:
 def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
     """(status, JSON body, headers) for an error, the same in every front end."""
     retry_after = None
-    if isinstance(error, (InvalidImage, InvalidPrompt)):
+    if isinstance(error, (BadRequest, InvalidImage, InvalidPrompt)):
         status = 400
     elif isinstance(error, UnknownId):
         status = 404

@@ -784,14 +784,13 @@ def test_a_clients_numbers_read_alike_in_threads_that_flush_denormals_and_not(fl
     from a client, it is 0 in both."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sam2serve.preprocess import InvalidImage
-    from sam2serve.protocol import parse_json, request_settings
+    from sam2serve.protocol import BadRequest, parse_json, request_settings
 
     def read() -> tuple:
         torch.set_flush_denormal(flush)
         try:
             request_settings("/upload_rle", [("stability_score_offset", "1e-310")])
-        except InvalidImage as error:
+        except BadRequest as error:
             refused = str(error)
         return (parse_json('{"points": [[1e-310, -4.9e-324]], "x": 2.5e-308}', "the body"),
                 request_settings("/upload_rle", [("pred_iou_thresh", "-1e-310")]), refused)

@@ -163,6 +163,8 @@ def load_pipeline(
 ) -> Pipeline:
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
+    if amg and config is not None:
+        raise ValueError("give amg or config, not both: config holds every setting")
     mode = get_mode(mode)
     set_up_cpu_process(device)  # every mode alike: memory reused, denormals flushed (sam2serve/cpu.py)
     compiled = compiles(mode, device, compile_mode, save_fast, load_fast)

@@ -62,15 +62,15 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
                 return endpoint()
         return admitted
 
-    def client_gone() -> Callable[[], bool] | None:
-        """Whether this request's client has closed its connection: waitress's own check (the
-        HTTP server's, wsgi.py; none in Flask's test client). The worker asks it when the
+    def client_gone_check() -> Callable[[], bool] | None:
+        """A check of whether this request's client has closed its connection: waitress's own (the
+        HTTP server's, wsgi.py; None in Flask's test client). The worker asks it when the
         request's turn comes, and before each batch of point prompts, and stops there if so."""
         return request.environ.get("waitress.client_disconnected")
 
     def uploaded_image(fields_too: tuple[str, ...] = ()) -> np.ndarray:
         """The upload's image; the form's fields besides 'image': fields_too (decode_upload)."""
-        gone = client_gone()
+        gone = client_gone_check()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
         require_named_parts([*request.files, *request.form])
@@ -118,9 +118,10 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         settings = request_settings(endpoint, request.args.items(multi=True))
         image = uploaded_image()
         if asked == "coco":
-            records = worker.submit(image, annotate=True, abandoned=client_gone(), settings=settings)
+            records = worker.submit(image, annotate=True, abandoned=client_gone_check(), settings=settings)
             return json_response(coco_annotations(records))
-        body, mimetype = render_answer(endpoint, image, worker.submit(image, abandoned=client_gone(), settings=settings))
+        masks = worker.submit(image, abandoned=client_gone_check(), settings=settings)
+        body, mimetype = render_answer(endpoint, image, masks)
         return Response(body, mimetype=mimetype)
 
     @app.post("/embed")
@@ -131,7 +132,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         request_settings("/embed", request.args.items(multi=True))
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
-        run = functools.partial(worker.call, abandoned=client_gone())
+        run = functools.partial(worker.call, abandoned=client_gone_check())
         image_id, embedding = embed_image(uploaded_image(), worker.segmenter, cache, run)
         return json_response(embed_answer(image_id, embedding, cache))
 
@@ -145,7 +146,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: one request timeout (counted from here,
         # reading the upload included), and only the first call may find the queue full.
-        run = worker.calls_of_one_request(abandoned=client_gone())
+        run = worker.calls_of_one_request(abandoned=client_gone_check())
         if is_json(request.mimetype):
             image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache, limits)
         else:

@@ -720,3 +720,5 @@ def test_a_pipeline_runs_the_config_given_and_says_so_only_of_fast_modes(trained
     ao = load_pipeline(trained_micro_checkpoint.parent, "micro", "ao", config=config)
     assert ao.config == config and ao.generator.config == config
     assert ao.info["kernels"].endswith("float32") and "--compile-mode" not in ao.info["kernels"]
+    with pytest.raises(ValueError, match="amg or config, not both"):  # config would have won without a word
+        load_pipeline(trained_micro_checkpoint.parent, "micro", "ao", amg={"points_per_side": 2}, config=config)

@@ -58,6 +58,18 @@ def test_known_answers():
     assert iou_of([SQUARE], []) == (None, 0.0)
 
 
+def test_images_of_hundreds_of_masks_compare():
+    """An image of 256 masks or more (loose filters give thousands) ended the comparison in an
+    OverflowError: pycocotools' area of that many masks at once."""
+    rng = np.random.default_rng(0)
+    masks = list(rng.random((300, H, W)) < 0.3) + [EMPTY]
+    shuffled = [masks[i] for i in rng.permutation(len(masks))]
+    assert iou_of(masks, shuffled) == (1.0, 1.0)
+    worse = [*masks[:-2], SQUARE]  # one mask fewer, the last two one SQUARE
+    strict, relaxed = iou_of(masks, worse)
+    assert strict is None and relaxed < 1.0
+
+
 def test_counts_with_empty_runs_compare_as_the_same_masks():
     """Counts may hold runs of 0 pixels (another encoder's): pycocotools' IoU stopped at one that
     both masks had, and a mask against itself scored 0."""

@@ -31,6 +31,7 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.amg import (
+    MaskData,
     area_from_rle,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
@@ -214,7 +215,7 @@ class ReferenceMaskGenerator:
         self.should_stop: Callable[[], bool] | None = None
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
-        self.generator._process_crop = with_crop_boxes_shaped(self.generator._process_crop)
+        self.generator._process_crop = without_empty_crops(with_crop_boxes_shaped(self.generator._process_crop))
         left_out = baseline_leaves_out(config)
         if left_out and warn:
             log.warning("baseline: %s; ao and the fast modes apply it on every device", left_out)
@@ -253,6 +254,23 @@ def with_crop_boxes_shaped(process_crop: Callable) -> Callable:
         data = process_crop(*args, **kwargs)
         data["crop_boxes"] = data["crop_boxes"].reshape(-1, 4)
         return data
+
+    return run
+
+
+def has_pixels(crop_box: list[int]) -> bool:
+    """Whether a crop (XYXY) holds a pixel: sam2's crop layers of an image a few pixels high or
+    wide include crops of none, on which its generator failed (a resize to 0 pixels)."""
+    x0, y0, x1, y1 = crop_box
+    return x1 > x0 and y1 > y0
+
+
+def without_empty_crops(process_crop: Callable) -> Callable:
+    """sam2's _process_crop, which gives a crop without pixels no masks (MaskData.cat adds
+    nothing of an empty MaskData) instead of failing; the other crops' numbers are unchanged."""
+
+    def run(image, crop_box, *args, **kwargs):
+        return process_crop(image, crop_box, *args, **kwargs) if has_pixels(crop_box) else MaskData()
 
     return run
 
@@ -433,6 +451,7 @@ class MaskGenerator:
                 # Layer 0 is the whole image, already encoded.
                 self.crop_candidates(image, box, layer, image_features if layer == 0 else None)
                 for box, layer in zip(crop_boxes, layer_idxs)
+                if has_pixels(box)  # (counted below all the same, as sam2 counts them)
             ]
         )
         if len(crop_boxes) > 1:
@@ -546,7 +565,7 @@ class MaskGenerator:
     ) -> torch.Tensor:
         """Upscales candidates' logits into their crops of the image: (N, H, W) bool."""
         masks = torch.zeros((len(candidates), *orig_hw), dtype=torch.bool, device=self.device)
-        for crop_box in crop_boxes:
+        for crop_box in filter(has_pixels, crop_boxes):
             x0, y0, x1, y1 = crop_box
             in_crop = (candidates.crop_boxes == torch.tensor(crop_box, device=self.device)).all(dim=1)
             masks[in_crop, y0:y1, x0:x1] = masks_above(

@@ -1338,6 +1338,16 @@ def test_a_request_that_ends_while_the_next_file_is_read_leaves_its_spinner_and_
     main = page.find_element(By.TAG_NAME, "main").rect
     assert shown["height"] >= 32 and shown["width"] >= 32 * 16384 / 8 - 1
     assert viewer["x"] + viewer["width"] <= main["x"] + main["width"] + 1  # within the page: the viewer scrolls
+    # A tall strip scrolls in the viewer too: the page itself was 4565 px tall for a 30x4000 image,
+    # the list and the hover text out of sight.
+    page_height = lambda: page.execute_script("return document.documentElement.scrollHeight")  # noqa: E731
+    page.execute_script("window.sam2page.showAnswer('[]', 100, 1000)")  # fitted to the window's height
+    fitted_page = page_height()
+    page.execute_script("window.sam2page.showAnswer('[]', 8, 16384)")
+    viewer = page.find_element(By.ID, "viewer").rect
+    assert page.find_element(By.ID, "highlight-canvas").rect["height"] >= 32 * 16384 / 8 - 1
+    assert viewer["y"] + viewer["height"] <= page.execute_script("return window.innerHeight") + 1
+    assert page_height() <= fitted_page + 1
     touch_action = lambda: page.execute_script(  # noqa: E731
         "return getComputedStyle(document.getElementById('highlight-canvas')).touchAction")
     assert touch_action() == "pan-x pan-y"  # a finger scrolls it in the every-mask tool (it draws no boxes)

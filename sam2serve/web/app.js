@@ -724,7 +724,8 @@ function showImage(bitmap) {
 
 // Shows the image as large as the window allows beside the list (small images up to 4x), its
 // short side at least MIN_SHOWN_SIDE pixels (up to 4x): a panorama strip's masks stay in reach
-// of a pointer, its long side a scroll of the viewer away.
+// of a pointer, its long side a scroll of the viewer away (a tall strip's too: the viewer ends
+// where the window does, beside the list).
 const MIN_SHOWN_SIDE = 32;
 
 function fitToWindow() {
@@ -736,6 +737,7 @@ function fitToWindow() {
   if (!state.width) return;
   const width = main.clientWidth - (stacked ? 4 : aside.offsetWidth + 24);
   const height = Math.max(240, window.innerHeight - $("viewer").offsetTop - 16);
+  $("viewer").style.maxHeight = stacked ? "" : `${height}px`;
   const least = Math.min(MIN_SHOWN_SIDE / Math.min(state.width, state.height), 4);
   const scale = Math.max(Math.min(width / state.width, height / state.height, 4), least);
   for (const id of LAYERS) {

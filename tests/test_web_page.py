@@ -402,6 +402,7 @@ def test_the_filters_ask_again_for_the_masks_of_other_thresholds(uploaded, serve
     offset_valid = "const field = document.getElementById('stability_score_offset'); field.value = arguments[0];" \
                    "field.dispatchEvent(new Event('input')); return field.validity.valid"
     assert page.execute_script(offset_valid, "0.0005") and not page.execute_script(offset_valid, "0")
+    assert page.execute_script(offset_valid, "1e-300") and not page.execute_script(offset_valid, "1e-310")  # 0 there
     set_filters(page, server_settings)
     page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
     page.find_element(By.ID, "segment-again").click()

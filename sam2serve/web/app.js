@@ -647,6 +647,7 @@ function clearViewer() {
 
 async function openFile(file) {
   if (!file) return;
+  checkOffset($("stability_score_offset")); // also a value typed before a reload, which the browser kept
   if (!$("filters-form").checkValidity()) { // typed in the Filters box, not submitted, not a value it takes
     $("filters").open = true;
     $("filters-form").reportValidity();
@@ -1354,12 +1355,17 @@ function init() {
     download(new Blob([cocoDataset()], { type: "application/json" }), `${state.name}_coco.json`));
   $("download-png").addEventListener("click", downloadOverlay);
   $("filters-form").addEventListener("submit", segmentAgain);
-  $("stability_score_offset").addEventListener("input", (event) => { // the server takes any offset above 0
-    event.target.setCustomValidity(Number(event.target.value) > 0 || event.target.value === "" ? "" : "Above 0, please.");
-  });
+  $("stability_score_offset").addEventListener("input", (event) => checkOffset(event.target));
   window.addEventListener("resize", fitToWindow);
   setTool();
   loadHealth();
+}
+
+// The server takes any offset above 0; it reads a number below the smallest normal double
+// (such as 1e-310) as 0.
+function checkOffset(field) {
+  const value = Number(field.value);
+  field.setCustomValidity(field.value === "" || value >= 2.2250738585072014e-308 ? "" : "Above 0, please.");
 }
 
 // Masks of a given size over a blank image, without the server: what the browser tests use to

@@ -1761,3 +1761,28 @@ def test_a_second_finger_moving_draws_no_box(page, tmp_path):
         pointer(page, "pointerup", 10, 10, 7, "touch")
         wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
         assert page_state(page, "box") is None
+
+
+def test_a_server_restarted_with_other_settings_is_the_one_the_page_describes_and_asks(page, server, tmp_path):
+    """The page read /health once: after a restart with --pred-iou-thresh 0.5 it still showed 0.8
+    and sent nothing (0.8 was the old server's), and after one in half precision it still said
+    mode ao and offered clicks. /health is read again before each image (a restart stands in)."""
+    with urllib.request.urlopen(server + "/health", timeout=30) as answer:
+        info = json.load(answer)
+    restarted = {**info, "mode": "fast_furious", "prompts": False, "amg": {**info["amg"], "pred_iou_thresh": 0.5}}
+    field = page.find_element(By.ID, "pred_iou_thresh")
+    assert field.get_attribute("value") == "0.8"
+    page.execute_script("document.getElementById('stability_score_thresh').value = ''")  # the server's, whichever
+    with stubbed_fetch(page, {**stub_answers(), "/health": [200, restarted, 0]}):
+        open_image(page, small_image(tmp_path, "after_restart.png"))
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+        assert field.get_attribute("value") == "0.5" and "this page's filters" not in status(page)
+        assert page.find_element(By.ID, "stability_score_thresh").get_attribute("value") == ""
+        assert "mode fast_furious" in page.find_element(By.ID, "server-info").text
+        assert not page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").is_enabled()
+        assert "not in mode fast_furious" in page.find_element(By.ID, "tool").text
+    open_image(page, small_image(tmp_path, "after_another.png"))  # the real server again
+    wait_for(page, lambda d: " in " in status(d) and "after_another" not in status(d), timeout=60)
+    assert field.get_attribute("value") == "0.8" and "mode ao" in page.find_element(By.ID, "server-info").text
+    assert page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").is_enabled()
+    assert "not in mode" not in page.find_element(By.ID, "tool").text

@@ -235,26 +235,52 @@ async function loadHealth() {
     setTimeout(loadHealth, 2000);
     return;
   }
+  applyHealth(info);
+}
+
+// The server's model, mode and settings (GET /health), or null where it does not say them now
+// (out of reach, loading, stopping): read again before each image.
+async function currentHealth() {
+  try {
+    const info = await (await fetch("health")).json();
+    return info.status === "ok" ? info : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+// Shows what the server runs. Read at the start and again before each image: a server restarted
+// meanwhile with other settings or in another mode is the one the page then describes and asks
+// (a Filters value still the server's from before becomes the new server's).
+function applyHealth(info) {
+  const before = state.info?.amg;
   state.info = info;
   $("server-info").textContent = `${info.model} · mode ${info.mode} · ${info.device}`;
-  for (const name of FILTERS) { // the server's, where nothing was typed yet
-    if ($(name).value === "" && !$(name).validity.badInput && info.amg) $(name).value = info.amg[name];
+  for (const name of FILTERS) {
+    const field = $(name);
+    const serversOwn = before === undefined
+      ? field.value === "" && !field.validity.badInput // nothing typed yet
+      : field.value !== "" && Number(field.value) === before[name];
+    if (serversOwn && info.amg) field.value = info.amg[name];
   }
   const note = WEIGHTS_NOTES[info.weights];
   $("weights-note").hidden = !note;
   $("weights-note").textContent = note || "";
-  if (info.prompts === false) {
-    const radio = document.querySelector("input[name=tool][value=click]");
-    if (radio.checked) { // chosen while the model loaded: back to the tool this server has
-      document.querySelector("input[name=tool][value=everything]").checked = true;
-      setTool();
-    }
-    radio.disabled = true;
-    const why = document.createElement("span");
+  const radio = document.querySelector("input[name=tool][value=click]");
+  const noPrompts = info.prompts === false;
+  if (noPrompts && radio.checked) { // chosen while the model loaded: back to the tool this server has
+    document.querySelector("input[name=tool][value=everything]").checked = true;
+    setTool();
+  }
+  radio.disabled = noPrompts;
+  let why = $("click-unavailable");
+  if (!why) {
+    why = document.createElement("span");
+    why.id = "click-unavailable";
     why.className = "hint";
-    why.textContent = ` (not in mode ${info.mode}: half precision runs no prompts)`;
     radio.parentElement.append(why);
   }
+  why.textContent = noPrompts ? ` (not in mode ${info.mode}: half precision runs no prompts)` : "";
 }
 
 // --- Run-length masks ----------------------------------------------------------------------
@@ -671,6 +697,13 @@ async function openFile(file) {
       `a PNG or JPEG of it will do (it was not sent to the server${state.width ? "; the image before stays" : ""}).`);
     return;
   }
+  const info = await currentHealth();
+  if (opening !== state.opening) {
+    bitmap.close();
+    done();
+    return;
+  }
+  if (info) applyHealth(info);
   const generation = ++state.generation;
   for (const previous of [state.imageRequests, state.segmentRequest]) if (previous) previous.abort();
   onlyUnderWay(done);

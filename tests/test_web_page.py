@@ -810,6 +810,25 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
 
 
+def test_delete_in_the_list_removes_the_row_the_keyboard_is_on(page):
+    """A row selected, then the arrow keys to another: Delete removed the selected mask, out of
+    sight of the row the keyboard was on (and outlined)."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    masks = [xs < 40, (xs - 60) ** 2 + (ys - 30) ** 2 < 100, ys < 10]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), width, height)
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+    ActionChains(page).send_keys(Keys.ARROW_DOWN).perform()
+    on = int(page.execute_script("return document.activeElement.dataset.index"))  # the list's next row
+    assert on != 0 and page_state(page, "selected") == 0
+    ActionChains(page).send_keys(Keys.DELETE).perform()
+    left = [mask for index, mask in enumerate(masks) if index != on]
+    assert json.loads(page.execute_script("return window.sam2page.studyJson()")) == {
+        f"mask_{index}": rle(mask) for index, mask in enumerate(left)}
+    assert status(page).startswith(f"Mask {on} removed")
+
+
 def masks_shown(driver) -> np.ndarray:
     """Where the visible layers of masks (every mask's, the added masks') paint, (height, width):
     what the viewer and the overlay PNG show of masks."""

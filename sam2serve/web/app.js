@@ -1206,10 +1206,17 @@ function dropPress() {
 // in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
   if (event.target.matches?.("#filters-form input")) return; // typing a number: the field's keys
-  if (event.key === "Delete" && tool() === "everything" && state.selected >= 0) {
-    event.preventDefault();
-    removeSelectedMask();
-    return;
+  if (event.key === "Delete" && tool() === "everything") {
+    // In the list, the mask of the row the keyboard is on (moved there with the arrows after a
+    // selection, say); elsewhere, the selected one.
+    const row = event.target.closest?.("#mask-list tbody tr");
+    const index = row && row.dataset.index !== undefined ? Number(row.dataset.index) : state.selected;
+    if (index >= 0) {
+      event.preventDefault();
+      if (index !== state.selected) select(index);
+      removeSelectedMask();
+      return;
+    }
   }
   if (event.key === "Escape" && press) {
     dropPress();

@@ -1805,3 +1805,13 @@ def test_a_server_restarted_with_other_settings_is_the_one_the_page_describes_an
     assert field.get_attribute("value") == "0.8" and "mode ao" in page.find_element(By.ID, "server-info").text
     assert page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").is_enabled()
     assert "not in mode" not in page.find_element(By.ID, "tool").text
+
+
+def test_a_drop_without_a_file_says_so(page):
+    """An image dragged from another web page drops as its link, no file: nothing happened."""
+    page.execute_script("""const data = new DataTransfer();
+        data.setData('text/uri-list', 'https://example.com/cat.jpg');
+        document.getElementById('viewer').dispatchEvent(
+          new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""")
+    error = page.find_element(By.ID, "error")
+    assert error.is_displayed() and "holds no file" in error.text

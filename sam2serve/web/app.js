@@ -1334,7 +1334,10 @@ function init() {
   document.addEventListener("drop", (event) => {
     event.preventDefault();
     $("viewer").classList.remove("dragging");
-    openFile(firstImage(event.dataTransfer.files));
+    const file = firstImage(event.dataTransfer.files);
+    if (file) openFile(file);
+    else showError("What was dropped holds no file (an image dragged from another web page comes as its link): " +
+      "save the image, then drop or choose the file.");
   });
   document.addEventListener("paste", (event) => {
     const file = firstImage(event.clipboardData && event.clipboardData.files);

@@ -693,7 +693,8 @@ async function openFile(file) {
   }
   if (!bitmap) {
     done();
-    showError(`This browser cannot show ${what}: a damaged or cut-short file, or a format it does not read; ` +
+    showError(`This browser cannot show ${what} as pixels: a damaged or cut-short file, or a format it does not ` +
+      "decode to pixels here (such as TIFF, or SVG, which is drawn); " +
       `a PNG or JPEG of it will do (it was not sent to the server${state.width ? "; the image before stays" : ""}).`);
     return;
   }

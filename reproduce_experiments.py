@@ -107,13 +107,26 @@ def images_identity(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+class RowEnded(RuntimeError):
+    """A row's process that ended without an answer: killed (by the kernel's out-of-memory
+    killer, say), or an exit from native code."""
+
+    def __init__(self, exit_code: int | None) -> None:
+        how = f"exit code {exit_code}"
+        if exit_code is not None and exit_code < 0:
+            how += f": {signal.Signals(-exit_code).name}" + (
+                ", which the system also sends where memory runs out" if -exit_code == signal.SIGKILL else "")
+        super().__init__(f"the row's process ended without an answer ({how})")
+
+
 def in_fresh_process(function: Callable[..., T], *arguments) -> T:
     """function(*arguments) in a process of its own (spawned: nothing inherited), its result or
     its error; the process is ended if this one stops first (Ctrl-C, SIGTERM), not left to
     finish its row unseen."""
     context = get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=answer_through, args=(sender, function, *arguments), name="study-row")
+    process = context.Process(target=answer_through, args=(sender, os.getpid(), function, *arguments),
+                              name="study-row")
     try:
         # Started with Ctrl-C ignored, which it inherits: a Ctrl-C while it imports torch, before
         # answer_through, printed its KeyboardInterrupt traceback. The study's process handles it.
@@ -126,7 +139,7 @@ def in_fresh_process(function: Callable[..., T], *arguments) -> T:
         outcome, value = receiver.recv()
     except EOFError:
         process.join()
-        raise RuntimeError(f"the row's process ended without an answer (exit code {process.exitcode})") from None
+        raise RowEnded(process.exitcode) from None
     except BaseException:  # stopped while the row runs
         end_process(process, "stopped")
         raise
@@ -151,13 +164,13 @@ def end_process(process, why: str) -> None:
         process.join()
 
 
-def answer_through(connection: Connection, function: Callable, *arguments) -> None:
+def answer_through(connection: Connection, study_pid: int, function: Callable, *arguments) -> None:
     """In the row's process: function's result, or its error (its traceback logged here), sent back.
     Ctrl-C is the study's process's to handle: it ends this one with SIGTERM, which exits
     cleanly (multiprocessing's semaphores released, none reported leaked)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    exit_with_parent()
+    exit_with_parent(study_pid)
     try:
         connection.send(("ok", function(*arguments)))
     except Exception as error:  # noqa: BLE001 - the study's process raises it
@@ -170,11 +183,12 @@ def answer_through(connection: Connection, function: Callable, *arguments) -> No
         connection.send(("error", error))
 
 
-def exit_with_parent() -> None:
-    """Ends this row's process when the study's process is gone (killed with SIGKILL, which
-    leaves it no time to end the row's), instead of finishing the row unseen and holding its
-    memory."""
-    parent = os.getppid()
+def exit_with_parent(parent: int) -> None:
+    """Ends this row's process when the study's process (`parent`, its pid as the study gave it)
+    is gone (killed with SIGKILL, which leaves it no time to end the row's), instead of finishing
+    the row unseen and holding its memory. The pid comes from the study: read here, after the
+    seconds of spawning and importing torch, it was already another's where the study was killed
+    meanwhile, and the row ran to its end."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -389,6 +403,8 @@ def run_study(argv: list[str] | None) -> None:
             stats = measured_row(row, settings, checkpoint, output / name, f"row {index + 1}/{len(rows)} {name}")
         except CheckpointError as error:  # a file that is not a checkpoint of that size
             sys.exit(f"error: {error}")
+        except RowEnded as error:  # its log, above, says how far it came
+            sys.exit(f"error: {name}: {error}; the rows done are kept")
         finally:  # the output folder this run made, if the first row failed before writing in it
             if made_output and output.is_dir() and not any(output.iterdir()):
                 output.rmdir()

@@ -186,29 +186,36 @@ def test_damaged_checkpoint_ends_the_study_with_what_to_do(tmp_path):
     assert not (tmp_path / "out").exists()  # no empty row folder, nor the empty output folder it made
 
 
-def test_a_rows_process_ends_with_the_study_process(tmp_path):
+@pytest.mark.parametrize("killed_while_importing", [False, True])
+def test_a_rows_process_ends_with_the_study_process(tmp_path, killed_while_importing):
     """A row's process whose study process is killed (or stopped by a signal sent to it alone)
-    ends instead of finishing the row unseen, holding its memory."""
+    ends instead of finishing the row unseen, holding its memory; also where the study was
+    killed while the row's process still started (imports of seconds, torch's), before it
+    began to watch."""
     (tmp_path / "study.py").write_text(textwrap.dedent("""
-        import multiprocessing, sys, time
+        import multiprocessing, os, sys, time
         sys.path.insert(0, sys.argv[1])
 
-        def row():
+        def row(study_pid, importing_s):
+            time.sleep(importing_s)
             from reproduce_experiments import exit_with_parent
-            exit_with_parent()
+            exit_with_parent(study_pid)
             print("watching", flush=True)
             time.sleep(120)
 
         if __name__ == "__main__":
-            child = multiprocessing.get_context("spawn").Process(target=row)
+            child = multiprocessing.get_context("spawn").Process(target=row, args=(os.getpid(), float(sys.argv[2])))
             child.start()
             print(child.pid, flush=True)
             time.sleep(120)
     """))
-    study = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(REPO)], stdout=subprocess.PIPE, text=True)
+    importing_s = "3" if killed_while_importing else "0"
+    study = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(REPO), importing_s],
+                             stdout=subprocess.PIPE, text=True)
     try:
         row = int(study.stdout.readline())
-        assert study.stdout.readline() == "watching\n"
+        if not killed_while_importing:
+            assert study.stdout.readline() == "watching\n"
     finally:
         study.kill()
         study.wait()
@@ -250,6 +257,30 @@ def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
     assert "Traceback" not in stderr, stderr[-2000:]
     assert not Path(f"/proc/{row}").exists()  # ended and reaped by the study's process
     assert not list((tmp_path / "out").rglob("*.partial"))  # the stopped row's masks so far are not left
+
+
+def test_a_rows_process_killed_ends_the_study_with_one_line(tmp_path):
+    """A row's process killed (the kernel's out-of-memory killer sends SIGKILL) ended the study in
+    a traceback: one line now, which names the row and the signal."""
+    paths = tmp_path / "paths"
+    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n" * 50)
+    study = subprocess.Popen(
+        [sys.executable, str(REPO / "reproduce_experiments.py"), str(paths), str(tmp_path / "out"),
+         "--checkpoint-dir", str(REPO / "models"), "--model-type", "micro", "--threads", "1"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        row = wait_for_child(study.pid)
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out").rglob("rle_masks.partial")):  # the row's images under way
+            assert time.monotonic() < deadline and study.poll() is None
+            time.sleep(0.2)
+        os.kill(row, signal.SIGKILL)
+        _, stderr = study.communicate(timeout=60)
+    finally:
+        study.kill()
+    assert study.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert ("\nerror: baseline_bs1_ppb64: the row's process ended without an answer (exit code -9: SIGKILL, "
+            "which the system also sends where memory runs out); the rows done are kept\n") in stderr, stderr[-2000:]
 
 
 class TwoArguments(Exception):

@@ -630,8 +630,19 @@ def test_load_test_clients_take_turns_through_every_request():
     assert sorted(next(name for name in images if images[name] in body) for body in concurrent) == sorted(images)
 
 
-def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
-    """Stopped (Ctrl-C) while each client waits on an answer: one request per client in flight,
+def test_load_test_lists_twenty_failures_and_counts_the_rest():
+    """Past 20 failed requests the list stopped without a word (169 failures, 20 lines)."""
+    from tools.load_test import Report
+
+    table = Report(planned=25, requests=25, wrong=[f"request {i}: 500" for i in range(25)], latencies_s=[0.1]).table()
+    assert "  request 19: 500" in table and "request 20: 500" not in table
+    assert table.endswith("\n  and 5 more")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path, signum):
+    """Stopped (Ctrl-C, or SIGTERM as `timeout` sends it: that one ended the test without a
+    word) while each client waits on an answer: one request per client in flight,
     the rest of each client's list never sent. The requests go straight to the server: a proxy
     set for the shell (curl's http_proxy) would take them off this machine."""
     hanging, release = threading.Semaphore(0), threading.Event()
@@ -659,13 +670,14 @@ def test_load_test_stopped_says_how_many_requests_were_in_flight(tmp_path):
             for _ in range(2):
                 while not hanging.acquire(timeout=0.5):
                     assert test.poll() is None, test.communicate()
-            test.send_signal(signal.SIGINT)
+            test.send_signal(signum)
             out, err = test.communicate(timeout=60)
         finally:
             test.kill()
             release.set()
-    assert test.returncode == 130, err
-    assert "0 of 6 done (0 correct, 0 wrong or failed, 4 never sent, 2 in flight when stopped by Ctrl-C)" in out
+    status, how = (130, "Ctrl-C") if signum == signal.SIGINT else (143, "SIGTERM")
+    assert test.returncode == status, err
+    assert f"0 of 6 done (0 correct, 0 wrong or failed, 4 never sent, 2 in flight when stopped by {how})" in out
 
 
 def test_load_test_counts_answers_that_differ_from_the_single_requests_as_wrong(tmp_path, monkeypatch, capsys):

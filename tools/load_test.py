@@ -23,6 +23,7 @@ import http.client
 import ipaddress
 import json
 import math
+import signal
 import socket
 import sys
 import threading
@@ -40,7 +41,7 @@ from tqdm import tqdm
 if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
+from sam2serve.cli import ScriptParser, Terminated, error_text, positive_int, raise_terminated, seconds
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -57,7 +58,7 @@ class Report:
     embedded_again: int = 0  # /segment by an id the cache had evicted (404): the image sent to /embed again
     latencies_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    stopped: bool = False  # by Ctrl-C
+    stopped: str = ""  # by what: "Ctrl-C" or "SIGTERM"
 
     @property
     def never_sent(self) -> int:
@@ -73,14 +74,15 @@ class Report:
         lines = [
             f"requests        {self.requests} of {self.planned} done ({self.correct} correct, {len(self.wrong)} "
             f"wrong or failed{f', {self.never_sent} never sent' if self.never_sent else ''}"
-            f"{f', {self.in_flight} in flight when stopped by Ctrl-C' if self.stopped else ''})",
+            f"{f', {self.in_flight} in flight when stopped by {self.stopped}' if self.stopped else ''})",
             f"busy retries    {self.retries_busy}",
             f"embedded again  {self.embedded_again} (ids the cache had evicted)",
             f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
             f"latency p50     {np.percentile(latencies, 50):.0f} ms",
             f"latency p99     {np.percentile(latencies, 99):.0f} ms",
         ]
-        return "\n".join(lines + [f"  {line}" for line in self.wrong[:20]])
+        more = [f"  and {len(self.wrong) - 20} more"] if len(self.wrong) > 20 else []
+        return "\n".join(lines + [f"  {line}" for line in self.wrong[:20]] + more)
 
 
 def require_loopback(url: str) -> None:
@@ -270,12 +272,12 @@ def run_load_test(
     try:
         for thread in threads:
             thread.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (main's Terminated)
         stop.set()  # the clients send nothing more; a request in flight may take its time limit
         grace = time.monotonic() + 2
         for thread in threads:
             thread.join(timeout=max(0.0, grace - time.monotonic()))
-        report.stopped = True
+        report.stopped = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
     progress.close()
     with lock:  # a copy: clients still waiting on an answer must not change what is printed
         return replace(report, seconds=time.monotonic() - started, wrong=list(report.wrong),
@@ -308,17 +310,20 @@ def main() -> None:
     parser.add_argument("--time-limit", type=seconds, default=600.0, help="seconds for the whole test")
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, raise_terminated)  # as Ctrl-C (`timeout` sends it): the report so far
     try:
         require_loopback(args.url)  # first: the arguments swapped read the URL as an image file
         images = {str(path): path.read_bytes() for path in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)
     except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: {error_text(error)}")
-    except KeyboardInterrupt:  # while the single requests were sent: nothing to report yet
-        print("stopped (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:  # while the single requests were sent: nothing to report yet
+        terminated = isinstance(interrupt, Terminated)
+        print(f"stopped ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM if terminated else 130)
     print(report.table())
-    sys.exit(130 if report.stopped else 0 if report.ok else 1)
+    stopped_status = {"": None, "Ctrl-C": 130, "SIGTERM": 128 + signal.SIGTERM}[report.stopped]
+    sys.exit(stopped_status or (0 if report.ok else 1))
 
 
 if __name__ == "__main__":

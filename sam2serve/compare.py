@@ -351,11 +351,6 @@ def read_text(path: Path) -> str:
 def compare_results(reference_path: str | Path, candidate_path: str | Path) -> list[ImageComparison]:
     """Compares two result sets image by image; they must hold the same images."""
     reference, candidate = load_results(reference_path), load_results(candidate_path)
-    if len(reference) != len(candidate):
-        raise ValueError(f"{reference_path} has {len(reference)} images, {candidate_path} has {len(candidate)} "
-                         "(an empty line counts as an image whose request failed)")
-    if not reference:
-        raise ValueError(f"{reference_path} and {candidate_path} hold no results")
     per_image_files = [Path(path).is_dir() and not is_study_row(Path(path)) for path in (reference_path, candidate_path)]
     if any(per_image_files) and not all(per_image_files):  # file names on one side, line numbers on the other
         raise ValueError("a folder of per-image .json files pairs only with another such folder (by file name), "
@@ -364,6 +359,11 @@ def compare_results(reference_path: str | Path, candidate_path: str | Path) -> l
         missing = {name for name, _ in reference} ^ {name for name, _ in candidate}
         if missing:
             raise ValueError(f"the folders hold different files: {sorted(missing)[:5]}")
+    if len(reference) != len(candidate):
+        raise ValueError(f"{reference_path} has {len(reference)} images, {candidate_path} has {len(candidate)} "
+                         "(an empty line counts as an image whose request failed)")
+    if not reference:
+        raise ValueError(f"{reference_path} and {candidate_path} hold no results")
     pairs = tqdm(zip(reference, candidate), total=len(reference), unit="image", desc="comparing",
                  disable=None)  # a progress bar on a terminal only
     comparisons = []

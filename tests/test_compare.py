@@ -174,6 +174,12 @@ def test_folders_are_paired_by_file_name(tmp_path):
     # File names on one side, line numbers on the other: nothing to pair them by.
     with pytest.raises(ValueError, match="pairs only with another such folder"):
         compare_results(tmp_path / "reference", write_lines(tmp_path / "lines", REFERENCE))
+    # Said so too where their image counts differ (which was said instead, with a hint for line files).
+    with pytest.raises(ValueError, match="pairs only with another such folder"):
+        compare_results(tmp_path / "reference", write_lines(tmp_path / "lines", REFERENCE[:2]))
+    (tmp_path / "candidate" / "image_9.json").unlink()
+    with pytest.raises(ValueError, match=r"different files: \['image_3.json'\]"):
+        compare_results(tmp_path / "reference", tmp_path / "candidate")
 
 
 def test_an_empty_per_image_file_is_a_failed_request(tmp_path):

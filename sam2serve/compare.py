@@ -25,6 +25,10 @@ from tqdm import tqdm
 from .rle import RLE, counts_from_string
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class ImageComparison:
     name: str
@@ -65,7 +69,7 @@ class Summary:
         failed = (f", left out {len(self.failed)} whose request failed ({', '.join(self.failed[:5])}"
                   f"{', ...' if len(self.failed) > 5 else ''})" if self.failed else "")
         return (f"images {self.images}{failed}, mask count mismatch {self.mask_count_mismatch}, "
-                f"mIoU {strict} (strict, {self.images - self.mask_count_mismatch} images), "
+                f"mIoU {strict} (strict, {plural(self.images - self.mask_count_mismatch, 'image')}), "
                 f"relaxed mIoU {relaxed}, masks per image {masks}")
 
 

@@ -89,7 +89,8 @@ def device_description(device: str) -> str:
     """What a benchmark ran on: the GPU's name, or the CPU's thread count (--threads)."""
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 
 class PeakMemory:

@@ -730,7 +730,8 @@ def test_prompt_benchmark_reports_the_median_of_each_measurement_and_the_cached_
     benchmark_prompts.main()
     assert set_up == [("cpu", 1)]
     out = capsys.readouterr().out
-    assert f"; device CPU ({torch.get_num_threads()} threads); 2 images (80x64), 2 repeats; torch " in out
+    threads = torch.get_num_threads()
+    assert f"; device CPU ({threads} thread{'' if threads == 1 else 's'}); 2 images (80x64), 2 repeats; torch " in out
     assert out.split("| measurement | ms (median) |\n|---|---|\n")[1].splitlines()[:6] == [
         "| ours: new image (encode + 1 point) | 65.0 |", "| ours: cached image, 1 point | 2.5 |",
         "| ours: cached image, 32 points in one request | 7.5 |", "| sam2 predictor: set_image + predict | 60.0 |",
@@ -747,7 +748,7 @@ def test_benchmark_that_lost_a_row_prints_its_tables_and_fails(tmp_path):
          "--modes", "fast_furious", "--load-fast", str(tmp_path / "empty"), "--threads", "1", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    assert "; device CPU (1 threads);" in result.stdout
+    assert "; device CPU (1 thread);" in result.stdout
     assert "| baseline |" in result.stdout and "fast_furious: failed" in result.stdout
     assert "rows that failed and are missing from the tables: fast_furious" in result.stderr
 

@@ -9,10 +9,11 @@
 # Needs the modal CLI logged in (modal token new). Checkpoints are uploaded once to the
 # Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro). Fast modes load
 # exported packages from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine
-# with `server.py ... --fast --save-fast DIR`); otherwise each container compiles.
+# with `server.py ... --fast --save-fast DIR`); otherwise each container compiles. Exits 1 if a
+# comparison failed (after making the others).
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     usage
     exit 0
@@ -55,6 +56,8 @@ try:
     name = model_size(sys.argv[1]).filename
     for mode in sys.argv[3:]:
         get_mode(mode)
+        if sys.argv[3:].count(mode) > 1:
+            raise ValueError(f"mode {mode!r} given twice")
     checked_image_paths(sys.argv[2])
 except (ValueError, OSError) as error:
     sys.exit(f"error: {error}")
@@ -84,7 +87,7 @@ fi
 
 for mode in "${mode_list[@]}"; do
     load_fast=()
-    if [[ -d "$exported_dir/$mode" ]]; then
+    if [[ ($mode == fast || $mode == fast_furious) && -d "$exported_dir/$mode" ]]; then  # the fast modes' alone
         modal volume put --force "$volume" "$exported_dir/$mode" "exported/$mode"
         load_fast=(--load-fast "$mode")
     fi
@@ -97,12 +100,14 @@ done
 modal app stop -y "$app_name"
 trap - EXIT
 
-if [[ " $modes " != *" baseline "* ]]; then
+if [[ ! " ${mode_list[*]} " =~ " baseline " ]]; then
     echo "no baseline among the modes: the masks are in $output_dir, nothing compared"
     exit 0
 fi
+status=0
 for mode in "${mode_list[@]}"; do
     [[ $mode == baseline ]] && continue
     echo "== $mode vs baseline"
-    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks"
+    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || status=1
 done
+exit "$status"

@@ -73,6 +73,7 @@ def test_modal_script_passes_bash_n_and_shellcheck():
     assert usage.returncode == 2 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in usage.stderr
     asked = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert asked.returncode == 0 and "modal_experiments.sh IMAGE_PATHS OUTPUT_DIR" in asked.stdout
+    assert asked.stdout.rstrip().endswith("comparison failed (after making the others).")  # the header, whole
     too_many = subprocess.run(["bash", str(script), *"abcde"], capture_output=True, text=True)
     assert too_many.returncode == 2 and "error: expected IMAGE_PATHS OUTPUT_DIR [MODEL_TYPE] [MODES], got 5" \
         in too_many.stderr
@@ -96,7 +97,8 @@ exit 0
     (stubs / "python").write_text(f"""#!/bin/bash
 if [[ $1 == -m && $2 == deploy.modal_app ]]; then
     echo "replay $6 $7 $8 $9" >> {log}
-    mkdir -p "$(dirname "$5")" && echo '{{}}' > "$5"
+    mkdir -p "$(dirname "$5")"
+    if [[ $9 == fast ]]; then echo '{{"error": "failed"}}' > "$5"; else echo '{{}}' > "$5"; fi  # fast: no comparison
     exit 0
 fi
 exec {sys.executable} "$@"
@@ -137,6 +139,16 @@ exec {sys.executable} "$@"
     assert log.read_text().splitlines()[-1] == "modal app stop -y sam2-segment-everything"
     result = script("tiny", "ao")
     assert result.returncode == 0 and "no baseline among the modes" in result.stdout
+    # A comparison that fails (fast's one image failed) leaves the next to be made, and the script exits 1; an
+    # exported folder is sent for a fast mode alone (ao's would make its replay refuse --load-fast).
+    for mode in ("ao", "fast"):
+        (tmp_path / "exported" / mode).mkdir(parents=True)
+    environment["EXPORTED_DIR"] = str(tmp_path / "exported")
+    result = script("t", "baseline\tfast ao")  # (a tab was read as part of a mode's name: no baseline)
+    assert result.returncode == 1 and result.stdout.index("== fast vs baseline") < result.stdout.index("== ao vs"), \
+        result.stdout + result.stderr
+    assert [call for call in uploads() if "exported" in call] == [
+        f"modal volume put --force sam2-checkpoints {tmp_path}/exported/fast exported/fast"]
     # The project's micro model: from models/, where it is committed, unless CHECKPOINT_DIR says.
     environment.pop("CHECKPOINT_DIR")
     result = script("micro", "ao")
@@ -149,6 +161,7 @@ exec {sys.executable} "$@"
     for model_type, modes, paths, message in [("t", "baseline fastt", "paths", "unknown mode 'fastt'"),
                                               ("huge", "baseline", "paths", "unknown model type 'huge'"),
                                               ("t", "  ", "paths", "no mode given"),
+                                              ("t", "baseline ao ao", "paths", "mode 'ao' given twice"),
                                               ("t", "baseline", "paths_with_a_gap",
                                                "1 of the 2 listed images do not exist as files"),
                                               ("t", "baseline", "absent", "No such file")]:

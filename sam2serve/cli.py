@@ -196,7 +196,7 @@ def require_writable_folder(parser: argparse.ArgumentParser, folder: Path, what:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        parser.error(f"{what}: {folder} is not writable ({error.strerror or error})")
+        parser.error(f"{what}: {folder} is not writable (a file made there failed: {error.strerror or error})")
 
 
 def require_output_file(parser: argparse.ArgumentParser, path: str | Path, option: str,

@@ -458,7 +458,8 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "meta"], "--device meta: not a device the"),
     ("reproduce_experiments", ["{tmp}/paths", "{tmp}/out", "--device", "cpu:5"], "--device cpu:5: not a device the"),
     # Root may write anywhere os.access is asked, /proc included, where no file can be made.
-    ("reproduce_experiments", ["{tmp}/paths", "/proc/out"], "/proc is not writable"),
+    ("reproduce_experiments", ["{tmp}/paths", "/proc/out"],
+     "/proc is not writable (a file made there failed: No such file or directory)"),
     ("tools.benchmark", ["--save-masks", "/proc/masks"], "/proc is not writable"),
     ("compare_rle_lists", ["{tmp}/notes.jpg", "{tmp}/b", "--per-image-csv", "/proc/x.csv"],
      "/proc is not writable"),

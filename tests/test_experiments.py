@@ -230,23 +230,34 @@ def test_a_rows_process_ends_with_the_study_process(tmp_path, killed_while_impor
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
-    """SIGINT or SIGTERM sent to the study's process alone (not its group, as Ctrl-C does):
-    it says how to resume, and its row's process is ended with it, not waited for."""
+def study_with_a_row_under_way(tmp_path: Path, *options: str, **popen) -> tuple[subprocess.Popen, int]:
+    """The study on 50 images (a 32x32 grid: a row of minutes), started; returned with its row's
+    process once that row's images are under way."""
     paths = tmp_path / "paths"
     paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n" * 50)
     study = subprocess.Popen(
         [sys.executable, str(REPO / "reproduce_experiments.py"), str(paths), str(tmp_path / "out"),
-         "--checkpoint-dir", str(REPO / "models"), "--model-type", "micro"],  # a 32x32 grid: a row of minutes
-        stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as under a shell's &
+         "--checkpoint-dir", str(REPO / "models"), "--model-type", "micro", *options],
+        stderr=subprocess.PIPE, text=True, **popen)
     try:
         row = wait_for_child(study.pid)
         deadline = time.monotonic() + 120
-        while not list((tmp_path / "out").rglob("rle_masks.partial")):  # the row's images under way
+        while not list((tmp_path / "out").rglob("rle_masks.partial")):
             assert time.monotonic() < deadline and study.poll() is None
             time.sleep(0.2)
+    except BaseException:
+        study.kill()
+        raise
+    return study, row
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
+    """SIGINT or SIGTERM sent to the study's process alone (not its group, as Ctrl-C does):
+    it says how to resume, and its row's process is ended with it, not waited for."""
+    study, row = study_with_a_row_under_way(  # SIGINT not ignored, as under a shell's &
+        tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
         study.send_signal(signum)
         _, stderr = study.communicate(timeout=60)  # the process pool this replaced waited for the row
     finally:
@@ -262,18 +273,8 @@ def test_a_study_stopped_alone_ends_its_rows_process_at_once(signum, tmp_path):
 def test_a_rows_process_killed_ends_the_study_with_one_line(tmp_path):
     """A row's process killed (the kernel's out-of-memory killer sends SIGKILL) ended the study in
     a traceback: one line now, which names the row and the signal."""
-    paths = tmp_path / "paths"
-    paths.write_text(f"{REPO / 'examples' / 'shapes.jpg'}\n" * 50)
-    study = subprocess.Popen(
-        [sys.executable, str(REPO / "reproduce_experiments.py"), str(paths), str(tmp_path / "out"),
-         "--checkpoint-dir", str(REPO / "models"), "--model-type", "micro", "--threads", "1"],
-        stderr=subprocess.PIPE, text=True)
+    study, row = study_with_a_row_under_way(tmp_path, "--threads", "1")
     try:
-        row = wait_for_child(study.pid)
-        deadline = time.monotonic() + 120
-        while not list((tmp_path / "out").rglob("rle_masks.partial")):  # the row's images under way
-            assert time.monotonic() < deadline and study.poll() is None
-            time.sleep(0.2)
         os.kill(row, signal.SIGKILL)
         _, stderr = study.communicate(timeout=60)
     finally:

@@ -114,8 +114,12 @@ class RowEnded(RuntimeError):
     def __init__(self, exit_code: int | None) -> None:
         how = f"exit code {exit_code}"
         if exit_code is not None and exit_code < 0:
-            how += f": {signal.Signals(-exit_code).name}" + (
-                ", which the system also sends where memory runs out" if -exit_code == signal.SIGKILL else "")
+            try:
+                how += f": {signal.Signals(-exit_code).name}"
+            except ValueError:  # a real-time signal: no name
+                how += f": signal {-exit_code}"
+            if -exit_code == signal.SIGKILL:
+                how += ", which the system also sends where memory runs out"
         super().__init__(f"the row's process ended without an answer ({how})")
 
 

@@ -196,7 +196,8 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
         settings = any(name in ("format", *REQUEST_SETTINGS) for name in unknown)
         raise BadRequest(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
                            f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
-                           + (" (settings and format go in the URL's query: ?pred_iou_thresh=0.6)" if settings else ""))
+                           + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
+                              if settings else ""))
     return decode_image(files[0], limits.max_pixels)
 
 
@@ -526,12 +527,13 @@ def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -
         raise InvalidPrompt(f"unknown form fields {', '.join(shown(name) for name in unknown)}; a multipart /segment "
                             "has the file 'image' and the field 'prompts'"
                             + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
-    texts = [text for name, text in fields if name == "prompts"]
+    texts = [text.removeprefix("\ufeff") for name, text in fields if name == "prompts"]  # a file's byte-order mark,
+    # as a JSON body may have one
     if len(texts) > 1:
         raise InvalidPrompt(f"prompts: sent {len(texts)} times; send one field with every prompt set in its list")
     if not texts or not texts[0].strip():
         raise InvalidPrompt("prompts: expected a form field with a JSON list of prompt sets")
-    return parse_json(texts[0].removeprefix("\ufeff"), "prompts")  # a file's byte-order mark, as a JSON body may have
+    return parse_json(texts[0], "prompts")
 
 
 def cached_embedding(cache: EmbeddingCache, image_id: str):

@@ -23,8 +23,8 @@ from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 
 from sam2serve import upscale
 from sam2serve.amg import (
-    AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits, eager_kernels, fit_predictor_to_model,
-    full_resolution_scores, small_regions,
+    AMGConfig, Interrupted, MaskGenerator, ReferenceMaskGenerator, boxes_of_logits, eager_kernels,
+    fit_predictor_to_model, full_resolution_scores, small_regions,
 )
 from sam2serve.checkpoints import load_model
 from sam2serve.model import FactoredPointDecoder, default_prompts_per_step

@@ -339,6 +339,11 @@ def test_a_rows_error_reaches_the_study_as_it_was_raised():
         in_fresh_process(raise_two_arguments)
     with pytest.raises(RuntimeError, match="ended without an answer \\(exit code 3\\)"):
         in_fresh_process(end_without_answer)
+    # Killed by a signal: named, a real-time one (which has no name) by its number.
+    from reproduce_experiments import RowEnded
+
+    assert str(RowEnded(-signal.SIGTERM)) == "the row's process ended without an answer (exit code -15: SIGTERM)"
+    assert str(RowEnded(-35)) == "the row's process ended without an answer (exit code -35: signal 35)"
 
 
 def cpu_peak_mib() -> float:

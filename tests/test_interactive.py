@@ -471,6 +471,7 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         ({"prompts": deep}, "prompts: the JSON is nested too deeply"),
         ({"prompts": "[{not json"}, "prompts: not valid JSON: Expecting property name"),
         ({"prompts": " "}, "prompts: expected a form field with a JSON list"),
+        ({"prompts": "\ufeff "}, "prompts: expected a form field with a JSON list"),  # a byte-order mark alone
         ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
         ({"prompts": '[{"box": [0, 0, 10, -%s]}]' % ("9" * 5000)}, "prompts[0].box"),
         # A file of another name is refused as a text field is (a typo, or a second image).

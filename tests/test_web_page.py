@@ -1808,10 +1808,14 @@ def test_a_server_restarted_with_other_settings_is_the_one_the_page_describes_an
 
 
 def test_a_drop_without_a_file_says_so(page):
-    """An image dragged from another web page drops as its link, no file: nothing happened."""
-    page.execute_script("""const data = new DataTransfer();
+    """An image dragged from another web page drops as its link, no file: nothing happened. (Text
+    dropped on a field of the Filters box is no such mistake.)"""
+    drop = """const data = new DataTransfer();
         data.setData('text/uri-list', 'https://example.com/cat.jpg');
-        document.getElementById('viewer').dispatchEvent(
-          new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""")
+        document.getElementById(arguments[0]).dispatchEvent(
+          new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));"""
     error = page.find_element(By.ID, "error")
+    page.execute_script(drop, "pred_iou_thresh")
+    assert not error.is_displayed()
+    page.execute_script(drop, "viewer")
     assert error.is_displayed() and "holds no file" in error.text

@@ -11,7 +11,8 @@ clients take turns through the list, each in an order of its own), and every ans
 the reference for its request, byte for byte: nothing lost, duplicated or swapped between clients.
 A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
 timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
-the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130).
+the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130),
+and so does SIGTERM, as `timeout` sends it (status 143).
 On a terminal, a progress bar per phase (the single requests, then the clients' answers and how
 many were wrong).
 

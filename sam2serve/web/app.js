@@ -1337,8 +1337,10 @@ function init() {
     $("viewer").classList.remove("dragging");
     const file = firstImage(event.dataTransfer.files);
     if (file) openFile(file);
-    else showError("What was dropped holds no file (an image dragged from another web page comes as its link): " +
-      "save the image, then drop or choose the file.");
+    else if (!event.target.closest?.("input")) { // (text dropped on a field of the Filters box: nothing)
+      showError("What was dropped holds no file (an image dragged from another web page comes as its link): " +
+        "save the image, then drop or choose the file.");
+    }
   });
   document.addEventListener("paste", (event) => {
     const file = firstImage(event.clipboardData && event.clipboardData.files);

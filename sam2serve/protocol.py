@@ -185,7 +185,7 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
     if not files:
         if "image" in text_fields:
             raise BadRequest("the field 'image' holds text, not a file: put @ before the file's path "
-                               "(curl -F 'image=@file.jpg')")
+                             "(curl -F 'image=@file.jpg')")
         received = unread_body or f"received file fields: {file_fields or 'none'}"
         raise BadRequest(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
     if len(files) > 1:
@@ -195,9 +195,9 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
     if unknown := sorted((set(file_fields) | set(text_fields)) - {"image", *fields_too}):
         settings = any(name in ("format", *REQUEST_SETTINGS) for name in unknown)
         raise BadRequest(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
-                           f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
-                           + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
-                              if settings else ""))
+                         f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
+                         + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
+                            if settings else ""))
     return decode_image(files[0], limits.max_pixels)
 
 
@@ -207,7 +207,7 @@ NAMELESS_PART = "a part has no name in its Content-Disposition"
 def unreadable_form(why: str) -> BadRequest:
     """The answer to a multipart body that cannot be read as a form, in both fronts' words."""
     return BadRequest(f"the body is not a multipart form that can be read ({why}); "
-                        "send the image as curl -F 'image=@file.jpg'")
+                      "send the image as curl -F 'image=@file.jpg'")
 
 
 def require_named_parts(names: Iterable[object]) -> None:
@@ -243,7 +243,7 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
         raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
-                           f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
+                         f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
     return asked[0] if asked else formats[0]
 
 

@@ -43,8 +43,8 @@ from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model, require_checkpoint_pair,
 )
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config, check_threads,
-    Terminated, checked_image_paths, error_text, raise_terminated, require_output_folder, set_up_logging,
+    STOP_STATUS, ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config,
+    check_threads, checked_image_paths, error_text, raise_terminated, require_output_folder, set_up_logging, stopped_by,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_study(argv)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the statuses of the other scripts (run_script)
-        how, status = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
-        print(f"stopped ({how}); the same command again resumes it (the rows done are kept)", file=sys.stderr)
-        sys.exit(status)
+        print(f"stopped ({stopped_by(stop)}); the same command again resumes it (the rows done are kept)",
+              file=sys.stderr)
+        sys.exit(STOP_STATUS[stopped_by(stop)])
 
 
 def run_study(argv: list[str] | None) -> None:

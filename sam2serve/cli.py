@@ -114,6 +114,15 @@ def raise_terminated(_signum, _frame) -> None:
     raise Terminated()
 
 
+# A stop's exit status, as shells report a process ended by that signal.
+STOP_STATUS = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+
+
+def stopped_by(stop: KeyboardInterrupt) -> str:
+    """What stopped a script: "SIGTERM" (raise_terminated's) or "Ctrl-C" (a key in STOP_STATUS)."""
+    return "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+
+
 def run_script(main: Callable[[], None]) -> None:
     """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
     saying why and what to do, not a traceback; so does a stop, Ctrl-C or SIGTERM (what was
@@ -126,12 +135,9 @@ def run_script(main: Callable[[], None]) -> None:
         main()
     except CheckpointError as error:
         sys.exit(f"error: {error}")
-    except Terminated:
-        print("stopped (SIGTERM)", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        print("stopped (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print(f"stopped ({stopped_by(stop)})", file=sys.stderr)
+        sys.exit(STOP_STATUS[stopped_by(stop)])
 
 
 def number_type(kind: type, what: str, within: Callable[[float], bool], rule: str) -> Callable[[str], float]:

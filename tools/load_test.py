@@ -42,7 +42,9 @@ from tqdm import tqdm
 if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.cli import ScriptParser, Terminated, error_text, positive_int, raise_terminated, seconds
+from sam2serve.cli import (
+    STOP_STATUS, ScriptParser, error_text, positive_int, raise_terminated, seconds, stopped_by,
+)
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -278,7 +280,7 @@ def run_load_test(
         grace = time.monotonic() + 2
         for thread in threads:
             thread.join(timeout=max(0.0, grace - time.monotonic()))
-        report.stopped = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+        report.stopped = stopped_by(interrupt)
     progress.close()
     with lock:  # a copy: clients still waiting on an answer must not change what is printed
         return replace(report, seconds=time.monotonic() - started, wrong=list(report.wrong),
@@ -319,12 +321,10 @@ def main() -> None:
     except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: {error_text(error)}")
     except KeyboardInterrupt as interrupt:  # while the single requests were sent: nothing to report yet
-        terminated = isinstance(interrupt, Terminated)
-        print(f"stopped ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM if terminated else 130)
+        print(f"stopped ({stopped_by(interrupt)})", file=sys.stderr)
+        sys.exit(STOP_STATUS[stopped_by(interrupt)])
     print(report.table())
-    stopped_status = {"": None, "Ctrl-C": 130, "SIGTERM": 128 + signal.SIGTERM}[report.stopped]
-    sys.exit(stopped_status or (0 if report.ok else 1))
+    sys.exit(STOP_STATUS[report.stopped] if report.stopped else 0 if report.ok else 1)
 
 
 if __name__ == "__main__":

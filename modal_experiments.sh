@@ -10,7 +10,7 @@
 # Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro). Fast modes load
 # exported packages from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine
 # with `server.py ... --fast --save-fast DIR`); otherwise each container compiles. Exits 1 if a
-# comparison failed (after making the others).
+# mode's replay (every image of it answered an error) or a comparison failed (after making the others).
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -85,6 +85,7 @@ if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -qxF -e "checkpoin
     modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
 fi
 
+failed_modes=" "
 for mode in "${mode_list[@]}"; do
     load_fast=()
     if [[ ($mode == fast || $mode == fast_furious) && -d "$exported_dir/$mode" ]]; then  # the fast modes' alone
@@ -92,9 +93,14 @@ for mode in "${mode_list[@]}"; do
         load_fast=(--load-fast "$mode")
     fi
     echo "replaying $paths_file through $mode"
+    # A mode whose replay fails (its containers failed at start: kernels exported for another
+    # model) leaves the other modes to run.
     # (${a[@]+...}: an empty array under set -u in bash before 4.4, as macOS's)
-    "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
-        --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"}
+    if ! "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
+        --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"}; then
+        echo "warning: the replay through $mode failed (above); going on with the other modes" >&2
+        failed_modes+="$mode "
+    fi
 done
 
 modal app stop -y "$app_name"
@@ -102,11 +108,21 @@ trap - EXIT
 
 if [[ ! " ${mode_list[*]} " =~ " baseline " ]]; then
     echo "no baseline among the modes: the masks are in $output_dir, nothing compared"
+    [[ $failed_modes == " " ]] || exit 1
     exit 0
 fi
 status=0
+[[ $failed_modes == " " ]] || status=1
+if [[ $failed_modes == *" baseline "* ]]; then
+    echo "error: the baseline's replay failed: nothing to compare the modes with" >&2
+    exit 1
+fi
 for mode in "${mode_list[@]}"; do
     [[ $mode == baseline ]] && continue
+    if [[ $failed_modes == *" $mode "* ]]; then
+        echo "== $mode vs baseline: not compared, its replay failed"
+        continue
+    fi
     echo "== $mode vs baseline"
     "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || status=1
 done

@@ -29,6 +29,7 @@ import asyncio
 import io
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +49,15 @@ from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.worker import Abandoned, generate_each
-from sam2serve.interactive import EmbeddingCache, parse_prompts
+from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
     RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
     decode_upload, embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text,
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
-    require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form,
+    require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
-from sam2serve.wsgi import ConnectionLimits
+from sam2serve.wsgi import MIN_REQUEST_RATE, ConnectionLimits
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
 WEB_FOLDER = Path(sam2serve.__file__).parent / "web"
@@ -222,7 +223,7 @@ class SegmentEverything:
             prompts = form_prompts([(name, value) for name, value in form.multi_items() if not hasattr(value, "read")],
                                    [name for name, value in form.multi_items() if hasattr(value, "read")])
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
-            prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
+            prompts = upload_prompts(prompts, image, self.segmenter, self.cache)
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
         return await self.on_model_thread(
             segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
@@ -246,18 +247,28 @@ def require_declared_size(request: Request, limits: Limits) -> None:
 async def with_body_read(request: Request, limits: Limits, timeout_s: float = ConnectionLimits.timeout_s) -> Request:
     """The request with its body read, at most the upload limit: a chunked upload has no
     Content-Length to check beforehand (server.py's HTTP server counts the same way). A body
-    that stops arriving for `timeout_s` is a 408, as server.py's (Ray's proxy waited for it
-    without end); a client that leaves while it is read, a 499 (it was logged as a failure)."""
+    that stops arriving for `timeout_s`, or that trickles in slower than MIN_REQUEST_RATE on
+    average after its first `timeout_s`, is a 408, as server.py's (Ray's proxy waited for it
+    without end, and each such upload holds one of the replica's MAX_ONGOING_REQUESTS: sixteen
+    trickling clients left it answering nothing); a client that leaves while it is read, a 499
+    (it was logged as a failure)."""
     require_declared_size(request, limits)
     body = bytearray()
     chunks = request.stream().__aiter__()
+    started = time.monotonic()
     while True:
+        trickle_s = started + timeout_s + len(body) / MIN_REQUEST_RATE - time.monotonic()
         try:
-            chunk = await asyncio.wait_for(anext(chunks), timeout_s)
+            if trickle_s <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(anext(chunks), min(timeout_s, trickle_s))
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise RequestStalled(timeout_s) from None
+            if trickle_s < timeout_s:
+                raise RequestStalled(f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s "
+                                     f"({len(body)} bytes)") from None
+            raise RequestStalled(f"nothing received for {timeout_s:g} s") from None
         except ClientDisconnect:
             raise Abandoned("the client closed its connection before its request was read") from None
         body += chunk

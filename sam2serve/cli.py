@@ -383,16 +383,19 @@ def error_text(error: Exception) -> str:
 
 
 def read_image_paths(paths_file: str | Path) -> list[str]:
-    """The paths listed in a file, one per line (blank lines and surrounding spaces ignored)."""
+    """The paths listed in a file, one per line, as the README's curl command sends them: a name's
+    own spaces kept (a file's name may end in one), blank lines and a Windows line ending left
+    out. A line ends at a newline alone: str.splitlines also ends one at a form feed or Unicode's
+    line separators, which a file's name may hold (its list of answers would not line up)."""
     if not str(paths_file).strip():  # Path("") is the current folder
         raise ValueError("no paths file given (an empty name); give a text file of image paths, one per line")
     if Path(paths_file).is_dir():
         raise ValueError(f"{paths_file} is a folder; give a text file of image paths, one per line")
     try:
-        text = Path(paths_file).read_text()
+        text = Path(paths_file).read_bytes().decode()  # read_text would take a lone "\r" for a line's end
     except UnicodeDecodeError:
         raise ValueError(f"{paths_file} is not a text file of image paths, one per line") from None
-    paths = [line.strip() for line in text.splitlines() if line.strip()]
+    paths = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not paths:
         raise ValueError(f"{paths_file} lists no images")
     return paths

@@ -120,11 +120,12 @@ class CacheTooSmall(RuntimeError):
 
 
 class RequestStalled(ValueError):
-    """A request's body stopped arriving (the HTTP server's connection timeout): 408, in the
-    words of server.py's HTTP server (wsgi.py), which answers it there itself."""
+    """A request's body stopped arriving, or trickles in (the HTTP server's connection timeout
+    and least rate): 408, in the words of server.py's HTTP server (wsgi.py), which answers it
+    there itself."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"request timeout: nothing received for {seconds:g} s")
+    def __init__(self, why: str) -> None:
+        super().__init__(f"request timeout: {why}")
 
 
 class FormTooLarge(ValueError):
@@ -579,6 +580,23 @@ def prompt_parts(prompts: list[Prompt], size: tuple[int, int]) -> list[list[Prom
     return parts
 
 
+def upload_prompts(prompts: object, image: np.ndarray, segmenter, cache: EmbeddingCache) -> list[Prompt]:
+    """A one-shot /segment's prompts checked before its image costs an encoding: their form
+    (parse_prompts), and their mask_input ids, which only an image encoded already can hold."""
+    prompts = parse_prompts(prompts, image.shape[:2])
+    if any(prompt.mask_input is not None for prompt in prompts):
+        image_id = segmenter.image_id(image)
+        for prompt in prompts:
+            if prompt.mask_input is not None and not cache.holds(mask_key(image_id, prompt.mask_input)):
+                raise unknown_mask_input(prompt.mask_input)
+    return prompts
+
+
+def unknown_mask_input(mask_input: str) -> UnknownId:
+    return UnknownId(f"unknown mask_input {shown(mask_input)} (evicted from the cache, or not an id answered "
+                     "with keep_logits on this image): send the prompt without it")
+
+
 def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
                    run: Callable) -> dict:
     """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
@@ -591,8 +609,7 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, c
             try:
                 mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
             except UnknownId:
-                raise UnknownId(f"unknown mask_input {shown(prompt.mask_input)} (evicted from the cache, or not an "
-                                "id answered with keep_logits on this image): send the prompt without it") from None
+                raise unknown_mask_input(prompt.mask_input) from None
 
     def decode(part: list[Prompt]) -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
         # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a

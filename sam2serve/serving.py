@@ -22,12 +22,13 @@ import prometheus_client.core as prom_core
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .interactive import EmbeddingCache, parse_prompts
+from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
     answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer,
     form_limit_error, form_prompts, is_json, json_text, render_answer, request_settings, require_cache_room,
     require_named_parts, require_segment_form, require_segmenter, require_short_url, segment_answer, unread_body,
+    upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -154,7 +155,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             require_named_parts([*request.files, *request.form])
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image(fields_too=("prompts",))
-            prompts = parse_prompts(prompts, image.shape[:2])  # checked before the image costs an encoding
+            prompts = upload_prompts(prompts, image, worker.segmenter, cache)
             image_id, embedding = embed_image(image, worker.segmenter, cache, run)
         return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, run))
 

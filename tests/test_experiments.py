@@ -690,3 +690,15 @@ def test_seeds_are_signed_64_bit_numbers():
     for text in (str(2**63), "-1"):
         with pytest.raises(ArgumentTypeError, match="must be 0 to 9223372036854775807"):
             seed(text)
+
+
+def test_a_paths_file_is_split_at_newlines_alone(tmp_path):
+    """One path per line, as the README's curl command sends each line: a name's own spaces,
+    form feed or Unicode line separator are kept (str.splitlines would split or strip them and
+    the answers would not line up with the list); blank lines and a Windows line ending go."""
+    from sam2serve.cli import read_image_paths
+
+    names = ["a\x0cb.jpg", "c\u2028d.png", "end space.jpg ", " lead.png", "e\x85f.png", "g\rh.png"]
+    listed = tmp_path / "paths"
+    listed.write_bytes(("\n".join(names[:3]) + "\n\n  \n" + "\r\n".join(names[3:]) + "\r\n").encode())
+    assert read_image_paths(listed) == names

@@ -481,6 +481,15 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         response = client.post("/segment", data={"image": (io.BytesIO(png(new_image)), "a.png"), **fields})
         assert response.status_code == 400 and words in response.get_json()["error"], (fields, response.get_json())
     assert cache_metrics(client)["misses_total"] == misses  # none of them encoded the image
+    # A mask_input id can only be held for an image encoded already: a new image's is refused before its encoding.
+    for image, mask_id_sent in [(new_image, "zzz"), (new_image, mask_input)]:
+        response = client.post("/segment", data={"image": (io.BytesIO(png(image)), "a.png"),
+                                                 "prompts": json.dumps([{**point, "mask_input": mask_id_sent}])})
+        assert response.status_code == 404 and "unknown mask_input" in response.get_json()["error"]
+    assert cache_metrics(client)["misses_total"] == misses
+    one_shot = client.post("/segment", data={"image": (io.BytesIO(png(make_scene(150, 200, seed=1))), "a.png"),
+                                             "prompts": json.dumps([{**point, "mask_input": mask_input}])})
+    assert one_shot.status_code == 200 and one_shot.get_json() == refined.get_json()  # the id of the image sent
     # A part that names no field (a hand-made form): werkzeug filed it under None, a TypeError (500).
     from .test_http_front import multipart
 

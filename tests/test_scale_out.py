@@ -9,6 +9,7 @@ with the random tiny model and every candidate of a 4x4 grid kept (so answers ar
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,6 +98,7 @@ exit 0
     (stubs / "python").write_text(f"""#!/bin/bash
 if [[ $1 == -m && $2 == deploy.modal_app ]]; then
     echo "replay $6 $7 $8 $9" >> {log}
+    [[ " ${{FAILED_REPLAYS:-}} " == *" $9 "* ]] && exit 1  # every image of the mode failed
     mkdir -p "$(dirname "$5")"
     if [[ $9 == fast ]]; then echo '{{"error": "failed"}}' > "$5"; else echo '{{}}' > "$5"; fi  # fast: no comparison
     exit 0
@@ -149,6 +151,23 @@ exec {sys.executable} "$@"
         result.stdout + result.stderr
     assert [call for call in uploads() if "exported" in call] == [
         f"modal volume put --force sam2-checkpoints {tmp_path}/exported/fast exported/fast"]
+    # A replay that fails (every image answered an error) leaves the other modes to run and compare; the
+    # script exits 1. With the baseline's failed, nothing is compared.
+    environment["FAILED_REPLAYS"] = "fast"
+    (tmp_path / "out" / "fast" / "rle_masks").unlink()
+    result = script("t", "baseline fast ao")
+    assert result.returncode == 1 and "the replay through fast failed" in result.stderr, result.stderr
+    assert "replay --model-type t --mode ao" in log.read_text() and "== ao vs baseline\n" in result.stdout
+    assert "== fast vs baseline: not compared" in result.stdout
+    assert log.read_text().splitlines()[-1] == "modal app stop -y sam2-segment-everything"
+    environment["FAILED_REPLAYS"] = "baseline"
+    result = script("t", "baseline ao")
+    assert result.returncode == 1 and "the baseline's replay failed: nothing to compare" in result.stderr
+    assert "replay --model-type t --mode ao" in log.read_text() and "vs baseline" not in result.stdout
+    environment["FAILED_REPLAYS"] = "ao"
+    result = script("t", "ao")
+    assert result.returncode == 1 and "no baseline among the modes" in result.stdout
+    environment.pop("FAILED_REPLAYS")
     # The project's micro model: from models/, where it is committed, unless CHECKPOINT_DIR says.
     environment.pop("CHECKPOINT_DIR")
     result = script("micro", "ao")
@@ -622,8 +641,8 @@ def bare_replica(**attributes):
 
 def bare_replica_answer(replica, method: str, path: str, chunks=(b"",), headers=(), root_path: str = ""):
     """A request answered by a replica called bare (no Ray Serve, no HTTP): (status, headers,
-    body). Its body arrives as `chunks`; None in them is a client that disconnects there, and
-    ... one that stops sending."""
+    body). Its body arrives as `chunks`; None in them is a client that disconnects there, ...
+    one that stops sending, and a number a pause of that many seconds."""
     import asyncio
 
     from starlette.requests import Request
@@ -634,6 +653,9 @@ def bare_replica_answer(replica, method: str, path: str, chunks=(b"",), headers=
 
     async def receive():
         chunk = messages.pop(0)
+        if isinstance(chunk, float):
+            await asyncio.sleep(chunk)
+            chunk = messages.pop(0)
         if chunk is None:
             return {"type": "http.disconnect"}
         if chunk is ...:
@@ -648,7 +670,7 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     """A replica's own answers, called bare: /health counts the image requests waiting (and no
     longer those answered), the route prefix without its slash is a permanent redirect, another
     path a JSON 404; a body of exactly the upload limit is read, one byte more is a 413; a body
-    that stops arriving is the replica's connection timeout's 408, a client that leaves while it
+    that stops arriving, or trickles in, is the replica's connection timeout's 408, a client that leaves while it
     is sent or that Ray cancels a 499 (not a 500, a failure to log); an image that failed in its
     batch raises its own error to its request (not an answer of masks)."""
     import asyncio
@@ -706,6 +728,12 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, ...])
     assert time.monotonic() - started < 10  # the replica's timeout, not the default's minute
     assert status == 408 and json.loads(body) == {"error": "request timeout: nothing received for 0.2 s"}
+    # A byte every 0.1 s: never a pause of the timeout, yet far below 500 bytes/s (sixteen such
+    # clients held every request a replica takes at once)
+    status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x", 0.1] * 8 + [b"x"])
+    assert status == 408, body
+    assert re.fullmatch(r"request timeout: its request arriving slower than 500 bytes/s \([2-4] bytes\)",
+                        json.loads(body)["error"]), body
     status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, None])
     assert status == 499 and "before its request was read" in json.loads(body)["error"]
     assert answers == [limit]

@@ -12,8 +12,8 @@ The web page too (GET /); not /metrics (Ray exports its own metrics).
 Arguments (key=value after the app): checkpoint_dir and model_type (omit both for the default
 model), mode (ao), device (cuda where the cluster has GPUs: deploy.cluster_device), batch_size
 (4: images per replica batch), batch_wait_ms (20), load_fast, compile_mode (the fast modes'
-torch.compile mode, as server.py's --compile-mode), replicas (1, or "auto"), max_replicas (autoscaling ceiling, 4),
-cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
+torch.compile mode, as server.py's --compile-mode), replicas (1, or "auto"), max_replicas (with
+replicas=auto: its ceiling, 4), cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
 the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
 with several replicas send /segment as one multipart request with the image), connection_timeout
@@ -338,6 +338,8 @@ def build(args: dict[str, str]) -> serve.Application:
     batch_size = number("batch_size", int, BATCH_SIZE, 1)
     batch_wait_s = number("batch_wait_ms", float, BATCH_WAIT_S * 1000) / 1000
     replicas = args.pop("replicas", "1")
+    if "max_replicas" in args and replicas != "auto":
+        raise ValueError(f"max_replicas goes with replicas=auto (autoscaling), not replicas={replicas}")
     max_replicas = number("max_replicas", int, 4, 1)
     cpus = number("cpus", float, 1, above=True)
     cache_bytes = int(number("embedding_cache_mb", float, EMBEDDING_CACHE_BYTES / 2**20) * 2**20)
@@ -353,6 +355,8 @@ def build(args: dict[str, str]) -> serve.Application:
         load_fast=args.pop("load_fast", None),
         compile_mode=args.pop("compile_mode", None),
     )
+    if options["load_fast"] is not None and not options["load_fast"].strip():
+        raise ValueError("load_fast=: an empty folder name; give the folder --save-fast wrote, or leave it out")
     require_checkpoint_pair(options["checkpoint_dir"], options["model_type"])
     if options["model_type"] is not None:
         model_size(options["model_type"])  # a size sam2 has
@@ -362,7 +366,7 @@ def build(args: dict[str, str]) -> serve.Application:
         raise ValueError(f"compile_mode={options['compile_mode']}: one of {compile_modes()}")
     if args:
         raise ValueError(f"unknown arguments {sorted(args)}; see the docstring of deploy/ray_serve_app.py")
-    if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
+    if replicas != "auto" and not (replicas.isascii() and replicas.isdigit() and int(replicas) >= 1):  # not ²
         raise ValueError(f"replicas={replicas}: a number of 1 or more, or auto")
     scaling = (
         dict(autoscaling_config=dict(min_replicas=1, max_replicas=max_replicas,

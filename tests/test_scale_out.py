@@ -557,6 +557,9 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"points_per_side": "abc"}, "points_per_side: expected a whole number, got 'abc'"),
         ({"batch_size": "x"}, "batch_size=x: expected a number"),
         ({"replicas": "0"}, "replicas=0"),
+        ({"replicas": "\u00b2"}, "replicas=\u00b2: a number of 1 or more"),  # a digit to str.isdigit, not to int()
+        ({"replicas": "2", "max_replicas": "8"}, "max_replicas goes with replicas=auto"),
+        ({"mode": "fast", "load_fast": " "}, "load_fast=: an empty folder name"),
         ({"load_fast": "exported"}, "need a fast mode"),
         ({"mode": "fast", "compile_mode": "fastest"}, "compile_mode=fastest: one of"),
         ({"device": "bogus"}, "device=bogus: not a torch device"),
@@ -605,8 +608,10 @@ def test_ray_serve_arguments_reach_the_deployment_in_their_units(monkeypatch):
     assert asked["options"]["autoscaling_config"] == dict(min_replicas=1, max_replicas=4, target_ongoing_requests=6,
                                                           downscale_delay_s=300)
     assert asked["options"]["max_ongoing_requests"] == MAX_ONGOING_REQUESTS
-    large = built_deployment(monkeypatch, {"batch_size": str(MAX_ONGOING_REQUESTS + 8), "max_replicas": "1",
-                                           "replicas": "2", "device": "cpu"})["options"]
+    large = built_deployment(monkeypatch, {"batch_size": str(MAX_ONGOING_REQUESTS + 8), "replicas": "2",
+                                           "device": "cpu"})["options"]
+    assert built_deployment(monkeypatch, {"replicas": "auto", "max_replicas": "1", "device": "cpu"})[
+        "options"]["autoscaling_config"]["max_replicas"] == 1
     assert large["max_ongoing_requests"] == MAX_ONGOING_REQUESTS + 8 and large["num_replicas"] == 2
     assert built_deployment(monkeypatch, {"batch_size": "1", "device": "cpu"})["arguments"][1] == 1
     for arguments, message in [({"batch_size": "0"}, "batch_size=0: must be at least 1"),

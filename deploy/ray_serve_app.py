@@ -13,8 +13,9 @@ Arguments (key=value after the app): checkpoint_dir and model_type (omit both fo
 model), mode (ao), device (cuda where the cluster has GPUs: deploy.cluster_device), batch_size
 (4: images per replica batch), batch_wait_ms (20), load_fast, compile_mode (the fast modes'
 torch.compile mode, as server.py's --compile-mode), replicas (1, or "auto"), max_replicas (with
-replicas=auto: its ceiling, 4), cpus (CPU cores per replica, 1: Ray gives a replica's torch that many threads; on a CPU give it
-the machine's cores, e.g. cpus=2 on 2 cores: the micro model's request 1.0 s instead of 1.5),
+replicas=auto: its ceiling, 4), cpus (CPU cores per replica, 1: Ray gives a replica's torch that
+many threads; on a CPU give it the machine's cores, e.g. cpus=2 on 2 cores: the micro model's
+request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
 with several replicas send /segment as one multipart request with the image), connection_timeout
 (60: seconds a request's body may stop arriving before its 408, as server.py's),

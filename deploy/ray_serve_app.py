@@ -18,7 +18,8 @@ many threads; on a CPU give it the machine's cores, e.g. cpus=2 on 2 cores: the 
 request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
 with several replicas send /segment as one multipart request with the image), connection_timeout
-(60: seconds a request's body may stop arriving before its 408, as server.py's),
+(60: seconds a request's body may stop arriving, or trickle in below 500 bytes/s after them,
+before its 408, as server.py's),
 and server.py's mask-generation options with underscores (points_per_side=16, ...).
 
 Autoscaling ("replicas=auto"): Ray Serve adds replicas, one GPU each, while replicas hold more

@@ -168,13 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     # Listen first, so that /health tells load balancers and scripts the model is loading.
     # Threads for the app: every request the worker admits (max_queue + batch_size in progress,
     # InferenceWorker.admitted), and a few for /health and /metrics.
+    threads = args.max_queue + args.batch_size + 4
     try:
-        http = create_http_server(app, args.host, args.port, limits.max_upload_bytes,
-                                  threads=args.max_queue + args.batch_size + 4,
+        http = create_http_server(app, args.host, args.port, limits.max_upload_bytes, threads=threads,
                                   limits=ConnectionLimits(args.max_connections, args.connection_timeout),
                                   on_refusal=app.extensions["sam2serve.metrics"].observe_request)
     except (OSError, ValueError) as error:  # ValueError: a host name that does not resolve
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
+    except RuntimeError as error:  # the system's limit on threads (or on memory for their stacks)
+        sys.exit(f"error: cannot start {threads} threads for the requests admitted at once (--max-queue "
+                 f"{args.max_queue} + --batch-size {args.batch_size} + 4): {error}; lower --max-queue")
     url = " and ".join(listening_urls(http))
     http_failed = threading.Event()  # the HTTP server ended by itself: so does the process
     closing = threading.Event()  # this thread closes the HTTP server: its end is no failure

@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import resource
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from .protocol import ANSWER_HEADERS
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
 MIN_CONNECTIONS = 8  # a limit on open files that leaves fewer is refused at start
+PEER_CLOSED = getattr(select, "POLLRDHUP", 0)  # Linux's poll flag for a peer that closed (its sending side)
 ACCEPT_PAUSE_S = 0.5  # no descriptor left to accept a connection: accepting pauses this long (and up to
 # waitress's loop timeout, 1 s, more)
 
@@ -83,9 +85,30 @@ class OncePer(logging.Filter):
         return True
 
 
+class ConnectionLimitLines(OncePer):
+    """waitress's pair of lines each time the open connections reach the limit ("no longer
+    accepting") and drop below it ("listening again"): dozens a second under a burst of clients.
+    A pair per interval; a "listening again" line only after a "no longer accepting" let through."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.reached_shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("total open connections reached"):
+            self.reached_shown = super().filter(record)
+            return self.reached_shown
+        if message.startswith("total open connections dropped"):
+            shown, self.reached_shown = self.reached_shown, False
+            return shown
+        return True
+
+
 # waitress warns once per request while more requests wait for a thread than it has threads
 # (an overload, which /metrics counts as 503s): one line per 10 s says it as well as thousands.
 QUEUE_WARNINGS = OncePer(10.0)
+CONNECTION_LIMIT_LINES = ConnectionLimitLines(10.0)
 DESCRIPTOR_LOG = logging.getLogger(__name__ + ".descriptors")  # at most a line per 10 s, as waitress's queue
 DESCRIPTOR_LOG.addFilter(OncePer(10.0))
 
@@ -165,10 +188,16 @@ class JSONErrorChannel(HTTPChannel):
         while it answers (unless it reads pipelined requests ahead): here the socket is peeked,
         without reading. A client that closed only its sending side counts as gone, as nginx
         counts it (such a client, netcat's, is answered 499); HTTP clients (curl, browsers,
-        Python's) do not do that while they wait for an answer."""
+        Python's) do not do that while they wait for an answer. On Linux the socket is polled for
+        the peer's close (POLLRDHUP), which a peek misses where a request pipelined behind this
+        one lies unread before it."""
         sock = self.socket
         if not self.connected or sock is None:
             return True
+        if PEER_CLOSED:
+            poller = select.poll()
+            poller.register(sock.fileno(), PEER_CLOSED)
+            return bool(poller.poll(0))  # POLLRDHUP, or POLLHUP/POLLERR (always reported): gone
         try:
             return sock.recv(1, socket.MSG_PEEK) == b""  # waitress's sockets do not block
         except (BlockingIOError, InterruptedError):  # nothing to read: still there
@@ -270,6 +299,7 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         log.warning("the limit on open files (ulimit -Hn) allows %d connections at once, not %d; the others wait "
                     "to be accepted", max_connections, limits.max_connections)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
+    logging.getLogger("waitress").addFilter(CONNECTION_LIMIT_LINES)
     servers: dict = {}
     server = waitress.create_server(
         app,

@@ -30,7 +30,7 @@ from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, first_line
 from sam2serve.serving import ROUTES, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
-from sam2serve.wsgi import ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
+from sam2serve.wsgi import ConnectionLimitLines, ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
 from tools.load_test import post_image
 
 from .conftest import make_scene
@@ -679,6 +679,27 @@ def test_overload_warnings_are_one_line_per_interval():
     assert records[5].getMessage() == "Task queue depth is 5 (4 such warnings held back since the last one)"
 
 
+def test_connection_limit_lines_are_one_pair_per_interval():
+    """waitress logs a line each time the open connections reach the limit and one each time
+    they drop below (74 lines in 1.1 s from 30 clients at a limit of 10): a pair per interval,
+    with how many it held back; its other lines pass."""
+    lines = ConnectionLimitLines(0.3)
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("waitress", logging.WARNING, __file__, 1, message, (), None)
+
+    reached = "total open connections reached the connection limit, no longer accepting new connections"
+    dropped = "total open connections dropped below the connection limit, listening again"
+    burst = [record(message) for _ in range(5) for message in (reached, dropped)]
+    passed = [one.getMessage() for one in burst if lines.filter(one)]
+    assert passed == [reached, dropped]
+    assert lines.filter(record("Serving on http://127.0.0.1:5000"))
+    time.sleep(0.4)
+    later = record(reached)
+    assert lines.filter(later) and later.getMessage() == reached + " (4 such warnings held back since the last one)"
+    assert lines.filter(record(dropped)) and not lines.filter(record(dropped))  # one per line let through
+
+
 def test_access_log_gives_one_line_per_request_when_asked(caplog):
     worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
     worker.start(StubGenerator())
@@ -697,7 +718,9 @@ def test_access_log_gives_one_line_per_request_when_asked(caplog):
 def test_a_request_whose_client_has_gone_is_not_run():
     """Clients that give up (curl --max-time, a proxy's timeout) and send again had the model run
     every copy, the abandoned ones first: waitress does not read a connection while it answers,
-    so it never knew; the socket is peeked when the request's turn comes."""
+    so it never knew; the socket is asked when the request's turn comes. A client that had sent a
+    second request behind the first (pipelined), unread, is gone too (a peek saw its bytes, not
+    the close behind them)."""
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=1, max_queue=4, timeout_s=30)
     worker.start(stub)
@@ -707,9 +730,13 @@ def test_a_request_whose_client_has_gone_is_not_run():
     try:
         for value in (1, 2, 3):  # 1 runs and holds the model; 2 and 3 queue behind it
             body, content_type = multipart([("image", "a.png", png_of(value))])
+            request = (f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                       f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            if value == 2:  # a request pipelined behind, more than waitress reads at once (8 kB): the first kept alive
+                request = (request.replace(b"Connection: close\r\n", b"", 1)
+                           + b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: 65536\r\n\r\n" + b"x" * 65536)
             clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-            clients[-1].sendall(f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-                                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            clients[-1].sendall(request)
             wait_for(lambda: stub.running.is_set() and worker.queue_depth == value - 1)
         clients[1].close()  # gives up while queued
         time.sleep(0.2)

@@ -451,6 +451,27 @@ def test_addresses_that_cannot_be_listened_on_are_refused_in_one_line(arguments,
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_more_threads_than_the_system_starts_are_refused_in_one_line():
+    """--max-queue sizes the HTTP server's threads (one per request admitted): a system that
+    starts no more (its limit on threads, or on memory for their stacks) ends the start with
+    what to lower, not a traceback. Here threading refuses a 21st thread."""
+    starts_at_most_20_threads = (
+        "import runpy, sys, threading\n"
+        "start = threading.Thread.start\n"
+        "def limited(thread):\n"
+        "    if threading.active_count() >= 20:\n"
+        "        raise RuntimeError(\"can't start new thread\")\n"
+        "    start(thread)\n"
+        "threading.Thread.start = limited\n"
+        "sys.argv = ['server.py', '--port', '0', '--max-queue', '100']\n"
+        "runpy.run_path('server.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", starts_at_most_20_threads], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert ("error: cannot start 105 threads for the requests admitted at once (--max-queue 100 + --batch-size 1 "
+            "+ 4): can't start new thread; lower --max-queue") in result.stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_starting_ends_it_in_one_line(signum):
     """Handled from the first moment (as PID 1 in a container, an unhandled one is ignored).

@@ -30,7 +30,9 @@ from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, first_line
 from sam2serve.serving import ROUTES, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
-from sam2serve.wsgi import ConnectionLimitLines, ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls
+from sam2serve.wsgi import (
+    ConnectionLimitLines, ConnectionLimits, OncePer, create_http_server, finish_answers, listening_urls,
+)
 from tools.load_test import post_image
 
 from .conftest import make_scene

@@ -439,10 +439,11 @@ def require_cache_room(cache: EmbeddingCache, nbytes: int | None = None) -> None
     any at all), as its id would then be unknown to every /segment."""
     if cache.max_bytes == 0 or (nbytes is not None and nbytes > cache.max_bytes):
         size = "" if nbytes is None else f" ({nbytes / 2**20:.1f} MiB)"
+        megabytes = round(cache.max_bytes / 2**20, 3)  # --embedding-cache-mb 0.3 is 314572 bytes: not 0.299999
         raise CacheTooSmall(
-            f"the embedding cache ({cache.max_bytes / 2**20:g} MiB) cannot hold one encoded image of this model"
-            f"{size}, so an /embed id could not be used: start the server with a larger cache "
-            "(--embedding-cache-mb), or send the image with each /segment (a multipart form)")
+            f"the embedding cache ({megabytes:g} MiB) cannot hold one encoded image of this model{size}, so an "
+            "/embed id could not be used: start the server with a larger cache (--embedding-cache-mb), or send the "
+            "image with each /segment (a multipart form)")
 
 
 def embed_answer(image_id: str, embedding, cache: EmbeddingCache) -> dict:

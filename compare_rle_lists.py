@@ -15,6 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch (sam2serve.cli's): a stop then ends it in one line
+    stop_in_one_line_while_importing()
+
 from sam2serve.cli import ScriptParser, add_option, error_text, require_output_file, run_script
 from sam2serve.compare import (
     compare_results, format_float, results_path, same_results, study_runs_differ, summarize,

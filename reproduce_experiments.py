@@ -34,6 +34,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
+from sam2serve.stops import STOP_STATUS, stop_in_one_line_while_importing, stopped_by, take_over_stops
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the study in one line
+    stop_in_one_line_while_importing()
+
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -43,8 +48,8 @@ from sam2serve.checkpoints import (
     MODEL_TYPE_CHOICES, CheckpointError, checkpoint_identity, ensure_checkpoint, load_model, require_checkpoint_pair,
 )
 from sam2serve.cli import (
-    STOP_STATUS, ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config,
-    check_threads, checked_image_paths, error_text, raise_terminated, require_output_folder, set_up_logging, stopped_by,
+    ScriptParser, add_amg_options, add_device_option, add_option, add_threads_option, amg_config, check_threads,
+    checked_image_paths, error_text, require_output_folder, set_up_logging,
 )
 from sam2serve.compare import compare_results, format_float, settings_changed, summarize
 from sam2serve.cpu import set_up_cpu_process
@@ -366,7 +371,7 @@ def existing_image_paths(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     set_up_logging()
-    signal.signal(signal.SIGTERM, raise_terminated)  # a stop, as Ctrl-C: its row's process ended too
+    take_over_stops()  # SIGTERM a stop, as Ctrl-C: its row's process ended too
     try:
         run_study(argv)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the statuses of the other scripts (run_script)

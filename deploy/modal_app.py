@@ -159,6 +159,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from sam2serve.stops import stop_in_one_line_while_importing
+
+    stop_in_one_line_while_importing()  # before the seconds of importing torch (sam2serve.cli's)
     from sam2serve.cli import run_script
 
     run_script(main)

@@ -21,17 +21,22 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-import ray
-from tqdm import tqdm
-
 if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this checkout's packages, as -m has
     # them, here and in the Ray workers that a local Ray instance starts (they inherit the environment)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
 
+from sam2serve.stops import Terminated, stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
 from sam2serve.cli import (
-    ScriptParser, Terminated, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
     check_checkpoint_arguments, compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths,
     report_error_lines, require_output_file, run_script, write_lines,
 )

@@ -95,6 +95,10 @@ class AMGConfig:
         if self.points_per_side > MAX_POINTS_PER_SIDE:
             raise ValueError(f"points_per_side must be at most {MAX_POINTS_PER_SIDE} (a million point prompts), "
                              f"got {self.points_per_side}")
+        if self.points_per_batch > MAX_POINTS_PER_SIDE**2:  # the largest grid in one batch; a compiled decoder's
+            # static batch of 1e20 ended in an overflow's traceback
+            raise ValueError(f"points_per_batch must be at most {MAX_POINTS_PER_SIDE**2} (the largest grid), "
+                             f"got {self.points_per_batch}")
         for name in ("crop_n_layers", "min_mask_region_area"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

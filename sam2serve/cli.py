@@ -9,7 +9,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
 from .modes import Mode, compiles, mode_config
 from .preprocess import ImageTooLarge, InvalidImage, read_image_file
+from .stops import STOP_STATUS, stopped_by, take_over_stops
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
@@ -102,35 +102,13 @@ def checkpoint_from_arguments(parser: argparse.ArgumentParser, args: argparse.Na
     return resolve_checkpoint(args.checkpoint_dir, args.model_type)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the script is, as Ctrl-C is: its clean-up runs (temporary folders
-    removed, child processes ended), where the signal's default ends the process on the spot."""
-
-
-def raise_terminated(_signum, _frame) -> None:
-    # A second SIGTERM, while the first one's clean-up runs (the `finally` blocks it unwinds
-    # through, atexit's), ends the process at once: not a Terminated raised in the clean-up.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated()
-
-
-# A stop's exit status, as shells report a process ended by that signal.
-STOP_STATUS = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
-
-
-def stopped_by(stop: KeyboardInterrupt) -> str:
-    """What stopped a script: "SIGTERM" (raise_terminated's) or "Ctrl-C" (a key in STOP_STATUS)."""
-    return "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-
-
 def run_script(main: Callable[[], None]) -> None:
     """Runs a script's main: a checkpoint that cannot be had or used ends it with one line
     saying why and what to do, not a traceback; so does a stop, Ctrl-C or SIGTERM (what was
     printed stays; a time limit such as `timeout` sends SIGTERM). A second SIGTERM, while the
     first one's clean-up runs (temporary folders, a loader's tryout, a Ray instance), ends the
     process at once."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, raise_terminated)
+    take_over_stops()
     try:
         main()
     except CheckpointError as error:
@@ -227,11 +205,15 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
 
 
 def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | None, load_fast: str | None) -> None:
-    """--save-fast or --load-fast, not both, each a folder's name (an empty one is no folder)."""
+    """--save-fast or --load-fast, not both, each a folder's name (an empty one is no folder);
+    --load-fast's a folder that exists, found before any long work (a checkpoint's download, a
+    study's other rows)."""
     if save_fast is not None and load_fast is not None:
         parser.error("give --save-fast or --load-fast, not both")
     if save_fast == "" or load_fast == "":
         parser.error("--save-fast and --load-fast take a folder")
+    if load_fast is not None and not Path(load_fast).is_dir():
+        parser.error(f"--load-fast {load_fast}: no such folder" + (" (a file)" if Path(load_fast).exists() else ""))
 
 
 def listed_as(output: Path, paths: list[str]) -> list[str]:

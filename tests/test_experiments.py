@@ -702,3 +702,35 @@ def test_a_paths_file_is_split_at_newlines_alone(tmp_path):
     listed = tmp_path / "paths"
     listed.write_bytes(("\n".join(names[:3]) + "\n\n  \n" + "\r\n".join(names[3:]) + "\r\n").encode())
     assert read_image_paths(listed) == names
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether a process has a handler of its own for SIGTERM (Linux's SigCgt mask): Python
+    catches SIGINT from its start, SIGTERM only once a script asks."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("script, signum", [
+    ("reproduce_experiments", signal.SIGINT), ("reproduce_experiments", signal.SIGTERM),
+    ("tools.benchmark", signal.SIGINT), ("tools.load_test", signal.SIGINT), ("compare_rle_lists", signal.SIGINT),
+    ("training.train_micro_sam2", signal.SIGTERM), ("deploy.ray_bulk_job", signal.SIGINT),
+])
+def test_a_stop_while_a_script_imports_torch_is_one_line(script, signum):
+    """Ctrl-C in a script's first seconds, while it imports torch, printed a traceback from inside
+    torch (and a SIGTERM ended it without a word): one line, with a shell's status for the signal."""
+    process = subprocess.Popen([sys.executable, "-m", script, "--help"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
+    try:
+        deadline = time.monotonic() + 60
+        while not catches_sigterm(process.pid) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signum)  # its imports after the first lines still to come: torch's take seconds
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    stop = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert process.returncode == 128 + signum and stderr == f"stopped ({stop}) while starting\n", stderr

@@ -380,6 +380,7 @@ def test_a_stop_signal_once_the_http_server_failed_is_no_clean_stop(stop_handler
 @pytest.mark.parametrize("option, value, rule", [
     ("--pred-iou-thresh", "80", "within [0, 1], got 80.0"), ("--points_per_side", "0", "at least 1, got 0"),
     ("--stability-score-offset", "0", "above 0 and at most 1000"),
+    ("--points-per-batch", "100000000000000000000", "at most 1048576 (the largest grid)"),
 ])
 def test_mask_settings_out_of_range_are_refused_in_the_options_words(option, value, rule, capsys):
     """The mask-generation options are checked by AMGConfig, whose message named the setting
@@ -519,6 +520,9 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
         (["--fast", "--compile-mode", "fastest"], "invalid choice: 'fastest'"),
         (["--fast", "--save-fast", ""], "take a folder"),
         (["--fast", "--save-fast", str(REPO / "README.md")], "README.md is a file, not a folder"),
+        # Before a checkpoint's download (minutes), not after its load
+        (["--fast", "--load-fast", str(REPO / "no-such-folder")], "no-such-folder: no such folder"),
+        (["--fast", "--load-fast", str(REPO / "README.md")], "README.md: no such folder (a file)"),
     ],
 )
 def test_fast_options_are_checked(arguments, message):

@@ -16,11 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from torch import nn
-
 if not __package__:  # run by its path (python tools/aoti_check.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import torch
+from torch import nn
 
 from sam2serve.cli import ScriptParser, add_device_option, require_device, run_script
 from sam2serve.fast import aoti_device_index, load_failure_elsewhere

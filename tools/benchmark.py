@@ -27,14 +27,19 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+if not __package__:  # run by its path (python tools/benchmark.py): this checkout's packages, as -m has them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
 import numpy as np
 import torch
 from sam2.utils.amg import build_point_grid
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
-
-if not __package__:  # run by its path (python tools/benchmark.py): this checkout's packages, as -m has them
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
@@ -412,8 +417,6 @@ def main() -> None:
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
     require_one_fast_folder(parser, args.save_fast, args.load_fast)
-    if args.load_fast and not Path(args.load_fast).is_dir():  # found before the other rows run, not after
-        parser.error(f"--load-fast {args.load_fast}: no such folder")
     if args.save_masks is not None:
         require_output_folder(parser, args.save_masks, "--save-masks")
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.

@@ -13,11 +13,16 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 if not __package__:  # run by its path (python tools/benchmark_prompts.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import numpy as np
+import torch
 
 from sam2serve.amg import image_predictor
 from sam2serve.checkpoints import load_model

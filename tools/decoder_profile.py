@@ -17,10 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 if not __package__:  # run by its path (python tools/decoder_profile.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import torch
 
 from sam2serve import model as model_code
 from sam2serve.checkpoints import MODEL_TYPE_CHOICES, build_random_model, model_size

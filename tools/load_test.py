@@ -24,7 +24,6 @@ import http.client
 import ipaddress
 import json
 import math
-import signal
 import socket
 import sys
 import threading
@@ -36,15 +35,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
-from tqdm import tqdm
-
 if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.cli import (
-    STOP_STATUS, ScriptParser, error_text, positive_int, raise_terminated, seconds, stopped_by,
-)
+from sam2serve.stops import STOP_STATUS, stop_in_one_line_while_importing, stopped_by, take_over_stops
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import numpy as np
+from tqdm import tqdm
+
+from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -313,7 +315,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=seconds, default=600.0, help="seconds for the whole test")
     parser.add_argument("--interactive", action="store_true", help="mix in /embed and /segment requests")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, raise_terminated)  # as Ctrl-C (`timeout` sends it): the report so far
+    take_over_stops()  # SIGTERM as Ctrl-C (`timeout` sends it): the report so far
     try:
         require_loopback(args.url)  # first: the arguments swapped read the URL as an image file
         images = {str(path): path.read_bytes() for path in args.images}

@@ -14,10 +14,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 if not __package__:  # run by its path (python training/real_photos.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
+    stop_in_one_line_while_importing()
+
+import numpy as np
 
 from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model

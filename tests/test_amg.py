@@ -198,7 +198,8 @@ def test_boxes_of_logits_equal_sam2s_boxes_of_masks():
                                  dict(stability_score_thresh=1.5), dict(box_nms_thresh=-0.1),
                                  dict(crop_n_layers=-1), dict(pred_iou_thresh=float("nan")),
                                  dict(stability_score_offset=float("inf")), dict(mask_threshold=float("nan")),
-                                 dict(crop_overlap_ratio=1.0), dict(points_per_side=1025), dict(points_per_batch=1024**2 + 1),
+                                 dict(crop_overlap_ratio=1.0), dict(points_per_side=1025),
+                                 dict(points_per_batch=1024**2 + 1),
                                  dict(crop_n_layers=5),  # 50 built crop boxes until memory ran out
                                  dict(pred_iou_thresh=1.01), dict(pred_iou_thresh=-0.5),  # kept no mask / all
                                  # stability scores above 1, or 0/0 (NaN in the JSON of ?format=coco)

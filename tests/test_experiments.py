@@ -721,9 +721,12 @@ def catches_sigterm(pid: int) -> bool:
 def test_a_stop_while_a_script_imports_torch_is_one_line(script, signum):
     """Ctrl-C in a script's first seconds, while it imports torch, printed a traceback from inside
     torch (and a SIGTERM ended it without a word): one line, with a shell's status for the signal."""
+    def as_from_a_terminal():  # whatever the test run inherited
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, "-m", script, "--help"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
+                               stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while not catches_sigterm(process.pid) and process.poll() is None and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ whose every predicted IoU fails the filter. The fast modes hand it compiled or e
 import importlib.util
 import logging
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Protocol
 
@@ -69,6 +70,12 @@ MAX_CROP_N_LAYERS = 4
 MAX_STABILITY_SCORE_OFFSET = 1000.0
 
 
+# An AMGConfig field's annotation -> the values it takes (numpy's numbers too; True is no number).
+SETTING_KINDS = {int: numbers.Integral, float: numbers.Real, bool: (bool, np.bool_),
+                 "int": numbers.Integral, "float": numbers.Real, "bool": (bool, np.bool_)}
+KIND_WORDS = {numbers.Integral: "a whole number", numbers.Real: "a number", (bool, np.bool_): "True or False"}
+
+
 @dataclass(frozen=True)
 class AMGConfig:
     """Mask-generation settings. Names and defaults are those of sam2's generator."""
@@ -89,6 +96,11 @@ class AMGConfig:
     min_mask_region_area: int = 0  # holes and specks of at most this many low-resolution pixels removed
 
     def __post_init__(self) -> None:
+        # Of its type first: a library caller's use_m2m="false" turned m2m on, points_per_side=2.5 was taken
+        for setting in fields(self):
+            value, kind = getattr(self, setting.name), SETTING_KINDS[setting.type]
+            if isinstance(value, (bool, np.bool_)) != (setting.type in (bool, "bool")) or not isinstance(value, kind):
+                raise TypeError(f"{setting.name} must be {KIND_WORDS[kind]}, got {value!r}")
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

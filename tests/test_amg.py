@@ -211,6 +211,19 @@ def test_config_rejects_nonsense(bad):
     AMGConfig(crop_n_layers=4, pred_iou_thresh=1.0, points_per_batch=1024**2)
 
 
+def test_config_rejects_settings_of_another_type():
+    """A library caller's "false" for use_m2m turned m2m on, 2.5 points a side were taken; numpy's
+    numbers are numbers, and a whole number is a number."""
+    for bad, words in [(dict(use_m2m="false"), "use_m2m must be True or False, got 'false'"),
+                       (dict(use_m2m=1), "use_m2m must be True or False"),
+                       (dict(points_per_side=2.5), "points_per_side must be a whole number, got 2.5"),
+                       (dict(points_per_side=True), "points_per_side must be a whole number, got True"),
+                       (dict(pred_iou_thresh="0.5"), "pred_iou_thresh must be a number, got '0.5'")]:
+        with pytest.raises(TypeError, match=words):
+            AMGConfig(**bad)
+    AMGConfig(points_per_side=np.int64(4), pred_iou_thresh=1, use_m2m=np.bool_(True), crop_overlap_ratio=np.float32(0.3))
+
+
 @pytest.mark.parametrize("crop_n_layers", [0, 1])
 def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_checkpoint, crop_n_layers):
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model

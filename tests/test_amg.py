@@ -221,7 +221,8 @@ def test_config_rejects_settings_of_another_type():
                        (dict(pred_iou_thresh="0.5"), "pred_iou_thresh must be a number, got '0.5'")]:
         with pytest.raises(TypeError, match=words):
             AMGConfig(**bad)
-    AMGConfig(points_per_side=np.int64(4), pred_iou_thresh=1, use_m2m=np.bool_(True), crop_overlap_ratio=np.float32(0.3))
+    AMGConfig(points_per_side=np.int64(4), pred_iou_thresh=1, use_m2m=np.bool_(True),
+              crop_overlap_ratio=np.float32(0.3))
 
 
 @pytest.mark.parametrize("crop_n_layers", [0, 1])

@@ -22,8 +22,9 @@ import importlib.util
 import logging
 import math
 import numbers
+import threading
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import scipy.ndimage
@@ -211,6 +212,22 @@ def image_predictor(model: SAM2Base) -> SAM2ImagePredictor:
     return fit_predictor_to_model(SAM2ImagePredictor(model))
 
 
+def checked_images(images: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """The images as a list, each (H, W, 3) uint8 RGB, as sam2's generator documents them; other
+    arrays are refused in words. (A float image was read as [0, 1] by the eager kernels and as
+    [0, 255] by the compiled ones: other masks without a word; gray or RGBA failed deep in torch.)"""
+    if isinstance(images, np.ndarray):
+        raise TypeError("expected a list of images; for one image call generate() or annotate()")
+    images = list(images)
+    for image in images:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            what = (f"an array of {image.dtype} of shape {image.shape}" if isinstance(image, np.ndarray)
+                    else type(image).__name__)
+            raise TypeError(f"expected an (H, W, 3) uint8 RGB image (sam2serve.preprocess.decode_image gives one from "
+                            f"a file's bytes), got {what}")
+    return images
+
+
 def baseline_leaves_out(config: AMGConfig) -> str | None:
     """What of config the baseline (sam2's generator) does not do here, or None: sam2 fills holes
     and removes specks (min_mask_region_area) only with its optional CUDA extension."""
@@ -228,6 +245,7 @@ class ReferenceMaskGenerator:
             model, **asdict(config), output_mode="uncompressed_rle"
         )
         fit_predictor_to_model(self.generator.predictor)
+        self.lock = threading.Lock()  # two threads' images in sam2's one predictor gave one the other's masks
         self.should_stop: Callable[[], bool] | None = None
         for step in ("_process_crop", "_process_batch"):  # sam2's steps: a crop (its encoding first), a batch of points
             setattr(self.generator, step, self.unless_stopped(getattr(self.generator, step)))
@@ -244,10 +262,10 @@ class ReferenceMaskGenerator:
         return run
 
     def generate(self, image: np.ndarray) -> list[RLE]:
-        return [record["segmentation"] for record in self.generator.generate(image)]
+        return [record["segmentation"] for record in self.annotate(image)]
 
     def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
-        return [self.generate(image) for image in images]  # sam2's generator takes one image
+        return [self.generate(image) for image in checked_images(images)]  # sam2's generator takes one image
 
     def with_config(self, config: AMGConfig) -> "ReferenceMaskGenerator":
         # (warned once, when the server's was built: a request's settings leave that one alone)
@@ -255,10 +273,12 @@ class ReferenceMaskGenerator:
         return ReferenceMaskGenerator(self.generator.predictor.model, config, warn)
 
     def annotate(self, image: np.ndarray) -> list[dict]:
-        return self.generator.generate(image)
+        (image,) = checked_images([image])
+        with self.lock:  # sam2's generator holds its image's features between its steps
+            return self.generator.generate(image)
 
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
-        return [self.annotate(image) for image in images]
+        return [self.annotate(image) for image in checked_images(images)]
 
 
 def with_crop_boxes_shaped(process_crop: Callable) -> Callable:
@@ -419,6 +439,7 @@ class MaskGenerator:
     def generate_batch(self, images: list[np.ndarray]) -> list[list[RLE]]:
         """Several images with one image-encoder call for all of them (the whole images; crops,
         when crop_n_layers > 0, are encoded one by one). The rest runs image by image."""
+        images = checked_images(images)
         return [self.generate_from(image, features) for image, features in zip(images, self.encode(images))]
 
     def generate_from(self, image: np.ndarray, image_features: ImageFeatures) -> list[RLE]:
@@ -431,6 +452,7 @@ class MaskGenerator:
     @torch.inference_mode()
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
         """Each image's mask records, with one image-encoder call for all of them."""
+        images = checked_images(images)
         return [self.records(image, features) for image, features in zip(images, self.encode(images))]
 
     def records(self, image: np.ndarray, image_features: ImageFeatures) -> list[dict]:
@@ -440,11 +462,11 @@ class MaskGenerator:
             {
                 "segmentation": rle,
                 "area": area_from_rle(rle),
-                "bbox": box_xyxy_to_xywh(candidates.boxes[index]).tolist(),
+                "bbox": box_xyxy_to_xywh(candidates.boxes[index]).float().tolist(),  # floats, as sam2's
                 "predicted_iou": candidates.iou_preds[index].item(),
                 "point_coords": [candidates.points[index].tolist()],
                 "stability_score": candidates.stability_scores[index].item(),
-                "crop_box": box_xyxy_to_xywh(candidates.crop_boxes[index]).tolist(),
+                "crop_box": box_xyxy_to_xywh(candidates.crop_boxes[index]).float().tolist(),
             }
             for index, rle in enumerate(rles)
         ]
@@ -592,6 +614,8 @@ class MaskGenerator:
 
     def embed_batch(self, images: list[np.ndarray]) -> list[ImageFeatures]:
         """One image-encoder call for several images (each resized to the model's input)."""
+        if not images:  # (an empty batch: no call)
+            return []
         with record_function("amg.encode"):
             model_input = torch.cat([self.kernels.prepare_input(image) for image in images])
             return split_features(self.kernels.encoder(model_input))

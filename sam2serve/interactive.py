@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -86,20 +87,20 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
         raise InvalidPrompt(f"{where}: unknown fields {sorted(unknown)}")
     prompt = {name: value for name, value in prompt.items() if value is not None}  # null: as if left out
     points = prompt.get("points", [])
-    if not isinstance(points, list) or len(points) > MAX_POINTS:
+    if not isinstance(points, SEQUENCES) or len(points) > MAX_POINTS:
         raise InvalidPrompt(f"{where}.points: expected a list of at most {MAX_POINTS} [x, y] pairs")
     for index, point in enumerate(points):
-        numbers(point, 2, f"{where}.points[{index}]")
+        numbers_of(point, 2, f"{where}.points[{index}]")
         inside(point, width, height, f"{where}.points[{index}]")
     labels = prompt.get("labels", [1] * len(points))
-    if not isinstance(labels, list) or len(labels) != len(points):
+    if not isinstance(labels, SEQUENCES) or len(labels) != len(points):
         raise InvalidPrompt(f"{where}.labels: expected one label per point ({len(points)}), got "
-                            f"{len(labels) if isinstance(labels, list) else type(labels).__name__}")
-    if any(label not in (0, 1) or isinstance(label, bool) for label in labels):
+                            f"{len(labels) if isinstance(labels, SEQUENCES) else type(labels).__name__}")
+    if any(label not in (0, 1) or isinstance(label, BOOLS) for label in labels):
         raise InvalidPrompt(f"{where}.labels: each label is 1 (foreground) or 0 (background)")
     box = prompt.get("box")
     if box is not None:
-        numbers(box, 4, f"{where}.box")
+        numbers_of(box, 4, f"{where}.box")
         x0, y0, x1, y1 = box
         if x1 < x0 or y1 < y0:
             raise InvalidPrompt(f"{where}.box: expected [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
@@ -114,24 +115,29 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     multimask = prompt.get("multimask", len(points) == 1 and box is None)
     keep_logits = prompt.get("keep_logits", False)
     for name, value in (("multimask", multimask), ("keep_logits", keep_logits)):
-        if not isinstance(value, bool):
+        if not isinstance(value, BOOLS):
             raise InvalidPrompt(f"{where}.{name}: expected true or false")
     return Prompt(
         points=np.array(points, dtype=np.float32).reshape(-1, 2),
         labels=np.array(labels, dtype=np.int32),
         box=None if box is None else np.array(box, dtype=np.float32),
         mask_input=mask_input,
-        multimask=multimask,
-        keep_logits=keep_logits,
+        multimask=bool(multimask),
+        keep_logits=bool(keep_logits),
     )
 
 
-def numbers(value: Any, count: int, where: str) -> None:
+# What a prompt's lists and flags may be: JSON's, and a library caller's tuples and numpy flags.
+SEQUENCES = (list, tuple)
+BOOLS = (bool, np.bool_)
+
+
+def numbers_of(value: Any, count: int, where: str) -> None:
     # JSON's numbers: floats (which may be inf or nan) and ints of any size (math.isfinite
-    # cannot take one beyond a float's range; inside() refuses it).
-    if (not isinstance(value, list) or len(value) != count
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and (isinstance(v, int) or math.isfinite(v)) for v in value)):
+    # cannot take one beyond a float's range; inside() refuses it); a library caller's numpy ones.
+    if (not isinstance(value, SEQUENCES) or len(value) != count
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, BOOLS)
+                       and (isinstance(v, numbers.Integral) or math.isfinite(v)) for v in value)):
         raise InvalidPrompt(f"{where}: expected {count} finite numbers")
 
 

@@ -142,7 +142,8 @@ class Pipeline:
 def prompt_segmenter(pipeline: Pipeline) -> PromptSegmenter | None:
     """What answers /embed and /segment for a pipeline: sam2's predictor on its model, whose
     image ids are bound to the checkpoint's content. None where it runs no prompts (those modes
-    answer 501)."""
+    answer 501). It shares the pipeline's model, whose mask decoder it sets as sam2 does for
+    prompts while it runs: call the two from one thread at a time (the server's worker does)."""
     if not pipeline.runs_prompts:
         return None
     return PromptSegmenter(pipeline.loaded.model, checkpoint_identity(pipeline.loaded.path))

@@ -11,6 +11,8 @@ logit lies within about 1e-6 of the threshold may flip).
 """
 
 import math
+import re
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -412,6 +414,50 @@ def test_records_of_masks_from_crops_equal_sam2s(trained_micro_checkpoint):
         assert mine["crop_box"] == theirs["crop_box"]
         assert mine["bbox"] == theirs["bbox"]
         np.testing.assert_allclose(mine["point_coords"], theirs["point_coords"], atol=1e-4)
+        # Of sam2's types too (floats: ?format=coco's crop_box read 0 in ao, 0.0 in the baseline)
+        assert {key: type(value) for key, value in mine.items()} == {key: type(value) for key, value in theirs.items()}
+        assert [type(value) for value in mine["crop_box"] + mine["bbox"]] == [float] * 8
+
+
+def test_generators_take_the_images_sam2_takes_and_refuse_others_in_words(trained_micro_checkpoint):
+    """(H, W, 3) uint8 RGB, in a list or any iterable, or none. A float image was read as [0, 1]
+    by the eager kernels and as [0, 255] by the compiled ones (other masks, without a word); gray,
+    RGBA or channels first failed deep in torch; an iterator gave no masks; an empty list failed."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    config = AMGConfig(points_per_side=2)
+    image = make_generated_scene(np.random.default_rng(2002), 60, 80, min_objects=2, max_objects=3).image
+    for generator in (MaskGenerator(model, config), ReferenceMaskGenerator(model, config)):
+        assert generator.generate_batch([]) == [] and generator.annotate_batch([]) == []
+        assert generator.generate_batch(iter([image, image])) == [generator.generate(image)] * 2
+        for bad, words in [(image / 255, "got an array of float64 of shape (60, 80, 3)"),
+                           (image[..., 0], "shape (60, 80)"), (np.dstack([image, image[..., :1]]), "(60, 80, 4)"),
+                           (image.transpose(2, 0, 1), "(3, 60, 80)"), (image.tolist(), "got list")]:
+            with pytest.raises(TypeError, match=re.escape(words)):
+                generator.generate(bad)
+        with pytest.raises(TypeError, match="expected a list of images"):
+            generator.generate_batch(image)
+
+
+def test_the_baseline_shared_by_threads_gives_each_its_own_masks(trained_micro_checkpoint):
+    """sam2's generator keeps its image's features between its steps: two threads' images in
+    one gave one thread the other's masks."""
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    generator = ReferenceMaskGenerator(model, AMGConfig(points_per_side=2))
+    images = [make_generated_scene(np.random.default_rng(seed), 60 + seed, 80, min_objects=2, max_objects=3).image
+              for seed in (1, 2)]
+    expected = [generator.generate(image) for image in images]
+    answers = [[], []]
+
+    def segment(which: int) -> None:
+        for _ in range(4):
+            answers[which].append(generator.generate(images[which]))
+
+    threads = [threading.Thread(target=segment, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [[expected[0]] * 4, [expected[1]] * 4]
 
 
 def test_regions_of_exactly_min_mask_region_area_are_removed():

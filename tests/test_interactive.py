@@ -879,6 +879,22 @@ def test_more_bad_prompts_name_the_field(prompt, field):
         parse_prompts([prompt], PARSED_SIZE)
 
 
+def test_a_library_callers_tuples_and_numpy_numbers_are_prompts_too():
+    """parse_prompts from Python, not JSON: tuples and numpy's numbers and flags read as JSON's
+    lists, numbers and booleans (they were refused as "expected 2 finite numbers")."""
+    as_json = parse_prompts([{"points": [[100, 80], [10.5, 20]], "labels": [1, 0], "box": [10, 10, 50, 50],
+                              "multimask": True}], PARSED_SIZE)[0]
+    from_python = parse_prompts([{"points": [(np.int64(100), np.int32(80)), (np.float32(10.5), 20)],
+                                  "labels": (np.int64(1), 0), "box": (10, 10, np.float64(50), 50),
+                                  "multimask": np.True_}], PARSED_SIZE)[0]
+    assert np.array_equal(from_python.points, as_json.points) and np.array_equal(from_python.box, as_json.box)
+    assert np.array_equal(from_python.labels, as_json.labels) and from_python.multimask is True
+    for bad in ({"points": [(np.float64("nan"), 1)]}, {"points": [(np.True_, 1)]}, {"points": [[1, 1]],
+                                                                                      "labels": [np.True_]}):
+        with pytest.raises(ValueError, match=r"^prompts\[0\]"):
+            parse_prompts([bad], PARSED_SIZE)
+
+
 def test_image_ids_differ_for_the_same_bytes_in_another_shape(tiny_model):
     """An id names the image's pixels: the same bytes as 2x6 or 6x2 or 3x4 are other images."""
     segmenter = PromptSegmenter(tiny_model, "test")

@@ -94,10 +94,14 @@ for mode in "${mode_list[@]}"; do
     fi
     echo "replaying $paths_file through $mode"
     # A mode whose replay fails (its containers failed at start: kernels exported for another
-    # model) leaves the other modes to run.
+    # model) leaves the other modes to run; one stopped (Ctrl-C, SIGTERM: 130, 143) stops the study.
     # (${a[@]+...}: an empty array under set -u in bash before 4.4, as macOS's)
-    if ! "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
-        --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"}; then
+    replayed=0
+    "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
+        --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"} || replayed=$?
+    if ((replayed == 130 || replayed == 143)); then
+        exit "$replayed"
+    elif ((replayed != 0)); then
         echo "warning: the replay through $mode failed (above); going on with the other modes" >&2
         failed_modes+="$mode "
     fi
@@ -124,6 +128,12 @@ for mode in "${mode_list[@]}"; do
         continue
     fi
     echo "== $mode vs baseline"
-    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || status=1
+    compared=0
+    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || compared=$?
+    if ((compared == 130 || compared == 143)); then
+        exit "$compared"
+    elif ((compared != 0)); then
+        status=1
+    fi
 done
 exit "$status"

@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
-from sam2serve.stops import STOP_STATUS, stop_in_one_line_while_importing, stopped_by, take_over_stops
+from sam2serve.stops import end_as_stopped, stop_in_one_line_while_importing, stopped_by, take_over_stops
 
 if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the study in one line
     stop_in_one_line_while_importing()
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the statuses of the other scripts (run_script)
         print(f"stopped ({stopped_by(stop)}); the same command again resumes it (the rows done are kept)",
               file=sys.stderr)
-        sys.exit(STOP_STATUS[stopped_by(stop)])
+        end_as_stopped(stopped_by(stop))
 
 
 def run_study(argv: list[str] | None) -> None:

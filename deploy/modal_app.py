@@ -18,10 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-import modal
-
 if not __package__:  # run by its path (python deploy/modal_app.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sam2serve.stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # before the seconds of importing modal and torch: a stop then ends it in one line
+    stop_in_one_line_while_importing()
+
+import modal
 
 APP_NAME = "sam2-segment-everything"
 VOLUME_NAME = "sam2-checkpoints"
@@ -159,9 +164,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sam2serve.stops import stop_in_one_line_while_importing
-
-    stop_in_one_line_while_importing()  # before the seconds of importing torch (sam2serve.cli's)
     from sam2serve.cli import run_script
 
     run_script(main)

@@ -339,7 +339,7 @@ def build(args: dict[str, str]) -> serve.Application:
         raise ValueError(f"device={device}: {problem}")
     batch_size = number("batch_size", int, BATCH_SIZE, 1)
     batch_wait_s = number("batch_wait_ms", float, BATCH_WAIT_S * 1000) / 1000
-    replicas = args.pop("replicas", "1")
+    replicas = str(args.pop("replicas", "1"))  # (a YAML config's 2 is a number)
     if "max_replicas" in args and replicas != "auto":
         raise ValueError(f"max_replicas goes with replicas=auto (autoscaling), not replicas={replicas}")
     max_replicas = number("max_replicas", int, 4, 1)

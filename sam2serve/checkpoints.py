@@ -22,6 +22,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .stops import stop_in_one_line_while_importing
+
+if __name__ == "__main__":  # (python -m sam2serve.checkpoints) before the seconds of importing torch
+    stop_in_one_line_while_importing()
+
 import torch
 from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base

@@ -24,7 +24,7 @@ from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
 from .modes import Mode, compiles, mode_config
 from .preprocess import ImageTooLarge, InvalidImage, read_image_file
-from .stops import STOP_STATUS, stopped_by, take_over_stops
+from .stops import end_as_stopped, stopped_by, take_over_stops
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
 AMG_OPTIONS = {
@@ -115,7 +115,7 @@ def run_script(main: Callable[[], None]) -> None:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt as stop:
         print(f"stopped ({stopped_by(stop)})", file=sys.stderr)
-        sys.exit(STOP_STATUS[stopped_by(stop)])
+        end_as_stopped(stopped_by(stop))
 
 
 def number_type(kind: type, what: str, within: Callable[[float], bool], rule: str) -> Callable[[str], float]:

@@ -439,9 +439,10 @@ def require_cache_room(cache: EmbeddingCache, nbytes: int | None = None) -> None
     any at all), as its id would then be unknown to every /segment."""
     if cache.max_bytes == 0 or (nbytes is not None and nbytes > cache.max_bytes):
         size = "" if nbytes is None else f" ({nbytes / 2**20:.1f} MiB)"
-        megabytes = round(cache.max_bytes / 2**20, 3)  # --embedding-cache-mb 0.3 is 314572 bytes: not 0.299999
+        megabytes = cache.max_bytes / 2**20  # --embedding-cache-mb 0.3 is 314572 bytes: 0.3, not 0.299999
+        room = f"{round(megabytes, 3):g} MiB" if megabytes >= 0.001 else f"{cache.max_bytes} bytes"
         raise CacheTooSmall(
-            f"the embedding cache ({megabytes:g} MiB) cannot hold one encoded image of this model{size}, so an "
+            f"the embedding cache ({room}) cannot hold one encoded image of this model{size}, so an "
             "/embed id could not be used: start the server with a larger cache (--embedding-cache-mb), or send the "
             "image with each /segment (a multipart form)")
 

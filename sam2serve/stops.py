@@ -1,5 +1,7 @@
 """How a script ends when stopped: Ctrl-C or SIGTERM (a time limit's, `timeout`'s) end it in
-one line with the status a shell reports for that signal (130, 143), from its first moment on.
+one line, from its first moment on, and by the signal itself once cleaned up (a shell reports
+130 or 143, and stops a loop or script that ran it: an exit with that status reads to bash as a
+stop the program handled, and its loop went on after Ctrl-C).
 
 The standard library alone: a script calls stop_in_one_line_while_importing before its seconds
 of importing torch (a Ctrl-C there printed a traceback from inside torch), and
@@ -8,9 +10,11 @@ where the script is, so that its clean-up runs. server.py has its own (a stop th
 the requests it accepted first).
 """
 
+import atexit
 import os
 import signal
 import sys
+from typing import NoReturn
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,21 +29,34 @@ def raise_terminated(_signum, _frame) -> None:
     raise Terminated()
 
 
-# A stop's exit status, as shells report a process ended by that signal.
-STOP_STATUS = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+# A stop's signal (a shell reports 128 + its number: 130, 143).
+STOP_SIGNALS = {"Ctrl-C": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 
 
 def stopped_by(stop: KeyboardInterrupt) -> str:
-    """What stopped a script: "SIGTERM" (raise_terminated's) or "Ctrl-C" (a key in STOP_STATUS)."""
+    """What stopped a script: "SIGTERM" (raise_terminated's) or "Ctrl-C" (a key in STOP_SIGNALS)."""
     return "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
 
 
+def end_as_stopped(stop: str, clean_up: bool = True) -> NoReturn:
+    """Ends the process by the stop's signal, after a normal exit's clean-up (atexit's: temporary
+    folders, a Ray instance) where clean_up; the caller has said why in its line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if clean_up:
+        atexit._run_exitfuncs()
+    signum = STOP_SIGNALS[stop]
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)  # (not reached: the signal's default ends the process)
+
+
 def exit_while_importing(signum: int, _frame) -> None:
-    # Nothing to clean up yet; os._exit, as an exception raised inside an import could be caught
+    # Nothing to clean up yet, and no exception raised: one inside an import could be caught
     # there, or land in a finaliser and be lost.
     stop = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     print(f"stopped ({stop}) while starting", file=sys.stderr, flush=True)
-    os._exit(STOP_STATUS[stop])
+    end_as_stopped(stop, clean_up=False)
 
 
 def stop_in_one_line_while_importing() -> None:

@@ -85,30 +85,9 @@ class OncePer(logging.Filter):
         return True
 
 
-class ConnectionLimitLines(OncePer):
-    """waitress's pair of lines each time the open connections reach the limit ("no longer
-    accepting") and drop below it ("listening again"): dozens a second under a burst of clients.
-    A pair per interval; a "listening again" line only after a "no longer accepting" let through."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(seconds)
-        self.reached_shown = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        if message.startswith("total open connections reached"):
-            self.reached_shown = super().filter(record)
-            return self.reached_shown
-        if message.startswith("total open connections dropped"):
-            shown, self.reached_shown = self.reached_shown, False
-            return shown
-        return True
-
-
 # waitress warns once per request while more requests wait for a thread than it has threads
 # (an overload, which /metrics counts as 503s): one line per 10 s says it as well as thousands.
 QUEUE_WARNINGS = OncePer(10.0)
-CONNECTION_LIMIT_LINES = ConnectionLimitLines(10.0)
 DESCRIPTOR_LOG = logging.getLogger(__name__ + ".descriptors")  # at most a line per 10 s, as waitress's queue
 DESCRIPTOR_LOG.addFilter(OncePer(10.0))
 
@@ -195,9 +174,12 @@ class JSONErrorChannel(HTTPChannel):
         if not self.connected or sock is None:
             return True
         if PEER_CLOSED:
-            poller = select.poll()
-            poller.register(sock.fileno(), PEER_CLOSED)
-            return bool(poller.poll(0))  # POLLRDHUP, or POLLHUP/POLLERR (always reported): gone
+            try:  # (a socket closed meanwhile by waitress's thread: fileno() -1, a ValueError)
+                poller = select.poll()
+                poller.register(sock.fileno(), PEER_CLOSED)
+                return bool(poller.poll(0))  # POLLRDHUP, or POLLHUP/POLLERR (always reported): gone
+            except (OSError, ValueError):
+                return True
         try:
             return sock.recv(1, socket.MSG_PEEK) == b""  # waitress's sockets do not block
         except (BlockingIOError, InterruptedError):  # nothing to read: still there
@@ -299,7 +281,6 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         log.warning("the limit on open files (ulimit -Hn) allows %d connections at once, not %d; the others wait "
                     "to be accepted", max_connections, limits.max_connections)
     logging.getLogger("waitress.queue").addFilter(QUEUE_WARNINGS)  # once: the same filter is not added twice
-    logging.getLogger("waitress").addFilter(CONNECTION_LIMIT_LINES)
     servers: dict = {}
     server = waitress.create_server(
         app,

@@ -450,7 +450,7 @@ def test_a_script_stopped_while_the_loader_is_tried_leaves_nothing_behind(tmp_pa
     assert Path(folder).is_dir()
     stopped.send_signal(signal.SIGTERM)
     _, stderr = stopped.communicate(timeout=30)
-    assert stopped.returncode == 143 and stderr.strip().endswith("stopped (SIGTERM)"), stderr
+    assert stopped.returncode == -signal.SIGTERM and stderr.strip().endswith("stopped (SIGTERM)"), stderr
     assert "Traceback" not in stderr, stderr
     assert not Path(folder).exists()
     deadline = time.monotonic() + 10

@@ -522,6 +522,9 @@ def test_embed_refuses_a_cache_too_small_for_one_image(micro):
     client = micro_client(micro, cache_bytes=int(0.3 * 2**20))  # --embedding-cache-mb 0.3: 314572 bytes
     embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
     assert embedded.status_code == 507 and "the embedding cache (0.3 MiB) cannot hold" in embedded.get_json()["error"]
+    client = micro_client(micro, cache_bytes=419)  # --embedding-cache-mb 0.0004
+    embedded = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
+    assert "the embedding cache (419 bytes) cannot hold" in embedded.get_json()["error"]
     one_shot = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
                                              "prompts": json.dumps([PROMPTS[0][1]])})
     assert one_shot.status_code == 200 and len(one_shot.get_json()["results"][0]["masks"]) == 3

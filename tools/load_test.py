@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 if not __package__:  # run by its path (python tools/load_test.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2serve.stops import STOP_STATUS, stop_in_one_line_while_importing, stopped_by, take_over_stops
+from sam2serve.stops import end_as_stopped, stop_in_one_line_while_importing, stopped_by, take_over_stops
 
 if __name__ == "__main__":  # before the seconds of importing torch: a stop then ends the script in one line
     stop_in_one_line_while_importing()
@@ -324,9 +324,11 @@ def main() -> None:
         sys.exit(f"error: {error_text(error)}")
     except KeyboardInterrupt as interrupt:  # while the single requests were sent: nothing to report yet
         print(f"stopped ({stopped_by(interrupt)})", file=sys.stderr)
-        sys.exit(STOP_STATUS[stopped_by(interrupt)])
+        end_as_stopped(stopped_by(interrupt))
     print(report.table())
-    sys.exit(STOP_STATUS[report.stopped] if report.stopped else 0 if report.ok else 1)
+    if report.stopped:
+        end_as_stopped(report.stopped)
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,9 @@ def load_pipeline(
     compile_mode: str | None = None,
 ) -> Pipeline:
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
-    device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all."""
+    device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all.
+    On a CPU it sets the process up as the server's (sam2serve/cpu.py): denormal floats flushed to
+    zero (in the caller's own torch and numpy work too) and freed memory kept for reuse."""
     if amg and config is not None:
         raise ValueError("give amg or config, not both: config holds every setting")
     mode = get_mode(mode)

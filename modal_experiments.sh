@@ -85,6 +85,9 @@ if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -qxF -e "checkpoin
     modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
 fi
 
+# A step stopped (Ctrl-C, SIGTERM: status 130, 143) stops the study; one that failed does not.
+exit_if_stopped() { if (($1 == 130 || $1 == 143)); then exit "$1"; fi; }
+
 failed_modes=" "
 for mode in "${mode_list[@]}"; do
     load_fast=()
@@ -94,14 +97,13 @@ for mode in "${mode_list[@]}"; do
     fi
     echo "replaying $paths_file through $mode"
     # A mode whose replay fails (its containers failed at start: kernels exported for another
-    # model) leaves the other modes to run; one stopped (Ctrl-C, SIGTERM: 130, 143) stops the study.
+    # model) leaves the other modes to run.
     # (${a[@]+...}: an empty array under set -u in bash before 4.4, as macOS's)
     replayed=0
     "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
         --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"} || replayed=$?
-    if ((replayed == 130 || replayed == 143)); then
-        exit "$replayed"
-    elif ((replayed != 0)); then
+    exit_if_stopped "$replayed"
+    if ((replayed != 0)); then
         echo "warning: the replay through $mode failed (above); going on with the other modes" >&2
         failed_modes+="$mode "
     fi
@@ -130,10 +132,7 @@ for mode in "${mode_list[@]}"; do
     echo "== $mode vs baseline"
     compared=0
     "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || compared=$?
-    if ((compared == 130 || compared == 143)); then
-        exit "$compared"
-    elif ((compared != 0)); then
-        status=1
-    fi
+    exit_if_stopped "$compared"
+    ((compared == 0)) || status=1
 done
 exit "$status"

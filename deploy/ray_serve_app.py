@@ -59,7 +59,7 @@ from sam2serve.protocol import (
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
     require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
-from sam2serve.wsgi import MIN_REQUEST_RATE, ConnectionLimits
+from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
 WEB_FOLDER = Path(sam2serve.__file__).parent / "web"
@@ -259,7 +259,7 @@ async def with_body_read(request: Request, limits: Limits, timeout_s: float = Co
     chunks = request.stream().__aiter__()
     started = time.monotonic()
     while True:
-        trickle_s = started + timeout_s + len(body) / MIN_REQUEST_RATE - time.monotonic()
+        trickle_s = too_slow_after(started, timeout_s, len(body)) - time.monotonic()
         try:
             if trickle_s <= 0:
                 raise asyncio.TimeoutError
@@ -268,9 +268,8 @@ async def with_body_read(request: Request, limits: Limits, timeout_s: float = Co
             break
         except asyncio.TimeoutError:
             if trickle_s < timeout_s:
-                raise RequestStalled(f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s "
-                                     f"({len(body)} bytes)") from None
-            raise RequestStalled(f"nothing received for {timeout_s:g} s") from None
+                raise RequestStalled(arriving_too_slowly(len(body))) from None
+            raise RequestStalled(nothing_received(timeout_s)) from None
         except ClientDisconnect:
             raise Abandoned("the client closed its connection before its request was read") from None
         body += chunk

@@ -71,10 +71,11 @@ MAX_CROP_N_LAYERS = 4
 MAX_STABILITY_SCORE_OFFSET = 1000.0
 
 
-# An AMGConfig field's annotation -> the values it takes (numpy's numbers too; True is no number).
-SETTING_KINDS = {int: numbers.Integral, float: numbers.Real, bool: (bool, np.bool_),
-                 "int": numbers.Integral, "float": numbers.Real, "bool": (bool, np.bool_)}
-KIND_WORDS = {numbers.Integral: "a whole number", numbers.Real: "a number", (bool, np.bool_): "True or False"}
+# Python's and numpy's booleans: the values of a flag, and no number (True is an int to Python).
+BOOLEANS = (bool, np.bool_)
+# An AMGConfig field's annotation -> the values it takes (numpy's numbers too).
+SETTING_KINDS = {int: numbers.Integral, float: numbers.Real, bool: BOOLEANS}
+KIND_WORDS = {numbers.Integral: "a whole number", numbers.Real: "a number", BOOLEANS: "True or False"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AMGConfig:
         # Of its type first: a library caller's use_m2m="false" turned m2m on, points_per_side=2.5 was taken
         for setting in fields(self):
             value, kind = getattr(self, setting.name), SETTING_KINDS[setting.type]
-            if isinstance(value, (bool, np.bool_)) != (setting.type in (bool, "bool")) or not isinstance(value, kind):
+            if isinstance(value, BOOLEANS) != (kind is BOOLEANS) or not isinstance(value, kind):
                 raise TypeError(f"{setting.name} must be {KIND_WORDS[kind]}, got {value!r}")
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
             if getattr(self, name) < 1:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-from .amg import image_predictor
+from .amg import BOOLEANS, image_predictor
 from .model import FactoredPointDecoder, ImageFeatures, default_prompts_per_step, model_coords
 from .upscale import masks_above
 
@@ -96,7 +96,7 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     if not isinstance(labels, SEQUENCES) or len(labels) != len(points):
         raise InvalidPrompt(f"{where}.labels: expected one label per point ({len(points)}), got "
                             f"{len(labels) if isinstance(labels, SEQUENCES) else type(labels).__name__}")
-    if any(label not in (0, 1) or isinstance(label, BOOLS) for label in labels):
+    if any(label not in (0, 1) or isinstance(label, BOOLEANS) for label in labels):
         raise InvalidPrompt(f"{where}.labels: each label is 1 (foreground) or 0 (background)")
     box = prompt.get("box")
     if box is not None:
@@ -115,7 +115,7 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     multimask = prompt.get("multimask", len(points) == 1 and box is None)
     keep_logits = prompt.get("keep_logits", False)
     for name, value in (("multimask", multimask), ("keep_logits", keep_logits)):
-        if not isinstance(value, BOOLS):
+        if not isinstance(value, BOOLEANS):
             raise InvalidPrompt(f"{where}.{name}: expected true or false")
     return Prompt(
         points=np.array(points, dtype=np.float32).reshape(-1, 2),
@@ -127,16 +127,15 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     )
 
 
-# What a prompt's lists and flags may be: JSON's, and a library caller's tuples and numpy flags.
+# What a prompt's lists may be: JSON's, and a library caller's tuples (its flags: amg.BOOLEANS).
 SEQUENCES = (list, tuple)
-BOOLS = (bool, np.bool_)
 
 
 def numbers_of(value: Any, count: int, where: str) -> None:
     # JSON's numbers: floats (which may be inf or nan) and ints of any size (math.isfinite
     # cannot take one beyond a float's range; inside() refuses it); a library caller's numpy ones.
     if (not isinstance(value, SEQUENCES) or len(value) != count
-            or not all(isinstance(v, numbers.Real) and not isinstance(v, BOOLS)
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, BOOLEANS)
                        and (isinstance(v, numbers.Integral) or math.isfinite(v)) for v in value)):
         raise InvalidPrompt(f"{where}: expected {count} finite numbers")
 

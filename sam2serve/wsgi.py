@@ -59,6 +59,20 @@ ACCEPT_PAUSE_S = 0.5  # no descriptor left to accept a connection: accepting pau
 # waitress's loop timeout, 1 s, more)
 
 
+def too_slow_after(started: float, timeout_s: float, received: int) -> float:
+    """When a request still arriving, started at `started` with `received` bytes so far, is too
+    slow: below MIN_REQUEST_RATE on average after its first timeout_s (the Ray Serve app's rule too)."""
+    return started + timeout_s + received / MIN_REQUEST_RATE
+
+
+def arriving_too_slowly(received: int) -> str:
+    return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({received} bytes)"
+
+
+def nothing_received(timeout_s: float) -> str:
+    return f"nothing received for {timeout_s:g} s"
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int = 1000  # more wait in the listen backlog until one closes
@@ -193,10 +207,10 @@ class JSONErrorChannel(HTTPChannel):
         if self.total_outbufs_len and self.output_progress < now - timeout_s:
             return f"its answer unread for {timeout_s} s"
         if self.reading and self.request is not None and self.last_activity < now - timeout_s:
-            return f"nothing received for {timeout_s} s"
-        if (self.reading and self.request is not None
-                and now > self.request_started + timeout_s + self.request_bytes / MIN_REQUEST_RATE):
-            return f"its request arriving slower than {MIN_REQUEST_RATE} bytes/s ({self.request_bytes} bytes)"
+            return nothing_received(timeout_s)
+        if self.reading and self.request is not None and now > too_slow_after(self.request_started, timeout_s,
+                                                                              self.request_bytes):
+            return arriving_too_slowly(self.request_bytes)
         return None
 
     def tell_timed_out(self, why: str) -> None:

@@ -70,6 +70,8 @@ def rle_run_lengths(masks: torch.Tensor) -> RunLengths:
     same_mask = mask_index[1:] == mask_index[:-1]
     run_lengths = (position[1:] - position[:-1])[same_mask]
     runs_per_mask = torch.bincount(mask_index, minlength=n) - 1
+    if h * w == 0:  # no pixels: one empty background run, as pycocotools writes it
+        return run_lengths, runs_per_mask, torch.ones(n, dtype=torch.bool, device=masks.device)
     return run_lengths, runs_per_mask, flat[:, 0]
 
 

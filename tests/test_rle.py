@@ -71,6 +71,16 @@ def test_no_masks():
     assert masks_to_rle_vectorized(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 5, 0)])
+def test_masks_of_no_pixels_encode_as_pycocotools_does(shape):
+    masks = np.zeros(shape, bool)
+    ours = masks_to_rle_vectorized(torch.from_numpy(masks))
+    expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    assert [mask_utils.frPyObjects(rle, *shape[1:])["counts"] for rle in ours] == [e["counts"] for e in expected]
+    assert [rle["size"] for rle in ours] == [list(shape[1:])] * 2
+    assert rles_to_masks(ours).shape == shape
+
+
 def test_overlay_draws_what_all_masks_at_once_drew_with_one_mask_in_memory():
     """/upload's picture: the masks decoded one at a time (all at once, every filter off, took
     gigabytes for one request), the same PNG as the drawing of all of them decoded together."""

@@ -226,7 +226,8 @@ def checked_images(images: Iterable[np.ndarray]) -> list[np.ndarray]:
                     else type(image).__name__)
             raise TypeError(f"expected an (H, W, 3) uint8 RGB image (sam2serve.preprocess.decode_image gives one from "
                             f"a file's bytes), got {what}")
-    return images
+    # A view such as OpenCV's BGR[..., ::-1] is copied: torch takes no negative strides.
+    return [np.ascontiguousarray(image) for image in images]
 
 
 def baseline_leaves_out(config: AMGConfig) -> str | None:

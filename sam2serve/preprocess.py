@@ -71,7 +71,13 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 )
             if max(width, height) > MAX_SIDE:
                 raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
+            if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
+                image.seek(1)  # browsers show the animation's first frame, so that is the image
+            # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
+            sixteen_bits = image.format == "PPM" and image.mode == "I"
             image = ImageOps.exif_transpose(image)  # decodes the pixels: a copy, loaded
+            if sixteen_bits:
+                image = image.convert("I;16")
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as error:
@@ -79,17 +85,29 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             from error
     except UnidentifiedImageError as error:
         heif = data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
-        tiff = data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # Pillow reads TIFFs of some pixel formats only
         raise InvalidImage(f"the file is not an image in one of the formats read: {FORMATS_TEXT}"
                            + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")
-                           + ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats): save "
-                              "it with 8- or 16-bit integers or 32-bit floats" if tiff else "")) from error
+                           + tiff_hint(data)) from error
     except MemoryError:
         raise
     except Exception as error:  # a damaged file: OSError mostly, but Pillow's TIFF reader raises
         # TypeError, OverflowError and others on some damaged tags
         raise InvalidImage(f"the image could not be decoded: {error}") from error
     return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
+
+
+def tiff_hint(data: bytes) -> str:
+    """Why Pillow could not open a file that starts as a TIFF does ("" for other files): cut short
+    (its first directory, which libtiff writes after the pixels, lies past the end) or a pixel
+    format Pillow does not read."""
+    if data[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return ""
+    big = data[2:4] in (b"+\0", b"\0+")  # BigTIFF: the offset is 8 bytes, after 4 more
+    first_directory = int.from_bytes(data[8:16] if big else data[4:8], "little" if data[:2] == b"II" else "big")
+    if first_directory + 2 > len(data):
+        return "; it is a TIFF cut short (its first directory lies past the file's end)"
+    return ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats, or colour in floats): "
+            "save it with 8- or 16-bit integers, or as grayscale of 32-bit floats")
 
 
 def read_image_file(path: str | os.PathLike) -> np.ndarray:

@@ -422,13 +422,16 @@ def test_records_of_masks_from_crops_equal_sam2s(trained_micro_checkpoint):
 def test_generators_take_the_images_sam2_takes_and_refuse_others_in_words(trained_micro_checkpoint):
     """(H, W, 3) uint8 RGB, in a list or any iterable, or none. A float image was read as [0, 1]
     by the eager kernels and as [0, 255] by the compiled ones (other masks, without a word); gray,
-    RGBA or channels first failed deep in torch; an iterator gave no masks; an empty list failed."""
+    RGBA or channels first failed deep in torch; an iterator gave no masks; an empty list failed;
+    a view with negative strides failed in torch."""
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
     config = AMGConfig(points_per_side=2)
     image = make_generated_scene(np.random.default_rng(2002), 60, 80, min_objects=2, max_objects=3).image
     for generator in (MaskGenerator(model, config), ReferenceMaskGenerator(model, config)):
         assert generator.generate_batch([]) == [] and generator.annotate_batch([]) == []
         assert generator.generate_batch(iter([image, image])) == [generator.generate(image)] * 2
+        # A view in reverse, as BGR[..., ::-1] from OpenCV gives (torch takes no negative strides)
+        assert generator.generate(image[..., ::-1].copy()[..., ::-1]) == generator.generate(image)
         for bad, words in [(image / 255, "got an array of float64 of shape (60, 80, 3)"),
                            (image[..., 0], "shape (60, 80)"), (np.dstack([image, image[..., :1]]), "(60, 80, 4)"),
                            (image.transpose(2, 0, 1), "(3, 60, 80)"), (image.tolist(), "got list")]:

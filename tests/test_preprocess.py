@@ -274,3 +274,35 @@ def test_sixteen_bit_ranges_of_integers_that_start_at_zero_keep_their_scale():
     buffer = io.BytesIO()
     Image.fromarray(floats).save(buffer, "TIFF")
     assert decode_image(buffer.getvalue(), max_pixels=100)[..., 0].tolist() == [[0, 50], [1, 128]]
+
+
+def test_a_pgm_of_sixteen_bits_is_rescaled_as_sixteen_bits_whatever_values_it_holds():
+    """Pillow reads a PGM of more than 8 bits as 32-bit integers scaled to 0..65535: one whose
+    values all fit in 8 bits was taken as 8-bit data, 257 times too bright."""
+    values = np.array([[0, 230, 257], [1000, 40000, 65535]], dtype=np.uint16)
+    pgm = b"P5\n3 2\n65535\n" + values.astype(">u2").tobytes()
+    expected = np.rint(values / 257).astype(np.uint8)
+    assert (decode_image(pgm, max_pixels=100) == expected[..., None]).all()
+    dark = np.full((2, 3), 230, np.uint16)  # every value within 8 bits
+    assert (decode_image(b"P5\n3 2\n65535\n" + dark.astype(">u2").tobytes(), max_pixels=100) == 1).all()
+
+
+def test_an_animated_png_s_still_picture_for_other_viewers_is_not_the_image():
+    """An APNG may carry a default image that is not part of its animation, for viewers that do
+    not animate; browsers (the web page too) show the animation's first frame: so does the server."""
+    frames = [Image.new("RGB", (6, 4), colour) for colour in ("white", "red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], default_image=True)
+    assert (decode_image(buffer.getvalue(), max_pixels=100) == (255, 0, 0)).all()
+    buffer = io.BytesIO()  # without one, the first frame is the animation's
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    assert (decode_image(buffer.getvalue(), max_pixels=100) == 255).all()
+
+
+def test_a_tiff_cut_short_is_said_to_be_cut_short_not_of_a_pixel_format_not_read():
+    """libtiff writes a TIFF's first directory after its pixels: a compressed TIFF cut short has
+    none, and Pillow cannot tell its format; the hint blamed the pixel format."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    whole = encode(Image.fromarray(noise), "TIFF", compression="tiff_lzw")
+    with pytest.raises(InvalidImage, match=r"it is a TIFF cut short \(its first directory lies past"):
+        decode_image(whole[:len(whole) // 2], 10**6)

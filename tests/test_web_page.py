@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -437,18 +438,22 @@ def test_errors_are_readable_and_the_page_stays_usable(uploaded, tmp_path):
     Image.new("RGB", (1200, 1000), "white").save(too_large)
     open_image(uploaded, too_large)
     wait_for(uploaded, lambda d: "Too large" in d.find_element(By.ID, "error").text)
-    assert f"the limit is {MAX_PIXELS} pixels. Scale the image down" in uploaded.find_element(By.ID, "error").text
+    assert f"the limit is {MAX_PIXELS} pixels. Scale the image down, and" in uploaded.find_element(By.ID, "error").text
 
     # A busy server and a timeout, as the page's fetch would see them.
-    for code, retry_after, message in [(503, "3", "As the server says; try again in 3 s."),
-                                       (504, None, "The server took too long")]:
+    # (A JPEG helps with the upload's bytes alone: its pixels are as many.)
+    for code, retry_after, message, said in [
+            (503, "3", "As the server says; try again in 3 s.", "as the server says"),
+            (504, None, "The server took too long", "as the server says"),
+            (413, None, "bytes. Scale the image down, or save it as a JPEG, and", "upload larger than the limit of 9 bytes")]:
         uploaded.execute_script(
             "window.realFetch = window.realFetch || window.fetch;"
-            "window.fetch = async () => new Response(JSON.stringify({error: 'as the server says'}),"
-            "  {status: arguments[0], headers: arguments[1] ? {'Retry-After': arguments[1]} : {}});", code, retry_after)
+            "window.fetch = async () => new Response(JSON.stringify({error: arguments[2]}),"
+            "  {status: arguments[0], headers: arguments[1] ? {'Retry-After': arguments[1]} : {}});",
+            code, retry_after, said)
         open_image(uploaded, EXAMPLE)
         wait_for(uploaded, lambda d: message in d.find_element(By.ID, "error").text)
-        assert "as the server says" in uploaded.find_element(By.ID, "error").text.lower()
+        assert said in uploaded.find_element(By.ID, "error").text.lower()
     uploaded.execute_script("window.fetch = window.realFetch;")
 
     open_image(uploaded, EXAMPLE)  # and the next image works
@@ -1464,6 +1469,47 @@ def test_a_png_s_late_exif_and_compressed_xmp_turn_it_as_the_server_does(page, t
             assert np.abs(shown_image(page).astype(int) - expected).mean() < 0.5, path.name
 
 
+def exif_of(orientation: int, tiff_type: int = 3, count: int = 1) -> bytes:
+    """EXIF (a big-endian TIFF header and one directory) whose orientation is of this TIFF number
+    type and count: 3 (SHORT) and 1 are the usual form; 4 LONG, 5 RATIONAL, 8 SSHORT."""
+    inline = {3: struct.pack(">HH", orientation, orientation if count > 1 else 0), 4: struct.pack(">I", orientation),
+              8: struct.pack(">hh", orientation, 0), 5: struct.pack(">I", 26)}[tiff_type]
+    directory = struct.pack(">HHHI", 1, 0x0112, tiff_type, count) + inline + struct.pack(">I", 0)
+    return b"MM\0*" + struct.pack(">I", 8) + directory + (struct.pack(">II", 2 * orientation, 2) if tiff_type == 5 else b"")
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # Pillow on the two values
+def test_exif_in_forms_browsers_do_not_read_turns_the_picture_as_the_server_does(page, tmp_path):
+    """Pillow reads an orientation of any number type (the first of several), after a second
+    "Exif\\0\\0" header, and from a PNG's text as ImageMagick writes it ("Raw profile type exif");
+    browsers read none of these: the page showed such a picture as stored, and where its size
+    did not give it away (upside down, or a square) drew the masks and placed clicks turned."""
+    def raw_profile(exif: bytes, zipped: bool) -> PngImagePlugin.PngInfo:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(exif):8}\n{exif.hex()}\n", zip=zipped)
+        return info
+    cases = [("long.jpg", {"exif": b"Exif\0\0" + exif_of(3, tiff_type=4), "quality": 95}),
+             ("sshort.jpg", {"exif": b"Exif\0\0" + exif_of(6, tiff_type=8), "quality": 95}),
+             ("rational.jpg", {"exif": b"Exif\0\0" + exif_of(8, tiff_type=5), "quality": 95}),
+             ("two_values.jpg", {"exif": b"Exif\0\0" + exif_of(6, count=2), "quality": 95}),
+             ("two_headers.jpg", {"exif": b"Exif\0\0Exif\0\0" + exif_of(3), "quality": 95}),
+             ("header_kept.png", {"exif": b"Exif\0\0Exif\0\0" + exif_of(6)}),  # one is dropped on saving
+             ("raw_profile_zipped.png", {"pnginfo": raw_profile(exif_of(6), True)}),
+             ("raw_profile.png", {"pnginfo": raw_profile(exif_of(3), False)})]
+    with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
+        for name, options in cases:
+            path = tmp_path / name
+            object_picture().save(path, **options)
+            with Image.open(path) as image:
+                expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+                stored = np.asarray(image.convert("RGB"))
+            assert expected.shape != stored.shape or np.abs(expected.astype(int) - stored).mean() > 10, name
+            open_and_show(page, path)
+            shown = shown_image(page)
+            assert shown.shape == expected.shape, name
+            assert np.abs(shown.astype(int) - expected).mean() < (3 if name.endswith("jpg") else 0.5), name
+
+
 def test_an_empty_click_mask_cannot_be_added(page, tmp_path):
     answers = stub_answers()
     answers["/segment"][1]["results"][0]["masks"] = [rle(np.zeros(SMALL[::-1], dtype=bool))]
@@ -1627,6 +1673,29 @@ def test_segment_again_asks_before_it_drops_the_clicks(page, tmp_path):
         wait_for(page, lambda d: "and the clicks, are lost" in d.switch_to.alert.text, timeout=10)
         page.switch_to.alert.dismiss()
         assert len(page_state(page, "clicks")) == 1
+
+
+def test_segment_again_while_a_chosen_file_is_decoded_segments_that_file(page, tmp_path):
+    """Segment again pressed while the browser still decoded a file just chosen (a large photo
+    takes a while) opened the image before once more, and dropped the chosen one without a word."""
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "before.png"))
+        wait_for(page, lambda d: status(d).startswith("1 mask in "), timeout=10)
+        page.execute_script("""
+            window.realCreateImageBitmap = window.createImageBitmap;
+            window.createImageBitmap = async (...args) => {
+              if (args[0] instanceof File) await new Promise((resolve) => setTimeout(resolve, 1500));
+              return window.realCreateImageBitmap(...args);
+            };""")
+        try:
+            open_image(page, small_image(tmp_path, "chosen.png"))
+            page.find_element(By.CSS_SELECTOR, "#filters summary").click()
+            page.find_element(By.ID, "segment-again").click()
+            wait_for(page, lambda d: page_state(d, "name") == "chosen" and status(d).startswith("1 mask in "), timeout=10)
+            time.sleep(2)  # every decode has ended
+            assert page_state(page, "name") == "chosen"
+        finally:
+            page.execute_script("window.createImageBitmap = window.realCreateImageBitmap;")
 
 
 def test_the_list_sorts_by_predicted_iou(page):

@@ -30,6 +30,7 @@ const FADED_LAYERS = ["mask-canvas", "added-canvas"];
 const state = {
   info: null, // GET /health
   file: null, // the image, as chosen, dropped or pasted
+  fileOpening: null, // a file chosen whose picture the browser is still decoding: the image once shown
   name: "image",
   width: 0,
   height: 0,
@@ -76,7 +77,11 @@ class ServerError extends Error {
 
 function explain(status, message, retryAfter) {
   if (status === 400) return `The server refused the request: ${message}`;
-  if (status === 413) return `Too large: ${message}. Scale the image down, or save it as a JPEG, and open it again.`;
+  if (status === 413) { // a JPEG is smaller in bytes; its pixels are as many
+    const bytes = message.startsWith("upload larger than");
+    const smaller = bytes ? "Scale the image down, or save it as a JPEG" : "Scale the image down";
+    return `Too large: ${message}. ${smaller}, and open it again.`;
+  }
   if (status === 503) { // the server says why: busy, loading or stopping
     const retry = retryAfter && !/try again/i.test(message) ? `; try again in ${retryAfter} s` : "";
     return `${message.charAt(0).toUpperCase()}${message.slice(1)}${retry}.`;
@@ -504,39 +509,84 @@ function maskPicture(counts, rgb) {
 // in JPEG and PNG, not in WebP, and XMP in none), so the page reads the orientation from the
 // file and turns the picture itself where this browser has not.
 
+// TIFF's number types (an entry's type -> its size, and how to read one), as Pillow reads EXIF.
+const EXIF_NUMBERS = {
+  1: { size: 1, value: (view, at) => view.getUint8(at) },
+  3: { size: 2, value: (view, at, little) => view.getUint16(at, little) },
+  4: { size: 4, value: (view, at, little) => view.getUint32(at, little) },
+  5: { size: 8, value: (view, at, little) => view.getUint32(at, little) / view.getUint32(at + 4, little) },
+  6: { size: 1, value: (view, at) => view.getInt8(at) },
+  8: { size: 2, value: (view, at, little) => view.getInt16(at, little) },
+  9: { size: 4, value: (view, at, little) => view.getInt32(at, little) },
+  10: { size: 8, value: (view, at, little) => view.getInt32(at, little) / view.getInt32(at + 4, little) },
+  11: { size: 4, value: (view, at, little) => view.getFloat32(at, little) },
+  12: { size: 8, value: (view, at, little) => view.getFloat64(at, little) },
+};
+
+const ascii = (view, at, length) => String.fromCharCode(...new Uint8Array(view.buffer, view.byteOffset + at, length));
+
+// The orientation in the EXIF at `start` of `view` (a TIFF header and its first directory of
+// 12-byte entries: tag 0x0112), after at most `headers` "Exif\0\0" headers, as Pillow reads it:
+// of any number type, the first of several. Browsers read only one SHORT, after no such header
+// (but JPEG's own). Answers { value, usual: in that form }, or null where EXIF has none.
+function exifOrientation(view, start, headers) {
+  let usual = true;
+  for (; headers > 0 && ascii(view, start, 6) === "Exif\0\0"; headers--) [start, usual] = [start + 6, false];
+  const little = ascii(view, start, 2) === "II";
+  const directory = start + view.getUint32(start + 4, little);
+  for (let i = 0; i < view.getUint16(directory, little); i++) {
+    const entry = directory + 2 + 12 * i;
+    if (view.getUint16(entry, little) !== 0x0112) continue;
+    const [type, count] = [view.getUint16(entry + 2, little), view.getUint32(entry + 4, little)];
+    const read = EXIF_NUMBERS[type];
+    if (!read || count === 0) return null; // text or bytes: Pillow finds no orientation in them
+    const at = read.size * count > 4 ? start + view.getUint32(entry + 8, little) : entry + 8;
+    return { value: read.value(view, at, little), usual: usual && type === 3 && count === 1 };
+  }
+  return null;
+}
+
+// A PNG text chunk's text, from after its keyword: tEXt's as it is; zTXt's after a method byte,
+// deflated; iTXt's after whether it is deflated, a method byte, a language and a translated
+// keyword. "" where it does not inflate (Pillow then finds nothing in it either).
+async function pngText(type, bytes) {
+  let start = type === "zTXt" ? 1 : 0;
+  if (type === "iTXt") {
+    start = 2;
+    for (let nulls = 0; nulls < 2 && start < bytes.length; start++) if (bytes[start] === 0) nulls++;
+  }
+  const deflated = type === "zTXt" || (type === "iTXt" && bytes[0] === 1);
+  try {
+    const stream = new Blob([bytes.subarray(start)]).stream();
+    return await new Response(deflated ? stream.pipeThrough(new DecompressionStream("deflate")) : stream).text();
+  } catch (error) {
+    return "";
+  }
+}
+
 // The orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, its format, and
-// where it was found ("exif", "exif-late": a PNG's after its image data, or "xmp").
+// where it was found ("exif"; "exif-late": a PNG's after its image data; "exif-odd": in a form
+// browsers do not read, see exifOrientation, or in a PNG's text as ImageMagick writes it; "xmp").
 async function fileOrientation(buffer) {
   const view = new DataView(buffer);
-  const text = (at, length) => String.fromCharCode(...new Uint8Array(buffer, at, length));
-  // EXIF is a TIFF header and its first directory of 12-byte entries: tag 0x0112 is the orientation.
-  const tiff = (start) => {
-    const little = text(start, 2) === "II";
-    const directory = start + view.getUint32(start + 4, little);
-    for (let i = 0; i < view.getUint16(directory, little); i++) {
-      const entry = directory + 2 + 12 * i;
-      if (view.getUint16(entry, little) === 0x0112) return view.getUint16(entry + 8, little);
-    }
-    return null;
-  };
+  const text = (at, length) => ascii(view, at, length);
   const orientationIn = (packet) => {
     const match = /tiff:Orientation(="|>)([0-9])/.exec(packet); // Pillow's pattern
     return match ? Number(match[2]) : null;
   };
   const xmp = (at, length) => orientationIn(new TextDecoder().decode(new Uint8Array(buffer, at, length))); // UTF-8
   const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
-  const XMP_PNG = "XML:com.adobe.xmp\0";
   let format = "";
-  let exif = null;
+  let exif; // undefined: no EXIF yet; null: EXIF without an orientation (Pillow reads the first EXIF alone)
   let exifSource = "exif";
   let fromXmp = null;
-  let compressedXmp = null; // a PNG's iTXt or zTXt chunk may hold its XMP deflated
+  const pngTexts = {}; // a PNG's text chunks by keyword, the last of each (as Pillow keeps them): [type, bytes]
   try {
     if (view.getUint16(0) === 0xffd8) { // JPEG: segments up to the image data (0xda); EXIF and XMP in APP1 (0xe1)
       format = "jpeg";
       for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
         if (view.getUint8(p + 1) !== 0xe1) continue;
-        if (text(p + 4, 6) === "Exif\0\0") exif ??= tiff(p + 10);
+        if (text(p + 4, 6) === "Exif\0\0") exif ??= exifOrientation(view, p + 10, 1);
         else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
           fromXmp = xmp(p + 4 + XMP_JPEG.length, view.getUint16(p + 2) - 2 - XMP_JPEG.length);
         }
@@ -547,25 +597,13 @@ async function fileOrientation(buffer) {
       for (let p = 8; p + 8 <= view.byteLength; p += 12 + view.getUint32(p)) {
         const type = text(p + 4, 4);
         if (type === "IDAT") afterData = true;
-        if (type === "eXIf" && exif === null) {
-          exif = tiff(p + 8);
+        if (type === "eXIf" && exif === undefined) {
+          exif = exifOrientation(view, p + 8, 1);
           if (afterData) exifSource = "exif-late";
-        } else if (["iTXt", "tEXt", "zTXt"].includes(type) && text(p + 8, XMP_PNG.length) === XMP_PNG) {
-          // After the keyword: zTXt, a method byte and deflated text; iTXt, whether deflated, a
-          // method byte, a language and a translated keyword, then the text.
+        } else if (["iTXt", "tEXt", "zTXt"].includes(type)) {
           const bytes = new Uint8Array(buffer, p + 8, view.getUint32(p));
-          if (type === "zTXt") {
-            compressedXmp = bytes.subarray(XMP_PNG.length + 1);
-            fromXmp = null;
-          } else if (type === "iTXt" && bytes[XMP_PNG.length] === 1) {
-            let start = XMP_PNG.length + 2;
-            for (let nulls = 0; nulls < 2 && start < bytes.length; start++) if (bytes[start] === 0) nulls++;
-            compressedXmp = bytes.subarray(start);
-            fromXmp = null;
-          } else {
-            fromXmp = xmp(p + 8, view.getUint32(p));
-            compressedXmp = null;
-          }
+          const keywordEnd = bytes.indexOf(0);
+          if (keywordEnd > 0) pngTexts[text(p + 8, keywordEnd)] = [type, bytes.subarray(keywordEnd + 1)];
         }
       }
     } else if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
@@ -573,24 +611,31 @@ async function fileOrientation(buffer) {
       for (let p = 12; p + 8 <= view.byteLength;) {
         const length = view.getUint32(p + 4, true);
         const type = text(p, 4);
-        if (type === "EXIF") { // its TIFF header, sometimes after "Exif\0\0" as in JPEG
-          exif ??= tiff(text(p + 8, 6) === "Exif\0\0" ? p + 14 : p + 8);
-        } else if (type === "XMP ") fromXmp = xmp(p + 8, length);
+        if (type === "EXIF") exif ??= exifOrientation(view, p + 8, 2); // its TIFF header, or "Exif\0\0" first
+        else if (type === "XMP ") fromXmp = xmp(p + 8, length);
         p += 8 + length + (length & 1); // padded to an even length
       }
     }
   } catch (error) {
     if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
-  if (exif !== null) return { format, orientation: exif, source: exifSource };
-  if (compressedXmp) {
-    try {
-      const inflated = new Blob([compressedXmp]).stream().pipeThrough(new DecompressionStream("deflate"));
-      fromXmp = orientationIn(await new Response(inflated).text());
-    } catch (error) {
-      fromXmp = null; // not deflate data: no orientation, as Pillow finds none there
+  if (exif === undefined && pngTexts["Raw profile type exif"]) {
+    // A PNG's EXIF as ImageMagick writes it, where it has no eXIf: hexadecimal after three lines
+    // (a blank one, "exif", the length). Pillow reads it; browsers do not.
+    const lines = (await pngText(...pngTexts["Raw profile type exif"])).split("\n");
+    const hex = lines.slice(3).join("").replace(/[ \t\r\v\f]/g, "");
+    if (hex && /^([0-9a-fA-F]{2})+$/.test(hex)) {
+      const bytes = Uint8Array.from(hex.match(/../g), (pair) => parseInt(pair, 16));
+      try {
+        exif = exifOrientation(new DataView(bytes.buffer), 0, 2);
+        if (exif) exif.usual = false;
+      } catch (error) {
+        if (!(error instanceof RangeError)) throw error;
+      }
     }
   }
+  if (exif) return { format, orientation: exif.value, source: exif.usual ? exifSource : "exif-odd" };
+  if (pngTexts["XML:com.adobe.xmp"]) fromXmp = orientationIn(await pngText(...pngTexts["XML:com.adobe.xmp"]));
   return { format, orientation: fromXmp ?? 1, source: "xmp" };
 }
 
@@ -681,6 +726,7 @@ async function openFile(file) {
     return;
   }
   const opening = ++state.opening;
+  state.fileOpening = file; // Segment again meanwhile segments this one, not the image it replaces
   const what = file.name || "the pasted image";
   const done = busy(`Segmenting ${what}…`);
   // The picture first: a file this browser cannot show is not sent, as no mask could be drawn on
@@ -692,6 +738,7 @@ async function openFile(file) {
     return;
   }
   if (!bitmap) {
+    state.fileOpening = null; // the image before stays
     done();
     showError(`This browser cannot show ${what} as pixels: a damaged or cut-short file, or a format it does not ` +
       "decode to pixels here (such as TIFF, or SVG, which is drawn); " +
@@ -712,6 +759,7 @@ async function openFile(file) {
   resetImage();
   clearViewer();
   state.file = file;
+  state.fileOpening = null;
   state.name = (file.name || "pasted").replace(/\.[^.]*$/, "") || "image";
   showImage(bitmap);
   const query = everythingQuery();
@@ -1097,7 +1145,7 @@ function removeSelectedMask() {
 // lost: asked first).
 function segmentAgain(event) {
   event.preventDefault();
-  if (!state.file) {
+  if (!state.file && !state.fileOpening) {
     showEverythingStatus("Open an image: its masks come under these filters.");
     return;
   }
@@ -1107,7 +1155,7 @@ function segmentAgain(event) {
     document.querySelector("input[name=tool][value=everything]").checked = true;
     setTool();
   }
-  openFile(state.file);
+  openFile(state.fileOpening ?? state.file);
 }
 
 function masksChanged() {

@@ -36,7 +36,7 @@ WHEELS ?= wheels
 OUT ?= gpu-results
 .PHONY: gpu-wheels gpu-benchmark
 gpu-wheels: $(INSTALLED)
-	tools/gpu_wheels.sh $(WHEELS)
+	tools/gpu_wheels.sh "$(WHEELS)"
 
 gpu-benchmark:
-	tools/gpu_benchmark.sh --wheels $(WHEELS) --out $(OUT)
+	tools/gpu_benchmark.sh --wheels "$(WHEELS)" --out "$(OUT)"

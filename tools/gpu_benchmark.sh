@@ -54,12 +54,17 @@ while (($#)); do
         *) usage ;;
     esac
 done
+[[ -n ${STAGES//[[:space:]]/} ]] || { echo "error: --stages names no stage" >&2; exit 2; }
 for stage in $STAGES; do
     case "$stage" in
         smoke|large|large-off|decoder|export) ;;
         *) echo "error: no stage '$stage' (stages: smoke large large-off decoder export)" >&2; exit 2 ;;
     esac
 done
+# Checked before any folder is made: a run that cannot start leaves none behind.
+if [[ -n $WHEELS && ! -d $WHEELS ]]; then
+    echo "error: no wheel folder $WHEELS (make gpu-wheels fills one, on a machine with network)" >&2; exit 1
+fi
 # A dry run works in a folder of its own: its micro model's masks are never a real run's.
 WORK=${WORK:-${TMPDIR:-/tmp}/sam2-gpu-benchmark$( ((DRY_RUN)) && echo -dry)}
 # Folders given are read from the caller's folder; the script runs from the repository's root.
@@ -67,7 +72,7 @@ mkdir -p "$WORK" ${OUT:+"$OUT"} || exit 1
 WORK=$(cd "$WORK" && pwd)
 [[ -z $OUT ]] || OUT=$(cd "$OUT" && pwd)
 if [[ -n $WHEELS ]]; then
-    WHEELS=$(cd "$WHEELS" && pwd) || { echo "error: no wheel folder $WHEELS" >&2; exit 1; }
+    WHEELS=$(cd "$WHEELS" && pwd) || exit 1
 fi
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-results}

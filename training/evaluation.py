@@ -3,8 +3,9 @@
 Three figures, as SAM reports them:
 - single-point mIoU: one point per object (its most interior pixel), sam2's own image predictor
   with multimask output, the mask with the highest predicted IoU, its IoU with the object;
-- box mIoU: the object's tight box (pixel edges), sam2's predictor with one output mask (what
-  /segment answers for a box), its IoU with the object;
+- box mIoU: the object's tight box (pixel edges), sam2's predictor with one output mask, its IoU
+  with the object (the decoder's own mask: /segment also applies sam2's fallback for an unstable
+  single mask, sam2_prompt_settings, which changes a few objects' masks);
 - automatic-mask-generation recall: the share of objects that some generated mask covers at
   IoU >= 0.5, with the default AMG thresholds.
 

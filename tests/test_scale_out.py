@@ -362,7 +362,8 @@ def test_result_lines_are_written_whole_or_not_at_all(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A Ray of its own: not a cluster RAY_ADDRESS names, or one `ray start` left running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -78,11 +78,14 @@ def parse_prompts(prompts: Any, size: tuple[int, int]) -> list[Prompt]:
     return [parse_prompt(prompt, size, f"prompts[{index}]") for index, prompt in enumerate(prompts)]
 
 
+PROMPT_FIELDS = ("points", "labels", "box", "mask_input", "multimask", "keep_logits")
+
+
 def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     height, width = size
     if not isinstance(prompt, dict):
-        raise InvalidPrompt(f"{where}: expected an object with points, labels, box, mask_input, multimask")
-    unknown = set(prompt) - {"points", "labels", "box", "mask_input", "multimask", "keep_logits"}
+        raise InvalidPrompt(f"{where}: expected an object with {', '.join(PROMPT_FIELDS)}")
+    unknown = set(prompt) - set(PROMPT_FIELDS)
     if unknown:
         raise InvalidPrompt(f"{where}: unknown fields {sorted(unknown)}")
     prompt = {name: value for name, value in prompt.items() if value is not None}  # null: as if left out

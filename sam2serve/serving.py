@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 import numpy as np
 import prometheus_client as prom
@@ -35,6 +36,12 @@ from .worker import Abandoned, InferenceWorker
 access = logging.getLogger("access")
 
 
+def printable_path(path: str) -> str:
+    """A path for the log, percent-encoded as sent: decoded, a "%0a" in it wrote a line of the
+    client's choosing into the log (a forged entry), and other control characters went raw too."""
+    return quote(path, safe="/:@!$&'()*+,;=~")
+
+
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
                cache: EmbeddingCache | None = None, access_log: bool = False) -> Flask:
     """The Flask app in front of one inference worker.
@@ -45,14 +52,27 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     """
     # The web page (GET /) and its script and style, shipped in the package: no build step.
     app = Flask(__name__, static_folder="web", static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes
+    # One more than the limit: werkzeug refuses a body that reaches its limit, when the form's
+    # parser reads on to find the end (an upload of exactly the limit got 413); the limit itself
+    # is waitress's (wsgi.py), and start_clock's where the body's length is declared.
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes + 1
     app.config["MAX_FORM_PARTS"] = limits.max_form_parts
     app.config["MAX_FORM_MEMORY_SIZE"] = limits.max_form_field_bytes
     info = {} if info is None else info
     cache = EmbeddingCache(EMBEDDING_CACHE_BYTES) if cache is None else cache
     metrics = Metrics(worker, cache)
     worker.observe_batch = metrics.observe_batch
-    app.extensions["sam2serve.metrics"] = metrics  # for the HTTP server's own refusals (wsgi.py)
+
+    def refused(client: str | None, method: str | None, path: str | None, status: int, answered: int) -> None:
+        """An answer the HTTP server gave by itself, before the app saw the request (a body over
+        the limit, headers too large, malformed HTTP, a stalled upload: wsgi.py): counted, and
+        logged as every answer is, with no milliseconds to tell."""
+        metrics.observe_request(path, method, status)
+        if access_log:
+            access.info("%s %s %s %d - ms %d bytes", client or "-", method or "-", printable_path(path or "-"), status,
+                        answered)
+
+    app.extensions["sam2serve.refused"] = refused  # create_http_server's on_refusal
 
     def uses_worker(endpoint: Callable[[], Response]) -> Callable[[], Response]:
         """An endpoint that calls the worker: admitted before it reads the upload (refused while
@@ -85,6 +105,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         environ = request.environ  # the URL as sent: REQUEST_URI, where the server gives it
         require_short_url(len(environ.get("REQUEST_URI", "")),
                           len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")), limits)
+        if (request.content_length or 0) > limits.max_upload_bytes:  # declared: refused before it is read
+            raise UploadTooLarge(limits)
 
     @app.after_request
     def answer_headers(response: Response) -> Response:
@@ -98,8 +120,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         seconds = time.perf_counter() - g.get("started", 0.0)
         metrics.observe_request(request.path, request.method, response.status_code, seconds)
         if access_log:
-            access.info("%s %s %s %d %.0f ms %d bytes", request.remote_addr, request.method, request.path,
-                        response.status_code, seconds * 1000, response.content_length or 0)
+            access.info("%s %s %s %d %.0f ms %d bytes", request.remote_addr, request.method,
+                        printable_path(request.path), response.status_code, seconds * 1000, response.content_length or 0)
         return response
 
     @app.post("/upload_rle")

@@ -26,7 +26,8 @@ waiting in the backlog again at once, and again, at full CPU and a log line each
 
 What waitress refuses itself, before the app sees the request (a body over the upload limit,
 announced by Content-Length or sent chunked; headers too large; a malformed request), is
-answered as JSON like every other error, and the connection is closed; `on_refusal` counts it.
+answered as JSON like every other error, and the connection is closed; `on_refusal` counts and
+logs it.
 
 Stopping: `finish_answers` stops accepting and waits until no connection has a request being
 read, run or sent, so that closing the server cuts no answer off.
@@ -135,7 +136,7 @@ class JSONErrorTask(ErrorTask):
             # waitress puts "GET /" in its place).
             path, method = ((None, None) if isinstance(error, RequestHeaderFieldsTooLarge)
                             else (getattr(self.request, "path", None), getattr(self.request, "command", None)))
-            on_refusal(path, method, error.code)
+            on_refusal(client_address(self.channel.addr), method, path, error.code, len(body))
 
 
 class JSONErrorChannel(HTTPChannel):
@@ -230,7 +231,8 @@ class JSONErrorChannel(HTTPChannel):
             pass
         on_refusal = getattr(self.server, "on_refusal", None)
         if on_refusal is not None:
-            on_refusal(getattr(request, "path", None), getattr(request, "command", None), 408)
+            method, path = getattr(request, "command", None), getattr(request, "path", None)
+            on_refusal(client_address(self.addr), method, path, 408, len(body))
 
     def send_continue(self) -> None:
         """No "100 Continue" for a request already refused (a declared body over the limit):
@@ -274,14 +276,19 @@ def allow_descriptors(needed: int) -> int:
     return needed if soft == resource.RLIM_INFINITY else min(soft, needed)
 
 
+def client_address(addr) -> str | None:
+    """A connection's client, as Flask's request.remote_addr gives it (None on a Unix socket)."""
+    return addr[0] if isinstance(addr, tuple) and addr else None
+
+
 def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads: int,
                        limits: ConnectionLimits = ConnectionLimits(),
-                       on_refusal: Callable[[str | None, str | None, int], None] | None = None):
+                       on_refusal: Callable[[str | None, str | None, str | None, int, int], None] | None = None):
     """A waitress server bound to host:port (OSError if it cannot listen); `.run()` serves,
     `.close()` stops. `threads` run the app: enough for every request the inference worker
-    may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(path,
-    method, status)` is called for each request the server answers itself (path and method are
-    None where the request line could not be read)."""
+    may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(client,
+    method, path, status, bytes answered)` is called for each request the server answers itself
+    (method and path are None where the request line could not be read)."""
     # Per connection: its socket, and temporary files for a large request body and a large answer;
     # beside them, the process's own. Where the hard limit on open files is lower, fewer.
     others = threads + 64

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -42,10 +44,14 @@ STALLED_CLIENTS = 200
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("front") / "server.log"
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("front") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
     process, url = start_server("--points-per-side", "4", "--connection-timeout", str(CONNECTION_TIMEOUT_S),
-                                "--max-connections", str(STALLED_CLIENTS + 50), log_path=log)
+                                "--max-connections", str(STALLED_CLIENTS + 50), "--access-log", log_path=server_log)
     yield process, url
     process.terminate()
     process.wait(timeout=30)
@@ -188,6 +194,52 @@ def test_headers_too_large_get_json_431_and_no_server_header(server):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         model = json.load(response)["model"]
     assert "sam2.1_hiera_micro.pt" in model and "/" not in model  # the file name, not the path
+
+
+def test_an_upload_of_exactly_the_limit_is_taken_and_one_byte_more_refused_as_too_large(server):
+    """waitress takes a body of the limit; werkzeug then refused it when the form's parser read on
+    to its end (413, blaming a text field of the form over 500000 bytes)."""
+    _, url = server
+    limit = MAX_UPLOAD_MB * 2**20
+    image = png_of(200, (20, 20))
+    head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + image)
+    tail = b"\r\n--b--\r\n"
+    for size in (limit - 1, limit):
+        body = head + b"\0" * (size - len(head) - len(tail)) + tail  # zeros after the PNG's end: still the PNG
+        request = urllib.request.Request(url + "/upload_rle", data=body, method="POST",
+                                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and "mask_0" in json.load(response), size
+    sock = connect(url)  # one byte more: refused as it is declared, before the body is sent
+    sock.sendall(f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: {limit + 1}\r\n"
+                 "Content-Type: multipart/form-data; boundary=b\r\n\r\n".encode())
+    status, _, answer = status_and_json(read_until_closed(sock, 10))
+    sock.close()
+    assert status == 413 and answer["error"] == f"upload larger than the limit of {limit} bytes"
+
+
+def test_the_access_log_has_one_line_per_request_the_server_refused_and_none_a_client_wrote(server, server_log):
+    """A "%0a" in the path wrote the rest of the path as a log line of its own (a forged entry);
+    what waitress answers itself (headers too large, malformed HTTP) was counted, never logged."""
+    _, url = server
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url + "/health%0a2026-01-01%2000:00:00,000%20INFO%20access:%20forged", timeout=10)
+    sock = connect(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert status_and_json(read_until_closed(sock, 10))[0] == 431
+    sock.close()
+    sock = connect(url)
+    sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n")
+    assert status_and_json(read_until_closed(sock, 10))[0] == 400
+    sock.close()
+    wait_for(lambda: " 400 - ms " in server_log.read_text())
+    log = server_log.read_text().splitlines()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 INFO access: forged") for line in log)
+    assert any("access: 127.0.0.1 GET /health%0A2026-01-01%2000:00:00,000%20INFO%20access:%20forged 404 " in line
+               for line in log)
+    assert any(re.search(r"access: 127\.0\.0\.1 - - 431 - ms \d+ bytes$", line) for line in log), log[-5:]
+    assert any(re.search(r"access: 127\.0\.0\.1 POST /upload_rle 400 - ms \d+ bytes$", line) for line in log), log[-5:]
 
 
 @pytest.fixture()

@@ -134,6 +134,12 @@ def test_bad_prompts_name_the_field(prompts, field):
         parse_prompts(prompts, (100, 200))
 
 
+def test_a_prompt_that_is_no_object_is_told_every_field_it_may_have():
+    with pytest.raises(ValueError, match=re.escape("prompts[0]: expected an object with points, labels, box, "
+                                                   "mask_input, multimask, keep_logits")):
+        parse_prompts([[10, 20]], (100, 200))
+
+
 def test_a_number_of_thousands_of_digits_is_not_repeated_whole():
     with pytest.raises(ValueError, match=re.escape("prompts[0].points[0]: (10000000000000000000..., 1) is outside")):
         parse_prompts([{"points": [[10**4000, 1]]}], (100, 200))

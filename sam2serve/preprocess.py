@@ -75,7 +75,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 image.seek(1)  # browsers show the animation's first frame, so that is the image
             # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
             sixteen_bits = image.format == "PPM" and image.mode == "I"
-            image = ImageOps.exif_transpose(image)  # decodes the pixels: a copy, loaded
+            image.load()  # the pixels: a damaged file fails here
+            image = upright(image)
             if sixteen_bits:
                 image = image.convert("I;16")
     except ImageTooLarge:
@@ -96,16 +97,32 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """A copy of the image turned by its orientation (exif_transpose). Metadata Pillow fails to
+    read (a PNG's EXIF text that is not hexadecimal, or compressed) turns nothing, as in browsers:
+    such a valid picture was refused as damaged."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 (Pillow's EXIF reading raises ValueError, TypeError, SyntaxError, ...)
+        return image.copy()
+
+
 def tiff_hint(data: bytes) -> str:
     """Why Pillow could not open a file that starts as a TIFF does ("" for other files): cut short
     (its first directory, which libtiff writes after the pixels, lies past the end) or a pixel
     format Pillow does not read."""
     if data[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
         return ""
-    big = data[2:4] in (b"+\0", b"\0+")  # BigTIFF: the offset is 8 bytes, after 4 more
-    first_directory = int.from_bytes(data[8:16] if big else data[4:8], "little" if data[:2] == b"II" else "big")
-    if first_directory + 2 > len(data):
-        return "; it is a TIFF cut short (its first directory lies past the file's end)"
+    big = data[2:4] in (b"+\0", b"\0+")  # BigTIFF: offsets and counts of 8 bytes, entries of 20
+    order = "little" if data[:2] == b"II" else "big"
+    first_directory = int.from_bytes(data[8:16] if big else data[4:8], order)
+    count_size, entry_size, offset_size = (8, 20, 8) if big else (2, 12, 4)
+    entries = int.from_bytes(data[first_directory:first_directory + count_size], order)
+    end = first_directory + count_size + entries * entry_size + offset_size  # the next directory's offset last
+    if len(data) < (16 if big else 8) or end > len(data):
+        return "; it is a TIFF cut short (its first directory does not end within the file)"
     return ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats, or colour in floats): "
             "save it with 8- or 16-bit integers, or as grayscale of 32-bit floats")
 

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from sam2.utils.transforms import SAM2Transforms
 
 from sam2serve.preprocess import (
@@ -304,5 +304,28 @@ def test_a_tiff_cut_short_is_said_to_be_cut_short_not_of_a_pixel_format_not_read
     none, and Pillow cannot tell its format; the hint blamed the pixel format."""
     noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     whole = encode(Image.fromarray(noise), "TIFF", compression="tiff_lzw")
-    with pytest.raises(InvalidImage, match=r"it is a TIFF cut short \(its first directory lies past"):
+    with pytest.raises(InvalidImage, match=r"it is a TIFF cut short \(its first directory does not end"):
         decode_image(whole[:len(whole) // 2], 10**6)
+
+
+def test_a_tiff_cut_within_its_directory_or_its_header_is_said_to_be_cut_short():
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    for options in ({"compression": "tiff_lzw"}, {}):
+        whole = encode(Image.fromarray(noise), "TIFF", **options)
+        for cut in (10, 60, 120):
+            with pytest.raises(InvalidImage, match=r"it is a TIFF cut short"):
+                decode_image(whole[:-cut] if options else whole[:cut], 10**6)
+    with pytest.raises(InvalidImage, match=r"it is a TIFF cut short"):
+        decode_image(b"II*\0", 10**6)
+
+
+def test_exif_pillow_cannot_read_turns_nothing_and_refuses_no_valid_picture():
+    """A PNG's EXIF in a "Raw profile type exif" text that is not hexadecimal, or in a compressed
+    text named "exif": Pillow's exif_transpose raised, and the picture was refused as damaged
+    (browsers show it)."""
+    picture = Image.new("RGB", (6, 4), (10, 200, 30))
+    for keyword, text, zipped in [("Raw profile type exif", "\nexif\n       4\nzz zz\n", False), ("exif", "x", True)]:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(keyword, text, zip=zipped)
+        decoded = decode_image(encode(picture, pnginfo=info), max_pixels=100)
+        assert decoded.shape == (4, 6, 3) and (decoded == (10, 200, 30)).all(), keyword

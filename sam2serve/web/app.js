@@ -509,27 +509,35 @@ function maskPicture(counts, rgb) {
 // in JPEG and PNG, not in WebP, and XMP in none), so the page reads the orientation from the
 // file and turns the picture itself where this browser has not.
 
-// TIFF's number types (an entry's type -> its size, and how to read one), as Pillow reads EXIF.
-const EXIF_NUMBERS = {
-  1: { size: 1, value: (view, at) => view.getUint8(at) },
+// TIFF's types as Pillow reads an orientation of each: its size, and its value (the first of
+// several); null for text and bytes (ASCII, BYTE, UNDEFINED: kept as such, no orientation equals
+// them). Pillow skips an entry of a type not here.
+const EXIF_TYPES = {
+  1: { size: 1, value: () => null },
+  2: { size: 1, value: () => null },
   3: { size: 2, value: (view, at, little) => view.getUint16(at, little) },
   4: { size: 4, value: (view, at, little) => view.getUint32(at, little) },
   5: { size: 8, value: (view, at, little) => view.getUint32(at, little) / view.getUint32(at + 4, little) },
   6: { size: 1, value: (view, at) => view.getInt8(at) },
+  7: { size: 1, value: () => null },
   8: { size: 2, value: (view, at, little) => view.getInt16(at, little) },
   9: { size: 4, value: (view, at, little) => view.getInt32(at, little) },
   10: { size: 8, value: (view, at, little) => view.getInt32(at, little) / view.getInt32(at + 4, little) },
   11: { size: 4, value: (view, at, little) => view.getFloat32(at, little) },
   12: { size: 8, value: (view, at, little) => view.getFloat64(at, little) },
+  13: { size: 4, value: (view, at, little) => view.getUint32(at, little) },
+  16: { size: 8, value: (view, at, little) => Number(view.getBigUint64(at, little)) },
 };
 
 const ascii = (view, at, length) => String.fromCharCode(...new Uint8Array(view.buffer, view.byteOffset + at, length));
 
-// The orientation in the EXIF at `start` of `view` (a TIFF header and its first directory of
-// 12-byte entries: tag 0x0112), after at most `headers` "Exif\0\0" headers, as Pillow reads it:
-// of any number type, the first of several. Browsers read only one SHORT, after no such header
-// (but JPEG's own). Answers { value, usual: in that form }, or null where EXIF has none.
-function exifOrientation(view, start, headers) {
+// The orientation in the EXIF from `start` to `end` of `view` (a TIFF header and its first
+// directory of 12-byte entries: tag 0x0112), after at most `headers` "Exif\0\0" headers, as
+// Pillow reads it: the first entry of the tag it can read (one of a type it does not know, of no
+// value, or whose value lies past the end, is skipped), of any type, the first of several values.
+// Browsers read only one SHORT, after no such header (but JPEG's own). Answers { value (null:
+// none that turns), usual: in the form browsers read }, or null where Pillow finds no orientation.
+function exifOrientation(view, start, end, headers) {
   let usual = true;
   for (; headers > 0 && ascii(view, start, 6) === "Exif\0\0"; headers--) [start, usual] = [start + 6, false];
   const little = ascii(view, start, 2) === "II";
@@ -538,10 +546,10 @@ function exifOrientation(view, start, headers) {
     const entry = directory + 2 + 12 * i;
     if (view.getUint16(entry, little) !== 0x0112) continue;
     const [type, count] = [view.getUint16(entry + 2, little), view.getUint32(entry + 4, little)];
-    const read = EXIF_NUMBERS[type];
-    if (!read || count === 0) return null; // text or bytes: Pillow finds no orientation in them
-    const at = read.size * count > 4 ? start + view.getUint32(entry + 8, little) : entry + 8;
-    return { value: read.value(view, at, little), usual: usual && type === 3 && count === 1 };
+    const size = (EXIF_TYPES[type]?.size ?? 0) * count;
+    const at = size > 4 ? start + view.getUint32(entry + 8, little) : entry + 8;
+    if (size === 0 || at + size > end) continue;
+    return { value: EXIF_TYPES[type].value(view, at, little), usual: usual && type === 3 && count === 1 };
   }
   return null;
 }
@@ -566,7 +574,7 @@ async function pngText(type, bytes) {
 
 // The orientation (1-8) a JPEG, PNG or WebP file gives, as Pillow reads it, its format, and
 // where it was found ("exif"; "exif-late": a PNG's after its image data; "exif-odd": in a form
-// browsers do not read, see exifOrientation, or in a PNG's text as ImageMagick writes it; "xmp").
+// browsers do not read, see exifOrientation and the PNG's below; "xmp").
 async function fileOrientation(buffer) {
   const view = new DataView(buffer);
   const text = (at, length) => ascii(view, at, length);
@@ -577,7 +585,7 @@ async function fileOrientation(buffer) {
   const xmp = (at, length) => orientationIn(new TextDecoder().decode(new Uint8Array(buffer, at, length))); // UTF-8
   const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
   let format = "";
-  let exif; // undefined: no EXIF yet; null: EXIF without an orientation (Pillow reads the first EXIF alone)
+  let exif; // undefined: no EXIF; null: EXIF without an orientation Pillow reads
   let exifSource = "exif";
   let fromXmp = null;
   const pngTexts = {}; // a PNG's text chunks by keyword, the last of each (as Pillow keeps them): [type, bytes]
@@ -586,32 +594,49 @@ async function fileOrientation(buffer) {
       format = "jpeg";
       for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
         if (view.getUint8(p + 1) !== 0xe1) continue;
-        if (text(p + 4, 6) === "Exif\0\0") exif ??= exifOrientation(view, p + 10, 1);
-        else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
+        if (text(p + 4, 6) === "Exif\0\0") { // Pillow reads the first (and adds later ones' bytes to it)
+          if (exif === undefined) exif = exifOrientation(view, p + 10, p + 2 + view.getUint16(p + 2), 1);
+        } else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
           fromXmp = xmp(p + 4 + XMP_JPEG.length, view.getUint16(p + 2) - 2 - XMP_JPEG.length);
         }
       }
     } else if (text(0, 8) === "\x89PNG\r\n\x1a\n") { // PNG: chunks of length, type, data, CRC
       format = "png";
-      let afterData = false; // browsers read eXIf before the image data only; Pillow anywhere
+      // Pillow keeps the last EXIF, of an eXIf chunk or a tEXt chunk named "exif", wherever it
+      // is; browsers read one eXIf chunk before the image data.
+      let afterData = false;
+      let last = null; // [type, start, end, after the image data]
+      let eXIfs = 0;
       for (let p = 8; p + 8 <= view.byteLength; p += 12 + view.getUint32(p)) {
         const type = text(p + 4, 4);
+        const [start, end] = [p + 8, p + 8 + view.getUint32(p)];
         if (type === "IDAT") afterData = true;
-        if (type === "eXIf" && exif === undefined) {
-          exif = exifOrientation(view, p + 8, 1);
-          if (afterData) exifSource = "exif-late";
+        if (type === "eXIf") {
+          last = [type, start, end, afterData];
+          eXIfs++;
         } else if (["iTXt", "tEXt", "zTXt"].includes(type)) {
-          const bytes = new Uint8Array(buffer, p + 8, view.getUint32(p));
+          const bytes = new Uint8Array(buffer, start, end - start);
           const keywordEnd = bytes.indexOf(0);
-          if (keywordEnd > 0) pngTexts[text(p + 8, keywordEnd)] = [type, bytes.subarray(keywordEnd + 1)];
+          if (keywordEnd <= 0) continue;
+          const keyword = text(start, keywordEnd);
+          if (keyword === "exif") last = [type, start + keywordEnd + 1, end, afterData];
+          else pngTexts[keyword] = [type, bytes.subarray(keywordEnd + 1)];
         }
+      }
+      if (last) {
+        const [type, start, end, late] = last;
+        // A compressed "exif" text is one Pillow fails on: the server then turns nothing.
+        exif = type === "eXIf" || type === "tEXt" ? exifOrientation(view, start, end, type === "eXIf" ? 1 : 2)
+          : { value: null, usual: false };
+        if (exif && (type !== "eXIf" || eXIfs > 1)) exif.usual = false;
+        if (late) exifSource = "exif-late";
       }
     } else if (text(0, 4) === "RIFF" && text(8, 4) === "WEBP") { // WebP: chunks of type, length (little-endian), data
       format = "webp";
       for (let p = 12; p + 8 <= view.byteLength;) {
         const length = view.getUint32(p + 4, true);
         const type = text(p, 4);
-        if (type === "EXIF") exif ??= exifOrientation(view, p + 8, 2); // its TIFF header, or "Exif\0\0" first
+        if (type === "EXIF" && exif === undefined) exif = exifOrientation(view, p + 8, p + 8 + length, 2);
         else if (type === "XMP ") fromXmp = xmp(p + 8, length);
         p += 8 + length + (length & 1); // padded to an even length
       }
@@ -620,18 +645,19 @@ async function fileOrientation(buffer) {
     if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
   if (exif === undefined && pngTexts["Raw profile type exif"]) {
-    // A PNG's EXIF as ImageMagick writes it, where it has no eXIf: hexadecimal after three lines
+    // A PNG's EXIF as ImageMagick writes it, where it has no other: hexadecimal after three lines
     // (a blank one, "exif", the length). Pillow reads it; browsers do not.
     const lines = (await pngText(...pngTexts["Raw profile type exif"])).split("\n");
     const hex = lines.slice(3).join("").replace(/[ \t\r\v\f]/g, "");
+    exif = hex ? { value: null, usual: false } : undefined; // not hexadecimal: Pillow fails, the server turns nothing
     if (hex && /^([0-9a-fA-F]{2})+$/.test(hex)) {
       const bytes = Uint8Array.from(hex.match(/../g), (pair) => parseInt(pair, 16));
       try {
-        exif = exifOrientation(new DataView(bytes.buffer), 0, 2);
-        if (exif) exif.usual = false;
+        exif = exifOrientation(new DataView(bytes.buffer), 0, bytes.length, 2);
       } catch (error) {
         if (!(error instanceof RangeError)) throw error;
       }
+      if (exif) exif.usual = false;
     }
   }
   if (exif) return { format, orientation: exif.value, source: exif.usual ? exifSource : "exif-odd" };

@@ -931,3 +931,24 @@ def test_no_row_holds_the_memory_of_the_process_s_own_set_up():
         held[order[0]] = {cells[0].strip(): float(cells[column]) for cells in lines if cells[0].strip() in order}
     assert abs(held["ao"]["ao"] - held["fast"]["ao"]) < 8, held
     assert abs(held["ao"]["fast"] - held["fast"]["fast"]) < 8, held
+
+
+def test_the_throwaway_run_before_the_rows_ends_no_run_by_its_failure(monkeypatch, caplog):
+    """ao's failure there is its row's to tell (noted, the others run); a checkpoint that cannot
+    be loaded is every row's."""
+    from sam2serve.checkpoints import CheckpointError
+    from tools import benchmark
+
+    def load_row(row, *rest):
+        raise ValueError("broken")
+
+    monkeypatch.setattr(benchmark, "load_row", load_row)
+    benchmark.settle_process(None, SimpleNamespace(), {}, first_image=None)
+    assert "ao's throwaway run failed (ValueError: broken)" in caplog.text
+
+    def no_checkpoint(row, *rest):
+        raise CheckpointError("not a checkpoint")
+
+    monkeypatch.setattr(benchmark, "load_row", no_checkpoint)
+    with pytest.raises(CheckpointError):
+        benchmark.settle_process(None, SimpleNamespace(), {}, first_image=None)

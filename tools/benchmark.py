@@ -222,9 +222,16 @@ def settle_process(parser: argparse.ArgumentParser, args: argparse.Namespace, th
     """Loads ao's eager pipeline, runs one batch of points and drops it, before any row: the
     process's one-off set-up (CUDA's context and cuBLAS workspace, a CPU's library caches and
     pools: about 24 MiB) counted in the first row's seconds until ready and memory held."""
-    generator = load_row("ao", parser, args, thresholds)
-    with torch.inference_mode():
-        generator.with_config(warm_up_grid(generator.config)).generate(first_image)
+    try:
+        generator = load_row("ao", parser, args, thresholds)
+        with torch.inference_mode():
+            generator.with_config(warm_up_grid(generator.config)).generate(first_image)
+    except CheckpointError:  # every row's
+        raise
+    except Exception as error:  # noqa: BLE001 (ao's failure is its row's to tell, not the run's end)
+        log.warning("ao's throwaway run failed (%s: %s): the first row's seconds and memory include the process's "
+                    "set-up", type(error).__name__, failure_reason(error))
+        return
     del generator
     gc.collect()
 

@@ -350,8 +350,8 @@ def load_model(path: str | os.PathLike, model_type: str, device: str) -> LoadedM
     )
     if loaded.random_seed is not None:
         log.warning(
-            "\n%s\n  %s\n  Masks from random weights are meaningless (none pass sam2's default thresholds; one"
-            " per image without them).\n%s",
+            "\n%s\n  %s\n  Masks from random weights are meaningless (none pass sam2's default thresholds; a"
+            " few without them).\n%s",
             "!" * 78, loaded.description, "!" * 78,
         )
     return loaded

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # SAM2's normalisation (ImageNet statistics), as in sam2.utils.transforms.SAM2Transforms.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -97,16 +97,30 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
 
 
+# How exif_transpose turns an image of each EXIF orientation.
+TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
 def upright(image: Image.Image) -> Image.Image:
-    """A copy of the image turned by its orientation (exif_transpose). Metadata Pillow fails to
-    read (a PNG's EXIF text that is not hexadecimal, or compressed) turns nothing, as in browsers:
-    such a valid picture was refused as damaged."""
+    """A copy of the image turned by its orientation, as exif_transpose turns it (EXIF's, or
+    XMP's where EXIF has none). exif_transpose also rewrites the EXIF, which fails on an entry of
+    another type than Pillow expects (a ResolutionUnit as a fraction): that photo was served
+    unturned. EXIF Pillow fails to read (a PNG's EXIF text that is not hexadecimal, or
+    compressed) turns nothing, as in browsers: such a valid picture was refused as damaged."""
     try:
-        return ImageOps.exif_transpose(image)
+        method = TRANSPOSES.get(image.getexif().get(ExifTags.Base.Orientation, 1))
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 (Pillow's EXIF reading raises ValueError, TypeError, SyntaxError, ...)
-        return image.copy()
+        method = None
+    return image.copy() if method is None else image.transpose(method)
+
+
+# Bytes of one value of each TIFF type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., LONG8, SLONG8, IFD8).
+TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8,
+                   18: 8}
 
 
 def tiff_hint(data: bytes) -> str:
@@ -123,6 +137,12 @@ def tiff_hint(data: bytes) -> str:
     end = first_directory + count_size + entries * entry_size + offset_size  # the next directory's offset last
     if len(data) < (16 if big else 8) or end > len(data):
         return "; it is a TIFF cut short (its first directory does not end within the file)"
+    for entry in range(first_directory + count_size, end - offset_size, entry_size):  # values kept after it
+        kind = int.from_bytes(data[entry + 2:entry + 4], order)
+        size = TIFF_TYPE_SIZES.get(kind, 0) * int.from_bytes(data[entry + 4:entry + 4 + offset_size], order)
+        at = entry + 4 + offset_size  # after the tag, type and count: the value, or its offset
+        if size > offset_size and int.from_bytes(data[at:at + offset_size], order) + size > len(data):
+            return "; it is a TIFF cut short (a value of its first directory lies past the file's end)"
     return ("; it is a TIFF whose pixel format is not read (such as 16- or 64-bit floats, or colour in floats): "
             "save it with 8- or 16-bit integers, or as grayscale of 32-bit floats")
 

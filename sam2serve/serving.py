@@ -68,8 +68,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         the limit, headers too large, malformed HTTP, a stalled upload: wsgi.py): counted, and
         logged as every answer is, with no milliseconds to tell."""
         metrics.observe_request(path, method, status)
-        if access_log:
-            access.info("%s %s %s %d - ms %d bytes", client or "-", method or "-", printable_path(path or "-"), status,
+        if access_log:  # waitress's path is WSGI's, its bytes as Latin-1; Flask's is decoded as UTF-8
+            path = path.encode("latin-1", "replace").decode("utf-8", "replace") if path else "-"
+            access.info("%s %s %s %d - ms %d bytes", client or "-", method or "-", printable_path(path), status,
                         answered)
 
     app.extensions["sam2serve.refused"] = refused  # create_http_server's on_refusal

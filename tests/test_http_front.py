@@ -233,6 +233,10 @@ def test_the_access_log_has_one_line_per_request_the_server_refused_and_none_a_c
     sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n")
     assert status_and_json(read_until_closed(sock, 10))[0] == 400
     sock.close()
+    sock = connect(url)  # a path of other letters, refused: as the app logs it, not encoded twice
+    sock.sendall(b"POST /h%C3%A9llo HTTP/1.1\r\nHost: test\r\nContent-Length: 99999999\r\n\r\n")
+    assert status_and_json(read_until_closed(sock, 10))[0] == 413
+    sock.close()
     wait_for(lambda: " 400 - ms " in server_log.read_text())
     log = server_log.read_text().splitlines()
     assert not any(line.startswith("2026-01-01 00:00:00,000 INFO access: forged") for line in log)
@@ -240,6 +244,7 @@ def test_the_access_log_has_one_line_per_request_the_server_refused_and_none_a_c
                for line in log)
     assert any(re.search(r"access: 127\.0\.0\.1 - - 431 - ms \d+ bytes$", line) for line in log), log[-5:]
     assert any(re.search(r"access: 127\.0\.0\.1 POST /upload_rle 400 - ms \d+ bytes$", line) for line in log), log[-5:]
+    wait_for(lambda: "POST /h%C3%A9llo 413 - ms" in server_log.read_text())
 
 
 @pytest.fixture()

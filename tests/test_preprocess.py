@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, PngImagePlugin
 from sam2.utils.transforms import SAM2Transforms
 
 from sam2serve.preprocess import (
@@ -254,7 +254,7 @@ def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypa
     def out_of_memory(image):
         raise MemoryError("no room for the pixels")
 
-    monkeypatch.setattr(ImageOps, "exif_transpose", out_of_memory)
+    monkeypatch.setattr(Image.Image, "getexif", out_of_memory)  # while reading the orientation
     with pytest.raises(MemoryError):
         try:
             decode_image(buffer.getvalue(), max_pixels=100)
@@ -329,3 +329,22 @@ def test_exif_pillow_cannot_read_turns_nothing_and_refuses_no_valid_picture():
         info.add_text(keyword, text, zip=zipped)
         decoded = decode_image(encode(picture, pnginfo=info), max_pixels=100)
         assert decoded.shape == (4, 6, 3) and (decoded == (10, 200, 30)).all(), keyword
+
+
+def test_a_photo_whose_exif_pillow_cannot_write_back_is_turned_all_the_same():
+    """exif_transpose turns the picture, then rewrites its EXIF without the orientation, which
+    fails on an entry of another type than Pillow expects (here ResolutionUnit as a fraction):
+    such a photo was served unturned, while browsers (and the web page) turn it."""
+    entries = [(0x0112, 3, 1, struct.pack(">HH", 6, 0)), (0x0128, 5, 1, struct.pack(">I", 38))]
+    directory = struct.pack(">H", 2) + b"".join(struct.pack(">HHI", *entry[:3]) + entry[3] for entry in entries)
+    exif = b"Exif\0\0MM\0*" + struct.pack(">I", 8) + directory + struct.pack(">I", 0) + struct.pack(">II", 5, 2)
+    picture = Image.new("RGB", (4, 2), (200, 30, 30))
+    decoded = decode_image(encode(picture, "JPEG", exif=exif, quality=95), max_pixels=100)
+    assert decoded.shape == (4, 2, 3)  # a quarter turn
+
+
+def test_a_tiff_cut_within_the_values_its_directory_points_to_is_said_to_be_cut_short():
+    picture = Image.new("RGB", (8, 4), (1, 2, 3))
+    whole = encode(picture, "TIFF", description="x" * 3000)  # a long value, kept after the directory
+    with pytest.raises(InvalidImage, match=r"it is a TIFF cut short \(a value of its first directory lies past"):
+        decode_image(whole[:150], 10**6)

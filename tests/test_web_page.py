@@ -1521,7 +1521,14 @@ def test_exif_in_forms_browsers_do_not_read_turns_the_picture_as_the_server_does
              ("raw_profile_zipped.png", {"pnginfo": raw_profile(exif_of(6), True)}, True),
              ("raw_profile.png", {"pnginfo": raw_profile(exif_of(3), False)}, True),
              ("raw_profile_not_hex.png", {"pnginfo": text("Raw profile type exif", "\nexif\n       4\nzz\n")}, False),
-             ("exif_before_and_after_data.png", {"exif": exif_of(None)}, True)]
+             ("exif_before_and_after_data.png", {"exif": exif_of(None)}, True),
+             # Pillow fails on a header that is not TIFF's: no turn, and no XMP read
+             ("not_tiff_over_xmp.jpg", {"exif": b"Exif\0\0XX\0*" + exif_of(3)[4:], "xmp": xmp, "quality": 95}, False),
+             # an entry whose value lies past the EXIF's end ends Pillow's reading: the orientation after it is
+             # lost (a WebP: Chromium turns none, the page alone does)
+             ("past_the_end.webp", {"exif": b"MM\0*" + struct.pack(">IHHHII", 8, 2, 0x010F, 2, 8, 200)
+                                    + exif_of(6)[10:22] + bytes(4), "lossless": True}, False),
+             ("empty_exif_under_xmp.jpg", {"exif": b"Exif\0\0", "xmp": xmp, "quality": 95}, True)]
     with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # the picture alone
         for name, options, turned in cases:
             path = tmp_path / name

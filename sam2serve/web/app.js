@@ -533,25 +533,48 @@ const ascii = (view, at, length) => String.fromCharCode(...new Uint8Array(view.b
 
 // The orientation in the EXIF from `start` to `end` of `view` (a TIFF header and its first
 // directory of 12-byte entries: tag 0x0112), after at most `headers` "Exif\0\0" headers, as
-// Pillow reads it: the first entry of the tag it can read (one of a type it does not know, of no
-// value, or whose value lies past the end, is skipped), of any type, the first of several values.
-// Browsers read only one SHORT, after no such header (but JPEG's own). Answers { value (null:
-// none that turns), usual: in the form browsers read }, or null where Pillow finds no orientation.
+// Pillow reads it: of any type, the first of several values, from the first entry of the tag it
+// stores (one of a type it does not know or of no value is skipped, as is one whose values, with
+// those before, would be more than the EXIF holds; one whose values lie past its end ends the
+// reading, with what was read). Browsers read only one SHORT, after no such header (but JPEG's
+// own). Answers { value (null: none that turns), usual: in that form }; null where Pillow finds
+// no orientation (it then reads XMP's); undefined for no EXIF at all (nothing after the headers).
 function exifOrientation(view, start, end, headers) {
   let usual = true;
-  for (; headers > 0 && ascii(view, start, 6) === "Exif\0\0"; headers--) [start, usual] = [start + 6, false];
-  const little = ascii(view, start, 2) === "II";
-  const directory = start + view.getUint32(start + 4, little);
-  for (let i = 0; i < view.getUint16(directory, little); i++) {
-    const entry = directory + 2 + 12 * i;
-    if (view.getUint16(entry, little) !== 0x0112) continue;
-    const [type, count] = [view.getUint16(entry + 2, little), view.getUint32(entry + 4, little)];
-    const size = (EXIF_TYPES[type]?.size ?? 0) * count;
-    const at = size > 4 ? start + view.getUint32(entry + 8, little) : entry + 8;
-    if (size === 0 || at + size > end) continue;
-    return { value: EXIF_TYPES[type].value(view, at, little), usual: usual && type === 3 && count === 1 };
+  end = Math.min(end, view.byteLength); // a segment or chunk cut short: what there is of it
+  for (; headers > 0 && end - start >= 6 && ascii(view, start, 6) === "Exif\0\0"; headers--) {
+    [start, usual] = [start + 6, false];
   }
-  return null;
+  if (start >= end) return undefined;
+  const exif = new DataView(view.buffer, view.byteOffset + start, end - start);
+  const prefix = exif.byteLength >= 8 ? ascii(exif, 0, 4) : "";
+  if (!["MM\0*", "II*\0", "MM*\0", "II\0*"].includes(prefix)) return { value: null, usual: false }; // Pillow fails
+  const little = prefix.startsWith("II");
+  let found = null;
+  try {
+    const directory = exif.getUint32(4, little);
+    let outOfLine = 0;
+    for (let i = 0; i < exif.getUint16(directory, little); i++) {
+      const entry = directory + 2 + 12 * i;
+      const [tag, type, count] = [exif.getUint16(entry, little), exif.getUint16(entry + 2, little),
+        exif.getUint32(entry + 4, little)];
+      const size = (EXIF_TYPES[type]?.size ?? 0) * count;
+      if ((tag === 0x0112 && found) || size === 0) continue;
+      let at = entry + 8;
+      if (size > 4) {
+        at = exif.getUint32(entry + 8, little);
+        outOfLine += size;
+        if (outOfLine > exif.byteLength) continue;
+        if (at + size > exif.byteLength) break;
+      }
+      if (tag === 0x0112) {
+        found = { value: EXIF_TYPES[type].value(exif, at, little), usual: usual && type === 3 && count === 1 };
+      }
+    }
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error; // the directory cut short: what was read before it
+  }
+  return found;
 }
 
 // A PNG text chunk's text, from after its keyword: tEXt's as it is; zTXt's after a method byte,
@@ -586,6 +609,8 @@ async function fileOrientation(buffer) {
   const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
   let format = "";
   let exif; // undefined: no EXIF; null: EXIF without an orientation Pillow reads
+  let [jpegExif, webpExif] = [false, false]; // the first EXIF of a JPEG or WebP is Pillow's
+  let pngExif = false; // a PNG's "Raw profile type exif" is read where it has no other
   let exifSource = "exif";
   let fromXmp = null;
   const pngTexts = {}; // a PNG's text chunks by keyword, the last of each (as Pillow keeps them): [type, bytes]
@@ -595,7 +620,8 @@ async function fileOrientation(buffer) {
       for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
         if (view.getUint8(p + 1) !== 0xe1) continue;
         if (text(p + 4, 6) === "Exif\0\0") { // Pillow reads the first (and adds later ones' bytes to it)
-          if (exif === undefined) exif = exifOrientation(view, p + 10, p + 2 + view.getUint16(p + 2), 1);
+          if (!jpegExif) exif = exifOrientation(view, p + 10, p + 2 + view.getUint16(p + 2), 1);
+          jpegExif = true;
         } else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
           fromXmp = xmp(p + 4 + XMP_JPEG.length, view.getUint16(p + 2) - 2 - XMP_JPEG.length);
         }
@@ -623,6 +649,7 @@ async function fileOrientation(buffer) {
           else pngTexts[keyword] = [type, bytes.subarray(keywordEnd + 1)];
         }
       }
+      pngExif = last !== null;
       if (last) {
         const [type, start, end, late] = last;
         // A compressed "exif" text is one Pillow fails on: the server then turns nothing.
@@ -636,7 +663,7 @@ async function fileOrientation(buffer) {
       for (let p = 12; p + 8 <= view.byteLength;) {
         const length = view.getUint32(p + 4, true);
         const type = text(p, 4);
-        if (type === "EXIF" && exif === undefined) exif = exifOrientation(view, p + 8, p + 8 + length, 2);
+        if (type === "EXIF" && !webpExif) [exif, webpExif] = [exifOrientation(view, p + 8, p + 8 + length, 2), true];
         else if (type === "XMP ") fromXmp = xmp(p + 8, length);
         p += 8 + length + (length & 1); // padded to an even length
       }
@@ -644,7 +671,7 @@ async function fileOrientation(buffer) {
   } catch (error) {
     if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
-  if (exif === undefined && pngTexts["Raw profile type exif"]) {
+  if (format === "png" && !pngExif && pngTexts["Raw profile type exif"]) {
     // A PNG's EXIF as ImageMagick writes it, where it has no other: hexadecimal after three lines
     // (a blank one, "exif", the length). Pillow reads it; browsers do not.
     const lines = (await pngText(...pngTexts["Raw profile type exif"])).split("\n");
@@ -652,11 +679,7 @@ async function fileOrientation(buffer) {
     exif = hex ? { value: null, usual: false } : undefined; // not hexadecimal: Pillow fails, the server turns nothing
     if (hex && /^([0-9a-fA-F]{2})+$/.test(hex)) {
       const bytes = Uint8Array.from(hex.match(/../g), (pair) => parseInt(pair, 16));
-      try {
-        exif = exifOrientation(new DataView(bytes.buffer), 0, bytes.length, 2);
-      } catch (error) {
-        if (!(error instanceof RangeError)) throw error;
-      }
+      exif = exifOrientation(new DataView(bytes.buffer), 0, bytes.length, 2);
       if (exif) exif.usual = false;
     }
   }

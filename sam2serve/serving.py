@@ -36,10 +36,12 @@ from .worker import Abandoned, InferenceWorker
 access = logging.getLogger("access")
 
 
-def printable_path(path: str) -> str:
-    """A path for the log, percent-encoded as sent: decoded, a "%0a" in it wrote a line of the
-    client's choosing into the log (a forged entry), and other control characters went raw too."""
-    return quote(path, safe="/:@!$&'()*+,;=~")
+def log_access(client: str | None, method: str | None, path: str, status: int, milliseconds: str,
+               answered: int) -> None:
+    """One access-log line. The path percent-encoded as sent: decoded, a "%0a" in it wrote a line
+    of the client's choosing into the log (a forged entry), and other control characters went raw too."""
+    access.info("%s %s %s %d %s ms %d bytes", client or "-", method or "-", quote(path, safe="/:@!$&'()*+,;=~"),
+                status, milliseconds, answered)
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
@@ -70,8 +72,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         metrics.observe_request(path, method, status)
         if access_log:  # waitress's path is WSGI's, its bytes as Latin-1; Flask's is decoded as UTF-8
             path = path.encode("latin-1", "replace").decode("utf-8", "replace") if path else "-"
-            access.info("%s %s %s %d - ms %d bytes", client or "-", method or "-", printable_path(path), status,
-                        answered)
+            log_access(client, method, path, status, "-", answered)
 
     app.extensions["sam2serve.refused"] = refused  # create_http_server's on_refusal
 
@@ -121,8 +122,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         seconds = time.perf_counter() - g.get("started", 0.0)
         metrics.observe_request(request.path, request.method, response.status_code, seconds)
         if access_log:
-            access.info("%s %s %s %d %.0f ms %d bytes", request.remote_addr, request.method,
-                        printable_path(request.path), response.status_code, seconds * 1000, response.content_length or 0)
+            log_access(request.remote_addr, request.method, request.path, response.status_code, f"{seconds * 1000:.0f}",
+                       response.content_length or 0)
         return response
 
     @app.post("/upload_rle")
@@ -201,9 +202,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the request and its form
-            if (request.content_length or 0) > limits.max_upload_bytes:
-                return json_response({"error": str(UploadTooLarge(limits))}, 413)
+        if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
             error = form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits)
             return json_response({"error": str(error)}, 413)
         # Headers such as 405's Allow stay; the body becomes JSON.

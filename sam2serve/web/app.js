@@ -609,8 +609,7 @@ async function fileOrientation(buffer) {
   const XMP_JPEG = "http://ns.adobe.com/xap/1.0/\0";
   let format = "";
   let exif; // undefined: no EXIF; null: EXIF without an orientation Pillow reads
-  let [jpegExif, webpExif] = [false, false]; // the first EXIF of a JPEG or WebP is Pillow's
-  let pngExif = false; // a PNG's "Raw profile type exif" is read where it has no other
+  let exifSeen = false; // a JPEG's or WebP's first EXIF is Pillow's; a PNG's raw profile where it has none
   let exifSource = "exif";
   let fromXmp = null;
   const pngTexts = {}; // a PNG's text chunks by keyword, the last of each (as Pillow keeps them): [type, bytes]
@@ -620,8 +619,8 @@ async function fileOrientation(buffer) {
       for (let p = 2; view.getUint8(p) === 0xff && view.getUint8(p + 1) !== 0xda; p += 2 + view.getUint16(p + 2)) {
         if (view.getUint8(p + 1) !== 0xe1) continue;
         if (text(p + 4, 6) === "Exif\0\0") { // Pillow reads the first (and adds later ones' bytes to it)
-          if (!jpegExif) exif = exifOrientation(view, p + 10, p + 2 + view.getUint16(p + 2), 1);
-          jpegExif = true;
+          if (!exifSeen) exif = exifOrientation(view, p + 10, p + 2 + view.getUint16(p + 2), 1);
+          exifSeen = true;
         } else if (text(p + 4, XMP_JPEG.length) === XMP_JPEG) {
           fromXmp = xmp(p + 4 + XMP_JPEG.length, view.getUint16(p + 2) - 2 - XMP_JPEG.length);
         }
@@ -649,7 +648,7 @@ async function fileOrientation(buffer) {
           else pngTexts[keyword] = [type, bytes.subarray(keywordEnd + 1)];
         }
       }
-      pngExif = last !== null;
+      exifSeen = last !== null;
       if (last) {
         const [type, start, end, late] = last;
         // A compressed "exif" text is one Pillow fails on: the server then turns nothing.
@@ -663,7 +662,7 @@ async function fileOrientation(buffer) {
       for (let p = 12; p + 8 <= view.byteLength;) {
         const length = view.getUint32(p + 4, true);
         const type = text(p, 4);
-        if (type === "EXIF" && !webpExif) [exif, webpExif] = [exifOrientation(view, p + 8, p + 8 + length, 2), true];
+        if (type === "EXIF" && !exifSeen) [exif, exifSeen] = [exifOrientation(view, p + 8, p + 8 + length, 2), true];
         else if (type === "XMP ") fromXmp = xmp(p + 8, length);
         p += 8 + length + (length & 1); // padded to an even length
       }
@@ -671,7 +670,7 @@ async function fileOrientation(buffer) {
   } catch (error) {
     if (!(error instanceof RangeError)) throw error; // a file cut short: what was read before it
   }
-  if (format === "png" && !pngExif && pngTexts["Raw profile type exif"]) {
+  if (format === "png" && !exifSeen && pngTexts["Raw profile type exif"]) {
     // A PNG's EXIF as ImageMagick writes it, where it has no other: hexadecimal after three lines
     // (a blank one, "exif", the length). Pillow reads it; browsers do not.
     const lines = (await pngText(...pngTexts["Raw profile type exif"])).split("\n");

@@ -218,17 +218,18 @@ class SegmentEverything:
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
-            image_id, embedding, prompts = cached_image_prompts(await request.body(), self.cache, self.limits)
+            image_id, embedding, prompts, mask_inputs = cached_image_prompts(await request.body(), self.cache,
+                                                                             self.limits)
         else:
             require_segment_form(mimetype)
             form = await read_form(request, self.limits)
             prompts = form_prompts([(name, value) for name, value in form.multi_items() if not hasattr(value, "read")],
                                    [name for name, value in form.multi_items() if hasattr(value, "read")])
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
-            prompts = upload_prompts(prompts, image, self.segmenter, self.cache)
+            prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
         return await self.on_model_thread(
-            segment_answer, image_id, embedding, prompts, self.segmenter, self.cache, run_here)
+            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here)
 
 
 @dataclass

@@ -216,7 +216,8 @@ def image_predictor(model: SAM2Base) -> SAM2ImagePredictor:
 def checked_images(images: Iterable[np.ndarray]) -> list[np.ndarray]:
     """The images as a list, each (H, W, 3) uint8 RGB, as sam2's generator documents them; other
     arrays are refused in words. (A float image was read as [0, 1] by the eager kernels and as
-    [0, 255] by the compiled ones: other masks without a word; gray or RGBA failed deep in torch.)"""
+    [0, 255] by the compiled ones: other masks without a word; gray or RGBA failed deep in torch;
+    an image of no pixels too.)"""
     if isinstance(images, np.ndarray):
         raise TypeError("expected a list of images; for one image call generate() or annotate()")
     images = list(images)
@@ -226,6 +227,8 @@ def checked_images(images: Iterable[np.ndarray]) -> list[np.ndarray]:
                     else type(image).__name__)
             raise TypeError(f"expected an (H, W, 3) uint8 RGB image (sam2serve.preprocess.decode_image gives one from "
                             f"a file's bytes), got {what}")
+        if image.size == 0:  # failed in torch's resize (ao) or in sam2's step after its NMS (the baseline)
+            raise ValueError(f"an image of no pixels (shape {image.shape}): nothing to segment")
     # A view such as OpenCV's BGR[..., ::-1] is copied: torch takes no negative strides.
     return [np.ascontiguousarray(image) for image in images]
 

@@ -23,7 +23,7 @@ import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
         raise InvalidPrompt(f"{where}: expected an object with {', '.join(PROMPT_FIELDS)}")
     unknown = set(prompt) - set(PROMPT_FIELDS)
     if unknown:
-        raise InvalidPrompt(f"{where}: unknown fields {sorted(unknown)}")
+        raise InvalidPrompt(f"{where}: unknown fields {names_shown(unknown)}")
     prompt = {name: value for name, value in prompt.items() if value is not None}  # null: as if left out
     points = prompt.get("points", [])
     if not isinstance(points, SEQUENCES) or len(points) > MAX_POINTS:
@@ -147,6 +147,19 @@ def inside(point, width: int, height: int, where: str) -> None:
     x, y = point
     if not (0 <= x <= width and 0 <= y <= height):
         raise InvalidPrompt(f"{where}: ({number_text(x)}, {number_text(y)}) is outside the {width}x{height} image")
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A client's string as an error message repeats it: at most limit characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def names_shown(names: Iterable[str], most: int = 10) -> str:
+    """Names a client sent, as an error message lists them: sorted, the first `most` (shown),
+    and how many more."""
+    names = sorted(names)
+    listed = ", ".join(shown(name) for name in names[:most])
+    return listed + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def number_text(value: int | float, limit: int = 20) -> str:
@@ -247,9 +260,12 @@ class PromptSegmenter:
         predictor._is_image_set, predictor._is_batch = True, False
         answers: list[PromptAnswer | None] = [None] * len(prompts)
         try:
-            groups: dict[tuple, list[int]] = {}
+            groups: dict[tuple | int, list[int]] = {}
             for index, prompt in enumerate(prompts):
-                groups.setdefault(prompt.shape, []).append(index)
+                # A mask_input alone runs by itself: sam2's _predict repeats the image for a batch
+                # of points or boxes only (batched, its decoder fails an assertion).
+                alone = len(prompt.points) == 0 and prompt.box is None
+                groups.setdefault(index if alone else prompt.shape, []).append(index)
             with sam2_prompt_settings(predictor.model):
                 for indices in groups.values():
                     for index, answer in zip(indices, self.segment_batch([prompts[i] for i in indices],

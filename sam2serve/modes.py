@@ -211,6 +211,9 @@ def build_generator(
 
     spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size)
     started = time.perf_counter()
+    # The model in the kernels' dtype, however they come: the steps that run its own modules
+    # (use_m2m's refinement) take the kernels' features.
+    prepare_model(loaded.model, spec.torch_dtype)
     if load_fast:
         kernels = load_kernels(load_fast, spec, loaded.model.device)
         how = f"loaded exported kernels from {load_fast}"

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData, Preamble
 from werkzeug.http import parse_options_header
 
 from .amg import REQUEST_SETTINGS, AMGConfig, Generator
 from .interactive import (
-    MAX_POINTS, MAX_PROMPT_SETS, EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, parse_prompts,
+    MAX_POINTS, MAX_PROMPT_SETS, EmbeddingCache, InvalidPrompt, Prompt, UnknownId, mask_id, names_shown, parse_prompts,
+    shown,
 )
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
@@ -60,9 +62,9 @@ class Limits:
 
 
 UPLOAD_ENDPOINTS = ("/upload", "/upload_rle")
-# The page's Content-Security-Policy (GET /, and server.py's /static/index.html), sent by every
-# front that serves it: its own script, style and requests alone (its favicon is an empty data:
-# URL), and no other site may frame it.
+# The page's Content-Security-Policy (GET /), sent by every front that serves it: its own
+# script, style and requests alone (its favicon is an empty data: URL), and no other site may
+# frame it.
 PAGE_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
                         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 # Sent with every answer, by every front: a browser takes the answer's media type as given, so a
@@ -76,11 +78,6 @@ def json_text(payload: object) -> str:
     # Errors and /health on one line too, like answer_text: an error in an xargs run
     # still takes exactly one line of the output.
     return json.dumps(payload, separators=(",", ":"))
-
-
-def shown(text: str, limit: int = 40) -> str:
-    """A client's string as an error message repeats it: at most limit characters."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def first_line(error: Exception, limit: int = 300) -> str:
@@ -150,28 +147,76 @@ def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> Fo
     its parts counted and each text field's bytes as sent (the limit counts those: a field's
     text, decoded, can be longer or shorter)."""
     too_many = too_many_parts(limits)
-    try:
-        stream.seek(0)
-    except (AttributeError, OSError, ValueError):  # not seekable: say both
+    if not rewound(stream):  # say both
         return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
-    decoder = MultipartDecoder(parse_options_header(content_type)[1].get("boundary", "").encode())
     parts, field, size = 0, None, 0  # the limit is each part's: a name given twice is two parts
     try:
-        while chunk := stream.read(1 << 16):
-            decoder.receive_data(chunk)
-            while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
-                if isinstance(event, (Field, File)):
-                    parts += 1
-                    field, size = (event.name if isinstance(event, Field) else None), 0
-                    if parts > limits.max_form_parts:
-                        return too_many
-                elif isinstance(event, Data) and field is not None:
-                    size += len(event.data)
-                    if size > limits.max_form_field_bytes:
-                        return field_too_large(limits, field)
+        for event in form_events(stream, content_type, limits):
+            if isinstance(event, (Field, File)):
+                parts += 1
+                field, size = (event.name if isinstance(event, Field) else None), 0
+                if parts > limits.max_form_parts:
+                    return too_many
+            elif isinstance(event, Data) and field is not None:
+                size += len(event.data)
+                if size > limits.max_form_field_bytes:
+                    return field_too_large(limits, field)
+    except RequestEntityTooLarge:
+        return FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of "
+                            f"{limits.max_form_field_bytes} bytes")
     except ValueError:  # a malformed form: the field is not named
         pass
     return field_too_large(limits)
+
+
+def malformed_form(stream: IO[bytes], content_type: str, limits: Limits) -> BadRequest | None:
+    """Why a multipart body that werkzeug's form parser read no part of is no form (the parser
+    drops its error and gives an empty form): the body read again (form_events); None where it
+    is a whole form without parts, or cannot be read again."""
+    try:
+        if rewound(stream):
+            for _ in form_events(stream, content_type, limits):
+                pass
+    except ValueError as error:
+        return unreadable_form(str(error))
+    return None
+
+
+def rewound(stream: IO[bytes]) -> bool:
+    """Whether a request's body (buffered whole by the HTTP server) is back at its start."""
+    try:
+        stream.seek(0)
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterator[object]:
+    """A multipart body's events (werkzeug's decoder), read from where the stream is, up to the
+    Epilogue that ends a whole form. Its buffer holds at most a text field's limit: a part's
+    headers longer than that are RequestEntityTooLarge (parsed, they cost seconds a megabyte).
+    A body that is no whole form is a ValueError that says why, in a client's terms."""
+    boundary = parse_options_header(content_type)[1].get("boundary", "")
+    decoder = MultipartDecoder(boundary.encode(), max_form_memory_size=limits.max_form_field_bytes)
+    started = False  # the boundary seen
+    try:
+        while True:
+            chunk = stream.read(1 << 16)
+            decoder.receive_data(chunk or None)  # None: the body's end
+            while not isinstance(event := decoder.next_event(), NeedData):
+                started = started or isinstance(event, Preamble)
+                yield event
+                if isinstance(event, Epilogue):
+                    return
+    except UnicodeDecodeError:
+        raise ValueError("a part's headers are not UTF-8") from None
+    except ValueError as error:  # the decoder's; at the body's end, "cannot parse beyond" its state
+        if "Content-Disposition" in str(error):
+            raise ValueError("a part has no Content-Disposition header") from None
+        if not started:
+            raise ValueError(f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type "
+                             "names") from None
+        raise ValueError(f"it ends before its last line, {shown('--' + boundary + '--')}") from None
 
 
 def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
@@ -195,7 +240,7 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
         raise BadRequest("the field 'image' was sent as a file and as text: send the file alone")
     if unknown := sorted((set(file_fields) | set(text_fields)) - {"image", *fields_too}):
         settings = any(name in ("format", *REQUEST_SETTINGS) for name in unknown)
-        raise BadRequest(f"unknown form fields {', '.join(shown(name) for name in unknown)}; the form has the file "
+        raise BadRequest(f"unknown form fields {names_shown(unknown)}; the form has the file "
                          f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
                          + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
                             if settings else ""))
@@ -501,7 +546,7 @@ def segment_payload(payload: object) -> tuple[str, object]:
     if not isinstance(payload, dict):
         raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
     if unknown := sorted(set(payload) - set(SEGMENT_FIELDS)):
-        raise InvalidPrompt(f"unknown fields {unknown}; a /segment body has {list(SEGMENT_FIELDS)}")
+        raise InvalidPrompt(f"unknown fields {names_shown(unknown)}; a /segment body has {list(SEGMENT_FIELDS)}")
     image_id = payload.get("image_id")
     if not isinstance(image_id, str):
         raise InvalidPrompt("image_id: expected the id that /embed answered")
@@ -527,7 +572,7 @@ def form_prompts(fields: Iterable[tuple[str, str]], file_names: Iterable[str]) -
                             "curl -F 'prompts=<prompts.json' reads the file into one")
     # A text field named image (curl -F image=path, without the @) is the upload's to refuse.
     if unknown := sorted(({name for name, _ in fields} | file_names) - {"prompts", "image"}):
-        raise InvalidPrompt(f"unknown form fields {', '.join(shown(name) for name in unknown)}; a multipart /segment "
+        raise InvalidPrompt(f"unknown form fields {names_shown(unknown)}; a multipart /segment "
                             "has the file 'image' and the field 'prompts'"
                             + (" (image_id goes in a JSON body)" if "image_id" in unknown else ""))
     texts = [text.removeprefix("\ufeff") for name, text in fields if name == "prompts"]  # a file's byte-order mark,
@@ -547,8 +592,10 @@ def cached_embedding(cache: EmbeddingCache, image_id: str):
                         "POST the image to /embed again") from None
 
 
-def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> tuple[str, object, list[Prompt]]:
-    """A JSON /segment's image id, its encoding from the cache and its prompts, checked. The body
+def cached_image_prompts(body: bytes, cache: EmbeddingCache,
+                         limits: Limits) -> tuple[str, object, list[Prompt], dict[str, torch.Tensor]]:
+    """A JSON /segment's image id, its encoding from the cache, its prompts, checked, and their
+    mask_inputs' logits from the cache (cached_mask_inputs). The body
     is held to a form field's limit, as the same prompts sent in a form are: the most prompts
     allowed take under 200 kB as compact JSON, and parsing megabytes would cost seconds."""
     if len(body) > limits.max_form_field_bytes:
@@ -556,7 +603,8 @@ def cached_image_prompts(body: bytes, cache: EmbeddingCache, limits: Limits) -> 
                            f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON")
     image_id, prompts = segment_payload(json_payload(body))
     embedding = cached_embedding(cache, image_id)
-    return image_id, embedding, parse_prompts(prompts, embedding.size)
+    prompts = parse_prompts(prompts, embedding.size)
+    return image_id, embedding, prompts, cached_mask_inputs(image_id, prompts, cache)
 
 
 # The most mask pixels one call on the model makes before they become RLE. A /segment's prompt
@@ -582,16 +630,28 @@ def prompt_parts(prompts: list[Prompt], size: tuple[int, int]) -> list[list[Prom
     return parts
 
 
-def upload_prompts(prompts: object, image: np.ndarray, segmenter, cache: EmbeddingCache) -> list[Prompt]:
+def upload_prompts(prompts: object, image: np.ndarray, segmenter,
+                   cache: EmbeddingCache) -> tuple[list[Prompt], dict[str, torch.Tensor]]:
     """A one-shot /segment's prompts checked before its image costs an encoding: their form
-    (parse_prompts), and their mask_input ids, which only an image encoded already can hold."""
+    (parse_prompts), and their mask_input ids, which only an image encoded already can hold.
+    Returns the prompts and their mask_inputs' logits, taken now: the image's encoding, stored
+    next, may evict them."""
     prompts = parse_prompts(prompts, image.shape[:2])
-    if any(prompt.mask_input is not None for prompt in prompts):
-        image_id = segmenter.image_id(image)
-        for prompt in prompts:
-            if prompt.mask_input is not None and not cache.holds(mask_key(image_id, prompt.mask_input)):
-                raise unknown_mask_input(prompt.mask_input)
-    return prompts
+    if not any(prompt.mask_input is not None for prompt in prompts):
+        return prompts, {}
+    return prompts, cached_mask_inputs(segmenter.image_id(image), prompts, cache)
+
+
+def cached_mask_inputs(image_id: str, prompts: list[Prompt], cache: EmbeddingCache) -> dict[str, torch.Tensor]:
+    """The logits of the prompts' mask_input ids on the image, from the cache."""
+    mask_inputs = {}
+    for prompt in prompts:
+        if prompt.mask_input is not None and prompt.mask_input not in mask_inputs:
+            try:
+                mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
+            except UnknownId:
+                raise unknown_mask_input(prompt.mask_input) from None
+    return mask_inputs
 
 
 def unknown_mask_input(mask_input: str) -> UnknownId:
@@ -599,19 +659,13 @@ def unknown_mask_input(mask_input: str) -> UnknownId:
                      "with keep_logits on this image): send the prompt without it")
 
 
-def segment_answer(image_id: str, embedding, prompts: list[Prompt], segmenter, cache: EmbeddingCache,
-                   run: Callable) -> dict:
+def segment_answer(image_id: str, embedding, prompts: list[Prompt], mask_inputs: dict[str, torch.Tensor],
+                   segmenter, cache: EmbeddingCache, run: Callable) -> dict:
     """The /segment answer to prompts (checked by parse_prompts): each prompt set's masks as RLE
     with their predicted IoUs, best first, and with keep_logits the ids of their logits for a
     later mask_input on the same image (null for logits a cache too small for them all dropped).
-    Each part of the prompt sets is decoded through run(function, kind="decode"), as in embed_image."""
-    mask_inputs = {}
-    for prompt in prompts:
-        if prompt.mask_input is not None:
-            try:
-                mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
-            except UnknownId:
-                raise unknown_mask_input(prompt.mask_input) from None
+    mask_inputs maps the prompts' mask_input ids to their logits (cached_mask_inputs). Each part
+    of the prompt sets is decoded through run(function, kind="decode"), as in embed_image."""
 
     def decode(part: list[Prompt]) -> list[tuple[list[RLE], list[float], list[torch.Tensor]]]:
         # Masks to RLE on the model's thread too: torch work on an HTTP thread would start a

@@ -20,16 +20,16 @@ from urllib.parse import quote
 import numpy as np
 import prometheus_client as prom
 import prometheus_client.core as prom_core
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, redirect, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
     answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer,
-    form_limit_error, form_prompts, is_json, json_text, render_answer, request_settings, require_cache_room,
-    require_named_parts, require_segment_form, require_segmenter, require_short_url, segment_answer, unread_body,
-    upload_prompts,
+    form_limit_error, form_prompts, is_json, json_text, malformed_form, render_answer, request_settings,
+    require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
+    segment_answer, unread_body, upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -91,12 +91,21 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         request's turn comes, and before each batch of point prompts, and stops there if so."""
         return request.environ.get("waitress.client_disconnected")
 
+    def require_readable_form() -> None:
+        """The form as werkzeug read it: each part named; a multipart body it read no part of (a
+        malformed one: its parser drops the error, and the form is empty) refused, saying why."""
+        require_named_parts([*request.files, *request.form])
+        if (not request.files and not request.form and request.mimetype == "multipart/form-data"
+                and request.content_length != 0 and not unread_body(request.content_type or "", 1)):
+            if (error := malformed_form(request.environ["wsgi.input"], request.content_type or "", limits)) is not None:
+                raise error
+
     def uploaded_image(fields_too: tuple[str, ...] = ()) -> np.ndarray:
         """The upload's image; the form's fields besides 'image': fields_too (decode_upload)."""
         gone = client_gone_check()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
-        require_named_parts([*request.files, *request.form])
+        require_readable_form()
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
                              unread_body(request.content_type or "", request.content_length or 0), fields_too)
@@ -113,7 +122,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.after_request
     def answer_headers(response: Response) -> Response:
         response.headers.update(ANSWER_HEADERS)
-        if response.mimetype == "text/html":  # the page, at / and as a static file
+        if response.mimetype == "text/html":  # the page (and a redirect's note)
             response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
         return response
 
@@ -173,20 +182,38 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         # reading the upload included), and only the first call may find the queue full.
         run = worker.calls_of_one_request(abandoned=client_gone_check())
         if is_json(request.mimetype):
-            image_id, embedding, prompts = cached_image_prompts(request.get_data(), cache, limits)
+            image_id, embedding, prompts, mask_inputs = cached_image_prompts(request.get_data(), cache, limits)
         else:
             require_segment_form(request.mimetype)
-            require_named_parts([*request.files, *request.form])
+            require_readable_form()
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image(fields_too=("prompts",))
-            prompts = upload_prompts(prompts, image, worker.segmenter, cache)
+            prompts, mask_inputs = upload_prompts(prompts, image, worker.segmenter, cache)
             image_id, embedding = embed_image(image, worker.segmenter, cache, run)
-        return json_response(segment_answer(image_id, embedding, prompts, worker.segmenter, cache, run))
+        return json_response(segment_answer(image_id, embedding, prompts, mask_inputs, worker.segmenter, cache, run))
 
     @app.get("/")
     def page() -> Response:
         """The web page: drop an image, see every mask, click to segment."""
-        return app.send_static_file("index.html")  # with its Content-Security-Policy (answer_headers)
+        return web_file("index.html")  # with its Content-Security-Policy (answer_headers)
+
+    def web_file(filename: str) -> Response:
+        """A file of the page (sam2serve/web/), as Flask serves static files (ETag, Last-Modified,
+        Range), but for a failed If-Match or If-Unmodified-Since: werkzeug answers its 412 with
+        the whole file, here JSON as every error."""
+        response = app.send_static_file(filename)
+        if response.status_code != 412:
+            return response
+        response.close()
+        return json_response({"error": "precondition failed: the file is not the version that If-Match or "
+                                       "If-Unmodified-Since names"}, 412)
+
+    def static_file(filename: str) -> Response:
+        """/static/FILE. The page itself is at /: its links (static/app.js, upload_rle...) are
+        relative to where it is, and at /static/index.html none of them would answer."""
+        return redirect("../", 308) if filename == "index.html" else web_file(filename)
+
+    app.view_functions["static"] = static_file
 
     @app.get("/health")
     def health() -> Response:

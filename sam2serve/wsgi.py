@@ -46,9 +46,10 @@ from typing import Callable
 
 import waitress
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
-from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
+from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, ServerNotImplemented
 
 from .protocol import ANSWER_HEADERS
 
@@ -113,7 +114,42 @@ def refusal_message(error: BadRequest, max_body_bytes: int, max_header_bytes: in
         return f"upload larger than the limit of {max_body_bytes} bytes"
     if isinstance(error, RequestHeaderFieldsTooLarge):
         return f"request line and headers larger than the limit of {max_header_bytes} bytes"
+    if isinstance(error, (NotHTTP, ServerNotImplemented)):  # not malformed: what it asks is not served
+        return error.body
     return f"malformed HTTP request: {error.body}"
+
+
+class NotHTTP(BadRequest):
+    """Bytes that no HTTP/1.1 request starts with, or lines that end as none does: answered at
+    once (waitress waited for a CRLF CRLF that never came, then said "nothing received")."""
+
+
+class RequestParser(HTTPRequestParser):
+    """waitress's parser, stricter where waitress 3.0.2 is lenient (RFC 9112):
+    - a request with both Transfer-Encoding and Content-Length is refused (400, the connection
+      closed): waitress read its body as chunked and went on reading the connection, so behind
+      a proxy that frames by the length, the rest of the body was a request of the client's
+      choosing;
+    - a TLS handshake (an https:// URL to this plain HTTP port) or headers whose lines end in LF
+      alone (netcat's) are told so at once, not after the connection timeout."""
+
+    def received(self, data: bytes) -> int:
+        if self.body_rcv is None and not self.header_plus and data[:1] == b"\x16":  # TLS's handshake record
+            return self.refuse(NotHTTP("this server speaks plain HTTP: use http://, not https://"), len(data))
+        consumed = super().received(data)
+        if not self.headers_finished and not self.completed and b"\n\n" in self.header_plus:
+            return self.refuse(NotHTTP("the request's lines end in LF alone: HTTP's end in CRLF (\\r\\n)"), consumed)
+        return consumed
+
+    def refuse(self, error: NotHTTP, consumed: int) -> int:
+        self.parse_header(b"GET / HTTP/1.0\r\n")  # the fields an answer needs, as waitress does for a 431
+        self.error, self.completed = error, True
+        return consumed
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("Transfer-Encoding and Content-Length both given; send one")
 
 
 class JSONErrorTask(ErrorTask):
@@ -134,13 +170,14 @@ class JSONErrorTask(ErrorTask):
         if on_refusal is not None:
             # The path and method where the request line was read (for headers too large,
             # waitress puts "GET /" in its place).
-            path, method = ((None, None) if isinstance(error, RequestHeaderFieldsTooLarge)
+            path, method = ((None, None) if isinstance(error, (RequestHeaderFieldsTooLarge, NotHTTP))
                             else (getattr(self.request, "path", None), getattr(self.request, "command", None)))
             on_refusal(client_address(self.channel.addr), method, path, error.code, len(body))
 
 
 class JSONErrorChannel(HTTPChannel):
     error_task_class = JSONErrorTask
+    parser_class = RequestParser
     request_started = 0.0  # when the request being received began
     request_bytes = 0  # bytes received since then
     output_progress = 0.0  # when an answer was last written to the buffer or sent from it

@@ -423,7 +423,8 @@ def test_generators_take_the_images_sam2_takes_and_refuse_others_in_words(traine
     """(H, W, 3) uint8 RGB, in a list or any iterable, or none. A float image was read as [0, 1]
     by the eager kernels and as [0, 255] by the compiled ones (other masks, without a word); gray,
     RGBA or channels first failed deep in torch; an iterator gave no masks; an empty list failed;
-    a view with negative strides failed in torch."""
+    a view with negative strides failed in torch; an image of no pixels failed deep in torch (ao)
+    or sam2 (the baseline)."""
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model
     config = AMGConfig(points_per_side=2)
     image = make_generated_scene(np.random.default_rng(2002), 60, 80, min_objects=2, max_objects=3).image
@@ -439,6 +440,9 @@ def test_generators_take_the_images_sam2_takes_and_refuse_others_in_words(traine
                 generator.generate(bad)
         with pytest.raises(TypeError, match="expected a list of images"):
             generator.generate_batch(image)
+        for empty in (image[:0], image[:, :0]):
+            with pytest.raises(ValueError, match=re.escape(f"an image of no pixels (shape {empty.shape})")):
+                generator.generate(empty)
 
 
 def test_the_baseline_shared_by_threads_gives_each_its_own_masks(trained_micro_checkpoint):

@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import numpy as np
 
-from sam2serve import fast
+from sam2serve import fast, modes
 from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
@@ -134,6 +134,24 @@ def test_fast_modes_run_ao_kernels_on_a_cpu_unless_compiling_is_asked_for(load_m
     assert pipeline.config.points_per_batch == 64
     assert "eager" in pipeline.info["kernels"] and "bfloat16" in pipeline.info["kernels"]
     assert "--compile-mode" in pipeline.info["kernels"]
+
+
+def test_kernels_loaded_find_the_model_in_their_dtype(load_micro, monkeypatch):
+    """use_m2m's refinement runs the model's own modules on the kernels' features: loading
+    fast_furious's kernels left the model in float32, and its first request failed (bfloat16
+    features in float32 modules); compiling and exporting put it in the kernels' dtype."""
+    loaded = load_micro()
+
+    def load_kernels(directory, spec, device):
+        dtypes.update(encoder=loaded.model.image_encoder.trunk.patch_embed.proj.weight.dtype,
+                      prompts=next(loaded.model.sam_prompt_encoder.parameters()).dtype, kernels=spec.torch_dtype)
+        raise InterruptedError  # the rest is load_kernels' own, tested on exported kernels
+
+    dtypes = {}
+    monkeypatch.setattr(modes, "load_kernels", load_kernels)
+    with pytest.raises(InterruptedError):
+        build_generator(MODES["fast_furious"], loaded, CONFIG, load_fast="kernels")
+    assert dtypes == {"encoder": torch.bfloat16, "prompts": torch.float32, "kernels": torch.bfloat16}
 
 
 def test_preprocessing_on_device_matches_reference(images):

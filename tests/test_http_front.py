@@ -196,6 +196,33 @@ def test_headers_too_large_get_json_431_and_no_server_header(server):
     assert "sam2.1_hiera_micro.pt" in model and "/" not in model  # the file name, not the path
 
 
+def test_requests_waitress_would_misread_or_wait_on_are_refused_at_once(server):
+    """A request with both Transfer-Encoding and Content-Length: waitress read it as chunked and
+    went on reading the connection (behind a proxy that frames by the length, the rest of the
+    body was a request of the client's choosing). A TLS handshake and LF-only lines: waited
+    for the connection timeout, then "nothing received"."""
+    _, url = server
+    smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: test\r\n\r\n"
+    for sent, status, message in [
+        (b"POST /health HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+         b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled, 400,
+         "malformed HTTP request: Transfer-Encoding and Content-Length both given; send one"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400,  # a TLS ClientHello's first bytes
+         "this server speaks plain HTTP: use http://, not https://"),
+        (b"GET /health HTTP/1.1\nHost: test\n\n", 400,
+         "the request's lines end in LF alone: HTTP's end in CRLF (\\r\\n)"),
+    ]:
+        sock = connect(url)
+        sock.sendall(sent)
+        started = time.monotonic()
+        answer = read_until_closed(sock, 20)  # one answer, then closed: nothing after it
+        sock.close()
+        assert time.monotonic() - started < 5 and answer.count(b"HTTP/1.") == 1, answer
+        assert status_and_json(answer)[::2] == (status, {"error": message})
+    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+        assert response.status == 200
+
+
 def test_an_upload_of_exactly_the_limit_is_taken_and_one_byte_more_refused_as_too_large(server):
     """waitress takes a body of the limit; werkzeug then refused it when the form's parser read on
     to its end (413, blaming a text field of the form over 500000 bytes)."""
@@ -273,6 +300,8 @@ def multipart(parts: list[tuple[str | None, str | None, bytes]]) -> tuple[bytes,
     ("prompts too large, another field longer as text", 413, "the form's text field 'prompts' is larger than"),
     ("prompts too large, another name given twice", 413, "the form's text field 'prompts' is larger than"),
     ("upload too large", 413, "upload larger than the limit of 1048576 bytes"),
+    # Read again without a limit, a part's headers of 50 MB took 30 s, and were called a text field.
+    ("file name too long", 413, "a part's headers (its file name, say) are larger than the limit of 500000 bytes"),
     ("too many pixels", 413, "pixels; the limit is 10000 pixels"),
     ("two images", 400, "one file in the field 'image', received 2"),
 ])
@@ -290,6 +319,7 @@ def test_each_limit_answers_with_its_own_message(client, case, status, message):
                                                          ("note", None, b"x" * 260_000),
                                                          ("prompts", None, b"x" * 500_001)],
         "upload too large": [("image", "big.png", b"x" * (2**20 + 1))],
+        "file name too long": [("image", "a" * 600_000 + ".png", png_of(1))],
         "too many pixels": [("image", "big.png", png_of(1, size=(101, 100)))],
         "two images": [image, image],
     }[case]
@@ -314,13 +344,43 @@ def test_405_says_allow_and_414_is_json(client):
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_the_page_has_its_security_policy_at_every_address_it_is_served_at(client):
-    """The page at / and as the static file it is: a frame of either is refused alike."""
-    for path in ("/", "/static/index.html"):
-        response = client.get(path)
-        assert response.status_code == 200 and response.mimetype == "text/html"
-        assert response.headers["Content-Security-Policy"] == PAGE_SECURITY_POLICY, path
+def test_the_page_is_at_one_address_with_its_security_policy(client):
+    """The page at /; as the static file it is, sent there (its links are relative: none would
+    answer under /static/)."""
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert response.headers["Content-Security-Policy"] == PAGE_SECURITY_POLICY
     assert "Content-Security-Policy" not in client.get("/static/app.js").headers
+    moved = client.get("/static/index.html")
+    assert moved.status_code == 308 and moved.headers["Location"] == "../"
+
+
+def test_a_failed_precondition_on_a_page_file_is_json_without_the_file(client):
+    """werkzeug answers a failed If-Match with its 412 and the whole file."""
+    for path in ("/", "/static/app.js"):
+        etag = client.get(path).headers["ETag"]
+        assert client.get(path, headers={"If-Match": etag}).status_code == 200
+        failed = client.get(path, headers={"If-Match": '"another"'})
+        assert failed.status_code == 412 and failed.mimetype == "application/json", path
+        assert "If-Match" in failed.get_json()["error"]
+
+
+@pytest.mark.parametrize("body, why", [
+    (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nxyz',
+     "it ends before its last line, '--b--'"),
+    (b'--c\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nxyz\r\n--c--\r\n',
+     "no line of it is '--b', the boundary its Content-Type names"),
+    (b'--b\r\nContent-Type: image/png\r\n\r\nxyz\r\n--b--\r\n', "a part has no Content-Disposition header"),
+    (b'--b\r\nContent-Disposition: form-data; name="\xff"; filename="a.png"\r\n\r\nxyz\r\n--b--\r\n',
+     "a part's headers are not UTF-8"),
+])
+def test_a_malformed_form_is_told_what_is_wrong_with_it(client, body, why):
+    """werkzeug's parser drops a malformed form's error: "received file fields: none" said nothing of it."""
+    answer = client.post("/upload_rle", data=body, content_type="multipart/form-data; boundary=b")
+    assert answer.status_code == 400 and answer.get_json()["error"] == (
+        f"the body is not a multipart form that can be read ({why}); send the image as curl -F 'image=@file.jpg'")
+    empty = client.post("/upload_rle", data=b"--b--\r\n", content_type="multipart/form-data; boundary=b")
+    assert empty.get_json()["error"].endswith("received file fields: none")  # a whole form, with no part
 
 
 def test_metrics_parse_count_methods_apart_and_say_charset_once(client):

@@ -113,6 +113,12 @@ def test_prompts_equal_sam2s_predictor(model, checkpoint):
     assert_same(ours, reference, "refined with mask_input")
     alone = segmenter.segment(embedding, parse_prompts([{"mask_input": "best"}], IMAGE.shape[:2]), {"best": best_logits})
     assert_same(alone[0], reference_answer(predictor, {}, best_logits.numpy()[None]), "mask_input alone")
+    # Several masks alone in one request (sam2's predictor cannot batch those: each runs by itself).
+    logits = {"best": best_logits, "second": one_by_one[0].low_res_logits[1]}
+    several = segmenter.segment(embedding, parse_prompts([{"mask_input": "best"}, {"mask_input": "second"},
+                                                          {"mask_input": "best"}], IMAGE.shape[:2]), logits)
+    for answer, key in zip(several, ["best", "second", "best"]):
+        assert_same(answer, reference_answer(predictor, {}, logits[key].numpy()[None]), f"mask_input {key}, together")
     assert not model.sam_mask_decoder.dynamic_multimask_via_stability  # segment-everything's setting, back
 
 
@@ -354,7 +360,10 @@ def test_embed_then_segment_over_http(micro):
         ({"image_id": image_id, "prompts": [{**refine, "mask_input": "gone"}]}, 404, "unknown mask_input"),
         ({"image_id": image_id, "prompts": [{"points": [[500, 1]], "labels": [1]}]}, 400, "prompts[0].points[0]"),
         ({"prompts": prompts}, 400, "image_id"),
-        ({"image_id": image_id, "prompts": prompts, "promts": []}, 400, "unknown fields ['promts']"),
+        ({"image_id": image_id, "prompts": prompts, "promts": []}, 400, "unknown fields 'promts'; a /segment body"),
+        # A client's names are repeated cut short, the first ten of them.
+        ({"image_id": image_id, "prompts": prompts, **{f"{i}" * 10_000: 1 for i in range(12)}}, 400,
+         "'" + "6" * 40 + "...', '" + "7" * 40 + "...' and 2 more; a /segment body"),
     ]:
         response = client.post("/segment", json=body)
         assert response.status_code == status and words in response.get_json()["error"], body
@@ -492,6 +501,7 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         response = client.post("/segment", data={"image": (io.BytesIO(png(image)), "a.png"),
                                                  "prompts": json.dumps([{**point, "mask_input": mask_id_sent}])})
         assert response.status_code == 404 and "unknown mask_input" in response.get_json()["error"]
+    misses += 2  # the two ids looked for, not the image: not encoded
     assert cache_metrics(client)["misses_total"] == misses
     one_shot = client.post("/segment", data={"image": (io.BytesIO(png(make_scene(150, 200, seed=1))), "a.png"),
                                              "prompts": json.dumps([{**point, "mask_input": mask_input}])})
@@ -508,6 +518,14 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         assert response.status_code == 400 and response.get_json()["error"] == (
             "the body is not a multipart form that can be read (a part has no name in its Content-Disposition); "
             "send the image as curl -F 'image=@file.jpg'"), (endpoint, parts[-1])
+    # A form cut short: said so, on /segment as on the uploads (werkzeug's parser gave an empty form,
+    # and /segment said "prompts: expected a form field").
+    whole = multipart([image, ("prompts", None, json.dumps([point]).encode())])
+    for endpoint in ("/segment", "/embed", "/upload_rle"):
+        response = client.post(endpoint, data=whole[0][:-200], content_type=whole[1])
+        assert response.status_code == 400 and response.get_json()["error"] == (
+            "the body is not a multipart form that can be read (it ends before its last line, '--b--'); "
+            "send the image as curl -F 'image=@file.jpg'"), endpoint
     assert cache_metrics(client)["misses_total"] == misses
     path_not_file = client.post("/segment", data={"image": "a.png", "prompts": json.dumps([point])},  # no @
                                 content_type="multipart/form-data")
@@ -637,6 +655,27 @@ def test_a_segment_with_its_image_accepted_before_a_stop_is_answered(micro):
     blocker.join(timeout=60)
     assert answers[0].status_code == 200, answers[0].get_json()
     assert len(answers[0].get_json()["results"]) == len(PROMPTS)
+
+
+def test_a_one_shot_mask_input_is_not_lost_to_its_own_images_encoding(micro):
+    """A one-shot /segment whose image has been evicted but whose mask_input is still cached: the
+    image's encoding, stored again, must not evict the logits the request goes on to use."""
+    segmenter = PromptSegmenter(micro, "micro")
+    one_image, one_mask = segmenter.embed(IMAGE).nbytes, 64 * 64 * 4
+    client = micro_client(micro, cache_bytes=one_image + 2 * one_mask)
+    image_id = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
+    kept = client.post("/segment", json={"image_id": image_id, "prompts": [
+        {**PROMPTS[0][1], "multimask": False, "keep_logits": True}]}).get_json()["results"][0]["mask_input_ids"][0]
+    prompts = [{"mask_input": kept}]
+    refined = client.post("/segment", json={"image_id": image_id, "prompts": prompts})  # the logits used last
+    assert refined.status_code == 200
+    other = png(make_scene(150, 200, seed=1))
+    assert client.post("/embed", data={"image": (io.BytesIO(other), "b.png")}).status_code == 200  # evicts the image
+    assert client.post("/segment", json={"image_id": image_id, "prompts": prompts}).status_code == 404
+    one_shot = client.post("/segment", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
+                                             "prompts": json.dumps(prompts)})
+    assert one_shot.status_code == 200, one_shot.get_json()
+    assert one_shot.get_json() == refined.get_json()
 
 
 def test_small_cache_evicts_and_counts(micro):

@@ -414,8 +414,12 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
             assert (rles_to_masks(a["masks"]) != rles_to_masks(b["masks"])).mean() < 1e-4
         one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
         assert one_shot.get_data() == flask_segment.get_data()
-        # Prompts gone wrong: the Flask server's status and message.
         from .test_http_front import multipart
+
+        ray_one_shot = post(url + "/segment", *multipart([("image", "a.jpg", data),
+                                                          ("prompts", None, json.dumps(prompts).encode())]), 120)
+        assert ray_one_shot[0] == 200 and json.loads(ray_one_shot[2])["image_id"] == ours["image_id"]
+        # Prompts gone wrong: the Flask server's status and message.
 
         image_id = json.loads(embedded)["image_id"]
         for body, content_type in [

@@ -273,8 +273,11 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
                      ", ".join(settings_changed(done_with, settings)))
     row_dir.mkdir(parents=True, exist_ok=True)
     # The row's process replaces rle_masks before this one writes stats.json: a run stopped in
-    # between leaves new masks without settings, so the old settings go first (never beside new masks).
+    # between leaves new masks without settings, so the old settings go first (never beside new
+    # masks), and the old masks with them (a run stopped before its masks left the earlier run's
+    # masks without their settings, which compare_rle_lists.py took for this run's row).
     stats_path.unlink(missing_ok=True)
+    (row_dir / "rle_masks").unlink(missing_ok=True)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
     log.info("%s: started", label)  # on a terminal, a progress bar too
     started = time.monotonic()
@@ -378,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped ({stopped_by(stop)}); the same command again resumes it (the rows done are kept)",
               file=sys.stderr)
         end_as_stopped(stopped_by(stop))
+    except OSError as error:  # the output's files: a folder where result.csv goes, a disk full
+        sys.exit(f"error: {error_text(error)}")
 
 
 def run_study(argv: list[str] | None) -> None:

@@ -375,8 +375,12 @@ def read_image_paths(paths_file: str | Path) -> list[str]:
         raise ValueError(f"{paths_file} is a folder; give a text file of image paths, one per line")
     try:
         text = Path(paths_file).read_bytes().decode()  # read_text would take a lone "\r" for a line's end
-    except UnicodeDecodeError:
-        raise ValueError(f"{paths_file} is not a text file of image paths, one per line") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{paths_file} is not a text file of image paths, one per line (not UTF-8 at byte "
+                         f"{error.start})") from None
+    if text.startswith("\ufeff"):  # "UTF-8 with BOM": the first path would start with it
+        raise ValueError(f"{paths_file} starts with a byte-order mark (saved as UTF-8 with BOM): save it as "
+                         "UTF-8 without one, as curl would send its first path with it")
     paths = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not paths:
         raise ValueError(f"{paths_file} lists no images")

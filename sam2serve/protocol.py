@@ -209,7 +209,8 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
                 if isinstance(event, Epilogue):
                     return
     except UnicodeDecodeError:
-        raise ValueError("a part's headers are not UTF-8") from None
+        raise ValueError("a part's headers are not UTF-8: a file name in another encoding? curl "
+                         "-F 'image=@FILE;filename=a.jpg' sends the file under another name") from None
     except ValueError as error:  # the decoder's; at the body's end, "cannot parse beyond" its state
         if "Content-Disposition" in str(error):
             raise ValueError("a part has no Content-Disposition header") from None

@@ -452,6 +452,23 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
     assert runs == [new, old]
 
 
+def test_a_row_stopped_before_its_masks_leaves_none_of_the_earlier_runs(monkeypatch, tmp_path):
+    """Stopped before its process wrote masks, a row run again with other settings kept the
+    earlier run's masks without their settings: compare_rle_lists.py compared them as this run's."""
+    row_dir = tmp_path / "ao_bs1_ppb64"
+    row_dir.mkdir()
+    (row_dir / "rle_masks").write_text('{"mask_0": "earlier"}\n')
+    (row_dir / "stats.json").write_text(json.dumps({"settings": {"amg": {"points_per_side": 8}}}))
+
+    def stopped_at_once(*arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", stopped_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        measured_row(Row("ao"), {"amg": {"points_per_side": 4}}, tmp_path / "checkpoint.pt", row_dir, "row")
+    assert not (row_dir / "rle_masks").exists() and not (row_dir / "stats.json").exists()
+
+
 @pytest.mark.parametrize("script, arguments, message", [
     ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
     # sam2 built without its CUDA extension (as here) skips it: ao would look wrong against it.
@@ -551,6 +568,9 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
      "--load-fast '': no such folder"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),
+    # A file where a row's folder goes (or a folder where result.csv goes): a traceback before.
+    ("reproduce_experiments", ["{tmp}/images", "{tmp}/rows", "--checkpoint-dir", "{tmp}/micro_as_tiny", "--model-type",
+                               "tiny", "--modes", "ao"], "error: {tmp}/rows/baseline_bs1_ppb64: File exists"),
 ])
 def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_path):
     """A count of 0, a file that is not an image, a file where a folder goes, a damaged
@@ -561,6 +581,8 @@ def test_scripts_refuse_mistakes_in_one_line(script, arguments, message, tmp_pat
     (tmp_path / "micro_as_tiny" / "sam2.1_hiera_tiny.pt").symlink_to(REPO / "models" / "sam2.1_hiera_micro.pt")
     shutil.copy(REPO / "examples" / "shapes.jpg", tmp_path / "shapes.jpg")
     (tmp_path / "images").write_text(f"{tmp_path}/shapes.jpg\n")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "baseline_bs1_ppb64").write_text("")
     arguments = [argument.format(tmp=tmp_path) for argument in arguments]
     message = message.format(tmp=tmp_path)
     result = subprocess.run([sys.executable, "-m", script, *arguments], cwd=REPO, capture_output=True, text=True,
@@ -702,6 +724,13 @@ def test_a_paths_file_is_split_at_newlines_alone(tmp_path):
     listed = tmp_path / "paths"
     listed.write_bytes(("\n".join(names[:3]) + "\n\n  \n" + "\r\n".join(names[3:]) + "\r\n").encode())
     assert read_image_paths(listed) == names
+    # Saved as "UTF-8 with BOM", its first path was said not to exist, as its own folder's.
+    listed.write_bytes("\ufeff/data/a.jpg\n".encode())
+    with pytest.raises(ValueError, match="starts with a byte-order mark"):
+        read_image_paths(listed)
+    listed.write_bytes("/data/caf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 at byte 9"):
+        read_image_paths(listed)
 
 
 def catches_sigterm(pid: int) -> bool:

@@ -372,7 +372,8 @@ def test_a_failed_precondition_on_a_page_file_is_json_without_the_file(client):
      "no line of it is '--b', the boundary its Content-Type names"),
     (b'--b\r\nContent-Type: image/png\r\n\r\nxyz\r\n--b--\r\n', "a part has no Content-Disposition header"),
     (b'--b\r\nContent-Disposition: form-data; name="\xff"; filename="a.png"\r\n\r\nxyz\r\n--b--\r\n',
-     "a part's headers are not UTF-8"),
+     "a part's headers are not UTF-8: a file name in another encoding? curl -F 'image=@FILE;filename=a.jpg' "
+     "sends the file under another name"),
 ])
 def test_a_malformed_form_is_told_what_is_wrong_with_it(client, body, why):
     """werkzeug's parser drops a malformed form's error: "received file fields: none" said nothing of it."""

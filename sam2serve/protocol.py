@@ -34,7 +34,7 @@ import torch
 from pycocotools import mask as mask_utils
 from sam2.utils.amg import coco_encode_rle
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData, Preamble
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData, Preamble, State
 from werkzeug.http import parse_options_header
 
 from .amg import REQUEST_SETTINGS, AMGConfig, Generator
@@ -141,11 +141,12 @@ def field_too_large(limits: Limits, name: str | None = None) -> FormTooLarge:
     return FormTooLarge(f"{what} is larger than the limit of {limits.max_form_field_bytes} bytes; {instead}")
 
 
-def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> FormTooLarge:
+def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> FormTooLarge | BadRequest:
     """Which of the form's limits the form parser hit (werkzeug raises one error for both, and
     Starlette names no field): the body, buffered and at most the upload limit, is read again,
     its parts counted and each text field's bytes as sent (the limit counts those: a field's
-    text, decoded, can be longer or shorter)."""
+    text, decoded, can be longer or shorter). A body of no form at all, over a text field's
+    limit before its first boundary line, is a BadRequest saying so."""
     too_many = too_many_parts(limits)
     if not rewound(stream):  # say both
         return FormTooLarge(f"{too_many}, or {field_too_large(limits)}")
@@ -161,11 +162,10 @@ def form_limit_error(stream: IO[bytes], content_type: str, limits: Limits) -> Fo
                 size += len(event.data)
                 if size > limits.max_form_field_bytes:
                     return field_too_large(limits, field)
-    except RequestEntityTooLarge:
-        return FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of "
-                            f"{limits.max_form_field_bytes} bytes")
-    except ValueError:  # a malformed form: the field is not named
-        pass
+    except FormTooLarge as error:  # form_events': a part's headers, or what follows the form
+        return error
+    except ValueError as error:  # a malformed form, before any limit was passed
+        return unreadable_form(str(error))
     return field_too_large(limits)
 
 
@@ -182,6 +182,10 @@ def malformed_form(stream: IO[bytes], content_type: str, limits: Limits) -> BadR
     return None
 
 
+def no_boundary_line(boundary: str) -> str:
+    return f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type names"
+
+
 def rewound(stream: IO[bytes]) -> bool:
     """Whether a request's body (buffered whole by the HTTP server) is back at its start."""
     try:
@@ -195,7 +199,8 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
     """A multipart body's events (werkzeug's decoder), read from where the stream is, up to the
     Epilogue that ends a whole form. Its buffer holds at most a text field's limit: a part's
     headers longer than that are RequestEntityTooLarge (parsed, they cost seconds a megabyte).
-    A body that is no whole form is a ValueError that says why, in a client's terms."""
+    A body that is no whole form is a ValueError that says why, in a client's terms; a part's
+    headers, or what follows the form's last line, over a text field's limit a FormTooLarge."""
     boundary = parse_options_header(content_type)[1].get("boundary", "")
     decoder = MultipartDecoder(boundary.encode(), max_form_memory_size=limits.max_form_field_bytes)
     started = False  # the boundary seen
@@ -208,6 +213,13 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
                 yield event
                 if isinstance(event, Epilogue):
                     return
+    except RequestEntityTooLarge:  # the decoder's buffer, over the limit: where was it?
+        if not started:
+            raise ValueError(no_boundary_line(boundary)) from None
+        limit = limits.max_form_field_bytes
+        if decoder.state == State.EPILOGUE:
+            raise FormTooLarge(f"more than {limit} bytes follow the form's last line") from None
+        raise FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of {limit} bytes") from None
     except UnicodeDecodeError:
         raise ValueError("a part's headers are not UTF-8: a file name in another encoding? curl "
                          "-F 'image=@FILE;filename=a.jpg' sends the file under another name") from None
@@ -215,8 +227,7 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
         if "Content-Disposition" in str(error):
             raise ValueError("a part has no Content-Disposition header") from None
         if not started:
-            raise ValueError(f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type "
-                             "names") from None
+            raise ValueError(no_boundary_line(boundary)) from None
         raise ValueError(f"it ends before its last line, {shown('--' + boundary + '--')}") from None
 
 

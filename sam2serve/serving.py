@@ -199,19 +199,21 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     def web_file(filename: str) -> Response:
         """A file of the page (sam2serve/web/), as Flask serves static files (ETag, Last-Modified,
-        Range), but for a failed If-Match or If-Unmodified-Since: werkzeug answers its 412 with
-        the whole file, here JSON as every error."""
+        Range), but for a failed If-Match: werkzeug answers its 412 with the whole file, here JSON
+        as every error (and If-Match: *, which any file there matches, is no failure)."""
+        if request.environ.get("HTTP_IF_MATCH", "").strip() == "*":
+            del request.environ["HTTP_IF_MATCH"]
         response = app.send_static_file(filename)
         if response.status_code != 412:
             return response
         response.close()
-        return json_response({"error": "precondition failed: the file is not the version that If-Match or "
-                                       "If-Unmodified-Since names"}, 412)
+        return json_response({"error": "precondition failed: the file is not the version that If-Match names"},
+                             412)
 
     def static_file(filename: str) -> Response:
         """/static/FILE. The page itself is at /: its links (static/app.js, upload_rle...) are
         relative to where it is, and at /static/index.html none of them would answer."""
-        return redirect("../", 308) if filename == "index.html" else web_file(filename)
+        return redirect("../", 308) if filename.rstrip("/") == "index.html" else web_file(filename)
 
     app.view_functions["static"] = static_file
 
@@ -230,8 +232,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
-            error = form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits)
-            return json_response({"error": str(error)}, 413)
+            status, body, headers = error_answer(form_limit_error(request.environ["wsgi.input"],
+                                                                  request.content_type or "", limits))
+            return Response(body, status=status, mimetype="application/json", headers=headers)
         # Headers such as 405's Allow stay; the body becomes JSON.
         headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
         return json_response({"error": error.description}, error.code or 500, headers)

@@ -141,8 +141,8 @@ def main() -> None:
     parser = ScriptParser(description="Replay an image list through the deployed Modal app.")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("replay", help="one RLE line per image into OUTPUT")
-    command.add_argument("paths_file", type=Path)
-    command.add_argument("output", type=Path)
+    command.add_argument("paths_file")  # as given: Path("") would be the current folder
+    command.add_argument("output")
     command.add_argument("--model-type", default="large", choices=MODEL_TYPE_CHOICES)
     command.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
     add_amg_options(command)
@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.load_fast and not get_mode(args.mode).compiled:  # before any image is sent (and paid for)
         command.error("--load-fast goes with a fast mode: --mode fast or fast_furious")
-    require_output_file(command, args.output, "output", folder_made=True, inputs=[args.paths_file])
+    args.output = require_output_file(command, args.output, "output", folder_made=True, inputs=[args.paths_file])
     try:
         paths = checked_image_paths(args.paths_file)  # before any image is sent (and paid for)
     except (OSError, ValueError) as error:

@@ -89,8 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     workers' machines, not this one, have the GPUs: a CUDA device is checked there, and each
     worker sizes a fast mode's point batches by its own GPU's memory."""
     parser = ScriptParser(description=__doc__)
-    parser.add_argument("paths_file", type=Path, help="one image path per line")
-    parser.add_argument("output", type=Path, help="one RLE JSON line per image, in order")
+    # Names as given: Path("") would be the current folder, and an empty name (an unset
+    # variable) would be told it is a folder.
+    parser.add_argument("paths_file", help="one image path per line")
+    parser.add_argument("output", help="one RLE JSON line per image, in order")
     add_checkpoint_arguments(parser, as_options=True)
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES), help="the server's modes")
     parser.add_argument("--device", help="the workers' device, cpu, cuda or cuda:N (default: cuda where the "
@@ -108,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.paths = read_image_paths(args.paths_file)
     except (OSError, ValueError) as error:
         parser.error(error_text(error))
-    require_output_file(parser, args.output, "output", folder_made=True,
-                        inputs=[args.paths_file, *listed_as(args.output, args.paths)])
+    args.output = require_output_file(parser, args.output, "output", folder_made=True,
+                                      inputs=[args.paths_file, *listed_as(args.output, args.paths)])
     if (args.load_fast is not None or args.compile_mode) and not get_mode(args.mode).compiled:
         parser.error("--load-fast and --compile-mode go with a fast mode: --mode fast or fast_furious")
     args.on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))

@@ -216,10 +216,10 @@ def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | No
         parser.error(f"--load-fast {load_fast}: no such folder" + (" (a file)" if Path(load_fast).exists() else ""))
 
 
-def listed_as(output: Path, paths: list[str]) -> list[str]:
+def listed_as(output: str | Path, paths: list[str]) -> list[str]:
     """The listed images of output's name: those require_output_file compares it with, so that a
     job does not write its lines over one of its images, without resolving a million paths."""
-    return [given for given in paths if Path(given).name == output.name]
+    return [given for given in paths if Path(given).name == Path(output).name]
 
 
 def write_lines(output: Path, lines: Iterable[str]) -> None:

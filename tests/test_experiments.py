@@ -568,6 +568,11 @@ def test_a_row_stopped_before_its_masks_leaves_none_of_the_earlier_runs(monkeypa
      "--load-fast '': no such folder"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),
+    # An empty name (an unset variable): told so, not that "." is a folder.
+    ("deploy.ray_bulk_job", ["", "{tmp}/out"], "no paths file given (an empty name)"),
+    ("deploy.ray_bulk_job", ["{tmp}/images", ""], "output: empty; give a file"),
+    ("deploy.modal_app", ["replay", "{tmp}/images", ""], "output: empty; give a file"),
+    ("training.train_micro_sam2", ["--output", ""], "--output: empty; give a file"),
     # A file where a row's folder goes (or a folder where result.csv goes): a traceback before.
     ("reproduce_experiments", ["{tmp}/images", "{tmp}/rows", "--checkpoint-dir", "{tmp}/micro_as_tiny", "--model-type",
                                "tiny", "--modes", "ao"], "error: {tmp}/rows/baseline_bs1_ppb64: File exists"),

@@ -372,7 +372,7 @@ learning_rate = number_type(float, "a number", lambda value: 0 < value <= 1, "ab
 
 def main() -> None:
     parser = ScriptParser(description=__doc__)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="the trained checkpoint, written when training ends (the default is the committed "
                         "model, the server's default: give another path for a trial); with --evaluate-only, "
                         "the checkpoint evaluated")
@@ -388,7 +388,7 @@ def main() -> None:
                         help="share of training scenes that look like photographs (training/photo_scenes.py)")
     parser.add_argument("--photo-from", type=non_negative_int, default=0,
                         help="first step with photo-like scenes (generated scenes only before it)")
-    parser.add_argument("--init", type=Path, help="start from this trained micro checkpoint's weights instead of random ones "
+    parser.add_argument("--init", help="start from this trained micro checkpoint's weights instead of random ones "
                         "(a new run: new schedule and optimizer)")
     parser.add_argument("--save-every", type=positive_int, default=250,
                         help="steps between interim checkpoints, written beside --output as <name>.interim.pt")
@@ -396,7 +396,11 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="no training: the held-out figures of the checkpoint at --output")
     args = parser.parse_args()
-    args.output, args.init = args.output.expanduser(), args.init and args.init.expanduser()  # a quoted ~ too
+    for option, given in (("--output", args.output), ("--init", args.init)):  # Path("") is the current folder
+        if given is not None and not str(given).strip():
+            parser.error(f"{option}: empty; give a file")
+    # expanduser: a quoted ~ too
+    args.output, args.init = Path(args.output).expanduser(), args.init and Path(args.init).expanduser()
     if args.init and not args.init.is_file():
         parser.error(f"--init {args.init}: no such file")
     if args.evaluate_only and not args.output.is_file():

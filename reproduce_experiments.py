@@ -272,12 +272,14 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
             log.info("%s: %s holds a run with other settings (%s); running again, replacing it", label, row_dir,
                      ", ".join(settings_changed(done_with, settings)))
     row_dir.mkdir(parents=True, exist_ok=True)
-    # The row's process replaces rle_masks before this one writes stats.json: a run stopped in
-    # between leaves new masks without settings, so the old settings go first (never beside new
-    # masks), and the old masks with them (a run stopped before its masks left the earlier run's
-    # masks without their settings, which compare_rle_lists.py took for this run's row).
-    stats_path.unlink(missing_ok=True)
-    (row_dir / "rle_masks").unlink(missing_ok=True)
+    # A row is its masks with the settings that made them, never one without the other (which
+    # compare_rle_lists.py would take for a row of unknown settings): an earlier run's files are
+    # set aside while the row runs, put back if it does not finish (stopped, failed, a damaged
+    # checkpoint: its masks are not lost), and deleted once it has.
+    masks_path = row_dir / "rle_masks"
+    earlier = [(path, path.with_name(path.name + ".earlier")) for path in (stats_path, masks_path) if path.exists()]
+    for path, aside in earlier:
+        path.replace(aside)
     # A fresh process per row: its peak memory, caches and compiled code are its own.
     log.info("%s: started", label)  # on a terminal, a progress bar too
     started = time.monotonic()
@@ -285,12 +287,17 @@ def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, labe
         stats = in_fresh_process(run_row, row, settings, checkpoint, row_dir, label)
     except BaseException:
         (row_dir / "rle_masks.partial").unlink(missing_ok=True)  # a stopped row's first images: a rerun redoes them
+        masks_path.unlink(missing_ok=True)  # written by the row's process, its settings not yet
+        for path, aside in earlier:
+            aside.replace(path)
         if not any(row_dir.iterdir()):  # failed before writing anything: no empty folder left
             row_dir.rmdir()
         raise
     partial = stats_path.with_suffix(".partial")
     partial.write_text(json.dumps(stats, indent=1))
     partial.replace(stats_path)
+    for _, aside in earlier:
+        aside.unlink(missing_ok=True)
     log.info("%s: done in %.0f s", label, time.monotonic() - started)
     return stats
 

@@ -380,7 +380,7 @@ def read_image_paths(paths_file: str | Path) -> list[str]:
                          f"{error.start})") from None
     if text.startswith("\ufeff"):  # "UTF-8 with BOM": the first path would start with it
         raise ValueError(f"{paths_file} starts with a byte-order mark (saved as UTF-8 with BOM): save it as "
-                         "UTF-8 without one, as curl would send its first path with it")
+                         "UTF-8 without one (its first path would begin with the mark)")
     paths = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not paths:
         raise ValueError(f"{paths_file} lists no images")

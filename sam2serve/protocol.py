@@ -182,10 +182,6 @@ def malformed_form(stream: IO[bytes], content_type: str, limits: Limits) -> BadR
     return None
 
 
-def no_boundary_line(boundary: str) -> str:
-    return f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type names"
-
-
 def rewound(stream: IO[bytes]) -> bool:
     """Whether a request's body (buffered whole by the HTTP server) is back at its start."""
     try:
@@ -214,9 +210,10 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
                 if isinstance(event, Epilogue):
                     return
     except RequestEntityTooLarge:  # the decoder's buffer, over the limit: where was it?
-        if not started:
-            raise ValueError(no_boundary_line(boundary)) from None
         limit = limits.max_form_field_bytes
+        if not started:
+            raise ValueError(f"no line of its first {limit} bytes is {shown('--' + boundary)}, the boundary "
+                             "its Content-Type names") from None
         if decoder.state == State.EPILOGUE:
             raise FormTooLarge(f"more than {limit} bytes follow the form's last line") from None
         raise FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of {limit} bytes") from None
@@ -227,7 +224,8 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
         if "Content-Disposition" in str(error):
             raise ValueError("a part has no Content-Disposition header") from None
         if not started:
-            raise ValueError(no_boundary_line(boundary)) from None
+            raise ValueError(f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type "
+                             "names") from None
         raise ValueError(f"it ends before its last line, {shown('--' + boundary + '--')}") from None
 
 

@@ -213,7 +213,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def static_file(filename: str) -> Response:
         """/static/FILE. The page itself is at /: its links (static/app.js, upload_rle...) are
         relative to where it is, and at /static/index.html none of them would answer."""
-        return redirect("../", 308) if filename.rstrip("/") == "index.html" else web_file(filename)
+        if filename.rstrip("/") == "index.html":  # up from /static/index.html, and from each / after it
+            return redirect("../" * (1 + filename.count("/")), 308)
+        return web_file(filename)
 
     app.view_functions["static"] = static_file
 

@@ -129,7 +129,8 @@ class RequestParser(HTTPRequestParser):
     - a request with both Transfer-Encoding and Content-Length is refused (400, the connection
       closed): waitress read its body as chunked and went on reading the connection, so behind
       a proxy that frames by the length, the rest of the body was a request of the client's
-      choosing; so is an HTTP/1.0 request with Transfer-Encoding (framed by its length alone);
+      choosing; so is a request of another version than 1.1 with Transfer-Encoding (waitress
+      reads it for 1.1 alone, and framed the body by its length);
     - a TLS handshake (an https:// URL to this plain HTTP port) or headers whose lines end in LF
       alone (netcat's) are told so at once, not after the connection timeout."""
 
@@ -150,8 +151,8 @@ class RequestParser(HTTPRequestParser):
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             raise ParsingError("Transfer-Encoding and Content-Length both given; send one")
-        if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:  # waitress framed it by Content-Length
-            raise ParsingError("Transfer-Encoding on an HTTP/1.0 request, which has none; send HTTP/1.1")
+        if self.version != "1.1" and "TRANSFER_ENCODING" in self.headers:  # waitress framed it by Content-Length
+            raise ParsingError(f"Transfer-Encoding on an HTTP/{self.version} request, which has none; send HTTP/1.1")
 
 
 class JSONErrorTask(ErrorTask):

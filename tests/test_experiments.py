@@ -429,9 +429,10 @@ def test_a_row_whose_stats_cannot_be_read_runs_again(damaged, monkeypatch, tmp_p
     assert json.loads((row_dir / "stats.json").read_text()) == {"settings": settings}
 
 
-def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
+def test_a_row_stopped_while_replacing_masks_keeps_the_earlier_row_whole(monkeypatch, tmp_path):
     """The row's process replaces rle_masks before the study writes stats.json: stopped in
-    between, the folder must not hold the earlier run's settings beside the new masks."""
+    between, the folder held the earlier run's settings beside the new masks (and stopped before
+    the new masks, the earlier masks without their settings). It holds the earlier row again."""
     row_dir = tmp_path / "ao_bs1_ppb64"
     row_dir.mkdir()
     (row_dir / "rle_masks").write_text("{}\n")
@@ -444,29 +445,28 @@ def test_a_row_stopped_while_replacing_masks_runs_again(monkeypatch, tmp_path):
         (folder / "rle_masks").write_text('{"mask_0": "new"}\n')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", stopped_after_the_masks)
-    for settings in (new, old):  # stopped with new settings; then the old ones are not "already done"
-        with pytest.raises(KeyboardInterrupt):
-            measured_row(Row("ao"), settings, tmp_path / "checkpoint.pt", row_dir, "row")
-        assert not (row_dir / "stats.json").exists()
-    assert runs == [new, old]
-
-
-def test_a_row_stopped_before_its_masks_leaves_none_of_the_earlier_runs(monkeypatch, tmp_path):
-    """Stopped before its process wrote masks, a row run again with other settings kept the
-    earlier run's masks without their settings: compare_rle_lists.py compared them as this run's."""
-    row_dir = tmp_path / "ao_bs1_ppb64"
-    row_dir.mkdir()
-    (row_dir / "rle_masks").write_text('{"mask_0": "earlier"}\n')
-    (row_dir / "stats.json").write_text(json.dumps({"settings": {"amg": {"points_per_side": 8}}}))
-
     def stopped_at_once(*arguments):
+        runs.append("stopped")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", stopped_at_once)
-    with pytest.raises(KeyboardInterrupt):
-        measured_row(Row("ao"), {"amg": {"points_per_side": 4}}, tmp_path / "checkpoint.pt", row_dir, "row")
-    assert not (row_dir / "rle_masks").exists() and not (row_dir / "stats.json").exists()
+    for stop in (stopped_after_the_masks, stopped_at_once):
+        monkeypatch.setattr(reproduce_experiments, "in_fresh_process", stop)
+        with pytest.raises(KeyboardInterrupt):
+            measured_row(Row("ao"), new, tmp_path / "checkpoint.pt", row_dir, "row")
+        assert sorted(path.name for path in row_dir.iterdir()) == ["rle_masks", "stats.json"]
+        assert (row_dir / "rle_masks").read_text() == "{}\n"
+        assert json.loads((row_dir / "stats.json").read_text()) == {"settings": old}
+    assert runs == [new, "stopped"]
+    # Finished, the new row replaces the earlier one.
+    def finished(function, row, settings, checkpoint, folder, label):
+        (folder / "rle_masks").write_text('{"mask_0": "new"}\n')
+        return {"settings": settings}
+
+    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", finished)
+    assert measured_row(Row("ao"), new, tmp_path / "checkpoint.pt", row_dir, "row") == {"settings": new}
+    assert sorted(path.name for path in row_dir.iterdir()) == ["rle_masks", "stats.json"]
+    assert (row_dir / "rle_masks").read_text() == '{"mask_0": "new"}\n'
+    assert json.loads((row_dir / "stats.json").read_text()) == {"settings": new}
 
 
 @pytest.mark.parametrize("script, arguments, message", [
@@ -573,6 +573,7 @@ def test_a_row_stopped_before_its_masks_leaves_none_of_the_earlier_runs(monkeypa
     ("deploy.ray_bulk_job", ["{tmp}/images", ""], "output: empty; give a file"),
     ("deploy.modal_app", ["replay", "{tmp}/images", ""], "output: empty; give a file"),
     ("training.train_micro_sam2", ["--output", ""], "--output: empty; give a file"),
+    ("tools.load_test", ["http://127.0.0.1:5000", ""], "error: an image file's name is empty"),
     # A file where a row's folder goes (or a folder where result.csv goes): a traceback before.
     ("reproduce_experiments", ["{tmp}/images", "{tmp}/rows", "--checkpoint-dir", "{tmp}/micro_as_tiny", "--model-type",
                                "tiny", "--modes", "ao"], "error: {tmp}/rows/baseline_bs1_ppb64: File exists"),

@@ -438,7 +438,7 @@ def main() -> None:
             parser.error(f"{option}: {', '.join(twice)} given more than once")
     require_one_fast_folder(parser, args.save_fast, args.load_fast)
     if args.save_masks is not None:
-        require_output_folder(parser, args.save_masks, "--save-masks")
+        args.save_masks = require_output_folder(parser, args.save_masks, "--save-masks")  # ~ expanded
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.
     check_checkpoint_arguments(parser, args)
     filters = args.filters or [None]

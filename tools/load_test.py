@@ -309,7 +309,7 @@ def retry_after_s(headers: dict) -> float:
 def main() -> None:
     parser = ScriptParser(description=__doc__)
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5000 (loopback only)")
-    parser.add_argument("images", nargs="+", type=Path, help="image files to send")
+    parser.add_argument("images", nargs="+", help="image files to send")  # as given: Path("") is "."
     parser.add_argument("--clients", type=positive_int, default=4, help="concurrent clients")
     parser.add_argument("--per-client", type=positive_int, default=4, help="requests each client sends")
     parser.add_argument("--time-limit", type=seconds, default=600.0, help="seconds for the whole test")
@@ -318,7 +318,9 @@ def main() -> None:
     take_over_stops()  # SIGTERM as Ctrl-C (`timeout` sends it): the report so far
     try:
         require_loopback(args.url)  # first: the arguments swapped read the URL as an image file
-        images = {str(path): path.read_bytes() for path in args.images}
+        if "" in (name.strip() for name in args.images):  # an unset variable
+            raise ValueError("an image file's name is empty")
+        images = {name: Path(name).read_bytes() for name in args.images}
         report = run_load_test(args.url, images, args.clients, args.per_client, args.time_limit, args.interactive)
     except (OSError, ValueError, RuntimeError) as error:
         sys.exit(f"error: {error_text(error)}")

@@ -1189,6 +1189,20 @@ function removeSelectedMask() {
   showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
 }
 
+// Whether masks were added to the open image's or removed: work its downloads hold, which another
+// image or Segment again would lose.
+function masksEdited() {
+  return Boolean(state.removed || state.annotations.some((a) => a.prompt));
+}
+
+// Another image, chosen, dropped or pasted: asked first where this one's masks were edited.
+function openAnother(file) {
+  if (!file) return;
+  if (masksEdited() && !confirm("Open another image? The masks added and removed here are lost (download them " +
+                                "first).")) return;
+  openFile(file);
+}
+
 // The open image's masks again, under the Filters box's values (the masks added and removed are
 // lost: asked first).
 function segmentAgain(event) {
@@ -1197,7 +1211,7 @@ function segmentAgain(event) {
     showEverythingStatus("Open an image: its masks come under these filters.");
     return;
   }
-  const edited = state.removed || state.annotations.some((a) => a.prompt) || state.clicks.length || state.box;
+  const edited = masksEdited() || state.clicks.length || state.box;
   if (edited && !confirm("Segment the image again? The masks added and removed here, and the clicks, are lost.")) return;
   if (tool() === "click") { // to see what the filters give
     document.querySelector("input[name=tool][value=everything]").checked = true;
@@ -1260,10 +1274,19 @@ function setTool() {
 
 // Where the pointer is on the image: x, y on a pixel (the last column and row at most: a click,
 // a mask under the pointer), corner on the image's edges included (a box reaches its far edges).
+// A pointer outside what the viewer shows of the image (a scrolled strip) is taken at the shown
+// part's edge: a box dragged past it ends there, where its outline was drawn.
 function imagePoint(event) {
   const rect = $("highlight-canvas").getBoundingClientRect();
-  const x = ((event.clientX - rect.left) * state.width) / rect.width;
-  const y = ((event.clientY - rect.top) * state.height) / rect.height;
+  const viewer = $("viewer"), frame = viewer.getBoundingClientRect();
+  const left = frame.left + viewer.clientLeft, top = frame.top + viewer.clientTop;
+  // Held within [low, high] on a side where the viewer cuts the image (start, end: the image's).
+  const shown = (value, low, high, start, end) =>
+    Math.min(Math.max(value, start < low - 1 ? low : -Infinity), end > high + 1 ? high : Infinity);
+  const clientX = shown(event.clientX, left, left + viewer.clientWidth, rect.left, rect.right);
+  const clientY = shown(event.clientY, top, top + viewer.clientHeight, rect.top, rect.bottom);
+  const x = ((clientX - rect.left) * state.width) / rect.width;
+  const y = ((clientY - rect.top) * state.height) / rect.height;
   const clamp = (v, top) => Math.round(Math.min(Math.max(v, 0), top) * 10) / 10;
   return { x: clamp(x, state.width - 1), y: clamp(y, state.height - 1), corner: [clamp(x, state.width), clamp(y, state.height)],
            screenX: event.clientX, screenY: event.clientY };
@@ -1284,9 +1307,16 @@ let press = null;
 function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
   if (!event.isPrimary) return; // a second finger: the first one's press goes on
+  // A mouse's middle, back or forward button: no click (back added a point, then left the page).
+  if (event.pointerType !== "touch" && event.button !== 0 && event.button !== 2) return;
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
             touch: event.pointerType === "touch", at: performance.now(), pointerId: event.pointerId };
   event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)
+  if (tool() === "click") { // the box's outline follows the pointer past the shown part of the image
+    try {
+      event.currentTarget.setPointerCapture(event.pointerId);
+    } catch { /* a pointer no longer down */ }
+  }
   if (document.activeElement?.matches("#filters-form input")) document.activeElement.blur();
 }
 
@@ -1420,7 +1450,7 @@ function firstImage(files) {
 
 function init() {
   $("file").addEventListener("change", (event) => {
-    openFile(event.target.files[0]);
+    openAnother(event.target.files[0]);
     event.target.value = ""; // choosing the same file again opens it again
   });
   document.addEventListener("dragover", (event) => {
@@ -1432,15 +1462,14 @@ function init() {
     event.preventDefault();
     $("viewer").classList.remove("dragging");
     const file = firstImage(event.dataTransfer.files);
-    if (file) openFile(file);
+    if (file) openAnother(file);
     else if (!event.target.closest?.("input")) { // (text dropped on a field of the Filters box: nothing)
       showError("What was dropped holds no file (an image dragged from another web page comes as its link): " +
         "save the image, then drop or choose the file.");
     }
   });
   document.addEventListener("paste", (event) => {
-    const file = firstImage(event.clipboardData && event.clipboardData.files);
-    if (file) openFile(file);
+    openAnother(firstImage(event.clipboardData && event.clipboardData.files));
   });
   const top = $("highlight-canvas");
   // Pointer events: a mouse, a pen or a finger (style.css keeps a finger's drag from scrolling).
@@ -1451,6 +1480,7 @@ function init() {
   window.addEventListener("pointerup", onPointerUp);
   window.addEventListener("pointercancel", (event) => press && event.pointerId === press.pointerId && dropPress());
   document.addEventListener("keydown", onKeyDown);
+  window.addEventListener("beforeunload", (event) => masksEdited() && event.preventDefault()); // a reload loses them too
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list
   $("mask-opacity").addEventListener("input", setMaskOpacity);

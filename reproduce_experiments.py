@@ -256,9 +256,29 @@ class ProgressLog:
             log.info("%s: %d of %d images, %.0f s so far", self.label, images, self.total, now - self.started)
 
 
+def put_back_unfinished(row_dir: Path) -> None:
+    """A row whose study was killed while the row ran (SIGKILL, the machine going down) left the
+    earlier run's files set aside (measured_row's *.earlier), and maybe its own masks without
+    their settings: the earlier row is put back. Where the row had finished (killed as the files
+    set aside were deleted), those go."""
+    asides = [row_dir / f"{name}.earlier" for name in ("stats.json", "rle_masks")]
+    if not any(aside.exists() for aside in asides):
+        return
+    finished = (row_dir / "stats.json").exists()
+    if not finished:
+        for name in ("rle_masks", "rle_masks.partial"):
+            (row_dir / name).unlink(missing_ok=True)
+    for aside in asides:
+        if finished:
+            aside.unlink(missing_ok=True)
+        elif aside.exists():
+            aside.replace(aside.with_suffix(""))
+
+
 def measured_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: str) -> dict:
     """The row's measurements: from an earlier run with the same settings, or run now."""
     stats_path = row_dir / "stats.json"
+    put_back_unfinished(row_dir)
     if stats_path.is_file() and (row_dir / "rle_masks").is_file():
         try:
             stats = json.loads(stats_path.read_text())

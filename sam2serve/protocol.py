@@ -202,7 +202,8 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
     started = False  # the boundary seen
     try:
         while True:
-            chunk = stream.read(1 << 16)
+            # Up to the limit, then a chunk over it: the decoder refuses a chunk that would pass it.
+            chunk = stream.read(min(1 << 16, limits.max_form_field_bytes - len(decoder.buffer)) or 1 << 16)
             decoder.receive_data(chunk or None)  # None: the body's end
             while not isinstance(event := decoder.next_event(), NeedData):
                 started = started or isinstance(event, Preamble)

@@ -152,7 +152,8 @@ class RequestParser(HTTPRequestParser):
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             raise ParsingError("Transfer-Encoding and Content-Length both given; send one")
         if self.version != "1.1" and "TRANSFER_ENCODING" in self.headers:  # waitress framed it by Content-Length
-            raise ParsingError(f"Transfer-Encoding on an HTTP/{self.version} request, which has none; send HTTP/1.1")
+            raise ParsingError(f"Transfer-Encoding on an HTTP/{self.version or '0.9'} request, which has none; "
+                               "send HTTP/1.1")
 
 
 class JSONErrorTask(ErrorTask):

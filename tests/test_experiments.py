@@ -469,6 +469,26 @@ def test_a_row_stopped_while_replacing_masks_keeps_the_earlier_row_whole(monkeyp
     assert json.loads((row_dir / "stats.json").read_text()) == {"settings": new}
 
 
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_row_whose_study_was_killed_is_the_earlier_row_again_or_the_finished_one(monkeypatch, tmp_path, finished):
+    """Killed (SIGKILL) while a row ran again, the study left the earlier run's files set aside and
+    maybe the row's masks without settings: the next run put those masks aside as the earlier
+    ones (the earlier masks lost), or ran a row done already."""
+    row_dir = tmp_path / "ao_bs1_ppb64"
+    row_dir.mkdir()
+    old, new = {"amg": {"points_per_side": 8}}, {"amg": {"points_per_side": 4}}
+    (row_dir / "rle_masks.earlier").write_text("{}\n")
+    (row_dir / "stats.json.earlier").write_text(json.dumps({"settings": old}))
+    (row_dir / "rle_masks").write_text('{"mask_0": "new"}\n')  # the row's process had written its masks
+    if finished:  # killed as the files set aside were deleted
+        (row_dir / "stats.json").write_text(json.dumps({"settings": new}))
+    monkeypatch.setattr(reproduce_experiments, "in_fresh_process", lambda *arguments: pytest.fail("ran again"))
+    done = new if finished else old
+    assert measured_row(Row("ao"), done, tmp_path / "checkpoint.pt", row_dir, "row") == {"settings": done}
+    assert sorted(path.name for path in row_dir.iterdir()) == ["rle_masks", "stats.json"]
+    assert (row_dir / "rle_masks").read_text() == ('{"mask_0": "new"}\n' if finished else "{}\n")
+
+
 @pytest.mark.parametrize("script, arguments, message", [
     ("tools.benchmark", ["--generated", "0"], "--generated: must be 1 or more, got 0"),
     # sam2 built without its CUDA extension (as here) skips it: ao would look wrong against it.

@@ -213,6 +213,8 @@ def test_requests_waitress_would_misread_or_wait_on_are_refused_at_once(server):
          "malformed HTTP request: Transfer-Encoding on an HTTP/1.0 request, which has none; send HTTP/1.1"),
         (b"POST /health HTTP/1.2\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n" + smuggled, 400,
          "malformed HTTP request: Transfer-Encoding on an HTTP/1.2 request, which has none; send HTTP/1.1"),
+        (b"POST /health\r\nTransfer-Encoding: chunked\r\n\r\n" + smuggled, 400,  # no version: HTTP/0.9's line
+         "malformed HTTP request: Transfer-Encoding on an HTTP/0.9 request, which has none; send HTTP/1.1"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400,  # a TLS ClientHello's first bytes
          "this server speaks plain HTTP: use http://, not https://"),
         (b"GET /health HTTP/1.1\nHost: test\n\n", 400,

@@ -1288,6 +1288,30 @@ def test_a_box_past_a_strip_s_shown_part_ends_at_its_edge_and_other_buttons_and_
         assert page_state(page, "annotations.length") == 1
 
 
+def test_a_box_past_the_window_s_edge_ends_there(page, tmp_path):
+    """The page scrolled so that the window cuts the image's top: a box dragged up past the
+    window's edge reached into rows not shown (the pointer, captured, is followed past it)."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "cut.png"))
+        try:
+            page.execute_script("""
+                document.body.style.paddingBottom = "3000px";
+                const rect = document.getElementById("highlight-canvas").getBoundingClientRect();
+                window.scrollBy(0, rect.top + rect.height / 4);""")
+            pointer(page, "pointerdown", 30, 40)
+            edge = page.execute_script("""
+                const rect = document.getElementById("highlight-canvas").getBoundingClientRect();
+                window.dispatchEvent(new PointerEvent("pointerup", {
+                  clientX: rect.left + rect.width / 2, clientY: -100, pointerId: 1, pointerType: "mouse",
+                  isPrimary: true}));
+                return (-rect.top * window.sam2page.state.height) / rect.height;""")
+            assert 5 < edge < 40  # the window cuts the image
+            wait_for(page, lambda d: page_state(d, "box") is not None, timeout=10)
+            assert abs(page_state(page, "box")[1] - edge) <= 0.2, (page_state(page, "box"), edge)
+        finally:
+            page.execute_script("document.body.style.paddingBottom = ''; window.scrollTo(0, 0);")
+
+
 def test_a_finger_draws_a_box_and_taps_points(page, tmp_path):
     """Touch, as on a phone or tablet: a finger's drag draws a box (the page took mouse events
     alone, and a drag scrolled), a tap adds a point, a long press a point off the object."""

@@ -1274,17 +1274,20 @@ function setTool() {
 
 // Where the pointer is on the image: x, y on a pixel (the last column and row at most: a click,
 // a mask under the pointer), corner on the image's edges included (a box reaches its far edges).
-// A pointer outside what the viewer shows of the image (a scrolled strip) is taken at the shown
-// part's edge: a box dragged past it ends there, where its outline was drawn.
+// A pointer outside what the viewer and the window show of the image (a scrolled strip, a
+// scrolled page) is taken at the shown part's edge: a box dragged past it ends there, where its
+// outline was drawn.
 function imagePoint(event) {
   const rect = $("highlight-canvas").getBoundingClientRect();
-  const viewer = $("viewer"), frame = viewer.getBoundingClientRect();
-  const left = frame.left + viewer.clientLeft, top = frame.top + viewer.clientTop;
-  // Held within [low, high] on a side where the viewer cuts the image (start, end: the image's).
+  const viewer = $("viewer"), frame = viewer.getBoundingClientRect(), page = document.documentElement;
+  const left = Math.max(frame.left + viewer.clientLeft, 0), top = Math.max(frame.top + viewer.clientTop, 0);
+  const right = Math.min(frame.left + viewer.clientLeft + viewer.clientWidth, page.clientWidth);
+  const bottom = Math.min(frame.top + viewer.clientTop + viewer.clientHeight, page.clientHeight);
+  // Held within [low, high] on a side where the view cuts the image (start, end: the image's).
   const shown = (value, low, high, start, end) =>
     Math.min(Math.max(value, start < low - 1 ? low : -Infinity), end > high + 1 ? high : Infinity);
-  const clientX = shown(event.clientX, left, left + viewer.clientWidth, rect.left, rect.right);
-  const clientY = shown(event.clientY, top, top + viewer.clientHeight, rect.top, rect.bottom);
+  const clientX = shown(event.clientX, left, right, rect.left, rect.right);
+  const clientY = shown(event.clientY, top, bottom, rect.top, rect.bottom);
   const x = ((clientX - rect.left) * state.width) / rect.width;
   const y = ((clientY - rect.top) * state.height) / rect.height;
   const clamp = (v, top) => Math.round(Math.min(Math.max(v, 0), top) * 10) / 10;

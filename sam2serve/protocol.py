@@ -217,7 +217,8 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
                              "its Content-Type names") from None
         if decoder.state == State.EPILOGUE:
             raise FormTooLarge(f"more than {limit} bytes follow the form's last line") from None
-        raise FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of {limit} bytes") from None
+        raise FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of {limit} "
+                           "bytes") from None
     except UnicodeDecodeError:
         raise ValueError("a part's headers are not UTF-8: a file name in another encoding? curl "
                          "-F 'image=@FILE;filename=a.jpg' sends the file under another name") from None

@@ -1483,7 +1483,8 @@ function init() {
   window.addEventListener("pointerup", onPointerUp);
   window.addEventListener("pointercancel", (event) => press && event.pointerId === press.pointerId && dropPress());
   document.addEventListener("keydown", onKeyDown);
-  window.addEventListener("beforeunload", (event) => masksEdited() && event.preventDefault()); // a reload loses them too
+  // Leaving (or reloading) loses the masks edited too: asked first.
+  window.addEventListener("beforeunload", (event) => masksEdited() && event.preventDefault());
   for (const radio of document.querySelectorAll("input[name=tool]")) radio.addEventListener("change", setTool);
   $("sort-by").addEventListener("change", () => state.labels && listMasks()); // no answer, no list
   $("mask-opacity").addEventListener("input", setMaskOpacity);

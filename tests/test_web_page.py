@@ -837,6 +837,104 @@ def test_delete_in_the_list_removes_the_row_the_keyboard_is_on(page):
     assert status(page).startswith(f"Mask {on} removed")
 
 
+def ax_nodes(driver, role: str) -> list[dict]:
+    """The nodes of a role in Chromium's accessibility tree (what a screen reader is given)."""
+    return [node for node in driver.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+            if node.get("role", {}).get("value") == role and not node.get("ignored")]
+
+
+def ax_true(node: dict, name: str) -> bool:
+    return any(p["name"] == name and p["value"].get("value") in (True, "true") for p in node.get("properties", []))
+
+
+def focused(driver) -> str:
+    """What the keyboard is on: a row's mask number, else the element's id, else its tag."""
+    return driver.execute_script("const e = document.activeElement;"
+                                 "return e.dataset.index !== undefined ? `row ${e.dataset.index}` : e.id || e.tagName")
+
+
+def test_screen_readers_hear_the_selected_row_and_the_keyboard_stays_in_the_list_after_a_removal(page):
+    """The list is a grid named Masks whose selected row says so; "Remove the selected mask" (its
+    button turned off by the removal) and Delete on the last row left the keyboard on <body>."""
+    width, height = 80, 60
+    ys, xs = np.mgrid[:height, :width]
+    masks = [xs < 40, (xs - 60) ** 2 + (ys - 30) ** 2 < 100, ys < 10]
+    page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
+                        json.dumps([coco_record(mask) for mask in masks]), width, height)
+    [grid] = ax_nodes(page, "grid")
+    assert grid["name"]["value"] == "Masks"
+    assert not any(ax_true(row, "selected") for row in ax_nodes(page, "row"))
+    row = lambda index: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{index}']")  # noqa: E731
+    page.execute_script("arguments[0].focus()", row(1))
+    ActionChains(page).send_keys(Keys.ENTER).perform()
+    assert [ax_true(node, "selected") for node in ax_nodes(page, "row")].count(True) == 1
+    assert row(1).get_attribute("aria-selected") == "true" and row(0).get_attribute("aria-selected") == "false"
+    at = page.execute_script("return arguments[0].sectionRowIndex", row(1))
+    page.find_element(By.ID, "remove-mask").send_keys(Keys.ENTER)  # the keyboard on the button
+    assert len(page_state(page, "annotations")) == 2
+    shown_at = page.execute_script("return document.activeElement.sectionRowIndex")
+    assert focused(page).startswith("row ") and shown_at == min(at, 1)  # the row where the removed one was
+    for _ in range(2):
+        ActionChains(page).send_keys(Keys.ENTER, Keys.DELETE).perform()
+    assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
+    assert focused(page) == "mask-list"
+
+
+def test_in_the_click_tool_the_list_is_no_tab_stop_and_its_buttons_leave_the_keyboard_on_the_tool(page, tmp_path):
+    """The list rests in the click tool (its rows do nothing): no row is a Tab stop, each says it
+    is off; "Add to masks" and "Clear clicks", which turn themselves off, left the keyboard on
+    <body>. A paste while the keyboard is in the list brings it back to the new image's list."""
+    with stubbed_fetch(page, stub_answers()):
+        a_click_answered(page, small_image(tmp_path, "tool.png"))
+        rows = page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")
+        assert rows and all(r.get_attribute("tabindex") == "-1" and r.get_attribute("aria-disabled") for r in rows)
+        page.find_element(By.ID, "keep-click").send_keys(Keys.ENTER)
+        wait_for(page, lambda d: status(d).startswith("Added as mask 1"), timeout=10)
+        on_tool = "const e = document.activeElement; return e.name === 'tool' && e.value"
+        assert page.execute_script(on_tool) == "click"
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        page.find_element(By.ID, "clear-clicks").send_keys(Keys.ENTER)
+        assert page.execute_script(on_tool) == "click"
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+        stops = page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr[tabindex='0']")
+        assert len(stops) == 1 and not stops[0].get_attribute("aria-disabled")
+        page.execute_script("arguments[0].focus()", stops[0])
+        page.execute_script("""
+            window.confirm = () => true; // the mask added is let go
+            const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 48});
+            canvas.toBlob((blob) => {
+              const data = new DataTransfer();
+              data.items.add(new File([blob], "pasted.png", {type: "image/png"}));
+              document.activeElement.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+            });""")
+        wait_for(page, lambda d: page_state(d, "name") == "pasted" and status(d).startswith("1 mask in"), timeout=10)
+    assert focused(page) == "row 0"
+
+
+def test_the_page_fits_mid_width_windows_and_phones_and_its_spinner_rests_for_reduced_motion(page):
+    """Windows 761 to 850 px wide scrolled sideways before an image (the viewer's least width
+    beside the list); a long file name in the status line did on a phone; the spinner turned
+    for those who ask for less motion."""
+    wide = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    try:
+        for width in (770, 800, 850):
+            page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                 {"width": width, "height": 450, "deviceScaleFactor": 1, "mobile": False})
+            assert page.execute_script(wide) <= 0, width
+        page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                             {"width": 320, "height": 640, "deviceScaleFactor": 1, "mobile": True})
+        page.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                             {"features": [{"name": "prefers-reduced-motion", "value": "reduce"}]})
+        page.execute_script("window.ending = busy('Segmenting IMG_20240101_123456789_HDR_panorama_final_v2.jpg…')")
+        assert page.execute_script(wide) <= 0
+        assert page.execute_script("return getComputedStyle(document.getElementById('spinner')).animationName") == "none"
+        page.execute_script("window.ending()")
+    finally:
+        page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def masks_shown(driver) -> np.ndarray:
     """Where the visible layers of masks (every mask's, the added masks') paint, (height, width):
     what the viewer and the overlay PNG show of masks."""
@@ -982,7 +1080,7 @@ def test_hovering_back_to_a_large_mask_reuses_its_picture(page):
 def test_the_live_status_says_what_runs_once_while_the_seconds_tick_beside_it(page, tmp_path):
     """Screen readers read out each change of the live region: while the server works, it keeps
     its words; the seconds tick on screen, outside it."""
-    live = lambda: page.execute_script("return document.querySelector('[aria-live]').textContent")  # noqa: E731
+    live = lambda: page.execute_script("return document.getElementById('status-text').textContent")  # noqa: E731
     shown = lambda: page.find_element(By.ID, "status").text  # noqa: E731
     with stubbed_fetch(page, {"/upload_rle": [200, [], None]}):  # no answer comes
         open_image(page, small_image(tmp_path, "slow.png"))

@@ -804,6 +804,7 @@ async function openFile(file) {
   for (const previous of [state.imageRequests, state.segmentRequest]) if (previous) previous.abort();
   onlyUnderWay(done);
   const requests = (state.imageRequests = new AbortController());
+  const listFocused = $("mask-list").contains(document.activeElement); // its rows go: the keyboard comes back
   resetImage();
   clearViewer();
   state.file = file;
@@ -833,6 +834,7 @@ async function openFile(file) {
     showToolStatus();
     showError(error.message);
   }
+  if (listFocused && document.activeElement === document.body) focusList();
 }
 
 function showImage(bitmap) {
@@ -913,6 +915,7 @@ function listMasks() {
     row.dataset.index = i;
     row.tabIndex = -1; // one row at a time is a Tab stop (below); arrows move between rows
     row.classList.toggle("selected", i === state.selected);
+    row.setAttribute("aria-selected", String(i === state.selected));
     row.classList.toggle("hovered", i === state.hovered);
     row.classList.toggle("added", Boolean(state.annotations[i].prompt)); // the click tool's masks
     const swatch = document.createElement("span");
@@ -931,9 +934,27 @@ function listMasks() {
     rows.push(row);
   }
   $("mask-list").tBodies[0].replaceChildren(...rows);
-  if (rows[0].dataset.index !== undefined) {
-    rowStop(rows.find((row) => Number(row.dataset.index) === state.selected) || rows[0]);
+  restList();
+}
+
+// In the click tool the list rests: no row is a Tab stop (Enter, Delete and the arrows do nothing
+// there), and each says it is off. In the every-mask tool the selected row, else the first, is.
+function restList() {
+  const rows = [...$("mask-list").tBodies[0].rows].filter((row) => row.dataset.index !== undefined);
+  const rests = tool() === "click";
+  for (const row of rows) {
+    if (rests) {
+      row.setAttribute("aria-disabled", "true");
+      row.tabIndex = -1;
+    } else row.removeAttribute("aria-disabled");
   }
+  if (!rests && rows.length) rowStop(rows.find((row) => Number(row.dataset.index) === state.selected) || rows[0]);
+}
+
+// The keyboard back in the list (its row that is a Tab stop; the table where no mask is left),
+// after the rows it was on were built again: else it was left on <body>, nowhere.
+function focusList() {
+  ($("mask-list").querySelector("tbody tr[tabindex='0']") || $("mask-list")).focus();
 }
 
 // Scrolls the list, not the page, to a row out of its sight (a mask selected on the image).
@@ -970,8 +991,10 @@ function setHovered(i) {
 function select(i) {
   state.selected = i === state.selected ? -1 : i;
   for (const row of $("mask-list").tBodies[0].rows) {
-    row.classList.toggle("selected", Number(row.dataset.index) === state.selected);
-    if (Number(row.dataset.index) === state.selected) showInList(row);
+    const selected = Number(row.dataset.index) === state.selected;
+    row.classList.toggle("selected", selected);
+    if (row.dataset.index !== undefined) row.setAttribute("aria-selected", String(selected));
+    if (selected) showInList(row);
   }
   $("hover-info").textContent = state.selected >= 0 ? describe(state.selected) : "\u00a0";
   toolButtons();
@@ -1165,6 +1188,16 @@ function keepClickMask() {
   showClickStatus(`Added as mask ${index}; click the next object.`);
 }
 
+// A click tool's button its own action turns off would leave the keyboard nowhere (<body>): it
+// goes to the tool's choice, the next Tab stop before it.
+function keepingFocus(button, action) {
+  return () => {
+    const focused = document.activeElement === button;
+    action();
+    if (focused && button.disabled) document.querySelector("input[name=tool]:checked").focus();
+  };
+}
+
 // A mask the labeller finds wrong (the server's or one added by clicks), selected in the
 // every-mask tool, leaves the image's masks: the drawing, the list and the downloads. The
 // others keep their colours; the masks after it move up one number.
@@ -1172,17 +1205,18 @@ function removeSelectedMask() {
   const index = state.selected;
   if (index < 0 || tool() !== "everything") return;
   const rows = $("mask-list").tBodies[0].rows; // live: the list's rows after it is built again too
-  const focused = $("mask-list").contains(document.activeElement);
+  const focused = $("mask-list").contains(document.activeElement) || document.activeElement === $("remove-mask");
   const at = [...rows].findIndex((row) => Number(row.dataset.index) === index);
   for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
   state.removed += 1;
   state.hovered = -1;
   select(index); // unselects it: its outline goes, and the figures
   masksChanged();
-  // The keyboard stays in the list, on the row now where the removed one was (else Delete
-  // left the focus nowhere, and the arrows did nothing).
+  // The keyboard stays in the list (or goes there from the button, which the removal turns off),
+  // on the row now where the removed one was; on the list where none is left (else Delete left
+  // the focus nowhere, and the arrows did nothing).
   const next = rows[Math.min(at, rows.length - 1)];
-  if (focused && next && next.dataset.index !== undefined) next.focus();
+  if (focused) (next && next.dataset.index !== undefined ? next : $("mask-list")).focus();
   const last = state.annotations.length; // the removed mask's number, before: the last one's
   const moved = last === index ? "" : last === index + 1 ? `; mask ${last} is now ${index}`
     : `; masks ${index + 1} to ${last} are now ${index} to ${last - 1}`;
@@ -1260,9 +1294,10 @@ function setTool() {
   $("tool-help").textContent = click
     ? "Click a point on an object; right click, shift-click or a long press: a point off it; drag a box; " +
       "Ctrl+Z or Backspace: undo. Clicks and a box describe one object: add its mask, or clear the clicks, " +
-      "before the next."
+      "before the next. (A tool for a mouse, pen or finger: the keyboard takes clicks back, it adds none.)"
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
+  restList();
   // Mask figures belong to the every-mask tool: none in the click tool, the selected mask's again on return.
   $("hover-info").textContent = !click && state.selected >= 0 ? describe(state.selected) : "\u00a0";
   drawHighlight();
@@ -1518,12 +1553,12 @@ function init() {
   });
   rows.addEventListener("mouseleave", () => tool() === "everything" && setHovered(-1));
   rows.addEventListener("focusout", () => tool() === "everything" && setHovered(-1));
-  $("clear-clicks").addEventListener("click", () => {
+  $("clear-clicks").addEventListener("click", keepingFocus($("clear-clicks"), () => {
     state.clicks = [];
     state.box = null;
     segment();
-  });
-  $("keep-click").addEventListener("click", keepClickMask);
+  }));
+  $("keep-click").addEventListener("click", keepingFocus($("keep-click"), keepClickMask));
   $("remove-mask").addEventListener("click", removeSelectedMask);
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));

@@ -928,7 +928,8 @@ def test_the_page_fits_mid_width_windows_and_phones_and_its_spinner_rests_for_re
                              {"features": [{"name": "prefers-reduced-motion", "value": "reduce"}]})
         page.execute_script("window.ending = busy('Segmenting IMG_20240101_123456789_HDR_panorama_final_v2.jpg…')")
         assert page.execute_script(wide) <= 0
-        assert page.execute_script("return getComputedStyle(document.getElementById('spinner')).animationName") == "none"
+        spinning = "return getComputedStyle(document.getElementById('spinner')).animationName"
+        assert page.execute_script(spinning) == "none"
         page.execute_script("window.ending()")
     finally:
         page.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

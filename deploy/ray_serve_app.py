@@ -32,6 +32,7 @@ import io
 import math
 import os
 import time
+from urllib.parse import parse_qsl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,12 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 from ray.exceptions import TaskCancelledError
+from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.http import parse_options_header
 
 import sam2serve
 from deploy import cluster_device
@@ -53,9 +56,10 @@ from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmen
 from sam2serve.worker import Abandoned, generate_each
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
-    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, Limits,
-    RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
-    decode_upload, embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
+    Limits, RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
+    decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error, form_prompts,
+    is_json, json_text,
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
     require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
@@ -71,6 +75,8 @@ ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment"
 
 def json_error(error: Exception) -> Response:
     status, body, headers = error_answer(error)
+    if isinstance(error, UploadTooLarge):  # the rest of the body is not read: as server.py, the connection ends
+        headers = {**headers, "Connection": "close"}
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -161,11 +167,14 @@ class SegmentEverything:
             require_short_url(len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0),
                               len(scope["path"].encode()) + len(query), self.limits)
             require_declared_size(request, self.limits)  # on every route and method, as server.py's
-        except (URLTooLong, UploadTooLarge) as error:
+            require_small_headers(scope, ConnectionLimits.max_header_bytes)
+        except (URLTooLong, UploadTooLarge, HeadersTooLarge) as error:
             return json_error(error)
         path = route(scope)
         if not path:  # the application's route prefix without its slash: the page's links are relative
             return RedirectResponse(request.scope["root_path"] + "/", status_code=301)
+        if path.rstrip("/") == "/static/index.html":  # the page is at /, its links relative: as server.py
+            return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
         if path not in ROUTES:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
@@ -241,6 +250,15 @@ class ImageRequest:
     cancelled: bool = False
 
 
+def require_small_headers(scope: dict, max_bytes: int) -> None:
+    """Request line and headers over server.py's limit are its 431 (Ray's proxy has read them
+    whole by now: it sets no limit of its own), counted as sent."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+    headers = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+    if len(scope["method"]) + target + 16 + headers > max_bytes:  # 16: " ", "?", " HTTP/1.1\r\n", "\r\n"
+        raise HeadersTooLarge(max_bytes)
+
+
 def require_declared_size(request: Request, limits: Limits) -> None:
     """A body whose Content-Length is over the upload limit is refused before it is read."""
     if int(request.headers.get("content-length") or 0) > limits.max_upload_bytes:
@@ -285,8 +303,17 @@ async def with_body_read(request: Request, limits: Limits, timeout_s: float = Co
 
 async def read_form(request: Request, limits: Limits):
     """The multipart form, under server.py's limits and with its answers: too many parts or a
-    text field too large is a 413, a body that is not a form a 400."""
+    text field too large is a 413, a body that is not a form a 400. A URL-encoded body is read as
+    werkzeug reads it for server.py, without limits of parts or sizes (its names say what came: a
+    photo sent with curl --data-binary has none named 'image', and each of its '&' started a part
+    for Starlette, a 413 "more than 1000 parts")."""
     body = await request.body()  # kept: the form is parsed from it, and again to name a field over its limit
+    mimetype, options = parse_options_header(request.headers.get("content-type", ""))
+    if mimetype == "application/x-www-form-urlencoded":
+        return FormData(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+    boundary = options.get("boundary", "")
+    if mimetype == "multipart/form-data" and after_last_line(body, boundary) > limits.max_form_field_bytes:
+        raise epilogue_too_large(limits)  # as werkzeug's limit: Starlette reads any amount there
     try:
         form = await request.form(max_files=limits.max_form_parts, max_fields=limits.max_form_parts,
                                   max_part_size=limits.max_form_field_bytes)
@@ -301,6 +328,18 @@ async def read_form(request: Request, limits: Limits):
         if '"name" must be provided' in error.message:  # as server.py says it
             raise unreadable_form(NAMELESS_PART) from None
         raise unreadable_form(error.message) from None
+
+
+def after_last_line(body: bytes, boundary: str) -> int:
+    """How many bytes follow a multipart body's last line (--BOUNDARY--, at its start or after a
+    CRLF); 0 where it has none."""
+    last_line = b"--" + boundary.encode(errors="replace") + b"--"
+    if not boundary:
+        return 0
+    if body.startswith(last_line):
+        return len(body) - len(last_line)
+    at = body.find(b"\r\n" + last_line)
+    return 0 if at < 0 else len(body) - at - 2 - len(last_line)
 
 
 def route(scope: dict) -> str:

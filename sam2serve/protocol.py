@@ -97,6 +97,11 @@ class UploadTooLarge(ValueError):
         super().__init__(f"upload larger than the limit of {limits.max_upload_bytes} bytes")
 
 
+class HeadersTooLarge(ValueError):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"request line and headers larger than the limit of {max_bytes} bytes")
+
+
 class URLTooLong(ValueError):
     def __init__(self, limits: Limits) -> None:
         super().__init__(f"URL longer than the limit of {limits.max_url_bytes} bytes")
@@ -216,7 +221,7 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
             raise ValueError(f"no line of its first {limit} bytes is {shown('--' + boundary)}, the boundary "
                              "its Content-Type names") from None
         if decoder.state == State.EPILOGUE:
-            raise FormTooLarge(f"more than {limit} bytes follow the form's last line") from None
+            raise epilogue_too_large(limits) from None
         raise FormTooLarge(f"a part's headers (its file name, say) are larger than the limit of {limit} "
                            "bytes") from None
     except UnicodeDecodeError:
@@ -229,6 +234,10 @@ def form_events(stream: IO[bytes], content_type: str, limits: Limits) -> Iterato
             raise ValueError(f"no line of it is {shown('--' + boundary)}, the boundary its Content-Type "
                              "names") from None
         raise ValueError(f"it ends before its last line, {shown('--' + boundary + '--')}") from None
+
+
+def epilogue_too_large(limits: Limits) -> FormTooLarge:
+    return FormTooLarge(f"more than {limits.max_form_field_bytes} bytes follow the form's last line")
 
 
 def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, text_fields: Iterable[str] = (),
@@ -375,6 +384,8 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 413
     elif isinstance(error, URLTooLong):
         status = 414
+    elif isinstance(error, HeadersTooLarge):
+        status = 431
     elif isinstance(error, RequestStalled):
         status = 408
     elif isinstance(error, NotReady):

@@ -51,7 +51,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, ServerNotImplemented
 
-from .protocol import ANSWER_HEADERS
+from .protocol import ANSWER_HEADERS, HeadersTooLarge
 
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
@@ -113,7 +113,7 @@ def refusal_message(error: BadRequest, max_body_bytes: int, max_header_bytes: in
     if isinstance(error, RequestEntityTooLarge):
         return f"upload larger than the limit of {max_body_bytes} bytes"
     if isinstance(error, RequestHeaderFieldsTooLarge):
-        return f"request line and headers larger than the limit of {max_header_bytes} bytes"
+        return str(HeadersTooLarge(max_header_bytes))
     if isinstance(error, (NotHTTP, ServerNotImplemented)):  # not malformed: what it asks is not served
         return error.body
     return f"malformed HTTP request: {error.body}"

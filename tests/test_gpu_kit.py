@@ -257,7 +257,8 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     """The script's own logic, against a stand-in for Python (seconds, no torch): a stage name
     it does not know, an option without its value, relative folders, an earlier run's masks
     named as such, an export comparison that fails, an export skipped where export-check did
-    not pass, the run's time limit, and a stop."""
+    not pass, the run's time limit (an export stage not started with less than it needs), and a
+    stop."""
     stub = tmp_path / "python"
     stub.write_text("#!/bin/bash\n"
                     'case "$1" in\n'
@@ -305,6 +306,16 @@ def test_gpu_benchmark_script_checks_its_arguments_and_counts_a_failed_compariso
     assert result.returncode == 1 and "skip export-save, export-load: export-check did not pass" in timeline
     assert "start export-save" not in timeline and not (tmp_path / "out" / "export-save.md").exists()
     assert "failed stages: export-check\n" in timeline
+    # Less time left than an export stage needs: not started (cut short, it measured nothing), and
+    # export-check skipped is not said to have failed.
+    result = script("--dry-run", "--stages", "export", "--out", "out", environment={"TOTAL_SECONDS": "100"})
+    timeline = (tmp_path / "out" / "timeline.txt").read_text()
+    assert result.returncode == 1 and "skip export-check: " in timeline and "did not pass" not in timeline
+    assert "skip export-save, export-load: export-check was not run (no time left)" in timeline
+    result = script("--dry-run", "--stages", "export", "--out", "out", environment={"TOTAL_SECONDS": "150"})
+    timeline = (tmp_path / "out" / "timeline.txt").read_text()
+    assert "end export-check: exit status 0" in timeline and "start export-save" not in timeline
+    assert "skip export-save: " in timeline and "it needs 200 s" in timeline
 
     # The run's time: a stage that cannot start is skipped (TOTAL_SECONDS is scaled by 10 in a
     # dry run, less 15 s kept for the end); one running when the script is stopped stops with it.
@@ -585,7 +596,8 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
         return SimpleNamespace(config=SimpleNamespace(points_per_batch=64), generate=generate)
 
     monkeypatch.setattr(benchmark, "load_row", load_row)
-    args = SimpleNamespace(device="cuda", compile_mode="reduce-overhead", reference="baseline")
+    args = SimpleNamespace(device="cuda", compile_mode="reduce-overhead", reference="baseline", save_fast=None,
+                           load_fast=None)
     rows = ["baseline", "ao", "fast", "fast_furious", "study_ao"]
     generators, ready, notes = benchmark.ready_rows(rows, None, args, {}, first_image=None)
     assert list(generators) == list(ready) == ["baseline", "fast", "fast_furious"]
@@ -647,7 +659,8 @@ def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatc
 def test_benchmark_tries_a_fast_row_again_only_where_it_did_not_fail_in_the_default_mode(monkeypatch):
     """A fast row that fails in torch.compile's default mode, or on a CPU in its eager kernels,
     is not tried again; one that fails in the mode a CUDA device compiles in when none is given
-    (max-autotune) is tried again in the default mode."""
+    (max-autotune) is tried again in the default mode, unless it was exported or loaded (an
+    export of minutes, or the same loader's crash, again)."""
     from tools import benchmark
 
     calls = []
@@ -659,16 +672,22 @@ def test_benchmark_tries_a_fast_row_again_only_where_it_did_not_fail_in_the_defa
     monkeypatch.setattr(benchmark, "load_row", load_row)
     for device, compile_mode in (("cuda", "default"), ("cpu", None)):
         calls.clear()
-        args = SimpleNamespace(device=device, compile_mode=compile_mode, reference="baseline")
+        args = SimpleNamespace(device=device, compile_mode=compile_mode, reference="baseline", save_fast=None,
+                               load_fast=None)
         generators, _, notes = benchmark.ready_rows(["fast"], None, args, {}, first_image=None)
         assert calls == [("fast", None)] and generators == {}
         assert notes == {"fast": "failed: RuntimeError: compilation failed"}
     calls.clear()
-    args = SimpleNamespace(device="cuda", compile_mode=None, reference="baseline")
+    args = SimpleNamespace(device="cuda", compile_mode=None, reference="baseline", save_fast=None, load_fast=None)
     _, _, notes = benchmark.ready_rows(["fast"], None, args, {}, first_image=None)
     assert calls == [("fast", None), ("fast", "default")]
     assert notes == {"fast": "failed in compile mode max-autotune: RuntimeError: compilation failed; "
                              "failed in compile mode default: RuntimeError: compilation failed"}
+    for exported in ({"save_fast": "kernels"}, {"load_fast": "kernels"}):  # AOTInductor's, in any mode
+        calls.clear()
+        _, _, notes = benchmark.ready_rows(["fast"], None, SimpleNamespace(**{**vars(args), **exported}), {},
+                                           first_image=None)
+        assert calls == [("fast", None)] and notes == {"fast": "failed: RuntimeError: compilation failed"}
 
 
 def test_benchmark_says_how_the_fast_modes_kernels_were_made():
@@ -887,7 +906,7 @@ def test_benchmark_table_gives_each_column_its_own_figure():
 
     run = ModeRun("ao", ready_seconds=2.5, held_mib=20.0, peak_mib=300.0,
                   seconds=[0.1, 0.1, 0.1, 1.0], masks={0: [], 1: [], 2: [{}, {}, {}]})
-    header, _, row = table([run], 3, reference="baseline").splitlines()
+    header, _, row = table([run], 3, reference="baseline", save_fast=None, load_fast=None).splitlines()
     cells = dict(zip(header.split("|"), row.split("|")))
     assert cells[" ready s "] == " 2.5 " and cells[" ms per image (median) "] == " 100 " and cells[" p90 "] == " 730 "
     assert cells[" images/s "] == " 3.077 "

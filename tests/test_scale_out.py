@@ -29,7 +29,7 @@ from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
 from sam2serve.rle import rles_to_masks
-from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, UploadTooLarge, error_answer
+from sam2serve.protocol import PAGE_SECURITY_POLICY, HeadersTooLarge, Limits, UploadTooLarge, error_answer
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
@@ -480,6 +480,10 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         # Starlette counts fields and files apart, 1000 of each: 2000 parts were taken.
         "1000 fields and 1000 files": multipart([image] + [(f"f{i}", None, b"x") for i in range(1000)]
                                                 + [(f"g{i}", "g", b"x") for i in range(999)]),
+        # curl --data-binary @photo.jpg: each '&' of it a part for Starlette (a 413 "more than 1000 parts")
+        "a photo as the body": (np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes(),
+                                "application/x-www-form-urlencoded"),
+        "600 kB after the form's last line": (multipart([image])[0] + b"x" * 600_000, multipart([image])[1]),
     }
     for case, (body, content_type) in forms.items():
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
@@ -487,7 +491,7 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
         if status == 413 or case in ("path without @", "raw image", "another multipart type", "a part without a name",
                                      "a setting as a form field", "image as a file and as text",
-                                     "another file"):  # the same message as well
+                                     "another file", "a photo as the body"):  # the same message as well
             assert answer == flask.get_data(), case
     # Settings refused; a subnormal number is 0 in both (Ray's event loop, which flushes no
     # denormals, took 1e-310 for above 0, and its model thread refused it: a 500).
@@ -540,8 +544,16 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
             answer = b""
             while not answer.endswith(b"}"):
                 answer += announced.recv(65536) or b"}"
+            assert announced.recv(1) == b""  # its connection closed, as server.py's: the body is not read
         assert answer.startswith(b"HTTP/1.1 413"), (request_line, answer[:300])
         assert answer.endswith(error_answer(UploadTooLarge(Limits()))[1].encode()), (request_line, answer[-300:])
+    # Request line and headers over server.py's limit: its 431 (Ray's proxy has no limit of its own).
+    with socket.create_connection((address.hostname, address.port), timeout=30) as padded:
+        padded.sendall(f"GET /health HTTP/1.1\r\nHost: test\r\nX-Pad: {'a' * 70_000}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += padded.recv(65536) or b"}"
+    assert answer.startswith(b"HTTP/1.1 431") and answer.endswith(error_answer(HeadersTooLarge(65536))[1].encode())
 
 
 def test_ray_serve_config_file_names_the_app_and_valid_arguments():
@@ -756,6 +768,37 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, None])
     assert status == 499 and "before its request was read" in json.loads(body)["error"]
     assert answers == [limit]
+
+
+def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_client):
+    """Called bare: headers over 64 kB are server.py's 431 (Ray's proxy sets no limit: 100 MB of
+    them were read); a photo posted as the body (curl --data-binary: URL-encoded, each '&' a part
+    for Starlette) server.py's 400, not a 413 "more than 1000 parts"; more than a text field's
+    limit after a form's last line its 413 (Ray took it); /static/index.html is sent to the page;
+    an upload over the limit ends its connection."""
+    pytest.importorskip("ray")
+    from .test_http_front import multipart
+
+    replica = bare_replica(limits=Limits(), connection_timeout_s=5, waiting=0, info={})
+    status, _, body = bare_replica_answer(replica, "GET", "/health", headers=[("X-Pad", "a" * 70_000)])
+    assert (status, body.decode()) == (431, error_answer(HeadersTooLarge(65536))[1])
+    assert bare_replica_answer(replica, "GET", "/health", headers=[("X-Pad", "a" * 60_000)])[0] == 200
+    photo = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()  # about 1,170 '&'
+    image = ("image", "a.jpg", (REPO / "examples" / "shapes.jpg").read_bytes())
+    for body, content_type in [(photo, "application/x-www-form-urlencoded"),
+                               (b"image=" + b"a" * 600_000, "application/x-www-form-urlencoded"),
+                               (multipart([image])[0] + b"x" * 600_000, multipart([image])[1])]:
+        status, _, answer = bare_replica_answer(replica, "POST", "/upload_rle", [body],
+                                                headers=[("Content-Type", content_type),
+                                                         ("Content-Length", str(len(body)))])
+        flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
+        assert (status, answer) == (flask.status_code, flask.get_data()) and status in (400, 413), answer[:200]
+    for path, location in [("/static/index.html", "../"), ("/static/index.html/", "../../")]:
+        status, headers, _ = bare_replica_answer(replica, "GET", path)
+        assert (status, headers["location"]) == (308, location) == (flask_client.get(path).status_code, location)
+    status, headers, _ = bare_replica_answer(replica, "POST", "/upload_rle",
+                                             headers=[("Content-Length", str(60 << 20))])
+    assert status == 413 and headers["connection"] == "close"
 
 
 def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):

@@ -244,16 +244,19 @@ def ready_rows(rows: list[str], parser: argparse.ArgumentParser, args: argparse.
     decoder there takes about 0.2 s per point prompt at 1024 pixels: (generators, each row's
     seconds until ready and memory held then, notes). A row that fails there is left out with a
     note instead of ending the run; a compiled row that fails in a chosen compile mode (CUDA
-    graphs, GEMM search) is tried once more in torch.compile's default mode. The reference row's
-    failure ends it: every row is compared with it."""
+    graphs, GEMM search) is tried once more in torch.compile's default mode, but not one exported
+    or loaded (--save-fast, --load-fast: AOTInductor makes its kernels in any compile mode, and it
+    would export for minutes again, or crash in the same loader). The reference row's failure ends
+    it: every row is compared with it."""
     generators, ready, notes = {}, {}, {}
     cuda = torch.device(args.device).type == "cuda"
     # The mode a compiled row compiles in: the one given, else max-autotune on CUDA; on a CPU
     # none is (its fast rows run eager kernels unless --compile-mode is given).
     chosen = args.compile_mode or (default_compile_mode(args.device) if cuda else None)
+    try_again = chosen not in (None, "default") and not (args.save_fast or args.load_fast)
     for row in rows:
         compile_modes = [None]
-        if compiled_row(row) and chosen not in (None, "default"):
+        if compiled_row(row) and try_again:
             compile_modes.append("default")
         for compile_mode in compile_modes:
             started, memory_before = time.perf_counter(), allocated_mib(args.device)

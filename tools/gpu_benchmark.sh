@@ -25,12 +25,16 @@
 #    (--load-fast), on the first scene, without the baseline, the masks compared with each other
 #    and with the compiled kernels' masks of stage 3.
 # Each stage's tables land in OUT/<stage>.md as soon as they are measured (a run cut short
-# keeps what it measured; the tables of stages not run stay as an earlier run left them);
+# keeps what it measured; the tables of stages not named in --stages stay as an earlier run left
+# them, those of stages named but skipped for want of time are gone);
 # OUT/timeline.txt has the machine and a timestamp per stage, OUT/log.txt every stage's log.
 # Large files (installed packages, checkpoint, exported kernels, masks) go to WORK. Stages:
 # --stages "smoke large large-off decoder export". Relative folders are read from the caller's
-# folder. The whole run ends within TOTAL_SECONDS (default 570, under a caller's
-# `timeout 585`): each stage gets at most what is left, and one that cannot start is skipped.
+# folder. The whole run ends within TOTAL_SECONDS (default 525, under a caller's
+# `timeout 540`): each stage gets at most what is left, and one is skipped where less is left
+# than it needs (NEEDS: the export's stages, which are cut short for nothing otherwise). On an
+# H200 the stages before the export took 4 min 40 s cold, the decoder's stage not timed there:
+# the export of fast_furious fits only in a run of its own (--stages export, about 6 minutes).
 set -uo pipefail
 
 usage() {
@@ -90,7 +94,12 @@ done
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python && -z $WHEELS ]] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
-TOTAL_SECONDS=${TOTAL_SECONDS:-570}
+TOTAL_SECONDS=${TOTAL_SECONDS:-525}
+# The seconds a stage needs to be worth starting (20 for the others): on an H200 export-check's
+# small module took 74 s to export, export-save's fast_furious 136 s, each then loaded in a
+# process of its own (tens of seconds).
+declare -A NEEDS=([export-check]=120 [export-save]=200 [export-load]=45)
+SKIPPED=0  # whether run's last stage was skipped for want of time (not run, not failed)
 STAGE=""  # the running stage's process: stopped with the script (its own process group)
 stopped() {  # SIGNAL STATUS: the running stage stopped too; 143 for SIGTERM, 130 for Ctrl-C
     stamp "stopped by $1"
@@ -110,9 +119,12 @@ run() {
     shift 2
     seconds=$((seconds * LIMIT_SCALE))
     left=$((TOTAL_SECONDS * LIMIT_SCALE - SECONDS - 15))  # 15: a stopped stage's kill-after, and the end
-    if ((left < 20)); then
-        stamp "skip $name: ${left} s left of the run's ${TOTAL_SECONDS} s"
+    SKIPPED=0
+    if ((left < ${NEEDS[$name]:-20} * LIMIT_SCALE)); then
+        stamp "skip $name: ${left} s left of the run's ${TOTAL_SECONDS} s, it needs ${NEEDS[$name]:-20} s" \
+            "(run it alone: --stages)"
         FAILED+=("$name (no time left)")
+        SKIPPED=1
         return 1
     fi
     ((seconds <= left)) || seconds=$left
@@ -138,13 +150,13 @@ compare_exports() {
     local status=0 large="stage large-off"
     echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
     printf -- "- those exported in the same process (--save-fast): "
-    "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
+    timeout 60 "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
         "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
         ((LARGE_RAN)) || large="stage large-off of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled/off_fast_furious.jsonl" '+%Y-%m-%d %H:%M UTC')"
         printf -- "- those of torch.compile (%s, the same scene): " "$large"
         head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
-        "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
+        timeout 60 "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
             "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     else
         echo "- those of torch.compile: none (stage large-off did not write them)"
@@ -222,6 +234,8 @@ if [[ " $STAGES " == *" export "* ]]; then
             run export-load "${LOAD_SECONDS:-60}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
                 --save-masks "$WORK/masks/loaded" &&
             { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" || FAILED+=(export-compare); }
+    elif ((SKIPPED)); then
+        stamp "skip export-save, export-load: export-check was not run (no time left)"
     else
         # A small module that AOTInductor cannot export, load and run here: the fast modes'
         # packages would fare no better, after minutes (on an H200 the loader crashed on them).

@@ -906,7 +906,7 @@ def test_benchmark_table_gives_each_column_its_own_figure():
 
     run = ModeRun("ao", ready_seconds=2.5, held_mib=20.0, peak_mib=300.0,
                   seconds=[0.1, 0.1, 0.1, 1.0], masks={0: [], 1: [], 2: [{}, {}, {}]})
-    header, _, row = table([run], 3, reference="baseline", save_fast=None, load_fast=None).splitlines()
+    header, _, row = table([run], 3, reference="baseline").splitlines()
     cells = dict(zip(header.split("|"), row.split("|")))
     assert cells[" ready s "] == " 2.5 " and cells[" ms per image (median) "] == " 100 " and cells[" p90 "] == " 730 "
     assert cells[" images/s "] == " 3.077 "

@@ -111,6 +111,22 @@ trap 'stopped SIGINT 130' INT
 
 stamp() { echo "[$(date -u '+%Y-%m-%d %H:%M:%S UTC')] $*" | tee -a "$OUT/timeline.txt"; }
 
+# The run's seconds left, less 15: a stopped stage's kill-after, and the end.
+time_left() { echo $((TOTAL_SECONDS * LIMIT_SCALE - SECONDS - 15)); }
+
+# bounded COMMAND...: COMMAND stopped after 60 s or when the run's time is up (the export's
+# comparisons, after its last stage: they ran past the run's end).
+bounded() {
+    local seconds
+    seconds=$(time_left)
+    ((seconds <= 60)) || seconds=60
+    if ((seconds < 5)); then
+        echo "not compared: the run's time is up"
+        return 1
+    fi
+    timeout --kill-after=5 "$seconds" "$@"
+}
+
 # run NAME SECONDS COMMAND...: one stage, its stdout (the tables) in OUT/NAME.md and its log
 # added to OUT/log.txt, stopped after SECONDS (LIMIT_SCALE times that in a dry run) or when the
 # run's time is up; a failure is recorded and the next stage runs.
@@ -118,7 +134,7 @@ run() {
     local name=$1 seconds=$2 status left
     shift 2
     seconds=$((seconds * LIMIT_SCALE))
-    left=$((TOTAL_SECONDS * LIMIT_SCALE - SECONDS - 15))  # 15: a stopped stage's kill-after, and the end
+    left=$(time_left)
     SKIPPED=0
     if ((left < ${NEEDS[$name]:-20} * LIMIT_SCALE)); then
         stamp "skip $name: ${left} s left of the run's ${TOTAL_SECONDS} s, it needs ${NEEDS[$name]:-20} s" \
@@ -150,13 +166,13 @@ compare_exports() {
     local status=0 large="stage large-off"
     echo "fast_furious, IoU and stability filters off: masks of the kernels loaded (--load-fast) against"
     printf -- "- those exported in the same process (--save-fast): "
-    timeout 60 "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
+    bounded "$PYTHON" compare_rle_lists.py "$WORK/masks/exported/off_fast_furious.jsonl" \
         "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     if [[ -f $WORK/masks/compiled/off_fast_furious.jsonl ]]; then
         ((LARGE_RAN)) || large="stage large-off of an earlier run in $WORK, $(date -u -r "$WORK/masks/compiled/off_fast_furious.jsonl" '+%Y-%m-%d %H:%M UTC')"
         printf -- "- those of torch.compile (%s, the same scene): " "$large"
         head -n 1 "$WORK/masks/compiled/off_fast_furious.jsonl" >"$WORK/masks/compiled/first_off_fast_furious.jsonl"
-        timeout 60 "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
+        bounded "$PYTHON" compare_rle_lists.py "$WORK/masks/compiled/first_off_fast_furious.jsonl" \
             "$WORK/masks/loaded/off_fast_furious.jsonl" || status=1
     else
         echo "- those of torch.compile: none (stage large-off did not write them)"

@@ -874,10 +874,24 @@ def test_screen_readers_hear_the_selected_row_and_the_keyboard_stays_in_the_list
     assert len(page_state(page, "annotations")) == 2
     shown_at = page.execute_script("return document.activeElement.sectionRowIndex")
     assert focused(page).startswith("row ") and shown_at == min(at, 1)  # the row where the removed one was
-    for _ in range(2):
-        ActionChains(page).send_keys(Keys.ENTER, Keys.DELETE).perform()
+    # The mouse's click on the button takes no focus to the list (its row's mask was shown as hovered).
+    row(0).click()
+    page.find_element(By.ID, "remove-mask").click()
+    assert len(page_state(page, "annotations")) == 1
+    assert not focused(page).startswith("row ") and page_state(page, "hovered") == -1
+    page.execute_script("arguments[0].focus()", row(0))
+    ActionChains(page).send_keys(Keys.DELETE).perform()
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
     assert focused(page) == "mask-list"
+
+
+PASTE = """
+    const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 48});
+    canvas.toBlob((blob) => {
+      const data = new DataTransfer();
+      data.items.add(new File([blob], "pasted.png", {type: "image/png"}));
+      document.activeElement.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+    });"""  # an image pasted where the keyboard is
 
 
 def test_in_the_click_tool_the_list_is_no_tab_stop_and_its_buttons_leave_the_keyboard_on_the_tool(page, tmp_path):
@@ -896,20 +910,29 @@ def test_in_the_click_tool_the_list_is_no_tab_stop_and_its_buttons_leave_the_key
         pointer(page, "pointerup", 30, 20)
         page.find_element(By.ID, "clear-clicks").send_keys(Keys.ENTER)
         assert page.execute_script(on_tool) == "click"
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: d.find_element(By.ID, "keep-click").is_enabled(), timeout=10)
+        page.find_element(By.ID, "keep-click").click()  # the mouse's: an arrow key then changed the tool
+        assert page.execute_script(on_tool) is False
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
         stops = page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr[tabindex='0']")
         assert len(stops) == 1 and not stops[0].get_attribute("aria-disabled")
         page.execute_script("arguments[0].focus()", stops[0])
-        page.execute_script("""
-            window.confirm = () => true; // the mask added is let go
-            const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 48});
-            canvas.toBlob((blob) => {
-              const data = new DataTransfer();
-              data.items.add(new File([blob], "pasted.png", {type: "image/png"}));
-              document.activeElement.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
-            });""")
+        page.execute_script("window.confirm = () => true")  # the mask added is let go
+        page.execute_script(PASTE)
         wait_for(page, lambda d: page_state(d, "name") == "pasted" and status(d).startswith("1 mask in"), timeout=10)
     assert focused(page) == "row 0"
+    # Not where the pointer went elsewhere while the pasted image was segmented.
+    answers = stub_answers()
+    answers["/upload_rle"][2] = "held"
+    with stubbed_fetch(page, answers):
+        page.execute_script(PASTE)
+        wait_for(page, lambda d: d.execute_script("return typeof window.release") == "function", timeout=10)
+        ActionChains(page).click(page.find_element(By.TAG_NAME, "h1")).perform()
+        page.execute_script("window.release()")
+        wait_for(page, lambda d: status(d).startswith("1 mask in"), timeout=10)
+    assert focused(page) == "BODY" and page_state(page, "hovered") == -1
 
 
 def test_the_page_fits_mid_width_windows_and_phones_and_its_spinner_rests_for_reduced_motion(page):

@@ -804,7 +804,11 @@ async function openFile(file) {
   for (const previous of [state.imageRequests, state.segmentRequest]) if (previous) previous.abort();
   onlyUnderWay(done);
   const requests = (state.imageRequests = new AbortController());
-  const listFocused = $("mask-list").contains(document.activeElement); // its rows go: the keyboard comes back
+  // Its rows go: the keyboard comes back to the list, unless the pointer went elsewhere meanwhile.
+  const listFocused = $("mask-list").contains(document.activeElement);
+  let pressedElsewhere = false;
+  const pressed = () => { pressedElsewhere = true; };
+  document.addEventListener("pointerdown", pressed, { capture: true, once: true });
   resetImage();
   clearViewer();
   state.file = file;
@@ -834,7 +838,8 @@ async function openFile(file) {
     showToolStatus();
     showError(error.message);
   }
-  if (listFocused && document.activeElement === document.body) focusList();
+  document.removeEventListener("pointerdown", pressed, { capture: true });
+  if (listFocused && !pressedElsewhere && document.activeElement === document.body) focusList();
 }
 
 function showImage(bitmap) {
@@ -1188,11 +1193,12 @@ function keepClickMask() {
   showClickStatus(`Added as mask ${index}; click the next object.`);
 }
 
-// A click tool's button its own action turns off would leave the keyboard nowhere (<body>): it
-// goes to the tool's choice, the next Tab stop before it.
+// A click tool's button its own action turns off, pressed from the keyboard, would leave it
+// nowhere (<body>): it goes to the tool's choice, the next Tab stop before it (not after a
+// mouse's click, which focuses the button too: an arrow key would then change the tool).
 function keepingFocus(button, action) {
   return () => {
-    const focused = document.activeElement === button;
+    const focused = button.matches(":focus-visible");
     action();
     if (focused && button.disabled) document.querySelector("input[name=tool]:checked").focus();
   };
@@ -1205,7 +1211,8 @@ function removeSelectedMask() {
   const index = state.selected;
   if (index < 0 || tool() !== "everything") return;
   const rows = $("mask-list").tBodies[0].rows; // live: the list's rows after it is built again too
-  const focused = $("mask-list").contains(document.activeElement) || document.activeElement === $("remove-mask");
+  // (The button pressed from the keyboard: a mouse's click focuses it too, and takes no focus along.)
+  const focused = $("mask-list").contains(document.activeElement) || $("remove-mask").matches(":focus-visible");
   const at = [...rows].findIndex((row) => Number(row.dataset.index) === index);
   for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
   state.removed += 1;

@@ -59,7 +59,7 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
     decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error, form_prompts,
-    is_json, json_text,
+    is_json, json_text, media_type, require_small_urlencoded,
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
     require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
@@ -75,8 +75,8 @@ ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment"
 
 def json_error(error: Exception) -> Response:
     status, body, headers = error_answer(error)
-    if isinstance(error, UploadTooLarge):  # the rest of the body is not read: as server.py, the connection ends
-        headers = {**headers, "Connection": "close"}
+    if isinstance(error, (UploadTooLarge, RequestStalled)):  # the rest of the body is not read: as server.py,
+        headers = {**headers, "Connection": "close"}          # the connection ends
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -163,24 +163,27 @@ class SegmentEverything:
     async def answer(self, request: Request) -> Response:
         scope = request.scope
         query = scope.get("query_string", b"")
-        try:  # the URL as sent (raw_path, where the server gives it) and decoded, as server.py counts it
+        try:  # in server.py's order: its HTTP server reads the headers whole first
+            require_small_headers(scope, ConnectionLimits.max_header_bytes)
+            # the URL as sent (raw_path, where the server gives it) and decoded, as server.py counts it
             require_short_url(len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0),
                               len(scope["path"].encode()) + len(query), self.limits)
             require_declared_size(request, self.limits)  # on every route and method, as server.py's
-            require_small_headers(scope, ConnectionLimits.max_header_bytes)
         except (URLTooLong, UploadTooLarge, HeadersTooLarge) as error:
             return json_error(error)
         path = route(scope)
         if not path:  # the application's route prefix without its slash: the page's links are relative
             return RedirectResponse(request.scope["root_path"] + "/", status_code=301)
-        if path.rstrip("/") == "/static/index.html":  # the page is at /, its links relative: as server.py
-            return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
-        if path not in ROUTES:
+        # The page is at /, its links relative: from /static/index.html (and each / after it) up, as server.py.
+        page_again = path.rstrip("/") == "/static/index.html"
+        if path not in ROUTES and not page_again:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
-        if request.method != ROUTES[path]:
+        if request.method != ROUTES.get(path, "GET"):
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
-                            media_type="application/json", headers={"Allow": ROUTES[path]})
+                            media_type="application/json", headers={"Allow": ROUTES.get(path, "GET")})
+        if page_again:
+            return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
         if path == "/health":
             return Response(json_text({"status": "ok", "queued": self.waiting, **self.info}),
                             media_type="application/json")
@@ -304,14 +307,15 @@ async def with_body_read(request: Request, limits: Limits, timeout_s: float = Co
 async def read_form(request: Request, limits: Limits):
     """The multipart form, under server.py's limits and with its answers: too many parts or a
     text field too large is a 413, a body that is not a form a 400. A URL-encoded body is read as
-    werkzeug reads it for server.py, without limits of parts or sizes (its names say what came: a
-    photo sent with curl --data-binary has none named 'image', and each of its '&' started a part
-    for Starlette, a 413 "more than 1000 parts")."""
+    werkzeug reads it for server.py, up to a text field's limit (more is refused unread, in both):
+    its names say what came (each '&' of a photo sent with curl --data-binary started a part for
+    Starlette, a 413 "more than 1000 parts")."""
     body = await request.body()  # kept: the form is parsed from it, and again to name a field over its limit
-    mimetype, options = parse_options_header(request.headers.get("content-type", ""))
-    if mimetype == "application/x-www-form-urlencoded":
-        return FormData(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
-    boundary = options.get("boundary", "")
+    content_type = request.headers.get("content-type", "")
+    mimetype, boundary = media_type(content_type), parse_options_header(content_type)[1].get("boundary", "")
+    if mimetype == "application/x-www-form-urlencoded":  # at most a text field's limit, off the event loop
+        require_small_urlencoded(content_type, len(body), limits)
+        return FormData(await asyncio.to_thread(parse_qsl, body.decode(errors="replace"), keep_blank_values=True))
     if mimetype == "multipart/form-data" and after_last_line(body, boundary) > limits.max_form_field_bytes:
         raise epilogue_too_large(limits)  # as werkzeug's limit: Starlette reads any amount there
     try:
@@ -337,9 +341,12 @@ def after_last_line(body: bytes, boundary: str) -> int:
     if not boundary:
         return 0
     if body.startswith(last_line):
-        return len(body) - len(last_line)
-    at = body.find(b"\r\n" + last_line)
-    return 0 if at < 0 else len(body) - at - 2 - len(last_line)
+        end = len(last_line)
+    elif (at := body.find(b"\r\n" + last_line)) >= 0:
+        end = at + 2 + len(last_line)
+    else:
+        return 0
+    return len(body) - end - (2 if body.startswith(b"\r\n", end) else 0)  # its line's end is no part of what follows
 
 
 def route(scope: dict) -> str:

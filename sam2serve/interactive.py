@@ -99,8 +99,9 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
     if not isinstance(labels, SEQUENCES) or len(labels) != len(points):
         raise InvalidPrompt(f"{where}.labels: expected one label per point ({len(points)}), got "
                             f"{len(labels) if isinstance(labels, SEQUENCES) else type(labels).__name__}")
-    if any(label not in (0, 1) or isinstance(label, BOOLEANS) for label in labels):
-        raise InvalidPrompt(f"{where}.labels: each label is 1 (foreground) or 0 (background)")
+    for index, label in enumerate(labels):
+        if label not in (0, 1) or isinstance(label, BOOLEANS):
+            raise InvalidPrompt(f"{where}.labels[{index}]: each label is 1 (foreground) or 0 (background)")
     box = prompt.get("box")
     if box is not None:
         numbers_of(box, 4, f"{where}.box")

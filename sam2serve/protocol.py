@@ -253,8 +253,7 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
         if "image" in text_fields:
             raise BadRequest("the field 'image' holds text, not a file: put @ before the file's path "
                              "(curl -F 'image=@file.jpg')")
-        received = unread_body or f"received file fields: {file_fields or 'none'}"
-        raise BadRequest(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
+        raise missing_image(unread_body or f"received file fields: {file_fields or 'none'}")
     if len(files) > 1:
         raise BadRequest(f"expected one file in the field 'image', received {len(files)}; send one image per request")
     if "image" in text_fields:
@@ -266,6 +265,23 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
                          + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
                             if settings else ""))
     return decode_image(files[0], limits.max_pixels)
+
+
+def missing_image(received: str) -> BadRequest:
+    return BadRequest(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
+
+
+def require_small_urlencoded(content_type: str, body_bytes: int, limits: Limits) -> None:
+    """A URL-encoded body (curl -d or --data-binary) holds no file: one over a text field's limit
+    is refused unread, as no form (parsed, a 10 MB photo sent so cost 8 s of a thread and 420 MB,
+    each '&' of it a field; at the upload limit a minute and 2 GB)."""
+    if body_bytes > limits.max_form_field_bytes and media_type(content_type) == "application/x-www-form-urlencoded":
+        raise missing_image(unread_body(content_type, body_bytes))
+
+
+def media_type(content_type: str) -> str:
+    """A Content-Type header's media type, lower case (werkzeug's parse_options_header keeps the case sent)."""
+    return parse_options_header(content_type)[0].lower()
 
 
 NAMELESS_PART = "a part has no name in its Content-Disposition"
@@ -289,7 +305,7 @@ def unread_body(content_type: str, body_bytes: int) -> str:
     is no multipart form to read, or "" where it is one, or empty."""
     if not body_bytes:
         return ""
-    mimetype, options = parse_options_header(content_type)
+    mimetype, options = media_type(content_type), parse_options_header(content_type)[1]
     if mimetype != "multipart/form-data":
         return f"the body is {mimetype or 'of no media type'}, not a multipart form"
     if not options.get("boundary"):
@@ -544,10 +560,27 @@ def client_float(text: str) -> float:
     return 0.0 if abs(value) < sys.float_info.min else value  # the same comparison flushed or not
 
 
+class RepeatedKey(Exception):
+    """A name given twice in one JSON object (not a ValueError: json.loads would take it for its own)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose names are each given once: json.loads keeps the last of two, and a
+    first value that would be refused ({"points": [[9999, 1]], "points": [[1, 1]]}) went unread,
+    where a field, a setting or a format given twice elsewhere is refused."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen = set()
+        raise RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return found
+
+
 def parse_json(text: str | bytes, what: str) -> object:
     """JSON sent by a client, or InvalidPrompt naming `what` ("the body", "prompts") and why not."""
     try:
-        return json.loads(text, parse_int=json_int, parse_float=client_float)
+        return json.loads(text, parse_int=json_int, parse_float=client_float, object_pairs_hook=unique_keys)
+    except RepeatedKey as error:
+        raise InvalidPrompt(f"{what}: {shown(error.args[0])} is given twice in one object; give it once") from None
     except ValueError as error:  # also bytes that are not text
         raise InvalidPrompt(f"{what}: not valid JSON: {error}") from None
     except RecursionError:
@@ -668,18 +701,18 @@ def upload_prompts(prompts: object, image: np.ndarray, segmenter,
 def cached_mask_inputs(image_id: str, prompts: list[Prompt], cache: EmbeddingCache) -> dict[str, torch.Tensor]:
     """The logits of the prompts' mask_input ids on the image, from the cache."""
     mask_inputs = {}
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         if prompt.mask_input is not None and prompt.mask_input not in mask_inputs:
             try:
                 mask_inputs[prompt.mask_input] = cache.get(mask_key(image_id, prompt.mask_input))
             except UnknownId:
-                raise unknown_mask_input(prompt.mask_input) from None
+                raise unknown_mask_input(prompt.mask_input, index) from None
     return mask_inputs
 
 
-def unknown_mask_input(mask_input: str) -> UnknownId:
-    return UnknownId(f"unknown mask_input {shown(mask_input)} (evicted from the cache, or not an id answered "
-                     "with keep_logits on this image): send the prompt without it")
+def unknown_mask_input(mask_input: str, index: int) -> UnknownId:
+    return UnknownId(f"prompts[{index}].mask_input: unknown mask_input {shown(mask_input)} (evicted from the "
+                     "cache, or not an id answered with keep_logits on this image): send the prompt without it")
 
 
 def segment_answer(image_id: str, embedding, prompts: list[Prompt], mask_inputs: dict[str, torch.Tensor],
@@ -704,7 +737,9 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], mask_inputs:
         result = {"masks": masks, "iou_predictions": iou_predictions}
         if prompt.keep_logits:
             result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
-            for key, logits in zip(result["mask_input_ids"], kept_logits):  # never evicting their image
+            # Never evicting their image; the best mask's last (a cache too small for all keeps it: the
+            # one a client refines).
+            for key, logits in reversed(list(zip(result["mask_input_ids"], kept_logits))):
                 cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(),
                           keep=image_key(image_id))
         results.append(result)

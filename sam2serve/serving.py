@@ -29,7 +29,7 @@ from .protocol import (
     answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer,
     form_limit_error, form_prompts, is_json, json_text, malformed_form, render_answer, request_settings,
     require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
-    segment_answer, unread_body, upload_prompts,
+    require_small_urlencoded, segment_answer, unread_body, upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -105,6 +105,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         gone = client_gone_check()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
+        require_small_urlencoded(request.content_type or "", request.content_length or 0, limits)
         require_readable_form()
         uploads = request.files.getlist("image")
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,

@@ -452,8 +452,15 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
     mask_input = kept.get_json()["results"][0]["mask_input_ids"][0]
     deep = "[" * 100_000 + "]" * 100_000
     for body, status, words in [
-        ({"image_id": ids[0], "prompts": [{**point, "mask_input": ids[0]}]}, 404, "unknown mask_input"),
+        ({"image_id": ids[0], "prompts": [point, {**point, "mask_input": ids[0]}]}, 404,
+         "prompts[1].mask_input: unknown mask_input"),
         ({"image_id": mask_input, "prompts": [point]}, 404, "unknown image_id"),
+        ({"image_id": ids[0], "prompts": [point, {"points": [[1, 1], [2, 2]], "labels": [1, 2]}]}, 400,
+         "prompts[1].labels[1]: each label is 1 (foreground) or 0 (background)"),
+        # A name given twice: json.loads kept the last, and the first (outside the image here) went unread.
+        ('{"image_id": "%s", "prompts": [{"points": [[9999, 1]], "points": [[60, 70]]}]}' % ids[0], 400,
+         "the body: 'points' is given twice in one object; give it once"),
+        ('{"image_id": "nope", "image_id": "%s", "prompts": []}' % ids[0], 400, "the body: 'image_id' is given twice"),
         ({"image_id": ids[1], "prompts": [{**point, "mask_input": mask_input}]}, 404, "on this image"),
         (deep, 400, "nested too deeply"),
         ("{not json", 400, "not valid JSON: Expecting property name"),
@@ -488,6 +495,7 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         ({"prompts": " "}, "prompts: expected a form field with a JSON list"),
         ({"prompts": "\ufeff "}, "prompts: expected a form field with a JSON list"),  # a byte-order mark alone
         ({"prompts": json.dumps([{"points": [[500, 1]]}])}, "prompts[0].points[0]"),
+        ({"prompts": '[{"box": [0, 0, 5, 5], "box": [0, 0, 9, 9]}]'}, "prompts: 'box' is given twice in one object"),
         ({"prompts": '[{"box": [0, 0, 10, -%s]}]' % ("9" * 5000)}, "prompts[0].box"),
         # A file of another name is refused as a text field is (a typo, or a second image).
         ({"prompts": json.dumps([point]), "promts": (io.BytesIO(b"[]"), "p.json")}, "unknown form fields 'promts'"),
@@ -556,8 +564,9 @@ def test_embed_refuses_a_cache_too_small_for_one_image(micro):
 
 def test_kept_logits_never_evict_their_own_image(micro):
     """A small cache filled by one request's kept logits drops older logits, not the image they
-    were made on (which would turn the next /segment on it into a 404); the answer names only
-    the logits still held (null for the others), and each of those refines."""
+    were made on (which would turn the next /segment on it into a 404), and of a set's the best
+    mask's last (the one a client refines: it was dropped first); the answer names only the
+    logits still held (null for the others), and each of those refines."""
     segmenter = PromptSegmenter(micro, "micro")
     one_image, one_mask = segmenter.embed(IMAGE).nbytes, 64 * 64 * 4  # the micro model's logits: 64x64 float32
     client = micro_client(micro, cache_bytes=one_image + 4 * one_mask)  # PROMPTS keep 10
@@ -566,10 +575,15 @@ def test_kept_logits_never_evict_their_own_image(micro):
     answer = client.post("/segment", json={"image_id": image_id, "prompts": prompts})
     assert answer.status_code == 200
     assert cache_metrics(client)["evictions_total"] > 0  # the logits did not all fit
-    ids = [key for result in answer.get_json()["results"] for key in result["mask_input_ids"]]
+    results = answer.get_json()["results"]
+    ids = [key for result in results for key in result["mask_input_ids"]]
     held = [key for key in ids if key is not None]
-    assert len(ids) == 10 and len(held) == 4  # the last four stored
-    assert ids[-4:] == held
+    assert len(ids) == 10 and len(held) == 4  # the last four stored: the last sets', each set's best first
+    room, expected = 4, []
+    for result in reversed(results):
+        expected.insert(0, [rank < room for rank in range(len(result["masks"]))])
+        room -= min(room, len(result["masks"]))
+    assert [[key is not None for key in result["mask_input_ids"]] for result in results] == expected
     for key in held:
         refine = {"points": [[60, 70]], "labels": [1], "mask_input": key, "multimask": False}
         assert client.post("/segment", json={"image_id": image_id, "prompts": [refine]}).status_code == 200

@@ -73,6 +73,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
             if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
                 image.seek(1)  # browsers show the animation's first frame, so that is the image
+            if image.format == "TIFF":  # Pillow's decoder takes a tile's buffer whole, however small the picture
+                require_small_tiles(image)
             # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
             sixteen_bits = image.format == "PPM" and image.mode == "I"
             image.load()  # the pixels: a damaged file fails here
@@ -95,6 +97,16 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         # TypeError, OverflowError and others on some damaged tags
         raise InvalidImage(f"the image could not be decoded: {error}") from error
     return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
+
+
+def require_small_tiles(image: Image.Image) -> None:
+    """A TIFF's tiles no larger than its picture, or than 1024x1024 (a 155-byte file of 16x16
+    pixels declared tiles of 25984x25984: 2 GB to decode it, and five at once ended the server)."""
+    tile_width, tile_height = image.tag_v2.get(322, 0), image.tag_v2.get(323, 0)  # TileWidth, TileLength
+    width, height = image.size
+    if tile_width * tile_height > max(width * height, 1 << 20):
+        raise InvalidImage(f"the TIFF's tiles are {tile_width}x{tile_height} pixels, larger than its {width}x{height} "
+                           "picture: a damaged or hostile file")
 
 
 # How exif_transpose turns an image of each EXIF orientation.

@@ -45,7 +45,7 @@ from .interactive import (
 from .overlay import draw_masks
 from .preprocess import ImageTooLarge, InvalidImage, decode_image
 from .rle import RLE, answer_text, masks_to_rle_vectorized
-from .worker import Abandoned, Busy, NotReady, Stopping, TimedOut, generate_each
+from .worker import Abandoned, Busy, NotReady, Stopping, TimedOut, generate_each, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
         status = 504
     elif isinstance(error, Abandoned):  # nginx's code for a client gone before its answer: seen in logs and /metrics
         status = 499
-    elif isinstance(error, torch.OutOfMemoryError):
+    elif out_of_memory(error):  # a GPU's or a CPU's (it was an "internal error" there)
         log.error("out of memory: %s", error)
         return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
     else:

@@ -420,10 +420,17 @@ def generate_each(generator: Generator, images: list[np.ndarray], annotate: bool
             generator.should_stop = None
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is memory run out: a GPU's (torch.OutOfMemoryError), or a CPU's (torch's
+    allocator raises a RuntimeError, Python's a MemoryError)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
 def release_cached_memory(error: Exception, generator: Generator | None) -> None:
     """After running out of memory, drops what is kept only in case it is wanted (the generator's
     on_out_of_memory) and returns torch's cached GPU blocks, so that the next batch can fit."""
-    if not isinstance(error, torch.OutOfMemoryError):
+    if not out_of_memory(error):
         return
     if getattr(generator, "on_out_of_memory", None) is not None:
         log.warning("out of memory: freed %.1f MiB kept in case it was wanted", generator.on_out_of_memory() / 2**20)

@@ -262,6 +262,31 @@ def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypa
             pytest.fail(f"a MemoryError became InvalidImage: {error}")
 
 
+def tiled_tiff(side: int, tile: int) -> bytes:
+    """A side x side RGB TIFF of black pixels, deflated, in tiles of tile x tile (its one tile's data
+    of side x side pixels: what matters is what its tags declare)."""
+    data = zlib.compress(bytes(3 * tile * tile if tile <= 64 else 3 * side * side))
+    tags = [(256, 4, side), (257, 4, side), (258, 3, None), (259, 3, 8), (262, 3, 2), (277, 3, 3),
+            (322, 4, tile), (323, 4, tile), (324, 4, None), (325, 4, len(data))]
+    after = 8 + 2 + 12 * len(tags) + 4  # the bits per sample (3 shorts), then the tile's data
+    out = b"II*\0" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, value in tags:
+        count, value = {258: (3, after), 324: (1, after + 6)}.get(tag, (1, value))
+        out += struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1
+                                                        else struct.pack("<I", value))
+    return out + struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8) + data
+
+
+def test_a_tiff_whose_tiles_are_larger_than_its_picture_is_refused_before_decoding():
+    """Pillow's decoder takes a tile's buffer whole: a 16x16 TIFF declaring tiles of 25984x25984
+    (155 bytes) cost 2 GB to decode, five at once ended the server. Tiles larger than a small
+    picture, up to 1024x1024, are no such file."""
+    assert decode_image(tiled_tiff(16, 16), max_pixels=1000).shape == (16, 16, 3)
+    assert decode_image(tiled_tiff(16, 32), max_pixels=1000).shape == (16, 16, 3)
+    with pytest.raises(InvalidImage, match="the TIFF's tiles are 4096x4096 pixels, larger than its 16x16 picture"):
+        decode_image(tiled_tiff(16, 4096), max_pixels=1000)
+
+
 def test_sixteen_bit_ranges_of_integers_that_start_at_zero_keep_their_scale():
     """32-bit integers within 0..65535 are read as 16 bits (v / 257), also when the darkest is 0:
     a dim image stays dim, not stretched to full range."""

@@ -67,6 +67,17 @@ def test_column_major_order():
     assert masks_to_rle_vectorized(mask)[0]["counts"] == [2, 1, 3]
 
 
+def test_run_lengths_hold_no_copy_of_the_masks():
+    """Each chunk's run lengths are kept until the last chunk's: a view of the masks' copy among
+    them held every chunk's (7 GB on a 3 MP image with the filters off)."""
+    from sam2serve.rle import rle_run_lengths
+
+    masks = torch.zeros((4, 300, 200), dtype=torch.bool)
+    masks[:, 10:20, 30:40] = True
+    for part in rle_run_lengths(masks):
+        assert part.untyped_storage().nbytes() < 300 * 200, part.shape
+
+
 def test_no_masks():
     assert masks_to_rle_vectorized(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
 

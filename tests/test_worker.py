@@ -241,6 +241,20 @@ def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
     with pytest.raises(torch.OutOfMemoryError):  # in a call on the model (/embed, /segment)
         worker.call(out_of_memory)
     assert released == [1, 1]
+    # A CPU's: torch's allocator raises a RuntimeError, Python's a MemoryError (an "internal error" before).
+    from sam2serve.protocol import error_answer
+
+    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 30695040000 bytes."), MemoryError()):
+        def cpu_out_of_memory(error=error):
+            raise error
+
+        with pytest.raises(type(error)):
+            worker.call(cpu_out_of_memory)
+        status, body, _ = error_answer(error)
+        assert status == 500 and "inference ran out of memory for this image" in body
+    assert released == [1, 1, 1, 1]
+    assert error_answer(RuntimeError("a bad tensor"))[1].startswith('{"error":"internal error')
 
 
 def test_full_queue_is_refused_and_waiting_too_long_times_out():

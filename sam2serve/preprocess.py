@@ -6,8 +6,10 @@ images with too many pixels or too long a side (read from the header, before the
 decoded, so a small file that expands to gigabytes is refused).
 """
 
+import contextlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,36 @@ FORMATS_TEXT = ", ".join("WebP" if name == "WEBP" else name for name in READ_FOR
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 
 
+class DecodeBudget:
+    """Memory the decodes under way may take at once, in bytes: a decode waits until its share is
+    free (at most the whole budget: an image that needs more decodes alone). A server's HTTP
+    threads decode uploads as they arrive, before the queue: 17 uploads of 40 MP decoding at once
+    took over 8 GB, and the server was killed."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes, self.taken = total_bytes, 0
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def share(self, nbytes: int):
+        nbytes = min(nbytes, self.total_bytes)
+        with self.changed:
+            self.changed.wait_for(lambda: self.taken + nbytes <= self.total_bytes)
+            self.taken += nbytes
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.taken -= nbytes
+                self.changed.notify_all()
+
+
+# What a decode takes per pixel at most (the RGB answer, 3 bytes, and Pillow's and numpy's copies
+# on the way: +534 MiB for a 40 MP JPEG, +954 MiB for a 32-bit TIFF), and for all decodes at once.
+DECODE_BYTES_PER_PIXEL = 24
+DECODING = DecodeBudget(2 << 30)
+
+
 class InvalidImage(ValueError):
     """The upload is not a decodable image."""
 
@@ -61,42 +93,47 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decodes image file bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
     if not data:
         raise InvalidImage("the file is empty")
-    try:
-        with Image.open(io.BytesIO(data), formats=READ_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels} pixels"
-                )
-            if max(width, height) > MAX_SIDE:
-                raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
-            if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
-                image.seek(1)  # browsers show the animation's first frame, so that is the image
-            if image.format == "TIFF":  # Pillow's decoder takes a tile's buffer whole, however small the picture
-                require_small_tiles(image)
-            # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
-            sixteen_bits = image.format == "PPM" and image.mode == "I"
-            image.load()  # the pixels: a damaged file fails here
-            image = upright(image)
-            if sixteen_bits:
-                image = image.convert("I;16")
-    except ImageTooLarge:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(f"image has more than {PILLOW_MAX_PIXELS} pixels; the limit is {max_pixels} pixels") \
-            from error
-    except UnidentifiedImageError as error:
-        heif = data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
-        raise InvalidImage(f"the file is not an image in one of the formats read: {FORMATS_TEXT}"
-                           + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")
-                           + tiff_hint(data)) from error
-    except MemoryError:
-        raise
-    except Exception as error:  # a damaged file: OSError mostly, but Pillow's TIFF reader raises
-        # TypeError, OverflowError and others on some damaged tags
-        raise InvalidImage(f"the image could not be decoded: {error}") from error
-    return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
+    with contextlib.ExitStack() as decoding:  # its share of DECODING, from the header's checks to the array
+        try:
+            image = opened_and_decoded(data, max_pixels, decoding)
+        except ImageTooLarge:
+            raise
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"image has more than {PILLOW_MAX_PIXELS} pixels; the limit is {max_pixels} pixels") \
+                from error
+        except UnidentifiedImageError as error:
+            heif = data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+            raise InvalidImage(f"the file is not an image in one of the formats read: {FORMATS_TEXT}"
+                               + ("; it is HEIC/HEIF: save it as JPEG or PNG" if heif else "")
+                               + tiff_hint(data)) from error
+        except MemoryError:
+            raise
+        except Exception as error:  # a damaged file: OSError mostly, but Pillow's TIFF reader raises
+            # TypeError, OverflowError and others on some damaged tags
+            raise InvalidImage(f"the image could not be decoded: {error}") from error
+        return to_rgb(image)  # outside: an error of the project's own conversion is no fault of the file's
+
+
+def opened_and_decoded(data: bytes, max_pixels: int, decoding: contextlib.ExitStack) -> Image.Image:
+    """decode_image's Pillow image: its size checked from the header, then decoded and turned
+    upright once it holds its share of DECODING (entered on `decoding`, held until the array)."""
+    with Image.open(io.BytesIO(data), formats=READ_FORMATS) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; "
+                                f"the limit is {max_pixels} pixels")
+        if max(width, height) > MAX_SIDE:
+            raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
+        if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
+            image.seek(1)  # browsers show the animation's first frame, so that is the image
+        if image.format == "TIFF":  # Pillow's decoder takes a tile's buffer whole, however small the picture
+            require_small_tiles(image)
+        decoding.enter_context(DECODING.share(width * height * DECODE_BYTES_PER_PIXEL))
+        # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
+        sixteen_bits = image.format == "PPM" and image.mode == "I"
+        image.load()  # the pixels: a damaged file fails here
+        image = upright(image)
+        return image.convert("I;16") if sixteen_bits else image
 
 
 def require_small_tiles(image: Image.Image) -> None:

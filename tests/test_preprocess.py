@@ -262,6 +262,43 @@ def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypa
             pytest.fail(f"a MemoryError became InvalidImage: {error}")
 
 
+def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypatch):
+    """Each decode holds DECODE_BYTES_PER_PIXEL bytes a pixel of the budget from its header's
+    checks to its array; one over the budget waits for the others, one larger than the whole runs
+    alone (17 uploads of 40 MP decoding at once on the HTTP threads took over 8 GB)."""
+    import threading
+
+    from sam2serve import preprocess
+
+    shares = []
+    budget = preprocess.DecodeBudget(1000)
+    original_share = budget.share
+    monkeypatch.setattr(budget, "share", lambda nbytes: shares.append(nbytes) or original_share(nbytes))
+    monkeypatch.setattr(preprocess, "DECODING", budget)
+    assert decode_image(encode(Image.new("RGB", (8, 4))), max_pixels=100).shape == (4, 8, 3)
+    assert shares == [8 * 4 * preprocess.DECODE_BYTES_PER_PIXEL] and budget.taken == 0
+    with pytest.raises(ImageTooLarge):  # refused from the header: no share taken
+        decode_image(encode(Image.new("RGB", (20, 10))), max_pixels=100)
+    assert len(shares) == 1
+    entered, release = threading.Event(), threading.Event()
+
+    def second():
+        with original_share(400):
+            entered.set()
+            release.wait(10)
+
+    with original_share(700):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.3)  # 700 + 400 > 1000: it waits
+    assert entered.wait(10) and budget.taken == 400
+    release.set()
+    thread.join(10)
+    assert budget.taken == 0
+    with original_share(10**9):  # more than the whole: the whole, alone
+        assert budget.taken == 1000
+
+
 def tiled_tiff(side: int, tile: int) -> bytes:
     """A side x side RGB TIFF of black pixels, deflated, in tiles of tile x tile (its one tile's data
     of side x side pixels: what matters is what its tags declare)."""

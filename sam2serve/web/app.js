@@ -1195,10 +1195,11 @@ function keepClickMask() {
 
 // A click tool's button its own action turns off, pressed from the keyboard, would leave it
 // nowhere (<body>): it goes to the tool's choice, the next Tab stop before it (not after a
-// mouse's click, which focuses the button too: an arrow key would then change the tool).
+// mouse's click or a tap, which focus the button too: an arrow key would then change the tool;
+// :focus-visible tells no such click from a key once the keyboard focused the button).
 function keepingFocus(button, action) {
-  return () => {
-    const focused = button.matches(":focus-visible");
+  return (event) => {
+    const focused = event.detail === 0; // a click of no pointer: Enter or Space
     action();
     if (focused && button.disabled) document.querySelector("input[name=tool]:checked").focus();
   };
@@ -1207,12 +1208,12 @@ function keepingFocus(button, action) {
 // A mask the labeller finds wrong (the server's or one added by clicks), selected in the
 // every-mask tool, leaves the image's masks: the drawing, the list and the downloads. The
 // others keep their colours; the masks after it move up one number.
-function removeSelectedMask() {
+function removeSelectedMask({ fromKeyboard = false } = {}) {
   const index = state.selected;
   if (index < 0 || tool() !== "everything") return;
   const rows = $("mask-list").tBodies[0].rows; // live: the list's rows after it is built again too
-  // (The button pressed from the keyboard: a mouse's click focuses it too, and takes no focus along.)
-  const focused = $("mask-list").contains(document.activeElement) || $("remove-mask").matches(":focus-visible");
+  // (The button pressed from the keyboard: a mouse's click or a tap focuses it too, and takes no focus along.)
+  const focused = $("mask-list").contains(document.activeElement) || fromKeyboard;
   const at = [...rows].findIndex((row) => Number(row.dataset.index) === index);
   for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
   state.removed += 1;
@@ -1566,7 +1567,7 @@ function init() {
     segment();
   }));
   $("keep-click").addEventListener("click", keepingFocus($("keep-click"), keepClickMask));
-  $("remove-mask").addEventListener("click", removeSelectedMask);
+  $("remove-mask").addEventListener("click", (event) => removeSelectedMask({ fromKeyboard: event.detail === 0 }));
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>

@@ -732,17 +732,18 @@ def segment_answer(image_id: str, embedding, prompts: list[Prompt], mask_inputs:
 
     decoded = [answer for part in prompt_parts(prompts, embedding.size)
                for answer in run(functools.partial(decode, part), kind="decode")]
-    results = []
+    results, kept = [], []
     for prompt, (masks, iou_predictions, kept_logits) in zip(prompts, decoded):
         result = {"masks": masks, "iou_predictions": iou_predictions}
         if prompt.keep_logits:
             result["mask_input_ids"] = [mask_id(image_id, prompt, rank) for rank in range(len(masks))]
-            # Never evicting their image; the best mask's last (a cache too small for all keeps it: the
-            # one a client refines).
-            for key, logits in reversed(list(zip(result["mask_input_ids"], kept_logits))):
-                cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(),
-                          keep=image_key(image_id))
+            kept += [(rank, key, logits)
+                     for rank, (key, logits) in enumerate(zip(result["mask_input_ids"], kept_logits))]
         results.append(result)
+    # Never evicting their image; every set's worst masks' first, its best ones' last (a cache too
+    # small for all keeps those: the ones a client refines).
+    for _, key, logits in sorted(kept, key=lambda item: -item[0]):  # stable: the sets' order within a rank
+        cache.put(mask_key(image_id, key), logits, logits.numel() * logits.element_size(), keep=image_key(image_id))
     for result in results:  # checked once all are stored: a later prompt set's may evict an earlier one's
         if "mask_input_ids" in result:
             result["mask_input_ids"] = [key if cache.holds(mask_key(image_id, key)) else None

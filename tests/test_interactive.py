@@ -564,8 +564,8 @@ def test_embed_refuses_a_cache_too_small_for_one_image(micro):
 
 def test_kept_logits_never_evict_their_own_image(micro):
     """A small cache filled by one request's kept logits drops older logits, not the image they
-    were made on (which would turn the next /segment on it into a 404), and of a set's the best
-    mask's last (the one a client refines: it was dropped first); the answer names only the
+    were made on (which would turn the next /segment on it into a 404), and the sets' best masks'
+    last (the ones a client refines: the first sets' went first); the answer names only the
     logits still held (null for the others), and each of those refines."""
     segmenter = PromptSegmenter(micro, "micro")
     one_image, one_mask = segmenter.embed(IMAGE).nbytes, 64 * 64 * 4  # the micro model's logits: 64x64 float32
@@ -579,11 +579,20 @@ def test_kept_logits_never_evict_their_own_image(micro):
     ids = [key for result in results for key in result["mask_input_ids"]]
     held = [key for key in ids if key is not None]
     assert len(ids) == 10 and len(held) == 4  # the last four stored: the last sets', each set's best first
-    room, expected = 4, []
-    for result in reversed(results):
-        expected.insert(0, [rank < room for rank in range(len(result["masks"]))])
-        room -= min(room, len(result["masks"]))
-    assert [[key is not None for key in result["mask_input_ids"]] for result in results] == expected
+    # Stored every set's worst first, the best ones last: those four held.
+    stored = sorted(((rank, index) for index, result in enumerate(results) for rank in range(len(result["masks"]))),
+                    key=lambda item: -item[0])
+    assert {(rank, index) for index, result in enumerate(results) for rank, key in enumerate(result["mask_input_ids"])
+            if key is not None} == set(stored[-4:])
+    assert all(result["mask_input_ids"][0] is not None for result in results[-3:])  # each set's best
+    # Room for two: a box's one mask, then a point's three keep both sets' best (the box's went
+    # for the point's second and third, stored after it).
+    small = micro_client(micro, cache_bytes=one_image + 2 * one_mask)
+    small_id = small.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
+    two = [{**PROMPTS[4][1], "keep_logits": True}, {**PROMPTS[0][1], "keep_logits": True}]
+    results = small.post("/segment", json={"image_id": small_id, "prompts": two}).get_json()["results"]
+    assert [[key is not None for key in result["mask_input_ids"]] for result in results] == [[True],
+                                                                                             [True, False, False]]
     for key in held:
         refine = {"points": [[60, 70]], "labels": [1], "mask_input": key, "multimask": False}
         assert client.post("/segment", json={"image_id": image_id, "prompts": [refine]}).status_code == 200

@@ -115,16 +115,28 @@ stamp() { echo "[$(date -u '+%Y-%m-%d %H:%M:%S UTC')] $*" | tee -a "$OUT/timelin
 time_left() { echo $((TOTAL_SECONDS * LIMIT_SCALE - SECONDS - 15)); }
 
 # bounded COMMAND...: COMMAND stopped after 60 s or when the run's time is up (the export's
-# comparisons, after its last stage: they ran past the run's end).
+# comparisons, after its last stage: they ran past the run's end), and with the script (as a
+# stage, in the background); one not run or cut short for time says so and sets CUT_SHORT.
+CUT_SHORT=0
 bounded() {
-    local seconds
+    local seconds status
     seconds=$(time_left)
     ((seconds <= 60)) || seconds=60
     if ((seconds < 5)); then
         echo "not compared: the run's time is up"
+        CUT_SHORT=1
         return 1
     fi
-    timeout --kill-after=5 "$seconds" "$@"
+    timeout --kill-after=5 "$seconds" "$@" &
+    STAGE=$!
+    wait "$STAGE"
+    status=$?
+    STAGE=""
+    if ((status == 124 || status == 137)); then
+        echo "not compared: stopped after ${seconds} s (the run's time is up)"
+        CUT_SHORT=1
+    fi
+    return $status
 }
 
 # run NAME SECONDS COMMAND...: one stage, its stdout (the tables) in OUT/NAME.md and its log
@@ -249,7 +261,8 @@ if [[ " $STAGES " == *" export "* ]]; then
             --save-masks "$WORK/masks/exported" &&
             run export-load "${LOAD_SECONDS:-60}" "${EXPORT[@]}" --load-fast "$WORK/exported" \
                 --save-masks "$WORK/masks/loaded" &&
-            { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" || FAILED+=(export-compare); }
+            { compare_exports >"$OUT/export-compare.md" 2>>"$OUT/log.txt" ||
+                FAILED+=("export-compare$( ((CUT_SHORT)) && echo " (no time left)")"); }
     elif ((SKIPPED)); then
         stamp "skip export-save, export-load: export-check was not run (no time left)"
     else

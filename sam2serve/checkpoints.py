@@ -285,6 +285,7 @@ def _download(url: str, path: Path) -> None:
             except BaseException:
                 os.unlink(tmp.name)
                 raise
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; a checkpoint is not (a shared folder's readers)
     os.replace(tmp.name, path)
 
 

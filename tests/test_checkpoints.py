@@ -147,6 +147,7 @@ def test_missing_checkpoint_is_downloaded(checkpoint_site, tiny_checkpoint_dir, 
     assert path == tmp_path / "downloads" / "sam2.1_hiera_tiny.pt"
     assert path.read_bytes() == (tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt").read_bytes()
     assert list(path.parent.iterdir()) == [path]  # no partial file left behind
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as `curl -o` leaves it (it was 0600)
 
 
 def test_a_download_removes_partial_files_that_killed_downloads_left(checkpoint_site, tmp_path):

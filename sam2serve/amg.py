@@ -241,6 +241,15 @@ def baseline_leaves_out(config: AMGConfig) -> str | None:
     return None
 
 
+# What sam2's generator takes per point prompt of a batch and pixel of the image: the point's 3
+# masks upscaled to the image in float32, and copies of them (2.3 KB a pixel at 64 points on a
+# CPU), and what a batch may take at most: points per batch are cut on large images (a 12 MP
+# photo's batch of 64 asked for 9 GB and the server was killed); the masks are the same, each
+# point decoded on its own.
+REFERENCE_BYTES_PER_POINT_PIXEL = 36
+REFERENCE_BATCH_BYTES = 4 << 30
+
+
 class ReferenceMaskGenerator:
     """The `sam2` package's SAM2AutomaticMaskGenerator, its numbers unchanged: the baseline."""
 
@@ -279,7 +288,10 @@ class ReferenceMaskGenerator:
 
     def annotate(self, image: np.ndarray) -> list[dict]:
         (image,) = checked_images([image])
+        pixels = image.shape[0] * image.shape[1]
         with self.lock:  # sam2's generator holds its image's features between its steps
+            self.generator.points_per_batch = max(1, min(
+                self.config.points_per_batch, REFERENCE_BATCH_BYTES // (REFERENCE_BYTES_PER_POINT_PIXEL * pixels)))
             return self.generator.generate(image)
 
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:

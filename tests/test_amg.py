@@ -227,6 +227,29 @@ def test_config_rejects_settings_of_another_type():
               crop_overlap_ratio=np.float32(0.3))
 
 
+def test_the_baseline_cuts_its_points_per_batch_on_large_images_to_the_same_masks(trained_micro_checkpoint,
+                                                                                monkeypatch):
+    """sam2's generator upscales each point's masks to the image: its batch of 64 asked for 9 GB
+    on a 12 MP photo. Points per batch are cut to REFERENCE_BATCH_BYTES there; the masks are the
+    same, each point decoded on its own."""
+    from sam2serve import amg
+
+    model = load_model(trained_micro_checkpoint, "micro", "cpu").model
+    image = make_generated_scene(np.random.default_rng(2002), 120, 160, min_objects=4, max_objects=6).image
+    config = AMGConfig(points_per_side=8, points_per_batch=64)
+    whole = ReferenceMaskGenerator(model, config)
+    expected = whole.generate(image)
+    assert whole.generator.points_per_batch == 64 and len(expected) >= 3
+    monkeypatch.setattr(amg, "REFERENCE_BATCH_BYTES", 10 * amg.REFERENCE_BYTES_PER_POINT_PIXEL * 120 * 160)
+    batches = []
+    cut = ReferenceMaskGenerator(model, config)
+    original = cut.generator._process_batch
+    cut.generator._process_batch = lambda points, *rest, **options: batches.append(len(points)) or original(
+        points, *rest, **options)
+    assert cut.generate(image) == expected
+    assert cut.generator.points_per_batch == 10 and batches == [10] * 6 + [4]  # 64 points
+
+
 @pytest.mark.parametrize("crop_n_layers", [0, 1])
 def test_trained_model_ao_equals_baseline_with_tens_of_masks(trained_micro_checkpoint, crop_n_layers):
     model = load_model(trained_micro_checkpoint, "micro", "cpu").model

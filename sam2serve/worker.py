@@ -54,10 +54,15 @@ import numpy as np
 import torch
 
 from .amg import Generator, Interrupted, with_settings
+from .cpu import return_freed_memory
 from .rle import RLE
 
 log = logging.getLogger(__name__)
 STOP_CHECK_S = 0.5  # how often serve() looks whether to stop while the queue is empty
+# Idle this long after work, the worker gives the heap's free blocks back to the system where they
+# hold more than TRIM_ABOVE_BYTES (cpu.return_freed_memory); less stays for the next request.
+TRIM_AFTER_IDLE_S = 5.0
+TRIM_ABOVE_BYTES = 2 << 30
 FIRST_GUESS_S = 1.0  # the model's time on a kind of work the worker has not timed yet
 
 
@@ -319,10 +324,16 @@ class InferenceWorker:
         return [job for job in running if not job.future.done()]
 
     def _serve_forever(self, until: threading.Event | None = None) -> None:
+        last_work = None  # when the last work ended, until its freed memory is looked at
         while (until is None or not until.is_set()) and not self._done():
             batch = self._next_batch(STOP_CHECK_S)
             if batch:
                 self._run(batch)
+                last_work = time.monotonic()
+            elif last_work is not None and time.monotonic() - last_work >= TRIM_AFTER_IDLE_S:
+                last_work = None
+                if freed := return_freed_memory(TRIM_ABOVE_BYTES):
+                    log.info("idle: %.1f GiB of freed memory given back to the system", freed / 2**30)
 
     def _done(self) -> bool:
         """Stopping, and every accepted request answered."""

@@ -257,6 +257,21 @@ def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
     assert error_answer(RuntimeError("a bad tensor"))[1].startswith('{"error":"internal error')
 
 
+def test_the_worker_idle_after_work_gives_freed_memory_back_once(monkeypatch):
+    from sam2serve import worker as worker_module
+
+    asked = []
+    monkeypatch.setattr(worker_module, "TRIM_AFTER_IDLE_S", 0.2)
+    monkeypatch.setattr(worker_module, "return_freed_memory", lambda above: asked.append(above) or 0)
+    worker = InferenceWorker()
+    worker.start(StubGenerator())
+    time.sleep(1.2)
+    assert asked == []  # no work yet: nothing freed to look at
+    assert worker.submit(image_of(3)) == [{"size": [8, 6], "counts": [3, 1]}]
+    time.sleep(1.5)
+    assert asked == [worker_module.TRIM_ABOVE_BYTES]  # once after the work, not on every idle tick
+
+
 def test_full_queue_is_refused_and_waiting_too_long_times_out():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=1, max_queue=1, timeout_s=0.5)

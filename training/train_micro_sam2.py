@@ -343,7 +343,8 @@ def train(args: argparse.Namespace) -> None:
     meta.update(minutes=round(minutes, 1), torch=str(torch.__version__), logit_scale=round(scale, 3))
     save_trained(model, args.output, meta)
     interim_path(args.output).unlink(missing_ok=True)
-    log.info("trained %d steps in %.1f min, wrote %s", args.steps, minutes, args.output)
+    log.info("trained %d steps in %.1f min, mask logits calibrated by k = %.1f, wrote %s", args.steps, minutes,
+             scale, args.output)  # (the runs docs/micro-model.md compares by their k)
 
 
 def interim_path(output: Path) -> Path:

@@ -32,10 +32,10 @@ import io
 import math
 import os
 import time
-from urllib.parse import parse_qsl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 from ray import serve

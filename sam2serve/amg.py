@@ -245,7 +245,8 @@ def baseline_leaves_out(config: AMGConfig) -> str | None:
 # masks upscaled to the image in float32, and copies of them (2.3 KB a pixel at 64 points on a
 # CPU), and what a batch may take at most: points per batch are cut on large images (a 12 MP
 # photo's batch of 64 asked for 9 GB and the server was killed); the masks are the same, each
-# point decoded on its own.
+# point decoded on its own, their scores to float rounding (a batch of another size adds in
+# another order: a predicted IoU a last float32 bit apart), and the cut is logged.
 REFERENCE_BYTES_PER_POINT_PIXEL = 36
 REFERENCE_BATCH_BYTES = 4 << 30
 
@@ -292,6 +293,10 @@ class ReferenceMaskGenerator:
         with self.lock:  # sam2's generator holds its image's features between its steps
             self.generator.points_per_batch = max(1, min(
                 self.config.points_per_batch, REFERENCE_BATCH_BYTES // (REFERENCE_BYTES_PER_POINT_PIXEL * pixels)))
+            if self.generator.points_per_batch < self.config.points_per_batch:
+                log.info("baseline: %d points per batch instead of %d on this %dx%d image (sam2 upscales each "
+                         "point's masks to it)", self.generator.points_per_batch, self.config.points_per_batch,
+                         image.shape[1], image.shape[0])
             return self.generator.generate(image)
 
     def annotate_batch(self, images: list[np.ndarray]) -> list[list[dict]]:

@@ -53,20 +53,25 @@ HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"
 
 class DecodeBudget:
     """Memory the decodes under way may take at once, in bytes: a decode waits until its share is
-    free (at most the whole budget: an image that needs more decodes alone). A server's HTTP
+    free (at most the whole budget: an image that needs more decodes alone), first come, first
+    served (a large share waited for good while smaller ones kept overlapping). A server's HTTP
     threads decode uploads as they arrive, before the queue: 17 uploads of 40 MP decoding at once
     took over 8 GB, and the server was killed."""
 
     def __init__(self, total_bytes: int) -> None:
         self.total_bytes, self.taken = total_bytes, 0
+        self.tickets, self.serving = 0, 0  # the next waiter's number, and the number served next
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
     def share(self, nbytes: int):
         nbytes = min(nbytes, self.total_bytes)
         with self.changed:
-            self.changed.wait_for(lambda: self.taken + nbytes <= self.total_bytes)
+            ticket, self.tickets = self.tickets, self.tickets + 1
+            self.changed.wait_for(lambda: ticket == self.serving and self.taken + nbytes <= self.total_bytes)
             self.taken += nbytes
+            self.serving += 1
+            self.changed.notify_all()  # the next waiter may fit beside this one
         try:
             yield
         finally:
@@ -124,11 +129,11 @@ def opened_and_decoded(data: bytes, max_pixels: int, decoding: contextlib.ExitSt
                                 f"the limit is {max_pixels} pixels")
         if max(width, height) > MAX_SIDE:
             raise ImageTooLarge(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
-        if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
-            image.seek(1)  # browsers show the animation's first frame, so that is the image
         if image.format == "TIFF":  # Pillow's decoder takes a tile's buffer whole, however small the picture
             require_small_tiles(image)
-        decoding.enter_context(DECODING.share(width * height * DECODE_BYTES_PER_PIXEL))
+        decoding.enter_context(DECODING.share(width * height * DECODE_BYTES_PER_PIXEL))  # before any pixel
+        if image.info.get("default_image"):  # an APNG's still picture for viewers that do not animate:
+            image.seek(1)  # browsers show the animation's first frame, so that is the image (seek decodes)
         # Pillow reads a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535: 16 bits
         sixteen_bits = image.format == "PPM" and image.mode == "I"
         image.load()  # the pixels: a damaged file fails here

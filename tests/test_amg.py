@@ -10,6 +10,7 @@ order, to float rounding (ao's decoder adds and multiplies in another order, so 
 logit lies within about 1e-6 of the threshold may flip).
 """
 
+import logging
 import math
 import re
 import threading
@@ -228,7 +229,7 @@ def test_config_rejects_settings_of_another_type():
 
 
 def test_the_baseline_cuts_its_points_per_batch_on_large_images_to_the_same_masks(trained_micro_checkpoint,
-                                                                                monkeypatch):
+                                                                                monkeypatch, caplog):
     """sam2's generator upscales each point's masks to the image: its batch of 64 asked for 9 GB
     on a 12 MP photo. Points per batch are cut to REFERENCE_BATCH_BYTES there; the masks are the
     same, each point decoded on its own."""
@@ -246,8 +247,10 @@ def test_the_baseline_cuts_its_points_per_batch_on_large_images_to_the_same_mask
     original = cut.generator._process_batch
     cut.generator._process_batch = lambda points, *rest, **options: batches.append(len(points)) or original(
         points, *rest, **options)
-    assert cut.generate(image) == expected
+    with caplog.at_level(logging.INFO, logger="sam2serve.amg"):
+        assert cut.generate(image) == expected
     assert cut.generator.points_per_batch == 10 and batches == [10] * 6 + [4]  # 64 points
+    assert "baseline: 10 points per batch instead of 64 on this 160x120 image" in caplog.text
 
 
 @pytest.mark.parametrize("crop_n_layers", [0, 1])

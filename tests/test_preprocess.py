@@ -2,6 +2,7 @@
 
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -288,7 +289,7 @@ def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypat
             release.wait(10)
 
     with original_share(700):
-        thread = threading.Thread(target=second)
+        thread = threading.Thread(target=second, daemon=True)
         thread.start()
         assert not entered.wait(0.3)  # 700 + 400 > 1000: it waits
     assert entered.wait(10) and budget.taken == 400
@@ -297,6 +298,42 @@ def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypat
     assert budget.taken == 0
     with original_share(10**9):  # more than the whole: the whole, alone
         assert budget.taken == 1000
+    # First come, first served: a decode that fits does not pass one waiting for more (a large
+    # share waited for good while smaller ones kept overlapping).
+    order, release = [], threading.Event()
+
+    def waiting(name, nbytes):
+        with original_share(nbytes):
+            order.append(name)
+            release.wait(10)
+
+    with original_share(700):
+        large = threading.Thread(target=waiting, args=("large", 1000), daemon=True)
+        large.start()
+        time.sleep(0.2)
+        small = threading.Thread(target=waiting, args=("small", 100), daemon=True)  # 700 + 100 fits; comes second
+        small.start()
+        time.sleep(0.3)
+        assert order == []
+    time.sleep(0.3)
+    assert order == ["large"]
+    release.set()
+    large.join(10)
+    small.join(10)
+    assert order == ["large", "small"] and budget.taken == 0
+    # An APNG's seek to its still picture decodes a frame: the share is held before it.
+    steps = []
+    monkeypatch.setattr(budget, "share", lambda nbytes: steps.append("share") or original_share(nbytes))
+    from PIL import PngImagePlugin as png_plugin
+
+    seek = png_plugin.PngImageFile.seek
+    monkeypatch.setattr(png_plugin.PngImageFile, "seek",
+                        lambda image, frame: steps.append("seek") or seek(image, frame))
+    frames = [Image.new("RGB", (6, 4), colour) for colour in ("white", "red")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], default_image=True)
+    decode_image(buffer.getvalue(), max_pixels=100)
+    assert steps[:2] == ["share", "seek"], steps
 
 
 def tiled_tiff(side: int, tile: int) -> bytes:

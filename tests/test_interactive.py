@@ -129,7 +129,7 @@ def test_prompts_equal_sam2s_predictor(model, checkpoint):
     ([{"points": [[float("nan"), 1]], "labels": [1]}], "prompts[0].points[0]"),
     ([{"points": [["1", 2]], "labels": [1]}], "prompts[0].points[0]"),
     ([{"box": [50, 10, 20, 40]}], "prompts[0].box"),
-    ([{"points": [[10, 10]], "labels": [2]}], "prompts[0].labels"),
+    ([{"points": [[10, 10]], "labels": [2]}], "prompts[0].labels[0]"),  # which label
     ([{"labels": []}], "prompts[0]"),
     ([{"points": [[1, 1]]}] * 65, "prompts"),
     ([{"points": [[10**400, 1]]}], "prompts[0].points[0]"),  # JSON's ints have no bound; a float's range has
@@ -937,7 +937,7 @@ def test_points_and_boxes_on_the_images_far_border_are_inside():
 
 @pytest.mark.parametrize("prompt, field", [
     ({"box": [10, 50, 20, 40]}, "prompts[0].box"),  # y1 < y0
-    ({"points": [[10, 10]], "labels": [True]}, "prompts[0].labels"),  # a bool is no label
+    ({"points": [[10, 10]], "labels": [True]}, "prompts[0].labels[0]"),  # a bool is no label
     ({"points": [[True, 10]]}, "prompts[0].points[0]"),  # nor a coordinate
     ({"box": [0, 0, 10, False]}, "prompts[0].box"),
     ({"points": [[10, 10]], "multimask": 1}, "prompts[0].multimask"),

@@ -260,11 +260,14 @@ def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
 def test_the_worker_idle_after_work_gives_freed_memory_back_once(monkeypatch):
     from sam2serve import worker as worker_module
 
-    asked = []
+    asked, ours = [], []  # (the workers of earlier tests still serve: this one's thread alone is counted)
     monkeypatch.setattr(worker_module, "TRIM_AFTER_IDLE_S", 0.2)
-    monkeypatch.setattr(worker_module, "return_freed_memory", lambda above: asked.append(above) or 0)
+    monkeypatch.setattr(worker_module, "return_freed_memory",
+                        lambda above: threading.current_thread() in ours and asked.append(above) or 0)
     worker = InferenceWorker()
+    started = set(threading.enumerate())
     worker.start(StubGenerator())
+    ours += [thread for thread in threading.enumerate() if thread not in started]
     time.sleep(1.2)
     assert asked == []  # no work yet: nothing freed to look at
     assert worker.submit(image_of(3)) == [{"size": [8, 6], "counts": [3, 1]}]

@@ -328,7 +328,7 @@ async def read_form(request: Request, limits: Limits):
         if error.message.startswith("Too many"):
             raise too_many_parts(limits) from None
         if "exceeded maximum size" in error.message:  # which field, as server.py says it
-            raise form_limit_error(io.BytesIO(body), request.headers.get("content-type", ""), limits) from None
+            raise form_limit_error(io.BytesIO(body), content_type, limits) from None
         if '"name" must be provided' in error.message:  # as server.py says it
             raise unreadable_form(NAMELESS_PART) from None
         raise unreadable_form(error.message) from None

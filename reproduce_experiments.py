@@ -221,15 +221,17 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
         generator.generate(read_image_file(paths[0]))
     reset_peak_memory(device)
 
-    seconds = []
+    seconds, points_per_batch = [], []
     partial = row_dir / "rle_masks.partial"
     progress = ProgressLog(label, len(paths))
     with partial.open("w") as out:
         for path in tqdm(paths, desc=label, unit="image", disable=None):  # a progress bar on a terminal only
             data = Path(path).read_bytes()
             with Stopwatch(device) as request:
-                rles = generator.generate(decode_image(data, FILE_MAX_PIXELS))
+                image = decode_image(data, FILE_MAX_PIXELS)
+                rles = generator.generate(image)
             seconds.append(request.seconds)
+            points_per_batch.append(generator.points_per_batch_on(*image.shape[:2]))
             out.write(answer_text(rles) + "\n")
             progress.done(len(seconds))
     partial.replace(row_dir / "rle_masks")
@@ -237,6 +239,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     return {
         "settings": settings, **latency_summary_ms(seconds), "startup_s": startup.seconds,
         "max_memory_mib": peak_mib, "max_memory_pct": peak_pct,
+        "points_per_batch": min(points_per_batch),  # the baseline's fewer on large images
     }
 
 
@@ -329,7 +332,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
         "mode": row.mode, **{key: summary.as_dict()[key] for key in COMPARISON_COLUMNS},
         **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
-        "batch_size": BATCH_SIZE, "points_per_batch": config.points_per_batch,
+        "batch_size": BATCH_SIZE, "points_per_batch": stats["points_per_batch"],
         "points_per_side": config.points_per_side,
         "model_type": settings["model_type"], "device": settings["device"],
         "torch_version": settings["torch_version"],

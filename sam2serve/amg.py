@@ -177,6 +177,11 @@ class Generator(Protocol):
         thresholds on one compiled model)."""
         ...
 
+    def points_per_batch_on(self, height: int, width: int) -> int:
+        """The point prompts per decoder call on an image of this size (config.points_per_batch,
+        or fewer: the baseline's on large images)."""
+        ...
+
     def annotate(self, image: np.ndarray) -> list[dict]:
         """generate() with each mask's record as sam2's generate() writes it: segmentation (RLE),
         area, bbox and crop_box (XYWH), predicted_iou, stability_score, point_coords."""
@@ -287,12 +292,14 @@ class ReferenceMaskGenerator:
         warn = config.min_mask_region_area != self.config.min_mask_region_area
         return ReferenceMaskGenerator(self.generator.predictor.model, config, warn)
 
+    def points_per_batch_on(self, height: int, width: int) -> int:
+        return max(1, min(self.config.points_per_batch,
+                          REFERENCE_BATCH_BYTES // (REFERENCE_BYTES_PER_POINT_PIXEL * height * width)))
+
     def annotate(self, image: np.ndarray) -> list[dict]:
         (image,) = checked_images([image])
-        pixels = image.shape[0] * image.shape[1]
         with self.lock:  # sam2's generator holds its image's features between its steps
-            self.generator.points_per_batch = max(1, min(
-                self.config.points_per_batch, REFERENCE_BATCH_BYTES // (REFERENCE_BYTES_PER_POINT_PIXEL * pixels)))
+            self.generator.points_per_batch = self.points_per_batch_on(*image.shape[:2])
             if self.generator.points_per_batch < self.config.points_per_batch:
                 log.info("baseline: %d points per batch instead of %d on this %dx%d image (sam2 upscales each "
                          "point's masks to it)", self.generator.points_per_batch, self.config.points_per_batch,
@@ -453,6 +460,9 @@ class MaskGenerator:
         generator = MaskGenerator(self.model, config, self.given_kernels)
         generator.on_features, generator.on_out_of_memory = self.on_features, self.on_out_of_memory
         return generator
+
+    def points_per_batch_on(self, height: int, width: int) -> int:
+        return self.config.points_per_batch  # its masks are upscaled in chunks that bound the memory
 
     def generate(self, image: np.ndarray) -> list[RLE]:
         return self.generate_batch([image])[0]

@@ -24,6 +24,7 @@ from PIL import Image
 
 import reproduce_experiments
 from reproduce_experiments import RESULT_COLUMNS, Row, measured_row, result_figure, settings_changed
+from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import write_random_checkpoint
 
 from .conftest import make_scene
@@ -793,3 +794,28 @@ def test_a_stop_while_a_script_imports_torch_is_one_line(script, signum):
         process.kill()
     stop = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     assert process.returncode == -signum and stderr == f"stopped ({stop}) while starting\n", stderr
+
+
+def test_the_points_per_batch_column_says_the_fewest_a_row_ran(trained_micro_checkpoint, monkeypatch, tmp_path):
+    """The baseline cuts its points per batch on large images (amg.REFERENCE_BATCH_BYTES); the
+    study's column said the configured batch where the row had run with fewer."""
+    from sam2serve import amg
+
+    monkeypatch.setattr(reproduce_experiments, "set_up_cpu_process", lambda *args: None)  # this process's own
+    monkeypatch.setattr(reproduce_experiments, "set_up_logging", lambda: None)
+    monkeypatch.setattr(amg, "REFERENCE_BATCH_BYTES", 10 * amg.REFERENCE_BYTES_PER_POINT_PIXEL * 120 * 160)
+    paths = []
+    for index, (height, width) in enumerate([(60, 80), (120, 160)]):  # the second: 10 points a batch
+        paths.append(tmp_path / f"image_{index}.png")
+        Image.fromarray(make_scene(height, width, seed=index)).save(paths[-1])
+    settings = {"device": "cpu", "threads": None, "images": [str(path) for path in paths], "model_type": "micro",
+                "torch_version": "any", "amg": {"points_per_side": 4, "points_per_batch": 64}}
+    counts = {}
+    for mode in ("baseline", "ao"):
+        (tmp_path / mode).mkdir()
+        stats = reproduce_experiments.run_row(Row(mode), settings, trained_micro_checkpoint, tmp_path / mode, mode)
+        counts[mode] = stats["points_per_batch"]
+        line = reproduce_experiments.result_line(Row(mode), AMGConfig(**settings["amg"]), stats,
+                                                 tmp_path / "baseline", tmp_path / mode)
+        assert line["points_per_batch"] == counts[mode] and line["miou"] == 1.0
+    assert counts == {"baseline": 10, "ao": 64}

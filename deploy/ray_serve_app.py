@@ -53,7 +53,7 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
-from sam2serve.worker import Abandoned, generate_each
+from sam2serve.worker import TRIM_AFTER_IDLE_S, Abandoned, generate_each, give_back_freed_memory
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
@@ -102,6 +102,7 @@ class SegmentEverything:
                  connection_timeout_s: float = ConnectionLimits.timeout_s) -> None:
         self.connection_timeout_s = connection_timeout_s  # a body that stops arriving this long: 408
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.model_calls, self.idle_trim = 0, None  # calls under way or waiting; the trim once idle
         self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
         self.limits = Limits()
         # Prompts (/embed, /segment) as server.py runs them; each replica has its own cache.
@@ -153,7 +154,19 @@ class SegmentEverything:
         return answer
 
     async def on_model_thread(self, function, *arguments):
-        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *arguments)
+        """The call on the model's thread; once that thread is idle TRIM_AFTER_IDLE_S after it,
+        the freed memory it leaves is given back as server.py's worker gives it back (a burst of
+        large images held it for good)."""
+        loop = asyncio.get_running_loop()
+        if self.idle_trim is not None:
+            self.idle_trim.cancel()
+        self.model_calls += 1
+        try:
+            return await loop.run_in_executor(self.model_thread, function, *arguments)
+        finally:
+            self.model_calls -= 1
+            if not self.model_calls:
+                self.idle_trim = loop.call_later(TRIM_AFTER_IDLE_S, self.model_thread.submit, give_back_freed_memory)
 
     async def __call__(self, request: Request) -> Response:
         response = await self.answer(request)

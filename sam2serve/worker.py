@@ -63,6 +63,13 @@ STOP_CHECK_S = 0.5  # how often serve() looks whether to stop while the queue is
 # hold more than TRIM_ABOVE_BYTES (cpu.return_freed_memory); less stays for the next request.
 TRIM_AFTER_IDLE_S = 5.0
 TRIM_ABOVE_BYTES = 2 << 30
+
+
+def give_back_freed_memory() -> None:
+    """What a model's thread calls once idle TRIM_AFTER_IDLE_S after work (server.py's worker, a
+    Ray Serve replica's model thread)."""
+    if freed := return_freed_memory(TRIM_ABOVE_BYTES):
+        log.info("idle: %.1f GiB of freed memory given back to the system", freed / 2**30)
 FIRST_GUESS_S = 1.0  # the model's time on a kind of work the worker has not timed yet
 
 
@@ -332,8 +339,7 @@ class InferenceWorker:
                 last_work = time.monotonic()
             elif last_work is not None and time.monotonic() - last_work >= TRIM_AFTER_IDLE_S:
                 last_work = None
-                if freed := return_freed_memory(TRIM_ABOVE_BYTES):
-                    log.info("idle: %.1f GiB of freed memory given back to the system", freed / 2**30)
+                give_back_freed_memory()
 
     def _done(self) -> bool:
         """Stopping, and every accepted request answered."""

@@ -137,6 +137,19 @@ def test_result_figure_names_every_row_without_overlapping_labels():
             assert not boxes[first].overlaps(boxes[second]), (texts[first].get_text(), texts[second].get_text())
 
 
+def test_a_row_without_a_strict_miou_is_drawn_at_its_relaxed_miou():
+    """When every image's mask count differs from the baseline's, the strict mIoU is empty; the
+    row was in the legend with no point on the axes."""
+    lines = [{"mode": mode, "batch_size": 1, "points_per_batch": 64, "points_per_side": 16, "ms_per_request": ms,
+              "miou": miou, "relaxed_miou": relaxed, "model_type": "micro", "device": "cpu", "images": 7}
+             for mode, ms, miou, relaxed in [("baseline", 300.0, 1.0, 1.0), ("fast_furious", 100.0, None, 0.9)]]
+    axes = result_figure(lines).axes[0]
+    assert [points.get_offsets().tolist() for points in axes.collections] == [[[300.0, 1.0]], [[100.0, 0.9]]]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "baseline (bs 1, ppb 64)", "fast_furious (bs 1, ppb 64), relaxed mIoU"]
+    assert axes.collections[1].get_facecolors().size == 0  # hollow: not a strict mIoU
+
+
 def test_a_rows_progress_is_logged_where_no_terminal_shows_a_bar(caplog, monkeypatch):
     """A long row's log sent to a file said only "started", then "done" hours later."""
     from reproduce_experiments import ProgressLog

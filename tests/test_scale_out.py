@@ -665,7 +665,7 @@ def bare_replica(**attributes):
 
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)
-    vars(replica).update(attributes)
+    vars(replica).update({"model_calls": 0, "idle_trim": None, **attributes})  # on_model_thread's
     return replica
 
 
@@ -1000,6 +1000,35 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
     stats = replica.cache.stats()
     replica.model_thread.shutdown()
     assert (stats.hits, stats.misses, stats.entries, stats.spares) == (1, 0, 1, 0)
+
+
+def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkeypatch):
+    """As server.py's worker does: a burst of large images left a replica's freed memory held
+    for good. Once its model thread is idle TRIM_AFTER_IDLE_S after work, the memory is given
+    back, once, on that thread; work meanwhile puts it off."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("ray")
+    from sam2serve import worker as worker_module
+
+    asked = []  # (the workers of earlier tests still serve: this replica's thread alone is counted)
+    monkeypatch.setattr("deploy.ray_serve_app.TRIM_AFTER_IDLE_S", 0.3)
+    monkeypatch.setattr(worker_module, "return_freed_memory", lambda above: threading.current_thread().name.startswith(
+        "idle-trim-test") and asked.append(above) or 0)
+    replica = bare_replica(model_thread=ThreadPoolExecutor(1, thread_name_prefix="idle-trim-test"))
+
+    async def work():
+        await asyncio.gather(replica.on_model_thread(time.sleep, 0.5), replica.on_model_thread(time.sleep, 0.1))
+        await asyncio.sleep(0.15)
+        await replica.on_model_thread(time.sleep, 0.2)  # within the idle time: the trim put off
+        assert asked == []  # not while calls waited, nor between them
+        await asyncio.sleep(0.8)
+
+    asyncio.run(work())
+    replica.model_thread.shutdown()
+    assert asked == [worker_module.TRIM_ABOVE_BYTES]
 
 
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,

@@ -520,14 +520,17 @@ def stubbed_fetch(driver, answers: dict):
     milliseconds before the answer (None: it never comes; "held": when the test calls
     window.release())]; other paths go to the server. Each request's path is logged in
     window.fetchLog, "PATH aborted" once the page cancels it (its answer still comes, as one can
-    that was on its way), and "PATH answered" once its answer is given."""
+    that was on its way), and "PATH answered" once its answer is given; a JSON body sent, as
+    [path, body], in window.fetchBodies."""
     driver.execute_script("""
         window.realFetch = window.realFetch || window.fetch;
         const answers = arguments[0];
         window.fetchLog = [];
+        window.fetchBodies = [];
         window.fetch = async (resource, options) => {
           const path = new URL(resource, location.href).pathname;
           window.fetchLog.push(path);
+          if (typeof options?.body === "string") window.fetchBodies.push([path, JSON.parse(options.body)]);
           if (!(path in answers)) return window.realFetch(resource, options);
           options?.signal?.addEventListener("abort", () => window.fetchLog.push(`${path} aborted`));
           const [status, body, ms] = answers[path];
@@ -2077,6 +2080,127 @@ def test_a_second_finger_moving_draws_no_box(page, tmp_path):
         pointer(page, "pointerup", 10, 10, 7, "touch")
         wait_for(page, lambda d: len(page_state(d, "clicks")) == 1, timeout=10)
         assert page_state(page, "box") is None
+
+
+def cursor_said(driver) -> str:
+    """What a screen reader hears of the keyboard's cursor (its live region)."""
+    return driver.find_element(By.ID, "cursor-info").get_attribute("textContent")
+
+
+def cursor_drawn(driver) -> bool:
+    """Whether the keyboard's crosshair is drawn on a SMALL image: its four arms white, 8 pixels
+    from the cursor (a point's circle, 5 pixels at most, leaves them be)."""
+    return driver.execute_script("""
+        const c = window.sam2page.state.cursor;
+        const context = document.getElementById("highlight-canvas").getContext("2d");
+        return Boolean(c) && [[8, 0], [-8, 0], [0, 8], [0, -8]].every(([dx, dy]) =>
+          context.getImageData(c.x + dx, c.y + dy, 1, 1).data.every((v) => v === 255));""")
+
+
+def segment_prompts(driver) -> list[dict]:
+    """The prompt of each /segment request sent (stubbed_fetch logs their bodies)."""
+    return [body["prompts"][0] for path, body in driver.execute_script("return window.fetchBodies")
+            if path == "/segment"]
+
+
+def keys(driver, *keys, shift: bool = False) -> None:
+    """Keys pressed where the keyboard is, as a person would (Shift held: shift=True)."""
+    actions = ActionChains(driver).key_down(Keys.SHIFT) if shift else ActionChains(driver)
+    actions = actions.send_keys(*keys)
+    (actions.key_up(Keys.SHIFT) if shift else actions).perform()
+
+
+def tab_to_the_image(driver) -> None:
+    driver.execute_script("document.getElementById('download-png').focus()")  # the last button before it
+    keys(driver, Keys.TAB)
+    assert focused(driver) == "highlight-canvas"
+
+
+def test_the_keyboard_moves_a_cursor_on_the_image_and_adds_points_at_it(page, tmp_path):
+    """The click tool added no point from the keyboard. The image is a Tab stop in it, where a
+    crosshair shows that the arrow keys move (a step: 1% of the longer side, at least a pixel;
+    Shift: ten), held within the image; Enter or Space adds a point on the object at it,
+    Shift+Enter one off it, each asked for as a click's; Backspace takes the last back. A screen
+    reader hears the cursor's place in image pixels, and each point added."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "keys.png"))
+        assert highlight_alpha(page) == 0  # no clicks, no cursor
+        # The cursor's live region, hidden, does not make the viewer scroll (a Tab stop of its own).
+        assert page.execute_script("const v = document.getElementById('viewer');"
+                                   "return v.scrollHeight === v.clientHeight")
+        tab_to_the_image(page)
+        assert page.find_element(By.ID, "highlight-canvas").get_attribute("role") == "application"
+        assert cursor_drawn(page) and cursor_said(page) == "32, 24"  # the image's centre (64 x 48)
+        for pressed, shift, said in [((Keys.ARROW_RIGHT,), False, "33, 24"), ((Keys.ARROW_DOWN,), True, "33, 34"),
+                                     ((Keys.ARROW_LEFT,) * 3, False, "30, 34"), ((Keys.ARROW_UP,), False, "30, 33")]:
+            keys(page, *pressed, shift=shift)
+            assert cursor_said(page) == said
+        assert cursor_drawn(page)
+        scrolled = page.execute_script("return [window.scrollY, document.getElementById('viewer').scrollTop]")
+        keys(page, Keys.ENTER)
+        wait_for(page, lambda d: segment_prompts(d)[-1:] == [{"points": [[30, 33]], "labels": [1]}], timeout=10)
+        assert cursor_said(page) == "Point 1 on the object at 30, 33."
+        keys(page, Keys.ARROW_RIGHT, shift=True)
+        keys(page, Keys.ENTER, shift=True)
+        wait_for(page, lambda d: segment_prompts(d)[-1] == {"points": [[30, 33], [40, 33]], "labels": [1, 0]},
+                 timeout=10)
+        assert cursor_said(page) == "Point 2 off the object at 40, 33."
+        keys(page, Keys.ARROW_DOWN, Keys.SPACE)
+        wait_for(page, lambda d: segment_prompts(d)[-1]["labels"] == [1, 0, 1], timeout=10)
+        assert segment_prompts(page)[-1]["points"][-1] == [40, 34]
+        assert page.execute_script("return [window.scrollY, document.getElementById('viewer').scrollTop]") == scrolled
+        keys(page, Keys.BACKSPACE)
+        wait_for(page, lambda d: segment_prompts(d)[-1] == {"points": [[30, 33], [40, 33]], "labels": [1, 0]},
+                 timeout=10)
+        keys(page, *(Keys.ARROW_RIGHT,) * 3, shift=True)  # 70: held on the last column
+        keys(page, *(Keys.ARROW_UP,) * 5, shift=True)
+        assert cursor_said(page) == "63, 0"
+        keys(page, Keys.TAB)  # the keyboard leaves the image: the cursor goes
+        assert focused(page) != "highlight-canvas" and not page_state(page, "cursorShown")
+        assert len(page_state(page, "clicks")) == 2
+
+
+def test_the_keyboard_s_cursor_is_for_the_keyboard_alone_and_the_pointer_clicks_as_before(page, tmp_path):
+    """A mouse's click adds its point where it is and shows no cursor; after a press the cursor
+    goes, and the next Enter shows it again rather than add a point where none is shown. The
+    image is no Tab stop in the every-mask tool."""
+    with stubbed_fetch(page, stub_answers()):
+        canvas, _, _ = in_the_click_tool(page, small_image(tmp_path, "both.png"))
+        pointer(page, "pointerdown", 10, 40)
+        pointer(page, "pointerup", 10, 40)
+        wait_for(page, lambda d: segment_prompts(d)[-1:] == [{"points": [[10.5, 40.5]], "labels": [1]}], timeout=10)
+        ActionChains(page).move_to_element_with_offset(canvas, -20, -20).click().perform()  # a real mouse's click
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 2, timeout=10)
+        assert page_state(page, "clicks")[1]["label"] == 1 and not cursor_drawn(page)
+        tab_to_the_image(page)
+        assert cursor_drawn(page)
+        ActionChains(page).move_to_element_with_offset(canvas, 20, 20).key_down(Keys.SHIFT).click() \
+            .key_up(Keys.SHIFT).perform()  # shift-click, the keyboard on the image
+        wait_for(page, lambda d: [c["label"] for c in page_state(d, "clicks")] == [1, 1, 0], timeout=10)
+        last = page_state(page, "clicks")[2]
+        assert (last["x"], last["y"]) != (32, 24) and not cursor_drawn(page)  # the pointer's place, not the cursor's
+        keys(page, Keys.ENTER)  # shows the cursor
+        assert cursor_drawn(page) and len(page_state(page, "clicks")) == 3
+        keys(page, Keys.ENTER)  # adds at it
+        wait_for(page, lambda d: len(page_state(d, "clicks")) == 4, timeout=10)
+        assert page_state(page, "clicks")[3] == {"x": 32, "y": 24, "label": 1}
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+        assert canvas.get_attribute("tabindex") is None and canvas.get_attribute("role") is None
+
+
+def test_the_keyboard_s_cursor_scrolls_a_strip_to_keep_in_sight(page, tmp_path):
+    """A strip wider than the viewer: the cursor, at its centre, then moved on, stays in the part shown."""
+    with stubbed_fetch(page, stub_answers(size=(4000, 40))):
+        in_the_click_tool(page, small_image(tmp_path, "strip.png", size=(4000, 40)))
+        shown = """const viewer = document.getElementById("viewer");
+            const canvas = document.getElementById("highlight-canvas");
+            const left = ((window.sam2page.state.cursor.x + 0.5) * canvas.clientWidth) / 4000;
+            return viewer.scrollWidth > viewer.clientWidth
+              && viewer.scrollLeft <= left && left <= viewer.scrollLeft + viewer.clientWidth;"""
+        tab_to_the_image(page)
+        assert cursor_said(page) == "2000, 20" and page.execute_script(shown)
+        keys(page, *(Keys.ARROW_RIGHT,) * 4, shift=True)  # 400 pixels a press
+        assert cursor_said(page) == "3600, 20" and page.execute_script(shown)
 
 
 def test_a_server_restarted_with_other_settings_is_the_one_the_page_describes_and_asks(page, server, tmp_path):

@@ -18,6 +18,9 @@ const EDGE_ALPHA = 255;
 const FILTERS = ["pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"];
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
 const LONG_PRESS_MS = 500; // a finger held this long, not moving: a point off the object (touch has no right click)
+// The keyboard's cursor moves by this share of the image's longer side (at least a pixel): as many
+// presses cross any image; Shift+arrow moves ten times as far.
+const CURSOR_STEP = 1 / 100;
 // The viewer's canvases, bottom to top, all the image's size: the image, every mask (the
 // every-mask tool's), the masks added by clicks (the click tool's), the selected mask (painted
 // when the selection changes, not on every hover: a large one takes a while), and the hovered
@@ -52,6 +55,8 @@ const state = {
   box: null, // [x0, y0, x1, y1]
   boxAfter: 0, // how many of the clicks came before the box (undo takes back the later ones first)
   dragBox: null, // the box being drawn, while the button is down
+  cursor: null, // {x, y}: the keyboard's cursor on the image (its centre until moved), in image pixels
+  cursorShown: false, // while the keyboard, not a pointer, is in use on the image
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
   segmentSequence: 0, // counts changes of the clicks: only the answer for the latest is drawn
@@ -740,8 +745,8 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, clickPrompt: null,
-    clickAnswer: null, segmentInFlight: 0, clickStatus: "Open an image first.",
+    removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
+    clickPrompt: null, clickAnswer: null, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
   $("mask-list").tBodies[0].replaceChildren();
@@ -762,6 +767,7 @@ function clearViewer() {
     $(id).style.width = $(id).style.height = "";
   }
   $("viewer").classList.remove("has-image");
+  imageStop();
 }
 
 async function openFile(file) {
@@ -857,6 +863,7 @@ function showImage(bitmap) {
     bitmap.close(); // drawn: the canvas holds its pixels now
   }
   $("viewer").classList.add("has-image");
+  imageStop();
   fitToWindow();
 }
 
@@ -1292,17 +1299,39 @@ function drawClickLayer(context) {
     context.strokeStyle = "#ffd400";
     context.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]);
   }
+  if (state.cursorShown) drawCursor(context, radius);
+}
+
+// The keyboard's cursor: a crosshair, open at its centre (the point it adds stays in sight),
+// dark under light to show on any picture.
+function drawCursor(context, radius) {
+  const { x, y } = cursor();
+  const [near, far] = [radius, radius * 3];
+  context.beginPath();
+  for (const [dx, dy] of [[-1, 0], [1, 0], [0, -1], [0, 1]]) {
+    context.moveTo(x + dx * near, y + dy * near);
+    context.lineTo(x + dx * far, y + dy * far);
+  }
+  const width = context.lineWidth;
+  context.strokeStyle = "#000";
+  context.lineWidth = width * 2;
+  context.stroke();
+  context.strokeStyle = "#fff";
+  context.lineWidth = width;
+  context.stroke();
 }
 
 function setTool() {
   const click = tool() === "click";
   document.body.classList.toggle("click-tool", click); // the list of every mask rests meanwhile
   $("viewer").classList.toggle("click-tool", click);
+  imageStop();
   toolButtons();
   $("tool-help").textContent = click
     ? "Click a point on an object; right click, shift-click or a long press: a point off it; drag a box; " +
       "Ctrl+Z or Backspace: undo. Clicks and a box describe one object: add its mask, or clear the clicks, " +
-      "before the next. (A tool for a mouse, pen or finger: the keyboard takes clicks back, it adds none.)"
+      "before the next. From the keyboard, Tab to the image: the arrow keys move a cursor (Shift: ten " +
+      "times as far), Enter or Space adds a point at it, Shift+Enter a point off the object."
     : "Hover a mask to see it; click to select it.";
   state.hovered = -1;
   restList();
@@ -1357,6 +1386,7 @@ function onPointerDown(event) {
   if (event.pointerType !== "touch" && event.button !== 0 && event.button !== 2) return;
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
             touch: event.pointerType === "touch", at: performance.now(), pointerId: event.pointerId };
+  state.cursorShown = false; // the pointer in use: the keyboard's cursor goes until a key brings it back
   event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)
   if (tool() === "click") { // the box's outline follows the pointer past the shown part of the image
     try {
@@ -1449,6 +1479,94 @@ function onPointerUp(event) {
   segment();
 }
 
+// --- Keyboard cursor -----------------------------------------------------------------------
+//
+// The keyboard's way to click: in the click tool the image is a Tab stop, where a crosshair shows
+// (for the keyboard alone: a pointer's press hides it) that the arrow keys move; Enter or Space
+// adds a point at it, Shift+Enter a point off the object (as shift-click does). Ctrl+Z and
+// Backspace take points back as they do clicks (onKeyDown). A screen reader hears the cursor's
+// place in image pixels and each point added (#cursor-info).
+
+const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+
+// The image as a Tab stop, in the click tool once there is one: role application, as screen
+// readers otherwise keep the arrow keys for reading.
+function imageStop() {
+  const canvas = $("highlight-canvas");
+  if (tool() === "click" && state.width) {
+    canvas.tabIndex = 0;
+    canvas.setAttribute("role", "application");
+  } else {
+    canvas.removeAttribute("tabindex");
+    canvas.removeAttribute("role");
+  }
+}
+
+function cursor() {
+  state.cursor ??= { x: Math.floor(state.width / 2), y: Math.floor(state.height / 2) };
+  return state.cursor;
+}
+
+function sayCursor(text) {
+  $("cursor-info").textContent = text;
+}
+
+// Focus from the keyboard shows the cursor (a mouse's focus, :focus-visible not set, does not).
+function onImageFocus(event) {
+  if (tool() !== "click" || !state.labels || !event.target.matches(":focus-visible")) return;
+  showCursor();
+}
+
+function onImageBlur() {
+  state.cursorShown = false;
+  drawHighlight();
+}
+
+function showCursor() {
+  state.cursorShown = true;
+  const { x, y } = cursor();
+  sayCursor(`${x}, ${y}`);
+  keepInView();
+  drawHighlight();
+}
+
+function onImageKeyDown(event) {
+  if (tool() !== "click" || !state.labels || press || event.ctrlKey || event.altKey || event.metaKey) return;
+  const arrow = ARROWS[event.key];
+  const add = event.key === "Enter" || event.key === " ";
+  if (!arrow && !add) return;
+  event.preventDefault(); // the arrows and Space would scroll the page
+  if (arrow) {
+    const step = Math.max(1, Math.round(Math.max(state.width, state.height) * CURSOR_STEP));
+    const by = event.shiftKey ? 10 * step : step;
+    const c = cursor();
+    c.x = Math.min(Math.max(c.x + arrow[0] * by, 0), state.width - 1); // held on the image
+    c.y = Math.min(Math.max(c.y + arrow[1] * by, 0), state.height - 1);
+    showCursor();
+  } else if (!state.cursorShown) {
+    showCursor(); // hidden by a pointer's press: first seen, then added (not a point where none is shown)
+  } else if (!event.repeat) { // a key held down adds one point
+    const { x, y } = cursor();
+    state.clicks.push({ x, y, label: event.shiftKey ? 0 : 1 });
+    sayCursor(`Point ${state.clicks.length} ${event.shiftKey ? "off" : "on"} the object at ${x}, ${y}.`);
+    drawHighlight();
+    segment();
+  }
+}
+
+// A strip longer than the viewer scrolls to keep the cursor in sight.
+function keepInView() {
+  const viewer = $("viewer"), canvas = $("highlight-canvas"), { x, y } = cursor();
+  const left = ((x + 0.5) * canvas.clientWidth) / state.width;
+  const top = ((y + 0.5) * canvas.clientHeight) / state.height;
+  if (left < viewer.scrollLeft || left > viewer.scrollLeft + viewer.clientWidth) {
+    viewer.scrollLeft = left - viewer.clientWidth / 2;
+  }
+  if (top < viewer.scrollTop || top > viewer.scrollTop + viewer.clientHeight) {
+    viewer.scrollTop = top - viewer.clientHeight / 2;
+  }
+}
+
 // --- Downloads -----------------------------------------------------------------------------
 
 function download(blob, name) {
@@ -1523,6 +1641,9 @@ function init() {
   top.addEventListener("pointermove", onPointerMove);
   top.addEventListener("pointerleave", () => tool() === "everything" && setHovered(-1));
   top.addEventListener("contextmenu", (event) => event.preventDefault());
+  top.addEventListener("keydown", onImageKeyDown);
+  top.addEventListener("focus", onImageFocus);
+  top.addEventListener("blur", onImageBlur);
   window.addEventListener("pointerup", onPointerUp);
   window.addEventListener("pointercancel", (event) => press && event.pointerId === press.pointerId && dropPress());
   document.addEventListener("keydown", onKeyDown);

@@ -56,7 +56,10 @@ from sam2serve.cpu import set_up_cpu_process
 from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
-from sam2serve.timing import Stopwatch, latency_summary_ms, peak_memory_mib, reset_peak_memory
+from sam2serve.timing import (
+    CORE_WAIT_WARN_PCT, Stopwatch, core_wait_pct, core_wait_seconds, latency_summary_ms, peak_memory_mib,
+    reset_peak_memory,
+)
 
 log = logging.getLogger("experiments")
 PROGRESS_EVERY_S = 60.0  # a row's progress in the log, without a terminal
@@ -65,7 +68,7 @@ T = TypeVar("T")
 COMPARISON_COLUMNS = ["miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image"]  # compare.py's
 RESULT_COLUMNS = [
     "mode", *COMPARISON_COLUMNS, "ms_per_request", "p50", "p90",
-    "p99", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch", "points_per_side",
+    "p99", "core_wait_pct", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch", "points_per_side",
     "model_type", "device", "torch_version",
 ]
 
@@ -224,6 +227,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     seconds, points_per_batch = [], []
     partial = row_dir / "rle_masks.partial"
     progress = ProgressLog(label, len(paths))
+    waited_before, started = core_wait_seconds(), time.perf_counter()
     with partial.open("w") as out:
         for path in tqdm(paths, desc=label, unit="image", disable=None):  # a progress bar on a terminal only
             data = Path(path).read_bytes()
@@ -234,13 +238,21 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
             points_per_batch.append(generator.points_per_batch_on(*image.shape[:2]))
             out.write(answer_text(rles) + "\n")
             progress.done(len(seconds))
+    waited_after, wall_seconds = core_wait_seconds(), time.perf_counter() - started
+    core_wait = None if None in (waited_before, waited_after) else core_wait_pct(waited_after - waited_before,
+                                                                                  wall_seconds)
+    if core_wait is not None and core_wait > CORE_WAIT_WARN_PCT:
+        log.warning("%s: its threads waited for a core %.0f%% of the time it was measured: other work on the "
+                    "cores (its times are not its own; --threads, or run it alone)", label, core_wait)
     partial.replace(row_dir / "rle_masks")
     peak_mib, peak_pct = peak_memory_mib(device)
     return {
-        "settings": settings, **latency_summary_ms(seconds), "startup_s": startup.seconds,
+        "settings": settings, **latency_summary_ms(seconds), "core_wait_pct": core_wait, "startup_s": startup.seconds,
         "max_memory_mib": peak_mib, "max_memory_pct": peak_pct,
         "points_per_batch": min(points_per_batch),  # the baseline's fewer on large images
+        "request_seconds": seconds,  # in the list's order: the figures above can be checked
     }
+
 
 
 class ProgressLog:
@@ -330,7 +342,7 @@ def result_line(row: Row, config: AMGConfig, stats: dict, baseline_dir: Path, ro
     settings = stats["settings"]
     return {
         "mode": row.mode, **{key: summary.as_dict()[key] for key in COMPARISON_COLUMNS},
-        **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "startup_s",
+        **{key: stats[key] for key in ("ms_per_request", "p50", "p90", "p99", "core_wait_pct", "startup_s",
                                         "max_memory_mib", "max_memory_pct")},
         "batch_size": BATCH_SIZE, "points_per_batch": stats["points_per_batch"],
         "points_per_side": config.points_per_side,

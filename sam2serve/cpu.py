@@ -42,6 +42,7 @@ import ctypes
 import functools
 import logging
 import platform
+from collections.abc import Callable
 
 import torch
 
@@ -71,19 +72,26 @@ class MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def mallinfo2() -> Callable[[], MallInfo2] | None:
+    """glibc's mallinfo2, or None where there is none (not glibc, or glibc older than 2.33)."""
+    function = getattr(glibc(), "mallinfo2", None)
+    if function is not None:
+        function.restype = MallInfo2
+    return function
+
+
 def return_freed_memory(above_bytes: int) -> int:
     """The heap's free blocks given back to the system (malloc_trim) where they hold more than
     above_bytes: kept for the next request's reuse, a burst of large images left them held for
     good (7.5 GB a minute after ten uploads of 40 MP, where a request needs one). The bytes free
-    before, or 0 where nothing was given back (glibc older than 2.33 has no mallinfo2)."""
-    libc = glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
+    before, or 0 where nothing was given back (no mallinfo2)."""
+    if mallinfo2() is None:
         return 0
-    libc.mallinfo2.restype = MallInfo2
-    free = libc.mallinfo2().fordblks
+    free = mallinfo2()().fordblks
     if free <= above_bytes:
         return 0
-    libc.malloc_trim(0)
+    glibc().malloc_trim(0)
     return free
 
 

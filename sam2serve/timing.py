@@ -1,6 +1,5 @@
 """Latency and peak-memory measurement, the same way for every mode and device."""
 
-import ctypes
 import os
 import resource
 import threading
@@ -9,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from .cpu import glibc
+from .cpu import mallinfo2
 
 
 def synchronize(device: str) -> None:
@@ -43,6 +42,36 @@ def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
         "p90": float(np.percentile(milliseconds, 90)),
         "p99": float(np.percentile(milliseconds, 99)),
     }
+
+
+def core_wait_seconds() -> float | None:
+    """Seconds this process's threads have waited for a core so far: runnable, not running
+    (Linux's schedstat, per thread). Other work on the cores shows here as time the measured code
+    did not get: its figures are then not its own. None where the kernel does not say."""
+    nanoseconds = 0
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for thread in threads:
+        try:
+            with open(f"/proc/self/task/{thread}/schedstat") as stats:
+                nanoseconds += int(stats.read().split()[1])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
+    return nanoseconds / 1e9
+
+
+# A run whose threads waited for a core longer than this share of its time is warned of.
+CORE_WAIT_WARN_PCT = 10.0
+
+
+def core_wait_pct(waited_seconds: float, wall_seconds: float) -> float:
+    """core_wait_seconds' growth over wall_seconds, as a share of the time of torch's threads
+    (the model's), in percent."""
+    return 100 * max(0.0, waited_seconds) / (wall_seconds * torch.get_num_threads()) if wall_seconds > 0 else 0.0
 
 
 def reset_peak_memory(device: str) -> None:
@@ -130,29 +159,12 @@ class PeakMemory:
             self.mib = (max(self.peak, allocated_bytes()) - self.start) / 2**20
 
 
-class MallInfo2(ctypes.Structure):
-    """glibc's struct mallinfo2 (malloc.h)."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _glibc_mallinfo2():
-    function = getattr(glibc(), "mallinfo2", None)  # glibc 2.33 and later
-    if function is not None:
-        function.restype = MallInfo2
-    return function
-
-
-MALLINFO2 = _glibc_mallinfo2()
-
-
 def allocated_bytes() -> int:
     """Bytes malloc has handed out and not taken back (heap and mmap'd blocks; glibc), or the
     resident memory where the C library cannot say."""
-    if MALLINFO2 is None:
+    if mallinfo2() is None:
         return resident_bytes()
-    info = MALLINFO2()
+    info = mallinfo2()()
     return info.uordblks + info.hblkhd
 
 

@@ -809,13 +809,19 @@ def test_a_stop_while_a_script_imports_torch_is_one_line(script, signum):
     assert process.returncode == -signum and stderr == f"stopped ({stop}) while starting\n", stderr
 
 
-def test_the_points_per_batch_column_says_the_fewest_a_row_ran(trained_micro_checkpoint, monkeypatch, tmp_path):
-    """The baseline cuts its points per batch on large images (amg.REFERENCE_BATCH_BYTES); the
-    study's column said the configured batch where the row had run with fewer."""
+def test_a_rows_columns_say_what_it_ran_and_how_its_threads_waited(trained_micro_checkpoint, monkeypatch, tmp_path,
+                                                                     caplog):
+    """points_per_batch: the baseline cuts its points per batch on large images
+    (amg.REFERENCE_BATCH_BYTES); the study's column said the configured batch where the row had
+    run with fewer. core_wait_pct: a row measured while other work took its cores said nothing
+    of it (ao and fast, the same eager code, measured 1.7x apart). Each request's seconds are kept."""
     from sam2serve import amg
 
     monkeypatch.setattr(reproduce_experiments, "set_up_cpu_process", lambda *args: None)  # this process's own
     monkeypatch.setattr(reproduce_experiments, "set_up_logging", lambda: None)
+    waits = iter([0.0, 1e4, 5.0, 5.0])  # before and after each row: the baseline's threads waited, ao's did not
+    monkeypatch.setattr(reproduce_experiments, "core_wait_seconds", lambda: next(waits))
+    caplog.set_level(logging.WARNING, logger="experiments")
     monkeypatch.setattr(amg, "REFERENCE_BATCH_BYTES", 10 * amg.REFERENCE_BYTES_PER_POINT_PIXEL * 120 * 160)
     paths = []
     for index, (height, width) in enumerate([(60, 80), (120, 160)]):  # the second: 10 points a batch
@@ -823,12 +829,38 @@ def test_the_points_per_batch_column_says_the_fewest_a_row_ran(trained_micro_che
         Image.fromarray(make_scene(height, width, seed=index)).save(paths[-1])
     settings = {"device": "cpu", "threads": None, "images": [str(path) for path in paths], "model_type": "micro",
                 "torch_version": "any", "amg": {"points_per_side": 4, "points_per_batch": 64}}
-    counts = {}
+    counts, waited = {}, {}
     for mode in ("baseline", "ao"):
         (tmp_path / mode).mkdir()
         stats = reproduce_experiments.run_row(Row(mode), settings, trained_micro_checkpoint, tmp_path / mode, mode)
-        counts[mode] = stats["points_per_batch"]
+        counts[mode], waited[mode] = stats["points_per_batch"], stats["core_wait_pct"]
         line = reproduce_experiments.result_line(Row(mode), AMGConfig(**settings["amg"]), stats,
                                                  tmp_path / "baseline", tmp_path / mode)
         assert line["points_per_batch"] == counts[mode] and line["miou"] == 1.0
+        assert line["core_wait_pct"] == waited[mode]
+        assert len(stats["request_seconds"]) == 2
+        assert stats["ms_per_request"] == pytest.approx(1000 * sum(stats["request_seconds"]) / 2)
     assert counts == {"baseline": 10, "ao": 64}
+    assert waited["baseline"] > 10 and waited["ao"] == 0
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == ["baseline"]
+    assert "waited for a core" in caplog.records[0].getMessage()
+
+
+def test_a_threads_wait_for_a_core_is_measured():
+    """core_wait_seconds: this thread and a busy process on one core wait for it in turn."""
+    from sam2serve.timing import core_wait_seconds
+
+    core, cores = min(os.sched_getaffinity(0)), os.sched_getaffinity(0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    before = core_wait_seconds()
+    try:
+        os.sched_setaffinity(busy.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread alone
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+    finally:
+        os.sched_setaffinity(0, cores)
+        busy.kill()
+        busy.wait()
+    assert core_wait_seconds() - before > 0.2  # about half of the second

@@ -899,6 +899,33 @@ def test_benchmark_spread_table_gives_min_median_max_and_max_over_min():
     assert lines[2:] == ["| ao | photo | 2 | 400 | 450 | 500 | 1.25 |", "| ao | scene | 3 | 100 | 200 | 300 | 3.00 |"]
 
 
+def test_benchmark_says_how_long_each_rows_threads_waited_for_a_core(monkeypatch):
+    """A run measured while other work took the cores gave times that were not the rows' own,
+    and said nothing of it: each row's threads' wait for a core (timing.core_wait_seconds)
+    during its requests is summed, and a share over CORE_WAIT_WARN_PCT is warned of."""
+    from tools import benchmark
+    from tools.benchmark import ModeRun, core_wait_line
+
+    class Stub:
+        def generate(self, image):
+            time.sleep(0.05)
+            return []
+
+    waits = iter([0.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0])  # before and after each request, rows taking turns
+    monkeypatch.setattr(benchmark, "core_wait_seconds", lambda: next(waits))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    runs = benchmark.measure({"baseline": Stub(), "ao": Stub()}, [("a", None), ("b", None)], 1, "cpu")
+    assert (runs["baseline"].core_wait_seconds, runs["ao"].core_wait_seconds) == (4.0, 0.0)
+    line = core_wait_line(list(runs.values()))
+    baseline_share = 100 * 4.0 / (sum(runs["baseline"].seconds) * 2)
+    assert line == (f"Waited for a core, share of each row's timed requests (its model's threads): baseline "
+                    f"{baseline_share:.1f}%, ao 0.0%; over 10%: other work was on the cores, these times are not "
+                    "the rows' own")
+    quiet = [ModeRun("ao", seconds=[1.0], core_wait_seconds=0.1), ModeRun("fast", seconds=[1.0], core_wait_seconds=None)]
+    assert core_wait_line(quiet) == "Waited for a core, share of each row's timed requests (its model's threads): ao 5.0%"
+    assert core_wait_line(quiet[1:]) is None  # where the kernel does not say
+
+
 def test_benchmark_table_gives_each_column_its_own_figure():
     """ms per image is the median request (not the mean), p90 its 90th percentile, peak MiB
     beside held MiB in that order, masks per image the mean over the images."""

@@ -58,7 +58,10 @@ from sam2serve.modes import MODES, get_mode, load_pipeline
 from sam2serve.preprocess import MAX_SIDE, image_to_input
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
-from sam2serve.timing import PeakMemory, Stopwatch, allocated_mib, device_description, latency_summary_ms
+from sam2serve.timing import (
+    CORE_WAIT_WARN_PCT, PeakMemory, Stopwatch, allocated_mib, core_wait_pct, core_wait_seconds, device_description,
+    latency_summary_ms,
+)
 from training.scenes import make_scene
 
 log = logging.getLogger("benchmark")
@@ -85,6 +88,7 @@ class ModeRun:
     peak_mib: float = 0.0
     masks: dict[int, list[RLE]] = field(default_factory=dict)  # image index -> masks
     repeats: dict[int, list[float]] = field(default_factory=dict)  # image index -> seconds of each request
+    core_wait_seconds: float | None = 0.0  # its threads' wait for a core during its requests (None: not known)
 
 
 def load_images(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
@@ -312,13 +316,33 @@ def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int,
                 for row, generator in generators.items():
                     progress.set_description(f"{row} on {image_name}")
                     for _ in range(repeat):
+                        waited = core_wait_seconds()
                         with PeakMemory(device) as memory, Stopwatch(device) as watch:
                             runs[row].masks[index] = generator.generate(image)
                         runs[row].seconds.append(watch.seconds)
+                        if None in (waited, runs[row].core_wait_seconds, waited_after := core_wait_seconds()):
+                            runs[row].core_wait_seconds = None
+                        else:
+                            runs[row].core_wait_seconds += waited_after - waited
                         runs[row].repeats.setdefault(index, []).append(watch.seconds)
                         runs[row].peak_mib = max(runs[row].peak_mib, memory.mib)
                         progress.update()
     return runs
+
+
+def core_wait_line(runs: list[ModeRun]) -> str | None:
+    """How long each row's threads waited for a core during its requests: over CORE_WAIT_WARN_PCT,
+    other work was on the cores and the table's times are not the rows' own. None where the
+    kernel does not say."""
+    shares = {run.mode: core_wait_pct(run.core_wait_seconds, sum(run.seconds))
+              for run in runs if run.core_wait_seconds is not None}
+    if not shares:
+        return None
+    line = ("Waited for a core, share of each row's timed requests (its model's threads): "
+            + ", ".join(f"{mode} {share:.1f}%" for mode, share in shares.items()))
+    if max(shares.values()) > CORE_WAIT_WARN_PCT:
+        line += f"; over {CORE_WAIT_WARN_PCT:.0f}%: other work was on the cores, these times are not the rows' own"
+    return line
 
 
 def spread_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]]) -> str:
@@ -490,6 +514,8 @@ def main() -> None:
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images), args.reference))
+        if waited := core_wait_line(list(runs.values())):
+            print(waited)
         if name == filters[0]:  # under the first table
             print("\n" + table_legend(args.reference, with_study=STUDY_ROW in runs))
         if len(images) > 1:

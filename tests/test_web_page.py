@@ -2203,6 +2203,21 @@ def test_the_keyboard_s_cursor_scrolls_a_strip_to_keep_in_sight(page, tmp_path):
         assert cursor_said(page) == "3600, 20" and page.execute_script(shown)
 
 
+def test_the_image_is_no_tab_stop_where_the_click_tool_is_off_for_it(page, tmp_path):
+    """An image the server refused has no masks, and the click tool is off for it: its keys did
+    nothing, yet the image was a Tab stop (and one before its masks came)."""
+    canvas = page.find_element(By.ID, "highlight-canvas")
+    page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    with stubbed_fetch(page, {"/upload_rle": [400, {"error": "as the server says"}, 0]}):
+        open_image(page, small_image(tmp_path, "refused.png"))
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert canvas.get_attribute("tabindex") is None and canvas.get_attribute("role") is None
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "answered.png"))
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        assert canvas.get_attribute("tabindex") == "0" and canvas.get_attribute("role") == "application"
+
+
 def test_a_server_restarted_with_other_settings_is_the_one_the_page_describes_and_asks(page, server, tmp_path):
     """The page read /health once: after a restart with --pred-iou-thresh 0.5 it still showed 0.8
     and sent nothing (0.8 was the old server's), and after one in half precision it still said

@@ -835,6 +835,7 @@ async function openFile(file) {
     done();
     if (generation !== state.generation) return;
     state.labels = null; // no masks: the click tool stays off for this image
+    imageStop();
     const filterRefused = error.status === 400 && FILTERS.some((name) => query.has(name) && error.message.includes(name));
     const forNow = [0, 503, 504].includes(error.status); // busy, stopping, timed out, out of reach: not the image
     state.everythingStatus = state.clickStatus = filterRefused
@@ -903,6 +904,7 @@ function showMasks(cocoText) {
   state.colours = state.annotations.map((_, i) => colour(i));
   state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
+  imageStop();
   drawMaskLayers();
   drawHighlight();
   listMasks();
@@ -1489,11 +1491,11 @@ function onPointerUp(event) {
 
 const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 
-// The image as a Tab stop, in the click tool once there is one: role application, as screen
-// readers otherwise keep the arrow keys for reading.
+// The image as a Tab stop, in the click tool once it has its masks (the tool is off without):
+// role application, as screen readers otherwise keep the arrow keys for reading.
 function imageStop() {
   const canvas = $("highlight-canvas");
-  if (tool() === "click" && state.width) {
+  if (tool() === "click" && state.labels) {
     canvas.tabIndex = 0;
     canvas.setAttribute("role", "application");
   } else {

@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-fast, --load-fast and --compile-mode go with --fast")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 (any free port) and 65535")
-    require_one_fast_folder(parser, args.save_fast, args.load_fast)
+    require_one_fast_folder(parser, args.save_fast, args.load_fast, args.compile_mode)
     if args.save_fast:
         require_output_folder(parser, args.save_fast, "--save-fast")
     if args.batch_size > args.max_queue + 1:

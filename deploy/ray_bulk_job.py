@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
     # Found now, not by every worker once the cluster runs (on a cluster, the folder may be the
     # workers' alone: only an empty one is refused there).
+    if args.load_fast is not None and args.compile_mode:
+        parser.error("give --compile-mode or --load-fast, not both: --load-fast loads exported kernels and compiles "
+                     "nothing with torch.compile")
     if args.load_fast == "" or (args.load_fast and not args.on_cluster and not Path(args.load_fast).is_dir()):
         parser.error(f"--load-fast {args.load_fast!r}: no such folder (it takes the folder --save-fast wrote)")
     if args.device is not None and (problem := device_problem(args.device, here=not args.on_cluster)):

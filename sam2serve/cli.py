@@ -204,12 +204,16 @@ def require_output_file(parser: argparse.ArgumentParser, path: str | Path, optio
     return path
 
 
-def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | None, load_fast: str | None) -> None:
+def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | None, load_fast: str | None,
+                            compile_mode: str | None = None) -> None:
     """--save-fast or --load-fast, not both, each a folder's name (an empty one is no folder);
     --load-fast's a folder that exists, found before any long work (a checkpoint's download, a
-    study's other rows)."""
+    study's other rows); neither with --compile-mode, which they would leave unused."""
     if save_fast is not None and load_fast is not None:
         parser.error("give --save-fast or --load-fast, not both")
+    if compile_mode and (save_fast is not None or load_fast is not None):
+        parser.error("give --compile-mode or --save-fast/--load-fast, not both: they export kernels with "
+                     "AOTInductor, or load them, and compile nothing with torch.compile")
     if save_fast == "" or load_fast == "":
         parser.error("--save-fast and --load-fast take a folder")
     if load_fast is not None and not Path(load_fast).is_dir():

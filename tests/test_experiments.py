@@ -600,6 +600,10 @@ def test_a_row_whose_study_was_killed_is_the_earlier_row_again_or_the_finished_o
      "--load-fast '{tmp}/absent': no such folder"),
     ("deploy.ray_bulk_job", ["{tmp}/images", "{tmp}/out", "--mode", "fast", "--load-fast", ""],
      "--load-fast '': no such folder"),
+    ("deploy.ray_bulk_job", ["{tmp}/images", "{tmp}/out", "--mode", "fast", "--load-fast", "{tmp}", "--compile-mode",
+                             "default"], "give --compile-mode or --load-fast, not both"),
+    ("tools.benchmark", ["--modes", "fast", "--load-fast", "{tmp}", "--compile-mode", "default"],
+     "give --compile-mode or --save-fast/--load-fast, not both"),
     ("deploy.modal_app", ["replay", "{tmp}/notes.jpg", "{tmp}/out.pt"],
      "1 of the 1 listed images do not exist as files"),
     # An empty name (an unset variable): told so, not that "." is a folder.

@@ -516,6 +516,9 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
         (["--mode", "ao", "--fast", "--furious"], "argument --fast: not allowed with argument --mode"),
         (["--load-fast", "somewhere"], "go with --fast"),
         (["--fast", "--save-fast", "a", "--load-fast", "b"], "not both"),
+        # An export or a load compiles nothing: the mode given was left unused without a word.
+        (["--fast", "--save-fast", "a", "--compile-mode", "default"], "give --compile-mode or --save-fast/--load-fast"),
+        (["--fast", "--load-fast", str(REPO), "--compile-mode", "default"], "compile nothing with torch.compile"),
         (["--compile-mode", "default"], "go with --fast"),
         (["--fast", "--compile-mode", "fastest"], "invalid choice: 'fastest'"),
         (["--fast", "--save-fast", ""], "take a folder"),

@@ -463,7 +463,7 @@ def main() -> None:
     for option, given in (("--modes", args.modes), ("--filters", args.filters or [])):
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
-    require_one_fast_folder(parser, args.save_fast, args.load_fast)
+    require_one_fast_folder(parser, args.save_fast, args.load_fast, args.compile_mode)
     if args.save_masks is not None:
         args.save_masks = require_output_folder(parser, args.save_masks, "--save-masks")  # ~ expanded
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.

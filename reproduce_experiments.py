@@ -57,8 +57,8 @@ from sam2serve.modes import MODES, build_generator, get_mode
 from sam2serve.preprocess import FILE_MAX_PIXELS, decode_image, read_image_file
 from sam2serve.rle import answer_text
 from sam2serve.timing import (
-    CORE_WAIT_WARN_PCT, Stopwatch, core_wait_pct, core_wait_seconds, latency_summary_ms, peak_memory_mib,
-    reset_peak_memory,
+    CORE_WAIT_WARN_PCT, Stopwatch, core_wait_pct, core_wait_seconds_since, latency_summary_ms, peak_memory_mib,
+    reset_peak_memory, thread_waits,
 )
 
 log = logging.getLogger("experiments")
@@ -227,7 +227,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     seconds, points_per_batch = [], []
     partial = row_dir / "rle_masks.partial"
     progress = ProgressLog(label, len(paths))
-    waited_before, started = core_wait_seconds(), time.perf_counter()
+    waits_before, started = thread_waits(), time.perf_counter()
     with partial.open("w") as out:
         for path in tqdm(paths, desc=label, unit="image", disable=None):  # a progress bar on a terminal only
             data = Path(path).read_bytes()
@@ -238,9 +238,8 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
             points_per_batch.append(generator.points_per_batch_on(*image.shape[:2]))
             out.write(answer_text(rles) + "\n")
             progress.done(len(seconds))
-    waited_after, wall_seconds = core_wait_seconds(), time.perf_counter() - started
-    core_wait = None if None in (waited_before, waited_after) else core_wait_pct(waited_after - waited_before,
-                                                                                  wall_seconds)
+    waited, wall_seconds = core_wait_seconds_since(waits_before), time.perf_counter() - started
+    core_wait = None if waited is None else core_wait_pct(waited, wall_seconds)
     if core_wait is not None and core_wait > CORE_WAIT_WARN_PCT:
         log.warning("%s: its threads waited for a core %.0f%% of the time it was measured: other work on the "
                     "cores (its times are not its own; --threads, or run it alone)", label, core_wait)

@@ -44,11 +44,12 @@ def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def core_wait_seconds() -> float | None:
-    """Seconds this process's threads have waited for a core so far: runnable, not running
-    (Linux's schedstat, per thread). Other work on the cores shows here as time the measured code
-    did not get: its figures are then not its own. None where the kernel does not say."""
-    nanoseconds = 0
+def thread_waits() -> dict[str, int] | None:
+    """How long each of this process's threads has waited for a core so far, in nanoseconds:
+    runnable, not running (Linux's schedstat). Other work on the cores shows here as time the
+    measured code did not get: its figures are then not its own. None where the kernel does not
+    say."""
+    waits = {}
     try:
         threads = os.listdir("/proc/self/task")
     except OSError:
@@ -56,12 +57,22 @@ def core_wait_seconds() -> float | None:
     for thread in threads:
         try:
             with open(f"/proc/self/task/{thread}/schedstat") as stats:
-                nanoseconds += int(stats.read().split()[1])
+                waits[thread] = int(stats.read().split()[1])
         except FileNotFoundError:  # a thread that ended meanwhile
             continue
         except (OSError, ValueError, IndexError):
             return None
-    return nanoseconds / 1e9
+    return waits
+
+
+def core_wait_seconds_since(before: dict[str, int] | None) -> float | None:
+    """Seconds the threads waited for a core since `before` (thread_waits): each thread's own
+    growth (a thread that ended meanwhile took its wait with it: a sum of all threads' waits
+    could shrink, and hide the others'), a thread started meanwhile from zero."""
+    now = thread_waits()
+    if before is None or now is None:
+        return None
+    return sum(max(0, wait - before.get(thread, 0)) for thread, wait in now.items()) / 1e9
 
 
 # A run whose threads waited for a core longer than this share of its time is warned of.
@@ -69,8 +80,8 @@ CORE_WAIT_WARN_PCT = 10.0
 
 
 def core_wait_pct(waited_seconds: float, wall_seconds: float) -> float:
-    """core_wait_seconds' growth over wall_seconds, as a share of the time of torch's threads
-    (the model's), in percent."""
+    """Seconds waited for a core (core_wait_seconds_since) over wall_seconds, as a share of the
+    time of torch's threads (the model's), in percent."""
     return 100 * max(0.0, waited_seconds) / (wall_seconds * torch.get_num_threads()) if wall_seconds > 0 else 0.0
 
 

@@ -823,8 +823,8 @@ def test_a_rows_columns_say_what_it_ran_and_how_its_threads_waited(trained_micro
 
     monkeypatch.setattr(reproduce_experiments, "set_up_cpu_process", lambda *args: None)  # this process's own
     monkeypatch.setattr(reproduce_experiments, "set_up_logging", lambda: None)
-    waits = iter([0.0, 1e4, 5.0, 5.0])  # before and after each row: the baseline's threads waited, ao's did not
-    monkeypatch.setattr(reproduce_experiments, "core_wait_seconds", lambda: next(waits))
+    waits = iter([1e4, 0.0])  # each row's: the baseline's threads waited, ao's did not
+    monkeypatch.setattr(reproduce_experiments, "core_wait_seconds_since", lambda before: next(waits))
     caplog.set_level(logging.WARNING, logger="experiments")
     monkeypatch.setattr(amg, "REFERENCE_BATCH_BYTES", 10 * amg.REFERENCE_BYTES_PER_POINT_PIXEL * 120 * 160)
     paths = []
@@ -851,12 +851,42 @@ def test_a_rows_columns_say_what_it_ran_and_how_its_threads_waited(trained_micro
 
 
 def test_a_threads_wait_for_a_core_is_measured():
-    """core_wait_seconds: this thread and a busy process on one core wait for it in turn."""
-    from sam2serve.timing import core_wait_seconds
+    """core_wait_seconds_since: this thread and a busy process on one core wait for it in turn;
+    a thread that ends meanwhile takes nothing off (a sum over the threads alive did: its whole
+    wait went out of the difference, and hid the others')."""
+    import threading
+
+    from sam2serve.timing import core_wait_seconds_since, thread_waits
 
     core, cores = min(os.sched_getaffinity(0)), os.sched_getaffinity(0)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    before = core_wait_seconds()
+    waited_long, may_end = threading.Event(), threading.Event()
+
+    def wait_for_the_core_then_end():
+        os.sched_setaffinity(0, {core})
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+        waited_long.set()
+        may_end.wait(30)
+
+    try:
+        os.sched_setaffinity(busy.pid, {core})
+        ending = threading.Thread(target=wait_for_the_core_then_end)
+        ending.start()
+        waited_long.wait(30)
+        before = thread_waits()
+        if before is None:
+            pytest.skip("this kernel does not say how long threads wait (no schedstat)")
+        assert before[str(ending.native_id)] > 0.2e9
+        may_end.set()
+        ending.join()  # gone: its half second of waiting before `before` is no longer summed
+        assert core_wait_seconds_since(before) >= 0.0
+    finally:
+        busy.kill()
+        busy.wait()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    before = thread_waits()
     try:
         os.sched_setaffinity(busy.pid, {core})
         os.sched_setaffinity(0, {core})  # this thread alone
@@ -867,4 +897,4 @@ def test_a_threads_wait_for_a_core_is_measured():
         os.sched_setaffinity(0, cores)
         busy.kill()
         busy.wait()
-    assert core_wait_seconds() - before > 0.2  # about half of the second
+    assert core_wait_seconds_since(before) > 0.2  # about half of the second

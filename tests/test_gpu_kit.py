@@ -901,7 +901,7 @@ def test_benchmark_spread_table_gives_min_median_max_and_max_over_min():
 
 def test_benchmark_says_how_long_each_rows_threads_waited_for_a_core(monkeypatch):
     """A run measured while other work took the cores gave times that were not the rows' own,
-    and said nothing of it: each row's threads' wait for a core (timing.core_wait_seconds)
+    and said nothing of it: each row's threads' wait for a core (timing.core_wait_seconds_since)
     during its requests is summed, and a share over CORE_WAIT_WARN_PCT is warned of."""
     from tools import benchmark
     from tools.benchmark import ModeRun, core_wait_line
@@ -911,8 +911,8 @@ def test_benchmark_says_how_long_each_rows_threads_waited_for_a_core(monkeypatch
             time.sleep(0.05)
             return []
 
-    waits = iter([0.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0])  # before and after each request, rows taking turns
-    monkeypatch.setattr(benchmark, "core_wait_seconds", lambda: next(waits))
+    waits = iter([3.0, 0.0, 1.0, 0.0])  # each request's, rows taking turns
+    monkeypatch.setattr(benchmark, "core_wait_seconds_since", lambda before: next(waits))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     runs = benchmark.measure({"baseline": Stub(), "ao": Stub()}, [("a", None), ("b", None)], 1, "cpu")
     assert (runs["baseline"].core_wait_seconds, runs["ao"].core_wait_seconds) == (4.0, 0.0)

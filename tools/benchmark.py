@@ -59,8 +59,8 @@ from sam2serve.preprocess import MAX_SIDE, image_to_input
 from sam2serve.rle import RLE, answer_text
 from sam2serve.study import STUDY_ROW, StudyMaskGenerator, build_study_model, study_unavailable
 from sam2serve.timing import (
-    CORE_WAIT_WARN_PCT, PeakMemory, Stopwatch, allocated_mib, core_wait_pct, core_wait_seconds, device_description,
-    latency_summary_ms,
+    CORE_WAIT_WARN_PCT, PeakMemory, Stopwatch, allocated_mib, core_wait_pct, core_wait_seconds_since,
+    device_description, latency_summary_ms, thread_waits,
 )
 from training.scenes import make_scene
 
@@ -316,14 +316,15 @@ def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int,
                 for row, generator in generators.items():
                     progress.set_description(f"{row} on {image_name}")
                     for _ in range(repeat):
-                        waited = core_wait_seconds()
+                        waits = thread_waits()
                         with PeakMemory(device) as memory, Stopwatch(device) as watch:
                             runs[row].masks[index] = generator.generate(image)
                         runs[row].seconds.append(watch.seconds)
-                        if None in (waited, runs[row].core_wait_seconds, waited_after := core_wait_seconds()):
+                        waited = core_wait_seconds_since(waits)
+                        if waited is None or runs[row].core_wait_seconds is None:
                             runs[row].core_wait_seconds = None
                         else:
-                            runs[row].core_wait_seconds += waited_after - waited
+                            runs[row].core_wait_seconds += waited
                         runs[row].repeats.setdefault(index, []).append(watch.seconds)
                         runs[row].peak_mib = max(runs[row].peak_mib, memory.mib)
                         progress.update()

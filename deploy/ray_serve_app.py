@@ -156,17 +156,24 @@ class SegmentEverything:
     async def on_model_thread(self, function, *arguments):
         """The call on the model's thread; once that thread is idle TRIM_AFTER_IDLE_S after it,
         the freed memory it leaves is given back as server.py's worker gives it back (a burst of
-        large images held it for good)."""
+        large images held it for good). Idle from the end of the thread's work: a call whose
+        request was cancelled runs on (its masks stop at their next batch of points)."""
         loop = asyncio.get_running_loop()
         if self.idle_trim is not None:
             self.idle_trim.cancel()
         self.model_calls += 1
-        try:
-            return await loop.run_in_executor(self.model_thread, function, *arguments)
-        finally:
-            self.model_calls -= 1
-            if not self.model_calls:
-                self.idle_trim = loop.call_later(TRIM_AFTER_IDLE_S, self.model_thread.submit, give_back_freed_memory)
+        work = self.model_thread.submit(function, *arguments)
+        work.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self.model_call_ended, loop))
+        return await asyncio.wrap_future(work, loop=loop)
+
+    def model_call_ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.model_calls -= 1
+        if not self.model_calls:
+            self.idle_trim = loop.call_later(TRIM_AFTER_IDLE_S, self.trim_if_idle)
+
+    def trim_if_idle(self) -> None:
+        if not self.model_calls and not self.waiting:  # (waiting: images in @serve.batch's queue too)
+            self.model_thread.submit(give_back_freed_memory)
 
     async def __call__(self, request: Request) -> Response:
         response = await self.answer(request)
@@ -423,6 +430,9 @@ def build(args: dict[str, str]) -> serve.Application:
         model_size(options["model_type"])  # a size sam2 has
     if (options["load_fast"] or options["compile_mode"]) and not get_mode(options["mode"]).compiled:
         raise ValueError(f"load_fast and compile_mode need a fast mode, not mode={options['mode']}")
+    if options["load_fast"] and options["compile_mode"]:
+        raise ValueError("give compile_mode or load_fast, not both: load_fast loads exported kernels and compiles "
+                         "nothing with torch.compile")
     if options["compile_mode"] not in (None, *compile_modes()):
         raise ValueError(f"compile_mode={options['compile_mode']}: one of {compile_modes()}")
     if args:

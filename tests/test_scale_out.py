@@ -586,6 +586,7 @@ def test_ray_serve_arguments_are_checked_before_a_replica_starts():
         ({"mode": "fast", "load_fast": " "}, "load_fast=: an empty folder name"),
         ({"load_fast": "exported"}, "need a fast mode"),
         ({"mode": "fast", "compile_mode": "fastest"}, "compile_mode=fastest: one of"),
+        ({"mode": "fast", "compile_mode": "default", "load_fast": "exported"}, "give compile_mode or load_fast"),
         ({"device": "bogus"}, "device=bogus: not a torch device"),
         ({"device": "meta"}, "device=meta: not a device the models run on"),
         ({"cpus": "0"}, "cpus=0: must be above 0"),
@@ -665,7 +666,7 @@ def bare_replica(**attributes):
 
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)
-    vars(replica).update({"model_calls": 0, "idle_trim": None, **attributes})  # on_model_thread's
+    vars(replica).update({"model_calls": 0, "idle_trim": None, "waiting": 0, **attributes})  # on_model_thread's
     return replica
 
 
@@ -1005,7 +1006,9 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
 def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkeypatch):
     """As server.py's worker does: a burst of large images left a replica's freed memory held
     for good. Once its model thread is idle TRIM_AFTER_IDLE_S after work, the memory is given
-    back, once, on that thread; work meanwhile puts it off."""
+    back, once, on that thread; work meanwhile puts it off. Idle from the end of the thread's
+    work: a call whose request was cancelled runs on (its idle time counted from the
+    cancellation, the trim ran as the call ended, ahead of the next request)."""
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -1014,17 +1017,23 @@ def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkey
     from sam2serve import worker as worker_module
 
     asked = []  # (the workers of earlier tests still serve: this replica's thread alone is counted)
-    monkeypatch.setattr("deploy.ray_serve_app.TRIM_AFTER_IDLE_S", 0.3)
+    monkeypatch.setattr("deploy.ray_serve_app.TRIM_AFTER_IDLE_S", 0.5)
     monkeypatch.setattr(worker_module, "return_freed_memory", lambda above: threading.current_thread().name.startswith(
         "idle-trim-test") and asked.append(above) or 0)
     replica = bare_replica(model_thread=ThreadPoolExecutor(1, thread_name_prefix="idle-trim-test"))
 
     async def work():
-        await asyncio.gather(replica.on_model_thread(time.sleep, 0.5), replica.on_model_thread(time.sleep, 0.1))
+        await asyncio.gather(replica.on_model_thread(time.sleep, 0.7), replica.on_model_thread(time.sleep, 0.1))
         await asyncio.sleep(0.15)
         await replica.on_model_thread(time.sleep, 0.2)  # within the idle time: the trim put off
         assert asked == []  # not while calls waited, nor between them
-        await asyncio.sleep(0.8)
+        cancelled = asyncio.ensure_future(replica.on_model_thread(time.sleep, 0.9))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()  # its client gone: the call runs on
+        await asyncio.sleep(1.0)  # 0.15 s after the call ended
+        assert asked == []
+        await replica.on_model_thread(time.sleep, 0.05)
+        await asyncio.sleep(1.0)
 
     asyncio.run(work())
     replica.model_thread.shutdown()

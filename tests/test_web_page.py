@@ -2203,6 +2203,26 @@ def test_the_keyboard_s_cursor_scrolls_a_strip_to_keep_in_sight(page, tmp_path):
         assert cursor_said(page) == "3600, 20" and page.execute_script(shown)
 
 
+def test_the_keyboard_stays_on_the_image_while_another_opens_and_hears_a_point_taken_back(page, tmp_path):
+    """An image pasted while the keyboard was on the image: the image stopped being a Tab stop
+    until its masks came, and the keyboard went to <body>, the old image's place still said.
+    Backspace took a point back without a word for a screen reader."""
+    with stubbed_fetch(page, stub_answers()):
+        in_the_click_tool(page, small_image(tmp_path, "first.png"))
+        tab_to_the_image(page)
+        keys(page, Keys.ENTER)
+        wait_for(page, lambda d: segment_prompts(d)[-1:] == [{"points": [[32, 24]], "labels": [1]}], timeout=10)
+        keys(page, Keys.BACKSPACE)
+        assert cursor_said(page) == "Taken back: 0 points left."
+        page.execute_script(PASTE)
+        wait_for(page, lambda d: d.execute_script("const s = window.sam2page.state;"
+                                                  "return s.name === 'pasted' && s.labels !== null"), timeout=10)
+        assert focused(page) == "highlight-canvas" and cursor_said(page) == ""
+        assert not page_state(page, "cursorShown")
+        keys(page, Keys.ARROW_LEFT)
+        assert cursor_said(page) == "31, 24" and cursor_drawn(page)
+
+
 def test_the_image_is_no_tab_stop_where_the_click_tool_is_off_for_it(page, tmp_path):
     """An image the server refused has no masks, and the click tool is off for it: its keys did
     nothing, yet the image was a Tab stop (and one before its masks came)."""

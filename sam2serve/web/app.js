@@ -746,9 +746,11 @@ function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
     removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
+    cursorShown: false,
     clickPrompt: null, clickAnswer: null, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
+  sayCursor(""); // the previous image's place
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
   for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "remove-mask"]) {
@@ -1433,6 +1435,10 @@ function onKeyDown(event) {
   const undo = event.key === "Backspace" || (z && (event.ctrlKey || event.metaKey) && !event.shiftKey);
   if (!undo || tool() !== "click" || press || !takeBack()) return;
   event.preventDefault();
+  if (event.target.id === "highlight-canvas") {
+    const left = state.clicks.length;
+    sayCursor(`Taken back: ${left} ${left === 1 ? "point" : "points"}${state.box ? " and a box" : ""} left.`);
+  }
   drawHighlight();
   segment();
 }
@@ -1498,6 +1504,8 @@ function imageStop() {
   if (tool() === "click" && state.labels) {
     canvas.tabIndex = 0;
     canvas.setAttribute("role", "application");
+  } else if (document.activeElement === canvas) {
+    canvas.tabIndex = -1; // the keyboard stays here (another image pasted, say), its keys off until the masks come
   } else {
     canvas.removeAttribute("tabindex");
     canvas.removeAttribute("role");

@@ -67,9 +67,9 @@ T = TypeVar("T")
 
 COMPARISON_COLUMNS = ["miou", "relaxed_miou", "mask_count_mismatch", "images", "masks_per_image"]  # compare.py's
 RESULT_COLUMNS = [
-    "mode", *COMPARISON_COLUMNS, "ms_per_request", "p50", "p90",
-    "p99", "core_wait_pct", "startup_s", "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch", "points_per_side",
-    "model_type", "device", "torch_version",
+    "mode", *COMPARISON_COLUMNS, "ms_per_request", "p50", "p90", "p99", "core_wait_pct", "startup_s",
+    "max_memory_mib", "max_memory_pct", "batch_size", "points_per_batch", "points_per_side", "model_type", "device",
+    "torch_version",
 ]
 
 

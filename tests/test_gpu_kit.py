@@ -921,8 +921,10 @@ def test_benchmark_says_how_long_each_rows_threads_waited_for_a_core(monkeypatch
     assert line == (f"Waited for a core, share of each row's timed requests (its model's threads): baseline "
                     f"{baseline_share:.1f}%, ao 0.0%; over 10%: other work was on the cores, these times are not "
                     "the rows' own")
-    quiet = [ModeRun("ao", seconds=[1.0], core_wait_seconds=0.1), ModeRun("fast", seconds=[1.0], core_wait_seconds=None)]
-    assert core_wait_line(quiet) == "Waited for a core, share of each row's timed requests (its model's threads): ao 5.0%"
+    quiet = [ModeRun("ao", seconds=[1.0], core_wait_seconds=0.1),
+             ModeRun("fast", seconds=[1.0], core_wait_seconds=None)]
+    assert core_wait_line(quiet) == ("Waited for a core, share of each row's timed requests (its model's threads): "
+                                     "ao 5.0%")
     assert core_wait_line(quiet[1:]) is None  # where the kernel does not say
 
 

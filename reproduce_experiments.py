@@ -253,7 +253,6 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
     }
 
 
-
 class ProgressLog:
     """Where no terminal shows tqdm's bar (a run's log sent to a file), a log line at most every
     `every_s` seconds: how many images are done."""

@@ -1493,7 +1493,7 @@ function onPointerUp(event) {
 // (for the keyboard alone: a pointer's press hides it) that the arrow keys move; Enter or Space
 // adds a point at it, Shift+Enter a point off the object (as shift-click does). Ctrl+Z and
 // Backspace take points back as they do clicks (onKeyDown). A screen reader hears the cursor's
-// place in image pixels and each point added (#cursor-info).
+// place in image pixels and each point added or taken back (#cursor-info).
 
 const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 

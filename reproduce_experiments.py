@@ -239,7 +239,7 @@ def run_row(row: Row, settings: dict, checkpoint: Path, row_dir: Path, label: st
             out.write(answer_text(rles) + "\n")
             progress.done(len(seconds))
     waited, wall_seconds = core_wait_seconds_since(waits_before), time.perf_counter() - started
-    core_wait = None if waited is None else core_wait_pct(waited, wall_seconds)
+    core_wait = None if waited is None else core_wait_pct(waited, wall_seconds, device)
     if core_wait is not None and core_wait > CORE_WAIT_WARN_PCT:
         log.warning("%s: its threads waited for a core %.0f%% of the time it was measured: other work on the "
                     "cores (its times are not its own; --threads, or run it alone)", label, core_wait)

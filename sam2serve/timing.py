@@ -79,10 +79,12 @@ def core_wait_seconds_since(before: dict[str, int] | None) -> float | None:
 CORE_WAIT_WARN_PCT = 10.0
 
 
-def core_wait_pct(waited_seconds: float, wall_seconds: float) -> float:
+def core_wait_pct(waited_seconds: float, wall_seconds: float, device: str = "cpu") -> float:
     """Seconds waited for a core (core_wait_seconds_since) over wall_seconds, as a share of the
-    time of torch's threads (the model's), in percent."""
-    return 100 * max(0.0, waited_seconds) / (wall_seconds * torch.get_num_threads()) if wall_seconds > 0 else 0.0
+    time of the model's threads, in percent: on a CPU torch's threads; on a GPU the one thread
+    that sends it work (divided by torch's CPU threads, a GPU row's wait read a tenth of itself)."""
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    return 100 * max(0.0, waited_seconds) / (wall_seconds * threads) if wall_seconds > 0 else 0.0
 
 
 def reset_peak_memory(device: str) -> None:

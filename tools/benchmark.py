@@ -331,11 +331,11 @@ def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int,
     return runs
 
 
-def core_wait_line(runs: list[ModeRun]) -> str | None:
+def core_wait_line(runs: list[ModeRun], device: str = "cpu") -> str | None:
     """How long each row's threads waited for a core during its requests: over CORE_WAIT_WARN_PCT,
     other work was on the cores and the table's times are not the rows' own. None where the
     kernel does not say."""
-    shares = {run.mode: core_wait_pct(run.core_wait_seconds, sum(run.seconds))
+    shares = {run.mode: core_wait_pct(run.core_wait_seconds, sum(run.seconds), device)
               for run in runs if run.core_wait_seconds is not None}
     if not shares:
         return None
@@ -515,7 +515,7 @@ def main() -> None:
         print(f"\nIoU filter {config.pred_iou_thresh}, stability filter {config.stability_score_thresh}, "
               f"box NMS {config.box_nms_thresh}:")
         print(table(list(runs.values()), len(images), args.reference))
-        if waited := core_wait_line(list(runs.values())):
+        if waited := core_wait_line(list(runs.values()), args.device):
             print(waited)
         if name == filters[0]:  # under the first table
             print("\n" + table_legend(args.reference, with_study=STUDY_ROW in runs))

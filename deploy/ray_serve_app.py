@@ -45,7 +45,6 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from werkzeug.exceptions import MethodNotAllowed
-from werkzeug.http import parse_options_header
 
 import sam2serve
 from deploy import cluster_device
@@ -58,8 +57,8 @@ from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
-    decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error, form_prompts,
-    is_json, json_text, media_type, require_small_urlencoded,
+    content_type_parts, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
+    form_prompts, is_json, json_text, require_small_urlencoded,
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
     require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
@@ -332,7 +331,8 @@ async def read_form(request: Request, limits: Limits):
     Starlette, a 413 "more than 1000 parts")."""
     body = await request.body()  # kept: the form is parsed from it, and again to name a field over its limit
     content_type = request.headers.get("content-type", "")
-    mimetype, boundary = media_type(content_type), parse_options_header(content_type)[1].get("boundary", "")
+    mimetype, options = content_type_parts(content_type)
+    boundary = options.get("boundary", "")
     if mimetype == "application/x-www-form-urlencoded":  # at most a text field's limit, off the event loop
         require_small_urlencoded(content_type, len(body), limits)
         return FormData(await asyncio.to_thread(parse_qsl, body.decode(errors="replace"), keep_blank_values=True))

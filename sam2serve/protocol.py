@@ -275,13 +275,16 @@ def require_small_urlencoded(content_type: str, body_bytes: int, limits: Limits)
     """A URL-encoded body (curl -d or --data-binary) holds no file: one over a text field's limit
     is refused unread, as no form (parsed, a 10 MB photo sent so cost 8 s of a thread and 420 MB,
     each '&' of it a field; at the upload limit a minute and 2 GB)."""
-    if body_bytes > limits.max_form_field_bytes and media_type(content_type) == "application/x-www-form-urlencoded":
+    urlencoded = content_type_parts(content_type)[0] == "application/x-www-form-urlencoded"
+    if body_bytes > limits.max_form_field_bytes and urlencoded:
         raise missing_image(unread_body(content_type, body_bytes))
 
 
-def media_type(content_type: str) -> str:
-    """A Content-Type header's media type, lower case (werkzeug's parse_options_header keeps the case sent)."""
-    return parse_options_header(content_type)[0].lower()
+def content_type_parts(content_type: str) -> tuple[str, dict[str, str]]:
+    """A Content-Type header's media type, lower case (werkzeug's parse_options_header keeps the
+    case sent), and its options (boundary, charset)."""
+    mimetype, options = parse_options_header(content_type)
+    return mimetype.lower(), options
 
 
 NAMELESS_PART = "a part has no name in its Content-Disposition"
@@ -305,7 +308,7 @@ def unread_body(content_type: str, body_bytes: int) -> str:
     is no multipart form to read, or "" where it is one, or empty."""
     if not body_bytes:
         return ""
-    mimetype, options = media_type(content_type), parse_options_header(content_type)[1]
+    mimetype, options = content_type_parts(content_type)
     if mimetype != "multipart/form-data":
         return f"the body is {mimetype or 'of no media type'}, not a multipart form"
     if not options.get("boundary"):

@@ -858,43 +858,40 @@ def test_a_threads_wait_for_a_core_is_measured():
 
     from sam2serve.timing import core_wait_seconds_since, thread_waits
 
+    if thread_waits() is None:
+        pytest.skip("this kernel does not say how long threads wait (no schedstat)")
     core, cores = min(os.sched_getaffinity(0)), os.sched_getaffinity(0)
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def spin_on_the_core(seconds: float) -> None:  # the calling thread, beside the busy process
+        os.sched_setaffinity(0, {core})
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
     waited_long, may_end = threading.Event(), threading.Event()
 
     def wait_for_the_core_then_end():
-        os.sched_setaffinity(0, {core})
-        end = time.perf_counter() + 1.0
-        while time.perf_counter() < end:
-            pass
+        spin_on_the_core(1.0)
         waited_long.set()
         may_end.wait(30)
 
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         os.sched_setaffinity(busy.pid, {core})
         ending = threading.Thread(target=wait_for_the_core_then_end)
         ending.start()
         waited_long.wait(30)
         before = thread_waits()
-        if before is None:
-            pytest.skip("this kernel does not say how long threads wait (no schedstat)")
-        assert before[str(ending.native_id)] > 0.2e9
         may_end.set()
         ending.join()  # gone: its half second of waiting before `before` is no longer summed
+        assert before[str(ending.native_id)] > 0.2e9
         assert core_wait_seconds_since(before) >= 0.0
+        before = thread_waits()
+        try:
+            spin_on_the_core(1.0)
+        finally:
+            os.sched_setaffinity(0, cores)
+        assert core_wait_seconds_since(before) > 0.2  # about half of the second
     finally:
         busy.kill()
         busy.wait()
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    before = thread_waits()
-    try:
-        os.sched_setaffinity(busy.pid, {core})
-        os.sched_setaffinity(0, {core})  # this thread alone
-        end = time.perf_counter() + 1.0
-        while time.perf_counter() < end:
-            pass
-    finally:
-        os.sched_setaffinity(0, cores)
-        busy.kill()
-        busy.wait()
-    assert core_wait_seconds_since(before) > 0.2  # about half of the second

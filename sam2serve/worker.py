@@ -16,10 +16,14 @@ queue:
   and send again would otherwise have the model run every copy, the ones nobody waits for first;
 - segment-everything that is already running stops before its next batch of point prompts once
   every request of its batch has gone (client or timeout): the generator's `should_stop`;
+- calls that are not segment-everything (encodings and prompt sets: short, someone clicking
+  waits for them) go ahead of the images queued before them, each image letting at most
+  `CALLS_AHEAD_OF_AN_IMAGE` pass (`JobQueue`): a click waits for the image being made, not for
+  every image queued, and a stream of clicks cannot hold an image back for ever;
 - the worker takes up to `batch_size` queued jobs at once, only those that are waiting
   (a batch is never padded with duplicated work); it runs the other calls among them first
-  (encodings and prompt sets, short, one after another), then the images, with one
-  image-encoder call for those asked for in the same form (masks or records) and settings;
+  (one after another), then the images, with one image-encoder call for those asked for in the
+  same form (masks or records) and settings;
 - a batch that fails (out of memory, a bad tensor) fails only its own requests: it is retried
   one image at a time so that only the image that fails gets the error, and the worker goes on
   (`generate_each`, which the offline front ends use too);
@@ -71,6 +75,7 @@ def give_back_freed_memory() -> None:
     if freed := return_freed_memory(TRIM_ABOVE_BYTES):
         log.info("idle: %.1f GiB of freed memory given back to the system", freed / 2**30)
 FIRST_GUESS_S = 1.0  # the model's time on a kind of work the worker has not timed yet
+CALLS_AHEAD_OF_AN_IMAGE = 16  # calls queued after an image that may run before it (JobQueue)
 
 
 class NotReady(RuntimeError):
@@ -129,6 +134,23 @@ class Job:
     timed_out: bool = False  # its request gave up waiting
     seconds: float = 0.0  # the model's time on it (its share of its batch's), set before its answer
     future: Future = field(default_factory=Future)
+    calls_ahead: int = 0  # an image's: calls queued after it that ran before it (JobQueue)
+
+
+class JobQueue(queue.Queue):
+    """queue.Queue (bounded, FIFO), except that the first call queued (a job with `call`) is taken
+    ahead of the images queued before it, unless the first of those has let
+    CALLS_AHEAD_OF_AN_IMAGE calls pass already. (queue.Queue calls _get under its own lock.)"""
+
+    def _get(self) -> Job:
+        first_call = next((index for index, job in enumerate(self.queue) if job.call is not None), 0)
+        if first_call == 0 or self.queue[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE:
+            return self.queue.popleft()
+        for index in range(first_call):  # images, the first of them the oldest, which has let the most pass
+            self.queue[index].calls_ahead += 1
+        job = self.queue[first_call]
+        del self.queue[first_call]
+        return job
 
 
 class InferenceWorker:
@@ -144,7 +166,7 @@ class InferenceWorker:
             raise ValueError("batch_size and max_queue must be >= 1, and timeout_s > 0 and at most threading.TIMEOUT_MAX")
         self.batch_size = batch_size
         self.timeout_s = timeout_s
-        self.jobs: queue.Queue[Job] = queue.Queue(max_queue)
+        self.jobs = JobQueue(max_queue)
         self.observe_batch = observe_batch or (lambda batch_size, masks: None)
         self.generator: Generator | None = None
         self.segmenter = None

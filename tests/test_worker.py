@@ -534,6 +534,54 @@ def waits_for_a_place(call, stub, threads) -> object:
     return answers[0]
 
 
+def queue_in_order(worker, stub, entries) -> tuple[dict, list]:
+    """Queues each entry from a thread of its own, one after another: an int is an image of that
+    value, a str a call that records its name in stub.batches. ({entry: answer}, threads)."""
+    answers, threads = {}, []
+    for entry in entries:
+        if isinstance(entry, int):
+            more, more_threads = submit_in_threads(worker, [entry], answers=answers)
+            threads += more_threads
+        else:
+            def request(name=entry):
+                answers[name] = worker.call(lambda: stub.batches.append([name]) or name, kind="decode")
+            threads.append(threading.Thread(target=request, daemon=True))
+            threads[-1].start()
+        wait_for(lambda: worker.queue_depth == len(threads))
+    return answers, threads
+
+
+def test_calls_go_ahead_of_the_images_queued_before_them():
+    """Someone clicking waits for the image being made, not for every image queued; the calls
+    keep their order among themselves, as the images do."""
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=10, timeout_s=30)
+    running, running_threads = hold_worker(worker, stub)
+    answers, threads = queue_in_order(worker, stub, [2, 3, "click", 4, "encoding"])
+    stub.gate.set()
+    for thread in running_threads + threads:
+        thread.join(timeout=10)
+    assert stub.batches == [[1], ["click"], ["encoding"], [2], [3], [4]]
+    assert answers["click"] == "click" and answers[3] == [{"size": [8, 6], "counts": [3, 1]}]
+
+
+def test_an_image_lets_a_bounded_number_of_calls_pass(monkeypatch):
+    """A stream of calls cannot hold an image back for ever: the oldest image runs once
+    CALLS_AHEAD_OF_AN_IMAGE calls queued after it have run before it."""
+    from sam2serve import worker as worker_module
+    monkeypatch.setattr(worker_module, "CALLS_AHEAD_OF_AN_IMAGE", 2)
+    stub = StubGenerator()
+    worker = InferenceWorker(batch_size=1, max_queue=10, timeout_s=30)
+    running, running_threads = hold_worker(worker, stub)
+    answers, threads = queue_in_order(worker, stub, [2, "a", 3, "b", "c", "d", "e"])
+    stub.gate.set()
+    for thread in running_threads + threads:
+        thread.join(timeout=10)
+    # 2 lets a and b pass; then 3, passed by b alone so far, lets c pass too.
+    assert stub.batches == [[1], ["a"], ["b"], [2], ["c"], [3], ["d"], ["e"]]
+    assert len(answers) == 7
+
+
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=3, max_queue=10)

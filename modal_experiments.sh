@@ -6,14 +6,15 @@
 #   bash modal_experiments.sh IMAGE_PATHS OUTPUT_DIR [MODEL_TYPE] [MODES]
 #   bash modal_experiments.sh image_paths results large "baseline ao fast fast_furious"
 #
-# Needs the modal CLI logged in (modal token new). Checkpoints are uploaded once to the
-# Volume from CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro). Fast modes load
+# Needs the modal CLI logged in (modal token new). The checkpoint is uploaded to the Volume from
+# CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro) unless the Volume holds the same
+# bytes already (or CHECKPOINT_DIR has none and the Volume has one). Fast modes load
 # exported packages from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine
 # with `server.py ... --fast --save-fast DIR`); otherwise each container compiles. Exits 1 if a
 # mode's replay (every image of it answered an error) or a comparison failed (after making the others).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     usage
     exit 0
@@ -75,14 +76,41 @@ modal deploy -m deploy.modal_app
 # Stop the app however this script ends.
 trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
 
-# Piped, modal lists one path per line; the whole name, not a leftover partial upload of it.
-if ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -qxF -e "checkpoints/$checkpoint_name" -e "$checkpoint_name"; then
-    if [[ ! -f "$checkpoint_dir/$checkpoint_name" ]]; then
-        echo "error: $checkpoint_name is neither on the volume $volume nor in $checkpoint_dir (CHECKPOINT_DIR)" >&2
-        exit 1
+# The long steps run as children that a stop (Ctrl-C, SIGTERM sent to this script alone) ends
+# before the app is stopped: a replay left running would go on writing its output.
+child=
+run_step() {
+    "$@" &
+    child=$!
+    local status=0
+    wait "$child" || status=$?
+    child=
+    return "$status"
+}
+# shellcheck disable=SC2329  # called by the traps below
+stop_step() { if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" || true; fi; }
+trap 'stop_step; exit 130' INT
+trap 'stop_step; exit 143' TERM
+
+# The checkpoint on the volume is this machine's where it has one: its SHA-256 is kept beside it
+# (NAME.sha256), and a checkpoint of the same name but other bytes (trained again) is sent again.
+sum_file=checkpoints/$checkpoint_name.sha256
+if [[ -f "$checkpoint_dir/$checkpoint_name" ]]; then
+    sha256='import hashlib, sys; print(hashlib.file_digest(open(sys.argv[1], "rb"), "sha256").hexdigest())'
+    local_sum=$("$python" -c "$sha256" "$checkpoint_dir/$checkpoint_name")
+    if [[ $(modal volume get "$volume" "$sum_file" - 2>/dev/null || true) != "$local_sum" ]]; then
+        echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
+        run_step modal volume put --force "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
+        local_sum_file=$(mktemp)
+        echo "$local_sum" > "$local_sum_file"
+        # After the checkpoint: an upload cut short is sent again.
+        modal volume put --force "$volume" "$local_sum_file" "$sum_file"
+        rm -f "$local_sum_file"
     fi
-    echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
-    modal volume put "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
+# Piped, modal lists one path per line; the whole name, not a leftover partial upload of it.
+elif ! modal volume ls "$volume" checkpoints 2>/dev/null | grep -qxF -e "checkpoints/$checkpoint_name" -e "$checkpoint_name"; then
+    echo "error: $checkpoint_name is neither on the volume $volume nor in $checkpoint_dir (CHECKPOINT_DIR)" >&2
+    exit 1
 fi
 
 # A step stopped (Ctrl-C, SIGTERM: status 130, 143) stops the study; one that failed does not.
@@ -92,7 +120,7 @@ failed_modes=" "
 for mode in "${mode_list[@]}"; do
     load_fast=()
     if [[ ($mode == fast || $mode == fast_furious) && -d "$exported_dir/$mode" ]]; then  # the fast modes' alone
-        modal volume put --force "$volume" "$exported_dir/$mode" "exported/$mode"
+        run_step modal volume put --force "$volume" "$exported_dir/$mode" "exported/$mode"
         load_fast=(--load-fast "$mode")
     fi
     echo "replaying $paths_file through $mode"
@@ -100,7 +128,7 @@ for mode in "${mode_list[@]}"; do
     # model) leaves the other modes to run.
     # (${a[@]+...}: an empty array under set -u in bash before 4.4, as macOS's)
     replayed=0
-    "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
+    run_step "$python" -m deploy.modal_app replay "$paths_file" "$output_dir/$mode/rle_masks" \
         --model-type "$model_type" --mode "$mode" ${load_fast[@]+"${load_fast[@]}"} || replayed=$?
     exit_if_stopped "$replayed"
     if ((replayed != 0)); then
@@ -131,7 +159,8 @@ for mode in "${mode_list[@]}"; do
     fi
     echo "== $mode vs baseline"
     compared=0
-    "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" || compared=$?
+    run_step "$python" "$here/compare_rle_lists.py" "$output_dir/baseline/rle_masks" "$output_dir/$mode/rle_masks" \
+        || compared=$?
     exit_if_stopped "$compared"
     ((compared == 0)) || status=1
 done

@@ -7,6 +7,7 @@ Images are sent as file bytes and decoded on the container, as the server decode
 repository's root:
 
     modal deploy -m deploy.modal_app
+    modal volume put sam2-checkpoints ~/checkpoints/sam2/sam2.1_hiera_large.pt checkpoints/sam2.1_hiera_large.pt
     python -m deploy.modal_app replay image_paths out/ao_rle_masks --mode ao --model-type large
     modal app stop -y sam2-segment-everything
 
@@ -14,9 +15,12 @@ The image pins the versions of requirements.txt: torch and torchvision first (on
 for both), then the rest with --no-build-isolation so that sam2 builds against that torch.
 """
 
+import functools
 import json
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 if not __package__:  # run by its path (python deploy/modal_app.py): this checkout's packages, as -m has them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,8 +36,9 @@ APP_NAME = "sam2-segment-everything"
 VOLUME_NAME = "sam2-checkpoints"
 VOLUME_PATH = "/data"  # checkpoints in /data/checkpoints, exported packages in /data/exported
 GPU = "H100"
-# A call that fails on Modal (its container lost, say) is tried again; an image whose call still
-# fails gets an error line in the replay's output instead of ending the whole replay.
+# A call that fails on Modal is tried again; an image whose call still fails gets an error line in
+# the replay's output instead of ending the whole replay. (A container that fails to start is not a
+# failed call: Modal starts another, for as long as the app is deployed; see container_answerer.)
 RETRIES = modal.Retries(max_retries=2, initial_delay=5.0)
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 
@@ -79,6 +84,25 @@ def answer_image(pipeline, image_bytes: bytes) -> str:
     return rle_lines(pipeline.generator, [image_bytes])[0]
 
 
+def container_answerer(data_dir: str, model_type: str, mode: str, amg_json: str, load_fast: str,
+                       device: str) -> Callable[[bytes], str]:
+    """What a container answers each image with: answer_image on its pipeline or, where the
+    pipeline does not load (its checkpoint missing from the volume, kernels exported for another
+    model or torch, memory run out), that error's line for every image. A container of a deployed
+    app whose start raises is started again by Modal for ever: the replay would wait for ever,
+    paying for each start, instead of ending with the mode's error lines."""
+    from sam2serve.protocol import first_line, json_text
+
+    try:
+        pipeline = open_pipeline(data_dir, model_type, mode, amg_json, load_fast, device)
+    except Exception as error:  # noqa: BLE001 - every image's answer
+        traceback.print_exc()  # the container's log
+        line = json_text({"error": f"the container could not load its model: {type(error).__name__}: "
+                                   f"{first_line(error)}"})
+        return lambda image_bytes: line
+    return functools.partial(answer_image, pipeline)
+
+
 @app.cls(gpu=GPU, volumes={VOLUME_PATH: volume}, timeout=3600, scaledown_window=120, retries=RETRIES)
 class Segmenter:
     """One model in one mode per container; `upload_rle` answers as the server's /upload_rle."""
@@ -90,11 +114,12 @@ class Segmenter:
 
     @modal.enter()
     def load(self) -> None:
-        self.pipeline = open_pipeline(VOLUME_PATH, self.model_type, self.mode, self.amg_json, self.load_fast, "cuda")
+        self.answer = container_answerer(VOLUME_PATH, self.model_type, self.mode, self.amg_json, self.load_fast,
+                                         "cuda")
 
     @modal.method()
     def upload_rle(self, image_bytes: bytes) -> str:
-        return answer_image(self.pipeline, image_bytes)
+        return self.answer(image_bytes)
 
 
 def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> list[str]:

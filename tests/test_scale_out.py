@@ -6,6 +6,8 @@ must answer byte for byte as the Flask server does (its app, in process) for the
 with the random tiny model and every candidate of a 4x4 grid kept (so answers are not empty).
 """
 
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -93,6 +95,12 @@ if [[ $1 == volume && $2 == ls ]]; then  # piped, modal prints one path per line
     [[ -f {tmp_path}/on_volume ]] || exit 1  # nothing on the volume yet
     cat {tmp_path}/on_volume
 fi
+if [[ $1 == volume && $2 == get && $5 == - ]]; then  # a checkpoint's SHA-256 file, as sent before
+    cat "{tmp_path}/volume/$(basename "$4")" || exit 1
+fi
+if [[ $1 == volume && $2 == put && $6 == *.sha256 ]]; then
+    mkdir -p {tmp_path}/volume && cp "$5" "{tmp_path}/volume/$(basename "$6")"
+fi
 exit 0
 """)
     (stubs / "python").write_text(f"""#!/bin/bash
@@ -124,18 +132,32 @@ exec {sys.executable} "$@"
     result = script("t", "baseline ao")
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
-    assert calls[0] == "modal deploy -m deploy.modal_app"
-    assert calls[2] == (f"modal volume put sam2-checkpoints {tmp_path}/ck/sam2.1_hiera_tiny.pt "
-                        "checkpoints/sam2.1_hiera_tiny.pt")
-    assert calls[3:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
+    assert calls[:3] == ["modal deploy -m deploy.modal_app",
+                         "modal volume get sam2-checkpoints checkpoints/sam2.1_hiera_tiny.pt.sha256 -",
+                         f"modal volume put --force sam2-checkpoints {tmp_path}/ck/sam2.1_hiera_tiny.pt "
+                         "checkpoints/sam2.1_hiera_tiny.pt"]
+    assert calls[3].startswith("modal volume put --force sam2-checkpoints ")  # its SHA-256, after it
+    assert calls[3].endswith(" checkpoints/sam2.1_hiera_tiny.pt.sha256")
+    sent_sum = (tmp_path / "volume" / "sam2.1_hiera_tiny.pt.sha256").read_text()
+    assert sent_sum == hashlib.sha256(b"weights").hexdigest() + "\n"
+    assert calls[4:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
                          "modal app stop -y sam2-segment-everything"]
     assert "== ao vs baseline" in result.stdout
     uploads = lambda: [call for call in log.read_text().splitlines() if call.startswith("modal volume put")]  # noqa: E731
-    for listing, uploaded in [("checkpoints/sam2.1_hiera_tiny.pt.4242.partial\n", True),  # a download cut short
-                              ("checkpoints/sam2.1_hiera_tiny.pt\n", False), ("sam2.1_hiera_tiny.pt\n", False)]:
+    # Sent again only when its bytes differ from those sent (a checkpoint trained again keeps its name).
+    assert script("t", "ao").returncode == 0 and uploads() == []
+    (tmp_path / "ck" / "sam2.1_hiera_tiny.pt").write_bytes(b"weights trained again")
+    assert script("t", "ao").returncode == 0 and len(uploads()) == 2 and "/ck/sam2.1_hiera_tiny.pt " in uploads()[0]
+    # With none here, the volume's is used: its whole name, not a leftover partial upload of it.
+    environment["CHECKPOINT_DIR"] = str(tmp_path / "nowhere")
+    for listing, found in [("checkpoints/sam2.1_hiera_tiny.pt.4242.partial\n", False),  # an upload cut short
+                           ("checkpoints/sam2.1_hiera_tiny.pt\n", True), ("sam2.1_hiera_tiny.pt\n", True)]:
         (tmp_path / "on_volume").write_text(listing)
-        assert script("t", "ao").returncode == 0 and bool(uploads()) == uploaded, listing
+        result = script("t", "ao")
+        assert (result.returncode == 0) == found and uploads() == [], listing
+        assert found or "sam2.1_hiera_tiny.pt is neither on the volume" in result.stderr
     (tmp_path / "on_volume").unlink()
+    environment["CHECKPOINT_DIR"] = str(tmp_path / "ck")
 
     result = script("small", "baseline")
     assert result.returncode == 1 and "sam2.1_hiera_small.pt is neither on the volume" in result.stderr
@@ -179,7 +201,7 @@ exec {sys.executable} "$@"
     environment.pop("CHECKPOINT_DIR")
     result = script("micro", "ao")
     assert result.returncode == 0, result.stderr
-    assert (f"modal volume put sam2-checkpoints {REPO}/models/sam2.1_hiera_micro.pt "
+    assert (f"modal volume put --force sam2-checkpoints {REPO}/models/sam2.1_hiera_micro.pt "
             "checkpoints/sam2.1_hiera_micro.pt") in log.read_text().splitlines()
 
     # Mistakes end the script before it deploys (and pays), in one line each.
@@ -202,6 +224,54 @@ exec {sys.executable} "$@"
         assert "Traceback" not in result.stderr and not log.exists()  # no modal command at all
 
 
+def test_modal_script_stopped_ends_its_replay_before_stopping_the_app(tmp_path):
+    """SIGTERM sent to the script alone (a time limit, `kill`): the replay under way ends too,
+    before the app is stopped, instead of going on writing its output."""
+    stubs, log = tmp_path / "bin", tmp_path / "calls.log"
+    stubs.mkdir()
+    (stubs / "modal").write_text(f"""#!/bin/bash
+echo "modal $*" >> {log}
+[[ $1 == volume && $2 == ls ]] && echo checkpoints/sam2.1_hiera_tiny.pt
+exit 0
+""")
+    (stubs / "python").write_text(f"""#!/bin/bash
+if [[ $1 == -m && $2 == deploy.modal_app ]]; then
+    echo "replay $$" >> {log}
+    exec sleep 60
+fi
+exec {sys.executable} "$@"
+""")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.jpg")
+    (tmp_path / "paths").write_text("a.jpg\n")
+    environment = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
+                   "CHECKPOINT_DIR": str(tmp_path / "nowhere")}
+    script = subprocess.Popen(["bash", str(REPO / "modal_experiments.sh"), "paths", "out", "tiny", "baseline ao"],
+                              env=environment, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    replay = None
+    try:
+        deadline = time.monotonic() + 60
+        while replay is None:
+            assert time.monotonic() < deadline and script.poll() is None, script.stderr.read() if script.poll() else ""
+            replay = next((int(line.split()[1]) for line in (log.read_text().splitlines() if log.exists() else [])
+                           if line.startswith("replay ")), None)
+            time.sleep(0.05)
+        script.send_signal(signal.SIGTERM)
+        script.communicate(timeout=30)
+        assert script.returncode == 143
+        with pytest.raises(ProcessLookupError):  # ended (and waited for) before the script exited
+            os.kill(replay, 0)
+        calls = log.read_text().splitlines()
+        assert calls[-1] == "modal app stop -y sam2-segment-everything"
+        assert sum(call.startswith("replay ") for call in calls) == 1  # no other mode started
+    finally:
+        script.kill()
+        if replay is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replay, signal.SIGKILL)
+
+
 def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
     tiny_checkpoint_dir, image_files, flask_client, tmp_path
 ):
@@ -220,12 +290,18 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
     # The container's handler, run here on CPU, with the volume's layout in a folder.
     (tmp_path / "checkpoints").mkdir()
     shutil.copy(tiny_checkpoint_dir / "sam2.1_hiera_tiny.pt", tmp_path / "checkpoints")
-    pipeline = modal_app.open_pipeline(str(tmp_path), "tiny", "ao", json.dumps(KEEP_EVERY_CANDIDATE), "", "cpu")
+    answer = modal_app.container_answerer(str(tmp_path), "tiny", "ao", json.dumps(KEEP_EVERY_CANDIDATE), "", "cpu")
     for path in sorted(image_files.iterdir()):
-        line = modal_app.answer_image(pipeline, path.read_bytes())
+        line = answer(path.read_bytes())
         status, body = flask_answer(flask_client, "/upload_rle", path.read_bytes())
         assert line.encode() == body, path.name
         assert (status == 200) == (path.name != "not_an_image.jpg")
+    # A container whose pipeline does not load answers every image its error line: its start does
+    # not raise (Modal would start it again and again, the replay waiting for ever).
+    answer = modal_app.container_answerer(str(tmp_path), "micro", "ao", "{}", "", "cpu")  # not on the volume
+    line = json.loads(answer(path.read_bytes()))
+    assert line["error"].startswith("the container could not load its model: CheckpointUnavailable: "), line
+    assert "sam2.1_hiera_micro.pt" in line["error"] and json.loads(answer(b"")) == line
 
 
 def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the_others(

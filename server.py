@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     # Before any thread starts: they share the main heap, flush denormals, and use these threads.
     set_up_cpu_process(args.device, args.threads)
     mode = get_mode(args.mode)
-    worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout)
+    # On a CPU an image's masks take seconds to minutes: clicks are decoded between their batches.
+    worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout,
+                             decodes_between_batches=args.device == "cpu")
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
     cache = EmbeddingCache(int(args.embedding_cache_mb * 2**20))

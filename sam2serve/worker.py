@@ -19,7 +19,10 @@ queue:
 - calls that are not segment-everything (encodings and prompt sets: short, someone clicking
   waits for them) go ahead of the images queued before them, each image letting at most
   `CALLS_AHEAD_OF_AN_IMAGE` pass (`JobQueue`): a click waits for the image being made, not for
-  every image queued, and a stream of clicks cannot hold an image back for ever;
+  every image queued, and a stream of clicks cannot hold an image back for ever; with
+  `decodes_between_batches` (server.py on a CPU, where an image's masks take seconds to minutes),
+  prompt sets queued meanwhile are decoded between its batches of point prompts, so a click waits
+  for one batch;
 - the worker takes up to `batch_size` queued jobs at once, only those that are waiting
   (a batch is never padded with duplicated work); it runs the other calls among them first
   (one after another), then the images, with one image-encoder call for those asked for in the
@@ -142,15 +145,27 @@ class JobQueue(queue.Queue):
     ahead of the images queued before it, unless the first of those has let
     CALLS_AHEAD_OF_AN_IMAGE calls pass already. (queue.Queue calls _get under its own lock.)"""
 
-    def _get(self) -> Job:
-        first_call = next((index for index, job in enumerate(self.queue) if job.call is not None), 0)
-        if first_call == 0 or self.queue[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE:
-            return self.queue.popleft()
-        for index in range(first_call):  # images, the first of them the oldest, which has let the most pass
-            self.queue[index].calls_ahead += 1
+    def _get(self, kinds: tuple[str, ...] | None = None) -> Job | None:
+        """As queue.Queue's; with kinds, the first call of those kinds that may go ahead, or None."""
+        first_call = next((index for index, job in enumerate(self.queue)
+                           if job.call is not None and (kinds is None or job.kind in kinds)), None)
+        images_ahead = [job for job in list(self.queue)[:first_call or 0] if job.call is None]
+        if first_call is None or (images_ahead and images_ahead[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE):
+            return self.queue.popleft() if kinds is None else None
+        for image in images_ahead:  # the first of them the oldest, which has let the most pass
+            image.calls_ahead += 1
         job = self.queue[first_call]
         del self.queue[first_call]
         return job
+
+    def take_call(self, kinds: tuple[str, ...]) -> Job | None:
+        """The first queued call of these kinds, taken as get() would take it ahead of the images
+        before it; None where there is none, or where an image before it may let no more pass."""
+        with self.mutex:
+            job = self._get(kinds)
+            if job is not None:
+                self.not_full.notify()  # as get(): a place for a request that waits for one
+            return job
 
 
 class InferenceWorker:
@@ -158,16 +173,19 @@ class InferenceWorker:
 
     `observe_batch(batch_size, masks_per_image)` is called after each batch of images run together
     (one per group of the same settings) that gave any image its masks (for metrics).
+    `decodes_between_batches`: prompt sets ("decode" calls) queued while images' masks are made
+    run between their batches of point prompts (the module's docstring).
     """
 
     def __init__(self, batch_size: int = 1, max_queue: int = 16, timeout_s: float = 300.0,
-                 observe_batch=None) -> None:
+                 observe_batch=None, decodes_between_batches: bool = False) -> None:
         if batch_size < 1 or max_queue < 1 or not 0 < timeout_s <= threading.TIMEOUT_MAX:
             raise ValueError("batch_size and max_queue must be >= 1, and timeout_s > 0 and at most threading.TIMEOUT_MAX")
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.jobs = JobQueue(max_queue)
         self.observe_batch = observe_batch or (lambda batch_size, masks: None)
+        self.decodes_between_batches = decodes_between_batches
         self.generator: Generator | None = None
         self.segmenter = None
         self.max_admitted = max_queue + batch_size  # requests admitted at once (admitted())
@@ -345,12 +363,7 @@ class InferenceWorker:
                 batch.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
-        # Jobs whose requests gave up are dropped; the others are marked running.
-        running = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        for job in running:
-            if gone(job):
-                job.future.set_exception(Abandoned("the client closed its connection before the request's turn"))
-        return [job for job in running if not job.future.done()]
+        return [job for job in batch if started(job)]
 
     def _serve_forever(self, until: threading.Event | None = None) -> None:
         last_work = None  # when the last work ended, until its freed memory is looked at
@@ -370,22 +383,8 @@ class InferenceWorker:
 
     def _run(self, jobs: list[Job]) -> None:
         for job in jobs:
-            if job.call is not None and (job.timed_out or gone(job)):  # went while the calls before it ran
-                job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
-            elif job.call is not None:
-                started = time.perf_counter()
-                answer, failure = None, None
-                try:
-                    answer = job.call()
-                except Exception as error:  # noqa: BLE001 - goes back to its request
-                    release_cached_memory(error, self.generator)
-                    failure = error
-                job.seconds = time.perf_counter() - started
-                if failure is not None:  # as images: a failure's time says nothing of the next call's
-                    job.future.set_exception(failure)
-                else:
-                    self.job_seconds.observe(job.kind, job.seconds)
-                    job.future.set_result(answer)
+            if job.call is not None:
+                self._run_call(job)
         # Masks, then mask records, each request's settings apart, run as batches of their own
         # (one image-encoder call each).
         batches: dict[tuple, list[Job]] = {}
@@ -395,16 +394,56 @@ class InferenceWorker:
         for (annotate, _), batch in sorted(batches.items(), key=lambda kind_and_batch: kind_and_batch[0][0]):
             self._run_images(batch, annotate, batch[0].settings)
 
-    def _run_images(self, batch: list[Job], annotate: bool, settings: dict[str, float]) -> None:
+    def _run_call(self, job: Job) -> None:
+        if job.timed_out or gone(job):  # went while the calls before it ran
+            job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
+            return
         started = time.perf_counter()
-        answers = generate_each(self.generator, [job.image for job in batch], annotate,
-                                stop=lambda: all(job.timed_out or gone(job) for job in batch), settings=settings)
+        answer, failure = None, None
+        try:
+            answer = job.call()
+        except Exception as error:  # noqa: BLE001 - goes back to its request
+            release_cached_memory(error, self.generator)
+            failure = error
+        job.seconds = time.perf_counter() - started
+        if failure is not None:  # as images: a failure's time says nothing of the next call's
+            job.future.set_exception(failure)
+        else:
+            self.job_seconds.observe(job.kind, job.seconds)
+            job.future.set_result(answer)
+
+    def _decode_waiting(self) -> float:
+        """Runs the prompt sets queued now (not those queued meanwhile: the images' masks go on);
+        the seconds they took."""
+        seconds = 0.0
+        for _ in range(self.jobs.qsize()):
+            job = self.jobs.take_call(("decode",))
+            if job is None:
+                break
+            if started(job):
+                self._run_call(job)
+                seconds += job.seconds
+        return seconds
+
+    def _run_images(self, batch: list[Job], annotate: bool, settings: dict[str, float]) -> None:
+        started_at, decoding_s = time.perf_counter(), 0.0
+
+        def between_batches() -> bool:
+            """The generator's should_stop: prompt sets decoded first where asked, then whether
+            every request of the batch has gone."""
+            nonlocal decoding_s
+            if self.decodes_between_batches:
+                decoding_s += self._decode_waiting()
+            return all(job.timed_out or gone(job) for job in batch)
+
+        answers = generate_each(self.generator, [job.image for job in batch], annotate, stop=between_batches,
+                                settings=settings)
         if any(isinstance(answer, Interrupted) for answer in answers):
             log.info("stopped segment-everything of %d image(s): their requests have gone", len(batch))
             answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
                        for _ in batch]
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
-        share = (time.perf_counter() - started) / len(batch)
+        share = (time.perf_counter() - started_at - decoding_s) / len(batch)  # the prompt sets' time is theirs
         for job in batch:
             job.seconds = share
         if masks:
@@ -415,6 +454,17 @@ class InferenceWorker:
                 job.future.set_exception(answer)
             else:
                 job.future.set_result(answer)
+
+
+def started(job: Job) -> bool:
+    """Marks a job taken from the queue running; False for one whose request gave up (its timeout:
+    dropped) or whose client has gone (answered Abandoned)."""
+    if not job.future.set_running_or_notify_cancel():
+        return False
+    if gone(job):
+        job.future.set_exception(Abandoned("the client closed its connection before the request's turn"))
+        return False
+    return True
 
 
 def gone(job: Job) -> bool:

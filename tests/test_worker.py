@@ -534,9 +534,10 @@ def waits_for_a_place(call, stub, threads) -> object:
     return answers[0]
 
 
-def queue_in_order(worker, stub, entries) -> tuple[dict, list]:
+def queue_in_order(worker, stub, entries, seconds: float = 0.0) -> tuple[dict, list]:
     """Queues each entry from a thread of its own, one after another: an int is an image of that
-    value, a str a call that records its name in stub.batches. ({entry: answer}, threads)."""
+    value, a str a call that records its name in stub.batches (of kind "encode" where the name
+    starts so, else "decode"; taking `seconds`). ({entry: answer}, threads)."""
     answers, threads = {}, []
     for entry in entries:
         if isinstance(entry, int):
@@ -544,7 +545,8 @@ def queue_in_order(worker, stub, entries) -> tuple[dict, list]:
             threads += more_threads
         else:
             def request(name=entry):
-                answers[name] = worker.call(lambda: stub.batches.append([name]) or name, kind="decode")
+                answers[name] = worker.call(lambda: time.sleep(seconds) or stub.batches.append([name]) or name,
+                                            kind="encode" if name.startswith("encode") else "decode")
             threads.append(threading.Thread(target=request, daemon=True))
             threads[-1].start()
         wait_for(lambda: worker.queue_depth == len(threads))
@@ -557,12 +559,37 @@ def test_calls_go_ahead_of_the_images_queued_before_them():
     stub = StubGenerator()
     worker = InferenceWorker(batch_size=1, max_queue=10, timeout_s=30)
     running, running_threads = hold_worker(worker, stub)
-    answers, threads = queue_in_order(worker, stub, [2, 3, "click", 4, "encoding"])
+    answers, threads = queue_in_order(worker, stub, [2, 3, "click", 4, "encode"])
     stub.gate.set()
     for thread in running_threads + threads:
         thread.join(timeout=10)
-    assert stub.batches == [[1], ["click"], ["encoding"], [2], [3], [4]]
+    assert stub.batches == [[1], ["click"], ["encode"], [2], [3], [4]]
     assert answers["click"] == "click" and answers[3] == [{"size": [8, 6], "counts": [3, 1]}]
+
+
+@pytest.mark.parametrize("between_batches", [True, False])
+def test_prompt_sets_are_decoded_between_an_images_batches_of_point_prompts(between_batches):
+    """With decodes_between_batches (server.py on a CPU), a click waits for one batch of the
+    image being made, not for the whole image; encodings wait for the image's end. The image's
+    time for Retry-After leaves out the prompt sets' time."""
+    stub = StoppableStub()  # asks should_stop every 10 ms while its gate is closed, as between batches
+    image_seconds = []  # the image's time for Retry-After after each image
+    worker = InferenceWorker(batch_size=1, max_queue=10, timeout_s=30, decodes_between_batches=between_batches,
+                             observe_batch=lambda size, masks: image_seconds.append(worker.job_seconds.seconds["image"]))
+    running, running_threads = hold_worker(worker, stub)
+    answers, threads = queue_in_order(worker, stub, [2, "encode", "click"], seconds=0.5)
+    if between_batches:
+        wait_for(lambda: "click" in answers)  # the image still held
+        assert stub.batches == [["click"]] and worker.queue_depth == 2
+    stub.gate.set()
+    for thread in running_threads + threads:
+        thread.join(timeout=10)
+    if between_batches:
+        assert stub.batches == [["click"], [1], ["encode"], [2]]
+        assert image_seconds[0] < worker.job_seconds.seconds["decode"]  # image 1's: the 0.5 s click left out
+    else:
+        assert stub.batches == [[1], ["encode"], ["click"], [2]]
+    assert running[1] == [{"size": [8, 6], "counts": [1, 1]}] and answers["click"] == "click"
 
 
 def test_an_image_lets_a_bounded_number_of_calls_pass(monkeypatch):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tools.load_test import client_order, run_load_test
@@ -553,6 +554,80 @@ def test_concurrent_clients_get_their_own_answers(tiny_checkpoint_dir, image_fil
         process.wait(timeout=30)
 
 
+def test_load_test_fails_a_server_that_answers_the_same_wrong_thing_every_time():
+    """Each reference (a request sent alone) must be this service's answer for its image, and
+    GET /health must say "ok": another service on the port, or an error page sent with 200,
+    answered the same every time and passed as "correct"."""
+    from io import BytesIO
+
+    from pycocotools import mask as mask_utils
+
+    from sam2serve.rle import answer_text, masks_to_rle_reference
+    from tools.load_test import Request, answer_problem, retry_after_s
+
+    answers = {"health": b'{"status": "ok"}', "post": b"<html>not this service</html>"}
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def answer(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer(answers["health"])
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(answers["post"])
+
+        def log_message(self, *args):
+            pass
+
+    image = BytesIO()
+    Image.fromarray(make_scene(30, 40, seed=1)).save(image, format="PNG")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for post, message in [(b"<html>not this service</html>", "not JSON"), (b"{}", None),
+                              (b"[]", "not a JSON object"),
+                              (b'{"mask_0": {"size": [40, 30], "counts": "0"}}', "do not cover its size [40, 30]")]:
+            answers["post"] = post
+            if message is None:  # an image without masks: the test goes on (and passes)
+                assert run_load_test(url, {"a.png": image.getvalue()}, clients=1, per_client=1).ok
+                continue
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                run_load_test(url, {"a.png": image.getvalue()}, clients=1, per_client=1)
+        answers["health"] = b"<html>ok</html>"
+        with pytest.raises(RuntimeError, match="GET /health answered 200, not"):
+            run_load_test(url, {"a.png": image.getvalue()}, clients=1, per_client=1)
+    finally:
+        server.shutdown()
+
+    masks = np.zeros((2, 30, 40), dtype=bool)
+    masks[0, 5:10, 5:20] = masks[1, 20:, :] = True
+    rles = masks_to_rle_reference(torch.from_numpy(masks))
+    upload = Request("a", "/upload_rle", b"", "")
+    assert answer_problem(upload, answer_text(rles).encode()) is None
+    short = {**rles[0], "counts": rles[0]["counts"][:-1]}
+    assert "do not cover its size [30, 40]" in answer_problem(upload, answer_text([short]).encode())
+    compressed = [{**rle, "counts": mask_utils.frPyObjects(rle, 30, 40)["counts"].decode()} for rle in rles]
+    assert answer_problem(upload, answer_text(compressed).encode()) is None
+    assert "do not cover its size" in answer_problem(upload, answer_text([{**compressed[0], "counts": "0"}]).encode())
+    assert "not masks mask_0" in answer_problem(upload, b'{"mask_1": {}}')
+    segment = Request("a /segment", "/segment", b"", "")
+    result = {"masks": rles, "iou_predictions": [0.9, 0.8]}
+    assert answer_problem(segment, json.dumps({"results": [result] * 2}).encode()) is None
+    assert "not results" in answer_problem(segment, json.dumps({"masks": rles}).encode())
+    assert "predicted IoU" in answer_problem(segment, json.dumps({"results": [{"masks": rles}]}).encode())
+    embed = Request("a /embed", "/embed", b"", "")
+    assert answer_problem(embed, b'{"image_id": "x", "size": [30, 40]}') is None
+    assert "not an image id" in answer_problem(embed, b'{"id": "x"}')  # was a KeyError's traceback
+    # A Retry-After of 0 waits 1 s: the request was sent again at once, thousands of times.
+    assert retry_after_s({"Retry-After": "0"}) == retry_after_s({}) == 1.0 and retry_after_s({"Retry-After": "3"}) == 3
+
+
 def test_load_test_refuses_other_hosts():
     with pytest.raises(ValueError, match="loopback"):
         run_load_test("http://192.0.2.1:5000", {"a": b""}, clients=1, per_client=1)
@@ -563,15 +638,22 @@ def test_load_test_refuses_other_hosts():
 
 
 class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
-    """A stub server's handler: 200 with the same body to every POST, whose bodies it keeps."""
+    """A stub server's handler: 200 with the same body to every POST (no masks), whose bodies it
+    keeps; GET /health says ok."""
     bodies: list[bytes] = []
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "15")
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}')
 
     def do_POST(self):
         self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
-        self.wfile.write(b"[]")
+        self.wfile.write(b"{}")
 
     def log_message(self, *args):
         pass
@@ -621,7 +703,7 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
     The request's latency runs from its first try: the wait is in it."""
     posts = []
 
-    class BusyOnce(http.server.BaseHTTPRequestHandler):
+    class BusyOnce(AnswersEveryPost):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             posts.append(True)
@@ -631,10 +713,7 @@ def test_load_test_waits_a_second_on_a_retry_after_that_is_not_seconds(retry_aft
                 self.send_header("Retry-After", retry_after)
             self.send_header("Content-Length", "2")
             self.end_headers()
-            self.wfile.write(b"{}" if busy else b"[]")
-
-        def log_message(self, *args):
-            pass
+            self.wfile.write(b"{}")
 
     report = load_test_against(BusyOnce, clients=1, per_client=2)
     assert report.ok and report.retries_busy == 1, report.table()
@@ -719,9 +798,10 @@ def test_load_test_counts_answers_that_differ_from_the_single_requests_as_wrong(
         def do_POST(self):
             self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(200)
-            self.send_header("Content-Length", "1")
+            body = "{" + " " * (len(self.bodies) % 10) + "}"  # no masks, in bytes of its own
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(str(len(self.bodies) % 10).encode())
+            self.wfile.write(body.encode())
 
     report = load_test_against(AnswersDifferently, clients=2, per_client=2)
     assert not report.ok and report.requests == 4 and report.correct == 0
@@ -758,13 +838,13 @@ def test_load_test_refuses_a_server_that_fails_the_single_request_and_too_many_r
 
 
 def test_load_test_report_and_retry_after_and_client_orders():
-    """A test that did not send every planned request is not ok; Retry-After absent waits a
-    second, a negative one not at all; each client goes through its requests in an order of
+    """A test that did not send every planned request is not ok; Retry-After absent, negative
+    or 0 waits a second; each client goes through its requests in an order of
     its own."""
     from tools.load_test import Report, retry_after_s
 
     assert not Report(planned=3, requests=2, correct=2).ok and Report(planned=2, requests=2, correct=2).ok
-    assert [retry_after_s(headers) for headers in ({}, {"Retry-After": "-5"}, {"Retry-After": "2.5"})] == [1, 0, 2.5]
+    assert [retry_after_s(headers) for headers in ({}, {"Retry-After": "-5"}, {"Retry-After": "2.5"})] == [1, 1, 2.5]
     orders = [list(client_order(index, 6, 6)) for index in range(3)]
     assert all(sorted(order) == list(range(6)) for order in orders) and len({tuple(o) for o in orders}) == 3
 
@@ -782,7 +862,8 @@ def test_load_test_embeds_an_evicted_image_again_a_bounded_number_of_times():
             posts.append(self.path)
             segment_again = self.path == "/segment" and posts.count("/segment") > 1
             body = (b'{"error":"unknown image_id"}' if segment_again else
-                    b'{"image_id":"x","size":[4,6]}' if self.path == "/embed" else b"[]")
+                    b'{"image_id":"x","size":[4,6]}' if self.path == "/embed" else
+                    b'{"results":[]}' if self.path == "/segment" else b"{}")
             self.send_response(404 if segment_again else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -804,7 +885,7 @@ def test_load_test_sends_an_evicted_image_again_after_a_busy_answer_and_counts_o
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             posts.append(self.path)
-            status, body, headers = 200, b"[]", {}
+            status, body, headers = 200, b"{}" if self.path == "/upload_rle" else b'{"results":[]}', {}
             if self.path == "/embed":
                 body = b'{"image_id":"x","size":[4,6]}'
                 if len(evicted) == 1:  # the first /embed after the eviction

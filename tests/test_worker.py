@@ -574,8 +574,9 @@ def test_prompt_sets_are_decoded_between_an_images_batches_of_point_prompts(betw
     time for Retry-After leaves out the prompt sets' time."""
     stub = StoppableStub()  # asks should_stop every 10 ms while its gate is closed, as between batches
     image_seconds = []  # the image's time for Retry-After after each image
-    worker = InferenceWorker(batch_size=1, max_queue=10, timeout_s=30, decodes_between_batches=between_batches,
-                             observe_batch=lambda size, masks: image_seconds.append(worker.job_seconds.seconds["image"]))
+    worker = InferenceWorker(
+        batch_size=1, max_queue=10, timeout_s=30, decodes_between_batches=between_batches,
+        observe_batch=lambda size, masks: image_seconds.append(worker.job_seconds.seconds["image"]))
     running, running_threads = hold_worker(worker, stub)
     answers, threads = queue_in_order(worker, stub, [2, "encode", "click"], seconds=0.5)
     if between_batches:

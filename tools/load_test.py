@@ -5,14 +5,17 @@
     python -m tools.load_test http://127.0.0.1:5000 examples/*.jpg --interactive   # /embed, /segment too
 
 The requests: each image to /upload_rle, and with --interactive also to /embed, and its prompts
-(a point at the centre; a box around the middle) to /segment. First every request is sent once,
-alone: that answer is the reference. Then C clients send M requests each at the same time (the
-clients take turns through the list, each in an order of its own), and every answer must equal
-the reference for its request, byte for byte: nothing lost, duplicated or swapped between clients.
-A 503 (queue full) is retried after its Retry-After; any other failure counts, and so does a
-timeout or a dropped connection. Prints throughput and latency percentiles; exits 1 if any of
-the C x M answers was wrong or missing. Ctrl-C stops it with the report so far (status 130),
-and so does SIGTERM, as `timeout` sends it (status 143).
+(a point at the centre; a box around the middle) to /segment. First GET /health must answer
+"ok", then every request is sent once, alone: that answer, checked to be of this service's form
+(masks as COCO RLE, an image id and size, results with masks), is the reference. Then C clients
+send M requests each at the same time (the clients take turns through the list, each in an order
+of its own), and every answer must equal the reference for its request, byte for byte: nothing
+lost, duplicated or swapped between clients. A 503 (queue full) is retried after its Retry-After
+(at least 1 s); any other failure counts, and so does a timeout or a dropped connection. Prints
+throughput and latency percentiles (from a request's first sending to its answer: the waits after
+a 503 and the images embedded again are in it); exits 1 if any of the C x M answers was wrong or
+missing. Ctrl-C stops it with the report so far (status 130), and so does SIGTERM, as `timeout`
+sends it (status 143); a second stop does not wait for the requests in flight.
 On a terminal, a progress bar per phase (the single requests, then the clients' answers and how
 many were wrong).
 
@@ -47,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
+from sam2serve.rle import counts_from_string
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -83,7 +87,7 @@ class Report:
             f"busy retries    {self.retries_busy}",
             f"embedded again  {self.embedded_again} (ids the cache had evicted)",
             f"throughput      {self.correct / max(self.seconds, 1e-9):.2f} answers/s over {self.seconds:.1f} s",
-            f"latency p50     {np.percentile(latencies, 50):.0f} ms",
+            f"latency p50     {np.percentile(latencies, 50):.0f} ms (to a correct answer, waits after a 503 included)",
             f"latency p99     {np.percentile(latencies, 99):.0f} ms",
         ]
         more = [f"  and {len(self.wrong) - 20} more"] if len(self.wrong) > 20 else []
@@ -158,8 +162,9 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
         embed = Request(f"{name} /embed", "/embed", *image_form(images[name], name))
         requests.append(embed)
         status, _, body = post(url + "/embed", *image_form(images[name], name), timeout_s)
-        if status != 200:
-            raise RuntimeError(f"{name}: /embed answered {status}: {body[:200]!r}")
+        problem = answer_problem(embed, body) if status == 200 else None
+        if status != 200 or problem:
+            raise RuntimeError(f"{name}: /embed answered {status}: {problem or body[:200]!r}")
         embedded = json.loads(body)
         height, width = embedded["size"]
         prompts = [{"points": [[width / 2, height / 2]]},
@@ -167,6 +172,70 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
         payload = json.dumps({"image_id": embedded["image_id"], "prompts": prompts}).encode()
         requests.append(Request(f"{name} /segment", "/segment", payload, "application/json", embed))
     return requests
+
+
+def answer_problem(request: Request, body: bytes) -> str | None:
+    """What makes a 200 answer not of this service's form, or None: the references are checked,
+    so that a server answering the same wrong thing every time (another service on the port, an
+    error page sent with 200) does not pass the test."""
+
+    def masks_problem(masks: object) -> str | None:
+        for mask in masks:
+            counts = mask.get("counts") if isinstance(mask, dict) else None
+            if not isinstance(counts, (list, str)) or not is_size(mask.get("size")):
+                return f"a mask is not COCO RLE: {str(mask)[:100]}"
+            try:  # uncompressed (the default answer) or compressed
+                runs = counts if isinstance(counts, list) else counts_from_string(counts)
+                if not all(isinstance(run, int) and run >= 0 for run in runs) or sum(runs) != math.prod(mask["size"]):
+                    return f"a mask's run lengths do not cover its size {mask['size']}"
+            except ValueError as error:
+                return f"a mask's counts do not decode: {error}"
+        return None
+
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return f"not JSON: {body[:100]!r}"
+    if not isinstance(answer, dict):
+        return f"not a JSON object: {body[:100]!r}"
+    if request.path == "/upload_rle":
+        if list(answer) != [f"mask_{index}" for index in range(len(answer))]:
+            return f"not masks mask_0, mask_1, ...: {body[:100]!r}"
+        return masks_problem(answer.values())
+    if request.path == "/embed":
+        if not isinstance(answer.get("image_id"), str) or not is_size(answer.get("size")):
+            return f"not an image id and size: {body[:100]!r}"
+        return None
+    results = answer.get("results")
+    if not isinstance(results, list):
+        return f"not results, one per prompt set: {body[:100]!r}"
+    for result in results:
+        masks = result.get("masks") if isinstance(result, dict) else None
+        if not isinstance(masks, list) or not masks or len(result.get("iou_predictions") or []) != len(masks):
+            return f"a result is not masks with their predicted IoU: {str(result)[:100]}"
+        if problem := masks_problem(masks):
+            return problem
+    return None
+
+
+def is_size(value: object) -> bool:
+    """Whether a value is an image's [height, width]."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(side, int) and side > 0 for side in value)
+
+
+def require_health_ok(url: str, timeout_s: float) -> None:
+    """GET /health answers {"status": "ok", ...}: the server is this service, and ready."""
+    try:
+        with DIRECT.open(url + "/health", timeout=timeout_s) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    try:
+        healthy = status == 200 and json.loads(body).get("status") == "ok"
+    except (ValueError, AttributeError):
+        healthy = False
+    if not healthy:
+        raise RuntimeError(f"GET /health answered {status}, not {{\"status\": \"ok\"}}: {body[:200]!r}")
 
 
 def run_load_test(
@@ -187,6 +256,7 @@ def run_load_test(
         return left
 
     try:
+        require_health_ok(url, remaining_s())
         requests = requests_for(url, images, interactive, remaining_s())
     except (OSError, http.client.HTTPException) as error:
         raise RuntimeError(f"the server did not answer: {error}") from None
@@ -197,8 +267,9 @@ def run_load_test(
             status, _, body = post(url + request.path, request.body, request.content_type, remaining_s())
         except (OSError, http.client.HTTPException) as error:
             raise RuntimeError(f"{request.name}: the single request failed: {error}") from None
-        if status != 200:
-            raise RuntimeError(f"{request.name}: the single request answered {status}: {body[:200]!r}")
+        problem = answer_problem(request, body) if status == 200 else None
+        if status != 200 or problem:
+            raise RuntimeError(f"{request.name}: the single request answered {status}: {problem or body[:200]!r}")
         reference[request.name] = body
 
     report, lock, stop = Report(planned=clients * per_client), threading.Lock(), threading.Event()
@@ -280,8 +351,11 @@ def run_load_test(
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (main's Terminated)
         stop.set()  # the clients send nothing more; a request in flight may take its time limit
         grace = time.monotonic() + 2
-        for thread in threads:
-            thread.join(timeout=max(0.0, grace - time.monotonic()))
+        try:
+            for thread in threads:
+                thread.join(timeout=max(0.0, grace - time.monotonic()))
+        except KeyboardInterrupt:  # a second stop: the report without waiting more
+            pass
         report.stopped = stopped_by(interrupt)
     progress.close()
     with lock:  # a copy: clients still waiting on an answer must not change what is printed
@@ -298,12 +372,13 @@ def client_order(index: int, count: int, per_client: int) -> np.ndarray:
 
 
 def retry_after_s(headers: dict) -> float:
-    """A 503's Retry-After in seconds; 1 where it is absent, an HTTP date or not a finite number."""
+    """A 503's Retry-After in seconds, at least 1 (a 0 would send the request again at once, over
+    and over); 1 where it is absent, an HTTP date or not a finite number."""
     try:
         wait_s = float(headers.get("Retry-After", 1))
     except ValueError:
         return 1.0
-    return max(wait_s, 0.0) if math.isfinite(wait_s) else 1.0
+    return max(wait_s, 1.0) if math.isfinite(wait_s) else 1.0
 
 
 def main() -> None:

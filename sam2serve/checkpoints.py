@@ -204,6 +204,8 @@ def ensure_checkpoint(
         return path
     if directory.is_file():
         folder = f": give {directory.parent}" if directory.name == size.filename else ""
+        if directory.name not in {known.filename for known in MODEL_SIZES.values()}:  # trained, named otherwise
+            folder = f": name the file so (mv {directory} {directory.parent / size.filename}) and give its folder"
         raise CheckpointUnavailable(f"{directory} is a file; the checkpoint argument is the folder that holds "
                                     f"{size.filename}{folder}")
     if path.exists():  # a folder of that name (an unpacked archive, say): a download could not replace it

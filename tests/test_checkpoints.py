@@ -3,6 +3,7 @@
 import functools
 import http.server
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -216,6 +217,12 @@ def test_a_checkpoint_file_given_for_its_folder_is_named_as_such(tmp_path):
         ensure_checkpoint(checkpoint, "micro")
     with pytest.raises(CheckpointUnavailable, match="is a file; .* holds sam2.1_hiera_large.pt$"):
         ensure_checkpoint(checkpoint, "large", "http://127.0.0.1:9/sam2")
+    # A file of a name no checkpoint has (a model trained into --output model.pt): how to name it.
+    trained = checkpoint.rename(tmp_path / "model.pt")
+    with pytest.raises(CheckpointUnavailable, match=re.escape(
+            f"holds sam2.1_hiera_micro.pt: name the file so (mv {trained} {tmp_path}/sam2.1_hiera_micro.pt) "
+            "and give its folder")):
+        ensure_checkpoint(trained, "micro")
     # A folder named like the checkpoint: said so, not "not found, downloading" (nothing could replace it).
     (tmp_path / "sam2.1_hiera_large.pt").mkdir()
     with pytest.raises(CheckpointUnavailable, match="sam2.1_hiera_large.pt is not a file \\(a folder\\?\\)"):

@@ -474,3 +474,45 @@ def test_held_out_evaluation_averages_over_objects_and_scenes(monkeypatch):
     assert result == evaluation.Evaluation(scenes=2, objects=4, single_point_miou=pytest.approx(3.2 / 4), box_miou=0.5,
                                            amg_recall=0.5, masks_per_image=10.0)
     assert "AMG recall at IoU >= 0.5   0.500" in result.table()
+
+
+def test_training_says_how_to_serve_its_model_and_where_a_stopped_runs_weights_are(tmp_path):
+    """A model trained into a file of another name is served once named as the server finds it:
+    the run ends saying how. A run stopped (Ctrl-C) said only "stopped": it now says where its
+    interim weights are, after how many steps, and how to go on from them."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    small = ["--images-per-step", "1", "--points-per-image", "2", "--eval-scenes", "1"]
+    output = tmp_path / "model.pt"
+    trained = subprocess.run([sys.executable, "-m", "training.train_micro_sam2", "--steps", "2", *small,
+                              "--output", str(output)], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stderr.rstrip().endswith(
+        f"serve it: the server finds it as sam2.1_hiera_micro.pt in its folder: mv {output} "
+        f"{tmp_path}/sam2.1_hiera_micro.pt; python server.py {tmp_path} micro")
+    named = tmp_path / "sam2.1_hiera_micro.pt"
+    assert train_micro_sam2.serving_hint(named) == f"serve it: python server.py {tmp_path} micro"
+
+    interim = tmp_path / "sam2.1_hiera_micro.interim.pt"
+    run = subprocess.Popen([sys.executable, "-m", "training.train_micro_sam2", "--steps", "5000", "--save-every", "2",
+                            *small, "--output", str(named)], cwd=repo, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as under &
+    try:
+        deadline = time.monotonic() + 300
+        while not interim.exists():
+            assert time.monotonic() < deadline and run.poll() is None, "no interim weights were written"
+            time.sleep(0.1)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    steps = re.search(rf"the weights after (\d+) of 5000 steps are in {re.escape(str(interim))}: go on from them "
+                      rf"with --init {re.escape(str(interim))}", stderr)
+    assert steps and int(steps[1]) % 2 == 0 and int(steps[1]) > 0, stderr[-2000:]
+    assert stderr.rstrip().endswith("stopped (Ctrl-C)") and not named.exists()

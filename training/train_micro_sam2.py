@@ -319,19 +319,28 @@ def train(args: argparse.Namespace) -> None:
             raise diverged(f"loss {loss:.4g} {when}, from {first:.4g} at the first step")
     started, running, first, first_batch = time.perf_counter(), None, None, None
     progress = tqdm(batches(args, image_size), total=args.steps, desc="training", unit="step")
-    for step, batch in enumerate(progress):
-        loss = training_step(model, *batch)
-        first, first_batch = first or loss.item(), first_batch or batch
-        require_sane_loss(loss.item(), f"at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.set_postfix(loss=f"{running:.3f}")
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
-            save_trained(model, interim_path(args.output), {"steps_done": step + 1})
+    saved_steps = 0  # in the interim weights of this run
+    try:
+        for step, batch in enumerate(progress):
+            loss = training_step(model, *batch)
+            first, first_batch = first or loss.item(), first_batch or batch
+            require_sane_loss(loss.item(), f"at step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            progress.set_postfix(loss=f"{running:.3f}")
+            if (step + 1) % args.save_every == 0 and step + 1 < args.steps:  # interim weights
+                save_trained(model, interim_path(args.output), {"steps_done": step + 1})
+                saved_steps = step + 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: an hour of training is not lost
+        if saved_steps:
+            path = interim_path(args.output)
+            log.info("the weights after %d of %d steps are in %s: go on from them with --init %s (a new run, "
+                     "with --steps the steps left)", saved_steps, args.steps, path, path)
+        raise
     minutes = (time.perf_counter() - started) / 60
     meta = {key: str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key != "output"}
@@ -422,6 +431,18 @@ def main() -> None:
     loaded = load_model(args.output, "micro", "cpu")
     result = evaluate(loaded.model, n_scenes=args.eval_scenes)
     print(result.table())
+    if not args.evaluate_only:
+        log.info(serving_hint(args.output))
+
+
+def serving_hint(output: Path) -> str:
+    """How to serve a checkpoint written here: server.py takes a folder and finds the micro model
+    in it by its official file name."""
+    filename = model_size("micro").filename
+    serve = f"python server.py {output.parent} micro"
+    if output.name == filename:
+        return f"serve it: {serve}"
+    return f"serve it: the server finds it as {filename} in its folder: mv {output} {output.parent / filename}; {serve}"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ queue:
   every image queued, and a stream of clicks cannot hold an image back for ever; with
   `decodes_between_batches` (server.py on a CPU, where an image's masks take seconds to minutes),
   prompt sets queued meanwhile are decoded between its batches of point prompts, so a click waits
-  for one batch;
+  for one batch, for as long in all as the image's own work so far (clicks make it twice as slow
+  at most);
 - the worker takes up to `batch_size` queued jobs at once, only those that are waiting
   (a batch is never padded with duplicated work); it runs the other calls among them first
   (one after another), then the images, with one image-encoder call for those asked for in the
@@ -145,27 +146,26 @@ class JobQueue(queue.Queue):
     ahead of the images queued before it, unless the first of those has let
     CALLS_AHEAD_OF_AN_IMAGE calls pass already. (queue.Queue calls _get under its own lock.)"""
 
-    def _get(self, kinds: tuple[str, ...] | None = None) -> Job | None:
-        """As queue.Queue's; with kinds, the first call of those kinds that may go ahead, or None."""
-        first_call = next((index for index, job in enumerate(self.queue)
-                           if job.call is not None and (kinds is None or job.kind in kinds)), None)
-        images_ahead = [job for job in list(self.queue)[:first_call or 0] if job.call is None]
-        if first_call is None or (images_ahead and images_ahead[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE):
-            return self.queue.popleft() if kinds is None else None
-        for image in images_ahead:  # the first of them the oldest, which has let the most pass
-            image.calls_ahead += 1
+    def _get(self) -> Job:
+        first_call = next((index for index, job in enumerate(self.queue) if job.call is not None), 0)
+        if first_call == 0 or self.queue[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE:
+            return self.queue.popleft()
+        for index in range(first_call):  # images, the first of them the oldest, which has let the most pass
+            self.queue[index].calls_ahead += 1
         job = self.queue[first_call]
         del self.queue[first_call]
         return job
 
-    def take_call(self, kinds: tuple[str, ...]) -> Job | None:
-        """The first queued call of these kinds, taken as get() would take it ahead of the images
-        before it; None where there is none, or where an image before it may let no more pass."""
+    def take_call(self, kind: str) -> Job | None:
+        """The first queued call of this kind, or None: taken while an image's masks are made, which
+        the images queued could not start before anyway (it counts against none of them)."""
         with self.mutex:
-            job = self._get(kinds)
-            if job is not None:
-                self.not_full.notify()  # as get(): a place for a request that waits for one
-            return job
+            for index, job in enumerate(self.queue):
+                if job.call is not None and job.kind == kind:
+                    del self.queue[index]
+                    self.not_full.notify()  # as get(): a place for a request that waits for one
+                    return job
+            return None
 
 
 class InferenceWorker:
@@ -412,12 +412,12 @@ class InferenceWorker:
             self.job_seconds.observe(job.kind, job.seconds)
             job.future.set_result(answer)
 
-    def _decode_waiting(self) -> float:
-        """Runs the prompt sets queued now (not those queued meanwhile: the images' masks go on);
-        the seconds they took."""
+    def _decode_waiting(self, budget_s: float) -> float:
+        """Runs the prompt sets queued now (not those queued meanwhile), until they have taken
+        budget_s; the seconds they took."""
         seconds = 0.0
         for _ in range(self.jobs.qsize()):
-            job = self.jobs.take_call(("decode",))
+            job = self.jobs.take_call("decode") if seconds < budget_s else None
             if job is None:
                 break
             if started(job):
@@ -429,11 +429,12 @@ class InferenceWorker:
         started_at, decoding_s = time.perf_counter(), 0.0
 
         def between_batches() -> bool:
-            """The generator's should_stop: prompt sets decoded first where asked, then whether
-            every request of the batch has gone."""
+            """The generator's should_stop: prompt sets decoded first where asked, for no longer in
+            all than the images' own work so far (clicks make an image's masks twice as slow at
+            most), then whether every request of the batch has gone."""
             nonlocal decoding_s
             if self.decodes_between_batches:
-                decoding_s += self._decode_waiting()
+                decoding_s += self._decode_waiting(time.perf_counter() - started_at - 2 * decoding_s)
             return all(job.timed_out or gone(job) for job in batch)
 
         answers = generate_each(self.generator, [job.image for job in batch], annotate, stop=between_batches,

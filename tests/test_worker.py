@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam2serve.amg import AMGConfig, Interrupted
+from sam2serve.amg import AMGConfig, Interrupted, stop_if_asked
 from sam2serve.preprocess import InvalidImage
 from sam2serve.protocol import Limits, file_as_upload, rle_lines
 from sam2serve.serving import create_app
@@ -591,6 +591,68 @@ def test_prompt_sets_are_decoded_between_an_images_batches_of_point_prompts(betw
     else:
         assert stub.batches == [[1], ["encode"], ["click"], [2]]
     assert running[1] == [{"size": [8, 6], "counts": [1, 1]}] and answers["click"] == "click"
+
+
+class BatchedStub(StubGenerator):
+    """An image's masks in `batches` batches of point prompts of `batch_s` each, should_stop asked
+    before each, as MaskGenerator asks it."""
+
+    def __init__(self, batches: int, batch_s: float) -> None:
+        super().__init__()
+        self.should_stop = None
+        self.batches_of_points, self.batch_s = batches, batch_s
+
+    def generate_batch(self, images):
+        self.running.set()
+        for _ in range(self.batches_of_points):
+            stop_if_asked(self.should_stop)
+            time.sleep(self.batch_s)
+        return super().generate_batch(images)
+
+
+def test_clicks_decoded_between_batches_make_an_image_twice_as_slow_at_most():
+    """Four users clicking without a pause (0.05 s a decode) while an image of 0.5 s is made: the
+    decodes between its batches take no longer in all than its own work so far, so it is answered
+    within its 3 s timeout (it was not: every decode queued ran at every batch)."""
+    stub = BatchedStub(batches=20, batch_s=0.025)
+    worker = InferenceWorker(batch_size=1, max_queue=16, timeout_s=3, decodes_between_batches=True)
+    worker.start(stub)
+    done, decoded = threading.Event(), []
+
+    def user():
+        while not done.is_set():
+            worker.call(lambda: time.sleep(0.05) or decoded.append(1), kind="decode")
+
+    for _ in range(4):
+        threading.Thread(target=user, daemon=True).start()
+    wait_for(lambda: len(decoded) >= 4)
+    try:
+        answer = worker.submit(image_of(1))
+    except TimedOut as error:
+        answer = error
+    finally:
+        done.set()
+    assert answer == [{"size": [8, 6], "counts": [1, 1]}], answer
+
+
+def test_a_click_waits_for_one_batch_while_other_images_are_queued():
+    """Decodes run between the batches of the image being made count against none of the images
+    queued (they could not start before it anyway): the 17th click waited for the rest of the
+    image, once the image queued had let 16 pass."""
+    stub = BatchedStub(batches=60, batch_s=0.05)  # 3 s an image, 0.05 s a batch
+    worker = InferenceWorker(batch_size=1, max_queue=16, timeout_s=60, decodes_between_batches=True)
+    worker.start(stub)
+    images = [threading.Thread(target=worker.submit, args=(image_of(value),), daemon=True) for value in (1, 2)]
+    images[0].start()
+    wait_for(stub.running.is_set)
+    images[1].start()
+    wait_for(lambda: worker.queue_depth == 1)
+    waits = []
+    for _ in range(20):  # one user clicking, each click once the last is answered
+        sent = time.monotonic()
+        worker.call(lambda: None, kind="decode")
+        waits.append(time.monotonic() - sent)
+    assert max(waits) < 1.0 and stub.batches == [], [round(wait, 2) for wait in waits]  # image 1 still being made
 
 
 def test_an_image_lets_a_bounded_number_of_calls_pass(monkeypatch):

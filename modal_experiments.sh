@@ -74,7 +74,7 @@ mkdir -p "$output_dir"
 # Deploying creates the volume on a new account; the uploads need it.
 modal deploy -m deploy.modal_app
 # Stop the app however this script ends.
-trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true' EXIT
+trap 'modal app stop -y "$app_name" >/dev/null 2>&1 || true; rm -f "${local_sum_file:-}"' EXIT
 
 # The long steps run as children that a stop (Ctrl-C, SIGTERM sent to this script alone) ends
 # before the app is stopped: a replay left running would go on writing its output.
@@ -98,8 +98,12 @@ sum_file=checkpoints/$checkpoint_name.sha256
 if [[ -f "$checkpoint_dir/$checkpoint_name" ]]; then
     sha256='import hashlib, sys; print(hashlib.file_digest(open(sys.argv[1], "rb"), "sha256").hexdigest())'
     local_sum=$("$python" -c "$sha256" "$checkpoint_dir/$checkpoint_name")
-    if [[ $(modal volume get "$volume" "$sum_file" - 2>/dev/null || true) != "$local_sum" ]]; then
+    # (modal writes a line of its own after the file's bytes)
+    volume_sum=$(modal volume get "$volume" "$sum_file" - 2>/dev/null | grep -m1 -xE '[0-9a-f]{64}' || true)
+    if [[ $volume_sum != "$local_sum" ]]; then
         echo "uploading $checkpoint_dir/$checkpoint_name to the volume $volume"
+        # The old SHA-256 first: an upload cut short must not leave it beside other bytes.
+        modal volume rm "$volume" "$sum_file" >/dev/null 2>&1 || true
         run_step modal volume put --force "$volume" "$checkpoint_dir/$checkpoint_name" "checkpoints/$checkpoint_name"
         local_sum_file=$(mktemp)
         echo "$local_sum" > "$local_sum_file"

@@ -97,6 +97,10 @@ if [[ $1 == volume && $2 == ls ]]; then  # piped, modal prints one path per line
 fi
 if [[ $1 == volume && $2 == get && $5 == - ]]; then  # a checkpoint's SHA-256 file, as sent before
     cat "{tmp_path}/volume/$(basename "$4")" || exit 1
+    echo "✓ Finished downloading files to local!"  # as modal 1.6 writes after the bytes
+fi
+if [[ $1 == volume && $2 == rm ]]; then
+    rm "{tmp_path}/volume/$(basename "$4")" || exit 1
 fi
 if [[ $1 == volume && $2 == put && $6 == *.sha256 ]]; then
     mkdir -p {tmp_path}/volume && cp "$5" "{tmp_path}/volume/$(basename "$6")"
@@ -132,15 +136,16 @@ exec {sys.executable} "$@"
     result = script("t", "baseline ao")
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
-    assert calls[:3] == ["modal deploy -m deploy.modal_app",
+    assert calls[:4] == ["modal deploy -m deploy.modal_app",
                          "modal volume get sam2-checkpoints checkpoints/sam2.1_hiera_tiny.pt.sha256 -",
+                         "modal volume rm sam2-checkpoints checkpoints/sam2.1_hiera_tiny.pt.sha256",  # none to remove
                          f"modal volume put --force sam2-checkpoints {tmp_path}/ck/sam2.1_hiera_tiny.pt "
                          "checkpoints/sam2.1_hiera_tiny.pt"]
-    assert calls[3].startswith("modal volume put --force sam2-checkpoints ")  # its SHA-256, after it
-    assert calls[3].endswith(" checkpoints/sam2.1_hiera_tiny.pt.sha256")
+    assert calls[4].startswith("modal volume put --force sam2-checkpoints ")  # its SHA-256, after it
+    assert calls[4].endswith(" checkpoints/sam2.1_hiera_tiny.pt.sha256")
     sent_sum = (tmp_path / "volume" / "sam2.1_hiera_tiny.pt.sha256").read_text()
     assert sent_sum == hashlib.sha256(b"weights").hexdigest() + "\n"
-    assert calls[4:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
+    assert calls[5:] == ["replay --model-type t --mode baseline", "replay --model-type t --mode ao",
                          "modal app stop -y sam2-segment-everything"]
     assert "== ao vs baseline" in result.stdout
     uploads = lambda: [call for call in log.read_text().splitlines() if call.startswith("modal volume put")]  # noqa: E731
@@ -148,6 +153,9 @@ exec {sys.executable} "$@"
     assert script("t", "ao").returncode == 0 and uploads() == []
     (tmp_path / "ck" / "sam2.1_hiera_tiny.pt").write_bytes(b"weights trained again")
     assert script("t", "ao").returncode == 0 and len(uploads()) == 2 and "/ck/sam2.1_hiera_tiny.pt " in uploads()[0]
+    calls = log.read_text().splitlines()  # the old SHA-256 removed before the upload: a cut one leaves none
+    assert calls.index("modal volume rm sam2-checkpoints checkpoints/sam2.1_hiera_tiny.pt.sha256") < calls.index(
+        next(call for call in calls if call.startswith("modal volume put")))
     # With none here, the volume's is used: its whole name, not a leftover partial upload of it.
     environment["CHECKPOINT_DIR"] = str(tmp_path / "nowhere")
     for listing, found in [("checkpoints/sam2.1_hiera_tiny.pt.4242.partial\n", False),  # an upload cut short

@@ -15,6 +15,7 @@ import glob
 import hashlib
 import logging
 import os
+import shlex
 import tempfile
 import time
 import urllib.error
@@ -205,7 +206,8 @@ def ensure_checkpoint(
     if directory.is_file():
         folder = f": give {directory.parent}" if directory.name == size.filename else ""
         if directory.name not in {known.filename for known in MODEL_SIZES.values()}:  # trained, named otherwise
-            folder = f": name the file so (mv {directory} {directory.parent / size.filename}) and give its folder"
+            folder = (f": name the file so (mv {shlex.quote(str(directory))} "
+                      f"{shlex.quote(str(directory.parent / size.filename))}) and give its folder")
         raise CheckpointUnavailable(f"{directory} is a file; the checkpoint argument is the folder that holds "
                                     f"{size.filename}{folder}")
     if path.exists():  # a folder of that name (an unpacked archive, say): a download could not replace it

@@ -498,6 +498,8 @@ def test_training_says_how_to_serve_its_model_and_where_a_stopped_runs_weights_a
         f"{tmp_path}/sam2.1_hiera_micro.pt; python server.py {tmp_path} micro")
     named = tmp_path / "sam2.1_hiera_micro.pt"
     assert train_micro_sam2.serving_hint(named) == f"serve it: python server.py {tmp_path} micro"
+    assert train_micro_sam2.serving_hint(tmp_path / "my runs" / "sam2.1_hiera_micro.pt") == (
+        f"serve it: python server.py '{tmp_path}/my runs' micro")  # pasted into a shell
 
     interim = tmp_path / "sam2.1_hiera_micro.interim.pt"
     run = subprocess.Popen([sys.executable, "-m", "training.train_micro_sam2", "--steps", "5000", "--save-every", "2",

@@ -592,7 +592,7 @@ def test_load_test_fails_a_server_that_answers_the_same_wrong_thing_every_time()
     try:
         for post, message in [(b"<html>not this service</html>", "not JSON"), (b"{}", None),
                               (b"[]", "not a JSON object"),
-                              (b'{"mask_0": {"size": [40, 30], "counts": "0"}}', "do not cover its size [40, 30]")]:
+                              (b'{"mask_0": {"size": [40, 30], "counts": "0"}}', "not 40 x 30")]:
             answers["post"] = post
             if message is None:  # an image without masks: the test goes on (and passes)
                 assert run_load_test(url, {"a.png": image.getvalue()}, clients=1, per_client=1).ok
@@ -611,16 +611,22 @@ def test_load_test_fails_a_server_that_answers_the_same_wrong_thing_every_time()
     upload = Request("a", "/upload_rle", b"", "")
     assert answer_problem(upload, answer_text(rles).encode()) is None
     short = {**rles[0], "counts": rles[0]["counts"][:-1]}
-    assert "do not cover its size [30, 40]" in answer_problem(upload, answer_text([short]).encode())
+    assert "not 30 x 40" in answer_problem(upload, answer_text([short]).encode())
     compressed = [{**rle, "counts": mask_utils.frPyObjects(rle, 30, 40)["counts"].decode()} for rle in rles]
     assert answer_problem(upload, answer_text(compressed).encode()) is None
-    assert "do not cover its size" in answer_problem(upload, answer_text([{**compressed[0], "counts": "0"}]).encode())
+    assert "not 30 x 40" in answer_problem(upload, answer_text([{**compressed[0], "counts": "0"}]).encode())
     assert "not masks mask_0" in answer_problem(upload, b'{"mask_1": {}}')
-    segment = Request("a /segment", "/segment", b"", "")
+    segment = Request("a /segment", "/segment", json.dumps({"prompts": [{}, {}]}).encode(), "", size=(30, 40))
     result = {"masks": rles, "iou_predictions": [0.9, 0.8]}
     assert answer_problem(segment, json.dumps({"results": [result] * 2}).encode()) is None
-    assert "not results" in answer_problem(segment, json.dumps({"masks": rles}).encode())
-    assert "predicted IoU" in answer_problem(segment, json.dumps({"results": [{"masks": rles}]}).encode())
+    assert "not 2 results" in answer_problem(segment, json.dumps({"masks": rles}).encode())
+    assert "not 2 results" in answer_problem(segment, json.dumps({"results": []}).encode())
+    for wrong in [{"masks": rles}, {**result, "iou_predictions": 0.9}, {**result, "iou_predictions": ["x", "y"]}]:
+        assert "predicted IoU" in answer_problem(segment, json.dumps({"results": [wrong] * 2}).encode()), wrong
+    other_size = Request("a /segment", "/segment", segment.body, "", size=(40, 30))
+    assert "not all the image's [40, 30]" in answer_problem(other_size, json.dumps({"results": [result] * 2}).encode())
+    mixed = [rles[0], {"size": [2, 3], "counts": [6]}]
+    assert "not all the image's" in answer_problem(upload, answer_text(mixed).encode())
     embed = Request("a /embed", "/embed", b"", "")
     assert answer_problem(embed, b'{"image_id": "x", "size": [30, 40]}') is None
     assert "not an image id" in answer_problem(embed, b'{"id": "x"}')  # was a KeyError's traceback
@@ -635,6 +641,11 @@ def test_load_test_refuses_other_hosts():
         run_load_test("127.0.0.1:5000", {"a": b""}, clients=1, per_client=1)
     with pytest.raises(ValueError, match="without a path"):  # the test adds the endpoints' paths itself
         run_load_test("http://127.0.0.1:5000/upload_rle", {"a": b""}, clients=1, per_client=1)
+
+
+# A stub's answer to the load test's /segment of an image of 4 x 6 (its two prompt sets).
+SEGMENT_ANSWER = json.dumps({"results": [{"masks": [{"size": [4, 6], "counts": [24]}], "iou_predictions": [0.5]}] * 2,
+                             }).encode()
 
 
 class AnswersEveryPost(http.server.BaseHTTPRequestHandler):
@@ -863,7 +874,7 @@ def test_load_test_embeds_an_evicted_image_again_a_bounded_number_of_times():
             segment_again = self.path == "/segment" and posts.count("/segment") > 1
             body = (b'{"error":"unknown image_id"}' if segment_again else
                     b'{"image_id":"x","size":[4,6]}' if self.path == "/embed" else
-                    b'{"results":[]}' if self.path == "/segment" else b"{}")
+                    SEGMENT_ANSWER if self.path == "/segment" else b"{}")
             self.send_response(404 if segment_again else 200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -885,7 +896,7 @@ def test_load_test_sends_an_evicted_image_again_after_a_busy_answer_and_counts_o
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             posts.append(self.path)
-            status, body, headers = 200, b"{}" if self.path == "/upload_rle" else b'{"results":[]}', {}
+            status, body, headers = 200, b"{}" if self.path == "/upload_rle" else SEGMENT_ANSWER, {}
             if self.path == "/embed":
                 body = b'{"image_id":"x","size":[4,6]}'
                 if len(evicted) == 1:  # the first /embed after the eviction

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
-from sam2serve.rle import counts_from_string
+from sam2serve.compare import check_rle, segmentation_of
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -150,6 +150,7 @@ class Request:
     body: bytes
     content_type: str
     embed: "Request | None" = None  # a /segment by id: its image's /embed, sent again if the id was evicted
+    size: tuple[int, int] | None = None  # a /segment's image's (h, w), as /embed answered it
 
 
 def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_s: float) -> list[Request]:
@@ -170,7 +171,7 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
         prompts = [{"points": [[width / 2, height / 2]]},
                    {"box": [width / 4, height / 4, 3 * width / 4, 3 * height / 4]}]
         payload = json.dumps({"image_id": embedded["image_id"], "prompts": prompts}).encode()
-        requests.append(Request(f"{name} /segment", "/segment", payload, "application/json", embed))
+        requests.append(Request(f"{name} /segment", "/segment", payload, "application/json", embed, (height, width)))
     return requests
 
 
@@ -179,17 +180,21 @@ def answer_problem(request: Request, body: bytes) -> str | None:
     so that a server answering the same wrong thing every time (another service on the port, an
     error page sent with 200) does not pass the test."""
 
-    def masks_problem(masks: object) -> str | None:
-        for mask in masks:
-            counts = mask.get("counts") if isinstance(mask, dict) else None
-            if not isinstance(counts, (list, str)) or not is_size(mask.get("size")):
-                return f"a mask is not COCO RLE: {str(mask)[:100]}"
-            try:  # uncompressed (the default answer) or compressed
-                runs = counts if isinstance(counts, list) else counts_from_string(counts)
-                if not all(isinstance(run, int) and run >= 0 for run in runs) or sum(runs) != math.prod(mask["size"]):
-                    return f"a mask's run lengths do not cover its size {mask['size']}"
+    def masks_problem(masks: list) -> str | None:
+        """Each mask COCO RLE (uncompressed, or compressed), all of one size: the image's, where known."""
+        sizes = set()
+        for index, mask in enumerate(masks):
+            if not isinstance(mask, dict):
+                return f"mask {index}: not COCO RLE: {str(mask)[:100]}"
+            try:
+                rle = segmentation_of({"segmentation": mask}, f"mask {index}")
+                check_rle(rle, f"mask {index}")
             except ValueError as error:
-                return f"a mask's counts do not decode: {error}"
+                return str(error)
+            sizes.add(tuple(rle["size"]))
+        image = request.size or (min(sizes) if sizes else None)  # /upload_rle: the image's size not known here
+        if sizes - {image}:
+            return f"masks of sizes {sorted(sizes)}, not all the image's {list(image)}"
         return None
 
     try:
@@ -201,17 +206,19 @@ def answer_problem(request: Request, body: bytes) -> str | None:
     if request.path == "/upload_rle":
         if list(answer) != [f"mask_{index}" for index in range(len(answer))]:
             return f"not masks mask_0, mask_1, ...: {body[:100]!r}"
-        return masks_problem(answer.values())
+        return masks_problem(list(answer.values()))
     if request.path == "/embed":
         if not isinstance(answer.get("image_id"), str) or not is_size(answer.get("size")):
             return f"not an image id and size: {body[:100]!r}"
         return None
-    results = answer.get("results")
-    if not isinstance(results, list):
-        return f"not results, one per prompt set: {body[:100]!r}"
+    results, prompt_sets = answer.get("results"), len(json.loads(request.body)["prompts"])
+    if not isinstance(results, list) or len(results) != prompt_sets:
+        return f"not {prompt_sets} results, one per prompt set: {body[:100]!r}"
     for result in results:
         masks = result.get("masks") if isinstance(result, dict) else None
-        if not isinstance(masks, list) or not masks or len(result.get("iou_predictions") or []) != len(masks):
+        scores = result.get("iou_predictions") if isinstance(result, dict) else None
+        if not (isinstance(masks, list) and masks and isinstance(scores, list) and len(scores) == len(masks)
+                and all(type(score) in (int, float) for score in scores)):
             return f"a result is not masks with their predicted IoU: {str(result)[:100]}"
         if problem := masks_problem(masks):
             return problem

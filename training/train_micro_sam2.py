@@ -17,6 +17,7 @@ The recipe, what made it learn from scratch, and the held-out figures: docs/micr
 import argparse
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -438,11 +439,12 @@ def main() -> None:
 def serving_hint(output: Path) -> str:
     """How to serve a checkpoint written here: server.py takes a folder and finds the micro model
     in it by its official file name."""
-    filename = model_size("micro").filename
-    serve = f"python server.py {output.parent} micro"
+    filename, quoted = model_size("micro").filename, lambda path: shlex.quote(str(path))  # pasted into a shell
+    serve = f"python server.py {quoted(output.parent)} micro"
     if output.name == filename:
         return f"serve it: {serve}"
-    return f"serve it: the server finds it as {filename} in its folder: mv {output} {output.parent / filename}; {serve}"
+    return (f"serve it: the server finds it as {filename} in its folder: mv {quoted(output)} "
+            f"{quoted(output.parent / filename)}; {serve}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ if __name__ == "__main__":
     # timeout and kill. stop_on_signals takes over once the server listens.
     handle_stop_signals(exit_while_starting)
 
-from sam2serve.cpu import set_up_cpu_process
+from sam2serve.cpu import on_cpu, set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
     ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = get_mode(args.mode)
     # On a CPU an image's masks take seconds to minutes: clicks are decoded between their batches.
     worker = InferenceWorker(args.batch_size, args.max_queue, args.request_timeout,
-                             decodes_between_batches=args.device == "cpu")
+                             decodes_between_batches=on_cpu(args.device))
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
     cache = EmbeddingCache(int(args.embedding_cache_mb * 2**20))

@@ -124,11 +124,16 @@ def say_denormals_flushed() -> None:
     log.info("CPU floats: denormals flushed to zero")
 
 
+def on_cpu(device: str | torch.device) -> bool:
+    """Whether a device is the CPU ("cpu", "cpu:0", ...)."""
+    return torch.device(device).type == "cpu"
+
+
 def set_up_cpu_process(device: str | torch.device = "cpu", threads: int | None = None) -> None:
     """The settings, for this process, where it runs the model on a CPU (nothing for other
     devices): call before it starts threads. threads: torch's threads for parallel operations
     (None: as they are, one per core unless set before)."""
-    if torch.device(device).type != "cpu":
+    if not on_cpu(device):
         return
     keep_freed_memory()
     flush_denormals()
@@ -149,6 +154,6 @@ def has_bfloat16_instructions() -> bool:
 
 def warn_of_slow_half(device: str | torch.device, half_precision: bool, mode_name: str) -> None:
     """A warning, when a half-precision mode is loaded on a CPU without bfloat16 instructions."""
-    if half_precision and torch.device(device).type == "cpu" and not has_bfloat16_instructions():
+    if half_precision and on_cpu(device) and not has_bfloat16_instructions():
         log.warning("this CPU has no bfloat16 instructions (AVX-512 bf16 or AMX): %s runs in emulated bfloat16, "
                     "several times slower than ao here; serve ao instead", mode_name)

@@ -306,6 +306,29 @@ def test_numbers_below_a_range_checked_after_reading_are_refused_in_one_line(arg
     assert server.parse_args(["--port", "0", "--max-pixels", "1"]).max_pixels == 1  # the ends themselves are taken
 
 
+@pytest.mark.parametrize("device, between_batches",
+                         [("cpu", True), ("cpu:0", True), ("cuda", False), ("cuda:1", False)])
+def test_prompt_sets_are_decoded_between_an_images_batches_on_a_cpu_alone(monkeypatch, device, between_batches):
+    """server.py's worker decodes prompt sets between an image's batches on a CPU, however the
+    CPU is named (--device cpu:0 was taken for a GPU: a click waited for the whole image)."""
+    import server
+
+    class Built(Exception):
+        pass
+
+    def worker(*args, **options):
+        raise Built(options)
+
+    monkeypatch.setattr(server, "set_up_cpu_process", lambda device, threads: None)  # this process's settings
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: as if there were two
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(server, "InferenceWorker", worker)
+    monkeypatch.setattr(server, "set_up_logging", lambda: None)
+    with pytest.raises(Built) as built:
+        server.main(["--device", device])
+    assert built.value.args[0] == {"decodes_between_batches": between_batches}
+
+
 @pytest.fixture()
 def stop_handlers_restored():
     import server

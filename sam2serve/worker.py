@@ -398,14 +398,14 @@ class InferenceWorker:
         if job.timed_out or gone(job):  # went while the calls before it ran
             job.future.set_exception(Abandoned("the request went (its client or its timeout) before its turn"))
             return
-        started = time.perf_counter()
+        began = time.perf_counter()  # (not `started`: the function that marks a job running)
         answer, failure = None, None
         try:
             answer = job.call()
         except Exception as error:  # noqa: BLE001 - goes back to its request
             release_cached_memory(error, self.generator)
             failure = error
-        job.seconds = time.perf_counter() - started
+        job.seconds = time.perf_counter() - began
         if failure is not None:  # as images: a failure's time says nothing of the next call's
             job.future.set_exception(failure)
         else:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cpu import set_up_cpu_process, warn_of_slow_half
+from .cpu import on_cpu, set_up_cpu_process, warn_of_slow_half
 from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import (
@@ -83,7 +83,7 @@ def compiles(mode: Mode, device: str | torch.device, compile_mode: str | None = 
     kernels lose to ao's eager ones, which skip prompts and size their steps for the cache
     (docs/performance.md), so there a fast mode runs those, in its precision, and says so in
     /health."""
-    return mode.compiled and (torch.device(device).type != "cpu" or bool(compile_mode or save_fast or load_fast))
+    return mode.compiled and (not on_cpu(device) or bool(compile_mode or save_fast or load_fast))
 
 
 def mode_config(mode: Mode, device: str, compiled: bool | None = None, **options) -> AMGConfig:
@@ -95,7 +95,7 @@ def mode_config(mode: Mode, device: str, compiled: bool | None = None, **options
         compiled = compiles(mode, device)
     if not compiled:
         points = MODES["ao"].points_per_batch
-    elif torch.device(device).type == "cpu":
+    elif on_cpu(device):
         points = CPU_COMPILED_POINTS
     else:
         points = gpu_points_per_batch(mode, torch.cuda.get_device_properties(device).total_memory / 2**20)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from .cpu import mallinfo2
+from .cpu import mallinfo2, on_cpu
 
 
 def synchronize(device: str) -> None:
@@ -83,7 +83,7 @@ def core_wait_pct(waited_seconds: float, wall_seconds: float, device: str = "cpu
     """Seconds waited for a core (core_wait_seconds_since) over wall_seconds, as a share of the
     time of the model's threads, in percent: on a CPU torch's threads; on a GPU the one thread
     that sends it work (divided by torch's CPU threads, a GPU row's wait read a tenth of itself)."""
-    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    threads = torch.get_num_threads() if on_cpu(device) else 1
     return 100 * max(0.0, waited_seconds) / (wall_seconds * threads) if wall_seconds > 0 else 0.0
 
 

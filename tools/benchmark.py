@@ -51,7 +51,7 @@ from sam2serve.cli import (
     set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
-from sam2serve.cpu import set_up_cpu_process
+from sam2serve.cpu import on_cpu, set_up_cpu_process
 from sam2serve.fast import PackageMismatch, default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
@@ -162,7 +162,7 @@ def fast_kernels_description(args: argparse.Namespace) -> str:
         return f"kernels loaded from {args.load_fast}/<mode>"
     if args.save_fast:
         return f"kernels exported to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
-    if torch.device(args.device).type == "cpu" and not args.compile_mode:
+    if on_cpu(args.device) and not args.compile_mode:
         return "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
     return f"torch.compile mode {args.compile_mode or default_compile_mode(args.device)}"
 

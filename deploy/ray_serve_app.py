@@ -32,7 +32,6 @@ import io
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -52,7 +51,8 @@ from sam2serve.amg import AMGConfig
 from sam2serve.checkpoints import model_size, require_checkpoint_pair
 from sam2serve.cli import AMG_OPTIONS, compile_modes, device_problem, option_value
 from sam2serve.modes import DEFAULT_MODE, get_mode, load_pipeline, prompt_segmenter
-from sam2serve.worker import TRIM_AFTER_IDLE_S, Abandoned, generate_each, give_back_freed_memory
+from sam2serve.cpu import on_cpu
+from sam2serve.worker import TRIM_AFTER_IDLE_S, Abandoned, BetweenBatches, ModelThread, generate_each, give_back_freed_memory
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
@@ -94,13 +94,17 @@ class SegmentEverything:
     The model is loaded and run on one thread of its own, as server.py runs it on the thread that
     loaded it (sam2serve/worker.py says why: on a CPU, torch's thread pool belongs to the thread
     that starts parallel work); that thread also runs one model call at a time, off the event
-    loop, so requests keep arriving (and batching) while the model runs."""
+    loop, so requests keep arriving (and batching) while the model runs. As in server.py, calls
+    that are not segment-everything (/embed, /segment) go ahead of the images queued on that thread
+    before them (worker.ModelThread; @serve.batch hands it one batch at a time, ?format=coco's
+    images one by one), and on a CPU prompt sets are decoded between the batches of point prompts
+    of the images being made: a click waits for one batch of points."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
                  embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES,
                  connection_timeout_s: float = ConnectionLimits.timeout_s) -> None:
         self.connection_timeout_s = connection_timeout_s  # a body that stops arriving this long: 408
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.model_thread = ModelThread("model")
         self.model_calls, self.idle_trim = 0, None  # calls under way or waiting; the trim once idle
         self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
         self.limits = Limits()
@@ -113,6 +117,7 @@ class SegmentEverything:
         self.waiting = 0  # image requests waiting for their masks, GET /health's "queued"
         info = self.pipeline.info  # GET /health's, in server.py's order
         self.info = {"mode": info["mode"], "device": info["device"], "batch_size": batch_size, "amg": info["amg"], **info}
+        self.decodes_between_batches = on_cpu(info["device"])  # as server.py's worker (sam2serve/worker.py)
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def segment(self, requests: list["ImageRequest"]) -> list:
@@ -127,8 +132,8 @@ class SegmentEverything:
         answers = {}
         for settings, group in groups.items():
             answers.update(zip(map(id, group), await self.on_model_thread(
-                generate_each, self.pipeline.generator, [r.image for r in group], False,
-                lambda group=group: all(r.cancelled for r in group), dict(settings))))  # this group's, bound now
+                self.make_masks, [r.image for r in group], False,
+                lambda group=group: all(r.cancelled for r in group), dict(settings), kind="image")))  # bound now
         return [answers[id(r)] for r in requests]
 
     async def masks(self, image, annotate: bool = False, settings: dict[str, float] | None = None) -> list:
@@ -139,8 +144,8 @@ class SegmentEverything:
         request = ImageRequest(image, tuple(sorted((settings or {}).items())))
         try:
             if annotate:
-                [answer] = await self.on_model_thread(generate_each, self.pipeline.generator, [image], True,
-                                                      lambda: request.cancelled, settings)
+                [answer] = await self.on_model_thread(self.make_masks, [image], True, lambda: request.cancelled,
+                                                      settings, kind="image")
             else:
                 answer = await self.segment(request)
         except asyncio.CancelledError:
@@ -152,16 +157,25 @@ class SegmentEverything:
             raise answer
         return answer
 
-    async def on_model_thread(self, function, *arguments):
-        """The call on the model's thread; once that thread is idle TRIM_AFTER_IDLE_S after it,
-        the freed memory it leaves is given back as server.py's worker gives it back (a burst of
-        large images held it for good). Idle from the end of the thread's work: a call whose
-        request was cancelled runs on (its masks stop at their next batch of points)."""
+    def make_masks(self, images: list, annotate: bool, nobody_waits, settings: dict[str, float] | None) -> list:
+        """generate_each, on the model's thread: stopped once nobody_waits(), and on a CPU with the
+        prompt sets queued meanwhile decoded between its batches of point prompts."""
+        decode_waiting = self.model_thread.run_waiting_decodes if self.decodes_between_batches else None
+        return generate_each(self.pipeline.generator, images, annotate, BetweenBatches(nobody_waits, decode_waiting),
+                             settings)
+
+    async def on_model_thread(self, function, *arguments, kind: str = "call"):
+        """The call on the model's thread, in its turn for its kind (worker.ModelThread: "image"
+        for segment-everything, "decode" for prompt sets, "encode" for an image's encoding); once
+        that thread is idle TRIM_AFTER_IDLE_S after it, the freed memory it leaves is given back as
+        server.py's worker gives it back (a burst of large images held it for good). Idle from the
+        end of the thread's work: a call whose request was cancelled runs on (its masks stop at
+        their next batch of points)."""
         loop = asyncio.get_running_loop()
         if self.idle_trim is not None:
             self.idle_trim.cancel()
         self.model_calls += 1
-        work = self.model_thread.submit(function, *arguments)
+        work = self.model_thread.submit_as(kind, function, *arguments)
         work.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self.model_call_ended, loop))
         return await asyncio.wrap_future(work, loop=loop)
 
@@ -246,7 +260,8 @@ class SegmentEverything:
         if path == "/embed":
             require_cache_room(self.cache)
             image = await self.uploaded_image(request)
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
+                                                             kind="encode")
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
             image_id, embedding, prompts, mask_inputs = cached_image_prompts(await request.body(), self.cache,
@@ -258,9 +273,10 @@ class SegmentEverything:
                                    [name for name, value in form.multi_items() if hasattr(value, "read")])
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
             prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here)
+            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
+                                                             kind="encode")
         return await self.on_model_thread(
-            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here)
+            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here, kind="decode")
 
 
 @dataclass

@@ -47,13 +47,14 @@ on its main thread (`serve`), the thread that did the model's first parallel wor
 threads do none; `start` (a thread of its own) is for tests and embedders.
 """
 
+import functools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -142,12 +143,12 @@ class Job:
 
 
 class JobQueue(queue.Queue):
-    """queue.Queue (bounded, FIFO), except that the first call queued (a job with `call`) is taken
-    ahead of the images queued before it, unless the first of those has let
+    """queue.Queue (bounded, FIFO), except that the first call queued (a job that is not an image)
+    is taken ahead of the images queued before it, unless the first of those has let
     CALLS_AHEAD_OF_AN_IMAGE calls pass already. (queue.Queue calls _get under its own lock.)"""
 
     def _get(self) -> Job:
-        first_call = next((index for index, job in enumerate(self.queue) if job.call is not None), 0)
+        first_call = next((index for index, job in enumerate(self.queue) if job.kind != "image"), 0)
         if first_call == 0 or self.queue[0].calls_ahead >= CALLS_AHEAD_OF_AN_IMAGE:
             return self.queue.popleft()
         for index in range(first_call):  # images, the first of them the oldest, which has let the most pass
@@ -161,11 +162,100 @@ class JobQueue(queue.Queue):
         the images queued could not start before anyway (it counts against none of them)."""
         with self.mutex:
             for index, job in enumerate(self.queue):
-                if job.call is not None and job.kind == kind:
+                if job.kind == kind:
                     del self.queue[index]
                     self.not_full.notify()  # as get(): a place for a request that waits for one
                     return job
             return None
+
+    def run_waiting(self, kind: str, budget_s: float, run: Callable[[Job], float]) -> float:
+        """Runs the calls of this kind queued now (not those queued meanwhile), each by run (which
+        gives the seconds it took), until they have taken budget_s; the seconds they took."""
+        seconds = 0.0
+        for _ in range(self.qsize()):
+            job = self.take_call(kind) if seconds < budget_s else None
+            if job is None:
+                break
+            seconds += run(job)
+        return seconds
+
+
+class BetweenBatches:
+    """The generator's should_stop while images' masks are made (generate_each's stop): first, where
+    given decode_waiting(budget_s) (which runs the prompt sets queued and gives the seconds they
+    took), prompt sets are decoded, for no longer in all than the images' own work so far (clicks
+    make an image's masks twice as slow at most); then whether nobody waits for the images any
+    more. Made where the images start, on the model's thread: `began` is their start."""
+
+    def __init__(self, nobody_waits: Callable[[], bool],
+                 decode_waiting: Callable[[float], float] | None = None) -> None:
+        self.nobody_waits = nobody_waits
+        self.decode_waiting = decode_waiting
+        self.began = time.perf_counter()
+        self.decoding_s = 0.0  # of the prompt sets decoded between batches (not the images' time)
+
+    def __call__(self) -> bool:
+        if self.decode_waiting is not None:
+            self.decoding_s += self.decode_waiting(time.perf_counter() - self.began - 2 * self.decoding_s)
+        return self.nobody_waits()
+
+
+class ModelThread(Executor):
+    """An executor of one thread for a model's calls, which runs them in JobQueue's order: calls
+    that are not segment-everything (encodings, prompt sets) go ahead of the images queued before
+    them. A Ray Serve replica's model thread (server.py's InferenceWorker queues, times and batches
+    jobs of its own). submit_as(kind, ...) queues a call of a kind: "image" for segment-everything,
+    "decode" for prompt sets, which run_waiting_decodes runs between an image's batches of point
+    prompts (BetweenBatches); submit's calls are of the kind "call". Unbounded: its caller bounds
+    the requests it holds."""
+
+    def __init__(self, name: str = "model") -> None:
+        self.jobs = JobQueue()
+        self._shut_down = False
+        self._thread = threading.Thread(target=self._run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, function: Callable, /, *arguments, **keywords) -> Future:
+        return self.submit_as("call", function, *arguments, **keywords)
+
+    def submit_as(self, kind: str, function: Callable, /, *arguments, **keywords) -> Future:
+        if self._shut_down:
+            raise RuntimeError("cannot queue a call after shutdown")
+        job = Job(kind=kind, call=functools.partial(function, *arguments, **keywords))
+        self.jobs.put(job)
+        return job.future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Runs what is queued, then ends the thread (an image without a call marks the end: every
+        call queued before it runs first, as every image queued before it)."""
+        if not self._shut_down:
+            self._shut_down = True
+            self.jobs.put(Job())
+        if wait:
+            self._thread.join()
+
+    def run_waiting_decodes(self, budget_s: float) -> float:
+        """On the model's thread: the prompt sets queued ("decode"), run until they have taken
+        budget_s (JobQueue.run_waiting); the seconds they took."""
+        return self.jobs.run_waiting("decode", budget_s, self._run)
+
+    def _run_forever(self) -> None:
+        while (job := self.jobs.get()).call is not None:
+            self._run(job)
+
+    @staticmethod
+    def _run(job: Job) -> float:
+        """The job run, unless its future was cancelled while it was queued; the seconds it took."""
+        if not job.future.set_running_or_notify_cancel():
+            return 0.0
+        began = time.perf_counter()
+        try:
+            answer = job.call()
+        except BaseException as error:  # noqa: BLE001 - goes back to its caller, as an executor's
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(answer)
+        return time.perf_counter() - began
 
 
 class InferenceWorker:
@@ -415,28 +505,18 @@ class InferenceWorker:
     def _decode_waiting(self, budget_s: float) -> float:
         """Runs the prompt sets queued now (not those queued meanwhile), until they have taken
         budget_s; the seconds they took."""
-        seconds = 0.0
-        for _ in range(self.jobs.qsize()):
-            job = self.jobs.take_call("decode") if seconds < budget_s else None
-            if job is None:
-                break
-            if started(job):
-                self._run_call(job)
-                seconds += job.seconds
-        return seconds
+        return self.jobs.run_waiting("decode", budget_s, self._run_started_call)
+
+    def _run_started_call(self, job: Job) -> float:
+        """A call taken out of the queue run, unless its request has gone; the seconds it took."""
+        if not started(job):
+            return 0.0
+        self._run_call(job)
+        return job.seconds
 
     def _run_images(self, batch: list[Job], annotate: bool, settings: dict[str, float]) -> None:
-        started_at, decoding_s = time.perf_counter(), 0.0
-
-        def between_batches() -> bool:
-            """The generator's should_stop: prompt sets decoded first where asked, for no longer in
-            all than the images' own work so far (clicks make an image's masks twice as slow at
-            most), then whether every request of the batch has gone."""
-            nonlocal decoding_s
-            if self.decodes_between_batches:
-                decoding_s += self._decode_waiting(time.perf_counter() - started_at - 2 * decoding_s)
-            return all(job.timed_out or gone(job) for job in batch)
-
+        between_batches = BetweenBatches(lambda: all(job.timed_out or gone(job) for job in batch),
+                                         self._decode_waiting if self.decodes_between_batches else None)
         answers = generate_each(self.generator, [job.image for job in batch], annotate, stop=between_batches,
                                 settings=settings)
         if any(isinstance(answer, Interrupted) for answer in answers):
@@ -444,7 +524,8 @@ class InferenceWorker:
             answers = [Abandoned("the request went (its client or its timeout) while its masks were being made")
                        for _ in batch]
         masks = [len(answer) for answer in answers if not isinstance(answer, Exception)]
-        share = (time.perf_counter() - started_at - decoding_s) / len(batch)  # the prompt sets' time is theirs
+        # the prompt sets' time is theirs
+        share = (time.perf_counter() - between_batches.began - between_batches.decoding_s) / len(batch)
         for job in batch:
             job.seconds = share
         if masks:

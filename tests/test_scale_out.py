@@ -750,7 +750,8 @@ def bare_replica(**attributes):
 
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)
-    vars(replica).update({"model_calls": 0, "idle_trim": None, "waiting": 0, **attributes})  # on_model_thread's
+    vars(replica).update({"model_calls": 0, "idle_trim": None, "waiting": 0, "decodes_between_batches": False,
+                          **attributes})  # on_model_thread's and make_masks'
     return replica
 
 
@@ -910,13 +911,13 @@ def test_a_ray_serve_batch_that_fails_runs_again_image_by_image(monkeypatch):
     """As server.py's worker does: a batch that fails (a bad image, a GPU out of memory) fails
     only the requests whose image fails alone."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
     from deploy.ray_serve_app import ImageRequest
 
     # Called bare: its batching needs a running Ray Serve.
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1),
+    replica = bare_replica(model_thread=ModelThread(),
                            pipeline=load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4}))
     generate_batch = replica.pipeline.generator.generate_batch
 
@@ -937,7 +938,7 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
     the masks of their settings, as in server.py, in one call of the model per settings; the
     others the replica's."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
     from deploy import ray_serve_app
@@ -953,7 +954,7 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
     monkeypatch.setattr(ray_serve_app, "generate_each", generate_each)
 
     # Called bare: its batching needs a running Ray Serve.
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1),
+    replica = bare_replica(model_thread=ModelThread(),
                            pipeline=load_pipeline(None, None, "ao", device="cpu", amg={"points_per_side": 4}))
     image = make_scene(64, 80, seed=5)
     loose = {"box_nms_thresh": 1.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -969,8 +970,9 @@ def test_a_ray_serve_batch_runs_each_request_under_its_own_settings(monkeypatch)
 def test_a_ray_serve_batch_stops_only_once_every_request_of_it_is_cancelled(monkeypatch):
     """One client of a batch leaving does not stop the masks the others wait for."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
+
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
     from deploy import ray_serve_app
@@ -978,7 +980,7 @@ def test_a_ray_serve_batch_stops_only_once_every_request_of_it_is_cancelled(monk
 
     monkeypatch.setattr(ray_serve_app, "generate_each", lambda generator, images, annotate, stop, settings:
                         [stop() for _ in images])
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=None))
+    replica = bare_replica(model_thread=ModelThread(), pipeline=SimpleNamespace(generator=None))
     image = np.zeros((8, 8, 3), np.uint8)
     try:
         for cancelled, stopped in [((True, False), False), ((True, True), True)]:
@@ -994,8 +996,9 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
     model-thread call from the thread's queue, before the model runs them."""
     import asyncio
     import threading
-    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
+
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
 
@@ -1007,7 +1010,7 @@ def test_a_ray_serve_request_whose_client_left_is_not_run(bare_ray_batching):
             gate.wait(timeout=10)
             return [[] for _ in images]
 
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=Generator()), waiting=0)
+    replica = bare_replica(model_thread=ModelThread(), pipeline=SimpleNamespace(generator=Generator()), waiting=0)
     replica.segment.set_max_batch_size(1)
     replica.segment.set_batch_wait_timeout_s(0)
 
@@ -1036,8 +1039,9 @@ def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_
     """As server.py: once its client disconnects (Ray cancels the request), segment-everything
     under way stops before its next batch of point prompts, and the next request is served."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
+
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
 
@@ -1045,7 +1049,7 @@ def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_
 
     stub = StoppableStub()
     stub.gate.clear()
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1), pipeline=SimpleNamespace(generator=stub), waiting=0)
+    replica = bare_replica(model_thread=ModelThread(), pipeline=SimpleNamespace(generator=stub), waiting=0)
     replica.segment.set_max_batch_size(1)
     replica.segment.set_batch_wait_timeout_s(0)
 
@@ -1064,6 +1068,47 @@ def test_a_ray_serve_request_cancelled_while_its_masks_are_made_stops_them(bare_
     answer = asyncio.run(asyncio.wait_for(clients(), timeout=30))
     replica.model_thread.shutdown()
     assert stub.stopped == [[1], [2]] and stub.batches == [[3]] and answer == [{"size": [8, 8], "counts": [3, 1]}]
+
+
+@pytest.mark.parametrize("between_batches", [True, False])
+def test_a_ray_serve_replicas_clicks_go_ahead_of_its_images(bare_ray_batching, between_batches):
+    """As server.py's worker: a /segment's prompt sets go ahead of the images queued on the model's
+    thread before them (?format=coco's records; @serve.batch hands it one batch at a time), and on
+    a CPU are decoded between the batches of point prompts of the images being made."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sam2serve.worker import ModelThread
+
+    pytest.importorskip("ray")
+
+    from .test_worker import StoppableStub
+
+    stub = StoppableStub()  # asks should_stop every 10 ms while its gate is closed, as between batches
+    stub.gate.clear()
+    replica = bare_replica(model_thread=ModelThread(), pipeline=SimpleNamespace(generator=stub),
+                           decodes_between_batches=between_batches)
+    replica.segment.set_max_batch_size(1)
+    replica.segment.set_batch_wait_timeout_s(0)
+
+    async def clients():
+        image = lambda value: np.full((8, 8, 3), value, np.uint8)  # noqa: E731
+        masks = asyncio.create_task(replica.masks(image(1)))
+        while not stub.running.is_set():
+            await asyncio.sleep(0.01)
+        records = asyncio.create_task(replica.masks(image(2), annotate=True))
+        await asyncio.sleep(0.1)  # queued on the model's thread
+        click = asyncio.create_task(replica.on_model_thread(lambda: [*stub.batches], kind="decode"))
+        await asyncio.wait([click], timeout=2)
+        answered_while_held = click.done()
+        stub.gate.set()
+        return answered_while_held, await click, await masks, await records
+
+    held, seen, masks, records = asyncio.run(asyncio.wait_for(clients(), timeout=30))
+    replica.model_thread.shutdown()
+    assert held == between_batches
+    assert seen == ([] if between_batches else [[1]])  # before image 1's end, or before image 2's records
+    assert stub.batches == [[1], [-2]] and masks == [{"size": [8, 8], "counts": [1, 1]}] and len(records) == 1
 
 
 def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):
@@ -1085,6 +1130,7 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
     stats = replica.cache.stats()
     replica.model_thread.shutdown()
     assert (stats.hits, stats.misses, stats.entries, stats.spares) == (1, 0, 1, 0)
+    assert replica.decodes_between_batches  # on a CPU, as server.py's worker
 
 
 def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkeypatch):
@@ -1095,7 +1141,7 @@ def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkey
     cancellation, the trim ran as the call ended, ahead of the next request)."""
     import asyncio
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from sam2serve.worker import ModelThread
 
     pytest.importorskip("ray")
     from sam2serve import worker as worker_module
@@ -1104,7 +1150,7 @@ def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkey
     monkeypatch.setattr("deploy.ray_serve_app.TRIM_AFTER_IDLE_S", 0.5)
     monkeypatch.setattr(worker_module, "return_freed_memory", lambda above: threading.current_thread().name.startswith(
         "idle-trim-test") and asked.append(above) or 0)
-    replica = bare_replica(model_thread=ThreadPoolExecutor(1, thread_name_prefix="idle-trim-test"))
+    replica = bare_replica(model_thread=ModelThread("idle-trim-test"))
 
     async def work():
         await asyncio.gather(replica.on_model_thread(time.sleep, 0.7), replica.on_model_thread(time.sleep, 0.1))

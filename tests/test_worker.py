@@ -22,7 +22,7 @@ from sam2serve.amg import AMGConfig, Interrupted, stop_if_asked
 from sam2serve.preprocess import InvalidImage
 from sam2serve.protocol import Limits, file_as_upload, rle_lines
 from sam2serve.serving import create_app
-from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, NotReady, Stopping, TimedOut, gone
+from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, ModelThread, NotReady, Stopping, TimedOut, gone
 
 POISON = 13  # a stub fails on images whose first pixel is this value
 
@@ -537,19 +537,27 @@ def waits_for_a_place(call, stub, threads) -> object:
 def queue_in_order(worker, stub, entries, seconds: float = 0.0) -> tuple[dict, list]:
     """Queues each entry from a thread of its own, one after another: an int is an image of that
     value, a str a call that records its name in stub.batches (of kind "encode" where the name
-    starts so, else "decode"; taking `seconds`). ({entry: answer}, threads)."""
-    answers, threads = {}, []
+    starts so, else "decode"; taking `seconds`). Each is queued before the next is sent, or has
+    started (a prompt set decoded between an image's batches may leave the queue at once).
+    ({entry: answer}, threads)."""
+    answers, threads, started = {}, [], set()
     for entry in entries:
         if isinstance(entry, int):
             more, more_threads = submit_in_threads(worker, [entry], answers=answers)
             threads += more_threads
         else:
+            def call(name=entry):
+                started.add(name)
+                time.sleep(seconds)
+                stub.batches.append([name])
+                return name
+
             def request(name=entry):
-                answers[name] = worker.call(lambda: time.sleep(seconds) or stub.batches.append([name]) or name,
+                answers[name] = worker.call(lambda: call(name),
                                             kind="encode" if name.startswith("encode") else "decode")
             threads.append(threading.Thread(target=request, daemon=True))
             threads[-1].start()
-        wait_for(lambda: worker.queue_depth == len(threads))
+        wait_for(lambda: worker.queue_depth + len(started) == len(threads))
     return answers, threads
 
 
@@ -670,6 +678,26 @@ def test_an_image_lets_a_bounded_number_of_calls_pass(monkeypatch):
     # 2 lets a and b pass; then 3, passed by b alone so far, lets c pass too.
     assert stub.batches == [[1], ["a"], ["b"], [2], ["c"], [3], ["d"], ["e"]]
     assert len(answers) == 7
+
+
+def test_a_model_thread_runs_calls_ahead_of_the_images_queued_before_them():
+    """worker.ModelThread (a Ray Serve replica's) takes its jobs in InferenceWorker's order: calls
+    ahead of the images queued before them. As an executor's: a call cancelled while queued is not
+    run, a call's error goes to its caller, shutdown runs what was queued and refuses more."""
+    model_thread, gate, ran = ModelThread("model-thread-test"), threading.Event(), []
+    held = model_thread.submit_as("image", gate.wait, 10)
+    wait_for(lambda: model_thread.jobs.empty())  # the first image runs, held
+    queued = [model_thread.submit_as("image", ran.append, 2), model_thread.submit(ran.append, "call"),
+              model_thread.submit_as("decode", ran.append, "decode"), model_thread.submit_as("image", ran.append, 3)]
+    cancelled, failing = model_thread.submit(ran.append, "cancelled"), model_thread.submit(divmod, 1, 0)
+    assert cancelled.cancel()
+    gate.set()
+    model_thread.shutdown()
+    assert ran == ["call", "decode", 2, 3] and held.result() is True and all(f.result() is None for f in queued)
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        model_thread.submit(ran.append, 4)
 
 
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():

@@ -790,6 +790,18 @@ def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
         assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
     wrong = client.post("/upload?format=coco", data={"image": (io.BytesIO(data), "a.png")})
     assert wrong.status_code == 400 and "format" in wrong.get_json()["error"]
+    # README's recipe: with an image, a category and a score, and without their box (pycocotools would
+    # take its area for the mask's), the records load as pycocotools' mask results.
+    from pycocotools.coco import COCO
+
+    dataset = COCO()
+    dataset.dataset = {"images": [{"id": 1, "height": 120, "width": 160}], "annotations": [],
+                       "categories": [{"id": 1, "name": "object"}]}
+    dataset.createIndex()
+    results = dataset.loadRes([{key: value for key, value in record.items() if key != "bbox"}
+                               | {"image_id": 1, "category_id": 1, "score": record["predicted_iou"]} for record in coco])
+    assert [(annotation["area"], annotation["bbox"].tolist())
+            for annotation in results.loadAnns(results.getAnnIds())] == [(record["area"], record["bbox"]) for record in coco]
 
 
 def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):

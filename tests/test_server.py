@@ -615,7 +615,8 @@ def test_load_test_fails_a_server_that_answers_the_same_wrong_thing_every_time()
     try:
         for post, message in [(b"<html>not this service</html>", "not JSON"), (b"{}", None),
                               (b"[]", "not a JSON object"),
-                              (b'{"mask_0": {"size": [40, 30], "counts": "0"}}', "not 40 x 30")]:
+                              (b'{"mask_0": {"size": [40, 30], "counts": "0"}}', "not 40 x 30"),
+                              (b'{"mask_0": {"size": [20, 20], "counts": [400]}}', "not all the image's [30, 40]")]:
             answers["post"] = post
             if message is None:  # an image without masks: the test goes on (and passes)
                 assert run_load_test(url, {"a.png": image.getvalue()}, clients=1, per_client=1).ok

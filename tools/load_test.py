@@ -7,7 +7,7 @@
 The requests: each image to /upload_rle, and with --interactive also to /embed, and its prompts
 (a point at the centre; a box around the middle) to /segment. First GET /health must answer
 "ok", then every request is sent once, alone: that answer, checked to be of this service's form
-(masks as COCO RLE, an image id and size, results with masks), is the reference. Then C clients
+(masks as COCO RLE of the image's size, an image id and size, results with masks), is the reference. Then C clients
 send M requests each at the same time (the clients take turns through the list, each in an order
 of its own), and every answer must equal the reference for its request, byte for byte: nothing
 lost, duplicated or swapped between clients. A 503 (queue full) is retried after its Retry-After
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from sam2serve.cli import ScriptParser, error_text, positive_int, seconds
 from sam2serve.compare import check_rle, segmentation_of
+from sam2serve.preprocess import FILE_MAX_PIXELS, ImageTooLarge, InvalidImage, decode_image
 
 MAX_REQUESTS = 10_000
 MAX_EMBEDS_AGAIN = 5  # per request: an id evicted again and again (a cache of room for one image, many clients)
@@ -150,14 +151,23 @@ class Request:
     body: bytes
     content_type: str
     embed: "Request | None" = None  # a /segment by id: its image's /embed, sent again if the id was evicted
-    size: tuple[int, int] | None = None  # a /segment's image's (h, w), as /embed answered it
+    size: tuple[int, int] | None = None  # its image's (h, w): /upload_rle's decoded here, /segment's as /embed answered
+
+
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """An image's (h, w) as the server decodes it (its orientation applied), which its masks must
+    have; None for a file it cannot decode (the server's answer says why)."""
+    try:
+        return decode_image(data, FILE_MAX_PIXELS).shape[:2]
+    except (InvalidImage, ImageTooLarge):
+        return None
 
 
 def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_s: float) -> list[Request]:
     """The test's requests; with `interactive`, each image is embedded here once for its id."""
     requests = []
     for name in sorted(images):
-        requests.append(Request(name, "/upload_rle", *image_form(images[name], name)))
+        requests.append(Request(name, "/upload_rle", *image_form(images[name], name), size=upright_size(images[name])))
         if not interactive:
             continue
         embed = Request(f"{name} /embed", "/embed", *image_form(images[name], name))
@@ -192,7 +202,7 @@ def answer_problem(request: Request, body: bytes) -> str | None:
             except ValueError as error:
                 return str(error)
             sizes.add(tuple(rle["size"]))
-        image = request.size or (min(sizes) if sizes else None)  # /upload_rle: the image's size not known here
+        image = request.size or (min(sizes) if sizes else None)  # (a file the test could not decode: one size)
         if sizes - {image}:
             return f"masks of sizes {sorted(sizes)}, not all the image's {list(image)}"
         return None

@@ -45,6 +45,10 @@ wake its pool (3 us on the first), and a request of the micro model took 1.5 s i
 (docs/performance.md, "One thread for the model"). So server.py loads the model and then serves
 on its main thread (`serve`), the thread that did the model's first parallel work, and the HTTP
 threads do none; `start` (a thread of its own) is for tests and embedders.
+
+A Ray Serve replica, whose requests Ray queues and batches, runs its model's calls on a
+`ModelThread`: the same order (calls ahead of the images queued before them, `JobQueue`) and,
+on a CPU, the same prompt sets decoded between batches of point prompts (`BetweenBatches`).
 """
 
 import functools

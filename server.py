@@ -65,7 +65,7 @@ from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.preprocess import PILLOW_MAX_PIXELS
-from sam2serve.protocol import EMBEDDING_CACHE_BYTES, Limits, share_encodings
+from sam2serve.protocol import EMBEDDING_CACHE_BYTES, Limits, share_encodings, web_origin
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve.wsgi import ConnectionLimits, create_http_server, finish_answers, listening_urls
@@ -79,6 +79,13 @@ SAME_STOP_WITHIN_S = 1.0  # a second signal this soon after the first is the sam
 # smallest limit taken.
 upload_megabytes = number_type(float, "a number of MiB", lambda value: 0.01 <= value < math.inf,
                                "a finite number, at least 0.01 (10 KiB)")
+
+
+def cors_origin(text: str) -> str:
+    try:
+        return web_origin(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,9 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="seconds after which an idle or stalled connection is closed")
     add_option(parser, "access_log", action="store_true",
                help="log one line per request: client, method, path, status, milliseconds, bytes answered")
+    add_option(parser, "cors_origin", type=cors_origin, action="append", metavar="ORIGIN",
+               help="let web pages of this origin (scheme://host[:port], or * for any) read the answers, for a "
+                    "labelling tool served elsewhere (CORS); repeat it for several")
     args = parser.parse_args(argv)
 
     check_checkpoint_arguments(parser, args)
+    args.cors_origin = args.cors_origin or []  # (a default of [] would be shown by --help)
     args.mode = args.mode or DEFAULT_MODE
     if args.furious:
         if args.mode not in ("fast", "fast_furious"):
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"mode": mode.name, "device": args.device, "batch_size": args.batch_size, "amg": asdict(args.amg)}
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels)
     cache = EmbeddingCache(int(args.embedding_cache_mb * 2**20))
-    app = create_app(worker, limits, info, cache, args.access_log)
+    app = create_app(worker, limits, info, cache, args.access_log, tuple(args.cors_origin))
 
     # Listen first, so that /health tells load balancers and scripts the model is loading.
     # Threads for the app: every request the worker admits (max_queue + batch_size in progress,

@@ -19,7 +19,8 @@ request 1.0 s instead of 1.5),
 embedding_cache_mb (1024, per replica: an image_id is known to the replica that embedded it;
 with several replicas send /segment as one multipart request with the image), connection_timeout
 (60: seconds a request's body may stop arriving, or trickle in below 500 bytes/s after them,
-before its 408, as server.py's),
+before its 408, as server.py's), cors_origin (none: the origins, comma-separated, or *, whose web
+pages may read the answers, as server.py's --cors-origin),
 and server.py's mask-generation options with underscores (points_per_side=16, ...).
 
 Autoscaling ("replicas=auto"): Ray Serve adds replicas, one GPU each, while replicas hold more
@@ -58,7 +59,7 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
     content_type_parts, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
-    form_prompts, is_json, json_text, require_small_urlencoded,
+    cross_origin_headers, form_prompts, is_json, json_text, require_small_urlencoded, web_origin,
     render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
     require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
 )
@@ -70,6 +71,7 @@ WEB_FILES = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "tex
              "/static/style.css": ("style.css", "text/css")}
 ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           **{path: "GET" for path in WEB_FILES}}
+ALLOWED = {"POST": "POST, OPTIONS", "GET": "GET, OPTIONS"}  # OPTIONS's Allow header, by a route's method
 
 
 def json_error(error: Exception) -> Response:
@@ -102,8 +104,9 @@ class SegmentEverything:
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
                  embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES,
-                 connection_timeout_s: float = ConnectionLimits.timeout_s) -> None:
+                 connection_timeout_s: float = ConnectionLimits.timeout_s, cors_origins: tuple[str, ...] = ()) -> None:
         self.connection_timeout_s = connection_timeout_s  # a body that stops arriving this long: 408
+        self.cors_origins = cors_origins  # whose web pages may read the answers (as server.py's --cors-origin)
         self.model_thread = ModelThread("model")
         self.model_calls, self.idle_trim = 0, None  # calls under way or waiting; the trim once idle
         self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
@@ -191,6 +194,9 @@ class SegmentEverything:
     async def __call__(self, request: Request) -> Response:
         response = await self.answer(request)
         response.headers.update(ANSWER_HEADERS)
+        response.headers.update(cross_origin_headers(
+            request.headers.get("origin"), self.cors_origins,
+            preflight=request.method == "OPTIONS" and "access-control-request-method" in request.headers))
         return response
 
     async def answer(self, request: Request) -> Response:
@@ -212,6 +218,8 @@ class SegmentEverything:
         if path not in ROUTES and not page_again:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
+        if request.method == "OPTIONS" and not page_again:  # as Flask answers it (a CORS preflight too)
+            return Response(status_code=200, headers={"Allow": ALLOWED[ROUTES[path]]}, media_type="text/html")
         if request.method != ROUTES.get(path, "GET"):
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
                             media_type="application/json", headers={"Allow": ROUTES.get(path, "GET")})
@@ -428,6 +436,7 @@ def build(args: dict[str, str]) -> serve.Application:
     cpus = number("cpus", float, 1, above=True)
     cache_bytes = int(number("embedding_cache_mb", float, EMBEDDING_CACHE_BYTES / 2**20) * 2**20)
     connection_timeout_s = number("connection_timeout", float, ConnectionLimits.timeout_s, above=True)
+    cors_origins = tuple(web_origin(origin) for origin in args.pop("cors_origin", "").split(",") if origin)
     amg = {name: option_value(name, args.pop(name)) for name in AMG_OPTIONS if name in args}
     AMGConfig(**amg)  # its own checks (points_per_side >= 1, ...)
     options = dict(
@@ -464,5 +473,5 @@ def build(args: dict[str, str]) -> serve.Application:
         ray_actor_options={"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": cpus},
         max_ongoing_requests=max(MAX_ONGOING_REQUESTS, batch_size), **scaling
     )
-    return deployment.bind(options, batch_size, batch_wait_s, cache_bytes, connection_timeout_s)
+    return deployment.bind(options, batch_size, batch_wait_s, cache_bytes, connection_timeout_s, cors_origins)
 

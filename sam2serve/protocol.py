@@ -74,6 +74,34 @@ EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB o
 LOADING_RETRY_AFTER_S = 5
 
 
+def web_origin(text: str) -> str:
+    """A --cors-origin checked: * (any origin), or one as a browser sends it in its Origin header,
+    scheme://host[:port], in lower case as browsers write it (a path or a trailing / would match
+    no request)."""
+    if text == "*" or re.fullmatch(r"https?://[^/?#@\s]+", text, re.IGNORECASE):
+        return text.lower()
+    raise ValueError(f"{text!r} is not an origin: * or scheme://host[:port] as a browser sends it "
+                     "(http://localhost:3000), without a path or a trailing /")
+
+
+def cross_origin_headers(origin: str | None, allowed: Iterable[str], preflight: bool) -> dict[str, str]:
+    """The CORS headers of an answer to a request from a browser's page at `origin` (None: no
+    page's), where `allowed` (the --cors-origin values) has it: that page may read the answer,
+    Retry-After too; a preflight (OPTIONS asking Access-Control-Request-Method, before a JSON
+    /segment) is told it may POST with a Content-Type of its own. None for other origins: their
+    pages cannot read the answers (as without the option; a form they POST is still answered)."""
+    allowed = set(allowed)
+    headers = {"Vary": "Origin"} if allowed and "*" not in allowed else {}  # the answer depends on the Origin
+    if not origin or not allowed & {origin, "*"}:
+        return headers
+    headers |= {"Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
+                "Access-Control-Expose-Headers": "Retry-After"}
+    if preflight:
+        headers |= {"Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": "Content-Type",
+                    "Access-Control-Max-Age": "600"}
+    return headers
+
+
 def json_text(payload: object) -> str:
     # Errors and /health on one line too, like answer_text: an error in an xargs run
     # still takes exactly one line of the output.

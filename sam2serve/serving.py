@@ -26,8 +26,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
-    answer_format, cached_image_prompts, coco_annotations, decode_upload, embed_answer, embed_image, error_answer,
-    form_limit_error, form_prompts, is_json, json_text, malformed_form, render_answer, request_settings,
+    answer_format, cached_image_prompts, coco_annotations, cross_origin_headers, decode_upload, embed_answer,
+    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, malformed_form, render_answer,
+    request_settings,
     require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
     require_small_urlencoded, segment_answer, unread_body, upload_prompts,
 )
@@ -45,12 +46,14 @@ def log_access(client: str | None, method: str | None, path: str, status: int, m
 
 
 def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | None = None,
-               cache: EmbeddingCache | None = None, access_log: bool = False) -> Flask:
+               cache: EmbeddingCache | None = None, access_log: bool = False,
+               cors_origins: tuple[str, ...] = ()) -> Flask:
     """The Flask app in front of one inference worker.
 
     `info` is shown by GET /health; the server fills it in once the model is loaded. `cache`
     keeps encoded images and mask logits for /embed and /segment. `access_log`: one log line per
-    request (client, method, path, status, milliseconds, bytes answered).
+    request (client, method, path, status, milliseconds, bytes answered). `cors_origins`: the
+    origins (or *) whose web pages may read the answers (protocol.cross_origin_headers).
     """
     # The web page (GET /) and its script and style, shipped in the package: no build step.
     app = Flask(__name__, static_folder="web", static_url_path="/static")
@@ -123,6 +126,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @app.after_request
     def answer_headers(response: Response) -> Response:
         response.headers.update(ANSWER_HEADERS)
+        response.headers.update(cross_origin_headers(
+            request.headers.get("Origin"), cors_origins,
+            preflight=request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers))
         if response.mimetype == "text/html":  # the page (and a redirect's note)
             response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
         return response

@@ -41,6 +41,7 @@ from .test_server import MAX_UPLOAD_MB, start_server
 from .test_worker import StubGenerator, hold_worker, png_of, submit_in_threads, wait_for
 
 CONNECTION_TIMEOUT_S = 2
+TOOL_ORIGIN = "http://tool.example:3000"  # the server's --cors-origin
 STALLED_CLIENTS = 200
 
 
@@ -52,7 +53,8 @@ def server_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(server_log):
     process, url = start_server("--points-per-side", "4", "--connection-timeout", str(CONNECTION_TIMEOUT_S),
-                                "--max-connections", str(STALLED_CLIENTS + 50), "--access-log", log_path=server_log)
+                                "--max-connections", str(STALLED_CLIENTS + 50), "--access-log", "--cors-origin", TOOL_ORIGIN,
+                                log_path=server_log)
     yield process, url
     process.terminate()
     process.wait(timeout=30)
@@ -91,6 +93,28 @@ def status_and_json(response: bytes) -> tuple[int, dict, dict]:
     lines = head.decode().split("\r\n")
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_pages_of_the_origins_given_may_read_the_answers():
+    """--cors-origin (create_app's cors_origins): a page served elsewhere (a labelling tool) may read
+    the answers, Retry-After too, and a preflight before a JSON /segment is told it may send one;
+    pages of other origins get no such header, as without the option; a request with no Origin
+    (curl, a script) none either."""
+    tool, elsewhere = "http://localhost:3000", "http://elsewhere:8080"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    for origins, origin, allowed in [((), tool, None), ((tool,), tool, tool), ((tool,), elsewhere, None),
+                                     (("*",), elsewhere, "*"), ((tool, "*"), tool, "*"), ((tool,), None, None)]:
+        client = create_app(InferenceWorker(), cors_origins=origins).test_client()
+        sent = {"Origin": origin} if origin else {}
+        answer = client.get("/health", headers=sent)  # 503 while the model loads, with Retry-After
+        assert answer.status_code == 503 and answer.headers.get("Access-Control-Allow-Origin") == allowed, origins
+        assert answer.headers.get("Access-Control-Expose-Headers") == (allowed and "Retry-After")
+        assert answer.headers.get("Vary") == ("Origin" if origins == (tool,) else None)  # the answer depends on it
+        answer = client.options("/segment", headers={**sent, **preflight})
+        assert answer.status_code == 200 and answer.headers.get("Access-Control-Allow-Origin") == allowed
+        told = answer.headers.get("Access-Control-Allow-Methods"), answer.headers.get("Access-Control-Allow-Headers")
+        assert told == (("GET, POST", "Content-Type") if allowed else (None, None))
+        assert "Access-Control-Allow-Methods" not in client.get("/health", headers={**sent, **preflight}).headers
 
 
 def test_stalled_clients_cost_no_thread_and_are_closed_while_others_are_served(server, jpeg):
@@ -178,6 +202,14 @@ def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
     time.sleep(0.5)
     after = [s for s in metric_samples(url, "sam2_requests_total") if s.labels["endpoint"] != "/metrics"]
     assert after == [s for s in before if s.labels["endpoint"] != "/metrics"]  # not counted, as a 400 or else
+
+
+def test_server_py_lets_the_pages_of_its_cors_origin_read_its_answers(server):
+    """--cors-origin reaches the app: an answer to a page of that origin says it may read it."""
+    _, url = server
+    request = urllib.request.Request(url + "/health", headers={"Origin": TOOL_ORIGIN})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.headers["Access-Control-Allow-Origin"] == TOOL_ORIGIN
 
 
 def test_headers_too_large_get_json_431_and_no_server_header(server):

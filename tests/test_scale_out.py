@@ -713,7 +713,9 @@ def test_ray_serve_arguments_reach_the_deployment_in_their_units(monkeypatch):
 
     asked = built_deployment(monkeypatch, {"replicas": "auto", "batch_size": "3", "batch_wait_ms": "50",
                                            "embedding_cache_mb": "1", "connection_timeout": "7", "device": "cpu"})
-    assert asked["arguments"][1:] == (3, 0.05, 2**20, 7.0)
+    assert asked["arguments"][1:] == (3, 0.05, 2**20, 7.0, ())
+    assert built_deployment(monkeypatch, {"cors_origin": "http://a:3000,*", "device": "cpu"})["arguments"][-1] == (
+        "http://a:3000", "*")
     assert asked["options"]["autoscaling_config"] == dict(min_replicas=1, max_replicas=4, target_ongoing_requests=6,
                                                           downscale_delay_s=300)
     assert asked["options"]["max_ongoing_requests"] == MAX_ONGOING_REQUESTS
@@ -725,7 +727,8 @@ def test_ray_serve_arguments_reach_the_deployment_in_their_units(monkeypatch):
     assert built_deployment(monkeypatch, {"replicas": 2, "device": "cpu"})["options"]["num_replicas"] == 2  # YAML's
     assert built_deployment(monkeypatch, {"batch_size": "1", "device": "cpu"})["arguments"][1] == 1
     for arguments, message in [({"batch_size": "0"}, "batch_size=0: must be at least 1"),
-                               ({"compile_mode": "default"}, "need a fast mode")]:
+                               ({"compile_mode": "default"}, "need a fast mode"),
+                               ({"cors_origin": "http://a:3000/"}, "is not an origin")]:
         with pytest.raises(ValueError, match=message):
             build(arguments)
 
@@ -751,7 +754,7 @@ def bare_replica(**attributes):
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)
     vars(replica).update({"model_calls": 0, "idle_trim": None, "waiting": 0, "decodes_between_batches": False,
-                          **attributes})  # on_model_thread's and make_masks'
+                          "cors_origins": (), **attributes})  # on_model_thread's, make_masks' and __call__'s
     return replica
 
 
@@ -854,6 +857,35 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
     status, _, body = bare_replica_answer(replica, "POST", "/upload_rle", [b"x" * 10, None])
     assert status == 499 and "before its request was read" in json.loads(body)["error"]
     assert answers == [limit]
+
+
+def test_a_ray_serve_replica_lets_the_pages_server_py_lets_read_its_answers():
+    """cors_origin=, as server.py's --cors-origin: the same CORS headers for a page of an origin given
+    and of another, on an answer and on a preflight (OPTIONS, which a replica answers as Flask)."""
+    pytest.importorskip("ray")
+
+    tool = "http://localhost:3000"
+    replica = bare_replica(limits=Limits(), info={"mode": "ao"}, cors_origins=(tool,))
+    flask = create_app(InferenceWorker(), cors_origins=(tool,)).test_client()
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+
+    def cors(headers) -> dict[str, str]:
+        return {name.lower(): value for name, value in headers.items()
+                if name.lower().startswith("access-control-") or name.lower() == "vary"}
+
+    for method, path, headers in [("GET", "/health", {"Origin": tool}),
+                                  ("OPTIONS", "/segment", {"Origin": tool, **preflight}),
+                                  ("OPTIONS", "/upload_rle", {"Origin": "http://elsewhere", **preflight}),
+                                  ("GET", "/health", {"Origin": "http://elsewhere"}), ("GET", "/health", {})]:
+        status, ray_headers, _ = bare_replica_answer(replica, method, path, headers=headers.items())
+        answer = flask.open(path, method=method, headers=headers)
+        ours = cors(ray_headers)
+        assert ours == cors(answer.headers), (method, path, headers)
+        if method == "OPTIONS":  # and the methods Allow names (Flask's in any order)
+            assert status == answer.status_code == 200
+            assert set(ray_headers["allow"].split(", ")) == set(answer.headers["Allow"].split(", ")) == {
+                "POST", "OPTIONS"}
+    assert ours == {"vary": "Origin"}  # (a request with no Origin: no page's)
 
 
 def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_client, monkeypatch):

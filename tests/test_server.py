@@ -462,6 +462,21 @@ def test_two_ways_of_naming_the_mode_are_refused_even_the_default(arguments, cap
     assert server.parse_args([]).mode == "ao" and server.parse_args(["--fast", "--furious"]).mode == "fast_furious"
 
 
+def test_cors_origins_are_taken_as_browsers_send_them(capsys):
+    """--cors-origin, repeated, or *, in lower case; an origin with a path or a trailing / (no
+    browser sends one: it would match no request) is refused in one line."""
+    import server
+
+    assert server.parse_args([]).cors_origin == []
+    assert server.parse_args(["--cors-origin", "HTTP://LocalHost:3000", "--cors_origin", "*"]).cors_origin == [
+        "http://localhost:3000", "*"]  # as a browser writes it
+    for value in ("http://localhost:3000/", "localhost:3000", "http://a/tool"):
+        with pytest.raises(SystemExit) as stopped:
+            server.parse_args(["--cors-origin", value])
+        error = capsys.readouterr().err
+        assert stopped.value.code == 2 and f"{value!r} is not an origin: * or scheme://host[:port]" in error
+
+
 def test_pixel_limit_beyond_what_pillow_opens_is_refused():
     result = run_server_expecting_exit("--max-pixels", "300000000")
     assert "--max-pixels must be between 1 and 178956970" in result.stderr
@@ -1095,7 +1110,7 @@ def test_help_shows_each_options_default_but_not_a_switchs_off_nor_none(capsys, 
     assert stopped.value.code == 0
     assert re.search(r"points along each side of the prompt grid \(default: 32\)", text)
     assert "(default: 5000)" in text
-    assert "(default: False)" not in text and "(default: None)" not in text
+    assert "(default: False)" not in text and "(default: None)" not in text and "(default: [])" not in text
     use_m2m = [line for line in text.splitlines() if line.lstrip().startswith("--use-m2m")]
     assert use_m2m and "default" not in use_m2m[0]
 

@@ -759,8 +759,10 @@ def full_resolution_scores(
     low_res_logits: torch.Tensor, size: tuple[int, int], config: AMGConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stability scores and boxes of low-resolution logits (N, h, w) upscaled to `size`, as sam2
-    computes them on its upscaled masks, never kept: on a CPU cell by cell, pixels only at edges
-    (upscale.stability_and_boxes); elsewhere a few masks at a time: (N,), (N, 4)."""
+    computes them on its upscaled masks, never kept: (N,), (N, 4). Cell by cell, pixels only at
+    edges (upscale.stability_and_boxes), where upscale.use_cells (on a CPU, upscaling enough);
+    otherwise a few masks upscaled at a time. No masks: split gives one empty chunk, and empty
+    answers."""
     stability, boxes = [], []
     cell_by_cell = use_cells(low_res_logits, size)
     chunk_size = CELL_CHUNK if cell_by_cell else masks_per_upscale(low_res_logits.device, size)
@@ -774,6 +776,4 @@ def full_resolution_scores(
         masks = upscale_logits(chunk, size)
         stability.append(calculate_stability_score(masks, config.mask_threshold, config.stability_score_offset))
         boxes.append(boxes_of_logits(masks, config.mask_threshold))
-    if not stability:
-        return low_res_logits.new_zeros(0), torch.zeros((0, 4), dtype=torch.long, device=low_res_logits.device)
     return torch.cat(stability), torch.cat(boxes)

@@ -166,11 +166,14 @@ def too_many_parts(limits: Limits) -> FormTooLarge:
     return FormTooLarge(f"the form has more than {limits.max_form_parts} parts; send one multipart field named 'image'")
 
 
+# Why a text field's limit (and a JSON /segment body's) is room enough for the most prompts allowed.
+PROMPTS_FIT = f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON"
+
+
 def field_too_large(limits: Limits, name: str | None = None) -> FormTooLarge:
     """A text field over the limit, named where it is known, with what to send instead."""
     what = f"the form's text field {shown(name)}" if name is not None else "a text field of the form"
-    instead = (f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON"
-               if name == "prompts" else "send the image as a file (curl -F 'image=@file.jpg')")
+    instead = PROMPTS_FIT if name == "prompts" else "send the image as a file (curl -F 'image=@file.jpg')"
     return FormTooLarge(f"{what} is larger than the limit of {limits.max_form_field_bytes} bytes; {instead}")
 
 
@@ -393,6 +396,14 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
     return settings
 
 
+def read_query(endpoint: str, query: Iterable[tuple[str, str]]) -> tuple[str, dict[str, float]]:
+    """A POST endpoint's query parameters, checked: (its answer format, the request's own
+    settings), as answer_format and request_settings read them, in that order."""
+    query = list(query)
+    return (answer_format(endpoint, [value for name, value in query if name == "format"]),
+            request_settings(endpoint, query))
+
+
 def render_answer(endpoint: str, image: np.ndarray, rles: list[RLE]) -> tuple[bytes | str, str]:
     """(body, mimetype) of an upload endpoint's answer."""
     if endpoint == "/upload_rle":
@@ -416,42 +427,42 @@ def coco_annotations(records: list[dict]) -> list[dict]:
     return annotations
 
 
+# Each error's status (the README's table), the first kind it is of; any other error is a 500.
+ERROR_STATUSES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
+    ((BadRequest, InvalidImage, InvalidPrompt), 400),
+    (UnknownId, 404),
+    (InteractiveUnavailable, 501),
+    (CacheTooSmall, 507),
+    ((ImageTooLarge, UploadTooLarge, FormTooLarge), 413),
+    (URLTooLong, 414),
+    (HeadersTooLarge, 431),
+    (RequestStalled, 408),
+    ((NotReady, Busy), 503),  # with Retry-After
+    (Stopping, 503),  # no Retry-After: whether it comes back is not its to say
+    (TimedOut, 504),
+    (Abandoned, 499),  # nginx's code for a client gone before its answer: seen in logs and /metrics
+)
+
+
 def error_answer(error: Exception) -> tuple[int, str, dict[str, str]]:
     """(status, JSON body, headers) for an error, the same in every front end."""
-    retry_after = None
-    if isinstance(error, (BadRequest, InvalidImage, InvalidPrompt)):
-        status = 400
-    elif isinstance(error, UnknownId):
-        status = 404
-    elif isinstance(error, InteractiveUnavailable):
-        status = 501
-    elif isinstance(error, CacheTooSmall):
-        status = 507
-    elif isinstance(error, (ImageTooLarge, UploadTooLarge, FormTooLarge)):
-        status = 413
-    elif isinstance(error, URLTooLong):
-        status = 414
-    elif isinstance(error, HeadersTooLarge):
-        status = 431
-    elif isinstance(error, RequestStalled):
-        status = 408
-    elif isinstance(error, NotReady):
-        status, retry_after = 503, LOADING_RETRY_AFTER_S
-    elif isinstance(error, Busy):
-        status, retry_after = 503, error.retry_after_s
-    elif isinstance(error, Stopping):  # no Retry-After: whether it comes back is not its to say
-        status = 503
-    elif isinstance(error, TimedOut):
-        status = 504
-    elif isinstance(error, Abandoned):  # nginx's code for a client gone before its answer: seen in logs and /metrics
-        status = 499
-    elif out_of_memory(error):  # a GPU's or a CPU's (it was an "internal error" there)
+    for kinds, status in ERROR_STATUSES:
+        if isinstance(error, kinds):
+            return status, json_text({"error": str(error)}), retry_after(error)
+    if out_of_memory(error):  # a GPU's or a CPU's (it was an "internal error" there)
         log.error("out of memory: %s", error)
         return 500, json_text({"error": "inference ran out of memory for this image; try a smaller image"}), {}
-    else:
-        log.error("request failed", exc_info=error)  # the whole of it: the answer has its first line
-        return 500, json_text({"error": f"internal error: {type(error).__name__}: {first_line(error)}"}), {}
-    return status, json_text({"error": str(error)}), {} if retry_after is None else {"Retry-After": str(retry_after)}
+    log.error("request failed", exc_info=error)  # the whole of it: the answer has its first line
+    return 500, json_text({"error": f"internal error: {type(error).__name__}: {first_line(error)}"}), {}
+
+
+def retry_after(error: Exception) -> dict[str, str]:
+    """The Retry-After header of a 503 that passes: the model loading, or a full queue."""
+    if isinstance(error, NotReady):
+        return {"Retry-After": str(LOADING_RETRY_AFTER_S)}
+    if isinstance(error, Busy):
+        return {"Retry-After": str(error.retry_after_s)}
+    return {}
 
 
 def file_as_upload(path: str | os.PathLike, limits: Limits) -> bytes | ValueError:
@@ -687,7 +698,7 @@ def cached_image_prompts(body: bytes, cache: EmbeddingCache,
     allowed take under 200 kB as compact JSON, and parsing megabytes would cost seconds."""
     if len(body) > limits.max_form_field_bytes:
         raise FormTooLarge(f"the JSON body is larger than the limit of {limits.max_form_field_bytes} bytes; "
-                           f"{MAX_PROMPT_SETS} prompt sets of {MAX_POINTS} points fit in under 200 kB as compact JSON")
+                           f"{PROMPTS_FIT}")
     image_id, prompts = segment_payload(json_payload(body))
     embedding = cached_embedding(cache, image_id)
     prompts = parse_prompts(prompts, embedding.size)

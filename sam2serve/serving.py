@@ -26,10 +26,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
-    answer_format, cached_image_prompts, coco_annotations, cross_origin_headers, decode_upload, embed_answer,
-    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, malformed_form, render_answer,
-    request_settings,
-    require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
+    cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_upload, embed_answer,
+    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, malformed_form, read_query,
+    render_answer, require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
     require_small_urlencoded, segment_answer, unread_body, upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
@@ -99,7 +98,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         malformed one: its parser drops the error, and the form is empty) refused, saying why."""
         require_named_parts([*request.files, *request.form])
         if (not request.files and not request.form and request.mimetype == "multipart/form-data"
-                and request.content_length != 0 and not unread_body(request.content_type or "", 1)):
+                and request.content_length != 0 and content_type_parts(request.content_type or "")[1].get("boundary")):
             if (error := malformed_form(request.environ["wsgi.input"], request.content_type or "", limits)) is not None:
                 raise error
 
@@ -155,8 +154,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         return answer("/upload")
 
     def answer(endpoint: str) -> Response:
-        asked = answer_format(endpoint, request.args.getlist("format"))
-        settings = request_settings(endpoint, request.args.items(multi=True))
+        asked, settings = read_query(endpoint, request.args.items(multi=True))
         image = uploaded_image()
         if asked == "coco":
             records = worker.submit(image, annotate=True, abandoned=client_gone_check(), settings=settings)
@@ -169,8 +167,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @uses_worker
     def embed() -> Response:
         """Encodes the image once: {"image_id": ..., "size": [h, w]} for /segment."""
-        answer_format("/embed", request.args.getlist("format"))
-        request_settings("/embed", request.args.items(multi=True))
+        read_query("/embed", request.args.items(multi=True))
         require_segmenter(worker.segmenter, info.get("mode"))
         require_cache_room(cache)
         run = functools.partial(worker.call, abandoned=client_gone_check())
@@ -182,8 +179,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def segment() -> Response:
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
         with image and a JSON prompts field): their masks as RLE, best first."""
-        answer_format("/segment", request.args.getlist("format"))
-        request_settings("/segment", request.args.items(multi=True))
+        read_query("/segment", request.args.items(multi=True))
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: one request timeout (counted from here,
         # reading the upload included), and only the first call may find the queue full.
@@ -199,15 +195,45 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             image_id, embedding = embed_image(image, worker.segmenter, cache, run)
         return json_response(segment_answer(image_id, embedding, prompts, mask_inputs, worker.segmenter, cache, run))
 
+    add_web_page(app)
+
+    @app.get("/health")
+    def health() -> Response:
+        if worker.stopping:  # load balancers send no more; the queued requests are still answered
+            return json_response({"status": "stopping", "queued": worker.queue_depth, **info}, 503)
+        if not worker.ready:
+            return json_response({"status": "loading", **info}, 503, {"Retry-After": str(LOADING_RETRY_AFTER_S)})
+        return json_response({"status": "ok", "queued": worker.queue_depth, **info})
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.text(), content_type=prom.CONTENT_TYPE_LATEST)  # carries its charset
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
+            return error_response(form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits))
+        # Headers such as 405's Allow stay; the body becomes JSON.
+        headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
+        return json_response({"error": error.description}, error.code or 500, headers)
+
+    app.register_error_handler(Exception, error_response)
+
+    return app
+
+
+def add_web_page(app: Flask) -> None:
+    """GET / (the web page: drop an image, see every mask, click to segment) and /static/FILE,
+    its script and style (sam2serve/web/)."""
+
     @app.get("/")
     def page() -> Response:
-        """The web page: drop an image, see every mask, click to segment."""
-        return web_file("index.html")  # with its Content-Security-Policy (answer_headers)
+        return web_file("index.html")  # with its Content-Security-Policy (create_app's answer_headers)
 
     def web_file(filename: str) -> Response:
-        """A file of the page (sam2serve/web/), as Flask serves static files (ETag, Last-Modified,
-        Range), but for a failed If-Match: werkzeug answers its 412 with the whole file, here JSON
-        as every error (and If-Match: *, which any file there matches, is no failure)."""
+        """A file of the page, as Flask serves static files (ETag, Last-Modified, Range), but for a
+        failed If-Match: werkzeug answers its 412 with the whole file, here JSON as every error
+        (and If-Match: *, which any file there matches, is no failure)."""
         if request.environ.get("HTTP_IF_MATCH", "").strip() == "*":
             del request.environ["HTTP_IF_MATCH"]
         response = app.send_static_file(filename)
@@ -226,38 +252,15 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
 
     app.view_functions["static"] = static_file
 
-    @app.get("/health")
-    def health() -> Response:
-        if worker.stopping:  # load balancers send no more; the queued requests are still answered
-            return json_response({"status": "stopping", "queued": worker.queue_depth, **info}, 503)
-        if not worker.ready:
-            return json_response({"status": "loading", **info}, 503, {"Retry-After": str(LOADING_RETRY_AFTER_S)})
-        return json_response({"status": "ok", "queued": worker.queue_depth, **info})
-
-    @app.get("/metrics")
-    def prometheus_metrics() -> Response:
-        return Response(metrics.text(), content_type=prom.CONTENT_TYPE_LATEST)  # carries its charset
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> Response:
-        if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
-            status, body, headers = error_answer(form_limit_error(request.environ["wsgi.input"],
-                                                                  request.content_type or "", limits))
-            return Response(body, status=status, mimetype="application/json", headers=headers)
-        # Headers such as 405's Allow stay; the body becomes JSON.
-        headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
-        return json_response({"error": error.description}, error.code or 500, headers)
-
-    @app.errorhandler(Exception)
-    def any_error(error: Exception) -> Response:
-        status, body, headers = error_answer(error)
-        return Response(body, status=status, mimetype="application/json", headers=headers)
-
-    return app
-
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json_text(payload), status=status, mimetype="application/json", headers=headers or {})
+
+
+def error_response(error: Exception) -> Response:
+    """An error's JSON answer (protocol.error_answer)."""
+    status, body, headers = error_answer(error)
+    return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
 class CacheCollector:

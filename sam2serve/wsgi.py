@@ -35,7 +35,6 @@ read, run or sent, so that closing the server cuts no answer off.
 
 import errno
 import functools
-import json
 import logging
 import resource
 import select
@@ -51,7 +50,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, ServerNotImplemented
 
-from .protocol import ANSWER_HEADERS, HeadersTooLarge
+from .protocol import ANSWER_HEADERS, HeadersTooLarge, RequestStalled, json_text
 
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
@@ -164,7 +163,7 @@ class JSONErrorTask(ErrorTask):
         adj = self.channel.server.adj
         # waitress refuses a body of max_request_body_size bytes or more: the limit is one less.
         message = refusal_message(error, adj.max_request_body_size - 1, adj.max_request_header_size)
-        body = json.dumps({"error": message}, separators=(",", ":")).encode()
+        body = json_text({"error": message}).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers += [("Content-Type", "application/json"), *ANSWER_HEADERS.items()]
         self.set_close_on_finish()
@@ -264,7 +263,7 @@ class JSONErrorChannel(HTTPChannel):
         request = self.request
         if self.socket is None or request is None or not self.reading or self.will_close:
             return
-        body = json.dumps({"error": f"request timeout: {why}"}, separators=(",", ":")).encode()
+        body = json_text({"error": str(RequestStalled(why))}).encode()
         head = "".join(f"{name}: {value}\r\n" for name, value in [
             ("Content-Type", "application/json"), ("Content-Length", len(body)), *ANSWER_HEADERS.items(),
             ("Connection", "close")])

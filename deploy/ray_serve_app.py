@@ -57,11 +57,11 @@ from sam2serve.worker import TRIM_AFTER_IDLE_S, Abandoned, BetweenBatches, Model
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
-    Limits, RequestStalled, UploadTooLarge, URLTooLong, answer_format, cached_image_prompts, coco_annotations,
-    content_type_parts, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
-    cross_origin_headers, form_prompts, is_json, json_text, require_small_urlencoded, web_origin,
-    render_answer, request_settings, require_cache_room, require_segment_form, require_segmenter,
-    require_short_url, segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
+    Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
+    cross_origin_headers, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
+    form_prompts, is_json, json_text, read_query, render_answer, require_cache_room, require_segment_form,
+    require_segmenter, require_short_url, require_small_urlencoded, segment_answer, share_encodings, too_many_parts,
+    unread_body, unreadable_form, upload_prompts, web_origin,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -218,8 +218,9 @@ class SegmentEverything:
         if path not in ROUTES and not page_again:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
-        if request.method == "OPTIONS" and not page_again:  # as Flask answers it (a CORS preflight too)
-            return Response(status_code=200, headers={"Allow": ALLOWED[ROUTES[path]]}, media_type="text/html")
+        if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
+            return Response(status_code=200, headers={"Allow": ALLOWED[ROUTES.get(path, "GET")]},
+                            media_type="text/html")
         if request.method != ROUTES.get(path, "GET"):
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
                             media_type="application/json", headers={"Allow": ROUTES.get(path, "GET")})
@@ -234,8 +235,7 @@ class SegmentEverything:
             return Response((WEB_FOLDER / name).read_bytes(), media_type=media_type, headers=headers)
         try:
             request = await with_body_read(request, self.limits, self.connection_timeout_s)
-            asked = answer_format(path, request.query_params.getlist("format"))
-            settings = request_settings(path, request.query_params.multi_items())
+            asked, settings = read_query(path, request.query_params.multi_items())
             if path in UPLOAD_ENDPOINTS:
                 image = await self.uploaded_image(request)
                 if asked == "coco":
@@ -255,16 +255,16 @@ class SegmentEverything:
         """The upload's image (form: the request's, where already read); the form's fields besides
         'image': fields_too (decode_upload)."""
         form = form or await read_form(request, self.limits)
-        files = [await upload.read() for upload in form.getlist("image") if hasattr(upload, "read")]
-        return decode_upload(files, sorted({key for key, value in form.multi_items() if hasattr(value, "read")}),
-                             self.limits, [key for key, value in form.multi_items() if not hasattr(value, "read")],
+        files = [await upload.read() for upload in form.getlist("image") if is_file(upload)]
+        file_names, text_fields = form_fields(form)
+        return decode_upload(files, sorted(set(file_names)), self.limits, [name for name, _ in text_fields],
                              unread_body(request.headers.get("content-type", ""),
                                          int(request.headers.get("content-length") or 0)), fields_too)
 
     async def prompts(self, request: Request, path: str) -> dict:
-        """/embed and /segment, answered by server.py's functions."""
+        """/embed and /segment, answered by protocol.py's functions, as server.py's app answers them."""
         require_segmenter(self.segmenter, self.pipeline.mode.name)
-        mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        mimetype = content_type_parts(request.headers.get("content-type", ""))[0]  # as werkzeug reads it for Flask
         if path == "/embed":
             require_cache_room(self.cache)
             image = await self.uploaded_image(request)
@@ -277,14 +277,27 @@ class SegmentEverything:
         else:
             require_segment_form(mimetype)
             form = await read_form(request, self.limits)
-            prompts = form_prompts([(name, value) for name, value in form.multi_items() if not hasattr(value, "read")],
-                                   [name for name, value in form.multi_items() if hasattr(value, "read")])
+            file_names, text_fields = form_fields(form)
+            prompts = form_prompts(text_fields, file_names)
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
             prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
                                                              kind="encode")
         return await self.on_model_thread(
             segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here, kind="decode")
+
+
+def is_file(value) -> bool:
+    """Whether a value of a Starlette form is a file (an UploadFile), not a text field."""
+    return hasattr(value, "read")
+
+
+def form_fields(form: FormData) -> tuple[list[str], list[tuple[str, str]]]:
+    """A form's file fields' names and its text fields (name, value), each in the form's order."""
+    items = form.multi_items()
+    files = [name for name, value in items if is_file(value)]
+    texts = [(name, value) for name, value in items if not is_file(value)]
+    return files, texts
 
 
 @dataclass
@@ -311,15 +324,15 @@ def require_declared_size(request: Request, limits: Limits) -> None:
         raise UploadTooLarge(limits)
 
 
-async def with_body_read(request: Request, limits: Limits, timeout_s: float = ConnectionLimits.timeout_s) -> Request:
+async def with_body_read(request: Request, limits: Limits, timeout_s: float) -> Request:
     """The request with its body read, at most the upload limit: a chunked upload has no
     Content-Length to check beforehand (server.py's HTTP server counts the same way). A body
     that stops arriving for `timeout_s`, or that trickles in slower than MIN_REQUEST_RATE on
     average after its first `timeout_s`, is a 408, as server.py's (Ray's proxy waited for it
     without end, and each such upload holds one of the replica's MAX_ONGOING_REQUESTS: sixteen
     trickling clients left it answering nothing); a client that leaves while it is read, a 499
-    (it was logged as a failure)."""
-    require_declared_size(request, limits)
+    (it was logged as a failure). The caller has checked a declared Content-Length already
+    (require_declared_size)."""
     body = bytearray()
     chunks = request.stream().__aiter__()
     started = time.monotonic()
@@ -401,8 +414,9 @@ def route(scope: dict) -> str:
 
 
 def run_here(function, kind: str = "call"):
-    """How server.py's prompt functions run a model call: here, already on the model thread (a
-    request's calls one after the other, without a queue to wait in; their kinds time nothing)."""
+    """How protocol.py's prompt functions (embed_image, segment_answer) run a model call: here,
+    already on the model thread (a request's calls one after the other, without a queue to wait
+    in; their kinds time nothing)."""
     return function()
 
 

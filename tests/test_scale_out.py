@@ -888,6 +888,29 @@ def test_a_ray_serve_replica_lets_the_pages_server_py_lets_read_its_answers():
     assert ours == {"vary": "Origin"}  # (a request with no Origin: no page's)
 
 
+def test_a_ray_serve_replica_reads_a_segments_content_type_as_server_py():
+    """/segment's Content-Type parsed as werkzeug parses it for server.py: one that ends in a vertical
+    tab is no JSON for either (the replica's str.strip() took it as JSON, and looked up the id)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from .test_worker import StubGenerator
+
+    from sam2serve.interactive import EmbeddingCache
+
+    replica = bare_replica(limits=Limits(), info={"mode": "ao"}, segmenter=object(), connection_timeout_s=5,
+                           cache=EmbeddingCache(2**20), pipeline=SimpleNamespace(mode=SimpleNamespace(name="ao")))
+    worker = InferenceWorker()
+    worker.start(StubGenerator(), segmenter=object())
+    flask = create_app(worker, info={"mode": "ao"}).test_client()
+    body = json.dumps({"image_id": "abc", "prompts": [{"points": [[1, 1]]}]}).encode()
+    for content_type in ("application/json\x0b", "application/json ; charset=utf-8", "Application/JSON"):
+        status, _, answer = bare_replica_answer(replica, "POST", "/segment", [body], [("content-type", content_type)])
+        theirs = flask.post("/segment", data=body, headers={"Content-Type": content_type})
+        assert (status, answer) == (theirs.status_code, theirs.get_data()), content_type
+        assert status == (400 if content_type.endswith("\x0b") else 404), answer  # (404: an id not cached)
+
+
 def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_client, monkeypatch):
     """Called bare: headers over 64 kB are server.py's 431 (Ray's proxy sets no limit: 100 MB of
     them were read); a photo posted as the body (curl --data-binary: URL-encoded, each '&' a part

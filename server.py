@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         http = create_http_server(app, args.host, args.port, limits.max_upload_bytes, threads=threads,
                                   limits=ConnectionLimits(args.max_connections, args.connection_timeout),
-                                  on_refusal=app.extensions["sam2serve.refused"])
+                                  on_refusal=app.extensions["sam2serve.refused"], cors_origins=tuple(args.cors_origin))
     except (OSError, ValueError) as error:  # ValueError: a host name that does not resolve
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {error}")
     except RuntimeError as error:  # the system's limit on threads (or on memory for their stacks)

@@ -50,7 +50,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge, ServerNotImplemented
 
-from .protocol import ANSWER_HEADERS, HeadersTooLarge, RequestStalled, json_text
+from .protocol import ANSWER_HEADERS, HeadersTooLarge, RequestStalled, cross_origin_headers, json_text
 
 log = logging.getLogger(__name__)
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
@@ -165,7 +165,8 @@ class JSONErrorTask(ErrorTask):
         message = refusal_message(error, adj.max_request_body_size - 1, adj.max_request_header_size)
         body = json_text({"error": message}).encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers += [("Content-Type", "application/json"), *ANSWER_HEADERS.items()]
+        self.response_headers += [("Content-Type", "application/json"), *ANSWER_HEADERS.items(),
+                                  *cross_origin_headers_of(self.request, self.channel.server).items()]
         self.set_close_on_finish()
         # An HTTP/1.0 keep-alive request's refusal said "Connection: Keep-Alive" beside "close".
         self.request.headers.pop("CONNECTION", None)
@@ -178,6 +179,12 @@ class JSONErrorTask(ErrorTask):
             path, method = ((None, None) if isinstance(error, (RequestHeaderFieldsTooLarge, NotHTTP))
                             else (getattr(self.request, "path", None), getattr(self.request, "command", None)))
             on_refusal(client_address(self.channel.addr), method, path, error.code, len(body))
+
+
+def cross_origin_headers_of(request, server) -> dict[str, str]:
+    """The CORS headers of an answer the HTTP server gives itself, as the app's (--cors-origin: the
+    server's cors_origins): a labelling tool's page reads a 413 or a 408, not a failed fetch."""
+    return cross_origin_headers(request.headers.get("ORIGIN"), getattr(server, "cors_origins", ()), preflight=False)
 
 
 class JSONErrorChannel(HTTPChannel):
@@ -266,7 +273,7 @@ class JSONErrorChannel(HTTPChannel):
         body = json_text({"error": str(RequestStalled(why))}).encode()
         head = "".join(f"{name}: {value}\r\n" for name, value in [
             ("Content-Type", "application/json"), ("Content-Length", len(body)), *ANSWER_HEADERS.items(),
-            ("Connection", "close")])
+            *cross_origin_headers_of(request, self.server).items(), ("Connection", "close")])
         try:
             self.socket.send(f"HTTP/1.1 408 Request Timeout\r\n{head}\r\n".encode() + body)
         except OSError:  # gone, or its buffer full: closed all the same
@@ -325,12 +332,14 @@ def client_address(addr) -> str | None:
 
 def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads: int,
                        limits: ConnectionLimits = ConnectionLimits(),
-                       on_refusal: Callable[[str | None, str | None, str | None, int, int], None] | None = None):
+                       on_refusal: Callable[[str | None, str | None, str | None, int, int], None] | None = None,
+                       cors_origins: tuple[str, ...] = ()):
     """A waitress server bound to host:port (OSError if it cannot listen); `.run()` serves,
     `.close()` stops. `threads` run the app: enough for every request the inference worker
     may hold (its queue and batch) plus a few for /health and /metrics. `on_refusal(client,
     method, path, status, bytes answered)` is called for each request the server answers itself
-    (method and path are None where the request line could not be read)."""
+    (method and path are None where the request line could not be read); those answers carry the
+    CORS headers of `cors_origins`, as the app's (protocol.cross_origin_headers)."""
     # Per connection: its socket, and temporary files for a large request body and a large answer;
     # beside them, the process's own. Where the hard limit on open files is lower, fewer.
     others = threads + 64
@@ -363,6 +372,7 @@ def create_http_server(app, host: str, port: int, max_upload_bytes: int, threads
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel
             listener.on_refusal = on_refusal
+            listener.cors_origins = cors_origins
             listener.maintenance = functools.partial(maintenance, listener, listener.maintenance)
             listener.accept = functools.partial(accept_unless_out_of_descriptors, listener, listener.accept)
             listener.readable = functools.partial(readable_unless_paused, listener, listener.readable)

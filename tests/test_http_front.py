@@ -205,11 +205,22 @@ def test_an_upload_cut_short_never_reaches_the_app_nor_its_metrics(server):
 
 
 def test_server_py_lets_the_pages_of_its_cors_origin_read_its_answers(server):
-    """--cors-origin reaches the app: an answer to a page of that origin says it may read it."""
+    """--cors-origin reaches the app and the HTTP server: an answer to a page of that origin says it
+    may read it, the app's and the refusals the HTTP server gives itself (a 413 was a failed fetch)."""
     _, url = server
     request = urllib.request.Request(url + "/health", headers={"Origin": TOOL_ORIGIN})
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.headers["Access-Control-Allow-Origin"] == TOOL_ORIGIN
+    sock = connect(url)
+    sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 + f"Origin: {TOOL_ORIGIN}\r\nContent-Length: {MAX_UPLOAD_MB * 2**20 + 1}\r\n\r\n".encode())
+    status, headers, _ = status_and_json(read_until_closed(sock, 10))
+    assert status == 413 and headers["access-control-allow-origin"] == TOOL_ORIGIN
+    sock = connect(url)  # a body that stops arriving: the 408 the HTTP server writes by hand
+    sock.sendall(b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 + f"Origin: {TOOL_ORIGIN}\r\nContent-Length: 100\r\n\r\n".encode())
+    status, headers, _ = status_and_json(read_until_closed(sock, 10 * CONNECTION_TIMEOUT_S))
+    assert status == 408 and headers["access-control-allow-origin"] == TOOL_ORIGIN
 
 
 def test_headers_too_large_get_json_431_and_no_server_header(server):

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,22 @@ LOADING_RETRY_AFTER_S = 5
 
 def web_origin(text: str) -> str:
     """A --cors-origin checked: * (any origin), or one as a browser sends it in its Origin header,
-    scheme://host[:port], in lower case as browsers write it (a path or a trailing / would match
-    no request)."""
-    if text == "*" or re.fullmatch(r"https?://[^/?#@\s]+", text, re.IGNORECASE):
-        return text.lower()
-    raise ValueError(f"{text!r} is not an origin: * or scheme://host[:port] as a browser sends it "
-                     "(http://localhost:3000), without a path or a trailing /")
+    scheme://host[:port], written as browsers write it: lower case, the host in punycode, no port
+    80 for http nor 443 for https (a path or a trailing / would match no request)."""
+    if text == "*":
+        return text
+    problem = ValueError(f"{text!r} is not an origin: * or scheme://host[:port] as a browser sends it "
+                         "(http://localhost:3000), without a path or a trailing /")
+    if not re.fullmatch(r"https?://[^/?#@\s]+", text, re.IGNORECASE):
+        raise problem
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port, host = parts.port, parts.hostname.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):  # a port that is no number, a host IDNA cannot write
+        raise problem from None
+    scheme = parts.scheme.lower()
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return f"{scheme}://{host}" + ("" if port in (None, {"http": 80, "https": 443}[scheme]) else f":{port}")
 
 
 def cross_origin_headers(origin: str | None, allowed: Iterable[str], preflight: bool) -> dict[str, str]:

@@ -463,14 +463,16 @@ def test_two_ways_of_naming_the_mode_are_refused_even_the_default(arguments, cap
 
 
 def test_cors_origins_are_taken_as_browsers_send_them(capsys):
-    """--cors-origin, repeated, or *, in lower case; an origin with a path or a trailing / (no
-    browser sends one: it would match no request) is refused in one line."""
+    """--cors-origin, repeated, or *, written as browsers write an Origin; an origin with a path or a
+    trailing / (no browser sends one: it would match no request) is refused in one line."""
     import server
 
     assert server.parse_args([]).cors_origin == []
-    assert server.parse_args(["--cors-origin", "HTTP://LocalHost:3000", "--cors_origin", "*"]).cors_origin == [
-        "http://localhost:3000", "*"]  # as a browser writes it
-    for value in ("http://localhost:3000/", "localhost:3000", "http://a/tool"):
+    given = ["HTTP://LocalHost:3000", "*", "http://localhost:80", "https://tool.example:443", "http://bücher.example"]
+    assert server.parse_args([arg for value in given for arg in ("--cors-origin", value)]).cors_origin == [
+        "http://localhost:3000", "*", "http://localhost", "https://tool.example",
+        "http://xn--bcher-kva.example"]  # as a browser writes them (no page sent the others)
+    for value in ("http://localhost:3000/", "localhost:3000", "http://a/tool", "http://a:99999"):
         with pytest.raises(SystemExit) as stopped:
             server.parse_args(["--cors-origin", value])
         error = capsys.readouterr().err

@@ -216,6 +216,7 @@ class ModelThread(Executor):
     def __init__(self, name: str = "model") -> None:
         self.jobs = JobQueue()
         self._shut_down = False
+        self._shutdown_lock = threading.Lock()  # no job queued after the end's mark
         self._thread = threading.Thread(target=self._run_forever, name=name, daemon=True)
         self._thread.start()
 
@@ -223,18 +224,24 @@ class ModelThread(Executor):
         return self.submit_as("call", function, *arguments, **keywords)
 
     def submit_as(self, kind: str, function: Callable, /, *arguments, **keywords) -> Future:
-        if self._shut_down:
-            raise RuntimeError("cannot queue a call after shutdown")
         job = Job(kind=kind, call=functools.partial(function, *arguments, **keywords))
-        self.jobs.put(job)
+        with self._shutdown_lock:
+            if self._shut_down:
+                raise RuntimeError("cannot queue a call after shutdown")
+            self.jobs.put(job)
         return job.future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Runs what is queued, then ends the thread (an image without a call marks the end: every
-        call queued before it runs first, as every image queued before it)."""
-        if not self._shut_down:
-            self._shut_down = True
-            self.jobs.put(Job())
+        """Runs what is queued (with cancel_futures, cancels it), then ends the thread (an image
+        without a call marks the end: every call queued before it runs first, as every image)."""
+        with self._shutdown_lock:
+            if not self._shut_down:
+                self._shut_down = True
+                if cancel_futures:
+                    with self.jobs.mutex:
+                        for job in self.jobs.queue:
+                            job.future.cancel()
+                self.jobs.put(Job())
         if wait:
             self._thread.join()
 

@@ -683,7 +683,8 @@ def test_an_image_lets_a_bounded_number_of_calls_pass(monkeypatch):
 def test_a_model_thread_runs_calls_ahead_of_the_images_queued_before_them():
     """worker.ModelThread (a Ray Serve replica's) takes its jobs in InferenceWorker's order: calls
     ahead of the images queued before them. As an executor's: a call cancelled while queued is not
-    run, a call's error goes to its caller, shutdown runs what was queued and refuses more."""
+    run, a call's error goes to its caller, shutdown runs what was queued (or cancels it, with
+    cancel_futures) and refuses more."""
     model_thread, gate, ran = ModelThread("model-thread-test"), threading.Event(), []
     held = model_thread.submit_as("image", gate.wait, 10)
     wait_for(lambda: model_thread.jobs.empty())  # the first image runs, held
@@ -698,6 +699,12 @@ def test_a_model_thread_runs_calls_ahead_of_the_images_queued_before_them():
         failing.result()
     with pytest.raises(RuntimeError, match="after shutdown"):
         model_thread.submit(ran.append, 4)
+    model_thread, gate = ModelThread("model-thread-test"), threading.Event()  # with cancel_futures: cancelled
+    held, queued = model_thread.submit(gate.wait, 10), model_thread.submit(ran.append, "cancelled")
+    wait_for(lambda: model_thread.jobs.qsize() == 1)
+    threading.Timer(0.2, gate.set).start()
+    model_thread.shutdown(cancel_futures=True)
+    assert held.result() is True and queued.cancelled() and ran == ["call", "decode", 2, 3]
 
 
 def test_a_request_whose_client_has_gone_is_skipped_when_its_turn_comes():

@@ -59,7 +59,7 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
     cross_origin_headers, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
-    form_prompts, is_json, json_text, read_query, render_answer, require_cache_room, require_segment_form,
+    form_prompts, is_json, json_text, prompt_parts, read_query, render_answer, require_cache_room, require_segment_form,
     require_segmenter, require_short_url, require_small_urlencoded, segment_answer, share_encodings, too_many_parts,
     unread_body, unreadable_form, upload_prompts, web_origin,
 )
@@ -99,8 +99,8 @@ class SegmentEverything:
     loop, so requests keep arriving (and batching) while the model runs. As in server.py, calls
     that are not segment-everything (/embed, /segment) go ahead of the images queued on that thread
     before them (worker.ModelThread; @serve.batch hands it one batch at a time, ?format=coco's
-    images one by one), and on a CPU prompt sets are decoded between the batches of point prompts
-    of the images being made: a click waits for one batch of points."""
+    images one by one), and on a CPU prompt sets (of one part, by image_id) are decoded between the
+    batches of point prompts of the images being made: a click waits for one batch of points."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
                  embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES,
@@ -283,8 +283,12 @@ class SegmentEverything:
             prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
             image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
                                                              kind="encode")
+        # Prompt sets of one part (one of server.py's turns on the model) may be decoded between an image
+        # batch's batches of points; more wait for the batch, as server.py's later parts wait their turns:
+        # a click makes images wait one part at most.
+        kind = "decode" if len(prompt_parts(prompts, embedding.size)) == 1 else "call"
         return await self.on_model_thread(
-            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here, kind="decode")
+            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here, kind=kind)
 
 
 def is_file(value) -> bool:

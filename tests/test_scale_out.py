@@ -1166,6 +1166,34 @@ def test_a_ray_serve_replicas_clicks_go_ahead_of_its_images(bare_ray_batching, b
     assert stub.batches == [[1], [-2]] and masks == [{"size": [8, 8], "counts": [1, 1]}] and len(records) == 1
 
 
+def test_a_ray_serve_replica_decodes_one_part_of_prompt_sets_between_batches_of_points(monkeypatch):
+    """A /segment of more prompt sets than one part (SEGMENT_PART_PIXELS, one of server.py's turns
+    on the model) is no "decode" that runs between an image batch's batches of points: those all
+    ran there at once (64 sets on a 12 MP image: 38 s), where server.py runs one part."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    import deploy.ray_serve_app as ray_serve_app
+    from sam2serve.interactive import EmbeddingCache
+
+    kinds = []
+
+    async def on_model_thread(function, *arguments, kind="call"):
+        kinds.append(kind)
+        return {"kind": kind}
+
+    replica = bare_replica(limits=Limits(), info={"mode": "ao"}, segmenter=object(), connection_timeout_s=5,
+                           cache=EmbeddingCache(2**20), pipeline=SimpleNamespace(mode=SimpleNamespace(name="ao")),
+                           on_model_thread=on_model_thread)
+    for sets, kind in ((1, "decode"), (33, "decode"), (34, "call")):  # 3 masks of 1000 x 1000 each: 33 a part
+        prompts = [SimpleNamespace(multimask=True)] * sets
+        monkeypatch.setattr(ray_serve_app, "cached_image_prompts", lambda body, cache, limits, prompts=prompts: (
+            "id", SimpleNamespace(size=(1000, 1000)), prompts, {}))
+        status, _, body = bare_replica_answer(replica, "POST", "/segment", [b"{}"],
+                                              [("content-type", "application/json")])
+        assert (status, json.loads(body)) == (200, {"kind": kind}), sets
+
+
 def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):
     """As server.py does: an /embed of an image whose masks a replica has just made finds that
     image's encoding in the replica's cache instead of encoding it again."""

@@ -182,6 +182,18 @@ class SegmentEverything:
         work.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self.model_call_ended, loop))
         return await asyncio.wrap_future(work, loop=loop)
 
+    async def off_the_model_thread(self, function, *arguments):
+        """function(*arguments, run) on a thread of its own, as server.py's HTTP threads run protocol's
+        embed_image: what needs no model (the image's id, the cache's look-up) there, its model call
+        (run(call, kind)) queued on the model's thread in its turn. An /embed of an image already
+        encoded (the web page's, after its masks) waited for the image batch being made."""
+        loop = asyncio.get_running_loop()
+
+        def run(call, kind: str = "call"):
+            return asyncio.run_coroutine_threadsafe(self.on_model_thread(call, kind=kind), loop).result()
+
+        return await asyncio.to_thread(function, *arguments, run)
+
     def model_call_ended(self, loop: asyncio.AbstractEventLoop) -> None:
         self.model_calls -= 1
         if not self.model_calls:
@@ -268,8 +280,7 @@ class SegmentEverything:
         if path == "/embed":
             require_cache_room(self.cache)
             image = await self.uploaded_image(request)
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
-                                                             kind="encode")
+            image_id, embedding = await self.off_the_model_thread(embed_image, image, self.segmenter, self.cache)
             return embed_answer(image_id, embedding, self.cache)
         if is_json(mimetype):
             image_id, embedding, prompts, mask_inputs = cached_image_prompts(await request.body(), self.cache,
@@ -281,8 +292,7 @@ class SegmentEverything:
             prompts = form_prompts(text_fields, file_names)
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
             prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
-            image_id, embedding = await self.on_model_thread(embed_image, image, self.segmenter, self.cache, run_here,
-                                                             kind="encode")
+            image_id, embedding = await self.off_the_model_thread(embed_image, image, self.segmenter, self.cache)
         # Prompt sets of one part (one of server.py's turns on the model) may be decoded between an image
         # batch's batches of points; more wait for the batch, as server.py's later parts wait their turns:
         # a click makes images wait one part at most.
@@ -418,9 +428,8 @@ def route(scope: dict) -> str:
 
 
 def run_here(function, kind: str = "call"):
-    """How protocol.py's prompt functions (embed_image, segment_answer) run a model call: here,
-    already on the model thread (a request's calls one after the other, without a queue to wait
-    in; their kinds time nothing)."""
+    """How protocol.py's segment_answer runs its model calls: here, already on the model thread (a
+    request's parts one after the other, without a queue to wait in; their kinds time nothing)."""
     return function()
 
 

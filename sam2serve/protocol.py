@@ -531,8 +531,8 @@ def mask_key(image_id: str, mask_input: str) -> str:
 def embed_image(image: np.ndarray, segmenter, cache: EmbeddingCache, run: Callable):
     """(image_id, Embedding) of an image: from the cache, or through run(function, kind="encode"),
     which runs function on the model's thread (server.py: InferenceWorker.call, or a request's
-    calls_of_one_request; the Ray Serve app: run_here), where the first request for the image
-    encodes it and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
+    calls_of_one_request; the Ray Serve app: its ModelThread), where the first request for the
+    image encodes it and the others, queued meanwhile, find it cached. Each takes its place in the worker's queue
     (503 when it is full): none waits for another's encoding outside it, holding one of the
     threads sized for the queue. The caller has checked require_segmenter() before reading the
     upload."""

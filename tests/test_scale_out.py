@@ -1194,6 +1194,43 @@ def test_a_ray_serve_replica_decodes_one_part_of_prompt_sets_between_batches_of_
         assert (status, json.loads(body)) == (200, {"kind": kind}), sets
 
 
+def test_a_ray_serve_replica_answers_an_embed_of_an_encoded_image_while_its_model_is_busy():
+    """As server.py: the image's id and the cache's look-up off the model's thread, only an encoding
+    on it. The web page's /embed after its masks (the encoding kept) waited for the image batch being
+    made: 7 s on the micro model, 4 images a batch, on 2 cores."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from sam2serve.interactive import EmbeddingCache
+    from sam2serve.protocol import embed_image, image_key
+    from sam2serve.worker import ModelThread
+
+    cache, encoded = EmbeddingCache(2**20), SimpleNamespace(nbytes=10, size=(8, 8))
+    cache.put(image_key("encoded"), encoded, 10)
+    segmenter = SimpleNamespace(image_id=lambda image: "encoded" if image[0, 0, 0] == 1 else "new",
+                                embed=lambda image: SimpleNamespace(nbytes=10, size=(8, 8)))
+    replica = bare_replica(model_thread=ModelThread(), cache=cache, segmenter=segmenter)
+    gate, running = threading.Event(), threading.Event()
+
+    async def clients():
+        busy = asyncio.ensure_future(replica.on_model_thread(lambda: running.set() or gate.wait(10), kind="image"))
+        while not running.is_set():  # images being made, held there
+            await asyncio.sleep(0.01)
+        image = lambda value: np.full((8, 8, 3), value, np.uint8)  # noqa: E731
+        cached = await asyncio.wait_for(replica.off_the_model_thread(embed_image, image(1), segmenter, cache), 5)
+        new = asyncio.ensure_future(replica.off_the_model_thread(embed_image, image(2), segmenter, cache))
+        await asyncio.sleep(0.3)
+        waited = not new.done()  # an encoding waits for its turn on the model
+        gate.set()
+        return cached, waited, await new, await busy
+
+    cached, waited, new, _ = asyncio.run(asyncio.wait_for(clients(), timeout=30))
+    replica.model_thread.shutdown()
+    assert cached == ("encoded", encoded) and waited and new[0] == "new" and cache.holds(image_key("new"))
+
+
 def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):
     """As server.py does: an /embed of an image whose masks a replica has just made finds that
     image's encoding in the replica's cache instead of encoding it again."""

@@ -71,7 +71,6 @@ WEB_FILES = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "tex
              "/static/style.css": ("style.css", "text/css")}
 ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           **{path: "GET" for path in WEB_FILES}}
-ALLOWED = {"POST": "POST, OPTIONS", "GET": "GET, OPTIONS"}  # OPTIONS's Allow header, by a route's method
 
 
 def json_error(error: Exception) -> Response:
@@ -231,7 +230,7 @@ class SegmentEverything:
             return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
                             status_code=404, media_type="application/json")
         if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
-            return Response(status_code=200, headers={"Allow": ALLOWED[ROUTES.get(path, "GET")]},
+            return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
                             media_type="text/html")
         if request.method != ROUTES.get(path, "GET"):
             return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,

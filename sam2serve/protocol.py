@@ -709,7 +709,7 @@ def cached_image_prompts(body: bytes, cache: EmbeddingCache,
     allowed take under 200 kB as compact JSON, and parsing megabytes would cost seconds."""
     if len(body) > limits.max_form_field_bytes:
         raise FormTooLarge(f"the JSON body is larger than the limit of {limits.max_form_field_bytes} bytes; "
-                           f"{PROMPTS_FIT}")
+                           + PROMPTS_FIT)
     image_id, prompts = segment_payload(json_payload(body))
     embedding = cached_embedding(cache, image_id)
     prompts = parse_prompts(prompts, embedding.size)

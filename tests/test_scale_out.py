@@ -1290,6 +1290,29 @@ def test_a_ray_serve_replica_idle_after_work_gives_freed_memory_back_once(monkey
     assert asked == [worker_module.TRIM_ABOVE_BYTES]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts its threads in Linux's /proc")
+def test_a_ray_serve_replica_builds_its_model_and_prompts_on_one_thread():
+    """A replica's pipeline and its prompts' segmenter are both built on its model thread
+    (worker.py, "Which thread"): the segmenter built on the replica's own thread gave the
+    process a second OpenMP pool, and on 2 cores the micro model's images took 1.9 s instead
+    of 1.2. In a process of its own, torch on 2 threads: a replica adds one thread that Python
+    did not start (its model thread's pool's), not two."""
+    pytest.importorskip("ray")
+    script = """
+import os, threading, torch
+torch.set_num_threads(2)
+from deploy.ray_serve_app import SegmentEverything
+def native_threads():  # threads that Python did not start: OpenMP's
+    return len(os.listdir("/proc/self/task")) - len(threading.enumerate())
+before = native_threads()
+replica = SegmentEverything.func_or_class({}, 2, 0.02)
+print(native_threads() - before)
+"""
+    built = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert built.stdout.split()[-1] == "1"
+
+
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
                                                                flask_client, tmp_path):
     from deploy.ray_bulk_job import run

@@ -59,7 +59,7 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
     cross_origin_headers, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
-    form_prompts, is_json, json_text, prompt_parts, read_query, render_answer, require_cache_room, require_segment_form,
+    form_prompts, is_json, json_text, read_query, render_answer, require_cache_room, require_segment_form,
     require_segmenter, require_short_url, require_small_urlencoded, segment_answer, share_encodings, too_many_parts,
     unread_body, unreadable_form, upload_prompts, web_origin,
 )
@@ -98,8 +98,9 @@ class SegmentEverything:
     loop, so requests keep arriving (and batching) while the model runs. As in server.py, calls
     that are not segment-everything (/embed, /segment) go ahead of the images queued on that thread
     before them (worker.ModelThread; @serve.batch hands it one batch at a time, ?format=coco's
-    images one by one), and on a CPU prompt sets (of one part, by image_id) are decoded between the
-    batches of point prompts of the images being made: a click waits for one batch of points."""
+    images one by one), and on a CPU a /segment's prompt sets (by image_id) are decoded between the
+    batches of point prompts of the images being made, a part a turn: a click waits for one batch
+    of points."""
 
     def __init__(self, options: dict, batch_size: int, batch_wait_s: float,
                  embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES,
@@ -185,9 +186,9 @@ class SegmentEverything:
 
     async def off_the_model_thread(self, function, *arguments):
         """function(*arguments, run) on a thread of its own, as server.py's HTTP threads run protocol's
-        embed_image: what needs no model (the image's id, the cache's look-up) there, its model call
-        (run(call, kind)) queued on the model's thread in its turn. An /embed of an image already
-        encoded (the web page's, after its masks) waited for the image batch being made."""
+        embed_image and segment_answer: what needs no model (the image's id, the cache's look-up) there,
+        each model call (run(call, kind)) queued on the model's thread in its turn. An /embed of an image
+        already encoded (the web page's, after its masks) waited for the image batch being made."""
         loop = asyncio.get_running_loop()
 
         def run(call, kind: str = "call"):
@@ -294,12 +295,11 @@ class SegmentEverything:
             image = await self.uploaded_image(request, form, fields_too=("prompts",))
             prompts, mask_inputs = upload_prompts(prompts, image, self.segmenter, self.cache)
             image_id, embedding = await self.off_the_model_thread(embed_image, image, self.segmenter, self.cache)
-        # Prompt sets of one part (one of server.py's turns on the model) may be decoded between an image
-        # batch's batches of points; more wait for the batch, as server.py's later parts wait their turns:
-        # a click makes images wait one part at most.
-        kind = "decode" if len(prompt_parts(prompts, embedding.size)) == 1 else "call"
-        return await self.on_model_thread(
-            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache, run_here, kind=kind)
+        # Each part of the prompt sets (one of server.py's turns on the model) queued on the model's thread
+        # as a "decode" of its own, the next once it is decoded: between an image batch's batches of points
+        # a click's parts are decoded one a turn, and the images wait one part at most.
+        return await self.off_the_model_thread(
+            segment_answer, image_id, embedding, prompts, mask_inputs, self.segmenter, self.cache)
 
 
 def is_file(value) -> bool:
@@ -426,12 +426,6 @@ def route(scope: dict) -> str:
     config file), Ray Serve passes the whole path and the prefix as the ASGI root_path."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root):] if path.startswith(root) else path
-
-
-def run_here(function, kind: str = "call"):
-    """How protocol.py's segment_answer runs its model calls: here, already on the model thread (a
-    request's parts one after the other, without a queue to wait in; their kinds time nothing)."""
-    return function()
 
 
 def build(args: dict[str, str]) -> serve.Application:

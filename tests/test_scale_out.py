@@ -1166,32 +1166,38 @@ def test_a_ray_serve_replicas_clicks_go_ahead_of_its_images(bare_ray_batching, b
     assert stub.batches == [[1], [-2]] and masks == [{"size": [8, 8], "counts": [1, 1]}] and len(records) == 1
 
 
-def test_a_ray_serve_replica_decodes_one_part_of_prompt_sets_between_batches_of_points(monkeypatch):
-    """A /segment of more prompt sets than one part (SEGMENT_PART_PIXELS, one of server.py's turns
-    on the model) is no "decode" that runs between an image batch's batches of points: those all
-    ran there at once (64 sets on a 12 MP image: 38 s), where server.py runs one part."""
+def test_a_ray_serve_replica_queues_each_part_of_prompt_sets_as_a_decode_of_its_own(monkeypatch):
+    """As server.py's turns on the model: each part of a /segment's prompt sets (SEGMENT_PART_PIXELS)
+    is a "decode" of its own on the model's thread, queued once the one before it is decoded, so that
+    between an image batch's batches of points its parts are decoded one a turn. All of them ran in one
+    gap between two batches (64 sets on a 12 MP image: 38 s), and then none of more than one part did."""
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
     import deploy.ray_serve_app as ray_serve_app
     from sam2serve.interactive import EmbeddingCache
+    from sam2serve.worker import ModelThread
 
-    kinds = []
-
-    async def on_model_thread(function, *arguments, kind="call"):
-        kinds.append(kind)
-        return {"kind": kind}
-
-    replica = bare_replica(limits=Limits(), info={"mode": "ao"}, segmenter=object(), connection_timeout_s=5,
+    calls, decoded = [], []  # each model call's kind and the prompt sets decoded by it
+    segmenter = SimpleNamespace(segment=lambda embedding, part, mask_inputs: decoded.append(len(part)) or [
+        SimpleNamespace(masks=torch.zeros(1, 2, 2, dtype=torch.bool), iou_predictions=torch.ones(1),
+                        low_res_logits=[]) for _ in part])
+    replica = bare_replica(limits=Limits(), info={"mode": "ao"}, segmenter=segmenter, connection_timeout_s=5,
                            cache=EmbeddingCache(2**20), pipeline=SimpleNamespace(mode=SimpleNamespace(name="ao")),
-                           on_model_thread=on_model_thread)
-    for sets, kind in ((1, "decode"), (33, "decode"), (34, "call")):  # 3 masks of 1000 x 1000 each: 33 a part
-        prompts = [SimpleNamespace(multimask=True)] * sets
+                           model_thread=ModelThread())
+    model_call = replica.on_model_thread
+    monkeypatch.setattr(replica, "on_model_thread", lambda *call, kind="call": calls.append(kind) or model_call(
+        *call, kind=kind), raising=False)
+    for sets, parts in ((1, [1]), (33, [33]), (34, [33, 1]), (67, [33, 33, 1])):  # 3 masks of 1000 x 1000: 33 a part
+        calls.clear(), decoded.clear()
+        prompts = [SimpleNamespace(multimask=True, keep_logits=False)] * sets
         monkeypatch.setattr(ray_serve_app, "cached_image_prompts", lambda body, cache, limits, prompts=prompts: (
             "id", SimpleNamespace(size=(1000, 1000)), prompts, {}))
         status, _, body = bare_replica_answer(replica, "POST", "/segment", [b"{}"],
                                               [("content-type", "application/json")])
-        assert (status, json.loads(body)) == (200, {"kind": kind}), sets
+        assert status == 200 and len(json.loads(body)["results"]) == sets
+        assert (calls, decoded) == (["decode"] * len(parts), parts), sets
+    replica.model_thread.shutdown()
 
 
 def test_a_ray_serve_replica_answers_an_embed_of_an_encoded_image_while_its_model_is_busy():
@@ -1237,7 +1243,7 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
     import asyncio
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import SegmentEverything, run_here
+    from deploy.ray_serve_app import SegmentEverything
     from sam2serve.protocol import embed_image
 
     options = dict(checkpoint_dir=None, model_type=None, mode="ao", device="cpu", amg={"points_per_side": 4},
@@ -1246,7 +1252,7 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
     image = make_scene(96, 128, seed=3)
     asyncio.run(replica.masks(image))
     assert replica.cache.stats().spares == 1
-    replica.model_thread.submit(embed_image, image, replica.segmenter, replica.cache, run_here).result()
+    asyncio.run(replica.off_the_model_thread(embed_image, image, replica.segmenter, replica.cache))
     stats = replica.cache.stats()
     replica.model_thread.shutdown()
     assert (stats.hits, stats.misses, stats.entries, stats.spares) == (1, 0, 1, 0)

@@ -58,10 +58,10 @@ from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
-    cross_origin_headers, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer, form_limit_error,
-    form_prompts, is_json, json_text, read_query, render_answer, require_cache_room, require_segment_form,
-    require_segmenter, require_short_url, require_small_urlencoded, segment_answer, share_encodings, too_many_parts,
-    unread_body, unreadable_form, upload_prompts, web_origin,
+    cross_origin_headers, decode_body_image, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer,
+    form_limit_error, form_prompts, is_image_body, is_json, json_text, read_query, render_answer, require_cache_room,
+    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
+    share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts, web_origin,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -266,14 +266,17 @@ class SegmentEverything:
         return Response(body, media_type=media_type)
 
     async def uploaded_image(self, request: Request, form=None, fields_too: tuple[str, ...] = ()):
-        """The upload's image (form: the request's, where already read); the form's fields besides
-        'image': fields_too (decode_upload)."""
+        """The upload's image: the body itself (is_image_body, as server.py), or a form's file 'image'
+        (form: the request's, where already read), with fields besides it: fields_too (decode_upload)."""
+        content_type = request.headers.get("content-type", "")
+        declared_bytes = int(request.headers.get("content-length") or 0)
+        if form is None and not fields_too and is_image_body(content_type, declared_bytes):
+            return decode_body_image(await request.body(), self.limits)
         form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if is_file(upload)]
         file_names, text_fields = form_fields(form)
         return decode_upload(files, sorted(set(file_names)), self.limits, [name for name, _ in text_fields],
-                             unread_body(request.headers.get("content-type", ""),
-                                         int(request.headers.get("content-length") or 0)), fields_too)
+                             unread_body(content_type, declared_bytes), fields_too)
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by protocol.py's functions, as server.py's app answers them."""

@@ -310,7 +310,27 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
 
 
 def missing_image(received: str) -> BadRequest:
-    return BadRequest(f"expected a multipart form field named 'image' (curl -F 'image=@file.jpg'); {received}")
+    return BadRequest("expected a multipart form field named 'image' (curl -F 'image=@file.jpg'), or the image "
+                      "as the body with its type (curl --data-binary @file.jpg -H 'Content-Type: image/jpeg'); "
+                      + received)
+
+
+def is_image_body(content_type: str, body_bytes: int) -> bool:
+    """Whether a body is an image sent as it is, not in a form (curl --data-binary @file.jpg -H
+    'Content-Type: image/jpeg', or a client library's raw bytes): its Content-Type is image/* or
+    application/octet-stream, or it has none and holds something. The image's own bytes say its
+    format, whatever type was sent."""
+    mimetype = content_type_parts(content_type)[0]
+    return mimetype.startswith("image/") or mimetype == "application/octet-stream" or (not mimetype and body_bytes > 0)
+
+
+def decode_body_image(body: bytes, limits: Limits) -> np.ndarray:
+    """The image sent as the whole body (is_image_body), checked and decoded as a form's file is."""
+    if not body:
+        raise BadRequest("the body is empty: send the image's bytes as the body (curl --data-binary @file.jpg "
+                         "-H 'Content-Type: image/jpeg'), or in the multipart field 'image' "
+                         "(curl -F 'image=@file.jpg')")
+    return decode_image(body, limits.max_pixels)
 
 
 def require_small_urlencoded(content_type: str, body_bytes: int, limits: Limits) -> None:

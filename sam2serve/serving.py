@@ -26,10 +26,10 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
-    cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_upload, embed_answer,
-    embed_image, error_answer, form_limit_error, form_prompts, is_json, json_text, malformed_form, read_query,
-    render_answer, require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
-    require_small_urlencoded, segment_answer, unread_body, upload_prompts,
+    cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload,
+    embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, json_text,
+    malformed_form, read_query, render_answer, require_cache_room, require_named_parts, require_segment_form,
+    require_segmenter, require_short_url, require_small_urlencoded, segment_answer, unread_body, upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -103,10 +103,13 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
                 raise error
 
     def uploaded_image(fields_too: tuple[str, ...] = ()) -> np.ndarray:
-        """The upload's image; the form's fields besides 'image': fields_too (decode_upload)."""
+        """The upload's image: the body itself (is_image_body: where a form's fields_too are not
+        expected), or a form's file 'image', with fields besides it: fields_too (decode_upload)."""
         gone = client_gone_check()
         if gone is not None and gone():  # its client gave up while the upload waited for a thread
             raise Abandoned("the client closed its connection before its image was read")
+        if not fields_too and is_image_body(request.content_type or "", request.content_length or 0):
+            return decode_body_image(request.get_data(cache=False), limits)
         require_small_urlencoded(request.content_type or "", request.content_length or 0, limits)
         require_readable_form()
         uploads = request.files.getlist("image")

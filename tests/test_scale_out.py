@@ -500,6 +500,10 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
         assert one_shot.get_data() == flask_segment.get_data()
         from .test_http_front import multipart
 
+        for endpoint in ("/upload_rle", "/embed"):  # the image as the body: as in a form, as server.py answers
+            for content_type in ("image/jpeg", "application/octet-stream"):
+                raw = post(url + endpoint, data, content_type, 120)
+                assert (raw[0], raw[2]) == flask_answer(flask_client, endpoint, data), (endpoint, content_type)
         ray_one_shot = post(url + "/segment", *multipart([("image", "a.jpg", data),
                                                           ("prompts", None, json.dumps(prompts).encode())]), 120)
         assert ray_one_shot[0] == 200 and json.loads(ray_one_shot[2])["image_id"] == ours["image_id"]
@@ -556,7 +560,8 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "no boundary": (b"garbage", "multipart/form-data"),
         "another multipart type": (b"garbage", "multipart/mixed; boundary=b"),
         "path without @": multipart([("image", None, b"shapes.jpg")]),
-        "raw image": (image[2], "image/jpeg"),
+        "raw image, empty": (b"", "image/jpeg"),
+        "raw image, not an image": (b"garbage", "application/octet-stream"),
         "a part without a name": multipart([image, (None, None, b"x")]),
         "a setting as a form field": multipart([image, ("pred_iou_thresh", None, b"0.6")]),
         "image as a file and as text": multipart([image, ("image", None, b"x")]),
@@ -573,7 +578,8 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         status, _, answer = post(url + "/upload_rle", body, content_type, 60)
         flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
-        if status == 413 or case in ("path without @", "raw image", "another multipart type", "a part without a name",
+        if status == 413 or case in ("path without @", "raw image, empty", "raw image, not an image",
+                                     "another multipart type", "a part without a name",
                                      "a setting as a form field", "image as a file and as text",
                                      "another file", "a photo as the body"):  # the same message as well
             assert answer == flask.get_data(), case

@@ -215,8 +215,17 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
                                   "format go in the URL's query"),
         "image_as_file_and_text": (["-F", f"image=@{scene}", "-F", "image=x"], 400, "as a file and as text"),
         "another_file": (["-F", f"image=@{scene}", "-F", f"mask=@{scene}"], 400, "unknown form fields 'mask'"),
-        "raw_image_body": (["--data-binary", f"@{scene}", "-H", "Content-Type: image/jpeg"], 400,
-                           "the body is image/jpeg, not a multipart form"),
+        # An image as the body (test_an_image_sent_as_the_body_...): one that is none, or none at all.
+        "raw_body_not_an_image": (["--data-binary", f"@{folder / 'text.jpg'}", "-H", "Content-Type: image/jpeg"], 400,
+                                  "not an image"),
+        "raw_body_empty": (["-H", "Content-Type: image/png"], 400, "the body is empty"),
+        "raw_body_truncated": (["--data-binary", f"@{folder / 'truncated.jpg'}", "-H",
+                                "Content-Type: application/octet-stream"], 400, "decoded"),
+        "raw_body_too_large": (["--data-binary", f"@{folder / 'huge.bin'}", "-H", "Content-Type: image/jpeg"], 413,
+                               "bytes"),
+        # curl --data-binary's own type: no form, and the error says which header to send.
+        "photo_as_url_encoded_body": (["--data-binary", f"@{scene}"], 400, "the body with its type (curl "
+                                      "--data-binary @file.jpg -H 'Content-Type: image/jpeg')"),
         "multipart_without_boundary": (["--data-binary", f"@{scene}", "-H", "Content-Type: multipart/form-data"],
                                        400, "names no boundary"),
         "other_multipart_type": (["-F", f"image=@{scene}", "-H", "Content-Type: multipart/mixed"], 400,
@@ -241,6 +250,24 @@ def test_bad_input_gets_json_error_and_server_keeps_serving(servers, image_files
     assert status == 404 and "error" in json.loads(body)
     status, _ = curl("-X", "POST", url, "-F", f"image=@{image_files / 'third.jpg'}", "--output", "/dev/null")
     assert status == 200
+
+
+def test_an_image_sent_as_the_body_is_answered_as_the_same_image_in_a_form(servers, image_files):
+    """curl --data-binary @file.jpg -H 'Content-Type: image/jpeg', any other image/* type,
+    application/octet-stream, or no Content-Type (a client library's raw bytes): the answer of the
+    same image in the multipart field 'image', on /upload_rle (settings and format in the URL),
+    /upload and /embed. /segment, whose prompts come beside the image, takes it in a form."""
+    scene = image_files / "scene.jpg"
+    for endpoint in ("/upload_rle", "/upload_rle?format=coco&pred_iou_thresh=0.5", "/upload", "/embed"):
+        url = servers["ao"] + endpoint
+        in_form = curl("-X", "POST", url, "-F", f"image=@{scene}")
+        assert in_form[0] == 200
+        for content_type in ("image/jpeg", "image/png", "application/octet-stream", None):
+            header = f"Content-Type: {content_type}" if content_type else "Content-Type:"  # curl: no such header
+            assert curl("-X", "POST", url, "--data-binary", f"@{scene}", "-H", header) == in_form, (endpoint, header)
+    status, body = curl("-X", "POST", servers["ao"] + "/segment", "--data-binary", f"@{scene}", "-H",
+                        "Content-Type: image/jpeg")
+    assert status == 400 and "or a multipart form with image and prompts" in json.loads(body)["error"]
 
 
 def run_server_expecting_exit(*arguments: str) -> subprocess.CompletedProcess:

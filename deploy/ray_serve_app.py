@@ -32,6 +32,7 @@ import asyncio
 import io
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,13 +189,22 @@ class SegmentEverything:
         """function(*arguments, run) on a thread of its own, as server.py's HTTP threads run protocol's
         embed_image and segment_answer: what needs no model (the image's id, the cache's look-up) there,
         each model call (run(call, kind)) queued on the model's thread in its turn. An /embed of an image
-        already encoded (the web page's, after its masks) waited for the image batch being made."""
+        already encoded (the web page's, after its masks) waited for the image batch being made. Once
+        the request is cancelled (its client gone), no more of its calls are queued: a /segment stops
+        before its next part, as in server.py."""
         loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
 
         def run(call, kind: str = "call"):
+            if cancelled.is_set():
+                raise Abandoned("the client closed its connection before its answer")
             return asyncio.run_coroutine_threadsafe(self.on_model_thread(call, kind=kind), loop).result()
 
-        return await asyncio.to_thread(function, *arguments, run)
+        try:
+            return await asyncio.to_thread(function, *arguments, run)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def model_call_ended(self, loop: asyncio.AbstractEventLoop) -> None:
         self.model_calls -= 1

@@ -1206,6 +1206,48 @@ def test_a_ray_serve_replica_queues_each_part_of_prompt_sets_as_a_decode_of_its_
     replica.model_thread.shutdown()
 
 
+def test_a_ray_serve_replica_stops_a_segment_whose_client_left_before_its_next_part():
+    """As server.py: a /segment whose request Ray cancels (its client gone) queues no more of its
+    parts on the model's thread; the replica decoded the rest for nobody."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from sam2serve.interactive import EmbeddingCache
+    from sam2serve.protocol import segment_answer
+    from sam2serve.worker import ModelThread
+
+    decoding, gate, decoded = threading.Event(), threading.Event(), []
+
+    def segment(embedding, part, mask_inputs):
+        decoding.set()
+        gate.wait(10)
+        decoded.append(len(part))
+        return [SimpleNamespace(masks=torch.zeros(1, 2, 2, dtype=torch.bool), iou_predictions=torch.ones(1),
+                                low_res_logits=[]) for _ in part]
+
+    replica = bare_replica(model_thread=ModelThread())
+    prompts = [SimpleNamespace(multimask=True, keep_logits=False)] * 34  # 3 masks of 1000 x 1000: parts of 33 and 1
+
+    async def client():
+        request = asyncio.ensure_future(replica.off_the_model_thread(
+            segment_answer, "id", SimpleNamespace(size=(1000, 1000)), prompts, {}, SimpleNamespace(segment=segment),
+            EmbeddingCache(2**20)))
+        while not decoding.is_set():  # its first part on the model
+            await asyncio.sleep(0.01)
+        request.cancel()  # as Ray cancels the request of a client gone
+        await asyncio.sleep(0.05)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.5)  # time for a second part to be queued and decoded
+
+    asyncio.run(asyncio.wait_for(client(), timeout=30))
+    replica.model_thread.shutdown()
+    assert decoded == [33]
+
+
 def test_a_ray_serve_replica_answers_an_embed_of_an_encoded_image_while_its_model_is_busy():
     """As server.py: the image's id and the cache's look-up off the model's thread, only an encoding
     on it. The web page's /embed after its masks (the encoding kept) waited for the image batch being

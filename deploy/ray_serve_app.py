@@ -1,10 +1,10 @@
 """The server on a Ray cluster: Ray Serve, one replica per GPU, Ray Serve's own request batching.
 
 Same endpoints, request and answer formats as server.py (POST /upload, /upload_rle and /embed
-with the multipart field `image`, POST /segment, GET /health), the same pipeline code and the
-same limits and error answers. Ray Serve queues, batches (`@serve.batch`) and spreads requests
-over replicas; a full queue answers 503, in Ray Serve's own words (plain text, no Retry-After).
-The web page too (GET /); not /metrics (Ray exports its own metrics).
+with the multipart field `image` or the image as the body, POST /segment, GET /health), the same
+pipeline code and the same limits and error answers. Ray Serve queues, batches (`@serve.batch`)
+and spreads requests over replicas; a full queue answers 503, in Ray Serve's own words (plain
+text, no Retry-After). The web page too (GET /); not /metrics (Ray exports its own metrics).
 
     serve run deploy.ray_serve_app:build checkpoint_dir=~/checkpoints/sam2 model_type=large mode=fast
     curl -X POST http://127.0.0.1:8000/upload_rle -F 'image=@examples/shapes.jpg'
@@ -29,11 +29,14 @@ after 5 minutes of less load.
 """
 
 import asyncio
+import contextvars
+import functools
 import io
 import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -109,6 +112,10 @@ class SegmentEverything:
         self.connection_timeout_s = connection_timeout_s  # a body that stops arriving this long: 408
         self.cors_origins = cors_origins  # whose web pages may read the answers (as server.py's --cors-origin)
         self.model_thread = ModelThread("model")
+        # off_the_model_thread's threads, one for each request the replica holds (build's max_ongoing_requests):
+        # the event loop's default executor (cores + 4 threads) let six clicks waiting for the model hold up an
+        # /embed of an image already encoded. Started as needed.
+        self.request_threads = ThreadPoolExecutor(max(MAX_ONGOING_REQUESTS, batch_size), thread_name_prefix="request")
         self.model_calls, self.idle_trim = 0, None  # calls under way or waiting; the trim once idle
         self.pipeline = self.model_thread.submit(load_pipeline, **options, batch_size=batch_size).result()
         self.limits = Limits()
@@ -190,18 +197,23 @@ class SegmentEverything:
         embed_image and segment_answer: what needs no model (the image's id, the cache's look-up) there,
         each model call (run(call, kind)) queued on the model's thread in its turn. An /embed of an image
         already encoded (the web page's, after its masks) waited for the image batch being made. Once
-        the request is cancelled (its client gone), no more of its calls are queued: a /segment stops
-        before its next part, as in server.py."""
+        the request is cancelled (its client gone), none of its calls runs from its turn on: a /segment
+        stops before its next part, as in server.py."""
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
 
-        def run(call, kind: str = "call"):
+        def unless_cancelled(call):  # asked on the model's thread, when the call's turn comes
             if cancelled.is_set():
                 raise Abandoned("the client closed its connection before its answer")
-            return asyncio.run_coroutine_threadsafe(self.on_model_thread(call, kind=kind), loop).result()
+            return call()
 
-        try:
-            return await asyncio.to_thread(function, *arguments, run)
+        def run(call, kind: str = "call"):
+            return asyncio.run_coroutine_threadsafe(self.on_model_thread(unless_cancelled, call, kind=kind),
+                                                    loop).result()
+
+        try:  # (with the request's context variables, as asyncio.to_thread runs a function)
+            return await loop.run_in_executor(self.request_threads, functools.partial(
+                contextvars.copy_context().run, function, *arguments, run))
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -278,15 +290,15 @@ class SegmentEverything:
     async def uploaded_image(self, request: Request, form=None, fields_too: tuple[str, ...] = ()):
         """The upload's image: the body itself (is_image_body, as server.py), or a form's file 'image'
         (form: the request's, where already read), with fields besides it: fields_too (decode_upload)."""
-        content_type = request.headers.get("content-type", "")
-        declared_bytes = int(request.headers.get("content-length") or 0)
-        if form is None and not fields_too and is_image_body(content_type, declared_bytes):
-            return decode_body_image(await request.body(), self.limits)
+        content_type, body = request.headers.get("content-type", ""), await request.body()  # read (with_body_read)
+        body_bytes = len(body)  # a chunked body declares no length: as waitress gives server.py the one it read
+        if form is None and not fields_too and is_image_body(content_type, body_bytes):
+            return decode_body_image(body, self.limits)
         form = form or await read_form(request, self.limits)
         files = [await upload.read() for upload in form.getlist("image") if is_file(upload)]
         file_names, text_fields = form_fields(form)
         return decode_upload(files, sorted(set(file_names)), self.limits, [name for name, _ in text_fields],
-                             unread_body(content_type, declared_bytes), fields_too)
+                             unread_body(content_type, body_bytes), fields_too)
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by protocol.py's functions, as server.py's app answers them."""

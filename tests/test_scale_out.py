@@ -760,7 +760,8 @@ def bare_replica(**attributes):
     replica_class = SegmentEverything.func_or_class
     replica = replica_class.__new__(replica_class)
     vars(replica).update({"model_calls": 0, "idle_trim": None, "waiting": 0, "decodes_between_batches": False,
-                          "cors_origins": (), **attributes})  # on_model_thread's, make_masks' and __call__'s
+                          "cors_origins": (), "request_threads": None,  # None: the event loop's executor
+                          **attributes})  # on_model_thread's, make_masks' and __call__'s
     return replica
 
 
@@ -1207,8 +1208,9 @@ def test_a_ray_serve_replica_queues_each_part_of_prompt_sets_as_a_decode_of_its_
 
 
 def test_a_ray_serve_replica_stops_a_segment_whose_client_left_before_its_next_part():
-    """As server.py: a /segment whose request Ray cancels (its client gone) queues no more of its
-    parts on the model's thread; the replica decoded the rest for nobody."""
+    """As server.py: a /segment whose request Ray cancels (its client gone) runs none of its parts
+    on the model's thread from their turn on, the one queued then included; the replica decoded
+    them all for nobody."""
     import asyncio
     import threading
     from types import SimpleNamespace
@@ -1230,22 +1232,56 @@ def test_a_ray_serve_replica_stops_a_segment_whose_client_left_before_its_next_p
     replica = bare_replica(model_thread=ModelThread())
     prompts = [SimpleNamespace(multimask=True, keep_logits=False)] * 34  # 3 masks of 1000 x 1000: parts of 33 and 1
 
-    async def client():
+    async def client(while_queued: bool):
+        model_held = asyncio.ensure_future(replica.on_model_thread(gate.wait, 10)) if while_queued else None
         request = asyncio.ensure_future(replica.off_the_model_thread(
             segment_answer, "id", SimpleNamespace(size=(1000, 1000)), prompts, {}, SimpleNamespace(segment=segment),
             EmbeddingCache(2**20)))
-        while not decoding.is_set():  # its first part on the model
-            await asyncio.sleep(0.01)
+        while not (replica.model_thread.jobs.qsize() if while_queued else decoding.is_set()):
+            await asyncio.sleep(0.01)  # its first part queued behind the model's work, or on the model
         request.cancel()  # as Ray cancels the request of a client gone
         await asyncio.sleep(0.05)
         gate.set()
         with pytest.raises(asyncio.CancelledError):
             await request
-        await asyncio.sleep(0.5)  # time for a second part to be queued and decoded
+        await asyncio.sleep(0.5)  # time for a part to be queued and decoded
+        if model_held is not None:
+            await model_held
 
-    asyncio.run(asyncio.wait_for(client(), timeout=30))
-    replica.model_thread.shutdown()
+    asyncio.run(asyncio.wait_for(client(while_queued=False), timeout=30))
     assert decoded == [33]
+    decoded.clear(), gate.clear()
+    asyncio.run(asyncio.wait_for(client(while_queued=True), timeout=30))  # cancelled before its first part's turn
+    replica.model_thread.shutdown()
+    assert decoded == []
+
+
+def test_a_ray_serve_replica_takes_a_chunked_image_body_without_a_type():
+    """requests.post(url, data=a_generator) sends the image chunked, with no Content-Length and no
+    Content-Type: waitress gives server.py the length it read, and the replica counts the body it
+    read too (it took the length declared, none, and answered 400 "no image")."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from deploy.ray_serve_app import with_body_read
+    from sam2serve.preprocess import decode_image
+
+    png = io.BytesIO()
+    Image.fromarray(make_scene(20, 30, seed=1)).save(png, format="PNG")
+    data = png.getvalue()
+    chunks = [data[:100], data[100:]]
+    scope = {"type": "http", "method": "POST", "path": "/upload_rle", "root_path": "", "query_string": b"",
+             "headers": [(b"transfer-encoding", b"chunked")]}
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def image_read():
+        request = await with_body_read(Request(scope, receive), Limits(), 5)
+        return await bare_replica(limits=Limits()).uploaded_image(request)
+
+    np.testing.assert_array_equal(asyncio.run(image_read()), decode_image(data, Limits().max_pixels))
 
 
 def test_a_ray_serve_replica_answers_an_embed_of_an_encoded_image_while_its_model_is_busy():
@@ -1287,11 +1323,14 @@ def test_a_ray_serve_replica_answers_an_embed_of_an_encoded_image_while_its_mode
 
 def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_ray_batching):
     """As server.py does: an /embed of an image whose masks a replica has just made finds that
-    image's encoding in the replica's cache instead of encoding it again."""
+    image's encoding in the replica's cache instead of encoding it again, at once while every other
+    request the replica holds waits for its model (it waited behind six on the event loop's
+    executor, whose threads those held)."""
     import asyncio
+    import threading
 
     pytest.importorskip("ray")
-    from deploy.ray_serve_app import SegmentEverything
+    from deploy.ray_serve_app import MAX_ONGOING_REQUESTS, SegmentEverything
     from sam2serve.protocol import embed_image
 
     options = dict(checkpoint_dir=None, model_type=None, mode="ao", device="cpu", amg={"points_per_side": 4},
@@ -1300,9 +1339,24 @@ def test_a_ray_serve_replica_keeps_segment_everythings_encodings_for_embed(bare_
     image = make_scene(96, 128, seed=3)
     asyncio.run(replica.masks(image))
     assert replica.cache.stats().spares == 1
-    asyncio.run(replica.off_the_model_thread(embed_image, image, replica.segmenter, replica.cache))
+    model_held = threading.Event()
+
+    async def embed_while_clicks_wait():
+        busy = asyncio.ensure_future(replica.on_model_thread(model_held.wait, 30))
+        clicks = [asyncio.ensure_future(replica.off_the_model_thread(lambda run: run(lambda: None, kind="decode")))
+                  for _ in range(MAX_ONGOING_REQUESTS - 1)]
+        await asyncio.sleep(0.2)  # each on a thread of its own, waiting for the model
+        try:
+            return await asyncio.wait_for(
+                replica.off_the_model_thread(embed_image, image, replica.segmenter, replica.cache), timeout=10)
+        finally:
+            model_held.set()
+            await asyncio.gather(busy, *clicks)
+
+    asyncio.run(embed_while_clicks_wait())
     stats = replica.cache.stats()
     replica.model_thread.shutdown()
+    replica.request_threads.shutdown()
     assert (stats.hits, stats.misses, stats.entries, stats.spares) == (1, 0, 1, 0)
     assert replica.decodes_between_batches  # on a CPU, as server.py's worker
 

@@ -44,18 +44,26 @@ from deploy import cluster_device
 from sam2serve.checkpoints import load_model, resolve_checkpoint
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline
 from sam2serve.protocol import Limits, file_as_upload, rle_lines
+from sam2serve.worker import ModelThread
 
 
 class Segmenter:
-    """A Ray Data worker: the model loaded once, then batches of paths -> answer lines."""
+    """A Ray Data worker: the model loaded once, then batches of paths -> answer lines.
+
+    Ray Data builds the worker on the actor's main thread and runs its batches on a thread of its
+    own. On a CPU, each thread that does parallel torch work gets an OpenMP pool of its own, and a
+    second pool slows every operation (sam2serve/worker.py, "Which thread"): the model is loaded
+    and run on one ModelThread, as in a Ray Serve replica."""
 
     def __init__(self, options: dict) -> None:
-        self.pipeline = load_pipeline(**options)
+        self.model_thread = ModelThread("model")
+        self.pipeline = self.model_thread.submit(load_pipeline, **options).result()
         self.limits = Limits()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         files = [file_as_upload(path, self.limits) for path in batch["path"]]
-        return {"path": list(batch["path"]), "line": rle_lines(self.pipeline.generator, files, self.limits)}
+        lines = self.model_thread.submit(rle_lines, self.pipeline.generator, files, self.limits).result()
+        return {"path": list(batch["path"]), "line": lines}
 
 
 def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> list[str]:

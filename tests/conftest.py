@@ -5,7 +5,10 @@ mask), so tests that need several masks lower the thresholds and say so.
 """
 
 import resource
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +43,31 @@ def make_scene(height: int, width: int, seed: int, shapes: int = 6) -> np.ndarra
         shape([x0, y0, x0 + size, y0 + size], fill=colour)
     noisy = np.asarray(image) + rng.normal(0, 6, (height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def native_threads_added(imports: str, setup: str) -> int:
+    """Runs the Python code `imports`, then `setup`, in a process of its own, from the checkout,
+    with torch on 2 threads, and answers how many threads `setup` started that Python did not:
+    OpenMP's pool workers, one for each thread that did parallel torch work (worker.py, "Which
+    thread"). Imports come before the count: SciPy's OpenBLAS starts a thread as it loads."""
+    script = f"""
+import os, threading, torch
+torch.set_num_threads(2)
+{imports}
+def native_threads():
+    return len(os.listdir("/proc/self/task")) - len(threading.enumerate())
+before = native_threads()
+{setup}
+print(native_threads() - before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+counts_native_threads = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                           reason="counts its threads in Linux's /proc")
 
 
 def features_and_points(model, n_points: int, seed: int = 0):

@@ -44,7 +44,8 @@ two pools on a 2-core machine, every parallel operation of the second one paid a
 wake its pool (3 us on the first), and a request of the micro model took 1.5 s instead of 0.9
 (docs/performance.md, "One thread for the model"). So server.py loads the model and then serves
 on its main thread (`serve`), the thread that did the model's first parallel work, and the HTTP
-threads do none; `start` (a thread of its own) is for tests and embedders.
+threads do none. `start` serves on a thread of its own (tests, embedders): given `load`, it loads
+the model on that thread too.
 
 A Ray Serve replica, whose requests Ray queues and batches, runs its model's calls on a
 `ModelThread`: the same order (calls ahead of the images queued before them, `JobQueue`) and,
@@ -325,12 +326,29 @@ class InferenceWorker:
         then serve() returns. Safe in a signal handler: it only sets an event."""
         self._stopping.set()
 
-    def start(self, generator: Generator, segmenter=None) -> None:
+    def start(self, generator: Generator | None = None, segmenter=None, *,
+              load: Callable[[], tuple[Generator, Any]] | None = None) -> None:
         """Serves with this generator (and this interactive.PromptSegmenter, if any) from now on,
-        on a thread of its own: the model is loaded and warmed up."""
-        self.generator = generator
-        self.segmenter = segmenter
-        threading.Thread(target=self._serve_forever, name="inference-worker", daemon=True).start()
+        on a thread of its own. Or give `load`, a function that loads the model and answers
+        (generator, segmenter): it runs on that thread, which then serves with them, and start
+        returns once it has loaded (raising its error). On a CPU, a model loaded and warmed up on
+        another thread than the one that serves costs a second OpenMP pool (the module's
+        docstring, "Which thread"): embedders load through `load` or call `serve`."""
+        if (generator is None) == (load is None):
+            raise ValueError("give start a generator or load, one of the two")
+        loaded: Future = Future()
+
+        def load_and_serve() -> None:
+            try:
+                self.generator, self.segmenter = load() if load is not None else (generator, segmenter)
+            except BaseException as error:  # noqa: BLE001 - raised by start, on its caller's thread
+                loaded.set_exception(error)
+                return
+            loaded.set_result(None)
+            self._serve_forever()
+
+        threading.Thread(target=load_and_serve, name="inference-worker", daemon=True).start()
+        loaded.result()
         self._ready.set()
 
     def serve(self, generator: Generator, segmenter=None, until: threading.Event | None = None) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ from sam2serve.protocol import Limits, file_as_upload, rle_lines
 from sam2serve.serving import create_app
 from sam2serve.worker import Abandoned, Busy, InferenceWorker, Job, ModelThread, NotReady, Stopping, TimedOut, gone
 
+from .conftest import counts_native_threads, native_threads_added
+
+REPO = Path(__file__).resolve().parents[1]
 POISON = 13  # a stub fails on images whose first pixel is this value
 
 
@@ -255,6 +259,37 @@ def test_failure_in_a_batch_fails_only_the_bad_image_and_the_worker_goes_on():
         assert status == 500 and "inference ran out of memory for this image" in body
     assert released == [1, 1, 1, 1]
     assert error_answer(RuntimeError("a bad tensor"))[1].startswith('{"error":"internal error')
+
+
+def test_start_with_load_loads_on_the_thread_that_serves_and_raises_its_error():
+    """start(load=...) runs the loading on the worker's own thread, which then serves with what
+    it answered; a loading that fails is raised by start, and the worker never becomes ready."""
+    stub, loaded_on = StubGenerator(), []
+    worker = InferenceWorker()
+    worker.start(load=lambda: loaded_on.append(threading.current_thread()) or (stub, "segmenter"))
+    assert loaded_on[0] is not threading.current_thread() and loaded_on[0].name == "inference-worker"
+    assert worker.ready and worker.segmenter == "segmenter"
+    assert worker.submit(image_of(4)) == [{"size": [8, 6], "counts": [4, 1]}]
+    failing = InferenceWorker()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        failing.start(load=lambda: (_ for _ in ()).throw(FileNotFoundError("no checkpoint")))
+    assert not failing.ready
+    for neither_or_both in ({}, {"generator": stub, "load": lambda: (stub, None)}):
+        with pytest.raises(ValueError, match="a generator or load"):
+            InferenceWorker().start(**neither_or_both)
+
+
+@counts_native_threads
+def test_the_readmes_worker_started_with_load_makes_one_openmp_pool():
+    """README's worker in a program of one's own, as pasted: the default model loaded through
+    start(load=...) and run by the worker, one thread that Python did not start (the worker
+    thread's pool). Loaded on the caller's thread and run by the worker, two pools: on 2 cores,
+    1.4 to 1.6 s an image instead of 0.8 to 0.9 (docs/performance.md)."""
+    block = next(part for part in (REPO / "README.md").read_text().split("```python\n")
+                 if "worker.start(load=load)" in part).split("```")[0]
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    setup = [line for line in block.splitlines() if line not in imports]
+    assert native_threads_added("\n".join(imports), "\n".join(setup + ["assert len(masks) > 1"])) == 1
 
 
 def test_the_worker_idle_after_work_gives_freed_memory_back_once(monkeypatch):

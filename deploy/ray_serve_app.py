@@ -63,9 +63,9 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
     cross_origin_headers, decode_body_image, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer,
-    form_limit_error, form_prompts, is_image_body, is_json, json_text, read_query, render_answer, require_cache_room,
-    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
-    share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts, web_origin,
+    form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, read_query, render_answer,
+    require_cache_room, require_segment_form, require_segmenter, require_short_url, require_small_urlencoded,
+    segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts, web_origin,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -232,7 +232,7 @@ class SegmentEverything:
         response.headers.update(ANSWER_HEADERS)
         response.headers.update(cross_origin_headers(
             request.headers.get("origin"), self.cors_origins,
-            preflight=request.method == "OPTIONS" and "access-control-request-method" in request.headers))
+            preflight=is_preflight(request.method, request.headers)))
         return response
 
     async def answer(self, request: Request) -> Response:

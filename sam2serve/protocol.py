@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -93,6 +93,12 @@ def web_origin(text: str) -> str:
     scheme = parts.scheme.lower()
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
     return f"{scheme}://{host}" + ("" if port in (None, {"http": 80, "https": 443}[scheme]) else f":{port}")
+
+
+def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request is a browser's CORS preflight (OPTIONS asking Access-Control-Request-Method);
+    `headers` looked up without regard to case, as Flask's and Starlette's are."""
+    return method == "OPTIONS" and "Access-Control-Request-Method" in headers
 
 
 def cross_origin_headers(origin: str | None, allowed: Iterable[str], preflight: bool) -> dict[str, str]:
@@ -309,10 +315,12 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
     return decode_image(files[0], limits.max_pixels)
 
 
+SEND_AS_FORM = "in the multipart field 'image' (curl -F 'image=@file.jpg')"
+SEND_AS_BODY = "as the body with its type (curl --data-binary @file.jpg -H 'Content-Type: image/jpeg')"
+
+
 def missing_image(received: str) -> BadRequest:
-    return BadRequest("expected a multipart form field named 'image' (curl -F 'image=@file.jpg'), or the image "
-                      "as the body with its type (curl --data-binary @file.jpg -H 'Content-Type: image/jpeg'); "
-                      + received)
+    return BadRequest(f"expected the image {SEND_AS_FORM}, or {SEND_AS_BODY}; {received}")
 
 
 def is_image_body(content_type: str, body_bytes: int) -> bool:
@@ -327,9 +335,7 @@ def is_image_body(content_type: str, body_bytes: int) -> bool:
 def decode_body_image(body: bytes, limits: Limits) -> np.ndarray:
     """The image sent as the whole body (is_image_body), checked and decoded as a form's file is."""
     if not body:
-        raise BadRequest("the body is empty: send the image's bytes as the body (curl --data-binary @file.jpg "
-                         "-H 'Content-Type: image/jpeg'), or in the multipart field 'image' "
-                         "(curl -F 'image=@file.jpg')")
+        raise BadRequest(f"the body is empty: send the image's bytes {SEND_AS_BODY}, or {SEND_AS_FORM}")
     return decode_image(body, limits.max_pixels)
 
 

@@ -27,9 +27,10 @@ from .interactive import EmbeddingCache
 from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
     cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload,
-    embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, json_text,
-    malformed_form, read_query, render_answer, require_cache_room, require_named_parts, require_segment_form,
-    require_segmenter, require_short_url, require_small_urlencoded, segment_answer, unread_body, upload_prompts,
+    embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, is_preflight,
+    json_text, malformed_form, read_query, render_answer, require_cache_room, require_named_parts,
+    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer, unread_body,
+    upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -130,7 +131,7 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         response.headers.update(ANSWER_HEADERS)
         response.headers.update(cross_origin_headers(
             request.headers.get("Origin"), cors_origins,
-            preflight=request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers))
+            preflight=is_preflight(request.method, request.headers)))
         if response.mimetype == "text/html":  # the page (and a redirect's note)
             response.headers["Content-Security-Policy"] = PAGE_SECURITY_POLICY
         return response

@@ -336,7 +336,16 @@ def decode_body_image(body: bytes, limits: Limits) -> np.ndarray:
     """The image sent as the whole body (is_image_body), checked and decoded as a form's file is."""
     if not body:
         raise BadRequest(f"the body is empty: send the image's bytes {SEND_AS_BODY}, or {SEND_AS_FORM}")
-    return decode_image(body, limits.max_pixels)
+    try:
+        return decode_image(body, limits.max_pixels)
+    except InvalidImage as error:
+        # A form sent with an image's type: curl -F with -H 'Content-Type: image/jpeg' (curl adds
+        # the boundary), a client library's files= with that header.
+        if body.startswith(b"--") and b"\r\ncontent-disposition:" in body[:2048].lower():
+            raise InvalidImage(f"the body is a multipart form sent with the type of an image: send the form as "
+                               f"multipart/form-data (curl -F 'image=@file.jpg', without -H 'Content-Type: ...'), "
+                               f"or the image alone {SEND_AS_BODY}") from error
+        raise
 
 
 def require_small_urlencoded(content_type: str, body_bytes: int, limits: Limits) -> None:

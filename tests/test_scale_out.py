@@ -562,6 +562,7 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         "path without @": multipart([("image", None, b"shapes.jpg")]),
         "raw image, empty": (b"", "image/jpeg"),
         "raw image, not an image": (b"garbage", "application/octet-stream"),
+        "a form with an image's type": (multipart([image])[0], "image/jpeg; boundary=b"),
         "a part without a name": multipart([image, (None, None, b"x")]),
         "a setting as a form field": multipart([image, ("pred_iou_thresh", None, b"0.6")]),
         "image as a file and as text": multipart([image, ("image", None, b"x")]),
@@ -579,6 +580,7 @@ def assert_same_error_answers_as_flask(url: str, flask_client) -> None:
         flask = flask_client.post("/upload_rle", data=body, content_type=content_type)
         assert status == flask.status_code and status in (400, 413), (case, status, answer)
         if status == 413 or case in ("path without @", "raw image, empty", "raw image, not an image",
+                                     "a form with an image's type",
                                      "another multipart type", "a part without a name",
                                      "a setting as a form field", "image as a file and as text",
                                      "another file", "a photo as the body"):  # the same message as well

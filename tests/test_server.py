@@ -219,6 +219,8 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
         "raw_body_not_an_image": (["--data-binary", f"@{folder / 'text.jpg'}", "-H", "Content-Type: image/jpeg"], 400,
                                   "not an image"),
         "raw_body_empty": (["-H", "Content-Type: image/png"], 400, "the body is empty"),
+        "form_with_an_image_type": (["-F", f"image=@{scene}", "-H", "Content-Type: image/jpeg"], 400,
+                                    "the body is a multipart form sent with the type of an image"),
         "raw_body_truncated": (["--data-binary", f"@{folder / 'truncated.jpg'}", "-H",
                                 "Content-Type: application/octet-stream"], 400, "decoded"),
         "raw_body_too_large": (["--data-binary", f"@{folder / 'huge.bin'}", "-H", "Content-Type: image/jpeg"], 413,

@@ -334,8 +334,8 @@ class InferenceWorker:
         returns once it has loaded (raising its error). On a CPU, a model loaded and warmed up on
         another thread than the one that serves costs a second OpenMP pool (the module's
         docstring, "Which thread"): embedders load through `load` or call `serve`."""
-        if (generator is None) == (load is None):
-            raise ValueError("give start a generator or load, one of the two")
+        if load is not None and (generator, segmenter) != (None, None):
+            raise ValueError("give start a generator (and segmenter) or load, not both")
         loaded: Future = Future()
 
         def load_and_serve() -> None:

@@ -274,9 +274,9 @@ def test_start_with_load_loads_on_the_thread_that_serves_and_raises_its_error():
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         failing.start(load=lambda: (_ for _ in ()).throw(FileNotFoundError("no checkpoint")))
     assert not failing.ready
-    for neither_or_both in ({}, {"generator": stub, "load": lambda: (stub, None)}):
-        with pytest.raises(ValueError, match="a generator or load"):
-            InferenceWorker().start(**neither_or_both)
+    for both in ({"generator": stub}, {"segmenter": "segmenter"}):
+        with pytest.raises(ValueError, match="or load, not both"):
+            InferenceWorker().start(**both, load=lambda: (stub, None))
 
 
 @counts_native_threads

@@ -65,7 +65,8 @@ from sam2serve.protocol import (
     cross_origin_headers, decode_body_image, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer,
     form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, read_query, render_answer,
     require_cache_room, require_segment_form, require_segmenter, require_short_url, require_small_urlencoded,
-    segment_answer, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts, web_origin,
+    segment_answer, segment_coco, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
+    web_origin,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -280,7 +281,8 @@ class SegmentEverything:
                 else:
                     body, media_type = render_answer(path, image, await self.masks(image, settings=settings))
             else:
-                body, media_type = json_text(await self.prompts(request, path)), "application/json"
+                answer = await self.prompts(request, path)
+                body, media_type = json_text(segment_coco(answer) if asked == "coco" else answer), "application/json"
         except Exception as error:  # noqa: BLE001 - every error is a JSON answer, as in server.py
             if isinstance(error, TaskCancelledError):  # Ray cancelled it: its client left (no failure to log)
                 error = Abandoned("the client closed its connection before its answer")

@@ -394,7 +394,8 @@ def unread_body(content_type: str, body_bytes: int) -> str:
 
 
 # Each POST endpoint's answer formats (its `format` query parameter), the default first.
-ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed": ("json",), "/segment": ("json",)}
+ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed": ("json",),
+                  "/segment": ("json", "coco")}
 
 
 def answer_format(endpoint: str, asked: list[str]) -> str:
@@ -406,7 +407,7 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
         raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
-                         f"{' or '.join(formats)}; /upload_rle takes format=coco for COCO annotations")
+                         f"{' or '.join(formats)}; /upload_rle and /segment take format=coco for COCO annotations")
     return asked[0] if asked else formats[0]
 
 
@@ -465,12 +466,31 @@ def coco_annotations(records: list[dict]) -> list[dict]:
     with the stability filter off) is null: NaN is no JSON."""
     annotations = []
     for record in records:
-        segmentation = coco_encode_rle(record["segmentation"])
-        bbox = mask_utils.toBbox({**segmentation, "counts": segmentation["counts"].encode()})
         stability = record.get("stability_score")
-        annotations.append({**record, "segmentation": segmentation, "bbox": [int(value) for value in bbox],
+        annotations.append({**record, **coco_mask(record["segmentation"]),
                             "stability_score": stability if stability is None or math.isfinite(stability) else None})
     return annotations
+
+
+def coco_mask(rle: RLE) -> dict:
+    """A mask's COCO fields: segmentation as compressed RLE, area, and bbox as [x, y, width,
+    height], pycocotools' toBbox."""
+    segmentation = coco_encode_rle(rle)
+    compressed = {**segmentation, "counts": segmentation["counts"].encode()}
+    return {"segmentation": segmentation, "area": int(mask_utils.area(compressed)),
+            "bbox": [int(value) for value in mask_utils.toBbox(compressed)]}
+
+
+def segment_coco(answer: dict) -> dict:
+    """A /segment answer (segment_answer) in format=coco: each prompt set's masks as COCO
+    annotations, best first, each with its predicted IoU (and its mask_input_id where kept)."""
+    results = []
+    for result in answer["results"]:
+        ids = result.get("mask_input_ids", [])
+        results.append({"annotations": [
+            {**coco_mask(rle), "predicted_iou": iou, **({"mask_input_id": ids[rank]} if ids else {})}
+            for rank, (rle, iou) in enumerate(zip(result["masks"], result["iou_predictions"]))]})
+    return {**answer, "results": results}
 
 
 # Each error's status (the README's table), the first kind it is of; any other error is a 500.

@@ -29,8 +29,8 @@ from .protocol import (
     cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload,
     embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, is_preflight,
     json_text, malformed_form, read_query, render_answer, require_cache_room, require_named_parts,
-    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer, unread_body,
-    upload_prompts,
+    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
+    segment_coco, unread_body, upload_prompts,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -182,8 +182,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     @uses_worker
     def segment() -> Response:
         """Prompt sets on an embedded image (JSON with image_id) or on an uploaded one (multipart
-        with image and a JSON prompts field): their masks as RLE, best first."""
-        read_query("/segment", request.args.items(multi=True))
+        with image and a JSON prompts field): their masks as RLE, best first (format=coco: as COCO
+        annotations)."""
+        asked = read_query("/segment", request.args.items(multi=True))[0]
         require_segmenter(worker.segmenter, info.get("mode"))
         # An uploaded image is encoded, then decoded: one request timeout (counted from here,
         # reading the upload included), and only the first call may find the queue full.
@@ -197,7 +198,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             image = uploaded_image(fields_too=("prompts",))
             prompts, mask_inputs = upload_prompts(prompts, image, worker.segmenter, cache)
             image_id, embedding = embed_image(image, worker.segmenter, cache, run)
-        return json_response(segment_answer(image_id, embedding, prompts, mask_inputs, worker.segmenter, cache, run))
+        answer = segment_answer(image_id, embedding, prompts, mask_inputs, worker.segmenter, cache, run)
+        return json_response(segment_coco(answer) if asked == "coco" else answer)
 
     add_web_page(app)
 

@@ -804,9 +804,39 @@ def test_coco_annotations_equal_sam2s_records_and_the_default_answer(micro):
             for annotation in results.loadAnns(results.getAnnIds())] == [(record["area"], record["bbox"]) for record in coco]
 
 
+def test_segment_in_coco_format_gives_the_json_answers_masks_as_annotations(micro):
+    """/segment?format=coco: each prompt set's masks as COCO annotations (compressed RLE that
+    pycocotools decodes, area, COCO's box), best first, with their predicted IoUs and kept
+    logits' ids, those of the default answer; by image_id and in one multipart request alike."""
+    from pycocotools import mask as mask_utils
+
+    client = micro_client(micro)
+    image_id = client.post("/embed", data={"image": (io.BytesIO(png(IMAGE)), "a.png")}).get_json()["image_id"]
+    prompts = [{**prompt, "keep_logits": index % 2 == 0} for index, (_, prompt) in enumerate(PROMPTS)]
+    default = client.post("/segment", json={"image_id": image_id, "prompts": prompts}).get_json()
+    coco = client.post("/segment?format=coco", json={"image_id": image_id, "prompts": prompts}).get_json()
+    assert coco["image_id"] == image_id and len(coco["results"]) == len(default["results"]) == len(PROMPTS)
+    for prompt, result, expected in zip(prompts, coco["results"], default["results"]):
+        assert list(result) == ["annotations"] and len(result["annotations"]) == len(expected["masks"])
+        for rank, (annotation, rle) in enumerate(zip(result["annotations"], expected["masks"])):
+            mask = rles_to_masks([rle])[0]
+            assert np.array_equal(mask_utils.decode(annotation["segmentation"]), mask)
+            assert annotation["area"] == int(mask.sum()) > 0
+            ys, xs = np.nonzero(mask)
+            assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            assert annotation["predicted_iou"] == expected["iou_predictions"][rank]
+            assert annotation.get("mask_input_id") == (expected["mask_input_ids"][rank] if prompt["keep_logits"]
+                                                       else None)
+            assert ("mask_input_id" in annotation) == prompt["keep_logits"]
+    one_shot = client.post("/segment?format=coco", data={"image": (io.BytesIO(png(IMAGE)), "a.png"),
+                                                         "prompts": json.dumps(prompts)})
+    assert one_shot.get_json() == coco
+
+
 def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
     """?format= names one of the endpoint's own answers, given once: a format the endpoint does
-    not have is refused, not silently answered in another (before, /segment?format=coco gave RLE)."""
+    not have is refused, not silently answered in another (before it took format=coco,
+    /segment answered RLE to it)."""
     client = micro_client(micro)
     for url, words in [
         ("/upload?format=coco", "'coco' is not a format of /upload, which answers png"),
@@ -814,7 +844,7 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
         ("/upload_rle?format=coco&format=rle", "format: given 2 times"),
         ("/upload_rle?format=&format=coco", "format: given 2 times"),  # as a setting given twice, empty or not
         ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),
-        ("/segment?format=coco", "'coco' is not a format of /segment"),
+        ("/segment?format=rle", "'rle' is not a format of /segment, which answers json or coco"),
     ]:
         response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
         assert response.status_code == 400 and words in response.get_json()["error"], url

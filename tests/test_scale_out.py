@@ -31,7 +31,9 @@ from sam2serve.checkpoints import checkpoint_identity
 from sam2serve.interactive import PromptSegmenter
 from sam2serve.modes import load_pipeline
 from sam2serve.rle import rles_to_masks
-from sam2serve.protocol import PAGE_SECURITY_POLICY, HeadersTooLarge, Limits, UploadTooLarge, error_answer
+from sam2serve.protocol import (
+    PAGE_SECURITY_POLICY, HeadersTooLarge, Limits, UploadTooLarge, error_answer, segment_coco,
+)
 from sam2serve.serving import create_app
 from sam2serve.worker import InferenceWorker
 
@@ -496,6 +498,8 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
         for a, b in zip(ours["results"], theirs["results"]):
             np.testing.assert_allclose(a["iou_predictions"], b["iou_predictions"], atol=1e-5)
             assert (rles_to_masks(a["masks"]) != rles_to_masks(b["masks"])).mean() < 1e-4
+        ray_coco = post(url + "/segment?format=coco", body, "application/json", 120)  # the same masks, as COCO
+        assert ray_coco[0] == 200 and json.loads(ray_coco[2]) == segment_coco(ours)
         one_shot = flask_client.post("/segment", data={"image": (io.BytesIO(data), "a.jpg"), "prompts": json.dumps(prompts)})
         assert one_shot.get_data() == flask_segment.get_data()
         from .test_http_front import multipart

@@ -744,6 +744,44 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
         assert page.execute_script("return encodeCounts(arguments[0])", rle(mask)["counts"]) == encoded
 
 
+def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one_shown(page, tmp_path):
+    """One point alone gives three candidates, best first: "Other candidate" shows the next (after
+    the last, the best again), with its predicted IoU, and "Add to masks" adds the one shown. An
+    answer of one mask leaves the button off."""
+    answers = stub_answers()
+    candidates = [np.zeros(SMALL[::-1], bool) for _ in range(3)]
+    for index, candidate in enumerate(candidates):  # three sizes: each paints its own area
+        candidate[5:15 + 10 * index, 5:25 + 10 * index] = True
+    answers["/segment"][1]["results"][0] = {"masks": [rle(c) for c in candidates], "iou_predictions": [0.9, 0.8, 0.7]}
+    other = page.find_element(By.ID, "next-candidate")
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "candidates.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        assert not other.is_enabled()
+        ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        painted = []
+        for shown in (0, 1, 2, 0, 1, 2):
+            assert page.execute_script("return shownCandidate().counts") == rle(candidates[shown])["counts"]
+            assert status(page).endswith(f"predicted IoU {0.9 - shown / 10:.3f} (candidate {shown + 1} of 3"
+                                         + (", the best" if shown == 0 else "") + "; \"Other candidate\" shows the next).")
+            painted.append(highlight_alpha(page))
+            if len(painted) < 6:
+                other.click()
+        assert len(set(painted[:3])) == 3 and painted[:3] == painted[3:]  # each drawn, the same each time round
+        page.find_element(By.ID, "keep-click").click()
+        assert json.loads(page.execute_script("return window.sam2page.studyJson()"))["mask_1"] == rle(candidates[2])
+        assert page.execute_script("return window.sam2page.state.annotations[1].predicted_iou") == 0.7
+        assert not other.is_enabled()  # no clicks: no mask
+    with stubbed_fetch(page, stub_answers()):  # one mask: nothing to cycle through
+        ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        assert status(page).endswith("predicted IoU 0.900.") and not other.is_enabled()
+    page.find_element(By.ID, "clear-clicks").click()
+
+
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):
     """Beside the image, the list ends within the window (its last rows a scroll of the list
     away, not of the page); the hovered mask's row is marked; a mask selected on the image

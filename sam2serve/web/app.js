@@ -59,6 +59,8 @@ const state = {
   cursorShown: false, // while the keyboard, not a pointer, is in use on the image
   clickPrompt: null, // the prompt set of the last /segment answer
   clickAnswer: null, // that answer
+  candidate: 0, // which of its masks is shown (one point alone: three candidates, best first)
+  clickMs: 0, // how long it took to come
   segmentSequence: 0, // counts changes of the clicks: only the answer for the latest is drawn
   // Requests nobody waits for any more are cancelled: the server stops work whose client has gone.
   imageRequests: null, // AbortController of the open image's /upload_rle and /embed
@@ -747,13 +749,14 @@ function resetImage() {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
     removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
     cursorShown: false,
-    clickPrompt: null, clickAnswer: null, segmentInFlight: 0, clickStatus: "Open an image first.",
+    clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
   sayCursor(""); // the previous image's place
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
-  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "remove-mask"]) {
+  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "next-candidate",
+    "remove-mask"]) {
     $(id).disabled = true;
   }
 }
@@ -1159,13 +1162,33 @@ async function segment({ retried = false, keepError = false } = {}) {
   }
   state.clickPrompt = prompt;
   state.clickAnswer = JSON.parse(text);
-  const result = state.clickAnswer.results[0];
+  state.candidate = 0;
+  state.clickMs = Math.round(performance.now() - started);
   if (!keepError) clearError();
-  showClickStatus(`Mask in ${Math.round(performance.now() - started)} ms, predicted IoU ` +
-    `${result.iou_predictions[0].toFixed(3)}` +
-    (result.masks.length > 1 ? ` (the best of ${result.masks.length} candidates).` : "."));
+  showCandidate();
+}
+
+// The click tool's mask shown: the answer's candidate chosen ("Other candidate"), and its figures.
+function shownCandidate() {
+  const result = state.clickAnswer.results[0];
+  return { counts: result.masks[state.candidate].counts, iou: result.iou_predictions[state.candidate],
+           of: result.masks.length };
+}
+
+function showCandidate() {
+  const { iou, of } = shownCandidate();
+  showClickStatus(`Mask in ${state.clickMs} ms, predicted IoU ${iou.toFixed(3)}` +
+    (of > 1 ? ` (candidate ${state.candidate + 1} of ${of}${state.candidate ? "" : ", the best"}; "Other ` +
+              `candidate" shows the next).` : "."));
   toolButtons();
   drawHighlight();
+}
+
+// One point alone gives three candidates (the whole object, a part, a smaller part): the next one
+// is shown, and "Add to masks" takes the one shown.
+function nextCandidate() {
+  state.candidate = (state.candidate + 1) % shownCandidate().of;
+  showCandidate();
 }
 
 // Clear clicks: while there are clicks or a box; Add to masks: while the mask shown is theirs
@@ -1175,23 +1198,23 @@ function toolButtons() {
   const click = tool() === "click";
   $("remove-mask").disabled = click || state.selected < 0;
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
-  $("keep-click").disabled = !click || !state.clickAnswer || !runBox(state.clickAnswer.results[0].masks[0].counts) ||
-    JSON.stringify(clickPrompt()) !== JSON.stringify(state.clickPrompt);
+  const current = click && state.clickAnswer && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
+  $("keep-click").disabled = !current || !runBox(shownCandidate().counts);
+  $("next-candidate").disabled = !current || shownCandidate().of < 2;
 }
 
 // The click tool's mask joins the masks of the image: drawn, listed and downloaded with them,
 // as a record like the server's (its COCO segmentation, area, bbox and predicted IoU), with the
 // prompt it was made from instead of sam2's point and stability score.
 function keepClickMask() {
-  const result = state.clickAnswer.results[0];
-  const counts = result.masks[0].counts;
+  const { counts, iou } = shownCandidate();
   const { x, y, width, height } = runBox(counts);
   const index = state.annotations.length;
   state.annotations.push({
     segmentation: { size: [state.height, state.width], counts: encodeCounts(counts) },
     area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
     bbox: [x, y, width, height],
-    predicted_iou: result.iou_predictions[0],
+    predicted_iou: iou,
     prompt: state.clickPrompt,
   });
   state.counts.push(counts);
@@ -1286,8 +1309,7 @@ function maskCounts() {
 }
 
 function drawClickLayer(context) {
-  const answer = state.clickAnswer;
-  if (answer) paintMask(context, answer.results[0].masks[0].counts, [30, 144, 255]);
+  if (state.clickAnswer) paintMask(context, shownCandidate().counts, [30, 144, 255]);
   const radius = Math.max(4, Math.round(Math.max(state.width, state.height) / 150));
   context.lineWidth = Math.max(2, radius / 3);
   for (const c of state.clicks) {
@@ -1698,6 +1720,7 @@ function init() {
     segment();
   }));
   $("keep-click").addEventListener("click", keepingFocus($("keep-click"), keepClickMask));
+  $("next-candidate").addEventListener("click", nextCandidate);
   $("remove-mask").addEventListener("click", (event) => removeSelectedMask({ fromKeyboard: event.detail === 0 }));
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));

@@ -334,7 +334,7 @@ class InferenceWorker:
         returns once it has loaded (raising its error). On a CPU, a model loaded and warmed up on
         another thread than the one that serves costs a second OpenMP pool (the module's
         docstring, "Which thread"): embedders load through `load` or call `serve`."""
-        if load is not None and (generator, segmenter) != (None, None):
+        if load is not None and (generator is not None or segmenter is not None):
             raise ValueError("give start a generator (and segmenter) or load, not both")
         loaded: Future = Future()
 

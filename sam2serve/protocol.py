@@ -96,8 +96,8 @@ def web_origin(text: str) -> str:
 
 
 def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
-    """Whether a request is a browser's CORS preflight (OPTIONS asking Access-Control-Request-Method);
-    `headers` looked up without regard to case, as Flask's and Starlette's are."""
+    """Whether a request is a browser's CORS preflight (OPTIONS asking Access-Control-Request-Method).
+    `headers` must look names up without regard to case, as Flask's and Starlette's do."""
     return method == "OPTIONS" and "Access-Control-Request-Method" in headers
 
 
@@ -339,11 +339,12 @@ def decode_body_image(body: bytes, limits: Limits) -> np.ndarray:
     try:
         return decode_image(body, limits.max_pixels)
     except InvalidImage as error:
-        # A form sent with an image's type: curl -F with -H 'Content-Type: image/jpeg' (curl adds
-        # the boundary), a client library's files= with that header.
-        if body.startswith(b"--") and b"\r\ncontent-disposition:" in body[:2048].lower():
-            raise InvalidImage(f"the body is a multipart form sent with the type of an image: send the form as "
-                               f"multipart/form-data (curl -F 'image=@file.jpg', without -H 'Content-Type: ...'), "
+        # A form sent with another type: curl -F with -H 'Content-Type: image/jpeg' (curl adds the
+        # boundary), a client library's files= with that header, a form with no type at all.
+        head = body[:2048].lstrip(b"\r\n").lower()  # (a preamble's blank lines before the boundary)
+        if head.startswith(b"--") and re.search(rb"\r?\ncontent-disposition:", head):
+            raise InvalidImage(f"the body is a multipart form, but its Content-Type is not multipart/form-data: "
+                               f"send the form as such (curl -F 'image=@file.jpg', without -H 'Content-Type: ...'), "
                                f"or the image alone {SEND_AS_BODY}") from error
         raise
 

@@ -208,8 +208,8 @@ class BetweenBatches:
 class ModelThread(Executor):
     """An executor of one thread for a model's calls, which runs them in JobQueue's order: calls
     that are not segment-everything (encodings, prompt sets) go ahead of the images queued before
-    them. A Ray Serve replica's model thread (server.py's InferenceWorker queues, times and batches
-    jobs of its own). submit_as(kind, ...) queues a call of a kind: "image" for segment-everything,
+    them. A Ray Serve replica's model thread, and a Ray Data bulk worker's (server.py's
+    InferenceWorker queues, times and batches jobs of its own). submit_as(kind, ...) queues a call of a kind: "image" for segment-everything,
     "decode" for prompt sets, which run_waiting_decodes runs between an image's batches of point
     prompts (BetweenBatches); submit's calls are of the kind "call". Unbounded: its caller bounds
     the requests it holds."""
@@ -296,6 +296,7 @@ class InferenceWorker:
         self.job_seconds = TimeEstimates()
         self.request_seconds = TimeEstimates()
         self._ready = threading.Event()
+        self._started = False  # by start (serve holds its caller's thread)
         self._stopping = threading.Event()
         # Held while a request is admitted or joins the queue, and while the worker decides it is
         # done: nothing can join after the worker's last look (it would wait for nobody).
@@ -336,6 +337,9 @@ class InferenceWorker:
         docstring, "Which thread"): embedders load through `load` or call `serve`."""
         if load is not None and (generator is not None or segmenter is not None):
             raise ValueError("give start a generator (and segmenter) or load, not both")
+        if self._started:  # a second serving thread would take the same jobs, with a model of its own
+            raise RuntimeError("the worker is already started")
+        self._started = True
         loaded: Future = Future()
 
         def load_and_serve() -> None:

@@ -29,7 +29,8 @@ from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, first_line
+from sam2serve.preprocess import InvalidImage
+from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, decode_body_image, first_line
 from sam2serve.serving import ROUTES, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
@@ -341,6 +342,21 @@ def multipart(parts: list[tuple[str | None, str | None, bytes]]) -> tuple[bytes,
                        + (f'; filename="{filename}"' if filename else ""))
         body += f"--b\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
     return body + b"--b--\r\n", "multipart/form-data; boundary=b"
+
+
+def test_a_form_sent_as_a_raw_body_is_told_so_and_an_image_is_not():
+    """A multipart form whose Content-Type made it a raw body (an image's type, octet-stream or
+    none) is told that its type is wrong, whatever ends its lines and with blank lines before its
+    first boundary; bodies that only look alike are not an image, as before."""
+    photo = (Path(__file__).resolve().parents[1] / "examples" / "shapes.jpg").read_bytes()
+    form = multipart([("image", "a.jpg", photo)])[0]
+    for body in (form, b"\r\n\r\n" + form, form.replace(b"\r\n", b"\n")):
+        with pytest.raises(InvalidImage, match="a multipart form, but its Content-Type is not multipart/form-data"):
+            decode_body_image(body, Limits())
+    for body in (b"garbage", b"--x\r\nfoo", b"content-disposition: form-data\r\n--b"):
+        with pytest.raises(InvalidImage, match="not an image in one of the formats read"):
+            decode_body_image(body, Limits())
+    assert decode_body_image(photo, Limits()).shape == (240, 320, 3)
 
 
 @pytest.mark.parametrize("case, status, message", [

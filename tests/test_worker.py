@@ -270,6 +270,9 @@ def test_start_with_load_loads_on_the_thread_that_serves_and_raises_its_error():
     assert loaded_on[0] is not threading.current_thread() and loaded_on[0].name == "inference-worker"
     assert worker.ready and worker.segmenter == "segmenter"
     assert worker.submit(image_of(4)) == [{"size": [8, 6], "counts": [4, 1]}]
+    with pytest.raises(RuntimeError, match="already started"):  # not a second thread taking the same jobs
+        worker.start(load=lambda: loaded_on.append(threading.current_thread()) or (stub, "segmenter"))
+    assert len(loaded_on) == 1
     failing = InferenceWorker()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         failing.start(load=lambda: (_ for _ in ()).throw(FileNotFoundError("no checkpoint")))

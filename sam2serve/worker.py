@@ -209,10 +209,10 @@ class ModelThread(Executor):
     """An executor of one thread for a model's calls, which runs them in JobQueue's order: calls
     that are not segment-everything (encodings, prompt sets) go ahead of the images queued before
     them. A Ray Serve replica's model thread, and a Ray Data bulk worker's (server.py's
-    InferenceWorker queues, times and batches jobs of its own). submit_as(kind, ...) queues a call of a kind: "image" for segment-everything,
-    "decode" for prompt sets, which run_waiting_decodes runs between an image's batches of point
-    prompts (BetweenBatches); submit's calls are of the kind "call". Unbounded: its caller bounds
-    the requests it holds."""
+    InferenceWorker queues, times and batches jobs of its own). submit_as(kind, ...) queues a call
+    of a kind: "image" for segment-everything, "decode" for prompt sets, which run_waiting_decodes
+    runs between an image's batches of point prompts (BetweenBatches); submit's calls are of the
+    kind "call". Unbounded: its caller bounds the requests it holds."""
 
     def __init__(self, name: str = "model") -> None:
         self.jobs = JobQueue()

@@ -574,6 +574,14 @@ def small_image(folder: Path, name: str, size: tuple[int, int] = SMALL) -> Path:
     return path
 
 
+def open_in_the_click_tool(driver, path: Path) -> None:
+    """Opens the image, waits for its masks, and takes the click tool once the stub embedded it."""
+    open_image(driver, path)
+    wait_for(driver, lambda d: page_state(d, "labels !== null"), timeout=10)
+    driver.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+    wait_for(driver, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+
+
 def stub_answers(segment_ms: int | None = 0, segment_status: int = 200, size: tuple[int, int] = SMALL) -> dict:
     """A server that finds one square on every image of this size and answers each click with it."""
     mask = np.zeros(size[::-1], dtype=bool)
@@ -704,10 +712,7 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
     assert answers["/segment"][1]["results"][0]["masks"][0] == rle(clicked)
     keep = page.find_element(By.ID, "keep-click")
     with stubbed_fetch(page, answers):
-        open_image(page, small_image(tmp_path, "keep.png"))
-        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
-        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        open_in_the_click_tool(page, small_image(tmp_path, "keep.png"))
         assert not keep.is_enabled()
         canvas = page.find_element(By.ID, "highlight-canvas")
         for clicks in (1, 2):
@@ -755,18 +760,16 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
     answers["/segment"][1]["results"][0] = {"masks": [rle(c) for c in candidates], "iou_predictions": [0.9, 0.8, 0.7]}
     other = page.find_element(By.ID, "next-candidate")
     with stubbed_fetch(page, answers):
-        open_image(page, small_image(tmp_path, "candidates.png"))
-        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
-        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        open_in_the_click_tool(page, small_image(tmp_path, "candidates.png"))
         assert not other.is_enabled()
         ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
         wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
         painted = []
         for shown in (0, 1, 2, 0, 1, 2):
             assert page.execute_script("return shownCandidate().counts") == rle(candidates[shown])["counts"]
-            assert status(page).endswith(f"predicted IoU {0.9 - shown / 10:.3f} (candidate {shown + 1} of 3"
-                                         + (", the best" if shown == 0 else "") + "; \"Other candidate\" shows the next).")
+            best = ", the best" if shown == 0 else ""
+            assert status(page).endswith(f"predicted IoU {0.9 - shown / 10:.3f} (candidate {shown + 1} of 3{best}; "
+                                         "\"Other candidate\" shows the next).")
             painted.append(highlight_alpha(page))
             if len(painted) < 6:
                 other.click()

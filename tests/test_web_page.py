@@ -574,14 +574,6 @@ def small_image(folder: Path, name: str, size: tuple[int, int] = SMALL) -> Path:
     return path
 
 
-def open_in_the_click_tool(driver, path: Path) -> None:
-    """Opens the image, waits for its masks, and takes the click tool once the stub embedded it."""
-    open_image(driver, path)
-    wait_for(driver, lambda d: page_state(d, "labels !== null"), timeout=10)
-    driver.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
-    wait_for(driver, lambda d: page_state(d, "imageId") == "stub", timeout=10)
-
-
 def stub_answers(segment_ms: int | None = 0, segment_status: int = 200, size: tuple[int, int] = SMALL) -> dict:
     """A server that finds one square on every image of this size and answers each click with it."""
     mask = np.zeros(size[::-1], dtype=bool)
@@ -712,7 +704,8 @@ def test_a_click_mask_added_to_the_masks_is_listed_and_downloaded_with_them(page
     assert answers["/segment"][1]["results"][0]["masks"][0] == rle(clicked)
     keep = page.find_element(By.ID, "keep-click")
     with stubbed_fetch(page, answers):
-        open_in_the_click_tool(page, small_image(tmp_path, "keep.png"))
+        in_the_click_tool(page, small_image(tmp_path, "keep.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
         assert not keep.is_enabled()
         canvas = page.find_element(By.ID, "highlight-canvas")
         for clicks in (1, 2):
@@ -760,7 +753,8 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
     answers["/segment"][1]["results"][0] = {"masks": [rle(c) for c in candidates], "iou_predictions": [0.9, 0.8, 0.7]}
     other = page.find_element(By.ID, "next-candidate")
     with stubbed_fetch(page, answers):
-        open_in_the_click_tool(page, small_image(tmp_path, "candidates.png"))
+        in_the_click_tool(page, small_image(tmp_path, "candidates.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
         assert not other.is_enabled()
         ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
         wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
@@ -782,6 +776,35 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
         ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
         wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
         assert status(page).endswith("predicted IoU 0.900.") and not other.is_enabled()
+    page.find_element(By.ID, "clear-clicks").click()
+    # A point's candidate chosen, a second point asked for, then undone while it runs: the first
+    # point's prompt is asked again, and its answer keeps the candidate chosen (it was reset to
+    # the best, unseen, while the labeller could be pressing "Add to masks").
+    answers["/segment"][2] = "held"
+    with stubbed_fetch(page, answers):
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: fetch_log(d).count("/segment") == 1, timeout=10)
+        page.execute_script("window.release()")
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        other.click()
+        pointer(page, "pointerdown", 50, 20)
+        pointer(page, "pointerup", 50, 20)
+        wait_for(page, lambda d: fetch_log(d).count("/segment") == 2, timeout=10)
+        page.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'z', ctrlKey: true, "
+                            "bubbles: true}))")
+        page.execute_script("window.release()")  # the two points' answer: the first point's asked again
+        wait_for(page, lambda d: fetch_log(d).count("/segment") == 3, timeout=10)
+        page.execute_script("window.release()")
+        wait_for(page, lambda d: fetch_log(d).count("/segment answered") == 3, timeout=10)
+        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
+        assert page_state(page, "candidate") == 1 and "(candidate 2 of 3;" in status(page)
+        assert page_state(page, "clickPrompt.points") == [[30.5, 20.5]]  # the pixel's centre
+    # Undo with the keyboard on the button it turns off: the keyboard goes to the tool, not <body>.
+    with stubbed_fetch(page, stub_answers()):
+        other.send_keys(Keys.CONTROL, "z")
+        wait_for(page, lambda d: not other.is_enabled(), timeout=10)
+        assert page.execute_script("return document.activeElement.matches('input[name=tool]:checked')")
     page.find_element(By.ID, "clear-clicks").click()
 
 

@@ -1160,9 +1160,12 @@ async function segment({ retried = false, keepError = false } = {}) {
       "to ask again.");
     return;
   }
+  const answer = JSON.parse(text);
+  // The prompt shown asked again (undone to while another ran): its candidates, the one chosen kept.
+  if (JSON.stringify(prompt) !== JSON.stringify(state.clickPrompt)
+      || state.candidate >= answer.results[0].masks.length) state.candidate = 0;
   state.clickPrompt = prompt;
-  state.clickAnswer = JSON.parse(text);
-  state.candidate = 0;
+  state.clickAnswer = answer;
   state.clickMs = Math.round(performance.now() - started);
   if (!keepError) clearError();
   showCandidate();
@@ -1184,8 +1187,8 @@ function showCandidate() {
   drawHighlight();
 }
 
-// One point alone gives three candidates (the whole object, a part, a smaller part): the next one
-// is shown, and "Add to masks" takes the one shown.
+// One point alone gives three candidates (the object, or parts of it), by predicted IoU: the next
+// one is shown, and "Add to masks" takes the one shown.
 function nextCandidate() {
   state.candidate = (state.candidate + 1) % shownCandidate().of;
   showCandidate();
@@ -1461,8 +1464,10 @@ function onKeyDown(event) {
     const left = state.clicks.length;
     sayCursor(`Taken back: ${left} ${left === 1 ? "point" : "points"}${state.box ? " and a box" : ""} left.`);
   }
+  const from = document.activeElement; // a button the undo turns off leaves the keyboard on the tool
   drawHighlight();
   segment();
+  if (from?.disabled) document.querySelector("input[name=tool]:checked").focus();
 }
 
 function onPointerMove(event) {

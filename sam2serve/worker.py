@@ -352,7 +352,12 @@ class InferenceWorker:
             self._serve_forever()
 
         threading.Thread(target=load_and_serve, name="inference-worker", daemon=True).start()
-        loaded.result()
+        try:
+            loaded.result()
+        except BaseException:
+            if loaded.done():  # the loading failed and its thread has ended: a later start may try again
+                self._started = False
+            raise
         self._ready.set()
 
     def serve(self, generator: Generator, segmenter=None, until: threading.Event | None = None) -> None:

@@ -277,6 +277,8 @@ def test_start_with_load_loads_on_the_thread_that_serves_and_raises_its_error():
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         failing.start(load=lambda: (_ for _ in ()).throw(FileNotFoundError("no checkpoint")))
     assert not failing.ready
+    failing.start(load=lambda: (stub, None))  # tried again once the loading is mended
+    assert failing.ready and failing.submit(image_of(5)) == [{"size": [8, 6], "counts": [5, 1]}]
     for both in ({"generator": stub}, {"segmenter": "segmenter"}):
         with pytest.raises(ValueError, match="or load, not both"):
             InferenceWorker().start(**both, load=lambda: (stub, None))

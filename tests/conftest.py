@@ -49,13 +49,19 @@ def native_threads_added(imports: str, setup: str) -> int:
     """Runs the Python code `imports`, then `setup`, in a process of its own, from the checkout,
     with torch on 2 threads, and answers how many threads `setup` started that Python did not:
     OpenMP's pool workers, one for each thread that did parallel torch work (worker.py, "Which
-    thread"). Imports come before the count: SciPy's OpenBLAS starts a thread as it loads."""
+    thread"). Imports come before the count: SciPy's OpenBLAS starts a thread as it loads. The
+    count is the least of a few reads: a thread that Python has let go of (a ThreadPoolExecutor's,
+    once the executor is collected) leaves threading.enumerate() a moment before it ends."""
     script = f"""
-import os, threading, torch
+import os, threading, time, torch
 torch.set_num_threads(2)
 {imports}
 def native_threads():
-    return len(os.listdir("/proc/self/task")) - len(threading.enumerate())
+    reads = []
+    for _ in range(10):
+        reads.append(len(os.listdir("/proc/self/task")) - len(threading.enumerate()))
+        time.sleep(0.05)
+    return min(reads)
 before = native_threads()
 {setup}
 print(native_threads() - before)

@@ -1428,7 +1428,8 @@ from concurrent.futures import ThreadPoolExecutor
 from deploy.ray_bulk_job import Segmenter
 """, """
 worker = Segmenter(dict(mode="ao", device="cpu", batch_size=1, amg={"points_per_side": 4}))
-line, = ThreadPoolExecutor(1).submit(worker, {"path": np.array(["examples/shapes.jpg"])}).result()["line"]
+batches = ThreadPoolExecutor(1)  # Ray Data's thread for batches, alive as the threads are counted
+line, = batches.submit(worker, {"path": np.array(["examples/shapes.jpg"])}).result()["line"]
 assert line.startswith('{"mask_0":{"size":[240,320]'), line[:200]
 """) == 1
 

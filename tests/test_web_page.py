@@ -761,9 +761,10 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
         painted = []
         for shown in (0, 1, 2, 0, 1, 2):
             assert page.execute_script("return shownCandidate().counts") == rle(candidates[shown])["counts"]
-            best = ", the best" if shown == 0 else ""
-            assert status(page).endswith(f"predicted IoU {0.9 - shown / 10:.3f} (candidate {shown + 1} of 3{best}; "
-                                         "\"Other candidate\" shows the next).")
+            best = " (the best)" if shown == 0 else ""
+            text = status(page)
+            assert text.startswith(f"Candidate {shown + 1} of 3{best}: predicted IoU {0.9 - shown / 10:.3f}, mask in "), text
+            assert text.endswith(' ms. "Other candidate" shows the next.') and "empty" not in text, text
             painted.append(highlight_alpha(page))
             if len(painted) < 6:
                 other.click()
@@ -775,7 +776,21 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
     with stubbed_fetch(page, stub_answers()):  # one mask: nothing to cycle through
         ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
         wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
-        assert status(page).endswith("predicted IoU 0.900.") and not other.is_enabled()
+        assert status(page).startswith("Mask in ") and status(page).endswith(" ms, predicted IoU 0.900.")
+        assert not other.is_enabled()
+    # An empty candidate says why "Add to masks" is off; the others can be added.
+    with_an_empty_one = json.loads(json.dumps(answers))
+    with_an_empty_one["/segment"][1]["results"][0]["masks"][1] = rle(np.zeros(SMALL[::-1], bool))
+    with stubbed_fetch(page, with_an_empty_one):
+        ActionChains(page).move_to_element(page.find_element(By.ID, "highlight-canvas")).click().perform()
+        wait_for(page, lambda d: status(d).startswith("Candidate 1 of 3 (the best)"), timeout=10)
+        keep = page.find_element(By.ID, "keep-click")
+        assert keep.is_enabled() and "empty" not in status(page)
+        other.click()
+        assert status(page).endswith(' ms. It is empty, so there is nothing to add. "Other candidate" shows the next.')
+        assert not keep.is_enabled()
+        other.click()
+        assert keep.is_enabled() and "empty" not in status(page)
     page.find_element(By.ID, "clear-clicks").click()
     # A point's candidate chosen, a second point asked for, then undone while it runs: the first
     # point's prompt is asked again, and its answer keeps the candidate chosen (it was reset to
@@ -797,8 +812,8 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
         wait_for(page, lambda d: fetch_log(d).count("/segment") == 3, timeout=10)
         page.execute_script("window.release()")
         wait_for(page, lambda d: fetch_log(d).count("/segment answered") == 3, timeout=10)
-        wait_for(page, lambda d: status(d).startswith("Mask in "), timeout=10)
-        assert page_state(page, "candidate") == 1 and "(candidate 2 of 3;" in status(page)
+        wait_for(page, lambda d: page_state(d, "segmentInFlight") == 0, timeout=10)  # the answer taken
+        assert page_state(page, "candidate") == 1 and status(page).startswith("Candidate 2 of 3: ")
         assert page_state(page, "clickPrompt.points") == [[30.5, 20.5]]  # the pixel's centre
     # Undo with the keyboard on the button it turns off: the keyboard goes to the tool, not <body>.
     with stubbed_fetch(page, stub_answers()):

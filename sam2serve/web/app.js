@@ -1178,11 +1178,17 @@ function shownCandidate() {
            of: result.masks.length };
 }
 
+// Which candidate is shown leads the line (the time is the same for all of them); an empty one
+// says why "Add to masks" is off.
 function showCandidate() {
-  const { iou, of } = shownCandidate();
-  showClickStatus(`Mask in ${state.clickMs} ms, predicted IoU ${iou.toFixed(3)}` +
-    (of > 1 ? ` (candidate ${state.candidate + 1} of ${of}${state.candidate ? "" : ", the best"}; "Other ` +
-              `candidate" shows the next).` : "."));
+  const { counts, iou, of } = shownCandidate();
+  const figures = `predicted IoU ${iou.toFixed(3)}`;
+  const empty = runBox(counts) ? "" : of > 1 ? " It is empty, so there is nothing to add." :
+    " It is empty, so there is nothing to add: click elsewhere.";
+  showClickStatus(of > 1
+    ? `Candidate ${state.candidate + 1} of ${of}${state.candidate ? "" : " (the best)"}: ${figures}, mask in ` +
+      `${state.clickMs} ms.${empty} "Other candidate" shows the next.`
+    : `Mask in ${state.clickMs} ms, ${figures}.${empty}`);
   toolButtons();
   drawHighlight();
 }

@@ -7,6 +7,7 @@ several files, a client that disconnects, and /metrics read by Prometheus' own p
 waitress server in process for what stopping waits for.
 """
 
+import http.client
 import io
 import json
 import logging
@@ -278,7 +279,8 @@ def test_requests_waitress_would_misread_or_wait_on_are_refused_at_once(server):
 
 def test_an_upload_of_exactly_the_limit_is_taken_and_one_byte_more_refused_as_too_large(server):
     """waitress takes a body of the limit; werkzeug then refused it when the form's parser read on
-    to its end (413, blaming a text field of the form over 500000 bytes)."""
+    to its end (413, blaming a text field of the form over 500000 bytes). Sent chunked, the same:
+    waitress counted the chunks' size lines as the body's, and refused the limit as too large."""
     _, url = server
     limit = MAX_UPLOAD_MB * 2**20
     image = png_of(200, (20, 20))
@@ -291,6 +293,15 @@ def test_an_upload_of_exactly_the_limit_is_taken_and_one_byte_more_refused_as_to
                                          headers={"Content-Type": "multipart/form-data; boundary=b"})
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200 and "mask_0" in json.load(response), size
+        for extra in (0, 1):  # chunked, 16 kB at a time: the limit taken, one byte more refused
+            connection = http.client.HTTPConnection(urlparse(url).hostname, urlparse(url).port, timeout=60)
+            chunks = [body[start:start + 2**14] for start in range(0, len(body), 2**14)] + [b"\0"] * extra
+            connection.request("POST", "/upload_rle", body=iter(chunks), encode_chunked=True,
+                               headers={"Content-Type": "multipart/form-data; boundary=b"})
+            answer = connection.getresponse()
+            assert (answer.status, size + extra > limit) in ((200, False), (413, True)), (size, extra, answer.status)
+            assert (b"mask_0" if answer.status == 200 else b"upload larger than the limit") in answer.read()
+            connection.close()
     sock = connect(url)  # one byte more: refused as it is declared, before the body is sent
     sock.sendall(f"POST /upload_rle HTTP/1.1\r\nHost: test\r\nContent-Length: {limit + 1}\r\n"
                  "Content-Type: multipart/form-data; boundary=b\r\n\r\n".encode())

@@ -823,6 +823,82 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
     page.find_element(By.ID, "clear-clicks").click()
 
 
+def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
+    """"Open masks" takes a labeller's saved work back: the COCO annotations file (the server's
+    records, masks added by clicks with their prompts, another tool's uncompressed RLE without
+    scores) or the Masks JSON replace the masks shown, drawn, listed and downloaded as saved, and
+    are not unsaved edits. A file of another size, not JSON, or of polygons changes nothing and
+    says why; over masks edited here, it asks first."""
+    opener = page.find_element(By.ID, "open-masks")
+    assert not opener.is_enabled()  # no image, no masks to replace
+    squares = [np.zeros(SMALL[::-1], bool) for _ in range(3)]
+    for index, square in enumerate(squares):
+        square[5 + 10 * index:12 + 10 * index, 4 + 15 * index:16 + 15 * index] = True
+    added = {**coco_record(squares[1]), "predicted_iou": 0.7, "prompt": {"points": [[10.5, 8.5]], "labels": [1]}}
+    for key in ("point_coords", "stability_score", "crop_box"):  # a mask added by clicks has its prompt instead
+        del added[key]
+    saved = {"images": [{"id": 7, "file_name": "work.png", "width": SMALL[0], "height": SMALL[1]}],
+             "annotations": [{**coco_record(squares[0]), "id": 1, "image_id": 7},
+                             {**added, "id": 2, "image_id": 7},
+                             {"segmentation": rle(squares[2]), "id": 3, "image_id": 7, "category_id": 1}],
+             "categories": [{"id": 1, "name": "object"}]}
+    with stubbed_fetch(page, stub_answers()):
+        open_image(page, small_image(tmp_path, "work.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+    assert opener.is_enabled()
+
+    def open_masks(name: str, text: str) -> None:
+        (tmp_path / name).write_text(text)
+        opener.send_keys(str(tmp_path / name))
+
+    open_masks("work_coco.json", json.dumps(saved))
+    wait_for(page, lambda d: status(d) == "3 masks opened from work_coco.json.", timeout=10)
+    assert json.loads(page.execute_script("return studyJson()")) == {f"mask_{i}": rle(s) for i, s in enumerate(squares)}
+    assert len(page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")) == 3
+    assert not page.execute_script("return masksEdited()")  # saved work: another image does not ask
+    (tmp_path / "again.json").write_text(page.execute_script("return cocoDataset()"))
+    coco = COCO(str(tmp_path / "again.json"))
+    records = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    for record, square in zip(records, squares):
+        assert np.array_equal(coco.annToMask(record), square)
+        encoded = mask_utils.encode(np.asfortranarray(square.astype(np.uint8)))
+        assert record["segmentation"]["counts"] == encoded["counts"].decode()  # compressed, as pycocotools writes it
+        assert record["bbox"] == mask_utils.toBbox(encoded).tolist() and record["area"] == int(square.sum())
+    assert records[0] == {**coco_record(squares[0]), "id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0}
+    assert records[1]["prompt"] == added["prompt"] and records[1]["predicted_iou"] == 0.7
+    assert records[2]["predicted_iou"] is None
+    page.execute_script("setHovered(2)")
+    assert page.find_element(By.ID, "hover-info").text == "mask 2: predicted IoU none, area 84 px, no stability given"
+    page.execute_script("setHovered(-1)")
+    # Files that are not this image's masks: said so, the masks shown stay.
+    shown = page.execute_script("return studyJson()")
+    for name, text, problem in [
+            ("notes.json", "not JSON at all", "it is not JSON"),
+            ("other.json", json.dumps({**saved, "annotations": [{**saved["annotations"][0],
+                                       "segmentation": rle(np.ones((10, 12), bool))}]}),
+             "mask 0 is 12x10, and the image open is 64x48"),
+            ("polygons.json", json.dumps([{"segmentation": [[1, 1, 9, 1, 9, 9]], "area": 32}]),
+             "mask 0 has a polygon: RLE masks only"),
+            ("cut.json", json.dumps([{"segmentation": {"size": [48, 64], "counts": [5, 3]}}]),
+             "mask 0's run lengths do not cover the image's 64x48 pixels")]:
+        open_masks(name, text)
+        wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
+        assert page.find_element(By.ID, "error").text == f"{name} cannot be opened as this image's masks: {problem}."
+        assert page.execute_script("return studyJson()") == shown
+        page.execute_script("clearError()")
+    # The Masks JSON (no scores) opens too; over a removal made here, only once the labeller agrees.
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+    page.find_element(By.ID, "remove-mask").click()
+    assert page.execute_script("return masksEdited()")
+    for answer in ("dismiss", "accept"):
+        open_masks("work_masks.json", shown)
+        wait_for(page, lambda d: "Open the masks of work_masks.json?" in d.switch_to.alert.text, timeout=10)
+        getattr(page.switch_to.alert, answer)()
+        assert len(json.loads(page.execute_script("return studyJson()"))) == (2 if answer == "dismiss" else 3)
+    assert page.execute_script("return studyJson()") == shown and not page.execute_script("return masksEdited()")
+    assert page_state(page, "annotations.map((a) => a.predicted_iou)") == [None, None, None]
+
+
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):
     """Beside the image, the list ends within the window (its last rows a scroll of the list
     away, not of the page); the hovered mask's row is marked; a mask selected on the image
@@ -1488,11 +1564,12 @@ def test_a_box_past_a_strip_s_shown_part_ends_at_its_edge_and_other_buttons_and_
         wait_for(page, lambda d: "Open another image?" in d.switch_to.alert.text, timeout=10)
         page.switch_to.alert.dismiss()
         assert page_state(page, "annotations.length") == 2 and page_state(page, "width") == 4000
-        open_image(page, small_image(tmp_path, "next.png"))
-        wait_for(page, lambda d: "Open another image?" in d.switch_to.alert.text, timeout=10)
-        page.switch_to.alert.accept()
-        wait_for(page, lambda d: page_state(d, "width") == SMALL[0], timeout=10)
-        assert page_state(page, "annotations.length") == 1
+        with stubbed_fetch(page, stub_answers()):  # the next image's masks
+            open_image(page, small_image(tmp_path, "next.png"))
+            wait_for(page, lambda d: "Open another image?" in d.switch_to.alert.text, timeout=10)
+            page.switch_to.alert.accept()
+            wait_for(page, lambda d: page_state(d, "width") == SMALL[0] and page_state(d, "labels !== null"), timeout=10)
+        assert page_state(page, "annotations.length") == 1 and not page.find_element(By.ID, "error").is_displayed()
 
 
 def test_a_box_past_the_window_s_edge_ends_there(page, tmp_path):
@@ -2190,7 +2267,7 @@ def keys(driver, *keys, shift: bool = False) -> None:
 
 
 def tab_to_the_image(driver) -> None:
-    driver.execute_script("document.getElementById('download-png').focus()")  # the last button before it
+    driver.execute_script("document.getElementById('open-masks').focus()")  # the last control before it
     keys(driver, Keys.TAB)
     assert focused(driver) == "highlight-canvas"
 

@@ -49,6 +49,7 @@ const state = {
   renderMs: 0, // decoding and drawing the last answer, for people who measure
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
+  opened: new Set(), // the records of a masks file opened: saved work, not edits
   imageId: null, // from /embed
   embedding: null, // the /embed request in flight
   clicks: [], // {x, y, label}
@@ -747,7 +748,7 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
+    removed: 0, opened: new Set(), imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
     cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
@@ -755,8 +756,8 @@ function resetImage() {
   sayCursor(""); // the previous image's place
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
-  for (const id of ["download-rle", "download-coco", "download-png", "clear-clicks", "keep-click", "next-candidate",
-    "remove-mask"]) {
+  for (const id of ["download-rle", "download-coco", "download-png", "open-masks", "clear-clicks", "keep-click",
+    "next-candidate", "remove-mask"]) {
     $(id).disabled = true;
   }
 }
@@ -898,14 +899,20 @@ function fitToWindow() {
 }
 
 function showMasks(cocoText) {
-  const started = performance.now();
-  state.annotations = JSON.parse(cocoText);
-  const [h, w] = state.annotations.length ? state.annotations[0].segmentation.size : [state.height, state.width];
+  const annotations = JSON.parse(cocoText);
+  const [h, w] = annotations.length ? annotations[0].segmentation.size : [state.height, state.width];
   if (h !== state.height || w !== state.width) {
     throw new Error(`The server's masks are ${w}x${h} but the browser shows the image as ` +
       `${state.width}x${state.height}; masks cannot be drawn over it.`);
   }
-  state.counts = state.annotations.map((a) => decodeCounts(a.segmentation.counts));
+  showRecords(annotations, annotations.map((a) => decodeCounts(a.segmentation.counts)));
+}
+
+// Masks as the image's own: their records (COCO annotations) and run lengths, drawn and listed.
+function showRecords(annotations, counts) {
+  const started = performance.now();
+  state.annotations = annotations;
+  state.counts = counts;
   state.colours = state.annotations.map((_, i) => colour(i));
   state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
@@ -914,14 +921,92 @@ function showMasks(cocoText) {
   drawHighlight();
   listMasks();
   state.renderMs = performance.now() - started;
-  for (const id of ["download-rle", "download-coco", "download-png"]) $(id).disabled = false;
+  for (const id of ["download-rle", "download-coco", "download-png", "open-masks"]) $(id).disabled = false;
+}
+
+// --- Saved masks opened again ----------------------------------------------------------------
+
+// The masks of a file saved from this page (COCO annotations or Masks JSON), or a COCO file of
+// this image from elsewhere (RLE, compressed or not), replace those shown: a labeller goes on
+// where they stopped. The file is checked whole first: one that cannot be read changes nothing.
+async function openMasks(file) {
+  if (!file) return;
+  const generation = state.generation;
+  let records;
+  try {
+    const text = await file.text();
+    if (generation !== state.generation) return; // another image opened meanwhile
+    records = recordsOfFile(JSON.parse(text));
+  } catch (error) {
+    showError(`${file.name} cannot be opened as this image's masks: ${error instanceof SyntaxError ? "it is not JSON"
+      : error.message}.`);
+    return;
+  }
+  if (masksEdited() && !confirm(`Open the masks of ${file.name}? The masks added and removed here are lost ` +
+                                "(download them first).")) return;
+  clearError();
+  state.clicks = [];
+  state.box = null;
+  segment(); // no clicks: their mask goes
+  state.removed = 0;
+  state.selected = state.hovered = -1;
+  $("hover-info").textContent = "\u00a0";
+  state.opened = new Set(records.map((r) => r.annotation));
+  showRecords(records.map((r) => r.annotation), records.map((r) => r.counts));
+  toolButtons();
+  const count = records.length;
+  state.everythingStatus = `${count} ${count === 1 ? "mask" : "masks"} opened from ${file.name}.`;
+  showToolStatus();
+}
+
+// A masks file's records, each {annotation, counts}, in the file's order; an Error saying what
+// is wrong with the file otherwise. The page's own figures (area, box) are worked out again from
+// the mask, not taken from the file.
+function recordsOfFile(data) {
+  let annotations;
+  if (Array.isArray(data)) annotations = data; // /upload_rle?format=coco's answer
+  else if (data && Array.isArray(data.annotations)) { // a COCO dataset file: this image's annotations
+    const images = Array.isArray(data.images) ? data.images : [];
+    const name = state.file ? fileName() : null;
+    const image = images.length === 1 ? images[0] : images.find((i) => i && i.file_name === name);
+    if (!image) throw new Error(`it has ${images.length} images, none named ${name}`);
+    annotations = data.annotations.filter((a) => a && a.image_id === image.id);
+  } else if (data && typeof data === "object" && Object.keys(data).every((key) => /^mask_\d+$/.test(key))) {
+    annotations = Object.keys(data).sort((a, b) => a.slice(5) - b.slice(5)).map((key) => ({ segmentation: data[key] }));
+  } else throw new Error("it is neither COCO annotations nor a Masks JSON");
+  return annotations.map((annotation, i) => {
+    const segmentation = annotation && annotation.segmentation;
+    if (!segmentation || !Array.isArray(segmentation.size)) {
+      throw new Error(`mask ${i} has ${Array.isArray(segmentation) ? "a polygon" : "no segmentation"}: RLE masks only`);
+    }
+    const [h, w] = segmentation.size;
+    if (h !== state.height || w !== state.width) {
+      throw new Error(`mask ${i} is ${w}x${h}, and the image open is ${state.width}x${state.height}`);
+    }
+    const counts = typeof segmentation.counts === "string" ? decodeCounts(segmentation.counts) : segmentation.counts;
+    if (!Array.isArray(counts) || !counts.every((c) => Number.isInteger(c) && c >= 0)
+        || counts.reduce((sum, c) => sum + c, 0) !== h * w) {
+      throw new Error(`mask ${i}'s run lengths do not cover the image's ${w}x${h} pixels`);
+    }
+    const box = runBox(counts);
+    return {
+      annotation: {
+        ...annotation,
+        segmentation: { size: [h, w], counts: encodeCounts(counts) },
+        area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
+        bbox: box ? [box.x, box.y, box.width, box.height] : [0, 0, 0, 0],
+        predicted_iou: typeof annotation.predicted_iou === "number" ? annotation.predicted_iou : null,
+      },
+      counts,
+    };
+  });
 }
 
 // --- Every mask: hover, select, list -------------------------------------------------------
 
 function listMasks() {
   const by = $("sort-by").value;
-  const key = by === "score" ? (a) => a.predicted_iou : (a) => a.area;
+  const key = by === "score" ? (a) => a.predicted_iou ?? -1 : (a) => a.area;
   const order = [...state.annotations.keys()].sort((a, b) => key(state.annotations[b]) - key(state.annotations[a]));
   // Built node by node: the page's Content-Security-Policy refuses inline style in HTML text.
   const cell = (content) => {
@@ -941,7 +1026,7 @@ function listMasks() {
     swatch.className = "swatch";
     swatch.style.background = `rgb(${state.colours[i].join(", ")})`;
     const a = state.annotations[i];
-    row.append(cell(swatch), cell(String(i)), cell(a.area.toLocaleString()), cell(a.predicted_iou.toFixed(3)));
+    row.append(cell(swatch), cell(String(i)), cell(a.area.toLocaleString()), cell(iouText(a)));
     return row;
   });
   if (!rows.length) {
@@ -991,11 +1076,16 @@ function rowStop(row) {
   for (const other of row.parentElement.rows) other.tabIndex = other === row ? 0 : -1;
 }
 
+// A mask opened from a file may come without scores (a Masks JSON, another tool's COCO file).
+function iouText(a) {
+  return typeof a.predicted_iou === "number" ? a.predicted_iou.toFixed(3) : "none";
+}
+
 function describe(i) {
   const a = state.annotations[i];
-  return `mask ${i}: predicted IoU ${a.predicted_iou.toFixed(3)}, area ${a.area.toLocaleString()} px, ` +
-    (a.prompt ? "made by clicks" : a.stability_score === null ? "no stability (empty at both levels)"
-      : `stability ${a.stability_score.toFixed(3)}`);
+  return `mask ${i}: predicted IoU ${iouText(a)}, area ${a.area.toLocaleString()} px, ` +
+    (a.prompt ? "made by clicks" : typeof a.stability_score === "number" ? `stability ${a.stability_score.toFixed(3)}`
+      : a.stability_score === null ? "no stability (empty at both levels)" : "no stability given");
 }
 
 function setHovered(i) {
@@ -1277,7 +1367,7 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
 // Whether masks were added to the open image's or removed: work its downloads hold, which another
 // image or Segment again would lose.
 function masksEdited() {
-  return Boolean(state.removed || state.annotations.some((a) => a.prompt));
+  return Boolean(state.removed || state.annotations.some((a) => a.prompt && !state.opened.has(a)));
 }
 
 // Another image, chosen, dropped or pasted: asked first where this one's masks were edited.
@@ -1738,6 +1828,10 @@ function init() {
   $("download-coco").addEventListener("click", () =>
     download(new Blob([cocoDataset()], { type: "application/json" }), `${state.name}_coco.json`));
   $("download-png").addEventListener("click", downloadOverlay);
+  $("open-masks").addEventListener("change", (event) => {
+    openMasks(event.target.files[0]);
+    event.target.value = ""; // the same file again opens it again
+  });
   $("filters-form").addEventListener("submit", segmentAgain);
   $("stability_score_offset").addEventListener("input", (event) => checkOffset(event.target));
   window.addEventListener("resize", fitToWindow);

@@ -763,7 +763,8 @@ def test_other_candidate_shows_a_points_next_mask_and_add_to_masks_takes_the_one
             assert page.execute_script("return shownCandidate().counts") == rle(candidates[shown])["counts"]
             best = " (the best)" if shown == 0 else ""
             text = status(page)
-            assert text.startswith(f"Candidate {shown + 1} of 3{best}: predicted IoU {0.9 - shown / 10:.3f}, mask in "), text
+            iou = 0.9 - shown / 10
+            assert text.startswith(f"Candidate {shown + 1} of 3{best}: predicted IoU {iou:.3f}, mask in "), text
             assert text.endswith(' ms. "Other candidate" shows the next.') and "empty" not in text, text
             painted.append(highlight_alpha(page))
             if len(painted) < 6:
@@ -1568,7 +1569,8 @@ def test_a_box_past_a_strip_s_shown_part_ends_at_its_edge_and_other_buttons_and_
             open_image(page, small_image(tmp_path, "next.png"))
             wait_for(page, lambda d: "Open another image?" in d.switch_to.alert.text, timeout=10)
             page.switch_to.alert.accept()
-            wait_for(page, lambda d: page_state(d, "width") == SMALL[0] and page_state(d, "labels !== null"), timeout=10)
+            wait_for(page, lambda d: page_state(d, "width") == SMALL[0] and page_state(d, "labels !== null"),
+                     timeout=10)
         assert page_state(page, "annotations.length") == 1 and not page.find_element(By.ID, "error").is_displayed()
 
 

@@ -748,8 +748,8 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, opened: new Set(), imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null,
-    cursorShown: false,
+    removed: 0, opened: new Set(), imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null,
+    cursor: null, cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one

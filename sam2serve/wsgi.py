@@ -53,6 +53,7 @@ from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderF
 from .protocol import ANSWER_HEADERS, HeadersTooLarge, RequestStalled, cross_origin_headers, json_text
 
 log = logging.getLogger(__name__)
+MAX_CHUNK_LINE = 4096  # a chunk's size line, with its extensions
 MIN_REQUEST_RATE = 500  # bytes per second, on average, after the connection timeout (as Apache's mod_reqtimeout)
 MIN_CONNECTIONS = 8  # a limit on open files that leaves fewer is refused at start
 PEER_CLOSED = getattr(select, "POLLRDHUP", 0)  # Linux's poll flag for a peer that closed (its sending side)
@@ -134,17 +135,31 @@ class RequestParser(HTTPRequestParser):
       alone (netcat's) are told so at once, not after the connection timeout;
     - a chunked body is held to the upload limit by its own bytes: waitress counted the chunks'
       size lines too, and refused bodies a few kB under the limit that the same body with a
-      Content-Length was allowed."""
+      Content-Length was allowed. The framing is held apart: a size line, a trailer, or framing
+      out of proportion to the body (waitress kept each growing, and searched it again at each
+      read) is refused as malformed."""
+
+    framing_bytes = 0  # a chunked body's bytes as sent, less the body's own
 
     def received(self, data: bytes) -> int:
         if self.body_rcv is None and not self.header_plus and data[:1] == b"\x16":  # TLS's handshake record
             return self.refuse(NotHTTP("this server speaks plain HTTP: use http://, not https://"), len(data))
         if self.chunked and self.body_rcv is not None and not self.completed:
             self.body_bytes_received = 0  # waitress's count, of the bytes as sent; the body's own is below
+            receiver, before = self.body_rcv, len(self.body_rcv)
             consumed = super().received(data)
+            self.framing_bytes += consumed - (len(receiver) - before)
             max_body = self.adj.max_request_body_size
-            if self.error is None and len(self.body_rcv) >= max_body:
+            if self.error is None and len(receiver) >= max_body:
                 self.error, self.completed = RequestEntityTooLarge(f"exceeds max_body of {max_body}"), True
+            elif self.error is None and not self.completed and (
+                    len(receiver.control_line) > MAX_CHUNK_LINE
+                    or len(receiver.trailer) > self.adj.max_request_header_size
+                    or self.framing_bytes > 5 * max_body + 2**16):  # 1-byte chunks: 5 bytes of framing each
+                self.error = BadRequest(f"the chunked body's framing is too long: a chunk's size line over "
+                                        f"{MAX_CHUNK_LINE} bytes, a trailer over the header limit, or more "
+                                        "framing than chunks of one byte have")
+                self.completed = True
             return consumed
         consumed = super().received(data)
         if not self.headers_finished and not self.completed and b"\n\n" in self.header_plus:

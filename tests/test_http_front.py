@@ -29,6 +29,7 @@ import pytest
 from flask import Flask, request
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from waitress.adjustments import Adjustments
 
 from sam2serve.preprocess import InvalidImage
 from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, decode_body_image, first_line
@@ -164,6 +165,32 @@ def test_body_over_the_limit_is_refused_before_it_is_read_and_the_connection_clo
     assert status == 413 and headers["content-type"] == "application/json"
     assert answer == {"error": f"upload larger than the limit of {limit} bytes"}
     assert answers_counted(url, "/upload_rle", "POST", "413") == counted + 1  # the HTTP server's answer, in /metrics
+
+
+@pytest.mark.parametrize("start, piece", [(b"1;a=", b"b" * 8192), (b"1\r\nx\r\n0\r\nX-A: ", b"b" * 8192),
+                                          (b"", b"\r\n" * 4096)], ids=["size line", "trailer", "lines between chunks"])
+def test_a_chunked_body_s_framing_is_held_to_a_limit_of_its_own(start, piece):
+    """A chunked body is held to the upload limit by its own bytes, and its framing apart: a size
+    line, a trailer or empty lines between chunks that never end were taken without end (memory
+    and the event loop's time, searched again at each read). Chunks of one byte, the most framing
+    a body can have, still take a body of the limit."""
+    limit = 50_000
+    adjustments = Adjustments(max_request_body_size=limit + 1, max_request_header_size=65536)
+    head = b"POST /upload_rle HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    parser = wsgi.RequestParser(adjustments)
+    parser.received(head)
+    one_byte_chunks = b"1\r\nx\r\n" * limit
+    for offset in range(0, len(one_byte_chunks), 8192):  # as waitress reads: 8 kB at a time
+        parser.received(one_byte_chunks[offset:offset + 8192])
+    parser.received(b"0\r\n\r\n")
+    assert parser.completed and parser.error is None and parser.headers["CONTENT_LENGTH"] == str(limit)
+    parser = wsgi.RequestParser(adjustments)
+    parser.received(head)
+    fed = parser.received(start)
+    while not parser.completed and fed < 2**22:
+        fed += parser.received(piece)
+    assert parser.completed and "framing is too long" in parser.error.body, fed
+    assert fed <= 5 * limit + 2**16 + 2 * 8192
 
 
 def test_a_request_without_a_body_that_expects_100_continue_is_answered_at_once(server):

@@ -829,7 +829,7 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
     records, masks added by clicks with their prompts, another tool's uncompressed RLE without
     scores) or the Masks JSON replace the masks shown, drawn, listed and downloaded as saved, and
     are not unsaved edits. A file of another size, not JSON, or of polygons changes nothing and
-    says why; over masks edited here, it asks first."""
+    says why; over masks edited here, or for an image of another name, it asks first."""
     opener = page.find_element(By.ID, "open-masks")
     assert not opener.is_enabled()  # no image, no masks to replace
     squares = [np.zeros(SMALL[::-1], bool) for _ in range(3)]
@@ -881,15 +881,30 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
             ("polygons.json", json.dumps([{"segmentation": [[1, 1, 9, 1, 9, 9]], "area": 32}]),
              "mask 0 has a polygon: RLE masks only"),
             ("cut.json", json.dumps([{"segmentation": {"size": [48, 64], "counts": [5, 3]}}]),
-             "mask 0's run lengths do not cover the image's 64x48 pixels")]:
+             "mask 0's run lengths do not cover the image's 64x48 pixels"),
+            ("text.json", json.dumps([{"segmentation": {"size": ["48", "64"], "counts": rle(squares[0])["counts"]}}]),
+             "mask 0's size is not [height, width] in pixels"),
+            ("elsewhere.json", json.dumps({**saved, "annotations": [{**a, "image_id": 8} for a in saved["annotations"]]}),
+             "none of its 3 annotations is of its image (id 7)")]:
         open_masks(name, text)
         wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
         assert page.find_element(By.ID, "error").text == f"{name} cannot be opened as this image's masks: {problem}."
         assert page.execute_script("return studyJson()") == shown
         page.execute_script("clearError()")
+    # Another image's masks (a neighbouring frame, of the same size): only once the labeller agrees.
+    other_frame = {**saved, "images": [{**saved["images"][0], "id": "7", "file_name": "frame_2.png"}]}  # ids as text
+    for answer in ("dismiss", "accept"):
+        open_masks("frame_2_coco.json", json.dumps(other_frame))
+        wait_for(page, lambda d: d.switch_to.alert.text == "frame_2_coco.json holds the masks of frame_2.png. Open them "
+                 "over work.png?", timeout=10)
+        getattr(page.switch_to.alert, answer)()
+        opened = "frame_2_coco.json" if answer == "accept" else "work_coco.json"
+        assert status(page) == f"3 masks opened from {opened}."
     # The Masks JSON (no scores) opens too; over a removal made here, only once the labeller agrees.
     page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
     page.find_element(By.ID, "remove-mask").click()
+    assert status(page) == ("Mask 0 removed; masks 1 to 2 are now 0 to 1. 1 mask opened from frame_2_coco.json "
+                            "and 1 added by clicks.")
     assert page.execute_script("return masksEdited()")
     for answer in ("dismiss", "accept"):
         open_masks("work_masks.json", shown)
@@ -898,6 +913,12 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         assert len(json.loads(page.execute_script("return studyJson()"))) == (2 if answer == "dismiss" else 3)
     assert page.execute_script("return studyJson()") == shown and not page.execute_script("return masksEdited()")
     assert page_state(page, "annotations.map((a) => a.predicted_iou)") == [None, None, None]
+    # In the click tool, which shows the masks added alone, the status line says so too.
+    with stubbed_fetch(page, stub_answers()):
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        open_masks("work_coco.json", json.dumps(saved))
+        wait_for(page, lambda d: status(d).startswith("3 masks opened from work_coco.json. Click: a point"), timeout=10)
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

@@ -50,6 +50,7 @@ const state = {
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
   opened: new Set(), // the records of a masks file opened: saved work, not edits
+  openedFile: null, // that file's name
   imageId: null, // from /embed
   embedding: null, // the /embed request in flight
   clicks: [], // {x, y, label}
@@ -748,8 +749,8 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, opened: new Set(), imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0, dragBox: null,
-    cursor: null, cursorShown: false,
+    removed: 0, opened: new Set(), openedFile: null, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0,
+    dragBox: null, cursor: null, cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
@@ -933,17 +934,25 @@ async function openMasks(file) {
   if (!file) return;
   const generation = state.generation;
   let records;
+  let savedFor;
   try {
     const text = await file.text();
     if (generation !== state.generation) return; // another image opened meanwhile
-    records = recordsOfFile(JSON.parse(text));
+    ({ records, savedFor } = recordsOfFile(JSON.parse(text)));
   } catch (error) {
     showError(`${file.name} cannot be opened as this image's masks: ${error instanceof SyntaxError ? "it is not JSON"
       : error.message}.`);
     return;
   }
-  if (masksEdited() && !confirm(`Open the masks of ${file.name}? The masks added and removed here are lost ` +
-                                "(download them first).")) return;
+  // Frames of a video, or a dataset's images, are often of one size: another image's masks would
+  // open without a word (a pasted image has no name of its own to tell them by).
+  const name = state.file ? fileName() : null;
+  if (savedFor && name && savedFor !== name && !confirm(`${file.name} holds the masks of ${savedFor}. Open them ` +
+                                                        `over ${name}?`)) return;
+  const lost = [masksEdited() ? "the masks added and removed here" : "",
+    state.clicks.length || state.box ? "the clicks" : ""].filter(Boolean);
+  if (lost.length && !confirm(`Open the masks of ${file.name}? ${lost.join(", and ")} are lost (download the masks ` +
+                              "first).")) return;
   clearError();
   state.clicks = [];
   state.box = null;
@@ -952,34 +961,46 @@ async function openMasks(file) {
   state.selected = state.hovered = -1;
   $("hover-info").textContent = "\u00a0";
   state.opened = new Set(records.map((r) => r.annotation));
+  state.openedFile = file.name;
   showRecords(records.map((r) => r.annotation), records.map((r) => r.counts));
   toolButtons();
   const count = records.length;
   state.everythingStatus = `${count} ${count === 1 ? "mask" : "masks"} opened from ${file.name}.`;
-  showToolStatus();
+  if (tool() === "click") showClickStatus(`${state.everythingStatus} ${CLICK_HELP}`);
+  else showToolStatus();
 }
 
-// A masks file's records, each {annotation, counts}, in the file's order; an Error saying what
-// is wrong with the file otherwise. The page's own figures (area, box) are worked out again from
-// the mask, not taken from the file.
+// A masks file's records, each {annotation, counts}, in the file's order, and the file name of
+// the image a COCO dataset file says they are of; an Error saying what is wrong with the file
+// otherwise. The page's own figures (area, box) are worked out again from the mask, not taken
+// from the file.
 function recordsOfFile(data) {
   let annotations;
+  let savedFor = null;
   if (Array.isArray(data)) annotations = data; // /upload_rle?format=coco's answer
   else if (data && Array.isArray(data.annotations)) { // a COCO dataset file: this image's annotations
-    const images = Array.isArray(data.images) ? data.images : [];
+    const images = Array.isArray(data.images) ? data.images.filter((i) => i && typeof i === "object") : [];
     const name = state.file ? fileName() : null;
-    const image = images.length === 1 ? images[0] : images.find((i) => i && i.file_name === name);
+    const image = images.length === 1 ? images[0] : images.find((i) => i.file_name === name);
     if (!image) throw new Error(`it has ${images.length} images, none named ${name}`);
-    annotations = data.annotations.filter((a) => a && a.image_id === image.id);
+    savedFor = typeof image.file_name === "string" ? image.file_name : null;
+    annotations = data.annotations.filter((a) => a && String(a.image_id) === String(image.id)); // "7" or 7
+    if (data.annotations.length && !annotations.length) {
+      throw new Error(`none of its ${data.annotations.length} annotations is of its image (id ${image.id})`);
+    }
   } else if (data && typeof data === "object" && Object.keys(data).every((key) => /^mask_\d+$/.test(key))) {
     annotations = Object.keys(data).sort((a, b) => a.slice(5) - b.slice(5)).map((key) => ({ segmentation: data[key] }));
   } else throw new Error("it is neither COCO annotations nor a Masks JSON");
-  return annotations.map((annotation, i) => {
+  const records = annotations.map((annotation, i) => {
     const segmentation = annotation && annotation.segmentation;
-    if (!segmentation || !Array.isArray(segmentation.size)) {
+    if (!segmentation || typeof segmentation !== "object" || Array.isArray(segmentation)) {
       throw new Error(`mask ${i} has ${Array.isArray(segmentation) ? "a polygon" : "no segmentation"}: RLE masks only`);
     }
-    const [h, w] = segmentation.size;
+    const size = segmentation.size;
+    if (!Array.isArray(size) || size.length !== 2 || !size.every(Number.isInteger)) {
+      throw new Error(`mask ${i}'s size is not [height, width] in pixels`);
+    }
+    const [h, w] = size;
     if (h !== state.height || w !== state.width) {
       throw new Error(`mask ${i} is ${w}x${h}, and the image open is ${state.width}x${state.height}`);
     }
@@ -1000,6 +1021,7 @@ function recordsOfFile(data) {
       counts,
     };
   });
+  return { records, savedFor };
 }
 
 // --- Every mask: hover, select, list -------------------------------------------------------
@@ -1404,7 +1426,8 @@ function masksChanged() {
 function maskCounts() {
   const added = state.annotations.filter((a) => a.prompt).length;
   const found = state.annotations.length - added;
-  return `${found} ${found === 1 ? "mask" : "masks"} from the server and ${added} added by clicks.`;
+  const from = state.openedFile ? `opened from ${state.openedFile}` : "from the server";
+  return `${found} ${found === 1 ? "mask" : "masks"} ${from} and ${added} added by clicks.`;
 }
 
 function drawClickLayer(context) {

@@ -263,6 +263,13 @@ def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypa
             pytest.fail(f"a MemoryError became InvalidImage: {error}")
 
 
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypatch):
     """Each decode holds DECODE_BYTES_PER_PIXEL bytes a pixel of the budget from its header's
     checks to its array; one over the budget waits for the others, one larger than the whole runs
@@ -308,13 +315,16 @@ def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypat
             release.wait(10)
 
     with original_share(700):
+        tickets = budget.tickets
         large = threading.Thread(target=waiting, args=("large", 1000), daemon=True)
         large.start()
-        time.sleep(0.2)
+        wait_until(lambda: budget.tickets == tickets + 1)  # waiting, in line
         small = threading.Thread(target=waiting, args=("small", 100), daemon=True)  # 700 + 100 fits; comes second
         small.start()
+        wait_until(lambda: budget.tickets == tickets + 2)
         time.sleep(0.3)
         assert order == []
+    wait_until(lambda: order != [])
     time.sleep(0.3)
     assert order == ["large"]
     release.set()

@@ -884,7 +884,8 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
              "mask 0's run lengths do not cover the image's 64x48 pixels"),
             ("text.json", json.dumps([{"segmentation": {"size": ["48", "64"], "counts": rle(squares[0])["counts"]}}]),
              "mask 0's size is not [height, width] in pixels"),
-            ("elsewhere.json", json.dumps({**saved, "annotations": [{**a, "image_id": 8} for a in saved["annotations"]]}),
+            ("elsewhere.json",
+             json.dumps({**saved, "annotations": [{**a, "image_id": 8} for a in saved["annotations"]]}),
              "none of its 3 annotations is of its image (id 7)")]:
         open_masks(name, text)
         wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed(), timeout=10)
@@ -895,8 +896,8 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
     other_frame = {**saved, "images": [{**saved["images"][0], "id": "7", "file_name": "frame_2.png"}]}  # ids as text
     for answer in ("dismiss", "accept"):
         open_masks("frame_2_coco.json", json.dumps(other_frame))
-        wait_for(page, lambda d: d.switch_to.alert.text == "frame_2_coco.json holds the masks of frame_2.png. Open them "
-                 "over work.png?", timeout=10)
+        asked = "frame_2_coco.json holds the masks of frame_2.png. Open them over work.png?"
+        wait_for(page, lambda d: d.switch_to.alert.text == asked, timeout=10)
         getattr(page.switch_to.alert, answer)()
         opened = "frame_2_coco.json" if answer == "accept" else "work_coco.json"
         assert status(page) == f"3 masks opened from {opened}."

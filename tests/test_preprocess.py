@@ -15,6 +15,8 @@ from sam2serve.preprocess import (
     MAX_SIDE, PILLOW_MAX_PIXELS, READ_FORMATS, ImageTooLarge, InvalidImage, decode_image, image_to_input, to_rgb,
 )
 
+from .test_worker import wait_for
+
 
 def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
@@ -263,13 +265,6 @@ def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypa
             pytest.fail(f"a MemoryError became InvalidImage: {error}")
 
 
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypatch):
     """Each decode holds DECODE_BYTES_PER_PIXEL bytes a pixel of the budget from its header's
     checks to its array; one over the budget waits for the others, one larger than the whole runs
@@ -318,13 +313,13 @@ def test_decodes_under_way_take_at_most_their_budget_of_memory_at_once(monkeypat
         tickets = budget.tickets
         large = threading.Thread(target=waiting, args=("large", 1000), daemon=True)
         large.start()
-        wait_until(lambda: budget.tickets == tickets + 1)  # waiting, in line
+        wait_for(lambda: budget.tickets == tickets + 1)  # waiting, in line
         small = threading.Thread(target=waiting, args=("small", 100), daemon=True)  # 700 + 100 fits; comes second
         small.start()
-        wait_until(lambda: budget.tickets == tickets + 2)
+        wait_for(lambda: budget.tickets == tickets + 2)
         time.sleep(0.3)
         assert order == []
-    wait_until(lambda: order != [])
+    wait_for(lambda: order != [])
     time.sleep(0.3)
     assert order == ["large"]
     release.set()

@@ -664,10 +664,15 @@ def test_clicks_decoded_between_batches_make_an_image_twice_as_slow_at_most():
     the one that passes it), where every decode queued ran at every batch (80). Counted, not
     timed against a timeout: a busy machine slows the decodes and the batches alike."""
     stub = BatchedStub(batches=20, batch_s=0.025)
-    image = {}
-    generate_batch = stub.generate_batch
-    stub.generate_batch = lambda images: (image.setdefault("began", time.monotonic()),
-                                          generate_batch(images), image.setdefault("ended", time.monotonic()))[1]
+    image, generate_batch = {}, stub.generate_batch
+
+    def timed_generate_batch(images):  # when the image's masks were made
+        image.setdefault("began", time.monotonic())
+        answers = generate_batch(images)
+        image.setdefault("ended", time.monotonic())
+        return answers
+
+    stub.generate_batch = timed_generate_batch
     worker = InferenceWorker(batch_size=1, max_queue=16, timeout_s=60, decodes_between_batches=True)
     worker.start(stub)
     done, decoded = threading.Event(), []

@@ -367,6 +367,14 @@ function runBox(counts) {
   return { x, y: top, width: Math.floor(last / h) - x + 1, height: bottom - top + 1 };
 }
 
+// A mask's COCO figures: its area, and its bbox ([x, y, width, height]; [0, 0, 0, 0] for an
+// empty mask, as the server writes it).
+function cocoFigures(counts) {
+  const box = runBox(counts);
+  return { area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
+           bbox: box ? [box.x, box.y, box.width, box.height] : [0, 0, 0, 0] };
+}
+
 // The /upload_rle answer (the study's format) of the masks on the page, byte for byte:
 // {"mask_0":{"size":[h,w],"counts":[...]},...}.
 function studyJson() {
@@ -1009,13 +1017,11 @@ function recordsOfFile(data) {
         || counts.reduce((sum, c) => sum + c, 0) !== h * w) {
       throw new Error(`mask ${i}'s run lengths do not cover the image's ${w}x${h} pixels`);
     }
-    const box = runBox(counts);
     return {
       annotation: {
         ...annotation,
         segmentation: { size: [h, w], counts: encodeCounts(counts) },
-        area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
-        bbox: box ? [box.x, box.y, box.width, box.height] : [0, 0, 0, 0],
+        ...cocoFigures(counts),
         predicted_iou: typeof annotation.predicted_iou === "number" ? annotation.predicted_iou : null,
       },
       counts,
@@ -1329,12 +1335,10 @@ function toolButtons() {
 // prompt it was made from instead of sam2's point and stability score.
 function keepClickMask() {
   const { counts, iou } = shownCandidate();
-  const { x, y, width, height } = runBox(counts);
   const index = state.annotations.length;
   state.annotations.push({
     segmentation: { size: [state.height, state.width], counts: encodeCounts(counts) },
-    area: counts.reduce((sum, run, r) => (r & 1 ? sum + run : sum), 0),
-    bbox: [x, y, width, height],
+    ...cocoFigures(counts),
     predicted_iou: iou,
     prompt: state.clickPrompt,
   });

@@ -1005,14 +1005,15 @@ def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_fi
     assert "ready: serving SAM2.1 micro" in (tmp_path / "default.log").read_text()
 
 
-def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path,
-                              requests: int = 4) -> tuple[subprocess.Popen, list, str]:
-    """Starts the default server (0.7 s or more per request on a CPU), sends `requests` at once,
+def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path, requests: int = 4,
+                              server_arguments: tuple[str, ...] = ()) -> tuple[subprocess.Popen, list, str]:
+    """Starts the default server (0.7 s or more per request on a CPU, with no `server_arguments`),
+    sends `requests` at once,
     and once all but one are queued sends it SIGTERM `signals` times, the second 1.2 s after the
     first was handled (each time twice at once, as a wrapper and the process group would).
     Returns the process (ended), each request's (status, body) or error, and the server's log."""
     log_path = tmp_path / "server.log"
-    process, url = start_server(log_path=log_path)
+    process, url = start_server(*server_arguments, log_path=log_path)
     answers = []
 
     def request():
@@ -1063,8 +1064,11 @@ def test_sigterm_answers_every_queued_request_then_exits_cleanly(image_files, tm
 
 
 def test_a_second_sigterm_stops_at_once(image_files, tmp_path):
-    # Seven requests queued: seconds of work left when the second signal comes, on a fast CPU too.
-    process, answers, log = stop_with_requests_queued(2, image_files / "scene.jpg", tmp_path, requests=8)
+    # Seven requests queued, each of a 64x64 grid (4 times the default's work): about 20 s of work
+    # left when the second signal comes 1.2 s after the first, so a CPU several times faster than
+    # these still has work left then.
+    process, answers, log = stop_with_requests_queued(2, image_files / "scene.jpg", tmp_path, requests=8,
+                                                      server_arguments=("--points-per-side", "64"))
     assert process.returncode == 1
     assert "stopped at once by a second SIGTERM" in log and "Traceback" not in log
     assert any(isinstance(answer, Exception) for answer in answers)  # not every request was answered

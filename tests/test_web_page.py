@@ -922,6 +922,111 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         wait_for(page, lambda d: status(d).startswith("3 masks opened from work_coco.json. Click: a point"), timeout=10)
 
 
+def category_cells(driver) -> list[str]:
+    """The list's category column, in the masks' order."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#mask-list tbody tr')].sort((a, b) => a.dataset.index - b.dataset.index)"
+        ".map((row) => row.cells[4].textContent)")
+
+
+def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, tmp_path):
+    """A labeller names each mask's category (the selected mask's, or the click tool's for the
+    masks it adds): listed, said, an edit asked about, and in the COCO file as categories whose
+    ids hold for every image labelled on the page; the file opened again gives them back. The
+    field's keys (Backspace, Delete) are the field's, not the page's."""
+    squares = [np.zeros(SMALL[::-1], bool) for _ in range(2)]
+    squares[0][5:20, 4:20] = True
+    squares[1][25:40, 30:60] = True
+    answers = {**stub_answers(), "/upload_rle": [200, [coco_record(square) for square in squares], 0]}
+    field = page.find_element(By.ID, "category")
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "pets.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+        assert not field.is_enabled() and page.find_element(By.ID, "category-label").text == (
+            "Category of the selected mask")
+        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+        assert field.is_enabled() and field.get_attribute("value") == ""
+        field.send_keys("cat")  # given as it is typed
+        assert category_cells(page) == ["cat", ""] and page.execute_script("return masksEdited()")
+        assert page.find_element(By.ID, "hover-info").text.endswith(", stability 0.950, category cat")
+        field.send_keys(Keys.ENTER)
+        assert status(page) == "Mask 0: category cat."
+        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='1']").click()
+        assert field.get_attribute("value") == ""
+        field.send_keys("object")  # the default's name: no category
+        assert category_cells(page) == ["cat", ""]
+        field.send_keys(Keys.BACKSPACE, Keys.DELETE)  # the field's keys: no click taken back, no mask removed
+        assert category_cells(page) == ["cat", "objec"]
+        field.clear()
+        field.send_keys("dog", Keys.ENTER)
+        assert category_cells(page) == ["cat", "dog"]
+        assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
+                                   ".map((o) => o.value)") == ["cat", "dog"]
+        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+        assert field.get_attribute("value") == "cat"
+        # The click tool's masks take its category.
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        assert field.is_enabled() and page.find_element(By.ID, "category-label").text == "Category of the masks added"
+        field.send_keys("bird", Keys.ENTER)
+        assert status(page) == "The masks added from now on: category bird."
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: not d.find_element(By.ID, "keep-click").get_attribute("disabled"), timeout=10)
+        page.find_element(By.ID, "keep-click").click()
+        assert status(page) == "Added as mask 2 (bird); click the next object."
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+    assert category_cells(page) == ["cat", "dog", "bird"]
+    saved = tmp_path / "pets_coco.json"
+    saved.write_text(page.execute_script("return cocoDataset()"))
+    coco = COCO(str(saved))
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "object"}, {"id": 2, "name": "cat"},
+                                               {"id": 3, "name": "dog"}, {"id": 4, "name": "bird"}]
+    records = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    assert [r["category_id"] for r in records] == [2, 3, 4] and not any("category" in r for r in records)
+    # Another image on the same page: the same ids, its masks of the default category.
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()  # unselected: no edit
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "more.png"))
+        wait_for(page, lambda d: d.switch_to.alert.text.startswith("Open another image? The masks added, removed and "
+                                                                    "given categories here are lost"), timeout=10)
+        page.switch_to.alert.accept()
+        wait_for(page, lambda d: page_state(d, "labels !== null") and page_state(d, "file.name") == "more.png",
+                 timeout=10)
+    other = json.loads(page.execute_script("return cocoDataset()"))
+    assert other["categories"] == json.loads(saved.read_text())["categories"]
+    assert [a["category_id"] for a in other["annotations"]] == [1, 1] and category_cells(page) == ["", ""]
+    # The file opened again, on a page that knew none of its names: its categories, the same ids.
+    page.refresh()
+    wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "pets.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+    opener = page.find_element(By.ID, "open-masks")
+    opener.send_keys(str(saved))
+    wait_for(page, lambda d: status(d) == "3 masks opened from pets_coco.json.", timeout=10)
+    assert category_cells(page) == ["cat", "dog", "bird"] and not page.execute_script("return masksEdited()")
+    assert json.loads(page.execute_script("return cocoDataset()")) == json.loads(saved.read_text())
+    # Another tool's ids, in another order: the page's own ids, each mask's name kept.
+    elsewhere = json.loads(saved.read_text())
+    elsewhere["categories"] = [{"id": 9, "name": "car"}, {"id": 4, "name": "person"}]
+    for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):  # 7: a category not listed
+        annotation["category_id"] = category_id
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    opener.send_keys(str(tmp_path / "elsewhere.json"))
+    wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json.", timeout=10)
+    assert category_cells(page) == ["car", "person", ""]
+    dataset = json.loads(page.execute_script("return cocoDataset()"))
+    assert [c["name"] for c in dataset["categories"]] == ["object", "cat", "dog", "bird", "person", "car"]
+    assert [a["category_id"] for a in dataset["annotations"]] == [6, 5, 1]
+    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='2']").click()
+    page.find_element(By.ID, "category").send_keys("a truck with a trailer, seen from behind")
+    assert page.execute_script("return masksEdited()")  # a category changed is an edit
+    # A long name is cut in the list, whole in its title: the list does not scroll sideways.
+    assert page.execute_script("const aside = document.querySelector('aside');"
+                               "return aside.scrollWidth <= aside.clientWidth")
+
+
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):
     """Beside the image, the list ends within the window (its last rows a scroll of the list
     away, not of the page); the hovered mask's row is marked; a mask selected on the image

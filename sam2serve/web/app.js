@@ -14,6 +14,7 @@ const LARGE_MASK_ALPHA = 60; // masks over half the image (the background, mostl
 const CLICK_HELP = "Click: a point on the object; right click, shift-click or long press: a point off it; " +
   "drag: a box; Ctrl+Z: undo."; // three lines at most on a phone (style.css holds three)
 const EDGE_ALPHA = 255;
+const DEFAULT_CATEGORY = "object"; // a mask given no category: COCO's category 1
 // sam2's filters, which a request may set for itself (the Filters box; the server's otherwise).
 const FILTERS = ["pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"];
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
@@ -49,6 +50,11 @@ const state = {
   renderMs: 0, // decoding and drawing the last answer, for people who measure
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
+  relabelled: 0, // changes of a category of this image's masks by the labeller
+  // Every category named on this page, the default first: their COCO ids (place + 1), the same for
+  // every image labelled here, and the field's suggestions.
+  categoryNames: [DEFAULT_CATEGORY],
+  addCategory: "", // the click tool's category for the masks it adds ("": the default)
   opened: new Set(), // the records of a masks file opened: saved work, not edits
   openedFile: null, // that file's name
   imageId: null, // from /embed
@@ -387,13 +393,26 @@ function studyJson() {
 
 // The masks on the page as a COCO dataset file, the one image and its annotations, which
 // pycocotools' COCO(path) reads: the server's records (?format=coco) with every field it gave,
-// and the ids and category that a COCO file has.
+// and the ids that a COCO file has; every category named on the page, each mask's by its id
+// (the default's, 1, where it was given none).
 function cocoDataset() {
+  for (const a of state.annotations) nameCategory(a.category);
+  const names = state.categoryNames;
   return JSON.stringify({
     images: [{ id: 1, file_name: fileName(), width: state.width, height: state.height }],
-    annotations: state.annotations.map((a, i) => ({ ...a, id: i + 1, image_id: 1, category_id: 1, iscrowd: 0 })),
-    categories: [{ id: 1, name: "object" }],
+    annotations: state.annotations.map(({ category, ...a }, i) => ({
+      ...a, id: i + 1, image_id: 1, category_id: names.indexOf(category || DEFAULT_CATEGORY) + 1, iscrowd: 0 })),
+    categories: names.map((name, i) => ({ id: i + 1, name })),
   });
+}
+
+// A category name joins the page's (for its COCO id, and as a suggestion of the field).
+function nameCategory(name) {
+  if (!name || state.categoryNames.includes(name)) return;
+  state.categoryNames.push(name);
+  const option = document.createElement("option");
+  option.value = name;
+  $("category-names").append(option);
 }
 
 // Distinct colours: hues a golden angle apart.
@@ -757,8 +776,8 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, opened: new Set(), openedFile: null, imageId: null, embedding: null, clicks: [], box: null, boxAfter: 0,
-    dragBox: null, cursor: null, cursorShown: false,
+    removed: 0, relabelled: 0, opened: new Set(), openedFile: null, imageId: null, embedding: null, clicks: [],
+    box: null, boxAfter: 0, dragBox: null, cursor: null, cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
@@ -769,6 +788,7 @@ function resetImage() {
     "next-candidate", "remove-mask"]) {
     $(id).disabled = true;
   }
+  showCategory();
 }
 
 // The previous image and its masks leave the viewer as soon as another is opened: a refused
@@ -931,6 +951,7 @@ function showRecords(annotations, counts) {
   listMasks();
   state.renderMs = performance.now() - started;
   for (const id of ["download-rle", "download-coco", "download-png", "open-masks"]) $(id).disabled = false;
+  showCategory();
 }
 
 // --- Saved masks opened again ----------------------------------------------------------------
@@ -943,10 +964,11 @@ async function openMasks(file) {
   const generation = state.generation;
   let records;
   let savedFor;
+  let categories;
   try {
     const text = await file.text();
     if (generation !== state.generation) return; // another image opened meanwhile
-    ({ records, savedFor } = recordsOfFile(JSON.parse(text)));
+    ({ records, savedFor, categories } = recordsOfFile(JSON.parse(text)));
   } catch (error) {
     showError(`${file.name} cannot be opened as this image's masks: ${error instanceof SyntaxError ? "it is not JSON"
       : error.message}.`);
@@ -957,7 +979,7 @@ async function openMasks(file) {
   const name = state.file ? fileName() : null;
   if (savedFor && name && savedFor !== name && !confirm(`${file.name} holds the masks of ${savedFor}. Open them ` +
                                                         `over ${name}?`)) return;
-  const lost = [masksEdited() ? "the masks added and removed here" : "",
+  const lost = [masksEdited() ? `the ${EDITS} here` : "",
     state.clicks.length || state.box ? "the clicks" : ""].filter(Boolean);
   if (lost.length && !confirm(`Open the masks of ${file.name}? ${lost.join(", and ")} are lost (download the masks ` +
                               "first).")) return;
@@ -965,7 +987,8 @@ async function openMasks(file) {
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes
-  state.removed = 0;
+  state.removed = state.relabelled = 0;
+  for (const name of categories) nameCategory(name); // in the file's order of ids: the same ids again
   state.selected = state.hovered = -1;
   $("hover-info").textContent = "\u00a0";
   state.opened = new Set(records.map((r) => r.annotation));
@@ -978,13 +1001,14 @@ async function openMasks(file) {
   else showToolStatus();
 }
 
-// A masks file's records, each {annotation, counts}, in the file's order, and the file name of
-// the image a COCO dataset file says they are of; an Error saying what is wrong with the file
-// otherwise. The page's own figures (area, box) are worked out again from the mask, not taken
-// from the file.
+// A masks file's records, each {annotation, counts}, in the file's order, the file name of the
+// image a COCO dataset file says they are of, and its category names (by id); an Error saying
+// what is wrong with the file otherwise. The page's own figures (area, box) are worked out again
+// from the mask, not taken from the file; a mask's category is its category_id's name.
 function recordsOfFile(data) {
   let annotations;
   let savedFor = null;
+  const categoryName = new Map(); // String(id) -> name
   if (Array.isArray(data)) annotations = data; // /upload_rle?format=coco's answer
   else if (data && Array.isArray(data.annotations)) { // a COCO dataset file: this image's annotations
     const images = Array.isArray(data.images) ? data.images.filter((i) => i && typeof i === "object") : [];
@@ -995,6 +1019,11 @@ function recordsOfFile(data) {
     annotations = data.annotations.filter((a) => a && String(a.image_id) === String(image.id)); // "7" or 7
     if (data.annotations.length && !annotations.length) {
       throw new Error(`none of its ${data.annotations.length} annotations is of its image (id ${image.id})`);
+    }
+    const categories = Array.isArray(data.categories) ? data.categories : [];
+    for (const c of categories.filter((c) => c && typeof c.name === "string" && c.name.trim())
+      .sort((a, b) => Number(a.id) - Number(b.id))) {
+      if (!categoryName.has(String(c.id))) categoryName.set(String(c.id), c.name.trim());
     }
   } else if (data && typeof data === "object" && Object.keys(data).every((key) => /^mask_\d+$/.test(key))) {
     annotations = Object.keys(data).sort((a, b) => a.slice(5) - b.slice(5)).map((key) => ({ segmentation: data[key] }));
@@ -1017,17 +1046,20 @@ function recordsOfFile(data) {
         || counts.reduce((sum, c) => sum + c, 0) !== h * w) {
       throw new Error(`mask ${i}'s run lengths do not cover the image's ${w}x${h} pixels`);
     }
+    const { category: _, ...fields } = annotation; // the page's own field: from category_id alone
+    const category = categoryName.get(String(annotation.category_id));
     return {
       annotation: {
-        ...annotation,
+        ...fields,
         segmentation: { size: [h, w], counts: encodeCounts(counts) },
         ...cocoFigures(counts),
         predicted_iou: typeof annotation.predicted_iou === "number" ? annotation.predicted_iou : null,
+        ...(category && category !== DEFAULT_CATEGORY ? { category } : {}),
       },
       counts,
     };
   });
-  return { records, savedFor };
+  return { records, savedFor, categories: [...categoryName.values()] };
 }
 
 // --- Every mask: hover, select, list -------------------------------------------------------
@@ -1054,7 +1086,7 @@ function listMasks() {
     swatch.className = "swatch";
     swatch.style.background = `rgb(${state.colours[i].join(", ")})`;
     const a = state.annotations[i];
-    row.append(cell(swatch), cell(String(i)), cell(a.area.toLocaleString()), cell(iouText(a)));
+    row.append(cell(swatch), cell(String(i)), cell(a.area.toLocaleString()), cell(iouText(a)), categoryCell(a));
     return row;
   });
   if (!rows.length) {
@@ -1062,7 +1094,7 @@ function listMasks() {
     row.className = "empty";
     row.append(cell(state.removed ? "Every mask was removed."
       : "No mask passed the filters (predicted IoU and stability)."));
-    row.cells[0].colSpan = 4;
+    row.cells[0].colSpan = 5;
     rows.push(row);
   }
   $("mask-list").tBodies[0].replaceChildren(...rows);
@@ -1104,6 +1136,14 @@ function rowStop(row) {
   for (const other of row.parentElement.rows) other.tabIndex = other === row ? 0 : -1;
 }
 
+// A list row's category: none shown for the default (the field's placeholder says it); a long
+// name cut, whole on hover.
+function categoryCell(a, td = document.createElement("td")) {
+  td.className = "category";
+  td.textContent = td.title = a.category || "";
+  return td;
+}
+
 // A mask opened from a file may come without scores (a Masks JSON, another tool's COCO file).
 function iouText(a) {
   return typeof a.predicted_iou === "number" ? a.predicted_iou.toFixed(3) : "none";
@@ -1113,7 +1153,8 @@ function describe(i) {
   const a = state.annotations[i];
   return `mask ${i}: predicted IoU ${iouText(a)}, area ${a.area.toLocaleString()} px, ` +
     (a.prompt ? "made by clicks" : typeof a.stability_score === "number" ? `stability ${a.stability_score.toFixed(3)}`
-      : a.stability_score === null ? "no stability (empty at both levels)" : "no stability given");
+      : a.stability_score === null ? "no stability (empty at both levels)" : "no stability given") +
+    (a.category ? `, category ${a.category}` : "");
 }
 
 function setHovered(i) {
@@ -1328,6 +1369,46 @@ function toolButtons() {
   const current = click && state.clickAnswer && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
   $("keep-click").disabled = !current || !runBox(shownCandidate().counts);
   $("next-candidate").disabled = !current || shownCandidate().of < 2;
+  showCategory();
+}
+
+// The category field: the selected mask's in the every-mask tool (off while none is), the masks'
+// added next in the click tool (once the image's masks have come).
+function showCategory() {
+  const click = tool() === "click";
+  const field = $("category");
+  $("category-label").textContent = click ? "Category of the masks added" : "Category of the selected mask";
+  field.disabled = click ? !state.labels : state.selected < 0;
+  field.value = click ? state.addCategory : state.selected >= 0 ? state.annotations[state.selected].category || "" : "";
+}
+
+// A category typed: the selected mask's as each key is typed (nothing typed is lost to a click
+// elsewhere), or the click tool's for the masks it adds. The default's name is no category.
+function typeCategory() {
+  const typed = $("category").value.trim();
+  const name = typed === DEFAULT_CATEGORY ? "" : typed;
+  if (tool() === "click") {
+    state.addCategory = name;
+    return;
+  }
+  const i = state.selected;
+  const a = state.annotations[i];
+  if (!a || (a.category || "") === name) return;
+  if (name) a.category = name;
+  else delete a.category;
+  state.relabelled += 1;
+  const row = [...$("mask-list").tBodies[0].rows].find((r) => Number(r.dataset.index) === i);
+  if (row) categoryCell(a, row.cells[4]);
+  $("hover-info").textContent = describe(i);
+}
+
+// The category given (Enter, or the field left): a suggestion from now on, and said.
+function categoryGiven() {
+  typeCategory();
+  const name = tool() === "click" ? state.addCategory : state.annotations[state.selected]?.category;
+  nameCategory(name);
+  if (tool() === "click") showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);
+  else if (state.selected >= 0) showEverythingStatus(`Mask ${state.selected}: category ${name || DEFAULT_CATEGORY}.`);
 }
 
 // The click tool's mask joins the masks of the image: drawn, listed and downloaded with them,
@@ -1336,12 +1417,15 @@ function toolButtons() {
 function keepClickMask() {
   const { counts, iou } = shownCandidate();
   const index = state.annotations.length;
+  const category = state.addCategory;
   state.annotations.push({
     segmentation: { size: [state.height, state.width], counts: encodeCounts(counts) },
     ...cocoFigures(counts),
     predicted_iou: iou,
     prompt: state.clickPrompt,
+    ...(category ? { category } : {}),
   });
+  nameCategory(category);
   state.counts.push(counts);
   state.colours.push(colour(state.coloursGiven++));
   masksChanged();
@@ -1349,7 +1433,7 @@ function keepClickMask() {
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes
-  showClickStatus(`Added as mask ${index}; click the next object.`);
+  showClickStatus(`Added as mask ${index}${category ? ` (${category})` : ""}; click the next object.`);
 }
 
 // A click tool's button its own action turns off, pressed from the keyboard, would leave it
@@ -1390,22 +1474,22 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
   showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
 }
 
-// Whether masks were added to the open image's or removed: work its downloads hold, which another
-// image or Segment again would lose.
+// Whether masks were added to the open image's, removed, or given categories: work its downloads
+// hold, which another image or Segment again would lose.
 function masksEdited() {
-  return Boolean(state.removed || state.annotations.some((a) => a.prompt && !state.opened.has(a)));
+  return Boolean(state.removed || state.relabelled || state.annotations.some((a) => a.prompt && !state.opened.has(a)));
 }
+const EDITS = "masks added, removed and given categories";
 
 // Another image, chosen, dropped or pasted: asked first where this one's masks were edited.
 function openAnother(file) {
   if (!file) return;
-  if (masksEdited() && !confirm("Open another image? The masks added and removed here are lost (download them " +
-                                "first).")) return;
+  if (masksEdited() && !confirm(`Open another image? The ${EDITS} here are lost (download them first).`)) return;
   openFile(file);
 }
 
-// The open image's masks again, under the Filters box's values (the masks added and removed are
-// lost: asked first).
+// The open image's masks again, under the Filters box's values (the masks edited are lost: asked
+// first).
 function segmentAgain(event) {
   event.preventDefault();
   if (!state.file && !state.fileOpening) {
@@ -1413,7 +1497,7 @@ function segmentAgain(event) {
     return;
   }
   const edited = masksEdited() || state.clicks.length || state.box;
-  if (edited && !confirm("Segment the image again? The masks added and removed here, and the clicks, are lost.")) return;
+  if (edited && !confirm(`Segment the image again? The ${EDITS} here, and the clicks, are lost.`)) return;
   if (tool() === "click") { // to see what the filters give
     document.querySelector("input[name=tool][value=everything]").checked = true;
     setTool();
@@ -1539,13 +1623,13 @@ function onPointerDown(event) {
   press = { ...imagePoint(event), button: event.button, background: event.button === 2 || event.shiftKey || event.altKey,
             touch: event.pointerType === "touch", at: performance.now(), pointerId: event.pointerId };
   state.cursorShown = false; // the pointer in use: the keyboard's cursor goes until a key brings it back
-  event.preventDefault(); // (which keeps the focus where it was: a Filters field lets go of it, its keys the page's again)
+  event.preventDefault(); // (which keeps the focus where it was: a field lets go of it, its keys the page's again)
   if (tool() === "click") { // the box's outline follows the pointer past the shown part of the image
     try {
       event.currentTarget.setPointerCapture(event.pointerId);
     } catch { /* a pointer no longer down */ }
   }
-  if (document.activeElement?.matches("#filters-form input")) document.activeElement.blur();
+  if (document.activeElement?.matches("#filters-form input, #category")) document.activeElement.blur();
 }
 
 // A press that will have no click or box: Escape, or the browser took the pointer back (a touch
@@ -1560,7 +1644,7 @@ function dropPress() {
 // Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
 // in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
-  if (event.target.matches?.("#filters-form input")) return; // typing a number: the field's keys
+  if (event.target.matches?.("#filters-form input, #category")) return; // typing: the field's keys
   if (event.key === "Delete" && tool() === "everything") {
     // In the list, the mask of the row the keyboard is on (moved there with the arrows after a
     // selection, say); elsewhere, the selected one.
@@ -1850,6 +1934,8 @@ function init() {
   $("keep-click").addEventListener("click", keepingFocus($("keep-click"), keepClickMask));
   $("next-candidate").addEventListener("click", nextCandidate);
   $("remove-mask").addEventListener("click", (event) => removeSelectedMask({ fromKeyboard: event.detail === 0 }));
+  $("category").addEventListener("input", typeCategory);
+  $("category").addEventListener("change", categoryGiven);
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>

@@ -914,12 +914,22 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         assert len(json.loads(page.execute_script("return studyJson()"))) == (2 if answer == "dismiss" else 3)
     assert page.execute_script("return studyJson()") == shown and not page.execute_script("return masksEdited()")
     assert page_state(page, "annotations.map((a) => a.predicted_iou)") == [None, None, None]
-    # In the click tool, which shows the masks added alone, the status line says so too.
+    # In the click tool, which shows the masks added alone, the status line says so too; over
+    # clicks made, only once the labeller agrees, and they go.
     with stubbed_fetch(page, stub_answers()):
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
         wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
-        open_masks("work_coco.json", json.dumps(saved))
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: page_state(d, "clickAnswer") is not None, timeout=10)
+        for answer in ("dismiss", "accept"):
+            open_masks("work_coco.json", json.dumps(saved))
+            wait_for(page, lambda d: d.switch_to.alert.text == "Open the masks of work_coco.json? The clicks are lost "
+                                                               "(download the masks first).", timeout=10)
+            getattr(page.switch_to.alert, answer)()
+            assert len(page_state(page, "clicks")) == (1 if answer == "dismiss" else 0)
         wait_for(page, lambda d: status(d).startswith("3 masks opened from work_coco.json. Click: a point"), timeout=10)
+        assert page_state(page, "clickAnswer") is None
 
 
 def category_cells(driver) -> list[str]:

@@ -981,8 +981,9 @@ async function openMasks(file) {
                                                         `over ${name}?`)) return;
   const lost = [masksEdited() ? `the ${EDITS} here` : "",
     state.clicks.length || state.box ? "the clicks" : ""].filter(Boolean);
-  if (lost.length && !confirm(`Open the masks of ${file.name}? ${lost.join(", and ")} are lost (download the masks ` +
-                              "first).")) return;
+  const said = lost.join(", and ");
+  if (lost.length && !confirm(`Open the masks of ${file.name}? ${said[0].toUpperCase()}${said.slice(1)} are lost ` +
+                              "(download the masks first).")) return;
   clearError();
   state.clicks = [];
   state.box = null;

@@ -970,8 +970,21 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         field.clear()
         field.send_keys("dog", Keys.ENTER)
         assert category_cells(page) == ["cat", "dog"]
+        order = lambda: [row.get_attribute("data-index")  # noqa: E731
+                         for row in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
+        assert order() == ["1", "0"]  # by area
+        Select(page.find_element(By.ID, "sort-by")).select_by_value("category")
+        assert order() == ["0", "1"]  # cat, dog
+        field.clear()  # mask 1's, still selected
+        field.send_keys("aardvark", Keys.ENTER)  # sorted again once given, not as each key is typed
+        assert order() == ["1", "0"]
+        field.send_keys(Keys.BACKSPACE * 8, "dog")
+        assert order() == ["1", "0"] and category_cells(page) == ["cat", "dog"]
+        field.send_keys(Keys.TAB)
+        assert order() == ["0", "1"]
+        Select(page.find_element(By.ID, "sort-by")).select_by_value("area")
         assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
-                                   ".map((o) => o.value)") == ["cat", "dog"]
+                                   ".map((o) => o.value)") == ["cat", "dog", "aardvark"]
         page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
         assert field.get_attribute("value") == "cat"
         # The click tool's masks take its category.
@@ -990,10 +1003,11 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     saved = tmp_path / "pets_coco.json"
     saved.write_text(page.execute_script("return cocoDataset()"))
     coco = COCO(str(saved))
-    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "object"}, {"id": 2, "name": "cat"},
-                                               {"id": 3, "name": "dog"}, {"id": 4, "name": "bird"}]
+    assert coco.loadCats(coco.getCatIds()) == [  # every name given on the page, a mask's or not
+        {"id": 1, "name": "object"}, {"id": 2, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 4, "name": "aardvark"},
+        {"id": 5, "name": "bird"}]
     records = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
-    assert [r["category_id"] for r in records] == [2, 3, 4] and not any("category" in r for r in records)
+    assert [r["category_id"] for r in records] == [2, 3, 5] and not any("category" in r for r in records)
     # Another image on the same page: the same ids, its masks of the default category.
     page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()  # unselected: no edit
     with stubbed_fetch(page, answers):
@@ -1027,8 +1041,8 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json.", timeout=10)
     assert category_cells(page) == ["car", "person", ""]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
-    assert [c["name"] for c in dataset["categories"]] == ["object", "cat", "dog", "bird", "person", "car"]
-    assert [a["category_id"] for a in dataset["annotations"]] == [6, 5, 1]
+    assert [c["name"] for c in dataset["categories"]] == ["object", "cat", "dog", "aardvark", "bird", "person", "car"]
+    assert [a["category_id"] for a in dataset["annotations"]] == [7, 6, 1]
     page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='2']").click()
     page.find_element(By.ID, "category").send_keys("a truck with a trailer, seen from behind")
     assert page.execute_script("return masksEdited()")  # a category changed is an edit

@@ -1068,7 +1068,10 @@ function recordsOfFile(data) {
 function listMasks() {
   const by = $("sort-by").value;
   const key = by === "score" ? (a) => a.predicted_iou ?? -1 : (a) => a.area;
-  const order = [...state.annotations.keys()].sort((a, b) => key(state.annotations[b]) - key(state.annotations[a]));
+  const category = (i) => state.annotations[i].category || ""; // the default's first: what is left to name
+  const order = [...state.annotations.keys()].sort((a, b) =>
+    (by === "category" ? category(a).localeCompare(category(b)) : 0)
+      || key(state.annotations[b]) - key(state.annotations[a]));
   // Built node by node: the page's Content-Security-Policy refuses inline style in HTML text.
   const cell = (content) => {
     const td = document.createElement("td");
@@ -1408,6 +1411,7 @@ function categoryGiven() {
   typeCategory();
   const name = tool() === "click" ? state.addCategory : state.annotations[state.selected]?.category;
   nameCategory(name);
+  if ($("sort-by").value === "category" && tool() === "everything") listMasks(); // its place in the list now
   if (tool() === "click") showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);
   else if (state.selected >= 0) showEverythingStatus(`Mask ${state.selected}: category ${name || DEFAULT_CATEGORY}.`);
 }

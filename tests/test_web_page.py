@@ -925,7 +925,7 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         for answer in ("dismiss", "accept"):
             open_masks("work_coco.json", json.dumps(saved))
             wait_for(page, lambda d: d.switch_to.alert.text == "Open the masks of work_coco.json? The clicks are lost "
-                                                               "(download the masks first).", timeout=10)
+                                                               "(download the COCO annotations first).", timeout=10)
             getattr(page.switch_to.alert, answer)()
             assert len(page_state(page, "clicks")) == (1 if answer == "dismiss" else 0)
         wait_for(page, lambda d: status(d).startswith("3 masks opened from work_coco.json. Click: a point"), timeout=10)
@@ -941,79 +941,95 @@ def category_cells(driver) -> list[str]:
 
 def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, tmp_path):
     """A labeller names each mask's category (the selected mask's, or the click tool's for the
-    masks it adds): listed, said, an edit asked about, and in the COCO file as categories whose
-    ids hold for every image labelled on the page; the file opened again gives them back. The
-    field's keys (Backspace, Delete) are the field's, not the page's."""
+    masks it adds): listed, said once given, an edit asked about, and in the COCO file as
+    categories whose ids hold for every image labelled on the page; the file opened again gives
+    them back, another tool's ids kept where free. The field's keys (Backspace, Delete) are the
+    field's, not the page's; F2 in the list goes to it, Enter back, Escape puts back its name."""
     squares = [np.zeros(SMALL[::-1], bool) for _ in range(2)]
     squares[0][5:20, 4:20] = True
     squares[1][25:40, 30:60] = True
-    answers = {**stub_answers(), "/upload_rle": [200, [coco_record(square) for square in squares], 0]}
+    answers = {**stub_answers(segment_ms="held"), "/upload_rle": [200, [coco_record(square) for square in squares], 0]}
     field = page.find_element(By.ID, "category")
+    row = lambda i: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{i}']")  # noqa: E731
+    order = lambda: [r.get_attribute("data-index")  # noqa: E731
+                     for r in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
+    figures = lambda: page.find_element(By.ID, "hover-info").text  # noqa: E731
     with stubbed_fetch(page, answers):
         open_image(page, small_image(tmp_path, "pets.png"))
         wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
         assert not field.is_enabled() and page.find_element(By.ID, "category-label").text == (
             "Category of the selected mask")
-        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
+        row(0).click()
         assert field.is_enabled() and field.get_attribute("value") == ""
-        field.send_keys("cat")  # given as it is typed
+        field.send_keys("x")
+        assert page.execute_script("return masksEdited()")
+        field.send_keys(Keys.BACKSPACE)  # back as it was: no edit
+        assert not page.execute_script("return masksEdited()")
+        field.send_keys("cat")  # given as it is typed; its figures said once given (screen readers hear them)
         assert category_cells(page) == ["cat", ""] and page.execute_script("return masksEdited()")
-        assert page.find_element(By.ID, "hover-info").text.endswith(", stability 0.950, category cat")
+        assert "category" not in figures()
         field.send_keys(Keys.ENTER)
-        assert status(page) == "Mask 0: category cat."
-        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='1']").click()
-        assert field.get_attribute("value") == ""
+        assert status(page) == "Mask 0: category cat." and figures().endswith(", stability 0.950, category cat")
+        assert focused(page) == "row 0"  # back in the list
+        focus_row = page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='1']")
+        focus_row.send_keys(Keys.F2)  # from the list: its row's mask selected, its category to type
+        assert focused(page) == "category" and page_state(page, "selected") == 1
         field.send_keys("object")  # the default's name: no category
         assert category_cells(page) == ["cat", ""]
         field.send_keys(Keys.BACKSPACE, Keys.DELETE)  # the field's keys: no click taken back, no mask removed
         assert category_cells(page) == ["cat", "objec"]
-        field.clear()
+        field.send_keys(Keys.ESCAPE)  # as it was when the keyboard came
+        assert category_cells(page) == ["cat", ""] and field.get_attribute("value") == ""
         field.send_keys("dog", Keys.ENTER)
         assert category_cells(page) == ["cat", "dog"]
-        order = lambda: [row.get_attribute("data-index")  # noqa: E731
-                         for row in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
         assert order() == ["1", "0"]  # by area
         Select(page.find_element(By.ID, "sort-by")).select_by_value("category")
         assert order() == ["0", "1"]  # cat, dog
-        field.clear()  # mask 1's, still selected
-        field.send_keys("aardvark", Keys.ENTER)  # sorted again once given, not as each key is typed
-        assert order() == ["1", "0"]
-        field.send_keys(Keys.BACKSPACE * 8, "dog")
-        assert order() == ["1", "0"] and category_cells(page) == ["cat", "dog"]
-        field.send_keys(Keys.TAB)
-        assert order() == ["0", "1"]
-        Select(page.find_element(By.ID, "sort-by")).select_by_value("area")
+        row(1).click()
+        row(1).click()  # selected again
+        field.send_keys(Keys.BACKSPACE * 3, "aardvark", Keys.ENTER)  # sorted again once given
+        assert order() == ["1", "0"] and focused(page) == "row 1"
+        row(1).click()
+        row(1).click()
+        field.send_keys(Keys.BACKSPACE * 8, "zebra")
+        assert order() == ["1", "0"]  # not as each key is typed
+        row(0).click()  # the field left by a press on a row: the row's click still selects its mask, then sorted
+        assert page_state(page, "selected") == 0 and order() == ["0", "1"] and category_cells(page) == ["cat", "zebra"]
         assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
-                                   ".map((o) => o.value)") == ["cat", "dog", "aardvark"]
-        page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()
-        assert field.get_attribute("value") == "cat"
-        # The click tool's masks take its category.
+                                   ".map((o) => o.value)") == ["cat", "dog", "aardvark", "zebra"]
+        # The click tool's masks take its category; an answer that comes while it is typed leaves it be.
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
         wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
         assert field.is_enabled() and page.find_element(By.ID, "category-label").text == "Category of the masks added"
-        field.send_keys("bird", Keys.ENTER)
-        assert status(page) == "The masks added from now on: category bird."
         pointer(page, "pointerdown", 30, 20)
         pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
+        field.send_keys("café ")
+        page.execute_script("window.release()")
         wait_for(page, lambda d: not d.find_element(By.ID, "keep-click").get_attribute("disabled"), timeout=10)
+        field.send_keys("bird", Keys.ENTER)
+        assert status(page) == "The masks added from now on: category café bird."
         page.find_element(By.ID, "keep-click").click()
-        assert status(page) == "Added as mask 2 (bird); click the next object."
+        assert status(page) == "Added as mask 2 (café bird); click the next object."
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
-    assert category_cells(page) == ["cat", "dog", "bird"]
+    Select(page.find_element(By.ID, "sort-by")).select_by_value("area")
+    assert category_cells(page) == ["cat", "zebra", "café bird"]
     saved = tmp_path / "pets_coco.json"
     saved.write_text(page.execute_script("return cocoDataset()"))
+    assert saved.read_text().isascii()  # pycocotools reads it in the locale's encoding
     coco = COCO(str(saved))
-    assert coco.loadCats(coco.getCatIds()) == [  # every name given on the page, a mask's or not
-        {"id": 1, "name": "object"}, {"id": 2, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 4, "name": "aardvark"},
-        {"id": 5, "name": "bird"}]
+    assert coco.loadCats(coco.getCatIds()) == [  # ids by the order masks carried them: added, then downloaded
+        {"id": 1, "name": "object"}, {"id": 2, "name": "café bird"}, {"id": 3, "name": "cat"},
+        {"id": 4, "name": "zebra"}]
     records = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
-    assert [r["category_id"] for r in records] == [2, 3, 5] and not any("category" in r for r in records)
+    assert [r["category_id"] for r in records] == [3, 4, 2] and not any("category" in r for r in records)
     # Another image on the same page: the same ids, its masks of the default category.
-    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='0']").click()  # unselected: no edit
+    row(0).click()  # unselected: no edit
     with stubbed_fetch(page, answers):
         open_image(page, small_image(tmp_path, "more.png"))
-        wait_for(page, lambda d: d.switch_to.alert.text.startswith("Open another image? The masks added, removed and "
-                                                                    "given categories here are lost"), timeout=10)
+        wait_for(page, lambda d: d.switch_to.alert.text == "Open another image? The masks added, removed and given "
+                                                           "categories here are lost (download the COCO annotations "
+                                                           "first).", timeout=10)
         page.switch_to.alert.accept()
         wait_for(page, lambda d: page_state(d, "labels !== null") and page_state(d, "file.name") == "more.png",
                  timeout=10)
@@ -1029,26 +1045,33 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     opener = page.find_element(By.ID, "open-masks")
     opener.send_keys(str(saved))
     wait_for(page, lambda d: status(d) == "3 masks opened from pets_coco.json.", timeout=10)
-    assert category_cells(page) == ["cat", "dog", "bird"] and not page.execute_script("return masksEdited()")
+    assert category_cells(page) == ["cat", "zebra", "café bird"] and not page.execute_script("return masksEdited()")
     assert json.loads(page.execute_script("return cocoDataset()")) == json.loads(saved.read_text())
-    # Another tool's ids, in another order: the page's own ids, each mask's name kept.
+    # Another tool's ids: its own where the page has not given them to another name; an id it
+    # names not, named by its number.
     elsewhere = json.loads(saved.read_text())
     elsewhere["categories"] = [{"id": 9, "name": "car"}, {"id": 4, "name": "person"}]
-    for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):  # 7: a category not listed
+    for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):
         annotation["category_id"] = category_id
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
     opener.send_keys(str(tmp_path / "elsewhere.json"))
     wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json.", timeout=10)
-    assert category_cells(page) == ["car", "person", ""]
+    assert category_cells(page) == ["car", "person", "category 7"]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
-    assert [c["name"] for c in dataset["categories"]] == ["object", "cat", "dog", "aardvark", "bird", "person", "car"]
-    assert [a["category_id"] for a in dataset["annotations"]] == [7, 6, 1]
-    page.find_element(By.CSS_SELECTOR, "#mask-list tr[data-index='2']").click()
-    page.find_element(By.ID, "category").send_keys("a truck with a trailer, seen from behind")
+    assert [(c["id"], c["name"]) for c in dataset["categories"]] == [
+        (1, "object"), (2, "café bird"), (3, "cat"), (4, "zebra"), (5, "person"), (7, "category 7"), (9, "car")]
+    assert [a["category_id"] for a in dataset["annotations"]] == [9, 5, 7]
+    row(2).click()
+    page.find_element(By.ID, "category").send_keys(" on a trailer, seen from behind and a little from the left")
     assert page.execute_script("return masksEdited()")  # a category changed is an edit
-    # A long name is cut in the list, whole in its title: the list does not scroll sideways.
+    # A long name is cut in the list, whole in its title: the list does not scroll sideways, and the
+    # figures above it keep their height (a row clicked is the row under the pointer).
     assert page.execute_script("const aside = document.querySelector('aside');"
                                "return aside.scrollWidth <= aside.clientWidth")
+    page.find_element(By.ID, "category").send_keys(Keys.ENTER)
+    for i in (1, 0, 2):  # (the pointer on the row: its figures, of three lines or two, moved it)
+        row(i).click()
+        assert page_state(page, "selected") == i
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

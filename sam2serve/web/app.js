@@ -50,10 +50,10 @@ const state = {
   renderMs: 0, // decoding and drawing the last answer, for people who measure
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
-  relabelled: 0, // changes of a category of this image's masks by the labeller
-  // Every category named on this page, the default first: their COCO ids (place + 1), the same for
-  // every image labelled here, and the field's suggestions.
-  categoryNames: [DEFAULT_CATEGORY],
+  categoryBefore: new Map(), // annotation -> its category ("": none) before the labeller changed it
+  // Each category a mask has carried on this page (or a file opened listed) -> its COCO id: the
+  // same for every image labelled here.
+  categoryIds: new Map([[DEFAULT_CATEGORY, 1]]),
   addCategory: "", // the click tool's category for the masks it adds ("": the default)
   opened: new Set(), // the records of a masks file opened: saved work, not edits
   openedFile: null, // that file's name
@@ -393,23 +393,34 @@ function studyJson() {
 
 // The masks on the page as a COCO dataset file, the one image and its annotations, which
 // pycocotools' COCO(path) reads: the server's records (?format=coco) with every field it gave,
-// and the ids that a COCO file has; every category named on the page, each mask's by its id
-// (the default's, 1, where it was given none).
+// and the ids that a COCO file has; every category of the page, each mask's by its id (the
+// default's, 1, where it was given none). ASCII alone (others as \u escapes): pycocotools reads
+// the file in the locale's encoding, not always UTF-8.
 function cocoDataset() {
-  for (const a of state.annotations) nameCategory(a.category);
-  const names = state.categoryNames;
+  const annotations = state.annotations.map(({ category, ...a }, i) => ({
+    ...a, id: i + 1, image_id: 1, category_id: categoryId(category || DEFAULT_CATEGORY), iscrowd: 0 }));
   return JSON.stringify({
     images: [{ id: 1, file_name: fileName(), width: state.width, height: state.height }],
-    annotations: state.annotations.map(({ category, ...a }, i) => ({
-      ...a, id: i + 1, image_id: 1, category_id: names.indexOf(category || DEFAULT_CATEGORY) + 1, iscrowd: 0 })),
-    categories: names.map((name, i) => ({ id: i + 1, name })),
-  });
+    annotations,
+    categories: [...state.categoryIds].sort((a, b) => a[1] - b[1]).map(([name, id]) => ({ id, name })),
+  }).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
 
-// A category name joins the page's (for its COCO id, and as a suggestion of the field).
-function nameCategory(name) {
-  if (!name || state.categoryNames.includes(name)) return;
-  state.categoryNames.push(name);
+// A category's COCO id, given the first time a mask carries it (or a file opened lists it) and
+// kept for the page's life: the file's own id where the page has not given it to another name,
+// else the next one free. A name only typed on the way to another gets none.
+function categoryId(name, wanted) {
+  const ids = state.categoryIds;
+  if (!ids.has(name)) {
+    const taken = new Set(ids.values());
+    ids.set(name, Number.isInteger(wanted) && wanted > 0 && !taken.has(wanted) ? wanted : Math.max(...taken) + 1);
+  }
+  return ids.get(name);
+}
+
+// A name given (or opened): one of the field's suggestions from now on.
+function suggestCategory(name) {
+  if (!name || [...$("category-names").options].some((option) => option.value === name)) return;
   const option = document.createElement("option");
   option.value = name;
   $("category-names").append(option);
@@ -776,8 +787,8 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, relabelled: 0, opened: new Set(), openedFile: null, imageId: null, embedding: null, clicks: [],
-    box: null, boxAfter: 0, dragBox: null, cursor: null, cursorShown: false,
+    removed: 0, categoryBefore: new Map(), opened: new Set(), openedFile: null, imageId: null, embedding: null,
+    clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null, cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
   press = null; // a press on the previous image is not a click on this one
@@ -983,13 +994,17 @@ async function openMasks(file) {
     state.clicks.length || state.box ? "the clicks" : ""].filter(Boolean);
   const said = lost.join(", and ");
   if (lost.length && !confirm(`Open the masks of ${file.name}? ${said[0].toUpperCase()}${said.slice(1)} are lost ` +
-                              "(download the masks first).")) return;
+                              "(download the COCO annotations first).")) return;
   clearError();
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes
-  state.removed = state.relabelled = 0;
-  for (const name of categories) nameCategory(name); // in the file's order of ids: the same ids again
+  state.removed = 0;
+  state.categoryBefore = new Map();
+  for (const [name, id] of categories) { // in the order of the file's ids: its own ids where free
+    categoryId(name, id);
+    suggestCategory(name);
+  }
   state.selected = state.hovered = -1;
   $("hover-info").textContent = "\u00a0";
   state.opened = new Set(records.map((r) => r.annotation));
@@ -1003,9 +1018,10 @@ async function openMasks(file) {
 }
 
 // A masks file's records, each {annotation, counts}, in the file's order, the file name of the
-// image a COCO dataset file says they are of, and its category names (by id); an Error saying
-// what is wrong with the file otherwise. The page's own figures (area, box) are worked out again
-// from the mask, not taken from the file; a mask's category is its category_id's name.
+// image a COCO dataset file says they are of, and its categories ([name, id], by id); an Error
+// saying what is wrong with the file otherwise. The page's own figures (area, box) are worked out
+// again from the mask, not taken from the file; a mask's category is its category_id's name
+// ("category N" for an id the file names not).
 function recordsOfFile(data) {
   let annotations;
   let savedFor = null;
@@ -1048,7 +1064,11 @@ function recordsOfFile(data) {
       throw new Error(`mask ${i}'s run lengths do not cover the image's ${w}x${h} pixels`);
     }
     const { category: _, ...fields } = annotation; // the page's own field: from category_id alone
-    const category = categoryName.get(String(annotation.category_id));
+    const id = annotation.category_id;
+    if ((typeof id === "number" || typeof id === "string") && String(id) && !categoryName.has(String(id))) {
+      categoryName.set(String(id), `category ${id}`);
+    }
+    const category = categoryName.get(String(id));
     return {
       annotation: {
         ...fields,
@@ -1060,7 +1080,8 @@ function recordsOfFile(data) {
       counts,
     };
   });
-  return { records, savedFor, categories: [...categoryName.values()] };
+  const categories = [...categoryName].map(([id, name]) => [name, Number(id)]).sort((a, b) => a[1] - b[1]);
+  return { records, savedFor, categories };
 }
 
 // --- Every mask: hover, select, list -------------------------------------------------------
@@ -1383,14 +1404,23 @@ function showCategory() {
   const field = $("category");
   $("category-label").textContent = click ? "Category of the masks added" : "Category of the selected mask";
   field.disabled = click ? !state.labels : state.selected < 0;
-  field.value = click ? state.addCategory : state.selected >= 0 ? state.annotations[state.selected].category || "" : "";
+  const value = click ? state.addCategory : state.selected >= 0 ? state.annotations[state.selected].category || "" : "";
+  // While it is typed in, what it says stays as typed where it is that category ("red " on the way
+  // to "red car"): a click's answer that comes meanwhile leaves it be.
+  if (document.activeElement !== field || typedCategory() !== value) field.value = value;
+}
+
+// The field's category: trimmed, the default's name none.
+function typedCategory() {
+  const typed = $("category").value.trim();
+  return typed === DEFAULT_CATEGORY ? "" : typed;
 }
 
 // A category typed: the selected mask's as each key is typed (nothing typed is lost to a click
-// elsewhere), or the click tool's for the masks it adds. The default's name is no category.
+// elsewhere), or the click tool's for the masks it adds. Its figures (heard by screen readers)
+// wait for the name given.
 function typeCategory() {
-  const typed = $("category").value.trim();
-  const name = typed === DEFAULT_CATEGORY ? "" : typed;
+  const name = typedCategory();
   if (tool() === "click") {
     state.addCategory = name;
     return;
@@ -1398,22 +1428,53 @@ function typeCategory() {
   const i = state.selected;
   const a = state.annotations[i];
   if (!a || (a.category || "") === name) return;
+  if (!state.categoryBefore.has(a)) state.categoryBefore.set(a, a.category || "");
   if (name) a.category = name;
   else delete a.category;
-  state.relabelled += 1;
   const row = [...$("mask-list").tBodies[0].rows].find((r) => Number(r.dataset.index) === i);
   if (row) categoryCell(a, row.cells[4]);
-  $("hover-info").textContent = describe(i);
 }
 
-// The category given (Enter, or the field left): a suggestion from now on, and said.
+// The category given (Enter, or the field left): a suggestion from now on, said, and the list
+// sorted by category again (after the click that left the field, if one did: rows rebuilt under
+// a press would lose its click).
 function categoryGiven() {
   typeCategory();
-  const name = tool() === "click" ? state.addCategory : state.annotations[state.selected]?.category;
-  nameCategory(name);
-  if ($("sort-by").value === "category" && tool() === "everything") listMasks(); // its place in the list now
-  if (tool() === "click") showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);
-  else if (state.selected >= 0) showEverythingStatus(`Mask ${state.selected}: category ${name || DEFAULT_CATEGORY}.`);
+  const click = tool() === "click";
+  const name = click ? state.addCategory : state.annotations[state.selected]?.category;
+  suggestCategory(name);
+  if (click) {
+    showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);
+    return;
+  }
+  if (state.selected < 0) return;
+  if (state.hovered < 0 || state.hovered === state.selected) $("hover-info").textContent = describe(state.selected);
+  showEverythingStatus(`Mask ${state.selected}: category ${name || DEFAULT_CATEGORY}.`);
+  if (pointerHeld) window.addEventListener("pointerup", () => setTimeout(sortByCategoryAgain), { once: true });
+  else sortByCategoryAgain();
+}
+
+function sortByCategoryAgain() {
+  if ($("sort-by").value !== "category" || tool() !== "everything" || !state.labels) return;
+  const inList = $("mask-list").contains(document.activeElement);
+  listMasks();
+  if (inList) focusList(); // (the rows it was on are gone)
+}
+
+// Keys of the field: Enter gives the category and, in the every-mask tool, goes back to the
+// list; Escape puts back what it said when the keyboard came.
+function onCategoryKeyDown(event) {
+  const field = event.currentTarget;
+  if (event.key === "Escape") {
+    field.value = field.dataset.before ?? "";
+    typeCategory();
+  } else if (event.key === "Enter") {
+    event.preventDefault();
+    if (tool() === "everything" && state.selected >= 0) {
+      field.blur(); // its change: the category given
+      focusList();
+    } else categoryGiven();
+  }
 }
 
 // The click tool's mask joins the masks of the image: drawn, listed and downloaded with them,
@@ -1430,7 +1491,7 @@ function keepClickMask() {
     prompt: state.clickPrompt,
     ...(category ? { category } : {}),
   });
-  nameCategory(category);
+  if (category) categoryId(category);
   state.counts.push(counts);
   state.colours.push(colour(state.coloursGiven++));
   masksChanged();
@@ -1482,14 +1543,16 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
 // Whether masks were added to the open image's, removed, or given categories: work its downloads
 // hold, which another image or Segment again would lose.
 function masksEdited() {
-  return Boolean(state.removed || state.relabelled || state.annotations.some((a) => a.prompt && !state.opened.has(a)));
+  return Boolean(state.removed || state.annotations.some((a) => a.prompt && !state.opened.has(a))
+    || [...state.categoryBefore].some(([a, before]) => (a.category || "") !== before));
 }
 const EDITS = "masks added, removed and given categories";
 
 // Another image, chosen, dropped or pasted: asked first where this one's masks were edited.
 function openAnother(file) {
   if (!file) return;
-  if (masksEdited() && !confirm(`Open another image? The ${EDITS} here are lost (download them first).`)) return;
+  if (masksEdited() && !confirm(`Open another image? The ${EDITS} here are lost (download the COCO annotations ` +
+                                "first).")) return;
   openFile(file);
 }
 
@@ -1619,6 +1682,7 @@ function boxOf(a, b) {
 }
 
 let press = null;
+let pointerHeld = false; // a pointer's button (or finger) down anywhere on the page
 
 function onPointerDown(event) {
   if (!state.labels) return; // no image yet, or the server refused it
@@ -1914,6 +1978,12 @@ function init() {
       event.preventDefault(); // Space would scroll the list
       select(rowMask(event));
     }
+    if (event.key === "F2" && rowMask(event) >= 0) { // the row's category, to type (Enter: back here)
+      event.preventDefault();
+      if (rowMask(event) !== state.selected) select(rowMask(event));
+      $("category").focus();
+      $("category").select();
+    }
     const row = event.target.closest("tr");
     const at = row ? row.sectionRowIndex : -1;
     const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: rows.rows.length - 1 }[event.key];
@@ -1941,6 +2011,13 @@ function init() {
   $("remove-mask").addEventListener("click", (event) => removeSelectedMask({ fromKeyboard: event.detail === 0 }));
   $("category").addEventListener("input", typeCategory);
   $("category").addEventListener("change", categoryGiven);
+  $("category").addEventListener("keydown", onCategoryKeyDown);
+  $("category").addEventListener("focus", (event) => { event.target.dataset.before = event.target.value; });
+  // (A field left by a press: what its leaving changes waits for the press's click.)
+  document.addEventListener("pointerdown", () => { pointerHeld = true; }, true);
+  for (const type of ["pointerup", "pointercancel"]) {
+    document.addEventListener(type, () => { pointerHeld = false; }, true);
+  }
   $("download-rle").addEventListener("click", () =>
     download(new Blob([studyJson()], { type: "application/json" }), `${state.name}_masks.json`));
   $("download-coco").addEventListener("click", () =>

@@ -41,6 +41,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("no chromium and chromedriver (apt-get install -y chromium chromium-driver)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 (needs the browser check first)
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.actions import interaction  # noqa: E402
@@ -93,7 +94,10 @@ def page_state(driver, expression: str):
 
 
 def wait_for(driver, condition, timeout: float = 120):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+    # A dialog the page opens after async work (openMasks reads the file first) may not be open
+    # yet at the first poll: switch_to.alert then raises, which is "not yet", not a failure.
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoAlertPresentException,)).until(lambda d: condition(d))
 
 
 def open_image(driver, path: Path) -> None:
@@ -591,6 +595,10 @@ def page(browser, server):
     browser.get(server + "/")
     wait_for(browser, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
     yield browser
+    try:  # a test that failed with a dialog open: its failure alone is reported, the next test's page is fresh
+        browser.switch_to.alert.dismiss()
+    except NoAlertPresentException:
+        pass
     browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
 

@@ -1037,8 +1037,8 @@ function recordsOfFile(data) {
     if (data.annotations.length && !annotations.length) {
       throw new Error(`none of its ${data.annotations.length} annotations is of its image (id ${image.id})`);
     }
-    const categories = Array.isArray(data.categories) ? data.categories : [];
-    for (const c of categories.filter((c) => c && typeof c.name === "string" && c.name.trim())
+    const listed = Array.isArray(data.categories) ? data.categories : [];
+    for (const c of listed.filter((c) => c && typeof c.name === "string" && c.name.trim())
       .sort((a, b) => Number(a.id) - Number(b.id))) {
       if (!categoryName.has(String(c.id))) categoryName.set(String(c.id), c.name.trim());
     }

@@ -58,8 +58,11 @@ ARTIFACTS = Path(os.environ.get("SAM2_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The default model (no checkpoint arguments), as `make serve` runs it."""
-    process, url = start_server(log_path=tmp_path_factory.mktemp("logs") / "server.log", max_pixels=MAX_PIXELS)
+    """The default model (no checkpoint arguments), as `make serve` runs it, on one torch thread:
+    beside the browser on 2 busy cores (CI), two threads wait on each other and an upload of the
+    example took 16 s instead of 2 (docs/performance.md, "Other work on the same cores")."""
+    process, url = start_server("--threads", "1", log_path=tmp_path_factory.mktemp("logs") / "server.log",
+                                max_pixels=MAX_PIXELS)
     yield url
     process.terminate()
     process.wait(timeout=30)

@@ -994,18 +994,27 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         field.send_keys("dog", Keys.ENTER)
         assert category_cells(page) == ["cat", "dog"]
         assert order() == ["1", "0"]  # by area
+        row(0).click()  # the list's Tab stop on mask 0's row; then mask 1 selected on the image
+        row(0).click()
+        pointer(page, "pointerdown", 40, 30)
+        pointer(page, "pointerup", 40, 30)
+        assert page_state(page, "selected") == 1
+        field.click()
+        field.send_keys(Keys.ENTER)  # back in the list: on the selected mask's row (Delete there removes it)
+        assert focused(page) == "row 1"
         Select(page.find_element(By.ID, "sort-by")).select_by_value("category")
         assert order() == ["0", "1"]  # cat, dog
         row(1).click()
         row(1).click()  # selected again
         field.send_keys(Keys.BACKSPACE * 3, "aardvark", Keys.ENTER)  # sorted again once given
-        assert order() == ["1", "0"] and focused(page) == "row 1"
+        wait_for(page, lambda d: order() == ["1", "0"] and focused(d) == "row 1", timeout=10)
         row(1).click()
         row(1).click()
         field.send_keys(Keys.BACKSPACE * 8, "zebra")
         assert order() == ["1", "0"]  # not as each key is typed
         row(0).click()  # the field left by a press on a row: the row's click still selects its mask, then sorted
-        assert page_state(page, "selected") == 0 and order() == ["0", "1"] and category_cells(page) == ["cat", "zebra"]
+        wait_for(page, lambda d: order() == ["0", "1"], timeout=10)
+        assert page_state(page, "selected") == 0 and category_cells(page) == ["cat", "zebra"]
         assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
                                    ".map((o) => o.value)") == ["cat", "dog", "aardvark", "zebra"]
         # The click tool's masks take its category; an answer that comes while it is typed leaves it be.
@@ -1015,10 +1024,15 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         pointer(page, "pointerdown", 30, 20)
         pointer(page, "pointerup", 30, 20)
         wait_for(page, lambda d: "/segment" in fetch_log(d), timeout=10)
+        field.send_keys(Keys.BACKSPACE)  # the field's key: no click taken back
+        assert len(page_state(page, "clicks")) == 1
         field.send_keys("café ")
         page.execute_script("window.release()")
         wait_for(page, lambda d: not d.find_element(By.ID, "keep-click").get_attribute("disabled"), timeout=10)
         field.send_keys("bird", Keys.ENTER)
+        assert status(page) == "The masks added from now on: category café bird."
+        field.send_keys(Keys.BACKSPACE * 4, "fish", Keys.ESCAPE)  # back to the name given
+        assert field.get_attribute("value") == "café bird" and page_state(page, "addCategory") == "café bird"
         assert status(page) == "The masks added from now on: category café bird."
         page.find_element(By.ID, "keep-click").click()
         assert status(page) == "Added as mask 2 (café bird); click the next object."
@@ -1061,7 +1075,8 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     # Another tool's ids: its own where the page has not given them to another name; an id it
     # names not, named by its number.
     elsewhere = json.loads(saved.read_text())
-    elsewhere["categories"] = [{"id": 9, "name": "car"}, {"id": 4, "name": "person"}]
+    elsewhere["categories"] = [{"id": 0, "name": "vehicles"}, {"id": 9, "name": "car"}, {"id": 4, "name": "person"},
+                               {"name": "no id"}]  # (a Roboflow file lists its id 0 first)
     for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):
         annotation["category_id"] = category_id
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
@@ -1070,7 +1085,8 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     assert category_cells(page) == ["car", "person", "category 7"]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
     assert [(c["id"], c["name"]) for c in dataset["categories"]] == [
-        (1, "object"), (2, "café bird"), (3, "cat"), (4, "zebra"), (5, "person"), (7, "category 7"), (9, "car")]
+        (1, "object"), (2, "café bird"), (3, "cat"), (4, "zebra"), (5, "person"), (7, "category 7"), (9, "car"),
+        (10, "vehicles")]
     assert [a["category_id"] for a in dataset["annotations"]] == [9, 5, 7]
     row(2).click()
     page.find_element(By.ID, "category").send_keys(" on a trailer, seen from behind and a little from the left")

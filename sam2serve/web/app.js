@@ -1001,7 +1001,10 @@ async function openMasks(file) {
   segment(); // no clicks: their mask goes
   state.removed = 0;
   state.categoryBefore = new Map();
-  for (const [name, id] of categories) { // in the order of the file's ids: its own ids where free
+  // In the order of the file's ids, its own ids where free: first those an id can be (above 0), so
+  // that another (a Roboflow file's 0) does not take one of theirs.
+  const usable = ([, id]) => Number.isInteger(id) && id > 0;
+  for (const [name, id] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
     categoryId(name, id);
     suggestCategory(name);
   }
@@ -1038,7 +1041,8 @@ function recordsOfFile(data) {
       throw new Error(`none of its ${data.annotations.length} annotations is of its image (id ${image.id})`);
     }
     const listed = Array.isArray(data.categories) ? data.categories : [];
-    for (const c of listed.filter((c) => c && typeof c.name === "string" && c.name.trim())
+    for (const c of listed.filter((c) => c && typeof c.name === "string" && c.name.trim()
+                                  && (typeof c.id === "number" || (typeof c.id === "string" && c.id)))
       .sort((a, b) => Number(a.id) - Number(b.id))) {
       if (!categoryName.has(String(c.id))) categoryName.set(String(c.id), c.name.trim());
     }
@@ -1451,7 +1455,7 @@ function categoryGiven() {
   if (state.hovered < 0 || state.hovered === state.selected) $("hover-info").textContent = describe(state.selected);
   showEverythingStatus(`Mask ${state.selected}: category ${name || DEFAULT_CATEGORY}.`);
   if (pointerHeld) window.addEventListener("pointerup", () => setTimeout(sortByCategoryAgain), { once: true });
-  else sortByCategoryAgain();
+  else setTimeout(sortByCategoryAgain); // (a tap's click comes after its pointerup, in the same task)
 }
 
 function sortByCategoryAgain() {
@@ -1465,15 +1469,21 @@ function sortByCategoryAgain() {
 // list; Escape puts back what it said when the keyboard came.
 function onCategoryKeyDown(event) {
   const field = event.currentTarget;
+  if (event.isComposing) return; // (an input method's Enter ends a word, not the name)
   if (event.key === "Escape") {
     field.value = field.dataset.before ?? "";
     typeCategory();
+    if (tool() === "click") categoryGiven(); // said again
   } else if (event.key === "Enter") {
     event.preventDefault();
     if (tool() === "everything" && state.selected >= 0) {
       field.blur(); // its change: the category given
+      restList(); // the selected mask's row the list's Tab stop (a mask selected on the image too)
       focusList();
-    } else categoryGiven();
+    } else {
+      categoryGiven();
+      field.dataset.before = field.value; // given: Escape goes back to it
+    }
   }
 }
 

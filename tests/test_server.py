@@ -1008,9 +1008,9 @@ def test_without_checkpoint_arguments_it_serves_the_trained_micro_model(image_fi
 def stop_with_requests_queued(signals: int, image: Path, tmp_path: Path, requests: int = 4,
                               server_arguments: tuple[str, ...] = ()) -> tuple[subprocess.Popen, list, str]:
     """Starts the default server (0.7 s or more per request on a CPU, with no `server_arguments`),
-    sends `requests` at once,
-    and once all but one are queued sends it SIGTERM `signals` times, the second 1.2 s after the
-    first was handled (each time twice at once, as a wrapper and the process group would).
+    sends `requests` at once, and once all but one are queued sends it SIGTERM `signals` times, the
+    second 1.2 s after the first was handled (each time twice at once, as a wrapper and the process
+    group would).
     Returns the process (ended), each request's (status, body) or error, and the server's log."""
     log_path = tmp_path / "server.log"
     process, url = start_server(*server_arguments, log_path=log_path)

@@ -943,6 +943,11 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         assert page_state(page, "clickAnswer") is None
 
 
+def list_order(driver) -> list[str]:
+    """The masks' numbers in the list's order."""
+    return [row.get_attribute("data-index") for row in driver.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
+
+
 def category_cells(driver) -> list[str]:
     """The list's category column, in the masks' order."""
     return driver.execute_script(
@@ -962,8 +967,6 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     answers = {**stub_answers(segment_ms="held"), "/upload_rle": [200, [coco_record(square) for square in squares], 0]}
     field = page.find_element(By.ID, "category")
     row = lambda i: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{i}']")  # noqa: E731
-    order = lambda: [r.get_attribute("data-index")  # noqa: E731
-                     for r in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
     figures = lambda: page.find_element(By.ID, "hover-info").text  # noqa: E731
     with stubbed_fetch(page, answers):
         open_image(page, small_image(tmp_path, "pets.png"))
@@ -993,7 +996,7 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         assert category_cells(page) == ["cat", ""] and field.get_attribute("value") == ""
         field.send_keys("dog", Keys.ENTER)
         assert category_cells(page) == ["cat", "dog"]
-        assert order() == ["1", "0"]  # by area
+        assert list_order(page) == ["1", "0"]  # by area
         row(0).click()  # the list's Tab stop on mask 0's row; then mask 1 selected on the image
         row(0).click()
         pointer(page, "pointerdown", 40, 30)
@@ -1003,17 +1006,17 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         field.send_keys(Keys.ENTER)  # back in the list: on the selected mask's row (Delete there removes it)
         assert focused(page) == "row 1"
         Select(page.find_element(By.ID, "sort-by")).select_by_value("category")
-        assert order() == ["0", "1"]  # cat, dog
+        assert list_order(page) == ["0", "1"]  # cat, dog
         row(1).click()
         row(1).click()  # selected again
         field.send_keys(Keys.BACKSPACE * 3, "aardvark", Keys.ENTER)  # sorted again once given
-        wait_for(page, lambda d: order() == ["1", "0"] and focused(d) == "row 1", timeout=10)
+        wait_for(page, lambda d: list_order(page) == ["1", "0"] and focused(d) == "row 1", timeout=10)
         row(1).click()
         row(1).click()
         field.send_keys(Keys.BACKSPACE * 8, "zebra")
-        assert order() == ["1", "0"]  # not as each key is typed
+        assert list_order(page) == ["1", "0"]  # not as each key is typed
         row(0).click()  # the field left by a press on a row: the row's click still selects its mask, then sorted
-        wait_for(page, lambda d: order() == ["0", "1"], timeout=10)
+        wait_for(page, lambda d: list_order(page) == ["0", "1"], timeout=10)
         assert page_state(page, "selected") == 0 and category_cells(page) == ["cat", "zebra"]
         assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
                                    ".map((o) => o.value)") == ["cat", "dog", "aardvark", "zebra"]
@@ -2295,14 +2298,12 @@ def test_the_list_sorts_by_predicted_iou(page):
     records = [{**coco_record(mask), "predicted_iou": iou} for mask, iou in zip(masks, [0.85, 0.8, 0.95])]
     page.execute_script("window.sam2page.showAnswer(arguments[0], arguments[1], arguments[2])",
                         json.dumps(records), width, height)
-    order = lambda: [row.get_attribute("data-index")  # noqa: E731
-                     for row in page.find_elements(By.CSS_SELECTOR, "#mask-list tbody tr")]
-    assert order() == ["0", "1", "2"]
+    assert list_order(page) == ["0", "1", "2"]
     sort_by = Select(page.find_element(By.ID, "sort-by"))
     sort_by.select_by_value("score")
-    assert order() == ["2", "0", "1"]
+    assert list_order(page) == ["2", "0", "1"]
     sort_by.select_by_value("area")
-    assert order() == ["0", "1", "2"]
+    assert list_order(page) == ["0", "1", "2"]
 
 
 TWO_MASKS_WIDTH, TWO_MASKS_HEIGHT = 80, 60

@@ -17,6 +17,8 @@ const EDGE_ALPHA = 255;
 const DEFAULT_CATEGORY = "object"; // a mask given no category: COCO's category 1
 // sam2's filters, which a request may set for itself (the Filters box; the server's otherwise).
 const FILTERS = ["pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh"];
+// Fields typed in: their keys are theirs (Delete, Backspace), and a press on the image lets go of them.
+const TYPING_FIELDS = "#filters-form input, #category";
 const DRAG_PIXELS = 5; // a press that moves farther than this (on screen) draws a box
 const LONG_PRESS_MS = 500; // a finger held this long, not moving: a point off the object (touch has no right click)
 // The keyboard's cursor moves by this share of the image's longer side (at least a pixel): as many
@@ -1708,7 +1710,7 @@ function onPointerDown(event) {
       event.currentTarget.setPointerCapture(event.pointerId);
     } catch { /* a pointer no longer down */ }
   }
-  if (document.activeElement?.matches("#filters-form input, #category")) document.activeElement.blur();
+  if (document.activeElement?.matches(TYPING_FIELDS)) document.activeElement.blur();
 }
 
 // A press that will have no click or box: Escape, or the browser took the pointer back (a touch
@@ -1723,7 +1725,7 @@ function dropPress() {
 // Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
 // in the every-mask tool: the selected mask is removed.
 function onKeyDown(event) {
-  if (event.target.matches?.("#filters-form input, #category")) return; // typing: the field's keys
+  if (event.target.matches?.(TYPING_FIELDS)) return; // typing: the field's keys
   if (event.key === "Delete" && tool() === "everything") {
     // In the list, the mask of the row the keyboard is on (moved there with the arrows after a
     // selection, say); elsewhere, the selected one.

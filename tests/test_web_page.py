@@ -602,6 +602,7 @@ def page(browser, server):
         browser.switch_to.alert.dismiss()
     except NoAlertPresentException:
         pass
+    browser.execute_script("localStorage.clear()")  # the category ids a test gave: the next test's page knows none
     browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
 
@@ -1064,9 +1065,18 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     other = json.loads(page.execute_script("return cocoDataset()"))
     assert other["categories"] == json.loads(saved.read_text())["categories"]
     assert [a["category_id"] for a in other["annotations"]] == [1, 1] and category_cells(page) == ["", ""]
-    # The file opened again, on a page that knew none of its names: its categories, the same ids.
+    # Reloaded, the page keeps the ids (in the browser), and suggests their names.
     page.refresh()
     wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    assert page.execute_script("return [...window.sam2page.state.categoryIds]") == [
+        [c["name"], c["id"]] for c in other["categories"]]
+    assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
+                               ".map((o) => o.value)") == ["café bird", "cat", "zebra"]
+    # The file opened again, on a page that knew none of its names: its categories, the same ids.
+    page.execute_script("localStorage.clear()")
+    page.refresh()
+    wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    assert page.execute_script("return [...window.sam2page.state.categoryIds]") == [["object", 1]]
     with stubbed_fetch(page, answers):
         open_image(page, small_image(tmp_path, "pets.png"))
         wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
@@ -1102,6 +1112,34 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     for i in (1, 0, 2):  # (the pointer on the row: its figures, of three lines or two, moved it)
         row(i).click()
         assert page_state(page, "selected") == i
+
+
+def test_category_ids_are_kept_for_every_tab_of_the_server_s_page(page, server):
+    """The ids a tab gives are the other tabs' (at once, and in the storage a reload reads), the
+    storage's merged with each tab's own; a garbled store is ignored, then written anew."""
+    ids = lambda d: d.execute_script("return [...window.sam2page.state.categoryIds]")  # noqa: E731
+    first = page.current_window_handle
+    assert page.execute_script("return categoryId('heron')") == 2
+    page.switch_to.new_window("tab")
+    try:
+        page.get(server + "/")
+        assert ids(page) == [["object", 1], ["heron", 2]]
+        page.switch_to.window(first)
+        assert page.execute_script("return categoryId('egret')") == 3
+        page.switch_to.window(page.window_handles[1])
+        wait_for(page, lambda d: ids(d) == [["object", 1], ["heron", 2], ["egret", 3]], timeout=10)
+        assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
+                                   ".map((o) => o.value)") == ["heron", "egret"]
+        page.execute_script("localStorage.setItem('sam2serve.categoryIds', '{not json')")
+        page.refresh()
+        wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+        assert ids(page) == [["object", 1]]
+        assert page.execute_script("return categoryId('ibis')") == 2
+        assert json.loads(page.execute_script("return localStorage.getItem('sam2serve.categoryIds')")) == [
+            ["object", 1], ["ibis", 2]]
+    finally:
+        page.close()
+        page.switch_to.window(first)
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

@@ -53,8 +53,8 @@ const state = {
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
   categoryBefore: new Map(), // annotation -> its category ("": none) before the labeller changed it
-  // Each category a mask has carried on this page (or a file opened listed) -> its COCO id: the
-  // same for every image labelled here.
+  // Each category a mask has carried on this page (or a file opened listed, or the browser's
+  // storage kept) -> its COCO id: the same for every image labelled here.
   categoryIds: new Map([[DEFAULT_CATEGORY, 1]]),
   addCategory: "", // the click tool's category for the masks it adds ("": the default)
   opened: new Set(), // the records of a masks file opened: saved work, not edits
@@ -409,15 +409,54 @@ function cocoDataset() {
 }
 
 // A category's COCO id, given the first time a mask carries it (or a file opened lists it) and
-// kept for the page's life: the file's own id where the page has not given it to another name,
-// else the next one free. A name only typed on the way to another gets none.
+// kept in the browser: the file's own id where the page has not given it to another name, else
+// the next one free. A name only typed on the way to another gets none.
 function categoryId(name, wanted) {
   const ids = state.categoryIds;
+  if (!ids.has(name)) keepStoredCategories(); // another tab's, given since
   if (!ids.has(name)) {
     const taken = new Set(ids.values());
     ids.set(name, Number.isInteger(wanted) && wanted > 0 && !taken.has(wanted) ? wanted : Math.max(...taken) + 1);
+    storeCategories();
   }
   return ids.get(name);
+}
+
+// The ids are kept in the browser's storage for this server's address, so that the COCO files of
+// every image labelled here, before a reload or in another tab, give a name the same id. Storage
+// refused (a private window's, or full): the page's life alone.
+const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
+
+// The stored [name, id] pairs that the page can read; nothing if storage is refused or garbled.
+function storedCategories() {
+  try {
+    const pairs = JSON.parse(localStorage.getItem(CATEGORY_IDS_KEY) || "[]");
+    return (Array.isArray(pairs) ? pairs : []).filter((pair) => Array.isArray(pair) &&
+      typeof pair[0] === "string" && pair[0] && Number.isInteger(pair[1]) && pair[1] > 0);
+  } catch {
+    return [];
+  }
+}
+
+// The stored ids of names the page has not given one, where the page has not given theirs to
+// another name; each such name a suggestion.
+function keepStoredCategories() {
+  const ids = state.categoryIds;
+  for (const [name, id] of storedCategories()) {
+    if (ids.has(name) || [...ids.values()].includes(id)) continue;
+    ids.set(name, id);
+    suggestCategory(name);
+  }
+}
+
+// The page's ids, which hold every stored one that clashes with none of them (categoryId reads
+// the store before it gives an id).
+function storeCategories() {
+  try {
+    localStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds]));
+  } catch {
+    // (refused: the ids hold for this page's life)
+  }
 }
 
 // A name given (or opened): one of the field's suggestions from now on.
@@ -2042,6 +2081,10 @@ function init() {
   $("filters-form").addEventListener("submit", segmentAgain);
   $("stability_score_offset").addEventListener("input", (event) => checkOffset(event.target));
   window.addEventListener("resize", fitToWindow);
+  keepStoredCategories();
+  window.addEventListener("storage", (event) => {
+    if (event.key === CATEGORY_IDS_KEY) keepStoredCategories();
+  });
   setTool();
   loadHealth();
 }

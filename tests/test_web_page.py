@@ -1088,8 +1088,9 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     # Another tool's ids: its own where the page has not given them to another name; an id it
     # names not, named by its number.
     elsewhere = json.loads(saved.read_text())
-    elsewhere["categories"] = [{"id": 0, "name": "vehicles"}, {"id": 9, "name": "car"}, {"id": 4, "name": "person"},
-                               {"name": "no id"}]  # (a Roboflow file lists its id 0 first)
+    elsewhere["categories"] = [{"id": 0, "name": "vehicles", "supercategory": "none"},  # (Roboflow lists its id 0 first)
+                               {"id": 9, "name": "car", "supercategory": "vehicles"},
+                               {"id": 4, "name": "person", "supercategory": ""}, {"name": "no id"}]
     for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):
         annotation["category_id"] = category_id
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
@@ -1097,9 +1098,10 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json.", timeout=10)
     assert category_cells(page) == ["car", "person", "category 7"]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
-    assert [(c["id"], c["name"]) for c in dataset["categories"]] == [
-        (1, "object"), (2, "café bird"), (3, "cat"), (4, "zebra"), (5, "person"), (7, "category 7"), (9, "car"),
-        (10, "vehicles")]
+    assert [(c["id"], c["name"], c.get("supercategory")) for c in dataset["categories"]] == [
+        (1, "object", None), (2, "café bird", None), (3, "cat", None), (4, "zebra", None), (5, "person", None),
+        (7, "category 7", None), (9, "car", "vehicles"), (10, "vehicles", "none")]  # its supercategories kept
+    assert ["car", 9, "vehicles"] in json.loads(page.execute_script("return localStorage['sam2serve.categoryIds']"))
     assert [a["category_id"] for a in dataset["annotations"]] == [9, 5, 7]
     row(2).click()
     page.find_element(By.ID, "category").send_keys(" on a trailer, seen from behind and a little from the left")
@@ -1137,6 +1139,13 @@ def test_category_ids_are_kept_for_every_tab_of_the_server_s_page(page, server):
         assert page.execute_script("return categoryId('ibis')") == 2
         assert json.loads(page.execute_script("return localStorage.getItem('sam2serve.categoryIds')")) == [
             ["object", 1], ["ibis", 2]]
+        # Entries it can read (a supercategory too), where their ids clash with none before them.
+        stored = [["car", 9, "vehicles"], ["bad"], ["x", -1], ["dup", 9], {"name": "y"}, ["", 3], ["boat", 4, 5]]
+        page.execute_script(f"localStorage.setItem('sam2serve.categoryIds', {json.dumps(json.dumps(stored))})")
+        page.refresh()
+        wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+        assert ids(page) == [["object", 1], ["car", 9], ["boat", 4]]
+        assert page.execute_script("return [...window.sam2page.state.supercategories]") == [["car", "vehicles"]]
     finally:
         page.close()
         page.switch_to.window(first)

@@ -56,6 +56,7 @@ const state = {
   // Each category a mask has carried on this page (or a file opened listed, or the browser's
   // storage kept) -> its COCO id: the same for every image labelled here.
   categoryIds: new Map([[DEFAULT_CATEGORY, 1]]),
+  supercategories: new Map(), // category -> its supercategory, where a file opened (or the storage) gave one
   addCategory: "", // the click tool's category for the masks it adds ("": the default)
   opened: new Set(), // the records of a masks file opened: saved work, not edits
   openedFile: null, // that file's name
@@ -404,7 +405,8 @@ function cocoDataset() {
   return JSON.stringify({
     images: [{ id: 1, file_name: fileName(), width: state.width, height: state.height }],
     annotations,
-    categories: [...state.categoryIds].sort((a, b) => a[1] - b[1]).map(([name, id]) => ({ id, name })),
+    categories: [...state.categoryIds].sort((a, b) => a[1] - b[1]).map(([name, id]) => (
+      { id, name, ...(state.supercategories.has(name) ? { supercategory: state.supercategories.get(name) } : {}) })),
   }).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
 
@@ -427,33 +429,46 @@ function categoryId(name, wanted) {
 // refused (a private window's, or full): the page's life alone.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
 
-// The stored [name, id] pairs that the page can read; nothing if storage is refused or garbled.
+// The stored [name, id] or [name, id, supercategory] entries that the page can read; nothing if
+// storage is refused or garbled.
 function storedCategories() {
   try {
-    const pairs = JSON.parse(localStorage.getItem(CATEGORY_IDS_KEY) || "[]");
-    return (Array.isArray(pairs) ? pairs : []).filter((pair) => Array.isArray(pair) &&
-      typeof pair[0] === "string" && pair[0] && Number.isInteger(pair[1]) && pair[1] > 0);
+    const entries = JSON.parse(localStorage.getItem(CATEGORY_IDS_KEY) || "[]");
+    return (Array.isArray(entries) ? entries : []).filter((entry) => Array.isArray(entry) &&
+      typeof entry[0] === "string" && entry[0] && Number.isInteger(entry[1]) && entry[1] > 0);
   } catch {
     return [];
   }
 }
 
 // The stored ids of names the page has not given one, where the page has not given theirs to
-// another name; each such name a suggestion.
+// another name; each such name a suggestion. A stored supercategory where the page has none.
 function keepStoredCategories() {
   const ids = state.categoryIds;
-  for (const [name, id] of storedCategories()) {
-    if (ids.has(name) || [...ids.values()].includes(id)) continue;
-    ids.set(name, id);
-    suggestCategory(name);
+  for (const [name, id, supercategory] of storedCategories()) {
+    if (!ids.has(name) && ![...ids.values()].includes(id)) {
+      ids.set(name, id);
+      suggestCategory(name);
+    }
+    if (ids.get(name) === id) keepSupercategory(name, supercategory);
   }
 }
 
-// The page's ids, which hold every stored one that clashes with none of them (categoryId reads
-// the store before it gives an id).
+// A category's supercategory, as another tool's COCO file (or the storage) gives it: a name, kept
+// in the COCO download. The first one given holds.
+function keepSupercategory(name, supercategory) {
+  if (typeof supercategory === "string" && supercategory && !state.supercategories.has(name)) {
+    state.supercategories.set(name, supercategory);
+  }
+}
+
+// The page's ids (and supercategories), which hold every stored one that clashes with none of
+// them (categoryId reads the store before it gives an id).
 function storeCategories() {
+  const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
+    : [name, id]);
   try {
-    localStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds]));
+    localStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
   } catch {
     // (refused: the ids hold for this page's life)
   }
@@ -1045,10 +1060,12 @@ async function openMasks(file) {
   // In the order of the file's ids, its own ids where free: first those an id can be (above 0), so
   // that another (a Roboflow file's 0) does not take one of theirs.
   const usable = ([, id]) => Number.isInteger(id) && id > 0;
-  for (const [name, id] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
+  for (const [name, id, supercategory] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
     categoryId(name, id);
+    keepSupercategory(name, supercategory);
     suggestCategory(name);
   }
+  storeCategories(); // (with the supercategories it gave)
   state.selected = state.hovered = -1;
   $("hover-info").textContent = "\u00a0";
   state.opened = new Set(records.map((r) => r.annotation));
@@ -1062,7 +1079,8 @@ async function openMasks(file) {
 }
 
 // A masks file's records, each {annotation, counts}, in the file's order, the file name of the
-// image a COCO dataset file says they are of, and its categories ([name, id], by id); an Error
+// image a COCO dataset file says they are of, and its categories ([name, id, supercategory], by
+// id); an Error
 // saying what is wrong with the file otherwise. The page's own figures (area, box) are worked out
 // again from the mask, not taken from the file; a mask's category is its category_id's name
 // ("category N" for an id the file names not).
@@ -1070,6 +1088,7 @@ function recordsOfFile(data) {
   let annotations;
   let savedFor = null;
   const categoryName = new Map(); // String(id) -> name
+  const supercategory = new Map(); // name -> its supercategory, where the file gives one
   if (Array.isArray(data)) annotations = data; // /upload_rle?format=coco's answer
   else if (data && Array.isArray(data.annotations)) { // a COCO dataset file: this image's annotations
     const images = Array.isArray(data.images) ? data.images.filter((i) => i && typeof i === "object") : [];
@@ -1085,7 +1104,11 @@ function recordsOfFile(data) {
     for (const c of listed.filter((c) => c && typeof c.name === "string" && c.name.trim()
                                   && (typeof c.id === "number" || (typeof c.id === "string" && c.id)))
       .sort((a, b) => Number(a.id) - Number(b.id))) {
-      if (!categoryName.has(String(c.id))) categoryName.set(String(c.id), c.name.trim());
+      if (categoryName.has(String(c.id))) continue;
+      categoryName.set(String(c.id), c.name.trim());
+      if (typeof c.supercategory === "string" && c.supercategory.trim()) {
+        supercategory.set(c.name.trim(), c.supercategory.trim());
+      }
     }
   } else if (data && typeof data === "object" && Object.keys(data).every((key) => /^mask_\d+$/.test(key))) {
     annotations = Object.keys(data).sort((a, b) => a.slice(5) - b.slice(5)).map((key) => ({ segmentation: data[key] }));
@@ -1125,7 +1148,8 @@ function recordsOfFile(data) {
       counts,
     };
   });
-  const categories = [...categoryName].map(([id, name]) => [name, Number(id)]).sort((a, b) => a[1] - b[1]);
+  const categories = [...categoryName].map(([id, name]) => [name, Number(id), supercategory.get(name)])
+    .sort((a, b) => a[1] - b[1]);
   return { records, savedFor, categories };
 }
 

@@ -602,7 +602,7 @@ def page(browser, server):
         browser.switch_to.alert.dismiss()
     except NoAlertPresentException:
         pass
-    browser.execute_script("localStorage.clear()")  # the category ids a test gave: the next test's page knows none
+    browser.execute_script("sessionStorage.clear()")  # the category ids a test gave: the next test's page knows none
     browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
 
@@ -1065,15 +1065,15 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     other = json.loads(page.execute_script("return cocoDataset()"))
     assert other["categories"] == json.loads(saved.read_text())["categories"]
     assert [a["category_id"] for a in other["annotations"]] == [1, 1] and category_cells(page) == ["", ""]
-    # Reloaded, the page keeps the ids (in the browser), and suggests their names.
+    # Reloaded, the tab keeps the ids (its session storage), and suggests their names.
     page.refresh()
     wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
     assert page.execute_script("return [...window.sam2page.state.categoryIds]") == [
         [c["name"], c["id"]] for c in other["categories"]]
     assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
                                ".map((o) => o.value)") == ["café bird", "cat", "zebra"]
-    # The file opened again, on a page that knew none of its names: its categories, the same ids.
-    page.execute_script("localStorage.clear()")
+    # The file opened again, in a tab that knew none of its names: its categories, the same ids.
+    page.execute_script("sessionStorage.clear()")
     page.refresh()
     wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
     assert page.execute_script("return [...window.sam2page.state.categoryIds]") == [["object", 1]]
@@ -1085,23 +1085,26 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     wait_for(page, lambda d: status(d) == "3 masks opened from pets_coco.json.", timeout=10)
     assert category_cells(page) == ["cat", "zebra", "café bird"] and not page.execute_script("return masksEdited()")
     assert json.loads(page.execute_script("return cocoDataset()")) == json.loads(saved.read_text())
-    # Another tool's ids: its own where the page has not given them to another name; an id it
-    # names not, named by its number.
+    # Another tool's ids: its own where the page has not given them to another name (those it has, or
+    # no id can be, said); an id it names not, named by its number.
     elsewhere = json.loads(saved.read_text())
     elsewhere["categories"] = [{"id": 0, "name": "vehicles", "supercategory": "none"},  # (Roboflow lists its id 0 first)
                                {"id": 9, "name": "car", "supercategory": "vehicles"},
-                               {"id": 4, "name": "person", "supercategory": ""}, {"name": "no id"}]
+                               {"id": 4, "name": "person", "supercategory": ""}, {"name": "no id"},
+                               {"id": 1234567890123456789, "name": "truck"}]  # (no exact number here)
     for annotation, category_id in zip(elsewhere["annotations"], (9, 4, 7)):
         annotation["category_id"] = category_id
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
     opener.send_keys(str(tmp_path / "elsewhere.json"))
-    wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json.", timeout=10)
+    wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json. Categories given other ids than the "
+                                         "file's: person 5, vehicles 10, truck 11.", timeout=10)
     assert category_cells(page) == ["car", "person", "category 7"]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
     assert [(c["id"], c["name"], c.get("supercategory")) for c in dataset["categories"]] == [
         (1, "object", None), (2, "café bird", None), (3, "cat", None), (4, "zebra", None), (5, "person", None),
-        (7, "category 7", None), (9, "car", "vehicles"), (10, "vehicles", "none")]  # its supercategories kept
-    assert ["car", 9, "vehicles"] in json.loads(page.execute_script("return localStorage['sam2serve.categoryIds']"))
+        (7, "category 7", None), (9, "car", "vehicles"), (10, "vehicles", "none"), (11, "truck", None)]
+    assert ["car", 9, "vehicles"] in json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds']"))
+    assert page.execute_script("return categoryId('bus')") == 12  # (after the largest, a new one)
     assert [a["category_id"] for a in dataset["annotations"]] == [9, 5, 7]
     row(2).click()
     page.find_element(By.ID, "category").send_keys(" on a trailer, seen from behind and a little from the left")
@@ -1116,39 +1119,44 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         assert page_state(page, "selected") == i
 
 
-def test_category_ids_are_kept_for_every_tab_of_the_server_s_page(page, server):
-    """The ids a tab gives are the other tabs' (at once, and in the storage a reload reads), the
-    storage's merged with each tab's own; a garbled store is ignored, then written anew."""
+def test_category_ids_are_kept_across_a_tab_s_reloads_and_not_in_another_tab(page, server):
+    """A tab's ids (and supercategories) hold across its reloads, read back from its storage
+    where they can be: a garbled entry, or one whose name or id an entry before it took, is left
+    out. Another tab starts again."""
     ids = lambda d: d.execute_script("return [...window.sam2page.state.categoryIds]")  # noqa: E731
+
+    def reloaded():
+        page.refresh()
+        wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+
+    assert page.execute_script("return [categoryId('heron'), categoryId('egret')]") == [2, 3]
+    reloaded()
+    assert ids(page) == [["object", 1], ["heron", 2], ["egret", 3]]
+    assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
+                               ".map((o) => o.value)") == ["heron", "egret"]
     first = page.current_window_handle
-    assert page.execute_script("return categoryId('heron')") == 2
     page.switch_to.new_window("tab")
     try:
         page.get(server + "/")
-        assert ids(page) == [["object", 1], ["heron", 2]]
-        page.switch_to.window(first)
-        assert page.execute_script("return categoryId('egret')") == 3
-        page.switch_to.window(page.window_handles[1])
-        wait_for(page, lambda d: ids(d) == [["object", 1], ["heron", 2], ["egret", 3]], timeout=10)
-        assert page.execute_script("return [...document.querySelectorAll('#category-names option')]"
-                                   ".map((o) => o.value)") == ["heron", "egret"]
-        page.execute_script("localStorage.setItem('sam2serve.categoryIds', '{not json')")
-        page.refresh()
         wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
         assert ids(page) == [["object", 1]]
         assert page.execute_script("return categoryId('ibis')") == 2
-        assert json.loads(page.execute_script("return localStorage.getItem('sam2serve.categoryIds')")) == [
-            ["object", 1], ["ibis", 2]]
-        # Entries it can read (a supercategory too), where their ids clash with none before them.
-        stored = [["car", 9, "vehicles"], ["bad"], ["x", -1], ["dup", 9], {"name": "y"}, ["", 3], ["boat", 4, 5]]
-        page.execute_script(f"localStorage.setItem('sam2serve.categoryIds', {json.dumps(json.dumps(stored))})")
-        page.refresh()
-        wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
-        assert ids(page) == [["object", 1], ["car", 9], ["boat", 4]]
-        assert page.execute_script("return [...window.sam2page.state.supercategories]") == [["car", "vehicles"]]
     finally:
         page.close()
         page.switch_to.window(first)
+    page.execute_script("sessionStorage.setItem('sam2serve.categoryIds', '{not json')")
+    reloaded()
+    assert ids(page) == [["object", 1]]
+    stored = [["car", 9, "vehicles"], ["bad"], ["x", -1], ["dup", 9], {"name": "y"}, [" ", 3], ["boat", 4, 5],
+              ["huge", 2 ** 53], [" car ", 6], ["bus", 2.5]]
+    page.execute_script(f"sessionStorage.setItem('sam2serve.categoryIds', {json.dumps(json.dumps(stored))})")
+    reloaded()
+    assert ids(page) == [["object", 1], ["car", 9], ["boat", 4]]
+    assert page.execute_script("return [...window.sam2page.state.supercategories]") == [["car", "vehicles"]]
+    assert json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds']")) == stored  # (as read)
+    assert page.execute_script("return categoryId('bus')") == 10
+    assert json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds']")) == [
+        ["object", 1], ["car", 9, "vehicles"], ["boat", 4], ["bus", 10]]
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

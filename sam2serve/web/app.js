@@ -53,10 +53,10 @@ const state = {
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
   removed: 0, // masks of this image removed by the labeller
   categoryBefore: new Map(), // annotation -> its category ("": none) before the labeller changed it
-  // Each category a mask has carried on this page (or a file opened listed, or the browser's
-  // storage kept) -> its COCO id: the same for every image labelled here.
+  // Each category a mask has carried in this tab (or a file opened listed) -> its COCO id: the
+  // same for every image labelled here.
   categoryIds: new Map([[DEFAULT_CATEGORY, 1]]),
-  supercategories: new Map(), // category -> its supercategory, where a file opened (or the storage) gave one
+  supercategories: new Map(), // category -> its supercategory, where a file opened gave one
   addCategory: "", // the click tool's category for the masks it adds ("": the default)
   opened: new Set(), // the records of a masks file opened: saved work, not edits
   openedFile: null, // that file's name
@@ -411,72 +411,83 @@ function cocoDataset() {
 }
 
 // A category's COCO id, given the first time a mask carries it (or a file opened lists it) and
-// kept in the browser: the file's own id where the page has not given it to another name, else
-// the next one free. A name only typed on the way to another gets none.
+// kept for the tab's life: the file's own id where the page has not given it to another name,
+// else the next one free. A name only typed on the way to another gets none.
 function categoryId(name, wanted) {
   const ids = state.categoryIds;
-  if (!ids.has(name)) keepStoredCategories(); // another tab's, given since
   if (!ids.has(name)) {
     const taken = new Set(ids.values());
-    ids.set(name, Number.isInteger(wanted) && wanted > 0 && !taken.has(wanted) ? wanted : Math.max(...taken) + 1);
+    ids.set(name, isCategoryId(wanted) && !taken.has(wanted) ? wanted : freeCategoryId(taken));
     storeCategories();
   }
   return ids.get(name);
 }
 
-// The ids are kept in the browser's storage for this server's address, so that the COCO files of
-// every image labelled here, before a reload or in another tab, give a name the same id. Storage
-// refused (a private window's, or full): the page's life alone.
+// COCO ids are 32-bit integers in most tools (and above 2^53 no number is exact here, so that the
+// next id would be the same one).
+const MAX_CATEGORY_ID = 2 ** 31 - 1;
+
+function isCategoryId(id) {
+  return Number.isInteger(id) && id > 0 && id <= MAX_CATEGORY_ID;
+}
+
+function freeCategoryId(taken) {
+  let id = Math.max(...taken) + 1;
+  if (id > MAX_CATEGORY_ID) for (id = 1; taken.has(id); id++);
+  return id;
+}
+
+// The ids (and supercategories) are kept in the tab's session storage: after a reload (or a crash)
+// the tab gives each name the id it had. A new tab starts again, as does a tab whose browser
+// refuses storage.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
 
-// The stored [name, id] or [name, id, supercategory] entries that the page can read; nothing if
-// storage is refused or garbled.
-function storedCategories() {
+function storeCategories() {
+  const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
+    : [name, id]);
   try {
-    const entries = JSON.parse(localStorage.getItem(CATEGORY_IDS_KEY) || "[]");
-    return (Array.isArray(entries) ? entries : []).filter((entry) => Array.isArray(entry) &&
-      typeof entry[0] === "string" && entry[0] && Number.isInteger(entry[1]) && entry[1] > 0);
+    sessionStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
   } catch {
-    return [];
+    // (refused: the ids hold for this page's life)
   }
 }
 
-// The stored ids of names the page has not given one, where the page has not given theirs to
-// another name; each such name a suggestion. A stored supercategory where the page has none.
-function keepStoredCategories() {
+// The stored [name, id] or [name, id, supercategory] entries that the page can read, each a
+// suggestion; those garbled, or whose name or id an entry before them took, are left out.
+function restoreCategories() {
+  let entries;
+  try {
+    entries = JSON.parse(sessionStorage.getItem(CATEGORY_IDS_KEY) || "[]");
+  } catch {
+    return;
+  }
   const ids = state.categoryIds;
-  for (const [name, id, supercategory] of storedCategories()) {
-    if (!ids.has(name) && ![...ids.values()].includes(id)) {
+  const taken = new Set(ids.values());
+  for (const entry of Array.isArray(entries) ? entries : []) {
+    if (!Array.isArray(entry) || typeof entry[0] !== "string") continue;
+    const [name, id, supercategory] = [entry[0].trim(), entry[1], entry[2]];
+    if (name && !ids.has(name) && isCategoryId(id) && !taken.has(id)) {
       ids.set(name, id);
+      taken.add(id);
       suggestCategory(name);
     }
     if (ids.get(name) === id) keepSupercategory(name, supercategory);
   }
 }
 
-// A category's supercategory, as another tool's COCO file (or the storage) gives it: a name, kept
-// in the COCO download. The first one given holds.
+// A category's supercategory, as another tool's COCO file gives it: a name, kept in the COCO
+// download. The first one given holds.
 function keepSupercategory(name, supercategory) {
   if (typeof supercategory === "string" && supercategory && !state.supercategories.has(name)) {
     state.supercategories.set(name, supercategory);
   }
 }
 
-// The page's ids (and supercategories), which hold every stored one that clashes with none of
-// them (categoryId reads the store before it gives an id).
-function storeCategories() {
-  const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
-    : [name, id]);
-  try {
-    localStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
-  } catch {
-    // (refused: the ids hold for this page's life)
-  }
-}
-
 // A name given (or opened): one of the field's suggestions from now on.
+const suggestedCategories = new Set(); // (a COCO file may list a thousand)
 function suggestCategory(name) {
-  if (!name || [...$("category-names").options].some((option) => option.value === name)) return;
+  if (!name || suggestedCategories.has(name)) return;
+  suggestedCategories.add(name);
   const option = document.createElement("option");
   option.value = name;
   $("category-names").append(option);
@@ -1059,9 +1070,11 @@ async function openMasks(file) {
   state.categoryBefore = new Map();
   // In the order of the file's ids, its own ids where free: first those an id can be (above 0), so
   // that another (a Roboflow file's 0) does not take one of theirs.
-  const usable = ([, id]) => Number.isInteger(id) && id > 0;
+  // Each one whose id the tab has given to another name, or that no id can be, is said.
+  const usable = ([, id]) => isCategoryId(id);
+  const moved = [];
   for (const [name, id, supercategory] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
-    categoryId(name, id);
+    if (categoryId(name, id) !== id) moved.push(`${name} ${categoryId(name)}`);
     keepSupercategory(name, supercategory);
     suggestCategory(name);
   }
@@ -1073,17 +1086,17 @@ async function openMasks(file) {
   showRecords(records.map((r) => r.annotation), records.map((r) => r.counts));
   toolButtons();
   const count = records.length;
-  state.everythingStatus = `${count} ${count === 1 ? "mask" : "masks"} opened from ${file.name}.`;
+  state.everythingStatus = `${count} ${count === 1 ? "mask" : "masks"} opened from ${file.name}.` +
+    (moved.length ? ` Categories given other ids than the file's: ${moved.join(", ")}.` : "");
   if (tool() === "click") showClickStatus(`${state.everythingStatus} ${CLICK_HELP}`);
   else showToolStatus();
 }
 
 // A masks file's records, each {annotation, counts}, in the file's order, the file name of the
 // image a COCO dataset file says they are of, and its categories ([name, id, supercategory], by
-// id); an Error
-// saying what is wrong with the file otherwise. The page's own figures (area, box) are worked out
-// again from the mask, not taken from the file; a mask's category is its category_id's name
-// ("category N" for an id the file names not).
+// id); an Error saying what is wrong with the file otherwise. The page's own figures (area, box)
+// are worked out again from the mask, not taken from the file; a mask's category is its
+// category_id's name ("category N" for an id the file names not).
 function recordsOfFile(data) {
   let annotations;
   let savedFor = null;
@@ -2105,10 +2118,7 @@ function init() {
   $("filters-form").addEventListener("submit", segmentAgain);
   $("stability_score_offset").addEventListener("input", (event) => checkOffset(event.target));
   window.addEventListener("resize", fitToWindow);
-  keepStoredCategories();
-  window.addEventListener("storage", (event) => {
-    if (event.key === CATEGORY_IDS_KEY) keepStoredCategories();
-  });
+  restoreCategories();
   setTool();
   loadHealth();
 }

@@ -1096,16 +1096,39 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
         annotation["category_id"] = category_id
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
     opener.send_keys(str(tmp_path / "elsewhere.json"))
-    wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json. Categories given other ids than the "
-                                         "file's: person 5, vehicles 10, truck 11.", timeout=10)
+    wait_for(page, lambda d: status(d) == "3 masks opened from elsewhere.json. Category ids changed here: person: 4 "
+                                         "to 10.", timeout=10)  # (those of its masks: not vehicles' and truck's)
     assert category_cells(page) == ["car", "person", "category 7"]
     dataset = json.loads(page.execute_script("return cocoDataset()"))
     assert [(c["id"], c["name"], c.get("supercategory")) for c in dataset["categories"]] == [
-        (1, "object", None), (2, "café bird", None), (3, "cat", None), (4, "zebra", None), (5, "person", None),
-        (7, "category 7", None), (9, "car", "vehicles"), (10, "vehicles", "none"), (11, "truck", None)]
+        (1, "object", None), (2, "café bird", None), (3, "cat", None), (4, "zebra", None), (7, "category 7", None),
+        (9, "car", "vehicles"), (10, "person", None), (11, "vehicles", "none"), (12, "truck", None)]
     assert ["car", 9, "vehicles"] in json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds']"))
-    assert page.execute_script("return categoryId('bus')") == 12  # (after the largest, a new one)
-    assert [a["category_id"] for a in dataset["annotations"]] == [9, 5, 7]
+    assert page.execute_script("return categoryId('bus')") == 13  # (after the largest, a new one)
+    assert [a["category_id"] for a in dataset["annotations"]] == [9, 10, 7]
+    # A file whose ids start at 1, as COCO's do, in a new tab: only the one whose id `object` has moves
+    # (above the file's ids); a second file of the same names at other ids: the first five said.
+    page.execute_script("sessionStorage.clear()")
+    page.refresh()
+    wait_for(page, lambda d: "micro" in d.find_element(By.ID, "server-info").text)
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "pets.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+    opener = page.find_element(By.ID, "open-masks")
+    for name, shift in (("one_based.json", 0), ("shifted.json", 1)):
+        (tmp_path / name).write_text(json.dumps({
+            **elsewhere, "categories": [{"id": k + shift, "name": f"class {k}"} for k in range(1, 9)],
+            "annotations": [{**elsewhere["annotations"][k % 3], "id": k + 1, "category_id": k + 1 + shift}
+                            for k in range(7)]}))
+    opener.send_keys(str(tmp_path / "one_based.json"))
+    wait_for(page, lambda d: status(d) == "7 masks opened from one_based.json. Category ids changed here: class 1: 1 "
+                                         "to 9.", timeout=10)
+    opener.send_keys(str(tmp_path / "shifted.json"))
+    wait_for(page, lambda d: status(d) == "7 masks opened from shifted.json. Category ids changed here: class 1: 2 to "
+                                         "9; class 2: 3 to 2; class 3: 4 to 3; class 4: 5 to 4; class 5: 6 to 5; and "
+                                         "2 more.", timeout=10)
+    assert [a["category_id"] for a in json.loads(page.execute_script("return cocoDataset()"))["annotations"]] == [
+        9, 2, 3, 4, 5, 6, 7]
     row(2).click()
     page.find_element(By.ID, "category").send_keys(" on a trailer, seen from behind and a little from the left")
     assert page.execute_script("return masksEdited()")  # a category changed is an edit

@@ -442,14 +442,21 @@ function freeCategoryId(taken) {
 // refuses storage.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
 
+// Once the task that changed them ends (a file opened may give a thousand ids).
+let categoriesToStore = false;
 function storeCategories() {
-  const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
-    : [name, id]);
-  try {
-    sessionStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
-  } catch {
-    // (refused: the ids hold for this page's life)
-  }
+  if (categoriesToStore) return;
+  categoriesToStore = true;
+  queueMicrotask(() => {
+    categoriesToStore = false;
+    const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
+      : [name, id]);
+    try {
+      sessionStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
+    } catch {
+      // (refused: the ids hold for this page's life)
+    }
+  });
 }
 
 // The stored [name, id] or [name, id, supercategory] entries that the page can read, each a
@@ -1068,13 +1075,18 @@ async function openMasks(file) {
   segment(); // no clicks: their mask goes
   state.removed = 0;
   state.categoryBefore = new Map();
-  // In the order of the file's ids, its own ids where free: first those an id can be (above 0), so
-  // that another (a Roboflow file's 0) does not take one of theirs.
-  // Each one whose id the tab has given to another name, or that no id can be, is said.
+  // The file's own ids where the tab has not given them to other names; then, in the order of the
+  // file's ids, the others (those taken, and those no id can be, such as a Roboflow file's 0) the
+  // next ids free, above every id of the file. The status line says which ids of its masks changed.
+  const taken = new Set(state.categoryIds.values());
+  for (const [name, id] of categories) {
+    if (isCategoryId(id) && !state.categoryIds.has(name) && !taken.has(id)) taken.add(categoryId(name, id));
+  }
   const usable = ([, id]) => isCategoryId(id);
+  const carried = new Set(records.map((r) => String(r.annotation.category_id)));
   const moved = [];
   for (const [name, id, supercategory] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
-    if (categoryId(name, id) !== id) moved.push(`${name} ${categoryId(name)}`);
+    if (categoryId(name, id) !== id && carried.has(String(id))) moved.push(`${name}: ${id} to ${categoryId(name)}`);
     keepSupercategory(name, supercategory);
     suggestCategory(name);
   }
@@ -1087,7 +1099,8 @@ async function openMasks(file) {
   toolButtons();
   const count = records.length;
   state.everythingStatus = `${count} ${count === 1 ? "mask" : "masks"} opened from ${file.name}.` +
-    (moved.length ? ` Categories given other ids than the file's: ${moved.join(", ")}.` : "");
+    (moved.length ? ` Category ids changed here: ${moved.slice(0, 5).join("; ")}` +
+     `${moved.length > 5 ? `; and ${moved.length - 5} more` : ""}.` : "");
   if (tool() === "click") showClickStatus(`${state.everythingStatus} ${CLICK_HELP}`);
   else showToolStatus();
 }
@@ -1119,7 +1132,7 @@ function recordsOfFile(data) {
       .sort((a, b) => Number(a.id) - Number(b.id))) {
       if (categoryName.has(String(c.id))) continue;
       categoryName.set(String(c.id), c.name.trim());
-      if (typeof c.supercategory === "string" && c.supercategory.trim()) {
+      if (typeof c.supercategory === "string" && c.supercategory.trim() && !supercategory.has(c.name.trim())) {
         supercategory.set(c.name.trim(), c.supercategory.trim());
       }
     }

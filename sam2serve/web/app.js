@@ -442,7 +442,7 @@ function freeCategoryId(taken) {
 // refuses storage.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
 
-// Once the task that changed them ends (a file opened may give a thousand ids).
+// Stored once the task that changed them ends: a file opened may give a thousand ids, one write.
 let categoriesToStore = false;
 function storeCategories() {
   if (categoriesToStore) return;

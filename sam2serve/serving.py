@@ -21,7 +21,7 @@ import numpy as np
 import prometheus_client as prom
 import prometheus_client.core as prom_core
 from flask import Flask, Response, g, redirect, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from .interactive import EmbeddingCache
 from .protocol import (
@@ -219,6 +219,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def http_error(error: HTTPException) -> Response:
         if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
             return error_response(form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits))
+        if isinstance(error, NotFound) and request.url_rule is None:  # a path of no endpoint: say which there are
+            return json_response({"error": NO_SUCH_ENDPOINT}, 404)
         # Headers such as 405's Allow stay; the body becomes JSON.
         headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
         return json_response({"error": error.description}, error.code or 500, headers)
@@ -291,6 +293,7 @@ class CacheCollector:
 # so clients cannot add series without end.
 ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           "/metrics": "GET"}  # path -> method
+NO_SUCH_ENDPOINT = "not found: POST /upload, /upload_rle, /embed or /segment; GET / (the web page), /health or /metrics"
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 

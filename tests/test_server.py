@@ -30,6 +30,7 @@ from sam2serve.amg import AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model
 from sam2serve.modes import CPU_COMPILED_POINTS
 from sam2serve.rle import rles_to_masks
+from sam2serve.serving import ROUTES
 from sam2serve.worker import InferenceWorker
 
 from .conftest import make_scene
@@ -250,8 +251,12 @@ def test_bad_input_gets_json_error_and_server_keeps_serving(servers, image_files
         status, body = curl("-X", "POST", url, *arguments)
         assert status == expected_status, (name, body)
         assert word in json.loads(body)["error"], (name, body)
-    status, body = curl(servers["ao"] + "/no_such_route")
-    assert status == 404 and "error" in json.loads(body)
+    status, body = curl(servers["ao"] + "/no_such_route")  # the endpoints named, each with its method
+    error = json.loads(body)["error"]
+    assert status == 404 and all(re.search(rf"{method} [^;]*{re.escape(path)}(?![\w/])", error)
+                                 for path, method in ROUTES.items())
+    status, body = curl(servers["ao"] + "/static/no_such_file.js")  # an endpoint's own 404
+    assert status == 404 and "/embed" not in json.loads(body)["error"]
     status, _ = curl("-X", "POST", url, "-F", f"image=@{image_files / 'third.jpg'}", "--output", "/dev/null")
     assert status == 200
 

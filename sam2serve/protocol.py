@@ -404,7 +404,7 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
     one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
     formats = ANSWER_FORMATS[endpoint]
     if len(asked) > 1:  # empty or not, as a setting given twice (request_settings)
-        raise BadRequest(f"format: given {len(asked)} times; give it once")
+        raise BadRequest(f"format: given {'twice' if len(asked) == 2 else f'{len(asked)} times'}; give it once")
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
         raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "

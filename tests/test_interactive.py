@@ -841,8 +841,8 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
     for url, words in [
         ("/upload?format=coco", "'coco' is not a format of /upload, which answers png"),
         ("/upload?format=rle", "'rle' is not a format of /upload"),
-        ("/upload_rle?format=coco&format=rle", "format: given 2 times"),
-        ("/upload_rle?format=&format=coco", "format: given 2 times"),  # as a setting given twice, empty or not
+        ("/upload_rle?format=coco&format=rle", "format: given twice; give it once"),
+        ("/upload_rle?format=&format=coco&format=", "format: given 3 times"),  # as a setting given again, empty or not
         ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),
         ("/segment?format=rle", "'rle' is not a format of /segment, which answers json or coco"),
     ]:

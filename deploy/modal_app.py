@@ -168,8 +168,9 @@ def main() -> None:
     command = commands.add_parser("replay", help="one RLE line per image into OUTPUT")
     command.add_argument("paths_file")  # as given: Path("") would be the current folder
     command.add_argument("output")
-    command.add_argument("--model-type", default="large", choices=MODEL_TYPE_CHOICES)
-    command.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES))
+    command.add_argument("--model-type", default="large", choices=MODEL_TYPE_CHOICES,
+                         help="the SAM2.1 size the app serves (default: %(default)s)")
+    command.add_argument("--mode", default=DEFAULT_MODE, choices=sorted(MODES), help="default: %(default)s")
     add_amg_options(command)
     command.add_argument("--load-fast", default="", help="exported package folder under /data/exported")
     args = parser.parse_args()

@@ -228,7 +228,7 @@ def ensure_checkpoint(
             f"Checkpoint {path} is missing and could not be downloaded from {url} ({error}).\n"
             f"Fetch it by hand on a machine that is online:\n"
             f"    mkdir -p {directory} && curl -L -o {path} {url}\n"
-            f"or try the server on random weights (they find no object), in a folder of their own, not beside "
+            f"or try it on random weights (they find no object), in a folder of their own, not beside "
             f"real ones:\n    python -m sam2serve.checkpoints {RANDOM_WEIGHTS_DIR} {size.name}   # then give "
             f"{RANDOM_WEIGHTS_DIR} instead of {directory}"
         ) from error

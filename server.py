@@ -89,8 +89,8 @@ def cors_origin(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ScriptParser(description="Serve SAM2 automatic mask generation over HTTP: /upload, /upload_rle, /embed and "
-                                      "/segment, and a web page at /.")
+    parser = ScriptParser(description="Serve SAM2 automatic mask generation over HTTP: /upload, /upload_rle, "
+                                      "/embed and /segment, and a web page at /.")
     add_checkpoint_arguments(parser)
     modes = parser.add_mutually_exclusive_group()  # one way to name the mode: the last would win unseen
     # No default here: argparse would not count `--mode ao` (the default's own value) as given.

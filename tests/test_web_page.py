@@ -1088,7 +1088,7 @@ def test_categories_given_on_the_page_are_the_coco_file_s_and_open_again(page, t
     # Another tool's ids: its own where the page has not given them to another name (those it has, or
     # no id can be, said); an id it names not, named by its number.
     elsewhere = json.loads(saved.read_text())
-    elsewhere["categories"] = [{"id": 0, "name": "vehicles", "supercategory": "none"},  # (Roboflow lists its id 0 first)
+    elsewhere["categories"] = [{"id": 0, "name": "vehicles", "supercategory": "none"},  # (Roboflow's 0 comes first)
                                {"id": 9, "name": "car", "supercategory": "vehicles"},
                                {"id": 4, "name": "person", "supercategory": ""}, {"name": "no id"},
                                {"id": 1234567890123456789, "name": "truck"}]  # (no exact number here)

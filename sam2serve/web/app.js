@@ -1075,9 +1075,10 @@ async function openMasks(file) {
   segment(); // no clicks: their mask goes
   state.removed = 0;
   state.categoryBefore = new Map();
-  // The file's own ids where the tab has not given them to other names; then, in the order of the
-  // file's ids, the others (those taken, and those no id can be, such as a Roboflow file's 0) the
-  // next ids free, above every id of the file. The status line says which ids of its masks changed.
+  // The file's own ids where the tab has not given them to other names; then the others the next
+  // ids free, above every id of the file: first those whose ids were taken, then those no id can
+  // be (a Roboflow file's 0), each in the file's order. The status line says which of its masks'
+  // ids changed.
   const taken = new Set(state.categoryIds.values());
   for (const [name, id] of categories) {
     if (isCategoryId(id) && !state.categoryIds.has(name) && !taken.has(id)) taken.add(categoryId(name, id));

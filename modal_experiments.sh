@@ -9,12 +9,13 @@
 # Needs the modal CLI logged in (modal token new). The checkpoint is uploaded to the Volume from
 # CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro) unless the Volume holds the same
 # bytes already (or CHECKPOINT_DIR has none and the Volume has one). Fast modes load
-# exported packages from EXPORTED_DIR/<mode> when that folder exists (made on a CUDA machine
-# with `server.py ... --fast --save-fast DIR`); otherwise each container compiles. Exits 1 if a
+# exported packages from EXPORTED_DIR/<mode> when that folder exists (made with `server.py ...
+# --fast --save-fast DIR` on an H100 machine whose CPU has no instruction set the containers' lack:
+# others are refused, docs/fast-modes.md); otherwise each container compiles. Exits 1 if a
 # mode's replay (every image of it answered an error) or a comparison failed (after making the others).
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     usage
     exit 0

@@ -36,6 +36,12 @@ bfloat16 (fast_furious on a CPU) is fast only on cores with bfloat16 instruction
 or AMX); elsewhere oneDNN emulates it and the mode is several times slower than ao
 (docs/performance.md, "bfloat16 on a CPU without bfloat16 instructions"): `warn_of_slow_half`
 says so when such a mode is loaded.
+
+Instruction sets. AOTInductor compiles an exported package's C++ (a CPU's kernels, a GPU's host
+code) with -march=native: the package may use every instruction set of the CPU it was built on,
+and a CPU without one of them stops the process with an illegal instruction at the package's
+first use, long after it loaded. `instruction_sets` names them, for the package's manifest
+(fast.KernelSpec) and for the check where it is loaded.
 """
 
 import ctypes
@@ -43,6 +49,7 @@ import functools
 import logging
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -157,3 +164,38 @@ def warn_of_slow_half(device: str | torch.device, half_precision: bool, mode_nam
     if half_precision and on_cpu(device) and not has_bfloat16_instructions():
         log.warning("this CPU has no bfloat16 instructions (AVX-512 bf16 or AMX): %s runs in emulated bfloat16, "
                     "several times slower than ao here; serve ao instead", mode_name)
+
+
+# /proc/cpuinfo's names of the x86 extensions that gcc's -march=native lets it emit in plain code
+# (families by prefix; pni is SSE3, abm LZCNT, lahf_lm SAHF, 3dnowprefetch PREFETCHW); the other
+# flags (the kernel's, the hypervisor's, instructions reached only through intrinsics) vary
+# between machines of one CPU.
+X86_CODE_EXTENSIONS = ("avx", "amx", "sse", "fma", "bmi", "pni", "ssse3", "f16c", "popcnt", "movbe", "gfni", "vaes",
+                       "vpclmulqdq", "adx", "abm", "aes", "pclmulqdq", "sha_ni", "xop", "tbm", "cx16", "lahf_lm",
+                       "3dnowprefetch")
+
+
+@functools.cache
+def instruction_sets(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This CPU's instruction sets as Linux names them, sorted, a space between: the x86
+    extensions of its "flags" that compiled code can use, or an ARM CPU's "Features"; "" where
+    the system does not say (not Linux)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return " ".join(sorted({flag for flag in value.split() if flag.startswith(X86_CODE_EXTENSIONS)}))
+        if key.strip() == "Features":
+            return " ".join(sorted(set(value.split())))
+    return ""
+
+
+def instruction_sets_missing(needed: str, here: str) -> list[str]:
+    """The instruction sets of `needed` that `here` lacks (both as instruction_sets gives them);
+    none where either is unknown (""), as nothing can be checked then."""
+    if not needed or not here:
+        return []
+    return sorted(set(needed.split()) - set(here.split()))

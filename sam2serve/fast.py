@@ -9,8 +9,9 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, image size, dtype, points
-  per batch, batch size, multimask setting, device or torch version: KernelSpec) is refused
-  with a message that says what differs; so is one whose files are not those its manifest
+  per batch, batch size, multimask setting, device, GPU architecture or torch version, or
+  compiled on a CPU with instruction sets this one lacks: KernelSpec) is refused with a
+  message that says what differs; so is one whose files are not those its manifest
   lists (an export cut short, or a damaged copy), and one
   that torch cannot load here, tried first in a process of its own (its loader can crash the
   process that calls it). A loaded package unpacks into a temporary folder that torch removes
@@ -44,6 +45,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import AMGConfig, Kernels, MaskGenerator
 from .checkpoints import checkpoint_identity, file_sha256
+from .cpu import instruction_sets, instruction_sets_missing
 from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import ImageToInputOnDevice
 
@@ -62,7 +64,8 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """What a pair of kernels is built for. A saved package is loaded only where all match."""
+    """What a pair of kernels is built for. A saved package is loaded only where all match (the
+    CPU: where it has every instruction set of the one that compiled them)."""
 
     checkpoint: str  # file name and the start of its SHA-256: exported packages embed the weights
     image_size: int
@@ -71,6 +74,8 @@ class KernelSpec:
     batch_size: int
     multimask_output: bool
     device: str  # "cuda" or "cpu"
+    gpu_architecture: str  # on CUDA, the GPU's ("sm_90"): its code is built for it; "" on a CPU
+    cpu_instruction_sets: str  # the instruction sets of the CPU that compiled them (cpu.instruction_sets)
     torch_version: str
 
     @property
@@ -78,11 +83,18 @@ class KernelSpec:
         return getattr(torch, self.dtype)
 
     def differences(self, other: "KernelSpec") -> list[str]:
-        return [
+        """Why kernels built for `other` cannot run where this spec is (one line each): any
+        field that differs, but the CPU, which may have more instruction sets than the one
+        that compiled them (a newer one), not fewer."""
+        lines = [
             f"{f.name}: package {getattr(other, f.name)!r}, server {getattr(self, f.name)!r}"
             for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
+            if f.name != "cpu_instruction_sets" and getattr(self, f.name) != getattr(other, f.name)
         ]
+        if missing := instruction_sets_missing(other.cpu_instruction_sets, self.cpu_instruction_sets):
+            lines.append(f"cpu_instruction_sets: the package was compiled on a CPU with {' '.join(missing)}, which "
+                         "this one lacks (its code may use them: an illegal instruction would stop the server)")
+        return lines
 
 
 def kernel_spec(
@@ -97,8 +109,19 @@ def kernel_spec(
         batch_size=batch_size,
         multimask_output=config.multimask_output,
         device=model.device.type,
+        gpu_architecture=gpu_architecture(model.device),
+        cpu_instruction_sets=instruction_sets(),
         torch_version=torch.__version__,
     )
+
+
+def gpu_architecture(device: torch.device) -> str:
+    """The CUDA architecture that the kernels' GPU code is compiled for ("sm_90" on an H100),
+    "" on a CPU."""
+    if device.type != "cuda":
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
 
 
 class PackageMismatch(ValueError):
@@ -227,9 +250,18 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
         files = saved.pop("files")
         if not isinstance(files, dict):
             raise TypeError(f"files: {files!r} is not a mapping of package to SHA-256")
-        saved = KernelSpec(**saved)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # broken JSON, fields of another version
+        names = set(saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # broken JSON, not a mapping
         raise PackageMismatch(f"{manifest} cannot be read ({type(error).__name__}: {error}); {again}") from None
+    expected = [f.name for f in fields(KernelSpec)]
+    if names != set(expected):  # an older or newer version's manifest
+        lacks = [name for name in expected if name not in names]
+        unknown = sorted(names - set(expected))
+        raise PackageMismatch(f"{manifest} was written by another version of this code, with other fields ("
+                              + "; ".join(f"{what}: {', '.join(them)}" for what, them in
+                                          [("lacks", lacks), ("unknown", unknown)] if them)
+                              + f"); {again}")
+    saved = KernelSpec(**saved)
     if differences := spec.differences(saved):
         raise PackageMismatch(
             f"the exported kernels in {directory} were built for something else:\n  "

@@ -15,6 +15,7 @@ fit it.
 """
 
 import json
+import platform
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from sam2serve import fast, modes
 from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
+from sam2serve.cpu import instruction_sets
 from sam2serve.fast import (
     DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, aoti_device_index, kernel_spec, load_kernels,
     save_kernels,
@@ -404,6 +406,8 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
         (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, half_precision=False), batch_size=BATCH_SIZE),
          "checkpoint"),
         (replace(spec, torch_version="1.0"), "torch_version"),
+        *[(replace(spec, cpu_instruction_sets=" ".join(here[1:])), f"the package was compiled on a CPU with {here[0]},")
+          for here in [instruction_sets().split()] if here],  # this CPU's, where it can tell
     ]:
         with pytest.raises(PackageMismatch, match=word):
             load_kernels(directory, other)
@@ -520,6 +524,12 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
         (other_format / MANIFEST).write_text(text)
         with pytest.raises(PackageMismatch, match=f"manifest.json cannot be read \\({error}"):
             load_kernels(other_format, spec)
+    fields_of_another_version = {**asdict(spec), "files": {}, "colour": "red"}
+    del fields_of_another_version["gpu_architecture"], fields_of_another_version["cpu_instruction_sets"]
+    (other_format / MANIFEST).write_text(json.dumps(fields_of_another_version))
+    with pytest.raises(PackageMismatch, match=r"manifest.json was written by another version of this code, with other "
+                       r"fields \(lacks: gpu_architecture, cpu_instruction_sets; unknown: colour\); export them again"):
+        load_kernels(other_format, spec)
 
     def export_fails(*_, **__):
         raise RuntimeError("export interrupted")
@@ -536,6 +546,7 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
 # package files, torch's export and loader replaced; the tests above check the real ones.
 STUB_SPEC = fast.KernelSpec(checkpoint="sam2.1_hiera_micro.pt#0123456789abcdef", image_size=256, dtype="float32",
                             points_per_batch=64, batch_size=2, multimask_output=True, device="cpu",
+                            gpu_architecture="", cpu_instruction_sets="avx2 avx512f fma sse2",
                             torch_version=torch.__version__)
 
 
@@ -582,7 +593,8 @@ def test_each_field_of_the_spec_that_differs_refuses_the_package_saying_both_val
     file changed after the manifest was written is refused too."""
     for name, value in [("checkpoint", "sam2.1_hiera_micro.pt#fedcba9876543210"), ("image_size", 512),
                         ("dtype", "bfloat16"), ("points_per_batch", 128), ("batch_size", 1),
-                        ("multimask_output", False), ("device", "cuda"), ("torch_version", "1.0")]:
+                        ("multimask_output", False), ("device", "cuda"), ("gpu_architecture", "sm_90"),
+                        ("torch_version", "1.0")]:
         server = replace(STUB_SPEC, **{name: value})
         with pytest.raises(PackageMismatch) as refused:
             load_kernels(stub_packages, server)
@@ -592,6 +604,39 @@ def test_each_field_of_the_spec_that_differs_refuses_the_package_saying_both_val
         file.write(b"!")
     with pytest.raises(PackageMismatch, match="image_encoder.pt2 is not the file its manifest lists"):
         load_kernels(stub_packages, STUB_SPEC)
+
+
+def test_a_package_compiled_on_a_cpu_with_instruction_sets_this_one_lacks_is_refused(stub_packages):
+    """AOTInductor compiles for the CPU it runs on (-march=native): a package is refused where
+    the CPU lacks any of its instruction sets, naming them, and loaded on one that has them all
+    and more, or where the CPU's cannot be read."""
+    for here, missing in [("avx2 fma sse2", "avx512f"), ("sse2", "avx2 avx512f fma")]:
+        with pytest.raises(PackageMismatch) as refused:
+            load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets=here))
+        assert str(refused.value).splitlines()[1:] == [
+            f"  cpu_instruction_sets: the package was compiled on a CPU with {missing}, which this one lacks (its code "
+            "may use them: an illegal instruction would stop the server)", "export them again for this server with "
+            "--save-fast"]
+    for here in ["amx_tile avx2 avx512_bf16 avx512f fma sse2", ""]:
+        kernels = load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets=here))
+        assert Path(kernels.decoder.path).name == DECODER_PACKAGE
+
+
+def test_instruction_sets_are_the_cpus_as_linux_names_them(tmp_path):
+    """From /proc/cpuinfo: an x86 CPU's flags that name instruction sets code can use (not the
+    kernel's or the hypervisor's), an ARM CPU's features; none where the file says neither."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu vme sse sse2 ht syscall avx2 fma "
+                       "hypervisor avx512f avx512_bf16 amx_tile constant_tsc pni rdrand sse4_2 bmi2 popcnt\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512f\n")
+    assert instruction_sets.__wrapped__(cpuinfo) == (
+        "amx_tile avx2 avx512_bf16 avx512f bmi2 fma pni popcnt sse sse2 sse4_2")  # pni: SSE3
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve bf16 asimd\n")
+    assert instruction_sets.__wrapped__(cpuinfo) == "asimd bf16 fp sve"
+    cpuinfo.write_text("processor\t: 0\n")
+    assert instruction_sets.__wrapped__(cpuinfo) == instruction_sets.__wrapped__(tmp_path / "none") == ""
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert {"sse2", "fma"} <= set(instruction_sets().split())  # x86-64's baseline, a core of the last decade
 
 
 def test_loaded_packages_are_freed_at_exit(stub_packages, monkeypatch):
@@ -629,10 +674,12 @@ def test_packages_load_onto_the_gpu_the_model_is_on(monkeypatch):
     assert [aoti_device_index(d) for d in ("cuda:3", torch.device("cuda", 0), "cuda", "cpu")] == [3, 0, 5, -1]
 
 
-def test_a_kernel_spec_is_what_the_server_runs(tmp_path):
+def test_a_kernel_spec_is_what_the_server_runs(tmp_path, monkeypatch):
     """The spec a server asks of a package: its checkpoint's name and hash, the model's size and
     device, half precision as float16 on CUDA and bfloat16 on a CPU, the batch of images, the
-    points per batch and multimask output of the settings."""
+    points per batch and multimask output of the settings, the GPU's architecture, this CPU's
+    instruction sets."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     checkpoint = tmp_path / "sam2.1_hiera_micro.pt"
     checkpoint.write_bytes(b"weights")
     config = AMGConfig(points_per_batch=32, multimask_output=False)
@@ -641,7 +688,8 @@ def test_a_kernel_spec_is_what_the_server_runs(tmp_path):
         spec = kernel_spec(model, checkpoint, config, half_precision=half, batch_size=3)
         assert spec == fast.KernelSpec(checkpoint=fast.checkpoint_identity(checkpoint), image_size=256, dtype=dtype,
                                        points_per_batch=32, batch_size=3, multimask_output=False, device=device,
-                                       torch_version=torch.__version__)
+                                       gpu_architecture="sm_90" if device == "cuda" else "",
+                                       cpu_instruction_sets=instruction_sets(), torch_version=torch.__version__)
         assert spec.torch_dtype == getattr(torch, dtype)
 
 

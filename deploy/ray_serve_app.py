@@ -63,10 +63,10 @@ from sam2serve.protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
     Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
     cross_origin_headers, decode_body_image, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer,
-    form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, read_query, render_answer,
-    require_cache_room, require_segment_form, require_segmenter, require_short_url, require_small_urlencoded,
-    segment_answer, segment_coco, share_encodings, too_many_parts, unread_body, unreadable_form, upload_prompts,
-    web_origin,
+    form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, not_found_message, read_query,
+    render_answer, require_cache_room, require_segment_form, require_segmenter, require_short_url,
+    require_small_urlencoded, segment_answer, segment_coco, share_encodings, too_many_parts, unread_body,
+    unreadable_form, upload_prompts, web_origin,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -253,8 +253,8 @@ class SegmentEverything:
         # The page is at /, its links relative: from /static/index.html (and each / after it) up, as server.py.
         page_again = path.rstrip("/") == "/static/index.html"
         if path not in ROUTES and not page_again:
-            return Response('{"error":"not found: POST /upload, /upload_rle, /embed or /segment, GET / (the web page) or /health"}',
-                            status_code=404, media_type="application/json")
+            return Response(json_text({"error": not_found_message(ROUTES)}), status_code=404,
+                            media_type="application/json")
         if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
             return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
                             media_type="text/html")

@@ -75,6 +75,19 @@ EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB o
 LOADING_RETRY_AFTER_S = 5
 
 
+def not_found_message(routes: Mapping[str, str]) -> str:
+    """The 404 message of a path with no endpoint: each of a front's routes (path -> method)
+    named with its method, / as the web page, the page's files (/static/) left out."""
+    def listed(paths: list[str]) -> str:
+        return ", ".join(paths[:-1]) + " or " + paths[-1] if len(paths) > 1 else "".join(paths)
+
+    posts = [path for path, method in routes.items() if method == "POST"]
+    gets = sorted((path for path, method in routes.items() if method == "GET" and not path.startswith("/static/")),
+                  key=lambda path: path != "/")  # the page first, the others as the front lists them
+    gets = [path + " (the web page)" if path == "/" else path for path in gets]
+    return f"not found: POST {listed(posts)}; GET {listed(gets)}"
+
+
 def web_origin(text: str) -> str:
     """A --cors-origin checked: * (any origin), or one as a browser sends it in its Origin header,
     scheme://host[:port], written as browsers write it: lower case, the host in punycode, no port

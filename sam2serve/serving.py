@@ -28,7 +28,7 @@ from .protocol import (
     ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
     cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload,
     embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, is_preflight,
-    json_text, malformed_form, read_query, render_answer, require_cache_room, require_named_parts,
+    json_text, malformed_form, not_found_message, read_query, render_answer, require_cache_room, require_named_parts,
     require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
     segment_coco, unread_body, upload_prompts,
 )
@@ -293,7 +293,7 @@ class CacheCollector:
 # so clients cannot add series without end.
 ROUTES = {"/": "GET", "/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           "/metrics": "GET"}  # path -> method
-NO_SUCH_ENDPOINT = "not found: POST /upload, /upload_rle, /embed or /segment; GET / (the web page), /health or /metrics"
+NO_SUCH_ENDPOINT = not_found_message(ROUTES)
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 

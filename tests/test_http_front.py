@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from waitress.adjustments import Adjustments
 
 from sam2serve.preprocess import InvalidImage
-from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, decode_body_image, first_line
+from sam2serve.protocol import PAGE_SECURITY_POLICY, Limits, decode_body_image, first_line, not_found_message
 from sam2serve.serving import ROUTES, create_app
 from sam2serve.worker import InferenceWorker
 from sam2serve import wsgi
@@ -96,6 +96,15 @@ def status_and_json(response: bytes) -> tuple[int, dict, dict]:
     lines = head.decode().split("\r\n")
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_path_with_no_endpoint_is_told_each_route_with_its_method():
+    """The 404 message both fronts build from their routes: by method, the page first and named,
+    its files left out, one path alone without "or"."""
+    assert not_found_message({"/upload": "POST", "/health": "GET", "/": "GET", "/static/app.js": "GET"}) == (
+        "not found: POST /upload; GET / (the web page) or /health")
+    assert not_found_message(ROUTES) == ("not found: POST /upload, /upload_rle, /embed or /segment; "
+                                         "GET / (the web page), /health or /metrics")
 
 
 def test_pages_of_the_origins_given_may_read_the_answers():

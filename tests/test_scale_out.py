@@ -862,8 +862,12 @@ def test_a_ray_serve_replica_answers_statuses_as_server_py():
 
     status, headers, _ = bare_replica_answer(replica, "GET", "", root_path="/sam2")
     assert status == 301 and headers["location"] == "/sam2/"
-    status, _, body = bare_replica_answer(replica, "POST", "/uploads")
-    assert status == 404 and "not found" in json.loads(body)["error"]
+    status, _, body = bare_replica_answer(replica, "POST", "/uploads")  # its endpoints named, with their methods
+    error = json.loads(body)["error"]
+    assert status == 404 and error.startswith("not found: POST ") and "/metrics" not in error  # (not one of Ray's)
+    assert all(re.search(rf"{method} [^;]*{re.escape(path)}(?![\w/])", error) for path, method in
+               [("/upload", "POST"), ("/upload_rle", "POST"), ("/embed", "POST"), ("/segment", "POST"),
+                ("/health", "GET"), ("/", "GET")])
 
     limit = 64
     replica.limits = Limits(max_upload_bytes=limit)

@@ -12,8 +12,9 @@ ARGS ?=
 serve: $(INSTALLED)
 	$(PY) server.py $(ARGS)
 
+# The 20 slowest tests are listed at the end: where to look first when the suite grows slow.
 test: $(INSTALLED)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 env: $(INSTALLED)
 

@@ -925,6 +925,7 @@ def test_masks_saved_from_the_page_open_again_over_the_image(page, tmp_path):
         getattr(page.switch_to.alert, answer)()
         assert len(json.loads(page.execute_script("return studyJson()"))) == (2 if answer == "dismiss" else 3)
     assert page.execute_script("return studyJson()") == shown and not page.execute_script("return masksEdited()")
+    assert not page.find_element(By.ID, "put-back-mask").is_enabled()  # the removal is not put back among them
     assert page_state(page, "annotations.map((a) => a.predicted_iou)") == [None, None, None]
     # In the click tool, which shows the masks added alone, the status line says so too; over
     # clicks made, only once the labeller agrees, and they go.
@@ -1257,6 +1258,62 @@ def test_a_removed_mask_leaves_the_drawing_the_list_and_the_downloads(page):
     row(0).click()
     ActionChains(page).send_keys(Keys.DELETE).perform()
     assert page.find_element(By.ID, "mask-list").text.endswith("Every mask was removed.")
+
+
+def test_a_removed_mask_is_put_back_at_its_number_by_ctrl_z_or_the_button(page, tmp_path):
+    """Ctrl+Z in the every-mask tool, or "Put back the removed mask", puts the mask removed last
+    back at its number, with its record, colour and category, selected (the keyboard on its row
+    where it was in the list); every removal put back, the page holds the server's masks again,
+    unedited. Not in the click tool (its Ctrl+Z takes back clicks), nor after other masks came."""
+    width, height = SMALL
+    ys, xs = np.mgrid[:height, :width]
+    masks = [xs < 30, (xs - 45) ** 2 + (ys - 24) ** 2 < 100, ys < 10]
+    answers = {**stub_answers(), "/upload_rle": [200, [coco_record(mask) for mask in masks], 0]}
+    study = lambda: page.execute_script("return window.sam2page.studyJson()")  # noqa: E731
+    labels = lambda: page.execute_script("return Array.from(window.sam2page.state.labels)")  # noqa: E731
+    row = lambda index: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{index}']")  # noqa: E731
+    ctrl_z = lambda: ActionChains(page).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()  # noqa
+    put_back = page.find_element(By.ID, "put-back-mask")
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "three.png"))
+        wait_for(page, lambda d: len(page_state(d, "annotations")) == 3, timeout=10)
+        page.execute_script("window.sam2page.state.annotations[1].category = 'wheel'")
+        shown = [study(), labels(), page_state(page, "colours"), page_state(page, "annotations")]
+        assert not put_back.is_enabled()
+        row(1).click()
+        page.find_element(By.ID, "remove-mask").click()
+        row(0).click()
+        ActionChains(page).send_keys(Keys.DELETE).perform()  # the keyboard in the list
+        assert json.loads(study()) == {"mask_0": rle(masks[2])} and put_back.is_enabled()
+        ctrl_z()
+        assert status(page) == "Mask 0 put back; mask 0 is now 1. 2 masks from the server and 0 added by clicks."
+        assert json.loads(study()) == {"mask_0": rle(masks[0]), "mask_1": rle(masks[2])}
+        assert page_state(page, "selected") == 0
+        assert page.execute_script("return document.activeElement.dataset.index") == "0"
+
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
+        assert not put_back.is_enabled()
+        ctrl_z()  # the click tool's: no click to take back, no mask put back
+        assert len(page_state(page, "annotations")) == 2
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+        put_back.click()
+        assert status(page) == "Mask 1 put back; mask 1 is now 2. 3 masks from the server and 0 added by clicks."
+        assert [study(), labels(), page_state(page, "colours"), page_state(page, "annotations")] == shown
+        assert page_state(page, "annotations")[1]["category"] == "wheel" and page_state(page, "selected") == 1
+        assert not put_back.is_enabled() and not page.execute_script("return masksEdited()")
+        ctrl_z()  # nothing left to put back
+        assert status(page).startswith("Mask 1 put back") and len(page_state(page, "annotations")) == 3
+
+        row(2).click()
+        ActionChains(page).send_keys(Keys.DELETE).perform()
+        open_image(page, small_image(tmp_path, "again.png"))  # other masks: those of before are not put back
+        wait_for(page, lambda d: d.switch_to.alert.text.startswith("Open another image? The masks added, removed"))
+        page.switch_to.alert.accept()
+        wait_for(page, lambda d: len(page_state(d, "annotations")) == 3, timeout=10)
+        assert not put_back.is_enabled()
+        ctrl_z()
+        assert len(page_state(page, "annotations")) == 3
 
 
 def test_delete_in_the_list_removes_the_row_the_keyboard_is_on(page):

@@ -51,7 +51,9 @@ const state = {
   selected: -1,
   renderMs: 0, // decoding and drawing the last answer, for people who measure
   painted: [], // {counts, rgb, picture}: the masks paintMask drew last, the latest at the end
-  removed: 0, // masks of this image removed by the labeller
+  // The masks of this image the labeller removed, the last at the end (Ctrl+Z puts it back):
+  // {index, annotation, counts, colour}.
+  removedMasks: [],
   categoryBefore: new Map(), // annotation -> its category ("": none) before the labeller changed it
   // Each category a mask has carried in this tab (or a file opened listed) -> its COCO id: the
   // same for every image labelled here.
@@ -861,7 +863,7 @@ async function decodeImage(file) {
 function resetImage() {
   Object.assign(state, {
     annotations: [], counts: [], labels: null, colours: [], coloursGiven: 0, hovered: -1, selected: -1, painted: [],
-    removed: 0, categoryBefore: new Map(), opened: new Set(), openedFile: null, imageId: null, embedding: null,
+    removedMasks: [], categoryBefore: new Map(), opened: new Set(), openedFile: null, imageId: null, embedding: null,
     clicks: [], box: null, boxAfter: 0, dragBox: null, cursor: null, cursorShown: false,
     clickPrompt: null, clickAnswer: null, candidate: 0, segmentInFlight: 0, clickStatus: "Open an image first.",
   });
@@ -870,7 +872,7 @@ function resetImage() {
   $("mask-list").tBodies[0].replaceChildren();
   $("hover-info").textContent = "\u00a0";
   for (const id of ["download-rle", "download-coco", "download-png", "open-masks", "clear-clicks", "keep-click",
-    "next-candidate", "remove-mask"]) {
+    "next-candidate", "remove-mask", "put-back-mask"]) {
     $(id).disabled = true;
   }
   showCategory();
@@ -1027,6 +1029,7 @@ function showRecords(annotations, counts) {
   const started = performance.now();
   state.annotations = annotations;
   state.counts = counts;
+  state.removedMasks = []; // the masks they replace are not put back among them
   state.colours = state.annotations.map((_, i) => colour(i));
   state.coloursGiven = state.colours.length;
   state.labels = buildLabels();
@@ -1073,7 +1076,6 @@ async function openMasks(file) {
   state.clicks = [];
   state.box = null;
   segment(); // no clicks: their mask goes
-  state.removed = 0;
   state.categoryBefore = new Map();
   // The file's own ids where the tab has not given them to other names; then the others the next
   // ids free, above every id of the file: first those whose ids were taken, then those no id can
@@ -1213,7 +1215,7 @@ function listMasks() {
   if (!rows.length) {
     const row = document.createElement("tr");
     row.className = "empty";
-    row.append(cell(state.removed ? "Every mask was removed."
+    row.append(cell(state.removedMasks.length ? "Every mask was removed."
       : "No mask passed the filters (predicted IoU and stability)."));
     row.cells[0].colSpan = 5;
     rows.push(row);
@@ -1482,10 +1484,11 @@ function nextCandidate() {
 
 // Clear clicks: while there are clicks or a box; Add to masks: while the mask shown is theirs
 // (not while the mask of clicks since changed is asked for) and not empty; Remove the selected
-// mask: while one is, in the every-mask tool.
+// mask: while one is, in the every-mask tool; Put back the removed mask: after a removal, there.
 function toolButtons() {
   const click = tool() === "click";
   $("remove-mask").disabled = click || state.selected < 0;
+  $("put-back-mask").disabled = click || !state.removedMasks.length;
   $("clear-clicks").disabled = !click || (!state.clicks.length && !state.box);
   const current = click && state.clickAnswer && JSON.stringify(clickPrompt()) === JSON.stringify(state.clickPrompt);
   $("keep-click").disabled = !current || !runBox(shownCandidate().counts);
@@ -1626,8 +1629,9 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
   // (The button pressed from the keyboard: a mouse's click or a tap focuses it too, and takes no focus along.)
   const focused = $("mask-list").contains(document.activeElement) || fromKeyboard;
   const at = [...rows].findIndex((row) => Number(row.dataset.index) === index);
+  state.removedMasks.push({ index, annotation: state.annotations[index], counts: state.counts[index],
+    colour: state.colours[index] });
   for (const list of [state.annotations, state.counts, state.colours]) list.splice(index, 1);
-  state.removed += 1;
   state.hovered = -1;
   select(index); // unselects it: its outline goes, and the figures
   masksChanged();
@@ -1642,10 +1646,32 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
   showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
 }
 
+// Ctrl+Z in the every-mask tool, or its button: the mask removed last comes back at its number
+// (the masks after it move down one again), with its record, colour and category, selected.
+// The keyboard, in the list or on the button, goes to its row. False where none was removed.
+function putBackRemovedMask({ fromKeyboard = false } = {}) {
+  if (tool() !== "everything" || !state.removedMasks.length) return false;
+  const removed = state.removedMasks.pop();
+  const focused = $("mask-list").contains(document.activeElement) || fromKeyboard;
+  const index = Math.min(removed.index, state.annotations.length);
+  state.annotations.splice(index, 0, removed.annotation);
+  state.counts.splice(index, 0, removed.counts);
+  state.colours.splice(index, 0, removed.colour);
+  state.hovered = state.selected = -1;
+  masksChanged();
+  select(index);
+  if (focused) $("mask-list").querySelector(`tbody tr[data-index='${index}']`)?.focus();
+  const last = state.annotations.length - 1; // the number the mask after it had: now one more
+  const moved = last === index ? "" : last === index + 1 ? `; mask ${index} is now ${last}`
+    : `; masks ${index} to ${last - 1} are now ${index + 1} to ${last}`;
+  showEverythingStatus(`Mask ${index} put back${moved}. ${maskCounts()}`);
+  return true;
+}
+
 // Whether masks were added to the open image's, removed, or given categories: work its downloads
 // hold, which another image or Segment again would lose.
 function masksEdited() {
-  return Boolean(state.removed || state.annotations.some((a) => a.prompt && !state.opened.has(a))
+  return Boolean(state.removedMasks.length || state.annotations.some((a) => a.prompt && !state.opened.has(a))
     || [...state.categoryBefore].some(([a, before]) => (a.category || "") !== before));
 }
 const EDITS = "masks added, removed and given categories";
@@ -1813,7 +1839,8 @@ function dropPress() {
 
 // Ctrl+Z (or Cmd+Z) and Backspace, in the click tool: the last click or box is taken back.
 // Escape while the button is down: the press (a click or a box being drawn) is dropped. Delete,
-// in the every-mask tool: the selected mask is removed.
+// in the every-mask tool: the selected mask is removed; Ctrl+Z there puts the last removed back
+// (not Backspace: a Mac's delete key sends it).
 function onKeyDown(event) {
   if (event.target.matches?.(TYPING_FIELDS)) return; // typing: the field's keys
   if (event.key === "Delete" && tool() === "everything") {
@@ -1836,6 +1863,10 @@ function onKeyDown(event) {
   // Y), the key where a US keyboard has Z on others (a Russian one gives "я" there).
   const z = /^[a-z]$/i.test(event.key) ? event.key.toLowerCase() === "z" : event.code === "KeyZ";
   const undo = event.key === "Backspace" || (z && (event.ctrlKey || event.metaKey) && !event.shiftKey);
+  if (undo && event.key !== "Backspace" && tool() === "everything") {
+    if (putBackRemovedMask()) event.preventDefault();
+    return;
+  }
   if (!undo || tool() !== "click" || press || !takeBack()) return;
   event.preventDefault();
   if (event.target.id === "highlight-canvas") {
@@ -2111,6 +2142,7 @@ function init() {
   $("keep-click").addEventListener("click", keepingFocus($("keep-click"), keepClickMask));
   $("next-candidate").addEventListener("click", nextCandidate);
   $("remove-mask").addEventListener("click", (event) => removeSelectedMask({ fromKeyboard: event.detail === 0 }));
+  $("put-back-mask").addEventListener("click", (event) => putBackRemovedMask({ fromKeyboard: event.detail === 0 }));
   $("category").addEventListener("input", typeCategory);
   $("category").addEventListener("change", categoryGiven);
   $("category").addEventListener("keydown", onCategoryKeyDown);

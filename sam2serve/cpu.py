@@ -38,10 +38,13 @@ or AMX); elsewhere oneDNN emulates it and the mode is several times slower than 
 says so when such a mode is loaded.
 
 Instruction sets. AOTInductor compiles an exported package's C++ (a CPU's kernels, a GPU's host
-code) with -march=native: the package may use every instruction set of the CPU it was built on,
-and a CPU without one of them stops the process with an illegal instruction at the package's
-first use, long after it loaded. `instruction_sets` names them, for the package's manifest
-(fast.KernelSpec) and for the check where it is loaded.
+code) with -march=native: the package may use every instruction set of the CPU it was built on.
+A package made on a CPU with AVX-512 faults with an illegal instruction (SIGILL) as it loads on
+one without (its start-up code uses AVX-512 too: seen under qemu emulating an AVX2 CPU), and a
+CPU short of a set that only a kernel uses would fault at the first image. `instruction_sets`
+names a CPU's sets as Linux lists them, for the package's manifest (fast.KernelSpec);
+fast.load_kernels names those the loading CPU does not list, when the package's tryout crashes
+or, if it loads, in a warning.
 """
 
 import ctypes
@@ -167,19 +170,21 @@ def warn_of_slow_half(device: str | torch.device, half_precision: bool, mode_nam
 
 
 # /proc/cpuinfo's names of the x86 extensions that gcc's -march=native lets it emit in plain code
-# (families by prefix; pni is SSE3, abm LZCNT, lahf_lm SAHF, 3dnowprefetch PREFETCHW); the other
-# flags (the kernel's, the hypervisor's, instructions reached only through intrinsics) vary
-# between machines of one CPU.
-X86_CODE_EXTENSIONS = ("avx", "amx", "sse", "fma", "bmi", "pni", "ssse3", "f16c", "popcnt", "movbe", "gfni", "vaes",
-                       "vpclmulqdq", "adx", "abm", "aes", "pclmulqdq", "sha_ni", "xop", "tbm", "cx16", "lahf_lm",
-                       "3dnowprefetch")
+# (families by prefix; pni is SSE3, abm LZCNT, lahf_lm SAHF, 3dnowprefetch PREFETCHW). The other
+# flags vary between machines of one CPU (the kernel's, the hypervisor's) or name instructions
+# that code reaches only through intrinsics (AES, SHA, AMX, ...), which the packages do not use.
+X86_CODE_EXTENSIONS = ("avx", "sse", "fma", "bmi", "pni", "ssse3", "f16c", "popcnt", "movbe", "gfni", "abm", "xop",
+                       "tbm", "cx16", "lahf_lm", "3dnowprefetch", "apx")
+# An ARM CPU's "Features" that name no instructions a compiler emits: the kernel's event stream
+# and CPUID emulation; pointer authentication and BTI, whose instructions are no-ops without them.
+ARM_NOT_CODE = {"evtstrm", "cpuid", "paca", "pacg", "bti"}
 
 
 @functools.cache
 def instruction_sets(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """This CPU's instruction sets as Linux names them, sorted, a space between: the x86
-    extensions of its "flags" that compiled code can use, or an ARM CPU's "Features"; "" where
-    the system does not say (not Linux)."""
+    extensions of its "flags" that compiled code can use, or an ARM CPU's "Features" less those
+    that are not instructions; "" where the system does not say (not Linux)."""
     try:
         lines = cpuinfo.read_text().splitlines()
     except OSError:
@@ -189,7 +194,7 @@ def instruction_sets(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         if key.strip() == "flags":
             return " ".join(sorted({flag for flag in value.split() if flag.startswith(X86_CODE_EXTENSIONS)}))
         if key.strip() == "Features":
-            return " ".join(sorted(set(value.split())))
+            return " ".join(sorted(set(value.split()) - ARM_NOT_CODE))
     return ""
 
 

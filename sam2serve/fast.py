@@ -9,12 +9,12 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
 - exported ahead of time: torch.export + AOTInductor packages written by `save_kernels` into a
   folder with a manifest of what they were built for, and loaded by `load_kernels` in seconds
   instead of compiling. A package that does not fit (another model, image size, dtype, points
-  per batch, batch size, multimask setting, device, GPU architecture or torch version, or
-  compiled on a CPU with instruction sets this one lacks: KernelSpec) is refused with a
-  message that says what differs; so is one whose files are not those its manifest
-  lists (an export cut short, or a damaged copy), and one
-  that torch cannot load here, tried first in a process of its own (its loader can crash the
-  process that calls it). A loaded package unpacks into a temporary folder that torch removes
+  per batch, batch size, multimask setting, device, GPU architecture or torch version:
+  KernelSpec) is refused with a message that says what differs; so is one whose files are not
+  those its manifest lists (an export cut short, or a damaged copy), and one that torch cannot
+  load here, tried first in a process of its own (its loader can crash the process that calls
+  it: a package compiled on a CPU with instruction sets this one lacks does, and the message
+  names them). A loaded package unpacks into a temporary folder that torch removes
   when it is freed; those still held when the process exits (a server's threads hold them)
   are freed at exit.
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
@@ -64,8 +64,8 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """What a pair of kernels is built for. A saved package is loaded only where all match (the
-    CPU: where it has every instruction set of the one that compiled them)."""
+    """What a pair of kernels is built for. A saved package is loaded only where all match but
+    the CPU's instruction sets, which load_kernels weighs with a tryout (cpu.py)."""
 
     checkpoint: str  # file name and the start of its SHA-256: exported packages embed the weights
     image_size: int
@@ -83,18 +83,13 @@ class KernelSpec:
         return getattr(torch, self.dtype)
 
     def differences(self, other: "KernelSpec") -> list[str]:
-        """Why kernels built for `other` cannot run where this spec is (one line each): any
-        field that differs, but the CPU, which may have more instruction sets than the one
-        that compiled them (a newer one), not fewer."""
-        lines = [
+        """Why kernels built for `other` cannot run where this spec is, one line per field that
+        differs (the CPU's instruction sets aside: another CPU may run them)."""
+        return [
             f"{f.name}: package {getattr(other, f.name)!r}, server {getattr(self, f.name)!r}"
             for f in fields(self)
             if f.name != "cpu_instruction_sets" and getattr(self, f.name) != getattr(other, f.name)
         ]
-        if missing := instruction_sets_missing(other.cpu_instruction_sets, self.cpu_instruction_sets):
-            lines.append(f"cpu_instruction_sets: the package was compiled on a CPU with {' '.join(missing)}, which "
-                         "this one lacks (its code may use them: an illegal instruction would stop the server)")
-        return lines
 
 
 def kernel_spec(
@@ -275,11 +270,24 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
                                   f" (a copy cut short, or changed since); {again}")
     packages = [directory / name for name in (ENCODER_PACKAGE, DECODER_PACKAGE)]
     device_index = aoti_device_index(device)
+    # Instruction sets the exporting CPU had and this one does not list (cpu.py): the tryout
+    # tells whether the package needs them (its start-up code faults where it does); a list
+    # can be short of names the CPU has (an older kernel's, a sandbox's), so it refuses nothing.
+    missing = instruction_sets_missing(saved.cpu_instruction_sets, spec.cpu_instruction_sets)
+    other_cpu = (f"compiled on a CPU with {' '.join(missing)}, which this one does not list" if missing else
+                 "an illegal instruction: compiled on a CPU with instructions this one lacks")
     if why := load_failure_elsewhere(packages, device_index):
+        if missing or why.endswith("(SIGILL)"):
+            raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine: {why}, in "
+                                  f"a process of its own that tried first ({other_cpu}); {again} on this machine")
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine (torch "
                               f"{torch.__version__}, {torch.device(device).type}): {why}, in a process of its own "
                               "that tried first; serve without --load-fast and --save-fast (the same kernels, "
                               "compiled with torch.compile at start)")
+    if missing:
+        log.warning("the exported kernels in %s loaded in a process of their own, but were %s: a kernel that uses "
+                    "one would stop the server with an illegal instruction; %s on this machine to be sure",
+                    directory, other_cpu, again)
     try:
         encoder, decoder = [torch._inductor.aoti_load_package(str(path), device_index=device_index) for path in packages]
     except RuntimeError as error:

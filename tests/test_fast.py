@@ -15,6 +15,7 @@ fit it.
 """
 
 import json
+import logging
 import platform
 import shutil
 import signal
@@ -393,7 +394,7 @@ def test_exported_kernels_load_onto_the_models_gpu(exported, load_micro, monkeyp
     assert aoti_device_index("cuda:3") == 3 and aoti_device_index("cpu") == -1
 
 
-def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
+def test_mismatched_package_is_refused(exported, load_micro, tmp_path, caplog):
     directory, _ = exported
     loaded = load_micro()
     spec = kernel_spec(loaded.model, loaded.path, CONFIG, half_precision=False, batch_size=BATCH_SIZE)
@@ -406,8 +407,6 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
         (replace(kernel_spec(loaded.model, other_checkpoint, CONFIG, half_precision=False), batch_size=BATCH_SIZE),
          "checkpoint"),
         (replace(spec, torch_version="1.0"), "torch_version"),
-        *[(replace(spec, cpu_instruction_sets=" ".join(here[1:])), f"the package was compiled on a CPU with {here[0]},")
-          for here in [instruction_sets().split()] if here],  # this CPU's, where it can tell
     ]:
         with pytest.raises(PackageMismatch, match=word):
             load_kernels(directory, other)
@@ -415,6 +414,10 @@ def test_mismatched_package_is_refused(exported, load_micro, tmp_path):
         load_kernels(tmp_path, spec)
     with pytest.raises(PackageMismatch, match="is not a folder of exported kernels"):
         load_kernels(tmp_path / "nowhere", spec)
+    if here := instruction_sets().split():  # a CPU that lists fewer sets: its tryout loads them, a warning says which
+        with caplog.at_level(logging.WARNING, logger="sam2serve.fast"):
+            load_kernels(directory, replace(spec, cpu_instruction_sets=" ".join(here[1:])))
+        assert f"were compiled on a CPU with {here[0]}, which this one does not list" in caplog.text
 
 
 def test_package_that_crashes_the_loader_is_refused_with_why(exported, load_micro, tmp_path, monkeypatch):
@@ -606,20 +609,40 @@ def test_each_field_of_the_spec_that_differs_refuses_the_package_saying_both_val
         load_kernels(stub_packages, STUB_SPEC)
 
 
-def test_a_package_compiled_on_a_cpu_with_instruction_sets_this_one_lacks_is_refused(stub_packages):
-    """AOTInductor compiles for the CPU it runs on (-march=native): a package is refused where
-    the CPU lacks any of its instruction sets, naming them, and loaded on one that has them all
-    and more, or where the CPU's cannot be read."""
+def test_a_package_compiled_on_a_cpu_with_instruction_sets_this_one_lacks_is_refused_where_it_faults(
+        stub_packages, monkeypatch, caplog):
+    """AOTInductor compiles for the CPU it runs on (-march=native). Where the tryout's loader
+    crashes, the sets the exporting CPU had and this one does not list are named (an illegal
+    instruction with none listed: said so); where it loads, they are warned of; a CPU with all of
+    them and more, or one whose sets cannot be read, loads it without a word."""
+    tried = []
+    monkeypatch.setattr(fast, "load_failure_elsewhere", lambda packages, device_index: tried.pop())
+    crashed = "torch's loader crashed (SIGILL)"
+    again = "export them again for this server with --save-fast on this machine"
     for here, missing in [("avx2 fma sse2", "avx512f"), ("sse2", "avx2 avx512f fma")]:
+        tried.append(crashed)
         with pytest.raises(PackageMismatch) as refused:
             load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets=here))
-        assert str(refused.value).splitlines()[1:] == [
-            f"  cpu_instruction_sets: the package was compiled on a CPU with {missing}, which this one lacks (its code "
-            "may use them: an illegal instruction would stop the server)", "export them again for this server with "
-            "--save-fast"]
-    for here in ["amx_tile avx2 avx512_bf16 avx512f fma sse2", ""]:
+        assert str(refused.value) == (f"the exported kernels in {stub_packages} cannot be loaded on this machine: "
+                                      f"{crashed}, in a process of its own that tried first (compiled on a CPU with "
+                                      f"{missing}, which this one does not list); {again}")
+    tried.append(crashed)
+    with pytest.raises(PackageMismatch, match=r"\(SIGILL\), in a process of its own that tried first \(an illegal "
+                       rf"instruction: compiled on a CPU with instructions this one lacks\); {again}"):
+        load_kernels(stub_packages, STUB_SPEC)  # every set listed: a sandbox's list short of names, say
+    tried.append("torch's loader failed (RuntimeError: no CUDA driver)")
+    with pytest.raises(PackageMismatch, match=r"no CUDA driver\), in a process .* \(compiled on a CPU with avx512f, "):
+        load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets="avx2 fma sse2"))
+    caplog.set_level(logging.WARNING, logger="sam2serve.fast")
+    for here, warned in [("avx2 fma sse2", True), ("amx_tile avx2 avx512_bf16 avx512f fma sse2", False), ("", False)]:
+        caplog.clear()
+        tried.append(None)
         kernels = load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets=here))
         assert Path(kernels.decoder.path).name == DECODER_PACKAGE
+        assert [r.getMessage() for r in caplog.records] == ([
+            f"the exported kernels in {stub_packages} loaded in a process of their own, but were compiled on a CPU "
+            "with avx512f, which this one does not list: a kernel that uses one would stop the server with an "
+            f"illegal instruction; {again} to be sure"] if warned else [])
 
 
 def test_instruction_sets_are_the_cpus_as_linux_names_them(tmp_path):
@@ -627,12 +650,12 @@ def test_instruction_sets_are_the_cpus_as_linux_names_them(tmp_path):
     kernel's or the hypervisor's), an ARM CPU's features; none where the file says neither."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu vme sse sse2 ht syscall avx2 fma "
-                       "hypervisor avx512f avx512_bf16 amx_tile constant_tsc pni rdrand sse4_2 bmi2 popcnt\n\n"
+                       "hypervisor avx512f avx512_bf16 amx_tile aes constant_tsc pni rdrand sse4_2 bmi2 popcnt\n\n"
                        "processor\t: 1\nflags\t\t: fpu avx2 avx512f\n")
-    assert instruction_sets.__wrapped__(cpuinfo) == (
-        "amx_tile avx2 avx512_bf16 avx512f bmi2 fma pni popcnt sse sse2 sse4_2")  # pni: SSE3
-    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve bf16 asimd\n")
-    assert instruction_sets.__wrapped__(cpuinfo) == "asimd bf16 fp sve"
+    assert instruction_sets.__wrapped__(cpuinfo) == (  # pni: SSE3; not AMX or AES, which only intrinsics reach
+        "avx2 avx512_bf16 avx512f bmi2 fma pni popcnt sse sse2 sse4_2")
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm sve bf16 asimd paca cpuid\n")
+    assert instruction_sets.__wrapped__(cpuinfo) == "asimd bf16 fp sve"  # no kernel feature, no no-op instruction
     cpuinfo.write_text("processor\t: 0\n")
     assert instruction_sets.__wrapped__(cpuinfo) == instruction_sets.__wrapped__(tmp_path / "none") == ""
     if platform.system() == "Linux" and platform.machine() == "x86_64":

@@ -91,14 +91,17 @@ def container_answerer(data_dir: str, model_type: str, mode: str, amg_json: str,
     model or torch, memory run out), that error's line for every image. A container of a deployed
     app whose start raises is started again by Modal for ever: the replay would wait for ever,
     paying for each start, instead of ending with the mode's error lines."""
+    from sam2serve.fast import PackageMismatch
     from sam2serve.protocol import first_line, json_text
 
     try:
         pipeline = open_pipeline(data_dir, model_type, mode, amg_json, load_fast, device)
     except Exception as error:  # noqa: BLE001 - every image's answer
         traceback.print_exc()  # the container's log
-        line = json_text({"error": f"the container could not load its model: {type(error).__name__}: "
-                                   f"{first_line(error)}"})
+        # Exported kernels refused: each line says what differs (the first, only that they do).
+        why = ("; ".join(line.strip() for line in str(error).splitlines() if line.strip()).replace(":; ", ": ")
+               if isinstance(error, PackageMismatch) else first_line(error))
+        line = json_text({"error": f"the container could not load its model: {type(error).__name__}: {why}"})
         return lambda image_bytes: line
     return functools.partial(answer_image, pipeline)
 

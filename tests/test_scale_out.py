@@ -312,6 +312,18 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
     line = json.loads(answer(path.read_bytes()))
     assert line["error"].startswith("the container could not load its model: CheckpointUnavailable: "), line
     assert "sam2.1_hiera_micro.pt" in line["error"] and json.loads(answer(b"")) == line
+    # Exported kernels of another build: every difference is in the line, not the first line's "something else:".
+    (tmp_path / "exported" / "other").mkdir(parents=True)
+    (tmp_path / "exported" / "other" / "manifest.json").write_text(json.dumps(
+        {"checkpoint": "sam2.1_hiera_tiny.pt#0", "image_size": 1024, "dtype": "float32", "points_per_batch": 1024,
+         "batch_size": 1, "multimask_output": True, "device": "cpu", "gpu_architecture": "",
+         "cpu_instruction_sets": "", "torch_version": torch.__version__, "files": {}}))
+    answer = modal_app.container_answerer(str(tmp_path), "tiny", "fast", "{}", "other", "cpu")
+    error = json.loads(answer(path.read_bytes()))["error"]
+    assert error.startswith("the container could not load its model: PackageMismatch: the exported kernels in "), error
+    assert "were built for something else: checkpoint: package 'sam2.1_hiera_tiny.pt#0', server " in error
+    assert "; points_per_batch: package 1024, server " in error and error.endswith("; export them again for this "
+                                                                                 "server with --save-fast")
 
 
 def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the_others(

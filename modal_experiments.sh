@@ -11,7 +11,7 @@
 # bytes already (or CHECKPOINT_DIR has none and the Volume has one). Fast modes load
 # exported packages from EXPORTED_DIR/<mode> when that folder exists (made with `server.py ...
 # --fast --save-fast DIR` on an H100 machine whose CPU has no instruction set the containers' lack:
-# others are refused, docs/fast-modes.md); otherwise each container compiles. Exits 1 if a
+# docs/fast-modes.md); otherwise each container compiles. Exits 1 if a
 # mode's replay (every image of it answered an error) or a comparison failed (after making the others).
 set -euo pipefail
 

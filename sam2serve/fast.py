@@ -275,9 +275,9 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
     # can be short of names the CPU has (an older kernel's, a sandbox's), so it refuses nothing.
     missing = instruction_sets_missing(saved.cpu_instruction_sets, spec.cpu_instruction_sets)
     other_cpu = (f"compiled on a CPU with {' '.join(missing)}, which this one does not list" if missing else
-                 "an illegal instruction: compiled on a CPU with instructions this one lacks")
+                 "compiled on a CPU with instructions this one lacks")
     if why := load_failure_elsewhere(packages, device_index):
-        if missing or why.endswith("(SIGILL)"):
+        if why.endswith("(SIGILL)"):  # an illegal instruction
             raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine: {why}, in "
                                   f"a process of its own that tried first ({other_cpu}); {again} on this machine")
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine (torch "

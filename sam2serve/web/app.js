@@ -1640,10 +1640,17 @@ function removeSelectedMask({ fromKeyboard = false } = {}) {
   // the focus nowhere, and the arrows did nothing).
   const next = rows[Math.min(at, rows.length - 1)];
   if (focused) (next && next.dataset.index !== undefined ? next : $("mask-list")).focus();
-  const last = state.annotations.length; // the removed mask's number, before: the last one's
-  const moved = last === index ? "" : last === index + 1 ? `; mask ${last} is now ${index}`
-    : `; masks ${index + 1} to ${last} are now ${index} to ${last - 1}`;
-  showEverythingStatus(`Mask ${index} removed${moved}. ${maskCounts()}`);
+  // The masks after it, numbered up to the last one's number before: one less now.
+  showEverythingStatus(`Mask ${index} removed${renumbered(index + 1, state.annotations.length, -1)}. ` +
+                       maskCounts());
+}
+
+// The status line's word on masks from..to (their numbers before) moved by `by` numbers: "; mask
+// 3 is now 2", "; masks 3 to 5 are now 2 to 4"; "" where none moved (from after to).
+function renumbered(from, to, by) {
+  if (from > to) return "";
+  return from === to ? `; mask ${from} is now ${from + by}`
+    : `; masks ${from} to ${to} are now ${from + by} to ${to + by}`;
 }
 
 // Ctrl+Z in the every-mask tool, or its button: the mask removed last comes back at its number
@@ -1661,10 +1668,9 @@ function putBackRemovedMask({ fromKeyboard = false } = {}) {
   masksChanged();
   select(index);
   if (focused) $("mask-list").querySelector(`tbody tr[data-index='${index}']`)?.focus();
-  const last = state.annotations.length - 1; // the number the mask after it had: now one more
-  const moved = last === index ? "" : last === index + 1 ? `; mask ${index} is now ${last}`
-    : `; masks ${index} to ${last - 1} are now ${index + 1} to ${last}`;
-  showEverythingStatus(`Mask ${index} put back${moved}. ${maskCounts()}`);
+  // The masks after it, numbered up to the last one's number before: one more now.
+  showEverythingStatus(`Mask ${index} put back${renumbered(index, state.annotations.length - 2, 1)}. ` +
+                       maskCounts());
   return true;
 }
 

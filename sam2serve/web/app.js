@@ -440,9 +440,11 @@ function freeCategoryId(taken) {
 }
 
 // The ids (and supercategories) are kept in the tab's session storage: after a reload (or a crash)
-// the tab gives each name the id it had. A new tab starts again, as does a tab whose browser
-// refuses storage.
+// the tab gives each name the id it had. So are the names suggested, those without an id too (given
+// to a mask and not downloaded yet, or replaced since: an id would put a typo in every file). A
+// new tab starts again, as does a tab whose browser refuses storage.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
+const CATEGORY_NAMES_KEY = "sam2serve.categoryNames";
 
 // Stored once the task that changed them ends: a file opened may give a thousand ids, one write.
 let categoriesToStore = false;
@@ -455,24 +457,30 @@ function storeCategories() {
       : [name, id]);
     try {
       sessionStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
+      sessionStorage.setItem(CATEGORY_NAMES_KEY, JSON.stringify([...suggestedCategories]));
     } catch {
       // (refused: the ids hold for this page's life)
     }
   });
 }
 
-// The stored [name, id] or [name, id, supercategory] entries that the page can read, each a
-// suggestion; those garbled, or whose name or id an entry before them took, are left out.
+// The stored names suggested, in their order, then the stored [name, id] or [name, id,
+// supercategory] entries that the page can read, each a suggestion; those garbled, or whose name
+// or id an entry before them took, are left out.
 function restoreCategories() {
-  let entries;
-  try {
-    entries = JSON.parse(sessionStorage.getItem(CATEGORY_IDS_KEY) || "[]");
-  } catch {
-    return;
-  }
+  const stored = (key) => {
+    try {
+      const value = JSON.parse(sessionStorage.getItem(key) || "[]");
+      return Array.isArray(value) ? value : [];
+    } catch {
+      return [];
+    }
+  };
+  for (const name of stored(CATEGORY_NAMES_KEY)) if (typeof name === "string") suggestCategory(name.trim());
+  const entries = stored(CATEGORY_IDS_KEY);
   const ids = state.categoryIds;
   const taken = new Set(ids.values());
-  for (const entry of Array.isArray(entries) ? entries : []) {
+  for (const entry of entries) {
     if (!Array.isArray(entry) || typeof entry[0] !== "string") continue;
     const [name, id, supercategory] = [entry[0].trim(), entry[1], entry[2]];
     if (name && !ids.has(name) && isCategoryId(id) && !taken.has(id)) {
@@ -1542,6 +1550,7 @@ function categoryGiven() {
   const click = tool() === "click";
   const name = click ? state.addCategory : state.annotations[state.selected]?.category;
   suggestCategory(name);
+  storeCategories(); // (the names suggested: kept across a reload, with or without an id)
   if (click) {
     showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);
     return;

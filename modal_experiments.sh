@@ -10,8 +10,8 @@
 # CHECKPOINT_DIR (default ~/checkpoints/sam2; models/ for micro) unless the Volume holds the same
 # bytes already (or CHECKPOINT_DIR has none and the Volume has one). Fast modes load
 # exported packages from EXPORTED_DIR/<mode> when that folder exists (made with `server.py ...
-# --fast --save-fast DIR` on an H100 machine whose CPU has no instruction set the containers' lack:
-# docs/fast-modes.md); otherwise each container compiles. Exits 1 if a
+# --fast --save-fast DIR --cpu-target x86-64-v3` on an H100 machine, so that any container's CPU
+# runs them: docs/fast-modes.md); otherwise each container compiles. Exits 1 if a
 # mode's replay (every image of it answered an error) or a comparison failed (after making the others).
 set -euo pipefail
 

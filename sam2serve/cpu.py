@@ -44,7 +44,9 @@ one without (its start-up code uses AVX-512 too: seen under qemu emulating an AV
 CPU short of a set that only a kernel uses would fault at the first image. `instruction_sets`
 names a CPU's sets as Linux lists them, for the package's manifest (fast.KernelSpec);
 fast.load_kernels names those the loading CPU does not list, when the package's tryout crashes
-or, if it loads, in a warning.
+or, if it loads, in a warning. An export can be compiled for an x86-64 level instead
+(`CPU_TARGETS`, server.py --cpu-target): x86-64-v3 (AVX2) loads on any x86 server CPU of the last
+decade, as kernels meant to be copied to other machines (a cloud's, a cluster's) should.
 """
 
 import ctypes
@@ -52,6 +54,7 @@ import functools
 import logging
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -204,3 +207,50 @@ def instruction_sets_missing(needed: str, here: str) -> list[str]:
     if not needed or not here:
         return []
     return sorted(set(needed.split()) - set(here.split()))
+
+
+NATIVE = "native"  # exported kernels compiled for the exporting CPU (-march=native), AOTInductor's default
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """An x86-64 level (gcc's -march=x86-64-vN) that exported kernels are compiled for instead of
+    the exporting CPU, so that they load on any CPU of that level."""
+
+    vector_bits: int  # the width of AOTInductor's own vector kernels (its cpp.simdlen): AVX2's 256, AVX-512's 512
+    instruction_sets: str  # those the level lets the compiler use, as instruction_sets names them
+
+
+X86_64_V3 = "abm avx avx2 bmi1 bmi2 cx16 f16c fma lahf_lm movbe pni popcnt sse sse2 sse4_1 sse4_2 ssse3"
+CPU_TARGETS = {
+    "x86-64-v3": CpuTarget(256, X86_64_V3),  # AVX2: Intel since Haswell (2013), AMD since Zen (2017)
+    "x86-64-v4": CpuTarget(512, X86_64_V3 + " avx512bw avx512cd avx512dq avx512f avx512vl"),  # AVX-512's common core
+}
+
+
+def cpu_target_problem(target: str) -> str | None:
+    """Why kernels cannot be exported here for `target` (NATIVE or a CPU_TARGETS level), or None
+    if they can: the level must be one this torch can compile for, on an x86-64 CPU that has its
+    sets (the export is loaded and served where it is made, so it must run there too)."""
+    if target == NATIVE:
+        return None
+    if target not in CPU_TARGETS:
+        return f"unknown CPU target {target!r} (one of {NATIVE}, {', '.join(CPU_TARGETS)})"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{target} is an x86-64 level, and this machine is {platform.machine()}"
+    import torch._inductor.config as inductor_config  # (its import takes a while: here, only when asked)
+
+    if not hasattr(inductor_config.cpp, "march"):
+        return (f"torch {torch.__version__} compiles exported kernels for the exporting CPU only (its AOTInductor has "
+                "no cpp.march setting)")
+    if missing := instruction_sets_missing(CPU_TARGETS[target].instruction_sets, instruction_sets()):
+        return f"this CPU lacks {' '.join(missing)} of {target}, so kernels built for it could not run here"
+    return None
+
+
+def aoti_cpu_options(target: str) -> dict:
+    """AOTInductor's settings (inductor_configs) that compile a package's C++ for `target`."""
+    if target == NATIVE:
+        return {}
+    level = CPU_TARGETS[target]
+    return {"cpp.march": target, "cpp.simdlen": level.vector_bits}

@@ -14,9 +14,10 @@ whose reference is sam2's own decoder, model.PointDecoder), made fast in one of 
   those its manifest lists (an export cut short, or a damaged copy), and one that torch cannot
   load here, tried first in a process of its own (its loader can crash the process that calls
   it: a package compiled on a CPU with instruction sets this one lacks does, and the message
-  names them). A loaded package unpacks into a temporary folder that torch removes
-  when it is freed; those still held when the process exits (a server's threads hold them)
-  are freed at exit.
+  names them; KernelSpec.cpu_target compiles for an x86-64 level instead, which any CPU of
+  that level loads). A loaded package unpacks into a temporary folder that torch removes when it
+  is freed; those still held when the process exits (a server's threads hold them) are freed at
+  exit.
 Half precision (fast_furious) is float16 on CUDA, bfloat16 on CPU (where float16 is slow); what
 stays float32 stays exact (no TF32: that switch is global and would change the float32 modes in
 the same process, the baseline among them). Images are resized and normalised on the device in
@@ -45,7 +46,9 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from .amg import AMGConfig, Kernels, MaskGenerator
 from .checkpoints import checkpoint_identity, file_sha256
-from .cpu import instruction_sets, instruction_sets_missing
+from .cpu import (
+    CPU_TARGETS, NATIVE, X86_64_V3, aoti_cpu_options, cpu_target_problem, instruction_sets, instruction_sets_missing,
+)
 from .model import FactoredPointDecoder, ImageEncoder
 from .preprocess import ImageToInputOnDevice
 
@@ -65,7 +68,7 @@ def half_dtype(device: torch.device) -> torch.dtype:
 @dataclass(frozen=True)
 class KernelSpec:
     """What a pair of kernels is built for. A saved package is loaded only where all match but
-    the CPU's instruction sets, which load_kernels weighs with a tryout (cpu.py)."""
+    the CPU they were compiled for, which load_kernels weighs with a tryout (cpu.py)."""
 
     checkpoint: str  # file name and the start of its SHA-256: exported packages embed the weights
     image_size: int
@@ -75,7 +78,8 @@ class KernelSpec:
     multimask_output: bool
     device: str  # "cuda" or "cpu"
     gpu_architecture: str  # on CUDA, the GPU's ("sm_90"): its code is built for it; "" on a CPU
-    cpu_instruction_sets: str  # the instruction sets of the CPU that compiled them (cpu.instruction_sets)
+    cpu_target: str  # the CPU their C++ is compiled for: "native" (the exporting CPU's) or an x86-64 level
+    cpu_instruction_sets: str  # the instruction sets it may use: the exporting CPU's or the level's (cpu.py)
     torch_version: str
 
     @property
@@ -84,17 +88,23 @@ class KernelSpec:
 
     def differences(self, other: "KernelSpec") -> list[str]:
         """Why kernels built for `other` cannot run where this spec is, one line per field that
-        differs (the CPU's instruction sets aside: another CPU may run them)."""
+        differs (the CPU they were compiled for aside: another CPU may run them)."""
         return [
             f"{f.name}: package {getattr(other, f.name)!r}, server {getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name != "cpu_instruction_sets" and getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in CPU_FIELDS and getattr(self, f.name) != getattr(other, f.name)
         ]
 
 
+CPU_FIELDS = ("cpu_target", "cpu_instruction_sets")
+
+
 def kernel_spec(
-    model: SAM2Base, checkpoint: Path, config: AMGConfig, half_precision: bool, batch_size: int = 1
+    model: SAM2Base, checkpoint: Path, config: AMGConfig, half_precision: bool, batch_size: int = 1,
+    cpu_target: str = NATIVE,
 ) -> KernelSpec:
+    """The spec of kernels for the model and settings; cpu_target: what exported kernels' C++ is
+    compiled for (cpu.CPU_TARGETS, or NATIVE: this CPU)."""
     dtype = half_dtype(model.device) if half_precision else torch.float32
     return KernelSpec(
         checkpoint=checkpoint_identity(checkpoint),
@@ -105,7 +115,8 @@ def kernel_spec(
         multimask_output=config.multimask_output,
         device=model.device.type,
         gpu_architecture=gpu_architecture(model.device),
-        cpu_instruction_sets=instruction_sets(),
+        cpu_target=cpu_target,
+        cpu_instruction_sets=instruction_sets() if cpu_target == NATIVE else CPU_TARGETS[cpu_target].instruction_sets,
         torch_version=torch.__version__,
     )
 
@@ -187,7 +198,10 @@ def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) 
 def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike) -> None:
     """Exports both kernels (torch.export + AOTInductor) into `directory`, with a manifest of the
     spec and of each package's SHA-256, written last. A package already there stops being one
-    before its files are replaced (its manifest goes first)."""
+    before its files are replaced (its manifest goes first). Their C++ is compiled for
+    spec.cpu_target."""
+    if problem := cpu_target_problem(spec.cpu_target):
+        raise ValueError(f"cannot export kernels for {spec.cpu_target}: {problem}")
     model = prepare_model(model, spec.torch_dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -197,7 +211,8 @@ def save_kernels(model: SAM2Base, spec: KernelSpec, directory: str | os.PathLike
     started = time.perf_counter()
     for name, exported in exported_programs(model, spec):
         with torch.inference_mode(False), torch.no_grad():
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name))
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / name),
+                                                     inductor_configs=aoti_cpu_options(spec.cpu_target))
         log.info("exported %s in %.1f s", directory / name, time.perf_counter() - started)
         started = time.perf_counter()
     # The manifest last: a folder without one is an unfinished export.
@@ -270,24 +285,29 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
                                   f" (a copy cut short, or changed since); {again}")
     packages = [directory / name for name in (ENCODER_PACKAGE, DECODER_PACKAGE)]
     device_index = aoti_device_index(device)
-    # Instruction sets the exporting CPU had and this one does not list (cpu.py): the tryout
+    # Instruction sets the package may use and this CPU does not list (cpu.py): the tryout
     # tells whether the package needs them (its start-up code faults where it does); a list
     # can be short of names the CPU has (an older kernel's, a sandbox's), so it refuses nothing.
     missing = instruction_sets_missing(saved.cpu_instruction_sets, spec.cpu_instruction_sets)
-    other_cpu = (f"compiled on a CPU with {' '.join(missing)}, which this one does not list" if missing else
-                 "compiled on a CPU with instructions this one lacks")
+    built_on = "on a CPU" if saved.cpu_target == NATIVE else f"for {saved.cpu_target}"
+    other_cpu = (f"compiled {built_on} with {' '.join(missing)}, which this one does not list" if missing else
+                 f"compiled {built_on} with instructions this one lacks")
+    advice = f"{again} on this machine"
+    if saved.cpu_target == NATIVE and spec.cpu_instruction_sets and not instruction_sets_missing(
+            X86_64_V3, spec.cpu_instruction_sets):  # a CPU with AVX2: a package for any such CPU would do
+        advice += ", or anywhere with --cpu-target x86-64-v3 (for any CPU with AVX2, as this one)"
     if why := load_failure_elsewhere(packages, device_index):
         if why.endswith("(SIGILL)"):  # an illegal instruction
             raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine: {why}, in "
-                                  f"a process of its own that tried first ({other_cpu}); {again} on this machine")
+                                  f"a process of its own that tried first ({other_cpu}); {advice}")
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded on this machine (torch "
                               f"{torch.__version__}, {torch.device(device).type}): {why}, in a process of its own "
                               "that tried first; serve without --load-fast and --save-fast (the same kernels, "
                               "compiled with torch.compile at start)")
     if missing:
         log.warning("the exported kernels in %s loaded in a process of their own, but were %s: a kernel that uses "
-                    "one would stop the server with an illegal instruction; %s on this machine to be sure",
-                    directory, other_cpu, again)
+                    "one would stop the server with an illegal instruction; %s to be sure",
+                    directory, other_cpu, advice)
     try:
         encoder, decoder = [torch._inductor.aoti_load_package(str(path), device_index=device_index) for path in packages]
     except RuntimeError as error:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cpu import on_cpu, set_up_cpu_process, warn_of_slow_half
+from .cpu import NATIVE, on_cpu, set_up_cpu_process, warn_of_slow_half
 from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import (
@@ -161,6 +161,7 @@ def load_pipeline(
     checkpoint_url: str = DOWNLOAD_BASE_URL,
     batch_size: int = 1,
     compile_mode: str | None = None,
+    cpu_target: str = NATIVE,
 ) -> Pipeline:
     """Checkpoint (the default model without checkpoint_dir and model_type) -> model on the
     device -> generator for the mode. `amg` overrides the mode's settings, or `config` gives them all.
@@ -177,7 +178,7 @@ def load_pipeline(
     log.info("loaded %s (%s); preparing mode %s", loaded.description, loaded.path.resolve(), mode.name)
     warn_of_slow_half(device, mode.half_precision, mode.name)
     generator = build_generator(mode, loaded, config, save_fast=save_fast, load_fast=load_fast,
-                                batch_size=batch_size, compile_mode=compile_mode)
+                                batch_size=batch_size, compile_mode=compile_mode, cpu_target=cpu_target)
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)
 
 
@@ -189,12 +190,14 @@ def build_generator(
     load_fast: str | os.PathLike | None = None,
     batch_size: int = 1,
     compile_mode: str | None = None,
+    cpu_target: str = NATIVE,
 ) -> Generator:
     """The mask generator that runs a mode: eager, or compiled (or exported, or loaded) and warmed
     up (their first runs compile, or load what they need; an eager mode's first request pays only
     its device's own first-call costs).
 
-    save_fast: export the fast kernels into this folder (then serve them);
+    save_fast: export the fast kernels into this folder (then serve them), their C++ compiled for
+    cpu_target (cpu.CPU_TARGETS; NATIVE: this CPU);
     load_fast: load kernels exported earlier instead of compiling;
     batch_size: the most images per encoder call, which a fast mode's kernels are built for;
     compile_mode: torch.compile's mode (default: max-autotune on CUDA; on a CPU the fast modes run
@@ -202,6 +205,8 @@ def build_generator(
     """
     if (save_fast or load_fast) and not mode.compiled:
         raise ValueError(f"saving or loading exported kernels needs a fast mode, not {mode.name!r}")
+    if cpu_target != NATIVE and not save_fast:
+        raise ValueError(f"a CPU target ({cpu_target}) is for kernels being exported (save_fast)")
     if mode.reference:
         return ReferenceMaskGenerator(loaded.model, config)
     if not compiles(mode, loaded.model.device, compile_mode, save_fast, load_fast):
@@ -209,7 +214,7 @@ def build_generator(
             prepare_model(loaded.model, half_dtype(loaded.model.device))
         return MaskGenerator(loaded.model, config)
 
-    spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size)
+    spec = kernel_spec(loaded.model, loaded.path, config, mode.half_precision, batch_size, cpu_target)
     started = time.perf_counter()
     # The model in the kernels' dtype, however they come: the steps that run its own modules
     # (use_m2m's refinement) take the kernels' features.
@@ -220,7 +225,7 @@ def build_generator(
     elif save_fast:
         save_kernels(loaded.model, spec, save_fast)
         kernels = load_kernels(save_fast, spec, loaded.model.device)
-        how = f"exported kernels to {save_fast}"
+        how = f"exported kernels{f' for {cpu_target}' if cpu_target != NATIVE else ''} to {save_fast}"
     else:
         compile_mode = compile_mode or default_compile_mode(spec.device)
         kernels = compile_kernels(loaded.model, spec, compile_mode)

@@ -17,6 +17,7 @@ fit it.
 import json
 import logging
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import weakref
+import zipfile
 from pathlib import Path
 from dataclasses import asdict, replace
 from types import SimpleNamespace
@@ -39,7 +41,8 @@ from sam2serve import fast, modes
 from sam2serve.amg import EAGER_KERNELS, AMGConfig, MaskGenerator
 from sam2serve.checkpoints import load_model, write_random_checkpoint
 from sam2serve.compare import compare_image, summarize
-from sam2serve.cpu import instruction_sets
+from sam2serve import cpu
+from sam2serve.cpu import X86_64_V3, instruction_sets
 from sam2serve.fast import (
     DECODER_PACKAGE, ENCODER_PACKAGE, MANIFEST, PackageMismatch, aoti_device_index, kernel_spec, load_kernels,
     save_kernels,
@@ -290,6 +293,40 @@ def test_saved_then_loaded_kernels_give_the_compiled_masks(exported, fast_genera
     assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
 
 
+def avx512_instructions(directory: Path) -> int:
+    """Instructions on AVX-512's registers (zmm, the mask registers, xmm and ymm 16 to 31) in the
+    compiled code of a folder's packages, as objdump disassembles it."""
+    registers = re.compile(r"%(zmm\d|k[0-7]\b|[xy]mm(1[6-9]|2\d|3[01]))")
+    count = 0
+    for package in directory.glob("*.pt2"):
+        with zipfile.ZipFile(package) as archive, tempfile.TemporaryDirectory() as unpacked:
+            for name in archive.namelist():
+                if name.endswith(".so"):
+                    code = subprocess.run(["objdump", "-d", archive.extract(name, unpacked)], capture_output=True,
+                                          text=True, check=True).stdout
+                    count += sum(1 for line in code.splitlines() if registers.search(line))
+    return count
+
+
+@pytest.mark.skipif(cpu.cpu_target_problem("x86-64-v3") is not None or shutil.which("objdump") is None,
+                    reason="exports here cannot target x86-64-v3, or no objdump to read them")
+def test_kernels_exported_for_x86_64_v3_hold_no_avx512_and_give_the_native_masks(exported, load_micro, images,
+                                                                                   tmp_path):
+    """--cpu-target x86-64-v3 (any CPU with AVX2): the packages' code has no AVX-512 instruction,
+    where a native export on an AVX-512 CPU has thousands, and they give its masks."""
+    directory = tmp_path / "x86-64-v3"
+    generator = build_generator(MODES["fast"], load_micro(), CONFIG, save_fast=directory, batch_size=BATCH_SIZE,
+                                cpu_target="x86-64-v3")
+    assert json.loads((directory / MANIFEST).read_text())["cpu_target"] == "x86-64-v3"
+    assert generator.kernels.description == f"exported kernels for x86-64-v3 to {directory}"  # (/health says it)
+    assert avx512_instructions(directory) == 0
+    if "avx512f" in instruction_sets().split():  # the count sees them where they are
+        assert avx512_instructions(exported[0]) > 1000
+    summary = compare("fast exported for x86-64-v3 vs native", [exported[1].generate(i) for i in images],
+                      [generator.generate(i) for i in images])
+    assert summary.mask_count_mismatch == 0 and summary.miou >= 0.999
+
+
 @pytest.mark.parametrize("kernels", ["compiled", "exported"])
 def test_encoder_kernel_takes_a_batch_of_images(kernels, fast_generator, exported, images):
     """One encoder call for several images (a dynamic batch dimension, never padded) gives each
@@ -528,10 +565,10 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
         with pytest.raises(PackageMismatch, match=f"manifest.json cannot be read \\({error}"):
             load_kernels(other_format, spec)
     fields_of_another_version = {**asdict(spec), "files": {}, "colour": "red"}
-    del fields_of_another_version["gpu_architecture"], fields_of_another_version["cpu_instruction_sets"]
+    del fields_of_another_version["gpu_architecture"], fields_of_another_version["cpu_target"]
     (other_format / MANIFEST).write_text(json.dumps(fields_of_another_version))
     with pytest.raises(PackageMismatch, match=r"manifest.json was written by another version of this code, with other "
-                       r"fields \(lacks: gpu_architecture, cpu_instruction_sets; unknown: colour\); export them again"):
+                       r"fields \(lacks: gpu_architecture, cpu_target; unknown: colour\); export them again"):
         load_kernels(other_format, spec)
 
     def export_fails(*_, **__):
@@ -549,7 +586,7 @@ def test_damaged_or_unfinished_package_is_refused(exported, load_micro, tmp_path
 # package files, torch's export and loader replaced; the tests above check the real ones.
 STUB_SPEC = fast.KernelSpec(checkpoint="sam2.1_hiera_micro.pt#0123456789abcdef", image_size=256, dtype="float32",
                             points_per_batch=64, batch_size=2, multimask_output=True, device="cpu",
-                            gpu_architecture="", cpu_instruction_sets="avx2 avx512f fma sse2",
+                            gpu_architecture="", cpu_target="native", cpu_instruction_sets="avx2 avx512f fma sse2",
                             torch_version=torch.__version__)
 
 
@@ -564,8 +601,8 @@ def stub_packages(tmp_path, monkeypatch):
     by files of known bytes; the loader (here and in a process of its own) replaced too."""
     compiled = []
 
-    def compile_and_package(program, package_path):
-        compiled.append(program)
+    def compile_and_package(program, package_path, inductor_configs):
+        compiled.append((program, inductor_configs))
         Path(package_path).write_bytes(f"package of {program}".encode())
 
     monkeypatch.setattr(fast, "exported_programs", lambda model, spec: iter([(ENCODER_PACKAGE, "the encoder"),
@@ -575,7 +612,7 @@ def stub_packages(tmp_path, monkeypatch):
     monkeypatch.setattr(fast, "load_failure_elsewhere", lambda packages, device_index: None)
     directory = tmp_path / "kernels"
     save_kernels(torch.nn.Linear(2, 2), STUB_SPEC, directory)
-    assert compiled == ["the encoder", "the decoder"]
+    assert compiled == [("the encoder", {}), ("the decoder", {})]  # for this CPU, as AOTInductor does by default
     return directory
 
 
@@ -646,6 +683,63 @@ def test_a_package_compiled_on_a_cpu_with_instruction_sets_this_one_lacks_is_ref
             f"illegal instruction; {again} to be sure"] if warned else [])
 
 
+@pytest.mark.skipif(cpu.cpu_target_problem("x86-64-v3") is not None, reason="exports here cannot target x86-64-v3")
+def test_kernels_exported_for_an_x86_64_level_are_compiled_for_it_and_named_by_it(stub_packages, monkeypatch):
+    """--cpu-target x86-64-v3: AOTInductor compiles for the level (-march and its vector width),
+    the manifest names the level and its sets, and a CPU short of them that the tryout faults on
+    is told which. A native package refused on a CPU with AVX2 points to the level."""
+    directory = stub_packages.parent / "x86-64-v3"
+    spec = replace(STUB_SPEC, cpu_target="x86-64-v3", cpu_instruction_sets=X86_64_V3)
+    options = []
+
+    def compile_and_package(program, package_path, inductor_configs):
+        options.append(inductor_configs)
+        Path(package_path).write_bytes(f"package of {program} for x86-64-v3".encode())
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    save_kernels(torch.nn.Linear(2, 2), spec, directory)
+    assert options == [{"cpp.march": "x86-64-v3", "cpp.simdlen": 256}] * 2
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert (manifest["cpu_target"], manifest["cpu_instruction_sets"]) == ("x86-64-v3", X86_64_V3)
+    assert "avx2" in X86_64_V3.split() and "avx512f" not in X86_64_V3.split()
+    here = replace(STUB_SPEC, cpu_instruction_sets="avx fma pni sse sse2 ssse3")  # a CPU of 2012: AVX, no AVX2
+    assert load_kernels(directory, here).spec == here  # a server's own spec is native: the target is the package's
+    tried = ["torch's loader crashed (SIGILL)"]
+    monkeypatch.setattr(fast, "load_failure_elsewhere", lambda packages, device_index: tried.pop())
+    with pytest.raises(PackageMismatch, match=r"tried first \(compiled for x86-64-v3 with abm avx2 bmi1 bmi2 cx16 "
+                       r"f16c lahf_lm movbe popcnt sse4_1 sse4_2, which this one does not list\); export them again "
+                       r"for this server with --save-fast on this machine$"):
+        load_kernels(directory, here)
+    tried.append("torch's loader crashed (SIGILL)")
+    with pytest.raises(PackageMismatch, match=r"\(compiled on a CPU with avx512f, which this one does not list\); "
+                       r"export them again for this server with --save-fast on this machine, or anywhere with "
+                       r"--cpu-target x86-64-v3 \(for any CPU with AVX2, as this one\)$"):
+        load_kernels(stub_packages, replace(STUB_SPEC, cpu_instruction_sets=X86_64_V3))
+
+
+def test_a_cpu_target_is_refused_where_its_kernels_could_not_be_made_or_run(monkeypatch):
+    """An export for an x86-64 level needs an x86-64 CPU that has the level's sets (the server
+    loads what it exported) and a torch whose AOTInductor can compile for another CPU."""
+    assert cpu.cpu_target_problem("native") is None
+    assert cpu.cpu_target_problem("x86-64-v9") == "unknown CPU target 'x86-64-v9' (one of native, x86-64-v3, x86-64-v4)"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu.cpu_target_problem("x86-64-v3") == "x86-64-v3 is an x86-64 level, and this machine is aarch64"
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "instruction_sets", lambda: "avx fma pni sse sse2 ssse3")
+    assert cpu.cpu_target_problem("x86-64-v3") == (
+        "this CPU lacks abm avx2 bmi1 bmi2 cx16 f16c lahf_lm movbe popcnt sse4_1 sse4_2 of x86-64-v3, so kernels built "
+        "for it could not run here")
+    monkeypatch.setattr(cpu, "instruction_sets", lambda: X86_64_V3 + " avx512f")
+    assert cpu.cpu_target_problem("x86-64-v3") is None
+    assert "lacks avx512bw avx512cd avx512dq avx512vl of x86-64-v4" in cpu.cpu_target_problem("x86-64-v4")
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delattr(inductor_config.cpp, "march")  # torch 2.11's AOTInductor: -march=native always
+    assert cpu.cpu_target_problem("x86-64-v3") == (
+        f"torch {torch.__version__} compiles exported kernels for the exporting CPU only (its AOTInductor has no "
+        "cpp.march setting)")
+
+
 def test_instruction_sets_are_the_cpus_as_linux_names_them(tmp_path):
     """From /proc/cpuinfo: an x86 CPU's flags that name instruction sets code can use (not the
     kernel's or the hypervisor's), an ARM CPU's features; none where the file says neither."""
@@ -702,7 +796,7 @@ def test_a_kernel_spec_is_what_the_server_runs(tmp_path, monkeypatch):
     """The spec a server asks of a package: its checkpoint's name and hash, the model's size and
     device, half precision as float16 on CUDA and bfloat16 on a CPU, the batch of images, the
     points per batch and multimask output of the settings, the GPU's architecture, this CPU's
-    instruction sets."""
+    instruction sets (an x86-64 level's where the kernels are exported for one)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     checkpoint = tmp_path / "sam2.1_hiera_micro.pt"
     checkpoint.write_bytes(b"weights")
@@ -713,8 +807,11 @@ def test_a_kernel_spec_is_what_the_server_runs(tmp_path, monkeypatch):
         assert spec == fast.KernelSpec(checkpoint=fast.checkpoint_identity(checkpoint), image_size=256, dtype=dtype,
                                        points_per_batch=32, batch_size=3, multimask_output=False, device=device,
                                        gpu_architecture="sm_90" if device == "cuda" else "",
-                                       cpu_instruction_sets=instruction_sets(), torch_version=torch.__version__)
+                                       cpu_target="native", cpu_instruction_sets=instruction_sets(),
+                                       torch_version=torch.__version__)
         assert spec.torch_dtype == getattr(torch, dtype)
+    spec = kernel_spec(model, checkpoint, config, half_precision=False, cpu_target="x86-64-v3")
+    assert (spec.cpu_target, spec.cpu_instruction_sets) == ("x86-64-v3", X86_64_V3)
 
 
 def test_static_kernels_take_any_number_of_images_and_points():
@@ -803,6 +900,9 @@ def test_exported_kernels_asked_of_an_eager_mode_are_refused(export, trained_mic
     for mode in ("ao", "baseline"):
         with pytest.raises(ValueError, match=f"needs a fast mode, not '{mode}'"):
             build_generator(MODES[mode], loaded, AMGConfig(), **{export: tmp_path})
+    if export == "load_fast":  # a CPU target is the export's: loading or compiling has none to follow
+        with pytest.raises(ValueError, match=r"a CPU target \(x86-64-v3\) is for kernels being exported"):
+            build_generator(MODES["fast"], loaded, AMGConfig(), load_fast=tmp_path, cpu_target="x86-64-v3")
 
 
 def test_only_float32_modes_answer_prompts(trained_micro_checkpoint):

@@ -317,7 +317,7 @@ def test_modal_app_defines_what_the_script_calls_and_answers_like_the_server(
     (tmp_path / "exported" / "other" / "manifest.json").write_text(json.dumps(
         {"checkpoint": "sam2.1_hiera_tiny.pt#0", "image_size": 1024, "dtype": "float32", "points_per_batch": 1024,
          "batch_size": 1, "multimask_output": True, "device": "cpu", "gpu_architecture": "",
-         "cpu_instruction_sets": "", "torch_version": torch.__version__, "files": {}}))
+         "cpu_target": "native", "cpu_instruction_sets": "", "torch_version": torch.__version__, "files": {}}))
     answer = modal_app.container_answerer(str(tmp_path), "tiny", "fast", "{}", "other", "cpu")
     error = json.loads(answer(path.read_bytes()))["error"]
     assert error.startswith("the container could not load its model: PackageMismatch: the exported kernels in "), error

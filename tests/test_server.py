@@ -603,6 +603,8 @@ def test_checkpoint_dir_without_model_type_is_refused(tmp_path):
         # Before a checkpoint's download (minutes), not after its load
         (["--fast", "--load-fast", str(REPO / "no-such-folder")], "no-such-folder: no such folder"),
         (["--fast", "--load-fast", str(REPO / "README.md")], "README.md: no such folder (a file)"),
+        (["--fast", "--cpu-target", "x86-64-v3"], "--cpu-target goes with --save-fast"),
+        (["--fast", "--save-fast", "a", "--cpu-target", "x86-64-v2"], "invalid choice: 'x86-64-v2'"),
     ],
 )
 def test_fast_options_are_checked(arguments, message):

@@ -99,8 +99,7 @@ def container_answerer(data_dir: str, model_type: str, mode: str, amg_json: str,
     except Exception as error:  # noqa: BLE001 - every image's answer
         traceback.print_exc()  # the container's log
         # Exported kernels refused: each line says what differs (the first, only that they do).
-        why = ("; ".join(line.strip() for line in str(error).splitlines() if line.strip()).replace(":; ", ": ")
-               if isinstance(error, PackageMismatch) else first_line(error))
+        why = error.one_line() if isinstance(error, PackageMismatch) else first_line(error)
         line = json_text({"error": f"the container could not load its model: {type(error).__name__}: {why}"})
         return lambda image_bytes: line
     return functools.partial(answer_image, pipeline)

@@ -132,7 +132,14 @@ def gpu_architecture(device: torch.device) -> str:
 
 class PackageMismatch(ValueError):
     """Saved kernels that cannot be used here: built for something else (the message lists what
-    differs), unfinished or damaged."""
+    differs, a line each), unfinished or damaged."""
+
+    def one_line(self) -> str:
+        """The message on one line, for an answer or a table's cell: the lines that say what
+        differs joined by "; " after the first ("...built for something else: points_per_batch:
+        package 1024, server 64; export them again ...")."""
+        first, *rest = [line.strip() for line in str(self).splitlines() if line.strip()] or [""]
+        return f"{first} {'; '.join(rest)}".strip()
 
 
 @dataclass(frozen=True)

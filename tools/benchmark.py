@@ -298,10 +298,9 @@ def warm_up_grid(config: AMGConfig) -> AMGConfig:
 def failure_reason(error: Exception) -> str:
     """A row's failure in one line: the first of the error (the rest of a CUDA error is its
     traceback), or all of a refused package's (the lines that follow say what differs)."""
-    lines = [line.strip() for line in str(error).splitlines()] or [""]
     if isinstance(error, PackageMismatch):
-        return f"{lines[0]} {'; '.join(lines[1:])}".strip()[:400]
-    return lines[0][:200]
+        return error.one_line()[:400]
+    return ([line.strip() for line in str(error).splitlines()] or [""])[0][:200]
 
 
 def measure(generators: dict, images: list[tuple[str, np.ndarray]], rounds: int, device: str,

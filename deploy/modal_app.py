@@ -91,16 +91,13 @@ def container_answerer(data_dir: str, model_type: str, mode: str, amg_json: str,
     model or torch, memory run out), that error's line for every image. A container of a deployed
     app whose start raises is started again by Modal for ever: the replay would wait for ever,
     paying for each start, instead of ending with the mode's error lines."""
-    from sam2serve.fast import PackageMismatch
-    from sam2serve.protocol import first_line, json_text
+    from sam2serve.cli import load_failure_line
 
     try:
         pipeline = open_pipeline(data_dir, model_type, mode, amg_json, load_fast, device)
     except Exception as error:  # noqa: BLE001 - every image's answer
         traceback.print_exc()  # the container's log
-        # Exported kernels refused: each line says what differs (the first, only that they do).
-        why = error.one_line() if isinstance(error, PackageMismatch) else first_line(error)
-        line = json_text({"error": f"the container could not load its model: {type(error).__name__}: {why}"})
+        line = load_failure_line("the container", error)
         return lambda image_bytes: line
     return functools.partial(answer_image, pipeline)
 
@@ -124,15 +121,16 @@ class Segmenter:
         return self.answer(image_bytes)
 
 
-def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict, load_fast: str) -> list[str]:
+def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict,
+           load_fast: str) -> list[tuple[str, str]]:
     """Sends every image of the list to the deployed app; writes one line per image, in order
     (into output.partial until the last line: a run that fails leaves an earlier output as it was);
-    answers the paths whose line is an error. An image whose call failed on Modal (after RETRIES)
+    answers the path and error of each line that is one. An image whose call failed on Modal (after RETRIES)
     gets an error line, as the server's for an image that failed: the others' lines are kept. A
     file over the server's upload limit is not sent: its line is the server's 413 answer."""
     from tqdm import tqdm
 
-    from sam2serve.cli import write_lines
+    from sam2serve.cli import error_of, write_lines
     from sam2serve.protocol import Limits, UploadTooLarge, error_answer, json_text
 
     segmenter_class = modal.Cls.from_name(APP_NAME, "Segmenter")
@@ -149,8 +147,8 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
             answer = next(answers) if send else error_answer(UploadTooLarge(limits))[1]
             if isinstance(answer, BaseException):  # what Modal returns for a call that failed
                 answer = json_text({"error": f"the Modal call failed: {type(answer).__name__}: {answer}"})
-            if answer.startswith('{"error"'):
-                failed.append(path)
+            if (error := error_of(answer)) is not None:
+                failed.append((path, error))
             yield answer
 
     write_lines(output, lines())

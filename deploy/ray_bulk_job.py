@@ -11,14 +11,16 @@ loads the model once and runs each batch through the pipeline's batched image en
 On a cluster, run it on the head node (or through `ray job submit`); without a cluster it
 starts a local Ray instance. Each worker reads its images from its own machine's disk: on a
 cluster, list paths on storage every node mounts (a path missing there answers
-{"error": "the image file could not be read"}). On a CPU, give each core a worker (--workers 2
-on 2 cores): Ray runs a worker's torch on one thread.
+{"error": "the image file could not be read"}); a worker whose model does not load answers each
+of its images with an error line saying why. On a CPU, give each core a worker (--workers 2 on 2
+cores): Ray runs a worker's torch on one thread.
 """
 
 import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 if not __package__:  # run by its path (python deploy/ray_bulk_job.py): this checkout's packages, as -m has
@@ -37,8 +39,8 @@ from tqdm import tqdm
 
 from sam2serve.cli import (
     ScriptParser, add_amg_options, add_checkpoint_arguments, add_option, amg_options,
-    check_checkpoint_arguments, compile_modes, device_problem, error_text, listed_as, positive_int, read_image_paths,
-    report_error_lines, require_output_file, run_script, write_lines,
+    check_checkpoint_arguments, compile_modes, device_problem, error_of, error_text, listed_as, load_failure_line,
+    positive_int, read_image_paths, report_error_lines, require_output_file, run_script, write_lines,
 )
 from deploy import cluster_device
 from sam2serve.checkpoints import load_model, resolve_checkpoint
@@ -57,19 +59,25 @@ class Segmenter:
 
     def __init__(self, options: dict) -> None:
         self.model_thread = ModelThread("model")
-        self.pipeline = self.model_thread.submit(load_pipeline, **options).result()
         self.limits = Limits()
+        try:
+            self.pipeline = self.model_thread.submit(load_pipeline, **options).result()
+        except Exception as error:  # noqa: BLE001 - every image's answer (cli.load_failure_line says why)
+            traceback.print_exc()  # the worker's log
+            self.pipeline, self.load_failure = None, load_failure_line("the worker", error)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        if self.pipeline is None:
+            return {"path": list(batch["path"]), "line": [self.load_failure] * len(batch["path"])}
         files = [file_as_upload(path, self.limits) for path in batch["path"]]
         lines = self.model_thread.submit(rle_lines, self.pipeline.generator, files, self.limits).result()
         return {"path": list(batch["path"]), "line": lines}
 
 
-def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> list[str]:
+def run(paths: list[str], output: Path, options: dict, workers: int, batch_size: int) -> list[tuple[str, str]]:
     """Writes one line per path into `output`, in the order of `paths` (into output.partial
-    until the last line: a run that fails leaves an earlier output as it was); answers the paths
-    whose line is an error."""
+    until the last line: a run that fails leaves an earlier output as it was); answers the path
+    and error of each line that is one."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     uses_gpu = options["device"].startswith("cuda")
@@ -84,8 +92,8 @@ def run(paths: list[str], output: Path, options: dict, workers: int, batch_size:
 
     def lines():
         for row in tqdm(dataset.iter_rows(), total=len(paths), desc="images", unit="image"):
-            if row["line"].startswith('{"error"'):
-                failed.append(row["path"])
+            if (error := error_of(row["line"])) is not None:
+                failed.append((row["path"], error))
             yield row["line"]
 
     write_lines(output, lines())

@@ -6,6 +6,7 @@ checkpoint that cannot be had) ends a script with one line saying so, before any
 with a traceback or after it."""
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -22,8 +23,10 @@ from tqdm import tqdm
 
 from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
+from .fast import PackageMismatch
 from .modes import Mode, compiles, mode_config
 from .preprocess import ImageTooLarge, InvalidImage, read_image_file
+from .protocol import first_line, json_text
 from .stops import end_as_stopped, stopped_by, take_over_stops
 
 # The mask-generation options a user may set; each is an AMGConfig field of the same name.
@@ -247,15 +250,31 @@ def write_lines(output: Path, lines: Iterable[str]) -> None:
     partial.replace(output)
 
 
-def report_error_lines(paths: list[str], failed: list[str], output: str | os.PathLike) -> None:
+def error_of(line: str) -> str | None:
+    """The error that an answer line holds (server.py's {"error": ...}), or None (masks)."""
+    return json.loads(line).get("error", line) if line.startswith('{"error"') else None
+
+
+def report_error_lines(paths: list[str], failed: list[tuple[str, str]], output: str | os.PathLike) -> None:
     """After a bulk run, on stderr: the lines written, how many of `paths` answered an error line
-    and which; status 1 when every one did (nothing to compare)."""
+    (failed: each one's path and error), which, and the first one's error (where a worker could
+    not load its model, every line says why); status 1 when every one did (nothing to compare)."""
     print(f"wrote {len(paths)} line{'' if len(paths) == 1 else 's'} to {output}", file=sys.stderr)
     if failed:
-        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {', '.join(failed[:3])}",
-              file=sys.stderr)
+        (first, why), *others = failed[:3]
+        print(f"{len(failed)} of {len(paths)} images answered an error line, e.g. {first} ({why})"
+              + "".join(f", {path}" for path, _ in others), file=sys.stderr)
     if len(failed) == len(paths):
         sys.exit(1)
+
+
+def load_failure_line(who: str, error: Exception) -> str:
+    """The answer line of every image for a worker whose model did not load (its checkpoint
+    missing, kernels exported for something else, memory run out), in one line: a Ray Data
+    worker or a Modal container that answers it ends its run with these lines instead of dying,
+    which Ray tells its driver without the reason and Modal answers by starting it again."""
+    why = error.one_line() if isinstance(error, PackageMismatch) else first_line(error)
+    return json_text({"error": f"{who} could not load its model: {type(error).__name__}: {why}"})
 
 
 def compile_modes() -> list[str]:

@@ -366,16 +366,18 @@ def test_modal_replay_answers_an_error_line_for_a_call_that_failed_and_keeps_the
     assert lines[0] == '{"mask_0": "a"}' and lines[3] == '{"mask_0": "b"}'
     assert json.loads(lines[1]) == {"error": "the Modal call failed: FailedCall: container lost"}
     assert lines[2] == error_answer(UploadTooLarge(Limits()))[1]  # the server's 413
-    assert failed == [paths[1], paths[2]]
+    assert failed == [(paths[1], "the Modal call failed: FailedCall: container lost"),
+                      (paths[2], json.loads(lines[2])["error"])]
     assert isinstance(modal_app.RETRIES, modal.Retries) and modal_app.RETRIES.max_retries >= 1
 
-    # The summary the command prints, as the Ray Data job's; status 1 when every image failed.
+    # The summary the command prints, as the Ray Data job's, with the first error; status 1 when
+    # every image failed.
     from sam2serve.cli import report_error_lines
 
     capsys.readouterr()  # the replay's progress bar
     report_error_lines(paths, failed, output)
-    assert capsys.readouterr().err == (f"wrote 4 lines to {output}\n"
-                                       f"2 of 4 images answered an error line, e.g. {paths[1]}, {paths[2]}\n")
+    assert capsys.readouterr().err == (f"wrote 4 lines to {output}\n2 of 4 images answered an error line, e.g. "
+                                       f"{paths[1]} (the Modal call failed: FailedCall: container lost), {paths[2]}\n")
     report_error_lines(paths[:1], [], output)
     assert capsys.readouterr().err == f"wrote 1 line to {output}\n"
     with pytest.raises(SystemExit) as stopped:
@@ -1472,6 +1474,39 @@ assert line.startswith('{"mask_0":{"size":[240,320]'), line[:200]
 """) == 1
 
 
+def test_a_ray_data_bulk_worker_whose_model_does_not_load_answers_every_image_with_why(tmp_path, capsys):
+    """Kernels exported for something else (or a checkpoint missing on a node): the worker
+    answers each image with the refusal in one line, as a Modal container does, and the job's
+    summary shows it; a worker that died instead would reach the driver as Ray's ActorDiedError,
+    whose text does not say why."""
+    pytest.importorskip("ray")
+    from deploy.ray_bulk_job import Segmenter
+    from sam2serve.cli import report_error_lines
+
+    kernels = tmp_path / "exported"
+    kernels.mkdir()
+    (kernels / "manifest.json").write_text(json.dumps(
+        {"checkpoint": "sam2.1_hiera_tiny.pt#0", "image_size": 1024, "dtype": "float32", "points_per_batch": 8,
+         "batch_size": 2, "multimask_output": True, "device": "cpu", "gpu_architecture": "", "cpu_target": "native",
+         "cpu_instruction_sets": "", "torch_version": torch.__version__, "files": {}}))
+    worker = Segmenter(dict(mode="fast", device="cpu", batch_size=2, amg={"points_per_batch": 8},
+                            load_fast=str(kernels)))
+    paths = [str(REPO / "examples" / "shapes.jpg"), str(tmp_path / "missing.jpg"), str(REPO / "README.md")]
+    lines = worker({"path": np.array(paths)})["line"]
+    assert len(lines) == 3 and len(set(lines)) == 1
+    error = json.loads(lines[0])["error"]
+    assert error.startswith(f"the worker could not load its model: PackageMismatch: the exported kernels in "
+                            f"{kernels} were built for something else: checkpoint: package 'sam2.1_hiera_tiny.pt#0', "
+                            "server "), error
+    assert "; image_size: package 1024, server 256; " in error and error.endswith("; export them again for this "
+                                                                                  "server with --save-fast")
+    capsys.readouterr()  # the worker's log
+    with pytest.raises(SystemExit):
+        report_error_lines(paths, [(path, error) for path in paths], tmp_path / "rle_masks")
+    assert f"3 of 3 images answered an error line, e.g. {paths[0]} ({error}), {paths[1]}, {paths[2]}\n" in (
+        capsys.readouterr().err)
+
+
 def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_checkpoint_dir, image_files,
                                                                flask_client, tmp_path):
     from deploy.ray_bulk_job import run
@@ -1486,7 +1521,8 @@ def test_ray_data_bulk_job_writes_the_servers_lines_in_order(local_ray, tiny_che
                    amg=KEEP_EVERY_CANDIDATE)
     output = tmp_path / "rle_masks"
     failed = run(paths, output, options, workers=1, batch_size=3)
-    assert failed == [path for path in paths if Path(path).name in ("missing.jpg", "not_an_image.jpg", "huge.jpg")]
+    assert [path for path, _ in failed] == [
+        path for path in paths if Path(path).name in ("missing.jpg", "not_an_image.jpg", "huge.jpg")]
     assert sorted(file.name for file in tmp_path.iterdir()) == ["huge.jpg", "rle_masks"]  # no .partial left
     lines = output.read_text().splitlines()
     assert len(lines) == len(paths)

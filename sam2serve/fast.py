@@ -253,7 +253,7 @@ def aoti_device_index(device: torch.device | str) -> int:
 
 def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.device | str = "cpu") -> StaticKernels:
     """Loads kernels saved by save_kernels onto the model's device, refusing a package built for
-    something else."""
+    something else; their spec is the package's (the CPU it was compiled for among it)."""
     directory = Path(directory)
     again = "export them again for this server with --save-fast"
     if not directory.is_dir():
@@ -321,7 +321,7 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
         why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise PackageMismatch(f"the exported kernels in {directory} cannot be loaded: {why}; {again}") from error
     LOADED_PACKAGES.update((encoder, decoder))
-    return StaticKernels(spec=spec, encoder=encoder, decoder=decoder)
+    return StaticKernels(spec=saved, encoder=encoder, decoder=decoder)  # (the server's spec, but the CPU's fields)
 
 
 # Loads each package given and frees it at once (which removes the folder it unpacked into).

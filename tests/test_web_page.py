@@ -602,8 +602,8 @@ def page(browser, server):
         browser.switch_to.alert.dismiss()
     except NoAlertPresentException:
         pass
+    browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()  # (a category left: stored)
     browser.execute_script("sessionStorage.clear()")  # the category ids a test gave: the next test's page knows none
-    browser.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
 
 
 def highlight_alpha(driver) -> int:
@@ -1184,6 +1184,26 @@ def test_category_ids_are_kept_across_a_tab_s_reloads_and_not_in_another_tab(pag
     assert page.execute_script("return categoryId('bus')") == 10
     assert json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds']")) == [
         ["object", 1], ["car", 9, "vehicles"], ["boat", 4], ["bus", 10]]
+
+
+def test_category_ids_are_stored_before_the_names_suggested_that_repeat_them(page):
+    """A tab's storage is a few million characters: the names suggested (which repeat the ids'
+    names) give their room to the ids first, so that a long list of names cannot keep the ids
+    from being stored."""
+    room = page.execute_script("""
+        let [fits, fails] = [0, 1 << 26];  // the most one value may hold here, to a kibi-character
+        while (fails - fits > 1024) {
+          const size = Math.floor((fits + fails) / 2);
+          try { sessionStorage.setItem('probe', 'x'.repeat(size)); fits = size; } catch { fails = size; }
+        }
+        sessionStorage.clear();
+        return fits;""")
+    long_name = "n" * (room // 2)
+    page.execute_script("sessionStorage.setItem('sam2serve.categoryNames', JSON.stringify([arguments[0]]));"
+                        "return categoryId(arguments[1])", "m" * (room // 2 + 1000), long_name)
+    page.execute_script("return new Promise((done) => queueMicrotask(done))")  # (stored once the task ends)
+    stored = json.loads(page.execute_script("return sessionStorage['sam2serve.categoryIds'] || '[]'"))
+    assert [long_name, 2] in stored
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

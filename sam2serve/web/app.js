@@ -455,11 +455,12 @@ function storeCategories() {
     categoriesToStore = false;
     const entry = ([name, id]) => (state.supercategories.has(name) ? [name, id, state.supercategories.get(name)]
       : [name, id]);
-    try {
+    try { // the ids first, with the room the names took (the names repeat them): they matter more
+      sessionStorage.removeItem(CATEGORY_NAMES_KEY);
       sessionStorage.setItem(CATEGORY_IDS_KEY, JSON.stringify([...state.categoryIds].map(entry)));
       sessionStorage.setItem(CATEGORY_NAMES_KEY, JSON.stringify([...suggestedCategories]));
     } catch {
-      // (refused: the ids hold for this page's life)
+      // (refused: what was not stored holds for this page's life; the ids' names are suggested after a reload)
     }
   });
 }

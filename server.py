@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")
     add_option(parser, "cpu_target", choices=[NATIVE, *CPU_TARGETS], default=NATIVE,
                help="with --save-fast: the CPU the kernels' C++ is compiled for: this one (native), or an x86-64 "
-                    "level, for kernels copied to other machines (x86-64-v3: any CPU with AVX2)")
+                    "level, for kernels copied to other machines (x86-64-v3: any CPU with AVX2 and its companions, "
+                    "Intel's since Haswell, AMD's since Zen)")
     add_option(parser, "load_fast", metavar="DIR",
                help="fast modes: load kernels exported with --save-fast instead of compiling")
     add_option(parser, "compile_mode", choices=compile_modes(), help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "

@@ -265,6 +265,7 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
     try:
         saved = json.loads(manifest.read_text())
         files = saved.pop("files")
+        saved.setdefault("cpu_target", NATIVE)  # a manifest from before there were targets: the exporting CPU's
         if not isinstance(files, dict):
             raise TypeError(f"files: {files!r} is not a mapping of package to SHA-256")
         names = set(saved)
@@ -313,7 +314,7 @@ def load_kernels(directory: str | os.PathLike, spec: KernelSpec, device: torch.d
                               "compiled with torch.compile at start)")
     if missing:
         log.warning("the exported kernels in %s loaded in a process of their own, but were %s: a kernel that uses "
-                    "one would stop the server with an illegal instruction; %s to be sure",
+                    "one would stop the server with an illegal instruction; to be sure, %s",
                     directory, other_cpu, advice)
     try:
         encoder, decoder = [torch._inductor.aoti_load_package(str(path), device_index=device_index) for path in packages]

@@ -571,6 +571,7 @@ def test_a_row_whose_study_was_killed_is_the_earlier_row_again_or_the_finished_o
     ("tools.benchmark", ["--filters", "off", "sam2", "off"], "--filters: off given more than once"),
     ("tools.benchmark", ["--modes", "ao", "--save-fast", "{tmp}/kernels"], "--save-fast and --load-fast go with a fast"),
     ("tools.benchmark", ["--modes", "ao", "--load-fast", "{tmp}"], "--save-fast and --load-fast go with a fast"),
+    ("tools.benchmark", ["--modes", "fast", "--cpu-target", "x86-64-v3"], "--cpu-target goes with --save-fast"),
     ("tools.benchmark", ["--modes", "ao", "--reference", "ao", "--ablation"],
      "--ablation times sam2's decoder from the baseline's model: it needs the baseline"),
     # The study's row alone on a CPU, where it cannot run: said before any scene is drawn.

@@ -51,7 +51,7 @@ from sam2serve.cli import (
     set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
-from sam2serve.cpu import on_cpu, set_up_cpu_process
+from sam2serve.cpu import CPU_TARGETS, NATIVE, cpu_target_problem, on_cpu, set_up_cpu_process
 from sam2serve.fast import PackageMismatch, default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
@@ -161,7 +161,8 @@ def fast_kernels_description(args: argparse.Namespace) -> str:
     if args.load_fast:
         return f"kernels loaded from {args.load_fast}/<mode>"
     if args.save_fast:
-        return f"kernels exported to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
+        target = f" for {args.cpu_target}" if args.cpu_target != NATIVE else ""
+        return f"kernels exported{target} to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
     if on_cpu(args.device) and not args.compile_mode:
         return "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
     return f"torch.compile mode {args.compile_mode or default_compile_mode(args.device)}"
@@ -217,6 +218,8 @@ def load_row(row: str, parser: argparse.ArgumentParser, args: argparse.Namespace
         return StudyMaskGenerator(build_study_model(model_size(model_type), path, args.device), config)
     export = {"save_fast": args.save_fast, "load_fast": args.load_fast} if mode.compiled else {}
     export = {key: Path(value) / row for key, value in export.items() if value}
+    if "save_fast" in export:
+        export["cpu_target"] = args.cpu_target
     return load_pipeline(args.checkpoint_dir, args.model_type, row, args.device, config=config,
                          compile_mode=compile_mode or args.compile_mode, **export).generator
 
@@ -444,6 +447,8 @@ def main() -> None:
     add_option(parser, "compile_mode", choices=compile_modes(), help="torch.compile mode of the fast modes (default: max-autotune on "
                "CUDA; on a CPU they run ao's eager kernels unless this is given)")
     add_option(parser, "save_fast", metavar="DIR", help="fast modes: export their kernels to DIR/<mode>, then use them")
+    add_option(parser, "cpu_target", choices=[NATIVE, *CPU_TARGETS], default=NATIVE,
+               help="with --save-fast: the CPU the kernels' C++ is compiled for (server.py's option)")
     add_option(parser, "load_fast", metavar="DIR", help="fast modes: load kernels exported to DIR/<mode>")
     add_option(parser, "save_masks", metavar="DIR",
                help="write each row's masks to DIR/<row>.jsonl (<filters>_<row>.jsonl with --filters), one "
@@ -464,6 +469,11 @@ def main() -> None:
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
     require_one_fast_folder(parser, args.save_fast, args.load_fast, args.compile_mode)
+    if args.cpu_target != NATIVE:
+        if args.save_fast is None:
+            parser.error("--cpu-target goes with --save-fast: it says what the exported kernels are compiled for")
+        if problem := cpu_target_problem(args.cpu_target):
+            parser.error(f"--cpu-target {args.cpu_target}: {problem}")
     if args.save_masks is not None:
         args.save_masks = require_output_folder(parser, args.save_masks, "--save-masks")  # ~ expanded
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.

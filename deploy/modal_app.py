@@ -125,9 +125,10 @@ def replay(paths: list[str], output: Path, model_type: str, mode: str, amg: dict
            load_fast: str) -> list[tuple[str, str]]:
     """Sends every image of the list to the deployed app; writes one line per image, in order
     (into output.partial until the last line: a run that fails leaves an earlier output as it was);
-    answers the path and error of each line that is one. An image whose call failed on Modal (after RETRIES)
-    gets an error line, as the server's for an image that failed: the others' lines are kept. A
-    file over the server's upload limit is not sent: its line is the server's 413 answer."""
+    answers the path and error of each line that is one. An image whose call failed on Modal
+    (after RETRIES) gets an error line, as the server's for an image that failed: the others'
+    lines are kept. A file over the server's upload limit is not sent: its line is the server's
+    413 answer."""
     from tqdm import tqdm
 
     from sam2serve.cli import error_of, write_lines

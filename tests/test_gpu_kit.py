@@ -620,8 +620,8 @@ def test_benchmark_leaves_out_a_failing_row_and_tries_a_fast_mode_again_in_the_d
 
 def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatch):
     """--save-fast DIR / --load-fast DIR: each fast mode's kernels in DIR/<mode> (fast and
-    fast_furious are built for different dtypes), none for an eager mode; a row tried again runs
-    in the compile mode it is given; the study's row takes ao's settings."""
+    fast_furious are built for different dtypes), for --cpu-target's CPU, none for an eager mode;
+    a row tried again runs in the compile mode it is given; the study's row takes ao's settings."""
     from sam2serve.study import STUDY_ROW
     from tools import benchmark
 
@@ -630,7 +630,7 @@ def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatc
     monkeypatch.setattr(benchmark, "load_pipeline",
                         lambda *arguments, **options: loaded.append((arguments, options)) or SimpleNamespace(generator=1))
     args = SimpleNamespace(checkpoint_dir="checkpoints", model_type="micro", device="cpu",
-                           compile_mode="reduce-overhead", save_fast="kernels", load_fast=None)
+                           compile_mode="reduce-overhead", save_fast="kernels", load_fast=None, cpu_target="x86-64-v3")
     off = {"pred_iou_thresh": 0.0}
     assert benchmark.load_row("fast", None, args, off) == 1
     benchmark.load_row("fast_furious", None, args, off, compile_mode="default")
@@ -640,10 +640,10 @@ def test_benchmark_rows_export_to_and_load_from_a_folder_of_their_own(monkeypatc
                                                       for row in ("fast", "fast_furious", "ao", "fast")]
     options = [{key: value for key, value in kwargs.items() if key != "config"} for _, kwargs in loaded]
     assert options == [
-        {"compile_mode": "reduce-overhead", "save_fast": Path("kernels/fast")},
-        {"compile_mode": "default", "save_fast": Path("kernels/fast_furious")},
+        {"compile_mode": "reduce-overhead", "save_fast": Path("kernels/fast"), "cpu_target": "x86-64-v3"},
+        {"compile_mode": "default", "save_fast": Path("kernels/fast_furious"), "cpu_target": "x86-64-v3"},
         {"compile_mode": "reduce-overhead"},
-        {"compile_mode": "reduce-overhead", "load_fast": Path("saved/fast")},
+        {"compile_mode": "reduce-overhead", "load_fast": Path("saved/fast")},  # (a target is the export's)
     ]
     assert all(kwargs["config"] == AMGConfig(pred_iou_thresh=0.0) for _, kwargs in loaded)
 
@@ -693,12 +693,14 @@ def test_benchmark_tries_a_fast_row_again_only_where_it_did_not_fail_in_the_defa
 def test_benchmark_says_how_the_fast_modes_kernels_were_made():
     from tools.benchmark import fast_kernels_description
 
-    def described(device="cpu", compile_mode=None, save_fast=None, load_fast=None):
+    def described(device="cpu", compile_mode=None, save_fast=None, load_fast=None, cpu_target="native"):
         return fast_kernels_description(SimpleNamespace(device=device, compile_mode=compile_mode, save_fast=save_fast,
-                                                        load_fast=load_fast))
+                                                        load_fast=load_fast, cpu_target=cpu_target))
 
     assert described(load_fast="k") == "kernels loaded from k/<mode>"
     assert described(save_fast="k") == "kernels exported to k/<mode> (torch.export + AOTInductor), then loaded"
+    assert described(save_fast="k", cpu_target="x86-64-v3") == (
+        "kernels exported for x86-64-v3 to k/<mode> (torch.export + AOTInductor), then loaded")
     assert described() == "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
     assert described(compile_mode="default") == "torch.compile mode default"
     assert described("cuda") == "torch.compile mode max-autotune"

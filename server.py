@@ -54,12 +54,13 @@ if __name__ == "__main__":
     # timeout and kill. stop_on_signals takes over once the server listens.
     handle_stop_signals(exit_while_starting)
 
-from sam2serve.cpu import CPU_TARGETS, NATIVE, cpu_target_problem, on_cpu, set_up_cpu_process
+from sam2serve.cpu import on_cpu, set_up_cpu_process
 from sam2serve.checkpoints import DOWNLOAD_BASE_URL, CheckpointError
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
-    amg_config, check_checkpoint_arguments, check_threads, compile_modes, non_negative_float, number_type,
-    positive_int, seconds, require_one_fast_folder, require_output_folder, set_up_logging,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_cpu_target_option, add_device_option, add_option,
+    add_threads_option, amg_config, check_checkpoint_arguments, check_threads, compile_modes, non_negative_float,
+    number_type, positive_int, seconds, require_cpu_target, require_one_fast_folder, require_output_folder,
+    set_up_logging,
 )
 from sam2serve.fast import PackageMismatch
 from sam2serve.modes import DEFAULT_MODE, MODES, get_mode, load_pipeline, prompt_segmenter
@@ -102,10 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--furious", action="store_true", help="with --fast: half precision (fast_furious)")
     add_option(parser, "save_fast", metavar="DIR",
                help="fast modes: export the compiled kernels to DIR (torch.export + AOTInductor)")
-    add_option(parser, "cpu_target", choices=[NATIVE, *CPU_TARGETS], default=NATIVE,
-               help="with --save-fast: the CPU the kernels' C++ is compiled for: this one (native), or an x86-64 "
-                    "level, for kernels copied to other machines (x86-64-v3: any CPU with AVX2 and its companions, "
-                    "Intel's since Haswell, AMD's since Zen)")
+    add_cpu_target_option(parser, "with --save-fast: the CPU the kernels' C++ is compiled for: this one (native), or "
+                          "an x86-64 level, for kernels copied to other machines (x86-64-v3: any CPU with AVX2 and its "
+                          "companions, Intel's since Haswell, AMD's since Zen)")
     add_option(parser, "load_fast", metavar="DIR",
                help="fast modes: load kernels exported with --save-fast instead of compiling")
     add_option(parser, "compile_mode", choices=compile_modes(), help="fast modes: torch.compile's mode (default: max-autotune on CUDA, "
@@ -158,11 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     require_one_fast_folder(parser, args.save_fast, args.load_fast, args.compile_mode)
     if args.save_fast:
         require_output_folder(parser, args.save_fast, "--save-fast")
-    if args.cpu_target != NATIVE:
-        if args.save_fast is None:
-            parser.error("--cpu-target goes with --save-fast: it says what the exported kernels are compiled for")
-        if problem := cpu_target_problem(args.cpu_target):
-            parser.error(f"--cpu-target {args.cpu_target}: {problem}")
+    require_cpu_target(parser, args.cpu_target, args.save_fast)
     if args.batch_size > args.max_queue + 1:
         parser.error(f"--batch-size {args.batch_size} is never reached with --max-queue {args.max_queue}: a batch is "
                      f"the request the worker waits for and those queued behind it; raise --max-queue to "

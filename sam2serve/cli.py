@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .amg import AMGConfig
 from .checkpoints import MODEL_TYPE_CHOICES, CheckpointError, require_checkpoint_pair, resolve_checkpoint
+from .cpu import CPU_TARGETS, NATIVE, cpu_target_problem
 from .fast import PackageMismatch
 from .modes import Mode, compiles, mode_config
 from .preprocess import ImageTooLarge, InvalidImage, read_image_file
@@ -221,6 +222,21 @@ def require_one_fast_folder(parser: argparse.ArgumentParser, save_fast: str | No
         parser.error("--save-fast and --load-fast take a folder")
     if load_fast is not None and not Path(load_fast).is_dir():
         parser.error(f"--load-fast {load_fast}: no such folder" + (" (a file)" if Path(load_fast).exists() else ""))
+
+
+def add_cpu_target_option(parser: argparse.ArgumentParser, help: str) -> None:
+    add_option(parser, "cpu_target", choices=[NATIVE, *CPU_TARGETS], default=NATIVE, help=help)
+
+
+def require_cpu_target(parser: argparse.ArgumentParser, cpu_target: str, save_fast: str | None) -> None:
+    """--cpu-target only with --save-fast (it says what exported kernels are compiled for), and
+    only a level that this torch compiles for and this CPU runs (what is exported is served here)."""
+    if cpu_target == NATIVE:
+        return
+    if save_fast is None:
+        parser.error("--cpu-target goes with --save-fast: it says what the exported kernels are compiled for")
+    if problem := cpu_target_problem(cpu_target):
+        parser.error(f"--cpu-target {cpu_target}: {problem}")
 
 
 def listed_as(output: str | Path, paths: list[str]) -> list[str]:

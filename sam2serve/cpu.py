@@ -248,6 +248,12 @@ def cpu_target_problem(target: str) -> str | None:
     return None
 
 
+def for_cpu_target(target: str) -> str:
+    """Words that name the level exported kernels are compiled for (" for x86-64-v3"), none for
+    the exporting CPU's own: for /health, the log and the benchmark's table."""
+    return f" for {target}" if target != NATIVE else ""
+
+
 def aoti_cpu_options(target: str) -> dict:
     """AOTInductor's settings (inductor_configs) that compile a package's C++ for `target`."""
     if target == NATIVE:

@@ -7,11 +7,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cpu import NATIVE, on_cpu, set_up_cpu_process, warn_of_slow_half
+from .cpu import NATIVE, for_cpu_target, on_cpu, set_up_cpu_process, warn_of_slow_half
 from .amg import EAGER_KERNELS, AMGConfig, Generator, MaskGenerator, ReferenceMaskGenerator
 from .checkpoints import DOWNLOAD_BASE_URL, LoadedModel, checkpoint_identity, load_model, resolve_checkpoint
 from .fast import (
-    KernelSpec,
     compile_kernels,
     default_compile_mode,
     fast_kernels,
@@ -183,11 +182,6 @@ def load_pipeline(
     return Pipeline(loaded=loaded, mode=mode, config=config, generator=generator)
 
 
-def for_cpu_target(spec: KernelSpec) -> str:
-    """Words for /health and the log on exported kernels compiled for an x86-64 level."""
-    return f" for {spec.cpu_target}" if spec.cpu_target != NATIVE else ""
-
-
 def build_generator(
     mode: Mode,
     loaded: LoadedModel,
@@ -227,11 +221,11 @@ def build_generator(
     prepare_model(loaded.model, spec.torch_dtype)
     if load_fast:
         kernels = load_kernels(load_fast, spec, loaded.model.device)
-        how = f"loaded exported kernels{for_cpu_target(kernels.spec)} from {load_fast}"
+        how = f"loaded exported kernels{for_cpu_target(kernels.spec.cpu_target)} from {load_fast}"
     elif save_fast:
         save_kernels(loaded.model, spec, save_fast)
         kernels = load_kernels(save_fast, spec, loaded.model.device)
-        how = f"exported kernels{for_cpu_target(kernels.spec)} to {save_fast}"
+        how = f"exported kernels{for_cpu_target(kernels.spec.cpu_target)} to {save_fast}"
     else:
         compile_mode = compile_mode or default_compile_mode(spec.device)
         kernels = compile_kernels(loaded.model, spec, compile_mode)

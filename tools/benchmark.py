@@ -45,13 +45,13 @@ from tqdm import tqdm
 from sam2serve.amg import AMGConfig, baseline_leaves_out
 from sam2serve.checkpoints import CheckpointError, model_size, resolve_checkpoint
 from sam2serve.cli import (
-    ScriptParser, add_amg_options, add_checkpoint_arguments, add_device_option, add_option, add_threads_option,
-    amg_config, check_checkpoint_arguments, check_threads, checkpoint_from_arguments, compile_modes, number_type,
-    positive_int, read_images, require_device, require_one_fast_folder, require_output_folder, run_script,
-    set_up_logging,
+    ScriptParser, add_amg_options, add_checkpoint_arguments, add_cpu_target_option, add_device_option, add_option,
+    add_threads_option, amg_config, check_checkpoint_arguments, check_threads, checkpoint_from_arguments,
+    compile_modes, number_type, positive_int, read_images, require_cpu_target, require_device,
+    require_one_fast_folder, require_output_folder, run_script, set_up_logging,
 )
 from sam2serve.compare import compare_image, summarize
-from sam2serve.cpu import CPU_TARGETS, NATIVE, cpu_target_problem, on_cpu, set_up_cpu_process
+from sam2serve.cpu import for_cpu_target, on_cpu, set_up_cpu_process
 from sam2serve.fast import PackageMismatch, default_compile_mode
 from sam2serve.model import FactoredPointDecoder, ImageEncoder, PointDecoder, default_prompts_per_step
 from sam2serve.modes import MODES, get_mode, load_pipeline
@@ -161,8 +161,8 @@ def fast_kernels_description(args: argparse.Namespace) -> str:
     if args.load_fast:
         return f"kernels loaded from {args.load_fast}/<mode>"
     if args.save_fast:
-        target = f" for {args.cpu_target}" if args.cpu_target != NATIVE else ""
-        return f"kernels exported{target} to {args.save_fast}/<mode> (torch.export + AOTInductor), then loaded"
+        return (f"kernels exported{for_cpu_target(args.cpu_target)} to {args.save_fast}/<mode> "
+                "(torch.export + AOTInductor), then loaded")
     if on_cpu(args.device) and not args.compile_mode:
         return "ao's eager kernels in their precision (on a CPU; --compile-mode compiles them)"
     return f"torch.compile mode {args.compile_mode or default_compile_mode(args.device)}"
@@ -447,8 +447,7 @@ def main() -> None:
     add_option(parser, "compile_mode", choices=compile_modes(), help="torch.compile mode of the fast modes (default: max-autotune on "
                "CUDA; on a CPU they run ao's eager kernels unless this is given)")
     add_option(parser, "save_fast", metavar="DIR", help="fast modes: export their kernels to DIR/<mode>, then use them")
-    add_option(parser, "cpu_target", choices=[NATIVE, *CPU_TARGETS], default=NATIVE,
-               help="with --save-fast: the CPU the kernels' C++ is compiled for (server.py's option)")
+    add_cpu_target_option(parser, "with --save-fast: the CPU the kernels' C++ is compiled for (server.py's option)")
     add_option(parser, "load_fast", metavar="DIR", help="fast modes: load kernels exported to DIR/<mode>")
     add_option(parser, "save_masks", metavar="DIR",
                help="write each row's masks to DIR/<row>.jsonl (<filters>_<row>.jsonl with --filters), one "
@@ -469,11 +468,7 @@ def main() -> None:
         if twice := sorted({name for name in given if given.count(name) > 1}):  # the same table or row again
             parser.error(f"{option}: {', '.join(twice)} given more than once")
     require_one_fast_folder(parser, args.save_fast, args.load_fast, args.compile_mode)
-    if args.cpu_target != NATIVE:
-        if args.save_fast is None:
-            parser.error("--cpu-target goes with --save-fast: it says what the exported kernels are compiled for")
-        if problem := cpu_target_problem(args.cpu_target):
-            parser.error(f"--cpu-target {args.cpu_target}: {problem}")
+    require_cpu_target(parser, args.cpu_target, args.save_fast)
     if args.save_masks is not None:
         args.save_masks = require_output_folder(parser, args.save_masks, "--save-masks")  # ~ expanded
     # Every usage error before the scenes are drawn and the checkpoint is downloaded.

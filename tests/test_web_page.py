@@ -1206,6 +1206,50 @@ def test_category_ids_are_stored_before_the_names_suggested_that_repeat_them(pag
     assert [long_name, 2] in stored
 
 
+def test_a_category_name_replaced_is_no_longer_suggested_where_nothing_else_holds_it(page, tmp_path):
+    """A typo mended (a name given, then another in its place) leaves the suggestions and the
+    tab's storage, unless another mask carries it (a removed one too), it has an id (a file has
+    it), or the click tool adds masks with it."""
+    squares = [np.zeros(SMALL[::-1], bool) for _ in range(2)]
+    squares[0][5:20, 4:20] = True
+    squares[1][25:40, 30:60] = True
+    answers = {**stub_answers(), "/upload_rle": [200, [coco_record(square) for square in squares], 0]}
+    field = page.find_element(By.ID, "category")
+    row = lambda i: page.find_element(By.CSS_SELECTOR, f"#mask-list tr[data-index='{i}']")  # noqa: E731
+    suggested = lambda: page.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('#category-names option')].map((o) => o.value)")
+    stored = lambda: json.loads(page.execute_script(  # noqa: E731
+        "return new Promise((done) => queueMicrotask(() => done(sessionStorage['sam2serve.categoryNames'])))"))
+
+    def give(i, name):  # F2 on its row goes to the field (a click there would open the field's suggestions)
+        row(i).send_keys(Keys.F2)
+        field.send_keys(Keys.BACKSPACE * len(field.get_attribute("value")), name, Keys.ENTER)
+
+    with stubbed_fetch(page, answers):
+        open_image(page, small_image(tmp_path, "pets.png"))
+        wait_for(page, lambda d: page_state(d, "labels !== null"), timeout=10)
+        give(0, "dgo")
+        assert suggested() == ["dgo"]
+        give(0, "dog")  # mended: on no other mask
+        assert category_cells(page) == ["dog", ""] and suggested() == stored() == ["dog"]
+        give(1, "dog")
+        give(0, "cat")  # mask 1 still carries dog
+        assert suggested() == stored() == ["dog", "cat"]
+        row(1).send_keys(Keys.DELETE)  # dog on a removed mask alone, which may come back
+        give(0, "dog")
+        assert suggested() == stored() == ["dog"]
+        give(0, "bird")
+        assert suggested() == stored() == ["dog", "bird"]
+        page.execute_script("categoryId('bird')")  # an id: in a file downloaded or opened, kept
+        give(0, "")  # no category: the default's, "object"
+        assert suggested() == stored() == ["dog", "bird"] and category_cells(page) == [""]
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        field.click()
+        field.send_keys("eel", Keys.ENTER)
+        field.send_keys(Keys.BACKSPACE * 3, "fish", Keys.ENTER)  # the click tool's name mended
+        assert suggested() == stored() == ["dog", "bird", "fish"]
+
+
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):
     """Beside the image, the list ends within the window (its last rows a scroll of the list
     away, not of the page); the hovered mask's row is marked; a mask selected on the image

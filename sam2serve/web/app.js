@@ -441,8 +441,8 @@ function freeCategoryId(taken) {
 
 // The ids (and supercategories) are kept in the tab's session storage: after a reload (or a crash)
 // the tab gives each name the id it had. So are the names suggested, those without an id too (given
-// to a mask and not downloaded yet, or replaced since: an id would put a typo in every file). A
-// new tab starts again, as does a tab whose browser refuses storage.
+// to a mask and not downloaded yet: an id would put a typo in every file). A new tab starts
+// again, as does a tab whose browser refuses storage.
 const CATEGORY_IDS_KEY = "sam2serve.categoryIds";
 const CATEGORY_NAMES_KEY = "sam2serve.categoryNames";
 
@@ -509,6 +509,19 @@ function suggestCategory(name) {
   const option = document.createElement("option");
   option.value = name;
   $("category-names").append(option);
+}
+
+// A name given in place of another (a typo mended) takes its place among the suggestions where
+// nothing else holds that one: no id (no file downloaded or opened has it), no mask of the image,
+// removed ones too, and not the click tool's.
+function forgetReplacedCategory(before, given) {
+  before = (before ?? "").trim();
+  if (!before || before === DEFAULT_CATEGORY || before === (given || "") || !suggestedCategories.has(before)
+      || state.categoryIds.has(before) || state.addCategory === before) return;
+  const carries = (a) => a.category === before;
+  if (state.annotations.some(carries) || state.removedMasks.some((removed) => carries(removed.annotation))) return;
+  suggestedCategories.delete(before);
+  for (const option of [...$("category-names").options]) if (option.value === before) option.remove();
 }
 
 // Distinct colours: hues a golden angle apart.
@@ -1551,6 +1564,7 @@ function categoryGiven() {
   const click = tool() === "click";
   const name = click ? state.addCategory : state.annotations[state.selected]?.category;
   suggestCategory(name);
+  forgetReplacedCategory($("category").dataset.before, name);
   storeCategories(); // (the names suggested: kept across a reload, with or without an id)
   if (click) {
     showClickStatus(`The masks added from now on: category ${name || DEFAULT_CATEGORY}.`);

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -485,6 +486,23 @@ def assert_close_json(ours, theirs, where: str = "", atol: float = 1e-5) -> None
         assert ours == theirs, where
 
 
+def port_no_connection_takes() -> int:
+    """A free port between Ray's worker ports (up to 19999) and the kernel's range for outgoing
+    connections. Ray Serve's proxy binds the port it is given seconds after it is chosen, and a
+    port from bind(0) lies in that range, where a connection Ray opens meanwhile could take it."""
+    first_outgoing = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if first_outgoing <= 20000:  # a kernel set to hand out low ports: nothing to keep clear of
+        return free_port()
+    for port in random.sample(range(20000, first_outgoing), min(100, first_outgoing - 20000)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def test_ray_serve_answers_both_endpoints_as_the_flask_server(
     local_ray, tiny_checkpoint_dir, image_files, flask_client
 ):
@@ -493,7 +511,7 @@ def test_ray_serve_answers_both_endpoints_as_the_flask_server(
     from tools.load_test import post_image
     from deploy.ray_serve_app import build
 
-    port = free_port()
+    port = port_no_connection_takes()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     arguments = {"checkpoint_dir": str(tiny_checkpoint_dir), "model_type": "tiny", "mode": "ao", "device": "cpu",
                  "batch_size": "2", "cpus": "2", "connection_timeout": "2",

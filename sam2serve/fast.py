@@ -183,15 +183,15 @@ def default_compile_mode(device: str) -> str:
     return "max-autotune" if torch.device(device).type == "cuda" else "default"
 
 
-def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str | None = None) -> StaticKernels:
+def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str) -> StaticKernels:
     """torch.compile of both kernels: full graph, static shapes, in torch.compile's `mode`
-    (default: default_compile_mode). max-autotune searches GEMM templates for minutes on the
+    (default_compile_mode gives the device's default). max-autotune searches GEMM templates for minutes on the
     large model; "reduce-overhead" keeps its CUDA graphs without the search."""
     model = prepare_model(model, spec.torch_dtype)
     # One eager run first: sam2's position encoding fills a cache on its first call, and code
     # compiled before that guards on the cache being empty, compiling again on the next call.
     example_inputs(model, spec)
-    options = dict(mode=mode or default_compile_mode(spec.device), fullgraph=True)
+    options = dict(mode=mode, fullgraph=True)
     # Batches of images: a batch of another size than the first compiles the encoder once more,
     # then with a dynamic batch dimension (torch.compile's automatic dynamic shapes).
     encoder_dynamic = None if spec.batch_size > 1 else False

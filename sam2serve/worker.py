@@ -93,7 +93,8 @@ class NotReady(RuntimeError):
 
 
 class Busy(RuntimeError):
-    """The queue is full; `retry_after_s` estimates when there will be room."""
+    """The queue is full, or as many requests as the server admits are in progress;
+    `retry_after_s` estimates when there will be room."""
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
@@ -479,7 +480,7 @@ class InferenceWorker:
         depth = self.queue_depth
         return f"{depth} {'request' if depth == 1 else 'requests'} queued"
 
-    def _next_batch(self, wait_s: float | None = None) -> list[Job]:
+    def _next_batch(self, wait_s: float) -> list[Job]:
         """The next job (waiting for one, at most wait_s), and up to batch_size - 1 more that are
         already queued."""
         try:

@@ -66,11 +66,11 @@ from training.scenes import make_scene
 
 log = logging.getLogger("benchmark")
 ROWS = list(MODES) + [STUDY_ROW]
+# A generated scene's side: at most the server's (a side of 100000 asked numpy for 149 GiB).
+image_side = number_type(int, "a whole number", lambda value: 1 <= value <= MAX_SIDE, f"1 to {MAX_SIDE}")
 # --filters: the predicted-IoU and stability thresholds of each table ("off": every candidate
 # is computed and checked, so that no row skips work that a trained model would do).
 DEFAULTS = AMGConfig()
-# A generated scene's side: at most the server's (a side of 100000 asked numpy for 149 GiB).
-image_side = number_type(int, "a whole number", lambda value: 1 <= value <= MAX_SIDE, f"1 to {MAX_SIDE}")
 FILTERS = {
     "off": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),
     "sam2": dict(pred_iou_thresh=DEFAULTS.pred_iou_thresh, stability_score_thresh=DEFAULTS.stability_score_thresh),
@@ -189,18 +189,17 @@ def decoder_ablation(model, image: np.ndarray, n_points: int, iou_thresh: float,
     step = default_prompts_per_step(model)
     n = len(coords)
     variants = [
-        (f"sam2's decoder (PointDecoder), {n} prompts per call", PointDecoder(model, True), 64),
-        (f"image side once per call, all {n} prompts in one step", FactoredPointDecoder(model, True), 64),
-        (f"... in steps of {step} prompts", FactoredPointDecoder(model, True, step), 64),
+        (f"sam2's decoder (PointDecoder), {n} prompts per call", PointDecoder(model, True)),
+        (f"image side once per call, all {n} prompts in one step", FactoredPointDecoder(model, True)),
+        (f"... in steps of {step} prompts", FactoredPointDecoder(model, True, step)),
         (f"... no masks for prompts failing the IoU filter ({iou_thresh})",
-         FactoredPointDecoder(model, True, step, iou_gate=iou_thresh), 64),
+         FactoredPointDecoder(model, True, step, iou_gate=iou_thresh)),
     ]
     lines = ["| mask decoder | ms per prompt | x sam2's |", "|---|---|---|"]
     reference_ms = None
-    for name, decoder, per_call in variants:
+    for name, decoder in variants:
         with torch.inference_mode(), Stopwatch(device) as watch:
-            for start in range(0, len(coords), per_call):
-                decoder(*features, coords[start : start + per_call])
+            decoder(*features, coords)  # (at most 64 prompts: one call)
         ms = watch.seconds * 1000 / len(coords)
         reference_ms = reference_ms or ms
         lines.append(f"| {name} | {ms:.1f} | {reference_ms / ms:.1f} |")
@@ -377,7 +376,7 @@ def per_image_table(runs: list[ModeRun], images: list[tuple[str, np.ndarray]], r
 STAGES = ("amg.encode", "amg.decode", "amg.scores", "amg.nms", "amg.masks")  # MaskGenerator's labels
 
 
-def markdown_cell(text: str, width: int = 90) -> str:
+def markdown_cell(text: str, width: int = 160) -> str:
     text = text.replace("|", "/")
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -413,7 +412,7 @@ def profile_table(generator, image: np.ndarray, device: str, top: int = 25) -> s
     clock = "device" if cuda else "CPU"
     lines += [f"| operation | calls | own {clock} ms | share |", "|---|---|---|---|"]
     for event in sorted(events, key=own, reverse=True)[:top]:
-        lines.append(f"| {markdown_cell(event.key, width=160)} | {event.count} | {own(event) / 1000:.1f} "
+        lines.append(f"| {markdown_cell(event.key)} | {event.count} | {own(event) / 1000:.1f} "
                      f"| {100 * own(event) / total:.1f}% |")
     return "\n".join(lines)
 

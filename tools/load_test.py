@@ -172,7 +172,7 @@ def requests_for(url: str, images: dict[str, bytes], interactive: bool, timeout_
             continue
         embed = Request(f"{name} /embed", "/embed", *image_form(images[name], name))
         requests.append(embed)
-        status, _, body = post(url + "/embed", *image_form(images[name], name), timeout_s)
+        status, _, body = post(url + embed.path, embed.body, embed.content_type, timeout_s)
         problem = answer_problem(embed, body) if status == 200 else None
         if status != 200 or problem:
             raise RuntimeError(f"{name}: /embed answered {status}: {problem or body[:200]!r}")

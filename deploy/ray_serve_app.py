@@ -48,7 +48,6 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
-from werkzeug.exceptions import MethodNotAllowed
 
 import sam2serve
 from deploy import cluster_device
@@ -66,7 +65,7 @@ from sam2serve.protocol import (
     form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, not_found_message, read_query,
     render_answer, require_cache_room, require_segment_form, require_segmenter, require_short_url,
     require_small_urlencoded, segment_answer, segment_coco, share_encodings, too_many_parts, unread_body,
-    unreadable_form, upload_prompts, web_origin,
+    unreadable_form, upload_prompts, web_origin, wrong_method_message,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
@@ -259,7 +258,8 @@ class SegmentEverything:
             return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
                             media_type="text/html")
         if request.method != ROUTES.get(path, "GET"):
-            return Response(json_text({"error": MethodNotAllowed.description}), status_code=405,
+            return Response(json_text({"error": wrong_method_message(request.method, path, ROUTES.get(path, "GET"))}),
+                            status_code=405,
                             media_type="application/json", headers={"Allow": ROUTES.get(path, "GET")})
         if page_again:
             return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
@@ -300,7 +300,7 @@ class SegmentEverything:
         files = [await upload.read() for upload in form.getlist("image") if is_file(upload)]
         file_names, text_fields = form_fields(form)
         return decode_upload(files, sorted(set(file_names)), self.limits, [name for name, _ in text_fields],
-                             unread_body(content_type, body_bytes), fields_too)
+                             unread_body(content_type, body_bytes, body[:2048]), fields_too)
 
     async def prompts(self, request: Request, path: str) -> dict:
         """/embed and /segment, answered by protocol.py's functions, as server.py's app answers them."""

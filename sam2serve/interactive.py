@@ -71,6 +71,8 @@ class Prompt:
 
 def parse_prompts(prompts: Any, size: tuple[int, int]) -> list[Prompt]:
     """A request's "prompts" (a list of prompt sets) checked against the image size (h, w)."""
+    if isinstance(prompts, dict):  # one prompt set, not in a list
+        raise InvalidPrompt("prompts: expected a list of prompt sets, got one object: put it in a list, [{...}]")
     if not isinstance(prompts, list) or not prompts:
         raise InvalidPrompt("prompts: expected a non-empty list of prompt sets")
     if len(prompts) > MAX_PROMPT_SETS:
@@ -87,13 +89,14 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
         raise InvalidPrompt(f"{where}: expected an object with {', '.join(PROMPT_FIELDS)}")
     unknown = set(prompt) - set(PROMPT_FIELDS)
     if unknown:
-        raise InvalidPrompt(f"{where}: unknown fields {names_shown(unknown)}")
+        raise InvalidPrompt(f"{where}: unknown fields {names_shown(unknown)}; a prompt set has "
+                            f"{', '.join(PROMPT_FIELDS)}")
     prompt = {name: value for name, value in prompt.items() if value is not None}  # null: as if left out
     points = prompt.get("points", [])
     if not isinstance(points, SEQUENCES) or len(points) > MAX_POINTS:
         raise InvalidPrompt(f"{where}.points: expected a list of at most {MAX_POINTS} [x, y] pairs")
     for index, point in enumerate(points):
-        numbers_of(point, 2, f"{where}.points[{index}]")
+        numbers_of(point, 2, f"{where}.points[{index}]", "[x, y]")
         inside(point, width, height, f"{where}.points[{index}]")
     labels = prompt.get("labels", [1] * len(points))
     if not isinstance(labels, SEQUENCES) or len(labels) != len(points):
@@ -104,7 +107,7 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
             raise InvalidPrompt(f"{where}.labels[{index}]: each label is 1 (foreground) or 0 (background)")
     box = prompt.get("box")
     if box is not None:
-        numbers_of(box, 4, f"{where}.box")
+        numbers_of(box, 4, f"{where}.box", "[x0, y0, x1, y1]")
         x0, y0, x1, y1 = box
         if x1 < x0 or y1 < y0:
             raise InvalidPrompt(f"{where}.box: expected [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
@@ -135,13 +138,13 @@ def parse_prompt(prompt: Any, size: tuple[int, int], where: str) -> Prompt:
 SEQUENCES = (list, tuple)
 
 
-def numbers_of(value: Any, count: int, where: str) -> None:
+def numbers_of(value: Any, count: int, where: str, written: str) -> None:
     # JSON's numbers: floats (which may be inf or nan) and ints of any size (math.isfinite
     # cannot take one beyond a float's range; inside() refuses it); a library caller's numpy ones.
     if (not isinstance(value, SEQUENCES) or len(value) != count
             or not all(isinstance(v, numbers.Real) and not isinstance(v, BOOLEANS)
                        and (isinstance(v, numbers.Integral) or math.isfinite(v)) for v in value)):
-        raise InvalidPrompt(f"{where}: expected {count} finite numbers")
+        raise InvalidPrompt(f"{where}: expected {count} finite numbers, {written}")
 
 
 def inside(point, width: int, height: int, where: str) -> None:

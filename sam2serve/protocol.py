@@ -88,6 +88,18 @@ def not_found_message(routes: Mapping[str, str]) -> str:
     return f"not found: POST {listed(posts)}; GET {listed(gets)}"
 
 
+# What a POST endpoint takes, for the 405 of another method (a browser's address bar sends GET).
+POST_BODIES = {**dict.fromkeys(UPLOAD_ENDPOINTS + ("/embed",), "the image, as curl -F 'image=@file.jpg' sends it"),
+               "/segment": "JSON (image_id and prompts) or a form (image and prompts)"}
+
+
+def wrong_method_message(method: str, path: str, allowed: str) -> str:
+    """A 405's message, the same from every front: the method the endpoint takes (`allowed`),
+    and for a POST endpoint what to send."""
+    with_what = f", with {POST_BODIES[path]}" if path in POST_BODIES else ""
+    return f"{method} {path}: this endpoint takes {allowed}{with_what}"
+
+
 def web_origin(text: str) -> str:
     """A --cors-origin checked: * (any origin), or one as a browser sends it in its Origin header,
     scheme://host[:port], written as browsers write it: lower case, the host in punycode, no port
@@ -336,6 +348,18 @@ def missing_image(received: str) -> BadRequest:
     return BadRequest(f"expected the image {SEND_AS_FORM}, or {SEND_AS_BODY}; {received}")
 
 
+def is_form_body(head: bytes) -> bool:
+    """Whether a body's first bytes are a multipart form's (a boundary line, then a part's
+    Content-Disposition), whatever its Content-Type says: curl -F with -H 'Content-Type: ...'
+    sends a form under that type, a client library's files= with that header too."""
+    head = head[:2048].lstrip(b"\r\n").lower()  # (a preamble's blank lines before the boundary)
+    return head.startswith(b"--") and re.search(rb"\r?\ncontent-disposition:", head) is not None
+
+
+MISLABELLED_FORM = ("the body is a multipart form, but its Content-Type is not multipart/form-data: send the form "
+                    "as such (curl -F 'image=@file.jpg', without -H 'Content-Type: ...')")
+
+
 def is_image_body(content_type: str, body_bytes: int) -> bool:
     """Whether a body is an image sent as it is, not in a form (curl --data-binary @file.jpg -H
     'Content-Type: image/jpeg', or a client library's raw bytes): its Content-Type is image/* or
@@ -352,13 +376,8 @@ def decode_body_image(body: bytes, limits: Limits) -> np.ndarray:
     try:
         return decode_image(body, limits.max_pixels)
     except InvalidImage as error:
-        # A form sent with another type: curl -F with -H 'Content-Type: image/jpeg' (curl adds the
-        # boundary), a client library's files= with that header, a form with no type at all.
-        head = body[:2048].lstrip(b"\r\n").lower()  # (a preamble's blank lines before the boundary)
-        if head.startswith(b"--") and re.search(rb"\r?\ncontent-disposition:", head):
-            raise InvalidImage(f"the body is a multipart form, but its Content-Type is not multipart/form-data: "
-                               f"send the form as such (curl -F 'image=@file.jpg', without -H 'Content-Type: ...'), "
-                               f"or the image alone {SEND_AS_BODY}") from error
+        if is_form_body(body):  # curl -F with -H 'Content-Type: image/jpeg' (curl adds the boundary)
+            raise InvalidImage(f"{MISLABELLED_FORM}, or the image alone {SEND_AS_BODY}") from error
         raise
 
 
@@ -394,13 +413,16 @@ def require_named_parts(names: Iterable[object]) -> None:
         raise unreadable_form(NAMELESS_PART)
 
 
-def unread_body(content_type: str, body_bytes: int) -> str:
-    """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header)
-    is no multipart form to read, or "" where it is one, or empty."""
+def unread_body(content_type: str, body_bytes: int, head: bytes = b"") -> str:
+    """decode_upload's `unread_body`: why a body (`content_type`: its whole Content-Type header;
+    `head`: its first bytes, where they were not read as a form) is no multipart form to read
+    (an empty one too), or "" where it is one."""
     if not body_bytes:
-        return ""
+        return "the body is empty"
     mimetype, options = content_type_parts(content_type)
     if mimetype != "multipart/form-data":
+        if is_form_body(head):
+            return MISLABELLED_FORM
         return f"the body is {mimetype or 'of no media type'}, not a multipart form"
     if not options.get("boundary"):
         return "the Content-Type multipart/form-data names no boundary (let curl -F write that header)"
@@ -446,7 +468,8 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
         if value == "":  # ?pred_iou_thresh= : the server's, as an empty format is its default
             continue
         if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
-            raise BadRequest(f"{name}: {shown(value)} is not a number")
+            plus = " (a + in a URL's query stands for a space: write the number without it, or + as %2B)"
+            raise BadRequest(f"{name}: {shown(value)} is not a number" + (plus if value.startswith(" ") else ""))
         settings[name] = client_float(value)
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
             raise BadRequest(f"{name}: {shown(value)} is not a finite number")
@@ -713,6 +736,8 @@ def json_payload(body: bytes) -> object:
     """A JSON request body, or InvalidPrompt saying what is wrong with it."""
     if not body.strip():
         raise InvalidPrompt("the body is empty: expected a JSON object with image_id and prompts")
+    if is_form_body(body):  # curl -F with -H 'Content-Type: application/json'
+        raise InvalidPrompt(f"{MISLABELLED_FORM}, or JSON with image_id and prompts")
     return parse_json(body, "the body")
 
 
@@ -724,7 +749,9 @@ def segment_payload(payload: object) -> tuple[str, object]:
     if not isinstance(payload, dict):
         raise InvalidPrompt("the body is not a JSON object with image_id and prompts")
     if unknown := sorted(set(payload) - set(SEGMENT_FIELDS)):
-        raise InvalidPrompt(f"unknown fields {names_shown(unknown)}; a /segment body has {list(SEGMENT_FIELDS)}")
+        format_hint = " (format goes in the URL's query: /segment?format=coco)" if "format" in unknown else ""
+        raise InvalidPrompt(f"unknown fields {names_shown(unknown)}; a /segment body has {list(SEGMENT_FIELDS)}"
+                            + format_hint)
     image_id = payload.get("image_id")
     if not isinstance(image_id, str):
         raise InvalidPrompt("image_id: expected the id that /embed answered")

@@ -21,7 +21,7 @@ import numpy as np
 import prometheus_client as prom
 import prometheus_client.core as prom_core
 from flask import Flask, Response, g, redirect, request
-from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from .interactive import EmbeddingCache
 from .protocol import (
@@ -30,7 +30,7 @@ from .protocol import (
     embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, is_preflight,
     json_text, malformed_form, not_found_message, read_query, render_answer, require_cache_room, require_named_parts,
     require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
-    segment_coco, unread_body, upload_prompts,
+    segment_coco, unread_body, upload_prompts, wrong_method_message,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -114,8 +114,10 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         require_small_urlencoded(request.content_type or "", request.content_length or 0, limits)
         require_readable_form()
         uploads = request.files.getlist("image")
+        # A body not read as a form (another type): its first bytes, to tell a form sent under it.
+        head = request.stream.read(2048) if not request.files and not request.form else b""
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
-                             unread_body(request.content_type or "", request.content_length or 0), fields_too)
+                             unread_body(request.content_type or "", request.content_length or 0, head), fields_too)
 
     @app.before_request
     def start_clock() -> None:
@@ -221,9 +223,12 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
             return error_response(form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits))
         if isinstance(error, NotFound) and request.url_rule is None:  # a path of no endpoint: say which there are
             return json_response({"error": NO_SUCH_ENDPOINT}, 404)
+        message = error.description
+        if isinstance(error, MethodNotAllowed):
+            message = wrong_method_message(request.method, request.path, ROUTES.get(request.path, "GET"))
         # Headers such as 405's Allow stay; the body becomes JSON.
         headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
-        return json_response({"error": error.description}, error.code or 500, headers)
+        return json_response({"error": message}, error.code or 500, headers)
 
     app.register_error_handler(Exception, error_response)
 

@@ -450,6 +450,11 @@ def test_405_says_allow_and_414_is_json(client):
     response = client.get("/upload_rle")
     assert response.status_code == 405 and response.mimetype == "application/json"
     assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"POST"}
+    segment = "takes POST, with JSON (image_id and prompts) or a form (image and prompts)"
+    for method, path, words in [("PUT", "/segment", segment), ("POST", "/health", "takes GET"),
+                                ("DELETE", "/static/app.js", "takes GET")]:
+        wrong = client.open(path, method=method)
+        assert wrong.status_code == 405 and wrong.get_json()["error"] == f"{method} {path}: this endpoint {words}"
     long_url = client.get("/health?" + "a" * 10_000)
     assert long_url.status_code == 414 and long_url.mimetype == "application/json"
     assert "URL longer than the limit of 8192 bytes" in long_url.get_json()["error"]
@@ -1027,14 +1032,14 @@ def test_health_while_loading_says_when_to_ask_again():
     assert health.get_json() == {"status": "loading", "mode": "stub"}
 
 
-def test_a_post_without_a_body_is_told_no_file_came_not_a_media_type():
-    """An empty body (curl -X POST without -F) says which file fields came (none), not "the body
-    is of no media type", which would blame a header."""
+def test_a_post_without_a_body_is_told_it_is_empty_not_a_media_type():
+    """An empty body (curl -X POST without -F) is told so, not "the body is of no media type",
+    which would blame a header."""
     worker = InferenceWorker(batch_size=1, max_queue=2, timeout_s=5)
     worker.start(StubGenerator())
     answer = create_app(worker).test_client().post("/upload_rle")
     assert answer.status_code == 400
-    assert answer.get_json()["error"].endswith("; received file fields: none"), answer.get_json()
+    assert answer.get_json()["error"].endswith("; the body is empty"), answer.get_json()
 
 
 def test_metrics_tell_the_queue_depth_and_every_image_of_a_batch():

@@ -140,6 +140,37 @@ def test_bad_prompts_name_the_field(prompts, field):
         parse_prompts(prompts, (100, 200))
 
 
+def test_common_mistakes_are_told_what_to_write_instead():
+    """A prompt set sent alone, a misspelt field, a flat point, a short box, format in the JSON
+    body, a + in the query (a space once decoded), an empty file (a browser's form with no file
+    chosen): each message says what to write."""
+    from sam2serve.preprocess import decode_image
+
+    for call, message in [
+        (lambda: parse_prompts({"points": [[1, 1]]}, (100, 200)),
+         "prompts: expected a list of prompt sets, got one object: put it in a list, [{...}]"),
+        (lambda: parse_prompts([{"point": [[1, 1]]}], (100, 200)),
+         "prompts[0]: unknown fields 'point'; a prompt set has points, labels, box, mask_input, multimask, "
+         "keep_logits"),
+        (lambda: parse_prompts([{"points": [100, 80]}], (100, 200)),
+         "prompts[0].points[0]: expected 2 finite numbers, [x, y]"),
+        (lambda: parse_prompts([{"box": [1, 2, 3]}], (100, 200)),
+         "prompts[0].box: expected 4 finite numbers, [x0, y0, x1, y1]"),
+        (lambda: protocol.segment_payload({"image_id": "x", "prompts": [], "format": "coco"}),
+         "unknown fields 'format'; a /segment body has ['image_id', 'prompts'] (format goes in the URL's query: "
+         "/segment?format=coco)"),
+        (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", " 0.6")]),
+         "pred_iou_thresh: ' 0.6' is not a number (a + in a URL's query stands for a space: write the number "
+         "without it, or + as %2B)"),
+        (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", "0.6 ")]),
+         "pred_iou_thresh: '0.6 ' is not a number"),
+        (lambda: decode_image(b"", 100), "the file is empty (0 bytes; from a browser's form: was a file chosen?)"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value) == message
+
+
 def test_a_prompt_that_is_no_object_is_told_every_field_it_may_have():
     with pytest.raises(ValueError, match=re.escape("prompts[0]: expected an object with points, labels, box, "
                                                    "mask_input, multimask, keep_logits")):
@@ -465,6 +496,9 @@ def test_ids_bodies_and_forms_of_the_wrong_kind_get_4xx(micro):
         (deep, 400, "nested too deeply"),
         ("{not json", 400, "not valid JSON: Expecting property name"),
         ("", 400, "the body is empty"),
+        # curl -F with the JSON example's -H 'Content-Type: application/json': not JSON, and why.
+        ('--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\xff\r\n--b--\r\n', 400,
+         "the body is a multipart form, but its Content-Type is not multipart/form-data: send the form as such"),
         # More digits than Python converts: the field named, not Python's advice (sys.set_int_max_str_digits).
         ('{"image_id": "%s", "prompts": [{"points": [[1%s, 1]]}]}' % (ids[0], "0" * 5000), 400,
          "prompts[0].points[0]: expected 2 finite numbers"),

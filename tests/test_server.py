@@ -224,6 +224,10 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
                                     "the body is a multipart form, but its Content-Type is not multipart/form-data"),
         "form_as_octet_stream": (["-F", f"image=@{scene}", "-H", "Content-Type: application/octet-stream"], 400,
                                  "the body is a multipart form, but its Content-Type is not multipart/form-data"),
+        "form_as_json": (["-F", f"image=@{scene}", "-H", "Content-Type: application/json"], 400,
+                         "the body is a multipart form, but its Content-Type is not multipart/form-data"),
+        "json_body": (["--data", '{"image": "scene.jpg"}', "-H", "Content-Type: application/json"], 400,
+                      "the body is application/json, not a multipart form"),
         "raw_body_truncated": (["--data-binary", f"@{folder / 'truncated.jpg'}", "-H",
                                 "Content-Type: application/octet-stream"], 400, "decoded"),
         "raw_body_too_large": (["--data-binary", f"@{folder / 'huge.bin'}", "-H", "Content-Type: image/jpeg"], 413,
@@ -234,7 +238,7 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
         "multipart_without_boundary": (["--data-binary", f"@{scene}", "-H", "Content-Type: multipart/form-data"],
                                        400, "names no boundary"),
         "other_multipart_type": (["-F", f"image=@{scene}", "-H", "Content-Type: multipart/mixed"], 400,
-                                 "the body is multipart/mixed, not a multipart form"),
+                                 "the body is a multipart form, but its Content-Type is not multipart/form-data"),
         "no_body": ([], 400, "'image'"),
         "empty_file": (["-F", f"image=@{folder / 'empty.jpg'}"], 400, "empty"),
         "not_an_image": (["-F", f"image=@{folder / 'text.jpg'}"], 400, "not an image"),
@@ -257,6 +261,9 @@ def test_bad_input_gets_json_error_and_server_keeps_serving(servers, image_files
                                  for path, method in ROUTES.items())
     status, body = curl(servers["ao"] + "/static/no_such_file.js")  # an endpoint's own 404
     assert status == 404 and "/embed" not in json.loads(body)["error"]
+    status, body = curl(url)  # a browser's address bar: the method, and what to send
+    assert (status, json.loads(body)["error"]) == (
+        405, f"GET {endpoint}: this endpoint takes POST, with the image, as curl -F 'image=@file.jpg' sends it")
     status, _ = curl("-X", "POST", url, "-F", f"image=@{image_files / 'third.jpg'}", "--output", "/dev/null")
     assert status == 200
 

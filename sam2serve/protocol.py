@@ -442,8 +442,11 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
         raise BadRequest(f"format: given {'twice' if len(asked) == 2 else f'{len(asked)} times'}; give it once")
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
+        elsewhere = [other for other, its in ANSWER_FORMATS.items() if asked[0] in its]  # /upload?format=rle
+        where = (f"{' and '.join(elsewhere)} {'answer' if len(elsewhere) > 1 else 'answers'} {asked[0]}" if elsewhere
+                 else "/upload_rle and /segment take format=coco for COCO annotations")
         raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
-                         f"{' or '.join(formats)}; /upload_rle and /segment take format=coco for COCO annotations")
+                         f"{' or '.join(formats)}; {where}")
     return asked[0] if asked else formats[0]
 
 

@@ -873,8 +873,10 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
     /segment answered RLE to it)."""
     client = micro_client(micro)
     for url, words in [
-        ("/upload?format=coco", "'coco' is not a format of /upload, which answers png"),
-        ("/upload?format=rle", "'rle' is not a format of /upload"),
+        ("/upload?format=coco", "'coco' is not a format of /upload, which answers png; /upload_rle and /segment "
+                                "answer coco"),
+        ("/upload?format=rle", "'rle' is not a format of /upload, which answers png; /upload_rle answers rle"),
+        ("/upload?format=xml", "which answers png; /upload_rle and /segment take format=coco for COCO annotations"),
         ("/upload_rle?format=coco&format=rle", "format: given twice; give it once"),
         ("/upload_rle?format=&format=coco&format=", "format: given 3 times"),  # as a setting given again, empty or not
         ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),

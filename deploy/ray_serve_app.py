@@ -59,20 +59,20 @@ from sam2serve.cpu import on_cpu
 from sam2serve.worker import TRIM_AFTER_IDLE_S, Abandoned, BetweenBatches, ModelThread, generate_each, give_back_freed_memory
 from sam2serve.interactive import EmbeddingCache
 from sam2serve.protocol import (
-    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, PAGE_SECURITY_POLICY, UPLOAD_ENDPOINTS, HeadersTooLarge,
-    Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts, coco_annotations, content_type_parts,
-    cross_origin_headers, decode_body_image, decode_upload, embed_answer, embed_image, epilogue_too_large, error_answer,
-    form_limit_error, form_prompts, is_image_body, is_json, is_preflight, json_text, not_found_message, read_query,
-    render_answer, require_cache_room, require_segment_form, require_segmenter, require_short_url,
-    require_small_urlencoded, segment_answer, segment_coco, share_encodings, too_many_parts, unread_body,
-    unreadable_form, upload_prompts, web_origin, wrong_method_message,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, NAMELESS_PART, NO_SUCH_PAGE_FILE, PAGE_FILES, PAGE_SECURITY_POLICY,
+    UPLOAD_ENDPOINTS, HeadersTooLarge, Limits, RequestStalled, UploadTooLarge, URLTooLong, cached_image_prompts,
+    coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload, embed_answer,
+    embed_image, epilogue_too_large, error_answer, form_limit_error, form_prompts, is_image_body, is_json,
+    is_preflight, json_text, not_found_message, read_query, render_answer, require_cache_room, require_segment_form,
+    require_segmenter, require_short_url, require_small_urlencoded, segment_answer, segment_coco, share_encodings,
+    too_many_parts, unread_body, unreadable_form, upload_prompts, web_origin, wrong_method_message,
 )
 from sam2serve.wsgi import ConnectionLimits, arriving_too_slowly, nothing_received, too_slow_after
 
 # The web page's files, as server.py serves them: path -> (file in sam2serve/web, media type).
 WEB_FOLDER = Path(sam2serve.__file__).parent / "web"
-WEB_FILES = {"/": ("index.html", "text/html"), "/static/app.js": ("app.js", "text/javascript"),
-             "/static/style.css": ("style.css", "text/css")}
+WEB_FILES = {"/": ("index.html", "text/html"), PAGE_FILES[0]: ("app.js", "text/javascript"),
+             PAGE_FILES[1]: ("style.css", "text/css")}
 ROUTES = {"/upload": "POST", "/upload_rle": "POST", "/embed": "POST", "/segment": "POST", "/health": "GET",
           **{path: "GET" for path in WEB_FILES}}
 
@@ -252,8 +252,8 @@ class SegmentEverything:
         # The page is at /, its links relative: from /static/index.html (and each / after it) up, as server.py.
         page_again = path.rstrip("/") == "/static/index.html"
         if path not in ROUTES and not page_again:
-            return Response(json_text({"error": not_found_message(ROUTES)}), status_code=404,
-                            media_type="application/json")
+            missing = NO_SUCH_PAGE_FILE if path.startswith("/static/") else not_found_message(ROUTES)
+            return Response(json_text({"error": missing}), status_code=404, media_type="application/json")
         if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
             return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
                             media_type="text/html")

@@ -75,6 +75,10 @@ EMBEDDING_CACHE_BYTES = 1024 * 2**20  # 64 images of an official model (16 MiB o
 LOADING_RETRY_AFTER_S = 5
 
 
+PAGE_FILES = ("/static/app.js", "/static/style.css")  # the web page's script and style (sam2serve/web/)
+NO_SUCH_PAGE_FILE = f"not found: the web page's files are {' and '.join(PAGE_FILES)}"  # another path under /static/
+
+
 def not_found_message(routes: Mapping[str, str]) -> str:
     """The 404 message of a path with no endpoint: each of a front's routes (path -> method)
     named with its method, / as the web page, the page's files (/static/) left out."""

@@ -25,12 +25,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 
 from .interactive import EmbeddingCache
 from .protocol import (
-    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, PAGE_SECURITY_POLICY, Limits, UploadTooLarge,
-    cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers, decode_body_image, decode_upload,
-    embed_answer, embed_image, error_answer, form_limit_error, form_prompts, is_image_body, is_json, is_preflight,
-    json_text, malformed_form, not_found_message, read_query, render_answer, require_cache_room, require_named_parts,
-    require_segment_form, require_segmenter, require_short_url, require_small_urlencoded, segment_answer,
-    segment_coco, unread_body, upload_prompts, wrong_method_message,
+    ANSWER_HEADERS, EMBEDDING_CACHE_BYTES, LOADING_RETRY_AFTER_S, NO_SUCH_PAGE_FILE, PAGE_SECURITY_POLICY, Limits,
+    UploadTooLarge, cached_image_prompts, coco_annotations, content_type_parts, cross_origin_headers,
+    decode_body_image, decode_upload, embed_answer, embed_image, error_answer, form_limit_error, form_prompts,
+    is_image_body, is_json, is_preflight, json_text, malformed_form, not_found_message, read_query, render_answer,
+    require_cache_room, require_named_parts, require_segment_form, require_segmenter, require_short_url,
+    require_small_urlencoded, segment_answer, segment_coco, unread_body, upload_prompts, wrong_method_message,
 )
 from .worker import Abandoned, InferenceWorker
 
@@ -221,6 +221,8 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
     def http_error(error: HTTPException) -> Response:
         if isinstance(error, RequestEntityTooLarge):  # Flask's limits on the form (the upload's: start_clock)
             return error_response(form_limit_error(request.environ["wsgi.input"], request.content_type or "", limits))
+        if isinstance(error, NotFound) and request.path.startswith("/static/"):  # no file of the page: say which are
+            return json_response({"error": NO_SUCH_PAGE_FILE}, 404)
         if isinstance(error, NotFound) and request.url_rule is None:  # a path of no endpoint: say which there are
             return json_response({"error": NO_SUCH_ENDPOINT}, 404)
         message = error.description

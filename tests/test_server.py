@@ -259,8 +259,9 @@ def test_bad_input_gets_json_error_and_server_keeps_serving(servers, image_files
     error = json.loads(body)["error"]
     assert status == 404 and all(re.search(rf"{method} [^;]*{re.escape(path)}(?![\w/])", error)
                                  for path, method in ROUTES.items())
-    status, body = curl(servers["ao"] + "/static/no_such_file.js")  # an endpoint's own 404
-    assert status == 404 and "/embed" not in json.loads(body)["error"]
+    status, body = curl(servers["ao"] + "/static/no_such_file.js")  # the page's files named, not the endpoints
+    assert (status, json.loads(body)["error"]) == (
+        404, "not found: the web page's files are /static/app.js and /static/style.css")
     status, body = curl(url)  # a browser's address bar: the method, and what to send
     assert (status, json.loads(body)["error"]) == (
         405, f"GET {endpoint}: this endpoint takes POST, with the image, as curl -F 'image=@file.jpg' sends it")

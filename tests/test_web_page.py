@@ -1208,8 +1208,9 @@ def test_category_ids_are_stored_before_the_names_suggested_that_repeat_them(pag
 
 def test_a_category_name_replaced_is_no_longer_suggested_where_nothing_else_holds_it(page, tmp_path):
     """A typo mended (a name given, then another in its place) leaves the suggestions and the
-    tab's storage, unless another mask carries it (a removed one too), it has an id (a file has
-    it), or the click tool adds masks with it."""
+    tab's storage, with the id a mask added in the click tool gave it, unless another mask
+    carries it, a file downloaded has it, or the click tool adds masks with it. A removed mask
+    put back suggests its name again."""
     squares = [np.zeros(SMALL[::-1], bool) for _ in range(2)]
     squares[0][5:20, 4:20] = True
     squares[1][25:40, 30:60] = True
@@ -1235,19 +1236,34 @@ def test_a_category_name_replaced_is_no_longer_suggested_where_nothing_else_hold
         give(1, "dog")
         give(0, "cat")  # mask 1 still carries dog
         assert suggested() == stored() == ["dog", "cat"]
-        row(1).send_keys(Keys.DELETE)  # dog on a removed mask alone, which may come back
+        row(1).send_keys(Keys.DELETE)  # dog on a removed mask alone
         give(0, "dog")
         assert suggested() == stored() == ["dog"]
         give(0, "bird")
-        assert suggested() == stored() == ["dog", "bird"]
-        page.execute_script("categoryId('bird')")  # an id: in a file downloaded or opened, kept
+        assert suggested() == stored() == ["bird"]
+        page.find_element(By.ID, "put-back-mask").click()  # its dog again
+        assert suggested() == stored() == ["bird", "dog"] and sorted(category_cells(page)) == ["bird", "dog"]
+        page.execute_script("cocoDataset()")  # downloaded: bird and dog in a file, kept
         give(0, "")  # no category: the default's, "object"
-        assert suggested() == stored() == ["dog", "bird"] and category_cells(page) == [""]
+        assert suggested() == stored() == ["bird", "dog"]
         page.find_element(By.CSS_SELECTOR, "input[name=tool][value=click]").click()
+        wait_for(page, lambda d: page_state(d, "imageId") == "stub", timeout=10)
         field.click()
         field.send_keys("eel", Keys.ENTER)
-        field.send_keys(Keys.BACKSPACE * 3, "fish", Keys.ENTER)  # the click tool's name mended
-        assert suggested() == stored() == ["dog", "bird", "fish"]
+        field.send_keys(Keys.BACKSPACE * 3, "dgo", Keys.ENTER)  # the click tool's name mended
+        assert suggested() == stored() == ["bird", "dog", "dgo"]
+        pointer(page, "pointerdown", 30, 20)
+        pointer(page, "pointerup", 30, 20)
+        wait_for(page, lambda d: not d.find_element(By.ID, "keep-click").get_attribute("disabled"), timeout=10)
+        page.find_element(By.ID, "keep-click").click()  # a mask of dgo: its id now
+        assert page.execute_script("return window.sam2page.state.categoryIds.has('dgo')")
+        field.click()
+        field.send_keys(Keys.BACKSPACE * 3, "fish", Keys.ENTER)  # dgo kept: its mask carries it
+        assert suggested() == ["bird", "dog", "dgo", "fish"]
+        page.find_element(By.CSS_SELECTOR, "input[name=tool][value=everything]").click()
+        give(2, "dog")  # the typo mended on its mask too: gone, with its id
+        assert suggested() == stored() == ["bird", "dog", "fish"]
+        assert "dgo" not in [c["name"] for c in json.loads(page.execute_script("return cocoDataset()"))["categories"]]
 
 
 def test_a_mask_selected_on_the_image_is_shown_in_the_list_which_ends_within_the_window(page):

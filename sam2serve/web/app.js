@@ -404,6 +404,7 @@ function studyJson() {
 function cocoDataset() {
   const annotations = state.annotations.map(({ category, ...a }, i) => ({
     ...a, id: i + 1, image_id: 1, category_id: categoryId(category || DEFAULT_CATEGORY), iscrowd: 0 }));
+  for (const name of state.categoryIds.keys()) categoriesInFiles.add(name); // (the file lists them all)
   return JSON.stringify({
     images: [{ id: 1, file_name: fileName(), width: state.width, height: state.height }],
     annotations,
@@ -414,7 +415,8 @@ function cocoDataset() {
 
 // A category's COCO id, given the first time a mask carries it (or a file opened lists it) and
 // kept for the tab's life: the file's own id where the page has not given it to another name,
-// else the next one free. A name only typed on the way to another gets none.
+// else the next one free. A name only typed on the way to another gets none, and one mended
+// before any file had it gives its id up (forgetReplacedCategory).
 function categoryId(name, wanted) {
   const ids = state.categoryIds;
   if (!ids.has(name)) {
@@ -487,6 +489,7 @@ function restoreCategories() {
     if (name && !ids.has(name) && isCategoryId(id) && !taken.has(id)) {
       ids.set(name, id);
       taken.add(id);
+      categoriesInFiles.add(name); // (it may have been in one)
       suggestCategory(name);
     }
     if (ids.get(name) === id) keepSupercategory(name, supercategory);
@@ -511,16 +514,21 @@ function suggestCategory(name) {
   $("category-names").append(option);
 }
 
+// The names of the files downloaded or opened in this tab (and those read back with their ids
+// from its storage, which may have been in one): kept, with their ids, for the next files.
+const categoriesInFiles = new Set();
+
 // A name given in place of another (a typo mended) takes its place among the suggestions where
-// nothing else holds that one: no id (no file downloaded or opened has it), no mask of the image,
-// removed ones too, and not the click tool's.
+// nothing else holds that one: no file has it, no mask of the image carries it (a removed mask
+// put back suggests its name again), and the click tool adds none with it. Its id goes too (a
+// mask added in the click tool gave it one), so that no file lists it.
 function forgetReplacedCategory(before, given) {
   before = (before ?? "").trim();
   if (!before || before === DEFAULT_CATEGORY || before === (given || "") || !suggestedCategories.has(before)
-      || state.categoryIds.has(before) || state.addCategory === before) return;
-  const carries = (a) => a.category === before;
-  if (state.annotations.some(carries) || state.removedMasks.some((removed) => carries(removed.annotation))) return;
+      || categoriesInFiles.has(before) || state.addCategory === before
+      || state.annotations.some((a) => a.category === before)) return;
   suggestedCategories.delete(before);
+  state.categoryIds.delete(before);
   for (const option of [...$("category-names").options]) if (option.value === before) option.remove();
 }
 
@@ -1113,6 +1121,7 @@ async function openMasks(file) {
   for (const [name, id, supercategory] of [...categories.filter(usable), ...categories.filter((c) => !usable(c))]) {
     if (categoryId(name, id) !== id && carried.has(String(id))) moved.push(`${name}: ${id} to ${categoryId(name)}`);
     keepSupercategory(name, supercategory);
+    categoriesInFiles.add(name);
     suggestCategory(name);
   }
   storeCategories(); // (with the supercategories it gave)
@@ -1688,6 +1697,8 @@ function putBackRemovedMask({ fromKeyboard = false } = {}) {
   state.annotations.splice(index, 0, removed.annotation);
   state.counts.splice(index, 0, removed.counts);
   state.colours.splice(index, 0, removed.colour);
+  suggestCategory(removed.annotation.category); // (forgotten if it was replaced meanwhile)
+  storeCategories();
   state.hovered = state.selected = -1;
   masksChanged();
   select(index);

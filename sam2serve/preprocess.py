@@ -97,7 +97,7 @@ class ImageTooLarge(ValueError):
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decodes image file bytes to an (H, W, 3) uint8 RGB array, EXIF orientation applied."""
     if not data:
-        raise InvalidImage("the file is empty (0 bytes; from a browser's form: was a file chosen?)")
+        raise InvalidImage("the file is empty")
     with contextlib.ExitStack() as decoding:  # its share of DECODING, from the header's checks to the array
         try:
             image = opened_and_decoded(data, max_pixels, decoding)

@@ -341,6 +341,8 @@ def decode_upload(files: list[bytes], file_fields: list[str], limits: Limits, te
                          f"'image'" + "".join(f" and the field {shown(name)}" for name in fields_too)
                          + (" (settings and format go in the URL's query: /upload_rle?pred_iou_thresh=0.6)"
                             if settings else ""))
+    if not files[0]:
+        raise InvalidImage("the file is empty (0 bytes; from a browser's form: was a file chosen?)")
     return decode_image(files[0], limits.max_pixels)
 
 
@@ -438,6 +440,18 @@ ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed":
                   "/segment": ("json", "coco")}
 
 
+def format_advice(endpoint: str, asked: str) -> str:
+    """Where a format an endpoint does not answer in is had: the PNG at /upload, the masks as
+    RLE in JSON (/upload_rle's, /segment's answers), COCO annotations at /upload_rle and /segment."""
+    if asked == "png":
+        return "/upload answers the PNG of the masks"
+    if asked in ("rle", "json") and endpoint == "/upload":
+        return "/upload_rle answers the masks as RLE in JSON"
+    if asked in ("rle", "json"):
+        return f"{endpoint} answers JSON without it (leave format out)"
+    return "/upload_rle and /segment take format=coco for COCO annotations"
+
+
 def answer_format(endpoint: str, asked: list[str]) -> str:
     """The format an endpoint answers in, from its `format` query parameter's values (none, or
     one of ANSWER_FORMATS[endpoint]): /upload_rle's "coco" is COCO annotations."""
@@ -446,11 +460,8 @@ def answer_format(endpoint: str, asked: list[str]) -> str:
         raise BadRequest(f"format: given {'twice' if len(asked) == 2 else f'{len(asked)} times'}; give it once")
     asked = [value for value in asked if value]  # ?format= (empty): the default, as before
     if asked and asked[0] not in formats:
-        elsewhere = [other for other, its in ANSWER_FORMATS.items() if asked[0] in its]  # /upload?format=rle
-        where = (f"{' and '.join(elsewhere)} {'answer' if len(elsewhere) > 1 else 'answers'} {asked[0]}" if elsewhere
-                 else "/upload_rle and /segment take format=coco for COCO annotations")
         raise BadRequest(f"format: {shown(asked[0])} is not a format of {endpoint}, which answers "
-                         f"{' or '.join(formats)}; {where}")
+                         f"{' or '.join(formats)}; {format_advice(endpoint, asked[0])}")
     return asked[0] if asked else formats[0]
 
 
@@ -476,7 +487,7 @@ def request_settings(endpoint: str, query: Iterable[tuple[str, str]]) -> dict[st
             continue
         if not PLAIN_NUMBER.fullmatch(value):  # Python's float() reads 0_5 as 5, and digits of any script
             plus = " (a + in a URL's query stands for a space: write the number without it, or + as %2B)"
-            raise BadRequest(f"{name}: {shown(value)} is not a number" + (plus if value.startswith(" ") else ""))
+            raise BadRequest(f"{name}: {shown(value)} is not a number" + (plus if " " in value else ""))
         settings[name] = client_float(value)
         if not math.isfinite(settings[name]):  # (a long run of digits reads as inf)
             raise BadRequest(f"{name}: {shown(value)} is not a finite number")

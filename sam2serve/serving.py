@@ -112,10 +112,15 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         if not fields_too and is_image_body(request.content_type or "", request.content_length or 0):
             return decode_body_image(request.get_data(cache=False), limits)
         require_small_urlencoded(request.content_type or "", request.content_length or 0, limits)
+        # The first bytes of a body not read as a multipart form, to tell a form sent under another
+        # type: a URL-encoded one (small, checked above) kept, as werkzeug parses its fields from
+        # the copy; another type's left unread by werkzeug.
+        urlencoded = request.mimetype == "application/x-www-form-urlencoded"
+        head = request.get_data(cache=True)[:2048] if urlencoded else b""
         require_readable_form()
         uploads = request.files.getlist("image")
-        # A body not read as a form (another type): its first bytes, to tell a form sent under it.
-        head = request.stream.read(2048) if not request.files and not request.form else b""
+        if not urlencoded and not request.files and not request.form:
+            head = request.stream.read(2048)
         return decode_upload([upload.read() for upload in uploads], sorted(request.files), limits, request.form,
                              unread_body(request.content_type or "", request.content_length or 0, head), fields_too)
 

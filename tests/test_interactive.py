@@ -142,8 +142,8 @@ def test_bad_prompts_name_the_field(prompts, field):
 
 def test_common_mistakes_are_told_what_to_write_instead():
     """A prompt set sent alone, a misspelt field, a flat point, a short box, format in the JSON
-    body, a + in the query (a space once decoded), an empty file (a browser's form with no file
-    chosen): each message says what to write."""
+    body, a + in the query (a space once decoded), an empty file in a form (a browser's form with
+    no file chosen): each message says what to write."""
     from sam2serve.preprocess import decode_image
 
     for call, message in [
@@ -162,9 +162,14 @@ def test_common_mistakes_are_told_what_to_write_instead():
         (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", " 0.6")]),
          "pred_iou_thresh: ' 0.6' is not a number (a + in a URL's query stands for a space: write the number "
          "without it, or + as %2B)"),
-        (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", "0.6 ")]),
-         "pred_iou_thresh: '0.6 ' is not a number"),
-        (lambda: decode_image(b"", 100), "the file is empty (0 bytes; from a browser's form: was a file chosen?)"),
+        (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", "1e 3")]),  # 1e+3
+         "pred_iou_thresh: '1e 3' is not a number (a + in a URL's query stands for a space: write the number "
+         "without it, or + as %2B)"),
+        (lambda: protocol.request_settings("/upload_rle", [("pred_iou_thresh", "0.6x")]),
+         "pred_iou_thresh: '0.6x' is not a number"),
+        (lambda: protocol.decode_upload([b""], ["image"], protocol.Limits()),
+         "the file is empty (0 bytes; from a browser's form: was a file chosen?)"),
+        (lambda: decode_image(b"", 100), "the file is empty"),  # a file read from disk: no form
     ]:
         with pytest.raises(ValueError) as refused:
             call()
@@ -874,13 +879,19 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
     client = micro_client(micro)
     for url, words in [
         ("/upload?format=coco", "'coco' is not a format of /upload, which answers png; /upload_rle and /segment "
-                                "answer coco"),
-        ("/upload?format=rle", "'rle' is not a format of /upload, which answers png; /upload_rle answers rle"),
+                                "take format=coco for COCO annotations"),
+        ("/upload?format=rle", "'rle' is not a format of /upload, which answers png; /upload_rle answers the masks "
+                               "as RLE in JSON"),
         ("/upload?format=xml", "which answers png; /upload_rle and /segment take format=coco for COCO annotations"),
+        ("/upload_rle?format=png", "'png' is not a format of /upload_rle, which answers rle or coco; /upload answers "
+                                   "the PNG of the masks"),
+        ("/upload_rle?format=json", "which answers rle or coco; /upload_rle answers JSON without it (leave format "
+                                    "out)"),
         ("/upload_rle?format=coco&format=rle", "format: given twice; give it once"),
         ("/upload_rle?format=&format=coco&format=", "format: given 3 times"),  # as a setting given again, empty or not
         ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),
-        ("/segment?format=rle", "'rle' is not a format of /segment, which answers json or coco"),
+        ("/segment?format=rle", "'rle' is not a format of /segment, which answers json or coco; /segment answers "
+                                "JSON without it (leave format out)"),
     ]:
         response = client.post(url, data={"image": (io.BytesIO(png(IMAGE)), "a.png")})
         assert response.status_code == 400 and words in response.get_json()["error"], url

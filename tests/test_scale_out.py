@@ -490,7 +490,10 @@ def port_no_connection_takes() -> int:
     """A free port between Ray's worker ports (up to 19999) and the kernel's range for outgoing
     connections. Ray Serve's proxy binds the port it is given seconds after it is chosen, and a
     port from bind(0) lies in that range, where a connection Ray opens meanwhile could take it."""
-    first_outgoing = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    try:
+        first_outgoing = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # no /proc: no range to keep clear of, known
+        return free_port()
     if first_outgoing <= 20000:  # a kernel set to hand out low ports: nothing to keep clear of
         return free_port()
     for port in random.sample(range(20000, first_outgoing), min(100, first_outgoing - 20000)):
@@ -1006,6 +1009,12 @@ def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_
     assert bare_replica_answer(replica, "GET", "/health", headers=[("X-Pad", "a" * 60_000)])[0] == 200
     photo = np.random.default_rng(0).integers(0, 256, 600_000, dtype=np.uint8).tobytes()  # about 2,300 '&'
     image = ("image", "a.jpg", (REPO / "examples" / "shapes.jpg").read_bytes())
+    form = multipart([("image", "a.png", b"\x89PNG")])[0]  # (small: a URL-encoded body is read)
+    for content_type in ("application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/mixed"):
+        status, _, answer = bare_replica_answer(replica, "POST", "/upload_rle", [form], headers=[
+            ("Content-Type", content_type), ("Content-Length", str(len(form)))])
+        flask = flask_client.post("/upload_rle", data=form, content_type=content_type)  # a form under another type
+        assert (status, answer) == (400, flask.get_data()) and b"send the form as such" in answer, content_type
     # A URL-encoded body over a text field's limit is no form, refused unread (a 10 MB one held
     # a thread for 8 s in server.py, Ray's event loop 10 s): werkzeug's parser is not called.
     monkeypatch.setattr(FormDataParser, "_parse_urlencoded", lambda *arguments: pytest.fail("parsed"))

@@ -226,6 +226,8 @@ def bad_uploads(folder: Path, image_files: Path) -> dict[str, tuple[list[str], i
                                  "the body is a multipart form, but its Content-Type is not multipart/form-data"),
         "form_as_json": (["-F", f"image=@{scene}", "-H", "Content-Type: application/json"], 400,
                          "the body is a multipart form, but its Content-Type is not multipart/form-data"),
+        "form_as_url_encoded": (["-F", f"image=@{scene}", "-H", "Content-Type: application/x-www-form-urlencoded"],
+                                400, "the body is a multipart form, but its Content-Type is not multipart/form-data"),
         "json_body": (["--data", '{"image": "scene.jpg"}', "-H", "Content-Type: application/json"], 400,
                       "the body is application/json, not a multipart form"),
         "raw_body_truncated": (["--data-binary", f"@{folder / 'truncated.jpg'}", "-H",

@@ -257,10 +257,10 @@ class SegmentEverything:
         if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
             return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
                             media_type="text/html")
-        if request.method != ROUTES.get(path, "GET"):
-            return Response(json_text({"error": wrong_method_message(request.method, path, ROUTES.get(path, "GET"))}),
-                            status_code=405,
-                            media_type="application/json", headers={"Allow": ROUTES.get(path, "GET")})
+        takes = ROUTES.get(path, "GET")  # and HEAD where it takes GET, as Flask (the HTTP server sends headers alone)
+        if request.method != takes and not (request.method == "HEAD" and takes == "GET"):
+            return Response(json_text({"error": wrong_method_message(request.method, path, takes)}), status_code=405,
+                            media_type="application/json", headers={"Allow": takes})
         if page_again:
             return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
         if path == "/health":

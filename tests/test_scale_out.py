@@ -1040,6 +1040,10 @@ def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_
     for method, path in [("GET", "/upload_rle"), ("PUT", "/segment"), ("POST", "/health"), ("POST", "/static/app.js")]:
         wrong = flask_client.open(path, method=method)  # a 405 says what the endpoint takes, in both fronts' words
         assert bare_replica_answer(replica, method, path)[::2] == (405, wrong.get_data()) and wrong.status_code == 405
+    for path in ("/health", "/static/app.js", "/"):  # HEAD where GET is taken: answered as GET (headers alone sent)
+        status, headers, _ = bare_replica_answer(replica, "HEAD", path)
+        head = flask_client.head(path)
+        assert (status, headers["content-type"].split(";")[0]) == (200, head.mimetype) and head.status_code == 200
     status, headers, _ = bare_replica_answer(replica, "POST", "/upload_rle",
                                              headers=[("Content-Length", str(60 << 20))])
     assert status == 413 and headers["connection"] == "close"

@@ -315,7 +315,7 @@ class SegmentEverything:
             image_id, embedding, prompts, mask_inputs = cached_image_prompts(await request.body(), self.cache,
                                                                              self.limits)
         else:
-            require_segment_form(mimetype)
+            require_segment_form(mimetype, (await request.body())[:2048])
             form = await read_form(request, self.limits)
             file_names, text_fields = form_fields(form)
             prompts = form_prompts(text_fields, file_names)

@@ -776,9 +776,12 @@ def segment_payload(payload: object) -> tuple[str, object]:
     return image_id, payload.get("prompts")
 
 
-def require_segment_form(mimetype: str) -> None:
+def require_segment_form(mimetype: str, head: bytes) -> None:
     """/segment takes JSON or a multipart form; anything else (curl -d without a JSON
-    Content-Type sends a URL-encoded form) is told which."""
+    Content-Type sends a URL-encoded form) is told which, and a form under another type (`head`:
+    the body's first bytes) that its type is wrong."""
+    if mimetype != "multipart/form-data" and is_form_body(head):
+        raise InvalidPrompt(f"{MISLABELLED_FORM}, or a JSON body with image_id and prompts")
     if mimetype != "multipart/form-data":
         raise InvalidPrompt(
             f"/segment takes a JSON body with image_id and prompts (Content-Type: application/json; curl -H "

@@ -964,10 +964,12 @@ def test_a_ray_serve_replica_lets_the_pages_server_py_lets_read_its_answers():
 
 def test_a_ray_serve_replica_reads_a_segments_content_type_as_server_py():
     """/segment's Content-Type parsed as werkzeug parses it for server.py: one that ends in a vertical
-    tab is no JSON for either (the replica's str.strip() took it as JSON, and looked up the id)."""
+    tab is no JSON for either (the replica's str.strip() took it as JSON, and looked up the id); a
+    form under another type is told so."""
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
+    from .test_http_front import multipart
     from .test_worker import StubGenerator
 
     from sam2serve.interactive import EmbeddingCache
@@ -983,6 +985,15 @@ def test_a_ray_serve_replica_reads_a_segments_content_type_as_server_py():
         theirs = flask.post("/segment", data=body, headers={"Content-Type": content_type})
         assert (status, answer) == (theirs.status_code, theirs.get_data()), content_type
         assert status == (400 if content_type.endswith("\x0b") else 404), answer  # (404: an id not cached)
+    # A form sent under another type (text, URL-encoded): told so, in both fronts' words; a body that is none, not.
+    form = multipart([("image", "a.png", b"\x89PNG"), ("prompts", None, b"[]")])[0]
+    urlencoded = "application/x-www-form-urlencoded"
+    for content_type, data, words in [("text/plain", form, b"send the form as such"),
+                                      (urlencoded, form, b"send the form as such"),
+                                      (urlencoded, b"prompts=[]", b"/segment takes a JSON body")]:
+        status, _, answer = bare_replica_answer(replica, "POST", "/segment", [data], [("content-type", content_type)])
+        theirs = flask.post("/segment", data=data, headers={"Content-Type": content_type})
+        assert (status, answer) == (400, theirs.get_data()) and words in answer, content_type
 
 
 def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_client, monkeypatch):

@@ -254,13 +254,13 @@ class SegmentEverything:
         if path not in ROUTES and not page_again:
             missing = NO_SUCH_PAGE_FILE if path.startswith("/static/") else not_found_message(ROUTES)
             return Response(json_text({"error": missing}), status_code=404, media_type="application/json")
-        if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
-            return Response(status_code=200, headers={"Allow": f"{ROUTES.get(path, 'GET')}, OPTIONS"},
-                            media_type="text/html")
         takes = ROUTES.get(path, "GET")  # and HEAD where it takes GET, as Flask (the HTTP server sends headers alone)
+        allow = "GET, HEAD, OPTIONS" if takes == "GET" else f"{takes}, OPTIONS"  # Flask's methods, in another order
+        if request.method == "OPTIONS":  # as Flask answers it (a CORS preflight too)
+            return Response(status_code=200, headers={"Allow": allow}, media_type="text/html")
         if request.method != takes and not (request.method == "HEAD" and takes == "GET"):
             return Response(json_text({"error": wrong_method_message(request.method, path, takes)}), status_code=405,
-                            media_type="application/json", headers={"Allow": takes})
+                            media_type="application/json", headers={"Allow": allow})
         if page_again:
             return RedirectResponse("../" * (path.count("/") - 1), status_code=308)
         if path == "/health":

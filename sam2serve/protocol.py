@@ -442,13 +442,16 @@ ANSWER_FORMATS = {"/upload": ("png",), "/upload_rle": ("rle", "coco"), "/embed":
 
 def format_advice(endpoint: str, asked: str) -> str:
     """Where a format an endpoint does not answer in is had: the PNG at /upload, the masks as
-    RLE in JSON (/upload_rle's, /segment's answers), COCO annotations at /upload_rle and /segment."""
+    RLE in JSON (/upload_rle's, /segment's answers; /embed answers none), COCO annotations at
+    /upload_rle and /segment."""
     if asked == "png":
         return "/upload answers the PNG of the masks"
-    if asked in ("rle", "json") and endpoint == "/upload":
-        return "/upload_rle answers the masks as RLE in JSON"
-    if asked in ("rle", "json"):
+    if asked in ("rle", "json") and endpoint in ("/upload_rle", "/segment"):
         return f"{endpoint} answers JSON without it (leave format out)"
+    if asked in ("rle", "json"):
+        return "/upload_rle answers the masks as RLE in JSON (/segment those of prompts)"
+    if endpoint in ("/upload_rle", "/segment"):  # (an unknown format: the message lists its own)
+        return "leave format out for its default"
     return "/upload_rle and /segment take format=coco for COCO annotations"
 
 

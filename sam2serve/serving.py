@@ -199,9 +199,9 @@ def create_app(worker: InferenceWorker, limits: Limits = Limits(), info: dict | 
         if is_json(request.mimetype):
             image_id, embedding, prompts, mask_inputs = cached_image_prompts(request.get_data(), cache, limits)
         else:
-            # (a body of another type is refused: read whole, as it came, for its first bytes)
+            # (a body of another type is refused: its first bytes alone read, to tell a form under it)
             require_segment_form(request.mimetype, b"" if request.mimetype == "multipart/form-data"
-                                 else request.get_data(cache=False)[:2048])
+                                 else request.stream.read(2048))
             require_readable_form()
             prompts = form_prompts(request.form.items(multi=True), request.files.keys())
             image = uploaded_image(fields_too=("prompts",))

@@ -887,6 +887,9 @@ def test_each_endpoint_refuses_a_format_it_does_not_answer_in(micro):
                                    "the PNG of the masks"),
         ("/upload_rle?format=json", "which answers rle or coco; /upload_rle answers JSON without it (leave format "
                                     "out)"),
+        ("/upload_rle?format=xml", "which answers rle or coco; leave format out for its default"),
+        ("/embed?format=rle", "which answers json; /upload_rle answers the masks as RLE in JSON (/segment those of "
+                              "prompts)"),
         ("/upload_rle?format=coco&format=rle", "format: given twice; give it once"),
         ("/upload_rle?format=&format=coco&format=", "format: given 3 times"),  # as a setting given again, empty or not
         ("/embed?format=coco", "'coco' is not a format of /embed, which answers json"),

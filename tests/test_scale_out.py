@@ -1050,7 +1050,12 @@ def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_
         assert bare_replica_answer(replica, "GET", path)[::2] == (404, missing.get_data()) and missing.status_code == 404
     for method, path in [("GET", "/upload_rle"), ("PUT", "/segment"), ("POST", "/health"), ("POST", "/static/app.js")]:
         wrong = flask_client.open(path, method=method)  # a 405 says what the endpoint takes, in both fronts' words
-        assert bare_replica_answer(replica, method, path)[::2] == (405, wrong.get_data()) and wrong.status_code == 405
+        status, headers, answer = bare_replica_answer(replica, method, path)
+        assert (status, answer) == (405, wrong.get_data()) and wrong.status_code == 405
+        allowed = lambda text: set(text.replace(" ", "").split(","))  # noqa: E731
+        assert allowed(headers["allow"]) == allowed(wrong.headers["Allow"]), path
+        options = bare_replica_answer(replica, "OPTIONS", path)[1]["allow"]
+        assert allowed(options) == allowed(flask_client.options(path).headers["Allow"]), path
     for path in ("/health", "/static/app.js", "/"):  # HEAD where GET is taken: answered as GET (headers alone sent)
         status, headers, _ = bare_replica_answer(replica, "HEAD", path)
         head = flask_client.head(path)

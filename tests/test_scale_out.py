@@ -1047,7 +1047,8 @@ def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_
         assert bare_replica_answer(replica, "POST", path)[0] == 405 == flask_client.post(path).status_code
     for path in ("/static/no_such_file.js", "/static/", "/static/a/b.css"):  # the page's files named, as server.py
         missing = flask_client.get(path)
-        assert bare_replica_answer(replica, "GET", path)[::2] == (404, missing.get_data()) and missing.status_code == 404
+        status, _, answer = bare_replica_answer(replica, "GET", path)
+        assert (status, answer) == (404, missing.get_data()) and missing.status_code == 404
     for method, path in [("GET", "/upload_rle"), ("PUT", "/segment"), ("POST", "/health"), ("POST", "/static/app.js")]:
         wrong = flask_client.open(path, method=method)  # a 405 says what the endpoint takes, in both fronts' words
         status, headers, answer = bare_replica_answer(replica, method, path)

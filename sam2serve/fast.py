@@ -185,8 +185,8 @@ def default_compile_mode(device: str) -> str:
 
 def compile_kernels(model: SAM2Base, spec: KernelSpec, mode: str) -> StaticKernels:
     """torch.compile of both kernels: full graph, static shapes, in torch.compile's `mode`
-    (default_compile_mode gives the device's default). max-autotune searches GEMM templates for minutes on the
-    large model; "reduce-overhead" keeps its CUDA graphs without the search."""
+    (default_compile_mode gives the device's default). max-autotune searches GEMM templates for
+    minutes on the large model; "reduce-overhead" keeps its CUDA graphs without the search."""
     model = prepare_model(model, spec.torch_dtype)
     # One eager run first: sam2's position encoding fills a cache on its first call, and code
     # compiled before that guards on the cache being empty, compiling again on the next call.

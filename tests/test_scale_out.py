@@ -1049,11 +1049,11 @@ def test_a_ray_serve_replica_refuses_what_server_py_s_http_server_refuses(flask_
         missing = flask_client.get(path)
         status, _, answer = bare_replica_answer(replica, "GET", path)
         assert (status, answer) == (404, missing.get_data()) and missing.status_code == 404
+    allowed = lambda text: set(text.replace(" ", "").split(","))  # noqa: E731 - an Allow header's methods
     for method, path in [("GET", "/upload_rle"), ("PUT", "/segment"), ("POST", "/health"), ("POST", "/static/app.js")]:
         wrong = flask_client.open(path, method=method)  # a 405 says what the endpoint takes, in both fronts' words
         status, headers, answer = bare_replica_answer(replica, method, path)
         assert (status, answer) == (405, wrong.get_data()) and wrong.status_code == 405
-        allowed = lambda text: set(text.replace(" ", "").split(","))  # noqa: E731
         assert allowed(headers["allow"]) == allowed(wrong.headers["Allow"]), path
         options = bare_replica_answer(replica, "OPTIONS", path)[1]["allow"]
         assert allowed(options) == allowed(flask_client.options(path).headers["Allow"]), path
